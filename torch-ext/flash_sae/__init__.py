@@ -1,0 +1,18 @@
+"""flash-sae: Triton kernels for training TopK-family sparse autoencoders.
+
+After the encoder, each input activates K of F latents, so decoding, the
+reconstruction loss and the whole backward pass cost O(B*K*D) plus one write of
+the dense [F, D] weight gradient. No [B, F] tensor is built or kept.
+"""
+
+from . import reference
+from .hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
+from .sparse_decode import sparse_decode
+from .topk_sae_loss import topk_sae_loss
+
+__all__ = [
+    "hierarchical_topk_sae_loss",
+    "reference",
+    "sparse_decode",
+    "topk_sae_loss",
+]

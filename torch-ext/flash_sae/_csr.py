@@ -1,0 +1,188 @@
+"""CSR transpose of the sparse code and the deterministic segmented row sum.
+
+Every weight gradient in flash-sae has the form
+
+    dW[f] = scale * sum over (b, k) with indices[b, k] == f of coef[b, k] * row(b, k)
+
+where ``row`` is a [D] vector (a residual row, an upstream-gradient row, or a
+per-element row of a contribution buffer). A scatter with float atomics would be
+nondeterministic, so we transpose the code instead: a stable sort of the B*K
+latent ids gives ``perm`` (element ids grouped by latent, ascending (b, k) order
+inside each group) and ``offsets`` ([F + 1] segment bounds). One program per
+(latent, D-block) then sums its segment in a fixed order and writes its dW block
+exactly once, zero rows included, so the dense [F, D] gradient needs no separate
+zero-fill and the result is bitwise reproducible.
+
+Optionally, the same pass returns ``dots[e] = <row(e), W[f]>`` per element, the
+gather-dot that the gradient of ``vals`` needs, reading each touched row of W
+once instead of once per occurrence.
+
+Bytes: reads W's touched rows (dots only), the segment rows (usually L2 resident:
+they are [B, D] fp32), writes F*D gradient elements. No float atomics.
+Indices outside [0, F) sort outside every segment and are ignored here; the
+forward kernels poison their outputs with NaN instead.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import block_d, use_triton
+
+# Constants -------------------------------------------------------------------
+
+BLOCK_S = 16  # segment elements summed per step
+
+
+# Kernels -----------------------------------------------------------------------
+
+
+@triton.jit
+def _segment_sum_kernel(
+    offsets_ptr,  # [F + 1] int64 segment bounds into perm
+    perm_ptr,  # [N] int64 element ids e = b * K + k, grouped by latent
+    src_ptr,  # [rows, stride_src] fp32; row e (ELEMENT_ROWS) or row e // K
+    coef_ptr,  # [N] float per-element coefficient (HAS_COEF)
+    scale_ptr,  # [] float upstream scalar (HAS_SCALE)
+    w_ptr,  # [F, D] float weight, read for dots (HAS_DOTS)
+    dw_ptr,  # [F, D] out gradient, weight's dtype
+    dots_ptr,  # [ND, N] fp32 out partial dots (HAS_DOTS)
+    N,
+    K,
+    D,
+    stride_src,
+    d_base,  # first column of the window this launch covers
+    d_width,  # columns in the window
+    scale_const,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ELEMENT_ROWS: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_DOTS: tl.constexpr,
+):
+    f = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # column inside the window
+    mask_c = offs_c < d_width
+    cols = d_base + offs_c
+    start = tl.load(offsets_ptr + f)
+    end = tl.load(offsets_ptr + f + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_DOTS:
+        w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
+        dot_block = (d_base // BLOCK_D + pid_d).to(tl.int64)
+    for i0 in range(start, end, BLOCK_S):
+        offs_s = i0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < end
+        e = tl.load(perm_ptr + offs_s, mask=mask_s, other=0)
+        if ELEMENT_ROWS:
+            row = e
+        else:
+            row = e // K
+        x = tl.load(
+            src_ptr + row[:, None] * stride_src + offs_c[None, :],
+            mask=mask_s[:, None] & mask_c[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_COEF:
+            c = tl.load(coef_ptr + e, mask=mask_s, other=0.0).to(tl.float32)
+            acc += tl.sum(c[:, None] * x, axis=0)
+        else:
+            acc += tl.sum(x, axis=0)
+        if HAS_DOTS:
+            d = tl.sum(x * w[None, :], axis=1)
+            tl.store(dots_ptr + dot_block * N + e, d, mask=mask_s)
+    scale = scale_const
+    if HAS_SCALE:
+        scale = scale * tl.load(scale_ptr).to(tl.float32)
+    tl.store(dw_ptr + f * D + cols, (acc * scale).to(dw_ptr.dtype.element_ty), mask=mask_c)
+
+
+# Host launchers ----------------------------------------------------------------
+
+
+def csr_transpose(indices: torch.Tensor, F: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups the B*K elements of ``indices`` by latent, deterministically.
+
+    Returns ``perm`` ([B*K] int64 element ids, stable within each latent) and
+    ``offsets`` ([F + 1] int64): latent f owns perm[offsets[f]:offsets[f+1]].
+    Out-of-range ids are clamped to -1 or F, so they fall outside every segment.
+    """
+    flat = indices.reshape(-1).clamp(-1, F)
+    key_dtype = torch.int32 if F < 2**31 - 1 else torch.int64
+    keys = flat.to(key_dtype)
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    bounds = torch.arange(F + 1, device=indices.device, dtype=key_dtype)
+    offsets = torch.searchsorted(sorted_keys, bounds)
+    return perm, offsets
+
+
+def segment_sum(
+    perm: torch.Tensor,
+    offsets: torch.Tensor,
+    src: torch.Tensor,
+    *,
+    K: int,
+    out: torch.Tensor,
+    element_rows: bool,
+    coef: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    scale_const: float = 1.0,
+    weight: torch.Tensor | None = None,
+    dots: torch.Tensor | None = None,
+    d_base: int = 0,
+) -> None:
+    """Writes ``out[:, d_base:d_base + src.shape[1]]`` (and ``dots``) in one pass.
+
+    ``out`` is the [F, D] gradient. ``src`` is read as fp32, [N, w] when ``element_rows``
+    (row per element) or [B, w] (row per batch entry, picked as e // K).
+    ``dots`` ([D // BLOCK_D blocks, N] fp32) receives <row(e), weight[f]> partials.
+    """
+    F, D = out.shape
+    N = perm.numel()
+    width = src.shape[1]
+    BLOCK_D = block_d(D)
+    if use_triton(src):
+        grid = (F, triton.cdiv(width, BLOCK_D))
+        dummy = out
+        _segment_sum_kernel[grid](
+            offsets,
+            perm,
+            src,
+            coef if coef is not None else dummy,
+            scale if scale is not None else dummy,
+            weight if weight is not None else dummy,
+            out,
+            dots if dots is not None else dummy,
+            N,
+            K,
+            D,
+            src.stride(0),
+            d_base,
+            width,
+            float(scale_const),
+            BLOCK_S=BLOCK_S,
+            BLOCK_D=BLOCK_D,
+            ELEMENT_ROWS=element_rows,
+            HAS_COEF=coef is not None,
+            HAS_SCALE=scale is not None,
+            HAS_DOTS=dots is not None,
+            num_warps=4,
+        )
+        return
+    # Plain-torch path for CPU tensors: the same sums, in the same segment order.
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    e = perm[lo:hi]
+    rows = (src[e] if element_rows else src[e // K]).float()
+    contrib = rows * coef.reshape(-1)[e].float()[:, None] if coef is not None else rows
+    latent = torch.repeat_interleave(torch.arange(F, device=src.device), offsets.diff())
+    acc = torch.zeros(F, width, dtype=torch.float32, device=src.device)
+    acc.index_add_(0, latent, contrib)
+    s = scale_const * (scale.float() if scale is not None else 1.0)
+    out[:, d_base : d_base + width] = (acc * s).to(out.dtype)
+    if dots is not None:
+        w = weight[:, d_base : d_base + width].float()
+        d = (rows * w[latent]).sum(1)
+        dots.zero_()
+        dots[0, e] = d

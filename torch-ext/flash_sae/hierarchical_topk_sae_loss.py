@@ -1,0 +1,394 @@
+"""HierarchicalTopK SAE decoder loss (arXiv 2505.24473).
+
+With prefix reconstructions ``r_j = bias + sum_{k<=j} vals_k * weight[idx_k]`` taken
+in the column order of ``indices`` (callers pass top-k sorted by value, largest
+first), the loss is ``mean over (B, K, D) of (r_j - target)^2``. Signature and
+definition match flex-sae's.
+
+Derivation of the backward. Let e_j = r_j - target and s = 2 * grad / (B*K*D).
+Then dL/dr_j = s * e_j, and vals_k * weight[idx_k] enters every r_j with j >= k,
+so with the suffix sums ``S_k = sum_{j>=k} e_j``:
+    dvals_k  = s * <S_k, weight[idx_k]>
+    dweight[idx_k] += s * vals_k * S_k
+    dbias    = s * sum_b S_0,   dtarget = -s * S_0.
+S_k is a different [D] vector for every (b, k), produced by a reverse scan over
+k in row order; the weight gradient needs it grouped by latent. Deterministic
+(atomic-free) means a transpose of B*K*D values, so the backward works on
+windows of DC columns: a reverse-scan kernel writes ``vals_k * S_k`` for the
+window into an fp32 buffer [B*K, DC] sized to stay in L2 (``BUFFER_BYTES``), and
+the shared CSR segmented sum (``_csr.py``) reduces it per latent into the
+window of dweight. The scan rebuilds e_j backwards from the saved final
+residual, ``e_{j-1} = e_j - vals_j * weight[idx_j]``, so nothing of size
+B*K*D is kept between forward and backward.
+
+What is fused:
+- forward, one pass per (row, D-block): the K gathered rows, the running prefix
+  (``tl.cumsum`` per block of K), the squared-error sum, and the two [B, D] fp32
+  rows the backward needs: the final residual e_{K-1} and S_0 = sum_j e_j.
+- backward: one reverse-scan pass (gather, dvals dot, contribution rows) and
+  one segmented sum per window.
+
+Bytes (bf16, B=2048, D=2304, F=65536, K=64): forward 604 MB gathered; backward
+604 MB gathered again, 302 MB of dweight writes, and the contribution buffer
+(2 x 1.2 GB fp32 of L2-sized windows). That buffer is the price of determinism.
+
+Precision: fp32 accumulation; loss returned in fp32, gradients in their
+parameter's dtype. Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    block_d,
+    block_k,
+    check_index_range,
+    num_warps_for,
+    resolve_validate,
+    use_triton,
+)
+from ._csr import csr_transpose, segment_sum
+from ._ops import add_op_namespace_prefix
+from .topk_sae_loss import check_decoder_loss_args
+
+# Constants -------------------------------------------------------------------
+
+BUFFER_BYTES = 32 * 1024 * 1024  # contribution window; ~L2 size on H100
+
+
+# Kernels -----------------------------------------------------------------------
+
+
+@triton.jit
+def _hierarchical_topk_sae_loss_fwd_kernel(
+    idx_ptr,  # [B, K] int32/int64 latent ids
+    vals_ptr,  # [B, K] float latent values
+    w_ptr,  # [F, D] float decoder weight
+    bias_ptr,  # [D] float
+    target_ptr,  # [B, D] float
+    res_ptr,  # [B, D] fp32 out: final residual e_{K-1}
+    esum_ptr,  # [B, D] fp32 out: S_0 = sum_j e_j
+    sq_ptr,  # [B, ND] fp32 out: partial sum_j sum_d e_j^2
+    K,
+    F,
+    D,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    ND = tl.num_programs(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    base = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) - t
+    carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    esum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+        v = tl.load(vals_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        bad = mask_k & ((idx < 0) | (idx >= F))
+        v = tl.where(bad, float("nan"), v)
+        idx = tl.where(bad, 0, idx)
+        mask = mask_k[:, None] & mask_d[None, :]
+        w = tl.load(w_ptr + idx[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = v[:, None] * w
+        e = base[None, :] + carry[None, :] + tl.cumsum(c, axis=0)
+        e = tl.where(mask, e, 0.0)
+        sq += tl.sum(e * e, axis=0)
+        esum += tl.sum(e, axis=0)
+        carry += tl.sum(c, axis=0)
+    tl.store(res_ptr + b * D + offs_d, base + carry, mask=mask_d)
+    tl.store(esum_ptr + b * D + offs_d, esum, mask=mask_d)
+    tl.store(sq_ptr + b * ND + pid_d, tl.sum(sq, axis=0))
+
+
+@triton.jit
+def _hierarchical_topk_sae_loss_bwd_kernel(
+    idx_ptr,  # [B, K] int32/int64 latent ids
+    vals_ptr,  # [B, K] float latent values
+    w_ptr,  # [F, D] float decoder weight
+    res_ptr,  # [B, D] fp32 final residual from the forward
+    buf_ptr,  # [B*K, stride_buf] fp32 out: vals_k * S_k for this column window
+    dots_ptr,  # [ND, B, K] fp32 out: partial <S_k, W[idx_k]>
+    B,
+    K,
+    F,
+    D,
+    stride_buf,
+    d_base,  # first column of the window
+    d_width,  # columns in the window
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_c = offs_c < d_width
+    cols = d_base + offs_c
+    dot_block = (d_base // BLOCK_D + pid_d).to(tl.int64)
+    e_hi = tl.load(res_ptr + b * D + cols, mask=mask_c, other=0.0)
+    s_carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    for i in range(0, n_kb):
+        k0 = (n_kb - 1 - i) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+        v = tl.load(vals_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        idx = tl.where((idx < 0) | (idx >= F), 0, idx)
+        mask = mask_k[:, None] & mask_c[None, :]
+        w = tl.load(w_ptr + idx[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = v[:, None] * w
+        # e_j = e_hi - sum of the contributions after j inside this block.
+        e = e_hi[None, :] - (tl.cumsum(c, axis=0, reverse=True) - c)
+        e = tl.where(mask, e, 0.0)
+        s = s_carry[None, :] + tl.cumsum(e, axis=0, reverse=True)
+        dot = tl.sum(s * w, axis=1)
+        tl.store(dots_ptr + (dot_block * B + b) * K + offs_k, dot, mask=mask_k)
+        rows = b * K + offs_k
+        tl.store(buf_ptr + rows[:, None] * stride_buf + offs_c[None, :], v[:, None] * s, mask=mask)
+        e_hi = e_hi - tl.sum(c, axis=0)
+        s_carry = s_carry + tl.sum(e, axis=0)
+
+
+# Host launchers ----------------------------------------------------------------
+
+
+def hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target):
+    """Returns (loss [] fp32, residual [B, D] fp32, esum [B, D] fp32)."""
+    B, K = indices.shape
+    F, D = weight.shape
+    if not use_triton(weight):
+        return _hierarchical_fwd_torch(indices, weight, vals, bias, target)
+    BLOCK_D, BLOCK_K = block_d(D), block_k(K)
+    ND = triton.cdiv(D, BLOCK_D)
+    residual = torch.empty(B, D, device=weight.device, dtype=torch.float32)
+    esum = torch.empty_like(residual)
+    sq = torch.empty(B, ND, device=weight.device, dtype=torch.float32)
+    _hierarchical_topk_sae_loss_fwd_kernel[(B, ND)](
+        indices,
+        vals,
+        weight,
+        bias,
+        target,
+        residual,
+        esum,
+        sq,
+        K,
+        F,
+        D,
+        BLOCK_K=BLOCK_K,
+        BLOCK_D=BLOCK_D,
+        num_warps=num_warps_for(BLOCK_K, BLOCK_D),
+    )
+    return sq.sum() / (B * K * D), residual, esum
+
+
+def window_columns(B: int, K: int, D: int, BLOCK_D: int) -> int:
+    """Columns per backward window: a multiple of BLOCK_D whose buffer fits BUFFER_BYTES."""
+    fit = BUFFER_BYTES // max(1, B * K * 4)
+    cols = max(BLOCK_D, fit // BLOCK_D * BLOCK_D)
+    return min(cols, triton.cdiv(D, BLOCK_D) * BLOCK_D)
+
+
+def hierarchical_topk_sae_loss_bwd(grad, indices, weight, vals, residual):
+    """Returns (dweight [F, D] weight's dtype, dots [B, K] fp32 = <S_k, W[idx_k]>)."""
+    B, K = indices.shape
+    F, D = weight.shape
+    dweight = torch.empty_like(weight)
+    perm, offsets = csr_transpose(indices, F)
+    scale_const = 2.0 / (B * K * D)
+    if not use_triton(weight):
+        buf, dots = _hierarchical_bwd_torch(indices, weight, vals, residual)
+        segment_sum(perm, offsets, buf, K=K, out=dweight, element_rows=True, scale=grad, scale_const=scale_const)
+        return dweight, dots
+    BLOCK_D, BLOCK_K = block_d(D), block_k(K)
+    ND = triton.cdiv(D, BLOCK_D)
+    DC = window_columns(B, K, D, BLOCK_D)
+    buf = torch.empty(B * K, DC, device=weight.device, dtype=torch.float32)
+    dots = torch.empty(ND, B, K, device=weight.device, dtype=torch.float32)
+    for d0 in range(0, D, DC):
+        width = min(DC, D - d0)
+        _hierarchical_topk_sae_loss_bwd_kernel[(B, triton.cdiv(width, BLOCK_D))](
+            indices,
+            vals,
+            weight,
+            residual,
+            buf,
+            dots,
+            B,
+            K,
+            F,
+            D,
+            DC,
+            d0,
+            width,
+            BLOCK_K=BLOCK_K,
+            BLOCK_D=BLOCK_D,
+            num_warps=num_warps_for(BLOCK_K, BLOCK_D),
+        )
+        segment_sum(
+            perm,
+            offsets,
+            buf[:, :width],
+            K=K,
+            out=dweight,
+            element_rows=True,
+            scale=grad,
+            scale_const=scale_const,
+            d_base=d0,
+        )
+    return dweight, dots.sum(0)
+
+
+def _gather_contributions(indices, weight, vals):
+    F = weight.shape[0]
+    bad = (indices < 0) | (indices >= F)
+    v = torch.where(bad, float("nan"), vals.float())
+    return v, v.unsqueeze(-1) * weight[indices.clamp(0, F - 1).long()].float()  # [B, K, D]
+
+
+def _hierarchical_fwd_torch(indices, weight, vals, bias, target):
+    """CPU path without the interpreter: same math in fp32."""
+    B, K = indices.shape
+    _, c = _gather_contributions(indices, weight, vals)
+    e = (bias.float() - target.float()).unsqueeze(1) + c.cumsum(1)
+    return (e * e).sum() / e.numel(), e[:, -1].contiguous(), e.sum(1)
+
+
+def _hierarchical_bwd_torch(indices, weight, vals, residual):
+    F = weight.shape[0]
+    v, c = _gather_contributions(indices, weight, vals)
+    after = c.flip(1).cumsum(1).flip(1) - c
+    e = residual.unsqueeze(1) - after
+    s = e.flip(1).cumsum(1).flip(1)
+    w = weight[indices.clamp(0, F - 1).long()].float()
+    return (v.unsqueeze(-1) * s).reshape(-1, weight.shape[1]), (s * w).sum(-1)
+
+
+# Op registration ---------------------------------------------------------------
+
+
+@torch.library.custom_op(add_op_namespace_prefix("hierarchical_topk_sae_loss"), mutates_args=())
+def _hierarchical_topk_sae_loss_op(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    vals: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    validate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if validate:
+        check_index_range(indices, weight.shape[0])
+    return hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target)
+
+
+@_hierarchical_topk_sae_loss_op.register_fake
+def _(indices, weight, vals, bias, target, validate):
+    B, D = target.shape
+    f32 = torch.float32
+    return (
+        weight.new_empty((), dtype=f32),
+        weight.new_empty(B, D, dtype=f32),
+        weight.new_empty(B, D, dtype=f32),
+    )
+
+
+@torch.library.custom_op(
+    add_op_namespace_prefix("hierarchical_topk_sae_loss_backward"), mutates_args=()
+)
+def _hierarchical_topk_sae_loss_backward_op(
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    vals: torch.Tensor,
+    residual: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return hierarchical_topk_sae_loss_bwd(grad.float(), indices, weight, vals, residual)
+
+
+@_hierarchical_topk_sae_loss_backward_op.register_fake
+def _(grad, indices, weight, vals, residual):
+    return torch.empty_like(weight), vals.new_empty(vals.shape, dtype=torch.float32)
+
+
+# Autograd ----------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    indices, weight, vals, bias, target, _ = inputs
+    _, residual, esum = output
+    ctx.mark_non_differentiable(residual, esum)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(indices, weight, vals, residual, esum)
+    ctx.dtypes = (bias.dtype, target.dtype)
+
+
+def _backward(ctx, grad, _grad_residual, _grad_esum):
+    indices, weight, vals, residual, esum = ctx.saved_tensors
+    bias_dtype, target_dtype = ctx.dtypes
+    dweight = dvals = dbias = dtarget = None
+    if grad is None:
+        return None, None, None, None, None, None
+    B, K = indices.shape
+    s = grad.float() * (2.0 / (B * K * residual.shape[1]))
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dw, dots = _hierarchical_topk_sae_loss_backward_op(grad, indices, weight, vals, residual)
+        dweight = dw if ctx.needs_input_grad[1] else None
+        dvals = (dots * s).to(vals.dtype) if ctx.needs_input_grad[2] else None
+    if ctx.needs_input_grad[3]:
+        dbias = (esum.sum(0) * s).to(bias_dtype)
+    if ctx.needs_input_grad[4]:
+        dtarget = (esum * -s).to(target_dtype)
+    return None, dweight, dvals, dbias, dtarget, None
+
+
+_hierarchical_topk_sae_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def hierarchical_topk_sae_loss(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    vals: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """HierarchicalTopK loss: mean squared error of every prefix reconstruction.
+
+    Prefixes follow the column order of ``indices``: pass the top-k sorted by
+    value, largest first (``torch.topk(..., sorted=True)`` does), so prefix j is
+    the best (j+1)-sparse reconstruction the code offers.
+
+    Args:
+        indices: [B, K] int32 or int64 latent ids in [0, F); repeats are summed.
+        weight: [F, D] decoder rows, fp32, bf16 or fp16.
+        vals: [B, K] latent values, weight's dtype.
+        bias: [D] decoder bias, weight's dtype.
+        target: [B, D] inputs to reconstruct, weight's dtype.
+        validate: as in ``topk_sae_loss``.
+
+    Returns:
+        A 0-d fp32 tensor: the mean over B*K*D squared errors. Differentiable in
+        weight, vals, bias and target. B = 0 or K = 0 raise ValueError.
+    """
+    check_decoder_loss_args(indices, weight, vals, bias, target)
+    validate = resolve_validate(validate, indices)
+    loss, _, _ = _hierarchical_topk_sae_loss_op(
+        indices.contiguous(),
+        weight.contiguous(),
+        vals.contiguous(),
+        bias.contiguous(),
+        target.contiguous(),
+        validate,
+    )
+    return loss

@@ -1,0 +1,333 @@
+"""Sparse decode: ``x_hat[b] = bias + sum_k vals[b, k] * weight[indices[b, k]]``.
+
+What is fused: the gather of the K active decoder rows, the weighted sum and the
+bias, in one pass with fp32 accumulation; no [B, F] code and no [B, K, D] gather
+is ever built. The same kernel, with ``HAS_TARGET``, is the forward of
+``topk_sae_loss``: it also writes the fp32 residual ``x_hat - target``, the
+per-row partial sums of its square, and ``<residual, weight[indices[b, k]]>``
+(which is all the gradient of ``vals`` needs), re-reading the K rows it just
+gathered from cache rather than from memory in the backward pass.
+
+Bytes: forward reads B*K*D weight elements (the gather) and writes B*D.
+Backward (see ``_csr.py``) reads each touched weight row once, reads the [B, D]
+upstream gradient (L2 resident at training sizes), and writes the [F, D]
+gradient once. FLOPs are O(B*K*D) both ways.
+
+Precision: inputs may be fp32, bf16 or fp16; all accumulation is fp32; each
+output has its input's dtype. Deterministic: no atomics anywhere.
+
+Shapes: any B >= 0, K >= 0 (K <= F), F >= 1, D >= 1; no power-of-2 or
+block-multiple requirement. Offsets are int64, so F*D and B*D may pass 2^31.
+Out-of-range indices turn their output row into NaN (and raise ValueError when
+validated, which is the default for CPU tensors).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    block_d,
+    block_k,
+    check_index_range,
+    check_same_device,
+    check_same_dtype,
+    check_sparse_code,
+    check_tensor,
+    num_warps_for,
+    resolve_validate,
+    use_triton,
+)
+from ._csr import csr_transpose, segment_sum
+from ._ops import add_op_namespace_prefix
+
+# Kernels -----------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse_decode_fwd_kernel(
+    idx_ptr,  # [B, K] int32/int64 latent ids
+    vals_ptr,  # [B, K] float latent values
+    w_ptr,  # [F, D] float decoder weight
+    bias_ptr,  # [D] float (HAS_BIAS)
+    target_ptr,  # [B, D] float (HAS_TARGET)
+    out_ptr,  # [B, D] x_hat in weight's dtype, or fp32 residual (HAS_TARGET)
+    dots_ptr,  # [ND, B, K] fp32 partial <residual, W[idx]> (HAS_TARGET)
+    sq_ptr,  # [B, ND] fp32 partial sum of residual^2 (HAS_TARGET)
+    B,
+    K,
+    F,
+    D,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    ND = tl.num_programs(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+        v = tl.load(vals_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        bad = mask_k & ((idx < 0) | (idx >= F))
+        v = tl.where(bad, float("nan"), v)
+        idx = tl.where(bad, 0, idx)
+        w = tl.load(
+            w_ptr + idx[:, None] * D + offs_d[None, :],
+            mask=mask_k[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(v[:, None] * w, axis=0)
+    if HAS_TARGET:
+        t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        r = tl.where(mask_d, acc - t, 0.0)
+        tl.store(out_ptr + b * D + offs_d, r, mask=mask_d)
+        tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
+        # Second pass over the same K rows (cache hits): <r, W[idx]> for dvals.
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+            idx = tl.where((idx < 0) | (idx >= F), 0, idx)
+            w = tl.load(
+                w_ptr + idx[:, None] * D + offs_d[None, :],
+                mask=mask_k[:, None] & mask_d[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            dot = tl.sum(w * r[None, :], axis=1)
+            tl.store(dots_ptr + (pid_d.to(tl.int64) * B + b) * K + offs_k, dot, mask=mask_k)
+    else:
+        tl.store(out_ptr + b * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# Host launchers ----------------------------------------------------------------
+
+
+def sparse_decode_fwd(
+    indices: torch.Tensor,
+    vals: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None = None,
+):
+    """Without ``target``: returns x_hat [B, D] in weight's dtype.
+
+    With ``target``: returns (residual [B, D] fp32, dots [B, K] fp32, sq [] fp32)
+    where dots[b, k] = <residual[b], weight[indices[b, k]]> and sq = sum(residual^2).
+    """
+    B, K = indices.shape
+    F, D = weight.shape
+    dev = weight.device
+    if not use_triton(weight):
+        return _sparse_decode_fwd_torch(indices, vals, weight, bias, target)
+    BLOCK_D = block_d(D)
+    BLOCK_K = block_k(K)
+    ND = triton.cdiv(D, BLOCK_D)
+    has_target = target is not None
+    if has_target:
+        out = torch.empty(B, D, device=dev, dtype=torch.float32)
+        dots = torch.empty(ND, B, K, device=dev, dtype=torch.float32)
+        sq = torch.empty(B, ND, device=dev, dtype=torch.float32)
+    else:
+        out = torch.empty(B, D, device=dev, dtype=weight.dtype)
+        dots = sq = out
+    if B > 0:
+        _sparse_decode_fwd_kernel[(B, ND)](
+            indices,
+            vals,
+            weight,
+            bias if bias is not None else weight,
+            target if has_target else weight,
+            out,
+            dots,
+            sq,
+            B,
+            K,
+            F,
+            D,
+            BLOCK_K=BLOCK_K,
+            BLOCK_D=BLOCK_D,
+            HAS_BIAS=bias is not None,
+            HAS_TARGET=has_target,
+            num_warps=num_warps_for(BLOCK_K, BLOCK_D),
+        )
+    if not has_target:
+        return out
+    return out, dots.sum(0), sq.sum()
+
+
+def _sparse_decode_fwd_torch(indices, vals, weight, bias, target):
+    """CPU path without the interpreter: same math, fp32 accumulation, row chunks."""
+    B, K = indices.shape
+    F, D = weight.shape
+    bad = (indices < 0) | (indices >= F)
+    idx = indices.clamp(0, F - 1).long()
+    v = torch.where(bad, float("nan"), vals.float())
+    acc = torch.zeros(B, D, dtype=torch.float32)
+    if bias is not None:
+        acc += bias.float()
+    for k in range(K):
+        acc += v[:, k, None] * weight[idx[:, k]].float()
+    if target is None:
+        return acc.to(weight.dtype)
+    r = acc - target.float()
+    dots = torch.stack([(weight[idx[:, k]].float() * r).sum(1) for k in range(K)], 1)
+    return r, dots.reshape(B, K), (r * r).sum()
+
+
+def sparse_decode_bwd(
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    vals: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    scale_const: float = 1.0,
+    need_weight: bool = True,
+    dots: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``scale * scale_const * <grad, decode(indices, vals, weight)>``.
+
+    ``grad`` is a [B, D] row source (any float dtype; read as fp32). Returns (dweight [F, D] in weight's
+    dtype, unscaled dots [B, K] fp32 = <grad[b], weight[indices[b, k]]>). When
+    ``dots`` is given (already computed by the forward), the pass skips them.
+    """
+    B, K = indices.shape
+    F, D = weight.shape
+    compute_dots = dots is None
+    ND = triton.cdiv(D, block_d(D)) if use_triton(weight) else 1
+    dots_part = (
+        torch.empty(ND, B * K, device=weight.device, dtype=torch.float32) if compute_dots else None
+    )
+    dweight = torch.empty_like(weight)
+    if need_weight or compute_dots:
+        perm, offsets = csr_transpose(indices, F)
+        segment_sum(
+            perm,
+            offsets,
+            grad,
+            K=K,
+            out=dweight,
+            element_rows=False,
+            coef=vals,
+            scale=scale,
+            scale_const=scale_const,
+            weight=weight if compute_dots else None,
+            dots=dots_part,
+        )
+    if compute_dots:
+        dots = dots_part.sum(0).reshape(B, K)
+    return dweight, dots
+
+
+# Op registration ---------------------------------------------------------------
+
+
+@torch.library.custom_op(add_op_namespace_prefix("sparse_decode"), mutates_args=())
+def _sparse_decode_op(
+    indices: torch.Tensor,
+    vals: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    validate: bool,
+) -> torch.Tensor:
+    if validate:
+        check_index_range(indices, weight.shape[0])
+    return sparse_decode_fwd(indices, vals, weight, bias)
+
+
+@_sparse_decode_op.register_fake
+def _(indices, vals, weight, bias, validate):
+    return weight.new_empty(indices.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op(add_op_namespace_prefix("sparse_decode_backward"), mutates_args=())
+def _sparse_decode_backward_op(
+    grad: torch.Tensor,
+    indices: torch.Tensor,
+    vals: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dweight, dots = sparse_decode_bwd(grad.contiguous(), indices, vals, weight)
+    return dweight, dots.to(vals.dtype)
+
+
+@_sparse_decode_backward_op.register_fake
+def _(grad, indices, vals, weight):
+    return torch.empty_like(weight), torch.empty_like(vals)
+
+
+# Autograd ----------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    indices, vals, weight, bias, _ = inputs
+    ctx.save_for_backward(indices, vals, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    indices, vals, weight = ctx.saved_tensors
+    dweight = dvals = dbias = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dweight, dvals = _sparse_decode_backward_op(grad, indices, vals, weight)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        dbias = grad.float().sum(0).to(weight.dtype)
+    return None, dvals, dweight, dbias, None
+
+
+_sparse_decode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def sparse_decode(
+    indices: torch.Tensor,
+    vals: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """Decodes a sparse code: ``x_hat = bias + sum_k vals[:, k, None] * weight[indices[:, k]]``.
+
+    Args:
+        indices: [B, K] int32 or int64 latent ids in [0, F). Repeats are summed.
+        vals: [B, K] latent values, weight's dtype.
+        weight: [F, D] decoder rows (fp32, bf16 or fp16).
+        bias: optional [D], weight's dtype.
+        validate: check that indices lie in [0, F) and raise ValueError if not.
+            ``None`` (default) checks CPU tensors only, because on a GPU the check
+            is a host sync; unchecked out-of-range ids give NaN rows, never an
+            illegal memory access.
+
+    Returns:
+        x_hat [B, D] in weight's dtype. B = 0 gives an empty [0, D] tensor; K = 0
+        gives ``bias`` (or zeros) broadcast to [B, D].
+
+    Differentiable in ``vals``, ``weight`` and ``bias`` with an O(B*K*D),
+    deterministic backward.
+    """
+    B, K, F, D = check_sparse_code(indices, vals, weight, allow_empty=True)
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+        if bias.shape[0] != D:
+            raise ValueError(f"bias must have shape ({D},), got {tuple(bias.shape)}")
+        check_same_dtype("weight", weight, bias=bias)
+    check_same_device(weight=weight, indices=indices, vals=vals, bias=bias)
+    validate = resolve_validate(validate, indices)
+    return _sparse_decode_op(
+        indices.contiguous(),
+        vals.contiguous(),
+        weight.contiguous(),
+        bias.contiguous() if bias is not None else None,
+        validate,
+    )
