@@ -1,0 +1,193 @@
+"""Shared test helpers: the tolerance table, the parity rule and input drawing.
+
+The rule (one place, every test): for each output and gradient,
+
+    err(flash-sae) <= 2 * err(plain torch in the same dtype) + ATOL[dtype]
+
+where err(x) = ||x - ref||_2 / ||ref||_2 against the fp64 reference computed
+on the same inputs. ATOL only absorbs the case where torch happens to be
+(nearly) exact; it is about one unit roundoff of the dtype's output rounding
+for the reduced-precision dtypes and a few fp32 ulps for fp32.
+"""
+
+import sys
+
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+ATOL = {
+    torch.float32: 1e-6,  # fp32 accumulation in a different order: ~1e-7 relative
+    torch.bfloat16: 4e-3,  # one bf16 rounding of the output: 2^-8 relative at worst
+    torch.float16: 5e-4,  # one fp16 rounding of the output: 2^-11 relative at worst
+}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x = x.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / denom if denom > 0 else (x - ref).norm().item()
+
+
+def assert_parity(what: str, ours, same_dtype, ref64, dtype) -> None:
+    e_ours = rel_err(ours, ref64)
+    e_torch = rel_err(same_dtype, ref64)
+    bound = 2 * e_torch + ATOL[dtype]
+    assert e_ours <= bound, (
+        f"{what} ({dtype}): flash-sae error {e_ours:.3e} > 2 x torch's {e_torch:.3e} + {ATOL[dtype]:.0e}"
+    )
+
+
+def make_inputs(B, K, F, D, dtype, device, *, seed, duplicates=False, index_dtype=torch.int64):
+    """A random sparse code and decoder problem; values scaled like a trained SAE."""
+    g = torch.Generator().manual_seed(seed)
+    if duplicates:
+        # Draw from a few latents only, so rows repeat latents.
+        pool = torch.randint(0, F, (max(1, K // 2),), generator=g)
+        indices = pool[torch.randint(0, pool.numel(), (B, K), generator=g)]
+    else:
+        indices = torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(B)]) if B else torch.empty(0, K, dtype=torch.long)
+    weight = torch.randn(F, D, generator=g) / D**0.5
+    vals = torch.rand(B, K, generator=g) * 2 + 0.1
+    bias = torch.randn(D, generator=g) * 0.1
+    target = torch.randn(B, D, generator=g) * 0.5
+    cast = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return (
+        indices.to(device=device, dtype=index_dtype),
+        cast(weight),
+        cast(vals),
+        cast(bias),
+        cast(target),
+    )
+
+
+def grads(out, inputs, upstream):
+    return torch.autograd.grad(out, inputs, upstream, allow_unused=False)
+
+
+def problem_shapes(max_b=8, max_k=12, max_d=300):
+    """(B, K, F, D): B >= 1, K not a power of 2 often, F from K (tiny) to a few hundred,
+    D from 1 to past one 256-wide block, odd sizes included."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def shapes(draw):
+        B = draw(st.integers(1, max_b))
+        K = draw(st.integers(1, max_k))
+        F = K + draw(st.one_of(st.integers(0, 8), st.integers(100, 300)))
+        D = draw(st.one_of(st.integers(1, 40), st.integers(250, max_d)))
+        return B, K, F, D
+
+    return shapes()
+
+
+def check_loss_parity(fs, op, shape, dtype, device, *, seed, duplicates=False, index_dtype=torch.int64):
+    """Loss and every gradient (weight, vals, bias, target) under a random upstream scalar."""
+    reference = fs.reference
+    B, K, F, D = shape
+    indices, weight, vals, bias, target = make_inputs(
+        B, K, F, D, dtype, device, seed=seed, duplicates=duplicates, index_dtype=index_dtype
+    )
+    params = [weight, vals, bias, target]
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = (torch.rand((), generator=g) + 0.5) * (1 if seed % 2 else -1)
+
+    ours = getattr(fs, op)(indices, *params)
+    assert ours.dtype == torch.float32 and ours.shape == ()
+    ours_grads = grads(ours, params, upstream.to(device))
+    for p, gr in zip(params, ours_grads):
+        assert gr.dtype == p.dtype and gr.shape == p.shape
+
+    same = getattr(reference, op)(indices, *params)
+    same_grads = grads(same, params, upstream.to(device=device, dtype=same.dtype))
+
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    ref = getattr(reference, op)(indices, *p64)
+    ref_grads = grads(ref, p64, upstream.double().to(device))
+
+    assert_parity(f"{op} loss", ours, same, ref, dtype)
+    for name, a, b, c in zip(("weight", "vals", "bias", "target"), ours_grads, same_grads, ref_grads):
+        assert_parity(f"{op} d{name}", a, b, c, dtype)
+
+
+# Shared checks for every op: determinism, opcheck, torch.compile parity ---------
+
+LOSS_OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss")
+
+
+def call_op(fs, op, inputs):
+    """Runs an op and its backward; returns (output, grads of the float inputs)."""
+    indices, weight, vals, bias, target = inputs
+    if op == "sparse_decode":
+        params = [vals, weight, bias]
+        out = fs.sparse_decode(indices, vals, weight, bias)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    else:
+        params = [weight, vals, bias, target]
+        out = getattr(fs, op)(indices, weight, vals, bias, target)
+        upstream = torch.tensor(-1.7, device=out.device)
+    return out, grads(out, params, upstream)
+
+
+def check_deterministic(fs, op, device):
+    inputs = make_inputs(33, 24, 50, 130, torch.float32, device, seed=11, duplicates=True)
+    out1, g1 = call_op(fs, op, inputs)
+    out2, g2 = call_op(fs, op, inputs)
+    assert torch.equal(out1, out2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b), "gradients differ between two identical calls"
+
+
+def raw_op(fs, op):
+    """The registered torch.library op behind a public function."""
+    return getattr(sys.modules[fs.__name__ + "._ops"].ops, op)
+
+
+def op_args(op, inputs):
+    indices, weight, vals, bias, target = inputs
+    if op == "sparse_decode":
+        return (indices, vals, weight, bias, False)
+    return (indices, weight, vals, bias, target, False)
+
+
+def check_opcheck(fs, op, device, dtype):
+    inputs = make_inputs(6, 5, 19, 37, dtype, device, seed=5, duplicates=True)
+    torch.library.opcheck(raw_op(fs, op), op_args(op, inputs))
+    # The backward op on its own, too.
+    detached = [t.detach() if t.is_floating_point() else t for t in inputs]
+    indices, weight, vals, bias, target = detached
+    if op == "sparse_decode":
+        grad = torch.randn(indices.shape[0], weight.shape[1], dtype=dtype, device=device)
+        torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, indices, vals, weight))
+    else:
+        _, residual, _ = raw_op(fs, op)(*op_args(op, detached))
+        grad = torch.tensor(0.7, device=device)
+        torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, indices, weight, vals, residual))
+
+
+def check_compile(fs, op, device):
+    """fullgraph compile gives eager's results, and a second input set does not recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(getattr(fs, op), fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            inputs = make_inputs(7, 6, 23, 41, torch.float32, device, seed=seed)
+            indices, weight, vals, bias, target = inputs
+            eager_out, eager_grads = call_op(fs, op, inputs)
+            if op == "sparse_decode":
+                out = compiled(indices, vals, weight, bias)
+                params = [vals, weight, bias]
+                upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+            else:
+                out = compiled(indices, weight, vals, bias, target)
+                params = [weight, vals, bias, target]
+                upstream = torch.tensor(-1.7, device=out.device)
+            comp_grads = grads(out, params, upstream)
+            torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-7)
+            for a, b in zip(comp_grads, eager_grads):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
