@@ -36,14 +36,34 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# Tuning policy, in one visible place (read at launch time, never at import):
+# - gather_block_d / gather_block_k: the [K-block, D-block] tile of the row-wise
+#   gather kernels (decode forward, hierarchical scans); one program per (row, D-block).
+# - segment_block_d: D columns per program of the CSR segmented sum; wide, because
+#   each program's work is a short dependent chain (offsets -> perm -> rows) and
+#   fewer, wider programs hide that latency better.
+# Chosen by benchmarks/tune.py on an H100; see benchmarks/NOTES.md.
+TUNING = {
+    "gather_block_d": 256,
+    "gather_block_k": 16,
+    "segment_block_d": 1024,
+    "segment_block_s": 4,
+}
+
+
 def block_d(D: int) -> int:
-    """Columns of D handled by one program (a power of two, at least 16)."""
-    return min(256, max(16, next_pow2(D)))
+    """Columns of D per program of the gather kernels (a power of two, at least 16)."""
+    return min(TUNING["gather_block_d"], max(16, next_pow2(D)))
 
 
 def block_k(K: int) -> int:
     """Latents gathered per step of the K loop (a power of two, at least 2)."""
-    return min(16, max(2, next_pow2(K)))
+    return min(TUNING["gather_block_k"], max(2, next_pow2(K)))
+
+
+def segment_block_d(width: int) -> int:
+    """Columns per program of the segmented sum over a window of ``width`` columns."""
+    return min(TUNING["segment_block_d"], max(16, next_pow2(width)))
 
 
 def num_warps_for(block_rows: int, block_cols: int) -> int:

@@ -27,12 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_d, use_triton
-
-# Constants -------------------------------------------------------------------
-
-BLOCK_S = 16  # segment elements summed per step
-
+from ._triton_utils import cast_rtne
+from ._common import TUNING, segment_block_d, use_triton
 
 # Kernels -----------------------------------------------------------------------
 
@@ -46,7 +42,7 @@ def _segment_sum_kernel(
     scale_ptr,  # [] float upstream scalar (HAS_SCALE)
     w_ptr,  # [F, D] float weight, read for dots (HAS_DOTS)
     dw_ptr,  # [F, D] out gradient, weight's dtype
-    dots_ptr,  # [ND, N] fp32 out partial dots (HAS_DOTS)
+    dots_ptr,  # [ND, N] fp32 out: partial dots per D-block of the window (HAS_DOTS)
     N,
     K,
     D,
@@ -71,7 +67,6 @@ def _segment_sum_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_DOTS:
         w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
-        dot_block = (d_base // BLOCK_D + pid_d).to(tl.int64)
     for i0 in range(start, end, BLOCK_S):
         offs_s = i0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < end
@@ -92,11 +87,11 @@ def _segment_sum_kernel(
             acc += tl.sum(x, axis=0)
         if HAS_DOTS:
             d = tl.sum(x * w[None, :], axis=1)
-            tl.store(dots_ptr + dot_block * N + e, d, mask=mask_s)
+            tl.store(dots_ptr + pid_d.to(tl.int64) * N + e, d, mask=mask_s)
     scale = scale_const
     if HAS_SCALE:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
-    tl.store(dw_ptr + f * D + cols, (acc * scale).to(dw_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(dw_ptr + f * D + cols, cast_rtne(acc * scale, dw_ptr.dtype.element_ty), mask=mask_c)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -130,48 +125,57 @@ def segment_sum(
     scale: torch.Tensor | None = None,
     scale_const: float = 1.0,
     weight: torch.Tensor | None = None,
-    dots: torch.Tensor | None = None,
     d_base: int = 0,
-) -> None:
-    """Writes ``out[:, d_base:d_base + src.shape[1]]`` (and ``dots``) in one pass.
+) -> torch.Tensor | None:
+    """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
-    ``out`` is the [F, D] gradient. ``src`` is read as fp32, [N, w] when ``element_rows``
-    (row per element) or [B, w] (row per batch entry, picked as e // K).
-    ``dots`` ([D // BLOCK_D blocks, N] fp32) receives <row(e), weight[f]> partials.
+    ``out`` is the [F, D] gradient. ``src`` is read as fp32, [N, w] when
+    ``element_rows`` (a row per element) or [B, w] (row e // K). Each element's
+    row is multiplied by ``coef[e]``; the sum by ``scale_const * scale``.
+    With ``weight``, also returns ``dots`` [N] fp32: <row(e), weight[f]> over the
+    window's columns, unscaled (rows of out-of-range elements stay 0).
     """
     F, D = out.shape
     N = perm.numel()
     width = src.shape[1]
-    BLOCK_D = block_d(D)
-    if use_triton(src):
-        grid = (F, triton.cdiv(width, BLOCK_D))
-        dummy = out
-        _segment_sum_kernel[grid](
-            offsets,
-            perm,
-            src,
-            coef if coef is not None else dummy,
-            scale if scale is not None else dummy,
-            weight if weight is not None else dummy,
-            out,
-            dots if dots is not None else dummy,
-            N,
-            K,
-            D,
-            src.stride(0),
-            d_base,
-            width,
-            float(scale_const),
-            BLOCK_S=BLOCK_S,
-            BLOCK_D=BLOCK_D,
-            ELEMENT_ROWS=element_rows,
-            HAS_COEF=coef is not None,
-            HAS_SCALE=scale is not None,
-            HAS_DOTS=dots is not None,
-            num_warps=4,
-        )
-        return
-    # Plain-torch path for CPU tensors: the same sums, in the same segment order.
+    want_dots = weight is not None
+    if not use_triton(src):
+        return _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base)
+    BLOCK_D = segment_block_d(width)
+    ND = triton.cdiv(width, BLOCK_D)
+    dots = torch.zeros(ND, N, device=src.device, dtype=torch.float32) if want_dots else None
+    dummy = out
+    _segment_sum_kernel[(F, ND)](
+        offsets,
+        perm,
+        src,
+        coef if coef is not None else dummy,
+        scale if scale is not None else dummy,
+        weight if want_dots else dummy,
+        out,
+        dots if want_dots else dummy,
+        N,
+        K,
+        D,
+        src.stride(0),
+        d_base,
+        width,
+        float(scale_const),
+        BLOCK_S=TUNING["segment_block_s"],
+        BLOCK_D=BLOCK_D,
+        ELEMENT_ROWS=element_rows,
+        HAS_COEF=coef is not None,
+        HAS_SCALE=scale is not None,
+        HAS_DOTS=want_dots,
+        num_warps=4 if BLOCK_D <= 1024 else 8,
+    )
+    return dots.sum(0) if want_dots else None
+
+
+def _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base):
+    """Plain-torch path for CPU tensors: the same sums."""
+    F = out.shape[0]
+    width = src.shape[1]
     lo, hi = int(offsets[0]), int(offsets[-1])
     e = perm[lo:hi]
     rows = (src[e] if element_rows else src[e // K]).float()
@@ -181,8 +185,8 @@ def segment_sum(
     acc.index_add_(0, latent, contrib)
     s = scale_const * (scale.float() if scale is not None else 1.0)
     out[:, d_base : d_base + width] = (acc * s).to(out.dtype)
-    if dots is not None:
-        w = weight[:, d_base : d_base + width].float()
-        d = (rows * w[latent]).sum(1)
-        dots.zero_()
-        dots[0, e] = d
+    if weight is None:
+        return None
+    dots = torch.zeros(perm.numel(), dtype=torch.float32, device=src.device)
+    dots[e] = (rows * weight[latent, d_base : d_base + width].float()).sum(1)
+    return dots

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_utils import cast_rtne
 from ._common import (
     block_d,
     block_k,
@@ -104,7 +105,7 @@ def _sparse_decode_fwd_kernel(
             dot = tl.sum(w * r[None, :], axis=1)
             tl.store(dots_ptr + (pid_d.to(tl.int64) * B + b) * K + offs_k, dot, mask=mask_k)
     else:
-        tl.store(out_ptr + b * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -187,44 +188,19 @@ def sparse_decode_bwd(
     indices: torch.Tensor,
     vals: torch.Tensor,
     weight: torch.Tensor,
-    *,
-    scale: torch.Tensor | None = None,
-    scale_const: float = 1.0,
-    need_weight: bool = True,
-    dots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``scale * scale_const * <grad, decode(indices, vals, weight)>``.
+    """Gradients of ``<grad, sparse_decode(indices, vals, weight)>``.
 
-    ``grad`` is a [B, D] row source (any float dtype; read as fp32). Returns (dweight [F, D] in weight's
-    dtype, unscaled dots [B, K] fp32 = <grad[b], weight[indices[b, k]]>). When
-    ``dots`` is given (already computed by the forward), the pass skips them.
+    ``grad`` is the [B, D] upstream gradient (any float dtype; read as fp32).
+    Returns (dweight [F, D] in weight's dtype, dvals [B, K] fp32), both from one
+    segmented pass that reads each touched weight row once.
     """
     B, K = indices.shape
-    F, D = weight.shape
-    compute_dots = dots is None
-    ND = triton.cdiv(D, block_d(D)) if use_triton(weight) else 1
-    dots_part = (
-        torch.empty(ND, B * K, device=weight.device, dtype=torch.float32) if compute_dots else None
-    )
+    F = weight.shape[0]
     dweight = torch.empty_like(weight)
-    if need_weight or compute_dots:
-        perm, offsets = csr_transpose(indices, F)
-        segment_sum(
-            perm,
-            offsets,
-            grad,
-            K=K,
-            out=dweight,
-            element_rows=False,
-            coef=vals,
-            scale=scale,
-            scale_const=scale_const,
-            weight=weight if compute_dots else None,
-            dots=dots_part,
-        )
-    if compute_dots:
-        dots = dots_part.sum(0).reshape(B, K)
-    return dweight, dots
+    perm, offsets = csr_transpose(indices, F)
+    dots = segment_sum(perm, offsets, grad, K=K, out=dweight, element_rows=False, coef=vals, weight=weight)
+    return dweight, dots.reshape(B, K)
 
 
 # Op registration ---------------------------------------------------------------

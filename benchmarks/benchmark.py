@@ -1,0 +1,68 @@
+"""``kernels benchmark org/flash-sae --version 1`` entry point.
+
+Each workload times one forward + backward of a flash-sae op; its ``verify_*``
+runs the plain-torch reference (``reference.py``) on the same inputs, which the
+runner times too and compares with the op's loss or output. The full
+side-by-side table (torch.compile, dense, memory, % of floor) is
+``benchmarks/side_by_side.py``.
+"""
+
+import torch
+from kernels.benchmark import Benchmark
+
+# (B, D, F, K): a GPU-sized training batch, and a tiny one for CPU runs.
+SHAPES = {"gpu": (2048, 2304, 65536, 64), "cpu": (16, 96, 512, 12)}
+
+
+def _problem(bench, dtype=torch.bfloat16):
+    B, D, F, K = SHAPES["cpu" if bench.device == "cpu" else "gpu"]
+    g = torch.Generator(device=bench.device).manual_seed(0)
+    bench.indices = torch.randint(0, F, (B, K), device=bench.device, generator=g)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, device=bench.device, generator=g) * scale).to(dtype).requires_grad_()  # noqa: E731
+    bench.weight = mk(F, D, scale=D**-0.5)
+    bench.vals = torch.rand(B, K, device=bench.device, generator=g).to(dtype).requires_grad_()
+    bench.bias = mk(D, scale=0.1)
+    bench.target = mk(B, D, scale=0.5)
+
+
+def _step(fn, bench, args):
+    for p in (bench.weight, bench.vals, bench.bias, bench.target):
+        p.grad = None
+    out = fn(*args)
+    out.backward(torch.ones_like(out))
+    return out.detach().float()
+
+
+class TopkSaeLoss(Benchmark):
+    seed = 0
+
+    def setup_train_step(self):
+        _problem(self)
+
+    def _args(self):
+        return (self.indices, self.weight, self.vals, self.bias, self.target)
+
+    def benchmark_train_step(self):
+        self.out = _step(self.kernel.topk_sae_loss, self, self._args())
+
+    def verify_train_step(self) -> torch.Tensor:
+        return _step(self.kernel.reference.topk_sae_loss, self, self._args())
+
+
+class HierarchicalTopkSaeLoss(TopkSaeLoss):
+    def benchmark_train_step(self):
+        self.out = _step(self.kernel.hierarchical_topk_sae_loss, self, self._args())
+
+    def verify_train_step(self) -> torch.Tensor:
+        return _step(self.kernel.reference.hierarchical_topk_sae_loss, self, self._args())
+
+
+class SparseDecode(TopkSaeLoss):
+    def _args(self):
+        return (self.indices, self.vals, self.weight, self.bias)
+
+    def benchmark_train_step(self):
+        self.out = _step(self.kernel.sparse_decode, self, self._args())
+
+    def verify_train_step(self) -> torch.Tensor:
+        return _step(self.kernel.reference.sparse_decode, self, self._args())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything one device call does, so the GPU lease is spent in few, full calls.
+# Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench quick
+# Logs and JSON land in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/flash-sae-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import kernels" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
+python3 build_local.py >/dev/null || exit 1
+REPO_ID=$(python3 -c "import tomllib; print(tomllib.load(open('build.toml','rb'))['general']['hub']['repo-id'])")
+export LOCAL_KERNELS="$REPO_ID=$PWD"
+status=0
+for stage in "$@"; do
+  case "$stage" in
+    tests)
+      timeout 480 python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -n 25
+      status=$((status | PIPESTATUS[0]));;
+    sanitizer)
+      HYPOTHESIS_PROFILE=cpu timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest tests -q -p no:cacheprovider -m kernels_ci -k "not compile and not opcheck" 2>&1 \
+        | tee "$OUT/sanitizer.log" | tail -n 15
+      status=$((status | PIPESTATUS[0]));;
+    tune)
+      timeout 300 python3 benchmarks/tune.py --out "$OUT" > "$OUT/tune.log" 2>&1; status=$((status | $?))
+      tail -n 5 "$OUT/tune.log";;
+    bench)
+      timeout 560 python3 benchmarks/side_by_side.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 70
+      status=$((status | PIPESTATUS[0]));;
+    quick)
+      python3 benchmarks/side_by_side.py --quick --out "$OUT" 2>&1 | tail -n 20;;
+    *) echo "unknown stage $stage"; exit 2;;
+  esac
+done
+exit $status

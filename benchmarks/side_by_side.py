@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of flash-sae's decoder ops against plain PyTorch, in one run.
+
+For each op (forward + backward, gradients for every float input) and each
+shape and dtype it times, in the same process:
+- flash-sae, loaded through ``kernels.get_kernel`` as a user does;
+- the plain-torch reference (``reference.py``, the gather formula) in eager mode;
+- the same reference under ``torch.compile``;
+- for ``topk_sae_loss``, the dense formulation most trainers use: scatter the
+  code into [B, F] and multiply by the [F, D] decoder.
+It prints ms (median, with the 20th/80th percentiles), peak memory above the
+inputs (gradients included) and flash-sae's % of the bandwidth floor: the
+fewest bytes the op must move (count in ``floor_bytes``) over the device's
+copy bandwidth, measured in the same run.
+
+Usage: python benchmarks/side_by_side.py [--quick] [--out benchmarks/results]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SHAPES = [  # (B, D, F, K)
+    (1024, 4096, 65536, 64),
+    (2048, 2304, 65536, 32),
+    (2048, 2304, 65536, 64),
+    (2048, 2304, 65536, 128),
+    (4096, 2048, 262144, 64),
+]
+QUICK_SHAPES = [(8, 40, 64, 6)]
+OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss", "sparse_decode")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+def load_kernel():
+    from kernels import get_kernel
+
+    repo = tomllib.loads((ROOT / "build.toml").read_text())["general"]["hub"]["repo-id"]
+    if "LOCAL_KERNELS" not in os.environ:
+        subprocess.run([sys.executable, str(ROOT / "build_local.py")], check=True, capture_output=True)
+        os.environ["LOCAL_KERNELS"] = f"{repo}={ROOT}"
+    return get_kernel(repo, version=1)
+
+
+def make_problem(B, D, F, K, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    pre = torch.rand(B, F, device=device, generator=g) if B * F <= 2**28 else None
+    if pre is not None:
+        vals, indices = pre.topk(K, dim=1)  # sorted, distinct per row, like a real code
+        del pre
+    else:
+        indices = torch.randint(0, F, (B, K), device=device, generator=g)
+        vals = torch.rand(B, K, device=device, generator=g)
+    weight = torch.randn(F, D, device=device, generator=g, dtype=torch.float32).div_(D**0.5).to(dtype)
+    bias = (torch.randn(D, device=device, generator=g) * 0.1).to(dtype)
+    target = (torch.randn(B, D, device=device, generator=g) * 0.5).to(dtype)
+    params = [weight, vals.to(dtype), bias, target]
+    return indices, [p.requires_grad_() for p in params]
+
+
+def dense_topk_sae_loss(indices, weight, vals, bias, target):
+    """The usual trainer formulation: a dense [B, F] code times the decoder."""
+    code = torch.zeros(indices.shape[0], weight.shape[0], dtype=vals.dtype, device=vals.device)
+    code = code.scatter(1, indices, vals)
+    return ((code @ weight + bias) - target).float().pow(2).mean()
+
+
+def floor_bytes(op, B, D, F, K, es):
+    """Fewest bytes each op's forward + backward must move through device memory."""
+    gather = B * K * D * es  # the K active rows of every input, read once
+    dweight = F * D * es  # the dense [F, D] gradient, written once
+    rows = B * D * es  # target (losses) or output / upstream grad (decode)
+    if op == "topk_sae_loss":
+        return gather + dweight + rows * 2  # read target, write dtarget
+    if op == "hierarchical_topk_sae_loss":
+        return gather + dweight + rows * 2
+    return gather + dweight + rows * 2  # write x_hat, read its gradient
+
+
+def measure(fn, indices, params, op):
+    from triton.testing import do_bench
+
+    def args():
+        if op == "sparse_decode":
+            weight, vals, bias, _ = params
+            return (indices, vals, weight, bias)
+        return (indices, *params)
+
+    def step():
+        for p in params:
+            p.grad = None
+        out = fn(*args())
+        out.backward(torch.ones_like(out) if out.ndim == 0 else upstream)
+
+    upstream = torch.randn(indices.shape[0], params[0].shape[1], device=indices.device, dtype=params[0].dtype)
+    step()  # warm-up and compile
+    torch.cuda.synchronize()
+    for p in params:
+        p.grad = None
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ms = do_bench(step, warmup=25, rep=200, quantiles=QUANTILES)
+    for p in params:
+        p.grad = None
+    return ms, peak / 2**30
+
+
+def copy_bandwidth():
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    from triton.testing import do_bench
+
+    ms = do_bench(lambda: y.copy_(x), warmup=10, rep=100)
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="one tiny shape, to check the script runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("side_by_side.py needs a CUDA GPU")
+    fs = load_kernel()
+    ref = fs.reference
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    bw = copy_bandwidth()
+    gpu = torch.cuda.get_device_name()
+    compiled = {}
+    rows = []
+    print(f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    header = f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'impl':22s} {'ms (p20-p80)':>20s} {'peak GiB':>9s} {'% floor':>8s}"
+    print(header)
+    for op in args.ops.split(","):
+        impls = {"flash-sae": getattr(fs, op), "torch eager": getattr(ref, op)}
+        if not args.no_compile:
+            compiled.setdefault(op, torch.compile(getattr(ref, op), dynamic=True))
+            impls["torch.compile"] = compiled[op]
+        if op == "topk_sae_loss":
+            impls["torch dense [B,F]@W"] = dense_topk_sae_loss
+        for dname in args.dtypes.split(","):
+            dtype = DTYPES[dname]
+            for B, D, F, K in shapes:
+                indices, params = make_problem(B, D, F, K, dtype, "cuda")
+                fl = floor_bytes(op, B, D, F, K, params[0].element_size()) / bw * 1e3
+                for name, fn in impls.items():
+                    try:
+                        (ms, lo, hi), peak = measure(fn, indices, params, op)
+                        err = None
+                    except torch.OutOfMemoryError as e:  # reported, not hidden
+                        ms = lo = hi = peak = float("nan")
+                        err = f"OOM: {str(e).splitlines()[0]}"
+                        torch.cuda.empty_cache()
+                    row = dict(op=op, dtype=dname, B=B, D=D, F=F, K=K, impl=name, ms=ms, p20=lo, p80=hi,
+                               peak_gib=peak, floor_ms=fl, pct_floor=100 * fl / ms, error=err)
+                    rows.append(row)
+                    print(f"{op:28s} {dname:5s} {f'{B},{D},{F},{K}':24s} {name:22s} "
+                          f"{ms:8.3f} ({lo:.3f}-{hi:.3f}) {peak:9.2f} {row['pct_floor']:7.0f}%"
+                          + (f"  {err}" if err else ""), flush=True)
+                del indices, params
+                torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__,
+                triton=__import__("triton").__version__, copy_bandwidth_tbps=bw / 1e12)
+    stem = "side_by_side_quick" if args.quick else "side_by_side"
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {args.out / (stem + '.json')}")
+
+
+if __name__ == "__main__":
+    main()
