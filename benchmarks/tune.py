@@ -64,15 +64,15 @@ def main():
         }
         for name, fn in stages.items():
             record(kind="stage", stage=name, ms=bench(fn), **shape)
-        # Gather tile.
-        for bd, bk in itertools.product([128, 256, 512], [8, 16, 32]):
-            common.TUNING.update(default, gather_block_d=bd, gather_block_k=bk)
-            record(kind="gather", gather_block_d=bd, gather_block_k=bk,
+        # Gather kernels: D-block, warps, K unroll (timed on the topk forward).
+        for bd, nw, un in itertools.product([128, 256, 512], [1, 2, 4], [1, 4, 8]):
+            common.TUNING.update(default, gather_block_d=bd, gather_warps=nw, gather_unroll=un)
+            record(kind="gather", gather_block_d=bd, gather_warps=nw, gather_unroll=un,
                    ms=bench(stages["topk_fwd"]), **shape)
-        # Segmented sum.
-        for sd, ss in itertools.product([256, 512, 1024, 2048, 4096], [2, 4, 8]):
-            common.TUNING.update(default, segment_block_d=sd, segment_block_s=ss)
-            record(kind="segment", segment_block_d=sd, segment_block_s=ss,
+        # Segmented sum: D-block, warps, segment unroll (timed on the topk backward).
+        for sd, nw, un in itertools.product([512, 1024, 2048], [2, 4, 8], [1, 2, 4]):
+            common.TUNING.update(default, segment_block_d=sd, segment_warps=nw, segment_unroll=un)
+            record(kind="segment", segment_block_d=sd, segment_warps=nw, segment_unroll=un,
                    ms=bench(stages["topk_bwd"]), **shape)
         common.TUNING.update(default)
         # Hierarchical window.

@@ -36,18 +36,20 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-# Tuning policy, in one visible place (read at launch time, never at import):
-# - gather_block_d / gather_block_k: the [K-block, D-block] tile of the row-wise
-#   gather kernels (decode forward, hierarchical scans); one program per (row, D-block).
-# - segment_block_d: D columns per program of the CSR segmented sum; wide, because
-#   each program's work is a short dependent chain (offsets -> perm -> rows) and
-#   fewer, wider programs hide that latency better.
-# Chosen by benchmarks/tune.py on an H100; see benchmarks/NOTES.md.
+# Tuning policy, in one visible place (read at launch time, never at import).
+# The gather kernels (decode forward, hierarchical scans) run one program per
+# (row, D-block) and walk K one latent at a time with 1-D accumulators, so
+# registers stay few, occupancy high, and many row loads are in flight per SM;
+# ``*_unroll`` latents are issued back to back per loop step. The CSR segmented
+# sum runs one program per (latent, D-block). Chosen by benchmarks/tune.py on
+# an H100; the measurements are in benchmarks/NOTES.md.
 TUNING = {
     "gather_block_d": 256,
-    "gather_block_k": 16,
+    "gather_warps": 2,
+    "gather_unroll": 4,
     "segment_block_d": 1024,
-    "segment_block_s": 4,
+    "segment_warps": 4,
+    "segment_unroll": 2,
 }
 
 
@@ -56,19 +58,9 @@ def block_d(D: int) -> int:
     return min(TUNING["gather_block_d"], max(16, next_pow2(D)))
 
 
-def block_k(K: int) -> int:
-    """Latents gathered per step of the K loop (a power of two, at least 2)."""
-    return min(TUNING["gather_block_k"], max(2, next_pow2(K)))
-
-
 def segment_block_d(width: int) -> int:
     """Columns per program of the segmented sum over a window of ``width`` columns."""
     return min(TUNING["segment_block_d"], max(16, next_pow2(width)))
-
-
-def num_warps_for(block_rows: int, block_cols: int) -> int:
-    tile = block_rows * block_cols
-    return 8 if tile >= 4096 else 4
 
 
 # Validation --------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ._common import TUNING, segment_block_d, use_triton
 def _segment_sum_kernel(
     offsets_ptr,  # [F + 1] int64 segment bounds into perm
     perm_ptr,  # [N] int64 element ids e = b * K + k, grouped by latent
-    src_ptr,  # [rows, stride_src] fp32; row e (ELEMENT_ROWS) or row e // K
+    src_ptr,  # [rows, stride_src] float; row e (ELEMENT_ROWS) or row e // K
     coef_ptr,  # [N] float per-element coefficient (HAS_COEF)
     scale_ptr,  # [] float upstream scalar (HAS_SCALE)
     w_ptr,  # [F, D] float weight, read for dots (HAS_DOTS)
@@ -50,8 +50,8 @@ def _segment_sum_kernel(
     d_base,  # first column of the window this launch covers
     d_width,  # columns in the window
     scale_const,
-    BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr,
     ELEMENT_ROWS: tl.constexpr,
     HAS_COEF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -67,27 +67,25 @@ def _segment_sum_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_DOTS:
         w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
-    for i0 in range(start, end, BLOCK_S):
-        offs_s = i0 + tl.arange(0, BLOCK_S)
-        mask_s = offs_s < end
-        e = tl.load(perm_ptr + offs_s, mask=mask_s, other=0)
-        if ELEMENT_ROWS:
-            row = e
-        else:
-            row = e // K
-        x = tl.load(
-            src_ptr + row[:, None] * stride_src + offs_c[None, :],
-            mask=mask_s[:, None] & mask_c[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if HAS_COEF:
-            c = tl.load(coef_ptr + e, mask=mask_s, other=0.0).to(tl.float32)
-            acc += tl.sum(c[:, None] * x, axis=0)
-        else:
-            acc += tl.sum(x, axis=0)
-        if HAS_DOTS:
-            d = tl.sum(x * w[None, :], axis=1)
-            tl.store(dots_ptr + pid_d.to(tl.int64) * N + e, d, mask=mask_s)
+        dots_blk = dots_ptr + pid_d.to(tl.int64) * N
+    for i0 in range(start, end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            i = i0 + u
+            live = i < end
+            e = tl.load(perm_ptr + i, mask=live, other=0)
+            if ELEMENT_ROWS:
+                row = e
+            else:
+                row = e // K
+            live_c = mask_c & (offs_c * 0 + i < end)
+            x = tl.load(src_ptr + row * stride_src + offs_c, mask=live_c, other=0.0).to(tl.float32)
+            if HAS_COEF:
+                c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
+                acc += c * x
+            else:
+                acc += x
+            if HAS_DOTS:
+                tl.store(dots_blk + e, tl.sum(x * w, axis=0), mask=live)
     scale = scale_const
     if HAS_SCALE:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
@@ -161,13 +159,13 @@ def segment_sum(
         d_base,
         width,
         float(scale_const),
-        BLOCK_S=TUNING["segment_block_s"],
         BLOCK_D=BLOCK_D,
+        UNROLL=TUNING["segment_unroll"],
         ELEMENT_ROWS=element_rows,
         HAS_COEF=coef is not None,
         HAS_SCALE=scale is not None,
         HAS_DOTS=want_dots,
-        num_warps=4 if BLOCK_D <= 1024 else 8,
+        num_warps=TUNING["segment_warps"],
     )
     return dots.sum(0) if want_dots else None
 

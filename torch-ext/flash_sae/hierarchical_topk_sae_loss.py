@@ -22,9 +22,9 @@ residual, ``e_{j-1} = e_j - vals_j * weight[idx_j]``, so nothing of size
 B*K*D is kept between forward and backward.
 
 What is fused:
-- forward, one pass per (row, D-block): the K gathered rows, the running prefix
-  (``tl.cumsum`` per block of K), the squared-error sum, and the two [B, D] fp32
-  rows the backward needs: the final residual e_{K-1} and S_0 = sum_j e_j.
+- forward, one pass per (row, D-block): the K gathered rows, the running
+  prefix residual e_j, the squared-error sum, and the two [B, D] fp32 rows the
+  backward needs: the final residual e_{K-1} and S_0 = sum_j e_j.
 - backward: one reverse-scan pass (gather, dvals dot, contribution rows) and
   one segmented sum per window.
 
@@ -41,10 +41,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    TUNING,
     block_d,
-    block_k,
     check_index_range,
-    num_warps_for,
     resolve_validate,
     use_triton,
 )
@@ -73,8 +72,8 @@ def _hierarchical_topk_sae_loss_fwd_kernel(
     K,
     F,
     D,
-    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -82,27 +81,25 @@ def _hierarchical_topk_sae_loss_fwd_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    base = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) - t
-    carry = tl.zeros([BLOCK_D], dtype=tl.float32)
+    e = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) - t  # running e_j
     esum = tl.zeros([BLOCK_D], dtype=tl.float32)
     sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-        v = tl.load(vals_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        bad = mask_k & ((idx < 0) | (idx >= F))
-        v = tl.where(bad, float("nan"), v)
-        idx = tl.where(bad, 0, idx)
-        mask = mask_k[:, None] & mask_d[None, :]
-        w = tl.load(w_ptr + idx[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        c = v[:, None] * w
-        e = base[None, :] + carry[None, :] + tl.cumsum(c, axis=0)
-        e = tl.where(mask, e, 0.0)
-        sq += tl.sum(e * e, axis=0)
-        esum += tl.sum(e, axis=0)
-        carry += tl.sum(c, axis=0)
-    tl.store(res_ptr + b * D + offs_d, base + carry, mask=mask_d)
+    for k0 in range(0, K, UNROLL):
+        for u in tl.static_range(UNROLL):
+            k = k0 + u
+            live = k < K
+            idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
+            v = tl.load(vals_ptr + b * K + k, mask=live, other=0.0).to(tl.float32)
+            bad = live & ((idx < 0) | (idx >= F))
+            v = tl.where(bad, float("nan"), v)
+            idx = tl.where(bad, 0, idx)
+            live_d = mask_d & (offs_d * 0 + k < K)
+            w = tl.load(w_ptr + idx * D + offs_d, mask=live_d, other=0.0)
+            e += v * w.to(tl.float32)
+            e_live = tl.where(live_d, e, 0.0)
+            sq += e_live * e_live
+            esum += e_live
+    tl.store(res_ptr + b * D + offs_d, e, mask=mask_d)
     tl.store(esum_ptr + b * D + offs_d, esum, mask=mask_d)
     tl.store(sq_ptr + b * ND + pid_d, tl.sum(sq, axis=0))
 
@@ -122,38 +119,30 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
     stride_buf,
     d_base,  # first column of the window
     d_width,  # columns in the window
-    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_c = offs_c < d_width
     cols = d_base + offs_c
-    dot_block = (d_base // BLOCK_D + pid_d).to(tl.int64)
-    e_hi = tl.load(res_ptr + b * D + cols, mask=mask_c, other=0.0)
-    s_carry = tl.zeros([BLOCK_D], dtype=tl.float32)
-    n_kb = tl.cdiv(K, BLOCK_K)
-    for i in range(0, n_kb):
-        k0 = (n_kb - 1 - i) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-        v = tl.load(vals_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        idx = tl.where((idx < 0) | (idx >= F), 0, idx)
-        mask = mask_k[:, None] & mask_c[None, :]
-        w = tl.load(w_ptr + idx[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        c = v[:, None] * w
-        # e_j = e_hi - sum of the contributions after j inside this block.
-        e = e_hi[None, :] - (tl.cumsum(c, axis=0, reverse=True) - c)
-        e = tl.where(mask, e, 0.0)
-        s = s_carry[None, :] + tl.cumsum(e, axis=0, reverse=True)
-        dot = tl.sum(s * w, axis=1)
-        tl.store(dots_ptr + (dot_block * B + b) * K + offs_k, dot, mask=mask_k)
-        rows = b * K + offs_k
-        tl.store(buf_ptr + rows[:, None] * stride_buf + offs_c[None, :], v[:, None] * s, mask=mask)
-        e_hi = e_hi - tl.sum(c, axis=0)
-        s_carry = s_carry + tl.sum(e, axis=0)
+    dots_row = dots_ptr + ((d_base // BLOCK_D + pid_d).to(tl.int64) * B + b) * K
+    e = tl.load(res_ptr + b * D + cols, mask=mask_c, other=0.0)  # e_k, walking k down
+    s = tl.zeros([BLOCK_D], dtype=tl.float32)  # S_k = sum_{j>=k} e_j
+    for k0 in range(0, K, UNROLL):
+        for u in tl.static_range(UNROLL):
+            k = K - 1 - (k0 + u)
+            live = k >= 0
+            idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
+            v = tl.load(vals_ptr + b * K + k, mask=live, other=0.0).to(tl.float32)
+            idx = tl.where((idx < 0) | (idx >= F), 0, idx)
+            live_c = mask_c & (offs_c * 0 + k >= 0)
+            w = tl.load(w_ptr + idx * D + cols, mask=live_c, other=0.0).to(tl.float32)
+            s = tl.where(live_c, s + e, s)
+            tl.store(dots_row + k, tl.sum(s * w, axis=0), mask=live)
+            tl.store(buf_ptr + (b * K + k) * stride_buf + offs_c, v * s, mask=live_c)
+            e -= v * w  # e_{k-1}
 
 
 # Host launchers ----------------------------------------------------------------
@@ -165,7 +154,7 @@ def hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target):
     F, D = weight.shape
     if not use_triton(weight):
         return _hierarchical_fwd_torch(indices, weight, vals, bias, target)
-    BLOCK_D, BLOCK_K = block_d(D), block_k(K)
+    BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
     residual = torch.empty(B, D, device=weight.device, dtype=torch.float32)
     esum = torch.empty_like(residual)
@@ -182,9 +171,9 @@ def hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target):
         K,
         F,
         D,
-        BLOCK_K=BLOCK_K,
         BLOCK_D=BLOCK_D,
-        num_warps=num_warps_for(BLOCK_K, BLOCK_D),
+        UNROLL=TUNING["gather_unroll"],
+        num_warps=TUNING["gather_warps"],
     )
     return sq.sum() / (B * K * D), residual, esum
 
@@ -207,7 +196,7 @@ def hierarchical_topk_sae_loss_bwd(grad, indices, weight, vals, residual):
         buf, dots = _hierarchical_bwd_torch(indices, weight, vals, residual)
         segment_sum(perm, offsets, buf, K=K, out=dweight, element_rows=True, scale=grad, scale_const=scale_const)
         return dweight, dots
-    BLOCK_D, BLOCK_K = block_d(D), block_k(K)
+    BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
     DC = window_columns(B, K, D, BLOCK_D)
     buf = torch.empty(B * K, DC, device=weight.device, dtype=torch.float32)
@@ -228,9 +217,9 @@ def hierarchical_topk_sae_loss_bwd(grad, indices, weight, vals, residual):
             DC,
             d0,
             width,
-            BLOCK_K=BLOCK_K,
             BLOCK_D=BLOCK_D,
-            num_warps=num_warps_for(BLOCK_K, BLOCK_D),
+            UNROLL=TUNING["gather_unroll"],
+            num_warps=TUNING["gather_warps"],
         )
         segment_sum(
             perm,

@@ -28,14 +28,13 @@ import triton.language as tl
 
 from ._triton_utils import cast_rtne
 from ._common import (
+    TUNING,
     block_d,
-    block_k,
     check_index_range,
     check_same_device,
     check_same_dtype,
     check_sparse_code,
     check_tensor,
-    num_warps_for,
     resolve_validate,
     use_triton,
 )
@@ -59,8 +58,8 @@ def _sparse_decode_fwd_kernel(
     K,
     F,
     D,
-    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TARGET: tl.constexpr,
 ):
@@ -72,38 +71,32 @@ def _sparse_decode_fwd_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-        v = tl.load(vals_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        bad = mask_k & ((idx < 0) | (idx >= F))
-        v = tl.where(bad, float("nan"), v)
-        idx = tl.where(bad, 0, idx)
-        w = tl.load(
-            w_ptr + idx[:, None] * D + offs_d[None, :],
-            mask=mask_k[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(v[:, None] * w, axis=0)
+    for k0 in range(0, K, UNROLL):
+        for u in tl.static_range(UNROLL):
+            k = k0 + u
+            live = k < K
+            idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
+            v = tl.load(vals_ptr + b * K + k, mask=live, other=0.0).to(tl.float32)
+            bad = live & ((idx < 0) | (idx >= F))
+            v = tl.where(bad, float("nan"), v)
+            idx = tl.where(bad, 0, idx)
+            w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < K), other=0.0)
+            acc += v * w.to(tl.float32)
     if HAS_TARGET:
         t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         r = tl.where(mask_d, acc - t, 0.0)
         tl.store(out_ptr + b * D + offs_d, r, mask=mask_d)
         tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
-        # Second pass over the same K rows (cache hits): <r, W[idx]> for dvals.
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            idx = tl.load(idx_ptr + b * K + offs_k, mask=mask_k, other=0).to(tl.int64)
-            idx = tl.where((idx < 0) | (idx >= F), 0, idx)
-            w = tl.load(
-                w_ptr + idx[:, None] * D + offs_d[None, :],
-                mask=mask_k[:, None] & mask_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            dot = tl.sum(w * r[None, :], axis=1)
-            tl.store(dots_ptr + (pid_d.to(tl.int64) * B + b) * K + offs_k, dot, mask=mask_k)
+        # Second walk over the same K rows (cache hits): <r, W[idx]> for dvals.
+        dots_row = dots_ptr + (pid_d.to(tl.int64) * B + b) * K
+        for k0 in range(0, K, UNROLL):
+            for u in tl.static_range(UNROLL):
+                k = k0 + u
+                live = k < K
+                idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
+                idx = tl.where((idx < 0) | (idx >= F), 0, idx)
+                w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < K), other=0.0)
+                tl.store(dots_row + k, tl.sum(w.to(tl.float32) * r, axis=0), mask=live)
     else:
         tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -129,7 +122,6 @@ def sparse_decode_fwd(
     if not use_triton(weight):
         return _sparse_decode_fwd_torch(indices, vals, weight, bias, target)
     BLOCK_D = block_d(D)
-    BLOCK_K = block_k(K)
     ND = triton.cdiv(D, BLOCK_D)
     has_target = target is not None
     if has_target:
@@ -153,11 +145,11 @@ def sparse_decode_fwd(
             K,
             F,
             D,
-            BLOCK_K=BLOCK_K,
             BLOCK_D=BLOCK_D,
+            UNROLL=TUNING["gather_unroll"],
             HAS_BIAS=bias is not None,
             HAS_TARGET=has_target,
-            num_warps=num_warps_for(BLOCK_K, BLOCK_D),
+            num_warps=TUNING["gather_warps"],
         )
     if not has_target:
         return out
