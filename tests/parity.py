@@ -163,7 +163,7 @@ def check_opcheck(fs, op, device, dtype):
         grad = torch.randn(indices.shape[0], weight.shape[1], dtype=dtype, device=device)
         torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, indices, vals, weight))
     else:
-        _, residual, _ = raw_op(fs, op)(*op_args(op, detached))
+        residual = raw_op(fs, op)(*op_args(op, detached))[1]
         grad = torch.tensor(0.7, device=device)
         torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, indices, weight, vals, residual))
 

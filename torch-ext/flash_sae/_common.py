@@ -45,11 +45,11 @@ def next_pow2(n: int) -> int:
 # an H100; the measurements are in benchmarks/NOTES.md.
 TUNING = {
     "gather_block_d": 256,
-    "gather_warps": 2,
-    "gather_unroll": 4,
+    "gather_warps": 1,
+    "gather_unroll": 1,
     "segment_block_d": 1024,
-    "segment_warps": 4,
-    "segment_unroll": 2,
+    "segment_warps": 2,
+    "segment_unroll": 1,
 }
 
 

@@ -15,9 +15,9 @@ S_k is a different [D] vector for every (b, k), produced by a reverse scan over
 k in row order; the weight gradient needs it grouped by latent. Deterministic
 (atomic-free) means a transpose of B*K*D values, so the backward works on
 windows of DC columns: a reverse-scan kernel writes ``vals_k * S_k`` for the
-window into an fp32 buffer [B*K, DC] sized to stay in L2 (``BUFFER_BYTES``), and
-the shared CSR segmented sum (``_csr.py``) reduces it per latent into the
-window of dweight. The scan rebuilds e_j backwards from the saved final
+window into an fp32 buffer [B*K, DC] (at most ``BUFFER_BYTES``, which bounds
+the transient memory), and the shared CSR segmented sum (``_csr.py``) reduces
+it per latent into the window of dweight. The scan rebuilds e_j backwards from the saved final
 residual, ``e_{j-1} = e_j - vals_j * weight[idx_j]``, so nothing of size
 B*K*D is kept between forward and backward.
 
@@ -30,7 +30,8 @@ What is fused:
 
 Bytes (bf16, B=2048, D=2304, F=65536, K=64): forward 604 MB gathered; backward
 604 MB gathered again, 302 MB of dweight writes, and the contribution buffer
-(2 x 1.2 GB fp32 of L2-sized windows). That buffer is the price of determinism.
+(1.2 GB fp32 written and read back). That buffer is the price of determinism
+and makes this op's backward about 3x the TopK one (benchmarks/NOTES.md).
 
 Precision: fp32 accumulation; loss returned in fp32, gradients in their
 parameter's dtype. Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes.
@@ -53,7 +54,7 @@ from .topk_sae_loss import check_decoder_loss_args
 
 # Constants -------------------------------------------------------------------
 
-BUFFER_BYTES = 32 * 1024 * 1024  # contribution window; ~L2 size on H100
+BUFFER_BYTES = 512 * 1024 * 1024  # cap on the backward's contribution buffer
 
 
 # Kernels -----------------------------------------------------------------------

@@ -3,15 +3,19 @@
 What is fused: the gather of the K active decoder rows, the weighted sum and the
 bias, in one pass with fp32 accumulation; no [B, F] code and no [B, K, D] gather
 is ever built. The same kernel, with ``HAS_TARGET``, is the forward of
-``topk_sae_loss``: it also writes the fp32 residual ``x_hat - target``, the
-per-row partial sums of its square, and ``<residual, weight[indices[b, k]]>``
-(which is all the gradient of ``vals`` needs), re-reading the K rows it just
-gathered from cache rather than from memory in the backward pass.
+``topk_sae_loss``: it writes the fp32 residual ``x_hat - target`` and per-row
+partial sums of its square instead of x_hat.
+
+Backward: one CSR segmented pass (``_csr.py``) per call gives both the weight
+gradient and ``dvals[b, k] = <grad[b], weight[indices[b, k]]>``: each program
+owns one latent, reads its weight row once, and walks the (b, k) that use it.
+(Computing dvals in the forward's gather instead was measured slower: the
+second walk over the K rows missed L2; see benchmarks/NOTES.md.)
 
 Bytes: forward reads B*K*D weight elements (the gather) and writes B*D.
-Backward (see ``_csr.py``) reads each touched weight row once, reads the [B, D]
-upstream gradient (L2 resident at training sizes), and writes the [F, D]
-gradient once. FLOPs are O(B*K*D) both ways.
+Backward reads each touched weight row once, the [B, D] upstream gradient (L2
+resident at training sizes), and writes the [F, D] gradient once. FLOPs are
+O(B*K*D) both ways.
 
 Precision: inputs may be fp32, bf16 or fp16; all accumulation is fp32; each
 output has its input's dtype. Deterministic: no atomics anywhere.
@@ -52,7 +56,6 @@ def _sparse_decode_fwd_kernel(
     bias_ptr,  # [D] float (HAS_BIAS)
     target_ptr,  # [B, D] float (HAS_TARGET)
     out_ptr,  # [B, D] x_hat in weight's dtype, or fp32 residual (HAS_TARGET)
-    dots_ptr,  # [ND, B, K] fp32 partial <residual, W[idx]> (HAS_TARGET)
     sq_ptr,  # [B, ND] fp32 partial sum of residual^2 (HAS_TARGET)
     B,
     K,
@@ -87,16 +90,6 @@ def _sparse_decode_fwd_kernel(
         r = tl.where(mask_d, acc - t, 0.0)
         tl.store(out_ptr + b * D + offs_d, r, mask=mask_d)
         tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
-        # Second walk over the same K rows (cache hits): <r, W[idx]> for dvals.
-        dots_row = dots_ptr + (pid_d.to(tl.int64) * B + b) * K
-        for k0 in range(0, K, UNROLL):
-            for u in tl.static_range(UNROLL):
-                k = k0 + u
-                live = k < K
-                idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
-                idx = tl.where((idx < 0) | (idx >= F), 0, idx)
-                w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < K), other=0.0)
-                tl.store(dots_row + k, tl.sum(w.to(tl.float32) * r, axis=0), mask=live)
     else:
         tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -113,8 +106,8 @@ def sparse_decode_fwd(
 ):
     """Without ``target``: returns x_hat [B, D] in weight's dtype.
 
-    With ``target``: returns (residual [B, D] fp32, dots [B, K] fp32, sq [] fp32)
-    where dots[b, k] = <residual[b], weight[indices[b, k]]> and sq = sum(residual^2).
+    With ``target``: returns (residual [B, D] fp32, sq [] fp32) where
+    residual = x_hat - target and sq = sum(residual^2).
     """
     B, K = indices.shape
     F, D = weight.shape
@@ -126,11 +119,10 @@ def sparse_decode_fwd(
     has_target = target is not None
     if has_target:
         out = torch.empty(B, D, device=dev, dtype=torch.float32)
-        dots = torch.empty(ND, B, K, device=dev, dtype=torch.float32)
         sq = torch.empty(B, ND, device=dev, dtype=torch.float32)
     else:
         out = torch.empty(B, D, device=dev, dtype=weight.dtype)
-        dots = sq = out
+        sq = out
     if B > 0:
         _sparse_decode_fwd_kernel[(B, ND)](
             indices,
@@ -139,7 +131,6 @@ def sparse_decode_fwd(
             bias if bias is not None else weight,
             target if has_target else weight,
             out,
-            dots,
             sq,
             B,
             K,
@@ -153,7 +144,7 @@ def sparse_decode_fwd(
         )
     if not has_target:
         return out
-    return out, dots.sum(0), sq.sum()
+    return out, sq.sum()
 
 
 def _sparse_decode_fwd_torch(indices, vals, weight, bias, target):
@@ -171,8 +162,7 @@ def _sparse_decode_fwd_torch(indices, vals, weight, bias, target):
     if target is None:
         return acc.to(weight.dtype)
     r = acc - target.float()
-    dots = torch.stack([(weight[idx[:, k]].float() * r).sum(1) for k in range(K)], 1)
-    return r, dots.reshape(B, K), (r * r).sum()
+    return r, (r * r).sum()
 
 
 def sparse_decode_bwd(
@@ -180,18 +170,33 @@ def sparse_decode_bwd(
     indices: torch.Tensor,
     vals: torch.Tensor,
     weight: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    scale_const: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``<grad, sparse_decode(indices, vals, weight)>``.
+    """Gradients of ``scale * scale_const * <grad, sparse_decode(indices, vals, weight)>``.
 
-    ``grad`` is the [B, D] upstream gradient (any float dtype; read as fp32).
-    Returns (dweight [F, D] in weight's dtype, dvals [B, K] fp32), both from one
+    ``grad`` is a [B, D] row source (the upstream gradient, or a residual; any
+    float dtype, read as fp32). Returns (dweight [F, D] in weight's dtype, scaled;
+    dots [B, K] fp32 = <grad[b], weight[indices[b, k]]>, unscaled), both from one
     segmented pass that reads each touched weight row once.
     """
     B, K = indices.shape
     F = weight.shape[0]
     dweight = torch.empty_like(weight)
     perm, offsets = csr_transpose(indices, F)
-    dots = segment_sum(perm, offsets, grad, K=K, out=dweight, element_rows=False, coef=vals, weight=weight)
+    dots = segment_sum(
+        perm,
+        offsets,
+        grad,
+        K=K,
+        out=dweight,
+        element_rows=False,
+        coef=vals,
+        scale=scale,
+        scale_const=scale_const,
+        weight=weight,
+    )
     return dweight, dots.reshape(B, K)
 
 

@@ -5,20 +5,21 @@ repo id.
 
 What is fused:
 - forward: ``sparse_decode``'s gather kernel with an MSE epilogue; one pass reads
-  the K active rows per input, writes the fp32 residual r = x_hat - target
-  ([B, D], the only thing kept for backward besides the inputs), partial sums of
-  r^2 and ``dots[b, k] = <r[b], weight[indices[b, k]]>``, re-reading the K rows
-  from cache. So the backward never gathers weight rows again.
-- backward: with s = 2 * grad / (B*D),
-  ``dvals = s * dots``, ``dbias = s * sum_b r``, ``dtarget = -s * r`` (elementwise),
-  and ``dweight[f] = s * sum over (b, k) in f's segment of vals[b, k] * r[b]``,
-  the deterministic CSR segmented sum of ``_csr.py`` that writes every row of the
-  dense [F, D] gradient exactly once (untouched rows get zeros).
+  the K active rows per input and writes the fp32 residual r = x_hat - target
+  ([B, D], the only thing kept for backward besides the inputs) and partial sums
+  of r^2.
+- backward: with s = 2 * grad / (B*D), one CSR segmented pass (``_csr.py``)
+  gives ``dweight[f] = s * sum over (b, k) in f's segment of vals[b, k] * r[b]``
+  (every row of the dense [F, D] gradient written exactly once, untouched rows
+  as zeros) and ``dots[b, k] = <r[b], weight[f]>``, reading each touched
+  weight row once; then ``dvals = s * dots``, ``dbias = s * sum_b r`` and
+  ``dtarget = -s * r`` are elementwise.
 
-Bytes (bf16, B=2048, D=2304, F=65536, K=64): forward 604 MB of gathered rows;
-backward 302 MB of dweight writes plus [B, D] fp32 residual reads that mostly hit
-L2. Versus dense PyTorch it skips the [B, F] code, the dense [B,F]x[F,D] GEMMs
-and the second gather for dvals.
+Bytes (bf16, B=2048, D=2304, F=65536, K=64): forward 604 MB of gathered rows
+(fewer from DRAM: repeated latents hit L2); backward at most 302 MB of touched
+weight rows read and 302 MB of dweight written, plus [B, D] fp32 residual reads
+that mostly hit L2. Versus dense PyTorch it skips the [B, F] code and the
+dense [B,F]x[F,D] GEMMs.
 
 Precision: fp32 accumulation everywhere; the loss is returned in fp32, each
 gradient in its parameter's dtype. Deterministic: no atomics.
@@ -36,39 +37,24 @@ from ._common import (
     check_tensor,
     resolve_validate,
 )
-from ._csr import csr_transpose, segment_sum
 from ._ops import add_op_namespace_prefix
-from .sparse_decode import sparse_decode_fwd
+from .sparse_decode import sparse_decode_bwd, sparse_decode_fwd
 
 # Host launchers ----------------------------------------------------------------
 
 
 def topk_sae_loss_fwd(indices, weight, vals, bias, target):
-    """Returns (loss [] fp32, residual [B, D] fp32, dots [B, K] fp32)."""
+    """Returns (loss [] fp32, residual [B, D] fp32)."""
     B, _ = indices.shape
     D = weight.shape[1]
-    residual, dots, sq = sparse_decode_fwd(indices, vals, weight, bias, target)
-    return sq / (B * D), residual, dots
+    residual, sq = sparse_decode_fwd(indices, vals, weight, bias, target)
+    return sq / (B * D), residual
 
 
 def topk_sae_loss_bwd(grad, indices, weight, vals, residual):
-    """Returns dweight [F, D] in weight's dtype for upstream scalar ``grad``."""
-    B, K = indices.shape
-    F, D = weight.shape
-    dweight = torch.empty_like(weight)
-    perm, offsets = csr_transpose(indices, F)
-    segment_sum(
-        perm,
-        offsets,
-        residual,
-        K=K,
-        out=dweight,
-        element_rows=False,
-        coef=vals,
-        scale=grad,
-        scale_const=2.0 / (B * D),
-    )
-    return dweight
+    """Returns (dweight [F, D] in weight's dtype, dots [B, K] fp32 = <residual[b], W[idx]>)."""
+    B, D = residual.shape
+    return sparse_decode_bwd(residual, indices, vals, weight, scale=grad, scale_const=2.0 / (B * D))
 
 
 # Op registration ---------------------------------------------------------------
@@ -82,7 +68,7 @@ def _topk_sae_loss_op(
     bias: torch.Tensor,
     target: torch.Tensor,
     validate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     if validate:
         check_index_range(indices, weight.shape[0])
     return topk_sae_loss_fwd(indices, weight, vals, bias, target)
@@ -90,13 +76,8 @@ def _topk_sae_loss_op(
 
 @_topk_sae_loss_op.register_fake
 def _(indices, weight, vals, bias, target, validate):
-    B, K = indices.shape
     f32 = torch.float32
-    return (
-        weight.new_empty((), dtype=f32),
-        weight.new_empty(B, weight.shape[1], dtype=f32),
-        weight.new_empty(B, K, dtype=f32),
-    )
+    return weight.new_empty((), dtype=f32), weight.new_empty(target.shape, dtype=f32)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("topk_sae_loss_backward"), mutates_args=())
@@ -106,13 +87,13 @@ def _topk_sae_loss_backward_op(
     weight: torch.Tensor,
     vals: torch.Tensor,
     residual: torch.Tensor,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return topk_sae_loss_bwd(grad.float(), indices, weight, vals, residual)
 
 
 @_topk_sae_loss_backward_op.register_fake
 def _(grad, indices, weight, vals, residual):
-    return torch.empty_like(weight)
+    return torch.empty_like(weight), vals.new_empty(vals.shape, dtype=torch.float32)
 
 
 # Autograd ----------------------------------------------------------------------
@@ -120,25 +101,25 @@ def _(grad, indices, weight, vals, residual):
 
 def _setup_context(ctx, inputs, output):
     indices, weight, vals, bias, target, _ = inputs
-    _, residual, dots = output
-    ctx.mark_non_differentiable(residual, dots)
+    _, residual = output
+    ctx.mark_non_differentiable(residual)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(indices, weight, vals, residual, dots)
+    ctx.save_for_backward(indices, weight, vals, residual)
     ctx.dtypes = (bias.dtype, target.dtype)
 
 
-def _backward(ctx, grad, _grad_residual, _grad_dots):
-    indices, weight, vals, residual, dots = ctx.saved_tensors
+def _backward(ctx, grad, _grad_residual):
+    indices, weight, vals, residual = ctx.saved_tensors
     bias_dtype, target_dtype = ctx.dtypes
     dweight = dvals = dbias = dtarget = None
     if grad is None:
         return None, None, None, None, None, None
     B, D = residual.shape
     s = grad.float() * (2.0 / (B * D))
-    if ctx.needs_input_grad[1]:
-        dweight = _topk_sae_loss_backward_op(grad, indices, weight, vals, residual)
-    if ctx.needs_input_grad[2]:
-        dvals = (dots * s).to(vals.dtype)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dw, dots = _topk_sae_loss_backward_op(grad, indices, weight, vals, residual)
+        dweight = dw if ctx.needs_input_grad[1] else None
+        dvals = (dots * s).to(vals.dtype) if ctx.needs_input_grad[2] else None
     if ctx.needs_input_grad[3]:
         dbias = (residual.sum(0) * s).to(bias_dtype)
     if ctx.needs_input_grad[4]:
@@ -194,7 +175,7 @@ def topk_sae_loss(
     """
     check_decoder_loss_args(indices, weight, vals, bias, target)
     validate = resolve_validate(validate, indices)
-    loss, _, _ = _topk_sae_loss_op(
+    loss, _ = _topk_sae_loss_op(
         indices.contiguous(),
         weight.contiguous(),
         vals.contiguous(),
