@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench quick
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench profile quick
 # Logs and JSON land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash-sae-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import kernels" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -33,6 +33,9 @@ for stage in "$@"; do
     bench)
       timeout 560 python3 benchmarks/side_by_side.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 70
       status=$((status | PIPESTATUS[0]));;
+    profile)
+      python3 benchmarks/profile_step.py topk_sae_loss 2048 2304 65536 64 bf16 > "$OUT/profile.log" 2>&1
+      status=$((status | $?)); head -n 40 "$OUT/profile.log";;
     quick)
       python3 benchmarks/side_by_side.py --quick --out "$OUT" 2>&1 | tail -n 20;;
     *) echo "unknown stage $stage"; exit 2;;

@@ -8,10 +8,13 @@ shape and dtype it times, in the same process:
 - the same reference under ``torch.compile``;
 - for ``topk_sae_loss``, the dense formulation most trainers use: scatter the
   code into [B, F] and multiply by the [F, D] decoder.
-It prints ms (median, with the 20th/80th percentiles), peak memory above the
-inputs (gradients included) and flash-sae's % of the bandwidth floor: the
-fewest bytes the op must move (count in ``floor_bytes``) over the device's
-copy bandwidth, measured in the same run.
+It prints two times, both medians of forward + backward: ``ms`` as launched
+from Python each step (with the 20th/80th percentiles), and ``graph ms``, the
+same step captured once in a CUDA graph and replayed, which removes host
+launch overhead and is the GPU time. Then peak memory above the inputs
+(gradients included) and the % of the bandwidth floor reached in graph time:
+the fewest bytes the op must move (``floor_bytes``) over the device's copy
+bandwidth, measured in the same run.
 
 Usage: python benchmarks/side_by_side.py [--quick] [--out benchmarks/results]
 """
@@ -114,9 +117,33 @@ def measure(fn, indices, params, op):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     ms = do_bench(step, warmup=25, rep=200, quantiles=QUANTILES)
+    graph = graph_ms(step)
     for p in params:
         p.grad = None
-    return ms, peak / 2**30
+    return ms, peak / 2**30, graph
+
+
+def graph_ms(step):
+    """Median ms of the same step captured in a CUDA graph (no host launch overhead)."""
+    from triton.testing import do_bench
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        ms = do_bench(g.replay, warmup=25, rep=200, quantiles=[0.5])
+        del g
+        return ms
+    except Exception as e:  # some references cannot be captured; say so in the row
+        torch.cuda.synchronize()
+        print(f"    (graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:80]})")
+        return float("nan")
 
 
 def copy_bandwidth():
@@ -146,7 +173,8 @@ def main():
     compiled = {}
     rows = []
     print(f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
-    header = f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'impl':22s} {'ms (p20-p80)':>20s} {'peak GiB':>9s} {'% floor':>8s}"
+    header = (f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'impl':22s} {'ms (p20-p80)':>20s} "
+              f"{'graph ms':>8s} {'peak GiB':>9s} {'% floor':>8s}")
     print(header)
     for op in args.ops.split(","):
         impls = {"flash-sae": getattr(fs, op), "torch eager": getattr(ref, op)}
@@ -162,17 +190,17 @@ def main():
                 fl = floor_bytes(op, B, D, F, K, params[0].element_size()) / bw * 1e3
                 for name, fn in impls.items():
                     try:
-                        (ms, lo, hi), peak = measure(fn, indices, params, op)
+                        (ms, lo, hi), peak, gms = measure(fn, indices, params, op)
                         err = None
                     except torch.OutOfMemoryError as e:  # reported, not hidden
-                        ms = lo = hi = peak = float("nan")
+                        ms = lo = hi = peak = gms = float("nan")
                         err = f"OOM: {str(e).splitlines()[0]}"
                         torch.cuda.empty_cache()
                     row = dict(op=op, dtype=dname, B=B, D=D, F=F, K=K, impl=name, ms=ms, p20=lo, p80=hi,
-                               peak_gib=peak, floor_ms=fl, pct_floor=100 * fl / ms, error=err)
+                               graph_ms=gms, peak_gib=peak, floor_ms=fl, pct_floor=100 * fl / gms, error=err)
                     rows.append(row)
                     print(f"{op:28s} {dname:5s} {f'{B},{D},{F},{K}':24s} {name:22s} "
-                          f"{ms:8.3f} ({lo:.3f}-{hi:.3f}) {peak:9.2f} {row['pct_floor']:7.0f}%"
+                          f"{ms:8.3f} ({lo:.3f}-{hi:.3f}) {gms:8.3f} {peak:9.2f} {row['pct_floor']:7.0f}%"
                           + (f"  {err}" if err else ""), flush=True)
                 del indices, params
                 torch.cuda.empty_cache()
