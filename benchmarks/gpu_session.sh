@@ -28,7 +28,8 @@ for stage in "$@"; do
         | tee "$OUT/sanitizer.log" | tail -n 15
       status=$((status | PIPESTATUS[0]));;
     tune)
-      timeout 300 python3 benchmarks/tune.py --out "$OUT" > "$OUT/tune.log" 2>&1; status=$((status | $?))
+      timeout 300 python3 benchmarks/tune.py --out "$OUT" ${TUNE_ONLY:+--only $TUNE_ONLY} > "$OUT/tune.log" 2>&1
+      status=$((status | $?))
       tail -n 5 "$OUT/tune.log";;
     bench)
       timeout 560 python3 benchmarks/side_by_side.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 70

@@ -28,6 +28,7 @@ def bench(fn):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--only", default="stage,gather,segment,window", help="comma-separated sweeps to run")
     args = parser.parse_args()
     fs = load_kernel()
     pkg = fs.__name__
@@ -62,22 +63,23 @@ def main():
             "zero_fill_dweight": lambda: torch.zeros_like(w),
             "torch_sort_BK": lambda: torch.sort(indices.reshape(-1).int(), stable=True),
         }
-        for name, fn in stages.items():
+        only = args.only.split(",")
+        for name, fn in stages.items() if "stage" in only else []:
             record(kind="stage", stage=name, ms=bench(fn), **shape)
         # Gather kernels: D-block, warps, K unroll (timed on the topk forward).
-        for bd, nw, un in itertools.product([128, 256, 512], [1, 2, 4], [1, 4, 8]):
+        for bd, nw, un in itertools.product([128, 256, 512], [1, 2, 4], [1, 4, 8]) if "gather" in only else []:
             common.TUNING.update(default, gather_block_d=bd, gather_warps=nw, gather_unroll=un)
             record(kind="gather", gather_block_d=bd, gather_warps=nw, gather_unroll=un,
                    ms=bench(stages["topk_fwd"]), **shape)
         # Segmented sum: D-block, warps, segment unroll (timed on the topk backward).
-        for sd, nw, un in itertools.product([512, 1024, 2048], [2, 4, 8], [1, 2, 4]):
+        for sd, nw, un in itertools.product([512, 1024, 2048], [1, 2, 4], [1, 2]) if "segment" in only else []:
             common.TUNING.update(default, segment_block_d=sd, segment_warps=nw, segment_unroll=un)
             record(kind="segment", segment_block_d=sd, segment_warps=nw, segment_unroll=un,
                    ms=bench(stages["topk_bwd"]), **shape)
         common.TUNING.update(default)
         # Hierarchical window.
         saved = hier.BUFFER_BYTES
-        for mb in [32, 128, 512, 4096]:
+        for mb in [32, 128, 512, 4096] if "window" in only else []:
             hier.BUFFER_BYTES = mb * 2**20
             record(kind="window", buffer_mib=mb, ms=bench(stages["hier_bwd"]), **shape)
         hier.BUFFER_BYTES = saved

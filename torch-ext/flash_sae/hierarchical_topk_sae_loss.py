@@ -45,6 +45,7 @@ from ._common import (
     TUNING,
     block_d,
     check_index_range,
+    eager_function,
     resolve_validate,
     use_triton,
 )
@@ -273,6 +274,10 @@ def _hierarchical_topk_sae_loss_op(
     target: torch.Tensor,
     validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(indices, weight, vals, bias, target, validate)
+
+
+def _forward(indices, weight, vals, bias, target, validate):
     if validate:
         check_index_range(indices, weight.shape[0])
     return hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target)
@@ -319,7 +324,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (bias.dtype, target.dtype)
 
 
-def _backward(ctx, grad, _grad_residual, _grad_esum):
+def _backward(ctx, grad, _grad_residual, _grad_esum, bwd=None):
     indices, weight, vals, residual, esum = ctx.saved_tensors
     bias_dtype, target_dtype = ctx.dtypes
     dweight = dvals = dbias = dtarget = None
@@ -328,7 +333,7 @@ def _backward(ctx, grad, _grad_residual, _grad_esum):
     B, K = indices.shape
     s = grad.float() * (2.0 / (B * K * residual.shape[1]))
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dw, dots = _hierarchical_topk_sae_loss_backward_op(grad, indices, weight, vals, residual)
+        dw, dots = (bwd or _hierarchical_topk_sae_loss_backward_op)(grad, indices, weight, vals, residual)
         dweight = dw if ctx.needs_input_grad[1] else None
         dvals = (dots * s).to(vals.dtype) if ctx.needs_input_grad[2] else None
     if ctx.needs_input_grad[3]:
@@ -339,6 +344,14 @@ def _backward(ctx, grad, _grad_residual, _grad_esum):
 
 
 _hierarchical_topk_sae_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_hierarchical_topk_sae_loss_eager = eager_function(
+    "HierarchicalTopkSaeLoss",
+    _forward,
+    _setup_context,
+    lambda ctx, grad, g_res, g_esum: _backward(
+        ctx, grad, g_res, g_esum, bwd=lambda g, *a: hierarchical_topk_sae_loss_bwd(g.float(), *a)
+    ),
+)
 
 
 # Public function ---------------------------------------------------------------
@@ -373,7 +386,8 @@ def hierarchical_topk_sae_loss(
     """
     check_decoder_loss_args(indices, weight, vals, bias, target)
     validate = resolve_validate(validate, indices)
-    loss, _, _ = _hierarchical_topk_sae_loss_op(
+    op = _hierarchical_topk_sae_loss_op if torch.compiler.is_compiling() else _hierarchical_topk_sae_loss_eager
+    loss, _, _ = op(
         indices.contiguous(),
         weight.contiguous(),
         vals.contiguous(),

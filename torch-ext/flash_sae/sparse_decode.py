@@ -39,6 +39,7 @@ from ._common import (
     check_same_dtype,
     check_sparse_code,
     check_tensor,
+    eager_function,
     resolve_validate,
     use_triton,
 )
@@ -211,6 +212,10 @@ def _sparse_decode_op(
     bias: torch.Tensor | None,
     validate: bool,
 ) -> torch.Tensor:
+    return _forward(indices, vals, weight, bias, validate)
+
+
+def _forward(indices, vals, weight, bias, validate):
     if validate:
         check_index_range(indices, weight.shape[0])
     return sparse_decode_fwd(indices, vals, weight, bias)
@@ -228,8 +233,7 @@ def _sparse_decode_backward_op(
     vals: torch.Tensor,
     weight: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dweight, dots = sparse_decode_bwd(grad.contiguous(), indices, vals, weight)
-    return dweight, dots.to(vals.dtype)
+    return _eager_bwd(grad, indices, vals, weight)
 
 
 @_sparse_decode_backward_op.register_fake
@@ -246,17 +250,27 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, bwd=None):
     indices, vals, weight = ctx.saved_tensors
     dweight = dvals = dbias = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dweight, dvals = _sparse_decode_backward_op(grad, indices, vals, weight)
+        dweight, dvals = (bwd or _sparse_decode_backward_op)(grad, indices, vals, weight)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         dbias = grad.float().sum(0).to(weight.dtype)
     return None, dvals, dweight, dbias, None
 
 
 _sparse_decode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_bwd(grad, indices, vals, weight):
+    dweight, dots = sparse_decode_bwd(grad.contiguous(), indices, vals, weight)
+    return dweight, dots.to(vals.dtype)
+
+
+_sparse_decode_eager = eager_function(
+    "SparseDecode", _forward, _setup_context, lambda ctx, grad: _backward(ctx, grad, bwd=_eager_bwd)
+)
 
 
 # Public function ---------------------------------------------------------------
@@ -297,7 +311,8 @@ def sparse_decode(
         check_same_dtype("weight", weight, bias=bias)
     check_same_device(weight=weight, indices=indices, vals=vals, bias=bias)
     validate = resolve_validate(validate, indices)
-    return _sparse_decode_op(
+    op = _sparse_decode_op if torch.compiler.is_compiling() else _sparse_decode_eager
+    return op(
         indices.contiguous(),
         vals.contiguous(),
         weight.contiguous(),

@@ -35,6 +35,7 @@ from ._common import (
     check_same_dtype,
     check_sparse_code,
     check_tensor,
+    eager_function,
     resolve_validate,
 )
 from ._ops import add_op_namespace_prefix
@@ -69,6 +70,10 @@ def _topk_sae_loss_op(
     target: torch.Tensor,
     validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(indices, weight, vals, bias, target, validate)
+
+
+def _forward(indices, weight, vals, bias, target, validate):
     if validate:
         check_index_range(indices, weight.shape[0])
     return topk_sae_loss_fwd(indices, weight, vals, bias, target)
@@ -108,7 +113,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (bias.dtype, target.dtype)
 
 
-def _backward(ctx, grad, _grad_residual):
+def _backward(ctx, grad, _grad_residual, bwd=None):
     indices, weight, vals, residual = ctx.saved_tensors
     bias_dtype, target_dtype = ctx.dtypes
     dweight = dvals = dbias = dtarget = None
@@ -117,7 +122,7 @@ def _backward(ctx, grad, _grad_residual):
     B, D = residual.shape
     s = grad.float() * (2.0 / (B * D))
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dw, dots = _topk_sae_loss_backward_op(grad, indices, weight, vals, residual)
+        dw, dots = (bwd or _topk_sae_loss_backward_op)(grad, indices, weight, vals, residual)
         dweight = dw if ctx.needs_input_grad[1] else None
         dvals = (dots * s).to(vals.dtype) if ctx.needs_input_grad[2] else None
     if ctx.needs_input_grad[3]:
@@ -128,6 +133,12 @@ def _backward(ctx, grad, _grad_residual):
 
 
 _topk_sae_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_topk_sae_loss_eager = eager_function(
+    "TopkSaeLoss",
+    _forward,
+    _setup_context,
+    lambda ctx, grad, g_res: _backward(ctx, grad, g_res, bwd=lambda g, *a: topk_sae_loss_bwd(g.float(), *a)),
+)
 
 
 # Public function ---------------------------------------------------------------
@@ -175,7 +186,8 @@ def topk_sae_loss(
     """
     check_decoder_loss_args(indices, weight, vals, bias, target)
     validate = resolve_validate(validate, indices)
-    loss, _ = _topk_sae_loss_op(
+    op = _topk_sae_loss_op if torch.compiler.is_compiling() else _topk_sae_loss_eager
+    loss, _ = op(
         indices.contiguous(),
         weight.contiguous(),
         vals.contiguous(),
