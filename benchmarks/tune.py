@@ -51,7 +51,7 @@ def main():
         grad = torch.tensor(1.0, device="cuda")
         # Stage times at the default policy.
         common.TUNING.update(default)
-        _, residual, _ = topk.topk_sae_loss_fwd(indices, w, v, b, t)
+        _, residual = topk.topk_sae_loss_fwd(indices, w, v, b, t)
         stages = {
             "topk_fwd": lambda: topk.topk_sae_loss_fwd(indices, w, v, b, t),
             "csr_transpose": lambda: csr.csr_transpose(indices, F),
