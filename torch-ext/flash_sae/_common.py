@@ -47,8 +47,8 @@ TUNING = {
     "gather_block_d": 256,
     "gather_warps": 1,
     "gather_unroll": 1,
-    "segment_block_d": 1024,
-    "segment_warps": 2,
+    "segment_block_d": 512,
+    "segment_warps": 1,
     "segment_unroll": 1,
 }
 
