@@ -6,8 +6,12 @@ The rule (one place, every test): for each output and gradient,
 
 where err(x) = ||x - ref||_2 / ||ref||_2 against the fp64 reference computed
 on the same inputs. ATOL only absorbs the case where torch happens to be
-(nearly) exact; it is about one unit roundoff of the dtype's output rounding
-for the reduced-precision dtypes and a few fp32 ulps for fp32.
+(nearly) exact: about one unit roundoff of the output rounding for bf16 and
+fp16. For fp32 it is 1e-5: outputs that are sums with cancellation (dbias =
+s * sum_b r_b with tiny B*D, say) amplify the harmless difference between two
+fp32 summation orders (and the GPU's fused multiply-adds) far past 2x; one
+H100 run hit 2.9e-6 against torch's 7.7e-7 at B=6, D=1. A real bug (a wrong
+row, bf16 accumulation) is 1e-3 or worse, so 1e-5 still catches it.
 """
 
 import sys
@@ -17,7 +21,7 @@ import torch
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 ATOL = {
-    torch.float32: 1e-6,  # fp32 accumulation in a different order: ~1e-7 relative
+    torch.float32: 1e-5,  # fp32 in another summation order; see the docstring
     torch.bfloat16: 4e-3,  # one bf16 rounding of the output: 2^-8 relative at worst
     torch.float16: 5e-4,  # one fp16 rounding of the output: 2^-11 relative at worst
 }
