@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench profile quick
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench profile example quick
 # Logs and JSON land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash-sae-out}
@@ -37,6 +37,9 @@ for stage in "$@"; do
     profile)
       python3 benchmarks/profile_step.py topk_sae_loss 2048 2304 65536 64 bf16 > "$OUT/profile.log" 2>&1
       status=$((status | $?)); head -n 40 "$OUT/profile.log";;
+    example)
+      python3 example.py 2>&1 | tee "$OUT/example.log" | tail -n 12
+      status=$((status | PIPESTATUS[0]));;
     quick)
       python3 benchmarks/side_by_side.py --quick --out "$OUT" 2>&1 | tail -n 20;;
     *) echo "unknown stage $stage"; exit 2;;
