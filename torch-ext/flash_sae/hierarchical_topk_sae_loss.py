@@ -51,6 +51,7 @@ from ._common import (
 )
 from ._csr import csr_transpose, segment_sum
 from ._ops import add_op_namespace_prefix
+from ._triton_utils import load_latent
 from .topk_sae_loss import check_decoder_loss_args
 
 # Constants -------------------------------------------------------------------
@@ -90,11 +91,7 @@ def _hierarchical_topk_sae_loss_fwd_kernel(
         for u in tl.static_range(UNROLL):
             k = k0 + u
             live = k < K
-            idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
-            v = tl.load(vals_ptr + b * K + k, mask=live, other=0.0).to(tl.float32)
-            bad = live & ((idx < 0) | (idx >= F))
-            v = tl.where(bad, float("nan"), v)
-            idx = tl.where(bad, 0, idx)
+            idx, v = load_latent(idx_ptr, vals_ptr, b * K + k, live, F)
             live_d = mask_d & (offs_d * 0 + k < K)
             w = tl.load(w_ptr + idx * D + offs_d, mask=live_d, other=0.0)
             e += v * w.to(tl.float32)
@@ -136,9 +133,7 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
         for u in tl.static_range(UNROLL):
             k = K - 1 - (k0 + u)
             live = k >= 0
-            idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
-            v = tl.load(vals_ptr + b * K + k, mask=live, other=0.0).to(tl.float32)
-            idx = tl.where((idx < 0) | (idx >= F), 0, idx)
+            idx, v = load_latent(idx_ptr, vals_ptr, b * K + k, live, F)
             live_c = mask_c & (offs_c * 0 + k >= 0)
             w = tl.load(w_ptr + idx * D + cols, mask=live_c, other=0.0).to(tl.float32)
             s = tl.where(live_c, s + e, s)

@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast_rtne
 from ._common import (
     TUNING,
     block_d,
@@ -45,6 +44,7 @@ from ._common import (
 )
 from ._csr import csr_transpose, segment_sum
 from ._ops import add_op_namespace_prefix
+from ._triton_utils import cast_rtne, load_latent
 
 # Kernels -----------------------------------------------------------------------
 
@@ -79,11 +79,7 @@ def _sparse_decode_fwd_kernel(
         for u in tl.static_range(UNROLL):
             k = k0 + u
             live = k < K
-            idx = tl.load(idx_ptr + b * K + k, mask=live, other=0).to(tl.int64)
-            v = tl.load(vals_ptr + b * K + k, mask=live, other=0.0).to(tl.float32)
-            bad = live & ((idx < 0) | (idx >= F))
-            v = tl.where(bad, float("nan"), v)
-            idx = tl.where(bad, 0, idx)
+            idx, v = load_latent(idx_ptr, vals_ptr, b * K + k, live, F)
             w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < K), other=0.0)
             acc += v * w.to(tl.float32)
     if HAS_TARGET:
