@@ -59,11 +59,7 @@ def repo_id(root: Path = ROOT) -> str:
 
 
 def _source_files(source: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in source.rglob("*.py")
-        if "__pycache__" not in p.parts and p.name != "_ops.py"
-    )
+    return sorted(p for p in source.rglob("*.py") if "__pycache__" not in p.parts and p.name != "_ops.py")
 
 
 def build(root: Path = ROOT, out: Path | None = None) -> list[Path]:
@@ -88,9 +84,7 @@ def build(root: Path = ROOT, out: Path | None = None) -> list[Path]:
             dest = variant / f.relative_to(source)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest)
-        (variant / "_ops.py").write_text(
-            OPS_TEMPLATE.format(kernel_name=module, unique_id=unique_id), encoding="utf-8"
-        )
+        (variant / "_ops.py").write_text(OPS_TEMPLATE.format(kernel_name=module, unique_id=unique_id), encoding="utf-8")
         metadata = {
             "name": name,
             "id": f"_{module}_{backend}_{unique_id}",

@@ -74,8 +74,10 @@ def main():
         # Our outputs carry one rounding to the parameter dtype: 2^-8 relative at worst.
         good = loss_err < 1e-5 and all(e < 1e-2 for e in errs)
         ok &= good
-        print(f"{op:28s} loss {ours.item():.6f} (fp64 ref {ref.item():.6f}); relative error of "
-              f"dweight {errs[0]:.1e}, dvals {errs[1]:.1e}, dbias {errs[2]:.1e}  {'OK' if good else 'MISMATCH'}")
+        print(
+            f"{op:28s} loss {ours.item():.6f} (fp64 ref {ref.item():.6f}); relative error of "
+            f"dweight {errs[0]:.1e}, dvals {errs[1]:.1e}, dbias {errs[2]:.1e}  {'OK' if good else 'MISMATCH'}"
+        )
 
     def step(fn):
         for p in params:
@@ -83,10 +85,12 @@ def main():
         fn(indices, weight, vals, bias, target).backward()
 
     print("forward + backward time:")
-    for name, fn in [("flash-sae topk_sae_loss", fs.topk_sae_loss),
-                     ("torch reference topk_sae_loss", fs.reference.topk_sae_loss),
-                     ("flash-sae hierarchical", fs.hierarchical_topk_sae_loss),
-                     ("torch reference hierarchical", fs.reference.hierarchical_topk_sae_loss)]:
+    for name, fn in [
+        ("flash-sae topk_sae_loss", fs.topk_sae_loss),
+        ("torch reference topk_sae_loss", fs.reference.topk_sae_loss),
+        ("flash-sae hierarchical", fs.hierarchical_topk_sae_loss),
+        ("torch reference hierarchical", fs.reference.hierarchical_topk_sae_loss),
+    ]:
         step(fn)
         if ON_GPU:
             from triton.testing import do_bench

@@ -173,8 +173,10 @@ def main():
     compiled = {}
     rows = []
     print(f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
-    header = (f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'impl':22s} {'ms (p20-p80)':>20s} "
-              f"{'graph ms':>8s} {'peak GiB':>9s} {'% floor':>8s}")
+    header = (
+        f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'impl':22s} {'ms (p20-p80)':>20s} "
+        f"{'graph ms':>8s} {'peak GiB':>9s} {'% floor':>8s}"
+    )
     print(header)
     for op in args.ops.split(","):
         impls = {"flash-sae": getattr(fs, op), "torch eager": getattr(ref, op)}
@@ -196,17 +198,40 @@ def main():
                         ms = lo = hi = peak = gms = float("nan")
                         err = f"OOM: {str(e).splitlines()[0]}"
                         torch.cuda.empty_cache()
-                    row = dict(op=op, dtype=dname, B=B, D=D, F=F, K=K, impl=name, ms=ms, p20=lo, p80=hi,
-                               graph_ms=gms, peak_gib=peak, floor_ms=fl, pct_floor=100 * fl / gms, error=err)
+                    row = dict(
+                        op=op,
+                        dtype=dname,
+                        B=B,
+                        D=D,
+                        F=F,
+                        K=K,
+                        impl=name,
+                        ms=ms,
+                        p20=lo,
+                        p80=hi,
+                        graph_ms=gms,
+                        peak_gib=peak,
+                        floor_ms=fl,
+                        pct_floor=100 * fl / gms,
+                        error=err,
+                    )
                     rows.append(row)
-                    print(f"{op:28s} {dname:5s} {f'{B},{D},{F},{K}':24s} {name:22s} "
-                          f"{ms:8.3f} ({lo:.3f}-{hi:.3f}) {gms:8.3f} {peak:9.2f} {row['pct_floor']:7.0f}%"
-                          + (f"  {err}" if err else ""), flush=True)
+                    print(
+                        f"{op:28s} {dname:5s} {f'{B},{D},{F},{K}':24s} {name:22s} "
+                        f"{ms:8.3f} ({lo:.3f}-{hi:.3f}) {gms:8.3f} {peak:9.2f} {row['pct_floor']:7.0f}%"
+                        + (f"  {err}" if err else ""),
+                        flush=True,
+                    )
                 del indices, params
                 torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__,
-                triton=__import__("triton").__version__, copy_bandwidth_tbps=bw / 1e12)
+    meta = dict(
+        gpu=gpu,
+        date=str(datetime.date.today()),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        copy_bandwidth_tbps=bw / 1e12,
+    )
     stem = "side_by_side_quick" if args.quick else "side_by_side"
     (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {args.out / (stem + '.json')}")

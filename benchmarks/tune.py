@@ -69,13 +69,25 @@ def main():
         # Gather kernels: D-block, warps, K unroll (timed on the topk forward).
         for bd, nw, un in itertools.product([128, 256, 512], [1, 2, 4], [1, 4, 8]) if "gather" in only else []:
             common.TUNING.update(default, gather_block_d=bd, gather_warps=nw, gather_unroll=un)
-            record(kind="gather", gather_block_d=bd, gather_warps=nw, gather_unroll=un,
-                   ms=bench(stages["topk_fwd"]), **shape)
+            record(
+                kind="gather",
+                gather_block_d=bd,
+                gather_warps=nw,
+                gather_unroll=un,
+                ms=bench(stages["topk_fwd"]),
+                **shape,
+            )
         # Segmented sum: D-block, warps, segment unroll (timed on the topk backward).
         for sd, nw, un in itertools.product([512, 1024, 2048], [1, 2, 4], [1, 2]) if "segment" in only else []:
             common.TUNING.update(default, segment_block_d=sd, segment_warps=nw, segment_unroll=un)
-            record(kind="segment", segment_block_d=sd, segment_warps=nw, segment_unroll=un,
-                   ms=bench(stages["topk_bwd"]), **shape)
+            record(
+                kind="segment",
+                segment_block_d=sd,
+                segment_warps=nw,
+                segment_unroll=un,
+                ms=bench(stages["topk_bwd"]),
+                **shape,
+            )
         common.TUNING.update(default)
         # Hierarchical window.
         saved = hier.BUFFER_BYTES

@@ -53,7 +53,8 @@ def make_inputs(B, K, F, D, dtype, device, *, seed, duplicates=False, index_dtyp
         pool = torch.randint(0, F, (max(1, K // 2),), generator=g)
         indices = pool[torch.randint(0, pool.numel(), (B, K), generator=g)]
     else:
-        indices = torch.stack([torch.randperm(F, generator=g)[:K] for _ in range(B)]) if B else torch.empty(0, K, dtype=torch.long)
+        rows = [torch.randperm(F, generator=g)[:K] for _ in range(B)]
+        indices = torch.stack(rows) if B else torch.empty(0, K, dtype=torch.long)
     weight = torch.randn(F, D, generator=g) / D**0.5
     vals = torch.rand(B, K, generator=g) * 2 + 0.1
     bias = torch.randn(D, generator=g) * 0.1

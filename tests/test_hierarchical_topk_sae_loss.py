@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from parity import DTYPES, check_compile, check_deterministic, check_loss_parity, check_opcheck, problem_shapes
 
 OP = "hierarchical_topk_sae_loss"

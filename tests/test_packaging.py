@@ -14,7 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "torch-ext" / "flash_sae"
 ALLOWED_IMPORTS = {"torch", "triton"} | set(sys.stdlib_module_names)
-REGISTRATION_CALLS = {"custom_op", "triton_op", "register_fake", "register_autograd", "register_kernel", "define", "impl"}
 
 
 def _sources():
@@ -74,9 +73,9 @@ def test_ops_are_named_through_the_namespace_prefix():
             if name in {"custom_op", "triton_op"}:
                 found += 1
                 arg = node.args[0]
-                assert (
-                    isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "add_op_namespace_prefix"
-                ), f"{path.name}:{node.lineno} names an op without add_op_namespace_prefix"
+                assert isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "add_op_namespace_prefix", (
+                    f"{path.name}:{node.lineno} names an op without add_op_namespace_prefix"
+                )
     assert found >= 6
 
 

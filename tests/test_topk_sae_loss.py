@@ -4,8 +4,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from parity import DTYPES, check_compile, check_deterministic, check_loss_parity, check_opcheck, make_inputs, problem_shapes
+from parity import (
+    DTYPES,
+    check_compile,
+    check_deterministic,
+    check_loss_parity,
+    check_opcheck,
+    problem_shapes,
+)
 
 OP = "topk_sae_loss"
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from parity import LOSS_OPS, make_inputs
 
 ALL_OPS = LOSS_OPS + ("sparse_decode",)

@@ -82,8 +82,7 @@ def check_same_device(**tensors) -> None:
     for name, t in items[1:]:
         if t.device != first.device:
             raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                "all tensors must be on one device"
+                f"{name} is on {t.device} but {first_name} is on {first.device}; all tensors must be on one device"
             )
 
 
@@ -91,8 +90,7 @@ def check_same_dtype(ref_name: str, ref: torch.Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.dtype != ref.dtype:
             raise ValueError(
-                f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
-                f"{name} must have {ref_name}'s dtype"
+                f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; {name} must have {ref_name}'s dtype"
             )
 
 

@@ -289,9 +289,7 @@ def _(indices, weight, vals, bias, target, validate):
     )
 
 
-@torch.library.custom_op(
-    add_op_namespace_prefix("hierarchical_topk_sae_loss_backward"), mutates_args=()
-)
+@torch.library.custom_op(add_op_namespace_prefix("hierarchical_topk_sae_loss_backward"), mutates_args=())
 def _hierarchical_topk_sae_loss_backward_op(
     grad: torch.Tensor,
     indices: torch.Tensor,

@@ -6,8 +6,6 @@ inputs in their own dtype it measures the error torch itself makes in that
 dtype, which is what flash-sae's tolerances are relative to.
 """
 
-import torch
-
 
 def sparse_decode(indices, vals, weight, bias=None):
     """x_hat[b] = bias + sum_k vals[b, k] * weight[indices[b, k]]; [B, D]."""
