@@ -77,14 +77,14 @@ def main():
                 ms=bench(stages["topk_fwd"]),
                 **shape,
             )
-        # Segmented sum: D-block, warps, latents per program (timed on the topk backward).
-        for sd, nw, lat in itertools.product([256, 512], [1, 2, 4], [1, 2, 4, 8]) if "segment" in only else []:
-            common.TUNING.update(default, segment_block_d=sd, segment_warps=nw, segment_latents=lat)
+        # Segmented sum: D-block, warps, segment unroll (timed on the topk backward).
+        for sd, nw, un in itertools.product([512, 1024, 2048], [1, 2, 4], [1, 2]) if "segment" in only else []:
+            common.TUNING.update(default, segment_block_d=sd, segment_warps=nw, segment_unroll=un)
             record(
                 kind="segment",
                 segment_block_d=sd,
                 segment_warps=nw,
-                segment_latents=lat,
+                segment_unroll=un,
                 ms=bench(stages["topk_bwd"]),
                 **shape,
             )

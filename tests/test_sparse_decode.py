@@ -1,7 +1,5 @@
 """sparse_decode: parity with the fp64 reference, edge shapes, determinism, compile and opcheck."""
 
-import sys
-
 import pytest
 import torch
 from hypothesis import given
@@ -9,7 +7,6 @@ from hypothesis import strategies as st
 from parity import (
     DTYPES,
     assert_parity,
-    call_op,
     check_compile,
     check_deterministic,
     check_opcheck,
@@ -89,18 +86,3 @@ def test_sparse_decode_opcheck(fs, device, dtype):
 
 def test_sparse_decode_compile(fs, device):
     check_compile(fs, OP, device)
-
-
-@pytest.mark.kernels_ci
-@pytest.mark.parametrize("latents", [1, 2, 8])
-def test_sparse_decode_segment_latents(fs, device, latents, monkeypatch):
-    """The segmented backward walks several latents per program (a tuning knob);
-    every setting gives bitwise the same gradients, including ragged last groups."""
-    common = sys.modules[fs.__name__ + "._common"]
-    inputs = make_inputs(9, 5, 21, 70, torch.bfloat16, device, seed=4, duplicates=True)
-    monkeypatch.setitem(common.TUNING, "segment_latents", 1)
-    _, expect = call_op(fs, OP, inputs)
-    monkeypatch.setitem(common.TUNING, "segment_latents", latents)
-    _, got = call_op(fs, OP, inputs)
-    for a, b in zip(got, expect):
-        assert torch.equal(a, b)

@@ -40,8 +40,8 @@ def next_pow2(n: int) -> int:
 # The gather kernels (decode forward, hierarchical scans) run one program per
 # (row, D-block) and walk K one latent at a time with 1-D accumulators, so
 # registers stay few, occupancy high, and many row loads are in flight per SM;
-# ``gather_unroll`` latents are issued back to back per loop step. The CSR
-# segmented sum runs one program per (``segment_latents`` latents, D-block). Chosen by benchmarks/tune.py on
+# ``*_unroll`` latents are issued back to back per loop step. The CSR segmented
+# sum runs one program per (latent, D-block). Chosen by benchmarks/tune.py on
 # an H100; the measurements are in benchmarks/NOTES.md.
 TUNING = {
     "gather_block_d": 256,
@@ -49,7 +49,7 @@ TUNING = {
     "gather_unroll": 1,
     "segment_block_d": 512,
     "segment_warps": 1,
-    "segment_latents": 1,
+    "segment_unroll": 1,
 }
 
 

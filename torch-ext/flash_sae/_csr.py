@@ -9,9 +9,9 @@ per-element row of a contribution buffer). A scatter with float atomics would be
 nondeterministic, so we transpose the code instead: a stable sort of the B*K
 latent ids gives ``perm`` (element ids grouped by latent, ascending (b, k) order
 inside each group) and ``offsets`` ([F + 1] segment bounds). One program per
-(group of ``LATENTS`` latents, D-block) then sums each segment in a fixed order
-and writes its dW block exactly once, zero rows included, so the dense [F, D]
-gradient needs no separate zero-fill and the result is bitwise reproducible.
+(latent, D-block) then sums its segment in a fixed order and writes its dW block
+exactly once, zero rows included, so the dense [F, D] gradient needs no separate
+zero-fill and the result is bitwise reproducible.
 
 Optionally, the same pass returns ``dots[e] = <row(e), W[f]>`` per element, the
 gather-dot that the gradient of ``vals`` needs, reading each touched row of W
@@ -43,7 +43,6 @@ def _segment_sum_kernel(
     w_ptr,  # [F, D] float weight, read for dots (HAS_DOTS)
     dw_ptr,  # [F, D] out gradient, weight's dtype
     dots_ptr,  # [ND, N] fp32 out: partial dots per D-block of the window (HAS_DOTS)
-    F,
     N,
     K,
     D,
@@ -51,51 +50,46 @@ def _segment_sum_kernel(
     d_base,  # first column of the window this launch covers
     d_width,  # columns in the window
     scale_const,
-    LATENTS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr,
     ELEMENT_ROWS: tl.constexpr,
     HAS_COEF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_DOTS: tl.constexpr,
 ):
-    # LATENTS consecutive latents per program, walked side by side: their
-    # offsets -> perm -> row load chains are independent, so they overlap.
-    f = tl.program_id(0).to(tl.int64) * LATENTS + tl.arange(0, LATENTS)
-    live_f = f < F
+    f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # column inside the window
     mask_c = offs_c < d_width
     cols = d_base + offs_c
-    mask_fc = live_f[:, None] & mask_c[None, :]
-    start = tl.load(offsets_ptr + f, mask=live_f, other=0)
-    length = tl.load(offsets_ptr + f + 1, mask=live_f, other=0) - start
-    acc = tl.zeros([LATENTS, BLOCK_D], dtype=tl.float32)
+    start = tl.load(offsets_ptr + f)
+    end = tl.load(offsets_ptr + f + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_DOTS:
-        w = tl.load(w_ptr + f[:, None] * D + cols[None, :], mask=mask_fc, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
-    for i in range(0, tl.max(length, axis=0)):
-        live_e = length > i
-        e = tl.load(perm_ptr + start + i, mask=live_e, other=0)
-        if ELEMENT_ROWS:
-            row = e
-        else:
-            row = e // K
-        x = tl.load(
-            src_ptr + row[:, None] * stride_src + offs_c[None, :],
-            mask=live_e[:, None] & mask_c[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if HAS_COEF:
-            c = tl.load(coef_ptr + e, mask=live_e, other=0.0).to(tl.float32)
-            acc += c[:, None] * x
-        else:
-            acc += x
-        if HAS_DOTS:
-            tl.store(dots_blk + e, tl.sum(x * w, axis=1), mask=live_e)
+    for i0 in range(start, end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            i = i0 + u
+            live = i < end
+            e = tl.load(perm_ptr + i, mask=live, other=0)
+            if ELEMENT_ROWS:
+                row = e
+            else:
+                row = e // K
+            live_c = mask_c & (offs_c * 0 + i < end)
+            x = tl.load(src_ptr + row * stride_src + offs_c, mask=live_c, other=0.0).to(tl.float32)
+            if HAS_COEF:
+                c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
+                acc += c * x
+            else:
+                acc += x
+            if HAS_DOTS:
+                tl.store(dots_blk + e, tl.sum(x * w, axis=0), mask=live)
     scale = scale_const
     if HAS_SCALE:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
-    tl.store(dw_ptr + f[:, None] * D + cols[None, :], cast_rtne(acc * scale, dw_ptr.dtype.element_ty), mask=mask_fc)
+    tl.store(dw_ptr + f * D + cols, cast_rtne(acc * scale, dw_ptr.dtype.element_ty), mask=mask_c)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -149,8 +143,7 @@ def segment_sum(
     ND = triton.cdiv(width, BLOCK_D)
     dots = torch.zeros(ND, N, device=src.device, dtype=torch.float32) if want_dots else None
     dummy = out
-    LATENTS = TUNING["segment_latents"]
-    _segment_sum_kernel[(triton.cdiv(F, LATENTS), ND)](
+    _segment_sum_kernel[(F, ND)](
         offsets,
         perm,
         src,
@@ -159,7 +152,6 @@ def segment_sum(
         weight if want_dots else dummy,
         out,
         dots if want_dots else dummy,
-        F,
         N,
         K,
         D,
@@ -167,8 +159,8 @@ def segment_sum(
         d_base,
         width,
         float(scale_const),
-        LATENTS=LATENTS,
         BLOCK_D=BLOCK_D,
+        UNROLL=TUNING["segment_unroll"],
         ELEMENT_ROWS=element_rows,
         HAS_COEF=coef is not None,
         HAS_SCALE=scale is not None,
