@@ -27,14 +27,3 @@ def hierarchical_topk_sae_loss(indices, weight, vals, bias, target):
     """
     recon = bias + (vals.unsqueeze(-1) * weight[indices.long()]).cumsum(1)  # [B, K, D]
     return (recon - target.unsqueeze(1)).pow(2).mean()
-
-
-def to_fp64(*tensors):
-    """Detached fp64 copies (integer tensors untouched) that require grad where floating."""
-    out = []
-    for t in tensors:
-        if t is None or not t.is_floating_point():
-            out.append(t)
-        else:
-            out.append(t.detach().double().requires_grad_(t.requires_grad))
-    return out
