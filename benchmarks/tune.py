@@ -7,6 +7,7 @@ Usage: python benchmarks/tune.py [--out DIR]   (needs a CUDA GPU)
 """
 
 import argparse
+import datetime
 import itertools
 import json
 import sys
@@ -98,7 +99,8 @@ def main():
         del indices, weight, vals, bias, target, w, v, b, t, residual
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tune.json").write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+    meta = dict(gpu=torch.cuda.get_device_name(), date=str(datetime.date.today()), torch=torch.__version__)
+    (args.out / "tune.json").write_text(json.dumps(dict(**meta, rows=rows), indent=1))
 
 
 if __name__ == "__main__":
