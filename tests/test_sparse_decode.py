@@ -71,6 +71,11 @@ def test_sparse_decode_zero_k_is_bias(fs, device):
     out = fs.sparse_decode(indices, vals, weight, bias)
     assert torch.equal(out, bias.detach().expand(4, 7))
     assert torch.equal(fs.sparse_decode(indices, vals, weight), torch.zeros(4, 7, device=device))
+    upstream = torch.randn(4, 7, generator=torch.Generator().manual_seed(1)).to(device)
+    dvals, dweight, dbias = grads(out, [vals, weight, bias], upstream)
+    assert dvals.shape == (4, 0)
+    assert torch.equal(dweight, torch.zeros_like(weight))
+    torch.testing.assert_close(dbias, upstream.sum(0))
 
 
 @pytest.mark.kernels_ci

@@ -145,7 +145,7 @@ def sparse_decode_fwd(
 
 
 def _sparse_decode_fwd_torch(indices, vals, weight, bias, target):
-    """CPU path without the interpreter: same math, fp32 accumulation, row chunks."""
+    """CPU path without the interpreter: same math, fp32 accumulation, one latent column at a time."""
     B, K = indices.shape
     F, D = weight.shape
     bad = (indices < 0) | (indices >= F)
@@ -197,6 +197,12 @@ def sparse_decode_bwd(
     return dweight, dots.reshape(B, K)
 
 
+def sparse_decode_bwd_for_vals(grad, indices, vals, weight):
+    """``sparse_decode_bwd`` for an upstream gradient: (dweight, dvals in vals' dtype)."""
+    dweight, dots = sparse_decode_bwd(grad.contiguous(), indices, vals, weight)
+    return dweight, dots.to(vals.dtype)
+
+
 # Op registration ---------------------------------------------------------------
 
 
@@ -229,7 +235,7 @@ def _sparse_decode_backward_op(
     vals: torch.Tensor,
     weight: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _eager_bwd(grad, indices, vals, weight)
+    return sparse_decode_bwd_for_vals(grad, indices, vals, weight)
 
 
 @_sparse_decode_backward_op.register_fake
@@ -259,13 +265,8 @@ def _backward(ctx, grad, bwd=None):
 _sparse_decode_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _eager_bwd(grad, indices, vals, weight):
-    dweight, dots = sparse_decode_bwd(grad.contiguous(), indices, vals, weight)
-    return dweight, dots.to(vals.dtype)
-
-
 _sparse_decode_eager = eager_function(
-    "SparseDecode", _forward, _setup_context, lambda ctx, grad: _backward(ctx, grad, bwd=_eager_bwd)
+    "SparseDecode", _forward, _setup_context, lambda ctx, grad: _backward(ctx, grad, bwd=sparse_decode_bwd_for_vals)
 )
 
 
