@@ -8,11 +8,13 @@ the dense [F, D] weight gradient. No [B, F] tensor is built or kept.
 from . import reference
 from .hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .sparse_decode import sparse_decode
+from .topk_encode import topk_encode
 from .topk_sae_loss import topk_sae_loss
 
 __all__ = [
     "hierarchical_topk_sae_loss",
     "reference",
     "sparse_decode",
+    "topk_encode",
     "topk_sae_loss",
 ]

@@ -50,6 +50,15 @@ TUNING = {
     "segment_block_d": 512,
     "segment_warps": 1,
     "segment_unroll": 1,
+    # topk_encode: F entries per selection program (a power of two <= 16384),
+    # its warps, the group size of the group-maximum prefilter, the tile of
+    # the candidate merge levels, and the byte budget of one pre-activation
+    # chunk (the forward's transient [B, F_chunk] GEMM output).
+    "select_block": 8192,
+    "select_warps": 8,
+    "select_group": 16,
+    "merge_block": 8192,
+    "chunk_bytes": 512 * 2**20,
 }
 
 

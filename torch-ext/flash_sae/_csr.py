@@ -43,6 +43,7 @@ def _segment_sum_kernel(
     w_ptr,  # [F, D] float weight, read for dots (HAS_DOTS)
     dw_ptr,  # [F, D] out gradient, weight's dtype
     dots_ptr,  # [ND, N] fp32 out: partial dots per D-block of the window (HAS_DOTS)
+    csum_ptr,  # [F] fp32 out: scaled sum of the segment's coefficients (HAS_CSUM)
     N,
     K,
     D,
@@ -56,6 +57,7 @@ def _segment_sum_kernel(
     HAS_COEF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_DOTS: tl.constexpr,
+    HAS_CSUM: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -65,6 +67,7 @@ def _segment_sum_kernel(
     start = tl.load(offsets_ptr + f)
     end = tl.load(offsets_ptr + f + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    csum = tl.sum(acc, axis=0)
     if HAS_DOTS:
         w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
@@ -82,6 +85,8 @@ def _segment_sum_kernel(
             if HAS_COEF:
                 c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
                 acc += c * x
+                if HAS_CSUM:
+                    csum += c
             else:
                 acc += x
             if HAS_DOTS:
@@ -90,6 +95,8 @@ def _segment_sum_kernel(
     if HAS_SCALE:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
     tl.store(dw_ptr + f * D + cols, cast_rtne(acc * scale, dw_ptr.dtype.element_ty), mask=mask_c)
+    if HAS_CSUM:
+        tl.store(csum_ptr + f, csum * scale, mask=pid_d == 0)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -124,6 +131,7 @@ def segment_sum(
     scale_const: float = 1.0,
     weight: torch.Tensor | None = None,
     d_base: int = 0,
+    coef_sum: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
@@ -132,13 +140,17 @@ def segment_sum(
     row is multiplied by ``coef[e]``; the sum by ``scale_const * scale``.
     With ``weight``, also returns ``dots`` [N] fp32: <row(e), weight[f]> over the
     window's columns, unscaled (rows of out-of-range elements stay 0).
+    With ``coef_sum`` (an [F] fp32 tensor), also writes into it the scaled sum
+    of each segment's coefficients (the bias gradient), in the same pass.
     """
     F, D = out.shape
     N = perm.numel()
     width = src.shape[1]
     want_dots = weight is not None
     if not use_triton(src):
-        return _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base)
+        return _segment_sum_torch(
+            perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum
+        )
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
     dots = torch.zeros(ND, N, device=src.device, dtype=torch.float32) if want_dots else None
@@ -152,6 +164,7 @@ def segment_sum(
         weight if want_dots else dummy,
         out,
         dots if want_dots else dummy,
+        coef_sum if coef_sum is not None else dummy,
         N,
         K,
         D,
@@ -165,12 +178,13 @@ def segment_sum(
         HAS_COEF=coef is not None,
         HAS_SCALE=scale is not None,
         HAS_DOTS=want_dots,
+        HAS_CSUM=coef_sum is not None,
         num_warps=TUNING["segment_warps"],
     )
     return dots.sum(0) if want_dots else None
 
 
-def _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base):
+def _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum):
     """Plain-torch path for CPU tensors: the same sums."""
     F = out.shape[0]
     width = src.shape[1]
@@ -183,6 +197,10 @@ def _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, sc
     acc.index_add_(0, latent, contrib)
     s = scale_const * (scale.float() if scale is not None else 1.0)
     out[:, d_base : d_base + width] = (acc * s).to(out.dtype)
+    if coef_sum is not None:
+        c = torch.zeros(F, dtype=torch.float32, device=src.device)
+        c.index_add_(0, latent, coef.reshape(-1)[e].float())
+        coef_sum.copy_(c * s)
     if weight is None:
         return None
     dots = torch.zeros(perm.numel(), dtype=torch.float32, device=src.device)

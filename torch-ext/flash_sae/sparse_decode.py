@@ -100,8 +100,9 @@ def sparse_decode_fwd(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     target: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
-    """Without ``target``: returns x_hat [B, D] in weight's dtype.
+    """Without ``target``: returns x_hat [B, D] in ``out_dtype`` (default: weight's dtype).
 
     With ``target``: returns (residual [B, D] fp32, sq [] fp32) where
     residual = x_hat - target and sq = sum(residual^2).
@@ -110,7 +111,7 @@ def sparse_decode_fwd(
     F, D = weight.shape
     dev = weight.device
     if not use_triton(weight):
-        return _sparse_decode_fwd_torch(indices, vals, weight, bias, target)
+        return _sparse_decode_fwd_torch(indices, vals, weight, bias, target, out_dtype)
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
     has_target = target is not None
@@ -118,7 +119,7 @@ def sparse_decode_fwd(
         out = torch.empty(B, D, device=dev, dtype=torch.float32)
         sq = torch.empty(B, ND, device=dev, dtype=torch.float32)
     else:
-        out = torch.empty(B, D, device=dev, dtype=weight.dtype)
+        out = torch.empty(B, D, device=dev, dtype=out_dtype or weight.dtype)
         sq = out
     if B > 0:
         _sparse_decode_fwd_kernel[(B, ND)](
@@ -144,7 +145,7 @@ def sparse_decode_fwd(
     return out, sq.sum()
 
 
-def _sparse_decode_fwd_torch(indices, vals, weight, bias, target):
+def _sparse_decode_fwd_torch(indices, vals, weight, bias, target, out_dtype=None):
     """CPU path without the interpreter: same math, fp32 accumulation, one latent column at a time."""
     B, K = indices.shape
     F, D = weight.shape
@@ -157,7 +158,7 @@ def _sparse_decode_fwd_torch(indices, vals, weight, bias, target):
     for k in range(K):
         acc += v[:, k, None] * weight[idx[:, k]].float()
     if target is None:
-        return acc.to(weight.dtype)
+        return acc.to(out_dtype or weight.dtype)
     r = acc - target.float()
     return r, (r * r).sum()
 
