@@ -20,7 +20,7 @@ status=0
 for stage in "$@"; do
   case "$stage" in
     tests)
-      timeout 480 python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -n 25
+      timeout ${TESTS_TIMEOUT:-480} python3 -m pytest tests ${TESTS_ARGS:-} -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -n 25
       status=$((status | PIPESTATUS[0]));;
     sanitizer)
       HYPOTHESIS_PROFILE=cpu timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -28,11 +28,11 @@ for stage in "$@"; do
         | tee "$OUT/sanitizer.log" | tail -n 15
       status=$((status | PIPESTATUS[0]));;
     tune)
-      timeout 300 python3 benchmarks/tune.py --out "$OUT" ${TUNE_ONLY:+--only $TUNE_ONLY} > "$OUT/tune.log" 2>&1
+      timeout ${TUNE_TIMEOUT:-300} python3 benchmarks/tune.py --out "$OUT" ${TUNE_ONLY:+--only $TUNE_ONLY} > "$OUT/tune.log" 2>&1
       status=$((status | $?))
       tail -n 5 "$OUT/tune.log";;
     bench)
-      timeout 560 python3 benchmarks/side_by_side.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 70
+      timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/side_by_side.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 70
       status=$((status | PIPESTATUS[0]));;
     profile)
       python3 benchmarks/profile_step.py topk_sae_loss 2048 2304 65536 64 bf16 > "$OUT/profile.log" 2>&1

@@ -40,7 +40,11 @@ SHAPES = [  # (B, D, F, K)
     (4096, 2048, 262144, 64),
 ]
 QUICK_SHAPES = [(8, 40, 64, 6)]
-OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss", "sparse_decode")
+OPS = ("topk_sae_step", "topk_sae_loss", "hierarchical_topk_sae_loss", "sparse_decode")
+# The full training step (encoder GEMM + top-k + decode + loss, forward + backward).
+STEP_SHAPES = [(dname, *shape) for shape in SHAPES for dname in ("bf16",)] + [("fp32", 1024, 768, 24576, 32)]
+STEP_SCALE = [("bf16", 4096, 2048, 2**p, 64) for p in (19, 20, 21)]
+PEAK_FLOPS = {"bf16": 989e12, "fp32": 67e12}  # H100 SXM dense bf16 tensor cores; fp32 without TF32
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
 
@@ -78,6 +82,107 @@ def dense_topk_sae_loss(indices, weight, vals, bias, target):
     return ((code @ weight + bias) - target).float().pow(2).mean()
 
 
+def make_step_problem(B, D, F, K, dtype, device, seed=0):
+    """x and a tied-init TopK SAE (unit-norm decoder rows, W_enc = W_dec, zero biases)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    W_dec = torch.randn(F, D, device=device, generator=g, dtype=dtype)
+    W_dec /= W_dec.float().norm(dim=1, keepdim=True).to(dtype)
+    x = torch.randn(B, D, device=device, generator=g, dtype=dtype)
+    params = [
+        x,
+        W_dec.clone(),
+        torch.zeros(F, device=device, dtype=dtype),
+        W_dec,
+        torch.zeros(D, device=device, dtype=dtype),
+    ]
+    return [p.requires_grad_() for p in params]
+
+
+def dense_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k):
+    """The usual trainer step: dense pre-activations, torch.topk, a dense [B, F] code times the decoder."""
+    pre = torch.addmm(b_enc, x - b_dec, W_enc.T)
+    vals, indices = pre.topk(k, dim=1, sorted=False)
+    code = torch.zeros_like(pre).scatter(1, indices, torch.relu(vals))
+    return ((code @ W_dec + b_dec) - x).float().pow(2).mean()
+
+
+def step_floor_ms(B, D, F, K, dname, es, bw):
+    """The encoder GEMM at the tensor-core peak, or the unavoidable bytes at copy bandwidth, whichever is longer.
+
+    Bytes: read W_enc and x, gather the K active decoder and encoder rows of every input (forward decode,
+    backward dx), write dW_enc and dW_dec once each.
+    """
+    flops_ms = 2 * B * F * D / PEAK_FLOPS[dname] * 1e3
+    byts = (F * D + B * D + 2 * B * K * D + 2 * F * D) * es
+    return max(flops_ms, byts / bw * 1e3)
+
+
+def bench_steps(fs, args, bw, rows, quick):
+    """The full-step table: flash-sae, dense eager and torch.compile of it, plus the bare encoder GEMM."""
+    shapes = [("bf16", *QUICK_SHAPES[0])] if quick else STEP_SHAPES + STEP_SCALE
+    compiled = None if args.no_compile else torch.compile(dense_topk_sae_step, dynamic=False)
+    for dname, B, D, F, K in shapes:
+        dtype = DTYPES[dname]
+        scale_row = (dname, B, D, F, K) in STEP_SCALE
+        try:
+            params = make_step_problem(B, D, F, K, dtype, "cuda")
+        except torch.OutOfMemoryError:
+            print(f"topk_sae_step {dname} {B},{D},{F},{K}: inputs do not fit")
+            continue
+        x, W_enc, b_enc = (p.detach() for p in params[:3])
+        gemm = bench(lambda: torch.addmm(b_enc, x, W_enc.T))
+        fl = step_floor_ms(B, D, F, K, dname, params[0].element_size(), bw)
+        impls = {
+            "flash-sae": lambda *a: fs.topk_sae_step(*a).loss,
+            "torch eager (dense)": dense_topk_sae_step,
+        }
+        # torch.compile recompiles per shape (minutes at the scale rows); run it on the main table.
+        if compiled is not None and not scale_row:
+            impls["torch.compile (dense)"] = compiled
+        for name, fn in impls.items():
+            try:
+                (ms, lo, hi), peak, gms = measure_call(lambda fn=fn: fn(*params, K), params)
+                err = None
+            except torch.OutOfMemoryError as e:
+                ms = lo = hi = peak = gms = float("nan")
+                err = f"OOM: {str(e).splitlines()[0][:60]}"
+            torch.cuda.empty_cache()
+            row = dict(
+                op="topk_sae_step",
+                dtype=dname,
+                B=B,
+                D=D,
+                F=F,
+                K=K,
+                impl=name,
+                ms=ms,
+                p20=lo,
+                p80=hi,
+                graph_ms=gms,
+                peak_gib=peak,
+                floor_ms=fl,
+                pct_floor=100 * fl / gms,
+                gemm_ms=gemm,
+                x_gemm=gms / gemm,
+                error=err,
+            )
+            rows.append(row)
+            print(
+                f"{'topk_sae_step':28s} {dname:5s} {f'{B},{D},{F},{K}':24s} {name:22s} "
+                f"{ms:8.3f} ({lo:.3f}-{hi:.3f}) {gms:8.3f} {peak:9.2f} {row['pct_floor']:7.0f}%"
+                f"  {gms / gemm:5.2f}x GEMM ({gemm:.3f} ms)" + (f"  {err}" if err else ""),
+                flush=True,
+            )
+        params = x = W_enc = b_enc = None  # free before the next shape
+        torch.cuda.empty_cache()
+
+
+def bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=100, quantiles=[0.5])
+
+
 def floor_bytes(op, B, D, F, K, es):
     """Fewest bytes each op's forward + backward must move through device memory."""
     gather = B * K * D * es  # the K active rows of every input, read once
@@ -91,21 +196,30 @@ def floor_bytes(op, B, D, F, K, es):
 
 
 def measure(fn, indices, params, op):
-    from triton.testing import do_bench
-
-    def args():
+    def call():
         if op == "sparse_decode":
             weight, vals, bias, _ = params
-            return (indices, vals, weight, bias)
-        return (indices, *params)
+            return fn(indices, vals, weight, bias)
+        return fn(indices, *params)
+
+    return measure_call(call, params)
+
+
+def measure_call(call, params):
+    """(ms quantiles, peak GiB above the inputs with gradients, CUDA-graph ms) of call() and its backward."""
+    from triton.testing import do_bench
+
+    upstream = None
 
     def step():
+        nonlocal upstream
         for p in params:
             p.grad = None
-        out = fn(*args())
+        out = call()
+        if out.ndim and upstream is None:
+            upstream = torch.randn_like(out)
         out.backward(torch.ones_like(out) if out.ndim == 0 else upstream)
 
-    upstream = torch.randn(indices.shape[0], params[0].shape[1], device=indices.device, dtype=params[0].dtype)
     step()  # warm-up and compile
     torch.cuda.synchronize()
     for p in params:
@@ -179,6 +293,9 @@ def main():
     )
     print(header)
     for op in args.ops.split(","):
+        if op == "topk_sae_step":
+            bench_steps(fs, args, bw, rows, args.quick)
+            continue
         impls = {"flash-sae": getattr(fs, op), "torch eager": getattr(ref, op)}
         if not args.no_compile:
             compiled.setdefault(op, torch.compile(getattr(ref, op), dynamic=True))

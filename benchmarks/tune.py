@@ -26,10 +26,67 @@ def bench(fn):
     return do_bench(fn, warmup=10, rep=100, quantiles=[0.5, 0.2, 0.8])[0]
 
 
+SELECT_SHAPES = [(1024, 65536, 64), (2048, 65536, 64), (4096, 262144, 64), (2048, 65536, 32), (2048, 65536, 128)]
+
+
+def encoder_sweeps(fs, common, default, only, record):
+    """The top-k selection against torch.topk on the same [B, F] bf16 pre-activations, over the
+    selection launch policy (tile, warps, prefilter group, prefilter on/off); then the encoder's
+    stages (GEMM alone, forward, backward) at the default policy."""
+    enc = sys.modules[fs.__name__ + ".topk_encode"]
+    for B, F, K in SELECT_SHAPES if "select" in only else []:
+        shape = dict(B=B, F=F, K=K)
+        pre = torch.randn(B, F, device="cuda", dtype=torch.bfloat16)
+        common.TUNING.update(default)
+        ref_idx = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :K]
+        assert torch.equal(enc.select_topk(pre, K)[1], ref_idx), "selection differs from the stable sort"
+        record(kind="select", impl="torch.topk", ms=bench(lambda: torch.topk(pre, K, dim=1)), **shape)
+        record(kind="select", impl="read once (pre.amax)", ms=bench(lambda: pre.amax(1)), **shape)
+        space = itertools.product([4096, 8192, 16384], [4, 8, 16], [8, 16, 32], [True, False])
+        for blk, nw, grp, pf in space:
+            if not pf and grp != 16:
+                continue
+            common.TUNING.update(default, select_block=blk, select_warps=nw, select_group=grp, select_prefilter=pf)
+            record(
+                kind="select",
+                impl="flash-sae",
+                select_block=blk,
+                select_warps=nw,
+                select_group=grp,
+                select_prefilter=pf,
+                ms=bench(lambda: enc.select_topk(pre, K)),
+                **shape,
+            )
+        common.TUNING.update(default)
+        del pre
+        torch.cuda.empty_cache()
+    for B, D, F, K in SHAPES if "encode" in only else []:
+        shape = dict(B=B, D=D, F=F, K=K)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        W = torch.randn(F, D, device="cuda", dtype=torch.bfloat16, generator=g) / D**0.5
+        b = torch.zeros(F, device="cuda", dtype=torch.bfloat16)
+        vals, idx = enc.topk_encode_fwd(x, W, b, K, b)
+        dv = torch.randn_like(vals)
+        stages = {
+            "gemm_addmm": lambda: torch.addmm(b, x, W.T),
+            "torch_addmm_topk": lambda: torch.topk(torch.addmm(b, x, W.T), K, dim=1),
+            "encode_fwd": lambda: enc.topk_encode_fwd(x, W, b, K, b),
+            "encode_bwd": lambda: enc.topk_encode_bwd(dv, x, W, b, vals, idx),
+            "order_code_sort": lambda: torch.sort(idx, dim=1),
+        }
+        for name, fn in stages.items():
+            record(kind="encode_stage", stage=name, ms=bench(fn), **shape)
+        del x, W, b, vals, idx, dv
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--only", default="stage,gather,segment,window", help="comma-separated sweeps to run")
+    parser.add_argument(
+        "--only", default="stage,gather,segment,window,select,encode", help="comma-separated sweeps to run"
+    )
     args = parser.parse_args()
     fs = load_kernel()
     pkg = fs.__name__
@@ -45,7 +102,10 @@ def main():
         rows.append(kw)
         print(json.dumps(kw), flush=True)
 
-    for B, D, F, K in SHAPES:
+    only = args.only.split(",")
+    if "select" in only or "encode" in only:
+        encoder_sweeps(fs, common, default, only, record)
+    for B, D, F, K in SHAPES if set(only) & {"stage", "gather", "segment", "window"} else []:
         shape = dict(B=B, D=D, F=F, K=K)
         indices, (weight, vals, bias, target) = make_problem(B, D, F, K, torch.bfloat16, "cuda")
         w, v, b, t = (x.detach() for x in (weight, vals, bias, target))
@@ -64,7 +124,6 @@ def main():
             "zero_fill_dweight": lambda: torch.zeros_like(w),
             "torch_sort_BK": lambda: torch.sort(indices.reshape(-1).int(), stable=True),
         }
-        only = args.only.split(",")
         for name, fn in stages.items() if "stage" in only else []:
             record(kind="stage", stage=name, ms=bench(fn), **shape)
         # Gather kernels: D-block, warps, K unroll (timed on the topk forward).

@@ -81,7 +81,16 @@ def test_ops_are_named_through_the_namespace_prefix():
 
 @pytest.mark.kernels_ci
 def test_public_api(fs):
-    assert sorted(fs.__all__) == ["hierarchical_topk_sae_loss", "reference", "sparse_decode", "topk_sae_loss"]
+    assert sorted(fs.__all__) == [
+        "SparseAutoencoder",
+        "hierarchical_topk_sae_loss",
+        "layers",
+        "reference",
+        "sparse_decode",
+        "topk_encode",
+        "topk_sae_loss",
+        "topk_sae_step",
+    ]
     for name in fs.__all__:
         assert getattr(fs, name).__doc__, f"{name} has no docstring"
 

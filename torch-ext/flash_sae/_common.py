@@ -51,13 +51,17 @@ TUNING = {
     "segment_warps": 1,
     "segment_unroll": 1,
     # topk_encode: F entries per selection program (a power of two <= 16384),
-    # its warps, the group size of the group-maximum prefilter, the tile of
-    # the candidate merge levels, and the byte budget of one pre-activation
-    # chunk (the forward's transient [B, F_chunk] GEMM output).
+    # its warps, the group size of the group-maximum prefilter (and whether to
+    # use it; off, every tile runs the exact bitwise search), the tile of
+    # the candidate merge levels, the most candidates per row that the last,
+    # exact level takes in one tile (<= 16384), and the byte budget of one
+    # pre-activation chunk (the forward's transient [B, F_chunk] GEMM output).
     "select_block": 8192,
     "select_warps": 8,
     "select_group": 16,
+    "select_prefilter": True,
     "merge_block": 8192,
+    "merge_final": 16384,
     "chunk_bytes": 512 * 2**20,
 }
 

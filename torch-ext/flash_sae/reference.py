@@ -71,11 +71,13 @@ def fraction_of_variance_unexplained(x, x_hat):
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def fire_counts(indices, F):
-    """How many of the B*K (row, slot) pairs chose each latent; [F] int64."""
-    return torch.zeros(F, dtype=torch.int64, device=indices.device).index_add_(
-        0, indices.reshape(-1).long(), torch.ones(indices.numel(), dtype=torch.int64, device=indices.device)
-    )
+def fire_counts(indices, vals, F):
+    """How many rows of the batch each latent fired in (a slot with value > 0); [F] int64.
+
+    An integer scatter-add: exact, deterministic and free of host syncs.
+    """
+    fired = (vals.detach() > 0).reshape(-1).to(torch.int64)
+    return torch.zeros(F, dtype=torch.int64, device=indices.device).index_add_(0, indices.reshape(-1).long(), fired)
 
 
 class TopKSAEStep(NamedTuple):
@@ -83,7 +85,7 @@ class TopKSAEStep(NamedTuple):
 
     loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
-    fire_counts: torch.Tensor  # [F] int64: times each latent was chosen in this batch
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent fired (value > 0)
     vals: torch.Tensor  # [B, K]: the code's values (L0 is K)
     indices: torch.Tensor  # [B, K] int64: the code's latent ids
 
@@ -94,7 +96,7 @@ def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None):
     x_hat = sparse_decode(indices, vals, W_dec, b_dec)
     loss = (x_hat - x).pow(2).mean()
     fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
-    return TopKSAEStep(loss, fvu, fire_counts(indices, W_dec.shape[0]), vals, indices)
+    return TopKSAEStep(loss, fvu, fire_counts(indices, vals, W_dec.shape[0]), vals, indices)
 
 
 # The module -------------------------------------------------------------------------
@@ -118,6 +120,7 @@ class SparseAutoencoder(nn.Module):
         if not isinstance(k, int) or not 1 <= k <= n_features:
             raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
         self.d_model, self.n_features, self.k = d_model, n_features, k
+        dtype = dtype or torch.get_default_dtype()
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         w = torch.randn(n_features, d_model, generator=g, dtype=torch.float64)
         w = w / w.norm(dim=1, keepdim=True)

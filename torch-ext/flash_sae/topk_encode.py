@@ -192,7 +192,7 @@ def _tile_plan(k: int, n: int, block: int) -> tuple[int, int, bool]:
     """(BLOCK, CAP, PREFILTER) for selecting k from rows of n entries."""
     kp = next_pow2(k)
     block = min(max(block, 4 * kp), MAX_TILE, max(16, next_pow2(n)))
-    prefilter = 2 * kp * 4 <= block
+    prefilter = 2 * kp * 4 <= block and TUNING["select_prefilter"]
     return block, (2 * kp if prefilter else kp), prefilter
 
 
@@ -240,7 +240,7 @@ def _merge_candidates(keys, ids, k, key_bits):
     B = keys.shape[0]
     while True:
         n = keys.shape[1]
-        final = n <= MAX_TILE
+        final = n <= max(TUNING["merge_final"], 4 * next_pow2(k))
         block, cap, prefilter = _tile_plan(k, n, MAX_TILE if final else TUNING["merge_block"])
         if final:
             cap, prefilter = next_pow2(k), False
@@ -253,13 +253,33 @@ def _merge_candidates(keys, ids, k, key_bits):
             return keys[:, :k], ids[:, :k]
 
 
+def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection alone on a given [B, F] tensor: (values, int64 ids), [B, k], by the tie rule."""
+    key_bits = _key_bits(pre.dtype)
+    keys, ids = _select_candidates(_GivenChunk(pre), pre.shape[0], pre.shape[1], k, key_bits, pre.device)
+    keys, ids = _merge_candidates(keys, ids, k, key_bits)
+    return order_code(keys, ids, pre.dtype)
+
+
+class _GivenChunk:
+    """One chunk holding all of F: the selection over a pre-activation tensor that already exists."""
+
+    def __init__(self, pre):
+        self.plan = [(0, pre.shape[1])]
+        self.pre = pre
+
+    def __iter__(self):
+        yield 0, self.pre
+
+
 class _PreChunks:
     """Iterates (first latent, [B, w] pre-activations) over chunks of F, reusing one buffer."""
 
     def __init__(self, xc, W_enc, b_enc):
         B, F = xc.shape[0], W_enc.shape[0]
         per_col = max(1, B * xc.element_size())
-        width = max(MAX_TILE, TUNING["chunk_bytes"] // per_col // MAX_TILE * MAX_TILE)
+        tile = TUNING["select_block"]
+        width = max(tile, TUNING["chunk_bytes"] // per_col // tile * tile)
         self.width = min(F, width)
         self.plan = [(f0, min(F, f0 + self.width) - f0) for f0 in range(0, F, self.width)]
         self.xc, self.W_enc, self.b_enc = xc, W_enc, b_enc
@@ -463,4 +483,6 @@ def topk_encode(
     """
     check_encoder_args(x, W_enc, b_enc, k, b_dec)
     op = _topk_encode_op if torch.compiler.is_compiling() else _topk_encode_eager
-    return op(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous() if b_dec is not None else None, k)
+    return op(
+        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous() if b_dec is not None else None, k
+    )

@@ -1,0 +1,149 @@
+"""topk_encode: the selection (exact, tie rule, every merge level) and every gradient vs the fp64 reference."""
+
+import pytest
+import torch
+from encoder_inputs import check_encoder_grads, check_selection, make_sae, tuning
+from hypothesis import given
+from hypothesis import strategies as st
+from parity import DTYPES, grads, raw_op
+
+# The interpreter runs one backward program per latent at ~1 ms each, so CPU draws keep F in the
+# hundreds; on a GPU F reaches past several selection tiles. (Forward-only tests below reach
+# F = 40000 and every merge level on the CPU too.)
+MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
+
+
+@st.composite
+def encoder_shapes(draw):
+    """(B, D, F, K): B = 1 included, odd D, K not a power of 2 often, F from K (tiny) up."""
+    B = draw(st.integers(1, 8))
+    K = draw(st.one_of(st.integers(1, 12), st.sampled_from([31, 64, 100])))
+    F = K + draw(st.one_of(st.integers(0, 8), st.integers(100, MAX_F_EXTRA)))
+    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
+    return B, D, F, K
+
+
+def _upstream(vals, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(vals.shape, generator=g).to(vals)
+
+
+@pytest.mark.kernels_ci
+@given(shape=encoder_shapes(), dtype=st.sampled_from(DTYPES), centred=st.booleans(), seed=st.integers(0, 2**16))
+def test_topk_encode_parity(fs, device, shape, dtype, centred, seed):
+    B, D, F, K = shape
+    x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, device, seed=seed)
+    b_dec = b_dec if centred else None
+    vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
+    assert vals.shape == (B, K) and vals.dtype == dtype and indices.dtype == torch.int64
+    assert (vals[:, :-1] >= vals[:, 1:]).all(), "the code is not in descending order"
+    check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
+    if b_dec is not None:
+        check_encoder_grads(fs, [x, W_enc, b_enc, b_dec], K, indices, _upstream(vals, seed), dtype)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,D,F,K",
+    [(6, 5, 300, 64), (3, 4, 2000, 9), (2, 3, 50, 50), (4, 2, 700, 1)],
+)
+def test_topk_encode_ties(fs, device, dtype, B, D, F, K):
+    """Exactly tied pre-activations (small integers): the lower latent id wins, as the reference's stable sort."""
+    x, W_enc, b_enc, _, _ = make_sae(B, D, F, K, dtype, device, seed=B * F + K, integer=True)
+    vals, indices = fs.topk_encode(x, W_enc, b_enc, K)
+    check_selection(fs, x, W_enc, b_enc, K, None, vals, indices)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_encode_all_tied_and_signed_zero(fs, device, dtype):
+    """Every pre-activation equal (ids 0..K-1 win); and -0.0 ties with +0.0 rather than ranking below it."""
+    F, K = 40, 7
+    x = torch.zeros(3, 4, device=device, dtype=dtype)
+    W_enc = torch.zeros(F, 4, device=device, dtype=dtype)
+    b_enc = torch.zeros(F, device=device, dtype=dtype)
+    _, indices = fs.topk_encode(x, W_enc, b_enc, K)
+    assert indices.tolist() == [list(range(K))] * 3
+    b_enc = torch.full((F,), -1.0, device=device, dtype=dtype)
+    b_enc[[3, 9, 20]] = torch.tensor([-0.0, 0.0, -0.0], dtype=dtype)
+    _, indices = fs.topk_encode(x, W_enc, b_enc, 3)
+    assert indices.tolist() == [[3, 9, 20]] * 3
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("integer", [False, True], ids=["distinct", "tied"])
+@pytest.mark.parametrize("K", [1, 5, 33])
+def test_topk_encode_merge_levels(fs, device, dtype, integer, K, monkeypatch):
+    """Small tiles, merge tiles, final tiles and GEMM chunks force several merge levels, partial tiles,
+    prefilter fall-backs (ties), the exact path, and many F chunks; the code must not change."""
+    B, D, F = 3, 5, 2500
+    x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, device, seed=K, integer=integer)
+    for block, merge, final, prefilter in ((64, 64, 64, True), (256, 512, 256, True), (128, 128, 256, False)):
+        monkeypatch.setitem(tuning(fs), "select_block", block)
+        monkeypatch.setitem(tuning(fs), "merge_block", merge)
+        monkeypatch.setitem(tuning(fs), "merge_final", final)
+        monkeypatch.setitem(tuning(fs), "select_prefilter", prefilter)
+        monkeypatch.setitem(tuning(fs), "chunk_bytes", 1)  # F chunks one tile wide
+        vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
+        check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
+
+
+@pytest.mark.kernels_ci
+def test_topk_encode_deterministic(fs, device):
+    """Bitwise-identical gradients across calls (rows share latents, so segments have many terms)."""
+    x, W_enc, b_enc, _, b_dec = make_sae(40, 33, 20, 6, torch.float32, device, seed=3)
+    params = [x, W_enc, b_enc, b_dec]
+    outs = []
+    for _ in range(2):
+        vals, indices = fs.topk_encode(x, W_enc, b_enc, 6, b_dec)
+        outs.append((vals, indices, grads(vals, params, _upstream(vals, 3))))
+    (v1, i1, g1), (v2, i2, g2) = outs
+    assert torch.equal(v1, v2) and torch.equal(i1, i2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.kernels_ci
+def test_topk_encode_non_contiguous(fs, device):
+    """Transposed views (SAELens keeps W_enc as [D, F]) give the same code and gradients as contiguous copies."""
+    x, W_enc, b_enc, _, b_dec = make_sae(5, 17, 60, 4, torch.float32, device, seed=8)
+    W_t = W_enc.detach().T.contiguous().requires_grad_()  # [D, F], the other layout
+    vals, indices = fs.topk_encode(x, W_t.T, b_enc, 4, b_dec)
+    ref_vals, ref_indices = fs.topk_encode(x, W_enc, b_enc, 4, b_dec)
+    assert torch.equal(vals, ref_vals) and torch.equal(indices, ref_indices)
+    up = _upstream(vals, 8)
+    (g,) = grads(vals, [W_t], up)
+    (ref_g,) = grads(ref_vals, [W_enc], up)
+    assert torch.equal(g.T, ref_g)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_encode_opcheck(fs, device, dtype):
+    x, W_enc, b_enc, _, b_dec = (t.detach() for t in make_sae(6, 19, 37, 5, dtype, device, seed=5))
+    torch.library.opcheck(raw_op(fs, "topk_encode"), (x, W_enc, b_enc, b_dec, 5))
+    torch.library.opcheck(raw_op(fs, "topk_encode"), (x, W_enc, b_enc, None, 5))
+    vals, indices = raw_op(fs, "topk_encode")(x, W_enc, b_enc, b_dec, 5)
+    dvals = torch.randn(vals.shape, generator=torch.Generator().manual_seed(1)).to(vals)
+    torch.library.opcheck(raw_op(fs, "topk_encode_backward"), (dvals, x, W_enc, b_dec, vals, indices))
+
+
+def test_topk_encode_compile(fs, device):
+    """fullgraph compile gives eager's code and gradients; a second input set does not recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fs.topk_encode, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            x, W_enc, b_enc, _, b_dec = make_sae(7, 23, 41, 6, torch.float32, device, seed=seed)
+            params = [x, W_enc, b_enc, b_dec]
+            vals, indices = compiled(x, W_enc, b_enc, 6, b_dec)
+            e_vals, e_indices = fs.topk_encode(x, W_enc, b_enc, 6, b_dec)
+            assert torch.equal(indices, e_indices)
+            torch.testing.assert_close(vals, e_vals, rtol=0, atol=0)
+            up = _upstream(vals, seed)
+            for a, b in zip(grads(vals, params, up), grads(e_vals, params, up)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

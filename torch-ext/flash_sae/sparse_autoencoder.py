@@ -1,0 +1,47 @@
+"""``SparseAutoencoder``: a drop-in TopK SAE module whose every pass runs flash-sae's kernels.
+
+It is the plain-PyTorch ``reference.SparseAutoencoder`` with ``encode``,
+``decode`` and ``loss`` routed to ``topk_encode``, ``sparse_decode`` and
+``topk_sae_step``: the same parameters, layouts, initialisation and
+``state_dict``, so a checkpoint moves between the two unchanged, and the tests
+compare them directly.
+"""
+
+import torch
+
+from . import reference
+from .reference import TopKSAEStep
+from .sparse_decode import sparse_decode
+from .topk_encode import topk_encode
+from .topk_sae_step import topk_sae_step
+
+
+class SparseAutoencoder(reference.SparseAutoencoder):
+    """TopK sparse autoencoder: ``x_hat = b_dec + sum_k relu(topk((x - b_dec) @ W_enc.T + b_enc)) W_dec``.
+
+    Args:
+        d_model: D, the width of the activations.
+        n_features: F, the number of latents.
+        k: active latents per input, 1 <= k <= min(F, 8192).
+        dtype, device: of the parameters (fp32, bf16 or fp16).
+        seed: optional seed for the initialisation (the global RNG otherwise).
+
+    Parameters: ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D], ``b_dec`` [D].
+    ``W_dec`` starts with unit-norm rows and ``W_enc`` as its copy (tied
+    init); the biases start at zero. Call ``set_decoder_norm_to_unit_norm()``
+    after each optimiser step to keep decoder rows at unit norm, and
+    ``remove_gradient_parallel_to_decoder_directions()`` before it if you
+    want the usual projected decoder gradient.
+    """
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vals [B, k] in the parameters' dtype, indices [B, k] int64), descending."""
+        return topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec)
+
+    def decode(self, vals: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x_hat [B, D] from a sparse code."""
+        return sparse_decode(indices, vals, self.W_dec, self.b_dec)
+
+    def loss(self, x: torch.Tensor) -> TopKSAEStep:
+        """The fused training step: ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``."""
+        return topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
