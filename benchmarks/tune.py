@@ -26,7 +26,7 @@ def bench(fn):
     return do_bench(fn, warmup=10, rep=100, quantiles=[0.5, 0.2, 0.8])[0]
 
 
-SELECT_SHAPES = [(1024, 65536, 64), (2048, 65536, 64), (4096, 262144, 64), (2048, 65536, 32), (2048, 65536, 128)]
+SELECT_SHAPES = [(1024, 65536, 64), (4096, 262144, 64), (2048, 65536, 128), (2048, 65536, 32)]
 
 
 def encoder_sweeps(fs, common, default, only, record):
@@ -42,9 +42,16 @@ def encoder_sweeps(fs, common, default, only, record):
         assert torch.equal(enc.select_topk(pre, K)[1], ref_idx), "selection differs from the stable sort"
         record(kind="select", impl="torch.topk", ms=bench(lambda: torch.topk(pre, K, dim=1)), **shape)
         record(kind="select", impl="read once (pre.amax)", ms=bench(lambda: pre.amax(1)), **shape)
-        space = itertools.product([4096, 8192, 16384], [4, 8, 16], [8, 16, 32], [True, False])
+        levels = {
+            "first_level": lambda: enc._select_candidates(enc._GivenChunk(pre), B, F, K, 16, pre.device),
+            "merge_and_order": lambda: enc.order_code(*enc._merge_candidates(*cands, K, 16), pre.dtype),
+        }
+        cands = levels["first_level"]()
+        for name, fn in levels.items():
+            record(kind="select_stage", stage=name, ms=bench(fn), **shape)
+        space = itertools.product([4096, 8192, 16384], [2, 4, 8], [8, 16, 32], [True, False])
         for blk, nw, grp, pf in space:
-            if not pf and grp != 16:
+            if (not pf and grp != 16) or (grp == 32 and nw != 4):
                 continue
             common.TUNING.update(default, select_block=blk, select_warps=nw, select_group=grp, select_prefilter=pf)
             record(

@@ -66,7 +66,7 @@ def test_topk_encode_all_tied_and_signed_zero(fs, device, dtype):
     _, indices = fs.topk_encode(x, W_enc, b_enc, K)
     assert indices.tolist() == [list(range(K))] * 3
     b_enc = torch.full((F,), -1.0, device=device, dtype=dtype)
-    b_enc[[3, 9, 20]] = torch.tensor([-0.0, 0.0, -0.0], dtype=dtype)
+    b_enc[[3, 9, 20]] = torch.tensor([-0.0, 0.0, -0.0], device=device, dtype=dtype)
     _, indices = fs.topk_encode(x, W_enc, b_enc, 3)
     assert indices.tolist() == [[3, 9, 20]] * 3
 

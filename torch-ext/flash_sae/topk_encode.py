@@ -127,6 +127,20 @@ def _store_top_k(key, idx, K, out_key_ptr, out_idx_ptr, KEY_BITS: tl.constexpr, 
 
 
 @triton.jit
+def _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS: tl.constexpr, FROM_VALUES: tl.constexpr):
+    """Keys and latent ids at ``offs`` of one row; entries past ``n`` get KEY_PAD / IDX_PAD."""
+    mask = offs < n
+    if FROM_VALUES:
+        v = tl.load(src_ptr + row_ptr + offs, mask=mask, other=0.0)
+        key = tl.where(mask, _sortable_key(v, KEY_BITS), -2147483648)
+        idx = tl.where(mask, idx_base + offs, 2147483647)
+    else:
+        key = tl.load(src_ptr + row_ptr + offs, mask=mask, other=-2147483648)
+        idx = tl.load(src_idx_ptr + row_ptr + offs, mask=mask, other=2147483647)
+    return key, idx
+
+
+@triton.jit
 def _topk_select_kernel(
     src_ptr,  # [B, n] float pre-activations (FROM_VALUES) or int32 keys
     src_idx_ptr,  # [B, n] int32 latent ids (not FROM_VALUES)
@@ -147,28 +161,31 @@ def _topk_select_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    if FROM_VALUES:
-        v = tl.load(src_ptr + row * stride_src + offs, mask=mask, other=0.0)
-        key = tl.where(mask, _sortable_key(v, KEY_BITS), -2147483648)
-        idx = idx_base + offs
-    else:
-        key = tl.load(src_ptr + row * stride_src + offs, mask=mask, other=-2147483648)
-        idx = tl.load(src_idx_ptr + row * stride_src + offs, mask=mask, other=2147483647)
+    row_ptr = row * stride_src
     out = (row * n_tiles_out + tile_base + tile) * CAP
     if PREFILTER:
-        # The K-th largest group maximum bounds the K-th largest entry from below.
-        gmax = tl.max(tl.reshape(key, (BLOCK // G, G)), axis=1)
-        m = _kth_largest(gmax, K, KEY_BITS)
+        # The tile as [BLOCK / G, G] groups of consecutive entries: the K-th largest group
+        # maximum bounds the tile's K-th largest entry from below. Positions of the entries
+        # at or above it come from a scan over group counts plus a scan inside each group,
+        # both small, in index order.
+        offs = tile * BLOCK + tl.arange(0, BLOCK // G)[:, None] * G + tl.arange(0, G)[None, :]
+        key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
+        m = _kth_largest(tl.max(key, axis=1), K, KEY_BITS)
         cand = key >= m
-        n_cand = tl.sum(cand.to(tl.int32), axis=0)
+        per_group = tl.sum(cand.to(tl.int32), axis=1)
+        n_cand = tl.sum(per_group, axis=0)
         if n_cand <= CAP:
-            pos = tl.cumsum(cand.to(tl.int32), axis=0) - 1
+            before = tl.cumsum(per_group, axis=0) - per_group
+            pos = before[:, None] + tl.cumsum(cand.to(tl.int32), axis=1) - 1
             _store_candidates(key, idx, cand, n_cand, out_key_ptr + out, out_idx_ptr + out, pos, CAP)
         else:
+            # Heavy ties: the exact search over the tile, reloaded flat (it is in L1/L2).
+            offs = tile * BLOCK + tl.arange(0, BLOCK)
+            key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
             _store_top_k(key, idx, K, out_key_ptr + out, out_idx_ptr + out, KEY_BITS, CAP)
     else:
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
+        key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
         _store_top_k(key, idx, K, out_key_ptr + out, out_idx_ptr + out, KEY_BITS, CAP)
 
 
