@@ -180,9 +180,9 @@ def _topk_select_kernel(
             _store_candidates(key, idx, cand, n_cand, out_key_ptr + out, out_idx_ptr + out, pos, CAP)
         else:
             # Heavy ties: the exact search over the tile, reloaded flat (it is in L1/L2).
-            offs = tile * BLOCK + tl.arange(0, BLOCK)
-            key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
-            _store_top_k(key, idx, K, out_key_ptr + out, out_idx_ptr + out, KEY_BITS, CAP)
+            flat = tile * BLOCK + tl.arange(0, BLOCK)
+            key_flat, idx_flat = _load_keys(src_ptr, src_idx_ptr, row_ptr, flat, n, idx_base, KEY_BITS, FROM_VALUES)
+            _store_top_k(key_flat, idx_flat, K, out_key_ptr + out, out_idx_ptr + out, KEY_BITS, CAP)
     else:
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
