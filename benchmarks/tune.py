@@ -44,7 +44,7 @@ def encoder_sweeps(fs, common, default, only, record):
         record(kind="select", impl="read once (pre.amax)", ms=bench(lambda: pre.amax(1)), **shape)
         levels = {
             "first_level": lambda: enc._select_candidates(enc._GivenChunk(pre), B, F, K, 16, pre.device),
-            "merge_and_order": lambda: enc.order_code(*enc._merge_candidates(*cands, K, 16), pre.dtype),
+            "merge_and_final_top_k": lambda: enc.final_top_k(*enc._merge_candidates(*cands, K, 16), K, pre.dtype),
         }
         cands = levels["first_level"]()
         for name, fn in levels.items():

@@ -76,8 +76,9 @@ def test_topk_encode_all_tied_and_signed_zero(fs, device, dtype):
 @pytest.mark.parametrize("integer", [False, True], ids=["distinct", "tied"])
 @pytest.mark.parametrize("K", [1, 5, 33])
 def test_topk_encode_merge_levels(fs, device, dtype, integer, K, monkeypatch):
-    """Small tiles, merge tiles, final tiles and GEMM chunks force several merge levels, partial tiles,
-    prefilter fall-backs (ties), the exact path, and many F chunks; the code must not change."""
+    """Small tiles, merge tiles, a small final candidate count and GEMM chunks force several merge
+    levels, partial tiles, prefilter fall-backs (ties), the exact path, and many F chunks; the code
+    must not change."""
     B, D, F = 3, 5, 2500
     x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, device, seed=K, integer=integer)
     for block, merge, final, prefilter in ((64, 64, 64, True), (256, 512, 256, True), (128, 128, 256, False)):

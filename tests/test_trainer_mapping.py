@@ -200,7 +200,7 @@ def test_topk_sae_step_reproduces_trainer(fs, device, trainer, dtype):
     if trainer == "sparsify":
         # step.fvu is sparsify's loss value (computed without a host sync, not differentiable).
         assert_parity("sparsify fvu", step.fvu, same[0], ref[0], dtype)
-    counts = torch.bincount(step.indices.reshape(-1), weights=(step.vals > 0).double(), minlength=F)
+    counts = torch.bincount(step.indices.reshape(-1), weights=(step.vals > 0).reshape(-1).double(), minlength=F)
     assert torch.equal(step.fire_counts, counts.long())
 
 
@@ -252,7 +252,7 @@ def test_rows_with_fewer_than_k_positive_preactivations(fs, device, trainer):
     ours = (trainer_loss(step, x), x_hat, step.vals, step.indices, dict(zip(p, g[1:])), g[0])
     check_against_restatement(trainer, ours, x, p, k, upstream, torch.float32)
     # fire_counts counts a latent only where it fired (value > 0), not the zero-valued slots.
-    fired = torch.bincount(step.indices.reshape(-1), weights=(step.vals > 0).double(), minlength=F).long()
+    fired = torch.bincount(step.indices.reshape(-1), weights=(step.vals > 0).reshape(-1).double(), minlength=F).long()
     assert torch.equal(step.fire_counts, fired)
     assert int(step.fire_counts.sum()) < B * k
     if trainer == "saelens":

@@ -53,8 +53,8 @@ TUNING = {
     # topk_encode: F entries per selection program (a power of two <= 16384),
     # its warps, the group size of the group-maximum prefilter (and whether to
     # use it; off, every tile runs the exact bitwise search), the tile of
-    # the candidate merge levels, the most candidates per row that the last,
-    # exact level takes in one tile (<= 16384), and the byte budget of one
+    # the candidate merge levels, the most candidates per row left to the
+    # final torch.topk over packed int64 candidates, and the byte budget of one
     # pre-activation chunk (the forward's transient [B, F_chunk] GEMM output).
     "select_block": 8192,
     "select_warps": 8,

@@ -6,7 +6,9 @@ What is fused and what is not:
   is read exactly once by ``_topk_select_kernel``, which keeps the top-k
   candidates of each (row, tile of F) as 32-bit sortable keys plus int32 ids
   ([B, F / BLOCK, CAP], a few MB). Merge levels of the same kernel reduce the
-  candidates to k per row; a [B, k] sort orders them. No [B, F] tensor
+  candidates while more than ``merge_final`` are left per row; then one
+  torch.topk over the candidates packed as int64 (key, -id) picks and orders
+  the final k exactly. No [B, F] tensor
   survives the forward (with ``chunk_bytes`` at 512 MiB and B=4096, D=2048,
   F=2^21, bf16, the transient peak is that one chunk plus the candidates).
 - selection (one program per (row, tile)): the tile's keys stay in registers.
@@ -172,11 +174,12 @@ def _topk_select_kernel(
         key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
         m = _kth_largest(tl.max(key, axis=1), K, KEY_BITS)
         cand = key >= m
-        per_group = tl.sum(cand.to(tl.int32), axis=1)
+        cand_i = cand.to(tl.int32)
+        per_group = tl.sum(cand_i, axis=1)
         n_cand = tl.sum(per_group, axis=0)
         if n_cand <= CAP:
             before = tl.cumsum(per_group, axis=0) - per_group
-            pos = before[:, None] + tl.cumsum(cand.to(tl.int32), axis=1) - 1
+            pos = before[:, None] + tl.cumsum(cand_i, axis=1) - 1
             _store_candidates(key, idx, cand, n_cand, out_key_ptr + out, out_idx_ptr + out, pos, CAP)
         else:
             # Heavy ties: the exact search over the tile, reloaded flat (it is in L1/L2).
@@ -253,21 +256,16 @@ def _select_candidates(pre_chunks, B, F, k, key_bits, device):
 
 
 def _merge_candidates(keys, ids, k, key_bits):
-    """Reduces [B, n] candidates to the exact top-k, [B, k] each, in index order."""
+    """Reduces [B, n] candidates with the selection kernel until at most ``merge_final`` are left per row."""
     B = keys.shape[0]
-    while True:
+    while keys.shape[1] > max(TUNING["merge_final"], 4 * next_pow2(k)):
         n = keys.shape[1]
-        final = n <= max(TUNING["merge_final"], 4 * next_pow2(k))
-        block, cap, prefilter = _tile_plan(k, n, MAX_TILE if final else TUNING["merge_block"])
-        if final:
-            cap, prefilter = next_pow2(k), False
-        n_tiles = triton.cdiv(n, block)
-        out_key = torch.empty(B, n_tiles, cap, device=keys.device, dtype=torch.int32)
+        block, cap, prefilter = _tile_plan(k, n, TUNING["merge_block"])
+        out_key = torch.empty(B, triton.cdiv(n, block), cap, device=keys.device, dtype=torch.int32)
         out_idx = torch.empty_like(out_key)
         _launch_select(keys, ids, out_key, out_idx, n, 0, 0, k, block, cap, prefilter, key_bits)
         keys, ids = out_key.view(B, -1), out_idx.view(B, -1)
-        if final:
-            return keys[:, :k], ids[:, :k]
+    return keys, ids
 
 
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +273,7 @@ def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     key_bits = _key_bits(pre.dtype)
     keys, ids = _select_candidates(_GivenChunk(pre), pre.shape[0], pre.shape[1], k, key_bits, pre.device)
     keys, ids = _merge_candidates(keys, ids, k, key_bits)
-    return order_code(keys, ids, pre.dtype)
+    return final_top_k(keys, ids, k, pre.dtype)
 
 
 class _GivenChunk:
@@ -310,11 +308,16 @@ class _PreChunks:
             yield f0, pre
 
 
-def order_code(keys: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype):
-    """Sorts each row's k (key, id) pairs by the tie rule; returns (values, int64 ids)."""
+def final_top_k(keys: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype):
+    """The exact top-k of each row's candidates, ordered by the tie rule; (values, int64 ids).
+
+    Packing (key, IDX_PAD - id) into one int64 makes every candidate distinct and
+    orders it by value, then by lower id, so torch.topk over the few candidates
+    left (sorted) is exact and settles the order in the same call.
+    """
     packed = (keys.to(torch.int64) << 32) | (IDX_PAD - ids.to(torch.int64))
-    packed = torch.sort(packed, dim=1, descending=True).values
-    return keys_to_values((packed >> 32).to(torch.int32), dtype), IDX_PAD - (packed & 0xFFFFFFFF)
+    top = torch.topk(packed, k, dim=1, sorted=True).values
+    return keys_to_values((top >> 32).to(torch.int32), dtype), IDX_PAD - (top & 0xFFFFFFFF)
 
 
 def topk_encode_fwd(x, W_enc, b_enc, k, b_dec):
@@ -327,7 +330,7 @@ def topk_encode_fwd(x, W_enc, b_enc, k, b_dec):
     key_bits = _key_bits(x.dtype)
     keys, ids = _select_candidates(_PreChunks(xc, W_enc, b_enc), B, F, k, key_bits, x.device)
     keys, ids = _merge_candidates(keys, ids, k, key_bits)
-    values, indices = order_code(keys, ids, x.dtype)
+    values, indices = final_top_k(keys, ids, k, x.dtype)
     return torch.relu(values), indices
 
 
