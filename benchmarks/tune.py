@@ -30,9 +30,9 @@ SELECT_SHAPES = [(1024, 65536, 64), (4096, 262144, 64), (2048, 65536, 128), (204
 
 
 def encoder_sweeps(fs, common, default, only, record):
-    """The top-k selection against torch.topk on the same [B, F] bf16 pre-activations, over the
-    selection launch policy (tile, warps, prefilter group, prefilter on/off); then the encoder's
-    stages (GEMM alone, forward, backward) at the default policy."""
+    """The top-k selection against torch.topk on the same [B, F] bf16 pre-activations, its stages,
+    and a sweep of its policy (group size, groups per program, warps); then the encoder's stages
+    (GEMM alone, GEMM + torch.topk, our forward and backward) at the default policy."""
     enc = sys.modules[fs.__name__ + ".topk_encode"]
     for B, F, K in SELECT_SHAPES if "select" in only else []:
         shape = dict(B=B, F=F, K=K)
@@ -42,27 +42,27 @@ def encoder_sweeps(fs, common, default, only, record):
         assert torch.equal(enc.select_topk(pre, K)[1], ref_idx), "selection differs from the stable sort"
         record(kind="select", impl="torch.topk", ms=bench(lambda: torch.topk(pre, K, dim=1)), **shape)
         record(kind="select", impl="read once (pre.amax)", ms=bench(lambda: pre.amax(1)), **shape)
-        levels = {
-            "first_level": lambda: enc._select_candidates(enc._GivenChunk(pre), B, F, K, 16, pre.device),
-            "merge_and_final_top_k": lambda: enc.final_top_k(*enc._merge_candidates(*cands, K, 16), K, pre.dtype),
+        stages = {
+            "group_best": lambda: enc.group_best(pre, 0, default["select_group"]),
+            "chunk_top_k": lambda: enc.chunk_top_k(pre, 0, K),
+            "select_topk": lambda: enc.select_topk(pre, K),
         }
-        cands = levels["first_level"]()
-        for name, fn in levels.items():
+        for name, fn in stages.items():
             record(kind="select_stage", stage=name, ms=bench(fn), **shape)
-        space = itertools.product([4096, 8192, 16384], [2, 4, 8], [8, 16, 32], [True, False])
-        for blk, nw, grp, pf in space:
-            if (not pf and grp != 16) or (grp == 32 and nw != 4):
+        space = itertools.product([8, 16, 32, 64, 128], [16, 64, 256], [2, 4, 8])
+        if (B, F, K) not in SELECT_SHAPES[:2]:  # the other shapes: the default policy only
+            space = [(default["select_group"], default["select_groups"], default["select_warps"])]
+        for grp, groups, nw in space:
+            if grp * groups > 16384 or grp * groups < 256:
                 continue
-            common.TUNING.update(default, select_block=blk, select_warps=nw, select_group=grp, select_prefilter=pf)
+            common.TUNING.update(default, select_group=grp, select_groups=groups, select_warps=nw)
+            try:
+                ms = bench(lambda: enc.select_topk(pre, K))
+            except Exception as e:  # a config the compiler rejects is recorded, not fatal
+                ms = float("nan")
+                print(f"config {grp},{groups},{nw} failed: {type(e).__name__}", flush=True)
             record(
-                kind="select",
-                impl="flash-sae",
-                select_block=blk,
-                select_warps=nw,
-                select_group=grp,
-                select_prefilter=pf,
-                ms=bench(lambda: enc.select_topk(pre, K)),
-                **shape,
+                kind="select", impl="flash-sae", select_group=grp, select_groups=groups, select_warps=nw, ms=ms, **shape
             )
         common.TUNING.update(default)
         del pre
@@ -80,7 +80,6 @@ def encoder_sweeps(fs, common, default, only, record):
             "torch_addmm_topk": lambda: torch.topk(torch.addmm(b, x, W.T), K, dim=1),
             "encode_fwd": lambda: enc.topk_encode_fwd(x, W, b, K, b),
             "encode_bwd": lambda: enc.topk_encode_bwd(dv, x, W, b, vals, idx),
-            "order_code_sort": lambda: torch.sort(idx, dim=1),
         }
         for name, fn in stages.items():
             record(kind="encode_stage", stage=name, ms=bench(fn), **shape)

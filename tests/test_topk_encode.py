@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from parity import DTYPES, grads, raw_op
 
 # The interpreter runs one backward program per latent at ~1 ms each, so CPU draws keep F in the
-# hundreds; on a GPU F reaches past several selection tiles. (Forward-only tests below reach
-# F = 40000 and every merge level on the CPU too.)
+# hundreds; on a GPU F reaches tens of thousands. (A forward-only test below covers group sizes
+# and F chunks on the CPU too.)
 MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
 
 
@@ -75,18 +75,16 @@ def test_topk_encode_all_tied_and_signed_zero(fs, device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("integer", [False, True], ids=["distinct", "tied"])
 @pytest.mark.parametrize("K", [1, 5, 33])
-def test_topk_encode_merge_levels(fs, device, dtype, integer, K, monkeypatch):
-    """Small tiles, merge tiles, a small final candidate count and GEMM chunks force several merge
-    levels, partial tiles, prefilter fall-backs (ties), the exact path, and many F chunks; the code
+def test_topk_encode_groups_and_chunks(fs, device, dtype, integer, K, monkeypatch):
+    """Group sizes from 1 to past F/K, partial last groups, groups per program, and many F chunks
+    (each with its own candidates, merged at the end); distinct and exactly tied values. The code
     must not change."""
     B, D, F = 3, 5, 2500
     x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, device, seed=K, integer=integer)
-    for block, merge, final, prefilter in ((64, 64, 64, True), (256, 512, 256, True), (128, 128, 256, False)):
-        monkeypatch.setitem(tuning(fs), "select_block", block)
-        monkeypatch.setitem(tuning(fs), "merge_block", merge)
-        monkeypatch.setitem(tuning(fs), "merge_final", final)
-        monkeypatch.setitem(tuning(fs), "select_prefilter", prefilter)
-        monkeypatch.setitem(tuning(fs), "chunk_bytes", 1)  # F chunks one tile wide
+    for group, groups, chunk_bytes in ((1, 4, 2**30), (4, 16, 1), (32, 64, 3000), (128, 2, 2**30)):
+        monkeypatch.setitem(tuning(fs), "select_group", group)
+        monkeypatch.setitem(tuning(fs), "select_groups", groups)
+        monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)  # 1: chunks one group wide
         vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
         check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
 

@@ -50,18 +50,13 @@ TUNING = {
     "segment_block_d": 512,
     "segment_warps": 1,
     "segment_unroll": 1,
-    # topk_encode: F entries per selection program (a power of two <= 16384),
-    # its warps, the group size of the group-maximum prefilter (and whether to
-    # use it; off, every tile runs the exact bitwise search), the tile of
-    # the candidate merge levels, the most candidates per row left to the
-    # final torch.topk over packed int64 candidates, and the byte budget of one
-    # pre-activation chunk (the forward's transient [B, F_chunk] GEMM output).
-    "select_block": 8192,
-    "select_warps": 8,
-    "select_group": 16,
-    "select_prefilter": True,
-    "merge_block": 8192,
-    "merge_final": 16384,
+    # topk_encode: the group size G of the selection (a power of two; the
+    # torch.topk calls see F/G group keys and k*G candidates per row), groups
+    # per program of the group-maximum kernel and its warps, and the byte
+    # budget of one pre-activation chunk (the forward's transient GEMM output).
+    "select_group": 32,
+    "select_groups": 64,
+    "select_warps": 4,
     "chunk_bytes": 512 * 2**20,
 }
 

@@ -22,7 +22,7 @@ class SparseAutoencoder(reference.SparseAutoencoder):
     Args:
         d_model: D, the width of the activations.
         n_features: F, the number of latents.
-        k: active latents per input, 1 <= k <= min(F, 8192).
+        k: active latents per input, 1 <= k <= F.
         dtype, device: of the parameters (fp32, bf16 or fp16).
         seed: optional seed for the initialisation (the global RNG otherwise).
 

@@ -2,24 +2,20 @@
 
 What is fused and what is not:
 - forward: the encoder GEMM runs in cuBLAS (``torch.addmm``), over chunks of F
-  so its [B, F_chunk] output stays within ``TUNING["chunk_bytes"]``; each chunk
-  is read exactly once by ``_topk_select_kernel``, which keeps the top-k
-  candidates of each (row, tile of F) as 32-bit sortable keys plus int32 ids
-  ([B, F / BLOCK, CAP], a few MB). Merge levels of the same kernel reduce the
-  candidates while more than ``merge_final`` are left per row; then one
-  torch.topk over the candidates packed as int64 (key, -id) picks and orders
-  the final k exactly. No [B, F] tensor
-  survives the forward (with ``chunk_bytes`` at 512 MiB and B=4096, D=2048,
-  F=2^21, bf16, the transient peak is that one chunk plus the candidates).
-- selection (one program per (row, tile)): the tile's keys stay in registers.
-  The k-th largest of the tile's group maxima (groups of G consecutive
-  entries) is a lower bound m of the tile's k-th largest entry, found by a
-  bitwise search over only BLOCK/G values; entries >= m (usually about k of
-  them) are compacted in index order with one prefix sum. Only if more than
-  CAP entries pass (heavy ties) does the tile fall back to the exact bitwise
-  search over all its keys. Cost per entry: a load, a key transform, a max, a
-  compare and a prefix-sum step, against ~16 compare-and-count passes for a
-  bitwise radix select over the whole tile.
+  so its [B, F_chunk] output stays within ``TUNING["chunk_bytes"]``; no [B, F]
+  tensor survives the forward.
+- selection, exact, in one read of each chunk. Order the entries of a row by
+  (value, then lower id) and cut the row into groups of G consecutive latents.
+  ``_group_best_kernel`` reads the chunk once and writes each group's best entry
+  as one int64 key, (sortable value bits << 32) | (2^31 - 1 - id), so
+  [B, F_chunk / G] keys, G times fewer than entries. The row's top-k entries
+  all lie in the k groups with the best keys: if an entry's group were not
+  among them, k better groups would each hold an entry better than it. So
+  torch.topk over the group keys, a gather of those k*G entries and a torch.topk
+  over their packed keys give the chunk's exact top-k, which a last torch.topk
+  merges across chunks, sorted. Both torch.topk calls see G and F/(kG) times
+  fewer entries than torch.topk on the chunk, and nothing ever ties, because
+  the packed keys are distinct.
 - backward (saves only x, the weights and the [B, k] code): with
   dpre = dvals * (vals > 0), the deterministic CSR segmented sum of ``_csr.py``
   writes ``dW_enc[f] = sum dpre[b, k] * (x - b_dec)[b]`` and
@@ -32,12 +28,12 @@ by its bits (a positive NaN is above +inf, a negative NaN below -inf). The
 selection is exact on the pre-activations as computed in the input dtype.
 
 Bytes (bf16, B=4096, D=2048, F=262144): the GEMM writes 2 GiB of
-pre-activations and the selection reads them once; torch.topk reads them
-several times. The backward is O(B*k*D) plus one write of dW_enc.
+pre-activations and the selection reads them once (plus k*G entries per row
+gathered again); torch.topk reads them several times. The backward is O(B*k*D)
+plus one write of dW_enc.
 
 Precision: GEMM as torch's (fp32 accumulation in cuBLAS); backward accumulates
-in fp32; outputs in the input dtype. Shapes: B >= 1, 1 <= k <= min(F, 8192),
-F < 2^31; any D.
+in fp32; outputs in the input dtype. Shapes: B >= 1, 1 <= k <= F, F < 2^31; any D.
 """
 
 import torch
@@ -50,7 +46,6 @@ from ._common import (
     check_same_dtype,
     check_tensor,
     eager_function,
-    next_pow2,
     use_triton,
 )
 from ._csr import csr_transpose, segment_sum
@@ -59,10 +54,8 @@ from .sparse_decode import sparse_decode_fwd
 
 # Constants ---------------------------------------------------------------------
 
-MAX_K = 8192
-KEY_PAD = -(2**31)  # the key of an empty candidate slot: below every real key
-IDX_PAD = 2**31 - 1  # its latent id
-MAX_TILE = 16384  # tile entries per program (the packed prefix sum needs <= 2^16)
+IDX_PAD = 2**31 - 1  # ids are packed as IDX_PAD - id, so a lower id packs larger
+KEY_NONE = -(2**63)  # the packed key of no entry (a group past the chunk's end)
 
 # Kernels -----------------------------------------------------------------------
 
@@ -72,8 +65,7 @@ def _sortable_key(v, KEY_BITS: tl.constexpr):
     """Float -> int32 whose signed order is the float order; -0.0 gets +0.0's key.
 
     A float's bits are sign-magnitude: flipping the magnitude bits of negative
-    numbers makes them two's-complement ordered. 16-bit floats give keys in
-    [-2^15, 2^15); fp32 keys are kept above KEY_PAD.
+    numbers makes them two's-complement ordered.
     """
     if KEY_BITS == 16:
         b = v.to(tl.int16, bitcast=True).to(tl.int32)
@@ -81,115 +73,29 @@ def _sortable_key(v, KEY_BITS: tl.constexpr):
     else:
         b = v.to(tl.int32, bitcast=True)
         s = b ^ ((b >> 31) & 0x7FFFFFFF)
-        s = tl.maximum(s, -2147483647)
     return tl.where(s == -1, 0, s)
 
 
 @triton.jit
-def _kth_largest(key, K, KEY_BITS: tl.constexpr):
-    """The largest t with count(key >= t) >= K, one bit a step from the top.
-
-    If fewer than K keys are real (the rest KEY_PAD), returns the lowest real key.
-    """
-    n_pos = tl.sum((key >= 0).to(tl.int32), axis=0)
-    t = tl.where(n_pos >= K, 0, -(1 << (KEY_BITS - 1)))
-    for i in tl.static_range(KEY_BITS - 1):
-        cand = t + (1 << (KEY_BITS - 2 - i))
-        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
-        t = tl.where(cnt >= K, cand, t)
-    return t
-
-
-@triton.jit
-def _store_candidates(key, idx, keep, n_keep, out_key_ptr, out_idx_ptr, pos, CAP: tl.constexpr):
-    """Writes the kept (key, id) pairs at ``pos`` and pads slots [n_keep, CAP)."""
-    tl.store(out_key_ptr + pos, key, mask=keep)
-    tl.store(out_idx_ptr + pos, idx, mask=keep)
-    slots = tl.arange(0, CAP)
-    pad = slots >= n_keep
-    tl.store(out_key_ptr + slots, tl.where(pad, -2147483648, 0), mask=pad)
-    tl.store(out_idx_ptr + slots, tl.where(pad, 2147483647, 0), mask=pad)
-
-
-@triton.jit
-def _store_top_k(key, idx, K, out_key_ptr, out_idx_ptr, KEY_BITS: tl.constexpr, CAP: tl.constexpr):
-    """Exact top-K of the tile under the tie rule, compacted in tile order."""
-    t = _kth_largest(key, K, KEY_BITS)
-    gt = key > t
-    eq = key == t
-    n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    n_eq = tl.sum(eq.to(tl.int32), axis=0)
-    need = K - n_gt
-    # One prefix sum counts both: low 16 bits the entries above t, high bits the ties.
-    c = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), axis=0)
-    eq_c = c >> 16
-    keep = gt | (eq & (eq_c <= need))
-    pos = (c & 0xFFFF) + tl.minimum(eq_c, need) - 1
-    _store_candidates(key, idx, keep, n_gt + tl.minimum(n_eq, need), out_key_ptr, out_idx_ptr, pos, CAP)
-
-
-@triton.jit
-def _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS: tl.constexpr, FROM_VALUES: tl.constexpr):
-    """Keys and latent ids at ``offs`` of one row; entries past ``n`` get KEY_PAD / IDX_PAD."""
-    mask = offs < n
-    if FROM_VALUES:
-        v = tl.load(src_ptr + row_ptr + offs, mask=mask, other=0.0)
-        key = tl.where(mask, _sortable_key(v, KEY_BITS), -2147483648)
-        idx = tl.where(mask, idx_base + offs, 2147483647)
-    else:
-        key = tl.load(src_ptr + row_ptr + offs, mask=mask, other=-2147483648)
-        idx = tl.load(src_idx_ptr + row_ptr + offs, mask=mask, other=2147483647)
-    return key, idx
-
-
-@triton.jit
-def _topk_select_kernel(
-    src_ptr,  # [B, n] float pre-activations (FROM_VALUES) or int32 keys
-    src_idx_ptr,  # [B, n] int32 latent ids (not FROM_VALUES)
-    out_key_ptr,  # [B, n_tiles_out, CAP] int32 candidate keys
-    out_idx_ptr,  # [B, n_tiles_out, CAP] int32 candidate latent ids
+def _group_best_kernel(
+    pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
+    best_ptr,  # [B, n_groups] int64 out: each group's best entry, packed
     n,
-    stride_src,
-    idx_base,  # latent id of column 0 (FROM_VALUES)
-    tile_base,  # first output tile of this launch
-    n_tiles_out,
-    K,
-    BLOCK: tl.constexpr,
-    CAP: tl.constexpr,
+    stride_pb,
+    idx_base,  # latent id of the chunk's column 0
+    n_groups,
     G: tl.constexpr,
+    GROUPS: tl.constexpr,  # groups per program
     KEY_BITS: tl.constexpr,
-    FROM_VALUES: tl.constexpr,
-    PREFILTER: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    row_ptr = row * stride_src
-    out = (row * n_tiles_out + tile_base + tile) * CAP
-    if PREFILTER:
-        # The tile as [BLOCK / G, G] groups of consecutive entries: the K-th largest group
-        # maximum bounds the tile's K-th largest entry from below. Positions of the entries
-        # at or above it come from a scan over group counts plus a scan inside each group,
-        # both small, in index order.
-        offs = tile * BLOCK + tl.arange(0, BLOCK // G)[:, None] * G + tl.arange(0, G)[None, :]
-        key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
-        m = _kth_largest(tl.max(key, axis=1), K, KEY_BITS)
-        cand = key >= m
-        cand_i = cand.to(tl.int32)
-        per_group = tl.sum(cand_i, axis=1)
-        n_cand = tl.sum(per_group, axis=0)
-        if n_cand <= CAP:
-            before = tl.cumsum(per_group, axis=0) - per_group
-            pos = before[:, None] + tl.cumsum(cand_i, axis=1) - 1
-            _store_candidates(key, idx, cand, n_cand, out_key_ptr + out, out_idx_ptr + out, pos, CAP)
-        else:
-            # Heavy ties: the exact search over the tile, reloaded flat (it is in L1/L2).
-            flat = tile * BLOCK + tl.arange(0, BLOCK)
-            key_flat, idx_flat = _load_keys(src_ptr, src_idx_ptr, row_ptr, flat, n, idx_base, KEY_BITS, FROM_VALUES)
-            _store_top_k(key_flat, idx_flat, K, out_key_ptr + out, out_idx_ptr + out, KEY_BITS, CAP)
-    else:
-        offs = tile * BLOCK + tl.arange(0, BLOCK)
-        key, idx = _load_keys(src_ptr, src_idx_ptr, row_ptr, offs, n, idx_base, KEY_BITS, FROM_VALUES)
-        _store_top_k(key, idx, K, out_key_ptr + out, out_idx_ptr + out, KEY_BITS, CAP)
+    grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    offs = grp[:, None] * G + tl.arange(0, G)[None, :]
+    mask = offs < n
+    v = tl.load(pre_ptr + row * stride_pb + offs, mask=mask, other=0.0)
+    packed = (_sortable_key(v, KEY_BITS).to(tl.int64) << 32) | (2147483647 - (idx_base + offs)).to(tl.int64)
+    packed = tl.where(mask, packed, -9223372036854775808)
+    tl.store(best_ptr + row * n_groups + grp, tl.max(packed, axis=1), mask=grp < n_groups)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -199,8 +105,19 @@ def _key_bits(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 16
 
 
+def sortable_keys(v: torch.Tensor) -> torch.Tensor:
+    """``_sortable_key`` in torch: float -> int32 keys in the same order (-0.0 as +0.0)."""
+    if _key_bits(v.dtype) == 16:
+        b = v.view(torch.int16).to(torch.int32)
+        s = b ^ ((b >> 15) & 0x7FFF)
+    else:
+        b = v.view(torch.int32)
+        s = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return torch.where(s == -1, 0, s)
+
+
 def keys_to_values(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``_sortable_key``: int32 keys -> the floats they came from."""
+    """Inverse of ``sortable_keys``: int32 keys -> the floats they came from."""
     if _key_bits(dtype) == 16:
         bits = torch.where(keys >= 0, keys, keys ^ 0x7FFF).to(torch.int16)
     else:
@@ -208,144 +125,82 @@ def keys_to_values(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(dtype)
 
 
-def _tile_plan(k: int, n: int, block: int) -> tuple[int, int, bool]:
-    """(BLOCK, CAP, PREFILTER) for selecting k from rows of n entries."""
-    kp = next_pow2(k)
-    block = min(max(block, 4 * kp), MAX_TILE, max(16, next_pow2(n)))
-    prefilter = 2 * kp * 4 <= block and TUNING["select_prefilter"]
-    return block, (2 * kp if prefilter else kp), prefilter
+def pack(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(value key, id) -> one int64 that orders by value, then by lower id; distinct per id."""
+    return (keys.to(torch.int64) << 32) | (IDX_PAD - ids.to(torch.int64))
 
 
-def _launch_select(src, src_idx, out_key, out_idx, n, idx_base, tile_base, k, block, cap, prefilter, key_bits):
-    B = src.shape[0]
-    n_tiles_out = out_key.shape[1]
-    grid = (B, triton.cdiv(n, block))
-    _topk_select_kernel[grid](
-        src,
-        src_idx if src_idx is not None else src,
-        out_key,
-        out_idx,
-        n,
-        src.stride(0),
-        idx_base,
-        tile_base,
-        n_tiles_out,
-        k,
-        BLOCK=block,
-        CAP=cap,
-        G=TUNING["select_group"],
-        KEY_BITS=key_bits,
-        FROM_VALUES=src_idx is None,
-        PREFILTER=prefilter,
+def unpack(packed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 packed keys -> (values in ``dtype``, int64 ids)."""
+    return keys_to_values((packed >> 32).to(torch.int32), dtype), IDX_PAD - (packed & 0xFFFFFFFF)
+
+
+def group_best(pre: torch.Tensor, f0: int, G: int) -> torch.Tensor:
+    """Each group of G consecutive columns' best entry, packed; [B, ceil(w / G)] int64."""
+    B, w = pre.shape
+    n_groups = triton.cdiv(w, G)
+    if not use_triton(pre):
+        ids = torch.arange(f0, f0 + w, device=pre.device)
+        packed = pack(sortable_keys(pre), ids.expand(B, w))
+        padded = torch.full((B, n_groups * G), KEY_NONE, dtype=torch.int64, device=pre.device)
+        padded[:, :w] = packed
+        return padded.view(B, n_groups, G).amax(2)
+    best = torch.empty(B, n_groups, dtype=torch.int64, device=pre.device)
+    groups = max(1, min(TUNING["select_groups"], triton.next_power_of_2(n_groups)))
+    _group_best_kernel[(B, triton.cdiv(n_groups, groups))](
+        pre,
+        best,
+        w,
+        pre.stride(0),
+        f0,
+        n_groups,
+        G=G,
+        GROUPS=groups,
+        KEY_BITS=_key_bits(pre.dtype),
         num_warps=TUNING["select_warps"],
     )
+    return best
 
 
-def _select_candidates(pre_chunks, B, F, k, key_bits, device):
-    """Runs the first selection level over each pre-activation chunk; returns (keys, ids) [B, n]."""
-    block, cap, prefilter = _tile_plan(k, F, TUNING["select_block"])
-    n_tiles = sum(triton.cdiv(w, block) for _, w in pre_chunks.plan)
-    keys = torch.empty(B, n_tiles, cap, device=device, dtype=torch.int32)
-    ids = torch.empty_like(keys)
-    tile_base = 0
-    for f0, pre in pre_chunks:
-        w = pre.shape[1]
-        _launch_select(pre, None, keys, ids, w, f0, tile_base, k, block, cap, prefilter, key_bits)
-        tile_base += triton.cdiv(w, block)
-    return keys.view(B, -1), ids.view(B, -1)
-
-
-def _merge_candidates(keys, ids, k, key_bits):
-    """Reduces [B, n] candidates with the selection kernel until at most ``merge_final`` are left per row."""
-    B = keys.shape[0]
-    while keys.shape[1] > max(TUNING["merge_final"], 4 * next_pow2(k)):
-        n = keys.shape[1]
-        block, cap, prefilter = _tile_plan(k, n, TUNING["merge_block"])
-        out_key = torch.empty(B, triton.cdiv(n, block), cap, device=keys.device, dtype=torch.int32)
-        out_idx = torch.empty_like(out_key)
-        _launch_select(keys, ids, out_key, out_idx, n, 0, 0, k, block, cap, prefilter, key_bits)
-        keys, ids = out_key.view(B, -1), out_idx.view(B, -1)
-    return keys, ids
+def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
+    """The exact top-k entries of a [B, w] chunk whose column 0 is latent f0, packed; [B, min(k, ...)]."""
+    B, w = pre.shape
+    G = TUNING["select_group"]
+    best = group_best(pre, f0, G)
+    top_groups = torch.topk(best, min(k, best.shape[1]), dim=1, sorted=False).values
+    first = ((IDX_PAD - (top_groups & 0xFFFFFFFF)) - f0) // G * G  # first column of each chosen group
+    cols = (first.unsqueeze(2) + torch.arange(G, device=pre.device)).view(B, -1)
+    inside = cols < w
+    keys = sortable_keys(pre.gather(1, cols.clamp(max=w - 1)))
+    packed = torch.where(inside, pack(keys, cols + f0), KEY_NONE)
+    return torch.topk(packed, min(k, packed.shape[1]), dim=1, sorted=False).values
 
 
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection alone on a given [B, F] tensor: (values, int64 ids), [B, k], by the tie rule."""
-    key_bits = _key_bits(pre.dtype)
-    keys, ids = _select_candidates(_GivenChunk(pre), pre.shape[0], pre.shape[1], k, key_bits, pre.device)
-    keys, ids = _merge_candidates(keys, ids, k, key_bits)
-    return final_top_k(keys, ids, k, pre.dtype)
+    return unpack(torch.topk(chunk_top_k(pre, 0, k), k, dim=1, sorted=True).values, pre.dtype)
 
 
-class _GivenChunk:
-    """One chunk holding all of F: the selection over a pre-activation tensor that already exists."""
-
-    def __init__(self, pre):
-        self.plan = [(0, pre.shape[1])]
-        self.pre = pre
-
-    def __iter__(self):
-        yield 0, self.pre
-
-
-class _PreChunks:
-    """Iterates (first latent, [B, w] pre-activations) over chunks of F, reusing one buffer."""
-
-    def __init__(self, xc, W_enc, b_enc):
-        B, F = xc.shape[0], W_enc.shape[0]
-        per_col = max(1, B * xc.element_size())
-        tile = TUNING["select_block"]
-        width = max(tile, TUNING["chunk_bytes"] // per_col // tile * tile)
-        self.width = min(F, width)
-        self.plan = [(f0, min(F, f0 + self.width) - f0) for f0 in range(0, F, self.width)]
-        self.xc, self.W_enc, self.b_enc = xc, W_enc, b_enc
-        self.buf = torch.empty(B * self.width, device=xc.device, dtype=xc.dtype)
-
-    def __iter__(self):
-        B = self.xc.shape[0]
-        for f0, w in self.plan:
-            pre = self.buf[: B * w].view(B, w)
-            torch.addmm(self.b_enc[f0 : f0 + w], self.xc, self.W_enc[f0 : f0 + w].T, out=pre)
-            yield f0, pre
-
-
-def final_top_k(keys: torch.Tensor, ids: torch.Tensor, k: int, dtype: torch.dtype):
-    """The exact top-k of each row's candidates, ordered by the tie rule; (values, int64 ids).
-
-    Packing (key, IDX_PAD - id) into one int64 makes every candidate distinct and
-    orders it by value, then by lower id, so torch.topk over the few candidates
-    left (sorted) is exact and settles the order in the same call.
-    """
-    packed = (keys.to(torch.int64) << 32) | (IDX_PAD - ids.to(torch.int64))
-    top = torch.topk(packed, k, dim=1, sorted=True).values
-    return keys_to_values((top >> 32).to(torch.int32), dtype), IDX_PAD - (top & 0xFFFFFFFF)
+def pre_chunks(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor):
+    """Yields (first latent, [B, w] pre-activations) over chunks of F, reusing one buffer."""
+    B, F = xc.shape[0], W_enc.shape[0]
+    G = TUNING["select_group"]
+    width = max(G, TUNING["chunk_bytes"] // max(1, B * xc.element_size()) // G * G)
+    width = min(F, width)
+    buf = torch.empty(B * width, device=xc.device, dtype=xc.dtype)
+    for f0 in range(0, F, width):
+        w = min(F, f0 + width) - f0
+        pre = buf[: B * w].view(B, w)
+        torch.addmm(b_enc[f0 : f0 + w], xc, W_enc[f0 : f0 + w].T, out=pre)
+        yield f0, pre
 
 
 def topk_encode_fwd(x, W_enc, b_enc, k, b_dec):
     """Returns (vals [B, k] in x's dtype, indices [B, k] int64), in descending order."""
-    B = x.shape[0]
-    F = W_enc.shape[0]
     xc = x - b_dec if b_dec is not None else x
-    if not use_triton(x):
-        return _topk_encode_fwd_torch(xc, W_enc, b_enc, k)
-    key_bits = _key_bits(x.dtype)
-    keys, ids = _select_candidates(_PreChunks(xc, W_enc, b_enc), B, F, k, key_bits, x.device)
-    keys, ids = _merge_candidates(keys, ids, k, key_bits)
-    values, indices = final_top_k(keys, ids, k, x.dtype)
+    best = torch.cat([chunk_top_k(pre, f0, k) for f0, pre in pre_chunks(xc, W_enc, b_enc)], dim=1)
+    values, indices = unpack(torch.topk(best, k, dim=1, sorted=True).values, x.dtype)
     return torch.relu(values), indices
-
-
-def _topk_encode_fwd_torch(xc, W_enc, b_enc, k):
-    """CPU path without the interpreter: the same chunked GEMM, then a running stable top-k merge."""
-    best_v = best_i = None
-    for f0, pre in _PreChunks(xc, W_enc, b_enc):
-        v, i = torch.sort(pre, dim=1, descending=True, stable=True)
-        v, i = v[:, :k], i[:, :k] + f0
-        if best_v is not None:
-            # Earlier chunks hold lower ids and come first, so the stable sort keeps the tie rule.
-            v, j = torch.sort(torch.cat([best_v, v], 1), dim=1, descending=True, stable=True)
-            v, i = v[:, :k], torch.cat([best_i, i], 1).gather(1, j[:, :k])
-        best_v, best_i = v, i
-    return torch.relu(best_v), best_i
 
 
 def topk_encode_bwd(dvals, x, W_enc, b_dec, vals, indices, csr=None):
@@ -468,8 +323,6 @@ def check_encoder_args(x, W_enc, b_enc, k, b_dec):
         raise ValueError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= F:
         raise ValueError(f"k must lie in [1, F={F}], got k={k}")
-    if k > MAX_K:
-        raise ValueError(f"k={k} is above the selection kernel's limit of {MAX_K}")
     check_same_dtype("x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
     check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
     return B, D, F
@@ -491,7 +344,7 @@ def topk_encode(
         x: [B, D] inputs, fp32, bf16 or fp16.
         W_enc: [F, D] encoder rows (one per latent), x's dtype.
         b_enc: [F] encoder bias, x's dtype.
-        k: active latents per row, 1 <= k <= min(F, 8192).
+        k: active latents per row, 1 <= k <= F.
         b_dec: optional [D] decoder bias, subtracted from x first (the usual
             "centring"); x's dtype.
 

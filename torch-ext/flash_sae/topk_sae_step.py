@@ -170,7 +170,7 @@ def topk_sae_step(
         x: [B, D] activations, fp32, bf16 or fp16.
         W_enc: [F, D] encoder rows; b_enc: [F]; W_dec: [F, D] decoder rows;
             b_dec: [D], subtracted before encoding and added after decoding. All x's dtype.
-        k: active latents per row, 1 <= k <= min(F, 8192).
+        k: active latents per row, 1 <= k <= F.
 
     Returns:
         ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``: ``loss`` is a 0-d
