@@ -55,7 +55,7 @@ TUNING = {
     # per program of the group-maximum kernel and its warps, and the byte
     # budget of one pre-activation chunk (the forward's transient GEMM output).
     "select_group": 32,
-    "select_groups": 64,
+    "select_groups": 256,
     "select_warps": 4,
     "chunk_bytes": 512 * 2**20,
 }
