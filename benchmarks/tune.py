@@ -73,13 +73,14 @@ def encoder_sweeps(fs, common, default, only, record):
         x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, generator=g)
         W = torch.randn(F, D, device="cuda", dtype=torch.bfloat16, generator=g) / D**0.5
         b = torch.zeros(F, device="cuda", dtype=torch.bfloat16)
-        vals, idx = enc.topk_encode_fwd(x, W, b, K, b)
+        bd = torch.zeros(D, device="cuda", dtype=torch.bfloat16)
+        vals, idx = enc.topk_encode_fwd(x, W, b, K, bd)
         dv = torch.randn_like(vals)
         stages = {
             "gemm_addmm": lambda: torch.addmm(b, x, W.T),
             "torch_addmm_topk": lambda: torch.topk(torch.addmm(b, x, W.T), K, dim=1),
-            "encode_fwd": lambda: enc.topk_encode_fwd(x, W, b, K, b),
-            "encode_bwd": lambda: enc.topk_encode_bwd(dv, x, W, b, vals, idx),
+            "encode_fwd": lambda: enc.topk_encode_fwd(x, W, b, K, bd),
+            "encode_bwd": lambda: enc.topk_encode_bwd(dv, x, W, bd, vals, idx),
         }
         for name, fn in stages.items():
             record(kind="encode_stage", stage=name, ms=bench(fn), **shape)
