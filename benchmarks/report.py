@@ -9,7 +9,14 @@ import json
 import sys
 from pathlib import Path
 
-IMPL_ORDER = ["flash-sae", "torch eager", "torch.compile", "torch dense [B,F]@W"]
+IMPL_ORDER = [
+    "flash-sae",
+    "torch eager",
+    "torch.compile",
+    "torch dense [B,F]@W",
+    "torch eager (dense)",
+    "torch.compile (dense)",
+]
 
 
 def shape_key(r):
@@ -38,8 +45,12 @@ def markdown(data) -> str:
                 cells = []
                 floor = ""
                 for impl in impls:
-                    r = next(r for r in sel if shape_key(r) == shape and r["impl"] == impl)
-                    cells.append(f"{r['ms']:.3f} / {r['graph_ms']:.3f} / {r['peak_gib']:.2f}")
+                    r = next((r for r in sel if shape_key(r) == shape and r["impl"] == impl), None)
+                    if r is None:  # not run at this shape (torch.compile skips the scale rows)
+                        cells.append("not run")
+                        continue
+                    cell = f"{r['ms']:.3f} / {r['graph_ms']:.3f} / {r['peak_gib']:.2f}"
+                    cells.append(cell if not r.get("error") else r["error"][:40])
                     if impl == "flash-sae":
                         floor = f"{r['pct_floor']:.0f}%"
                 lines.append(f"| ({shape}) | " + " | ".join(cells) + f" | {floor} |")
@@ -62,7 +73,10 @@ def plot(data, path: Path) -> None:
         impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in sel)]
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
-            ys = [next(r["graph_ms"] for r in sel if shape_key(r) == s and r["impl"] == impl) for s in shapes]
+            ys = [
+                next((r["graph_ms"] for r in sel if shape_key(r) == s and r["impl"] == impl), float("nan"))
+                for s in shapes
+            ]
             ax.bar([i + j * width for i in range(len(shapes))], ys, width, label=impl)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
         ax.set_xticklabels([s.replace(",", "\n", 1) for s in shapes], fontsize=7)

@@ -120,3 +120,97 @@ def test_non_contiguous_inputs_are_handled(fs, device, op):
     torch.testing.assert_close(
         torch.autograd.grad(out_view, [w_view], g)[0], torch.autograd.grad(out_copy, [w_copy], g)[0], rtol=0, atol=0
     )
+
+
+# The encoder and the full step ------------------------------------------------------
+
+
+def _sae_args(device):
+    """x, W_enc, b_enc, W_dec, b_dec, k: a valid small step."""
+    g = torch.Generator().manual_seed(3)
+    D, F = 9, 13
+    return [
+        torch.randn(4, D, generator=g).to(device),
+        torch.randn(F, D, generator=g).to(device),
+        torch.randn(F, generator=g).to(device),
+        torch.randn(F, D, generator=g).to(device),
+        torch.randn(D, generator=g).to(device),
+        3,
+    ]
+
+
+def _set(i, f):
+    return lambda a: a.__setitem__(i, f(a[i]))
+
+
+# (description, text the message must contain, how to break the good arguments)
+SAE_BREAKS = [
+    ("x 1-D", "x must be 2-D", _set(0, lambda t: t.reshape(-1))),
+    ("x float64", "x must have dtype", _set(0, lambda t: t.double())),
+    ("x int", "x must have dtype", _set(0, lambda t: t.int())),
+    ("x not a tensor", "x must be a torch.Tensor", _set(0, lambda t: t.tolist())),
+    ("empty batch", "empty batch", _set(0, lambda t: t[:0])),
+    ("W_enc wrong width", "W_enc must have shape", _set(1, lambda t: t[:, :5])),
+    ("W_enc 3-D", "W_enc must be 2-D", _set(1, lambda t: t[None])),
+    ("W_enc dtype", "W_enc has dtype", _set(1, lambda t: t.half())),
+    ("b_enc wrong length", "b_enc must have shape", _set(2, lambda t: t[:4])),
+    ("b_enc dtype", "b_enc has dtype", _set(2, lambda t: t.bfloat16())),
+    ("b_dec wrong length", "b_dec must have shape", _set(4, lambda t: t[:2])),
+    ("b_dec on another device", "on meta", _set(4, lambda t: t.to("meta"))),
+    ("k > F", "k must lie in", _set(5, lambda k: 14)),
+    ("k = 0", "k must lie in", _set(5, lambda k: 0)),
+    ("k negative", "k must lie in", _set(5, lambda k: -1)),
+    ("k float", "k must be an int", _set(5, lambda k: 3.0)),
+    ("k bool", "k must be an int", _set(5, lambda k: True)),
+    ("k tensor", "k must be an int", _set(5, lambda k: torch.tensor(3))),
+]
+STEP_BREAKS = [
+    ("W_dec wrong shape", "W_dec must have W_enc's shape", _set(3, lambda t: t[:5])),
+    ("W_dec dtype", "W_dec has dtype", _set(3, lambda t: t.half())),
+    ("W_dec on another device", "on meta", _set(3, lambda t: t.to("meta"))),
+    ("b_dec None", "b_dec must be a", _set(4, lambda t: None)),
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", SAE_BREAKS, ids=[b[0] for b in SAE_BREAKS])
+def test_topk_encode_rejects(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    x, W_enc, b_enc, _, b_dec, k = args
+    with pytest.raises(ValueError, match=match):
+        fs.topk_encode(x, W_enc, b_enc, k, b_dec)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", SAE_BREAKS + STEP_BREAKS, ids=[b[0] for b in SAE_BREAKS + STEP_BREAKS])
+def test_topk_sae_step_rejects(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    with pytest.raises(ValueError, match=match):
+        fs.topk_sae_step(*args)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(d_model=0, n_features=8, k=2), "d_model"),
+        (dict(d_model=4, n_features=0, k=1), "n_features"),
+        (dict(d_model=4, n_features=8, k=9), "k must be"),
+        (dict(d_model=4, n_features=8, k=0), "k must be"),
+        (dict(d_model=4.0, n_features=8, k=2), "d_model"),
+    ],
+)
+def test_sparse_autoencoder_rejects(fs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fs.SparseAutoencoder(**kwargs)
+
+
+@pytest.mark.kernels_ci
+def test_sparse_autoencoder_default_dtype(fs, device):
+    """Without dtype, every parameter takes torch's default dtype, and a step runs."""
+    sae = fs.SparseAutoencoder(8, 16, 2, seed=0, device=device)
+    assert {p.dtype for p in sae.parameters()} == {torch.get_default_dtype()}
+    step = sae.loss(torch.randn(4, 8, device=device))
+    assert torch.isfinite(step.loss)
