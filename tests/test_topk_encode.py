@@ -81,10 +81,10 @@ def test_topk_encode_groups_and_chunks(fs, device, dtype, integer, K, monkeypatc
     must not change."""
     B, D, F = 3, 5, 2500
     x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, device, seed=K, integer=integer)
-    for group, groups, chunk_bytes in ((1, 4, 2**30), (4, 16, 1), (32, 64, 3000), (128, 2, 2**30)):
+    for group, groups, chunk_bytes in ((1, 64, 2**30), (4, 16, 2500), (32, 64, 3000), (128, 2, 2**30)):
         monkeypatch.setitem(tuning(fs), "select_group", group)
         monkeypatch.setitem(tuning(fs), "select_groups", groups)
-        monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)  # 1: chunks one group wide
+        monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)  # 2500, 3000: 4 to 12 chunks
         vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
         check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
 

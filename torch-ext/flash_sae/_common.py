@@ -57,7 +57,7 @@ TUNING = {
     "select_group": 32,
     "select_groups": 256,
     "select_warps": 4,
-    "chunk_bytes": 512 * 2**20,
+    "chunk_bytes": 2 * 2**30,
 }
 
 

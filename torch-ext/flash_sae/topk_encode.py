@@ -15,7 +15,9 @@ What is fused and what is not:
   over their packed keys give the chunk's exact top-k, which a last torch.topk
   merges across chunks, sorted. Both torch.topk calls see G and F/(kG) times
   fewer entries than torch.topk on the chunk, and nothing ever ties, because
-  the packed keys are distinct.
+  the packed keys are distinct. For bf16/fp16 (16-bit value keys) both calls
+  use int32 keys, (value key << 16) | (65535 - position), with positions in id
+  order, whenever the chunk has < 2^16 groups and k*G < 2^16.
 - backward (saves only x, the weights and the [B, k] code): with
   dpre = dvals * (vals > 0), the deterministic CSR segmented sum of ``_csr.py``
   writes ``dW_enc[f] = sum dpre[b, k] * (x - b_dec)[b]`` and
@@ -79,7 +81,7 @@ def _sortable_key(v, KEY_BITS: tl.constexpr):
 @triton.jit
 def _group_best_kernel(
     pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
-    best_ptr,  # [B, n_groups] int64 out: each group's best entry, packed
+    best_ptr,  # [B, n_groups] out: each group's best entry, packed (int64, or int32 if PACK32)
     n,
     stride_pb,
     idx_base,  # latent id of the chunk's column 0
@@ -87,15 +89,21 @@ def _group_best_kernel(
     G: tl.constexpr,
     GROUPS: tl.constexpr,  # groups per program
     KEY_BITS: tl.constexpr,
+    PACK32: tl.constexpr,  # 16-bit keys and < 2^16 groups: (max key << 16) | (65535 - group)
 ):
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     offs = grp[:, None] * G + tl.arange(0, G)[None, :]
     mask = offs < n
     v = tl.load(pre_ptr + row * stride_pb + offs, mask=mask, other=0.0)
-    packed = (_sortable_key(v, KEY_BITS).to(tl.int64) << 32) | (2147483647 - (idx_base + offs)).to(tl.int64)
-    packed = tl.where(mask, packed, -9223372036854775808)
-    tl.store(best_ptr + row * n_groups + grp, tl.max(packed, axis=1), mask=grp < n_groups)
+    if PACK32:
+        # Groups with equal maxima rank by lower group index, which is the lower best id.
+        key = tl.where(mask, _sortable_key(v, KEY_BITS), -32768)
+        best = (tl.max(key, axis=1) << 16) | (65535 - grp)
+    else:
+        packed = (_sortable_key(v, KEY_BITS).to(tl.int64) << 32) | (2147483647 - (idx_base + offs)).to(tl.int64)
+        best = tl.max(tl.where(mask, packed, -9223372036854775808), axis=1)
+    tl.store(best_ptr + row * n_groups + grp, best, mask=grp < n_groups)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -135,17 +143,23 @@ def unpack(packed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return keys_to_values((packed >> 32).to(torch.int32), dtype), IDX_PAD - (packed & 0xFFFFFFFF)
 
 
-def group_best(pre: torch.Tensor, f0: int, G: int) -> torch.Tensor:
-    """Each group of G consecutive columns' best entry, packed; [B, ceil(w / G)] int64."""
+def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False) -> torch.Tensor:
+    """Each group of G consecutive columns' best entry, packed; [B, ceil(w / G)].
+
+    int64 ``pack(key, id)`` by default; with ``pack32`` (16-bit dtypes, fewer than
+    2^16 groups) int32 ``(max key << 16) | (65535 - group)``, half the bytes for torch.topk.
+    """
     B, w = pre.shape
     n_groups = triton.cdiv(w, G)
     if not use_triton(pre):
-        ids = torch.arange(f0, f0 + w, device=pre.device)
-        packed = pack(sortable_keys(pre), ids.expand(B, w))
-        padded = torch.full((B, n_groups * G), KEY_NONE, dtype=torch.int64, device=pre.device)
-        padded[:, :w] = packed
-        return padded.view(B, n_groups, G).amax(2)
-    best = torch.empty(B, n_groups, dtype=torch.int64, device=pre.device)
+        keys = torch.full((B, n_groups * G), -32768 if pack32 else 0, dtype=torch.int64, device=pre.device)
+        keys[:, :w] = sortable_keys(pre) if pack32 else pack(sortable_keys(pre), torch.arange(f0, f0 + w))
+        if not pack32:
+            keys[:, w:] = KEY_NONE
+            return keys.view(B, n_groups, G).amax(2)
+        gmax = keys.view(B, n_groups, G).amax(2).to(torch.int32)
+        return (gmax << 16) | (65535 - torch.arange(n_groups, dtype=torch.int32, device=pre.device))
+    best = torch.empty(B, n_groups, dtype=torch.int32 if pack32 else torch.int64, device=pre.device)
     groups = max(1, min(TUNING["select_groups"], triton.next_power_of_2(n_groups)))
     _group_best_kernel[(B, triton.cdiv(n_groups, groups))](
         pre,
@@ -157,6 +171,7 @@ def group_best(pre: torch.Tensor, f0: int, G: int) -> torch.Tensor:
         G=G,
         GROUPS=groups,
         KEY_BITS=_key_bits(pre.dtype),
+        PACK32=pack32,
         num_warps=TUNING["select_warps"],
     )
     return best
@@ -166,6 +181,8 @@ def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
     """The exact top-k entries of a [B, w] chunk whose column 0 is latent f0, packed; [B, min(k, ...)]."""
     B, w = pre.shape
     G = TUNING["select_group"]
+    if _key_bits(pre.dtype) == 16 and triton.cdiv(w, G) <= 65536 and k * G < 65536:
+        return _chunk_top_k_32(pre, f0, k, G)
     best = group_best(pre, f0, G)
     top_groups = torch.topk(best, min(k, best.shape[1]), dim=1, sorted=False).values
     first = ((IDX_PAD - (top_groups & 0xFFFFFFFF)) - f0) // G * G  # first column of each chosen group
@@ -174,6 +191,24 @@ def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
     keys = sortable_keys(pre.gather(1, cols.clamp(max=w - 1)))
     packed = torch.where(inside, pack(keys, cols + f0), KEY_NONE)
     return torch.topk(packed, min(k, packed.shape[1]), dim=1, sorted=False).values
+
+
+def _chunk_top_k_32(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
+    """``chunk_top_k`` for 16-bit dtypes with int32 packed keys: 16-bit value key above a 16-bit
+    position, so both torch.topk calls run a 32-bit radix select instead of a 64-bit one."""
+    B, w = pre.shape
+    best = group_best(pre, f0, G, pack32=True)
+    kg = min(k, best.shape[1])
+    groups = torch.topk(best, kg, dim=1, sorted=False).values
+    groups = torch.sort(65535 - (groups & 0xFFFF), dim=1).values  # ascending, so position order is id order
+    cols = (groups.unsqueeze(2) * G + torch.arange(G, device=pre.device, dtype=groups.dtype)).view(B, -1)
+    inside = cols < w
+    keys = sortable_keys(pre.gather(1, cols.clamp(max=w - 1).long()))
+    pos = torch.arange(cols.shape[1], device=pre.device, dtype=torch.int32)
+    packed = torch.where(inside, (keys << 16) | (65535 - pos), torch.iinfo(torch.int32).min)
+    top = torch.topk(packed, min(k, packed.shape[1]), dim=1, sorted=False).values
+    ids = cols.gather(1, (65535 - (top & 0xFFFF)).clamp(max=cols.shape[1] - 1).long()) + f0
+    return torch.where(top == torch.iinfo(torch.int32).min, KEY_NONE, pack(top >> 16, ids))
 
 
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
