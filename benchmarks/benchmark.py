@@ -66,3 +66,38 @@ class SparseDecode(TopkSaeLoss):
 
     def verify_train_step(self) -> torch.Tensor:
         return _step(self.kernel.reference.sparse_decode, self, self._args())
+
+
+def _sae_problem(bench, dtype=torch.bfloat16):
+    """x and a tied-init TopK SAE (unit-norm decoder rows, W_enc = W_dec, zero biases)."""
+    B, D, F, K = SHAPES["cpu" if bench.device == "cpu" else "gpu"]
+    g = torch.Generator(device=bench.device).manual_seed(0)
+    w = torch.randn(F, D, device=bench.device, generator=g)
+    w = (w / w.norm(dim=1, keepdim=True)).to(dtype)
+    x = torch.randn(B, D, device=bench.device, generator=g).to(dtype)
+    zeros = lambda n: torch.zeros(n, device=bench.device, dtype=dtype)  # noqa: E731
+    bench.sae = [t.requires_grad_() for t in (x, w.clone(), zeros(F), w, zeros(D))]
+    bench.k = K
+
+
+def _sae_step(fn, bench):
+    for p in bench.sae:
+        p.grad = None
+    step = fn(*bench.sae, bench.k)
+    step.loss.backward()
+    return step.loss.detach().float()
+
+
+class TopkSaeStep(Benchmark):
+    """The whole TopK SAE step: encoder GEMM, top-k, decode, MSE, forward + backward."""
+
+    seed = 0
+
+    def setup_train_step(self):
+        _sae_problem(self)
+
+    def benchmark_train_step(self):
+        self.out = _sae_step(self.kernel.topk_sae_step, self)
+
+    def verify_train_step(self) -> torch.Tensor:
+        return _sae_step(self.kernel.reference.topk_sae_step, self)
