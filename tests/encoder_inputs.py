@@ -50,15 +50,17 @@ def check_selection(fs, x, W_enc, b_enc, k, b_dec, vals, indices):
 
 
 def check_encoder_grads(fs, params, k, indices, upstream, dtype):
-    """Gradients of <upstream, vals> to x, W_enc, b_enc, b_dec vs the fp64 reference at the same code."""
+    """Gradients of <upstream, vals> to x, W_enc, b_enc (and b_dec, when ``params`` holds it) vs the
+    fp64 reference at the same code."""
     ref = fs.reference
-    x, W_enc, b_enc, b_dec = params
+    x, W_enc, b_enc, *rest = params
+    b_dec = rest[0] if rest else None
     vals, _ = fs.topk_encode(x, W_enc, b_enc, k, b_dec)
     ours = grads(vals, params, upstream)
     same_vals, _ = ref.topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices)
     same = grads(same_vals, params, upstream)
     p64 = [p.detach().double().requires_grad_() for p in params]
-    r_vals, _ = ref.topk_encode(*p64[:3], k, p64[3], indices=indices)
+    r_vals, _ = ref.topk_encode(*p64[:3], k, p64[3] if rest else None, indices=indices)
     r = grads(r_vals, p64, upstream.double())
     assert_parity("topk_encode vals", vals, same_vals, r_vals, dtype)
     for name, a, b, c, p in zip(("x", "W_enc", "b_enc", "b_dec"), ours, same, r, params):

@@ -38,8 +38,8 @@ def test_topk_encode_parity(fs, device, shape, dtype, centred, seed):
     assert vals.shape == (B, K) and vals.dtype == dtype and indices.dtype == torch.int64
     assert (vals[:, :-1] >= vals[:, 1:]).all(), "the code is not in descending order"
     check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
-    if b_dec is not None:
-        check_encoder_grads(fs, [x, W_enc, b_enc, b_dec], K, indices, _upstream(vals, seed), dtype)
+    params = [x, W_enc, b_enc] + ([b_dec] if b_dec is not None else [])
+    check_encoder_grads(fs, params, K, indices, _upstream(vals, seed), dtype)
 
 
 @pytest.mark.kernels_ci

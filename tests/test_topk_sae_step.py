@@ -58,7 +58,10 @@ def test_topk_sae_step_parity(fs, device, shape, dtype, seed):
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_sae_step_matches_composition(fs, device, dtype):
-    """The fused step equals topk_encode + topk_sae_loss (same code, loss and gradients up to fp32 rounding)."""
+    """The fused step equals topk_encode + topk_sae_loss: the same code and loss, and the same gradients
+    up to the composition's own rounding (it hands the encoder a dvals rounded to the dtype, 2^-9
+    relative in bf16, where the fused step keeps fp32): measured at most 0.6 % of the largest entry
+    in bf16, 0.08 % in fp16, and exactly 0 in fp32."""
     params = list(make_sae(9, 37, 90, 7, dtype, device, seed=4))
     x, W_enc, b_enc, W_dec, b_dec = params
     out = fs.topk_sae_step(*params, 7)

@@ -253,6 +253,12 @@ def topk_encode_bwd(dvals, x, W_enc, b_dec, vals, indices, csr=None):
     return dx, dW_enc, db_enc, db_dec
 
 
+def _backward_in_dtypes(dvals, x, W_enc, b_dec, vals, indices):
+    """``topk_encode_bwd`` with each gradient cast to its input's dtype (db_dec None without b_dec)."""
+    dx, dW_enc, db_enc, db_dec = topk_encode_bwd(dvals, x, W_enc, b_dec, vals, indices)
+    return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), db_dec.to(x.dtype) if db_dec is not None else None
+
+
 # Op registration ---------------------------------------------------------------
 
 
@@ -282,10 +288,8 @@ def _topk_encode_backward_op(
     vals: torch.Tensor,
     indices: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dW_enc, db_enc, db_dec = topk_encode_bwd(dvals, x, W_enc, b_dec, vals, indices)
-    if db_dec is None:
-        db_dec = dx.new_zeros(x.shape[1])
-    return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), db_dec.to(x.dtype)
+    dx, dW_enc, db_enc, db_dec = _backward_in_dtypes(dvals, x, W_enc, b_dec, vals, indices)
+    return dx, dW_enc, db_enc, db_dec if db_dec is not None else dx.new_zeros(x.shape[1])
 
 
 @_topk_encode_backward_op.register_fake
@@ -319,14 +323,9 @@ def _backward(ctx, dvals, _dindices, bwd=None):
     )
 
 
-def _eager_backward_op(dvals, x, W_enc, b_dec, vals, indices):
-    dx, dW_enc, db_enc, db_dec = topk_encode_bwd(dvals, x, W_enc, b_dec, vals, indices)
-    return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), db_dec.to(x.dtype) if db_dec is not None else None
-
-
 _topk_encode_op.register_autograd(_backward, setup_context=_setup_context)
 _topk_encode_eager = eager_function(
-    "TopkEncode", _forward, _setup_context, lambda ctx, dv, di: _backward(ctx, dv, di, bwd=_eager_backward_op)
+    "TopkEncode", _forward, _setup_context, lambda ctx, dv, di: _backward(ctx, dv, di, bwd=_backward_in_dtypes)
 )
 
 
