@@ -7,14 +7,18 @@ kernel-builder's noarch layout: the package files copied flat, a generated
 sources), and ``metadata.json``. Load the result offline with
 ``kernels.get_local_kernel(Path("build"))``, or with
 ``LOCAL_KERNELS="org/flash-sae=<checkout>"`` and
-``kernels.get_kernel("org/flash-sae", version=1)``.
+``kernels.get_kernel("org/flash-sae", version=1)``: ``load_kernel()`` below
+does both, and is the one loader the tests, benchmarks, example and GPU
+script use. ``python build_local.py --env`` builds and prints the
+``LOCAL_KERNELS=...`` assignment for a shell.
 
-Only the standard library is used, so this runs before anything is installed.
+Building uses only the standard library, so it runs before anything is installed.
 """
 
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tomllib
@@ -98,12 +102,42 @@ def build(root: Path = ROOT, out: Path | None = None) -> list[Path]:
     return variants
 
 
+def local_kernels_entry(root: Path = ROOT) -> str:
+    """The ``LOCAL_KERNELS`` value that maps the repo id to this checkout."""
+    return f"{repo_id(root)}={root}"
+
+
+def load_kernel(root: Path = ROOT):
+    """flash-sae as a user loads it: ``get_kernel(<repo id>, version=1)``, offline, from this checkout.
+
+    Builds the checkout and points ``LOCAL_KERNELS`` at it, unless
+    ``LOCAL_KERNELS`` is already set (nix's ci-test sets it to its own build).
+    """
+    from kernels import get_kernel
+
+    if "LOCAL_KERNELS" not in os.environ:
+        build(root)
+        os.environ["LOCAL_KERNELS"] = local_kernels_entry(root)
+    try:
+        return get_kernel(repo_id(root), version=1)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}\nLOCAL_KERNELS={os.environ['LOCAL_KERNELS']!r} maps {repo_id(root)} to a folder with no "
+            "build for this torch: run `python build_local.py` in that checkout (it writes build/torch-<backend>/)"
+        ) from err
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ./build)")
+    parser.add_argument("--env", action="store_true", help="print LOCAL_KERNELS=<repo id>=<checkout> after building")
     args = parser.parse_args(argv)
-    for variant in build(out=args.out):
-        print(f"wrote {variant}")
+    variants = build(out=args.out)
+    if args.env:
+        print(f"LOCAL_KERNELS={local_kernels_entry()}")
+    else:
+        for variant in variants:
+            print(f"wrote {variant}")
     return 0
 
 

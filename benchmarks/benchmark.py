@@ -59,7 +59,7 @@ class HierarchicalTopkSaeLoss(TopkSaeLoss):
 
 class SparseDecode(TopkSaeLoss):
     def _args(self):
-        return (self.indices, self.vals, self.weight, self.bias)
+        return (self.vals, self.indices, self.weight, self.bias)
 
     def benchmark_train_step(self):
         self.out = _step(self.kernel.sparse_decode, self, self._args())

@@ -13,9 +13,8 @@ if ! python3 -c "import kernels" 2>/dev/null; then
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
-python3 build_local.py >/dev/null || exit 1
-REPO_ID=$(python3 -c "import tomllib; print(tomllib.load(open('build.toml','rb'))['general']['hub']['repo-id'])")
-export LOCAL_KERNELS="$REPO_ID=$PWD"
+entry=$(python3 build_local.py --env) || exit 1  # builds, prints LOCAL_KERNELS=<repo id>=<checkout>
+export "$entry"
 status=0
 for stage in "$@"; do
   case "$stage" in

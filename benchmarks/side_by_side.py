@@ -22,10 +22,7 @@ Usage: python benchmarks/side_by_side.py [--quick] [--out benchmarks/results]
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import torch
@@ -50,13 +47,11 @@ QUANTILES = [0.5, 0.2, 0.8]
 
 
 def load_kernel():
-    from kernels import get_kernel
+    """flash-sae through ``get_kernel``, from this checkout (``build_local.load_kernel``)."""
+    sys.path.insert(0, str(ROOT))
+    import build_local
 
-    repo = tomllib.loads((ROOT / "build.toml").read_text())["general"]["hub"]["repo-id"]
-    if "LOCAL_KERNELS" not in os.environ:
-        subprocess.run([sys.executable, str(ROOT / "build_local.py")], check=True, capture_output=True)
-        os.environ["LOCAL_KERNELS"] = f"{repo}={ROOT}"
-    return get_kernel(repo, version=1)
+    return build_local.load_kernel()
 
 
 def make_problem(B, D, F, K, dtype, device, seed=0):
@@ -199,7 +194,7 @@ def measure(fn, indices, params, op):
     def call():
         if op == "sparse_decode":
             weight, vals, bias, _ = params
-            return fn(indices, vals, weight, bias)
+            return fn(vals, indices, weight, bias)
         return fn(indices, *params)
 
     return measure_call(call, params)

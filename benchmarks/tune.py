@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sweeps the launch policy in ``_common.TUNING`` (and the hierarchical window size)
+"""Sweeps the launch policy in ``_launch.TUNING`` (and the hierarchical window size)
 and times each stage of the decoder ops separately, so every choice in
 benchmarks/NOTES.md has a measurement behind it.
 
@@ -33,7 +33,8 @@ def encoder_sweeps(fs, common, default, only, record):
     """The top-k selection against torch.topk on the same [B, F] bf16 pre-activations, its stages,
     and a sweep of its policy (group size, groups per program, warps); then the encoder's stages
     (GEMM alone, GEMM + torch.topk, our forward and backward) at the default policy."""
-    enc = sys.modules[fs.__name__ + ".topk_encode"]
+    enc = sys.modules[fs.__name__ + ".primitives.select"]
+    encode = sys.modules[fs.__name__ + ".ops.topk.topk_encode"]
     for B, F, K in SELECT_SHAPES if "select" in only else []:
         shape = dict(B=B, F=F, K=K)
         pre = torch.randn(B, F, device="cuda", dtype=torch.bfloat16)
@@ -74,13 +75,13 @@ def encoder_sweeps(fs, common, default, only, record):
         W = torch.randn(F, D, device="cuda", dtype=torch.bfloat16, generator=g) / D**0.5
         b = torch.zeros(F, device="cuda", dtype=torch.bfloat16)
         bd = torch.zeros(D, device="cuda", dtype=torch.bfloat16)
-        vals, idx = enc.topk_encode_fwd(x, W, b, K, bd)
+        vals, idx = encode.topk_encode_fwd(x, W, b, bd, K)
         dv = torch.randn_like(vals)
         stages = {
             "gemm_addmm": lambda: torch.addmm(b, x, W.T),
             "torch_addmm_topk": lambda: torch.topk(torch.addmm(b, x, W.T), K, dim=1),
-            "encode_fwd": lambda: enc.topk_encode_fwd(x, W, b, K, bd),
-            "encode_bwd": lambda: enc.topk_encode_bwd(dv, x, W, bd, vals, idx),
+            "encode_fwd": lambda: encode.topk_encode_fwd(x, W, b, bd, K),
+            "encode_bwd": lambda: encode.topk_encode_bwd(dv, x, W, bd, vals, idx, [True] * 4),
         }
         for name, fn in stages.items():
             record(kind="encode_stage", stage=name, ms=bench(fn), **shape)
@@ -97,11 +98,11 @@ def main():
     args = parser.parse_args()
     fs = load_kernel()
     pkg = fs.__name__
-    common = sys.modules[pkg + "._common"]
-    csr = sys.modules[pkg + "._csr"]
-    dec = sys.modules[pkg + ".sparse_decode"]
-    topk = sys.modules[pkg + ".topk_sae_loss"]
-    hier = sys.modules[pkg + ".hierarchical_topk_sae_loss"]
+    common = sys.modules[pkg + "._launch"]
+    csr = sys.modules[pkg + ".primitives.csr"]
+    gather = sys.modules[pkg + ".primitives.gather"]
+    topk = sys.modules[pkg + ".ops.decode.topk_sae_loss"]
+    hier = sys.modules[pkg + ".ops.decode.hierarchical_topk_sae_loss"]
     default = dict(common.TUNING)
     rows = []
 
@@ -119,15 +120,17 @@ def main():
         grad = torch.tensor(1.0, device="cuda")
         # Stage times at the default policy.
         common.TUNING.update(default)
-        _, residual = topk.topk_sae_loss_fwd(indices, w, v, b, t)
+        _, residual = topk.topk_sae_loss_fwd(indices, w, v, b, t, False)
+        _, h_residual, h_esum = hier.hierarchical_topk_sae_loss_fwd(indices, w, v, b, t, False)
+        needs = [True, True, False, False]  # dweight and dvals, as the segmented / scan passes compute them
         stages = {
-            "topk_fwd": lambda: topk.topk_sae_loss_fwd(indices, w, v, b, t),
+            "topk_fwd": lambda: topk.topk_sae_loss_fwd(indices, w, v, b, t, False),
             "csr_transpose": lambda: csr.csr_transpose(indices, F),
-            "topk_bwd": lambda: topk.topk_sae_loss_bwd(grad, indices, w, v, residual),
-            "decode_fwd": lambda: dec.sparse_decode_fwd(indices, v, w, b),
-            "decode_bwd": lambda: dec.sparse_decode_bwd(t, indices, v, w),
-            "hier_fwd": lambda: hier.hierarchical_topk_sae_loss_fwd(indices, w, v, b, t),
-            "hier_bwd": lambda: hier.hierarchical_topk_sae_loss_bwd(grad, indices, w, v, residual),
+            "topk_bwd": lambda: topk.topk_sae_loss_bwd(grad, indices, w, v, residual, needs),
+            "decode_fwd": lambda: gather.gather_rows(v, indices, w, b),
+            "decode_bwd": lambda: gather.gather_rows_backward(t, v, indices, w),
+            "hier_fwd": lambda: hier.hierarchical_topk_sae_loss_fwd(indices, w, v, b, t, False),
+            "hier_bwd": lambda: hier.hierarchical_topk_sae_loss_bwd(grad, indices, w, v, h_residual, h_esum, needs),
             "zero_fill_dweight": lambda: torch.zeros_like(w),
             "torch_sort_BK": lambda: torch.sort(indices.reshape(-1).int(), stable=True),
         }
@@ -157,12 +160,11 @@ def main():
             )
         common.TUNING.update(default)
         # Hierarchical window.
-        saved = hier.BUFFER_BYTES
         for mb in [32, 128, 512, 4096] if "window" in only else []:
-            hier.BUFFER_BYTES = mb * 2**20
+            common.TUNING.update(default, hierarchical_buffer_bytes=mb * 2**20)
             record(kind="window", buffer_mib=mb, ms=bench(stages["hier_bwd"]), **shape)
-        hier.BUFFER_BYTES = saved
-        del indices, weight, vals, bias, target, w, v, b, t, residual
+        common.TUNING.update(default)
+        del indices, weight, vals, bias, target, w, v, b, t, residual, h_residual, h_esum
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(gpu=torch.cuda.get_device_name(), date=str(datetime.date.today()), torch=torch.__version__)

@@ -118,6 +118,34 @@ def check_loss_parity(fs, op, shape, dtype, device, *, seed, duplicates=False, i
         assert_parity(f"{op} d{name}", a, b, c, dtype)
 
 
+def check_decode_parity(fs, shape, dtype, device, *, seed, duplicates=False, with_bias=True, index_dtype=torch.int64):
+    """sparse_decode's x_hat and its gradients (vals, weight, bias) under a random upstream gradient."""
+    B, K, F, D = shape
+    indices, weight, vals, bias, _ = make_inputs(
+        B, K, F, D, dtype, device, seed=seed, duplicates=duplicates, index_dtype=index_dtype
+    )
+    bias = bias if with_bias else None
+    params = [vals, weight] + ([bias] if with_bias else [])
+    # The upstream gradient has x_hat's dtype; the reference sees the same rounded values.
+    upstream = torch.randn(B, D, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+
+    ours = fs.sparse_decode(vals, indices, weight, bias)
+    assert ours.dtype == dtype and ours.shape == (B, D)
+    ours_grads = grads(ours, params, upstream)
+
+    same = fs.reference.sparse_decode(vals, indices, weight, bias)
+    same_grads = grads(same, params, upstream)
+
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    ref = fs.reference.sparse_decode(p64[0], indices, p64[1], p64[2] if with_bias else None)
+    ref_grads = grads(ref, p64, upstream.double())
+
+    assert_parity("x_hat", ours, same, ref, dtype)
+    for name, a, b, c in zip(("vals", "weight", "bias"), ours_grads, same_grads, ref_grads):
+        assert a.dtype == dtype
+        assert_parity(f"d{name}", a, b, c, dtype)
+
+
 # Shared checks for every op: determinism, opcheck, torch.compile parity ---------
 
 LOSS_OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss")
@@ -128,7 +156,7 @@ def call_op(fs, op, inputs):
     indices, weight, vals, bias, target = inputs
     if op == "sparse_decode":
         params = [vals, weight, bias]
-        out = fs.sparse_decode(indices, vals, weight, bias)
+        out = fs.sparse_decode(vals, indices, weight, bias)
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
     else:
         params = [weight, vals, bias, target]
@@ -146,31 +174,42 @@ def check_deterministic(fs, op, device):
         assert torch.equal(a, b), "gradients differ between two identical calls"
 
 
+def package_module(fs, name):
+    """A submodule of the loaded package, e.g. ``package_module(fs, "_launch")``."""
+    return sys.modules[f"{fs.__name__}.{name}"]
+
+
 def raw_op(fs, op):
     """The registered torch.library op behind a public function."""
-    return getattr(sys.modules[fs.__name__ + "._ops"].ops, op)
+    return getattr(package_module(fs, "_ops").ops, op)
 
 
 def op_args(op, inputs):
     indices, weight, vals, bias, target = inputs
     if op == "sparse_decode":
-        return (indices, vals, weight, bias, False)
+        return (vals, indices, weight, bias, False)
     return (indices, weight, vals, bias, target, False)
+
+
+# Every backward op takes ``needs`` last: one bool per gradient it can return.
+ALL_NEEDED = {"sparse_decode": [True] * 3, "topk_sae_loss": [True] * 4, "hierarchical_topk_sae_loss": [True] * 4}
 
 
 def check_opcheck(fs, op, device, dtype):
     inputs = make_inputs(6, 5, 19, 37, dtype, device, seed=5, duplicates=True)
     torch.library.opcheck(raw_op(fs, op), op_args(op, inputs))
-    # The backward op on its own, too.
+    # The backward op on its own too, with every gradient asked for and with some not.
     detached = [t.detach() if t.is_floating_point() else t for t in inputs]
     indices, weight, vals, bias, target = detached
-    if op == "sparse_decode":
-        grad = torch.randn(indices.shape[0], weight.shape[1], dtype=dtype, device=device)
-        torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, indices, vals, weight))
-    else:
-        residual = raw_op(fs, op)(*op_args(op, detached))[1]
-        grad = torch.tensor(0.7, device=device)
-        torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, indices, weight, vals, residual))
+    needed = ALL_NEEDED[op]
+    for needs in (needed, [i % 2 == 0 for i in range(len(needed))]):
+        if op == "sparse_decode":
+            grad = torch.randn(indices.shape[0], weight.shape[1], dtype=dtype, device=device)
+            torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, vals, indices, weight, bias, needs))
+        else:
+            saved = raw_op(fs, op)(*op_args(op, detached))[1:]
+            grad = torch.tensor(0.7, device=device)
+            torch.library.opcheck(raw_op(fs, op + "_backward"), (grad, indices, weight, vals, *saved, needs))
 
 
 def check_compile(fs, op, device):
@@ -185,7 +224,7 @@ def check_compile(fs, op, device):
             indices, weight, vals, bias, target = inputs
             eager_out, eager_grads = call_op(fs, op, inputs)
             if op == "sparse_decode":
-                out = compiled(indices, vals, weight, bias)
+                out = compiled(vals, indices, weight, bias)
                 params = [vals, weight, bias]
                 upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
             else:

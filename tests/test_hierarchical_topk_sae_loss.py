@@ -1,10 +1,22 @@
 """hierarchical_topk_sae_loss: parity with the fp64 reference, determinism, compile and opcheck."""
 
+import sys
+
 import pytest
 import torch
+from encoder_inputs import tuning
 from hypothesis import given
 from hypothesis import strategies as st
-from parity import DTYPES, check_compile, check_deterministic, check_loss_parity, check_opcheck, problem_shapes
+from parity import (
+    DTYPES,
+    call_op,
+    check_compile,
+    check_deterministic,
+    check_loss_parity,
+    check_opcheck,
+    make_inputs,
+    problem_shapes,
+)
 
 OP = "hierarchical_topk_sae_loss"
 
@@ -17,14 +29,21 @@ def test_hierarchical_topk_sae_loss_parity(fs, device, shape, dtype, dup, seed):
 
 @pytest.mark.kernels_ci
 def test_hierarchical_topk_sae_loss_windows(fs, device, monkeypatch):
-    """The backward walks D in column windows sized by BUFFER_BYTES; several windows
-    (including a ragged last one) must give the same gradients as one."""
-    module = __import__(fs.hierarchical_topk_sae_loss.__module__, fromlist=["BUFFER_BYTES"])
-    shape = (5, 7, 40, 600)
-    check_loss_parity(fs, OP, shape, torch.float32, device, seed=3)
-    monkeypatch.setattr(module, "BUFFER_BYTES", 5 * 7 * 4 * 256)  # one 256-column window
-    assert module.window_columns(5, 7, 600, 256) == 256
-    check_loss_parity(fs, OP, shape, torch.float32, device, seed=3)
+    """The backward walks D in column windows whose buffer fits TUNING["hierarchical_buffer_bytes"].
+    Several windows (a ragged last one included) must give bitwise the gradients of one window:
+    each column's sums run in the same order either way."""
+    module = sys.modules[fs.hierarchical_topk_sae_loss.__module__]
+    B, K, F, D = 5, 7, 40, 600
+    inputs = make_inputs(B, K, F, D, torch.float32, device, seed=3, duplicates=True)
+    out_one, grads_one = call_op(fs, OP, inputs)
+    assert module.window_columns(B, K, D, 256) >= D, "the default cap should give one window here"
+    monkeypatch.setitem(tuning(fs), "hierarchical_buffer_bytes", B * K * 4 * 256)  # 256-column windows
+    assert module.window_columns(B, K, D, 256) == 256
+    out_many, grads_many = call_op(fs, OP, inputs)
+    assert torch.equal(out_one, out_many)
+    for a, b in zip(grads_one, grads_many):
+        assert torch.equal(a, b), "three windows give other gradients than one"
+    check_loss_parity(fs, OP, (B, K, F, D), torch.float32, device, seed=3)
 
 
 @pytest.mark.kernels_ci

@@ -42,9 +42,9 @@ def test_batch_times_d_past_2_31(fs):
     weight = torch.randn(F, D, device="cuda", generator=g).bfloat16().requires_grad_()
     indices = torch.randint(0, F, (B, K), device="cuda", generator=g)
     vals = torch.rand(B, K, device="cuda", generator=g).bfloat16().requires_grad_()
-    x_hat = fs.sparse_decode(indices, vals, weight)
+    x_hat = fs.sparse_decode(vals, indices, weight)
     rows = torch.tensor([0, 12345, B // 2, B - 2, B - 1], device="cuda")
-    ref = fs.reference.sparse_decode(indices[rows], vals.detach()[rows].double(), weight.detach().double())
+    ref = fs.reference.sparse_decode(vals.detach()[rows].double(), indices[rows], weight.detach().double())
     torch.testing.assert_close(x_hat[rows].double(), ref, rtol=1e-2, atol=1e-2)
     upstream = torch.zeros_like(x_hat)
     upstream[B - 1] = 1.0

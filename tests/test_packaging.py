@@ -59,11 +59,16 @@ def test_layout_rules():
                 assert node.module.split(".")[0] in ALLOWED_IMPORTS, f"{path.name}: from {node.module}"
 
 
+# The ops flash-sae registers, by public name; each also registers "<name>_backward".
+OPS = ("hierarchical_topk_sae_loss", "sparse_decode", "topk_encode", "topk_sae_loss", "topk_sae_step")
+
+
 @pytest.mark.kernels_ci
 def test_ops_are_named_through_the_namespace_prefix():
-    """kernel-builder's AST check: every registration names its op via add_op_namespace_prefix."""
+    """kernel-builder's AST check: every registration names its op via add_op_namespace_prefix.
+    Registration happens in one place, the helper in _registry.py, for the forward and the backward."""
     files = _sources() + sorted((ROOT / "tests").glob("*.py"))
-    found = 0
+    found = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
@@ -71,18 +76,62 @@ def test_ops_are_named_through_the_namespace_prefix():
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             if name in {"custom_op", "triton_op"}:
-                found += 1
+                found.append(path.relative_to(PKG).as_posix() if PKG in path.parents else path.name)
                 arg = node.args[0]
                 assert isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "add_op_namespace_prefix", (
                     f"{path.name}:{node.lineno} names an op without add_op_namespace_prefix"
                 )
-    assert found >= 6
+    assert found == ["_registry.py", "_registry.py"], found
+
+
+@pytest.mark.kernels_ci
+def test_registered_ops_are_exactly_the_public_ones(fs):
+    """The build's op namespace holds exactly each public op and its backward: nothing missing, nothing extra."""
+    import torch
+
+    namespace = sys.modules[fs.__name__ + "._ops"].add_op_namespace_prefix("x").split("::")[0]
+    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")}
+    assert registered == {name + suffix for name in OPS for suffix in ("", "_backward")}
+    for name in OPS:
+        assert getattr(fs, name).__module__.endswith(name), f"{name} is not defined in a file named for it"
+
+
+def _package_imports(path):
+    """The package-relative modules ``path`` imports, as dotted paths from the package root."""
+    parts = list(path.relative_to(PKG).with_suffix("").parts)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = parts[: len(parts) - node.level]
+            module = base + (node.module.split(".") if node.module else [])
+            if node.module is None:
+                out |= {".".join(module + [alias.name]) for alias in node.names}
+            else:
+                out.add(".".join(module))
+    return out
+
+
+@pytest.mark.kernels_ci
+def test_import_rules():
+    """Ops reach kernels through primitives, never through another op; production code never imports
+    the test reference (only __init__ re-exports it); primitives import no op or module."""
+    for path in _sources():
+        rel = path.relative_to(PKG).with_suffix("").as_posix().replace("/", ".")
+        imports = _package_imports(path)
+        if rel not in ("__init__", "reference"):
+            assert "reference" not in imports, f"{rel} imports the test reference"
+        if rel.startswith("ops."):
+            others = {m for m in imports if m.startswith("ops.") and m != rel}
+            assert not others, f"{rel} imports other ops: {sorted(others)}"
+        if rel.startswith("primitives."):
+            assert not {m for m in imports if m.startswith(("ops", "modules"))}, f"{rel}: {sorted(imports)}"
 
 
 @pytest.mark.kernels_ci
 def test_public_api(fs):
     assert sorted(fs.__all__) == [
         "SparseAutoencoder",
+        "TopKSAEStep",
         "hierarchical_topk_sae_loss",
         "layers",
         "reference",
@@ -115,6 +164,7 @@ def test_local_build_loads_with_get_local_kernel(tmp_path):
     assert len(ids) == len(general["backends"])
     module = get_local_kernel(tmp_path / "build")
     assert module.__name__.startswith("_flash_sae_") and callable(module.topk_sae_loss)
+    assert callable(module.reference.topk_sae_loss) and callable(module.SparseAutoencoder)  # subpackages copied
     ops = sys.modules[module.__name__ + "._ops"]
     namespace = ops.add_op_namespace_prefix("x").split("::")[0]
     assert namespace.startswith("_flash_sae_")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from encoder_inputs import check_encoder_grads, check_selection, make_sae, tuning
+from encoder_inputs import check_encode_parity, check_selection, encoder_upstream, make_sae, tuning
 from hypothesis import given
 from hypothesis import strategies as st
 from parity import DTYPES, grads, raw_op
@@ -23,23 +23,10 @@ def encoder_shapes(draw):
     return B, D, F, K
 
 
-def _upstream(vals, seed):
-    g = torch.Generator().manual_seed(seed + 1)
-    return torch.randn(vals.shape, generator=g).to(vals)
-
-
 @pytest.mark.kernels_ci
 @given(shape=encoder_shapes(), dtype=st.sampled_from(DTYPES), centred=st.booleans(), seed=st.integers(0, 2**16))
 def test_topk_encode_parity(fs, device, shape, dtype, centred, seed):
-    B, D, F, K = shape
-    x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, device, seed=seed)
-    b_dec = b_dec if centred else None
-    vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
-    assert vals.shape == (B, K) and vals.dtype == dtype and indices.dtype == torch.int64
-    assert (vals[:, :-1] >= vals[:, 1:]).all(), "the code is not in descending order"
-    check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
-    params = [x, W_enc, b_enc] + ([b_dec] if b_dec is not None else [])
-    check_encoder_grads(fs, params, K, indices, _upstream(vals, seed), dtype)
+    check_encode_parity(fs, shape, dtype, device, centred=centred, seed=seed)
 
 
 @pytest.mark.kernels_ci
@@ -97,7 +84,7 @@ def test_topk_encode_deterministic(fs, device):
     outs = []
     for _ in range(2):
         vals, indices = fs.topk_encode(x, W_enc, b_enc, 6, b_dec)
-        outs.append((vals, indices, grads(vals, params, _upstream(vals, 3))))
+        outs.append((vals, indices, grads(vals, params, encoder_upstream(vals, 3))))
     (v1, i1, g1), (v2, i2, g2) = outs
     assert torch.equal(v1, v2) and torch.equal(i1, i2)
     for a, b in zip(g1, g2):
@@ -112,7 +99,7 @@ def test_topk_encode_non_contiguous(fs, device):
     vals, indices = fs.topk_encode(x, W_t.T, b_enc, 4, b_dec)
     ref_vals, ref_indices = fs.topk_encode(x, W_enc, b_enc, 4, b_dec)
     assert torch.equal(vals, ref_vals) and torch.equal(indices, ref_indices)
-    up = _upstream(vals, 8)
+    up = encoder_upstream(vals, 8)
     (g,) = grads(vals, [W_t], up)
     (ref_g,) = grads(ref_vals, [W_enc], up)
     assert torch.equal(g.T, ref_g)
@@ -126,7 +113,9 @@ def test_topk_encode_opcheck(fs, device, dtype):
     torch.library.opcheck(raw_op(fs, "topk_encode"), (x, W_enc, b_enc, None, 5))
     vals, indices = raw_op(fs, "topk_encode")(x, W_enc, b_enc, b_dec, 5)
     dvals = torch.randn(vals.shape, generator=torch.Generator().manual_seed(1)).to(vals)
-    torch.library.opcheck(raw_op(fs, "topk_encode_backward"), (dvals, x, W_enc, b_dec, vals, indices))
+    needs = [True] * 4
+    torch.library.opcheck(raw_op(fs, "topk_encode_backward"), (dvals, x, W_enc, b_dec, vals, indices, needs))
+    torch.library.opcheck(raw_op(fs, "topk_encode_backward"), (dvals, x, W_enc, None, vals, indices, needs))
 
 
 def test_topk_encode_compile(fs, device):
@@ -143,6 +132,6 @@ def test_topk_encode_compile(fs, device):
             e_vals, e_indices = fs.topk_encode(x, W_enc, b_enc, 6, b_dec)
             assert torch.equal(indices, e_indices)
             torch.testing.assert_close(vals, e_vals, rtol=0, atol=0)
-            up = _upstream(vals, seed)
+            up = encoder_upstream(vals, seed)
             for a, b in zip(grads(vals, params, up), grads(e_vals, params, up)):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

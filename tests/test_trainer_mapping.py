@@ -2,8 +2,10 @@
 
 Neither package is imported: each one's TopK forward and training loss is
 restated below in plain torch, on that trainer's own parameter names and
-layouts (the keys of its ``state_dict``). A two-line helper per trainer maps
-those parameters to flash-sae's arguments; the README quotes the helpers.
+layouts (the keys of its ``state_dict``). The helpers that map those
+parameters to flash-sae's arguments, and flash-sae's loss to the trainer's,
+are taken from the README's code blocks (``readme_helpers``), so the README
+shows exactly what is tested.
 
 What is checked, for fp32 and bf16, under a random upstream scale:
 - the trainer's loss, rebuilt from ``topk_sae_step``'s mean squared error with
@@ -20,6 +22,10 @@ What is checked, for fp32 and bf16, under a random upstream scale:
   at flash-sae's own selection, and the selection is checked to be a top-k of
   the fp64 pre-activations up to bf16 rounding.
 """
+
+import ast
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,16 +49,6 @@ def saelens_forward(p, x, k, indices=None):
     return loss, x_hat, feature_acts, hidden_pre
 
 
-def saelens_to_flash(p):
-    """SAELens TopK SAE parameters -> flash-sae's (SAELens stores the encoder transposed)."""
-    return {"W_enc": p["W_enc"].T, "b_enc": p["b_enc"], "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
-
-
-def saelens_loss(step, x):
-    """SAELens's MSE (summed over d_in, mean over the batch) from flash-sae's mean over B*D."""
-    return step.loss * x.shape[1]
-
-
 # sparsify: SparseCoder --------------------------------------------------------------
 
 
@@ -74,16 +70,23 @@ def sparsify_forward(p, x, k, indices=None):
     return fvu, x_hat, torch.zeros_like(pre).scatter(-1, indices, top_acts), pre
 
 
-def sparsify_to_flash(p):
-    """sparsify SparseCoder parameters -> flash-sae's (same layouts, other names)."""
-    return {"W_enc": p["encoder.weight"], "b_enc": p["encoder.bias"], "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
+# The README's helpers -----------------------------------------------------------------
 
 
-def sparsify_loss(step, x):
-    """sparsify's FVU from flash-sae's MSE: x B*D, over x's total variance (differentiable; step.fvu is detached)."""
-    xf = x.float()
-    return step.loss * x.numel() / (xf - xf.mean(0)).pow(2).sum()
+def readme_helpers(names=("saelens_to_flash", "saelens_loss", "sparsify_to_flash", "sparsify_loss")):
+    """The helper functions as the README writes them: every ``def`` of its python code blocks, run."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    found = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        defs = [node for node in ast.parse(block).body if isinstance(node, ast.FunctionDef) and node.name in names]
+        if defs:
+            exec(compile(ast.Module(body=defs, type_ignores=[]), "README.md", "exec"), {"torch": torch}, found)
+    missing = set(names) - set(found)
+    assert not missing, f"README.md no longer defines {sorted(missing)}"
+    return [found[n] for n in names]
 
+
+saelens_to_flash, saelens_loss, sparsify_to_flash, sparsify_loss = readme_helpers()
 
 TRAINERS = {
     "saelens": (saelens_forward, saelens_to_flash, saelens_loss),
@@ -194,7 +197,7 @@ def test_topk_sae_step_reproduces_trainer(fs, device, trainer, dtype):
     loss = trainer_loss(step, x)
     # Autograd carries the gradients through the mapping (W_enc.T) into the trainer's own tensors.
     g = torch.autograd.grad(loss * upstream, [x, *p.values()])
-    x_hat = fs.sparse_decode(step.indices, step.vals, p["W_dec"], p["b_dec"])
+    x_hat = fs.sparse_decode(step.vals, step.indices, p["W_dec"], p["b_dec"])
     ours = (loss, x_hat, step.vals, step.indices, dict(zip(p, g[1:])), g[0])
     same, ref = check_against_restatement(trainer, ours, x, p, k, upstream, dtype)
     if trainer == "sparsify":
@@ -248,7 +251,7 @@ def test_rows_with_fewer_than_k_positive_preactivations(fs, device, trainer):
     zeros = (step.vals == 0).sum(1)
     assert (zeros > 0).any() and (zeros < k).any(), "the draw should give rows with some, not all, slots at zero"
     g = torch.autograd.grad(trainer_loss(step, x) * upstream, [x, *p.values()])
-    x_hat = fs.sparse_decode(step.indices, step.vals, p["W_dec"], p["b_dec"])
+    x_hat = fs.sparse_decode(step.vals, step.indices, p["W_dec"], p["b_dec"])
     ours = (trainer_loss(step, x), x_hat, step.vals, step.indices, dict(zip(p, g[1:])), g[0])
     check_against_restatement(trainer, ours, x, p, k, upstream, torch.float32)
     # fire_counts counts a latent only where it fired (value > 0), not the zero-valued slots.

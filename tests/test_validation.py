@@ -9,7 +9,7 @@ ALL_OPS = LOSS_OPS + ("sparse_decode",)
 
 def _call(fs, op, indices, weight, vals, bias, target, **kw):
     if op == "sparse_decode":
-        return fs.sparse_decode(indices, vals, weight, bias, **kw)
+        return fs.sparse_decode(vals, indices, weight, bias, **kw)
     return getattr(fs, op)(indices, weight, vals, bias, target, **kw)
 
 
@@ -81,20 +81,51 @@ def test_out_of_range_index_is_checked(fs, device, op, bad):
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_unvalidated_out_of_range_poisons_with_nan(fs, device, op):
-    """With validate=False a bad id never reads out of bounds: the result is NaN, not silently wrong."""
+    """With validate=False a bad id never reads out of bounds, and the damage is visible, as documented:
+    the bad entry's output row is NaN (so a loss is NaN). The bad entry adds to no weight row.
+    sparse_decode (finite upstream gradient): every gradient is finite, the bad entry's dvals is 0
+    and the rest equal the gradients without it. The losses (NaN residual in that row): the
+    gradients of that row's entries are NaN, and so are the weight rows of its latents; every
+    other gradient entry is finite."""
     args = _good(device)
     args[0] = args[0].clone()
     args[0][2, 1] = 10**6
     weight = args[1].clone().requires_grad_()
-    args[1] = weight
+    vals = args[2].clone().requires_grad_()
+    args[1], args[2] = weight, vals
     out = _call(fs, op, *args, validate=False)
     if op == "sparse_decode":
         assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
         out = out.sum()
     else:
         assert torch.isnan(out)
-    (dweight,) = torch.autograd.grad(out, [weight])
-    assert dweight.shape == weight.shape
+    dweight, dvals = torch.autograd.grad(out, [weight, vals])
+    assert dweight.shape == weight.shape and dvals.shape == vals.shape
+    shares_row2 = torch.zeros(weight.shape[0], dtype=torch.bool, device=device)
+    shares_row2[args[0][2][[0, 2]]] = True
+    if op == "sparse_decode":
+        # The upstream gradient is finite: every valid entry's gradient is exact, the bad one adds nothing.
+        assert torch.isfinite(dweight).all() and torch.isfinite(dvals).all()
+        assert dvals[2, 1] == 0, "the bad entry's dvals must be 0"
+        valid = args[0].clone()
+        valid[2, 1] = args[0][2, 0]  # any valid id, with value 0 below: the same as leaving the entry out
+        v0 = vals.detach().clone()
+        v0[2, 1] = 0
+        w = weight.detach().clone().requires_grad_()
+        (ref,) = torch.autograd.grad(fs.sparse_decode(v0, valid, w, args[3]).sum(), [w])
+        torch.testing.assert_close(dweight, ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.isnan(dweight[shares_row2]).all(), "latents of the poisoned row must get NaN gradients"
+        assert torch.isfinite(dweight[~shares_row2]).all(), "latents outside the poisoned row must stay finite"
+        assert torch.isnan(dvals[2, [0, 2]]).all() and torch.isfinite(dvals[[0, 1, 3]]).all()
+
+
+@pytest.mark.kernels_ci
+def test_sparse_decode_swapped_code_is_named(fs, device):
+    """flash-sae's own API takes a code as (vals, indices); the old order is caught, not misread."""
+    indices, weight, vals, bias, _ = _good(device)
+    with pytest.raises(ValueError, match="vals and indices look swapped"):
+        fs.sparse_decode(indices, vals, weight, bias)
 
 
 @pytest.mark.kernels_ci
@@ -152,7 +183,11 @@ SAE_BREAKS = [
     ("empty batch", "empty batch", _set(0, lambda t: t[:0])),
     ("W_enc wrong width", "W_enc must have shape", _set(1, lambda t: t[:, :5])),
     ("W_enc 3-D", "W_enc must be 2-D", _set(1, lambda t: t[None])),
-    ("W_enc dtype", "W_enc has dtype", _set(1, lambda t: t.half())),
+    (
+        "W_enc dtype",
+        r"x has dtype torch.float32 but W_enc has torch.float16.*cast x with .to\(W_enc.dtype\)",
+        _set(1, lambda t: t.half()),
+    ),
     ("b_enc wrong length", "b_enc must have shape", _set(2, lambda t: t[:4])),
     ("b_enc dtype", "b_enc has dtype", _set(2, lambda t: t.bfloat16())),
     ("b_dec wrong length", "b_dec must have shape", _set(4, lambda t: t[:2])),

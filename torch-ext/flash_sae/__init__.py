@@ -4,18 +4,26 @@ After the encoder, each input activates K of F latents, so decoding, the
 reconstruction loss and the whole backward pass cost O(B*K*D) plus one write of
 the dense [F, D] weight gradient. No [B, F] tensor is kept for the backward;
 the encoder's pre-activations exist only chunk by chunk during the forward.
+
+Layout: ``primitives/`` holds the kernels every op is built from (gather,
+CSR transpose and segmented sum, selection, the encoder's backward);
+``ops/<family>/`` the registered ops, one file each; ``modules/`` the
+``nn.Module``s; ``layers`` the stateless hub layers; ``reference`` the
+plain-torch formulas the tests check against.
 """
 
 from . import layers, reference
-from .hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
-from .sparse_autoencoder import SparseAutoencoder
-from .sparse_decode import sparse_decode
-from .topk_encode import topk_encode
-from .topk_sae_loss import topk_sae_loss
-from .topk_sae_step import topk_sae_step
+from .modules import SparseAutoencoder
+from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
+from .ops.decode.sparse_decode import sparse_decode
+from .ops.decode.topk_sae_loss import topk_sae_loss
+from .ops.topk.topk_encode import topk_encode
+from .ops.topk.topk_sae_step import topk_sae_step
+from .results import TopKSAEStep
 
 __all__ = [
     "SparseAutoencoder",
+    "TopKSAEStep",
     "hierarchical_topk_sae_loss",
     "layers",
     "reference",

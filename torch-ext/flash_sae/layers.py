@@ -15,16 +15,22 @@ kernelized host gets the sparse backward too.
 import torch
 from torch import nn
 
-from .sparse_decode import sparse_decode
-from .topk_encode import topk_encode
+from .ops.decode.sparse_decode import sparse_decode
+from .ops.topk.topk_encode import topk_encode
 
 
 class SparseAutoencoder(nn.Module):
     """``x_hat = sparse_decode(*topk_encode(x))`` over the host's TopK SAE parameters."""
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+    k: int
 
     can_torch_compile: bool = True
     has_backward: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vals, indices = topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec)
-        return sparse_decode(indices, vals, self.W_dec, self.b_dec)
+        return sparse_decode(vals, indices, self.W_dec, self.b_dec)

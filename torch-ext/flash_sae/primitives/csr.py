@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TUNING, segment_block_d, use_triton
-from ._triton_utils import cast_rtne
+from .._launch import TUNING, segment_block_d, use_triton
+from .triton_utils import cast_rtne
 
 # Kernels -----------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ S_k is a different [D] vector for every (b, k), produced by a reverse scan over
 k in row order; the weight gradient needs it grouped by latent. Deterministic
 (atomic-free) means a transpose of B*K*D values, so the backward works on
 windows of DC columns: a reverse-scan kernel writes ``vals_k * S_k`` for the
-window into an fp32 buffer [B*K, DC] (at most ``BUFFER_BYTES``, which bounds
-the transient memory), and the shared CSR segmented sum (``_csr.py``) reduces
+window into an fp32 buffer [B*K, DC] (at most ``TUNING["hierarchical_buffer_bytes"]``, which
+bounds the transient memory), and the shared CSR segmented sum
+(``primitives.csr``) reduces
 it per latent into the window of dweight. The scan rebuilds e_j backwards from the saved final
 residual, ``e_{j-1} = e_j - vals_j * weight[idx_j]``, so nothing of size
 B*K*D is kept between forward and backward.
@@ -30,8 +31,8 @@ What is fused:
 
 Bytes (bf16, B=2048, D=2304, F=65536, K=64): forward 604 MB gathered; backward
 604 MB gathered again, 302 MB of dweight writes, and the contribution buffer
-(1.2 GB fp32 written and read back). That buffer is the price of determinism
-and makes this op's backward about 3x the TopK one (benchmarks/NOTES.md).
+(1.2 GB fp32 written and read back): the price of determinism
+(its measured cost is in benchmarks/NOTES.md).
 
 Precision: fp32 accumulation; loss returned in fp32, gradients in their
 parameter's dtype. Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes.
@@ -41,23 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    TUNING,
-    block_d,
-    check_index_range,
-    eager_function,
-    resolve_validate,
-    use_triton,
-)
-from ._csr import csr_transpose, segment_sum
-from ._ops import add_op_namespace_prefix
-from ._triton_utils import load_latent
-from .topk_sae_loss import check_decoder_loss_args
-
-# Constants -------------------------------------------------------------------
-
-BUFFER_BYTES = 512 * 1024 * 1024  # cap on the backward's contribution buffer
-
+from ..._launch import TUNING, block_d, use_triton
+from ..._registry import fake_gradients, gradient_or_placeholder, register_op
+from ..._validation import check_decoder_loss_args, check_index_range, resolve_validate
+from ...primitives.csr import csr_transpose, segment_sum
+from ...primitives.triton_utils import load_latent
 
 # Kernels -----------------------------------------------------------------------
 
@@ -145,8 +134,17 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
 # Host launchers ----------------------------------------------------------------
 
 
-def hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target):
-    """Returns (loss [] fp32, residual [B, D] fp32, esum [B, D] fp32)."""
+def hierarchical_topk_sae_loss_fwd(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    vals: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    validate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss [] fp32, residual [B, D] fp32, esum [B, D] fp32); the last two are kept for backward."""
+    if validate:
+        check_index_range(indices, weight.shape[0])
     B, K = indices.shape
     F, D = weight.shape
     if not use_triton(weight):
@@ -176,14 +174,14 @@ def hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target):
 
 
 def window_columns(B: int, K: int, D: int, BLOCK_D: int) -> int:
-    """Columns per backward window: a multiple of BLOCK_D whose buffer fits BUFFER_BYTES."""
-    fit = BUFFER_BYTES // max(1, B * K * 4)
+    """Columns per backward window: a multiple of BLOCK_D whose buffer fits the tuning table's cap."""
+    fit = TUNING["hierarchical_buffer_bytes"] // max(1, B * K * 4)
     cols = max(BLOCK_D, fit // BLOCK_D * BLOCK_D)
     return min(cols, triton.cdiv(D, BLOCK_D) * BLOCK_D)
 
 
-def hierarchical_topk_sae_loss_bwd(grad, indices, weight, vals, residual):
-    """Returns (dweight [F, D] weight's dtype, dots [B, K] fp32 = <S_k, W[idx_k]>)."""
+def _weight_and_dots(grad, indices, weight, vals, residual):
+    """Returns (dweight [F, D] weight's dtype, scaled by grad; dots [B, K] fp32 = <S_k, W[idx_k]>)."""
     B, K = indices.shape
     F, D = weight.shape
     dweight = torch.empty_like(weight)
@@ -257,93 +255,58 @@ def _hierarchical_bwd_torch(indices, weight, vals, residual):
     return (v.unsqueeze(-1) * s).reshape(-1, weight.shape[1]), (s * w).sum(-1)
 
 
-# Op registration ---------------------------------------------------------------
-
-
-@torch.library.custom_op(add_op_namespace_prefix("hierarchical_topk_sae_loss"), mutates_args=())
-def _hierarchical_topk_sae_loss_op(
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    vals: torch.Tensor,
-    bias: torch.Tensor,
-    target: torch.Tensor,
-    validate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(indices, weight, vals, bias, target, validate)
-
-
-def _forward(indices, weight, vals, bias, target, validate):
-    if validate:
-        check_index_range(indices, weight.shape[0])
-    return hierarchical_topk_sae_loss_fwd(indices, weight, vals, bias, target)
-
-
-@_hierarchical_topk_sae_loss_op.register_fake
-def _(indices, weight, vals, bias, target, validate):
-    B, D = target.shape
-    f32 = torch.float32
-    return (
-        weight.new_empty((), dtype=f32),
-        weight.new_empty(B, D, dtype=f32),
-        weight.new_empty(B, D, dtype=f32),
-    )
-
-
-@torch.library.custom_op(add_op_namespace_prefix("hierarchical_topk_sae_loss_backward"), mutates_args=())
-def _hierarchical_topk_sae_loss_backward_op(
+def hierarchical_topk_sae_loss_bwd(
     grad: torch.Tensor,
     indices: torch.Tensor,
     weight: torch.Tensor,
     vals: torch.Tensor,
     residual: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return hierarchical_topk_sae_loss_bwd(grad.float(), indices, weight, vals, residual)
-
-
-@_hierarchical_topk_sae_loss_backward_op.register_fake
-def _(grad, indices, weight, vals, residual):
-    return torch.empty_like(weight), vals.new_empty(vals.shape, dtype=torch.float32)
-
-
-# Autograd ----------------------------------------------------------------------
-
-
-def _setup_context(ctx, inputs, output):
-    indices, weight, vals, bias, target, _ = inputs
-    _, residual, esum = output
-    ctx.mark_non_differentiable(residual, esum)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(indices, weight, vals, residual, esum)
-    ctx.dtypes = (bias.dtype, target.dtype)
-
-
-def _backward(ctx, grad, _grad_residual, _grad_esum, bwd=None):
-    indices, weight, vals, residual, esum = ctx.saved_tensors
-    bias_dtype, target_dtype = ctx.dtypes
-    dweight = dvals = dbias = dtarget = None
-    if grad is None:
-        return None, None, None, None, None, None
+    esum: torch.Tensor,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dweight, dvals, dbias, dtarget) with s = 2 * grad / (B*K*D); the reverse scan only for the first two."""
+    need_weight, need_vals, need_bias, need_target = needs
     B, K = indices.shape
     s = grad.float() * (2.0 / (B * K * residual.shape[1]))
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dw, dots = (bwd or _hierarchical_topk_sae_loss_backward_op)(grad, indices, weight, vals, residual)
-        dweight = dw if ctx.needs_input_grad[1] else None
-        dvals = (dots * s).to(vals.dtype) if ctx.needs_input_grad[2] else None
-    if ctx.needs_input_grad[3]:
-        dbias = (esum.sum(0) * s).to(bias_dtype)
-    if ctx.needs_input_grad[4]:
-        dtarget = (esum * -s).to(target_dtype)
-    return None, dweight, dvals, dbias, dtarget, None
+    dweight = dvals = None
+    if need_weight or need_vals:
+        dweight, dots = _weight_and_dots(grad.float(), indices, weight, vals, residual)
+        dvals = (dots * s).to(vals.dtype)
+    return (
+        dweight if need_weight else weight.new_empty(0),
+        dvals if need_vals else vals.new_empty(0),
+        gradient_or_placeholder(need_bias, weight, lambda: (esum.sum(0) * s).to(weight.dtype)),
+        gradient_or_placeholder(need_target, weight, lambda: (esum * -s).to(weight.dtype)),
+    )
 
 
-_hierarchical_topk_sae_loss_op.register_autograd(_backward, setup_context=_setup_context)
-_hierarchical_topk_sae_loss_eager = eager_function(
-    "HierarchicalTopkSaeLoss",
-    _forward,
-    _setup_context,
-    lambda ctx, grad, g_res, g_esum: _backward(
-        ctx, grad, g_res, g_esum, bwd=lambda g, *a: hierarchical_topk_sae_loss_bwd(g.float(), *a)
-    ),
+def hierarchical_topk_sae_loss_fwd_fake(indices, weight, vals, bias, target, validate):
+    B, D = target.shape
+    f32 = torch.float32
+    return weight.new_empty((), dtype=f32), weight.new_empty(B, D, dtype=f32), weight.new_empty(B, D, dtype=f32)
+
+
+def hierarchical_topk_sae_loss_bwd_fake(grad, indices, weight, vals, residual, esum, needs):
+    return fake_gradients(needs, weight, vals, weight.new_empty(residual.shape[1]), weight.new_empty(residual.shape))
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_hierarchical_topk_sae_loss = register_op(
+    "hierarchical_topk_sae_loss",
+    forward=hierarchical_topk_sae_loss_fwd,
+    forward_fake=hierarchical_topk_sae_loss_fwd_fake,
+    backward=hierarchical_topk_sae_loss_bwd,
+    backward_fake=hierarchical_topk_sae_loss_bwd_fake,
+    save=lambda args, outputs: (
+        args[0],
+        args[1],
+        args[2],
+        outputs[1],
+        outputs[2],
+    ),  # indices, weight, vals, residual, esum
+    differentiable=(0,),
+    grad_inputs=(1, 2, 3, 4),  # weight, vals, bias, target
 )
 
 
@@ -379,8 +342,7 @@ def hierarchical_topk_sae_loss(
     """
     check_decoder_loss_args(indices, weight, vals, bias, target)
     validate = resolve_validate(validate, indices)
-    op = _hierarchical_topk_sae_loss_op if torch.compiler.is_compiling() else _hierarchical_topk_sae_loss_eager
-    loss, _, _ = op(
+    loss, _, _ = _hierarchical_topk_sae_loss(
         indices.contiguous(),
         weight.contiguous(),
         vals.contiguous(),

@@ -1,22 +1,21 @@
 """``SparseAutoencoder``: a drop-in TopK SAE module whose every pass runs flash-sae's kernels.
 
-It is the plain-PyTorch ``reference.SparseAutoencoder`` with ``encode``,
-``decode`` and ``loss`` routed to ``topk_encode``, ``sparse_decode`` and
-``topk_sae_step``: the same parameters, layouts, initialisation and
-``state_dict``, so a checkpoint moves between the two unchanged, and the tests
-compare them directly.
+Parameters, layout, initialisation and the decoder-norm steps come from
+``modules.base.TopKSAEBase``, which the plain-torch twin
+``reference.SparseAutoencoder`` shares, so a checkpoint moves between the two
+unchanged and the tests compare them directly.
 """
 
 import torch
 
-from . import reference
-from .reference import TopKSAEStep
-from .sparse_decode import sparse_decode
-from .topk_encode import topk_encode
-from .topk_sae_step import topk_sae_step
+from ..ops.decode.sparse_decode import sparse_decode
+from ..ops.topk.topk_encode import topk_encode
+from ..ops.topk.topk_sae_step import topk_sae_step
+from ..results import TopKSAEStep
+from .base import TopKSAEBase
 
 
-class SparseAutoencoder(reference.SparseAutoencoder):
+class SparseAutoencoder(TopKSAEBase):
     """TopK sparse autoencoder: ``x_hat = b_dec + sum_k relu(topk((x - b_dec) @ W_enc.T + b_enc)) W_dec``.
 
     Args:
@@ -40,7 +39,7 @@ class SparseAutoencoder(reference.SparseAutoencoder):
 
     def decode(self, vals: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a sparse code."""
-        return sparse_decode(indices, vals, self.W_dec, self.b_dec)
+        return sparse_decode(vals, indices, self.W_dec, self.b_dec)
 
     def loss(self, x: torch.Tensor) -> TopKSAEStep:
         """The fused training step: ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``."""

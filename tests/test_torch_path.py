@@ -1,0 +1,105 @@
+"""The plain-torch CPU path: what a CPU user gets who does not set ``TRITON_INTERPRET``.
+
+``_launch.use_triton`` sends CPU tensors to the Triton kernels only when the
+interpreter was requested; otherwise every launcher runs its plain-torch
+branch (the same sparse algorithm, fp32 accumulation), which is orders of
+magnitude faster than the interpreter. These tests switch that branch on in
+this session (``CPU_RUNS_TRITON = False``), replace every Triton kernel with a
+sentinel that fails if launched, so nothing can fall through to the
+interpreter unseen, and run the same checks as the kernels' own tests: parity
+of every output and gradient with the fp64 reference in three dtypes, the
+exact selection and its tie rule, determinism, and a training curve against
+the plain-torch twin. They run on CPU tensors on any machine, GPU included.
+"""
+
+import pytest
+import torch
+from encoder_inputs import check_encode_parity, check_selection, check_step_parity, make_sae, tuning
+from parity import DTYPES, LOSS_OPS, check_decode_parity, check_deterministic, check_loss_parity, package_module
+
+# (B, K, F, D): B = 1, tiny F, F = K, odd D, D past one 256-wide block, K not a power of 2.
+SHAPES = [(1, 1, 1, 1), (3, 5, 7, 33), (6, 12, 300, 257), (8, 7, 7, 40)]
+# (B, D, F, K) for the encoder and the step.
+ENCODER_SHAPES = [(1, 3, 1, 1), (5, 17, 40, 6), (8, 260, 300, 31), (3, 9, 2000, 100)]
+KERNEL_MODULES = (
+    "primitives.gather",
+    "primitives.csr",
+    "primitives.select",
+    "ops.decode.hierarchical_topk_sae_loss",
+)
+
+
+class _NotLaunched:
+    def __getitem__(self, grid):
+        raise AssertionError("a Triton kernel was launched on the plain-torch path")
+
+
+@pytest.fixture
+def torch_path(fs, monkeypatch):
+    """CPU tensors on the plain-torch branch, with every Triton kernel replaced by a sentinel."""
+    monkeypatch.setattr(package_module(fs, "_launch"), "CPU_RUNS_TRITON", False)
+    for name in KERNEL_MODULES:
+        module = package_module(fs, name)
+        for attr in dir(module):
+            if attr.endswith("_kernel") and hasattr(getattr(module, attr), "fn"):
+                monkeypatch.setattr(module, attr, _NotLaunched())
+    return "cpu"
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_decode_and_losses(fs, torch_path, shape, dtype):
+    seed = sum(shape)
+    for dup in (False, True):
+        check_decode_parity(fs, shape, dtype, torch_path, seed=seed, duplicates=dup, with_bias=dup)
+        for op in LOSS_OPS:
+            check_loss_parity(fs, op, shape, dtype, torch_path, seed=seed, duplicates=dup)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ENCODER_SHAPES, ids=str)
+def test_encoder_and_step(fs, torch_path, shape, dtype):
+    seed = sum(shape)
+    check_encode_parity(fs, shape, dtype, torch_path, centred=bool(seed % 2), seed=seed)
+    check_step_parity(fs, shape, dtype, torch_path, seed=seed)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 32])
+def test_selection_ties_groups_and_chunks(fs, torch_path, dtype, group, monkeypatch):
+    """Exact ties (small integers) and signed zeros, several group sizes, several F chunks (the int64
+    and int32-packed group keys of the torch branch both)."""
+    B, D, F, K = 3, 5, 2500, 33
+    monkeypatch.setitem(tuning(fs), "select_group", group)
+    for integer in (False, True):
+        x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, torch_path, seed=K, integer=integer)
+        for chunk_bytes in (2**30, 3000):
+            monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)
+            vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
+            check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("op", LOSS_OPS + ("sparse_decode",))
+def test_deterministic(fs, torch_path, op):
+    check_deterministic(fs, op, torch_path)
+
+
+@pytest.mark.kernels_ci
+def test_training_follows_reference(fs, torch_path):
+    """The fp32 training curve of the module on this path follows its plain-torch twin (test_training's check)."""
+    from test_training import test_training_fp32_follows_reference
+
+    test_training_fp32_follows_reference(fs, torch_path)
+
+
+@pytest.mark.kernels_ci
+def test_sentinel_catches_a_launch(fs, torch_path):
+    """The sentinel has teeth: with the interpreter path forced back on, a launch fails loudly."""
+    package_module(fs, "_launch").CPU_RUNS_TRITON = True
+    x, W_enc, b_enc, _, b_dec = make_sae(2, 4, 10, 3, torch.float32, torch_path, seed=0)
+    with pytest.raises(AssertionError, match="plain-torch path"):
+        fs.topk_encode(x, W_enc, b_enc, 3, b_dec)

@@ -1,0 +1,9 @@
+"""The registered ops, by family. Each op file holds its host launchers, one
+``register_op`` call and its public function; the kernels they launch live in
+``primitives``.
+
+- ``decode``: ops over a given code: ``sparse_decode``, ``topk_sae_loss``,
+  ``hierarchical_topk_sae_loss`` (the last two with flex-sae's signature);
+- ``topk``: the TopK encoder and the whole TopK SAE step: ``topk_encode``,
+  ``topk_sae_step``.
+"""

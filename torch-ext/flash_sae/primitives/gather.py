@@ -1,0 +1,185 @@
+"""Row gather: ``out[b] = bias + sum_k vals[b, k] * weight[indices[b, k]]``, and its adjoint.
+
+This is the forward of every decode (``sparse_decode``, the decoder losses, the
+steps) and the ``dx`` of every encoder backward (the same sum over the
+encoder's rows). With ``target`` the same pass is the decoder's MSE epilogue:
+it writes the fp32 residual ``out - target`` and per-row partial sums of its
+square instead of ``out``.
+
+Forward, ``gather_rows``: one program per (row, D-block) walks K with 1-D fp32
+accumulators; no [B, F] code and no [B, K, D] gather is built. Reads B*K*D
+weight elements (repeats hit L2), writes B*D.
+
+Adjoint, ``gather_rows_backward``: for a [B, D] row source ``grad`` (an
+upstream gradient or a residual), one CSR segmented pass (``csr.py``) gives
+``dweight[f] = scale * sum over (b, k) with indices[b, k] == f of vals[b, k] * grad[b]``
+(every row of the dense [F, D] gradient written exactly once, untouched rows
+as zeros) and ``dots[b, k] = <grad[b], weight[indices[b, k]]>``, reading each
+touched weight row once. (Computing the dots in the forward's walk instead
+was measured slower: the second walk missed L2; benchmarks/NOTES.md.)
+
+Precision: fp32 accumulation; stores round to nearest-even. Deterministic: no
+atomics. Shapes: any B >= 0, K >= 0, F >= 1, D >= 1; int64 offsets, so F*D and
+B*D may pass 2^31. An id outside [0, F) reads an in-bounds row and poisons its
+output row with NaN (``triton_utils.load_latent``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import TUNING, block_d, use_triton
+from .csr import csr_transpose, segment_sum
+from .triton_utils import cast_rtne, load_latent
+
+# Kernels -----------------------------------------------------------------------
+
+
+@triton.jit
+def _gather_rows_kernel(
+    idx_ptr,  # [B, K] int32/int64 latent ids
+    vals_ptr,  # [B, K] float latent values
+    w_ptr,  # [F, D] float weight rows
+    bias_ptr,  # [D] float (HAS_BIAS)
+    target_ptr,  # [B, D] float (HAS_TARGET)
+    out_ptr,  # [B, D] out in out's dtype, or fp32 residual (HAS_TARGET)
+    sq_ptr,  # [B, ND] fp32 partial sum of residual^2 (HAS_TARGET)
+    B,
+    K,
+    F,
+    D,
+    BLOCK_D: tl.constexpr,
+    UNROLL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    ND = tl.num_programs(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    for k0 in range(0, K, UNROLL):
+        for u in tl.static_range(UNROLL):
+            k = k0 + u
+            live = k < K
+            idx, v = load_latent(idx_ptr, vals_ptr, b * K + k, live, F)
+            w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < K), other=0.0)
+            acc += v * w.to(tl.float32)
+    if HAS_TARGET:
+        t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        r = tl.where(mask_d, acc - t, 0.0)
+        tl.store(out_ptr + b * D + offs_d, r, mask=mask_d)
+        tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
+    else:
+        tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# Host launchers ----------------------------------------------------------------
+
+
+def gather_rows(
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+):
+    """Without ``target``: returns ``out`` [B, D] in ``out_dtype`` (default: weight's dtype).
+
+    With ``target``: returns (residual [B, D] fp32, sq [] fp32) where
+    residual = out - target and sq = sum(residual^2).
+    """
+    B, K = indices.shape
+    F, D = weight.shape
+    dev = weight.device
+    if not use_triton(weight):
+        return _gather_rows_torch(vals, indices, weight, bias, target, out_dtype)
+    BLOCK_D = block_d(D)
+    ND = triton.cdiv(D, BLOCK_D)
+    has_target = target is not None
+    if has_target:
+        out = torch.empty(B, D, device=dev, dtype=torch.float32)
+        sq = torch.empty(B, ND, device=dev, dtype=torch.float32)
+    else:
+        out = torch.empty(B, D, device=dev, dtype=out_dtype or weight.dtype)
+        sq = out
+    if B > 0:
+        _gather_rows_kernel[(B, ND)](
+            indices,
+            vals,
+            weight,
+            bias if bias is not None else weight,
+            target if has_target else weight,
+            out,
+            sq,
+            B,
+            K,
+            F,
+            D,
+            BLOCK_D=BLOCK_D,
+            UNROLL=TUNING["gather_unroll"],
+            HAS_BIAS=bias is not None,
+            HAS_TARGET=has_target,
+            num_warps=TUNING["gather_warps"],
+        )
+    if not has_target:
+        return out
+    return out, sq.sum()
+
+
+def _gather_rows_torch(vals, indices, weight, bias, target, out_dtype=None):
+    """The plain-torch path: same math, fp32 accumulation, one latent column at a time."""
+    B, K = indices.shape
+    F, D = weight.shape
+    bad = (indices < 0) | (indices >= F)
+    idx = indices.clamp(0, F - 1).long()
+    v = torch.where(bad, float("nan"), vals.float())
+    acc = torch.zeros(B, D, dtype=torch.float32, device=weight.device)
+    if bias is not None:
+        acc += bias.float()
+    for k in range(K):
+        acc += v[:, k, None] * weight[idx[:, k]].float()
+    if target is None:
+        return acc.to(out_dtype or weight.dtype)
+    r = acc - target.float()
+    return r, (r * r).sum()
+
+
+def gather_rows_backward(
+    grad: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    scale_const: float = 1.0,
+    csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
+
+    ``grad`` is a [B, D] row source, read as fp32. Returns (dweight [F, D] in
+    weight's dtype, scaled; dots [B, K] fp32 = <grad[b], weight[indices[b, k]]>,
+    unscaled), both from one segmented pass. ``csr`` reuses a (perm, offsets)
+    transpose of ``indices``.
+    """
+    B, K = indices.shape
+    F = weight.shape[0]
+    dweight = torch.empty_like(weight)
+    perm, offsets = csr if csr is not None else csr_transpose(indices, F)
+    dots = segment_sum(
+        perm,
+        offsets,
+        grad.contiguous(),
+        K=K,
+        out=dweight,
+        element_rows=False,
+        coef=vals,
+        scale=scale,
+        scale_const=scale_const,
+        weight=weight,
+    )
+    return dweight, dots.reshape(B, K)

@@ -1,0 +1,36 @@
+"""What the steps return: named result types, and the statistics in them, computed on the device.
+
+Every statistic here is computed without a host sync (no ``.item()``, no
+Python branch on a tensor value), so a step that returns it stays CUDA-graph
+capturable. ``reference.py`` imports these; production code never imports
+the reference.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+
+class TopKSAEStep(NamedTuple):
+    """What one TopK SAE step returns: the loss and what trainers log, all on device."""
+
+    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent fired (value > 0)
+    vals: torch.Tensor  # [B, K]: the code's values (L0 is K)
+    indices: torch.Tensor  # [B, K] int64: the code's latent ids
+
+
+def fire_counts(vals: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tensor:
+    """How many rows of the batch each latent fired in (a slot with value > 0); [F] int64.
+
+    An integer scatter-add: exact, deterministic and free of host syncs.
+    """
+    fired = (vals.detach() > 0).reshape(-1).to(torch.int64)
+    return torch.zeros(F, dtype=torch.int64, device=indices.device).index_add_(0, indices.reshape(-1).long(), fired)
+
+
+def total_variance(x: torch.Tensor) -> torch.Tensor:
+    """sum over the batch of (x - mean_b x)^2, in fp32 (the FVU's denominator); 0 for B = 1."""
+    xf = x.float()
+    return (xf - xf.mean(0)).pow(2).sum()
