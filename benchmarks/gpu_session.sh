@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench profile example quick
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench compare profile example quick
+# (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flash-sae-out}
@@ -32,6 +33,10 @@ for stage in "$@"; do
       tail -n 5 "$OUT/tune.log";;
     bench)
       timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/side_by_side.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 70
+      status=$((status | PIPESTATUS[0]));;
+    compare)
+      timeout ${COMPARE_TIMEOUT:-400} python3 benchmarks/compare_builds.py --before "${BEFORE:-.baseline}" --out "$OUT" 2>&1 \
+        | tee "$OUT/compare.log" | tail -n 30
       status=$((status | PIPESTATUS[0]));;
     profile)
       python3 benchmarks/profile_step.py topk_sae_loss 2048 2304 65536 64 bf16 > "$OUT/profile.log" 2>&1
