@@ -14,6 +14,8 @@ Hypothesis profiles (``HYPOTHESIS_PROFILE`` picks one):
 - ``full``, the default when ``CI`` is set (CI sets it): 20 derandomized
   examples, as every CPU run did before the quick profile existed;
 - ``gpu``, the default with a GPU: 200 random examples.
+The quick profile also skips the tests marked ``slow`` (torch.compile parity, opcheck in
+bf16/fp16, the bf16 training curve); the other profiles run them.
 """
 
 import os
@@ -44,6 +46,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
 def pytest_configure(config):
     config.addinivalue_line("markers", "kernels_ci: fast subset run by CI and nix's ci-test")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (large shapes)")
+    config.addinivalue_line("markers", "slow: skipped by the quick profile only")
+
+
+def pytest_collection_modifyitems(config, items):
+    if settings._current_profile != "quick":
+        return
+    skip = pytest.mark.skip(reason="slow; the quick profile skips it (HYPOTHESIS_PROFILE=full and CI run it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

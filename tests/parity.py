@@ -16,9 +16,16 @@ row, bf16 accumulation) is 1e-3 or worse, so 1e-5 still catches it.
 
 import sys
 
+import pytest
 import torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# opcheck runs an op a dozen times; the quick profile keeps fp32 and leaves bf16/fp16 to the full one.
+OPCHECK_DTYPES = (
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.slow, id="bfloat16"),
+    pytest.param(torch.float16, marks=pytest.mark.slow, id="float16"),
+)
 
 ATOL = {
     torch.float32: 1e-5,  # fp32 in another summation order; see the docstring

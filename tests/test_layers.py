@@ -169,6 +169,7 @@ def test_kernelize_without_mapping_keeps_host_forward(fs, device):
     assert host.forward.__func__ is HostSAE.forward
 
 
+@pytest.mark.slow
 def test_kernelize_for_torch_compile(fs, device):
     """Mode.TORCH_COMPILE is accepted (can_torch_compile) and the kernelized host compiles with fullgraph."""
     import torch._dynamo

@@ -113,15 +113,16 @@ def _package_imports(path):
 
 @pytest.mark.kernels_ci
 def test_import_rules():
-    """Ops reach kernels through primitives, never through another op; production code never imports
-    the test reference (only __init__ re-exports it); primitives import no op or module."""
+    """Ops reach kernels through primitives, never through another op (a family's private ``_`` module,
+    such as ``ops/decode/_loss.py``, is shared code, not an op); production code never imports the test
+    reference (only __init__ re-exports it); primitives import no op or module."""
     for path in _sources():
         rel = path.relative_to(PKG).with_suffix("").as_posix().replace("/", ".")
         imports = _package_imports(path)
         if rel not in ("__init__", "reference"):
             assert "reference" not in imports, f"{rel} imports the test reference"
         if rel.startswith("ops."):
-            others = {m for m in imports if m.startswith("ops.") and m != rel}
+            others = {m for m in imports if m.startswith("ops.") and m != rel and not m.split(".")[-1].startswith("_")}
             assert not others, f"{rel} imports other ops: {sorted(others)}"
         if rel.startswith("primitives."):
             assert not {m for m in imports if m.startswith(("ops", "modules"))}, f"{rel}: {sorted(imports)}"
@@ -168,3 +169,33 @@ def test_local_build_loads_with_get_local_kernel(tmp_path):
     ops = sys.modules[module.__name__ + "._ops"]
     namespace = ops.add_op_namespace_prefix("x").split("::")[0]
     assert namespace.startswith("_flash_sae_")
+
+
+@pytest.mark.kernels_ci
+def test_every_result_file_is_cited():
+    """benchmarks/results/ holds what the README and NOTES cite, nothing else (a family like
+    ``side_by_side_h100.*`` or a range ``tune_v1_h100.json`` … ``tune_v4_h100.json`` counts for its members)."""
+    import re
+
+    text = (ROOT / "README.md").read_text() + (ROOT / "benchmarks" / "NOTES.md").read_text()
+    cited = set(re.findall(r"[\w.*-]+_h100[\w.*-]*", text))
+    ranges = re.findall(r"(\w+)_v(\d)_h100\.json` … `\w+_v(\d)_h100\.json", text)
+    for stem, lo, hi in ranges:
+        cited |= {f"{stem}_v{i}_h100.json" for i in range(int(lo), int(hi) + 1)}
+    patterns = [re.compile(re.escape(c).replace(r"\*", ".*") + "$") for c in cited]
+    uncited = [
+        p.name
+        for p in sorted((ROOT / "benchmarks" / "results").iterdir())
+        if not any(r.match(p.name) for r in patterns)
+    ]
+    assert not uncited, f"files in benchmarks/results/ that neither README.md nor NOTES.md cites: {uncited}"
+
+
+@pytest.mark.kernels_ci
+def test_missing_local_build_says_how_to_build(tmp_path, monkeypatch):
+    """LOCAL_KERNELS pointing at a folder with no build fails with a hint to run build_local.py."""
+    import build_local
+
+    monkeypatch.setenv("LOCAL_KERNELS", f"{build_local.repo_id()}={tmp_path}")
+    with pytest.raises(FileNotFoundError, match="run `python build_local.py` in that checkout"):
+        build_local.load_kernel()

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from parity import (
     DTYPES,
+    OPCHECK_DTYPES,
     check_compile,
     check_decode_parity,
     check_deterministic,
@@ -63,10 +64,11 @@ def test_sparse_decode_deterministic(fs, device):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_sparse_decode_opcheck(fs, device, dtype):
     check_opcheck(fs, OP, device, dtype)
 
 
+@pytest.mark.slow
 def test_sparse_decode_compile(fs, device):
     check_compile(fs, OP, device)

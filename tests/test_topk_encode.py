@@ -5,7 +5,7 @@ import torch
 from encoder_inputs import check_encode_parity, check_selection, encoder_upstream, make_sae, tuning
 from hypothesis import given
 from hypothesis import strategies as st
-from parity import DTYPES, grads, raw_op
+from parity import DTYPES, OPCHECK_DTYPES, grads, raw_op
 
 # The interpreter runs one backward program per latent at ~1 ms each, so CPU draws keep F in the
 # hundreds; on a GPU F reaches tens of thousands. (A forward-only test below covers group sizes
@@ -106,7 +106,7 @@ def test_topk_encode_non_contiguous(fs, device):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_topk_encode_opcheck(fs, device, dtype):
     x, W_enc, b_enc, _, b_dec = (t.detach() for t in make_sae(6, 19, 37, 5, dtype, device, seed=5))
     torch.library.opcheck(raw_op(fs, "topk_encode"), (x, W_enc, b_enc, b_dec, 5))
@@ -118,6 +118,7 @@ def test_topk_encode_opcheck(fs, device, dtype):
     torch.library.opcheck(raw_op(fs, "topk_encode_backward"), (dvals, x, W_enc, None, vals, indices, needs))
 
 
+@pytest.mark.slow
 def test_topk_encode_compile(fs, device):
     """fullgraph compile gives eager's code and gradients; a second input set does not recompile."""
     import torch._dynamo

@@ -116,6 +116,7 @@ def test_training_fp32_follows_reference(fs, device):
         assert err < 1e-4, f"after {STEPS} steps {name} differs by {err:.2e} relative"
 
 
+@pytest.mark.slow
 def test_training_bf16_tracks_fp32_like_torch_bf16(fs, device):
     data = sparse_dictionary_data(device)
     flash, ref = twins(fs, torch.bfloat16, device)

@@ -247,5 +247,6 @@ def test_sparse_autoencoder_default_dtype(fs, device):
     """Without dtype, every parameter takes torch's default dtype, and a step runs."""
     sae = fs.SparseAutoencoder(8, 16, 2, seed=0, device=device)
     assert {p.dtype for p in sae.parameters()} == {torch.get_default_dtype()}
+    assert "d_model=8, n_features=16, k=2, dtype=torch.float32" in repr(sae), "print(sae) must show its sizes"
     step = sae.loss(torch.randn(4, 8, device=device))
     assert torch.isfinite(step.loss)

@@ -43,10 +43,11 @@ import triton
 import triton.language as tl
 
 from ..._launch import TUNING, block_d, use_triton
-from ..._registry import fake_gradients, gradient_or_placeholder, register_op
-from ..._validation import check_decoder_loss_args, check_index_range, resolve_validate
+from ..._registry import register_op
+from ..._validation import check_index_range
 from ...primitives.csr import csr_transpose, segment_sum
 from ...primitives.triton_utils import load_latent
+from ._loss import loss_gradients, loss_gradients_fake, loss_inputs
 
 # Kernels -----------------------------------------------------------------------
 
@@ -265,18 +266,10 @@ def hierarchical_topk_sae_loss_bwd(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dweight, dvals, dbias, dtarget) with s = 2 * grad / (B*K*D); the reverse scan only for the first two."""
-    need_weight, need_vals, need_bias, need_target = needs
     B, K = indices.shape
     s = grad.float() * (2.0 / (B * K * residual.shape[1]))
-    dweight = dvals = None
-    if need_weight or need_vals:
-        dweight, dots = _weight_and_dots(grad.float(), indices, weight, vals, residual)
-        dvals = (dots * s).to(vals.dtype)
-    return (
-        dweight if need_weight else weight.new_empty(0),
-        dvals if need_vals else vals.new_empty(0),
-        gradient_or_placeholder(need_bias, weight, lambda: (esum.sum(0) * s).to(weight.dtype)),
-        gradient_or_placeholder(need_target, weight, lambda: (esum * -s).to(weight.dtype)),
+    return loss_gradients(
+        needs, weight, vals, s, esum, lambda: _weight_and_dots(grad.float(), indices, weight, vals, residual)
     )
 
 
@@ -287,7 +280,7 @@ def hierarchical_topk_sae_loss_fwd_fake(indices, weight, vals, bias, target, val
 
 
 def hierarchical_topk_sae_loss_bwd_fake(grad, indices, weight, vals, residual, esum, needs):
-    return fake_gradients(needs, weight, vals, weight.new_empty(residual.shape[1]), weight.new_empty(residual.shape))
+    return loss_gradients_fake(needs, weight, vals, residual)
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -298,13 +291,7 @@ _hierarchical_topk_sae_loss = register_op(
     forward_fake=hierarchical_topk_sae_loss_fwd_fake,
     backward=hierarchical_topk_sae_loss_bwd,
     backward_fake=hierarchical_topk_sae_loss_bwd_fake,
-    save=lambda args, outputs: (
-        args[0],
-        args[1],
-        args[2],
-        outputs[1],
-        outputs[2],
-    ),  # indices, weight, vals, residual, esum
+    save=lambda args, outputs: (*args[:3], *outputs[1:]),  # indices, weight, vals, residual, esum
     differentiable=(0,),
     grad_inputs=(1, 2, 3, 4),  # weight, vals, bias, target
 )
@@ -328,26 +315,11 @@ def hierarchical_topk_sae_loss(
     value, largest first (``torch.topk(..., sorted=True)`` does), so prefix j is
     the best (j+1)-sparse reconstruction the code offers.
 
-    Args:
-        indices: [B, K] int32 or int64 latent ids in [0, F); repeats are summed.
-        weight: [F, D] decoder rows, fp32, bf16 or fp16.
-        vals: [B, K] latent values, weight's dtype.
-        bias: [D] decoder bias, weight's dtype.
-        target: [B, D] inputs to reconstruct, weight's dtype.
-        validate: as in ``topk_sae_loss``.
+    Arguments, shapes, dtypes and ``validate``: as ``topk_sae_loss`` (flex-sae's signature).
 
     Returns:
         A 0-d fp32 tensor: the mean over B*K*D squared errors. Differentiable in
         weight, vals, bias and target. B = 0 or K = 0 raise ValueError.
     """
-    check_decoder_loss_args(indices, weight, vals, bias, target)
-    validate = resolve_validate(validate, indices)
-    loss, _, _ = _hierarchical_topk_sae_loss(
-        indices.contiguous(),
-        weight.contiguous(),
-        vals.contiguous(),
-        bias.contiguous(),
-        target.contiguous(),
-        validate,
-    )
+    loss, _, _ = _hierarchical_topk_sae_loss(*loss_inputs(indices, weight, vals, bias, target, validate))
     return loss

@@ -29,9 +29,10 @@ Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes. B = 0 or K = 0 raise ValueError.
 
 import torch
 
-from ..._registry import fake_gradients, gradient_or_placeholder, register_op
-from ..._validation import check_decoder_loss_args, check_index_range, resolve_validate
+from ..._registry import register_op
+from ..._validation import check_index_range
 from ...primitives.gather import gather_rows, gather_rows_backward
+from ._loss import loss_gradients, loss_gradients_fake, loss_inputs
 
 # Host launchers ----------------------------------------------------------------
 
@@ -66,24 +67,20 @@ def topk_sae_loss_bwd(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dweight, dvals, dbias, dtarget) with s = 2 * grad / (B*D): one segmented pass for the first two."""
-    need_weight, need_vals, need_bias, need_target = needs
     B, D = residual.shape
     s_const = 2.0 / (B * D)
-    s = grad.float() * s_const
-    dweight = dvals = None
-    if need_weight or need_vals:
-        dweight, dots = gather_rows_backward(residual, vals, indices, weight, scale=grad.float(), scale_const=s_const)
-        dvals = (dots * s).to(vals.dtype)
-    return (
-        dweight if need_weight else weight.new_empty(0),
-        dvals if need_vals else vals.new_empty(0),
-        gradient_or_placeholder(need_bias, weight, lambda: (residual.sum(0) * s).to(weight.dtype)),
-        gradient_or_placeholder(need_target, weight, lambda: (residual * -s).to(weight.dtype)),
+    return loss_gradients(
+        needs,
+        weight,
+        vals,
+        grad.float() * s_const,
+        residual,
+        lambda: gather_rows_backward(residual, vals, indices, weight, scale=grad.float(), scale_const=s_const),
     )
 
 
 def topk_sae_loss_bwd_fake(grad, indices, weight, vals, residual, needs):
-    return fake_gradients(needs, weight, vals, weight.new_empty(residual.shape[1]), weight.new_empty(residual.shape))
+    return loss_gradients_fake(needs, weight, vals, residual)
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -132,14 +129,5 @@ def topk_sae_loss(
         weight, vals, bias and target; gradients have their input's dtype.
         B = 0 or K = 0 raise ValueError.
     """
-    check_decoder_loss_args(indices, weight, vals, bias, target)
-    validate = resolve_validate(validate, indices)
-    loss, _ = _topk_sae_loss(
-        indices.contiguous(),
-        weight.contiguous(),
-        vals.contiguous(),
-        bias.contiguous(),
-        target.contiguous(),
-        validate,
-    )
+    loss, _ = _topk_sae_loss(*loss_inputs(indices, weight, vals, bias, target, validate))
     return loss
