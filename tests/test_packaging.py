@@ -60,7 +60,14 @@ def test_layout_rules():
 
 
 # The ops flash-sae registers, by public name; each also registers "<name>_backward".
-OPS = ("hierarchical_topk_sae_loss", "sparse_decode", "topk_encode", "topk_sae_loss", "topk_sae_step")
+OPS = (
+    "batchtopk_sae_step",
+    "hierarchical_topk_sae_loss",
+    "sparse_decode",
+    "topk_encode",
+    "topk_sae_loss",
+    "topk_sae_step",
+)
 
 
 @pytest.mark.kernels_ci
@@ -131,8 +138,10 @@ def test_import_rules():
 @pytest.mark.kernels_ci
 def test_public_api(fs):
     assert sorted(fs.__all__) == [
+        "BatchTopKSAEStep",
         "SparseAutoencoder",
         "TopKSAEStep",
+        "batchtopk_sae_step",
         "hierarchical_topk_sae_loss",
         "layers",
         "reference",

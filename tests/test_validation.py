@@ -226,6 +226,32 @@ def test_topk_sae_step_rejects(fs, device, what, match, breaker):
         fs.topk_sae_step(*args)
 
 
+BATCH_K_BREAKS = [
+    ("k bool", "k must be an int or a float", _set(5, lambda k: True)),
+    ("k string", "k must be an int or a float", _set(5, lambda k: "3")),
+    ("k zero", "k must give 1 <= int", _set(5, lambda k: 0)),
+    ("k too small for the batch", "k must give 1 <= int", _set(5, lambda k: 0.1)),
+    ("k beyond the batch", "k must give 1 <= int", _set(5, lambda k: 14)),
+]
+# The encoder's and step's own checks, minus the per-row k rules that BatchTopK replaces.
+BATCH_BREAKS = [b for b in SAE_BREAKS + STEP_BREAKS if not b[0].startswith("k ")] + BATCH_K_BREAKS
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", BATCH_BREAKS, ids=[b[0] for b in BATCH_BREAKS])
+def test_batchtopk_sae_step_rejects(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    with pytest.raises(ValueError, match=match):
+        fs.batchtopk_sae_step(*args)
+
+
+@pytest.mark.kernels_ci
+def test_batchtopk_rescale_must_be_bool(fs, device):
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm must be a bool"):
+        fs.batchtopk_sae_step(*_sae_args(device), rescale_acts_by_decoder_norm=1)
+
+
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize(
     "kwargs,match",

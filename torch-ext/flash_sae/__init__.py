@@ -14,16 +14,19 @@ plain-torch formulas the tests check against.
 
 from . import layers, reference
 from .modules import SparseAutoencoder
+from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.decode.topk_sae_loss import topk_sae_loss
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
-from .results import TopKSAEStep
+from .results import BatchTopKSAEStep, TopKSAEStep
 
 __all__ = [
+    "BatchTopKSAEStep",
     "SparseAutoencoder",
     "TopKSAEStep",
+    "batchtopk_sae_step",
     "hierarchical_topk_sae_loss",
     "layers",
     "reference",

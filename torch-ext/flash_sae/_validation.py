@@ -165,3 +165,13 @@ def check_step_args(x, W_enc, b_enc, W_dec, b_dec, k) -> tuple[int, int, int]:
     check_same_dtype("W_enc", W_enc, W_dec=W_dec)
     check_same_device(W_enc=W_enc, W_dec=W_dec)
     return B, D, F
+
+
+def check_batch_k(k, B: int, F: int) -> int:
+    """BatchTopK's k: active latents per row on average (int or float); returns N = int(k * B)."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ValueError(f"k must be an int or a float, got {type(k).__name__}")
+    n = int(k * B)
+    if not 1 <= n <= B * F:
+        raise ValueError(f"k must give 1 <= int(k * B) <= B * F = {B * F} selected entries, got k={k} (B={B})")
+    return n

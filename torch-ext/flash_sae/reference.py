@@ -11,7 +11,7 @@ production code never imports this module.
 import torch
 
 from .modules.base import TopKSAEBase
-from .results import TopKSAEStep, fire_counts
+from .results import BatchTopKSAEStep, TopKSAEStep, fire_counts
 
 
 def sparse_decode(vals, indices, weight, bias=None):
@@ -80,6 +80,48 @@ def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None):
     loss = (x_hat - x).pow(2).mean()
     fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
     return TopKSAEStep(loss, fvu, fire_counts(vals, indices, W_dec.shape[0]), vals, indices)
+
+
+# BatchTopK ---------------------------------------------------------------------------
+
+
+def batch_topk_select(acts, n):
+    """The n largest entries of ``acts`` [B, F] over the whole batch, by the tie rule flash-sae documents.
+
+    Larger value first; equal values go to the lower flat position b * F + f (a stable
+    descending sort of the flattened batch). Returns (rows, latent ids), [n] int64 each, in
+    row-major order (by row, then latent id): the variable-length code's order.
+    """
+    F = acts.shape[1]
+    chosen = torch.sort(acts.flatten(), descending=True, stable=True).indices[:n].sort().values
+    return chosen // F, chosen % F
+
+
+def row_offsets_of(rows, B):
+    """[B + 1] bounds of each row's entries in a row-major code."""
+    return torch.searchsorted(rows, torch.arange(B + 1, device=rows.device, dtype=rows.dtype))
+
+
+def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None):
+    """BatchTopK SAE step, densely (SAELens's formulation): the ground truth for ``batchtopk_sae_step``.
+
+    acts = relu(pre * ||W_dec[f]||) (or relu(pre)); keep the int(k * B) largest over the batch;
+    decode acts / ||W_dec[f]|| (or acts) through W_dec. ``selection`` = (rows, ids) forces the code.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    pre = encoder_preacts(x, W_enc, b_enc, b_dec)
+    norm = W_dec.norm(dim=1) if rescale_acts_by_decoder_norm else None
+    acts = torch.relu(pre * norm if norm is not None else pre)
+    rows, ids = selection if selection is not None else batch_topk_select(acts.detach(), int(k * B))
+    picked = acts[rows, ids]
+    vals = picked * (1 / norm[ids]) if norm is not None else picked
+    x_hat = torch.zeros_like(x).index_add(0, rows, vals.unsqueeze(1) * W_dec[ids]) + b_dec
+    loss = (x_hat - x).pow(2).mean()
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    positive = picked.detach()[picked.detach() > 0]
+    min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
+    counts = fire_counts(picked, ids, F)
+    return BatchTopKSAEStep(loss, fvu, counts, vals, ids, row_offsets_of(rows, B), min_act)
 
 
 # The module -------------------------------------------------------------------------

@@ -21,6 +21,19 @@ class TopKSAEStep(NamedTuple):
     indices: torch.Tensor  # [B, K] int64: the code's latent ids
 
 
+class BatchTopKSAEStep(NamedTuple):
+    """What one BatchTopK SAE step returns. The code is variable-length: row b's entries are
+    ``vals[row_offsets[b]:row_offsets[b+1]]`` (and the same slice of ``indices``), by latent id."""
+
+    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent fired (value > 0)
+    vals: torch.Tensor  # [N]: the code's values relu(pre), N = int(k * B)
+    indices: torch.Tensor  # [N] int64: the code's latent ids
+    row_offsets: torch.Tensor  # [B + 1] int64: row b owns entries row_offsets[b]:row_offsets[b+1]
+    min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none), for the threshold
+
+
 def fire_counts(vals: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tensor:
     """How many rows of the batch each latent fired in (a slot with value > 0); [F] int64.
 

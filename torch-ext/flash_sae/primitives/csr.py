@@ -37,7 +37,8 @@ from .triton_utils import cast_rtne
 def _segment_sum_kernel(
     offsets_ptr,  # [F + 1] int64 segment bounds into perm
     perm_ptr,  # [N] int64 element ids e = b * K + k, grouped by latent
-    src_ptr,  # [rows, stride_src] float; row e (ELEMENT_ROWS) or row e // K
+    src_ptr,  # [rows, stride_src] float; row e (ELEMENT_ROWS), rows[e] (ROW_IDS) or row e // K
+    rows_ptr,  # [N] int64 row of each element (ROW_IDS: a variable-length code)
     coef_ptr,  # [N] float per-element coefficient (HAS_COEF)
     scale_ptr,  # [] float upstream scalar (HAS_SCALE)
     w_ptr,  # [F, D] float weight, read for dots (HAS_DOTS)
@@ -54,6 +55,7 @@ def _segment_sum_kernel(
     BLOCK_D: tl.constexpr,
     UNROLL: tl.constexpr,
     ELEMENT_ROWS: tl.constexpr,
+    ROW_IDS: tl.constexpr,
     HAS_COEF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_DOTS: tl.constexpr,
@@ -78,6 +80,8 @@ def _segment_sum_kernel(
             e = tl.load(perm_ptr + i, mask=live, other=0)
             if ELEMENT_ROWS:
                 row = e
+            elif ROW_IDS:
+                row = tl.load(rows_ptr + e, mask=live, other=0)
             else:
                 row = e // K
             live_c = mask_c & (offs_c * 0 + i < end)
@@ -132,11 +136,13 @@ def segment_sum(
     weight: torch.Tensor | None = None,
     d_base: int = 0,
     coef_sum: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
     ``out`` is the [F, D] gradient. ``src`` is read as fp32, [N, w] when
-    ``element_rows`` (a row per element) or [B, w] (row e // K). Each element's
+    ``element_rows`` (a row per element), else [B, w] with element e's row
+    ``rows[e]`` (a variable-length code, ``rows`` given) or e // K (a [B, K] code). Each element's
     row is multiplied by ``coef[e]``; the sum by ``scale_const * scale``.
     With ``weight``, also returns ``dots`` [N] fp32: <row(e), weight[f]> over the
     window's columns, unscaled (rows of out-of-range elements stay 0).
@@ -149,7 +155,7 @@ def segment_sum(
     want_dots = weight is not None
     if not use_triton(src):
         return _segment_sum_torch(
-            perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum
+            perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum, rows
         )
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
@@ -159,6 +165,7 @@ def segment_sum(
         offsets,
         perm,
         src,
+        rows if rows is not None else perm,
         coef if coef is not None else dummy,
         scale if scale is not None else dummy,
         weight if want_dots else dummy,
@@ -175,6 +182,7 @@ def segment_sum(
         BLOCK_D=BLOCK_D,
         UNROLL=TUNING["segment_unroll"],
         ELEMENT_ROWS=element_rows,
+        ROW_IDS=rows is not None,
         HAS_COEF=coef is not None,
         HAS_SCALE=scale is not None,
         HAS_DOTS=want_dots,
@@ -184,14 +192,17 @@ def segment_sum(
     return dots.sum(0) if want_dots else None
 
 
-def _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum):
+def _segment_sum_torch(
+    perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum, rows=None
+):
     """Plain-torch path for CPU tensors: the same sums."""
     F = out.shape[0]
     width = src.shape[1]
     lo, hi = int(offsets[0]), int(offsets[-1])
     e = perm[lo:hi]
-    rows = (src[e] if element_rows else src[e // K]).float()
-    contrib = rows * coef.reshape(-1)[e].float()[:, None] if coef is not None else rows
+    row_of = e if element_rows else (rows[e] if rows is not None else e // K)
+    x = src[row_of].float()
+    contrib = x * coef.reshape(-1)[e].float()[:, None] if coef is not None else x
     latent = torch.repeat_interleave(torch.arange(F, device=src.device), offsets.diff())
     acc = torch.zeros(F, width, dtype=torch.float32, device=src.device)
     acc.index_add_(0, latent, contrib)
@@ -204,5 +215,5 @@ def _segment_sum_torch(perm, offsets, src, K, out, element_rows, coef, scale, sc
     if weight is None:
         return None
     dots = torch.zeros(perm.numel(), dtype=torch.float32, device=src.device)
-    dots[e] = (rows * weight[latent, d_base : d_base + width].float()).sum(1)
+    dots[e] = (x * weight[latent, d_base : d_base + width].float()).sum(1)
     return dots

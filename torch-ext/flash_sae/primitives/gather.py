@@ -37,8 +37,9 @@ from .triton_utils import cast_rtne, load_latent
 
 @triton.jit
 def _gather_rows_kernel(
-    idx_ptr,  # [B, K] int32/int64 latent ids
-    vals_ptr,  # [B, K] float latent values
+    idx_ptr,  # [B, K] int32/int64 latent ids, or [N] (VARLEN)
+    vals_ptr,  # [B, K] float latent values, or [N] (VARLEN)
+    offsets_ptr,  # [B + 1] int64: row b owns entries offsets[b]:offsets[b+1] (VARLEN)
     w_ptr,  # [F, D] float weight rows
     bias_ptr,  # [D] float (HAS_BIAS)
     target_ptr,  # [B, D] float (HAS_TARGET)
@@ -52,6 +53,7 @@ def _gather_rows_kernel(
     UNROLL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_TARGET: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -61,12 +63,18 @@ def _gather_rows_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for k0 in range(0, K, UNROLL):
+    if VARLEN:
+        start = tl.load(offsets_ptr + b)
+        end = tl.load(offsets_ptr + b + 1)
+    else:
+        start = b * K
+        end = start + K
+    for k0 in range(start, end, UNROLL):
         for u in tl.static_range(UNROLL):
             k = k0 + u
-            live = k < K
-            idx, v = load_latent(idx_ptr, vals_ptr, b * K + k, live, F)
-            w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < K), other=0.0)
+            live = k < end
+            idx, v = load_latent(idx_ptr, vals_ptr, k, live, F)
+            w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < end), other=0.0)
             acc += v * w.to(tl.float32)
     if HAS_TARGET:
         t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -87,17 +95,22 @@ def gather_rows(
     bias: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    row_offsets: torch.Tensor | None = None,
 ):
     """Without ``target``: returns ``out`` [B, D] in ``out_dtype`` (default: weight's dtype).
 
     With ``target``: returns (residual [B, D] fp32, sq [] fp32) where
     residual = out - target and sq = sum(residual^2).
+    The code is [B, K] (vals, indices), or with ``row_offsets`` [B + 1] a
+    variable-length code: flat [N] (vals, indices), row b's entries at
+    row_offsets[b]:row_offsets[b+1] (entries past row_offsets[B] are unused).
     """
-    B, K = indices.shape
+    varlen = row_offsets is not None
+    B, K = (row_offsets.numel() - 1, 0) if varlen else indices.shape
     F, D = weight.shape
     dev = weight.device
     if not use_triton(weight):
-        return _gather_rows_torch(vals, indices, weight, bias, target, out_dtype)
+        return _gather_rows_torch(vals, indices, weight, bias, target, out_dtype, row_offsets)
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
     has_target = target is not None
@@ -111,6 +124,7 @@ def gather_rows(
         _gather_rows_kernel[(B, ND)](
             indices,
             vals,
+            row_offsets if varlen else indices,
             weight,
             bias if bias is not None else weight,
             target if has_target else weight,
@@ -124,6 +138,7 @@ def gather_rows(
             UNROLL=TUNING["gather_unroll"],
             HAS_BIAS=bias is not None,
             HAS_TARGET=has_target,
+            VARLEN=varlen,
             num_warps=TUNING["gather_warps"],
         )
     if not has_target:
@@ -131,22 +146,38 @@ def gather_rows(
     return out, sq.sum()
 
 
-def _gather_rows_torch(vals, indices, weight, bias, target, out_dtype=None):
-    """The plain-torch path: same math, fp32 accumulation, one latent column at a time."""
-    B, K = indices.shape
+def _gather_rows_torch(vals, indices, weight, bias, target, out_dtype=None, row_offsets=None):
+    """The plain-torch path: same math, fp32 accumulation, one latent column at a time
+    (a variable-length code: one entry at a time, added to its row)."""
     F, D = weight.shape
     bad = (indices < 0) | (indices >= F)
     idx = indices.clamp(0, F - 1).long()
     v = torch.where(bad, float("nan"), vals.float())
-    acc = torch.zeros(B, D, dtype=torch.float32, device=weight.device)
-    if bias is not None:
-        acc += bias.float()
-    for k in range(K):
-        acc += v[:, k, None] * weight[idx[:, k]].float()
+    if row_offsets is not None:
+        B = row_offsets.numel() - 1
+        acc = torch.zeros(B, D, dtype=torch.float32, device=weight.device)
+        if bias is not None:
+            acc += bias.float()
+        n = int(row_offsets[-1])
+        rows = row_ids(row_offsets, n)
+        acc.index_add_(0, rows, v[:n, None] * weight[idx[:n]].float())
+    else:
+        B, K = indices.shape
+        acc = torch.zeros(B, D, dtype=torch.float32, device=weight.device)
+        if bias is not None:
+            acc += bias.float()
+        for k in range(K):
+            acc += v[:, k, None] * weight[idx[:, k]].float()
     if target is None:
         return acc.to(out_dtype or weight.dtype)
     r = acc - target.float()
     return r, (r * r).sum()
+
+
+def row_ids(row_offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """The row of each of the first ``n`` entries of a variable-length code; [n] int64 (B past the last row)."""
+    entries = torch.arange(n, device=row_offsets.device, dtype=row_offsets.dtype)
+    return torch.searchsorted(row_offsets, entries, right=True) - 1
 
 
 def gather_rows_backward(
@@ -158,15 +189,18 @@ def gather_rows_backward(
     scale: torch.Tensor | None = None,
     scale_const: float = 1.0,
     csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
     ``grad`` is a [B, D] row source, read as fp32. Returns (dweight [F, D] in
-    weight's dtype, scaled; dots [B, K] fp32 = <grad[b], weight[indices[b, k]]>,
-    unscaled), both from one segmented pass. ``csr`` reuses a (perm, offsets)
-    transpose of ``indices``.
+    weight's dtype, scaled; dots, shaped as ``indices``, fp32 =
+    <grad[row], weight[indices]>, unscaled), both from one segmented pass.
+    ``csr`` reuses a (perm, offsets) transpose of ``indices``; for a
+    variable-length code, ``rows`` [N] is each entry's row (``row_ids``), and
+    unused entries must have an id outside [0, F) (they join no segment).
     """
-    B, K = indices.shape
+    K = indices.shape[1] if indices.ndim == 2 else 1
     F = weight.shape[0]
     dweight = torch.empty_like(weight)
     perm, offsets = csr if csr is not None else csr_transpose(indices, F)
@@ -181,5 +215,6 @@ def gather_rows_backward(
         scale=scale,
         scale_const=scale_const,
         weight=weight,
+        rows=rows,
     )
-    return dweight, dots.reshape(B, K)
+    return dweight, dots.reshape(indices.shape)

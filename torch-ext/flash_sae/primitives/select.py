@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._launch import TUNING, use_triton
+from .triton_utils import cast_rtne
 
 # Constants ---------------------------------------------------------------------
 
@@ -60,6 +61,7 @@ def _sortable_key(v, KEY_BITS: tl.constexpr):
 def _group_best_kernel(
     pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
     best_ptr,  # [B, n_groups] out: each group's best entry, packed (int64, or int32 if PACK32)
+    scale_ptr,  # [F] float per-latent factor applied before keying (HAS_SCALE)
     n,
     stride_pb,
     idx_base,  # latent id of the chunk's column 0
@@ -68,13 +70,22 @@ def _group_best_kernel(
     GROUPS: tl.constexpr,  # groups per program
     KEY_BITS: tl.constexpr,
     PACK32: tl.constexpr,  # 16-bit keys and < 2^16 groups: (max key << 16) | (65535 - group)
+    BATCH: tl.constexpr,  # relu'd keys ranked over the chunk: (max key << 32) | (2^31-1 - (row*n_groups + group))
+    HAS_SCALE: tl.constexpr,  # key v * scale[latent], rounded to the chunk's dtype as torch's multiply does
 ):
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     offs = grp[:, None] * G + tl.arange(0, G)[None, :]
     mask = offs < n
     v = tl.load(pre_ptr + row * stride_pb + offs, mask=mask, other=0.0)
-    if PACK32:
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + idx_base + offs, mask=mask, other=1.0).to(tl.float32)
+        v = cast_rtne(v.to(tl.float32) * sc, pre_ptr.dtype.element_ty)
+    if BATCH:
+        key = tl.where(mask, tl.maximum(_sortable_key(v, KEY_BITS), 0), -1)
+        flat_group = row * n_groups + grp
+        best = (tl.max(key, axis=1).to(tl.int64) << 32) | (2147483647 - flat_group).to(tl.int64)
+    elif PACK32:
         # Groups with equal maxima rank by lower group index, which is the lower best id.
         key = tl.where(mask, _sortable_key(v, KEY_BITS), -32768)
         best = (tl.max(key, axis=1) << 16) | (65535 - grp)
@@ -142,6 +153,7 @@ def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False) -> torc
     _group_best_kernel[(B, triton.cdiv(n_groups, groups))](
         pre,
         best,
+        pre,
         w,
         pre.stride(0),
         f0,
@@ -150,6 +162,48 @@ def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False) -> torc
         GROUPS=groups,
         KEY_BITS=_key_bits(pre.dtype),
         PACK32=pack32,
+        BATCH=False,
+        HAS_SCALE=False,
+        num_warps=TUNING["select_warps"],
+    )
+    return best
+
+
+def scaled(v: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``v * scale`` in v's dtype, as torch rounds it (and as the kernels do); ``v`` without a scale."""
+    return v if scale is None else v * scale
+
+
+def group_best_batch(pre: torch.Tensor, f0: int, G: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """BatchTopK's group keys: each group's best key of relu(pre * scale), ranked over the whole chunk.
+
+    [B, ceil(w / G)] int64 ``(max key << 32) | (2^31 - 1 - (row * n_groups + group))``: equal
+    maxima rank by the lower flat position, which is the order of the groups' best entries.
+    """
+    B, w = pre.shape
+    n_groups = triton.cdiv(w, G)
+    if not use_triton(pre):
+        keys = torch.full((B, n_groups * G), -1, dtype=torch.int64, device=pre.device)
+        s = scale[f0 : f0 + w] if scale is not None else None
+        keys[:, :w] = sortable_keys(scaled(pre, s)).clamp_min(0)
+        flat_group = torch.arange(B * n_groups, device=pre.device).view(B, n_groups)
+        return (keys.view(B, n_groups, G).amax(2) << 32) | (IDX_PAD - flat_group)
+    best = torch.empty(B, n_groups, dtype=torch.int64, device=pre.device)
+    groups = max(1, min(TUNING["select_groups"], triton.next_power_of_2(n_groups)))
+    _group_best_kernel[(B, triton.cdiv(n_groups, groups))](
+        pre,
+        best,
+        scale if scale is not None else pre,
+        w,
+        pre.stride(0),
+        f0,
+        n_groups,
+        G=G,
+        GROUPS=groups,
+        KEY_BITS=_key_bits(pre.dtype),
+        PACK32=False,
+        BATCH=True,
+        HAS_SCALE=scale is not None,
         num_warps=TUNING["select_warps"],
     )
     return best
@@ -219,3 +273,67 @@ def topk_preacts(
     xc = x - b_dec if b_dec is not None else x
     best = torch.cat([chunk_top_k(pre, f0, k) for f0, pre in pre_chunks(xc, W_enc, b_enc)], dim=1)
     return unpack(torch.topk(best, k, dim=1, sorted=True).values, x.dtype)
+
+
+# BatchTopK: the n largest entries of a whole batch ----------------------------------
+#
+# The rule: rank every entry of relu(pre * scale) over the batch by value, larger first, and
+# equal values by the lower flat position b * F + f (a stable descending sort of the flattened
+# batch); keep the first n. The group argument above holds over the flattened chunk too: the
+# chunk's top n entries lie in its n best groups (groups compared by their best entry, equal
+# maxima by flat position), so two torch.topk calls over [B * F_chunk / G] group keys and
+# n * G packed candidates give the chunk's exact top n, and the global top n lies among the
+# chunks' top n. Packed candidate keys are (value key << 32) | (2^31 - 1 - flat position in
+# the chunk): distinct, and B * F_chunk < 2^31 by the chunk budget.
+
+
+def _batch_chunk_top_n(pre: torch.Tensor, f0: int, n: int, scale: torch.Tensor | None):
+    """The chunk's exact top-n entries: (value keys int64, rows, latent ids, raw pre values), each [m]."""
+    B, w = pre.shape
+    G = TUNING["select_group"]
+    best = group_best_batch(pre, f0, G, scale)
+    ng = best.shape[1]
+    top_groups = torch.topk(best.view(-1), min(n, best.numel()), sorted=False).values
+    flat_group = IDX_PAD - (top_groups & 0xFFFFFFFF)
+    rows = flat_group // ng
+    cols = ((flat_group % ng) * G).unsqueeze(1) + torch.arange(G, device=pre.device)
+    inside = cols < w
+    cols = cols.clamp(max=w - 1)
+    raw = pre[rows.unsqueeze(1), cols]
+    keys = sortable_keys(scaled(raw, scale[f0 + cols] if scale is not None else None)).clamp_min(0)
+    flat = rows.unsqueeze(1) * w + cols
+    packed = torch.where(inside, (keys.to(torch.int64) << 32) | (IDX_PAD - flat), KEY_NONE)
+    top = torch.topk(packed.view(-1), min(n, B * w), sorted=False).values  # real entries only
+    flat = IDX_PAD - (top & 0xFFFFFFFF)
+    return top >> 32, flat // w, f0 + flat % w, pre.view(-1)[flat]
+
+
+def batch_topk_preacts(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    n: int,
+    b_dec: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+):
+    """The n largest entries of relu(((x - b_dec) @ W_enc.T + b_enc) * scale) over the whole batch.
+
+    Returns a variable-length code in row-major order (by row, then latent id): ``acts`` [n]
+    (the ranked values relu(pre * scale), x's dtype), ``raw`` [n] (relu(pre), x's dtype),
+    ``indices`` [n] int64 and ``row_offsets`` [B + 1] int64. Runs the chunked GEMM; keeps
+    nothing [B, F]; no host sync.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    xc = x - b_dec if b_dec is not None else x
+    parts = [_batch_chunk_top_n(pre, f0, n, scale) for f0, pre in pre_chunks(xc, W_enc, b_enc)]
+    keys, rows, ids, raw = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+    flat = rows * F + ids
+    if len(parts) > 1:  # merge: value descending, then flat position ascending (two stable sorts)
+        order = torch.sort(flat, stable=True).indices
+        order = order[torch.sort(keys[order], descending=True, stable=True).indices[:n]]
+        keys, rows, ids, raw, flat = keys[order], rows[order], ids[order], raw[order], flat[order]
+    order = torch.argsort(flat)  # row-major: the variable-length code's order
+    rows = rows[order]
+    acts = keys_to_values(keys[order].to(torch.int32), x.dtype)
+    bounds = torch.arange(B + 1, device=x.device, dtype=rows.dtype)
+    return acts, torch.relu(raw[order]), ids[order], torch.searchsorted(rows, bounds)

@@ -16,8 +16,8 @@ separate launches, since the encoder's coefficients need the decoder's full
 dot products first.
 
 Built from the primitives directly (``select`` for the encoder's selection,
-``gather`` for decode and its adjoint, ``encoder`` for the encoder's
-backward), not from the ``topk_encode`` / ``topk_sae_loss`` ops.
+``gather`` for decode, ``step_backward`` for the whole backward), not from
+the ``topk_encode`` / ``topk_sae_loss`` ops.
 
 Statistics returned without a host sync: the fraction of variance unexplained
 (sum r^2 over the batch's total variance about its mean; undefined, inf or
@@ -37,10 +37,9 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import check_step_args
-from ...primitives.csr import csr_transpose
-from ...primitives.encoder import encoder_backward
-from ...primitives.gather import gather_rows, gather_rows_backward
+from ...primitives.gather import gather_rows
 from ...primitives.select import topk_preacts
+from ...primitives.step_backward import mse_step_backward
 from ...results import TopKSAEStep, fire_counts, total_variance
 
 # Host launchers ----------------------------------------------------------------
@@ -83,19 +82,7 @@ def topk_sae_step_bwd(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype; one CSR transpose serves both weights."""
-    B, D = residual.shape
-    csr = csr_transpose(indices, W_dec.shape[0])
-    s_const = 2.0 / (B * D)
-    s = grad.float() * s_const
-    dW_dec, dots = gather_rows_backward(
-        residual, vals, indices, W_dec, scale=grad.float(), scale_const=s_const, csr=csr
-    )
-    dpre = torch.where(vals > 0, dots * s, 0.0)
-    dx_enc, dW_enc, db_enc, db_dec_enc = encoder_backward(dpre, x, W_enc, b_dec, indices, csr=csr)
-    dx = dx_enc - residual * s
-    db_dec = residual.sum(0) * s + db_dec_enc
-    dtype = W_enc.dtype
-    return dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype)
+    return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual)
 
 
 def topk_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, needs):

@@ -1,0 +1,164 @@
+"""The whole BatchTopK SAE training step (Bussmann, Leask, Nanda 2024), on the sparse path.
+
+    acts  = relu(pre * ||W_dec[f]||)   (rescale_acts_by_decoder_norm; else relu(pre)),
+            pre = (x - b_dec) @ W_enc.T + b_enc
+    code  = the int(k * B) largest entries of acts over the whole batch (rows get different counts)
+    x_hat = b_dec + sum over the code of relu(pre) * W_dec[f]      (= acts / ||W_dec[f]|| * W_dec[f])
+    loss  = mean over B*D of (x_hat - x)^2
+
+The rescaling is SAELens's default for its TopK and BatchTopK training SAEs: the selection
+ranks pre-activations as if the decoder rows had unit norm; the reconstruction is the
+plain one, so no gradient flows through the norms.
+
+What is fused:
+- selection, exact, from the chunked encoder GEMM (``primitives.select.batch_topk_preacts``):
+  the group-maximum prefilter over the flattened chunk, two torch.topk calls over packed
+  keys, a merge across chunks; tie rule: larger value first, then the lower flat position
+  b * F + f. No [B, F] tensor survives the forward.
+- decode and MSE: the row gather over the variable-length code (``row_offsets``), with the
+  fp32 residual and the squared-error sum in the same pass.
+- backward: ``primitives.step_backward`` (one CSR transpose for both weight gradients, the
+  encoder's sparse backward), as for the TopK step.
+
+Returned without a host sync: the loss, FVU, per-latent fire counts, the code, and the
+smallest positive selected activation (for the inference threshold; +inf if none).
+
+Precision: fp32 accumulation; loss and FVU in fp32; gradients in the parameters' dtype.
+Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
+"""
+
+import torch
+
+from ..._registry import register_op
+from ..._validation import check_batch_k, check_step_args
+from ...primitives.gather import gather_rows
+from ...primitives.select import batch_topk_preacts
+from ...primitives.step_backward import mse_step_backward
+from ...results import BatchTopKSAEStep, fire_counts, total_variance
+
+# Host launchers ----------------------------------------------------------------
+
+
+def batchtopk_sae_step_fwd(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    n: int,
+    rescale_acts_by_decoder_norm: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """Returns (loss, fvu, fire_counts, vals, indices, row_offsets, min_act, residual)."""
+    B, D = x.shape
+    scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
+    acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale)
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
+    counts = fire_counts(vals, indices, W_dec.shape[0])
+    return sq / (B * D), sq / total_variance(x), counts, vals, indices, row_offsets, min_act, residual
+
+
+def batchtopk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, n, rescale_acts_by_decoder_norm):
+    B, D = x.shape
+    F = W_dec.shape[0]
+    f32, i64 = torch.float32, torch.int64
+    return (
+        x.new_empty((), dtype=f32),
+        x.new_empty((), dtype=f32),
+        x.new_empty(F, dtype=i64),
+        x.new_empty(n),
+        x.new_empty(n, dtype=i64),
+        x.new_empty(B + 1, dtype=i64),
+        x.new_empty((), dtype=f32),
+        x.new_empty(B, D, dtype=f32),
+    )
+
+
+def batchtopk_sae_step_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    residual: torch.Tensor,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype; one CSR transpose serves both weights."""
+    return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets)
+
+
+def batchtopk_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, needs):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(W_enc),
+        W_enc.new_empty(W_enc.shape[0]),
+        torch.empty_like(W_dec),
+        torch.empty_like(b_dec),
+    )
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_batchtopk_sae_step = register_op(
+    "batchtopk_sae_step",
+    forward=batchtopk_sae_step_fwd,
+    forward_fake=batchtopk_sae_step_fwd_fake,
+    backward=batchtopk_sae_step_bwd,
+    backward_fake=batchtopk_sae_step_bwd_fake,
+    # x, W_enc, W_dec, b_dec, and the code (vals, indices, row_offsets) and residual
+    save=lambda args, outputs: (args[0], args[1], args[3], args[4], *outputs[3:6], outputs[7]),
+    differentiable=(0,),
+    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def batchtopk_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: float,
+    *,
+    rescale_acts_by_decoder_norm: bool = False,
+) -> BatchTopKSAEStep:
+    """One BatchTopK SAE step: the int(k * B) largest activations of the whole batch, decoded, MSE.
+
+    Args:
+        x: [B, D] activations, the parameters' dtype.
+        W_enc: [F, D] encoder rows (fp32, bf16 or fp16); b_enc: [F]; W_dec: [F, D] decoder
+            rows; b_dec: [D], subtracted before encoding and added after decoding.
+        k: active latents per row on average (an int or a float, as SAELens's ``k``); the
+            batch keeps N = int(k * B) entries, 1 <= N <= B * F.
+        rescale_acts_by_decoder_norm: rank relu(pre * ||W_dec[f]||) instead of relu(pre)
+            (SAELens's default for its BatchTopK training SAE).
+
+    Returns:
+        ``BatchTopKSAEStep(loss, fvu, fire_counts, vals, indices, row_offsets, min_act)``:
+        ``loss`` (0-d fp32, the mean over B*D) is differentiable in every tensor argument;
+        the code is variable-length (row b's entries at row_offsets[b]:row_offsets[b+1], by
+        latent id); ``min_act`` is the smallest positive ranked activation, the input of the
+        inference-threshold estimate. No host sync; nothing [B, F] kept; deterministic.
+    """
+    B, _, F = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    n = check_batch_k(k, B, F)
+    if not isinstance(rescale_acts_by_decoder_norm, bool):
+        raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+    out = _batchtopk_sae_step(
+        x.contiguous(),
+        W_enc.contiguous(),
+        b_enc.contiguous(),
+        W_dec.contiguous(),
+        b_dec.contiguous(),
+        n,
+        rescale_acts_by_decoder_norm,
+    )
+    return BatchTopKSAEStep(*out[:7])

@@ -1,0 +1,40 @@
+"""The whole backward of an SAE's MSE step at a code: decoder and encoder, one CSR transpose.
+
+With ``loss = c * sum (b_dec + decode(code) - x)^2`` (c = 1 / (B*D)), residual
+r = x_hat - x (fp32, kept by the forward) and s = 2 * c * grad:
+
+    dW_dec[f], dots  <- the gather's adjoint over r (one segmented pass; dots = <r[b], W_dec[f]>)
+    dpre             =  s * dots where the code's value is > 0 (the ReLU's mask), else 0
+    dx, dW_enc, ...  <- the encoder's sparse backward over dpre (``encoder.py``)
+    dx              -=  s * r;   db_dec = s * sum_b r + (the centring's share, -sum_b dx_enc)
+
+One CSR transpose of the code serves both weight gradients. The code is [B, K] or a
+variable-length one (``row_offsets``; see ``gather.gather_rows``). Used by every step whose
+reconstruction is a plain decode of its code (TopK, BatchTopK).
+"""
+
+import torch
+
+from .csr import csr_transpose
+from .encoder import encoder_backward
+from .gather import gather_rows_backward, row_ids
+
+
+def mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets=None):
+    """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype."""
+    B, D = residual.shape
+    csr = csr_transpose(indices, W_dec.shape[0])
+    rows = row_ids(row_offsets, indices.numel()) if row_offsets is not None else None
+    s_const = 2.0 / (B * D)
+    s = grad.float() * s_const
+    dW_dec, dots = gather_rows_backward(
+        residual, vals, indices, W_dec, scale=grad.float(), scale_const=s_const, csr=csr, rows=rows
+    )
+    dpre = torch.where(vals > 0, dots * s, 0.0)
+    dx_enc, dW_enc, db_enc, db_dec_enc = encoder_backward(
+        dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows
+    )
+    dx = dx_enc - residual * s
+    db_dec = residual.sum(0) * s + db_dec_enc
+    dtype = W_enc.dtype
+    return dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype)
