@@ -63,6 +63,7 @@ def test_layout_rules():
 OPS = (
     "batchtopk_sae_step",
     "hierarchical_topk_sae_loss",
+    "jumprelu_sae_step",
     "sparse_decode",
     "topk_encode",
     "topk_sae_loss",
@@ -139,10 +140,12 @@ def test_import_rules():
 def test_public_api(fs):
     assert sorted(fs.__all__) == [
         "BatchTopKSAEStep",
+        "JumpReLUSAEStep",
         "SparseAutoencoder",
         "TopKSAEStep",
         "batchtopk_sae_step",
         "hierarchical_topk_sae_loss",
+        "jumprelu_sae_step",
         "layers",
         "reference",
         "sparse_decode",

@@ -233,8 +233,9 @@ BATCH_K_BREAKS = [
     ("k too small for the batch", "k must give 1 <= int", _set(5, lambda k: 0.1)),
     ("k beyond the batch", "k must give 1 <= int", _set(5, lambda k: 14)),
 ]
-# The encoder's and step's own checks, minus the per-row k rules that BatchTopK replaces.
-BATCH_BREAKS = [b for b in SAE_BREAKS + STEP_BREAKS if not b[0].startswith("k ")] + BATCH_K_BREAKS
+# The encoder's and step's own checks, minus the per-row k rules (BatchTopK has its own; JumpReLU none).
+STEP_ONLY_BREAKS = [b for b in SAE_BREAKS + STEP_BREAKS if not b[0].startswith("k ")]
+BATCH_BREAKS = STEP_ONLY_BREAKS + BATCH_K_BREAKS
 
 
 @pytest.mark.kernels_ci
@@ -244,6 +245,49 @@ def test_batchtopk_sae_step_rejects(fs, device, what, match, breaker):
     breaker(args)
     with pytest.raises(ValueError, match=match):
         fs.batchtopk_sae_step(*args)
+
+
+def _jumprelu_call(fs, device, **overrides):
+    x, W_enc, b_enc, W_dec, b_dec, _ = _sae_args(device)
+    kw = dict(threshold=torch.full((W_enc.shape[0],), 0.1, device=device), capacity=20)
+    kw.update(overrides)
+    return fs.jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, kw.pop("threshold"), **kw)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(threshold=torch.zeros(5)), r"threshold must have shape \(13,\)"),
+        (dict(threshold=torch.zeros(13, 1)), "threshold must be 1-D"),
+        (dict(threshold=torch.zeros(13, dtype=torch.int64)), "threshold must have dtype"),
+        (dict(threshold=torch.zeros(13, device="meta")), "on meta"),
+        (dict(capacity=0), "capacity must lie in"),
+        (dict(capacity=4 * 13 + 1), "capacity must lie in"),
+        (dict(capacity=2.0), "capacity must be an int"),
+        (dict(bandwidth=0.0), "bandwidth must be a positive number"),
+        (dict(bandwidth=-1), "bandwidth must be a positive number"),
+        (dict(bandwidth=float("nan")), "bandwidth must be a positive number"),
+        (dict(l0_coefficient=-0.1), "l0_coefficient must be a number >= 0"),
+        (dict(l0_coefficient=True), "l0_coefficient must be a number >= 0"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_jumprelu_sae_step_rejects(fs, device, overrides, match):
+    if "threshold" in overrides and overrides["threshold"].device.type != "meta":
+        overrides = dict(overrides, threshold=overrides["threshold"].to(device))
+    with pytest.raises(ValueError, match=match):
+        _jumprelu_call(fs, device, **overrides)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", STEP_ONLY_BREAKS, ids=[b[0] for b in STEP_ONLY_BREAKS])
+def test_jumprelu_sae_step_rejects_step_args(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    threshold = torch.full((13,), 0.1, device=device)
+    with pytest.raises(ValueError, match=match):
+        fs.jumprelu_sae_step(*args[:5], threshold, capacity=20)
 
 
 @pytest.mark.kernels_ci

@@ -18,16 +18,19 @@ from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.decode.topk_sae_loss import topk_sae_loss
+from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
-from .results import BatchTopKSAEStep, TopKSAEStep
+from .results import BatchTopKSAEStep, JumpReLUSAEStep, TopKSAEStep
 
 __all__ = [
     "BatchTopKSAEStep",
+    "JumpReLUSAEStep",
     "SparseAutoencoder",
     "TopKSAEStep",
     "batchtopk_sae_step",
     "hierarchical_topk_sae_loss",
+    "jumprelu_sae_step",
     "layers",
     "reference",
     "sparse_decode",

@@ -65,8 +65,9 @@ def register_op(
         forward, forward_fake: the forward launcher (annotated) and its fake.
         backward, backward_fake: the backward launcher (annotated; see the module
             docstring for its arguments) and its fake.
-        save: ``save(args, outputs) -> tuple`` of the tensors (or None) the
-            backward receives after the gradients.
+        save: ``save(args, outputs) -> tuple`` of what the backward receives after
+            the gradients: tensors (or None), kept with ``save_for_backward``, and
+            constants (floats, ints), kept on the context.
         differentiable: positions of the outputs that carry a gradient.
         grad_inputs: positions of the forward's arguments that the backward's
             outputs are the gradients of, in order.
@@ -82,7 +83,10 @@ def register_op(
         outputs = output if isinstance(output, tuple) else (output,)
         ctx.mark_non_differentiable(*(o for i, o in enumerate(outputs) if i not in differentiable))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*save(inputs, outputs))
+        saved = save(inputs, outputs)
+        is_tensor = [t is None or isinstance(t, torch.Tensor) for t in saved]
+        ctx.save_for_backward(*(t for t, keep in zip(saved, is_tensor) if keep))
+        ctx.saved_constants = [(i, t) for i, (t, keep) in enumerate(zip(saved, is_tensor)) if not keep]
         ctx.n_inputs = len(inputs)
         ctx.grad_like = [(outputs[i].shape, outputs[i].dtype, outputs[i].device) for i in differentiable]
 
@@ -97,7 +101,10 @@ def register_op(
                 g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
                 for g, (shape, dtype, device) in zip(grads, ctx.grad_like)
             ]
-            for pos, need, g in zip(grad_inputs, needs, launch(*grads, *ctx.saved_tensors, needs)):
+            saved = list(ctx.saved_tensors)
+            for i, constant in ctx.saved_constants:
+                saved.insert(i, constant)
+            for pos, need, g in zip(grad_inputs, needs, launch(*grads, *saved, needs)):
                 if need:
                     result[pos] = g
             return tuple(result)

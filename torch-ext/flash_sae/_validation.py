@@ -175,3 +175,14 @@ def check_batch_k(k, B: int, F: int) -> int:
     if not 1 <= n <= B * F:
         raise ValueError(f"k must give 1 <= int(k * B) <= B * F = {B * F} selected entries, got k={k} (B={B})")
     return n
+
+
+def check_jumprelu_args(threshold, F: int, capacity, bandwidth, l0_coefficient, x) -> None:
+    check_tensor("threshold", threshold, 1)
+    check_shape("threshold", threshold, (F,))
+    check_same_device(x=x, threshold=threshold)
+    check_int("capacity", capacity, 1, x.shape[0] * F)
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not bandwidth > 0:
+        raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
+    if isinstance(l0_coefficient, bool) or not isinstance(l0_coefficient, (int, float)) or not l0_coefficient >= 0:
+        raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")

@@ -11,7 +11,7 @@ production code never imports this module.
 import torch
 
 from .modules.base import TopKSAEBase
-from .results import BatchTopKSAEStep, TopKSAEStep, fire_counts
+from .results import BatchTopKSAEStep, JumpReLUSAEStep, TopKSAEStep, fire_counts
 
 
 def sparse_decode(vals, indices, weight, bias=None):
@@ -122,6 +122,73 @@ def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
     counts = fire_counts(picked, ids, F)
     return BatchTopKSAEStep(loss, fvu, counts, vals, ids, row_offsets_of(rows, B), min_act)
+
+
+# JumpReLU ----------------------------------------------------------------------------
+
+
+def rectangle(u):
+    """The rectangle kernel R(u) = 1 for |u| < 1/2."""
+    return ((u > -0.5) & (u < 0.5)).to(u)
+
+
+def jumprelu_masks(z, theta, bandwidth):
+    """(active, band): H(z - theta) and R((z - theta) / bandwidth) as bool [B, F], in z's dtype."""
+    u = (z - theta) / bandwidth
+    return z > theta, (u > -0.5) & (u < 0.5)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - theta), with the paper's straight-through estimator for theta (rectangle kernel)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth, active, band):
+        ctx.save_for_backward(theta, active, band)
+        ctx.bandwidth = bandwidth
+        return z * active
+
+    @staticmethod
+    def backward(ctx, g):
+        theta, active, band = ctx.saved_tensors
+        dtheta = -(theta / ctx.bandwidth) * band * g
+        return active * g, dtheta.sum(0), None, None, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta): no gradient to z; the rectangle estimator for theta."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth, active, band):
+        ctx.save_for_backward(band)
+        ctx.bandwidth = bandwidth
+        return active.to(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (band,) = ctx.saved_tensors
+        return None, (-(1.0 / ctx.bandwidth) * band * g).sum(0), None, None, None
+
+
+def jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, l0_coefficient=1.0, masks=None):
+    """JumpReLU SAE step, densely, as Rajamanoharan et al. (2024) and SAELens's default ("step") define it.
+
+    f = z * H(z - theta), theta = threshold in x's dtype; loss = sum over D of (x_hat - x)^2, mean
+    over B, + l0_coefficient * mean over B of sum_f H(z - theta). ``masks`` = (active, band)
+    forces which entries are active and in the estimators' band (the tests pass flash-sae's,
+    as the TopK tests pass its selection). Returns the dense code [B, F] in ``vals``;
+    ``indices``, ``row_offsets``, ``count`` and ``overflow`` are None.
+    """
+    z = encoder_preacts(x, W_enc, b_enc, b_dec)
+    theta = threshold.to(z.dtype)
+    active, band = masks if masks is not None else jumprelu_masks(z.detach(), theta.detach(), bandwidth)
+    acts = _JumpReLU.apply(z, theta, bandwidth, active, band)
+    x_hat = acts @ W_dec + b_dec
+    sq = (x_hat - x).pow(2)
+    l0 = _Step.apply(z, theta, bandwidth, active, band).sum(-1).mean()
+    loss = sq.sum(-1).mean() + l0_coefficient * l0
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    counts = active.sum(0)
+    return JumpReLUSAEStep(loss, sq.mean(), l0.detach().float(), fvu, counts, acts, None, None, None, None)
 
 
 # The module -------------------------------------------------------------------------

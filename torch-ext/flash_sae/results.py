@@ -34,6 +34,24 @@ class BatchTopKSAEStep(NamedTuple):
     min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none), for the threshold
 
 
+class JumpReLUSAEStep(NamedTuple):
+    """What one JumpReLU SAE step returns. The code is variable-length with a fixed capacity: row b's
+    entries are ``vals[row_offsets[b]:row_offsets[b+1]]``; it holds the active entries (value > 0
+    after the jump) and those within half a bandwidth of the threshold (value 0), which the
+    threshold's estimators need. ``overflow`` is True when more entries qualified than fit."""
+
+    loss: torch.Tensor  # [] fp32: sum over D of the squared error, mean over B, + l0_coefficient * l0
+    mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    l0: torch.Tensor  # [] fp32: active latents per row, on average
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent was active
+    vals: torch.Tensor  # [capacity]: z * H(z - threshold) at the collected entries
+    indices: torch.Tensor  # [capacity] int64: their latent ids (-1 past the last one)
+    row_offsets: torch.Tensor  # [B + 1] int64
+    count: torch.Tensor  # [] int64: entries that qualified (active or in the band)
+    overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped; see the module's recovery)
+
+
 def fire_counts(vals: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tensor:
     """How many rows of the batch each latent fired in (a slot with value > 0); [F] int64.
 

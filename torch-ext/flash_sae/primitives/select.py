@@ -337,3 +337,48 @@ def batch_topk_preacts(
     acts = keys_to_values(keys[order].to(torch.int32), x.dtype)
     bounds = torch.arange(B + 1, device=x.device, dtype=rows.dtype)
     return acts, torch.relu(raw[order]), ids[order], torch.searchsorted(rows, bounds)
+
+
+# JumpReLU: every entry above a per-latent threshold, and those near it ------------------
+
+
+def threshold_preacts(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    threshold: torch.Tensor,
+    bandwidth: float,
+    capacity: int,
+):
+    """The entries a JumpReLU step needs, as a variable-length code of fixed capacity.
+
+    With pre = (x - b_dec) @ W_enc.T + b_enc and theta = threshold in x's dtype, an entry is
+    collected when it is active (pre > theta) or in the estimators' band
+    (|(pre - theta) / bandwidth| < 1/2, computed in x's dtype as the reference does).
+    Returns (pre values [capacity] x's dtype, latent ids [capacity] int64, row_offsets
+    [B + 1] int64, count [] int64 of entries that qualified), in row-major order; slots past
+    the last collected entry hold id -1 and value 0. ``count > capacity`` means entries were
+    dropped (the caller reports it). Runs the chunked GEMM; no host sync.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    xc = x - b_dec if b_dec is not None else x
+    theta = threshold.to(x.dtype)
+    found, parts = [], []
+    for f0, pre in pre_chunks(xc, W_enc, b_enc):
+        t = theta[f0 : f0 + pre.shape[1]]
+        u = (pre - t) / bandwidth
+        mask = (pre > t) | ((u > -0.5) & (u < 0.5))
+        found.append(mask.sum())
+        at = torch.nonzero_static(mask, size=capacity, fill_value=-1)
+        live = at[:, 0] >= 0
+        flat = torch.where(live, at[:, 0] * F + f0 + at[:, 1], B * F)  # dropped slots sort last
+        parts.append((flat, torch.where(live, pre[at[:, 0].clamp_min(0), at[:, 1].clamp_min(0)], 0)))
+    flat, raw = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:
+        order = torch.argsort(flat)[:capacity]
+        flat, raw = flat[order], raw[order]
+    rows = flat // F
+    ids = torch.where(rows < B, flat % F, -1)
+    bounds = torch.arange(B + 1, device=x.device, dtype=rows.dtype)
+    return raw, ids, torch.searchsorted(rows, bounds), torch.stack(found).sum()

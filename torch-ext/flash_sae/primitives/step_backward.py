@@ -20,21 +20,32 @@ from .encoder import encoder_backward
 from .gather import gather_rows_backward, row_ids
 
 
-def mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets=None):
-    """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype."""
+def mse_step_backward(
+    grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets=None, *, gate=None, per_row=False, with_da=False
+):
+    """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype.
+
+    ``per_row``: the loss sums the squared error over D and averages over B (c = 1 / B)
+    instead of the mean over B*D. ``gate`` (bool, shaped as ``vals``): where the code's value
+    passes gradient to the pre-activation (default: value > 0, the ReLU). ``with_da``: also
+    return da = dL/d(value) at every entry (fp32, shaped as ``vals``) and the CSR transpose
+    (perm, offsets), for gradients beyond these five (a JumpReLU threshold's).
+    """
     B, D = residual.shape
     csr = csr_transpose(indices, W_dec.shape[0])
     rows = row_ids(row_offsets, indices.numel()) if row_offsets is not None else None
-    s_const = 2.0 / (B * D)
+    s_const = 2.0 / B if per_row else 2.0 / (B * D)
     s = grad.float() * s_const
     dW_dec, dots = gather_rows_backward(
         residual, vals, indices, W_dec, scale=grad.float(), scale_const=s_const, csr=csr, rows=rows
     )
-    dpre = torch.where(vals > 0, dots * s, 0.0)
+    da = dots * s
+    dpre = torch.where(vals > 0 if gate is None else gate, da, 0.0)
     dx_enc, dW_enc, db_enc, db_dec_enc = encoder_backward(
         dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows
     )
     dx = dx_enc - residual * s
     db_dec = residual.sum(0) * s + db_dec_enc
     dtype = W_enc.dtype
-    return dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype)
+    grads = (dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype))
+    return (*grads, da, csr) if with_da else grads
