@@ -140,7 +140,9 @@ def test_import_rules():
 def test_public_api(fs):
     assert sorted(fs.__all__) == [
         "BatchTopKSAEStep",
+        "BatchTopKSparseAutoencoder",
         "JumpReLUSAEStep",
+        "JumpReLUSparseAutoencoder",
         "SparseAutoencoder",
         "TopKSAEStep",
         "batchtopk_sae_step",

@@ -13,7 +13,7 @@ plain-torch formulas the tests check against.
 """
 
 from . import layers, reference
-from .modules import SparseAutoencoder
+from .modules import BatchTopKSparseAutoencoder, JumpReLUSparseAutoencoder, SparseAutoencoder
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
@@ -25,7 +25,9 @@ from .results import BatchTopKSAEStep, JumpReLUSAEStep, TopKSAEStep
 
 __all__ = [
     "BatchTopKSAEStep",
+    "BatchTopKSparseAutoencoder",
     "JumpReLUSAEStep",
+    "JumpReLUSparseAutoencoder",
     "SparseAutoencoder",
     "TopKSAEStep",
     "batchtopk_sae_step",

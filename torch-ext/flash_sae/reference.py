@@ -10,7 +10,7 @@ production code never imports this module.
 
 import torch
 
-from .modules.base import TopKSAEBase
+from .modules.base import BatchTopKSAEBase, JumpReLUSAEBase, TopKSAEBase
 from .results import BatchTopKSAEStep, JumpReLUSAEStep, TopKSAEStep, fire_counts
 
 
@@ -212,3 +212,25 @@ class SparseAutoencoder(TopKSAEBase):
     def loss(self, x):
         """A ``TopKSAEStep``: the MSE loss (differentiable) and the logged statistics."""
         return topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+
+
+class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
+    """A BatchTopK SAE in plain PyTorch: the twin of ``flash_sae.BatchTopKSparseAutoencoder``'s ``loss``."""
+
+    def loss(self, x):
+        step = batchtopk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.rescale_acts_by_decoder_norm
+        )
+        if self.training:
+            self.update_threshold(step.min_act)
+        return step
+
+
+class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
+    """A JumpReLU SAE in plain PyTorch: the twin of ``flash_sae.JumpReLUSparseAutoencoder``'s ``loss``."""
+
+    def loss(self, x):
+        return jumprelu_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(), self.bandwidth,
+            self.l0_coefficient,
+        )  # fmt: skip

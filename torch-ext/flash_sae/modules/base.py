@@ -1,37 +1,62 @@
-"""What every TopK SAE module shares: parameters, their layout and initialisation, the decoder-norm steps.
+"""What every SAE module shares: parameters, their layout and initialisation, the decoder-norm steps.
 
-``modules.SparseAutoencoder`` (the kernels) and ``reference.SparseAutoencoder``
-(plain torch, the tests' twin) both subclass ``TopKSAEBase`` and differ only in
-how ``encode``, ``decode`` and ``loss`` compute; so a ``state_dict`` moves
-between them unchanged.
+Each module (the kernels) and its plain-torch twin in ``reference`` (the tests' ground
+truth) subclass the same base here and differ only in how they compute, so a
+``state_dict`` moves between them unchanged.
 """
 
 import torch
 from torch import nn
 
 
-class TopKSAEBase(nn.Module):
-    """Parameters ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D] (one unit-norm row per latent), ``b_dec`` [D].
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
-    Initialisation: W_dec rows drawn from a normal distribution (in fp64, from
-    ``seed`` if given, else the global RNG) and scaled to unit norm, W_enc =
-    W_dec (tied init), both biases zero. Subclasses define ``encode(x) ->
-    (vals, indices)``, ``decode(vals, indices) -> x_hat`` and ``loss(x)``.
+
+class SAEBase(nn.Module):
+    """Parameters ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D] (one row per latent), ``b_dec`` [D].
+
+    Initialisation (``decoder_init``):
+    - ``"normal"`` (flash-sae's TopK module): W_dec rows drawn from a normal distribution in
+      fp64 and scaled to unit norm;
+    - ``"saelens"`` (SAELens's training SAEs): W_dec drawn Kaiming-uniform, its rows scaled to
+      ``decoder_init_norm`` (SAELens's default 0.1, Anthropic's April 2024 "heuristic" init).
+    Then W_enc = W_dec (tied init) and both biases zero. ``seed`` seeds the draw (the global
+    RNG otherwise).
     """
 
-    def __init__(self, d_model, n_features, k, *, dtype=None, device=None, seed=None):
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        *,
+        dtype=None,
+        device=None,
+        seed=None,
+        decoder_init="normal",
+        decoder_init_norm=1.0,
+    ):
         super().__init__()
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
-            raise ValueError(f"n_features must be a positive int, got {n_features!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_features:
-            raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
-        self.d_model, self.n_features, self.k = d_model, n_features, k
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_features", n_features)
+        if decoder_init not in ("normal", "saelens"):
+            raise ValueError(f"decoder_init must be 'normal' or 'saelens', got {decoder_init!r}")
+        if (
+            isinstance(decoder_init_norm, bool)
+            or not isinstance(decoder_init_norm, (int, float))
+            or decoder_init_norm <= 0
+        ):
+            raise ValueError(f"decoder_init_norm must be a positive number, got {decoder_init_norm!r}")
+        self.d_model, self.n_features = d_model, n_features
         dtype = dtype or torch.get_default_dtype()
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        w = torch.randn(n_features, d_model, generator=g, dtype=torch.float64)
-        w = w / w.norm(dim=1, keepdim=True)
+        w = torch.empty(n_features, d_model, dtype=torch.float64)
+        if decoder_init == "normal":
+            w.normal_(generator=g)
+        else:
+            nn.init.kaiming_uniform_(w, generator=g)
+        w = w / w.norm(dim=1, keepdim=True) * decoder_init_norm
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(w.clone().to(**factory))
         self.b_enc = nn.Parameter(torch.zeros(n_features, **factory))
@@ -40,9 +65,12 @@ class TopKSAEBase(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"d_model={self.d_model}, n_features={self.n_features}, k={self.k}, "
+            f"d_model={self.d_model}, n_features={self.n_features}, {self._sparsity_repr()}, "
             f"dtype={self.W_dec.dtype}, device={self.W_dec.device}"
         )
+
+    def _sparsity_repr(self) -> str:
+        return f"k={self.k}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction x_hat [B, D]."""
@@ -56,10 +84,147 @@ class TopKSAEBase(nn.Module):
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self):
-        """Projects out of W_dec.grad its component along each (unit-norm) decoder row."""
+        """Projects out of W_dec.grad its component along each decoder row."""
         if self.W_dec.grad is None:
             return
         w = self.W_dec.float()
         g = self.W_dec.grad.float()
         g -= (g * w).sum(1, keepdim=True) * w / w.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
         self.W_dec.grad.copy_(g.to(self.W_dec.grad.dtype))
+
+
+class TopKSAEBase(SAEBase):
+    """A TopK SAE's parameters (``SAEBase``, normal unit-norm init) and its per-row ``k``.
+
+    Subclasses define ``encode(x) -> (vals, indices)``, ``decode(vals, indices) -> x_hat``
+    and ``loss(x)``.
+    """
+
+    def __init__(self, d_model, n_features, k, *, dtype=None, device=None, seed=None):
+        super().__init__(d_model, n_features, dtype=dtype, device=device, seed=seed)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_features:
+            raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
+        self.k = k
+
+
+class BatchTopKSAEBase(SAEBase):
+    """A BatchTopK SAE: ``SAEBase`` with SAELens's init, ``k`` active latents per row on average,
+    the decoder-norm rescaling flag, and the inference threshold (a float64 buffer, as SAELens
+    keeps it), estimated on device during training as SAELens does: an exponential moving
+    average, rate ``threshold_lr``, of each batch's smallest positive selected activation."""
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        k,
+        *,
+        rescale_acts_by_decoder_norm=True,
+        threshold_lr=0.01,
+        decoder_init_norm=0.1,
+        dtype=None,
+        device=None,
+        seed=None,
+    ):
+        super().__init__(
+            d_model,
+            n_features,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            decoder_init="saelens",
+            decoder_init_norm=decoder_init_norm,
+        )
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= n_features:
+            raise ValueError(f"k must be a number in (0, n_features={n_features}], got {k!r}")
+        if not isinstance(rescale_acts_by_decoder_norm, bool):
+            raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+        if isinstance(threshold_lr, bool) or not isinstance(threshold_lr, (int, float)) or not 0 < threshold_lr <= 1:
+            raise ValueError(f"threshold_lr must be a number in (0, 1], got {threshold_lr!r}")
+        self.k = k
+        self.rescale_acts_by_decoder_norm = rescale_acts_by_decoder_norm
+        self.threshold_lr = threshold_lr
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=device))
+
+    @torch.no_grad()
+    def update_threshold(self, min_act: torch.Tensor) -> None:
+        """threshold <- (1 - lr) * threshold + lr * min_act, skipped (on device) when no activation was positive."""
+        new = (1 - self.threshold_lr) * self.threshold + self.threshold_lr * min_act.double()
+        self.threshold.copy_(torch.where(torch.isfinite(min_act), new, self.threshold))
+
+    def activation_scale(self):
+        """The per-latent factor the selection ranks by: ||W_dec[f]|| when rescaling, else None."""
+        return self.W_dec.detach().norm(dim=1) if self.rescale_acts_by_decoder_norm else None
+
+
+class JumpReLUSAEBase(SAEBase):
+    """A JumpReLU SAE: ``SAEBase`` with SAELens's init and a learned per-latent threshold.
+
+    ``threshold_parameterization``: ``"direct"`` (SAELens's default: a parameter ``threshold``
+    kept in fp32, clamped at 0 before each step) or ``"log"`` (the paper's: a parameter
+    ``log_threshold``, threshold = exp(log_threshold), fp32). ``init_threshold`` 0.01,
+    ``bandwidth`` 0.05 and ``l0_coefficient`` 1.0 are SAELens's defaults.
+    """
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        *,
+        init_threshold=0.01,
+        bandwidth=0.05,
+        l0_coefficient=1.0,
+        threshold_parameterization="direct",
+        decoder_init_norm=0.1,
+        dtype=None,
+        device=None,
+        seed=None,
+    ):
+        super().__init__(
+            d_model,
+            n_features,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            decoder_init="saelens",
+            decoder_init_norm=decoder_init_norm,
+        )
+        if threshold_parameterization not in ("direct", "log"):
+            raise ValueError(
+                f"threshold_parameterization must be 'direct' or 'log', got {threshold_parameterization!r}"
+            )
+        for name, value in (("init_threshold", init_threshold), ("bandwidth", bandwidth)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(l0_coefficient, bool) or not isinstance(l0_coefficient, (int, float)) or not l0_coefficient >= 0:
+            raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")
+        self.bandwidth, self.l0_coefficient = float(bandwidth), float(l0_coefficient)
+        self.threshold_parameterization = threshold_parameterization
+        init = torch.full((n_features,), float(init_threshold), dtype=torch.float32, device=device)
+        if threshold_parameterization == "direct":
+            self.threshold = nn.Parameter(init)
+        else:
+            self.log_threshold = nn.Parameter(init.log())
+
+    def _sparsity_repr(self) -> str:
+        return f"bandwidth={self.bandwidth}, l0_coefficient={self.l0_coefficient}"
+
+    def current_threshold(self) -> torch.Tensor:
+        """theta [F] fp32, differentiable in the threshold's parameter."""
+        if self.threshold_parameterization == "log":
+            return self.log_threshold.exp()
+        with torch.no_grad():
+            self.threshold.clamp_(min=0.0)  # as SAELens: projected on .data, not clamped in the graph
+        return self.threshold
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) casts every float parameter; the threshold stays fp32 (as SAELens keeps it),
+        # restored from its value before the cast rather than cast back (no bf16 rounding on the way).
+        names = [n for n in ("threshold", "log_threshold") if self._parameters.get(n) is not None]
+        before = {n: self._parameters[n].data for n in names}
+        out = super()._apply(fn, *args, **kwargs)
+        for n in names:
+            p = self._parameters[n]
+            if p.dtype != torch.float32:
+                p.data = before[n].to(device=p.device, dtype=torch.float32)
+        return out

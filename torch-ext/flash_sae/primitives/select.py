@@ -350,6 +350,7 @@ def threshold_preacts(
     threshold: torch.Tensor,
     bandwidth: float,
     capacity: int,
+    scale: torch.Tensor | None = None,
 ):
     """The entries a JumpReLU step needs, as a variable-length code of fixed capacity.
 
@@ -359,7 +360,9 @@ def threshold_preacts(
     Returns (pre values [capacity] x's dtype, latent ids [capacity] int64, row_offsets
     [B + 1] int64, count [] int64 of entries that qualified), in row-major order; slots past
     the last collected entry hold id -1 and value 0. ``count > capacity`` means entries were
-    dropped (the caller reports it). Runs the chunked GEMM; no host sync.
+    dropped (the caller reports it). ``bandwidth`` 0 collects the active entries only; with
+    ``scale`` the comparison is pre * scale > theta (BatchTopK's inference rule), and the values
+    returned are still pre. Runs the chunked GEMM; no host sync.
     """
     B, F = x.shape[0], W_enc.shape[0]
     xc = x - b_dec if b_dec is not None else x
@@ -367,8 +370,11 @@ def threshold_preacts(
     found, parts = [], []
     for f0, pre in pre_chunks(xc, W_enc, b_enc):
         t = theta[f0 : f0 + pre.shape[1]]
-        u = (pre - t) / bandwidth
-        mask = (pre > t) | ((u > -0.5) & (u < 0.5))
+        key = scaled(pre, scale[f0 : f0 + pre.shape[1]] if scale is not None else None)
+        mask = key > t
+        if bandwidth > 0:
+            u = (key - t) / bandwidth
+            mask |= (u > -0.5) & (u < 0.5)
         found.append(mask.sum())
         at = torch.nonzero_static(mask, size=capacity, fill_value=-1)
         live = at[:, 0] >= 0

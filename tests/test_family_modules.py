@@ -1,0 +1,131 @@
+"""BatchTopKSparseAutoencoder and JumpReLUSparseAutoencoder: init conventions, state, training curves
+against their plain-torch twins, the inference threshold, and the JumpReLU capacity's recovery."""
+
+import pytest
+import torch
+from test_training import LR, D, N, sparse_dictionary_data
+
+F, B, STEPS = 64, 8, 12
+
+
+def twins(fs, name, device, **kwargs):
+    flash = getattr(fs, name)(D, F, dtype=torch.float32, device=device, seed=1, **kwargs)
+    ref = getattr(fs.reference, name)(D, F, dtype=torch.float32, device=device, seed=1, **kwargs)
+    for key, t in ref.state_dict().items():
+        assert torch.equal(flash.state_dict()[key], t), f"the twins start from different {key}"
+    return flash, ref
+
+
+def train(sae, data):
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+    log = []
+    for step in range(STEPS):
+        i = step % (N // B)
+        out = sae.loss(data[i * B : (i + 1) * B])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        log.append(out)
+    return log
+
+
+@pytest.mark.kernels_ci
+def test_batchtopk_init_and_state(fs, device):
+    """SAELens's conventions: decoder rows of norm 0.1, W_enc = W_dec, zero biases, a float64 threshold at 0."""
+    sae = fs.BatchTopKSparseAutoencoder(D, F, 3.5, device=device, seed=0)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((F,), 0.1, device=device))
+    assert torch.equal(sae.W_enc, sae.W_dec) and not sae.b_enc.any() and not sae.b_dec.any()
+    assert sae.rescale_acts_by_decoder_norm and sae.threshold_lr == 0.01
+    assert sae.threshold.dtype == torch.float64 and "threshold" in sae.state_dict()
+    assert "k=3.5" in repr(sae) and f"n_features={F}" in repr(sae)
+
+
+@pytest.mark.kernels_ci
+def test_jumprelu_init_and_state(fs, device):
+    for param, key in (("direct", "threshold"), ("log", "log_threshold")):
+        sae = fs.JumpReLUSparseAutoencoder(D, F, threshold_parameterization=param, device=device, seed=0)
+        sae = sae.to(torch.bfloat16)
+        assert sae.W_dec.dtype == torch.bfloat16
+        assert getattr(sae, key).dtype == torch.float32, "the threshold stays fp32, as SAELens keeps it"
+        torch.testing.assert_close(sae.current_threshold(), torch.full((F,), 0.01, device=device))
+        assert key in sae.state_dict() and "bandwidth=0.05" in repr(sae)
+
+
+@pytest.mark.kernels_ci
+def test_batchtopk_training_follows_twin_and_threshold(fs, device):
+    """fp32: the same code at every step, loss within 1e-4, and the same threshold estimate; then eval
+    mode encodes with the threshold rule."""
+    data = sparse_dictionary_data(device)
+    flash, ref = twins(fs, "BatchTopKSparseAutoencoder", device, k=4)
+    log_f, log_r = train(flash, data), train(ref, data)
+    for step, (a, b) in enumerate(zip(log_f, log_r)):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.row_offsets, b.row_offsets), f"step {step}"
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-4 * b.loss.item(), f"step {step}: {a.loss} vs {b.loss}"
+    torch.testing.assert_close(flash.threshold, ref.threshold, rtol=1e-6, atol=0)
+    assert flash.threshold > 0
+    first, last = log_f[0].loss.item(), log_f[-1].loss.item()
+    assert last < 0.8 * first, f"loss went from {first:.4g} to {last:.4g}"
+
+    flash.eval()
+    x = data[:B]
+    vals, indices, row_offsets = flash.encode(x)
+    with torch.no_grad():
+        pre = fs.reference.encoder_preacts(x, flash.W_enc, flash.b_enc, flash.b_dec)
+        active = pre * flash.W_dec.norm(dim=1) > flash.threshold.to(pre.dtype)
+    rows = torch.repeat_interleave(torch.arange(B, device=device), row_offsets.diff())
+    code = torch.zeros_like(pre)
+    code[rows, indices[: len(rows)]] = vals[: len(rows)]
+    assert torch.equal(code != 0, active) and torch.equal(code[active], pre[active])
+    x_hat = flash(x)
+    torch.testing.assert_close(x_hat, code @ flash.W_dec + flash.b_dec, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("parameterization", ["direct", "log"])
+def test_jumprelu_training_follows_twin(fs, device, parameterization):
+    data = sparse_dictionary_data(device)
+    kw = dict(threshold_parameterization=parameterization, init_threshold=0.05, bandwidth=0.1, l0_coefficient=0.01)
+    flash, ref = twins(fs, "JumpReLUSparseAutoencoder", device, **kw)
+    log_f, log_r = train(flash, data), train(ref, data)
+    for step, (a, b) in enumerate(zip(log_f, log_r)):
+        assert not bool(a.overflow), f"step {step} overflowed"
+        assert torch.equal(a.fire_counts, b.fire_counts), f"step {step}: other active latents"
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-4 * b.loss.item(), f"step {step}: {a.loss} vs {b.loss}"
+    for key, t in ref.state_dict().items():
+        err = (flash.state_dict()[key] - t).norm() / t.norm().clamp_min(1e-30)
+        assert err < 1e-4, f"after {STEPS} steps {key} differs by {err:.2e}"
+    assert log_f[-1].loss < log_f[0].loss
+
+
+@pytest.mark.kernels_ci
+def test_jumprelu_capacity_recovers_from_overflow(fs, device):
+    """A capacity too small overflows and says so; the module reads the count it saw and the next step is exact."""
+    data = sparse_dictionary_data(device)
+    sae = fs.JumpReLUSparseAutoencoder(D, F, capacity_per_row=1, init_threshold=0.001, device=device, seed=0)
+    first = sae.loss(data[:B])
+    assert bool(first.overflow) and int(first.count) > B
+    second = sae.loss(data[:B])
+    assert not bool(second.overflow), "the capacity did not grow from the overflowing step's count"
+    assert sae.capacity_per_row >= int(first.count) / B
+    torch.testing.assert_close(second.loss, fs.reference.JumpReLUSparseAutoencoder.loss(sae, data[:B]).loss)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize(
+    "cls,kwargs,match",
+    [
+        ("BatchTopKSparseAutoencoder", dict(k=0), "k must be a number"),
+        ("BatchTopKSparseAutoencoder", dict(k=F + 1), "k must be a number"),
+        ("BatchTopKSparseAutoencoder", dict(k=2, threshold_lr=0), "threshold_lr"),
+        ("BatchTopKSparseAutoencoder", dict(k=2, rescale_acts_by_decoder_norm=1), "rescale_acts_by_decoder_norm"),
+        ("BatchTopKSparseAutoencoder", dict(k=2, decoder_init_norm=0), "decoder_init_norm"),
+        ("JumpReLUSparseAutoencoder", dict(bandwidth=0), "bandwidth"),
+        ("JumpReLUSparseAutoencoder", dict(init_threshold=-1), "init_threshold"),
+        ("JumpReLUSparseAutoencoder", dict(l0_coefficient=-1), "l0_coefficient"),
+        ("JumpReLUSparseAutoencoder", dict(threshold_parameterization="exp"), "threshold_parameterization"),
+        ("JumpReLUSparseAutoencoder", dict(capacity_per_row=0), "capacity_per_row"),
+    ],
+)
+def test_family_modules_reject(fs, cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(fs, cls)(D, F, **kwargs)

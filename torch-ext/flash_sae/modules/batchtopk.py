@@ -1,0 +1,64 @@
+"""``BatchTopKSparseAutoencoder``: a BatchTopK SAE trained with ``batchtopk_sae_step``.
+
+Parameters, SAELens's initialisation, the decoder-norm rescaling flag and the inference
+threshold come from ``modules.base.BatchTopKSAEBase``, which the plain-torch twin
+``reference.BatchTopKSparseAutoencoder`` shares.
+"""
+
+import torch
+
+from ..ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
+from ..primitives.gather import gather_rows
+from ..primitives.select import batch_topk_preacts, threshold_preacts
+from ..results import BatchTopKSAEStep
+from .base import BatchTopKSAEBase
+
+
+class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
+    """BatchTopK SAE (Bussmann, Leask, Nanda 2024), SAELens's training conventions by default.
+
+    Args:
+        d_model, n_features: D and F.
+        k: active latents per row on average (int or float); a batch of B rows keeps int(k * B).
+        rescale_acts_by_decoder_norm: rank pre * ||W_dec[f]|| (SAELens's default, True).
+        threshold_lr: rate of the inference threshold's moving average (SAELens's 0.01).
+        decoder_init_norm: decoder rows' norm at init (SAELens's 0.1); W_enc = W_dec.
+        dtype, device, seed: of the parameters and their draw.
+
+    ``loss(x)`` is the fused training step; in training mode it also updates ``threshold``
+    on the device. ``encode(x)`` returns a variable-length code (vals, indices, row_offsets):
+    the batch rule in training mode, the threshold rule (pre * scale > threshold) in eval
+    mode. ``encode``, ``decode`` and ``forward`` run without gradients: train with ``loss``.
+    """
+
+    def loss(self, x: torch.Tensor) -> BatchTopKSAEStep:
+        step = batchtopk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
+            rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
+        )  # fmt: skip
+        if self.training:
+            self.update_threshold(step.min_act)
+        return step
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, capacity: int | None = None):
+        """(vals, indices, row_offsets). Eval mode: ``capacity`` bounds the code (None: count first,
+        one host sync); entries past it are dropped."""
+        scale = self.activation_scale()
+        if self.training:
+            _, vals, indices, row_offsets = batch_topk_preacts(
+                x, self.W_enc, self.b_enc, int(self.k * x.shape[0]), self.b_dec, scale
+            )
+            return vals, indices, row_offsets
+        theta = self.threshold.expand(self.n_features)
+        if capacity is None:
+            capacity = max(1, int(threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, 1, scale)[3]))
+        vals, indices, row_offsets, _ = threshold_preacts(
+            x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, capacity, scale
+        )
+        return torch.relu(vals), indices, row_offsets
+
+    @torch.no_grad()
+    def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+        """x_hat [B, D] from a variable-length code."""
+        return gather_rows(vals, indices, self.W_dec, self.b_dec, row_offsets=row_offsets)

@@ -1,0 +1,91 @@
+"""``JumpReLUSparseAutoencoder``: a JumpReLU SAE trained with ``jumprelu_sae_step``.
+
+Parameters, SAELens's initialisation and the threshold's parameterisation come from
+``modules.base.JumpReLUSAEBase``, which the plain-torch twin
+``reference.JumpReLUSparseAutoencoder`` shares.
+
+Capacity, without a host sync. The step's code has a static size. The module starts at
+``capacity_per_row`` entries per row (default: F, which can never overflow) and, after each
+step, copies the step's ``count`` to pinned host memory without blocking. At the next step
+it reads that copy only if the copy has already finished (a CUDA event it does not wait
+for), and sizes the capacity to 1.5x the count seen, rounded up to a power of two. A step
+whose entries did not fit says so in ``step.overflow``; the capacity then grows from that
+step's count, so a later step is exact again.
+"""
+
+import math
+
+import torch
+
+from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
+from ..primitives.gather import gather_rows
+from ..primitives.select import threshold_preacts
+from ..results import JumpReLUSAEStep
+from .base import JumpReLUSAEBase
+
+
+class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
+    """JumpReLU SAE (Rajamanoharan et al. 2024), SAELens's training conventions by default.
+
+    Args:
+        d_model, n_features: D and F.
+        init_threshold, bandwidth, l0_coefficient: SAELens's defaults 0.01, 0.05, 1.0.
+        threshold_parameterization: "direct" (SAELens) or "log" (the paper).
+        capacity_per_row: the code's starting size per row (default F); it adapts (module docstring).
+        decoder_init_norm, dtype, device, seed: as ``BatchTopKSparseAutoencoder``.
+
+    ``loss(x)`` is the fused training step (MSE summed over D, mean over B, + l0_coefficient *
+    L0). ``encode(x)`` returns the active entries as a variable-length code; ``encode``,
+    ``decode`` and ``forward`` run without gradients: train with ``loss``.
+    """
+
+    def __init__(self, d_model, n_features, *, capacity_per_row=None, **kwargs):
+        super().__init__(d_model, n_features, **kwargs)
+        if capacity_per_row is not None and (
+            isinstance(capacity_per_row, bool) or not isinstance(capacity_per_row, int) or capacity_per_row < 1
+        ):
+            raise ValueError(f"capacity_per_row must be a positive int or None, got {capacity_per_row!r}")
+        self.capacity_per_row = min(capacity_per_row or n_features, n_features)
+        self._pending = None  # (pinned count, event, batch size) of the last step
+
+    def _capacity(self, B: int) -> int:
+        if self._pending is not None:
+            count, event, rows = self._pending
+            if event is None or event.query():  # finished: reading it does not wait
+                seen = int(count) / rows
+                self.capacity_per_row = min(self.n_features, 1 << max(0, math.ceil(math.log2(max(1.0, 1.5 * seen)))))
+                self._pending = None
+        return min(B * self.n_features, self.capacity_per_row * B)
+
+    def _record(self, count: torch.Tensor, B: int) -> None:
+        if count.device.type == "cuda":
+            host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            host.copy_(count, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event, B)
+        else:
+            self._pending = (count.clone(), None, B)
+
+    def loss(self, x: torch.Tensor) -> JumpReLUSAEStep:
+        B = x.shape[0]
+        step = jumprelu_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(),
+            capacity=self._capacity(B), bandwidth=self.bandwidth, l0_coefficient=self.l0_coefficient,
+        )  # fmt: skip
+        self._record(step.count, B)
+        return step
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, capacity: int | None = None):
+        """(vals, indices, row_offsets) of the active entries; ``capacity`` None counts first (one host sync)."""
+        theta = self.current_threshold()
+        if capacity is None:
+            capacity = max(1, int(threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, 1)[3]))
+        vals, indices, row_offsets, _ = threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, capacity)
+        return vals, indices, row_offsets
+
+    @torch.no_grad()
+    def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+        """x_hat [B, D] from a variable-length code."""
+        return gather_rows(vals, indices, self.W_dec, self.b_dec, row_offsets=row_offsets)
