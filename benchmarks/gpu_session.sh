@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench compare profile example quick
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family compare profile example quick
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
 set -uo pipefail
@@ -23,8 +23,8 @@ for stage in "$@"; do
       timeout ${TESTS_TIMEOUT:-480} python3 -m pytest tests ${TESTS_ARGS:-} -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -n 25
       status=$((status | PIPESTATUS[0]));;
     sanitizer)
-      HYPOTHESIS_PROFILE=cpu timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 -m pytest tests -q -p no:cacheprovider -m kernels_ci -k "not compile and not opcheck" 2>&1 \
+      HYPOTHESIS_PROFILE=quick timeout ${SANITIZER_TIMEOUT:-420} compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest tests ${SANITIZER_ARGS:-} -q -p no:cacheprovider -m kernels_ci -k "not compile and not opcheck" 2>&1 \
         | tee "$OUT/sanitizer.log" | tail -n 15
       status=$((status | PIPESTATUS[0]));;
     tune)
@@ -33,6 +33,10 @@ for stage in "$@"; do
       tail -n 5 "$OUT/tune.log";;
     bench)
       timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/side_by_side.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 70
+      status=$((status | PIPESTATUS[0]));;
+    family)
+      timeout ${FAMILY_TIMEOUT:-300} python3 benchmarks/side_by_side.py --ops batchtopk_sae_step,jumprelu_sae_step \
+        --stem side_by_side_family --out "$OUT" 2>&1 | tee "$OUT/family.log" | tail -n 40
       status=$((status | PIPESTATUS[0]));;
     compare)
       timeout ${COMPARE_TIMEOUT:-400} python3 benchmarks/compare_builds.py --before "${BEFORE:-.baseline}" --out "$OUT" 2>&1 \

@@ -16,6 +16,7 @@ IMPL_ORDER = [
     "torch dense [B,F]@W",
     "torch eager (dense)",
     "torch.compile (dense)",
+    "SAELens",
 ]
 
 

@@ -38,6 +38,9 @@ SHAPES = [  # (B, D, F, K)
 ]
 QUICK_SHAPES = [(8, 40, 64, 6)]
 OPS = ("topk_sae_step", "topk_sae_loss", "hierarchical_topk_sae_loss", "sparse_decode")
+FAMILY_OPS = ("batchtopk_sae_step", "jumprelu_sae_step")
+# The BatchTopK / JumpReLU step tables: the issue's two shapes and F = 2^21 (B = 4096, D = 2048).
+FAMILY_SHAPES = [("bf16", 2048, 2304, 65536, 64), ("bf16", 4096, 2048, 262144, 64), ("bf16", 4096, 2048, 2**21, 64)]
 # The full training step (encoder GEMM + top-k + decode + loss, forward + backward).
 STEP_SHAPES = [(dname, *shape) for shape in SHAPES for dname in ("bf16",)] + [("fp32", 1024, 768, 24576, 32)]
 STEP_SCALE = [("bf16", 4096, 2048, 2**p, 64) for p in (19, 20, 21)]
@@ -172,6 +175,123 @@ def bench_steps(fs, args, bw, rows, quick):
         torch.cuda.empty_cache()
 
 
+def dense_batchtopk_step(x, W_enc, b_enc, W_dec, b_dec, k):
+    """BatchTopK written the way SAELens's training SAE runs it (default config: decoder-norm rescaling)."""
+    norm = W_dec.norm(dim=-1)
+    acts = torch.relu(((x - b_dec) @ W_enc.T + b_enc) * norm)
+    top = torch.topk(acts.flatten(), int(k * x.shape[0]))
+    code = torch.zeros_like(acts.flatten()).scatter(-1, top.indices, top.values).view(acts.shape)
+    x_hat = (code * (1 / norm)) @ W_dec + b_dec
+    return (x_hat - x).float().pow(2).sum(-1).mean()
+
+
+def saelens_step_fn(arch, params, k, threshold=None):
+    """SAELens's own training SAE (default config) holding ``params``; None (and why) if it is not installed."""
+    try:
+        from sae_lens.saes import (
+            BatchTopKTrainingSAE,
+            BatchTopKTrainingSAEConfig,
+            JumpReLUTrainingSAE,
+            JumpReLUTrainingSAEConfig,
+        )
+        from sae_lens.saes.sae import TrainStepInput
+    except Exception as e:  # reported in the table, not hidden
+        return None, f"sae-lens not importable: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+    x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in params)
+    D, F = x.shape[1], W_enc.shape[0]
+    dtype = str(x.dtype).replace("torch.", "")
+    try:
+        if arch == "batchtopk":
+            sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=F, k=k, dtype=dtype, device="cuda"))
+        else:
+            sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=D, d_sae=F, dtype=dtype, device="cuda"))
+        with torch.no_grad():
+            sae.W_enc.copy_(W_enc.T)
+            sae.b_enc.copy_(b_enc)
+            sae.W_dec.copy_(W_dec)
+            sae.b_dec.copy_(b_dec)
+            if threshold is not None:
+                sae.threshold.copy_(threshold)
+    except Exception as e:  # reported in the table (OOM at the largest F included), not hidden
+        torch.cuda.empty_cache()
+        return None, f"SAELens's SAE could not be built: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+    coefficients = {"l0": sae.cfg.l0_coefficient} if arch == "jumprelu" else {}
+
+    def call():
+        step = TrainStepInput(
+            sae_in=x, coefficients=coefficients, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+        )
+        return sae.training_forward_pass(step).loss
+
+    return (call, list(sae.parameters())), None
+
+
+def bench_family_steps(fs, args, bw, rows, quick):
+    """BatchTopK and JumpReLU steps: flash-sae beside a dense step written as SAELens runs it and
+    SAELens's own training SAE (installed package, default config), with flash-sae's TopK step at
+    the same shape for the ratio targets. JumpReLU's threshold is set so that L0 is about K."""
+    shapes = [("bf16", *QUICK_SHAPES[0])] if quick else FAMILY_SHAPES
+    ops = [op for op in args.ops.split(",") if op in FAMILY_OPS]
+    for dname, B, D, F, K in shapes:
+        dtype = DTYPES[dname]
+        try:
+            params = make_step_problem(B, D, F, K, dtype, "cuda")
+        except torch.OutOfMemoryError:
+            print(f"family steps {dname} {B},{D},{F},{K}: inputs do not fit")
+            continue
+        x, W_enc, b_enc = (p.detach() for p in params[:3])
+        gemm = bench(lambda: torch.addmm(b_enc, x, W_enc.T))
+        fl = step_floor_ms(B, D, F, K, dname, params[0].element_size(), bw)
+        with torch.no_grad():
+            probe = fs.batchtopk_sae_step(*params, K)
+        threshold = torch.full((F,), probe.min_act.item(), device="cuda")  # L0 ~ K
+        count = int(fs.jumprelu_sae_step(*[p.detach() for p in params], threshold, capacity=B * min(F, 4 * K)).count)
+        capacity = 1 << (int(1.25 * count) - 1).bit_length()
+        impls = {("topk_sae_step", "flash-sae"): (lambda: fs.topk_sae_step(*params, K).loss, params)}
+        for op in ops:
+            if op == "batchtopk_sae_step":
+                impls[(op, "flash-sae")] = (
+                    lambda: fs.batchtopk_sae_step(*params, K, rescale_acts_by_decoder_norm=True).loss,
+                    params,
+                )
+                impls[(op, "torch eager (dense)")] = (lambda: dense_batchtopk_step(*params, K), params)
+                impls[(op, "SAELens")] = ("batchtopk", None)  # built when its turn comes, freed after
+            else:
+                thr = threshold.clone().requires_grad_()
+                jp = params + [thr]
+                impls[(op, "flash-sae")] = (lambda jp=jp: fs.jumprelu_sae_step(*jp, capacity=capacity).loss, jp)
+                impls[(op, "torch eager (dense)")] = (lambda jp=jp: fs.reference.jumprelu_sae_step(*jp).loss, jp)
+                impls[(op, "SAELens")] = ("jumprelu", threshold)
+        for (op, name), (call, ps) in impls.items():
+            err = None
+            if name == "SAELens":
+                theirs, err = saelens_step_fn(call, params, K, ps)
+                call, ps = theirs if theirs is not None else (None, None)
+            try:
+                if call is None:
+                    raise RuntimeError(err)
+                (ms, lo, hi), peak, gms = measure_call(call, ps)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                ms = lo = hi = peak = gms = float("nan")
+                err = err or f"OOM: {str(e).splitlines()[0][:60]}"
+            call = ps = theirs = None
+            torch.cuda.empty_cache()
+            row = dict(
+                op=op, dtype=dname, B=B, D=D, F=F, K=K, impl=name, ms=ms, p20=lo, p80=hi, graph_ms=gms,
+                peak_gib=peak, floor_ms=fl, pct_floor=100 * fl / gms, gemm_ms=gemm, x_gemm=gms / gemm, error=err,
+                jumprelu_capacity=capacity if op == "jumprelu_sae_step" else None,
+            )  # fmt: skip
+            rows.append(row)
+            print(
+                f"{op:28s} {dname:5s} {f'{B},{D},{F},{K}':24s} {name:22s} "
+                f"{ms:8.3f} ({lo:.3f}-{hi:.3f}) {gms:8.3f} {peak:9.2f} {row['pct_floor']:7.0f}%"
+                f"  {gms / gemm:5.2f}x GEMM ({gemm:.3f} ms)" + (f"  {err}" if err else ""),
+                flush=True,
+            )
+        impls = params = x = W_enc = b_enc = probe = threshold = None
+        torch.cuda.empty_cache()
+
+
 def bench(fn):
     from triton.testing import do_bench
 
@@ -271,6 +391,7 @@ def main():
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--stem", default="side_by_side", help="name of the JSON written under --out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("side_by_side.py needs a CUDA GPU")
@@ -287,7 +408,11 @@ def main():
         f"{'graph ms':>8s} {'peak GiB':>9s} {'% floor':>8s}"
     )
     print(header)
+    if any(op in FAMILY_OPS for op in args.ops.split(",")):
+        bench_family_steps(fs, args, bw, rows, args.quick)
     for op in args.ops.split(","):
+        if op in FAMILY_OPS:
+            continue
         if op == "topk_sae_step":
             bench_steps(fs, args, bw, rows, args.quick)
             continue
@@ -344,7 +469,7 @@ def main():
         triton=__import__("triton").__version__,
         copy_bandwidth_tbps=bw / 1e12,
     )
-    stem = "side_by_side_quick" if args.quick else "side_by_side"
+    stem = f"{args.stem}_quick" if args.quick else args.stem
     (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {args.out / (stem + '.json')}")
 

@@ -125,9 +125,15 @@ def check_step_parity(fs, shape, dtype, device, *, seed):
         assert_parity("topk_sae_step fvu", out.fvu, fvu_base, r.fvu, dtype)
     assert torch.equal(out.fire_counts, r.fire_counts)
     assert int(out.fire_counts.sum()) == int((out.vals > 0).sum())
-    for name, a, b, c, p in zip(STEP_NAMES, ours, same_grads, r_grads, params):
+    # Gradients too carry the code's shared rounding: torch's error for each is at least that of exact
+    # arithmetic at the dtype-rounded x - b_dec and pre-activations (values rounded, gradients exact).
+    p_sh = [p.detach().double().requires_grad_() for p in params]
+    sh = ref.topk_sae_step(*p_sh, K, indices=out.indices, round_preacts=dtype)
+    sh_grads = grads(sh.loss, p_sh, up.double())
+    for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape
-        assert_parity(f"topk_sae_step d{name}", a, b, c, dtype)
+        base = b if rel_err(b, c) >= rel_err(d, c) else d
+        assert_parity(f"topk_sae_step d{name}", a, base, c, dtype)
 
 
 __all__ = [

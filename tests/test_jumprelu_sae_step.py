@@ -215,10 +215,10 @@ def test_jumprelu_matches_saelens(fs, device, dtype):
     dense = torch.zeros(B, F, device=device, dtype=out.vals.dtype)
     dense[rows, out.indices[:n]] = out.vals[:n]
     if dtype == torch.float32:
-        assert torch.equal(dense, theirs.feature_acts), "the code differs from SAELens's feature_acts"
+        assert torch.equal(dense != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
         assert torch.equal(dense != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"
-    # In bf16 SAELens rounds its pre-activations twice (matmul, then the bias add) where flash-sae's
-    # addmm rounds once, so last-bit differences are expected: the code is compared by the parity rule.
+    # SAELens rounds its pre-activations twice (matmul, then the bias add) where flash-sae's addmm rounds
+    # once (and cuBLAS may sum in another order even in fp32), so the values are compared by the parity rule.
     assert_parity("saelens jumprelu feature_acts", dense, theirs.feature_acts, ref.feature_acts, dtype)
     assert_parity("saelens jumprelu loss", out.loss, theirs.loss, ref.loss, dtype)
     for name, a, b, c in zip(names, our_grads, their_grads, ref_grads):

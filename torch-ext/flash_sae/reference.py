@@ -50,19 +50,33 @@ def topk_select(pre, k):
     return values[:, :k], indices[:, :k]
 
 
-def encoder_preacts(x, W_enc, b_enc, b_dec=None):
-    """pre = (x - b_dec) @ W_enc.T + b_enc; [B, F], as ``nn.Linear`` computes it (one rounding)."""
+def _rounded(t, dtype):
+    """``t``'s values rounded to ``dtype`` (kept in t's dtype), with the gradient of the identity."""
+    return t + (t.detach().to(dtype).to(t.dtype) - t.detach())
+
+
+def encoder_preacts(x, W_enc, b_enc, b_dec=None, round_to=None):
+    """pre = (x - b_dec) @ W_enc.T + b_enc; [B, F], as ``nn.Linear`` computes it (one rounding).
+
+    ``round_to`` (a dtype) rounds the two intermediates every implementation in that dtype
+    rounds, x - b_dec and pre, while keeping exact gradients: exact arithmetic at those
+    roundings, the tests' measure of the error they alone cause.
+    """
     xc = x - b_dec if b_dec is not None else x
-    return torch.addmm(b_enc, xc, W_enc.T)
+    if round_to is not None:
+        xc = _rounded(xc, round_to)
+    pre = torch.addmm(b_enc, xc, W_enc.T)
+    return _rounded(pre, round_to) if round_to is not None else pre
 
 
-def topk_encode(x, W_enc, b_enc, k, b_dec=None, indices=None):
+def topk_encode(x, W_enc, b_enc, k, b_dec=None, indices=None, round_preacts=None):
     """vals = relu(top-k of the pre-activations) and their latent ids; ([B, k], [B, k] int64).
 
     With ``indices`` given, the selection is skipped and those latents are read
     instead: the tests use it to compare gradients at the kernel's own choice.
+    ``round_preacts`` (a dtype): see ``encoder_preacts``'s ``round_to``.
     """
-    pre = encoder_preacts(x, W_enc, b_enc, b_dec)
+    pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
     if indices is None:
         _, indices = topk_select(pre.detach(), k)
     return torch.relu(pre.gather(1, indices)), indices
@@ -73,9 +87,9 @@ def fraction_of_variance_unexplained(x, x_hat):
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None):
+def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None):
     """Encode, decode and the MSE loss of a TopK SAE, densely: the ground truth for ``topk_sae_step``."""
-    vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices)
+    vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
     x_hat = sparse_decode(vals, indices, W_dec, b_dec)
     loss = (x_hat - x).pow(2).mean()
     fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())

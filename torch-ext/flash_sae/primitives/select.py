@@ -95,6 +95,44 @@ def _group_best_kernel(
     tl.store(best_ptr + row * n_groups + grp, best, mask=grp < n_groups)
 
 
+@triton.jit
+def _threshold_mask_kernel(
+    pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
+    theta_ptr,  # [F] float threshold, in the chunk's dtype
+    scale_ptr,  # [F] float per-latent factor (HAS_SCALE)
+    mask_ptr,  # [B, n] out: int8, 1 where the entry is collected
+    count_ptr,  # [B, n_blocks] out: int32 collected entries per program
+    n,
+    stride_pb,
+    idx_base,  # latent id of the chunk's column 0
+    bandwidth,
+    BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BAND: tl.constexpr,
+):
+    """mask = key > theta, or (with a band) |(key - theta) / bandwidth| < 1/2, key = pre (* scale),
+    every intermediate rounded to the chunk's dtype as torch rounds it."""
+    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    dtype = pre_ptr.dtype.element_ty
+    key = tl.load(pre_ptr + row * stride_pb + offs, mask=live, other=0.0)
+    theta = tl.load(theta_ptr + idx_base + offs, mask=live, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + idx_base + offs, mask=live, other=1.0).to(tl.float32)
+        key = cast_rtne(key.to(tl.float32) * sc, dtype)
+    key = key.to(tl.float32)
+    hit = key > theta
+    if HAS_BAND:
+        diff = cast_rtne(key - theta, dtype).to(tl.float32)
+        u = cast_rtne(diff / bandwidth, dtype).to(tl.float32)
+        hit = hit | ((u > -0.5) & (u < 0.5))
+    hit = hit & live
+    tl.store(mask_ptr + row * n + offs, hit.to(tl.int8), mask=live)
+    tl.store(count_ptr + row * tl.num_programs(1) + pid, tl.sum(hit.to(tl.int32), axis=0))
+
+
 # Host launchers ----------------------------------------------------------------
 
 
@@ -342,6 +380,39 @@ def batch_topk_preacts(
 # JumpReLU: every entry above a per-latent threshold, and those near it ------------------
 
 
+def threshold_mask(pre: torch.Tensor, f0: int, theta: torch.Tensor, bandwidth: float, scale=None):
+    """(mask [B, w] bool, count [] int64) of a chunk's collected entries (see ``threshold_preacts``)."""
+    B, w = pre.shape
+    if not use_triton(pre):
+        t = theta[f0 : f0 + w]
+        key = scaled(pre, scale[f0 : f0 + w] if scale is not None else None)
+        mask = key > t
+        if bandwidth > 0:
+            u = (key - t) / bandwidth
+            mask |= (u > -0.5) & (u < 0.5)
+        return mask, mask.sum()
+    BLOCK = 1024
+    n_blocks = triton.cdiv(w, BLOCK)
+    mask = torch.empty(B, w, dtype=torch.int8, device=pre.device)
+    counts = torch.empty(B, n_blocks, dtype=torch.int32, device=pre.device)
+    _threshold_mask_kernel[(B, n_blocks)](
+        pre,
+        theta,
+        scale if scale is not None else theta,
+        mask,
+        counts,
+        w,
+        pre.stride(0),
+        f0,
+        float(bandwidth),
+        BLOCK=BLOCK,
+        HAS_SCALE=scale is not None,
+        HAS_BAND=bandwidth > 0,
+        num_warps=4,
+    )
+    return mask.view(torch.bool), counts.sum(dtype=torch.int64)
+
+
 def threshold_preacts(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -369,13 +440,8 @@ def threshold_preacts(
     theta = threshold.to(x.dtype)
     found, parts = [], []
     for f0, pre in pre_chunks(xc, W_enc, b_enc):
-        t = theta[f0 : f0 + pre.shape[1]]
-        key = scaled(pre, scale[f0 : f0 + pre.shape[1]] if scale is not None else None)
-        mask = key > t
-        if bandwidth > 0:
-            u = (key - t) / bandwidth
-            mask |= (u > -0.5) & (u < 0.5)
-        found.append(mask.sum())
+        mask, n_found = threshold_mask(pre, f0, theta, bandwidth, scale)
+        found.append(n_found)
         at = torch.nonzero_static(mask, size=capacity, fill_value=-1)
         live = at[:, 0] >= 0
         flat = torch.where(live, at[:, 0] * F + f0 + at[:, 1], B * F)  # dropped slots sort last
