@@ -74,15 +74,20 @@ def plot(data, path: Path) -> None:
         impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in sel)]
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
-            ys = [
-                next((r["graph_ms"] for r in sel if shape_key(r) == s and r["impl"] == impl), float("nan"))
-                for s in shapes
-            ]
-            ax.bar([i + j * width for i in range(len(shapes))], ys, width, label=impl)
+            cells = [next((r for r in sel if shape_key(r) == s and r["impl"] == impl), None) for s in shapes]
+            # CUDA-graph time; eager time (hatched) where the step cannot be captured (a host sync in it)
+            ys = [float("nan") if c is None else c["graph_ms"] for c in cells]
+            eager = [c is not None and ys[i] != ys[i] and c["ms"] == c["ms"] for i, c in enumerate(cells)]
+            ys = [c["ms"] if e else y for c, e, y in zip(cells, eager, ys)]
+            xs = [i + j * width for i in range(len(shapes))]
+            bars = ax.bar(xs, ys, width, label=impl)
+            for bar, e in zip(bars, eager):
+                if e:
+                    bar.set_hatch("//")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
         ax.set_xticklabels([s.replace(",", "\n", 1) for s in shapes], fontsize=7)
         ax.set_yscale("log")
-        ax.set_ylabel("forward + backward, ms (CUDA graph, log scale)")
+        ax.set_ylabel("forward + backward, ms (CUDA graph; hatched: eager, not capturable)", fontsize=8)
         ax.set_title(f"{op} (bf16)")
         ax.legend(fontsize=7)
     meta = data["meta"]
