@@ -38,7 +38,7 @@ SHAPES = [  # (B, D, F, K)
 ]
 QUICK_SHAPES = [(8, 40, 64, 6)]
 OPS = ("topk_sae_step", "topk_sae_loss", "hierarchical_topk_sae_loss", "sparse_decode")
-FAMILY_OPS = ("batchtopk_sae_step", "jumprelu_sae_step")
+FAMILY_OPS = ("batchtopk_sae_step", "jumprelu_sae_step", "matryoshka_batchtopk_sae_step")
 # The BatchTopK / JumpReLU step tables: the issue's two shapes and F = 2^21 (B = 4096, D = 2048).
 FAMILY_SHAPES = [("bf16", 2048, 2304, 65536, 64), ("bf16", 4096, 2048, 262144, 64), ("bf16", 4096, 2048, 2**21, 64)]
 # The full training step (encoder GEMM + top-k + decode + loss, forward + backward).
@@ -185,6 +185,25 @@ def dense_batchtopk_step(x, W_enc, b_enc, W_dec, b_dec, k):
     return (x_hat - x).float().pow(2).sum(-1).mean()
 
 
+def prefix_sizes(F):
+    """Five nested dictionaries for the Matryoshka rows: F/16, F/8, F/4, F/2, F."""
+    return [F // 16, F // 8, F // 4, F // 2, F]
+
+
+def dense_matryoshka_step(x, W_enc, b_enc, W_dec, b_dec, k, sizes):
+    """Matryoshka BatchTopK written the way SAELens's training SAE runs it: one decode per level."""
+    norm = W_dec.norm(dim=-1)
+    acts = torch.relu(((x - b_dec) @ W_enc.T + b_enc) * norm)
+    top = torch.topk(acts.flatten(), int(k * x.shape[0]))
+    code = torch.zeros_like(acts.flatten()).scatter(-1, top.indices, top.values).view(acts.shape) * (1 / norm)
+    loss, decoded, prev = 0.0, b_dec, 0
+    for m in sizes:
+        decoded = code[:, prev:m] @ W_dec[prev:m] + decoded
+        loss = loss + (decoded - x).float().pow(2).sum(-1).mean()
+        prev = m
+    return loss
+
+
 def saelens_step_fn(arch, params, k, threshold=None):
     """SAELens's own training SAE (default config) holding ``params``; None (and why) if it is not installed."""
     try:
@@ -193,6 +212,8 @@ def saelens_step_fn(arch, params, k, threshold=None):
             BatchTopKTrainingSAEConfig,
             JumpReLUTrainingSAE,
             JumpReLUTrainingSAEConfig,
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
         )
         from sae_lens.saes.sae import TrainStepInput
     except Exception as e:  # reported in the table, not hidden
@@ -203,6 +224,11 @@ def saelens_step_fn(arch, params, k, threshold=None):
     try:
         if arch == "batchtopk":
             sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=F, k=k, dtype=dtype, device="cuda"))
+        elif arch == "matryoshka_batchtopk":
+            cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=D, d_sae=F, k=k, matryoshka_widths=prefix_sizes(F), dtype=dtype, device="cuda"
+            )
+            sae = MatryoshkaBatchTopKTrainingSAE(cfg)
         else:
             sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=D, d_sae=F, dtype=dtype, device="cuda"))
         with torch.no_grad():
@@ -227,7 +253,7 @@ def saelens_step_fn(arch, params, k, threshold=None):
 
 
 def bench_family_steps(fs, args, bw, rows, quick):
-    """BatchTopK and JumpReLU steps: flash-sae beside a dense step written as SAELens runs it and
+    """BatchTopK, JumpReLU and Matryoshka (5 levels) steps: flash-sae beside a dense step written as SAELens runs it and
     SAELens's own training SAE (installed package, default config), with flash-sae's TopK step at
     the same shape for the ratio targets. JumpReLU's threshold is set so that L0 is about K."""
     shapes = [("bf16", *QUICK_SHAPES[0])] if quick else FAMILY_SHAPES
@@ -256,6 +282,14 @@ def bench_family_steps(fs, args, bw, rows, quick):
                 )
                 impls[(op, "torch eager (dense)")] = (lambda: dense_batchtopk_step(*params, K), params)
                 impls[(op, "SAELens")] = ("batchtopk", None)  # built when its turn comes, freed after
+            elif op == "matryoshka_batchtopk_sae_step":
+                sizes = prefix_sizes(F)
+                impls[(op, "flash-sae")] = (
+                    lambda: fs.matryoshka_batchtopk_sae_step(*params, K, sizes, rescale_acts_by_decoder_norm=True).loss,
+                    params,
+                )
+                impls[(op, "torch eager (dense)")] = (lambda: dense_matryoshka_step(*params, K, sizes), params)
+                impls[(op, "SAELens")] = ("matryoshka_batchtopk", None)
             else:
                 thr = threshold.clone().requires_grad_()
                 jp = params + [thr]

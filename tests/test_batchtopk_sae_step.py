@@ -162,9 +162,9 @@ def test_batchtopk_compile(fs, device):
 # SAELens's own BatchTopK training SAE, default training config ------------------------------
 
 
-def _saelens_problem(dtype, device, B, D, F, k, seed):
-    """flash-sae parameters and SAELens's BatchTopKTrainingSAE (default config) holding the same values."""
-    sae = saelens_training_sae("batchtopk", d_in=D, d_sae=F, k=k, dtype="float32", device=device)
+def _saelens_problem(dtype, device, B, D, F, k, seed, architecture="batchtopk", extra=None):
+    """SAELens's training SAE (default config, plus ``extra``) with drawn values, and x."""
+    sae = saelens_training_sae(architecture, dtype="float32", device=device, d_in=D, d_sae=F, k=k, **(extra or {}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # away from the tied init, decoder rows of varied norm (the rescaling matters)
         sae.W_dec.mul_(torch.rand(F, 1, generator=g).to(device) * 2 + 0.5)

@@ -15,25 +15,28 @@ plain-torch formulas the tests check against.
 from . import layers, reference
 from .modules import BatchTopKSparseAutoencoder, JumpReLUSparseAutoencoder, SparseAutoencoder
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
+from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.decode.topk_sae_loss import topk_sae_loss
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
-from .results import BatchTopKSAEStep, JumpReLUSAEStep, TopKSAEStep
+from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, TopKSAEStep
 
 __all__ = [
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
+    "MatryoshkaSAEStep",
     "SparseAutoencoder",
     "TopKSAEStep",
     "batchtopk_sae_step",
     "hierarchical_topk_sae_loss",
     "jumprelu_sae_step",
     "layers",
+    "matryoshka_batchtopk_sae_step",
     "reference",
     "sparse_decode",
     "topk_encode",

@@ -186,3 +186,18 @@ def check_jumprelu_args(threshold, F: int, capacity, bandwidth, l0_coefficient, 
         raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
     if isinstance(l0_coefficient, bool) or not isinstance(l0_coefficient, (int, float)) or not l0_coefficient >= 0:
         raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")
+
+
+def check_prefix_sizes(prefix_sizes, F: int) -> list[int]:
+    """Matryoshka's nested dictionary sizes m_1 < ... < m_G = F; returns them as a list."""
+    if not isinstance(prefix_sizes, (list, tuple)) or len(prefix_sizes) == 0:
+        raise ValueError(f"prefix_sizes must be a non-empty list of ints, got {prefix_sizes!r}")
+    sizes = list(prefix_sizes)
+    for m in sizes:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"prefix_sizes must hold positive ints, got {prefix_sizes!r}")
+    if any(a >= b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"prefix_sizes must be strictly increasing, got {prefix_sizes!r}")
+    if sizes[-1] != F:
+        raise ValueError(f"prefix_sizes must end at F={F} (the whole dictionary), got {prefix_sizes!r}")
+    return sizes

@@ -11,7 +11,7 @@ production code never imports this module.
 import torch
 
 from .modules.base import BatchTopKSAEBase, JumpReLUSAEBase, TopKSAEBase
-from .results import BatchTopKSAEStep, JumpReLUSAEStep, TopKSAEStep, fire_counts
+from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, TopKSAEStep, fire_counts
 
 
 def sparse_decode(vals, indices, weight, bias=None):
@@ -136,6 +136,29 @@ def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
     counts = fire_counts(picked, ids, F)
     return BatchTopKSAEStep(loss, fvu, counts, vals, ids, row_offsets_of(rows, B), min_act)
+
+
+def matryoshka_batchtopk_sae_step(
+    x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, rescale_acts_by_decoder_norm=False, selection=None
+):
+    """Matryoshka BatchTopK SAE step, densely: SAELens's nested losses, one decode per prefix level.
+
+    The code is ``batchtopk_sae_step``'s; level g reconstructs with the latents of id < m_g;
+    the loss sums every level's mean over B*D of the squared error.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    base = batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection)
+    rows = torch.repeat_interleave(torch.arange(B, device=x.device), base.row_offsets.diff())
+    code = torch.zeros(B, F, dtype=base.vals.dtype, device=x.device).index_put((rows, base.indices), base.vals)
+    level_losses = []
+    for m in prefix_sizes:
+        x_hat = code[:, :m] @ W_dec[:m] + b_dec
+        level_losses.append((x_hat - x).pow(2).mean())
+    level_losses = torch.stack(level_losses)
+    return MatryoshkaSAEStep(
+        level_losses.sum(), level_losses, base.fvu, base.fire_counts, base.vals, base.indices, base.row_offsets,
+        base.min_act,
+    )  # fmt: skip
 
 
 # JumpReLU ----------------------------------------------------------------------------

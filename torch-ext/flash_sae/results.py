@@ -34,6 +34,19 @@ class BatchTopKSAEStep(NamedTuple):
     min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none), for the threshold
 
 
+class MatryoshkaSAEStep(NamedTuple):
+    """What one Matryoshka BatchTopK SAE step returns: the BatchTopK code and one loss per prefix level."""
+
+    loss: torch.Tensor  # [] fp32: the sum of the level losses
+    level_losses: torch.Tensor  # [G] fp32: mean over B*D of the squared error of each prefix reconstruction
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained by the whole dictionary (the last level)
+    fire_counts: torch.Tensor  # [F] int64
+    vals: torch.Tensor  # [N]: relu(pre) at the selected entries
+    indices: torch.Tensor  # [N] int64
+    row_offsets: torch.Tensor  # [B + 1] int64
+    min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none)
+
+
 class JumpReLUSAEStep(NamedTuple):
     """What one JumpReLU SAE step returns. The code is variable-length with a fixed capacity: row b's
     entries are ``vals[row_offsets[b]:row_offsets[b+1]]``; it holds the active entries (value > 0

@@ -39,6 +39,7 @@ def _segment_sum_kernel(
     perm_ptr,  # [N] int64 element ids e = b * K + k, grouped by latent
     src_ptr,  # [rows, stride_src] float; row e (ELEMENT_ROWS), rows[e] (ROW_IDS) or row e // K
     rows_ptr,  # [N] int64 row of each element (ROW_IDS: a variable-length code)
+    level_ptr,  # [F] int32 prefix level of each latent: its rows come from block level * level_stride (HAS_LEVEL)
     coef_ptr,  # [N] float per-element coefficient (HAS_COEF)
     scale_ptr,  # [] float upstream scalar (HAS_SCALE)
     w_ptr,  # [F, D] float weight, read for dots (HAS_DOTS)
@@ -52,10 +53,12 @@ def _segment_sum_kernel(
     d_base,  # first column of the window this launch covers
     d_width,  # columns in the window
     scale_const,
+    level_stride,
     BLOCK_D: tl.constexpr,
     UNROLL: tl.constexpr,
     ELEMENT_ROWS: tl.constexpr,
     ROW_IDS: tl.constexpr,
+    HAS_LEVEL: tl.constexpr,
     HAS_COEF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_DOTS: tl.constexpr,
@@ -70,6 +73,9 @@ def _segment_sum_kernel(
     end = tl.load(offsets_ptr + f + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     csum = tl.sum(acc, axis=0)
+    row_base = 0
+    if HAS_LEVEL:
+        row_base = tl.load(level_ptr + f).to(tl.int64) * level_stride
     if HAS_DOTS:
         w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
@@ -81,9 +87,9 @@ def _segment_sum_kernel(
             if ELEMENT_ROWS:
                 row = e
             elif ROW_IDS:
-                row = tl.load(rows_ptr + e, mask=live, other=0)
+                row = tl.load(rows_ptr + e, mask=live, other=0) + row_base
             else:
-                row = e // K
+                row = e // K + row_base
             live_c = mask_c & (offs_c * 0 + i < end)
             x = tl.load(src_ptr + row * stride_src + offs_c, mask=live_c, other=0.0).to(tl.float32)
             if HAS_COEF:
@@ -137,12 +143,16 @@ def segment_sum(
     d_base: int = 0,
     coef_sum: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    levels: torch.Tensor | None = None,
+    level_stride: int = 0,
 ) -> torch.Tensor | None:
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
     ``out`` is the [F, D] gradient. ``src`` is read as fp32, [N, w] when
     ``element_rows`` (a row per element), else [B, w] with element e's row
-    ``rows[e]`` (a variable-length code, ``rows`` given) or e // K (a [B, K] code). Each element's
+    ``rows[e]`` (a variable-length code, ``rows`` given) or e // K (a [B, K] code).
+    With ``levels`` ([F] int32, Matryoshka), ``src`` stacks one block of ``level_stride`` rows
+    per prefix level, and latent f reads its rows from block levels[f]. Each element's
     row is multiplied by ``coef[e]``; the sum by ``scale_const * scale``.
     With ``weight``, also returns ``dots`` [N] fp32: <row(e), weight[f]> over the
     window's columns, unscaled (rows of out-of-range elements stay 0).
@@ -155,7 +165,21 @@ def segment_sum(
     want_dots = weight is not None
     if not use_triton(src):
         return _segment_sum_torch(
-            perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum, rows
+            perm,
+            offsets,
+            src,
+            K,
+            out,
+            element_rows,
+            coef,
+            scale,
+            scale_const,
+            weight,
+            d_base,
+            coef_sum,
+            rows,
+            levels,
+            level_stride,
         )
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
@@ -166,6 +190,7 @@ def segment_sum(
         perm,
         src,
         rows if rows is not None else perm,
+        levels if levels is not None else perm,
         coef if coef is not None else dummy,
         scale if scale is not None else dummy,
         weight if want_dots else dummy,
@@ -179,10 +204,12 @@ def segment_sum(
         d_base,
         width,
         float(scale_const),
+        level_stride,
         BLOCK_D=BLOCK_D,
         UNROLL=TUNING["segment_unroll"],
         ELEMENT_ROWS=element_rows,
         ROW_IDS=rows is not None,
+        HAS_LEVEL=levels is not None,
         HAS_COEF=coef is not None,
         HAS_SCALE=scale is not None,
         HAS_DOTS=want_dots,
@@ -193,7 +220,21 @@ def segment_sum(
 
 
 def _segment_sum_torch(
-    perm, offsets, src, K, out, element_rows, coef, scale, scale_const, weight, d_base, coef_sum, rows=None
+    perm,
+    offsets,
+    src,
+    K,
+    out,
+    element_rows,
+    coef,
+    scale,
+    scale_const,
+    weight,
+    d_base,
+    coef_sum,
+    rows=None,
+    levels=None,
+    level_stride=0,
 ):
     """Plain-torch path for CPU tensors: the same sums."""
     F = out.shape[0]
@@ -201,9 +242,11 @@ def _segment_sum_torch(
     lo, hi = int(offsets[0]), int(offsets[-1])
     e = perm[lo:hi]
     row_of = e if element_rows else (rows[e] if rows is not None else e // K)
+    latent = torch.repeat_interleave(torch.arange(F, device=src.device), offsets.diff())
+    if levels is not None:
+        row_of = row_of + levels[latent].long() * level_stride
     x = src[row_of].float()
     contrib = x * coef.reshape(-1)[e].float()[:, None] if coef is not None else x
-    latent = torch.repeat_interleave(torch.arange(F, device=src.device), offsets.diff())
     acc = torch.zeros(F, width, dtype=torch.float32, device=src.device)
     acc.index_add_(0, latent, contrib)
     s = scale_const * (scale.float() if scale is not None else 1.0)

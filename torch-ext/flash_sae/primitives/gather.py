@@ -40,11 +40,12 @@ def _gather_rows_kernel(
     idx_ptr,  # [B, K] int32/int64 latent ids, or [N] (VARLEN)
     vals_ptr,  # [B, K] float latent values, or [N] (VARLEN)
     offsets_ptr,  # [B + 1] int64: row b owns entries offsets[b]:offsets[b+1] (VARLEN)
+    level_ends_ptr,  # [B, LEVELS] int64: where each prefix level of row b ends (LEVELS > 0)
     w_ptr,  # [F, D] float weight rows
     bias_ptr,  # [D] float (HAS_BIAS)
     target_ptr,  # [B, D] float (HAS_TARGET)
-    out_ptr,  # [B, D] out in out's dtype, or fp32 residual (HAS_TARGET)
-    sq_ptr,  # [B, ND] fp32 partial sum of residual^2 (HAS_TARGET)
+    out_ptr,  # [B, D] out in out's dtype, or fp32 residual (HAS_TARGET); [LEVELS, B, D] with levels
+    sq_ptr,  # [B, ND] fp32 partial sum of residual^2 (HAS_TARGET); [LEVELS, B, ND] with levels
     B,
     K,
     F,
@@ -54,6 +55,7 @@ def _gather_rows_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     VARLEN: tl.constexpr,
+    LEVELS: tl.constexpr,  # > 0: one residual per prefix level (Matryoshka), snapshot as the walk passes it
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -69,20 +71,33 @@ def _gather_rows_kernel(
     else:
         start = b * K
         end = start + K
-    for k0 in range(start, end, UNROLL):
-        for u in tl.static_range(UNROLL):
-            k = k0 + u
-            live = k < end
-            idx, v = load_latent(idx_ptr, vals_ptr, k, live, F)
-            w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < end), other=0.0)
-            acc += v * w.to(tl.float32)
-    if HAS_TARGET:
+    if LEVELS > 0:
         t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        r = tl.where(mask_d, acc - t, 0.0)
-        tl.store(out_ptr + b * D + offs_d, r, mask=mask_d)
-        tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
+        for g in tl.static_range(LEVELS):
+            stop = tl.load(level_ends_ptr + b * LEVELS + g)
+            for k in range(start, stop):
+                idx, v = load_latent(idx_ptr, vals_ptr, k, k < stop, F)
+                w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d, other=0.0)
+                acc += v * w.to(tl.float32)
+            start = stop
+            r = tl.where(mask_d, acc - t, 0.0)
+            tl.store(out_ptr + (g * B + b) * D + offs_d, r, mask=mask_d)
+            tl.store(sq_ptr + (g * B + b) * ND + pid_d, tl.sum(r * r, axis=0))
     else:
-        tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
+        for k0 in range(start, end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                k = k0 + u
+                live = k < end
+                idx, v = load_latent(idx_ptr, vals_ptr, k, live, F)
+                w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < end), other=0.0)
+                acc += v * w.to(tl.float32)
+        if HAS_TARGET:
+            t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            r = tl.where(mask_d, acc - t, 0.0)
+            tl.store(out_ptr + b * D + offs_d, r, mask=mask_d)
+            tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
+        else:
+            tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -96,6 +111,7 @@ def gather_rows(
     target: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     row_offsets: torch.Tensor | None = None,
+    level_ends: torch.Tensor | None = None,
 ):
     """Without ``target``: returns ``out`` [B, D] in ``out_dtype`` (default: weight's dtype).
 
@@ -104,17 +120,26 @@ def gather_rows(
     The code is [B, K] (vals, indices), or with ``row_offsets`` [B + 1] a
     variable-length code: flat [N] (vals, indices), row b's entries at
     row_offsets[b]:row_offsets[b+1] (entries past row_offsets[B] are unused).
+    With ``level_ends`` [B, G] (a variable-length code ordered by latent id in each row, and a
+    ``target``): G nested prefix reconstructions in the same walk; level g of row b ends
+    before entry level_ends[b, g]. Returns (residuals [G, B, D] fp32, sq [G] fp32).
     """
     varlen = row_offsets is not None
     B, K = (row_offsets.numel() - 1, 0) if varlen else indices.shape
     F, D = weight.shape
     dev = weight.device
+    levels = 0 if level_ends is None else level_ends.shape[1]
     if not use_triton(weight):
+        if levels:
+            return _gather_levels_torch(vals, indices, weight, bias, target, row_offsets, level_ends)
         return _gather_rows_torch(vals, indices, weight, bias, target, out_dtype, row_offsets)
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
     has_target = target is not None
-    if has_target:
+    if levels:
+        out = torch.empty(levels, B, D, device=dev, dtype=torch.float32)
+        sq = torch.empty(levels, B, ND, device=dev, dtype=torch.float32)
+    elif has_target:
         out = torch.empty(B, D, device=dev, dtype=torch.float32)
         sq = torch.empty(B, ND, device=dev, dtype=torch.float32)
     else:
@@ -125,6 +150,7 @@ def gather_rows(
             indices,
             vals,
             row_offsets if varlen else indices,
+            level_ends if levels else indices,
             weight,
             bias if bias is not None else weight,
             target if has_target else weight,
@@ -139,8 +165,11 @@ def gather_rows(
             HAS_BIAS=bias is not None,
             HAS_TARGET=has_target,
             VARLEN=varlen,
+            LEVELS=levels,
             num_warps=TUNING["gather_warps"],
         )
+    if levels:
+        return out, sq.sum((1, 2))
     if not has_target:
         return out
     return out, sq.sum()
@@ -174,6 +203,21 @@ def _gather_rows_torch(vals, indices, weight, bias, target, out_dtype=None, row_
     return r, (r * r).sum()
 
 
+def _gather_levels_torch(vals, indices, weight, bias, target, row_offsets, level_ends):
+    """The plain-torch path of the prefix levels: each level's reconstruction from its entries."""
+    n = int(row_offsets[-1])
+    rows = row_ids(row_offsets, n)
+    pos = torch.arange(n, device=vals.device)
+    out = []
+    for g in range(level_ends.shape[1]):
+        keep = torch.zeros_like(vals, dtype=torch.bool)
+        keep[:n] = pos < level_ends[rows, g]
+        r, _ = _gather_rows_torch(torch.where(keep, vals, 0), indices, weight, bias, target, None, row_offsets)
+        out.append(r)
+    res = torch.stack(out)
+    return res, res.pow(2).sum((1, 2))
+
+
 def row_ids(row_offsets: torch.Tensor, n: int) -> torch.Tensor:
     """The row of each of the first ``n`` entries of a variable-length code; [n] int64 (B past the last row)."""
     entries = torch.arange(n, device=row_offsets.device, dtype=row_offsets.dtype)
@@ -190,6 +234,8 @@ def gather_rows_backward(
     scale_const: float = 1.0,
     csr: tuple[torch.Tensor, torch.Tensor] | None = None,
     rows: torch.Tensor | None = None,
+    levels: torch.Tensor | None = None,
+    level_stride: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
@@ -198,7 +244,8 @@ def gather_rows_backward(
     <grad[row], weight[indices]>, unscaled), both from one segmented pass.
     ``csr`` reuses a (perm, offsets) transpose of ``indices``; for a
     variable-length code, ``rows`` [N] is each entry's row (``row_ids``), and
-    unused entries must have an id outside [0, F) (they join no segment).
+    unused entries must have an id outside [0, F) (they join no segment). With ``levels``
+    ([F] int32) ``grad`` stacks one [B, D] block per level and latent f reads block levels[f].
     """
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = weight.shape[0]
@@ -216,5 +263,7 @@ def gather_rows_backward(
         scale_const=scale_const,
         weight=weight,
         rows=rows,
+        levels=levels,
+        level_stride=level_stride,
     )
     return dweight, dots.reshape(indices.shape)

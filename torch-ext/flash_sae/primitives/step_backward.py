@@ -21,7 +21,20 @@ from .gather import gather_rows_backward, row_ids
 
 
 def mse_step_backward(
-    grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets=None, *, gate=None, per_row=False, with_da=False
+    grad,
+    x,
+    W_enc,
+    W_dec,
+    b_dec,
+    vals,
+    indices,
+    residual,
+    row_offsets=None,
+    *,
+    gate=None,
+    per_row=False,
+    with_da=False,
+    levels=None,
 ):
     """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype.
 
@@ -29,15 +42,31 @@ def mse_step_backward(
     instead of the mean over B*D. ``gate`` (bool, shaped as ``vals``): where the code's value
     passes gradient to the pre-activation (default: value > 0, the ReLU). ``with_da``: also
     return da = dL/d(value) at every entry (fp32, shaped as ``vals``) and the CSR transpose
-    (perm, offsets), for gradients beyond these five (a JumpReLU threshold's).
+    (perm, offsets), for gradients beyond these five (a JumpReLU threshold's). ``levels``
+    ([F] int32, Matryoshka): ``residual`` is [G, B, D], the suffix sums over the prefix levels
+    S_g = sum over g' >= g of e_g' (the gradient row of a latent of level g); latent f reads
+    S_levels[f], and x, b_dec see S_0, the sum of every level's residual.
     """
+    stacked = residual
+    if levels is not None:
+        stacked = residual.reshape(-1, residual.shape[-1])
+        residual = residual[0]
     B, D = residual.shape
     csr = csr_transpose(indices, W_dec.shape[0])
     rows = row_ids(row_offsets, indices.numel()) if row_offsets is not None else None
     s_const = 2.0 / B if per_row else 2.0 / (B * D)
     s = grad.float() * s_const
     dW_dec, dots = gather_rows_backward(
-        residual, vals, indices, W_dec, scale=grad.float(), scale_const=s_const, csr=csr, rows=rows
+        stacked,
+        vals,
+        indices,
+        W_dec,
+        scale=grad.float(),
+        scale_const=s_const,
+        csr=csr,
+        rows=rows,
+        levels=levels,
+        level_stride=B,
     )
     da = dots * s
     dpre = torch.where(vals > 0 if gate is None else gate, da, 0.0)
