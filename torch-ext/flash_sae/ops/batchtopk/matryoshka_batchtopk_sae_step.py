@@ -31,6 +31,11 @@ from ...results import MatryoshkaSAEStep, fire_counts, total_variance
 # Host launchers ----------------------------------------------------------------
 
 
+def _sizes(prefix_sizes: list[int], device) -> torch.Tensor:
+    """The sizes as a device tensor, filled on the device (no host-to-device copy, so CUDA graphs capture it)."""
+    return torch.stack([torch.full((), m, dtype=torch.int64, device=device) for m in prefix_sizes])
+
+
 def matryoshka_batchtopk_sae_step_fwd(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -49,7 +54,7 @@ def matryoshka_batchtopk_sae_step_fwd(
     F = W_dec.shape[0]
     scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
     acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale)
-    sizes = torch.tensor(prefix_sizes, device=x.device, dtype=torch.int64)
+    sizes = _sizes(prefix_sizes, x.device)
     flat = row_ids(row_offsets, indices.numel()) * F + indices
     level_ends = torch.searchsorted(flat, torch.arange(B, device=x.device).unsqueeze(1) * F + sizes)
     residuals, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, level_ends=level_ends)
@@ -94,7 +99,7 @@ def matryoshka_batchtopk_sae_step_bwd(
     """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's backward over the levels' suffix sums."""
     F = W_dec.shape[0]
     suffix = residuals.flip(0).cumsum(0).flip(0).contiguous()
-    sizes = torch.tensor(prefix_sizes, device=x.device, dtype=torch.int64)
+    sizes = _sizes(prefix_sizes, x.device)
     levels = torch.searchsorted(sizes, torch.arange(F, device=x.device), right=True).to(torch.int32)
     return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, suffix, row_offsets, levels=levels)
 

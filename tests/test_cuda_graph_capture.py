@@ -1,0 +1,65 @@
+"""No host sync on the training paths: each step's forward and backward are captured in a CUDA graph,
+and the replay gives the eager step's loss and gradients. (A host sync, or a host-to-device copy, makes
+capture fail.) GPU only: CUDA graphs need a GPU."""
+
+import pytest
+import torch
+from encoder_inputs import make_sae
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device"),
+]
+
+
+def _steps(fs, params):
+    threshold = torch.full((params[1].shape[0],), 0.3, device="cuda", requires_grad=True)
+    return {
+        "topk_sae_step": (lambda: fs.topk_sae_step(*params, 8).loss, params),
+        "batchtopk_sae_step": (
+            lambda: fs.batchtopk_sae_step(*params, 8, rescale_acts_by_decoder_norm=True).loss,
+            params,
+        ),
+        "matryoshka_batchtopk_sae_step": (
+            lambda: (
+                fs.matryoshka_batchtopk_sae_step(*params, 8, [32, 128, 512], rescale_acts_by_decoder_norm=True).loss
+            ),
+            params,
+        ),
+        "jumprelu_sae_step": (
+            lambda: fs.jumprelu_sae_step(*params, threshold, capacity=64 * 512).loss,
+            [*params, threshold],
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "op", ["topk_sae_step", "batchtopk_sae_step", "matryoshka_batchtopk_sae_step", "jumprelu_sae_step"]
+)
+def test_step_captures_in_a_cuda_graph(fs, op):
+    params = list(make_sae(64, 96, 512, 1, torch.bfloat16, "cuda", seed=3))
+    call, ps = _steps(fs, params)[op]
+
+    def step():
+        for p in ps:
+            p.grad = None
+        loss = call()
+        loss.backward()
+        return loss
+
+    eager = step().detach().clone()
+    eager_grads = [p.grad.clone() for p in ps]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, eager)
+    for p, g in zip(ps, eager_grads):
+        assert torch.equal(p.grad, g), "the replayed gradients differ from the eager step's"
