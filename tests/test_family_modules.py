@@ -81,6 +81,20 @@ def test_batchtopk_training_follows_twin_and_threshold(fs, device):
 
 
 @pytest.mark.kernels_ci
+def test_matryoshka_training_follows_twin(fs, device):
+    """fp32: the same code at every step, every level's loss within 1e-4, the same threshold estimate."""
+    data = sparse_dictionary_data(device)
+    flash, ref = twins(fs, "MatryoshkaBatchTopKSparseAutoencoder", device, k=4, prefix_sizes=[8, 32, F])
+    log_f, log_r = train(flash, data), train(ref, data)
+    for step, (a, b) in enumerate(zip(log_f, log_r)):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.row_offsets, b.row_offsets), f"step {step}"
+        torch.testing.assert_close(a.level_losses, b.level_losses.float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(flash.threshold, ref.threshold, rtol=1e-6, atol=0)
+    assert log_f[-1].loss < 0.8 * log_f[0].loss
+    assert "prefix_sizes=[8, 32, 64]" in repr(flash)
+
+
+@pytest.mark.kernels_ci
 @pytest.mark.parametrize("parameterization", ["direct", "log"])
 def test_jumprelu_training_follows_twin(fs, device, parameterization):
     data = sparse_dictionary_data(device)
@@ -119,6 +133,8 @@ def test_jumprelu_capacity_recovers_from_overflow(fs, device):
         ("BatchTopKSparseAutoencoder", dict(k=2, threshold_lr=0), "threshold_lr"),
         ("BatchTopKSparseAutoencoder", dict(k=2, rescale_acts_by_decoder_norm=1), "rescale_acts_by_decoder_norm"),
         ("BatchTopKSparseAutoencoder", dict(k=2, decoder_init_norm=0), "decoder_init_norm"),
+        ("MatryoshkaBatchTopKSparseAutoencoder", dict(k=2, prefix_sizes=[8, 32]), "prefix_sizes"),
+        ("MatryoshkaBatchTopKSparseAutoencoder", dict(k=2, prefix_sizes=[32, 8, F]), "prefix_sizes"),
         ("JumpReLUSparseAutoencoder", dict(bandwidth=0), "bandwidth"),
         ("JumpReLUSparseAutoencoder", dict(init_threshold=-1), "init_threshold"),
         ("JumpReLUSparseAutoencoder", dict(l0_coefficient=-1), "l0_coefficient"),

@@ -186,3 +186,74 @@ def test_kernelize_for_torch_compile(fs, device):
     torch.testing.assert_close(x_hat, eager_x_hat, rtol=1e-6, atol=1e-7)
     for name, g in grads.items():
         torch.testing.assert_close(g, eager_grads[name.removeprefix("_orig_mod.")], rtol=1e-6, atol=1e-7)
+
+
+# The forward-only layers of the BatchTopK, Matryoshka and JumpReLU modules ---------------------------
+
+
+@use_kernel_forward_from_hub("BatchTopKSparseAutoencoder")
+class HostBatchTopK(nn.Module):
+    """A user's BatchTopK SAE in plain torch (eval mode: the threshold rule, as SAELens's inference SAE)."""
+
+    def __init__(self, sae):
+        super().__init__()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
+        self.register_buffer("threshold", sae.threshold.clone())
+        self.k, self.rescale_acts_by_decoder_norm = sae.k, sae.rescale_acts_by_decoder_norm
+
+    def forward(self, x):
+        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        active = pre * self.W_dec.norm(dim=1) > self.threshold.to(pre.dtype)
+        return (pre.relu() * active) @ self.W_dec + self.b_dec
+
+
+@use_kernel_forward_from_hub("JumpReLUSparseAutoencoder")
+class HostJumpReLU(nn.Module):
+    def __init__(self, sae):
+        super().__init__()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
+
+    def forward(self, x):
+        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        return (pre * (pre > self.threshold.to(pre.dtype))) @ self.W_dec + self.b_dec
+
+
+def _family_problem(fs, name, device):
+    g = torch.Generator().manual_seed(5)
+    kwargs = {"k": 3.0} if name == "BatchTopKSparseAutoencoder" else {"init_threshold": 0.02}
+    sae = getattr(fs, name)(D, F, device=device, seed=2, **kwargs)
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.b_dec):
+            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
+        if name == "BatchTopKSparseAutoencoder":
+            sae.threshold.fill_(0.01)
+    x = torch.randn(B, D, generator=g).to(device)
+    host = (HostBatchTopK if name == "BatchTopKSparseAutoencoder" else HostJumpReLU)(sae)
+    return sae.eval(), host.eval(), x
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("name", ["BatchTopKSparseAutoencoder", "JumpReLUSparseAutoencoder"])
+def test_family_layers_kernelize_for_inference(fs, device, name):
+    """kernels' validation accepts the layer; kernelize(INFERENCE) swaps it in; its x_hat is the module's,
+    bitwise, and the host's plain torch forward's by the parity rule."""
+    layer = getattr(fs.layers, name)
+    host_cls = HostBatchTopK if name == "BatchTopKSparseAutoencoder" else HostJumpReLU
+    _validate_layer(check_cls=host_cls, cls=layer, repo=f"flash-sae layers.{name}")
+    assert layer.__init__ is nn.Module.__init__ and layer.has_backward is False
+    sae, host, x = _family_problem(fs, name, device)
+    with torch.no_grad():
+        plain = host(x)
+    repo = LocalLayerRepository(repo_path=local_build_path(), layer_name=name)
+    with use_kernel_mapping({name: {device: repo}}, inherit_mapping=False):
+        kernelize(host, mode=Mode.INFERENCE, device=device, use_fallback=False)
+    assert host.forward.__func__ is layer.forward
+    with torch.no_grad():
+        ours = host(x)
+        assert torch.equal(ours, sae(x)), "the layer's x_hat differs from the module's"
+        assert (plain != 0).any()
+        host64 = host_cls(sae.double())
+        ref = host_cls.forward(host64, x.double())
+    assert_parity(f"{name} layer x_hat", ours, plain, ref, torch.float32)

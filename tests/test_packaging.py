@@ -144,6 +144,7 @@ def test_public_api(fs):
         "BatchTopKSparseAutoencoder",
         "JumpReLUSAEStep",
         "JumpReLUSparseAutoencoder",
+        "MatryoshkaBatchTopKSparseAutoencoder",
         "MatryoshkaSAEStep",
         "SparseAutoencoder",
         "TopKSAEStep",

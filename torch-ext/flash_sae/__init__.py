@@ -13,7 +13,12 @@ plain-torch formulas the tests check against.
 """
 
 from . import layers, reference
-from .modules import BatchTopKSparseAutoencoder, JumpReLUSparseAutoencoder, SparseAutoencoder
+from .modules import (
+    BatchTopKSparseAutoencoder,
+    JumpReLUSparseAutoencoder,
+    MatryoshkaBatchTopKSparseAutoencoder,
+    SparseAutoencoder,
+)
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
@@ -29,6 +34,7 @@ __all__ = [
     "BatchTopKSparseAutoencoder",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
+    "MatryoshkaBatchTopKSparseAutoencoder",
     "MatryoshkaSAEStep",
     "SparseAutoencoder",
     "TopKSAEStep",

@@ -10,11 +10,23 @@ owns no state, so the host keeps its parameters, ``state_dict`` and optimiser.
 ``flash_sae.SparseAutoencoder``); ``forward(x)`` returns the reconstruction
 ``x_hat`` [B, D]. Both passes run flash-sae's kernels, so training through a
 kernelized host gets the sparse backward too.
+
+``BatchTopKSparseAutoencoder`` (also for Matryoshka hosts) and
+``JumpReLUSparseAutoencoder`` are forward-only (``has_backward = False``: train
+with the modules' ``loss``, which is the fused step); ``forward(x)`` returns
+``x_hat`` as the modules' ``forward`` does. BatchTopK hosts need the four
+weights, ``k``, ``rescale_acts_by_decoder_norm`` and the inference
+``threshold`` (0-d); in training mode the batch rule selects, in eval mode the
+threshold. JumpReLU hosts need the four weights and ``threshold`` [F] (or
+``log_threshold``). Their eval-mode code is sized by counting first, one host
+sync per call (this is inference).
 """
 
 import torch
 from torch import nn
 
+from .modules.batchtopk import batchtopk_encode_code, decode_code
+from .modules.jumprelu import jumprelu_encode_code
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.topk.topk_encode import topk_encode
 
@@ -34,3 +46,37 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vals, indices = topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec)
         return sparse_decode(vals, indices, self.W_dec, self.b_dec)
+
+
+class BatchTopKSparseAutoencoder(nn.Module):
+    """``x_hat`` of a BatchTopK (or Matryoshka BatchTopK) host, as ``flash_sae.BatchTopKSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+    k: float
+    rescale_acts_by_decoder_norm: bool
+    threshold: torch.Tensor  # [] inference threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *batchtopk_encode_code(self, x))
+
+
+class JumpReLUSparseAutoencoder(nn.Module):
+    """``x_hat`` of a JumpReLU host, as ``flash_sae.JumpReLUSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+    threshold: torch.Tensor  # [F] (or log_threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *jumprelu_encode_code(self, x))

@@ -10,7 +10,7 @@ production code never imports this module.
 
 import torch
 
-from .modules.base import BatchTopKSAEBase, JumpReLUSAEBase, TopKSAEBase
+from .modules.base import BatchTopKSAEBase, JumpReLUSAEBase, MatryoshkaSAEBase, TopKSAEBase
 from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, TopKSAEStep, fire_counts
 
 
@@ -258,6 +258,19 @@ class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
         step = batchtopk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.rescale_acts_by_decoder_norm
         )
+        if self.training:
+            self.update_threshold(step.min_act)
+        return step
+
+
+class MatryoshkaBatchTopKSparseAutoencoder(MatryoshkaSAEBase):
+    """A Matryoshka BatchTopK SAE in plain PyTorch: the twin of the module's ``loss``."""
+
+    def loss(self, x):
+        step = matryoshka_batchtopk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.prefix_sizes,
+            self.rescale_acts_by_decoder_norm,
+        )  # fmt: skip
         if self.training:
             self.update_threshold(step.min_act)
         return step

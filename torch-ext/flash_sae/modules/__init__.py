@@ -1,8 +1,8 @@
 """``nn.Module``s over the ops, and their shared bases: ``SparseAutoencoder`` (TopK),
-``BatchTopKSparseAutoencoder``, ``JumpReLUSparseAutoencoder``."""
+``BatchTopKSparseAutoencoder``, ``MatryoshkaBatchTopKSparseAutoencoder``, ``JumpReLUSparseAutoencoder``."""
 
-from .base import BatchTopKSAEBase, JumpReLUSAEBase, SAEBase, TopKSAEBase
-from .batchtopk import BatchTopKSparseAutoencoder
+from .base import BatchTopKSAEBase, JumpReLUSAEBase, MatryoshkaSAEBase, SAEBase, TopKSAEBase
+from .batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .jumprelu import JumpReLUSparseAutoencoder
 from .sparse_autoencoder import SparseAutoencoder
 
@@ -11,6 +11,8 @@ __all__ = [
     "BatchTopKSparseAutoencoder",
     "JumpReLUSAEBase",
     "JumpReLUSparseAutoencoder",
+    "MatryoshkaBatchTopKSparseAutoencoder",
+    "MatryoshkaSAEBase",
     "SAEBase",
     "SparseAutoencoder",
     "TopKSAEBase",

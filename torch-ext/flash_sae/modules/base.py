@@ -157,6 +157,28 @@ class BatchTopKSAEBase(SAEBase):
         return self.W_dec.detach().norm(dim=1) if self.rescale_acts_by_decoder_norm else None
 
 
+class MatryoshkaSAEBase(BatchTopKSAEBase):
+    """``BatchTopKSAEBase`` with nested dictionary sizes ``prefix_sizes`` m_1 < ... < m_G = F."""
+
+    def __init__(self, d_model, n_features, k, *, prefix_sizes, **kwargs):
+        super().__init__(d_model, n_features, k, **kwargs)
+        sizes = list(prefix_sizes) if isinstance(prefix_sizes, (list, tuple)) else None
+        if (
+            not sizes
+            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in sizes)
+            or any(a >= b for a, b in zip(sizes, sizes[1:]))
+            or sizes[-1] != n_features
+        ):
+            raise ValueError(
+                f"prefix_sizes must be positive ints, strictly increasing, ending at n_features={n_features}; "
+                f"got {prefix_sizes!r}"
+            )
+        self.prefix_sizes = sizes
+
+    def _sparsity_repr(self) -> str:
+        return f"k={self.k}, prefix_sizes={self.prefix_sizes}"
+
+
 class JumpReLUSAEBase(SAEBase):
     """A JumpReLU SAE: ``SAEBase`` with SAELens's init and a learned per-latent threshold.
 

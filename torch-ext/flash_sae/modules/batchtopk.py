@@ -8,10 +8,35 @@ threshold come from ``modules.base.BatchTopKSAEBase``, which the plain-torch twi
 import torch
 
 from ..ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
+from ..ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
 from ..primitives.gather import gather_rows
 from ..primitives.select import batch_topk_preacts, threshold_preacts
-from ..results import BatchTopKSAEStep
-from .base import BatchTopKSAEBase
+from ..results import BatchTopKSAEStep, MatryoshkaSAEStep
+from .base import BatchTopKSAEBase, MatryoshkaSAEBase
+
+
+@torch.no_grad()
+def batchtopk_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
+    """A BatchTopK SAE's code of ``x`` (vals, indices, row_offsets) from ``sae``'s attributes: the batch
+    rule in training mode, the threshold rule in eval mode (shared by the module and its hub layer)."""
+    F = sae.W_enc.shape[0]
+    scale = sae.W_dec.detach().norm(dim=1) if sae.rescale_acts_by_decoder_norm else None
+    if sae.training:
+        _, vals, indices, row_offsets = batch_topk_preacts(
+            x, sae.W_enc, sae.b_enc, int(sae.k * x.shape[0]), sae.b_dec, scale
+        )
+        return vals, indices, row_offsets
+    theta = sae.threshold.expand(F)
+    if capacity is None:
+        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, 1, scale)[3]))
+    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, capacity, scale)
+    return torch.relu(vals), indices, row_offsets
+
+
+@torch.no_grad()
+def decode_code(sae, vals, indices, row_offsets) -> torch.Tensor:
+    """x_hat [B, D] of a variable-length code through ``sae``'s decoder."""
+    return gather_rows(vals, indices, sae.W_dec, sae.b_dec, row_offsets=row_offsets)
 
 
 class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
@@ -40,25 +65,29 @@ class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
             self.update_threshold(step.min_act)
         return step
 
-    @torch.no_grad()
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets). Eval mode: ``capacity`` bounds the code (None: count first,
         one host sync); entries past it are dropped."""
-        scale = self.activation_scale()
-        if self.training:
-            _, vals, indices, row_offsets = batch_topk_preacts(
-                x, self.W_enc, self.b_enc, int(self.k * x.shape[0]), self.b_dec, scale
-            )
-            return vals, indices, row_offsets
-        theta = self.threshold.expand(self.n_features)
-        if capacity is None:
-            capacity = max(1, int(threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, 1, scale)[3]))
-        vals, indices, row_offsets, _ = threshold_preacts(
-            x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, capacity, scale
-        )
-        return torch.relu(vals), indices, row_offsets
+        return batchtopk_encode_code(self, x, capacity)
 
-    @torch.no_grad()
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a variable-length code."""
-        return gather_rows(vals, indices, self.W_dec, self.b_dec, row_offsets=row_offsets)
+        return decode_code(self, vals, indices, row_offsets)
+
+
+class MatryoshkaBatchTopKSparseAutoencoder(MatryoshkaSAEBase, BatchTopKSparseAutoencoder):
+    """Matryoshka BatchTopK SAE: ``BatchTopKSparseAutoencoder`` whose loss sums nested prefix losses.
+
+    Args: as ``BatchTopKSparseAutoencoder``, plus ``prefix_sizes`` m_1 < ... < m_G = F (SAELens's
+    ``matryoshka_widths``). ``loss(x)`` is ``matryoshka_batchtopk_sae_step`` (and updates the
+    inference threshold in training mode); ``encode``/``decode``/``forward`` are BatchTopK's.
+    """
+
+    def loss(self, x: torch.Tensor) -> MatryoshkaSAEStep:
+        step = matryoshka_batchtopk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.prefix_sizes,
+            rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
+        )  # fmt: skip
+        if self.training:
+            self.update_threshold(step.min_act)
+        return step

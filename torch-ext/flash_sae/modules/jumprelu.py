@@ -18,10 +18,22 @@ import math
 import torch
 
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
-from ..primitives.gather import gather_rows
 from ..primitives.select import threshold_preacts
 from ..results import JumpReLUSAEStep
 from .base import JumpReLUSAEBase
+from .batchtopk import decode_code
+
+
+@torch.no_grad()
+def jumprelu_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
+    """The active entries (z > threshold) as a variable-length code, from ``sae``'s attributes
+    (``threshold`` [F]); ``capacity`` None counts first (one host sync). Shared with the hub layer."""
+    theta = sae.threshold if hasattr(sae, "threshold") else sae.log_threshold.exp()
+    theta = theta.clamp_min(0)
+    if capacity is None:
+        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, 1)[3]))
+    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, capacity)
+    return vals, indices, row_offsets
 
 
 class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
@@ -76,16 +88,10 @@ class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
         self._record(step.count, B)
         return step
 
-    @torch.no_grad()
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries; ``capacity`` None counts first (one host sync)."""
-        theta = self.current_threshold()
-        if capacity is None:
-            capacity = max(1, int(threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, 1)[3]))
-        vals, indices, row_offsets, _ = threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, theta, 0.0, capacity)
-        return vals, indices, row_offsets
+        return jumprelu_encode_code(self, x, capacity)
 
-    @torch.no_grad()
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a variable-length code."""
-        return gather_rows(vals, indices, self.W_dec, self.b_dec, row_offsets=row_offsets)
+        return decode_code(self, vals, indices, row_offsets)
