@@ -10,7 +10,8 @@
 """flash-sae in one page: load the kernel from the hub, train-step a TopK SAE decoder
 loss, check every gradient against the fp64 reference, and time it; then train a
 ``SparseAutoencoder`` for a few steps with the fused full step and check that step
-against its plain-torch twin.
+against its plain-torch twin; then the BatchTopK, Matryoshka BatchTopK and JumpReLU
+modules, five steps each, their first step checked against the fp64 reference.
 
     uv run example.py
 
@@ -108,6 +109,7 @@ def main():
             ms = (time.perf_counter() - t0) / n * 1e3
         print(f"  {name:32s} {ms:9.3f} ms")
     ok &= train_sparse_autoencoder(fs, device, dtype)
+    ok &= train_family(fs, device, dtype)
     if not ok:
         sys.exit("flash-sae does not match the reference")
 
@@ -139,6 +141,61 @@ def train_sparse_autoencoder(fs, device, dtype):
         print(f"  step {i}: loss {step.loss.item():.5f}, fvu {step.fvu.item():.4f}, latents that fired {live}")
     print(f"  {'OK' if good else 'MISMATCH'}")
     return good
+
+
+def train_family(fs, device, dtype):
+    """BatchTopK, Matryoshka BatchTopK and JumpReLU modules: five Adam steps each, the first step's loss
+    checked against the fp64 reference at the same code."""
+    B, D, F, K = (2048, 2304, 65536, 64) if ON_GPU else (16, 24, 96, 4)
+    g = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(B, D, device=device, generator=g).to(dtype)
+    modules = {
+        "BatchTopKSparseAutoencoder": fs.BatchTopKSparseAutoencoder(D, F, K, dtype=dtype, device=device, seed=0),
+        "MatryoshkaBatchTopKSparseAutoencoder": fs.MatryoshkaBatchTopKSparseAutoencoder(
+            D, F, K, prefix_sizes=[F // 16, F // 4, F], dtype=dtype, device=device, seed=0
+        ),
+        "JumpReLUSparseAutoencoder": fs.JumpReLUSparseAutoencoder(
+            D, F, l0_coefficient=1e-3, dtype=dtype, device=device, seed=0
+        ),
+    }
+    good = True
+    for name, sae in modules.items():
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        line = []
+        for i in range(5):
+            step = sae.loss(x)
+            if i == 0:
+                good_step = _check_first_step(fs, name, sae, x, step)
+                good &= good_step
+            opt.zero_grad(set_to_none=True)
+            step.loss.backward()
+            opt.step()
+            l0 = step.l0.item() if hasattr(step, "l0") else step.indices.numel() / B
+            line.append(f"{step.loss.item():.4f} (L0 {l0:.1f})")
+        extra = f", threshold {sae.threshold.item():.4f}" if name != "JumpReLUSparseAutoencoder" else ""
+        print(f"{name}: losses {', '.join(line)}{extra}  {'OK' if good_step else 'MISMATCH'}")
+    return good
+
+
+def _check_first_step(fs, name, sae, x, step):
+    """The first step's loss against the fp64 plain-torch step at the same code (or threshold masks)."""
+    ref = fs.reference
+    p64 = [t.detach().double() for t in (x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    if name == "JumpReLUSparseAutoencoder":
+        theta = sae.current_threshold().detach().double()
+        want = ref.jumprelu_sae_step(*p64, theta, sae.bandwidth, sae.l0_coefficient).loss
+    else:
+        B = x.shape[0]
+        rows = torch.repeat_interleave(torch.arange(B, device=x.device), step.row_offsets.diff())
+        selection = (rows, step.indices)
+        rescale = sae.rescale_acts_by_decoder_norm
+        if name == "BatchTopKSparseAutoencoder":
+            want = ref.batchtopk_sae_step(*p64, sae.k, rescale, selection=selection).loss
+        else:
+            want = ref.matryoshka_batchtopk_sae_step(*p64, sae.k, sae.prefix_sizes, rescale, selection=selection).loss
+    err = abs(step.loss.item() - want.item()) / abs(want.item())
+    print(f"  {name} step 0: loss {step.loss.item():.6f}, fp64 {want.item():.6f}, relative error {err:.1e}")
+    return err < 1e-2
 
 
 if __name__ == "__main__":

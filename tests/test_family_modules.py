@@ -145,3 +145,14 @@ def test_jumprelu_capacity_recovers_from_overflow(fs, device):
 def test_family_modules_reject(fs, cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         getattr(fs, cls)(D, F, **kwargs)
+
+
+@pytest.mark.kernels_ci
+def test_jumprelu_threshold_projection_keeps_autograd_intact(fs, device):
+    """Reading the threshold again between a step's forward and backward (a logging hook, say) must not
+    invalidate the saved threshold: the projection works on .data, as SAELens's does."""
+    sae = fs.JumpReLUSparseAutoencoder(D, F, device=device, seed=0)
+    step = sae.loss(sparse_dictionary_data(device)[:B])
+    sae.current_threshold()
+    step.loss.backward()
+    assert sae.threshold.grad is not None and torch.isfinite(sae.threshold.grad).all()

@@ -235,8 +235,8 @@ class JumpReLUSAEBase(SAEBase):
         """theta [F] fp32, differentiable in the threshold's parameter."""
         if self.threshold_parameterization == "log":
             return self.log_threshold.exp()
-        with torch.no_grad():
-            self.threshold.clamp_(min=0.0)  # as SAELens: projected on .data, not clamped in the graph
+        # As SAELens: projected on .data (no version bump for autograd), not clamped in the graph.
+        self.threshold.data.clamp_(min=0.0)
         return self.threshold
 
     def _apply(self, fn, *args, **kwargs):
