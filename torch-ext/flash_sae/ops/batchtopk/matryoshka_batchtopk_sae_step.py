@@ -27,6 +27,7 @@ from ...primitives.gather import gather_rows, row_ids
 from ...primitives.select import batch_topk_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import MatryoshkaSAEStep, fire_counts, total_variance
+from .._step import step_grads_fake
 
 # Host launchers ----------------------------------------------------------------
 
@@ -107,13 +108,7 @@ def matryoshka_batchtopk_sae_step_bwd(
 def matryoshka_batchtopk_sae_step_bwd_fake(
     grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes, needs
 ):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(W_enc),
-        W_enc.new_empty(W_enc.shape[0]),
-        torch.empty_like(W_dec),
-        torch.empty_like(b_dec),
-    )
+    return step_grads_fake(x, W_enc, W_dec, b_dec)
 
 
 # Op registration and autograd ----------------------------------------------------

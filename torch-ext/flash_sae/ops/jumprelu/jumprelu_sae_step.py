@@ -42,6 +42,7 @@ from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
+from .._step import step_grads_fake
 
 # Host launchers ----------------------------------------------------------------
 
@@ -156,14 +157,7 @@ def jumprelu_sae_step_bwd(
 def jumprelu_sae_step_bwd_fake(
     grad, x, W_enc, W_dec, b_dec, threshold, z, indices, row_offsets, residual, bandwidth, l0_coefficient, needs
 ):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(W_enc),
-        W_enc.new_empty(W_enc.shape[0]),
-        torch.empty_like(W_dec),
-        torch.empty_like(b_dec),
-        torch.empty_like(threshold),
-    )
+    return step_grads_fake(x, W_enc, W_dec, b_dec, threshold)
 
 
 # Op registration and autograd ----------------------------------------------------

@@ -41,6 +41,7 @@ from ...primitives.gather import gather_rows
 from ...primitives.select import topk_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import TopKSAEStep, fire_counts, total_variance
+from .._step import step_grads_fake
 
 # Host launchers ----------------------------------------------------------------
 
@@ -86,13 +87,7 @@ def topk_sae_step_bwd(
 
 
 def topk_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, needs):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(W_enc),
-        W_enc.new_empty(W_enc.shape[0]),
-        torch.empty_like(W_dec),
-        torch.empty_like(b_dec),
-    )
+    return step_grads_fake(x, W_enc, W_dec, b_dec)
 
 
 # Op registration and autograd ----------------------------------------------------
