@@ -101,3 +101,27 @@ class TopkSaeStep(Benchmark):
 
     def verify_train_step(self) -> torch.Tensor:
         return _sae_step(self.kernel.reference.topk_sae_step, self)
+
+
+class BatchtopkSaeStep(TopkSaeStep):
+    """The whole BatchTopK SAE step (SAELens's decoder-norm rescaling), forward + backward."""
+
+    def benchmark_train_step(self):
+        self.out = _sae_step(lambda *a: self.kernel.batchtopk_sae_step(*a, rescale_acts_by_decoder_norm=True), self)
+
+    def verify_train_step(self) -> torch.Tensor:
+        return _sae_step(lambda *a: self.kernel.reference.batchtopk_sae_step(*a, True), self)
+
+
+class MatryoshkaBatchtopkSaeStep(TopkSaeStep):
+    """The Matryoshka BatchTopK step with five levels (F/16, F/8, F/4, F/2, F)."""
+
+    def _sizes(self):
+        F = self.sae[1].shape[0]
+        return [F // 16, F // 8, F // 4, F // 2, F]
+
+    def benchmark_train_step(self):
+        self.out = _sae_step(lambda *a: self.kernel.matryoshka_batchtopk_sae_step(*a, self._sizes()), self)
+
+    def verify_train_step(self) -> torch.Tensor:
+        return _sae_step(lambda *a: self.kernel.reference.matryoshka_batchtopk_sae_step(*a, self._sizes()), self)
