@@ -9,7 +9,7 @@ them with ``get_kernel(<repo id from build.toml>, version=1)`` through
 ci-test sets it).
 
 Hypothesis profiles (``HYPOTHESIS_PROFILE`` picks one):
-- ``quick``, the default on a machine without a GPU: 5 derandomized examples
+- ``quick``, the default on a machine without a GPU: 3 derandomized examples
   per property test, for a fast local run;
 - ``full``, the default when ``CI`` is set (CI sets it): 20 derandomized
   examples, as every CPU run did before the quick profile existed;
@@ -36,7 +36,7 @@ import build_local  # noqa: E402
 REPO_ID = build_local.repo_id()
 
 _cpu = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("quick", max_examples=5, **_cpu)
+settings.register_profile("quick", max_examples=3, **_cpu)
 settings.register_profile("full", max_examples=20, **_cpu)
 settings.register_profile("gpu", max_examples=200, deadline=None)
 _default = "gpu" if torch.cuda.is_available() else ("full" if os.environ.get("CI") else "quick")
