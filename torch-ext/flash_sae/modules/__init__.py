@@ -1,7 +1,7 @@
 """``nn.Module``s over the ops, and their shared bases: ``SparseAutoencoder`` (TopK),
 ``BatchTopKSparseAutoencoder``, ``MatryoshkaBatchTopKSparseAutoencoder``, ``JumpReLUSparseAutoencoder``."""
 
-from .base import BatchTopKSAEBase, JumpReLUSAEBase, MatryoshkaSAEBase, SAEBase, TopKSAEBase
+from .base import BatchTopKSAEBase, JumpReLUSAEBase, MatryoshkaSAEBase, SAEBase, SAELensInitBase, TopKSAEBase
 from .batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .jumprelu import JumpReLUSparseAutoencoder
 from .sparse_autoencoder import SparseAutoencoder
@@ -14,6 +14,7 @@ __all__ = [
     "MatryoshkaBatchTopKSparseAutoencoder",
     "MatryoshkaSAEBase",
     "SAEBase",
+    "SAELensInitBase",
     "SparseAutoencoder",
     "TopKSAEBase",
 ]

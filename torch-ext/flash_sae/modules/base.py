@@ -107,7 +107,22 @@ class TopKSAEBase(SAEBase):
         self.k = k
 
 
-class BatchTopKSAEBase(SAEBase):
+class SAELensInitBase(SAEBase):
+    """``SAEBase`` with SAELens's initialisation: Kaiming-uniform decoder rows of norm ``decoder_init_norm``."""
+
+    def __init__(self, d_model, n_features, *, decoder_init_norm=0.1, dtype=None, device=None, seed=None):
+        super().__init__(
+            d_model,
+            n_features,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            decoder_init="saelens",
+            decoder_init_norm=decoder_init_norm,
+        )
+
+
+class BatchTopKSAEBase(SAELensInitBase):
     """A BatchTopK SAE: ``SAEBase`` with SAELens's init, ``k`` active latents per row on average,
     the decoder-norm rescaling flag, and the inference threshold (a float64 buffer, as SAELens
     keeps it), estimated on device during training as SAELens does: an exponential moving
@@ -127,13 +142,7 @@ class BatchTopKSAEBase(SAEBase):
         seed=None,
     ):
         super().__init__(
-            d_model,
-            n_features,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            decoder_init="saelens",
-            decoder_init_norm=decoder_init_norm,
+            d_model, n_features, decoder_init_norm=decoder_init_norm, dtype=dtype, device=device, seed=seed
         )
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= n_features:
             raise ValueError(f"k must be a number in (0, n_features={n_features}], got {k!r}")
@@ -179,7 +188,7 @@ class MatryoshkaSAEBase(BatchTopKSAEBase):
         return f"k={self.k}, prefix_sizes={self.prefix_sizes}"
 
 
-class JumpReLUSAEBase(SAEBase):
+class JumpReLUSAEBase(SAELensInitBase):
     """A JumpReLU SAE: ``SAEBase`` with SAELens's init and a learned per-latent threshold.
 
     ``threshold_parameterization``: ``"direct"`` (SAELens's default: a parameter ``threshold``
@@ -203,13 +212,7 @@ class JumpReLUSAEBase(SAEBase):
         seed=None,
     ):
         super().__init__(
-            d_model,
-            n_features,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            decoder_init="saelens",
-            decoder_init_norm=decoder_init_norm,
+            d_model, n_features, decoder_init_norm=decoder_init_norm, dtype=dtype, device=device, seed=seed
         )
         if threshold_parameterization not in ("direct", "log"):
             raise ValueError(
