@@ -25,6 +25,7 @@ KERNEL_MODULES = (
     "primitives.gather",
     "primitives.csr",
     "primitives.select",
+    "primitives.compact",
     "ops.decode.hierarchical_topk_sae_loss",
 )
 
@@ -80,6 +81,31 @@ def test_selection_ties_groups_and_chunks(fs, torch_path, dtype, group, monkeypa
             monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)
             vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
             check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_family_steps(fs, torch_path, dtype, monkeypatch):
+    """BatchTopK (distinct and tied, several groups and chunks), Matryoshka and JumpReLU (one chunk and
+    many, overflow) on this path: the kernels' own checks."""
+    from test_batchtopk_sae_step import check_batchtopk_step
+    from test_batchtopk_sae_step import check_selection as check_batch_selection
+    from test_jumprelu_sae_step import check_jumprelu_step, test_jumprelu_chunks, test_jumprelu_overflow_is_reported
+    from test_matryoshka_batchtopk_sae_step import check_matryoshka
+
+    check_batchtopk_step(fs, (5, 33, 300, 6.5), dtype, torch_path, rescale=True, seed=1)
+    check_batchtopk_step(fs, (6, 5, 300, 7), dtype, torch_path, rescale=False, seed=2, integer=True)
+    check_matryoshka(fs, (4, 17, 200, 5), [10, 50, 200], dtype, torch_path, rescale=True, seed=3)
+    check_jumprelu_step(fs, (6, 5, 40), dtype, torch_path, seed=3, bandwidth=1.0, l0_coefficient=0.5, integer=True)
+    check_jumprelu_step(fs, (5, 30, 300), dtype, torch_path, seed=4, bandwidth=0.3, l0_coefficient=0.1)
+    test_jumprelu_chunks(fs, torch_path, dtype, monkeypatch)
+    test_jumprelu_overflow_is_reported(fs, torch_path)
+    params = make_sae(3, 5, 2500, 1, dtype, torch_path, seed=7, integer=True)
+    for group, chunk_bytes in ((1, 2**30), (4, 2500), (32, 3000)):
+        monkeypatch.setitem(tuning(fs), "select_group", group)
+        monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)
+        out = fs.batchtopk_sae_step(*params, 33, rescale_acts_by_decoder_norm=True)
+        check_batch_selection(fs, *params, 33, True, out)
 
 
 @pytest.mark.kernels_ci

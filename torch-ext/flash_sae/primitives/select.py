@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._launch import TUNING, use_triton
+from .compact import top_positions
 from .triton_utils import cast_rtne
 
 # Constants ---------------------------------------------------------------------
@@ -70,7 +71,7 @@ def _group_best_kernel(
     GROUPS: tl.constexpr,  # groups per program
     KEY_BITS: tl.constexpr,
     PACK32: tl.constexpr,  # 16-bit keys and < 2^16 groups: (max key << 16) | (65535 - group)
-    BATCH: tl.constexpr,  # relu'd keys ranked over the chunk: (max key << 32) | (2^31-1 - (row*n_groups + group))
+    BATCH: tl.constexpr,  # BatchTopK: the group's max key of relu(v) alone (positions are implicit)
     HAS_SCALE: tl.constexpr,  # key v * scale[latent], rounded to the chunk's dtype as torch's multiply does
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -81,10 +82,8 @@ def _group_best_kernel(
     if HAS_SCALE:
         sc = tl.load(scale_ptr + idx_base + offs, mask=mask, other=1.0).to(tl.float32)
         v = cast_rtne(v.to(tl.float32) * sc, pre_ptr.dtype.element_ty)
-    if BATCH:
-        key = tl.where(mask, tl.maximum(_sortable_key(v, KEY_BITS), 0), -1)
-        flat_group = row * n_groups + grp
-        best = (tl.max(key, axis=1).to(tl.int64) << 32) | (2147483647 - flat_group).to(tl.int64)
+    if BATCH:  # the group's best key of relu(v), stored as int16 (16-bit dtypes) or int32
+        best = tl.max(tl.where(mask, tl.maximum(_sortable_key(v, KEY_BITS), 0), -1), axis=1)
     elif PACK32:
         # Groups with equal maxima rank by lower group index, which is the lower best id.
         key = tl.where(mask, _sortable_key(v, KEY_BITS), -32768)
@@ -96,29 +95,69 @@ def _group_best_kernel(
 
 
 @triton.jit
-def _threshold_mask_kernel(
+def _group_keys_kernel(
+    pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
+    groups_ptr,  # [m] int64 flat group indices (row * n_groups + group), the chosen groups
+    scale_ptr,  # [F] float per-latent factor applied before keying (HAS_SCALE)
+    keys_ptr,  # [m, G] out: relu'd sortable keys of the groups' entries; -1 past the chunk's end
+    m,
+    n,
+    stride_pb,
+    idx_base,
+    n_groups,
+    G: tl.constexpr,
+    GROUPS: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
+    """BatchTopK's candidates: every entry of the chosen groups, keyed as ``_group_best_kernel`` keys them."""
+    i = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    live_g = i < m
+    g = tl.load(groups_ptr + i, mask=live_g, other=0)
+    row = g // n_groups
+    cols = (g % n_groups)[:, None] * G + tl.arange(0, G)[None, :]
+    mask = live_g[:, None] & (cols < n)
+    v = tl.load(pre_ptr + row[:, None] * stride_pb + cols, mask=mask, other=0.0)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + idx_base + cols, mask=mask, other=1.0).to(tl.float32)
+        v = cast_rtne(v.to(tl.float32) * sc, pre_ptr.dtype.element_ty)
+    key = tl.where(mask, tl.maximum(_sortable_key(v, KEY_BITS), 0), -1)
+    tl.store(keys_ptr + i[:, None] * G + tl.arange(0, G)[None, :], key, mask=live_g[:, None])
+
+
+@triton.jit
+def _threshold_collect_kernel(
     pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
     theta_ptr,  # [F] float threshold, in the chunk's dtype
     scale_ptr,  # [F] float per-latent factor (HAS_SCALE)
-    mask_ptr,  # [B, n] out: int8, 1 where the entry is collected
-    count_ptr,  # [B, n_blocks] out: int32 collected entries per program
+    count_ptr,  # [B * n_blocks] int64: out, each block's count; in (WRITE), their inclusive prefix sums
+    flat_ptr,  # [capacity] int64 out (WRITE): flat position row * F + latent of each collected entry
+    raw_ptr,  # [capacity] out (WRITE): its pre-activation, the chunk's dtype
     n,
     stride_pb,
     idx_base,  # latent id of the chunk's column 0
+    F,
+    capacity,
+    slot0_ptr,  # [] int64: slots before this chunk's first (entries of earlier chunks)
     bandwidth,
     BLOCK: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_BAND: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
-    """mask = key > theta, or (with a band) |(key - theta) / bandwidth| < 1/2, key = pre (* scale),
-    every intermediate rounded to the chunk's dtype as torch rounds it."""
+    """Collected: key > theta, or (with a band) |(key - theta) / bandwidth| < 1/2, key = pre (* scale),
+    every intermediate rounded to the chunk's dtype as torch rounds it. The counting pass writes
+    each block's count; after a scan, the WRITE pass recomputes the same set and writes it at
+    its row-major slots (those below ``capacity``)."""
     row = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
+    block = row * tl.num_programs(1) + pid
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     dtype = pre_ptr.dtype.element_ty
-    key = tl.load(pre_ptr + row * stride_pb + offs, mask=live, other=0.0)
+    raw = tl.load(pre_ptr + row * stride_pb + offs, mask=live, other=0.0)
     theta = tl.load(theta_ptr + idx_base + offs, mask=live, other=0.0).to(tl.float32)
+    key = raw
     if HAS_SCALE:
         sc = tl.load(scale_ptr + idx_base + offs, mask=live, other=1.0).to(tl.float32)
         key = cast_rtne(key.to(tl.float32) * sc, dtype)
@@ -128,9 +167,14 @@ def _threshold_mask_kernel(
         diff = cast_rtne(key - theta, dtype).to(tl.float32)
         u = cast_rtne(diff / bandwidth, dtype).to(tl.float32)
         hit = hit | ((u > -0.5) & (u < 0.5))
-    hit = hit & live
-    tl.store(mask_ptr + row * n + offs, hit.to(tl.int8), mask=live)
-    tl.store(count_ptr + row * tl.num_programs(1) + pid, tl.sum(hit.to(tl.int32), axis=0))
+    hit = (hit & live).to(tl.int64)
+    if WRITE:
+        slot = tl.load(slot0_ptr) + tl.load(count_ptr + block) - tl.sum(hit, axis=0) + tl.cumsum(hit, axis=0) - hit
+        ok = (hit != 0) & (slot < capacity)
+        tl.store(flat_ptr + slot, row * F + idx_base + offs, mask=ok)
+        tl.store(raw_ptr + slot, raw, mask=ok)
+    else:
+        tl.store(count_ptr + block, tl.sum(hit, axis=0))
 
 
 # Host launchers ----------------------------------------------------------------
@@ -212,21 +256,27 @@ def scaled(v: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return v if scale is None else v * scale
 
 
-def group_best_batch(pre: torch.Tensor, f0: int, G: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """BatchTopK's group keys: each group's best key of relu(pre * scale), ranked over the whole chunk.
+def _batch_key_dtype(dtype: torch.dtype) -> torch.dtype:
+    """BatchTopK's relu'd keys fit the value's width: int16 for 16-bit dtypes, int32 for fp32."""
+    return torch.int32 if _key_bits(dtype) == 32 else torch.int16
 
-    [B, ceil(w / G)] int64 ``(max key << 32) | (2^31 - 1 - (row * n_groups + group))``: equal
-    maxima rank by the lower flat position, which is the order of the groups' best entries.
+
+def group_best_batch(pre: torch.Tensor, f0: int, G: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """BatchTopK's group keys: each group's best key of relu(pre * scale); [B * ceil(w / G)].
+
+    Flat (row-major) group order, so a group's position ranks equal maxima by the
+    lower flat position, which is the order of the groups' best entries. int16 keys
+    for 16-bit dtypes, int32 for fp32.
     """
     B, w = pre.shape
     n_groups = triton.cdiv(w, G)
+    kdt = _batch_key_dtype(pre.dtype)
     if not use_triton(pre):
-        keys = torch.full((B, n_groups * G), -1, dtype=torch.int64, device=pre.device)
+        keys = torch.full((B, n_groups * G), -1, dtype=torch.int32, device=pre.device)
         s = scale[f0 : f0 + w] if scale is not None else None
         keys[:, :w] = sortable_keys(scaled(pre, s)).clamp_min(0)
-        flat_group = torch.arange(B * n_groups, device=pre.device).view(B, n_groups)
-        return (keys.view(B, n_groups, G).amax(2) << 32) | (IDX_PAD - flat_group)
-    best = torch.empty(B, n_groups, dtype=torch.int64, device=pre.device)
+        return keys.view(B, n_groups, G).amax(2).to(kdt).view(-1)
+    best = torch.empty(B * n_groups, dtype=kdt, device=pre.device)
     groups = max(1, min(TUNING["select_groups"], triton.next_power_of_2(n_groups)))
     _group_best_kernel[(B, triton.cdiv(n_groups, groups))](
         pre,
@@ -245,6 +295,40 @@ def group_best_batch(pre: torch.Tensor, f0: int, G: int, scale: torch.Tensor | N
         num_warps=TUNING["select_warps"],
     )
     return best
+
+
+def group_keys_batch(pre: torch.Tensor, f0: int, G: int, groups: torch.Tensor, scale: torch.Tensor | None):
+    """The keys (as ``group_best_batch``'s) of every entry of the given flat groups; [m * G], -1 past the end."""
+    B, w = pre.shape
+    n_groups = triton.cdiv(w, G)
+    m = groups.numel()
+    kdt = _batch_key_dtype(pre.dtype)
+    if not use_triton(pre):
+        cols = ((groups % n_groups) * G).unsqueeze(1) + torch.arange(G, device=pre.device)
+        inside = cols < w
+        cols = cols.clamp(max=w - 1)
+        raw = pre[(groups // n_groups).unsqueeze(1), cols]
+        keys = sortable_keys(scaled(raw, scale[f0 + cols] if scale is not None else None)).clamp_min(0)
+        return torch.where(inside, keys, -1).to(kdt).view(-1)
+    keys = torch.empty(m * G, dtype=kdt, device=pre.device)
+    per = 64
+    _group_keys_kernel[(triton.cdiv(m, per),)](
+        pre,
+        groups,
+        scale if scale is not None else pre,
+        keys,
+        m,
+        w,
+        pre.stride(0),
+        f0,
+        n_groups,
+        G=G,
+        GROUPS=per,
+        KEY_BITS=_key_bits(pre.dtype),
+        HAS_SCALE=scale is not None,
+        num_warps=4,
+    )
+    return keys
 
 
 def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
@@ -319,31 +403,27 @@ def topk_preacts(
 # equal values by the lower flat position b * F + f (a stable descending sort of the flattened
 # batch); keep the first n. The group argument above holds over the flattened chunk too: the
 # chunk's top n entries lie in its n best groups (groups compared by their best entry, equal
-# maxima by flat position), so two torch.topk calls over [B * F_chunk / G] group keys and
-# n * G packed candidates give the chunk's exact top n, and the global top n lies among the
-# chunks' top n. Packed candidate keys are (value key << 32) | (2^31 - 1 - flat position in
-# the chunk): distinct, and B * F_chunk < 2^31 by the chunk budget.
+# maxima by flat position). So ``compact.top_positions`` over the [B * F_chunk / G] group keys
+# picks those groups (in flat order), ``group_keys_batch`` keys their n * G entries (still in
+# flat order, since a group's columns are consecutive), and ``top_positions`` over those keys
+# gives the chunk's exact top n, already in row-major order. The global top n lies among the
+# chunks' top n; a merge by (value, flat position) picks it when F spans several chunks.
 
 
 def _batch_chunk_top_n(pre: torch.Tensor, f0: int, n: int, scale: torch.Tensor | None):
-    """The chunk's exact top-n entries: (value keys int64, rows, latent ids, raw pre values), each [m]."""
+    """The chunk's exact top-n entries in flat order: (value keys, rows, latent ids, raw pre values), each [m]."""
     B, w = pre.shape
     G = TUNING["select_group"]
+    n_groups = triton.cdiv(w, G)
+    m = min(n, B * w)
     best = group_best_batch(pre, f0, G, scale)
-    ng = best.shape[1]
-    top_groups = torch.topk(best.view(-1), min(n, best.numel()), sorted=False).values
-    flat_group = IDX_PAD - (top_groups & 0xFFFFFFFF)
-    rows = flat_group // ng
-    cols = ((flat_group % ng) * G).unsqueeze(1) + torch.arange(G, device=pre.device)
-    inside = cols < w
-    cols = cols.clamp(max=w - 1)
-    raw = pre[rows.unsqueeze(1), cols]
-    keys = sortable_keys(scaled(raw, scale[f0 + cols] if scale is not None else None)).clamp_min(0)
-    flat = rows.unsqueeze(1) * w + cols
-    packed = torch.where(inside, (keys.to(torch.int64) << 32) | (IDX_PAD - flat), KEY_NONE)
-    top = torch.topk(packed.view(-1), min(n, B * w), sorted=False).values  # real entries only
-    flat = IDX_PAD - (top & 0xFFFFFFFF)
-    return top >> 32, flat // w, f0 + flat % w, pre.view(-1)[flat]
+    groups = top_positions(best, min(m, best.numel()))
+    keys = group_keys_batch(pre, f0, G, groups, scale)
+    at = top_positions(keys, m)  # positions among the candidates, ascending = flat order
+    g = groups[at // G]
+    rows = g // n_groups
+    cols = (g % n_groups) * G + at % G
+    return keys[at].to(torch.int32), rows, f0 + cols, pre[rows, cols]
 
 
 def batch_topk_preacts(
@@ -365,24 +445,28 @@ def batch_topk_preacts(
     xc = x - b_dec if b_dec is not None else x
     parts = [_batch_chunk_top_n(pre, f0, n, scale) for f0, pre in pre_chunks(xc, W_enc, b_enc)]
     keys, rows, ids, raw = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
-    flat = rows * F + ids
-    if len(parts) > 1:  # merge: value descending, then flat position ascending (two stable sorts)
+    if len(parts) > 1:  # merge: value descending, then flat position ascending; then row-major
+        flat = rows * F + ids
         order = torch.sort(flat, stable=True).indices
         order = order[torch.sort(keys[order], descending=True, stable=True).indices[:n]]
-        keys, rows, ids, raw, flat = keys[order], rows[order], ids[order], raw[order], flat[order]
-    order = torch.argsort(flat)  # row-major: the variable-length code's order
-    rows = rows[order]
-    acts = keys_to_values(keys[order].to(torch.int32), x.dtype)
+        order = order[torch.argsort(flat[order])]
+        keys, rows, ids, raw = keys[order], rows[order], ids[order], raw[order]
+    acts = keys_to_values(keys, x.dtype)
     bounds = torch.arange(B + 1, device=x.device, dtype=rows.dtype)
-    return acts, torch.relu(raw[order]), ids[order], torch.searchsorted(rows, bounds)
+    return acts, torch.relu(raw), ids, torch.searchsorted(rows, bounds)
 
 
 # JumpReLU: every entry above a per-latent threshold, and those near it ------------------
 
 
-def threshold_mask(pre: torch.Tensor, f0: int, theta: torch.Tensor, bandwidth: float, scale=None):
-    """(mask [B, w] bool, count [] int64) of a chunk's collected entries (see ``threshold_preacts``)."""
+def threshold_collect(pre, f0, F, theta, bandwidth, scale, flat, raw, slot0):
+    """Collects a chunk's entries (see ``threshold_preacts``) into ``flat``/``raw`` from slot ``slot0`` on.
+
+    ``slot0`` is a 0-d int64 tensor (the entries of earlier chunks); returns ``slot0`` plus this
+    chunk's count. Slots at or past ``capacity`` are not written. No host sync.
+    """
     B, w = pre.shape
+    capacity = flat.numel()
     if not use_triton(pre):
         t = theta[f0 : f0 + w]
         key = scaled(pre, scale[f0 : f0 + w] if scale is not None else None)
@@ -390,27 +474,31 @@ def threshold_mask(pre: torch.Tensor, f0: int, theta: torch.Tensor, bandwidth: f
         if bandwidth > 0:
             u = (key - t) / bandwidth
             mask |= (u > -0.5) & (u < 0.5)
-        return mask, mask.sum()
+        at = torch.nonzero_static(mask, size=capacity, fill_value=-1)
+        slots = slot0 + torch.arange(capacity, device=pre.device)
+        keep = (at[:, 0] >= 0) & (slots < capacity)
+        slots = torch.where(keep, slots, capacity)  # a dump slot past the end
+        flat_ext = torch.cat([flat, flat.new_empty(1)])
+        raw_ext = torch.cat([raw, raw.new_empty(1)])
+        flat_ext[slots] = at[:, 0] * F + f0 + at[:, 1]
+        raw_ext[slots] = pre[at[:, 0].clamp_min(0), at[:, 1].clamp_min(0)]
+        flat.copy_(flat_ext[:capacity])
+        raw.copy_(raw_ext[:capacity])
+        return slot0 + mask.sum()
     BLOCK = 1024
     n_blocks = triton.cdiv(w, BLOCK)
-    mask = torch.empty(B, w, dtype=torch.int8, device=pre.device)
-    counts = torch.empty(B, n_blocks, dtype=torch.int32, device=pre.device)
-    _threshold_mask_kernel[(B, n_blocks)](
-        pre,
-        theta,
-        scale if scale is not None else theta,
-        mask,
-        counts,
-        w,
-        pre.stride(0),
-        f0,
-        float(bandwidth),
-        BLOCK=BLOCK,
-        HAS_SCALE=scale is not None,
-        HAS_BAND=bandwidth > 0,
-        num_warps=4,
+    counts = torch.empty(B * n_blocks, dtype=torch.int64, device=pre.device)
+    scale_arg = scale if scale is not None else theta
+    args = (pre, theta, scale_arg)
+    common = dict(BLOCK=BLOCK, HAS_SCALE=scale is not None, HAS_BAND=bandwidth > 0, num_warps=4)
+    _threshold_collect_kernel[(B, n_blocks)](
+        *args, counts, flat, raw, w, pre.stride(0), f0, F, capacity, slot0, float(bandwidth), WRITE=False, **common
     )
-    return mask.view(torch.bool), counts.sum(dtype=torch.int64)
+    ends = torch.cumsum(counts, 0)
+    _threshold_collect_kernel[(B, n_blocks)](
+        *args, ends, flat, raw, w, pre.stride(0), f0, F, capacity, slot0, float(bandwidth), WRITE=True, **common
+    )
+    return slot0 + ends[-1]
 
 
 def threshold_preacts(
@@ -431,26 +519,25 @@ def threshold_preacts(
     Returns (pre values [capacity] x's dtype, latent ids [capacity] int64, row_offsets
     [B + 1] int64, count [] int64 of entries that qualified), in row-major order; slots past
     the last collected entry hold id -1 and value 0. ``count > capacity`` means entries were
-    dropped (the caller reports it). ``bandwidth`` 0 collects the active entries only; with
+    dropped (the caller reports it; which ones is then unspecified: those past the capacity
+    in chunk-then-row-major order). ``bandwidth`` 0 collects the active entries only; with
     ``scale`` the comparison is pre * scale > theta (BatchTopK's inference rule), and the values
     returned are still pre. Runs the chunked GEMM; no host sync.
     """
     B, F = x.shape[0], W_enc.shape[0]
     xc = x - b_dec if b_dec is not None else x
     theta = threshold.to(x.dtype)
-    found, parts = [], []
+    flat = torch.full((capacity,), B * F, dtype=torch.int64, device=x.device)  # empty slots sort last
+    raw = torch.zeros(capacity, dtype=x.dtype, device=x.device)
+    count = torch.zeros((), dtype=torch.int64, device=x.device)
+    chunks = 0
     for f0, pre in pre_chunks(xc, W_enc, b_enc):
-        mask, n_found = threshold_mask(pre, f0, theta, bandwidth, scale)
-        found.append(n_found)
-        at = torch.nonzero_static(mask, size=capacity, fill_value=-1)
-        live = at[:, 0] >= 0
-        flat = torch.where(live, at[:, 0] * F + f0 + at[:, 1], B * F)  # dropped slots sort last
-        parts.append((flat, torch.where(live, pre[at[:, 0].clamp_min(0), at[:, 1].clamp_min(0)], 0)))
-    flat, raw = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
-    if len(parts) > 1:
-        order = torch.argsort(flat)[:capacity]
+        count = threshold_collect(pre, f0, F, theta, bandwidth, scale, flat, raw, count)
+        chunks += 1
+    if chunks > 1:  # each chunk filled its slots in row-major order; the code wants (row, latent) order
+        order = torch.argsort(flat)
         flat, raw = flat[order], raw[order]
     rows = flat // F
     ids = torch.where(rows < B, flat % F, -1)
     bounds = torch.arange(B + 1, device=x.device, dtype=rows.dtype)
-    return raw, ids, torch.searchsorted(rows, bounds), torch.stack(found).sum()
+    return raw, ids, torch.searchsorted(rows, bounds), count
