@@ -25,6 +25,7 @@ from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.decode.topk_sae_loss import topk_sae_loss
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
+from .ops.topk.matryoshka_topk_sae_step import matryoshka_topk_sae_step
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
 from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, TopKSAEStep
@@ -43,6 +44,7 @@ __all__ = [
     "jumprelu_sae_step",
     "layers",
     "matryoshka_batchtopk_sae_step",
+    "matryoshka_topk_sae_step",
     "reference",
     "sparse_decode",
     "topk_encode",

@@ -161,6 +161,28 @@ def matryoshka_batchtopk_sae_step(
     )  # fmt: skip
 
 
+def matryoshka_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, indices=None, round_preacts=None):
+    """Matryoshka SAE step on a per-row TopK code, densely: the ground truth for ``matryoshka_topk_sae_step``.
+
+    The code is ``topk_encode``'s (``indices`` forces it); level g reconstructs with the latents
+    of id < m_g; the loss sums every level's mean over B*D of the squared error. The returned
+    code is flattened by row, then latent id.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    vals, ids = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
+    code = torch.zeros(B, F, dtype=vals.dtype, device=x.device).scatter(1, ids, vals)
+    level_losses = torch.stack([(code[:, :m] @ W_dec[:m] + b_dec - x).pow(2).mean() for m in prefix_sizes])
+    fvu = fraction_of_variance_unexplained(x.detach(), (code @ W_dec + b_dec).detach())
+    ids_sorted, order = ids.sort(dim=1)
+    vals_sorted = vals.gather(1, order)
+    positive = vals.detach()[vals.detach() > 0]
+    min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
+    return MatryoshkaSAEStep(
+        level_losses.sum(), level_losses, fvu, fire_counts(vals, ids, F), vals_sorted.flatten(), ids_sorted.flatten(),
+        torch.arange(B + 1, device=x.device) * k, min_act,
+    )  # fmt: skip
+
+
 # JumpReLU ----------------------------------------------------------------------------
 
 
