@@ -35,7 +35,7 @@ for stage in "$@"; do
       timeout ${BENCH_TIMEOUT:-560} python3 benchmarks/side_by_side.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 70
       status=$((status | PIPESTATUS[0]));;
     family)
-      timeout ${FAMILY_TIMEOUT:-300} python3 benchmarks/side_by_side.py --ops batchtopk_sae_step,jumprelu_sae_step,matryoshka_batchtopk_sae_step \
+      timeout ${FAMILY_TIMEOUT:-420} python3 benchmarks/side_by_side.py --ops batchtopk_sae_step,jumprelu_sae_step,matryoshka_batchtopk_sae_step,matryoshka_topk_sae_step \
         --stem side_by_side_family --out "$OUT" 2>&1 | tee "$OUT/family.log" | tail -n 40
       status=$((status | PIPESTATUS[0]));;
     compare)

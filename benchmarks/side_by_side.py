@@ -38,7 +38,7 @@ SHAPES = [  # (B, D, F, K)
 ]
 QUICK_SHAPES = [(8, 40, 64, 6)]
 OPS = ("topk_sae_step", "topk_sae_loss", "hierarchical_topk_sae_loss", "sparse_decode")
-FAMILY_OPS = ("batchtopk_sae_step", "jumprelu_sae_step", "matryoshka_batchtopk_sae_step")
+FAMILY_OPS = ("batchtopk_sae_step", "jumprelu_sae_step", "matryoshka_batchtopk_sae_step", "matryoshka_topk_sae_step")
 # The BatchTopK / JumpReLU step tables: the issue's two shapes and F = 2^21 (B = 4096, D = 2048).
 FAMILY_SHAPES = [("bf16", 2048, 2304, 65536, 64), ("bf16", 4096, 2048, 262144, 64), ("bf16", 4096, 2048, 2**21, 64)]
 # The full training step (encoder GEMM + top-k + decode + loss, forward + backward).
@@ -204,6 +204,19 @@ def dense_matryoshka_step(x, W_enc, b_enc, W_dec, b_dec, k, sizes):
     return loss
 
 
+def dense_matryoshka_topk_step(x, W_enc, b_enc, W_dec, b_dec, k, sizes):
+    """Matryoshka on a per-row TopK code, densely: one decode per level (SAELens has no such SAE)."""
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    top = torch.topk(pre, k, dim=1)
+    code = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+    loss, decoded, prev = 0.0, b_dec, 0
+    for m in sizes:
+        decoded = code[:, prev:m] @ W_dec[prev:m] + decoded
+        loss = loss + (decoded - x).float().pow(2).mean()
+        prev = m
+    return loss
+
+
 def saelens_step_fn(arch, params, k, threshold=None):
     """SAELens's own training SAE (default config) holding ``params``; None (and why) if it is not installed."""
     try:
@@ -290,6 +303,10 @@ def bench_family_steps(fs, args, bw, rows, quick):
                 )
                 impls[(op, "torch eager (dense)")] = (lambda: dense_matryoshka_step(*params, K, sizes), params)
                 impls[(op, "SAELens")] = ("matryoshka_batchtopk", None)
+            elif op == "matryoshka_topk_sae_step":
+                sizes = prefix_sizes(F)
+                impls[(op, "flash-sae")] = (lambda: fs.matryoshka_topk_sae_step(*params, K, sizes).loss, params)
+                impls[(op, "torch eager (dense)")] = (lambda: dense_matryoshka_topk_step(*params, K, sizes), params)
             else:
                 thr = threshold.clone().requires_grad_()
                 jp = params + [thr]
