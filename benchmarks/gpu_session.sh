@@ -2,6 +2,7 @@
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
 #   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family compare profile example quick
+# (tests: TESTS_K=<pytest -k expression> narrows them; profile: PROFILE="op B D F K dtype; ...")
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
 set -uo pipefail
@@ -20,7 +21,7 @@ status=0
 for stage in "$@"; do
   case "$stage" in
     tests)
-      timeout ${TESTS_TIMEOUT:-480} python3 -m pytest tests ${TESTS_ARGS:-} -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -n 25
+      timeout ${TESTS_TIMEOUT:-480} python3 -m pytest tests ${TESTS_ARGS:-} ${TESTS_K:+-k "$TESTS_K"} -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -n 25
       status=$((status | PIPESTATUS[0]));;
     sanitizer)
       HYPOTHESIS_PROFILE=quick timeout ${SANITIZER_TIMEOUT:-420} compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -42,9 +43,14 @@ for stage in "$@"; do
       timeout ${COMPARE_TIMEOUT:-400} python3 benchmarks/compare_builds.py --before "${BEFORE:-.baseline}" --out "$OUT" 2>&1 \
         | tee "$OUT/compare.log" | tail -n 30
       status=$((status | PIPESTATUS[0]));;
-    profile)
-      python3 benchmarks/profile_step.py topk_sae_loss 2048 2304 65536 64 bf16 > "$OUT/profile.log" 2>&1
-      status=$((status | $?)); head -n 40 "$OUT/profile.log";;
+    profile)  # PROFILE="op B D F K dtype; op B D F K dtype; ..."
+      IFS=';' read -ra runs <<< "${PROFILE:-topk_sae_loss 2048 2304 65536 64 bf16}"
+      for run in "${runs[@]}"; do
+        # shellcheck disable=SC2086
+        python3 benchmarks/profile_step.py $run >> "$OUT/profile.log" 2>&1
+        status=$((status | $?))
+      done
+      grep -A 22 "10 steps" "$OUT/profile.log" | cut -c1-160;;
     example)
       python3 example.py 2>&1 | tee "$OUT/example.log" | tail -n 12
       status=$((status | PIPESTATUS[0]));;

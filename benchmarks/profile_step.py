@@ -2,6 +2,9 @@
 """torch.profiler table of one flash-sae forward + backward: where host and device time go.
 
 Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU)
+OP: a decoder op (topk_sae_loss, ...) or a whole step (topk_sae_step, batchtopk_sae_step,
+jumprelu_sae_step with its threshold set so that L0 is about K, matryoshka_*_sae_step with
+side_by_side's five levels).
 """
 
 import sys
@@ -10,20 +13,50 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script
-from side_by_side import DTYPES, load_kernel, make_problem  # noqa: E402
+from side_by_side import DTYPES, load_kernel, make_problem, make_step_problem, prefix_sizes  # noqa: E402
+
+
+def step_call(fs, op, B, D, F, K, dtype):
+    params = make_step_problem(B, D, F, K, dtype, "cuda")
+    if op == "topk_sae_step":
+        return lambda: fs.topk_sae_step(*params, K).loss, params
+    if op == "batchtopk_sae_step":
+        return lambda: fs.batchtopk_sae_step(*params, K, rescale_acts_by_decoder_norm=True).loss, params
+    if op == "matryoshka_batchtopk_sae_step":
+        sizes = prefix_sizes(F)
+        step = fs.matryoshka_batchtopk_sae_step
+        return lambda: step(*params, K, sizes, rescale_acts_by_decoder_norm=True).loss, params
+    if op == "matryoshka_topk_sae_step":
+        sizes = prefix_sizes(F)
+        return lambda: fs.matryoshka_topk_sae_step(*params, K, sizes).loss, params
+    if op == "jumprelu_sae_step":
+        with torch.no_grad():
+            probe = fs.batchtopk_sae_step(*params, K)
+        threshold = torch.full((F,), probe.min_act.item(), device="cuda", requires_grad=True)
+        count = int(fs.jumprelu_sae_step(*[p.detach() for p in params], threshold, capacity=B * min(F, 4 * K)).count)
+        capacity = 1 << (int(1.25 * count) - 1).bit_length()
+        jp = params + [threshold]
+        return lambda: fs.jumprelu_sae_step(*jp, capacity=capacity).loss, jp
+    raise SystemExit(f"unknown step op {op}")
 
 
 def main():
     op, B, D, F, K = sys.argv[1], *map(int, sys.argv[2:6])
     dtype = DTYPES[sys.argv[6] if len(sys.argv) > 6 else "bf16"]
     fs = load_kernel()
-    indices, params = make_problem(B, D, F, K, dtype, "cuda")
-    fn = getattr(fs, op)
+    if op.endswith("_sae_step"):
+        call, params = step_call(fs, op, B, D, F, K, dtype)
+    else:
+        indices, params = make_problem(B, D, F, K, dtype, "cuda")
+        fn = getattr(fs, op)
+
+        def call():
+            return fn(indices, *params)
 
     def step():
         for p in params:
             p.grad = None
-        fn(indices, *params).backward()
+        call().backward()
 
     for _ in range(5):
         step()
@@ -33,8 +66,8 @@ def main():
         for _ in range(10):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(f"{op} B={B} D={D} F={F} K={K} {dtype}: 10 steps")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
 
 
 if __name__ == "__main__":
