@@ -70,9 +70,14 @@ def check_batchtopk_step(fs, shape, dtype, device, *, rescale, seed, integer=Fal
         fvu_base = same.fvu if rel_err(same.fvu, r.fvu) >= rel_err(shared_fvu, r.fvu) else shared_fvu
         assert_parity("batchtopk fvu", out.fvu, fvu_base, r.fvu, dtype)
     assert torch.equal(out.fire_counts, r.fire_counts)
-    for name, a, b, c, p in zip(STEP_NAMES, ours, same_grads, r_grads, params):
+    # Gradients carry that shared rounding too: torch's error for each is at least that of exact arithmetic
+    # at the dtype-rounded x - b_dec and pre-activations (as in the TopK step's test).
+    p_sh = [p.detach().double().requires_grad_() for p in params]
+    sh = ref.batchtopk_sae_step(*p_sh, k, rescale, selection=selection, round_preacts=dtype)
+    sh_grads = grads(sh.loss, p_sh, up.double())
+    for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape
-        assert_parity(f"batchtopk d{name}", a, b, c, dtype)
+        assert_parity(f"batchtopk d{name}", a, b if rel_err(b, c) >= rel_err(d, c) else d, c, dtype)
 
 
 @pytest.mark.kernels_ci

@@ -5,9 +5,9 @@ BatchTopK training SAE with its default config."""
 import pytest
 import torch
 from encoder_inputs import STEP_NAMES, make_sae, step_upstream
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op
+from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op, rel_err
 from peers import saelens_step, saelens_training_sae
 from test_batchtopk_sae_step import _saelens_problem, batch_shapes, check_selection
 
@@ -33,16 +33,27 @@ def check_matryoshka(fs, shape, sizes, dtype, device, *, rescale, seed):
     p64 = [p.detach().double().requires_grad_() for p in params]
     r = ref.matryoshka_batchtopk_sae_step(*p64, k, sizes, rescale, selection=selection)
     r_grads = grads(r.loss, p64, up.double())
+    # The rounding of x - b_dec and of the pre-activations is shared by every same-dtype implementation:
+    # torch's error is at least that of exact arithmetic at those roundings (as in the TopK step's test).
+    p_sh = [p.detach().double().requires_grad_() for p in params]
+    sh = ref.matryoshka_batchtopk_sae_step(*p_sh, k, sizes, rescale, selection=selection, round_preacts=dtype)
+    sh_grads = grads(sh.loss, p_sh, up.double())
+
+    def base(a, b, c):
+        return a if rel_err(a, c) >= rel_err(b, c) else b
+
     for g in range(len(sizes)):
-        assert_parity(f"matryoshka level {g} loss", out.level_losses[g], same.level_losses[g], r.level_losses[g], dtype)
-    assert_parity("matryoshka loss", out.loss, same.loss, r.loss, dtype)
-    for name, a, b, c, p in zip(STEP_NAMES, ours, same_grads, r_grads, params):
+        lvl = (same.level_losses[g], sh.level_losses[g], r.level_losses[g])
+        assert_parity(f"matryoshka level {g} loss", out.level_losses[g], base(*lvl), r.level_losses[g], dtype)
+    assert_parity("matryoshka loss", out.loss, base(same.loss, sh.loss, r.loss), r.loss, dtype)
+    for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape
-        assert_parity(f"matryoshka d{name}", a, b, c, dtype)
+        assert_parity(f"matryoshka d{name}", a, base(b, d, c), c, dtype)
 
 
 @pytest.mark.kernels_ci
 @given(problem=matryoshka_problems(), dtype=st.sampled_from(DTYPES), rescale=st.booleans(), seed=st.integers(0, 2**16))
+@example(problem=((6, 1, 1, 1), [1]), dtype=torch.bfloat16, rescale=False, seed=6)  # D = 1: the shared rounding
 def test_matryoshka_parity(fs, device, problem, dtype, rescale, seed):
     shape, sizes = problem
     check_matryoshka(fs, shape, sizes, dtype, device, rescale=rescale, seed=seed)

@@ -116,14 +116,17 @@ def row_offsets_of(rows, B):
     return torch.searchsorted(rows, torch.arange(B + 1, device=rows.device, dtype=rows.dtype))
 
 
-def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None):
+def batchtopk_sae_step(
+    x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None, round_preacts=None
+):
     """BatchTopK SAE step, densely (SAELens's formulation): the ground truth for ``batchtopk_sae_step``.
 
     acts = relu(pre * ||W_dec[f]||) (or relu(pre)); keep the int(k * B) largest over the batch;
-    decode acts / ||W_dec[f]|| (or acts) through W_dec. ``selection`` = (rows, ids) forces the code.
+    decode acts / ||W_dec[f]|| (or acts) through W_dec. ``selection`` = (rows, ids) forces the code;
+    ``round_preacts``: see ``encoder_preacts``'s ``round_to``.
     """
     B, F = x.shape[0], W_enc.shape[0]
-    pre = encoder_preacts(x, W_enc, b_enc, b_dec)
+    pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
     norm = W_dec.norm(dim=1) if rescale_acts_by_decoder_norm else None
     acts = torch.relu(pre * norm if norm is not None else pre)
     rows, ids = selection if selection is not None else batch_topk_select(acts.detach(), int(k * B))
@@ -139,15 +142,18 @@ def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder
 
 
 def matryoshka_batchtopk_sae_step(
-    x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, rescale_acts_by_decoder_norm=False, selection=None
-):
+    x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, rescale_acts_by_decoder_norm=False, selection=None,
+    round_preacts=None,
+):  # fmt: skip
     """Matryoshka BatchTopK SAE step, densely: SAELens's nested losses, one decode per prefix level.
 
     The code is ``batchtopk_sae_step``'s; level g reconstructs with the latents of id < m_g;
     the loss sums every level's mean over B*D of the squared error.
     """
     B, F = x.shape[0], W_enc.shape[0]
-    base = batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection)
+    base = batchtopk_sae_step(
+        x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection, round_preacts=round_preacts
+    )
     rows = torch.repeat_interleave(torch.arange(B, device=x.device), base.row_offsets.diff())
     code = torch.zeros(B, F, dtype=base.vals.dtype, device=x.device).index_put((rows, base.indices), base.vals)
     level_losses = []

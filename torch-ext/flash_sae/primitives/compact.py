@@ -9,16 +9,18 @@ How, without sorting and without a host sync:
 1. t, the m-th largest key, is the minimum of ``torch.topk(keys, m).values``
    (a radix select: two digit passes for 16-bit keys, four for 32-bit ones).
 2. ``_count_kernel``: per block of BLOCK keys, how many are > t and how many == t.
-3. ``torch.cumsum`` over the blocks' counts gives every block its exclusive
-   bases. All keys > t are selected (fewer than m of them); of the keys == t,
+3. ``torch.cumsum`` over the blocks' counts (each count row contiguous: a scan
+   along the outer dim of an [n_blocks, 2] array is a slow one-thread-per-column
+   kernel) gives every block its exclusive bases. All keys > t are selected (fewer than m of them); of the keys == t,
    the first ``need = m - count(> t)`` by position.
-4. ``_write_kernel`` rereads each block, ranks its entries inside the block by
-   ``tl.cumsum`` and writes the selected positions at their final slots, which
-   are ascending because the blocks' bases are.
+4. ``_write_kernel`` rereads each block that has a selected entry, ranks its
+   entries inside the block by ``tl.cumsum`` and writes the selected positions
+   at their final slots, which are ascending because the blocks' bases are.
 
-Bytes: the keys are read by the radix select, then twice more; the output is m
-int64 positions. Nothing is sorted, nothing is atomic: the result is
-deterministic and identical to ``stable descending sort(keys)[:m]`` sorted.
+Bytes: the keys are read by the radix select and the count, and again only in
+the blocks holding a selected entry; the output is m int64 positions. Nothing
+is sorted, nothing is atomic: the result is deterministic and identical to
+``stable descending sort(keys)[:m]`` sorted.
 """
 
 import torch
@@ -31,37 +33,40 @@ BLOCK = 1024
 
 
 @triton.jit
-def _count_kernel(keys_ptr, t_ptr, counts_ptr, L, BLOCK: tl.constexpr):
-    """counts[block] = (keys > t, keys == t) over the block."""
+def _count_kernel(keys_ptr, t_ptr, counts_ptr, L, n_blocks, BLOCK: tl.constexpr):
+    """counts[0, block] = how many keys > t, counts[1, block] = how many == t, over the block."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < L
     t = tl.load(t_ptr)
     k = tl.load(keys_ptr + offs, mask=live, other=0)
-    gt = live & (k > t)
-    eq = live & (k == t)
-    tl.store(counts_ptr + 2 * pid, tl.sum(gt.to(tl.int64), axis=0))
-    tl.store(counts_ptr + 2 * pid + 1, tl.sum(eq.to(tl.int64), axis=0))
+    tl.store(counts_ptr + pid, tl.sum((live & (k > t)).to(tl.int32), axis=0))
+    tl.store(counts_ptr + n_blocks + pid, tl.sum((live & (k == t)).to(tl.int32), axis=0))
 
 
 @triton.jit
 def _write_kernel(keys_ptr, t_ptr, ends_ptr, counts_ptr, out_ptr, m, L, n_blocks, BLOCK: tl.constexpr):
-    """Writes the selected positions of one block at their slots of ``out`` [m]."""
+    """Writes the selected positions of one block at their slots of ``out`` [m]; a block with none
+    selected (most of them: m is a small share of L) stops after reading its counts."""
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < L
-    t = tl.load(t_ptr)
-    k = tl.load(keys_ptr + offs, mask=live, other=0)
-    gt = (live & (k > t)).to(tl.int64)
-    eq = (live & (k == t)).to(tl.int64)
+    gt_n = tl.load(counts_ptr + pid)
+    eq_n = tl.load(counts_ptr + n_blocks + pid)
     # Exclusive bases of this block (inclusive prefix sums minus the block's own counts).
-    gt_base = tl.load(ends_ptr + 2 * pid) - tl.load(counts_ptr + 2 * pid)
-    eq_base = tl.load(ends_ptr + 2 * pid + 1) - tl.load(counts_ptr + 2 * pid + 1)
-    need = m - tl.load(ends_ptr + 2 * (n_blocks - 1))  # ties to take: m minus every key > t
-    eq_rank = eq_base + tl.cumsum(eq, axis=0) - eq
-    sel = gt | (eq & (eq_rank < need).to(tl.int64))
-    slot = gt_base + tl.minimum(eq_base, need) + tl.cumsum(sel, axis=0) - sel
-    tl.store(out_ptr + slot, offs, mask=sel != 0)
+    gt_base = tl.load(ends_ptr + pid) - gt_n
+    eq_base = tl.load(ends_ptr + n_blocks + pid) - eq_n
+    need = m - tl.load(ends_ptr + n_blocks - 1)  # ties to take: m minus every key > t
+    eq_take = tl.minimum(tl.maximum(need - eq_base, 0), eq_n)
+    if gt_n + eq_take > 0:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < L
+        t = tl.load(t_ptr)
+        k = tl.load(keys_ptr + offs, mask=live, other=0)
+        gt = (live & (k > t)).to(tl.int32)
+        eq = (live & (k == t)).to(tl.int32)
+        eq_rank = eq_base + tl.cumsum(eq, axis=0) - eq
+        sel = gt | (eq & (eq_rank < need).to(tl.int32))
+        slot = gt_base + tl.minimum(eq_base, need) + tl.cumsum(sel, axis=0) - sel
+        tl.store(out_ptr + slot, offs, mask=sel != 0)
 
 
 def kth_largest(keys: torch.Tensor, m: int) -> torch.Tensor:
@@ -83,9 +88,9 @@ def top_positions(keys: torch.Tensor, m: int) -> torch.Tensor:
         sel = gt | (eq & (torch.cumsum(eq, 0) <= need))
         return torch.nonzero_static(sel, size=m).squeeze(1)
     n_blocks = triton.cdiv(L, BLOCK)
-    counts = torch.empty(n_blocks, 2, dtype=torch.int64, device=keys.device)
-    _count_kernel[(n_blocks,)](keys, t, counts, L, BLOCK=BLOCK, num_warps=4)
-    ends = torch.cumsum(counts, 0)
+    counts = torch.empty(2, n_blocks, dtype=torch.int32, device=keys.device)
+    _count_kernel[(n_blocks,)](keys, t, counts, L, n_blocks, BLOCK=BLOCK, num_warps=4)
+    ends = torch.cumsum(counts, 1, dtype=torch.int64)  # along the contiguous dim: a fast scan
     out = torch.empty(m, dtype=torch.int64, device=keys.device)
     _write_kernel[(n_blocks,)](keys, t, ends, counts, out, m, L, n_blocks, BLOCK=BLOCK, num_warps=4)
     return out
