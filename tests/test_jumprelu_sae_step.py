@@ -5,9 +5,9 @@ determinism, opcheck, compile; and SAELens's own JumpReLU training SAE with its 
 import pytest
 import torch
 from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op
+from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op, rel_err
 from peers import saelens_step, saelens_training_sae
 
 MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
@@ -74,9 +74,14 @@ def check_jumprelu_step(fs, shape, dtype, device, *, seed, bandwidth, l0_coeffic
     assert_parity("jumprelu mse", out.mse, same.mse, r.mse, dtype)
     assert out.l0.item() == pytest.approx(float(active.sum()) / B, rel=1e-6)
     assert torch.equal(out.fire_counts, active.sum(0))
-    for name, a, b, c, p in zip(NAMES, ours, same_grads, r_grads, params):
+    # The roundings of x - b_dec, z and theta to the dtype are shared by every same-dtype implementation
+    # (SAELens casts theta too): torch's error is at least that of exact arithmetic at those roundings.
+    p_sh = [p.detach().double().requires_grad_() for p in params]
+    sh = ref.jumprelu_sae_step(*p_sh, **kw, round_preacts=dtype)
+    sh_grads = grads(sh.loss, p_sh, up.double())
+    for name, a, b, c, d, p in zip(NAMES, ours, same_grads, r_grads, sh_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape
-        assert_parity(f"jumprelu d{name}", a, b, c, dtype)
+        assert_parity(f"jumprelu d{name}", a, b if rel_err(b, c) >= rel_err(d, c) else d, c, dtype)
 
 
 @pytest.mark.kernels_ci
@@ -87,6 +92,7 @@ def check_jumprelu_step(fs, shape, dtype, device, *, seed, bandwidth, l0_coeffic
     l0_coefficient=st.sampled_from([0.0, 0.1, 1.0]),
     seed=st.integers(0, 2**16),
 )
+@example(shape=(1, 1, 1), dtype=torch.float16, bandwidth=0.05, l0_coefficient=0.1, seed=5)  # theta's fp16 rounding
 def test_jumprelu_sae_step_parity(fs, device, shape, dtype, bandwidth, l0_coefficient, seed):
     check_jumprelu_step(fs, shape, dtype, device, seed=seed, bandwidth=bandwidth, l0_coefficient=l0_coefficient)
 

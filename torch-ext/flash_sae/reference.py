@@ -234,17 +234,20 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / ctx.bandwidth) * band * g).sum(0), None, None, None
 
 
-def jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, l0_coefficient=1.0, masks=None):
+def jumprelu_sae_step(
+    x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, l0_coefficient=1.0, masks=None, round_preacts=None
+):
     """JumpReLU SAE step, densely, as Rajamanoharan et al. (2024) and SAELens's default ("step") define it.
 
     f = z * H(z - theta), theta = threshold in x's dtype; loss = sum over D of (x_hat - x)^2, mean
     over B, + l0_coefficient * mean over B of sum_f H(z - theta). ``masks`` = (active, band)
     forces which entries are active and in the estimators' band (the tests pass flash-sae's,
     as the TopK tests pass its selection). Returns the dense code [B, F] in ``vals``;
-    ``indices``, ``row_offsets``, ``count`` and ``overflow`` are None.
+    ``indices``, ``row_offsets``, ``count`` and ``overflow`` are None. ``round_preacts`` (a
+    dtype) rounds x - b_dec, z and theta to it, with exact gradients (see ``encoder_preacts``).
     """
-    z = encoder_preacts(x, W_enc, b_enc, b_dec)
-    theta = threshold.to(z.dtype)
+    z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    theta = threshold.to(z.dtype) if round_preacts is None else _rounded(threshold.to(z.dtype), round_preacts)
     active, band = masks if masks is not None else jumprelu_masks(z.detach(), theta.detach(), bandwidth)
     acts = _JumpReLU.apply(z, theta, bandwidth, active, band)
     x_hat = acts @ W_dec + b_dec
