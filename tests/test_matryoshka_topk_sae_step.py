@@ -63,7 +63,9 @@ def check_matryoshka_topk(fs, shape, sizes, dtype, device, *, seed):
         lvl = (same.level_losses[g], sh.level_losses[g], r.level_losses[g])
         assert_parity(f"matryoshka_topk level {g} loss", out.level_losses[g], base(*lvl), r.level_losses[g], dtype)
     assert_parity("matryoshka_topk loss", out.loss, base(same.loss, sh.loss, r.loss), r.loss, dtype)
-    assert torch.equal(out.fire_counts, r.fire_counts)
+    # Fire counts are of the same-dtype code (an entry fires when its value in the dtype is > 0; in fp64 a
+    # pre-activation near 0 can have the other sign), so the same-dtype reference is the exact comparison.
+    assert torch.equal(out.fire_counts, same.fire_counts)
     assert torch.equal(out.min_act, same.min_act.to(out.min_act.device))
     for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from encoder_inputs import check_step_parity, make_sae
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, OPCHECK_DTYPES, grads, raw_op
 from test_topk_encode import encoder_shapes
@@ -13,6 +13,7 @@ NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
 
 @pytest.mark.kernels_ci
 @given(shape=encoder_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+@example(shape=(3, 31, 69, 64), dtype=torch.bfloat16, seed=24519)  # on the H100: a pre-activation near 0 in bf16
 def test_topk_sae_step_parity(fs, device, shape, dtype, seed):
     check_step_parity(fs, shape, dtype, device, seed=seed)
 
