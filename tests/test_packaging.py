@@ -70,6 +70,8 @@ OPS = (
     "topk_encode",
     "topk_sae_loss",
     "topk_sae_step",
+    "varlen_sae_loss",
+    "varlen_sparse_decode",
 )
 
 
@@ -160,6 +162,8 @@ def test_public_api(fs):
         "topk_encode",
         "topk_sae_loss",
         "topk_sae_step",
+        "varlen_sae_loss",
+        "varlen_sparse_decode",
     ]
     for name in fs.__all__:
         assert getattr(fs, name).__doc__, f"{name} has no docstring"

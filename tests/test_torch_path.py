@@ -109,6 +109,16 @@ def test_family_steps(fs, torch_path, dtype, monkeypatch):
 
 
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_ops(fs, torch_path, dtype):
+    """varlen_sparse_decode and varlen_sae_loss on this path (empty rows, repeats, padding)."""
+    from test_varlen_ops import check_varlen
+
+    check_varlen(fs, ([3, 0, 12, 1], 300, 257, 3), dtype, torch_path, 1)
+    check_varlen(fs, ([0], 1, 1, 0), dtype, torch_path, 2)
+
+
+@pytest.mark.kernels_ci
 @pytest.mark.parametrize("op", LOSS_OPS + ("sparse_decode",))
 def test_deterministic(fs, torch_path, op):
     check_deterministic(fs, op, torch_path)

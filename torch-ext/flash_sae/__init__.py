@@ -24,6 +24,8 @@ from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sa
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.decode.topk_sae_loss import topk_sae_loss
+from .ops.decode.varlen_sae_loss import varlen_sae_loss
+from .ops.decode.varlen_sparse_decode import varlen_sparse_decode
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.topk.matryoshka_topk_sae_step import matryoshka_topk_sae_step
 from .ops.topk.topk_encode import topk_encode
@@ -50,4 +52,6 @@ __all__ = [
     "topk_encode",
     "topk_sae_loss",
     "topk_sae_step",
+    "varlen_sae_loss",
+    "varlen_sparse_decode",
 ]

@@ -90,6 +90,38 @@ def check_sparse_code(vals, indices, weight, *, allow_empty: bool) -> tuple[int,
     return B, K, F, D
 
 
+def check_varlen_code(vals, indices, row_offsets, weight) -> tuple[int, int, int, int]:
+    """Validates a variable-length code over ``weight``'s rows; returns (B, N, F, D).
+
+    vals [N] (weight's dtype), indices [N] int32/int64, row_offsets [B + 1] int32/int64, all on
+    weight's device. The offsets' values are checked by ``check_row_offsets`` (a host sync).
+    """
+    check_tensor("indices", indices, 1, INDEX_DTYPES)
+    check_tensor("vals", vals, 1)
+    check_tensor("row_offsets", row_offsets, 1, INDEX_DTYPES)
+    check_tensor("weight", weight, 2)
+    N = indices.shape[0]
+    check_shape("vals", vals, (N,))
+    if row_offsets.shape[0] < 1:
+        raise ValueError("row_offsets must have B + 1 >= 1 entries, got an empty tensor")
+    F, D = weight.shape
+    if F < 1 or D < 1:
+        raise ValueError(f"weight must have at least one row and one column, got shape {(F, D)}")
+    check_same_dtype("weight", weight, vals=vals)
+    check_same_device(weight=weight, vals=vals, indices=indices, row_offsets=row_offsets)
+    return row_offsets.shape[0] - 1, N, F, D
+
+
+def check_row_offsets(row_offsets: torch.Tensor, N: int) -> None:
+    """Raises ValueError unless row_offsets starts at 0, never decreases and ends at most at N. Syncs."""
+    if int(row_offsets[0]) != 0:
+        raise ValueError(f"row_offsets must start at 0, got {int(row_offsets[0])}")
+    if bool((row_offsets.diff() < 0).any()):
+        raise ValueError("row_offsets must be non-decreasing")
+    if int(row_offsets[-1]) > N:
+        raise ValueError(f"row_offsets must end at most at N={N} (the code's length), got {int(row_offsets[-1])}")
+
+
 def check_bias(name: str, bias, D: int, ref_name: str, ref: torch.Tensor) -> None:
     check_tensor(name, bias, 1)
     check_shape(name, bias, (D,))

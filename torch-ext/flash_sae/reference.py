@@ -22,6 +22,21 @@ def sparse_decode(vals, indices, weight, bias=None):
     return x_hat
 
 
+def varlen_sparse_decode(vals, indices, row_offsets, weight, bias=None):
+    """x_hat[b] = bias + sum over i in row_offsets[b]:row_offsets[b+1] of vals[i] * weight[indices[i]]; [B, D]."""
+    B = row_offsets.numel() - 1
+    n = int(row_offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(B, device=vals.device), row_offsets.diff())
+    x_hat = torch.zeros(B, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    x_hat = x_hat.index_add(0, rows, vals[:n].unsqueeze(-1) * weight[indices[:n].long()])
+    return x_hat + bias if bias is not None else x_hat
+
+
+def varlen_sae_loss(vals, indices, row_offsets, weight, bias, target):
+    """Mean over B*D of (varlen_sparse_decode - target)^2."""
+    return (varlen_sparse_decode(vals, indices, row_offsets, weight, bias) - target).pow(2).mean()
+
+
 def topk_sae_loss(indices, weight, vals, bias, target):
     """Mean over B*D of (sparse_decode - target)^2."""
     return (sparse_decode(vals, indices, weight, bias) - target).pow(2).mean()
