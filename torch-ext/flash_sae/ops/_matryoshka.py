@@ -53,8 +53,21 @@ def matryoshka_levels_fwd_fake(x, W_dec, n_levels):
     )
 
 
-def matryoshka_levels_bwd(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes):
-    """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's backward over the levels' suffix sums."""
+def matryoshka_levels_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    residuals: torch.Tensor,
+    prefix_sizes: list[int],
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Matryoshka steps' backward launcher: (dx, dW_enc, db_enc, dW_dec, db_dec), the MSE step's
+    backward over the levels' suffix sums."""
     F = W_dec.shape[0]
     suffix = residuals.flip(0).cumsum(0).flip(0).contiguous()
     sizes = level_sizes(prefix_sizes, x.device)
@@ -62,8 +75,16 @@ def matryoshka_levels_bwd(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offse
     return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, suffix, row_offsets, levels=levels)
 
 
-def matryoshka_levels_bwd_fake(x, W_enc, W_dec, b_dec):
+def matryoshka_levels_bwd_fake(
+    grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes, needs
+):  # fmt: skip
     return step_grads_fake(x, W_enc, W_dec, b_dec)
+
+
+def matryoshka_saved(args, outputs):
+    """What both Matryoshka steps keep for backward: x, W_enc, W_dec, b_dec; the code (vals, indices,
+    row_offsets) and the levels' residuals from the outputs; the prefix sizes."""
+    return (args[0], args[1], args[3], args[4], *outputs[4:7], outputs[8], args[6])
 
 
 def min_positive(acts: torch.Tensor) -> torch.Tensor:

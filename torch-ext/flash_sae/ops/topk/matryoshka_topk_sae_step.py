@@ -23,6 +23,7 @@ from .._matryoshka import (
     matryoshka_levels_bwd_fake,
     matryoshka_levels_fwd,
     matryoshka_levels_fwd_fake,
+    matryoshka_saved,
     min_positive,
 )
 
@@ -61,39 +62,15 @@ def matryoshka_topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k, prefix_s
     return loss, level_losses, fvu, counts, *code, x.new_empty((), dtype=torch.float32), residuals
 
 
-def matryoshka_topk_sae_step_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    residuals: torch.Tensor,
-    prefix_sizes: list[int],
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's backward over the levels' suffix sums."""
-    return matryoshka_levels_bwd(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes)
-
-
-def matryoshka_topk_sae_step_bwd_fake(
-    grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes, needs
-):
-    return matryoshka_levels_bwd_fake(x, W_enc, W_dec, b_dec)
-
-
 # Op registration and autograd ----------------------------------------------------
 
 _matryoshka_topk_sae_step = register_op(
     "matryoshka_topk_sae_step",
     forward=matryoshka_topk_sae_step_fwd,
     forward_fake=matryoshka_topk_sae_step_fwd_fake,
-    backward=matryoshka_topk_sae_step_bwd,
-    backward_fake=matryoshka_topk_sae_step_bwd_fake,
-    # x, W_enc, W_dec, b_dec; the code (vals, indices, row_offsets), the levels' residuals; the sizes
-    save=lambda args, outputs: (args[0], args[1], args[3], args[4], *outputs[4:7], outputs[8], args[6]),
+    backward=matryoshka_levels_bwd,
+    backward_fake=matryoshka_levels_bwd_fake,
+    save=matryoshka_saved,
     differentiable=(0,),
     grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
 )
