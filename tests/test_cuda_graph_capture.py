@@ -26,6 +26,10 @@ def _steps(fs, params):
             ),
             params,
         ),
+        "matryoshka_topk_sae_step": (
+            lambda: fs.matryoshka_topk_sae_step(*params, 8, [32, 128, 512]).loss,
+            params,
+        ),
         "jumprelu_sae_step": (
             lambda: fs.jumprelu_sae_step(*params, threshold, capacity=64 * 512).loss,
             [*params, threshold],
@@ -34,7 +38,14 @@ def _steps(fs, params):
 
 
 @pytest.mark.parametrize(
-    "op", ["topk_sae_step", "batchtopk_sae_step", "matryoshka_batchtopk_sae_step", "jumprelu_sae_step"]
+    "op",
+    [
+        "topk_sae_step",
+        "batchtopk_sae_step",
+        "matryoshka_batchtopk_sae_step",
+        "matryoshka_topk_sae_step",
+        "jumprelu_sae_step",
+    ],
 )
 def test_step_captures_in_a_cuda_graph(fs, op):
     params = list(make_sae(64, 96, 512, 1, torch.bfloat16, "cuda", seed=3))
@@ -63,3 +74,33 @@ def test_step_captures_in_a_cuda_graph(fs, op):
     assert torch.equal(loss, eager)
     for p, g in zip(ps, eager_grads):
         assert torch.equal(p.grad, g), "the replayed gradients differ from the eager step's"
+
+
+@pytest.mark.parametrize("module", ["SparseAutoencoder", "BatchTopKSparseAutoencoder"])
+def test_module_step_with_dead_tracking_captures(fs, module):
+    """The module's training ``loss`` (the step, the threshold update, the dead-latent counts) captures;
+    each replay advances ``tokens_since_fired`` as an eager step does."""
+    sae = getattr(fs, module)(96, 512, 8, dtype=torch.bfloat16, device="cuda", seed=1)
+    x = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for p in sae.parameters():
+            p.grad = None
+        out = sae.loss(x)
+        out.loss.backward()
+        return out.fire_counts
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fired = step()
+    before = sae.tokens_since_fired.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = torch.where(fired > 0, 0, before + 64)
+    assert torch.equal(sae.tokens_since_fired, expect)

@@ -50,9 +50,9 @@ REPO_ID = tomllib.loads(BUILD_TOML.read_text())["general"]["hub"]["repo-id"]
 class HostSAE(nn.Module):
     """A user's TopK SAE in plain torch, with flash-sae's parameter layout; kernelize may replace its forward."""
 
-    def __init__(self, state, k):
+    def __init__(self, params, k):
         super().__init__()
-        for name, t in state.items():
+        for name, t in params.items():
             setattr(self, name, nn.Parameter(t.detach().clone()))
         self.k = k
 
@@ -84,7 +84,7 @@ def problem(fs, device, dtype=torch.float32, seed=0):
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g).to(p))
     x = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
-    return sae, HostSAE(sae.state_dict(), K), x
+    return sae, HostSAE(dict(sae.named_parameters()), K), x
 
 
 def loss_and_grads(module, x):

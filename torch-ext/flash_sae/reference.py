@@ -294,7 +294,10 @@ class SparseAutoencoder(TopKSAEBase):
 
     def loss(self, x):
         """A ``TopKSAEStep``: the MSE loss (differentiable) and the logged statistics."""
-        return topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
 
 
 class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
@@ -306,6 +309,7 @@ class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
         )
         if self.training:
             self.update_threshold(step.min_act)
+            self.record_firing(step.fire_counts, x.shape[0])
         return step
 
 
@@ -319,6 +323,7 @@ class MatryoshkaBatchTopKSparseAutoencoder(MatryoshkaSAEBase):
         )  # fmt: skip
         if self.training:
             self.update_threshold(step.min_act)
+            self.record_firing(step.fire_counts, x.shape[0])
         return step
 
 
@@ -326,7 +331,10 @@ class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
     """A JumpReLU SAE in plain PyTorch: the twin of ``flash_sae.JumpReLUSparseAutoencoder``'s ``loss``."""
 
     def loss(self, x):
-        return jumprelu_sae_step(
+        step = jumprelu_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(), self.bandwidth,
             self.l0_coefficient,
         )  # fmt: skip
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step

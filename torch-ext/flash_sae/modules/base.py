@@ -24,6 +24,14 @@ class SAEBase(nn.Module):
       ``decoder_init_norm`` (SAELens's default 0.1, Anthropic's April 2024 "heuristic" init).
     Then W_enc = W_dec (tied init) and both biases zero. ``seed`` seeds the draw (the global
     RNG otherwise).
+
+    Dead-latent tracking, on the device: the buffer ``tokens_since_fired`` [F] int64 (in the
+    ``state_dict``; a checkpoint without it loads with zeros) counts, per latent, the training
+    tokens (rows of x) seen since it last fired. Each module's ``loss`` updates it in training
+    mode from the step's ``fire_counts``. A latent is dead once the count reaches
+    ``dead_window_tokens`` (default 10M, sparsify's ``dead_feature_threshold``; SAELens counts
+    steps instead, ``dead_feature_window`` = 1000). ``dead_mask()`` and ``dead_fraction()`` read
+    it without a host sync.
     """
 
     def __init__(
@@ -36,8 +44,11 @@ class SAEBase(nn.Module):
         seed=None,
         decoder_init="normal",
         decoder_init_norm=1.0,
+        dead_window_tokens=10_000_000,
     ):
         super().__init__()
+        _check_positive_int("dead_window_tokens", dead_window_tokens)
+        self.dead_window_tokens = dead_window_tokens
         _check_positive_int("d_model", d_model)
         _check_positive_int("n_features", n_features)
         if decoder_init not in ("normal", "saelens"):
@@ -62,6 +73,27 @@ class SAEBase(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_features, **factory))
         self.W_dec = nn.Parameter(w.to(**factory))
         self.b_dec = nn.Parameter(torch.zeros(d_model, **factory))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64, device=device))
+
+    @torch.no_grad()
+    def record_firing(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+        """tokens_since_fired <- 0 where a latent fired in this batch, else + n_tokens (on device)."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fire_counts > 0, 0)
+
+    def dead_mask(self) -> torch.Tensor:
+        """[F] bool: the latents that have not fired for ``dead_window_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.dead_window_tokens
+
+    def dead_fraction(self) -> torch.Tensor:
+        """0-d fp32: the share of dead latents (a device tensor: reading it is the caller's sync)."""
+        return self.dead_mask().float().mean()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint from before dead tracking, or from another trainer, holds no counts: start from zero.
+        key = prefix + "tokens_since_fired"
+        if key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.tokens_since_fired)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -100,8 +132,10 @@ class TopKSAEBase(SAEBase):
     and ``loss(x)``.
     """
 
-    def __init__(self, d_model, n_features, k, *, dtype=None, device=None, seed=None):
-        super().__init__(d_model, n_features, dtype=dtype, device=device, seed=seed)
+    def __init__(self, d_model, n_features, k, *, dtype=None, device=None, seed=None, dead_window_tokens=10_000_000):
+        super().__init__(
+            d_model, n_features, dtype=dtype, device=device, seed=seed, dead_window_tokens=dead_window_tokens
+        )
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_features:
             raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
         self.k = k
@@ -110,7 +144,9 @@ class TopKSAEBase(SAEBase):
 class SAELensInitBase(SAEBase):
     """``SAEBase`` with SAELens's initialisation: Kaiming-uniform decoder rows of norm ``decoder_init_norm``."""
 
-    def __init__(self, d_model, n_features, *, decoder_init_norm=0.1, dtype=None, device=None, seed=None):
+    def __init__(
+        self, d_model, n_features, *, decoder_init_norm=0.1, dtype=None, device=None, seed=None, **kwargs
+    ):  # fmt: skip
         super().__init__(
             d_model,
             n_features,
@@ -119,6 +155,7 @@ class SAELensInitBase(SAEBase):
             seed=seed,
             decoder_init="saelens",
             decoder_init_norm=decoder_init_norm,
+            **kwargs,
         )
 
 
@@ -140,9 +177,16 @@ class BatchTopKSAEBase(SAELensInitBase):
         dtype=None,
         device=None,
         seed=None,
+        dead_window_tokens=10_000_000,
     ):
         super().__init__(
-            d_model, n_features, decoder_init_norm=decoder_init_norm, dtype=dtype, device=device, seed=seed
+            d_model,
+            n_features,
+            decoder_init_norm=decoder_init_norm,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            dead_window_tokens=dead_window_tokens,
         )
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= n_features:
             raise ValueError(f"k must be a number in (0, n_features={n_features}], got {k!r}")
@@ -210,9 +254,16 @@ class JumpReLUSAEBase(SAELensInitBase):
         dtype=None,
         device=None,
         seed=None,
+        dead_window_tokens=10_000_000,
     ):
         super().__init__(
-            d_model, n_features, decoder_init_norm=decoder_init_norm, dtype=dtype, device=device, seed=seed
+            d_model,
+            n_features,
+            decoder_init_norm=decoder_init_norm,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            dead_window_tokens=dead_window_tokens,
         )
         if threshold_parameterization not in ("direct", "log"):
             raise ValueError(

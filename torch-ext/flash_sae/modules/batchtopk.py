@@ -49,11 +49,13 @@ class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
         threshold_lr: rate of the inference threshold's moving average (SAELens's 0.01).
         decoder_init_norm: decoder rows' norm at init (SAELens's 0.1); W_enc = W_dec.
         dtype, device, seed: of the parameters and their draw.
+        dead_window_tokens: tokens without firing after which a latent counts as dead (10M; ``SAEBase``).
 
     ``loss(x)`` is the fused training step; in training mode it also updates ``threshold``
-    on the device. ``encode(x)`` returns a variable-length code (vals, indices, row_offsets):
-    the batch rule in training mode, the threshold rule (pre * scale > threshold) in eval
-    mode. ``encode``, ``decode`` and ``forward`` run without gradients: train with ``loss``.
+    and the dead-latent counts (``tokens_since_fired``) on the device. ``encode(x)`` returns a
+    variable-length code (vals, indices, row_offsets): the batch rule in training mode, the
+    threshold rule (pre * scale > threshold) in eval mode. ``encode``, ``decode`` and
+    ``forward`` run without gradients: train with ``loss``.
     """
 
     def loss(self, x: torch.Tensor) -> BatchTopKSAEStep:
@@ -63,6 +65,7 @@ class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
         )  # fmt: skip
         if self.training:
             self.update_threshold(step.min_act)
+            self.record_firing(step.fire_counts, x.shape[0])
         return step
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
@@ -90,4 +93,5 @@ class MatryoshkaBatchTopKSparseAutoencoder(MatryoshkaSAEBase, BatchTopKSparseAut
         )  # fmt: skip
         if self.training:
             self.update_threshold(step.min_act)
+            self.record_firing(step.fire_counts, x.shape[0])
         return step

@@ -44,7 +44,7 @@ class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
         init_threshold, bandwidth, l0_coefficient: SAELens's defaults 0.01, 0.05, 1.0.
         threshold_parameterization: "direct" (SAELens) or "log" (the paper).
         capacity_per_row: the code's starting size per row (default F); it adapts (module docstring).
-        decoder_init_norm, dtype, device, seed: as ``BatchTopKSparseAutoencoder``.
+        decoder_init_norm, dtype, device, seed, dead_window_tokens: as ``BatchTopKSparseAutoencoder``.
 
     ``loss(x)`` is the fused training step (MSE summed over D, mean over B, + l0_coefficient *
     L0). ``encode(x)`` returns the active entries as a variable-length code; ``encode``,
@@ -86,6 +86,8 @@ class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
             capacity=self._capacity(B), bandwidth=self.bandwidth, l0_coefficient=self.l0_coefficient,
         )  # fmt: skip
         self._record(step.count, B)
+        if self.training:
+            self.record_firing(step.fire_counts, B)
         return step
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):

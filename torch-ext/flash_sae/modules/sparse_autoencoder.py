@@ -24,13 +24,17 @@ class SparseAutoencoder(TopKSAEBase):
         k: active latents per input, 1 <= k <= F.
         dtype, device: of the parameters (fp32, bf16 or fp16).
         seed: optional seed for the initialisation (the global RNG otherwise).
+        dead_window_tokens: training tokens without firing after which a latent counts as dead
+            (default 10M; see ``modules.base.SAEBase``).
 
     Parameters: ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D], ``b_dec`` [D].
     ``W_dec`` starts with unit-norm rows and ``W_enc`` as its copy (tied
     init); the biases start at zero. Call ``set_decoder_norm_to_unit_norm()``
     after each optimiser step to keep decoder rows at unit norm, and
     ``remove_gradient_parallel_to_decoder_directions()`` before it if you
-    want the usual projected decoder gradient.
+    want the usual projected decoder gradient. ``loss`` in training mode updates the
+    dead-latent counts ``tokens_since_fired`` (a buffer); ``dead_mask()`` and
+    ``dead_fraction()`` read them on the device.
     """
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,5 +46,9 @@ class SparseAutoencoder(TopKSAEBase):
         return sparse_decode(vals, indices, self.W_dec, self.b_dec)
 
     def loss(self, x: torch.Tensor) -> TopKSAEStep:
-        """The fused training step: ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``."""
-        return topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        """The fused training step: ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``; in training
+        mode it also updates the dead-latent counts (``tokens_since_fired``) on the device."""
+        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
