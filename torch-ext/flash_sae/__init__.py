@@ -1,12 +1,13 @@
-"""flash-sae: Triton kernels for training TopK-family sparse autoencoders.
+"""flash-sae: Triton kernels for training sparse autoencoders (TopK, BatchTopK, JumpReLU, Matryoshka).
 
-After the encoder, each input activates K of F latents, so decoding, the
+After the encoder, each input activates a few of F latents (K, or K on average), so decoding, the
 reconstruction loss and the whole backward pass cost O(B*K*D) plus one write of
 the dense [F, D] weight gradient. No [B, F] tensor is kept for the backward;
 the encoder's pre-activations exist only chunk by chunk during the forward.
 
 Layout: ``primitives/`` holds the kernels every op is built from (gather,
-CSR transpose and segmented sum, selection, the encoder's backward);
+CSR transpose and segmented sum, selection and ordered compaction, the encoder's
+and the whole step's backward);
 ``ops/<family>/`` the registered ops, one file each; ``modules/`` the
 ``nn.Module``s; ``layers`` the stateless hub layers; ``reference`` the
 plain-torch formulas the tests check against.

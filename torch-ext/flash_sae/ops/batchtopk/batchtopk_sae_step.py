@@ -12,9 +12,10 @@ plain one, so no gradient flows through the norms.
 
 What is fused:
 - selection, exact, from the chunked encoder GEMM (``primitives.select.batch_topk_preacts``):
-  the group-maximum prefilter over the flattened chunk, two torch.topk calls over packed
-  keys, a merge across chunks; tie rule: larger value first, then the lower flat position
-  b * F + f. No [B, F] tensor survives the forward.
+  the group-maximum prefilter over the flattened chunk, then the ordered compaction
+  (``primitives.compact``) over the group keys and over the chosen groups' entries, a merge
+  across chunks; tie rule: larger value first, then the lower flat position b * F + f. No
+  [B, F] tensor survives the forward.
 - decode and MSE: the row gather over the variable-length code (``row_offsets``), with the
   fp32 residual and the squared-error sum in the same pass.
 - backward: ``primitives.step_backward`` (one CSR transpose for both weight gradients, the
