@@ -26,6 +26,7 @@ KERNEL_MODULES = (
     "primitives.csr",
     "primitives.select",
     "primitives.compact",
+    "primitives.decoder_geometry",
     "ops.decode.hierarchical_topk_sae_loss",
 )
 
@@ -118,6 +119,16 @@ def test_varlen_ops(fs, torch_path, dtype):
     for check in (check_varlen_decode, check_varlen_loss):
         check(fs, ([3, 0, 12, 1], 300, 257, 3), dtype, torch_path, 1)
         check(fs, ([0], 1, 1, 0), dtype, torch_path, 2)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoder_geometry(fs, torch_path, dtype):
+    """The decoder-geometry row steps on this path (all rows, a subset, zero rows)."""
+    from test_decoder_geometry import test_geometry_matches_fp64
+
+    for F, D, zero_rows, subset in ((7, 33, True, False), (9, 1030, False, True), (1, 1, False, False)):
+        test_geometry_matches_fp64.hypothesis.inner_test(fs, torch_path, F, D, dtype, zero_rows, subset, seed=F)
 
 
 @pytest.mark.kernels_ci

@@ -12,6 +12,7 @@ from ..ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_s
 from ..primitives.gather import gather_rows
 from ..primitives.select import batch_topk_preacts, threshold_preacts
 from ..results import BatchTopKSAEStep, MatryoshkaSAEStep
+from ._geometry import FusedDecoderGeometry
 from .base import BatchTopKSAEBase, MatryoshkaSAEBase
 
 
@@ -39,7 +40,7 @@ def decode_code(sae, vals, indices, row_offsets) -> torch.Tensor:
     return gather_rows(vals, indices, sae.W_dec, sae.b_dec, row_offsets=row_offsets)
 
 
-class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
+class BatchTopKSparseAutoencoder(FusedDecoderGeometry, BatchTopKSAEBase):
     """BatchTopK SAE (Bussmann, Leask, Nanda 2024), SAELens's training conventions by default.
 
     Args:

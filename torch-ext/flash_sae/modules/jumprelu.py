@@ -20,6 +20,7 @@ import torch
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from ..primitives.select import threshold_preacts
 from ..results import JumpReLUSAEStep
+from ._geometry import FusedDecoderGeometry
 from .base import JumpReLUSAEBase
 from .batchtopk import decode_code
 
@@ -36,7 +37,7 @@ def jumprelu_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
     return vals, indices, row_offsets
 
 
-class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
+class JumpReLUSparseAutoencoder(FusedDecoderGeometry, JumpReLUSAEBase):
     """JumpReLU SAE (Rajamanoharan et al. 2024), SAELens's training conventions by default.
 
     Args:

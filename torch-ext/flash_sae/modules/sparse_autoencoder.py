@@ -12,10 +12,11 @@ from ..ops.decode.sparse_decode import sparse_decode
 from ..ops.topk.topk_encode import topk_encode
 from ..ops.topk.topk_sae_step import topk_sae_step
 from ..results import TopKSAEStep
+from ._geometry import FusedDecoderGeometry
 from .base import TopKSAEBase
 
 
-class SparseAutoencoder(TopKSAEBase):
+class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
     """TopK sparse autoencoder: ``x_hat = b_dec + sum_k relu(topk((x - b_dec) @ W_enc.T + b_enc)) W_dec``.
 
     Args:

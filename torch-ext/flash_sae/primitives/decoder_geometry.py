@@ -1,0 +1,151 @@
+"""Decoder geometry in one pass per row: unit-norm decoder rows, and the gradient with its component
+along each decoder row removed (the two steps TopK trainers run around each optimiser step).
+
+    unit_norm_rows_(W):        W[f] <- W[f] / ||W[f]||            (a zero row stays zero)
+    remove_parallel_(W, G):    G[f] <- G[f] - (<G[f], W[f]> / ||W[f]||^2) W[f]
+
+Both in place, fp32 arithmetic, each result rounded once to its tensor's dtype. One program per
+row walks D in blocks twice (the reduction, then the update), so W and G are read twice (the
+second read mostly from L2) and written once; no fp32 copy of the [F, D] matrices, where the
+plain torch formulas (``modules.base.SAEBase``) build several: at F = 2^21, D = 2048 each such
+copy is 16 GiB.
+
+``rows`` (optional [F] bool) restricts the work to those rows; the others are left untouched
+(a gradient row no code touched is zero, and its projection is zero too).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import next_pow2, use_triton
+from .triton_utils import cast_rtne
+
+TINY = torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def _unit_norm_row(w_ptr, row, D, stride, tiny, BLOCK_D: tl.constexpr):
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        w = tl.load(w_ptr + row * stride + offs, mask=offs < D, other=0.0).to(tl.float32)
+        acc += w * w
+    norm = tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), tiny)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        w = tl.load(w_ptr + row * stride + offs, mask=offs < D, other=0.0).to(tl.float32)
+        tl.store(w_ptr + row * stride + offs, cast_rtne(w / norm, w_ptr.dtype.element_ty), mask=offs < D)
+
+
+@triton.jit
+def _unit_norm_rows_kernel(w_ptr, rows_ptr, D, stride, tiny, BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        if tl.load(rows_ptr + row) != 0:
+            _unit_norm_row(w_ptr, row, D, stride, tiny, BLOCK_D)
+    else:
+        _unit_norm_row(w_ptr, row, D, stride, tiny, BLOCK_D)
+
+
+@triton.jit
+def _remove_parallel_row(w_ptr, g_ptr, row, D, stride_w, stride_g, BLOCK_D: tl.constexpr):
+    wg = tl.zeros([BLOCK_D], dtype=tl.float32)
+    ww = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        w = tl.load(w_ptr + row * stride_w + offs, mask=offs < D, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * stride_g + offs, mask=offs < D, other=0.0).to(tl.float32)
+        wg += w * g
+        ww += w * w
+    c = tl.sum(wg, axis=0) / tl.maximum(tl.sum(ww, axis=0), 1e-30)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        w = tl.load(w_ptr + row * stride_w + offs, mask=offs < D, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * stride_g + offs, mask=offs < D, other=0.0).to(tl.float32)
+        tl.store(g_ptr + row * stride_g + offs, cast_rtne(g - c * w, g_ptr.dtype.element_ty), mask=offs < D)
+
+
+@triton.jit
+def _remove_parallel_kernel(
+    w_ptr, g_ptr, rows_ptr, D, stride_w, stride_g, BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        if tl.load(rows_ptr + row) != 0:
+            _remove_parallel_row(w_ptr, g_ptr, row, D, stride_w, stride_g, BLOCK_D)
+    else:
+        _remove_parallel_row(w_ptr, g_ptr, row, D, stride_w, stride_g, BLOCK_D)
+
+
+def _block_d(D: int) -> int:
+    return min(1024, max(16, next_pow2(D)))
+
+
+def _check(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a 2-D float tensor")
+    if t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride along D (rows contiguous)")
+
+
+def _check_rows(rows, F: int, device) -> None:
+    if rows is not None and (
+        not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or tuple(rows.shape) != (F,)
+    ):
+        raise ValueError(f"rows must be None or a [F={F}] bool tensor")
+    if rows is not None and rows.device != device:
+        raise ValueError(f"rows must be on the weight's device {device}, got {rows.device}")
+
+
+@torch.no_grad()
+def unit_norm_rows_(W: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales each row of W [F, D] to unit L2 norm in place (fp32 arithmetic); returns W."""
+    _check("W", W)
+    F, D = W.shape
+    _check_rows(rows, F, W.device)
+    if F == 0 or D == 0:
+        return W
+    if not use_triton(W):
+        w = W.float() if rows is None else W[rows].float()
+        w = (w / w.norm(dim=1, keepdim=True).clamp_min(TINY)).to(W.dtype)
+        if rows is None:
+            W.copy_(w)
+        else:
+            W[rows] = w
+        return W
+    row_mask = rows.view(torch.uint8) if rows is not None else W
+    _unit_norm_rows_kernel[(F,)](W, row_mask, D, W.stride(0), TINY, BLOCK_D=_block_d(D), HAS_ROWS=rows is not None)
+    return W
+
+
+@torch.no_grad()
+def remove_parallel_(W: torch.Tensor, G: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Removes from each row of G [F, D] its component along the same row of W, in place; returns G."""
+    _check("W", W)
+    _check("G", G)
+    if G.shape != W.shape:
+        raise ValueError(f"G must have W's shape {tuple(W.shape)}, got {tuple(G.shape)}")
+    if G.device != W.device:
+        raise ValueError(f"G must be on W's device {W.device}, got {G.device}")
+    F, D = W.shape
+    _check_rows(rows, F, W.device)
+    if F == 0 or D == 0:
+        return G
+    if not use_triton(W):
+        sel = slice(None) if rows is None else rows
+        w, g = W[sel].float(), G[sel].float()
+        g -= (g * w).sum(1, keepdim=True) / w.pow(2).sum(1, keepdim=True).clamp_min(1e-30) * w
+        G[sel] = g.to(G.dtype)
+        return G
+    _remove_parallel_kernel[(F,)](
+        W,
+        G,
+        rows.view(torch.uint8) if rows is not None else W,
+        D,
+        W.stride(0),
+        G.stride(0),
+        BLOCK_D=_block_d(D),
+        HAS_ROWS=rows is not None,
+    )
+    return G
