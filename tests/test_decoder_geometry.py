@@ -4,9 +4,9 @@ the modules' methods vs their plain-torch twins'; bad input."""
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, assert_parity, package_module
+from parity import ATOL, DTYPES, assert_parity, package_module
 
 
 def geometry(fs):
@@ -31,6 +31,7 @@ def parallel_removed64(W, G):
 
 
 @pytest.mark.kernels_ci
+@example(F=10, D=1, dtype=torch.bfloat16, zero_rows=False, subset=False, seed=0)  # D = 1: the result is 0
 @given(
     F=st.integers(1, 40),
     D=st.one_of(st.integers(1, 40), st.integers(1000, 1100)),
@@ -51,7 +52,12 @@ def test_geometry_matches_fp64(fs, device, F, D, dtype, zero_rows, subset, seed)
 
     G_out = G.clone()
     assert geometry(fs).remove_parallel_(W, G_out, rows) is G_out
-    assert_parity("remove_parallel_", G_out[sel], same_G[sel], parallel_removed64(W64, G64)[sel], dtype)
+    # The result is a difference (G minus its projection; exactly 0 when D = 1), so errors are measured
+    # against the size of G, the terms' scale, not of the result: the parity rule's bound otherwise.
+    ref = parallel_removed64(W64, G64)[sel]
+    scale = G64[sel].norm().clamp_min(1e-30)
+    e_ours, e_torch = ((t[sel].double() - ref).norm() / scale for t in (G_out, same_G))
+    assert e_ours <= 2 * e_torch + ATOL[dtype], f"remove_parallel_ ({dtype}): {e_ours:.3e} vs torch's {e_torch:.3e}"
     if rows is not None:
         assert torch.equal(G_out[~rows], G[~rows]), "rows outside the subset must not change"
 
