@@ -271,6 +271,15 @@ def bench_family_steps(fs, args, bw, rows, quick):
     the same shape for the ratio targets. JumpReLU's threshold is set so that L0 is about K."""
     shapes = [("bf16", *QUICK_SHAPES[0])] if quick else FAMILY_SHAPES
     ops = [op for op in args.ops.split(",") if op in FAMILY_OPS]
+    only_compile = args.family_compile_only
+    compiled = {}
+    if not args.no_compile:  # torch.compile of the dense steps, shapes where the dense step fits
+        compiled = {
+            "batchtopk_sae_step": torch.compile(dense_batchtopk_step),
+            "matryoshka_batchtopk_sae_step": torch.compile(dense_matryoshka_step),
+            "matryoshka_topk_sae_step": torch.compile(dense_matryoshka_topk_step),
+            "jumprelu_sae_step": torch.compile(lambda *a: fs.reference.jumprelu_sae_step(*a).loss),
+        }
     for dname, B, D, F, K in shapes:
         dtype = DTYPES[dname]
         try:
@@ -287,6 +296,9 @@ def bench_family_steps(fs, args, bw, rows, quick):
         count = int(fs.jumprelu_sae_step(*[p.detach() for p in params], threshold, capacity=B * min(F, 4 * K)).count)
         capacity = 1 << (int(1.25 * count) - 1).bit_length()
         impls = {("topk_sae_step", "flash-sae"): (lambda: fs.topk_sae_step(*params, K).loss, params)}
+        with_compile = bool(compiled) and F <= 2**18
+        if only_compile and not with_compile:
+            continue
         for op in ops:
             if op == "batchtopk_sae_step":
                 impls[(op, "flash-sae")] = (
@@ -313,6 +325,19 @@ def bench_family_steps(fs, args, bw, rows, quick):
                 impls[(op, "flash-sae")] = (lambda jp=jp: fs.jumprelu_sae_step(*jp, capacity=capacity).loss, jp)
                 impls[(op, "torch eager (dense)")] = (lambda jp=jp: fs.reference.jumprelu_sae_step(*jp).loss, jp)
                 impls[(op, "SAELens")] = ("jumprelu", threshold)
+        if with_compile:
+            for op in ops:
+                fn = compiled[op]
+                if op == "jumprelu_sae_step":
+                    jp = impls[(op, "flash-sae")][1]
+                    impls[(op, "torch.compile (dense)")] = (lambda fn=fn, jp=jp: fn(*jp), jp)
+                elif op.startswith("matryoshka"):
+                    sizes = prefix_sizes(F)
+                    impls[(op, "torch.compile (dense)")] = (lambda fn=fn: fn(*params, K, sizes), params)
+                else:
+                    impls[(op, "torch.compile (dense)")] = (lambda fn=fn: fn(*params, K), params)
+        if only_compile:
+            impls = {key: v for key, v in impls.items() if key[1] in ("flash-sae", "torch.compile (dense)")}
         for (op, name), (call, ps) in impls.items():
             err = None
             if name == "SAELens":
@@ -442,6 +467,11 @@ def main():
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--family-compile-only",
+        action="store_true",
+        help="family steps: only flash-sae and torch.compile of the dense steps (F <= 2^18), a shorter run",
+    )
     parser.add_argument("--stem", default="side_by_side", help="name of the JSON written under --out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
