@@ -227,3 +227,23 @@ def test_batchtopk_matches_saelens(fs, device, dtype):
     expect = lr * out.min_act.double()
     tol = 1e-6 if dtype == torch.float32 else 1e-2  # SAELens's buffer takes the SAE's dtype under .to(dtype)
     torch.testing.assert_close(their_threshold.double(), expect, rtol=tol, atol=0)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
+def test_saelens_default_adds_auxk_once_latents_die(fs, device, architecture):
+    """The README's stated gap, checked against the installed package: SAELens's default BatchTopK and
+    Matryoshka training configs carry aux_loss_coefficient 1.0, and with a dead-latent mask their loss
+    gains an AuxK term, which flash-sae's steps do not have (issue 9). Without a mask the term is 0, which
+    is what the parity tests above compare."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    B, D, F, k = 8, 24, 64, 5.5
+    extra = {"matryoshka_widths": [16, 64]} if architecture == "matryoshka_batchtopk" else None
+    sae, x = _saelens_problem(torch.float32, device, B, D, F, k, seed=3, architecture=architecture, extra=extra)
+    assert sae.cfg.aux_loss_coefficient == 1.0
+    assert float(saelens_step(sae, x).losses["auxiliary_reconstruction_loss"]) == 0.0
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+    dead[F // 2 :] = True
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+    assert float(sae.training_forward_pass(step).losses["auxiliary_reconstruction_loss"]) > 0.0

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .._launch import next_pow2, use_triton
+from .._validation import check_same_device, check_shape, check_tensor
 from .triton_utils import cast_rtne
 
 TINY = torch.finfo(torch.float32).tiny
@@ -82,28 +83,23 @@ def _block_d(D: int) -> int:
     return min(1024, max(16, next_pow2(D)))
 
 
-def _check(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
-        raise ValueError(f"{name} must be a 2-D float tensor")
+def _check(name: str, t, rows) -> tuple[int, int]:
+    """A [F, D] float matrix with contiguous rows, and the optional [F] bool row mask on its device."""
+    check_tensor(name, t, 2)
     if t.stride(1) != 1:
         raise ValueError(f"{name} must have unit stride along D (rows contiguous)")
-
-
-def _check_rows(rows, F: int, device) -> None:
-    if rows is not None and (
-        not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or tuple(rows.shape) != (F,)
-    ):
-        raise ValueError(f"rows must be None or a [F={F}] bool tensor")
-    if rows is not None and rows.device != device:
-        raise ValueError(f"rows must be on the weight's device {device}, got {rows.device}")
+    F, D = t.shape
+    if rows is not None:
+        check_tensor("rows", rows, 1, (torch.bool,))
+        check_shape("rows", rows, (F,))
+        check_same_device(**{name: t, "rows": rows})
+    return F, D
 
 
 @torch.no_grad()
 def unit_norm_rows_(W: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Scales each row of W [F, D] to unit L2 norm in place (fp32 arithmetic); returns W."""
-    _check("W", W)
-    F, D = W.shape
-    _check_rows(rows, F, W.device)
+    F, D = _check("W", W, rows)
     if F == 0 or D == 0:
         return W
     if not use_triton(W):
@@ -122,14 +118,10 @@ def unit_norm_rows_(W: torch.Tensor, rows: torch.Tensor | None = None) -> torch.
 @torch.no_grad()
 def remove_parallel_(W: torch.Tensor, G: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Removes from each row of G [F, D] its component along the same row of W, in place; returns G."""
-    _check("W", W)
-    _check("G", G)
-    if G.shape != W.shape:
-        raise ValueError(f"G must have W's shape {tuple(W.shape)}, got {tuple(G.shape)}")
-    if G.device != W.device:
-        raise ValueError(f"G must be on W's device {W.device}, got {G.device}")
-    F, D = W.shape
-    _check_rows(rows, F, W.device)
+    F, D = _check("W", W, rows)
+    _check("G", G, None)
+    check_shape("G", G, (F, D))
+    check_same_device(W=W, G=G)
     if F == 0 or D == 0:
         return G
     if not use_triton(W):
