@@ -2,7 +2,8 @@
 """torch.profiler table of one flash-sae forward + backward: where host and device time go.
 
 Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU)
-OP: a decoder op (topk_sae_loss, ...) or a whole step (topk_sae_step, batchtopk_sae_step,
+OP: a decoder op (topk_sae_loss, ...) or a whole step (topk_sae_step, topk_sae_step+auxk or +ghost
+with 4096 dead latents and k_aux = 512, batchtopk_sae_step,
 jumprelu_sae_step with its threshold set so that L0 is about K, matryoshka_*_sae_step with
 side_by_side's five levels).
 """
@@ -18,6 +19,11 @@ from side_by_side import DTYPES, load_kernel, make_problem, make_step_problem, p
 
 def step_call(fs, op, B, D, F, K, dtype):
     params = make_step_problem(B, D, F, K, dtype, "cuda")
+    if op.startswith("topk_sae_step+"):  # +auxk or +ghost: 4096 random dead latents, k_aux = 512
+        dead = torch.zeros(F, dtype=torch.bool, device="cuda")
+        dead[torch.randperm(F, device="cuda")[: min(F, 4096)]] = True
+        mode = op.split("+")[1]
+        return lambda: fs.topk_sae_step(*params, K, dead_mask=dead, dead_loss=mode, k_aux=min(512, F)).loss, params
     if op == "topk_sae_step":
         return lambda: fs.topk_sae_step(*params, K).loss, params
     if op == "batchtopk_sae_step":
@@ -44,7 +50,7 @@ def main():
     op, B, D, F, K = sys.argv[1], *map(int, sys.argv[2:6])
     dtype = DTYPES[sys.argv[6] if len(sys.argv) > 6 else "bf16"]
     fs = load_kernel()
-    if op.endswith("_sae_step"):
+    if "_sae_step" in op:
         call, params = step_call(fs, op, B, D, F, K, dtype)
     else:
         indices, params = make_problem(B, D, F, K, dtype, "cuda")

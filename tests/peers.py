@@ -34,11 +34,31 @@ def saelens_training_sae(architecture: str, **cfg):
     return sae_cls(cfg_cls(**cfg))
 
 
-def saelens_step(sae, x, **coefficients):
-    """One SAELens training forward pass (no dead latents, so no auxiliary loss): its TrainStepOutput."""
+def saelens_step(sae, x, dead_neuron_mask=None, **coefficients):
+    """One SAELens training forward pass: its TrainStepOutput. Without ``dead_neuron_mask`` there are
+    no dead latents, so no auxiliary loss."""
     from sae_lens.saes.sae import TrainStepInput
 
     step = TrainStepInput(
-        sae_in=x, coefficients=coefficients, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+        sae_in=x,
+        coefficients=coefficients,
+        dead_neuron_mask=dead_neuron_mask,
+        n_training_steps=0,
+        is_logging_step=False,
     )
     return sae.training_forward_pass(step)
+
+
+def sparsify_coder(d_in: int, device, dtype, **cfg):
+    """EleutherAI sparsify's SparseCoder with its default SparseCoderConfig (plus ``cfg``), and the default
+    TrainConfig. The tests run it on CPU tensors (see test_dead_latent_peers.py), where its Triton decoder
+    cannot run, so sparsify's own switch (``SPARSIFY_DISABLE_TRITON``, read at import) selects its eager
+    decoder."""
+    if device != "cpu":
+        raise ValueError("the tests run sparsify on CPU tensors")
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    sparsify = require("sparsify")
+    from sparsify.config import SparseCoderConfig, TrainConfig
+
+    coder = sparsify.SparseCoder(d_in, SparseCoderConfig(**cfg), device=device, dtype=dtype)
+    return coder, TrainConfig(SparseCoderConfig(**cfg))

@@ -232,10 +232,10 @@ def test_batchtopk_matches_saelens(fs, device, dtype):
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
 def test_saelens_default_adds_auxk_once_latents_die(fs, device, architecture):
-    """The README's stated gap, checked against the installed package: SAELens's default BatchTopK and
-    Matryoshka training configs carry aux_loss_coefficient 1.0, and with a dead-latent mask their loss
-    gains an AuxK term, which flash-sae's steps do not have (issue 9). Without a mask the term is 0, which
-    is what the parity tests above compare."""
+    """SAELens's default BatchTopK and Matryoshka training configs carry aux_loss_coefficient 1.0, and with
+    a dead-latent mask their loss gains an AuxK term. Without a mask the term is 0, which is what the parity
+    tests above compare; ``test_dead_latent_peers.py`` compares the term with flash-sae's AuxK (BatchTopK;
+    the Matryoshka steps have no dead-latent loss yet, as the README states)."""
     from sae_lens.saes.sae import TrainStepInput
 
     B, D, F, k = 8, 24, 64, 5.5

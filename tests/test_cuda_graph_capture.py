@@ -14,6 +14,7 @@ pytestmark = [
 
 def _steps(fs, params):
     threshold = torch.full((params[1].shape[0],), 0.3, device="cuda", requires_grad=True)
+    dead = torch.arange(params[1].shape[0], device="cuda") % 3 == 0  # a dead-latent mask for the AuxK/ghost steps
     return {
         "topk_sae_step": (lambda: fs.topk_sae_step(*params, 8).loss, params),
         "batchtopk_sae_step": (
@@ -34,7 +35,20 @@ def _steps(fs, params):
             lambda: fs.jumprelu_sae_step(*params, threshold, capacity=64 * 512).loss,
             [*params, threshold],
         ),
+        "topk_sae_step+auxk": (lambda: _with_aux(fs.topk_sae_step(*params, 8, dead_mask=dead, k_aux=40)), params),
+        "topk_sae_step+ghost": (
+            lambda: _with_aux(fs.topk_sae_step(*params, 8, dead_mask=dead, dead_loss="ghost")),
+            params,
+        ),
+        "batchtopk_sae_step+auxk": (
+            lambda: _with_aux(fs.batchtopk_sae_step(*params, 8, rescale_acts_by_decoder_norm=True, dead_mask=dead)),
+            params,
+        ),
     }
+
+
+def _with_aux(out):
+    return out.loss + 0.5 * out.aux_loss
 
 
 @pytest.mark.parametrize(
@@ -45,6 +59,9 @@ def _steps(fs, params):
         "matryoshka_batchtopk_sae_step",
         "matryoshka_topk_sae_step",
         "jumprelu_sae_step",
+        "topk_sae_step+auxk",
+        "topk_sae_step+ghost",
+        "batchtopk_sae_step+auxk",
     ],
 )
 def test_step_captures_in_a_cuda_graph(fs, op):
@@ -77,10 +94,14 @@ def test_step_captures_in_a_cuda_graph(fs, op):
 
 
 @pytest.mark.parametrize("module", ["SparseAutoencoder", "BatchTopKSparseAutoencoder"])
-def test_module_step_with_dead_tracking_captures(fs, module):
-    """The module's training ``loss`` (the step, the threshold update, the dead-latent counts) captures;
-    each replay advances ``tokens_since_fired`` as an eager step does."""
-    sae = getattr(fs, module)(96, 512, 8, dtype=torch.bfloat16, device="cuda", seed=1)
+@pytest.mark.parametrize("dead_loss", [None, "auxk"])
+def test_module_step_with_dead_tracking_captures(fs, module, dead_loss):
+    """The module's training ``loss`` (the step, the threshold update, the dead-latent counts and, with
+    ``dead_loss``, the AuxK loss on the current dead mask) captures; each replay advances
+    ``tokens_since_fired`` as an eager step does."""
+    sae = getattr(fs, module)(
+        96, 512, 8, dtype=torch.bfloat16, device="cuda", seed=1, dead_window_tokens=100, dead_loss=dead_loss
+    )
     x = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
 
     def step():

@@ -73,6 +73,8 @@ OPS = (
     "varlen_sae_loss",
     "varlen_sparse_decode",
 )
+# Registered variants of a public op, in that op's file: the steps with a dead-latent loss (AuxK, ghost grads).
+VARIANTS = {"topk_sae_step_dead": "topk_sae_step", "batchtopk_sae_step_dead": "batchtopk_sae_step"}
 
 
 @pytest.mark.kernels_ci
@@ -98,12 +100,16 @@ def test_ops_are_named_through_the_namespace_prefix():
 
 @pytest.mark.kernels_ci
 def test_registered_ops_are_exactly_the_public_ones(fs):
-    """The build's op namespace holds exactly each public op and its backward: nothing missing, nothing extra."""
+    """The build's op namespace holds exactly each public op, its variants and their backwards: nothing
+    missing, nothing extra; a variant is registered in its public op's file."""
     import torch
 
     namespace = sys.modules[fs.__name__ + "._ops"].add_op_namespace_prefix("x").split("::")[0]
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith(namespace + "::")}
-    assert registered == {name + suffix for name in OPS for suffix in ("", "_backward")}
+    assert registered == {name + suffix for name in (*OPS, *VARIANTS) for suffix in ("", "_backward")}
+    for variant, public in VARIANTS.items():
+        module = sys.modules[getattr(fs, public).__module__]
+        assert getattr(module, "_" + variant).name == variant, f"{variant} is not registered in {public}'s file"
     for name in OPS:
         assert getattr(fs, name).__module__.endswith(name), f"{name} is not defined in a file named for it"
 

@@ -102,13 +102,89 @@ def fraction_of_variance_unexplained(x, x_hat):
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None):
-    """Encode, decode and the MSE loss of a TopK SAE, densely: the ground truth for ``topk_sae_step``."""
+def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None, **dead):
+    """Encode, decode and the MSE loss of a TopK SAE, densely: the ground truth for ``topk_sae_step``.
+
+    ``dead``: ``dead_mask`` and the other dead-latent options of ``topk_sae_step`` (see
+    ``dead_latent_loss``, which also takes ``aux_mask``).
+    """
     vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
     x_hat = sparse_decode(vals, indices, W_dec, b_dec)
     loss = (x_hat - x).pow(2).mean()
     fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
-    return TopKSAEStep(loss, fvu, fire_counts(vals, indices, W_dec.shape[0]), vals, indices)
+    counts = fire_counts(vals, indices, W_dec.shape[0])
+    if dead.get("dead_mask") is None:
+        return TopKSAEStep(loss, fvu, counts, vals, indices)
+    pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, **dead)
+    return TopKSAEStep(loss + coef * aux, fvu, counts, vals, indices, aux_loss=aux)
+
+
+def dead_set(dead_mask, capacity, offset=0):
+    """[F] bool: the first ``capacity`` dead latents in id order from ``offset`` on, wrapping around."""
+    rolled = torch.roll(dead_mask, -offset)  # rolled[i] = dead_mask[(i + offset) % F]
+    kept = rolled & (torch.cumsum(rolled.long(), 0) <= capacity)
+    return torch.roll(kept, offset)
+
+
+def auxk_select(pre, dead, k_aux, key_scale=None):
+    """[B, F] bool: each row's k_aux largest entries of ``pre`` (times ``key_scale``) among ``dead``
+    latents, by the top-k tie rule (a stable descending sort); fewer where fewer are dead."""
+    key = pre * key_scale if key_scale is not None else pre
+    masked = torch.where(dead, key, float("-inf"))
+    _, idx = topk_select(masked, min(k_aux, pre.shape[1]))
+    return torch.zeros_like(dead.expand(pre.shape)).scatter(1, idx, True) & dead
+
+
+def dead_latent_loss(
+    pre,
+    x,
+    x_hat,
+    W_dec,
+    dead_mask,
+    dead_loss="auxk",
+    k_aux=None,
+    aux_coef=None,
+    aux_relu=True,
+    aux_encoder_grad=True,
+    dead_capacity=None,
+    key_scale=None,
+    aux_mask=None,
+    dead_offset=0,
+):
+    """The AuxK or ghost-grads loss over the dense pre-activations [B, F]; returns (aux_loss, aux_coef).
+
+    The dead set is the first ``dead_capacity`` dead latents from ``dead_offset`` on (cyclically;
+    ``dead_set``). AuxK: each row's k_aux
+    largest dead entries of ``pre`` (of ``pre * key_scale`` when given), by the top-k tie rule
+    (``aux_mask`` [B, F] bool forces the entries that carry a value), relu'd or not, reconstruct e = x - x_hat with
+    W_dec (no bias); loss min(n_dead / k_aux, 1) * mean((e_hat - e)^2). Ghost grads: exp(pre)
+    over the dead set, the reconstruction rescaled per row to half |e| and each row's squared
+    error weighted to the main one's size (see ``ops/_dead.py``).
+    """
+    B, D = x.shape
+    F = W_dec.shape[0]
+    k_aux = min(F, max(1, D // 2)) if k_aux is None else k_aux
+    capacity = min(F, 2 * k_aux) if dead_capacity is None else dead_capacity
+    coef = (1 / 32 if dead_loss == "auxk" else 1.0) if aux_coef is None else aux_coef
+    dead = dead_set(dead_mask, capacity, int(dead_offset))
+    n_dead = dead_mask.sum()
+    e = (x - x_hat).detach()
+    if not aux_encoder_grad:
+        pre = pre.detach()
+    if dead_loss == "auxk":
+        if aux_mask is None:
+            aux_mask = auxk_select(pre.detach(), dead, k_aux, key_scale)
+        a = torch.where(aux_mask, torch.relu(pre) if aux_relu else pre, 0)
+        e_hat = a @ W_dec
+        scale = (n_dead.to(x.dtype) / k_aux).clamp(max=1)
+        return scale * (e_hat - e).pow(2).mean(), coef
+    A = torch.where(dead, torch.exp(pre), 0)
+    e_hat = A @ W_dec
+    n = (e.norm(dim=1, keepdim=True) / (2 * e_hat.norm(dim=1, keepdim=True) + 1e-6)).detach()
+    g = (n * e_hat - e).pow(2).sum(1)
+    f = (e.pow(2).sum(1) / (g + 1e-6)).detach()
+    return (n_dead > 0).to(x.dtype) * (f * g).sum() / (B * D), coef
 
 
 # BatchTopK ---------------------------------------------------------------------------
@@ -132,7 +208,7 @@ def row_offsets_of(rows, B):
 
 
 def batchtopk_sae_step(
-    x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None, round_preacts=None
+    x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None, round_preacts=None, **dead
 ):
     """BatchTopK SAE step, densely (SAELens's formulation): the ground truth for ``batchtopk_sae_step``.
 
@@ -153,7 +229,12 @@ def batchtopk_sae_step(
     positive = picked.detach()[picked.detach() > 0]
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
     counts = fire_counts(picked, ids, F)
-    return BatchTopKSAEStep(loss, fvu, counts, vals, ids, row_offsets_of(rows, B), min_act)
+    code = (vals, ids, row_offsets_of(rows, B), min_act)
+    if dead.get("dead_mask") is None:
+        return BatchTopKSAEStep(loss, fvu, counts, *code)
+    key_scale = norm.detach() if norm is not None else None
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, key_scale=key_scale, **dead)
+    return BatchTopKSAEStep(loss + coef * aux, fvu, counts, *code, aux_loss=aux)
 
 
 def matryoshka_batchtopk_sae_step(
@@ -294,8 +375,10 @@ class SparseAutoencoder(TopKSAEBase):
 
     def loss(self, x):
         """A ``TopKSAEStep``: the MSE loss (differentiable) and the logged statistics."""
-        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        dead = self.dead_loss_kwargs()
+        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, **dead)
         if self.training:
+            self.advance_dead_offset(dead)
             self.record_firing(step.fire_counts, x.shape[0])
         return step
 
@@ -304,10 +387,12 @@ class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
     """A BatchTopK SAE in plain PyTorch: the twin of ``flash_sae.BatchTopKSparseAutoencoder``'s ``loss``."""
 
     def loss(self, x):
+        dead = self.dead_loss_kwargs()
         step = batchtopk_sae_step(
-            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.rescale_acts_by_decoder_norm
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.rescale_acts_by_decoder_norm, **dead
         )
         if self.training:
+            self.advance_dead_offset(dead)
             self.update_threshold(step.min_act)
             self.record_firing(step.fire_counts, x.shape[0])
         return step

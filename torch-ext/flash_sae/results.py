@@ -14,24 +14,26 @@ import torch
 class TopKSAEStep(NamedTuple):
     """What one TopK SAE step returns: the loss and what trainers log, all on device."""
 
-    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error (+ aux_coef * aux_loss)
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
     fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent fired (value > 0)
     vals: torch.Tensor  # [B, K]: the code's values (L0 is K)
     indices: torch.Tensor  # [B, K] int64: the code's latent ids
+    aux_loss: torch.Tensor | None = None  # [] fp32: the dead-latent loss (before its coefficient), if asked
 
 
 class BatchTopKSAEStep(NamedTuple):
     """What one BatchTopK SAE step returns. The code is variable-length: row b's entries are
     ``vals[row_offsets[b]:row_offsets[b+1]]`` (and the same slice of ``indices``), by latent id."""
 
-    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error (+ aux_coef * aux_loss)
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
     fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent fired (value > 0)
     vals: torch.Tensor  # [N]: the code's values relu(pre), N = int(k * B)
     indices: torch.Tensor  # [N] int64: the code's latent ids
     row_offsets: torch.Tensor  # [B + 1] int64: row b owns entries row_offsets[b]:row_offsets[b+1]
     min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none), for the threshold
+    aux_loss: torch.Tensor | None = None  # [] fp32: the dead-latent loss (before its coefficient), if asked
 
 
 class MatryoshkaSAEStep(NamedTuple):

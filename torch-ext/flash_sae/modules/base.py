@@ -8,6 +8,9 @@ truth) subclass the same base here and differ only in how they compute, so a
 import torch
 from torch import nn
 
+from .._validation import default_dead_capacity, default_k_aux
+from ..primitives.dead_set import next_dead_offset
+
 
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -33,6 +36,8 @@ class SAEBase(nn.Module):
     steps instead, ``dead_feature_window`` = 1000). ``dead_mask()`` and ``dead_fraction()`` read
     it without a host sync.
     """
+
+    resample_encoder_scale = 0.2  # see resample_dead_
 
     def __init__(
         self,
@@ -88,11 +93,73 @@ class SAEBase(nn.Module):
         """0-d fp32: the share of dead latents (a device tensor: reading it is the caller's sync)."""
         return self.dead_mask().float().mean()
 
+    @torch.no_grad()
+    def resample_dead_(
+        self,
+        x: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        encoder_norm_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Re-initialises the dead latents toward inputs the SAE reconstructs badly, on the device.
+
+        The resampling of Anthropic's "Towards Monosemanticity" (2023): each input of ``x`` [N, D]
+        is drawn with probability proportional to the square of its squared reconstruction error;
+        a dead latent f gets a drawn input's direction v (of x - b_dec, unit norm) as its decoder
+        row, scaled to the live decoder rows' mean norm; its encoder row is v times
+        ``encoder_norm_scale`` times the live encoder rows' mean norm; its encoder bias is 0;
+        its dead count restarts; and, with ``optimizer`` (Adam, AdamW, ...), the moments of those
+        rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0. Every other latent
+        is untouched. No host sync (the dead set is a mask; the draw is ``torch.multinomial``).
+        Returns the number of resampled latents (a 0-d device tensor).
+
+        ``encoder_norm_scale`` defaults to the module's ``resample_encoder_scale``: Anthropic's 0.2
+        for threshold (ReLU-like) SAEs; 1.0 for the TopK and BatchTopK SAEs, where a latent must
+        outrank the live ones to fire: at 0.2 none of the resampled latents of the synthetic
+        training test ever fired again (``tests/test_dead_latent_training.py``).
+        """
+        if encoder_norm_scale is None:
+            encoder_norm_scale = self.resample_encoder_scale
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.d_model or x.shape[0] < 1:
+            raise ValueError(f"x must be a [N, {self.d_model}] tensor with N >= 1, got {getattr(x, 'shape', x)!r}")
+        if x.device != self.W_dec.device:
+            raise ValueError(f"x is on {x.device} but the SAE is on {self.W_dec.device}")
+        if isinstance(encoder_norm_scale, bool) or not isinstance(encoder_norm_scale, (int, float)):
+            raise ValueError(f"encoder_norm_scale must be a number, got {encoder_norm_scale!r}")
+        dead = self.dead_mask()
+        live = (~dead).float()
+        n_live = live.sum()
+        x = x.to(self.W_dec.dtype)
+        err = (self.forward(x).float() - x.float()).pow(2).sum(1)
+        weight = err.pow(2)
+        weight = torch.where(weight.sum() > 0, weight, torch.ones_like(weight))  # all exact: draw uniformly
+        pick = torch.multinomial(weight, self.n_features, replacement=True, generator=generator)
+        v = x.float()[pick] - self.b_dec.float()
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+        def mean_live_norm(W):
+            norms = W.float().norm(dim=1)
+            return torch.where(n_live > 0, (norms * live).sum() / n_live.clamp_min(1), norms.mean())
+
+        rows = dead.unsqueeze(1)
+        dec_norm, enc_norm = mean_live_norm(self.W_dec), mean_live_norm(self.W_enc)
+        self.W_dec.copy_(torch.where(rows, (v * dec_norm).to(self.W_dec.dtype), self.W_dec))
+        self.W_enc.copy_(torch.where(rows, (v * (enc_norm * encoder_norm_scale)).to(self.W_enc.dtype), self.W_enc))
+        self.b_enc.copy_(torch.where(dead, 0, self.b_enc))
+        self.tokens_since_fired.masked_fill_(dead, 0)
+        if optimizer is not None:
+            for p in (self.W_enc, self.b_enc, self.W_dec):
+                for key, moment in optimizer.state.get(p, {}).items():
+                    if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and moment.shape == p.shape:
+                        moment.masked_fill_(dead.view(-1, *([1] * (p.ndim - 1))), 0)
+        return dead.sum()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint from before dead tracking, or from another trainer, holds no counts: start from zero.
-        key = prefix + "tokens_since_fired"
-        if key not in state_dict:
-            state_dict[key] = torch.zeros_like(self.tokens_since_fired)
+        for name in ("tokens_since_fired", "dead_offset"):
+            if name in self._buffers and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(self._buffers[name])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -125,20 +192,82 @@ class SAEBase(nn.Module):
         self.W_dec.grad.copy_(g.to(self.W_dec.grad.dtype))
 
 
-class TopKSAEBase(SAEBase):
+class DeadLossOptions:
+    """The dead-latent loss options of the TopK and BatchTopK modules (mixin for ``SAEBase`` subclasses).
+
+    ``dead_loss``: None (default), ``"auxk"`` or ``"ghost"``. With one, ``loss`` in training mode
+    passes the current ``dead_mask()`` and ``k_aux``, ``aux_coef``, ``aux_relu``,
+    ``aux_encoder_grad`` and ``dead_capacity`` to its step (see ``topk_sae_step``); the step's
+    ``aux_loss`` reports the dead-latent loss.
+    """
+
+    resample_encoder_scale = 1.0  # a TopK-family latent must outrank the live ones (see resample_dead_)
+
+    def _set_dead_loss(self, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity):
+        if dead_loss not in (None, "auxk", "ghost"):
+            raise ValueError(f"dead_loss must be None, 'auxk' or 'ghost', got {dead_loss!r}")
+        self.dead_loss = dead_loss
+        if k_aux is None:
+            k_aux = default_k_aux(self.d_model, self.n_features)
+        if dead_capacity is None and isinstance(k_aux, int):
+            dead_capacity = default_dead_capacity(self.n_features, k_aux)
+        self.dead_loss_options = dict(
+            k_aux=k_aux,
+            aux_coef=aux_coef,
+            aux_relu=aux_relu,
+            aux_encoder_grad=aux_encoder_grad,
+            dead_capacity=dead_capacity,
+        )
+        # where the next step's dead set starts (``primitives.dead_set``), slid past each step's window
+        self.register_buffer("dead_offset", torch.zeros((), dtype=torch.int64, device=self.W_dec.device))
+
+    def dead_loss_kwargs(self) -> dict:
+        """The step's dead-latent arguments: empty unless a ``dead_loss`` is set and the module trains."""
+        if self.dead_loss is None or not self.training:
+            return {}
+        return dict(
+            dead_mask=self.dead_mask(), dead_offset=self.dead_offset, dead_loss=self.dead_loss, **self.dead_loss_options
+        )
+
+    @torch.no_grad()
+    def advance_dead_offset(self, dead_kwargs: dict) -> None:
+        """After a step with ``dead_kwargs``: slide ``dead_offset`` past the window it took (on device)."""
+        if dead_kwargs:
+            mask, capacity = dead_kwargs["dead_mask"], self.dead_loss_options["dead_capacity"]
+            self.dead_offset.copy_(next_dead_offset(mask, capacity, self.dead_offset))
+
+
+class TopKSAEBase(DeadLossOptions, SAEBase):
     """A TopK SAE's parameters (``SAEBase``, normal unit-norm init) and its per-row ``k``.
 
     Subclasses define ``encode(x) -> (vals, indices)``, ``decode(vals, indices) -> x_hat``
     and ``loss(x)``.
     """
 
-    def __init__(self, d_model, n_features, k, *, dtype=None, device=None, seed=None, dead_window_tokens=10_000_000):
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        k,
+        *,
+        dtype=None,
+        device=None,
+        seed=None,
+        dead_window_tokens=10_000_000,
+        dead_loss=None,
+        k_aux=None,
+        aux_coef=None,
+        aux_relu=True,
+        aux_encoder_grad=True,
+        dead_capacity=None,
+    ):
         super().__init__(
             d_model, n_features, dtype=dtype, device=device, seed=seed, dead_window_tokens=dead_window_tokens
         )
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_features:
             raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
         self.k = k
+        self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
 
 
 class SAELensInitBase(SAEBase):
@@ -159,7 +288,7 @@ class SAELensInitBase(SAEBase):
         )
 
 
-class BatchTopKSAEBase(SAELensInitBase):
+class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
     """A BatchTopK SAE: ``SAEBase`` with SAELens's init, ``k`` active latents per row on average,
     the decoder-norm rescaling flag, and the inference threshold (a float64 buffer, as SAELens
     keeps it), estimated on device during training as SAELens does: an exponential moving
@@ -178,6 +307,12 @@ class BatchTopKSAEBase(SAELensInitBase):
         device=None,
         seed=None,
         dead_window_tokens=10_000_000,
+        dead_loss=None,
+        k_aux=None,
+        aux_coef=None,
+        aux_relu=True,
+        aux_encoder_grad=True,
+        dead_capacity=None,
     ):
         super().__init__(
             d_model,
@@ -188,6 +323,7 @@ class BatchTopKSAEBase(SAELensInitBase):
             seed=seed,
             dead_window_tokens=dead_window_tokens,
         )
+        self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= n_features:
             raise ValueError(f"k must be a number in (0, n_features={n_features}], got {k!r}")
         if not isinstance(rescale_acts_by_decoder_norm, bool):
@@ -214,6 +350,8 @@ class MatryoshkaSAEBase(BatchTopKSAEBase):
     """``BatchTopKSAEBase`` with nested dictionary sizes ``prefix_sizes`` m_1 < ... < m_G = F."""
 
     def __init__(self, d_model, n_features, k, *, prefix_sizes, **kwargs):
+        if kwargs.get("dead_loss") is not None:
+            raise ValueError("dead_loss: the Matryoshka steps have no dead-latent loss yet; use None")
         super().__init__(d_model, n_features, k, **kwargs)
         sizes = list(prefix_sizes) if isinstance(prefix_sizes, (list, tuple)) else None
         if (

@@ -27,6 +27,8 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
         seed: optional seed for the initialisation (the global RNG otherwise).
         dead_window_tokens: training tokens without firing after which a latent counts as dead
             (default 10M; see ``modules.base.SAEBase``).
+        dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity: a dead-latent
+            loss (AuxK or ghost grads) that ``loss`` adds in training mode (``DeadLossOptions``).
 
     Parameters: ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D], ``b_dec`` [D].
     ``W_dec`` starts with unit-norm rows and ``W_enc`` as its copy (tied
@@ -35,7 +37,8 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
     ``remove_gradient_parallel_to_decoder_directions()`` before it if you
     want the usual projected decoder gradient. ``loss`` in training mode updates the
     dead-latent counts ``tokens_since_fired`` (a buffer); ``dead_mask()`` and
-    ``dead_fraction()`` read them on the device.
+    ``dead_fraction()`` read them on the device; ``resample_dead_(x, optimizer)``
+    re-initialises the dead latents.
     """
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +52,9 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
     def loss(self, x: torch.Tensor) -> TopKSAEStep:
         """The fused training step: ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``; in training
         mode it also updates the dead-latent counts (``tokens_since_fired``) on the device."""
-        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        dead = self.dead_loss_kwargs()
+        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, **dead)
         if self.training:
+            self.advance_dead_offset(dead)
             self.record_firing(step.fire_counts, x.shape[0])
         return step

@@ -192,6 +192,70 @@ def _threshold_collect_kernel(
         tl.store(count_ptr + block, tl.sum(hit, axis=0))
 
 
+@triton.jit
+def _gather_columns_kernel(
+    pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
+    ids_ptr,  # [C] int64 latent ids (ascending; F marks an empty slot)
+    out_ptr,  # [B, C] out: out[b, j] = pre[b, ids[j] - idx_base] where that column is in this chunk
+    n,
+    stride_pb,
+    idx_base,
+    C,
+    BLOCK: tl.constexpr,
+):
+    """Copies the columns of a fixed id list that fall in this chunk (the dead set's pre-activations)."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col = tl.load(ids_ptr + j, mask=j < C, other=-1) - idx_base
+    live = (j < C) & (col >= 0) & (col < n)
+    v = tl.load(pre_ptr + row * stride_pb + col, mask=live, other=0.0)
+    tl.store(out_ptr + row * C + j, v, mask=live)
+
+
+@triton.jit
+def _row_top_kernel(
+    pre_ptr,  # [B, C] float: a row's candidates (the dead set's pre-activations), slot order = id order
+    valid_ptr,  # [C] bool: slots that hold a candidate
+    ids_ptr,  # [C] int64: their latent ids (for the scale)
+    scale_ptr,  # [n_ids] float: per-latent factor applied before keying (HAS_SCALE)
+    act_ptr,  # [B, C] out: the selected values (relu'd if RELU), 0 elsewhere; pre's dtype
+    gate_ptr,  # [B, C] out int8: 1 where the value passes gradient (selected, and > 0 if RELU)
+    C,
+    k,
+    n_ids,
+    BLOCK: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+):
+    """Each row's k best valid slots (larger key, then lower slot), by a 32-step bitwise search for
+    the k-th largest key and a positional tie-break: one program per row, the row in registers."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    live = j < C
+    v = tl.load(pre_ptr + row * C + j, mask=live, other=0.0)
+    ok = live & (tl.load(valid_ptr + j, mask=live, other=0) != 0)
+    kv = v
+    if HAS_SCALE:
+        ids = tl.load(ids_ptr + j, mask=live, other=0)
+        sc = tl.load(scale_ptr + tl.minimum(ids, n_ids - 1), mask=live, other=1.0).to(tl.float32)
+        kv = cast_rtne(v.to(tl.float32) * sc, pre_ptr.dtype.element_ty)
+    key = _sortable_key(kv, KEY_BITS).to(tl.int64)
+    n_sel = tl.minimum(tl.sum(ok.to(tl.int32), axis=0), k)
+    t = tl.full((), -2147483648, tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        cand = t + (1 << bit)
+        cnt = tl.sum((ok & (key >= cand)).to(tl.int32), axis=0)
+        t = tl.where(cnt >= n_sel, cand, t)
+    gt = ok & (key > t)
+    eq = (ok & (key == t)).to(tl.int32)
+    need = n_sel - tl.sum(gt.to(tl.int32), axis=0)
+    chosen = gt | ((eq != 0) & (tl.cumsum(eq, axis=0) <= need))
+    gate = chosen & (v > 0) if RELU else chosen
+    tl.store(act_ptr + row * C + j, tl.where(gate, v, 0.0), mask=live)
+    tl.store(gate_ptr + row * C + j, gate.to(tl.int8), mask=live)
+
+
 # Host launchers ----------------------------------------------------------------
 
 
@@ -385,6 +449,50 @@ def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return unpack(torch.topk(chunk_top_k(pre, 0, k), k, dim=1, sorted=True).values, pre.dtype)
 
 
+def gather_columns(pre: torch.Tensor, f0: int, ids: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:, j] <- pre[:, ids[j] - f0] for the ids inside this [B, w] chunk (others untouched)."""
+    B, w = pre.shape
+    C = ids.numel()
+    if not use_triton(pre):
+        inside = (ids >= f0) & (ids < f0 + w)
+        cols = (ids - f0).clamp(0, w - 1)
+        out.copy_(torch.where(inside, pre[:, cols], out))
+        return
+    BLOCK = 256
+    _gather_columns_kernel[(B, triton.cdiv(C, BLOCK))](pre, ids, out, w, pre.stride(0), f0, C, BLOCK=BLOCK, num_warps=4)
+
+
+ROW_TOP_MAX = 16384  # slots one program of ``_row_top_kernel`` holds in registers
+
+
+def row_top(pre: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, k: int, scale, relu: bool):
+    """Each row's k best valid slots of ``pre`` [B, C] (ranked by pre * scale[ids] when ``scale`` is
+    given; larger first, equal keys to the lower slot; fewer where fewer are valid). Returns
+    (values [B, C]: the chosen ones, relu'd if ``relu``, else 0; gate [B, C] bool: where they pass
+    gradient: chosen, and > 0 with ``relu``)."""
+    B, C = pre.shape
+    if not use_triton(pre) or C > ROW_TOP_MAX:
+        key = scaled(pre, scale[ids.clamp(max=scale.numel() - 1)] if scale is not None else None)
+        slots = torch.arange(C, device=pre.device)
+        packed = torch.where(valid, pack(sortable_keys(key), slots), KEY_NONE)
+        top = torch.topk(packed, min(k, C), dim=1, sorted=False).values
+        chosen = top != KEY_NONE
+        at = torch.where(chosen, IDX_PAD - (top & 0xFFFFFFFF), C)  # unchosen picks write a spare column
+        sel = torch.zeros(B, C + 1, dtype=torch.bool, device=pre.device).scatter_(1, at, True)[:, :C]
+        gate = (sel & (pre > 0) if relu else sel).contiguous()
+        return torch.where(gate, pre, 0), gate
+    act = torch.empty_like(pre)
+    gate = torch.empty(B, C, dtype=torch.int8, device=pre.device)
+    BLOCK = triton.next_power_of_2(C)
+    s = scale if scale is not None else pre
+    _row_top_kernel[(B,)](
+        pre, valid, ids, s, act, gate, C, k, s.numel(),
+        BLOCK=BLOCK, KEY_BITS=_key_bits(pre.dtype), HAS_SCALE=scale is not None, RELU=relu,
+        num_warps=max(1, min(16, BLOCK // 256)),
+    )  # fmt: skip
+    return act, gate.view(torch.bool)
+
+
 def pre_chunks(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor):
     """Yields (first latent, [B, w] pre-activations) over chunks of F, reusing one buffer."""
     B, F = xc.shape[0], W_enc.shape[0]
@@ -400,16 +508,27 @@ def pre_chunks(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor):
 
 
 def topk_preacts(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, b_dec: torch.Tensor | None
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    b_dec: torch.Tensor | None,
+    columns: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest pre-activations ``(x - b_dec) @ W_enc.T + b_enc`` of each row, by the rule above.
 
     Returns (values [B, k] in x's dtype, before any activation; ids [B, k]
     int64), in descending order. Runs the chunked GEMM; keeps nothing [B, F].
+    ``columns`` = (ids [C], out [B, C]): also copies those latents' pre-activations into
+    ``out`` from the same chunks (``gather_columns``; the dead set of ``ops/_dead.py``).
     """
     xc = x - b_dec if b_dec is not None else x
-    best = torch.cat([chunk_top_k(pre, f0, k) for f0, pre in pre_chunks(xc, W_enc, b_enc)], dim=1)
-    return unpack(torch.topk(best, k, dim=1, sorted=True).values, x.dtype)
+    parts = []
+    for f0, pre in pre_chunks(xc, W_enc, b_enc):
+        parts.append(chunk_top_k(pre, f0, k))
+        if columns is not None:
+            gather_columns(pre, f0, *columns)
+    return unpack(torch.topk(torch.cat(parts, dim=1), k, dim=1, sorted=True).values, x.dtype)
 
 
 # BatchTopK: the n largest entries of a whole batch ----------------------------------
@@ -448,17 +567,22 @@ def batch_topk_preacts(
     n: int,
     b_dec: torch.Tensor | None,
     scale: torch.Tensor | None = None,
+    columns: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """The n largest entries of relu(((x - b_dec) @ W_enc.T + b_enc) * scale) over the whole batch.
 
     Returns a variable-length code in row-major order (by row, then latent id): ``acts`` [n]
     (the ranked values relu(pre * scale), x's dtype), ``raw`` [n] (relu(pre), x's dtype),
     ``indices`` [n] int64 and ``row_offsets`` [B + 1] int64. Runs the chunked GEMM; keeps
-    nothing [B, F]; no host sync.
+    nothing [B, F]; no host sync. ``columns``: as ``topk_preacts``'s.
     """
     B, F = x.shape[0], W_enc.shape[0]
     xc = x - b_dec if b_dec is not None else x
-    parts = [_batch_chunk_top_n(pre, f0, n, scale) for f0, pre in pre_chunks(xc, W_enc, b_enc)]
+    parts = []
+    for f0, pre in pre_chunks(xc, W_enc, b_enc):
+        parts.append(_batch_chunk_top_n(pre, f0, n, scale))
+        if columns is not None:
+            gather_columns(pre, f0, *columns)
     keys, rows, ids, raw = (torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
     if len(parts) > 1:  # merge: value descending, then flat position ascending; then row-major
         flat = rows * F + ids

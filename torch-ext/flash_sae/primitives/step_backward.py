@@ -35,6 +35,7 @@ def mse_step_backward(
     per_row=False,
     with_da=False,
     levels=None,
+    dx_extra=None,
 ):
     """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype.
 
@@ -45,7 +46,9 @@ def mse_step_backward(
     (perm, offsets), for gradients beyond these five (a JumpReLU threshold's). ``levels``
     ([F] int32, Matryoshka): ``residual`` is [G, B, D], the suffix sums over the prefix levels
     S_g = sum over g' >= g of e_g' (the gradient row of a latent of level g); latent f reads
-    S_levels[f], and x, b_dec see S_0, the sum of every level's residual.
+    S_levels[f], and x, b_dec see S_0, the sum of every level's residual. ``dx_extra`` (fp32
+    [B, D]): a further gradient of x through the centring x - b_dec (a dead-latent loss's),
+    added to dx and, negated, to db_dec before either is rounded.
     """
     stacked = residual
     if levels is not None:
@@ -75,6 +78,9 @@ def mse_step_backward(
     )
     dx = dx_enc - residual * s
     db_dec = residual.sum(0) * s + db_dec_enc
+    if dx_extra is not None:
+        dx = dx + dx_extra
+        db_dec = db_dec - dx_extra.sum(0)
     dtype = W_enc.dtype
     grads = (dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype))
     return (*grads, da, csr) if with_da else grads
