@@ -90,7 +90,8 @@ def sparsify_style_step(pieces, params, k, dead, k_aux):
 
 
 def sparsify_own(pieces, params, k, dead):
-    """sparsify's SparseCoder.forward itself (default config, num_latents = F, k), holding ``params``."""
+    """sparsify's SparseCoder.forward itself (default config, num_latents = F, k), holding ``params``:
+    (call, its parameters, whether it can be captured)."""
     _, _, SparseCoder, SparseCoderConfig = pieces
     x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in params)
     F, D = W_enc.shape
@@ -105,7 +106,7 @@ def sparsify_own(pieces, params, k, dead):
         out = coder(x, dead_mask=dead)
         return out.fvu + ALPHA * out.auxk_loss
 
-    return call, list(coder.parameters())
+    return call, list(coder.parameters()), dead is None  # with a dead mask it syncs: no CUDA graph
 
 
 def saelens_topk(params, k, dead):
@@ -130,7 +131,7 @@ def saelens_topk(params, k, dead):
         )
         return sae.training_forward_pass(step).loss
 
-    return (call, list(sae.parameters())), None
+    return (call, list(sae.parameters()), False), None  # int(mask.sum()) syncs: no CUDA graph
 
 
 def main():
@@ -159,8 +160,8 @@ def main():
         fl = step_floor_ms(B, D, F, K, "bf16", 2, bw)
         counts = sorted({min(F, n) for n in (512, 4096, F // 4)})
 
-        def ready(call, ps=params):
-            return lambda: ((call, ps), None)
+        def ready(call, ps=params, graph=True):
+            return lambda: ((call, ps, graph), None)
 
         # Each entry builds its step when its turn comes ((call, params), or None and why), so a peer's
         # module and its gradients are freed before the next one is built.
@@ -180,7 +181,7 @@ def main():
         )
         if pieces is not None:
             impls[f"sparsify-style + AuxK k_aux={k_aux}, {n} dead"] = ready(
-                sparsify_style_step(pieces, params, K, dead, k_aux)
+                sparsify_style_step(pieces, params, K, dead, k_aux), graph=False
             )
             impls["sparsify SparseCoder (no dead mask)"] = lambda: (sparsify_own(pieces, params, K, None), None)
             impls[f"sparsify SparseCoder + AuxK k_aux=D//2, {n} dead"] = lambda: (

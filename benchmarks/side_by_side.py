@@ -396,8 +396,11 @@ def measure(fn, indices, params, op):
     return measure_call(call, params)
 
 
-def measure_call(call, params):
-    """(ms quantiles, peak GiB above the inputs with gradients, CUDA-graph ms) of call() and its backward."""
+def measure_call(call, params, graph=True):
+    """(ms quantiles, peak GiB above the inputs with gradients, CUDA-graph ms) of call() and its backward.
+
+    ``graph`` False skips the CUDA graph (NaN): for steps with a host sync, whose failed capture can
+    leave the CUDA RNG unusable for what follows."""
     from triton.testing import do_bench
 
     upstream = None
@@ -422,7 +425,7 @@ def measure_call(call, params):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     ms = do_bench(step, warmup=25, rep=200, quantiles=QUANTILES)
-    graph = graph_ms(step)
+    graph = graph_ms(step) if graph else float("nan")
     for p in params:
         p.grad = None
     return ms, peak / 2**30, graph

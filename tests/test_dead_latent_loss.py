@@ -162,6 +162,17 @@ def test_auxk_ties(fs, device, dtype, step, relu):
 
 
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("relu", [True, False])
+def test_fewer_dead_than_k_aux(fs, device, dtype, step, relu):
+    """Every dead latent is taken, the ReLU zeroing the negative ones (a 16-bit comparison the CPU
+    interpreter once got wrong: it let negative bf16 values through)."""
+    problem = (7, 9, 96, 4, 12, 96, 0.05, 30)
+    check_dead_step(fs, step, problem, dtype, device, "auxk", relu, True, False, seed=5)
+
+
+@pytest.mark.kernels_ci
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("mode", ["auxk", "ghost"])
 def test_chunks_and_capacity(fs, device, step, mode, monkeypatch):

@@ -3,7 +3,8 @@ EleutherAI sparsify's SparseCoder, each with its default configuration, the same
 dead mask. Loss, auxiliary loss and every gradient by the parity rule, the trainer in fp64 being the
 ground truth and the trainer in the same dtype torch's own error.
 
-The mappings (the README states them):
+The mappings (the README states them), with ``dead_capacity`` at least the number of dead latents
+(the trainers take all of them; flash-sae's default window, 2 * k_aux slots, may hold fewer):
 - SAELens: ``aux_relu=False`` (it ranks and uses the raw dead pre-activations), ``aux_coef`` = its
   ``aux_loss_coefficient`` (1.0); its losses are D x flash-sae's (a sum over d_in, not a mean).
 - sparsify: ``aux_relu=True``, ``aux_encoder_grad=False`` (its encoder's backward drops the gradient of
@@ -66,7 +67,8 @@ def test_auxk_matches_saelens(fs, device, architecture, dtype, n_dead):
 
     params = [getattr(sae, n).detach().clone().requires_grad_() for n in NAMES]
     W_enc_t, b_enc, W_dec, b_dec = params
-    opts = dict(dead_mask=dead, aux_relu=False, aux_coef=sae.cfg.aux_loss_coefficient)
+    # every dead latent in the dead set (its default, 2 * k_aux = 24 slots, holds fewer than 40)
+    opts = dict(dead_mask=dead, aux_relu=False, aux_coef=sae.cfg.aux_loss_coefficient, dead_capacity=F)
     if architecture == "topk":
         out = fs.topk_sae_step(x, W_enc_t.T, b_enc, W_dec, b_dec, k, **opts)
     else:
@@ -125,7 +127,7 @@ def test_auxk_matches_sparsify(fs, dtype, n_dead):
 
     params = [p.detach().clone().requires_grad_() for p in _sparsify_params(coder)]
     ours = fs.topk_sae_step(
-        x, *params, k, dead_mask=dead, aux_relu=True, aux_encoder_grad=False, aux_coef=alpha
+        x, *params, k, dead_mask=dead, aux_relu=True, aux_encoder_grad=False, aux_coef=alpha, dead_capacity=F
     )  # fmt: skip
     x64 = x.double()
     factor = B * D / (x64 - x64.mean(0)).pow(2).sum()

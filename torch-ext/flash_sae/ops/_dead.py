@@ -54,10 +54,9 @@ def dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu,
     W_d = slot_rows(W_dec, ids, valid)
     if mode == AUXK:
         A, gate = row_top(pre_d, valid, ids, k_aux, key_scale, relu)
-        diff = mm_f32(A, W_d) + residual  # e_hat - e
-        scale = (n_dead.float() / k_aux).clamp(max=1.0)
-        aux = scale * diff.pow(2).sum() / (B * D)
-        return aux, A, gate, diff * (2.0 * scale / (B * D))
+        diff = mm_f32(A, W_d).add_(residual)  # e_hat - e
+        scale = torch.clamp(n_dead / (k_aux * B * D), max=1.0 / (B * D))  # min(n_dead / k_aux, 1) / (B * D)
+        return scale * diff.square().sum(), A, gate, diff.mul_(2 * scale)
     A = torch.where(valid, torch.exp(pre_d), 0)
     e_hat = mm_f32(A, W_d)
     e = -residual
@@ -74,7 +73,7 @@ def dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate, dE1, encod
     """The auxiliary loss's gradients: returns (dx [B, D] fp32, db_dec [D] fp32) and the slots'
     rows (dW_enc [C, D] or None, db_enc [C] or None, dW_dec [C, D]), fp32."""
     dtype = W_dec.dtype
-    dE = (dE1 * g_aux.float()).to(dtype)
+    dE = (dE1 * g_aux).to(dtype)
     W_d = slot_rows(W_dec, ids, valid)
     dW_d = mm_f32(A.t(), dE)
     if not encoder_grad:

@@ -14,8 +14,43 @@ number of dead latents, and nothing [B, F] exists.
 """
 
 import torch
+import triton
+import triton.language as tl
 
+from .._launch import use_triton
 from .compact import top_positions
+from .triton_utils import cast_rtne
+
+# Kernels -----------------------------------------------------------------------
+
+
+@triton.jit
+def _slot_rows_kernel(W_ptr, ids_ptr, valid_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
+    """out[j] = W[ids[j]] at a valid slot, 0 at an empty one; one program per (slot, D-block)."""
+    j = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    inside = cols < D
+    ok = tl.load(valid_ptr + j) != 0
+    f = tl.where(ok, tl.load(ids_ptr + j), 0)  # an empty slot's id (F) is never read
+    row = tl.load(W_ptr + f * D + cols, mask=inside, other=0.0)
+    tl.store(out_ptr + j * D + cols, tl.where(ok, row, 0.0), mask=inside)
+
+
+@triton.jit
+def _add_slot_rows_kernel(out_ptr, rows_ptr, ids_ptr, valid_ptr, D, BLOCK_D: tl.constexpr):
+    """out[ids[j]] += rows[j] (fp32) at the valid slots, one rounding to out's dtype; ids are distinct."""
+    j = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = tl.load(valid_ptr + j) != 0
+    if ok:
+        f = tl.load(ids_ptr + j)
+        inside = cols < D
+        acc = tl.load(out_ptr + f * D + cols, mask=inside, other=0.0).to(tl.float32)
+        acc += tl.load(rows_ptr + j * D + cols, mask=inside, other=0.0)
+        tl.store(out_ptr + f * D + cols, cast_rtne(acc, out_ptr.dtype.element_ty), mask=inside)
+
+
+# Host launchers ----------------------------------------------------------------
 
 
 def dead_slots(
@@ -30,26 +65,45 @@ def dead_slots(
     F = dead_mask.numel()
     pos = torch.arange(F, device=dead_mask.device)
     keys = torch.where(dead_mask, F - torch.remainder(pos - offset, F), -1).to(torch.int32)
-    at = top_positions(keys, capacity)
+    seen, last = _window(dead_mask, capacity, offset)
+    n_dead = seen[-1]
+    kth = torch.where(n_dead >= capacity, F - last, -1)  # the C-th largest key, without a radix select
+    at = top_positions(keys, capacity, kth)
     valid = dead_mask[at]
-    return torch.where(valid, at, F), valid, dead_mask.sum()
+    return torch.where(valid, at, F), valid, n_dead
+
+
+def _window(dead_mask, capacity, offset):
+    """(running count of dead latents in rotated order from ``offset``, [F]; the rotated position of the
+    capacity-th one, 0-d; past the end when fewer are dead)."""
+    F = dead_mask.numel()
+    pos = torch.arange(F, device=dead_mask.device)
+    in_order = dead_mask[torch.remainder(pos + offset, F)]  # dead flags from the offset on
+    seen = torch.cumsum(in_order.to(torch.int32), 0)
+    return seen, torch.searchsorted(seen, torch.full((1,), capacity, dtype=seen.dtype, device=seen.device))[0]
 
 
 def next_dead_offset(dead_mask: torch.Tensor, capacity: int, offset: torch.Tensor) -> torch.Tensor:
     """The offset after the window ``dead_slots`` took: one past its last dead latent (cyclically), or
     ``offset`` itself when every dead latent fit. No host sync."""
     F = dead_mask.numel()
-    pos = torch.arange(F, device=dead_mask.device)
-    in_order = dead_mask[torch.remainder(pos + offset, F)]  # dead flags from the offset on
-    seen = torch.cumsum(in_order.to(torch.int32), 0)
-    last = torch.searchsorted(seen, torch.full((1,), capacity, dtype=seen.dtype, device=seen.device))[0]
+    seen, last = _window(dead_mask, capacity, offset)
     return torch.where(seen[-1] > capacity, torch.remainder(offset + last + 1, F), offset)
+
+
+def _block(D: int) -> int:
+    return min(1024, triton.next_power_of_2(max(D, 16)))
 
 
 def slot_rows(W: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """W's rows at the slots [C, D]; zero rows in empty slots (so no value of W leaks into them)."""
-    rows = W[ids.clamp(max=W.shape[0] - 1)]
-    return torch.where(valid.unsqueeze(1), rows, 0)
+    if not use_triton(W):
+        return torch.where(valid.unsqueeze(1), W[ids.clamp(max=W.shape[0] - 1)], 0)
+    C, D = ids.numel(), W.shape[1]
+    out = W.new_empty(C, D)
+    bd = _block(D)
+    _slot_rows_kernel[(C, triton.cdiv(D, bd))](W, ids, valid, out, D, BLOCK_D=bd, num_warps=4)
+    return out
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,6 +114,13 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def add_rows_(out: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> None:
-    """out[ids[j]] += rows[j] at the valid slots (distinct ids, so the result does not depend on order)."""
-    rows = torch.where(valid.view(-1, *([1] * (rows.ndim - 1))), rows, 0).to(out.dtype)
-    out.index_add_(0, ids.clamp(max=out.shape[0] - 1), rows)
+    """out[ids[j]] += rows[j] (fp32 rows, [C, D] or [C]) at the valid slots, rounded once to out's dtype.
+
+    The ids of valid slots are distinct, so the result does not depend on order."""
+    if not use_triton(out):
+        at = ids[valid]
+        out[at] = (out[at].float() + rows[valid]).to(out.dtype)
+        return
+    D = out[0].numel()
+    bd = _block(D)
+    _add_slot_rows_kernel[(ids.numel(), triton.cdiv(D, bd))](out, rows, ids, valid, D, BLOCK_D=bd, num_warps=4)

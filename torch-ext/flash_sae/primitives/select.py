@@ -251,7 +251,7 @@ def _row_top_kernel(
     eq = (ok & (key == t)).to(tl.int32)
     need = n_sel - tl.sum(gt.to(tl.int32), axis=0)
     chosen = gt | ((eq != 0) & (tl.cumsum(eq, axis=0) <= need))
-    gate = chosen & (v > 0) if RELU else chosen
+    gate = chosen & (v.to(tl.float32) > 0) if RELU else chosen  # compared in fp32: the interpreter's bf16 is not
     tl.store(act_ptr + row * C + j, tl.where(gate, v, 0.0), mask=live)
     tl.store(gate_ptr + row * C + j, gate.to(tl.int8), mask=live)
 
