@@ -162,6 +162,34 @@ def test_auxk_ties(fs, device, dtype, step, relu):
 
 
 @pytest.mark.kernels_ci
+@given(
+    F=st.one_of(st.integers(1, 40), st.integers(1000, 3000)),
+    capacity=st.integers(1, 3000),
+    frac=st.sampled_from([0.0, 0.02, 0.3, 1.0]),
+    offset=st.integers(0, 2999),
+)
+def test_dead_window(fs, device, F, capacity, frac, offset):
+    """The dead set: the first ``capacity`` dead latents from the offset on (cyclically), in id order,
+    empty slots holding F; the count of all dead latents; and the next window's offset, one past the
+    last latent taken (or the same offset when all fit)."""
+    from parity import package_module
+
+    dead_slots = package_module(fs, "primitives.dead_set").dead_slots
+    capacity, offset = min(capacity, F), offset % F
+    dead = dead_mask_of(F, frac, F + offset, device)
+    ids, valid, n_dead, nxt = dead_slots(dead, capacity, torch.tensor(offset, device=device))
+    expect = fs.reference.dead_set(dead.cpu(), capacity, offset)
+    assert torch.equal(full_mask(valid.unsqueeze(0), ids, F)[0].cpu(), expect)
+    assert torch.equal(ids[valid], ids[valid].sort().values) and bool((ids[~valid] == F).all())
+    assert int(n_dead) == int(dead.sum())
+    if int(dead.sum()) > capacity:
+        last = int(((torch.nonzero(expect).squeeze(1) - offset) % F).max())
+        assert int(nxt) == (offset + last + 1) % F
+    else:
+        assert int(nxt) == offset
+
+
+@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("relu", [True, False])

@@ -42,7 +42,7 @@ MODES = {"auxk": AUXK, "ghost": GHOST}
 
 def dead_columns(x: torch.Tensor, dead_mask: torch.Tensor, capacity: int, offset: torch.Tensor):
     """(ids, valid, n_dead, pre_d): the slots and the [B, C] buffer the chunk pass fills."""
-    ids, valid, n_dead = dead_slots(dead_mask, capacity, offset)
+    ids, valid, n_dead, _ = dead_slots(dead_mask, capacity, offset)
     pre_d = torch.zeros(x.shape[0], capacity, dtype=x.dtype, device=x.device)
     return ids, valid, n_dead, pre_d
 
@@ -70,21 +70,22 @@ def dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu,
 
 
 def dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate, dE1, encoder_grad):
-    """The auxiliary loss's gradients: returns (dx [B, D] fp32, db_dec [D] fp32) and the slots'
-    rows (dW_enc [C, D] or None, db_enc [C] or None, dW_dec [C, D]), fp32."""
+    """The auxiliary loss's gradients: dx [B, D] fp32 (b_dec's share is -sum_b dx, added by the
+    step's backward) and the slots' rows (dW_enc [C, D] or None, db_enc [C] or None, dW_dec
+    [C, D]), fp32."""
     dtype = W_dec.dtype
     dE = (dE1 * g_aux).to(dtype)
     W_d = slot_rows(W_dec, ids, valid)
     dW_d = mm_f32(A.t(), dE)
     if not encoder_grad:
-        return None, None, None, None, dW_d
+        return None, None, None, dW_d
     dA = mm_f32(dE, W_d.t())
     dpre = torch.where(gate, dA, 0) if gate is not None else dA * A.float()
     dpre_c = dpre.to(dtype)
     xc = x - b_dec
     dW_e = mm_f32(dpre_c.t(), xc)
     dx = mm_f32(dpre_c, slot_rows(W_enc, ids, valid))
-    return dx, -dx.sum(0), dW_e, dpre.sum(0), dW_d
+    return dx, dW_e, dpre.sum(0), dW_d
 
 
 def add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d):

@@ -74,14 +74,13 @@ def kth_largest(keys: torch.Tensor, m: int) -> torch.Tensor:
     return torch.topk(keys, m, sorted=False).values.amin().reshape(1)
 
 
-def top_positions(keys: torch.Tensor, m: int, kth: torch.Tensor | None = None) -> torch.Tensor:
+def top_positions(keys: torch.Tensor, m: int) -> torch.Tensor:
     """Positions (int64, ascending) of the m largest entries of 1-D integer ``keys``, ties by lower position.
 
-    1 <= m <= keys.numel(). ``kth``: the m-th largest key as a 1-element tensor, when the caller
-    knows it (the radix select is then skipped). Deterministic; no host sync.
+    1 <= m <= keys.numel(). Deterministic; no host sync.
     """
     L = keys.numel()
-    t = kth_largest(keys, m) if kth is None else kth.reshape(1).to(keys.dtype)
+    t = kth_largest(keys, m)
     if not use_triton(keys):
         gt = keys > t
         eq = keys == t

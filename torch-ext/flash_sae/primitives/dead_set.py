@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from .._launch import use_triton
-from .compact import top_positions
 from .triton_utils import cast_rtne
 
 # Kernels -----------------------------------------------------------------------
@@ -50,45 +49,94 @@ def _add_slot_rows_kernel(out_ptr, rows_ptr, ids_ptr, valid_ptr, D, BLOCK_D: tl.
         tl.store(out_ptr + f * D + cols, cast_rtne(acc, out_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _dead_window_kernel(
+    dead_ptr,  # [F] int8: the dead mask
+    csum_ptr,  # [F] int32: its inclusive prefix sums
+    offset_ptr,  # [] int64: where the window starts
+    ids_ptr,  # [C] int64 out: the window's ids, ascending; F in empty slots
+    valid_ptr,  # [C] int8 out
+    next_ptr,  # [] int64 out: the next window's offset
+    F,
+    C,
+    BLOCK: tl.constexpr,
+):
+    """``dead_slots``'s window: each program reads a block of latents (and fills the empty slots of the
+    same index range); a taken latent's slot follows from the prefix count before it."""
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = f < F
+    off = tl.load(offset_ptr)
+    n_dead = tl.load(csum_ptr + F - 1)
+    before = tl.where(off > 0, tl.load(csum_ptr + tl.maximum(off - 1, 0)), 0)  # dead latents in [0, off)
+    t_hi = tl.minimum(n_dead - before, C)
+    t_lo = tl.minimum(C - t_hi, before)
+    d = tl.load(dead_ptr + f, mask=live, other=0).to(tl.int32)
+    cb = tl.load(csum_ptr + f, mask=live, other=0) - d  # dead latents before f
+    lo = f < off
+    rank = tl.where(lo, cb, cb - before)
+    take = live & (d != 0) & tl.where(lo, rank < t_lo, rank < t_hi)
+    slot = tl.where(lo, rank, t_lo + rank)
+    tl.store(ids_ptr + slot, f.to(tl.int64), mask=take)
+    tl.store(valid_ptr + slot, tl.full((BLOCK,), 1, tl.int8), mask=take)
+    empty = (f < C) & (f >= t_lo + t_hi)
+    tl.store(ids_ptr + f, tl.full((BLOCK,), 0, tl.int64) + F, mask=empty)
+    tl.store(valid_ptr + f, tl.full((BLOCK,), 0, tl.int8), mask=empty)
+    zero = tl.zeros((BLOCK,), tl.int32)  # scalars broadcast to vectors: the interpreter's masks must be
+    spill = (zero + n_dead) > C
+    last_rank = tl.where(lo, zero + t_lo - 1, zero + t_hi - 1)
+    last_part = tl.where((zero + t_lo) > 0, lo, f >= off)
+    last = take & last_part & (rank == last_rank) & spill
+    tl.store(next_ptr + f * 0, ((f + 1) % F).to(tl.int64), mask=last)
+    first = (f == 0) & (~spill)
+    tl.store(next_ptr + f * 0, tl.full((BLOCK,), 0, tl.int64) + off, mask=first)
+
+
 # Host launchers ----------------------------------------------------------------
 
 
 def dead_slots(
     dead_mask: torch.Tensor, capacity: int, offset: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first ``capacity`` dead latents in id order from ``offset`` on, cyclically (0-d int64 tensor).
 
-    Returns (ids [C] int64, ascending, F in empty slots; valid [C] bool; n_dead [] int64, all dead
-    latents). A dead latent's key is F minus its distance past the offset (live ones: -1), so the
-    C largest keys are the first C dead latents from the offset; ``top_positions`` returns them by id.
+    Returns (ids [C] int64, ascending, F in empty slots; valid [C] bool; n_dead [] int32, all dead
+    latents; next_offset [] int64, one past the window's last latent in that cyclic order, or
+    ``offset`` itself when every dead latent fit). From one scan of the mask: with cb(f) the dead
+    latents before f, the window takes t_hi = min(dead in [offset, F), C) latents of the high part
+    and t_lo = min(C - t_hi, dead in [0, offset)) of the low part, and a taken latent's slot follows
+    from cb(f) alone, so each is written by the program that reads it. No host sync.
     """
-    F = dead_mask.numel()
+    F, C = dead_mask.numel(), capacity
+    csum = torch.cumsum(dead_mask, 0, dtype=torch.int32)
+    if use_triton(dead_mask):
+        ids = torch.empty(C, dtype=torch.int64, device=dead_mask.device)
+        valid = torch.empty(C, dtype=torch.bool, device=dead_mask.device)
+        nxt = torch.empty((), dtype=torch.int64, device=dead_mask.device)
+        BLOCK = 1024
+        _dead_window_kernel[(triton.cdiv(F, BLOCK),)](
+            dead_mask.view(torch.int8), csum, offset, ids, valid.view(torch.int8), nxt, F, C, BLOCK=BLOCK, num_warps=4
+        )
+        return ids, valid, csum[-1], nxt
     pos = torch.arange(F, device=dead_mask.device)
-    keys = torch.where(dead_mask, F - torch.remainder(pos - offset, F), -1).to(torch.int32)
-    seen, last = _window(dead_mask, capacity, offset)
-    n_dead = seen[-1]
-    kth = torch.where(n_dead >= capacity, F - last, -1)  # the C-th largest key, without a radix select
-    at = top_positions(keys, capacity, kth)
-    valid = dead_mask[at]
-    return torch.where(valid, at, F), valid, n_dead
-
-
-def _window(dead_mask, capacity, offset):
-    """(running count of dead latents in rotated order from ``offset``, [F]; the rotated position of the
-    capacity-th one, 0-d; past the end when fewer are dead)."""
-    F = dead_mask.numel()
-    pos = torch.arange(F, device=dead_mask.device)
-    in_order = dead_mask[torch.remainder(pos + offset, F)]  # dead flags from the offset on
-    seen = torch.cumsum(in_order.to(torch.int32), 0)
-    return seen, torch.searchsorted(seen, torch.full((1,), capacity, dtype=seen.dtype, device=seen.device))[0]
+    n_dead = csum[-1]
+    before = torch.where(offset > 0, csum[(offset - 1).clamp(min=0)], 0)
+    t_hi = torch.clamp(n_dead - before, max=C)
+    t_lo = torch.minimum(C - t_hi, before)
+    lo = pos < offset
+    rank = torch.where(lo, csum - dead_mask.int(), csum - dead_mask.int() - before)
+    take = dead_mask & torch.where(lo, rank < t_lo, rank < t_hi)
+    slot = torch.where(take, torch.where(lo, rank, t_lo + rank), C)  # the rest writes a spare slot
+    ids = torch.full((C + 1,), F, dtype=torch.int64, device=dead_mask.device)
+    ids[slot] = torch.where(take, pos, F)
+    ids = ids[:C]
+    last = take & torch.where(t_lo > 0, lo & (rank == t_lo - 1), ~lo & (rank == t_hi - 1))
+    nxt = torch.where(n_dead > C, torch.remainder(torch.argmax(last.int()) + 1, F), offset)
+    return ids, ids < F, n_dead, nxt
 
 
 def next_dead_offset(dead_mask: torch.Tensor, capacity: int, offset: torch.Tensor) -> torch.Tensor:
-    """The offset after the window ``dead_slots`` took: one past its last dead latent (cyclically), or
-    ``offset`` itself when every dead latent fit. No host sync."""
-    F = dead_mask.numel()
-    seen, last = _window(dead_mask, capacity, offset)
-    return torch.where(seen[-1] > capacity, torch.remainder(offset + last + 1, F), offset)
+    """The offset after the window ``dead_slots`` takes (its fourth output). No host sync."""
+    return dead_slots(dead_mask, capacity, offset)[3]
 
 
 def _block(D: int) -> int:

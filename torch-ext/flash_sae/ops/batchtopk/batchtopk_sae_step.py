@@ -181,7 +181,7 @@ def batchtopk_sae_step_dead_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's, plus the dead-latent loss's on the dead slots."""
     g_aux = torch.add(grad_aux.float(), grad.float(), alpha=aux_coef)
-    dx, _, dW_e, db_e, dW_d = dead_loss_bwd(
+    dx, dW_e, db_e, dW_d = dead_loss_bwd(
         g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate if mode == AUXK else None, dE1, encoder_grad
     )
     grads = mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, dx_extra=dx)
