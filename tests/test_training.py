@@ -68,7 +68,7 @@ def train(sae, data, dtype):
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
-        log.append(type(out)(*(t.detach() for t in out)))
+        log.append(type(out)(*(None if t is None else t.detach() for t in out)))
     return log
 
 
