@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """torch.profiler table of one flash-sae forward + backward: where host and device time go.
 
-Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU)
+Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU; PROFILE_ROWS=N rows)
 OP: a decoder op (topk_sae_loss, ...) or a whole step (topk_sae_step, topk_sae_step+auxk or +ghost
 with 4096 dead latents and k_aux = 512, batchtopk_sae_step,
 jumprelu_sae_step with its threshold set so that L0 is about K, matryoshka_*_sae_step with
 side_by_side's five levels).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def main():
             step()
         torch.cuda.synchronize()
     print(f"{op} B={B} D={D} F={F} K={K} {dtype}: 10 steps")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "30"))))
 
 
 if __name__ == "__main__":
