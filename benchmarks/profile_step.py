@@ -74,7 +74,8 @@ def main():
             step()
         torch.cuda.synchronize()
     print(f"{op} B={B} D={D} F={F} K={K} {dtype}: 10 steps")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "30"))))
+    rows = int(os.environ.get("PROFILE_ROWS", "30"))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
 
 
 if __name__ == "__main__":

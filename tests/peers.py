@@ -29,6 +29,7 @@ def saelens_training_sae(architecture: str, **cfg):
         "batchtopk": (saes.BatchTopKTrainingSAE, saes.BatchTopKTrainingSAEConfig),
         "matryoshka_batchtopk": (saes.MatryoshkaBatchTopKTrainingSAE, saes.MatryoshkaBatchTopKTrainingSAEConfig),
         "jumprelu": (saes.JumpReLUTrainingSAE, saes.JumpReLUTrainingSAEConfig),
+        "standard": (saes.StandardTrainingSAE, saes.StandardTrainingSAEConfig),
     }
     sae_cls, cfg_cls = classes[architecture]
     return sae_cls(cfg_cls(**cfg))

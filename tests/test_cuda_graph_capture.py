@@ -44,6 +44,11 @@ def _steps(fs, params):
             lambda: _with_aux(fs.batchtopk_sae_step(*params, 8, rescale_acts_by_decoder_norm=True, dead_mask=dead)),
             params,
         ),
+        "standard_sae_step": (
+            lambda: fs.standard_sae_step(*params, capacity=64 * 512, l1_coefficient=0.3).loss,
+            params,
+        ),
+        "standard_sae_step_dense": (lambda: fs.standard_sae_step_dense(*params, l1_coefficient=0.3).loss, params),
     }
 
 
@@ -62,6 +67,8 @@ def _with_aux(out):
         "topk_sae_step+auxk",
         "topk_sae_step+ghost",
         "batchtopk_sae_step+auxk",
+        "standard_sae_step",
+        "standard_sae_step_dense",
     ],
 )
 def test_step_captures_in_a_cuda_graph(fs, op):

@@ -10,12 +10,17 @@ MODULES = [
     ("BatchTopKSparseAutoencoder", dict(k=4)),
     ("MatryoshkaBatchTopKSparseAutoencoder", dict(k=4, prefix_sizes=[8, 24, 48])),
     ("JumpReLUSparseAutoencoder", dict(init_threshold=0.05)),
+    ("StandardSparseAutoencoder", dict(l1_coefficient=0.5)),
 ]
 
 
 def build(fs, name, kwargs, device, twin=False, **extra):
     cls = getattr(fs.reference if twin else fs, name)
-    return cls(16, 48, **kwargs, dtype=torch.float32, device=device, seed=2, **extra)
+    sae = cls(16, 48, **kwargs, dtype=torch.float32, device=device, seed=2, **extra)
+    if name == "StandardSparseAutoencoder":  # a ReLU code from SAELens's init fires everywhere: silence a third
+        with torch.no_grad():
+            sae.b_enc[::3] = -1.0
+    return sae
 
 
 def batches(device, n=4, B=6):

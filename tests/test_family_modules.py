@@ -1,5 +1,6 @@
-"""BatchTopKSparseAutoencoder and JumpReLUSparseAutoencoder: init conventions, state, training curves
-against their plain-torch twins, the inference threshold, and the JumpReLU capacity's recovery."""
+"""BatchTopKSparseAutoencoder, JumpReLUSparseAutoencoder and StandardSparseAutoencoder: init conventions,
+state, training curves against their plain-torch twins, the inference threshold, the variable-length
+codes' capacity recovery, and the standard SAE's switch between its dense and sparse steps."""
 
 import pytest
 import torch
@@ -140,6 +141,10 @@ def test_jumprelu_capacity_recovers_from_overflow(fs, device):
         ("JumpReLUSparseAutoencoder", dict(l0_coefficient=-1), "l0_coefficient"),
         ("JumpReLUSparseAutoencoder", dict(threshold_parameterization="exp"), "threshold_parameterization"),
         ("JumpReLUSparseAutoencoder", dict(capacity_per_row=0), "capacity_per_row"),
+        ("StandardSparseAutoencoder", dict(l1_coefficient=-1), "l1_coefficient"),
+        ("StandardSparseAutoencoder", dict(dense_above=1.5), "dense_above"),
+        ("StandardSparseAutoencoder", dict(dense_above=True), "dense_above"),
+        ("StandardSparseAutoencoder", dict(capacity_per_row=0), "capacity_per_row"),
     ],
 )
 def test_family_modules_reject(fs, cls, kwargs, match):
@@ -156,3 +161,62 @@ def test_jumprelu_threshold_projection_keeps_autograd_intact(fs, device):
     sae.current_threshold()
     step.loss.backward()
     assert sae.threshold.grad is not None and torch.isfinite(sae.threshold.grad).all()
+
+
+# The standard (ReLU + L1) SAE -------------------------------------------------------------------
+
+
+@pytest.mark.kernels_ci
+def test_standard_init_and_state(fs, device):
+    """SAELens's conventions: decoder rows of norm 0.1, W_enc = W_dec, zero biases; l1_coefficient 1.0."""
+    sae = fs.StandardSparseAutoencoder(D, F, device=device, seed=0)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((F,), 0.1, device=device))
+    assert torch.equal(sae.W_enc, sae.W_dec) and not sae.b_enc.any() and not sae.b_dec.any()
+    assert sae.l1_coefficient == 1.0 and "l1_coefficient=1.0" in repr(sae)
+    assert sae.dense_above == fs.modules.standard.DENSE_ABOVE
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dense_above", [0.0, 1.0, 0.65], ids=["always_dense", "always_sparse", "switching"])
+def test_standard_training_follows_twin(fs, device, dense_above):
+    """Dense steps, sparse steps, or switches between them (on this data the code's density moves
+    between 0.48 and 0.76 of F, across 0.65): each curve follows the plain-torch twin step by step."""
+    data = sparse_dictionary_data(device)
+    flash, ref = twins(fs, "StandardSparseAutoencoder", device, l1_coefficient=0.02)
+    flash.dense_above = dense_above
+    paths = []
+    opt_f, opt_r = (torch.optim.Adam(m.parameters(), lr=LR) for m in (flash, ref))
+    for step in range(STEPS):
+        i = step % (N // B)
+        x = data[i * B : (i + 1) * B]
+        a, b = flash.loss(x), ref.loss(x)
+        paths.append(flash.last_path)
+        assert not bool(a.overflow), f"step {step} overflowed"
+        assert torch.equal(a.fire_counts, b.fire_counts), f"step {step}: other active latents"
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-4 * b.loss.item(), f"step {step}: {a.loss} vs {b.loss}"
+        for opt, out in ((opt_f, a), (opt_r, b)):
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    for key, t in ref.state_dict().items():
+        err = (flash.state_dict()[key].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30)
+        assert err < 1e-4, f"after {STEPS} steps {key} differs by {err:.2e}"
+    if dense_above == 0.0:
+        assert set(paths) == {"dense"}
+    elif dense_above == 1.0:
+        assert set(paths) == {"sparse"}
+    else:
+        assert paths[0] == "dense" and "sparse" in paths and "dense" in paths[1:], paths
+
+
+@pytest.mark.kernels_ci
+def test_standard_capacity_recovers_from_overflow(fs, device):
+    """A starting capacity too small overflows and says so; the next step sizes from that count and is exact."""
+    data = sparse_dictionary_data(device)
+    sae = fs.StandardSparseAutoencoder(D, F, capacity_per_row=1, dense_above=1.0, device=device, seed=0)
+    first = sae.loss(data[:B])
+    assert sae.last_path == "sparse" and bool(first.overflow) and int(first.count) > B
+    second = sae.loss(data[:B])
+    assert not bool(second.overflow), "the capacity did not grow from the overflowing step's count"
+    assert sae.capacity_per_row >= int(first.count) / B
+    torch.testing.assert_close(second.loss, fs.reference.StandardSparseAutoencoder.loss(sae, data[:B]).loss)

@@ -112,6 +112,17 @@ def test_family_steps(fs, torch_path, dtype, monkeypatch):
 
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_standard_step(fs, torch_path, dtype, monkeypatch):
+    """The standard (ReLU + L1) step on this path: parity with zero decoder rows, chunks, overflow."""
+    from test_standard_sae_step import check_standard_step, test_standard_chunks, test_standard_overflow_is_reported
+
+    check_standard_step(fs, (5, 30, 300), dtype, torch_path, seed=4, l1_coefficient=0.7, zero_rows=5)
+    test_standard_chunks(fs, torch_path, dtype, monkeypatch)
+    test_standard_overflow_is_reported(fs, torch_path)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_ops(fs, torch_path, dtype):
     """varlen_sparse_decode and varlen_sae_loss on this path (empty rows, repeats, padding)."""
     from test_varlen_sae_loss import check_varlen_loss

@@ -1,4 +1,4 @@
-"""flash-sae: Triton kernels for training sparse autoencoders (TopK, BatchTopK, JumpReLU, Matryoshka).
+"""flash-sae: Triton kernels for training sparse autoencoders (TopK, BatchTopK, JumpReLU, Matryoshka, standard).
 
 After the encoder, each input activates a few of F latents (K, or K on average), so decoding, the
 reconstruction loss and the whole backward pass cost O(B*K*D) plus one write of
@@ -19,6 +19,7 @@ from .modules import (
     JumpReLUSparseAutoencoder,
     MatryoshkaBatchTopKSparseAutoencoder,
     SparseAutoencoder,
+    StandardSparseAutoencoder,
 )
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
@@ -28,10 +29,11 @@ from .ops.decode.topk_sae_loss import topk_sae_loss
 from .ops.decode.varlen_sae_loss import varlen_sae_loss
 from .ops.decode.varlen_sparse_decode import varlen_sparse_decode
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
+from .ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
 from .ops.topk.matryoshka_topk_sae_step import matryoshka_topk_sae_step
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
-from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, TopKSAEStep
+from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, StandardSAEStep, TopKSAEStep
 
 __all__ = [
     "BatchTopKSAEStep",
@@ -41,6 +43,8 @@ __all__ = [
     "MatryoshkaBatchTopKSparseAutoencoder",
     "MatryoshkaSAEStep",
     "SparseAutoencoder",
+    "StandardSAEStep",
+    "StandardSparseAutoencoder",
     "TopKSAEStep",
     "batchtopk_sae_step",
     "hierarchical_topk_sae_loss",
@@ -50,6 +54,8 @@ __all__ = [
     "matryoshka_topk_sae_step",
     "reference",
     "sparse_decode",
+    "standard_sae_step",
+    "standard_sae_step_dense",
     "topk_encode",
     "topk_sae_loss",
     "topk_sae_step",

@@ -220,6 +220,12 @@ def check_jumprelu_args(threshold, F: int, capacity, bandwidth, l0_coefficient, 
         raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")
 
 
+def check_standard_args(F: int, capacity, l1_coefficient, x) -> None:
+    check_int("capacity", capacity, 1, x.shape[0] * F)
+    if isinstance(l1_coefficient, bool) or not isinstance(l1_coefficient, (int, float)) or not l1_coefficient >= 0:
+        raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
+
+
 def check_prefix_sizes(prefix_sizes, F: int) -> list[int]:
     """Matryoshka's nested dictionary sizes m_1 < ... < m_G = F; returns them as a list."""
     if not isinstance(prefix_sizes, (list, tuple)) or len(prefix_sizes) == 0:

@@ -10,8 +10,8 @@ production code never imports this module.
 
 import torch
 
-from .modules.base import BatchTopKSAEBase, JumpReLUSAEBase, MatryoshkaSAEBase, TopKSAEBase
-from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, TopKSAEStep, fire_counts
+from .modules.base import BatchTopKSAEBase, JumpReLUSAEBase, MatryoshkaSAEBase, StandardSAEBase, TopKSAEBase
+from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, StandardSAEStep, TopKSAEStep, fire_counts
 
 
 def sparse_decode(vals, indices, weight, bias=None):
@@ -355,6 +355,28 @@ def jumprelu_sae_step(
     return JumpReLUSAEStep(loss, sq.mean(), l0.detach().float(), fvu, counts, acts, None, None, None, None)
 
 
+def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None):
+    """Standard (ReLU + L1) SAE step, densely, as Anthropic's April 2024 update and SAELens's default
+    ``standard`` training SAE define it.
+
+    f = relu(z); loss = sum over D of (x_hat - x)^2, mean over B, + l1_coefficient * mean over B
+    of sum_f f * ||W_dec[f]||. ``active`` ([B, F] bool) forces which entries are active (the tests
+    pass flash-sae's, z > 0 in the dtype). Returns the dense code [B, F] in ``vals``; ``indices``,
+    ``row_offsets``, ``count`` and ``overflow`` are None. ``round_preacts``: see ``encoder_preacts``.
+    """
+    z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    if active is None:
+        active = z.detach() > 0
+    acts = torch.where(active, z, 0)
+    x_hat = acts @ W_dec + b_dec
+    sq = (x_hat - x).pow(2)
+    l1 = (acts * W_dec.norm(dim=1)).sum(-1).mean()
+    loss = sq.sum(-1).mean() + l1_coefficient * l1
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    l0 = active.sum(-1).float().mean()
+    return StandardSAEStep(loss, sq.mean(), l1.detach().float(), l0, fvu, active.sum(0), acts, None, None, None, None)
+
+
 # The module -------------------------------------------------------------------------
 
 
@@ -420,6 +442,17 @@ class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(), self.bandwidth,
             self.l0_coefficient,
         )  # fmt: skip
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
+
+
+class StandardSparseAutoencoder(StandardSAEBase):
+    """A standard (ReLU + L1) SAE in plain PyTorch: the twin of ``flash_sae.StandardSparseAutoencoder``'s
+    ``loss``."""
+
+    def loss(self, x):
+        step = standard_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_coefficient)
         if self.training:
             self.record_firing(step.fire_counts, x.shape[0])
         return step

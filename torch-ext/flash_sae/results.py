@@ -49,6 +49,24 @@ class MatryoshkaSAEStep(NamedTuple):
     min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none)
 
 
+class StandardSAEStep(NamedTuple):
+    """What one standard (ReLU + L1) SAE step returns. The code is variable-length with a fixed
+    capacity, as ``JumpReLUSAEStep``'s: the active entries (z > 0) of each row, by latent id.
+    ``overflow`` is True when more entries were active than fit."""
+
+    loss: torch.Tensor  # [] fp32: sum over D of the squared error, mean over B, + l1_coefficient * l1
+    mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    l1: torch.Tensor  # [] fp32: mean over B of sum_f f * ||W_dec[f]||
+    l0: torch.Tensor  # [] fp32: active latents per row, on average (the entries collected)
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent was active
+    vals: torch.Tensor  # [capacity]: relu(z) at the collected entries (0 past the last one)
+    indices: torch.Tensor  # [capacity] int64: their latent ids (-1 past the last one)
+    row_offsets: torch.Tensor  # [B + 1] int64
+    count: torch.Tensor  # [] int64: entries that were active
+    overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped)
+
+
 class JumpReLUSAEStep(NamedTuple):
     """What one JumpReLU SAE step returns. The code is variable-length with a fixed capacity: row b's
     entries are ``vals[row_offsets[b]:row_offsets[b+1]]``; it holds the active entries (value > 0

@@ -442,3 +442,36 @@ class JumpReLUSAEBase(SAELensInitBase):
             if p.dtype != torch.float32:
                 p.data = before[n].to(device=p.device, dtype=torch.float32)
         return out
+
+
+class StandardSAEBase(SAELensInitBase):
+    """A standard SAE (ReLU code, L1 penalty weighted by the decoder rows' norms): ``SAEBase`` with
+    SAELens's init and ``l1_coefficient`` (SAELens's default 1.0)."""
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        *,
+        l1_coefficient=1.0,
+        decoder_init_norm=0.1,
+        dtype=None,
+        device=None,
+        seed=None,
+        dead_window_tokens=10_000_000,
+    ):
+        super().__init__(
+            d_model,
+            n_features,
+            decoder_init_norm=decoder_init_norm,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            dead_window_tokens=dead_window_tokens,
+        )
+        if isinstance(l1_coefficient, bool) or not isinstance(l1_coefficient, (int, float)) or not l1_coefficient >= 0:
+            raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
+        self.l1_coefficient = float(l1_coefficient)
+
+    def _sparsity_repr(self) -> str:
+        return f"l1_coefficient={self.l1_coefficient}"

@@ -4,22 +4,20 @@ Parameters, SAELens's initialisation and the threshold's parameterisation come f
 ``modules.base.JumpReLUSAEBase``, which the plain-torch twin
 ``reference.JumpReLUSparseAutoencoder`` shares.
 
-Capacity, without a host sync. The step's code has a static size. The module starts at
-``capacity_per_row`` entries per row (default: F, which can never overflow) and, after each
-step, copies the step's ``count`` to pinned host memory without blocking. At the next step
-it reads that copy only if the copy has already finished (a CUDA event it does not wait
-for), and sizes the capacity to 1.5x the count seen, rounded up to a power of two. A step
-whose entries did not fit says so in ``step.overflow``; the capacity then grows from that
-step's count, so a later step is exact again.
+Capacity, without a host sync (``modules/_capacity.py``). The step's code has a static size.
+The module starts at ``capacity_per_row`` entries per row (default: F, which can never
+overflow) and sizes the capacity to 1.5x the last count per row that reached the host without
+a wait, rounded up to a power of two. A step whose entries did not fit says so in
+``step.overflow``; the capacity then grows from that step's count, so a later step is exact
+again.
 """
-
-import math
 
 import torch
 
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from ..primitives.select import threshold_preacts
 from ..results import JumpReLUSAEStep
+from ._capacity import SeenCount, grown_capacity
 from ._geometry import FusedDecoderGeometry
 from .base import JumpReLUSAEBase
 from .batchtopk import decode_code
@@ -59,26 +57,13 @@ class JumpReLUSparseAutoencoder(FusedDecoderGeometry, JumpReLUSAEBase):
         ):
             raise ValueError(f"capacity_per_row must be a positive int or None, got {capacity_per_row!r}")
         self.capacity_per_row = min(capacity_per_row or n_features, n_features)
-        self._pending = None  # (pinned count, event, batch size) of the last step
+        self._seen = SeenCount()
 
     def _capacity(self, B: int) -> int:
-        if self._pending is not None:
-            count, event, rows = self._pending
-            if event is None or event.query():  # finished: reading it does not wait
-                seen = int(count) / rows
-                self.capacity_per_row = min(self.n_features, 1 << max(0, math.ceil(math.log2(max(1.0, 1.5 * seen)))))
-                self._pending = None
+        per_row = self._seen.poll()
+        if per_row is not None:
+            self.capacity_per_row = grown_capacity(per_row, self.n_features)
         return min(B * self.n_features, self.capacity_per_row * B)
-
-    def _record(self, count: torch.Tensor, B: int) -> None:
-        if count.device.type == "cuda":
-            host = torch.empty((), dtype=count.dtype, pin_memory=True)
-            host.copy_(count, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (host, event, B)
-        else:
-            self._pending = (count.clone(), None, B)
 
     def loss(self, x: torch.Tensor) -> JumpReLUSAEStep:
         B = x.shape[0]
@@ -86,7 +71,7 @@ class JumpReLUSparseAutoencoder(FusedDecoderGeometry, JumpReLUSAEBase):
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(),
             capacity=self._capacity(B), bandwidth=self.bandwidth, l0_coefficient=self.l0_coefficient,
         )  # fmt: skip
-        self._record(step.count, B)
+        self._seen.record(step.count, B)
         if self.training:
             self.record_firing(step.fire_counts, B)
         return step

@@ -9,5 +9,6 @@ host code they share.
   ``topk_sae_step``;
 - ``batchtopk``: the whole-batch selection's steps: ``batchtopk_sae_step``,
   ``matryoshka_batchtopk_sae_step``;
-- ``jumprelu``: ``jumprelu_sae_step``, learned thresholds with straight-through estimators.
+- ``jumprelu``: ``jumprelu_sae_step``, learned thresholds with straight-through estimators;
+- ``standard``: ``standard_sae_step``, the ReLU code with the decoder-norm-weighted L1 penalty.
 """

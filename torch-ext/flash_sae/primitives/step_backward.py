@@ -36,6 +36,7 @@ def mse_step_backward(
     with_da=False,
     levels=None,
     dx_extra=None,
+    da_extra=None,
 ):
     """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype.
 
@@ -48,7 +49,8 @@ def mse_step_backward(
     S_g = sum over g' >= g of e_g' (the gradient row of a latent of level g); latent f reads
     S_levels[f], and x, b_dec see S_0, the sum of every level's residual. ``dx_extra`` (fp32
     [B, D]): a further gradient of x through the centring x - b_dec (a dead-latent loss's),
-    added to dx and, negated, to db_dec before either is rounded.
+    added to dx and, negated, to db_dec before either is rounded. ``da_extra`` (fp32, shaped as
+    ``vals``): a further dL/d(value) per entry (a sparsity penalty's), added before the gate.
     """
     stacked = residual
     if levels is not None:
@@ -72,6 +74,8 @@ def mse_step_backward(
         level_stride=B,
     )
     da = dots * s
+    if da_extra is not None:
+        da = da + da_extra
     dpre = torch.where(vals > 0 if gate is None else gate, da, 0.0)
     dx_enc, dW_enc, db_enc, db_dec_enc = encoder_backward(
         dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows

@@ -1,0 +1,45 @@
+"""How the variable-length modules size their code without a host sync (a private module).
+
+A JumpReLU or standard step's code has a static size, and the number of active entries is known
+only on the device. After each step the module copies the step's ``count`` to pinned host memory
+without blocking and records a CUDA event it never waits for. At the next step it reads that copy
+only if the event has already completed; otherwise it keeps the size it has. So the size follows
+the data a step or two late, and the training step never waits for the GPU.
+"""
+
+import math
+
+import torch
+
+
+class SeenCount:
+    """The last active-entry count per row that reached the host without a wait."""
+
+    def __init__(self):
+        self._pending = None  # (pinned count, event or None, rows) of the last recorded step
+        self.per_row = None  # the last count per row that arrived, or None before any did
+
+    def record(self, count: torch.Tensor, rows: int) -> None:
+        """Starts the copy of ``count`` (a 0-d device tensor) for a step of ``rows`` rows."""
+        if count.device.type == "cuda":
+            host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            host.copy_(count, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event, rows)
+        else:
+            self._pending = (count.clone(), None, rows)
+
+    def poll(self) -> float | None:
+        """The latest count per row that has arrived (reading it never waits), or None."""
+        if self._pending is not None:
+            count, event, rows = self._pending
+            if event is None or event.query():
+                self.per_row = int(count) / rows
+                self._pending = None
+        return self.per_row
+
+
+def grown_capacity(per_row: float, n_features: int) -> int:
+    """1.5x the count seen per row, rounded up to a power of two, at most F."""
+    return min(n_features, 1 << max(0, math.ceil(math.log2(max(1.0, 1.5 * per_row)))))

@@ -1,0 +1,248 @@
+"""The whole standard (ReLU + L1) SAE training step, on the sparse path.
+
+    z     = (x - b_dec) @ W_enc.T + b_enc
+    f     = relu(z)
+    loss  = sum over D of (b_dec + f @ W_dec - x)^2, mean over B
+            + l1_coefficient * mean over B of sum_f f * ||W_dec[f]||
+
+Anthropic's April 2024 update's penalty (the L1 of the code weighted by the decoder rows' norms),
+in SAELens's units: its ``standard`` training SAE with the default config (``lp_norm`` 1,
+``apply_b_dec_to_input``, ``l1_coefficient`` 1.0; an L1 warm-up is the caller's: pass the
+step's coefficient). The penalty's gradient reaches the code (l1_coefficient * ||W_dec[f]|| / B
+at each active entry) and the decoder rows (l1_coefficient / B * (sum of f's values) *
+W_dec[f] / ||W_dec[f]||; 0 at a zero row, as torch's norm gives).
+
+What is fused:
+- one collection per pre-activation chunk (``primitives.select.threshold_preacts`` at threshold
+  0) gathers the active entries (z > 0) into a variable-length code of fixed capacity;
+- decode and MSE: the row gather over the code; the penalty from the code and the decoder rows'
+  norms (one fp32 norm per row, read from W_dec without an fp32 copy);
+- backward: ``primitives.step_backward`` with the penalty's per-entry gradient added before the
+  ReLU's gate (one CSR transpose), and its term along each decoder row added in one pass
+  (``decoder_geometry.add_scaled_rows_``), from the per-latent sums of the code's values (a
+  segmented sum over the same CSR).
+
+Capacity: as ``jumprelu_sae_step``'s: ``count`` entries qualified; ``overflow = count >
+capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp32, gradients in
+the parameters' dtype. Deterministic. Nothing [B, F] is kept.
+"""
+
+import torch
+
+from ..._registry import register_op
+from ..._validation import check_standard_args, check_step_args
+from ...primitives.decoder_geometry import add_scaled_rows_
+from ...primitives.gather import gather_rows
+from ...primitives.select import threshold_preacts
+from ...primitives.step_backward import mse_step_backward
+from ...results import StandardSAEStep, fire_counts, total_variance
+from .._step import step_grads_fake
+
+TINY = torch.finfo(torch.float32).tiny
+
+# Host launchers ----------------------------------------------------------------
+
+
+def _norms_at(norms: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """||W_dec[f]|| at each entry of the code (0 at the empty slots, whose value is 0 too)."""
+    return torch.where(indices >= 0, norms[indices.clamp_min(0)], 0.0)
+
+
+def standard_sae_step_fwd(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    l1_coefficient: float,
+    capacity: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """Returns (loss, mse, l1, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow,
+    residual, norms); the residual and the decoder rows' norms are kept for the backward."""
+    B, D = x.shape
+    F = W_dec.shape[0]
+    zero = torch.zeros(F, dtype=x.dtype, device=x.device)
+    vals, indices, row_offsets, count = threshold_preacts(x, W_enc, b_enc, b_dec, zero, 0.0, capacity)
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+    l1 = (vals.float() * _norms_at(norms, indices)).sum() / B
+    l0 = (indices >= 0).sum().float() / B
+    counts = fire_counts(vals, indices.clamp_min(0), F)
+    loss = sq / B + l1_coefficient * l1
+    return (
+        loss,
+        sq / (B * D),
+        l1,
+        l0,
+        sq / total_variance(x),
+        counts,
+        vals,
+        indices,
+        row_offsets,
+        count,
+        count > capacity,
+        residual,
+        norms,
+    )
+
+
+def standard_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient, capacity):
+    B, D = x.shape
+    F = W_dec.shape[0]
+    f32, i64 = torch.float32, torch.int64
+    scalar = [x.new_empty((), dtype=f32) for _ in range(5)]
+    return (
+        *scalar,
+        x.new_empty(F, dtype=i64),
+        x.new_empty(capacity),
+        x.new_empty(capacity, dtype=i64),
+        x.new_empty(B + 1, dtype=i64),
+        x.new_empty((), dtype=i64),
+        x.new_empty((), dtype=torch.bool),
+        x.new_empty(B, D, dtype=f32),
+        x.new_empty(F, dtype=f32),
+    )
+
+
+def standard_sae_step_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    residual: torch.Tensor,
+    norms: torch.Tensor,
+    l1_coefficient: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's backward with the penalty's code gradient
+    added before the ReLU's gate, then the penalty's term along each decoder row."""
+    B = x.shape[0]
+    c = grad.float() * (l1_coefficient / B)
+    da_l1 = c * _norms_at(norms, indices)
+    *grads, _, (perm, offsets) = mse_step_backward(
+        grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, per_row=True, with_da=True, da_extra=da_l1
+    )
+    col_sums = torch.segment_reduce(vals.float()[perm], "sum", offsets=offsets, unsafe=True)
+    scale = torch.where(norms > 0, c * col_sums / norms.clamp_min(TINY), 0.0)
+    add_scaled_rows_(grads[3], W_dec, scale)
+    return tuple(grads)
+
+
+def standard_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, norms, l1c, needs):
+    return step_grads_fake(x, W_enc, W_dec, b_dec)
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_standard_sae_step = register_op(
+    "standard_sae_step",
+    forward=standard_sae_step_fwd,
+    forward_fake=standard_sae_step_fwd_fake,
+    backward=standard_sae_step_bwd,
+    backward_fake=standard_sae_step_bwd_fake,
+    # x, W_enc, W_dec, b_dec; the code (vals, ids, rows); the residual and the norms; l1_coefficient
+    save=lambda args, outputs: (*args[:2], *args[3:5], *outputs[6:9], *outputs[11:13], args[5]),
+    differentiable=(0,),
+    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def standard_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    capacity: int,
+    l1_coefficient: float = 1.0,
+) -> StandardSAEStep:
+    """One standard SAE step: the ReLU code, MSE + the decoder-norm-weighted L1 penalty.
+
+    Args:
+        x: [B, D] activations, the parameters' dtype.
+        W_enc: [F, D]; b_enc: [F]; W_dec: [F, D]; b_dec: [D] (W_enc's dtype).
+        capacity: the code's fixed size (active entries over the batch, 1 <= capacity <= B * F).
+            More than that sets ``overflow``.
+        l1_coefficient: lambda, the penalty's weight (>= 0); SAELens's default 1.0.
+
+    Returns:
+        ``StandardSAEStep(loss, mse, l1, l0, fvu, fire_counts, vals, indices, row_offsets, count,
+        overflow)``; ``loss`` (0-d fp32) is differentiable in x and the four weights. No host
+        sync; nothing [B, F] kept; deterministic.
+    """
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
+    out = _standard_sae_step(
+        x.contiguous(),
+        W_enc.contiguous(),
+        b_enc.contiguous(),
+        W_dec.contiguous(),
+        b_dec.contiguous(),
+        float(l1_coefficient),
+        capacity,
+    )
+    return StandardSAEStep(*out[:11])
+
+
+def standard_sae_step_dense(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    l1_coefficient: float = 1.0,
+) -> StandardSAEStep:
+    """The same step in its dense formulation, for while the code is dense (early in training).
+
+    cuBLAS products over the dense [B, F] code and torch's autograd (which keeps [B, F] tensors
+    for the backward); the loss's sums in fp32. Same loss and gradients as ``standard_sae_step``
+    by the parity rule; ``vals``, ``indices`` and ``row_offsets`` are None (the code is the
+    dense [B, F] one), ``count`` is the number of active entries and ``overflow`` False. No host
+    sync.
+    """
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    check_standard_args(W_enc.shape[0], 1, l1_coefficient, x)
+    B, D = x.shape
+    acts = torch.relu(torch.addmm(b_enc, x - b_dec, W_enc.t()))
+    x_hat = torch.addmm(b_dec, acts, W_dec)
+    sq = (x_hat.float() - x.float()).pow(2).sum()
+    norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+    l1 = torch.mv(acts, norms.to(acts.dtype)).float().sum() / B  # per row in the dtype, as torch's own
+    active = acts.detach() > 0
+    count = active.sum()
+    return StandardSAEStep(
+        sq / B + l1_coefficient * l1,
+        sq / (B * D),
+        l1.detach(),
+        count.float() / B,
+        sq.detach() / total_variance(x),
+        active.sum(0),
+        None,
+        None,
+        None,
+        count,
+        torch.zeros((), dtype=torch.bool, device=x.device),
+    )
