@@ -46,6 +46,7 @@ def _segment_sum_kernel(
     dw_ptr,  # [F, D] out gradient, weight's dtype
     dots_ptr,  # [ND, N] fp32 out: partial dots per D-block of the window (HAS_DOTS)
     csum_ptr,  # [F] fp32 out: scaled sum of the segment's coefficients (HAS_CSUM)
+    row_ptr,  # [F] fp32: out[f] also gets row[f] * (sum of the segment's coefficients) * w[f] (ROW_TERM)
     N,
     K,
     D,
@@ -63,6 +64,7 @@ def _segment_sum_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_DOTS: tl.constexpr,
     HAS_CSUM: tl.constexpr,
+    ROW_TERM: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -95,7 +97,7 @@ def _segment_sum_kernel(
             if HAS_COEF:
                 c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
                 acc += c * x
-                if HAS_CSUM:
+                if HAS_CSUM or ROW_TERM:
                     csum += c
             else:
                 acc += x
@@ -104,7 +106,10 @@ def _segment_sum_kernel(
     scale = scale_const
     if HAS_SCALE:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
-    tl.store(dw_ptr + f * D + cols, cast_rtne(acc * scale, dw_ptr.dtype.element_ty), mask=mask_c)
+    out = acc * scale
+    if ROW_TERM:
+        out += tl.load(row_ptr + f) * csum * w
+    tl.store(dw_ptr + f * D + cols, cast_rtne(out, dw_ptr.dtype.element_ty), mask=mask_c)
     if HAS_CSUM:
         tl.store(csum_ptr + f, csum * scale, mask=pid_d == 0)
 
@@ -145,6 +150,7 @@ def segment_sum(
     rows: torch.Tensor | None = None,
     levels: torch.Tensor | None = None,
     level_stride: int = 0,
+    row_term: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
@@ -158,6 +164,9 @@ def segment_sum(
     window's columns, unscaled (rows of out-of-range elements stay 0).
     With ``coef_sum`` (an [F] fp32 tensor), also writes into it the scaled sum
     of each segment's coefficients (the bias gradient), in the same pass.
+    With ``row_term`` (an [F] fp32 tensor; needs ``weight`` and ``coef``), ``out[f]`` also gets
+    ``row_term[f] * (sum of f's coefficients) * weight[f]`` before its one rounding (a gradient
+    along each row, e.g. a decoder-norm-weighted penalty's).
     """
     F, D = out.shape
     N = perm.numel()
@@ -180,6 +189,7 @@ def segment_sum(
             rows,
             levels,
             level_stride,
+            row_term,
         )
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
@@ -197,6 +207,7 @@ def segment_sum(
         out,
         dots if want_dots else dummy,
         coef_sum if coef_sum is not None else dummy,
+        row_term if row_term is not None else dummy,
         N,
         K,
         D,
@@ -214,6 +225,7 @@ def segment_sum(
         HAS_SCALE=scale is not None,
         HAS_DOTS=want_dots,
         HAS_CSUM=coef_sum is not None,
+        ROW_TERM=row_term is not None,
         num_warps=TUNING["segment_warps"],
     )
     return dots.sum(0) if want_dots else None
@@ -235,6 +247,7 @@ def _segment_sum_torch(
     rows=None,
     levels=None,
     level_stride=0,
+    row_term=None,
 ):
     """Plain-torch path for CPU tensors: the same sums."""
     F = out.shape[0]
@@ -250,11 +263,15 @@ def _segment_sum_torch(
     acc = torch.zeros(F, width, dtype=torch.float32, device=src.device)
     acc.index_add_(0, latent, contrib)
     s = scale_const * (scale.float() if scale is not None else 1.0)
-    out[:, d_base : d_base + width] = (acc * s).to(out.dtype)
-    if coef_sum is not None:
+    acc = acc * s
+    if coef_sum is not None or row_term is not None:
         c = torch.zeros(F, dtype=torch.float32, device=src.device)
         c.index_add_(0, latent, coef.reshape(-1)[e].float())
-        coef_sum.copy_(c * s)
+        if coef_sum is not None:
+            coef_sum.copy_(c * s)
+        if row_term is not None:
+            acc += (row_term * c)[:, None] * weight[:, d_base : d_base + width].float()
+    out[:, d_base : d_base + width] = acc.to(out.dtype)
     if weight is None:
         return None
     dots = torch.zeros(perm.numel(), dtype=torch.float32, device=src.device)

@@ -236,6 +236,7 @@ def gather_rows_backward(
     rows: torch.Tensor | None = None,
     levels: torch.Tensor | None = None,
     level_stride: int = 0,
+    row_term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
@@ -246,6 +247,8 @@ def gather_rows_backward(
     variable-length code, ``rows`` [N] is each entry's row (``row_ids``), and
     unused entries must have an id outside [0, F) (they join no segment). With ``levels``
     ([F] int32) ``grad`` stacks one [B, D] block per level and latent f reads block levels[f].
+    ``row_term`` ([F] fp32) adds ``row_term[f] * (sum of f's values) * weight[f]`` to dweight[f]
+    before its rounding (``csr.segment_sum``).
     """
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = weight.shape[0]
@@ -265,5 +268,6 @@ def gather_rows_backward(
         rows=rows,
         levels=levels,
         level_stride=level_stride,
+        row_term=row_term,
     )
     return dweight, dots.reshape(indices.shape)

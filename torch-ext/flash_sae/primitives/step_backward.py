@@ -37,6 +37,7 @@ def mse_step_backward(
     levels=None,
     dx_extra=None,
     da_extra=None,
+    dw_dec_row_term=None,
 ):
     """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype.
 
@@ -50,7 +51,9 @@ def mse_step_backward(
     S_levels[f], and x, b_dec see S_0, the sum of every level's residual. ``dx_extra`` (fp32
     [B, D]): a further gradient of x through the centring x - b_dec (a dead-latent loss's),
     added to dx and, negated, to db_dec before either is rounded. ``da_extra`` (fp32, shaped as
-    ``vals``): a further dL/d(value) per entry (a sparsity penalty's), added before the gate.
+    ``vals``): a further dL/d(value) per entry (a sparsity penalty's), added before the gate;
+    ``dw_dec_row_term`` ([F] fp32): dW_dec[f] also gets ``dw_dec_row_term[f] * (sum of f's values)
+    * W_dec[f]`` before its rounding (that penalty's gradient along the decoder rows).
     """
     stacked = residual
     if levels is not None:
@@ -72,6 +75,7 @@ def mse_step_backward(
         rows=rows,
         levels=levels,
         level_stride=B,
+        row_term=dw_dec_row_term,
     )
     da = dots * s
     if da_extra is not None:

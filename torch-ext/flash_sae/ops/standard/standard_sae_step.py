@@ -18,9 +18,8 @@ What is fused:
 - decode and MSE: the row gather over the code; the penalty from the code and the decoder rows'
   norms (one fp32 norm per row, read from W_dec without an fp32 copy);
 - backward: ``primitives.step_backward`` with the penalty's per-entry gradient added before the
-  ReLU's gate (one CSR transpose), and its term along each decoder row added in one pass
-  (``decoder_geometry.add_scaled_rows_``), from the per-latent sums of the code's values (a
-  segmented sum over the same CSR).
+  ReLU's gate (one CSR transpose), and its term along each decoder row added by the same
+  segmented pass that sums dW_dec (from each latent's sum of values), before the row's one rounding.
 
 Capacity: as ``jumprelu_sae_step``'s: ``count`` entries qualified; ``overflow = count >
 capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp32, gradients in
@@ -137,13 +136,11 @@ def standard_sae_step_bwd(
     B = x.shape[0]
     c = grad.float() * (l1_coefficient / B)
     da_l1 = c * _norms_at(norms, indices)
-    *grads, _, (perm, offsets) = mse_step_backward(
-        grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, per_row=True, with_da=True, da_extra=da_l1
-    )
-    col_sums = torch.segment_reduce(vals.float()[perm], "sum", offsets=offsets, unsafe=True)
-    scale = torch.where(norms > 0, c * col_sums / norms.clamp_min(TINY), 0.0)
-    add_scaled_rows_(grads[3], W_dec, scale)
-    return tuple(grads)
+    row_term = torch.where(norms > 0, c / norms.clamp_min(TINY), 0.0)  # d||w|| / dw = w / ||w|| (0 at w = 0)
+    return mse_step_backward(
+        grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, per_row=True, da_extra=da_l1,
+        dw_dec_row_term=row_term,
+    )  # fmt: skip
 
 
 def standard_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, norms, l1c, needs):
@@ -206,6 +203,47 @@ def standard_sae_step(
     return StandardSAEStep(*out[:11])
 
 
+class _DenseStep(torch.autograd.Function):
+    """The dense formulation: six cuBLAS products and a few passes over [B, F], fused where torch
+    allows (the penalty's code gradient as the bias of the dA product, the ReLU's gate in one pass,
+    the penalty's decoder-row term in one row pass)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_coefficient):
+        B = x.shape[0]
+        xc = x - b_dec
+        acts = torch.relu_(torch.addmm(b_enc, xc, W_enc.t()))
+        residual = torch.addmm(b_dec, acts, W_dec).float().sub_(x.float())
+        sq = residual.square().sum()
+        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+        l1 = torch.mv(acts, norms.to(acts.dtype)).float().sum() / B  # per row in the dtype, as torch's own
+        ctx.save_for_backward(xc, W_enc, W_dec, acts, residual, norms)
+        ctx.l1_coefficient = l1_coefficient
+        counts = torch.count_nonzero(acts, dim=0)
+        ctx.mark_non_differentiable(sq, l1, counts)
+        return sq / B + l1_coefficient * l1, sq, l1, counts
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        xc, W_enc, W_dec, acts, residual, norms = ctx.saved_tensors
+        B, dtype = xc.shape[0], xc.dtype
+        g = grad.float()
+        c = g * (ctx.l1_coefficient / B)
+        d_xhat32 = residual * (2 * g / B)
+        d_xhat = d_xhat32.to(dtype)
+        d_acts = torch.addmm((c * norms).to(dtype), d_xhat, W_dec.t())  # + the penalty's code gradient
+        dz = torch.ops.aten.threshold_backward(d_acts, acts, 0)
+        dW_dec = acts.t() @ d_xhat
+        row_scale = torch.where(norms > 0, c * acts.sum(0, dtype=torch.float32) / norms.clamp_min(TINY), 0.0)
+        add_scaled_rows_(dW_dec, W_dec, row_scale)
+        dW_enc = dz.t() @ xc
+        db_enc = dz.sum(0, dtype=torch.float32).to(dtype)
+        dxc = (dz @ W_enc).float()
+        dx = (dxc - d_xhat32).to(dtype)
+        db_dec = (d_xhat32.sum(0) - dxc.sum(0)).to(dtype)
+        return dx, dW_enc, db_enc, dW_dec, db_dec, None
+
+
 def standard_sae_step_dense(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -217,29 +255,24 @@ def standard_sae_step_dense(
 ) -> StandardSAEStep:
     """The same step in its dense formulation, for while the code is dense (early in training).
 
-    cuBLAS products over the dense [B, F] code and torch's autograd (which keeps [B, F] tensors
-    for the backward); the loss's sums in fp32. Same loss and gradients as ``standard_sae_step``
-    by the parity rule; ``vals``, ``indices`` and ``row_offsets`` are None (the code is the
-    dense [B, F] one), ``count`` is the number of active entries and ``overflow`` False. No host
-    sync.
+    cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.
+    Same loss and gradients as ``standard_sae_step`` by the parity rule; ``vals``, ``indices``
+    and ``row_offsets`` are None (the code is dense), ``count`` is the number of active entries
+    and ``overflow`` False. No host sync.
     """
     check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
     check_standard_args(W_enc.shape[0], 1, l1_coefficient, x)
     B, D = x.shape
-    acts = torch.relu(torch.addmm(b_enc, x - b_dec, W_enc.t()))
-    x_hat = torch.addmm(b_dec, acts, W_dec)
-    sq = (x_hat.float() - x.float()).pow(2).sum()
-    norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
-    l1 = torch.mv(acts, norms.to(acts.dtype)).float().sum() / B  # per row in the dtype, as torch's own
-    active = acts.detach() > 0
-    count = active.sum()
+    args = (x, W_enc, b_enc, W_dec, b_dec)
+    loss, sq, l1, counts = _DenseStep.apply(*(t.contiguous() for t in args), float(l1_coefficient))
+    count = counts.sum()
     return StandardSAEStep(
-        sq / B + l1_coefficient * l1,
+        loss,
         sq / (B * D),
-        l1.detach(),
+        l1,
         count.float() / B,
-        sq.detach() / total_variance(x),
-        active.sum(0),
+        sq / total_variance(x),
+        counts,
         None,
         None,
         None,
