@@ -374,7 +374,7 @@ def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=
     loss = sq.sum(-1).mean() + l1_coefficient * l1
     fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
     l0 = active.sum(-1).float().mean()
-    return StandardSAEStep(loss, sq.mean(), l1.detach().float(), l0, fvu, active.sum(0), acts, None, None, None, None)
+    return StandardSAEStep(loss, sq.mean(), l1.detach(), l0, fvu, active.sum(0), acts, None, None, None, None)
 
 
 # The module -------------------------------------------------------------------------
