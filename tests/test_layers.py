@@ -220,27 +220,45 @@ class HostJumpReLU(nn.Module):
         return (pre * (pre > self.threshold.to(pre.dtype))) @ self.W_dec + self.b_dec
 
 
+@use_kernel_forward_from_hub("StandardSparseAutoencoder")
+class HostStandard(nn.Module):
+    def __init__(self, sae):
+        super().__init__()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
+
+    def forward(self, x):
+        return torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc) @ self.W_dec + self.b_dec
+
+
+HOSTS = {
+    "BatchTopKSparseAutoencoder": HostBatchTopK,
+    "JumpReLUSparseAutoencoder": HostJumpReLU,
+    "StandardSparseAutoencoder": HostStandard,
+}
+KWARGS = {"BatchTopKSparseAutoencoder": {"k": 3.0}, "JumpReLUSparseAutoencoder": {"init_threshold": 0.02}}
+
+
 def _family_problem(fs, name, device):
     g = torch.Generator().manual_seed(5)
-    kwargs = {"k": 3.0} if name == "BatchTopKSparseAutoencoder" else {"init_threshold": 0.02}
-    sae = getattr(fs, name)(D, F, device=device, seed=2, **kwargs)
+    sae = getattr(fs, name)(D, F, device=device, seed=2, **KWARGS.get(name, {}))
     with torch.no_grad():
         for p in (sae.W_enc, sae.b_enc, sae.b_dec):
             p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
         if name == "BatchTopKSparseAutoencoder":
             sae.threshold.fill_(0.01)
     x = torch.randn(B, D, generator=g).to(device)
-    host = (HostBatchTopK if name == "BatchTopKSparseAutoencoder" else HostJumpReLU)(sae)
+    host = HOSTS[name](sae)
     return sae.eval(), host.eval(), x
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("name", ["BatchTopKSparseAutoencoder", "JumpReLUSparseAutoencoder"])
+@pytest.mark.parametrize("name", list(HOSTS))
 def test_family_layers_kernelize_for_inference(fs, device, name):
     """kernels' validation accepts the layer; kernelize(INFERENCE) swaps it in; its x_hat is the module's,
     bitwise, and the host's plain torch forward's by the parity rule."""
     layer = getattr(fs.layers, name)
-    host_cls = HostBatchTopK if name == "BatchTopKSparseAutoencoder" else HostJumpReLU
+    host_cls = HOSTS[name]
     _validate_layer(check_cls=host_cls, cls=layer, repo=f"flash-sae layers.{name}")
     assert layer.__init__ is nn.Module.__init__ and layer.has_backward is False
     sae, host, x = _family_problem(fs, name, device)

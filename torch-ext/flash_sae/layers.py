@@ -18,7 +18,8 @@ with the modules' ``loss``, which is the fused step); ``forward(x)`` returns
 weights, ``k``, ``rescale_acts_by_decoder_norm`` and the inference
 ``threshold`` (0-d); in training mode the batch rule selects, in eval mode the
 threshold. JumpReLU hosts need the four weights and ``threshold`` [F] (or
-``log_threshold``). Their eval-mode code is sized by counting first, one host
+``log_threshold``). ``StandardSparseAutoencoder`` (the ReLU + L1 SAE) is forward-only too;
+its hosts need the four weights. These eval-mode codes are sized by counting first, one host
 sync per call (this is inference).
 """
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from .modules.batchtopk import batchtopk_encode_code, decode_code
 from .modules.jumprelu import jumprelu_encode_code
+from .modules.standard import standard_encode_code
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.topk.topk_encode import topk_encode
 
@@ -80,3 +82,18 @@ class JumpReLUSparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decode_code(self, *jumprelu_encode_code(self, x))
+
+
+class StandardSparseAutoencoder(nn.Module):
+    """``x_hat`` of a standard (ReLU) host, as ``flash_sae.StandardSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *standard_encode_code(self, x))

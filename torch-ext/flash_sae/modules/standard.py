@@ -31,6 +31,17 @@ from .batchtopk import decode_code
 DENSE_ABOVE = 0.007
 
 
+@torch.no_grad()
+def standard_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
+    """The active entries (z > 0) as a variable-length code, from ``sae``'s four weights; ``capacity``
+    None counts first (one host sync). Shared with the hub layer."""
+    zero = torch.zeros(sae.W_enc.shape[0], dtype=x.dtype, device=x.device)
+    if capacity is None:
+        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, zero, 0.0, 1)[3]))
+    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, zero, 0.0, capacity)
+    return vals, indices, row_offsets
+
+
 class StandardSparseAutoencoder(FusedDecoderGeometry, StandardSAEBase):
     """Standard SAE (ReLU code; L1 penalty weighted by the decoder rows' norms, Anthropic's April 2024
     update), SAELens's ``standard`` training conventions by default.
@@ -91,15 +102,10 @@ class StandardSparseAutoencoder(FusedDecoderGeometry, StandardSAEBase):
             self.record_firing(step.fire_counts, B)
         return step
 
-    @torch.no_grad()
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries (z > 0); ``capacity`` None counts first
         (one host sync)."""
-        zero = torch.zeros(self.n_features, dtype=x.dtype, device=x.device)
-        if capacity is None:
-            capacity = max(1, int(threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, zero, 0.0, 1)[3]))
-        vals, indices, row_offsets, _ = threshold_preacts(x, self.W_enc, self.b_enc, self.b_dec, zero, 0.0, capacity)
-        return vals, indices, row_offsets
+        return standard_encode_code(self, x, capacity)
 
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a variable-length code."""
