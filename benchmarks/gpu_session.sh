@@ -2,7 +2,7 @@
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
 #   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard compare profile example quick
-# (tests: TESTS_K=<pytest -k expression> narrows them; profile: PROFILE="op B D F K dtype; ...")
+# (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
 set -uo pipefail
@@ -25,7 +25,8 @@ for stage in "$@"; do
       status=$((status | PIPESTATUS[0]));;
     sanitizer)
       HYPOTHESIS_PROFILE=quick timeout ${SANITIZER_TIMEOUT:-420} compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 -m pytest tests ${SANITIZER_ARGS:-} -q -p no:cacheprovider -m kernels_ci -k "not compile and not opcheck" 2>&1 \
+        python3 -m pytest tests -q -p no:cacheprovider -m kernels_ci \
+        -k "not compile and not opcheck${SANITIZER_K:+ and ($SANITIZER_K)}" ${SANITIZER_ARGS:-} 2>&1 \
         | tee "$OUT/sanitizer.log" | tail -n 15
       status=$((status | PIPESTATUS[0]));;
     tune)
