@@ -220,3 +220,27 @@ def test_standard_capacity_recovers_from_overflow(fs, device):
     assert not bool(second.overflow), "the capacity did not grow from the overflowing step's count"
     assert sae.capacity_per_row >= int(first.count) / B
     torch.testing.assert_close(second.loss, fs.reference.StandardSparseAutoencoder.loss(sae, data[:B]).loss)
+
+
+@pytest.mark.kernels_ci
+def test_seen_count_keeps_the_oldest_copy_in_flight(fs):
+    """In a loop far ahead of the GPU no copy completes before the next step records: the first copy
+    in flight is kept (not replaced), so a count still arrives once it completes."""
+    from importlib import import_module
+
+    SeenCount = import_module(fs.__name__ + ".modules._capacity").SeenCount
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+    seen, event = SeenCount(), Event()
+    seen._pending = (torch.tensor(40), event, 8)  # a copy in flight, as record() leaves it on a GPU
+    seen.record(torch.tensor(80), 8)  # a later step: the copy in flight stays
+    assert seen.poll() is None and seen._pending[0].item() == 40
+    event.done = True
+    assert seen.poll() == 5.0  # the oldest count arrives
+    seen.record(torch.tensor(16), 8)  # nothing in flight: a new copy (CPU: complete at once)
+    assert seen.poll() == 2.0

@@ -74,6 +74,8 @@ def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_
     for what in ("loss", "mse", "l1"):
         b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
         assert_parity(f"standard {what}", getattr(out, what), baseline(b, c, d.detach()), c, dtype)
+    if B > 1:
+        assert_parity("standard fvu", out.fvu, same.fvu, r.fvu, dtype)
     assert out.l0.item() == pytest.approx(need / B, rel=1e-6)
     assert torch.equal(out.fire_counts, active.sum(0))
     for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
@@ -115,7 +117,11 @@ def test_standard_dense_formulation(fs, device, dtype, shape):
     r = fs.reference.standard_sae_step(*p64, l1_coefficient=0.4, active=active)
     r_grads = grads(r.loss, p64, up.double())
     assert_parity("dense standard loss", out.loss, same.loss, r.loss, dtype)
+    assert_parity("dense standard mse", out.mse, same.mse, r.mse, dtype)
     assert_parity("dense standard l1", out.l1, same.l1, r.l1, dtype)
+    if B > 1:
+        assert_parity("dense standard fvu", out.fvu, same.fvu, r.fvu, dtype)
+    assert out.l0.item() == pytest.approx(float(active.sum()) / B, rel=1e-6)
     for name, a, b, c, p in zip(STEP_NAMES, ours, same_grads, r_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape
         assert_parity(f"dense standard d{name}", a, b, c, dtype)
@@ -126,6 +132,44 @@ def test_standard_dense_formulation(fs, device, dtype, shape):
 def test_standard_zero_decoder_rows(fs, device, dtype):
     """A zero decoder row has no norm gradient (torch's norm gives 0 there): finite, and by the rule."""
     check_standard_step(fs, (5, 11, 30), dtype, device, seed=4, l1_coefficient=1.0, zero_rows=3)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_standard_empty_code(fs, device, dense):
+    """No active entry: the code is empty, the loss is the MSE of b_dec alone, and only x, b_dec (and
+    nothing through the code) get gradients; the encoder's and W_dec's are exactly zero."""
+    params = list(make_sae(3, 7, 5, 1, torch.float32, device, seed=8))
+    with torch.no_grad():
+        params[2].fill_(-100.0)
+    kw = dict(l1_coefficient=0.5)
+    out = fs.standard_sae_step_dense(*params, **kw) if dense else fs.standard_sae_step(*params, capacity=1, **kw)
+    assert int(out.count) == 0 and float(out.l1) == 0.0 and not bool(out.overflow)
+    x, b_dec = params[0], params[4]
+    expect = (b_dec.detach() - x.detach()).pow(2).sum(1).mean()
+    torch.testing.assert_close(out.loss, expect, rtol=1e-6, atol=0)
+    dx, dW_enc, db_enc, dW_dec, db_dec = grads(out.loss, params, torch.tensor(1.0, device=device))
+    assert not dW_enc.any() and not db_enc.any() and not dW_dec.any()
+    torch.testing.assert_close(db_dec, 2 * (b_dec - x).detach().sum(0) / 3, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, -2 * (b_dec - x).detach() / 3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_standard_compile(fs, device):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fs.standard_sae_step, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
+            out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
+            eager = fs.standard_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
+            assert torch.equal(out.indices, eager.indices)
+            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
+            up = torch.tensor(-1.1, device=device)
+            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.kernels_ci

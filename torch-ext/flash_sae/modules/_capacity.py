@@ -2,9 +2,11 @@
 
 A JumpReLU or standard step's code has a static size, and the number of active entries is known
 only on the device. After each step the module copies the step's ``count`` to pinned host memory
-without blocking and records a CUDA event it never waits for. At the next step it reads that copy
-only if the event has already completed; otherwise it keeps the size it has. So the size follows
-the data a step or two late, and the training step never waits for the GPU.
+without blocking and records a CUDA event it never waits for. A later step reads that copy only
+once the event has completed; until then the module keeps the size it has, and starts no new copy
+(so in a loop that runs far ahead of the GPU the oldest count in flight still arrives, a few steps
+late, rather than each new copy replacing the last before any completes). The training step
+never waits for the GPU.
 """
 
 import math
@@ -20,7 +22,12 @@ class SeenCount:
         self.per_row = None  # the last count per row that arrived, or None before any did
 
     def record(self, count: torch.Tensor, rows: int) -> None:
-        """Starts the copy of ``count`` (a 0-d device tensor) for a step of ``rows`` rows."""
+        """Starts the copy of ``count`` (a 0-d device tensor) for a step of ``rows`` rows, unless an
+        earlier copy is still in flight (it is kept: it arrives first)."""
+        if self._pending is not None:
+            self.poll()
+            if self._pending is not None:
+                return
         if count.device.type == "cuda":
             host = torch.empty((), dtype=count.dtype, pin_memory=True)
             host.copy_(count, non_blocking=True)

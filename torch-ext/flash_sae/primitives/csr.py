@@ -78,8 +78,9 @@ def _segment_sum_kernel(
     row_base = 0
     if HAS_LEVEL:
         row_base = tl.load(level_ptr + f).to(tl.int64) * level_stride
-    if HAS_DOTS:
+    if HAS_DOTS or ROW_TERM:
         w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_DOTS:
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
     for i0 in range(start, end, UNROLL):
         for u in tl.static_range(UNROLL):
@@ -171,6 +172,8 @@ def segment_sum(
     F, D = out.shape
     N = perm.numel()
     width = src.shape[1]
+    if row_term is not None and (weight is None or coef is None):
+        raise ValueError("segment_sum: row_term needs weight and coef")
     want_dots = weight is not None
     if not use_triton(src):
         return _segment_sum_torch(

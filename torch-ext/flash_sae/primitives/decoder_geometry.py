@@ -144,29 +144,38 @@ def remove_parallel_(W: torch.Tensor, G: torch.Tensor, rows: torch.Tensor | None
 
 
 @triton.jit
-def _add_scaled_rows_kernel(out_ptr, w_ptr, scale_ptr, D, BLOCK_D: tl.constexpr):
-    """out[f] += scale[f] * w[f] (fp32), one rounding to out's dtype; rows with scale 0 are skipped."""
+def _add_scaled_rows_kernel(out_ptr, base_ptr, w_ptr, scale_ptr, D, BLOCK_D: tl.constexpr, HAS_BASE: tl.constexpr):
+    """out[f] = (base[f] or out[f]) + scale[f] * w[f] in fp32, one rounding to out's dtype."""
     row = tl.program_id(0).to(tl.int64)
     a = tl.load(scale_ptr + row)
-    if a != 0.0:
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        inside = cols < D
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    inside = cols < D
+    if HAS_BASE:
+        acc = tl.load(base_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+    else:
         acc = tl.load(out_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
+    if a != 0.0:
         acc += a * tl.load(w_ptr + row * D + cols, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * D + cols, cast_rtne(acc, out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + row * D + cols, cast_rtne(acc, out_ptr.dtype.element_ty), mask=inside)
 
 
 @torch.no_grad()
-def add_scaled_rows_(out: torch.Tensor, W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """out[f] += scale[f] * W[f] for contiguous out, W [F, D] and fp32 scale [F], fp32 arithmetic and one
-    rounding per entry (a gradient term along each decoder row, e.g. that of a norm-weighted L1)."""
+def add_scaled_rows_(
+    out: torch.Tensor, W: torch.Tensor, scale: torch.Tensor, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[f] = base[f] + scale[f] * W[f] (``base`` fp32 [F, D]; default: out itself) for contiguous
+    out, W [F, D] and fp32 scale [F], fp32 arithmetic and one rounding per entry (a gradient term along
+    each decoder row, e.g. that of a norm-weighted L1, added to an fp32 product before it is rounded)."""
     F = out.shape[0]
     D = out[0].numel() if F else 0
     if F == 0 or D == 0:
         return out
     if not use_triton(out):
-        out.copy_((out.float() + scale[:, None] * W.float()).to(out.dtype))
+        acc = base if base is not None else out.float()
+        out.copy_((acc + scale[:, None] * W.float()).to(out.dtype))
         return out
     bd = min(_block_d(D), 1024)
-    _add_scaled_rows_kernel[(F, triton.cdiv(D, bd))](out, W, scale, D, BLOCK_D=bd, num_warps=4)
+    _add_scaled_rows_kernel[(F, triton.cdiv(D, bd))](
+        out, base if base is not None else out, W, scale, D, BLOCK_D=bd, HAS_BASE=base is not None, num_warps=4
+    )
     return out

@@ -30,6 +30,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import check_standard_args, check_step_args
+from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
@@ -206,7 +207,8 @@ def standard_sae_step(
 class _DenseStep(torch.autograd.Function):
     """The dense formulation: six cuBLAS products and a few passes over [B, F], fused where torch
     allows (the penalty's code gradient as the bias of the dA product, the ReLU's gate in one pass,
-    the penalty's decoder-row term in one row pass)."""
+    dW_dec's product in fp32 and the penalty's decoder-row term added in one row pass that rounds
+    once)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_coefficient):
@@ -233,9 +235,8 @@ class _DenseStep(torch.autograd.Function):
         d_xhat = d_xhat32.to(dtype)
         d_acts = torch.addmm((c * norms).to(dtype), d_xhat, W_dec.t())  # + the penalty's code gradient
         dz = torch.ops.aten.threshold_backward(d_acts, acts, 0)
-        dW_dec = acts.t() @ d_xhat
         row_scale = torch.where(norms > 0, c * acts.sum(0, dtype=torch.float32) / norms.clamp_min(TINY), 0.0)
-        add_scaled_rows_(dW_dec, W_dec, row_scale)
+        dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=mm_f32(acts.t(), d_xhat))
         dW_enc = dz.t() @ xc
         db_enc = dz.sum(0, dtype=torch.float32).to(dtype)
         dxc = (dz @ W_enc).float()
