@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard compare profile example quick
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard gated compare profile example quick
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
@@ -63,6 +63,9 @@ for stage in "$@"; do
       status=$((status | PIPESTATUS[0]));;
     standard)
       timeout ${STANDARD_TIMEOUT:-420} python3 benchmarks/standard_sae_step.py --out "$OUT" 2>&1 | tee "$OUT/standard.log" | tail -n 40
+      status=$((status | PIPESTATUS[0]));;
+    gated)
+      timeout ${GATED_TIMEOUT:-420} python3 benchmarks/standard_sae_step.py --arch gated --out "$OUT" 2>&1 | tee "$OUT/gated.log" | tail -n 60
       status=$((status | PIPESTATUS[0]));;
     quick)
       python3 benchmarks/side_by_side.py --quick --out "$OUT" 2>&1 | tail -n 20;;

@@ -30,6 +30,7 @@ def saelens_training_sae(architecture: str, **cfg):
         "matryoshka_batchtopk": (saes.MatryoshkaBatchTopKTrainingSAE, saes.MatryoshkaBatchTopKTrainingSAEConfig),
         "jumprelu": (saes.JumpReLUTrainingSAE, saes.JumpReLUTrainingSAEConfig),
         "standard": (saes.StandardTrainingSAE, saes.StandardTrainingSAEConfig),
+        "gated": (saes.GatedTrainingSAE, saes.GatedTrainingSAEConfig),
     }
     sae_cls, cfg_cls = classes[architecture]
     return sae_cls(cfg_cls(**cfg))

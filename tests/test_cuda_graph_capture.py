@@ -15,6 +15,9 @@ pytestmark = [
 def _steps(fs, params):
     threshold = torch.full((params[1].shape[0],), 0.3, device="cuda", requires_grad=True)
     dead = torch.arange(params[1].shape[0], device="cuda") % 3 == 0  # a dead-latent mask for the AuxK/ghost steps
+    F = params[1].shape[0]
+    r_mag, b_mag = (torch.full((F,), v, device="cuda", dtype=params[1].dtype, requires_grad=True) for v in (0.2, 0.1))
+    gated = [*params[:3], r_mag, b_mag, *params[3:]]
     return {
         "topk_sae_step": (lambda: fs.topk_sae_step(*params, 8).loss, params),
         "batchtopk_sae_step": (
@@ -49,6 +52,8 @@ def _steps(fs, params):
             params,
         ),
         "standard_sae_step_dense": (lambda: fs.standard_sae_step_dense(*params, l1_coefficient=0.3).loss, params),
+        "gated_sae_step": (lambda: fs.gated_sae_step(*gated, capacity=64 * 512, l1_coefficient=0.3).loss, gated),
+        "gated_sae_step_dense": (lambda: fs.gated_sae_step_dense(*gated, l1_coefficient=0.3).loss, gated),
     }
 
 
@@ -69,6 +74,8 @@ def _with_aux(out):
         "batchtopk_sae_step+auxk",
         "standard_sae_step",
         "standard_sae_step_dense",
+        "gated_sae_step",
+        "gated_sae_step_dense",
     ],
 )
 def test_step_captures_in_a_cuda_graph(fs, op):

@@ -11,15 +11,16 @@ MODULES = [
     ("MatryoshkaBatchTopKSparseAutoencoder", dict(k=4, prefix_sizes=[8, 24, 48])),
     ("JumpReLUSparseAutoencoder", dict(init_threshold=0.05)),
     ("StandardSparseAutoencoder", dict(l1_coefficient=0.5)),
+    ("GatedSparseAutoencoder", dict(l1_coefficient=0.5)),
 ]
 
 
 def build(fs, name, kwargs, device, twin=False, **extra):
     cls = getattr(fs.reference if twin else fs, name)
     sae = cls(16, 48, **kwargs, dtype=torch.float32, device=device, seed=2, **extra)
-    if name == "StandardSparseAutoencoder":  # a ReLU code from SAELens's init fires everywhere: silence a third
-        with torch.no_grad():
-            sae.b_enc[::3] = -1.0
+    if name in ("StandardSparseAutoencoder", "GatedSparseAutoencoder"):  # from SAELens's init a ReLU code
+        with torch.no_grad():  # fires everywhere: silence a third
+            sae.latent_vectors()[0][::3] = -1.0
     return sae
 
 

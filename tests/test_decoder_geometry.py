@@ -73,10 +73,16 @@ def test_geometry_matches_fp64(fs, device, F, D, dtype, zero_rows, subset, seed)
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize(
     "name",
-    ["SparseAutoencoder", "BatchTopKSparseAutoencoder", "JumpReLUSparseAutoencoder", "StandardSparseAutoencoder"],
+    [
+        "SparseAutoencoder",
+        "BatchTopKSparseAutoencoder",
+        "JumpReLUSparseAutoencoder",
+        "StandardSparseAutoencoder",
+        "GatedSparseAutoencoder",
+    ],
 )
 def test_module_methods_match_the_twins(fs, device, name):
-    kwargs = {} if name.startswith(("JumpReLU", "Standard")) else {"k": 4}
+    kwargs = {} if name.startswith(("JumpReLU", "Standard", "Gated")) else {"k": 4}
     flash = getattr(fs, name)(33, 40, **kwargs, dtype=torch.float32, device=device, seed=3)
     twin = getattr(fs.reference, name)(33, 40, **kwargs, dtype=torch.float32, device=device, seed=3)
     g = torch.Generator().manual_seed(4)

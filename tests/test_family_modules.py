@@ -1,6 +1,7 @@
-"""BatchTopKSparseAutoencoder, JumpReLUSparseAutoencoder and StandardSparseAutoencoder: init conventions,
-state, training curves against their plain-torch twins, the inference threshold, the variable-length
-codes' capacity recovery, and the standard SAE's switch between its dense and sparse steps."""
+"""BatchTopKSparseAutoencoder, JumpReLUSparseAutoencoder, StandardSparseAutoencoder and GatedSparseAutoencoder:
+init conventions, state, training curves against their plain-torch twins, the inference threshold, the
+variable-length codes' capacity recovery, and the standard and Gated SAEs' switch between their dense and
+sparse steps."""
 
 import pytest
 import torch
@@ -145,6 +146,10 @@ def test_jumprelu_capacity_recovers_from_overflow(fs, device):
         ("StandardSparseAutoencoder", dict(dense_above=1.5), "dense_above"),
         ("StandardSparseAutoencoder", dict(dense_above=True), "dense_above"),
         ("StandardSparseAutoencoder", dict(capacity_per_row=0), "capacity_per_row"),
+        ("GatedSparseAutoencoder", dict(l1_coefficient=-1), "l1_coefficient"),
+        ("GatedSparseAutoencoder", dict(freeze_aux_decoder=None), "freeze_aux_decoder"),
+        ("GatedSparseAutoencoder", dict(dense_above=-0.1), "dense_above"),
+        ("GatedSparseAutoencoder", dict(capacity_per_row=1.5), "capacity_per_row"),
     ],
 )
 def test_family_modules_reject(fs, cls, kwargs, match):
@@ -176,21 +181,25 @@ def test_standard_init_and_state(fs, device):
     assert sae.dense_above == fs.modules.standard.DENSE_ABOVE
 
 
-@pytest.mark.kernels_ci
-@pytest.mark.parametrize("dense_above", [0.0, 1.0, 0.65], ids=["always_dense", "always_sparse", "switching"])
-def test_standard_training_follows_twin(fs, device, dense_above):
-    """Dense steps, sparse steps, or switches between them (on this data the code's density moves
-    between 0.48 and 0.76 of F, across 0.65): each curve follows the plain-torch twin step by step."""
+SWITCHING = {
+    "StandardSparseAutoencoder": dict(l1_coefficient=0.02),
+    "GatedSparseAutoencoder": dict(l1_coefficient=0.02),
+    "GatedSparseAutoencoder-shared": dict(l1_coefficient=0.02, freeze_aux_decoder=False),
+}
+
+
+def train_switching(fs, device, name, dense_above):
+    """Trains the module and its twin side by side; returns (module, twin, each step's path and loss)."""
     data = sparse_dictionary_data(device)
-    flash, ref = twins(fs, "StandardSparseAutoencoder", device, l1_coefficient=0.02)
+    flash, ref = twins(fs, name.split("-")[0], device, **SWITCHING[name])
     flash.dense_above = dense_above
-    paths = []
+    log = []
     opt_f, opt_r = (torch.optim.Adam(m.parameters(), lr=LR) for m in (flash, ref))
     for step in range(STEPS):
         i = step % (N // B)
         x = data[i * B : (i + 1) * B]
         a, b = flash.loss(x), ref.loss(x)
-        paths.append(flash.last_path)
+        log.append((flash.last_path, a.loss.detach()))
         assert not bool(a.overflow), f"step {step} overflowed"
         assert torch.equal(a.fire_counts, b.fire_counts), f"step {step}: other active latents"
         assert abs(a.loss.item() - b.loss.item()) <= 1e-4 * b.loss.item(), f"step {step}: {a.loss} vs {b.loss}"
@@ -201,12 +210,48 @@ def test_standard_training_follows_twin(fs, device, dense_above):
     for key, t in ref.state_dict().items():
         err = (flash.state_dict()[key].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30)
         assert err < 1e-4, f"after {STEPS} steps {key} differs by {err:.2e}"
+    return flash, ref, log
+
+
+MODES = [0.0, 1.0, 0.65]
+MODE_IDS = ["always_dense", "always_sparse", "switching"]
+# each module in each mode; SAELens's shared auxiliary decoder in the switching mode only (CI's time)
+CASES = [
+    pytest.param(name, mode, id=f"{name}-{mid}")
+    for name in SWITCHING
+    for mode, mid in zip(MODES, MODE_IDS)
+    if not name.endswith("shared") or mode == 0.65
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("name,dense_above", CASES)
+def test_switching_training_follows_twin(fs, device, name, dense_above):
+    """Dense steps, sparse steps, or switches between them (on this data the code's density moves
+    between 0.48 and 0.77 of F, across 0.65): each curve follows the plain-torch twin step by step."""
+    _, _, log = train_switching(fs, device, name, dense_above)
+    paths = [p for p, _ in log]
     if dense_above == 0.0:
         assert set(paths) == {"dense"}
     elif dense_above == 1.0:
         assert set(paths) == {"sparse"}
     else:
         assert paths[0] == "dense" and "sparse" in paths and "dense" in paths[1:], paths
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("name", ["StandardSparseAutoencoder", "GatedSparseAutoencoder"])
+def test_switching_curve_equals_dense_only_curve(fs, device, name):
+    """The run that crosses the switch both ways and the dense-only run give the same curve and the same
+    weights (fp32; by 1e-5 relative at each step: the two formulations differ only in summation order)."""
+    switching, _, log_s = train_switching(fs, device, name, 0.65)
+    dense, _, log_d = train_switching(fs, device, name, 0.0)
+    assert {p for p, _ in log_s} == {"dense", "sparse"}
+    for step, ((_, a), (_, b)) in enumerate(zip(log_s, log_d)):
+        assert abs(a.item() - b.item()) <= 1e-5 * b.item(), f"step {step}: switching {a} vs dense-only {b}"
+    for key, t in dense.state_dict().items():
+        err = (switching.state_dict()[key].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30)
+        assert err < 1e-5, f"after {STEPS} steps {key} differs by {err:.2e}"
 
 
 @pytest.mark.kernels_ci
@@ -244,3 +289,62 @@ def test_seen_count_keeps_the_oldest_copy_in_flight(fs):
     assert seen.poll() == 5.0  # the oldest count arrives
     seen.record(torch.tensor(16), 8)  # nothing in flight: a new copy (CPU: complete at once)
     assert seen.poll() == 2.0
+
+
+# The Gated SAE ----------------------------------------------------------------------------------
+
+
+@pytest.mark.kernels_ci
+def test_gated_init_matches_saelens(fs, device):
+    """SAELens's gated training SAE's conventions: decoder rows of norm 0.1, W_enc = W_dec, b_gate, r_mag,
+    b_mag and b_dec zero, no b_enc; l1_coefficient 1.0; the paper's frozen auxiliary decoder by default."""
+    from peers import saelens_training_sae
+
+    sae = fs.GatedSparseAutoencoder(D, F, device=device, seed=0)
+    theirs = saelens_training_sae("gated", d_in=D, d_sae=F, device=device)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), theirs.W_dec.norm(dim=1))
+    assert torch.equal(sae.W_enc, sae.W_dec) and torch.equal(theirs.W_enc.T, theirs.W_dec)
+    for name in ("b_gate", "r_mag", "b_mag", "b_dec"):
+        assert not getattr(sae, name).any() and not getattr(theirs, name).any()
+    assert "b_enc" not in sae.state_dict() and {"b_gate", "r_mag", "b_mag"} <= set(sae.state_dict())
+    assert sae.l1_coefficient == theirs.cfg.l1_coefficient == 1.0 and sae.freeze_aux_decoder
+    assert "freeze_aux_decoder=True" in repr(sae)
+    assert sae.dense_above == fs.modules.gated.DENSE_ABOVE
+
+
+@pytest.mark.kernels_ci
+def test_gated_capacity_recovers_from_overflow(fs, device):
+    """A starting capacity too small overflows and says so; the next step sizes from that count and is exact;
+    encode/decode give the step's code and reconstruction."""
+    data = sparse_dictionary_data(device)
+    sae = fs.GatedSparseAutoencoder(D, F, capacity_per_row=1, dense_above=1.0, device=device, seed=0)
+    first = sae.loss(data[:B])
+    assert sae.last_path == "sparse" and bool(first.overflow) and int(first.count) > B
+    second = sae.loss(data[:B])
+    assert not bool(second.overflow), "the capacity did not grow from the overflowing step's count"
+    torch.testing.assert_close(second.loss, fs.reference.GatedSparseAutoencoder.loss(sae, data[:B]).loss)
+    vals, indices, row_offsets = sae.encode(data[:B])
+    n = int(row_offsets[-1])
+    assert torch.equal(indices[:n], second.indices[:n]) and torch.equal(vals[:n], second.vals[:n])
+    x_hat = sae.decode(vals, indices, row_offsets)
+    mse = (x_hat.float() - data[:B].float()).pow(2).mean()
+    torch.testing.assert_close(mse, second.mse, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.kernels_ci
+def test_gated_resample_resets_its_vectors(fs, device):
+    """Resampling a dead latent zeroes its b_gate, r_mag and b_mag (and their Adam moments)."""
+    data = sparse_dictionary_data(device)
+    sae = fs.GatedSparseAutoencoder(D, F, device=device, seed=0, dead_window_tokens=1)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+    sae.loss(data[:B]).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for p in (sae.b_gate, sae.r_mag, sae.b_mag):
+            p.fill_(0.5)
+        sae.tokens_since_fired.zero_()
+        sae.tokens_since_fired[:3] = 5
+    assert int(sae.resample_dead_(data, opt)) == 3
+    for p in (sae.b_gate, sae.r_mag, sae.b_mag):
+        assert not p[:3].any() and (p[3:] == 0.5).all()
+        assert not opt.state[p]["exp_avg"][:3].any()

@@ -231,7 +231,22 @@ class HostStandard(nn.Module):
         return torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc) @ self.W_dec + self.b_dec
 
 
+@use_kernel_forward_from_hub("GatedSparseAutoencoder")
+class HostGated(nn.Module):
+    def __init__(self, sae):
+        super().__init__()
+        for name in ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"):
+            setattr(self, name, nn.Parameter(getattr(sae, name).detach().clone()))
+
+    def forward(self, x):  # SAELens's GatedSAE.encode, in W_enc's [F, D] layout
+        xc = x - self.b_dec
+        opened = (xc @ self.W_enc.T + self.b_gate) > 0
+        mag = torch.relu(xc @ (self.W_enc * self.r_mag.exp()[:, None]).T + self.b_mag)
+        return (opened * mag) @ self.W_dec + self.b_dec
+
+
 HOSTS = {
+    "GatedSparseAutoencoder": HostGated,
     "BatchTopKSparseAutoencoder": HostBatchTopK,
     "JumpReLUSparseAutoencoder": HostJumpReLU,
     "StandardSparseAutoencoder": HostStandard,
@@ -243,7 +258,7 @@ def _family_problem(fs, name, device):
     g = torch.Generator().manual_seed(5)
     sae = getattr(fs, name)(D, F, device=device, seed=2, **KWARGS.get(name, {}))
     with torch.no_grad():
-        for p in (sae.W_enc, sae.b_enc, sae.b_dec):
+        for p in (sae.W_enc, *sae.latent_vectors(), sae.b_dec):
             p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
         if name == "BatchTopKSparseAutoencoder":
             sae.threshold.fill_(0.01)

@@ -62,6 +62,7 @@ def test_layout_rules():
 # The ops flash-sae registers, by public name; each also registers "<name>_backward".
 OPS = (
     "batchtopk_sae_step",
+    "gated_sae_step",
     "hierarchical_topk_sae_loss",
     "jumprelu_sae_step",
     "matryoshka_batchtopk_sae_step",
@@ -152,6 +153,8 @@ def test_public_api(fs):
     assert sorted(fs.__all__) == [
         "BatchTopKSAEStep",
         "BatchTopKSparseAutoencoder",
+        "GatedSAEStep",
+        "GatedSparseAutoencoder",
         "JumpReLUSAEStep",
         "JumpReLUSparseAutoencoder",
         "MatryoshkaBatchTopKSparseAutoencoder",
@@ -161,6 +164,8 @@ def test_public_api(fs):
         "StandardSparseAutoencoder",
         "TopKSAEStep",
         "batchtopk_sae_step",
+        "gated_sae_step",
+        "gated_sae_step_dense",
         "hierarchical_topk_sae_loss",
         "jumprelu_sae_step",
         "layers",

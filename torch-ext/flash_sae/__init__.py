@@ -1,4 +1,4 @@
-"""flash-sae: Triton kernels for training sparse autoencoders (TopK, BatchTopK, JumpReLU, Matryoshka, standard).
+"""flash-sae: Triton kernels for training sparse autoencoders (TopK, BatchTopK, JumpReLU, Matryoshka, standard, Gated).
 
 After the encoder, each input activates a few of F latents (K, or K on average), so decoding, the
 reconstruction loss and the whole backward pass cost O(B*K*D) plus one write of
@@ -16,6 +16,7 @@ plain-torch formulas the tests check against.
 from . import layers, reference
 from .modules import (
     BatchTopKSparseAutoencoder,
+    GatedSparseAutoencoder,
     JumpReLUSparseAutoencoder,
     MatryoshkaBatchTopKSparseAutoencoder,
     SparseAutoencoder,
@@ -28,16 +29,19 @@ from .ops.decode.sparse_decode import sparse_decode
 from .ops.decode.topk_sae_loss import topk_sae_loss
 from .ops.decode.varlen_sae_loss import varlen_sae_loss
 from .ops.decode.varlen_sparse_decode import varlen_sparse_decode
+from .ops.gated.gated_sae_step import gated_sae_step, gated_sae_step_dense
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
 from .ops.topk.matryoshka_topk_sae_step import matryoshka_topk_sae_step
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
-from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, StandardSAEStep, TopKSAEStep
+from .results import BatchTopKSAEStep, GatedSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, StandardSAEStep, TopKSAEStep
 
 __all__ = [
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
+    "GatedSAEStep",
+    "GatedSparseAutoencoder",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
     "MatryoshkaBatchTopKSparseAutoencoder",
@@ -47,6 +51,8 @@ __all__ = [
     "StandardSparseAutoencoder",
     "TopKSAEStep",
     "batchtopk_sae_step",
+    "gated_sae_step",
+    "gated_sae_step_dense",
     "hierarchical_topk_sae_loss",
     "jumprelu_sae_step",
     "layers",

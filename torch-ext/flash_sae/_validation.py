@@ -226,6 +226,16 @@ def check_standard_args(F: int, capacity, l1_coefficient, x) -> None:
         raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
 
 
+def check_gated_args(x, W_enc, r_mag, b_mag, capacity, l1_coefficient) -> None:
+    F = W_enc.shape[0]
+    for name, t in (("r_mag", r_mag), ("b_mag", b_mag)):
+        check_tensor(name, t, 1)
+        check_shape(name, t, (F,))
+    check_same_dtype("W_enc", W_enc, r_mag=r_mag, b_mag=b_mag)
+    check_same_device(W_enc=W_enc, r_mag=r_mag, b_mag=b_mag)
+    check_standard_args(F, capacity, l1_coefficient, x)
+
+
 def check_prefix_sizes(prefix_sizes, F: int) -> list[int]:
     """Matryoshka's nested dictionary sizes m_1 < ... < m_G = F; returns them as a list."""
     if not isinstance(prefix_sizes, (list, tuple)) or len(prefix_sizes) == 0:

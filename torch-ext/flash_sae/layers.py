@@ -19,14 +19,16 @@ weights, ``k``, ``rescale_acts_by_decoder_norm`` and the inference
 ``threshold`` (0-d); in training mode the batch rule selects, in eval mode the
 threshold. JumpReLU hosts need the four weights and ``threshold`` [F] (or
 ``log_threshold``). ``StandardSparseAutoencoder`` (the ReLU + L1 SAE) is forward-only too;
-its hosts need the four weights. These eval-mode codes are sized by counting first, one host
-sync per call (this is inference).
+its hosts need the four weights. ``GatedSparseAutoencoder`` is forward-only too; its hosts need
+``W_enc``, ``b_gate``, ``r_mag``, ``b_mag``, ``W_dec`` and ``b_dec``. These eval-mode codes are
+sized by counting first, one host sync per call (this is inference).
 """
 
 import torch
 from torch import nn
 
 from .modules.batchtopk import batchtopk_encode_code, decode_code
+from .modules.gated import gated_encode_code
 from .modules.jumprelu import jumprelu_encode_code
 from .modules.standard import standard_encode_code
 from .ops.decode.sparse_decode import sparse_decode
@@ -97,3 +99,20 @@ class StandardSparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decode_code(self, *standard_encode_code(self, x))
+
+
+class GatedSparseAutoencoder(nn.Module):
+    """``x_hat`` of a Gated host, as ``flash_sae.GatedSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_gate: torch.Tensor  # [F]
+    r_mag: torch.Tensor  # [F]
+    b_mag: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *gated_encode_code(self, x))

@@ -10,8 +10,23 @@ production code never imports this module.
 
 import torch
 
-from .modules.base import BatchTopKSAEBase, JumpReLUSAEBase, MatryoshkaSAEBase, StandardSAEBase, TopKSAEBase
-from .results import BatchTopKSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, StandardSAEStep, TopKSAEStep, fire_counts
+from .modules.base import (
+    BatchTopKSAEBase,
+    GatedSAEBase,
+    JumpReLUSAEBase,
+    MatryoshkaSAEBase,
+    StandardSAEBase,
+    TopKSAEBase,
+)
+from .results import (
+    BatchTopKSAEStep,
+    GatedSAEStep,
+    JumpReLUSAEStep,
+    MatryoshkaSAEStep,
+    StandardSAEStep,
+    TopKSAEStep,
+    fire_counts,
+)
 
 
 def sparse_decode(vals, indices, weight, bias=None):
@@ -377,6 +392,45 @@ def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=
     return StandardSAEStep(loss, sq.mean(), l1.detach(), l0, fvu, active.sum(0), acts, None, None, None, None)
 
 
+def gated_sae_step(
+    x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=1.0, freeze_aux_decoder=True, masks=None,
+    round_preacts=None,
+):  # fmt: skip
+    """Gated SAE step, densely, as Rajamanoharan et al. (2024) and SAELens's ``gated`` training SAE define it.
+
+    pi_gate = xc @ W_enc.T + b_gate, pi_mag = exp(r_mag) * (xc @ W_enc.T) + b_mag (SAELens's
+    xc @ (W_enc * exp(r_mag)).T + b_mag, in exact arithmetic), f = [pi_gate > 0] * relu(pi_mag);
+    loss = mse (summed over D, mean over B) + l1_coefficient * mean over B of sum_f relu(pi_gate) *
+    ||W_dec[f]|| + aux, the gate path's reconstruction error through W_dec and b_dec (detached when
+    ``freeze_aux_decoder``). ``masks`` = (open gates, positive magnitudes) forces the selection (the
+    tests pass flash-sae's). Returns the dense code [B, F] in ``vals``. ``round_preacts`` (a dtype)
+    rounds xc, pi_gate and pi_mag to it with exact gradients (see ``encoder_preacts``).
+    """
+    xc = x - b_dec
+    if round_preacts is not None:
+        xc = _rounded(xc, round_preacts)
+    P = xc @ W_enc.T
+    gate = P + b_gate
+    mag = P * r_mag.exp() + b_mag
+    if round_preacts is not None:
+        gate, mag = _rounded(gate, round_preacts), _rounded(mag, round_preacts)
+    opened, positive = masks if masks is not None else (gate.detach() > 0, mag.detach() > 0)
+    active = opened & positive
+    f = torch.where(active, mag, 0)
+    a = torch.where(opened, gate, 0)
+    x_hat = f @ W_dec + b_dec
+    sq = (x_hat - x).pow(2)
+    W_aux, b_aux = (W_dec.detach(), b_dec.detach()) if freeze_aux_decoder else (W_dec, b_dec)
+    aux = (a @ W_aux + b_aux - x).pow(2).sum(-1).mean()
+    l1 = (a * W_dec.norm(dim=1)).sum(-1).mean()
+    loss = sq.sum(-1).mean() + l1_coefficient * l1 + aux
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    l0 = active.sum(-1).float().mean()
+    return GatedSAEStep(
+        loss, sq.mean(), l1.detach(), aux.detach(), l0, fvu, active.sum(0), f, None, None, opened.sum(), None
+    )  # fmt: skip
+
+
 # The module -------------------------------------------------------------------------
 
 
@@ -453,6 +507,16 @@ class StandardSparseAutoencoder(StandardSAEBase):
 
     def loss(self, x):
         step = standard_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_coefficient)
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
+
+
+class GatedSparseAutoencoder(GatedSAEBase):
+    """A Gated SAE in plain PyTorch: the twin of ``flash_sae.GatedSparseAutoencoder``'s ``loss``."""
+
+    def loss(self, x):
+        step = gated_sae_step(x, *self.gated_params(), self.l1_coefficient, self.freeze_aux_decoder)
         if self.training:
             self.record_firing(step.fire_counts, x.shape[0])
         return step

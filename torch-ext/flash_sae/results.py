@@ -67,6 +67,26 @@ class StandardSAEStep(NamedTuple):
     overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped)
 
 
+class GatedSAEStep(NamedTuple):
+    """What one Gated SAE step returns. The code is variable-length with a fixed capacity, as
+    ``StandardSAEStep``'s, over the open gates (pi_gate > 0) of each row, by latent id; ``vals``
+    holds the code f = relu(pi_mag) there, so an open gate whose magnitude is <= 0 holds a 0.
+    ``overflow`` is True when more gates were open than fit."""
+
+    loss: torch.Tensor  # [] fp32: mse summed over D, mean over B, + l1_coefficient * l1 + aux
+    mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    l1: torch.Tensor  # [] fp32: mean over B of sum_f relu(pi_gate) * ||W_dec[f]||
+    aux: torch.Tensor  # [] fp32: the gate path's reconstruction error, summed over D, mean over B
+    l0: torch.Tensor  # [] fp32: latents with f > 0 per row, on average
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent had f > 0
+    vals: torch.Tensor  # [capacity]: f at the open gates (0 past the last one)
+    indices: torch.Tensor  # [capacity] int64: their latent ids (-1 past the last one)
+    row_offsets: torch.Tensor  # [B + 1] int64
+    count: torch.Tensor  # [] int64: open gates
+    overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped)
+
+
 class JumpReLUSAEStep(NamedTuple):
     """What one JumpReLU SAE step returns. The code is variable-length with a fixed capacity: row b's
     entries are ``vals[row_offsets[b]:row_offsets[b+1]]``; it holds the active entries (value > 0

@@ -1,9 +1,10 @@
 """``nn.Module``s over the ops, and their shared bases: ``SparseAutoencoder`` (TopK),
 ``BatchTopKSparseAutoencoder``, ``MatryoshkaBatchTopKSparseAutoencoder``, ``JumpReLUSparseAutoencoder``,
-``StandardSparseAutoencoder``."""
+``StandardSparseAutoencoder``, ``GatedSparseAutoencoder``."""
 
 from .base import (
     BatchTopKSAEBase,
+    GatedSAEBase,
     JumpReLUSAEBase,
     MatryoshkaSAEBase,
     SAEBase,
@@ -12,6 +13,7 @@ from .base import (
     TopKSAEBase,
 )
 from .batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
+from .gated import GatedSparseAutoencoder
 from .jumprelu import JumpReLUSparseAutoencoder
 from .sparse_autoencoder import SparseAutoencoder
 from .standard import StandardSparseAutoencoder
@@ -19,6 +21,8 @@ from .standard import StandardSparseAutoencoder
 __all__ = [
     "BatchTopKSAEBase",
     "BatchTopKSparseAutoencoder",
+    "GatedSAEBase",
+    "GatedSparseAutoencoder",
     "JumpReLUSAEBase",
     "JumpReLUSparseAutoencoder",
     "MatryoshkaBatchTopKSparseAutoencoder",

@@ -50,3 +50,41 @@ class SeenCount:
 def grown_capacity(per_row: float, n_features: int) -> int:
     """1.5x the count seen per row, rounded up to a power of two, at most F."""
     return min(n_features, 1 << max(0, math.ceil(math.log2(max(1.0, 1.5 * per_row)))))
+
+
+class DenseSwitch:
+    """The sparse/dense choice of the modules whose code's density is learned (standard, Gated): mixin for
+    ``SAEBase`` subclasses. Until a count has arrived, and whenever the last one was above
+    ``dense_above`` * F entries per row, ``_path`` says "dense"; otherwise "sparse" with a capacity
+    per row of 1.5x the count seen (a power of two). ``last_path`` says which the last step ran."""
+
+    def _init_switch(self, dense_above, capacity_per_row) -> None:
+        if isinstance(dense_above, bool) or not isinstance(dense_above, (int, float)) or not 0 <= dense_above <= 1:
+            raise ValueError(f"dense_above must be a number in [0, 1], got {dense_above!r}")
+        if capacity_per_row is not None and (
+            isinstance(capacity_per_row, bool) or not isinstance(capacity_per_row, int) or capacity_per_row < 1
+        ):
+            raise ValueError(f"capacity_per_row must be a positive int or None, got {capacity_per_row!r}")
+        self.dense_above = float(dense_above)
+        self.capacity_per_row = None if capacity_per_row is None else min(capacity_per_row, self.n_features)
+        self._seen = SeenCount()
+        self.last_path = None
+
+    def _path(self) -> tuple[str, int | None]:
+        """("dense", None) or ("sparse", capacity per row), from the last count that has arrived."""
+        F = self.n_features
+        per_row = self._seen.poll()
+        if per_row is not None:
+            self.capacity_per_row = grown_capacity(per_row, F)
+            dense = per_row > self.dense_above * F
+        else:  # no count yet: dense unless a starting capacity was given or dense is never wanted
+            dense = self.capacity_per_row is None and self.dense_above < 1.0
+        if dense or self.dense_above == 0.0:
+            return "dense", None
+        return "sparse", self.capacity_per_row or F
+
+    def _after_step(self, path: str, step, rows: int) -> None:
+        self.last_path = path
+        self._seen.record(step.count, rows)
+        if self.training:
+            self.record_firing(step.fire_counts, rows)

@@ -108,7 +108,8 @@ class SAEBase(nn.Module):
         is drawn with probability proportional to the square of its squared reconstruction error;
         a dead latent f gets a drawn input's direction v (of x - b_dec, unit norm) as its decoder
         row, scaled to the live decoder rows' mean norm; its encoder row is v times
-        ``encoder_norm_scale`` times the live encoder rows' mean norm; its encoder bias is 0;
+        ``encoder_norm_scale`` times the live encoder rows' mean norm; its encoder bias is 0 (a
+        Gated SAE's b_gate, r_mag and b_mag: ``latent_vectors()``);
         its dead count restarts; and, with ``optimizer`` (Adam, AdamW, ...), the moments of those
         rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0. Every other latent
         is untouched. No host sync (the dead set is a mask; the draw is ``torch.multinomial``).
@@ -146,14 +147,19 @@ class SAEBase(nn.Module):
         dec_norm, enc_norm = mean_live_norm(self.W_dec), mean_live_norm(self.W_enc)
         self.W_dec.copy_(torch.where(rows, (v * dec_norm).to(self.W_dec.dtype), self.W_dec))
         self.W_enc.copy_(torch.where(rows, (v * (enc_norm * encoder_norm_scale)).to(self.W_enc.dtype), self.W_enc))
-        self.b_enc.copy_(torch.where(dead, 0, self.b_enc))
+        for bias in self.latent_vectors():
+            bias.copy_(torch.where(dead, 0, bias))
         self.tokens_since_fired.masked_fill_(dead, 0)
         if optimizer is not None:
-            for p in (self.W_enc, self.b_enc, self.W_dec):
+            for p in (self.W_enc, *self.latent_vectors(), self.W_dec):
                 for key, moment in optimizer.state.get(p, {}).items():
                     if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and moment.shape == p.shape:
                         moment.masked_fill_(dead.view(-1, *([1] * (p.ndim - 1))), 0)
         return dead.sum()
+
+    def latent_vectors(self) -> tuple[nn.Parameter, ...]:
+        """The per-latent [F] parameters of the encoder (reset to 0 for a resampled latent): ``b_enc``."""
+        return (self.b_enc,)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint from before dead tracking, or from another trainer, holds no counts: start from zero.
@@ -475,3 +481,54 @@ class StandardSAEBase(SAELensInitBase):
 
     def _sparsity_repr(self) -> str:
         return f"l1_coefficient={self.l1_coefficient}"
+
+
+class GatedSAEBase(SAELensInitBase):
+    """A Gated SAE (Rajamanoharan et al. 2024): ``SAEBase``'s W_enc, W_dec and b_dec with SAELens's
+    init, and in place of ``b_enc`` the gate's bias ``b_gate``, the magnitude path's log-scale
+    ``r_mag`` and bias ``b_mag`` (all [F], zero at init, as SAELens's ``gated`` training SAE),
+    ``l1_coefficient`` (SAELens's default 1.0) and ``freeze_aux_decoder`` (see ``gated_sae_step``)."""
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        *,
+        l1_coefficient=1.0,
+        freeze_aux_decoder=True,
+        decoder_init_norm=0.1,
+        dtype=None,
+        device=None,
+        seed=None,
+        dead_window_tokens=10_000_000,
+    ):
+        super().__init__(
+            d_model,
+            n_features,
+            decoder_init_norm=decoder_init_norm,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            dead_window_tokens=dead_window_tokens,
+        )
+        if isinstance(l1_coefficient, bool) or not isinstance(l1_coefficient, (int, float)) or not l1_coefficient >= 0:
+            raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
+        if not isinstance(freeze_aux_decoder, bool):
+            raise ValueError(f"freeze_aux_decoder must be a bool, got {freeze_aux_decoder!r}")
+        self.l1_coefficient = float(l1_coefficient)
+        self.freeze_aux_decoder = freeze_aux_decoder
+        b_enc = self.b_enc
+        del self.b_enc
+        self.b_gate = nn.Parameter(torch.zeros_like(b_enc))
+        self.r_mag = nn.Parameter(torch.zeros_like(b_enc))
+        self.b_mag = nn.Parameter(torch.zeros_like(b_enc))
+
+    def latent_vectors(self) -> tuple[nn.Parameter, ...]:
+        return (self.b_gate, self.r_mag, self.b_mag)
+
+    def gated_params(self) -> tuple[nn.Parameter, ...]:
+        """The step's six parameters after x, in its order: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec."""
+        return (self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec)
+
+    def _sparsity_repr(self) -> str:
+        return f"l1_coefficient={self.l1_coefficient}, freeze_aux_decoder={self.freeze_aux_decoder}"

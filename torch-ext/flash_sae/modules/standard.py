@@ -19,7 +19,7 @@ import torch
 from ..ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
 from ..primitives.select import threshold_preacts
 from ..results import StandardSAEStep
-from ._capacity import SeenCount, grown_capacity
+from ._capacity import DenseSwitch
 from ._geometry import FusedDecoderGeometry
 from .base import StandardSAEBase
 from .batchtopk import decode_code
@@ -42,7 +42,7 @@ def standard_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
     return vals, indices, row_offsets
 
 
-class StandardSparseAutoencoder(FusedDecoderGeometry, StandardSAEBase):
+class StandardSparseAutoencoder(DenseSwitch, FusedDecoderGeometry, StandardSAEBase):
     """Standard SAE (ReLU code; L1 penalty weighted by the decoder rows' norms, Anthropic's April 2024
     update), SAELens's ``standard`` training conventions by default.
 
@@ -63,29 +63,7 @@ class StandardSparseAutoencoder(FusedDecoderGeometry, StandardSAEBase):
 
     def __init__(self, d_model, n_features, *, dense_above=DENSE_ABOVE, capacity_per_row=None, **kwargs):
         super().__init__(d_model, n_features, **kwargs)
-        if isinstance(dense_above, bool) or not isinstance(dense_above, (int, float)) or not 0 <= dense_above <= 1:
-            raise ValueError(f"dense_above must be a number in [0, 1], got {dense_above!r}")
-        if capacity_per_row is not None and (
-            isinstance(capacity_per_row, bool) or not isinstance(capacity_per_row, int) or capacity_per_row < 1
-        ):
-            raise ValueError(f"capacity_per_row must be a positive int or None, got {capacity_per_row!r}")
-        self.dense_above = float(dense_above)
-        self.capacity_per_row = None if capacity_per_row is None else min(capacity_per_row, n_features)
-        self._seen = SeenCount()
-        self.last_path = None
-
-    def _path(self) -> tuple[str, int | None]:
-        """("dense", None) or ("sparse", capacity per row), from the last count that has arrived."""
-        F = self.n_features
-        per_row = self._seen.poll()
-        if per_row is not None:
-            self.capacity_per_row = grown_capacity(per_row, F)
-            dense = per_row > self.dense_above * F
-        else:  # no count yet: dense unless a starting capacity was given or dense is never wanted
-            dense = self.capacity_per_row is None and self.dense_above < 1.0
-        if dense or self.dense_above == 0.0:
-            return "dense", None
-        return "sparse", self.capacity_per_row or F
+        self._init_switch(dense_above, capacity_per_row)
 
     def loss(self, x: torch.Tensor) -> StandardSAEStep:
         B = x.shape[0]
@@ -96,10 +74,7 @@ class StandardSparseAutoencoder(FusedDecoderGeometry, StandardSAEBase):
         else:
             capacity = min(B * self.n_features, per_row * B)
             step = standard_sae_step(*params, capacity=capacity, l1_coefficient=self.l1_coefficient)
-        self.last_path = path
-        self._seen.record(step.count, B)
-        if self.training:
-            self.record_firing(step.fire_counts, B)
+        self._after_step(path, step, B)
         return step
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):

@@ -10,5 +10,7 @@ host code they share.
 - ``batchtopk``: the whole-batch selection's steps: ``batchtopk_sae_step``,
   ``matryoshka_batchtopk_sae_step``;
 - ``jumprelu``: ``jumprelu_sae_step``, learned thresholds with straight-through estimators;
-- ``standard``: ``standard_sae_step``, the ReLU code with the decoder-norm-weighted L1 penalty.
+- ``standard``: ``standard_sae_step``, the ReLU code with the decoder-norm-weighted L1 penalty;
+- ``gated``: ``gated_sae_step``, a gate path and a magnitude path over one encoder, with the gate's
+  penalty and auxiliary reconstruction.
 """

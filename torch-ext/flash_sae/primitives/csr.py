@@ -46,7 +46,8 @@ def _segment_sum_kernel(
     dw_ptr,  # [F, D] out gradient, weight's dtype
     dots_ptr,  # [ND, N] fp32 out: partial dots per D-block of the window (HAS_DOTS)
     csum_ptr,  # [F] fp32 out: scaled sum of the segment's coefficients (HAS_CSUM)
-    row_ptr,  # [F] fp32: out[f] also gets row[f] * (sum of the segment's coefficients) * w[f] (ROW_TERM)
+    row_ptr,  # [F] fp32: out[f] also gets row[f] * (sum of the segment's coefficients) * w[f] (ROW_TERM),
+    # or row[f] * w[f] (ROW_TERM and not ROW_BY_CSUM)
     N,
     K,
     D,
@@ -65,6 +66,7 @@ def _segment_sum_kernel(
     HAS_DOTS: tl.constexpr,
     HAS_CSUM: tl.constexpr,
     ROW_TERM: tl.constexpr,
+    ROW_BY_CSUM: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -98,7 +100,7 @@ def _segment_sum_kernel(
             if HAS_COEF:
                 c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
                 acc += c * x
-                if HAS_CSUM or ROW_TERM:
+                if HAS_CSUM or ROW_BY_CSUM:
                     csum += c
             else:
                 acc += x
@@ -108,8 +110,10 @@ def _segment_sum_kernel(
     if HAS_SCALE:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
     out = acc * scale
-    if ROW_TERM:
+    if ROW_BY_CSUM:
         out += tl.load(row_ptr + f) * csum * w
+    elif ROW_TERM:
+        out += tl.load(row_ptr + f) * w
     tl.store(dw_ptr + f * D + cols, cast_rtne(out, dw_ptr.dtype.element_ty), mask=mask_c)
     if HAS_CSUM:
         tl.store(csum_ptr + f, csum * scale, mask=pid_d == 0)
@@ -152,6 +156,7 @@ def segment_sum(
     levels: torch.Tensor | None = None,
     level_stride: int = 0,
     row_term: torch.Tensor | None = None,
+    row_term_by_coef: bool = True,
 ) -> torch.Tensor | None:
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
@@ -167,13 +172,14 @@ def segment_sum(
     of each segment's coefficients (the bias gradient), in the same pass.
     With ``row_term`` (an [F] fp32 tensor; needs ``weight`` and ``coef``), ``out[f]`` also gets
     ``row_term[f] * (sum of f's coefficients) * weight[f]`` before its one rounding (a gradient
-    along each row, e.g. a decoder-norm-weighted penalty's).
+    along each row, e.g. a decoder-norm-weighted penalty's); with ``row_term_by_coef`` False,
+    ``row_term[f] * weight[f]`` (the caller has summed what the row term scales).
     """
     F, D = out.shape
     N = perm.numel()
     width = src.shape[1]
-    if row_term is not None and (weight is None or coef is None):
-        raise ValueError("segment_sum: row_term needs weight and coef")
+    if row_term is not None and (weight is None or (coef is None and row_term_by_coef)):
+        raise ValueError("segment_sum: row_term needs weight (and coef unless row_term_by_coef is False)")
     want_dots = weight is not None
     if not use_triton(src):
         return _segment_sum_torch(
@@ -193,6 +199,7 @@ def segment_sum(
             levels,
             level_stride,
             row_term,
+            row_term_by_coef,
         )
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
@@ -229,6 +236,7 @@ def segment_sum(
         HAS_DOTS=want_dots,
         HAS_CSUM=coef_sum is not None,
         ROW_TERM=row_term is not None,
+        ROW_BY_CSUM=row_term is not None and row_term_by_coef,
         num_warps=TUNING["segment_warps"],
     )
     return dots.sum(0) if want_dots else None
@@ -251,6 +259,7 @@ def _segment_sum_torch(
     levels=None,
     level_stride=0,
     row_term=None,
+    row_term_by_coef=True,
 ):
     """Plain-torch path for CPU tensors: the same sums."""
     F = out.shape[0]
@@ -267,13 +276,15 @@ def _segment_sum_torch(
     acc.index_add_(0, latent, contrib)
     s = scale_const * (scale.float() if scale is not None else 1.0)
     acc = acc * s
-    if coef_sum is not None or row_term is not None:
+    if coef_sum is not None or (row_term is not None and row_term_by_coef):
         c = torch.zeros(F, dtype=torch.float32, device=src.device)
         c.index_add_(0, latent, coef.reshape(-1)[e].float())
         if coef_sum is not None:
             coef_sum.copy_(c * s)
         if row_term is not None:
             acc += (row_term * c)[:, None] * weight[:, d_base : d_base + width].float()
+    elif row_term is not None:
+        acc += row_term[:, None] * weight[:, d_base : d_base + width].float()
     out[:, d_base : d_base + width] = acc.to(out.dtype)
     if weight is None:
         return None

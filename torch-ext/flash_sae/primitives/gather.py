@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import TUNING, block_d, use_triton
+from .._launch import TUNING, block_d, next_pow2, use_triton
 from .csr import csr_transpose, segment_sum
 from .triton_utils import cast_rtne, load_latent
 
@@ -98,6 +98,37 @@ def _gather_rows_kernel(
             tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
         else:
             tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _row_dots_kernel(
+    src_ptr,  # [B, D] the row source (any float dtype, read as fp32)
+    weight_ptr,  # [F, D]
+    rows_ptr,  # [N] int64: each entry's row of src (B or more: none)
+    ids_ptr,  # [N] int64: each entry's row of weight (outside [0, F): none)
+    out_ptr,  # [N] fp32
+    N,
+    B,
+    F,
+    D,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    live = offs_e < N
+    row = tl.load(rows_ptr + offs_e, mask=live, other=0).to(tl.int64)
+    idx = tl.load(ids_ptr + offs_e, mask=live, other=-1).to(tl.int64)
+    ok = live & (row >= 0) & (row < B) & (idx >= 0) & (idx < F)
+    row = tl.where(ok, row, 0)
+    idx = tl.where(ok, idx, 0)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (offs_d < D)[None, :]
+        a = tl.load(src_ptr + row[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + idx[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * w, axis=1)
+    tl.store(out_ptr + offs_e, acc, mask=live)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -224,6 +255,35 @@ def row_ids(row_offsets: torch.Tensor, n: int) -> torch.Tensor:
     return torch.searchsorted(row_offsets, entries, right=True) - 1
 
 
+def row_dots(src: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``dots[e] = <src[rows[e]], weight[ids[e]]>`` for each entry of a code, fp32 [N] (fp32 accumulation).
+
+    ``src`` [B, D] and ``weight`` [F, D] in any float dtype; an entry whose row is outside [0, B) or
+    whose id is outside [0, F) (an empty slot) gets 0 and reads nothing. The encoder's value at a
+    code's entries without the [B, F] product: O(N * D) reads, one program per block of entries.
+    """
+    N = ids.numel()
+    B, D = src.shape
+    F = weight.shape[0]
+    out = torch.empty(N, dtype=torch.float32, device=src.device)
+    if N == 0:
+        return out
+    if B == 0:
+        return out.zero_()
+    if not use_triton(src):
+        ok = (rows >= 0) & (rows < B) & (ids >= 0) & (ids < F)
+        a = src[rows.clamp(0, B - 1)].float()
+        w = weight[ids.clamp(0, F - 1)].float()
+        return torch.where(ok, (a * w).sum(1), 0.0)
+    BLOCK_E = 32
+    BLOCK_D = min(128, max(16, next_pow2(D)))
+    _row_dots_kernel[(triton.cdiv(N, BLOCK_E),)](
+        src.contiguous(), weight.contiguous(), rows.contiguous(), ids.contiguous(), out, N, B, F, D,
+        BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def gather_rows_backward(
     grad: torch.Tensor,
     vals: torch.Tensor,
@@ -237,6 +297,7 @@ def gather_rows_backward(
     levels: torch.Tensor | None = None,
     level_stride: int = 0,
     row_term: torch.Tensor | None = None,
+    row_term_by_coef: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
@@ -248,7 +309,7 @@ def gather_rows_backward(
     unused entries must have an id outside [0, F) (they join no segment). With ``levels``
     ([F] int32) ``grad`` stacks one [B, D] block per level and latent f reads block levels[f].
     ``row_term`` ([F] fp32) adds ``row_term[f] * (sum of f's values) * weight[f]`` to dweight[f]
-    before its rounding (``csr.segment_sum``).
+    before its rounding (``csr.segment_sum``); with ``row_term_by_coef`` False, ``row_term[f] * weight[f]``.
     """
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = weight.shape[0]
@@ -269,5 +330,6 @@ def gather_rows_backward(
         levels=levels,
         level_stride=level_stride,
         row_term=row_term,
+        row_term_by_coef=row_term_by_coef,
     )
     return dweight, dots.reshape(indices.shape)
