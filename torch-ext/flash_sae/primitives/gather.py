@@ -111,24 +111,25 @@ def _row_dots_kernel(
     B,
     F,
     D,
-    BLOCK_E: tl.constexpr,
+    ENTRIES: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    live = offs_e < N
-    row = tl.load(rows_ptr + offs_e, mask=live, other=0).to(tl.int64)
-    idx = tl.load(ids_ptr + offs_e, mask=live, other=-1).to(tl.int64)
-    ok = live & (row >= 0) & (row < B) & (idx >= 0) & (idx < F)
-    row = tl.where(ok, row, 0)
-    idx = tl.where(ok, idx, 0)
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        m = ok[:, None] & (offs_d < D)[None, :]
-        a = tl.load(src_ptr + row[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-        w = tl.load(weight_ptr + idx[:, None] * D + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(a * w, axis=1)
-    tl.store(out_ptr + offs_e, acc, mask=live)
+    offs_d = tl.arange(0, BLOCK_D)
+    for u in tl.static_range(ENTRIES):
+        e = tl.program_id(0).to(tl.int64) * ENTRIES + u
+        live = e < N
+        row = tl.load(rows_ptr + e, mask=live, other=0).to(tl.int64)
+        idx = tl.load(ids_ptr + e, mask=live, other=-1).to(tl.int64)
+        ok = live & (row >= 0) & (row < B) & (idx >= 0) & (idx < F)
+        row = tl.where(ok, row, 0)
+        idx = tl.where(ok, idx, 0)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):  # an empty entry reads row 0 of each (in bounds) and stores 0
+            m = (d0 + offs_d) < D
+            a = tl.load(src_ptr + row * D + d0 + offs_d, mask=m, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + idx * D + d0 + offs_d, mask=m, other=0.0).to(tl.float32)
+            acc += a * w
+        tl.store(out_ptr + e, tl.where(ok, tl.sum(acc, axis=0), 0.0), mask=live)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -260,7 +261,7 @@ def row_dots(src: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: t
 
     ``src`` [B, D] and ``weight`` [F, D] in any float dtype; an entry whose row is outside [0, B) or
     whose id is outside [0, F) (an empty slot) gets 0 and reads nothing. The encoder's value at a
-    code's entries without the [B, F] product: O(N * D) reads, one program per block of entries.
+    code's entries without the [B, F] product: O(N * D) reads, one program per four entries.
     """
     N = ids.numel()
     B, D = src.shape
@@ -275,11 +276,11 @@ def row_dots(src: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: t
         a = src[rows.clamp(0, B - 1)].float()
         w = weight[ids.clamp(0, F - 1)].float()
         return torch.where(ok, (a * w).sum(1), 0.0)
-    BLOCK_E = 32
-    BLOCK_D = min(128, max(16, next_pow2(D)))
-    _row_dots_kernel[(triton.cdiv(N, BLOCK_E),)](
+    entries = 4
+    BLOCK_D = min(512, max(16, next_pow2(D)))
+    _row_dots_kernel[(triton.cdiv(N, entries),)](
         src.contiguous(), weight.contiguous(), rows.contiguous(), ids.contiguous(), out, N, B, F, D,
-        BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
+        ENTRIES=entries, BLOCK_D=BLOCK_D, num_warps=4,
     )  # fmt: skip
     return out
 
