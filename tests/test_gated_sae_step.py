@@ -6,7 +6,7 @@ determinism, opcheck, bad input; and SAELens's own gated training SAE with its d
 import pytest
 import torch
 from encoder_inputs import make_sae, step_upstream, tuning
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op, rel_err
 from peers import saelens_step, saelens_training_sae
@@ -54,8 +54,7 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
         out = fs.gated_sae_step_dense(*params, **kw)
         assert out.vals is None and not bool(out.overflow)
     else:
-        need = int(same.count)
-        out = fs.gated_sae_step(*params, capacity=max(1, min(need + 3, B * F)), **kw)
+        out = fs.gated_sae_step(*params, capacity=B * F, **kw)
         assert not bool(out.overflow)
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
@@ -97,7 +96,7 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
         b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
         assert_parity(f"gated {what}", getattr(out, what), baseline(b, c, d.detach()), c, dtype)
     if B > 1:
-        assert_parity("gated fvu", out.fvu, same.fvu, r.fvu, dtype)
+        assert_parity("gated fvu", out.fvu, baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
     assert out.l0.item() == pytest.approx(float(r.l0), rel=1e-6)
     for name, a, b, c, d, p in zip(NAMES, ours, same_grads, r_grads, sh_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape
@@ -113,6 +112,8 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
     freeze=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(shape=(2, 255, 2), dtype=torch.bfloat16, l1_coefficient=0.0, freeze=False, seed=0)  # a GPU draw: the gate's
+# same-dtype rounding (nn.Linear's one rounding, not the product's and the bias's two)
 def test_gated_sae_step_parity(fs, device, shape, dtype, l1_coefficient, freeze, seed):
     check_gated_step(fs, shape, dtype, device, seed=seed, l1_coefficient=l1_coefficient, freeze=freeze)
 

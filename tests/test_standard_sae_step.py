@@ -75,7 +75,7 @@ def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_
         b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
         assert_parity(f"standard {what}", getattr(out, what), baseline(b, c, d.detach()), c, dtype)
     if B > 1:
-        assert_parity("standard fvu", out.fvu, same.fvu, r.fvu, dtype)
+        assert_parity("standard fvu", out.fvu, baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
     assert out.l0.item() == pytest.approx(need / B, rel=1e-6)
     assert torch.equal(out.fire_counts, active.sum(0))
     for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
@@ -93,6 +93,7 @@ def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_
 )
 @example(shape=(4, 4, 2), dtype=torch.float16, l1_coefficient=0.05, seed=4)  # a GPU draw: dW_dec's one rounding
 @example(shape=(8, 16, 1), dtype=torch.float16, l1_coefficient=0.0, seed=16)  # a GPU draw: z's fp16 rounding
+@example(shape=(2, 1, 1), dtype=torch.bfloat16, l1_coefficient=0.0, seed=1049)  # a GPU draw: fvu of one column
 def test_standard_sae_step_parity(fs, device, shape, dtype, l1_coefficient, seed):
     check_standard_step(fs, shape, dtype, device, seed=seed, l1_coefficient=l1_coefficient)
 

@@ -406,14 +406,13 @@ def gated_sae_step(
     tests pass flash-sae's). Returns the dense code [B, F] in ``vals``. ``round_preacts`` (a dtype)
     rounds xc, pi_gate and pi_mag to it with exact gradients (see ``encoder_preacts``).
     """
+    gate = encoder_preacts(x, W_enc, b_gate, b_dec, round_to=round_preacts)  # as nn.Linear: one rounding
     xc = x - b_dec
     if round_preacts is not None:
         xc = _rounded(xc, round_preacts)
-    P = xc @ W_enc.T
-    gate = P + b_gate
-    mag = P * r_mag.exp() + b_mag
+    mag = (xc @ W_enc.T) * r_mag.exp() + b_mag
     if round_preacts is not None:
-        gate, mag = _rounded(gate, round_preacts), _rounded(mag, round_preacts)
+        mag = _rounded(mag, round_preacts)
     opened, positive = masks if masks is not None else (gate.detach() > 0, mag.detach() > 0)
     active = opened & positive
     f = torch.where(active, mag, 0)
