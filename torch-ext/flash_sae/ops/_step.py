@@ -7,3 +7,23 @@ def step_grads_fake(x, W_enc, W_dec, b_dec, *extra):
     """A step backward's fake outputs: (dx, dW_enc, db_enc, dW_dec, db_dec), then one per ``extra`` tensor."""
     grads = (torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[0]))
     return (*grads, torch.empty_like(W_dec), torch.empty_like(b_dec), *(torch.empty_like(t) for t in extra))
+
+
+def cuda_fused(fn):
+    """``fn`` (a chain of elementwise passes and reductions over [B, F]) compiled by torch.compile for CUDA
+    tensors, so the chain runs as a few fused kernels instead of one pass per op; eager elsewhere (the
+    CPU and the interpreter run it as written) and when an outer torch.compile traces it. Compiled on
+    first use; a new shape recompiles once, then shapes are dynamic. The dense formulations use it."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if not args[0].is_cuda or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True)
+        return compiled(*args)
+
+    call.__doc__ = fn.__doc__
+    call.eager = fn
+    return call

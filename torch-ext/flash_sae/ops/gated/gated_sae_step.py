@@ -41,6 +41,7 @@ from ...primitives.encoder import encoder_backward
 from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
 from ...primitives.select import threshold_preacts
 from ...results import GatedSAEStep, fire_counts, total_variance
+from .._step import cuda_fused
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -265,10 +266,30 @@ def gated_sae_step(
     return GatedSAEStep(*out[:12])
 
 
+@cuda_fused
+def _dense_codes(P, b_gate, scale, b_mag, dtype: torch.dtype):
+    """From the fp32 encoder product: relu(pi_gate), the code f, where f passes gradient (open gate and
+    pi_mag > 0), each latent's count of f > 0 and the open gates' count."""
+    gate = (P + b_gate.float()).to(dtype)
+    mag = (P * scale + b_mag.float()).to(dtype)
+    mag_open = (gate > 0) & (mag > 0)
+    return torch.relu(gate), torch.where(mag_open, mag, 0), mag_open, mag_open.sum(0), (gate > 0).sum()
+
+
+@cuda_fused
+def _dense_preact_grads(d_f, d_a, mag_open, a, scale, P):
+    """From dL/df and dL/d relu(pi_gate): dL/d(the encoder product) in the dtype, and db_gate, db_mag,
+    dr_mag in fp32."""
+    d_mag = torch.where(mag_open, d_f.float(), 0.0)
+    d_gate = torch.where(a > 0, d_a.float(), 0.0)
+    dP = (d_gate + d_mag * scale).to(a.dtype)
+    return dP, d_gate.sum(0), d_mag.sum(0), scale * (d_mag * P).sum(0)
+
+
 class _DenseStep(torch.autograd.Function):
     """The dense formulation: cuBLAS products over [B, F] (one encoder product serves both paths, in
-    fp32), the two decoder products, and their adjoints; dW_dec in fp32 with the penalty's row term
-    added in one rounding."""
+    fp32), the two decoder products, and their adjoints; the elementwise passes between them fused
+    (``cuda_fused``); dW_dec in fp32 with the penalty's row term added in one rounding."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient, freeze):
@@ -277,11 +298,7 @@ class _DenseStep(torch.autograd.Function):
         xc = x - b_dec
         P = mm_f32(xc, W_enc.t())  # xc . W_enc[f], fp32 [B, F]
         scale = r_mag.float().exp()
-        gate = (P + b_gate.float()).to(dtype)
-        a = torch.relu(gate)
-        mag = (P * scale + b_mag.float()).to(dtype)
-        mag_open = (gate > 0) & (mag > 0)
-        f = torch.where(mag_open, mag, 0)
+        a, f, mag_open, counts, gates = _dense_codes(P, b_gate, scale, b_mag, dtype)
         residual = torch.addmm(b_dec, f, W_dec).float().sub_(x.float())
         aux_residual = torch.addmm(b_dec, a, W_dec).float().sub_(x.float())
         sq, sq_aux = residual.square().sum(), aux_residual.square().sum()
@@ -289,8 +306,6 @@ class _DenseStep(torch.autograd.Function):
         l1 = torch.mv(a, norms.to(dtype)).float().sum() / B
         ctx.save_for_backward(xc, W_enc, W_dec, P, f, a, mag_open, residual, aux_residual, norms, scale)
         ctx.l1_coefficient, ctx.freeze = l1_coefficient, freeze
-        counts = torch.count_nonzero(f, dim=0)
-        gates = torch.count_nonzero(a)
         ctx.mark_non_differentiable(sq, sq_aux, l1, counts, gates)
         return (sq + sq_aux) / B + l1_coefficient * l1, sq, sq_aux, l1, counts, gates
 
@@ -303,9 +318,9 @@ class _DenseStep(torch.autograd.Function):
         c = g * (ctx.l1_coefficient / B)
         d_xhat32, d_aux32 = residual * s, aux_residual * s
         d_xhat, d_aux = d_xhat32.to(dtype), d_aux32.to(dtype)
-        d_mag = torch.where(mag_open, d_xhat @ W_dec.t(), 0)
-        d_gate = torch.ops.aten.threshold_backward(torch.addmm((c * norms).to(dtype), d_aux, W_dec.t()), a, 0)
-        dP = (d_gate.float() + d_mag.float() * scale).to(dtype)
+        d_f = d_xhat @ W_dec.t()
+        d_a = torch.addmm((c * norms).to(dtype), d_aux, W_dec.t())  # + the penalty's code gradient
+        dP, db_gate, db_mag, dr = _dense_preact_grads(d_f, d_a, mag_open, a, scale, P)
         dW_enc = dP.t() @ xc
         dxc = (dP @ W_enc).float()
         if ctx.freeze:
@@ -314,14 +329,11 @@ class _DenseStep(torch.autograd.Function):
             base = mm_f32(torch.cat([f, a]).t(), torch.cat([d_xhat, d_aux]))
         row_scale = torch.where(norms > 0, c * a.sum(0, dtype=torch.float32) / norms.clamp_min(TINY), 0.0)
         dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=base)
-        db_gate = d_gate.sum(0, dtype=torch.float32).to(dtype)
-        db_mag = d_mag.sum(0, dtype=torch.float32).to(dtype)
-        dr = (scale * (d_mag.float() * P).sum(0)).to(dtype)
         dx = (dxc - d_xhat32 - d_aux32).to(dtype)
         db_dec32 = d_xhat32.sum(0) - dxc.sum(0)
         if not ctx.freeze:
             db_dec32 = db_dec32 + d_aux32.sum(0)
-        return dx, dW_enc, db_gate, dr, db_mag, dW_dec, db_dec32.to(dtype), None, None
+        return dx, dW_enc, db_gate.to(dtype), dr.to(dtype), db_mag.to(dtype), dW_dec, db_dec32.to(dtype), None, None
 
 
 def gated_sae_step_dense(

@@ -36,7 +36,7 @@ from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import StandardSAEStep, fire_counts, total_variance
-from .._step import step_grads_fake
+from .._step import cuda_fused, step_grads_fake
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -204,11 +204,18 @@ def standard_sae_step(
     return StandardSAEStep(*out[:11])
 
 
+@cuda_fused
+def _dense_relu_grads(d_acts, acts):
+    """The ReLU's gate on dL/d(code), each latent's sum of the code (fp32) and of the gated gradient (fp32)."""
+    dz = torch.where(acts > 0, d_acts, 0)
+    return dz, acts.sum(0, dtype=torch.float32), dz.sum(0, dtype=torch.float32)
+
+
 class _DenseStep(torch.autograd.Function):
     """The dense formulation: six cuBLAS products and a few passes over [B, F], fused where torch
-    allows (the penalty's code gradient as the bias of the dA product, the ReLU's gate in one pass,
-    dW_dec's product in fp32 and the penalty's decoder-row term added in one row pass that rounds
-    once)."""
+    allows (the penalty's code gradient as the bias of the dA product, the ReLU's gate and the column
+    sums in one fused pass, dW_dec's product in fp32 and the penalty's decoder-row term added in one
+    row pass that rounds once)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_coefficient):
@@ -234,11 +241,11 @@ class _DenseStep(torch.autograd.Function):
         d_xhat32 = residual * (2 * g / B)
         d_xhat = d_xhat32.to(dtype)
         d_acts = torch.addmm((c * norms).to(dtype), d_xhat, W_dec.t())  # + the penalty's code gradient
-        dz = torch.ops.aten.threshold_backward(d_acts, acts, 0)
-        row_scale = torch.where(norms > 0, c * acts.sum(0, dtype=torch.float32) / norms.clamp_min(TINY), 0.0)
+        dz, acts_sum, db_enc = _dense_relu_grads(d_acts, acts)
+        row_scale = torch.where(norms > 0, c * acts_sum / norms.clamp_min(TINY), 0.0)
         dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=mm_f32(acts.t(), d_xhat))
         dW_enc = dz.t() @ xc
-        db_enc = dz.sum(0, dtype=torch.float32).to(dtype)
+        db_enc = db_enc.to(dtype)
         dxc = (dz @ W_enc).float()
         dx = (dxc - d_xhat32).to(dtype)
         db_dec = (d_xhat32.sum(0) - dxc.sum(0)).to(dtype)
