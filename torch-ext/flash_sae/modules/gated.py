@@ -19,10 +19,10 @@ from .base import GatedSAEBase
 from .batchtopk import decode_code
 
 # Open gates per row, as a fraction of F, above which the dense formulation is faster: on an H100 in bf16
-# the two steps' CUDA-graph times cross at about 0.0105 (2048, 2304, 65536) and 0.0094 (4096, 2048,
+# the two steps' CUDA-graph times cross at about 0.0052 (2048, 2304, 65536) and 0.0044 (4096, 2048,
 # 262144), interpolated between measured densities (benchmarks/standard_sae_step.py --arch gated,
-# results/gated_sae_step_h100_v1.log).
-DENSE_ABOVE = 0.009
+# results/gated_sae_step_h100.log).
+DENSE_ABOVE = 0.005
 
 
 @torch.no_grad()
