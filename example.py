@@ -10,8 +10,8 @@
 """flash-sae in one page: load the kernel from the hub, train-step a TopK SAE decoder
 loss, check every gradient against the fp64 reference, and time it; then train a
 ``SparseAutoencoder`` for a few steps with the fused full step and check that step
-against its plain-torch twin; then the BatchTopK, Matryoshka BatchTopK and JumpReLU
-modules, five steps each, their first step checked against the fp64 reference.
+against its plain-torch twin; then the BatchTopK, Matryoshka BatchTopK, JumpReLU, standard and
+Gated modules, five steps each, their first step checked against the fp64 reference.
 
     uv run example.py
 
@@ -144,8 +144,8 @@ def train_sparse_autoencoder(fs, device, dtype):
 
 
 def train_family(fs, device, dtype):
-    """BatchTopK, Matryoshka BatchTopK and JumpReLU modules: five Adam steps each, the first step's loss
-    checked against the fp64 reference at the same code."""
+    """BatchTopK, Matryoshka BatchTopK, JumpReLU, standard and Gated modules: five Adam steps each, the
+    first step's loss checked against the fp64 reference at the same code."""
     B, D, F, K = (2048, 2304, 65536, 64) if ON_GPU else (16, 24, 96, 4)
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(B, D, device=device, generator=g).to(dtype)
@@ -156,6 +156,12 @@ def train_family(fs, device, dtype):
         ),
         "JumpReLUSparseAutoencoder": fs.JumpReLUSparseAutoencoder(
             D, F, l0_coefficient=1e-3, dtype=dtype, device=device, seed=0
+        ),
+        "StandardSparseAutoencoder": fs.StandardSparseAutoencoder(
+            D, F, l1_coefficient=1e-3, dtype=dtype, device=device, seed=0
+        ),
+        "GatedSparseAutoencoder": fs.GatedSparseAutoencoder(
+            D, F, l1_coefficient=1e-3, dtype=dtype, device=device, seed=0
         ),
     }
     good = True
@@ -172,7 +178,8 @@ def train_family(fs, device, dtype):
             opt.step()
             l0 = step.l0.item() if hasattr(step, "l0") else step.indices.numel() / B
             line.append(f"{step.loss.item():.4f} (L0 {l0:.1f})")
-        extra = f", threshold {sae.threshold.item():.4f}" if name != "JumpReLUSparseAutoencoder" else ""
+        extra = f", threshold {sae.threshold.item():.4f}" if name.startswith(("BatchTopK", "Matryoshka")) else ""
+        extra += f", last step {sae.last_path}" if hasattr(sae, "last_path") else ""
         print(f"{name}: losses {', '.join(line)}{extra}  {'OK' if good_step else 'MISMATCH'}")
     return good
 
@@ -180,8 +187,14 @@ def train_family(fs, device, dtype):
 def _check_first_step(fs, name, sae, x, step):
     """The first step's loss against the fp64 plain-torch step at the same code (or threshold masks)."""
     ref = fs.reference
+    if name == "GatedSparseAutoencoder":
+        p64 = [t.detach().double() for t in (x, *sae.gated_params())]
+        want = ref.gated_sae_step(*p64, sae.l1_coefficient, sae.freeze_aux_decoder).loss
+        return _report(name, step, want)
     p64 = [t.detach().double() for t in (x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
-    if name == "JumpReLUSparseAutoencoder":
+    if name == "StandardSparseAutoencoder":
+        want = ref.standard_sae_step(*p64, sae.l1_coefficient).loss
+    elif name == "JumpReLUSparseAutoencoder":
         theta = sae.current_threshold().detach().double()
         want = ref.jumprelu_sae_step(*p64, theta, sae.bandwidth, sae.l0_coefficient).loss
     else:
@@ -193,6 +206,10 @@ def _check_first_step(fs, name, sae, x, step):
             want = ref.batchtopk_sae_step(*p64, sae.k, rescale, selection=selection).loss
         else:
             want = ref.matryoshka_batchtopk_sae_step(*p64, sae.k, sae.prefix_sizes, rescale, selection=selection).loss
+    return _report(name, step, want)
+
+
+def _report(name, step, want):
     err = abs(step.loss.item() - want.item()) / abs(want.item())
     print(f"  {name} step 0: loss {step.loss.item():.6f}, fp64 {want.item():.6f}, relative error {err:.1e}")
     return err < 1e-2
