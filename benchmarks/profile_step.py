@@ -5,7 +5,8 @@ Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU;
 OP: a decoder op (topk_sae_loss, ...) or a whole step (topk_sae_step, topk_sae_step+auxk or +ghost
 with 4096 dead latents and k_aux = 512, batchtopk_sae_step,
 jumprelu_sae_step with its threshold set so that L0 is about K, matryoshka_*_sae_step with
-side_by_side's five levels).
+side_by_side's five levels, standard_sae_step / gated_sae_step and their _dense formulations with
+L0 about K (standard_sae_step.py's problem), a "+compile" suffix on a dense one for torch.compile of it).
 """
 
 import os
@@ -44,6 +45,20 @@ def step_call(fs, op, B, D, F, K, dtype):
         capacity = 1 << (int(1.25 * count) - 1).bit_length()
         jp = params + [threshold]
         return lambda: fs.jumprelu_sae_step(*jp, capacity=capacity).loss, jp
+    if op.startswith(("standard_sae_step", "gated_sae_step")):
+        from standard_sae_step import problem
+
+        arch = op.split("_")[0]
+        params = problem(B, D, F, K, "cuda", arch)
+        fn = getattr(fs, op.split("+")[0])
+        if op.endswith("+compile"):
+            fn = torch.compile(fn, dynamic=False)
+        if "_dense" in op:
+            return lambda: fn(*params).loss, params
+        with torch.no_grad():
+            count = int(getattr(fs, f"{arch}_sae_step_dense")(*params).count)
+        capacity = min(B * F, 1 << (int(1.5 * count) - 1).bit_length())
+        return lambda: fn(*params, capacity=capacity).loss, params
     raise SystemExit(f"unknown step op {op}")
 
 
