@@ -267,13 +267,16 @@ def gated_sae_step(
 
 
 @cuda_fused
-def _dense_codes(P, b_gate, scale, b_mag, dtype: torch.dtype):
+def _dense_codes(P, b_gate, scale, b_mag, norms, dtype: torch.dtype):
     """From the fp32 encoder product: relu(pi_gate), the code f, where f passes gradient (open gate and
-    pi_mag > 0), each latent's count of f > 0 and the open gates' count."""
+    pi_mag > 0), each latent's count of f > 0, the open gates' count and each row's penalty
+    sum_f relu(pi_gate) * ||W_dec[f]|| in fp32."""
     gate = (P + b_gate.float()).to(dtype)
     mag = (P * scale + b_mag.float()).to(dtype)
     mag_open = (gate > 0) & (mag > 0)
-    return torch.relu(gate), torch.where(mag_open, mag, 0), mag_open, mag_open.sum(0), (gate > 0).sum()
+    a = torch.relu(gate)
+    l1_rows = (a.float() * norms).sum(1)
+    return a, torch.where(mag_open, mag, 0), mag_open, mag_open.sum(0), (gate > 0).sum(), l1_rows
 
 
 @cuda_fused
@@ -298,12 +301,12 @@ class _DenseStep(torch.autograd.Function):
         xc = x - b_dec
         P = mm_f32(xc, W_enc.t())  # xc . W_enc[f], fp32 [B, F]
         scale = r_mag.float().exp()
-        a, f, mag_open, counts, gates = _dense_codes(P, b_gate, scale, b_mag, dtype)
+        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+        a, f, mag_open, counts, gates, l1_rows = _dense_codes(P, b_gate, scale, b_mag, norms, dtype)
         residual = torch.addmm(b_dec, f, W_dec).float().sub_(x.float())
         aux_residual = torch.addmm(b_dec, a, W_dec).float().sub_(x.float())
         sq, sq_aux = residual.square().sum(), aux_residual.square().sum()
-        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
-        l1 = torch.mv(a, norms.to(dtype)).float().sum() / B
+        l1 = l1_rows.sum() / B
         ctx.save_for_backward(xc, W_enc, W_dec, P, f, a, mag_open, residual, aux_residual, norms, scale)
         ctx.l1_coefficient, ctx.freeze = l1_coefficient, freeze
         ctx.mark_non_differentiable(sq, sq_aux, l1, counts, gates)

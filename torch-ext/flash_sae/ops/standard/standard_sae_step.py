@@ -205,6 +205,14 @@ def standard_sae_step(
 
 
 @cuda_fused
+def _dense_relu_code(z, norms):
+    """The ReLU code from the pre-activations, each latent's count of active rows, and each row's
+    penalty sum_f f * ||W_dec[f]|| in fp32 (one pass over [B, F] on CUDA)."""
+    acts = torch.relu(z)
+    return acts, (acts > 0).sum(0), (acts.float() * norms).sum(1)
+
+
+@cuda_fused
 def _dense_relu_grads(d_acts, acts):
     """The ReLU's gate on dL/d(code), each latent's sum of the code (fp32) and of the gated gradient (fp32)."""
     dz = torch.where(acts > 0, d_acts, 0)
@@ -221,14 +229,13 @@ class _DenseStep(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_coefficient):
         B = x.shape[0]
         xc = x - b_dec
-        acts = torch.relu_(torch.addmm(b_enc, xc, W_enc.t()))
+        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+        acts, counts, l1_rows = _dense_relu_code(torch.addmm(b_enc, xc, W_enc.t()), norms)
         residual = torch.addmm(b_dec, acts, W_dec).float().sub_(x.float())
         sq = residual.square().sum()
-        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
-        l1 = torch.mv(acts, norms.to(acts.dtype)).float().sum() / B  # per row in the dtype, as torch's own
+        l1 = l1_rows.sum() / B
         ctx.save_for_backward(xc, W_enc, W_dec, acts, residual, norms)
         ctx.l1_coefficient = l1_coefficient
-        counts = torch.count_nonzero(acts, dim=0)
         ctx.mark_non_differentiable(sq, l1, counts)
         return sq / B + l1_coefficient * l1, sq, l1, counts
 
