@@ -24,11 +24,11 @@ from ._geometry import FusedDecoderGeometry
 from .base import StandardSAEBase
 from .batchtopk import decode_code
 
-# Active latents per row, as a fraction of F, above which the dense formulation is faster: on an
-# H100 in bf16 the two steps' CUDA-graph times cross at about 0.0085 (2048, 2304, 65536) and 0.0067
-# (4096, 2048, 262144), interpolated between measured densities (benchmarks/standard_sae_step.py,
-# results/standard_sae_step_h100.log).
-DENSE_ABOVE = 0.007
+# Active latents per row, as a fraction of F, above which the dense formulation is faster: on an H100 in
+# bf16 the two steps' CUDA-graph times cross at about 0.0070 (2048, 2304, 65536) and 0.0055 (4096, 2048,
+# 262144), interpolated between measured densities (benchmarks/standard_sae_step.py,
+# results/standard_sae_step_h100.log, after the dense formulation's fused passes).
+DENSE_ABOVE = 0.006
 
 
 @torch.no_grad()
