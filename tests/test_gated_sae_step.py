@@ -15,9 +15,13 @@ MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
 NAMES = ("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
 
 
-def make_gated(B, D, F, dtype, device, *, seed):
-    """x and the six parameters (requires_grad): make_sae's, with b_gate = b_enc and r_mag, b_mag drawn."""
+def make_gated(B, D, F, dtype, device, *, seed, zero_rows=0):
+    """x and the six parameters (requires_grad): make_sae's, with b_gate = b_enc and r_mag, b_mag drawn;
+    the first ``zero_rows`` decoder rows zero."""
     x, W_enc, b_enc, W_dec, b_dec = make_sae(B, D, F, 1, dtype, device, seed=seed)
+    if zero_rows:
+        with torch.no_grad():
+            W_dec[:zero_rows] = 0
     g = torch.Generator().manual_seed(seed + 7)
     r_mag = (torch.randn(F, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_()
     b_mag = (torch.randn(F, generator=g) * 0.1).to(device=device, dtype=dtype).requires_grad_()
@@ -43,12 +47,10 @@ def dense_code(out, B, F):
     return dense, opened, n
 
 
-def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, dense=False):
+def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, dense=False, zero_rows=0):
     B, D, F = shape
-    params = make_gated(B, D, F, dtype, device, seed=seed)
+    params = make_gated(B, D, F, dtype, device, seed=seed, zero_rows=zero_rows)
     ref = fs.reference
-    with torch.no_grad():
-        same = ref.gated_sae_step(*params, l1_coefficient, freeze)
     kw = dict(l1_coefficient=l1_coefficient, freeze_aux_decoder=freeze)
     if dense:
         out = fs.gated_sae_step_dense(*params, **kw)
@@ -73,6 +75,14 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
         xc = (params[0] - params[6]).detach()
         same_open = torch.addmm(params[2].detach(), xc, params[1].detach().T) > 0
         assert torch.equal(opened, same_open), "other open gates than pi_gate > 0"
+        # f > 0 where pi_mag > 0: pi_mag from xc rounded to the dtype (as the step rounds it), in fp64; a
+        # sign is settled where |pi_mag| exceeds what an fp32 dot's summation order can move
+        x, W_enc, _, r_mag, b_mag, _, b_dec = [p.detach().double() for p in params]
+        xc = (params[0] - params[6]).detach().double()
+        mag64 = (xc @ W_enc.T) * r_mag.exp() + b_mag
+        slack = 1e-5 * (xc.abs() @ W_enc.abs().T) * r_mag.exp() + 1e-30
+        settled = opened & (mag64.abs() > slack)
+        assert torch.equal((code > 0)[settled], (mag64 > 0)[settled]), "other magnitudes > 0 than pi_mag > 0"
     assert int(out.count) == int(masks[0].sum())
     assert torch.equal(out.fire_counts, (masks[0] & masks[1]).sum(0))
 
@@ -154,14 +164,23 @@ def test_gated_frozen_aux_decoder(fs, device, dense):
 
 
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
-def test_gated_empty_code(fs, device, dense):
+def test_gated_zero_decoder_rows(fs, device, dtype, dense):
+    """A zero decoder row has no norm gradient (torch's norm gives 0 there): finite, and by the rule."""
+    check_gated_step(fs, (5, 11, 30), dtype, device, seed=4, l1_coefficient=1.0, freeze=False, dense=dense, zero_rows=3)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "shared"])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_gated_empty_code(fs, device, dense, freeze):
     """No open gate: the losses are b_dec's MSE twice (the reconstruction and the auxiliary one), the
-    penalty 0, and only x and b_dec get gradients."""
+    penalty 0, and only x and b_dec get gradients (b_dec the auxiliary loss's only if it is not frozen)."""
     params = make_gated(3, 7, 5, torch.float32, device, seed=8)
     with torch.no_grad():
         params[2].fill_(-100.0)
-    kw = dict(l1_coefficient=0.5, freeze_aux_decoder=False)
+    kw = dict(l1_coefficient=0.5, freeze_aux_decoder=freeze)
     out = fs.gated_sae_step_dense(*params, **kw) if dense else fs.gated_sae_step(*params, capacity=1, **kw)
     assert int(out.count) == 0 and float(out.l1) == 0.0 and float(out.l0) == 0.0 and not bool(out.overflow)
     x, b_dec = params[0].detach(), params[6].detach()
@@ -170,7 +189,8 @@ def test_gated_empty_code(fs, device, dense):
     g = grads(out.loss, params, torch.tensor(1.0, device=device))
     for name, d in zip(NAMES[1:6], g[1:6]):
         assert not d.any(), f"d{name} should be zero"
-    torch.testing.assert_close(g[6], 4 * (b_dec - x).sum(0) / 3, rtol=1e-5, atol=1e-6)
+    aux_share = 1 if freeze else 2  # frozen: b_dec gets the reconstruction's gradient only
+    torch.testing.assert_close(g[6], 2 * aux_share * (b_dec - x).sum(0) / 3, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[0], -4 * (b_dec - x) / 3, rtol=1e-5, atol=1e-6)
 
 

@@ -123,6 +123,49 @@ def test_standard_step(fs, torch_path, dtype, monkeypatch):
 
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_step(fs, torch_path, dtype, monkeypatch):
+    """The Gated step on this path (row_dots, the decoder pass's row term without the coefficient sum):
+    parity both decoder rules and with zero decoder rows, chunks, overflow."""
+    from test_gated_sae_step import check_gated_step, test_gated_chunks, test_gated_overflow_is_reported
+
+    check_gated_step(fs, (5, 30, 300), dtype, torch_path, seed=4, l1_coefficient=0.7, freeze=True, zero_rows=5)
+    check_gated_step(fs, (4, 17, 60), dtype, torch_path, seed=5, l1_coefficient=0.2, freeze=False)
+    test_gated_chunks(fs, torch_path, dtype, monkeypatch)
+    test_gated_overflow_is_reported(fs, torch_path)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("by_coef", [True, False])
+def test_segment_sum_row_term_matches_the_kernel(fs, by_coef):
+    """segment_sum's row term, with the coefficient sum asked for too: the plain-torch branch and the
+    Triton kernel (the interpreter here) give the same rows and sums."""
+    csr = package_module(fs, "primitives.csr")
+    g = torch.Generator().manual_seed(3)
+    F, D, B, K = 7, 9, 5, 3
+    idx = torch.randint(0, F, (B, K), generator=g)
+    perm, offsets = csr.csr_transpose(idx, F)
+    src, weight = torch.randn(B, D, generator=g), torch.randn(F, D, generator=g)
+    coef, row_term = torch.randn(B * K, generator=g), torch.randn(F, generator=g)
+    runs = []
+    for launch in (csr.segment_sum, csr._segment_sum_torch):
+        out, csum = torch.empty(F, D), torch.empty(F)
+        kw = dict(coef=coef, weight=weight, coef_sum=csum, row_term=row_term, row_term_by_coef=by_coef)
+        if launch is csr.segment_sum:
+            dots = launch(perm, offsets, src, K=K, out=out, element_rows=False, **kw)
+        else:
+            dots = launch(perm, offsets, src, K, out, False, coef, None, 1.0, weight, 0, csum, None, None, 0,
+                          row_term, by_coef)  # fmt: skip
+        runs.append((out, csum, dots))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    sums = torch.zeros(F).index_add_(0, idx.reshape(-1), coef)
+    expect = row_term * (sums if by_coef else 1.0)
+    plain = torch.zeros(F, D).index_add_(0, idx.reshape(-1), coef[:, None] * src.repeat_interleave(K, 0))
+    torch.testing.assert_close(runs[0][0], plain + expect[:, None] * weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_ops(fs, torch_path, dtype):
     """varlen_sparse_decode and varlen_sae_loss on this path (empty rows, repeats, padding)."""
     from test_varlen_sae_loss import check_varlen_loss

@@ -14,7 +14,8 @@ def cuda_fused(fn):
     tensors, so the chain runs as a few fused kernels instead of one pass per op; eager elsewhere (the
     CPU and the interpreter run it as written) and when an outer torch.compile traces it. Compiled on
     first use for static shapes: each new shape or dtype compiles again (a training run has one or
-    two), and past dynamo's recompile limit (8) new ones run eagerly, with the same results. (Dynamic
+    two), and past dynamo's recompile limit (8) new ones run eagerly (the same results up to summation
+    order). The first call at a shape compiles: warm up eagerly before capturing a CUDA graph. (Dynamic
     shapes were measured slower: 5.6 s a step at B * F = 2^30; benchmarks/NOTES.md.)"""
     compiled = None
 

@@ -282,7 +282,8 @@ def _segment_sum_torch(
         if coef_sum is not None:
             coef_sum.copy_(c * s)
         if row_term is not None:
-            acc += (row_term * c)[:, None] * weight[:, d_base : d_base + width].float()
+            by = c if row_term_by_coef else 1.0
+            acc += (row_term * by)[:, None] * weight[:, d_base : d_base + width].float()
     elif row_term is not None:
         acc += row_term[:, None] * weight[:, d_base : d_base + width].float()
     out[:, d_base : d_base + width] = acc.to(out.dtype)

@@ -260,7 +260,8 @@ def row_dots(src: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: t
     """``dots[e] = <src[rows[e]], weight[ids[e]]>`` for each entry of a code, fp32 [N] (fp32 accumulation).
 
     ``src`` [B, D] and ``weight`` [F, D] in any float dtype; an entry whose row is outside [0, B) or
-    whose id is outside [0, F) (an empty slot) gets 0 and reads nothing. The encoder's value at a
+    whose id is outside [0, F) (an empty slot) gets 0 (the kernel reads row 0 of each for it, in
+    bounds since B, F >= 1 there). The encoder's value at a
     code's entries without the [B, F] product: O(N * D) reads, one program per four entries.
     """
     N = ids.numel()

@@ -22,7 +22,8 @@ What is fused:
   one) give both residuals and their squared sums; the penalty from the code and the rows' norms;
 - backward: one segmented pass over the code taken twice (the reconstruction's rows, then the
   auxiliary one's) gives dW_dec, with the penalty's term along each row before its one rounding,
-  and each entry's two dots; one CSR transpose of the code gives dW_enc from both paths' gradients
+  and each entry's two dots (over the doubled code's own CSR transpose); one CSR transpose of the
+  code gives dW_enc from both paths' gradients
   (pi_gate's plus exp(r_mag) times pi_mag's) and the per-latent sums of b_gate, b_mag and r_mag.
 
 Capacity as ``standard_sae_step``'s (``count`` gates open; ``overflow = count > capacity``).
@@ -354,7 +355,8 @@ def gated_sae_step_dense(
     """The same step in its dense formulation, for while the gates are mostly open (early in training).
 
     cuBLAS products over the dense [B, F] code (the backward keeps it, and the fp32 encoder
-    product), the losses' sums in fp32. Same losses and gradients as ``gated_sae_step`` by the
+    product); the reconstructions are rounded to the dtype (as torch's own), the residuals and the
+    losses' sums are fp32. Same losses and gradients as ``gated_sae_step`` by the
     parity rule; ``vals``, ``indices`` and ``row_offsets`` are None, ``count`` is the number of
     open gates and ``overflow`` False. No host sync.
     """
