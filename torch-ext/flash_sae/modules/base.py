@@ -485,39 +485,17 @@ class StandardSAEBase(SAELensInitBase):
         return f"l1_coefficient={self.l1_coefficient}"
 
 
-class GatedSAEBase(SAELensInitBase):
+class GatedSAEBase(StandardSAEBase):
     """A Gated SAE (Rajamanoharan et al. 2024): ``SAEBase``'s W_enc, W_dec and b_dec with SAELens's
     init, and in place of ``b_enc`` the gate's bias ``b_gate``, the magnitude path's log-scale
     ``r_mag`` and bias ``b_mag`` (all [F], zero at init, as SAELens's ``gated`` training SAE),
-    ``l1_coefficient`` (SAELens's default 1.0) and ``freeze_aux_decoder`` (see ``gated_sae_step``)."""
+    ``l1_coefficient`` (``StandardSAEBase``'s, on the gate) and ``freeze_aux_decoder`` (see
+    ``gated_sae_step``)."""
 
-    def __init__(
-        self,
-        d_model,
-        n_features,
-        *,
-        l1_coefficient=1.0,
-        freeze_aux_decoder=True,
-        decoder_init_norm=0.1,
-        dtype=None,
-        device=None,
-        seed=None,
-        dead_window_tokens=10_000_000,
-    ):
-        super().__init__(
-            d_model,
-            n_features,
-            decoder_init_norm=decoder_init_norm,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            dead_window_tokens=dead_window_tokens,
-        )
-        if isinstance(l1_coefficient, bool) or not isinstance(l1_coefficient, (int, float)) or not l1_coefficient >= 0:
-            raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
+    def __init__(self, d_model, n_features, *, freeze_aux_decoder=True, **kwargs):
+        super().__init__(d_model, n_features, **kwargs)
         if not isinstance(freeze_aux_decoder, bool):
             raise ValueError(f"freeze_aux_decoder must be a bool, got {freeze_aux_decoder!r}")
-        self.l1_coefficient = float(l1_coefficient)
         self.freeze_aux_decoder = freeze_aux_decoder
         b_enc = self.b_enc
         del self.b_enc
@@ -533,4 +511,4 @@ class GatedSAEBase(SAELensInitBase):
         return (self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec)
 
     def _sparsity_repr(self) -> str:
-        return f"l1_coefficient={self.l1_coefficient}, freeze_aux_decoder={self.freeze_aux_decoder}"
+        return f"{super()._sparsity_repr()}, freeze_aux_decoder={self.freeze_aux_decoder}"
