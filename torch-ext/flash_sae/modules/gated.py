@@ -9,9 +9,7 @@ host without a wait, never a sync in the step.
 
 import torch
 
-from ..ops.gated.gated_sae_step import gated_sae_step, gated_sae_step_dense
-from ..primitives.gather import row_dots, row_ids
-from ..primitives.select import threshold_preacts
+from ..ops.gated.gated_sae_step import gated_code, gated_sae_step, gated_sae_step_dense
 from ..results import GatedSAEStep
 from ._capacity import DenseSwitch
 from ._geometry import FusedDecoderGeometry
@@ -30,14 +28,11 @@ def gated_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
     """The gated code (f at the open gates) as a variable-length code, from ``sae``'s parameters:
     (vals, indices, row_offsets); an open gate whose magnitude is <= 0 holds 0. ``capacity`` None
     counts first (one host sync). Shared with the hub layer."""
-    zero = torch.zeros(sae.W_enc.shape[0], dtype=x.dtype, device=x.device)
+    params = (x, sae.W_enc, sae.b_gate, sae.r_mag, sae.b_mag, sae.b_dec)
     if capacity is None:
-        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_gate, sae.b_dec, zero, 0.0, 1)[3]))
-    _, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_gate, sae.b_dec, zero, 0.0, capacity)
-    dots = row_dots(x - sae.b_dec, sae.W_enc, row_ids(row_offsets, capacity), indices)
-    at = indices.clamp_min(0)
-    mag = (sae.r_mag.float().exp()[at] * dots + sae.b_mag.float()[at]).to(x.dtype)
-    vals = torch.where(indices >= 0, torch.relu(mag), 0)
+        capacity = max(1, int(gated_code(*params, 1)[4]))
+    _, mag, indices, row_offsets, _, _ = gated_code(*params, capacity)
+    vals = torch.relu(mag)  # 0 at the empty slots
     return vals, indices, row_offsets
 
 

@@ -9,6 +9,11 @@ def step_grads_fake(x, W_enc, W_dec, b_dec, *extra):
     return (*grads, torch.empty_like(W_dec), torch.empty_like(b_dec), *(torch.empty_like(t) for t in extra))
 
 
+def at_entries(per_latent: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """An [F] vector read at each entry of a code (0 at the empty slots, id -1)."""
+    return torch.where(indices >= 0, per_latent[indices.clamp_min(0)], 0.0)
+
+
 def cuda_fused(fn):
     """``fn`` (a chain of elementwise passes and reductions over [B, F]) compiled by torch.compile for CUDA
     tensors, so the chain runs as a few fused kernels instead of one pass per op; eager elsewhere (the

@@ -42,16 +42,22 @@ from ...primitives.encoder import encoder_backward
 from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
 from ...primitives.select import threshold_preacts
 from ...results import GatedSAEStep, fire_counts, total_variance
-from .._step import cuda_fused
+from .._step import at_entries, cuda_fused
 
 TINY = torch.finfo(torch.float32).tiny
 
 # Host launchers ----------------------------------------------------------------
 
 
-def _at(per_latent: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """An [F] fp32 vector read at each entry of the code (0 at the empty slots)."""
-    return torch.where(indices >= 0, per_latent[indices.clamp_min(0)], 0.0)
+def gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity):
+    """The open gates as a variable-length code: (relu(pi_gate), pi_mag in x's dtype, indices,
+    row_offsets, count, dots), pi_mag from fp32 dots of xc with the encoder rows, rounded once.
+    Shared by the step and the module's encode."""
+    zero = torch.zeros(W_enc.shape[0], dtype=x.dtype, device=x.device)
+    gate, indices, row_offsets, count = threshold_preacts(x, W_enc, b_gate, b_dec, zero, 0.0, capacity)
+    dots = row_dots(x - b_dec, W_enc, row_ids(row_offsets, capacity), indices)  # xc . W_enc[f], fp32
+    mag = (at_entries(r_mag.float().exp(), indices) * dots + at_entries(b_mag.float(), indices)).to(x.dtype)
+    return gate, mag, indices, row_offsets, count, dots
 
 
 def gated_sae_step_fwd(
@@ -74,16 +80,12 @@ def gated_sae_step_fwd(
     gate, mag, dots, residual, aux_residual, norms); the last six are kept for the backward."""
     B, D = x.shape
     F = W_dec.shape[0]
-    zero = torch.zeros(F, dtype=x.dtype, device=x.device)
-    gate, indices, row_offsets, count = threshold_preacts(x, W_enc, b_gate, b_dec, zero, 0.0, capacity)
-    rows = row_ids(row_offsets, capacity)
-    dots = row_dots(x - b_dec, W_enc, rows, indices)  # xc . W_enc[f], fp32
-    mag = (_at(r_mag.float().exp(), indices) * dots + _at(b_mag.float(), indices)).to(x.dtype)
+    gate, mag, indices, row_offsets, count, dots = gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity)
     vals = torch.relu(mag)  # 0 at the empty slots (their dot and bias are 0)
     residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
     aux_residual, sq_aux = gather_rows(gate, indices, W_dec, b_dec, x, row_offsets=row_offsets)
     norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
-    l1 = (gate.float() * _at(norms, indices)).sum() / B
+    l1 = (gate.float() * at_entries(norms, indices)).sum() / B
     l0 = (vals > 0).sum().float() / B
     counts = fire_counts(vals, indices.clamp_min(0), F)
     loss = (sq + sq_aux) / B + l1_coefficient * l1
@@ -169,9 +171,9 @@ def gated_sae_step_bwd(
         row_term_by_coef=False,
     )
     d_mag = torch.where(valid & (mag > 0), dots2[:n] * s, 0.0)  # dL/dpi_mag
-    d_gate = torch.where(valid, dots2[n:] * s + c * _at(norms, indices), 0.0)  # dL/dpi_gate (every gate is open)
+    d_gate = torch.where(valid, dots2[n:] * s + c * at_entries(norms, indices), 0.0)  # dL/dpi_gate (every gate is open)
     scale = r_mag.float().exp()
-    dz = d_gate + _at(scale, indices) * d_mag  # both paths read W_enc[f]
+    dz = d_gate + at_entries(scale, indices) * d_mag  # both paths read W_enc[f]
     dx_enc, dW_enc, _, db_dec_enc = encoder_backward(
         dz, x, W_enc, b_dec, indices, csr=(perm, offsets), row_offsets=row_offsets, rows=rows
     )

@@ -36,16 +36,11 @@ from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import StandardSAEStep, fire_counts, total_variance
-from .._step import cuda_fused, step_grads_fake
+from .._step import at_entries, cuda_fused, step_grads_fake
 
 TINY = torch.finfo(torch.float32).tiny
 
 # Host launchers ----------------------------------------------------------------
-
-
-def _norms_at(norms: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """||W_dec[f]|| at each entry of the code (0 at the empty slots, whose value is 0 too)."""
-    return torch.where(indices >= 0, norms[indices.clamp_min(0)], 0.0)
 
 
 def standard_sae_step_fwd(
@@ -79,7 +74,7 @@ def standard_sae_step_fwd(
     vals, indices, row_offsets, count = threshold_preacts(x, W_enc, b_enc, b_dec, zero, 0.0, capacity)
     residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
     norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
-    l1 = (vals.float() * _norms_at(norms, indices)).sum() / B
+    l1 = (vals.float() * at_entries(norms, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
     counts = fire_counts(vals, indices.clamp_min(0), F)
     loss = sq / B + l1_coefficient * l1
@@ -136,7 +131,7 @@ def standard_sae_step_bwd(
     added before the ReLU's gate, then the penalty's term along each decoder row."""
     B = x.shape[0]
     c = grad.float() * (l1_coefficient / B)
-    da_l1 = c * _norms_at(norms, indices)
+    da_l1 = c * at_entries(norms, indices)
     row_term = torch.where(norms > 0, c / norms.clamp_min(TINY), 0.0)  # d||w|| / dw = w / ||w|| (0 at w = 0)
     return mse_step_backward(
         grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, per_row=True, da_extra=da_l1,
