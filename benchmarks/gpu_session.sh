@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard gated compare profile example quick
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard gated sharded sharded_sanitizer compare profile example quick
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
@@ -66,6 +66,21 @@ for stage in "$@"; do
       status=$((status | PIPESTATUS[0]));;
     gated)
       timeout ${GATED_TIMEOUT:-420} python3 benchmarks/standard_sae_step.py --arch gated --out "$OUT" 2>&1 | tee "$OUT/gated.log" | tail -n 60
+      status=$((status | PIPESTATUS[0]));;
+    sharded)  # the latent-sharded step over 1, 2 and 4 GPUs (SHARDED_RUNS="nproc data_world features; ...")
+      IFS=';' read -ra runs <<< "${SHARDED_RUNS:-1 1 2097152; 2 1 2097152,4194304; 4 1 2097152,8388608; 4 2 4194304}"
+      for run in "${runs[@]}"; do
+        read -r nproc dw feats <<< "$run"
+        [ "$nproc" -le "$(nvidia-smi -L | wc -l)" ] || { echo "skip $run: fewer GPUs"; continue; }
+        timeout ${SHARDED_TIMEOUT:-240} python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+          benchmarks/sharded_scaling.py --data-world "$dw" --features "$feats" --out "$OUT" 2>&1 \
+          | tee -a "$OUT/sharded.log" | grep -E "ranks|Error|error" | tail -n 8
+        status=$((status | PIPESTATUS[0]))
+      done;;
+    sharded_sanitizer)  # memcheck over the sharded step's test on 2 GPUs (NCCL), every spawned rank
+      timeout ${SANITIZER_TIMEOUT:-420} compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
+        python3 -m pytest tests/test_sharded_topk_sae_step.py -q -p no:cacheprovider \
+        -k "${SANITIZER_K:-matches_single and 2}" 2>&1 | tee "$OUT/sharded_sanitizer.log" | tail -n 15
       status=$((status | PIPESTATUS[0]));;
     quick)
       python3 benchmarks/side_by_side.py --quick --out "$OUT" 2>&1 | tail -n 20;;

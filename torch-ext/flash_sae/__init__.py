@@ -13,7 +13,7 @@ and the whole step's backward);
 plain-torch formulas the tests check against.
 """
 
-from . import layers, reference
+from . import distributed, layers, reference
 from .modules import (
     BatchTopKSparseAutoencoder,
     GatedSparseAutoencoder,
@@ -55,6 +55,7 @@ __all__ = [
     "gated_sae_step_dense",
     "hierarchical_topk_sae_loss",
     "jumprelu_sae_step",
+    "distributed",
     "layers",
     "matryoshka_batchtopk_sae_step",
     "matryoshka_topk_sae_step",

@@ -1,0 +1,217 @@
+"""The latent-sharded TopK step and module (``flash_sae.distributed``) on spawned ranks.
+
+CPU: gloo, the kernels through the interpreter; GPUs: NCCL when every rank has one. Checked: the
+sharded step's code equals the single-process step's bitwise (values, ids and order), with exact ties
+across shard boundaries included; its loss, FVU and every gradient against the fp64 reference by the
+parity rule (no worse than twice the single-process step's error); fire counts exactly; F not
+divisible by the number of ranks and k larger than a shard; a training run (1-D and data x latent
+meshes) that follows the single-process curve; checkpoints between layouts (W shards -> one
+process -> W' shards, with Adam's moments); bad input.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_harness import run_ranks
+from encoder_inputs import make_sae
+from parity import DTYPES, assert_parity, grads, rel_err
+
+NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
+# (B, D, F, k, seed, integer): F not divisible by 2 or 3; k above a shard's size (F=10, W=3: c=4);
+# integer inputs tie exactly, across shard boundaries too; B = 1; odd D
+CASES = [(6, 37, 50, 7, 1, False), (1, 16, 10, 7, 2, False), (5, 9, 23, 5, 3, True), (4, 64, 131, 12, 4, False)]
+
+
+def _shard(t, fs, F, world, rank):
+    lo, hi = fs.distributed.shard_bounds(F, world, rank)
+    return t[lo:hi]
+
+
+def sharded_step_body(fs, rank, world, device, cases, dtypes):
+    group = dist.group.WORLD
+    for B, D, F, k, seed, integer in cases:
+        for dtype in dtypes:
+            params = list(make_sae(B, D, F, k, dtype, device, seed=seed, integer=integer))
+            x, W_enc, b_enc, W_dec, b_dec = params
+            up = torch.tensor(0.5 + seed / 7, device=device)
+            single = fs.topk_sae_step(*params, k)
+            single_grads = grads(single.loss, params, up)
+            # this rank's shard, as leaves of their own
+            mine = [x.detach().clone()] + [
+                _shard(t.detach(), fs, F, world, rank).clone() for t in (W_enc, b_enc, W_dec)
+            ] + [b_dec.detach().clone()]  # fmt: skip
+            for t in mine:
+                t.requires_grad_()
+            out = fs.distributed.sharded_topk_sae_step(*mine, k, group=group, n_features=F)
+            ours = grads(out.loss, mine, up)
+            what = f"B={B} D={D} F={F} k={k} seed={seed} {dtype} rank {rank}/{world}"
+            assert torch.equal(out.indices, single.indices), what
+            assert torch.equal(out.vals, single.vals), what
+            assert torch.equal(out.fire_counts, _shard(single.fire_counts, fs, F, world, rank)), what
+            p64 = [p.detach().double().requires_grad_() for p in params]
+            r = fs.reference.topk_sae_step(*p64, k, indices=single.indices)
+            r_grads = grads(r.loss, p64, up.double())
+            assert_parity(f"sharded loss {what}", out.loss, single.loss, r.loss, dtype)
+            if B > 1:
+                assert_parity(f"sharded fvu {what}", out.fvu, single.fvu, r.fvu, dtype)
+            for name, a, b, c in zip(NAMES, ours, single_grads, r_grads):
+                if name in ("W_enc", "b_enc", "W_dec"):
+                    b, c = _shard(b, fs, F, world, rank), _shard(c, fs, F, world, rank)
+                assert_parity(f"sharded d{name} {what}", a, b, c, dtype)
+            # every rank holds the same loss, code and replicated gradients
+            for t in (out.loss.detach().reshape(1), ours[0].float(), ours[4].float()):
+                agreed = t.clone()
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                assert torch.equal(agreed, t), what
+            # encode / decode agree with the step
+            vals, ids = fs.distributed.sharded_topk_encode(*mine[:3], k, mine[4], group=group, n_features=F)
+            assert torch.equal(ids, out.indices) and torch.equal(vals, out.vals)
+            x_hat = fs.distributed.sharded_decode(vals, ids, mine[3], mine[4], group=group, n_features=F)
+            ref_hat = fs.sparse_decode(single.vals, single.indices, W_dec.detach(), b_dec.detach())
+            assert rel_err(x_hat, ref_hat) <= {torch.float32: 1e-6}.get(dtype, 1e-2), what
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_step_matches_single_process(world):
+    run_ranks(sharded_step_body, world, CASES, DTYPES)
+
+
+def training_body(fs, rank, world, device, data_world, steps):
+    """Adam steps of the sharded module (latent x data mesh) against the single-process module on the
+    whole batch: the same loss curve and weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    B, D, F, k = 8, 24, 45, 5
+    latent_world = world // data_world
+    if data_world > 1:
+        mesh = init_device_mesh(device.split(":")[0], (data_world, latent_world), mesh_dim_names=("data", "latent"))
+    else:
+        mesh = init_device_mesh(device.split(":")[0], (world,), mesh_dim_names=("latent",))
+    ref = fs.SparseAutoencoder(D, F, k, seed=3, device=device)
+    sae = fs.distributed.ShardedSparseAutoencoder(D, F, k, mesh=mesh, seed=11, device=device)
+    lat_rank = sae.layout.latent_rank
+    data_rank = rank // latent_world
+    lo, hi = sae.f0, sae.f0 + sae.n_local
+    with torch.no_grad():  # start from the single-process module's weights
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(sae, name).copy_(getattr(ref, name)[lo:hi])
+        sae.b_dec.copy_(ref.b_dec)
+    assert (lo, hi) == fs.distributed.shard_bounds(F, latent_world, lat_rank)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        xs = torch.randn(B * data_world, D, generator=g).to(device)
+        out_ref = ref.loss(xs)
+        out_ref.loss.backward()
+        ref.remove_gradient_parallel_to_decoder_directions()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        ref.set_decoder_norm_to_unit_norm()
+
+        out = sae.loss(xs[data_rank * B : (data_rank + 1) * B])
+        out.loss.backward()
+        sae.all_reduce_gradients()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        loss /= world
+        torch.testing.assert_close(loss, out_ref.loss.detach(), rtol=2e-5, atol=1e-7, msg=f"step {step}")
+    for name in ("W_enc", "b_enc", "W_dec"):
+        torch.testing.assert_close(getattr(sae, name), getattr(ref, name)[lo:hi], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.b_dec, ref.b_dec, rtol=1e-4, atol=1e-5)
+    assert torch.equal(sae.tokens_since_fired, ref.tokens_since_fired[lo:hi])
+    torch.testing.assert_close(sae.dead_fraction(), ref.dead_fraction())
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("world,data_world", [(2, 1), (3, 1), (4, 2)])
+def test_sharded_training_follows_single_process(world, data_world):
+    run_ranks(training_body, world, data_world, 4)
+
+
+def save_body(fs, rank, world, device, path, F):
+    sae = fs.distributed.ShardedSparseAutoencoder(20, F, 4, group=dist.group.WORLD, seed=2, device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    out = sae.loss(torch.randn(6, 20, generator=torch.Generator().manual_seed(1)).to(device))
+    out.loss.backward()
+    opt.step()
+    fs.distributed.save_checkpoint(sae, path, opt)
+    torch.save(
+        {"state": {k: v.cpu() for k, v in sae.state_dict().items()},
+         "moments": {n: opt.state[p]["exp_avg_sq"].cpu() for n, p in sae.named_parameters()}},
+        f"{path}.rank{rank}.pt",
+    )  # fmt: skip
+
+
+def load_body(fs, rank, world, device, path, F, expect):
+    sae = fs.distributed.ShardedSparseAutoencoder(20, F, 4, group=dist.group.WORLD, seed=99, device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    fs.distributed.load_checkpoint(sae, path, opt)
+    lo, hi = sae.f0, sae.f0 + sae.n_local
+    for name, full in expect["state"].items():
+        want = full[lo:hi] if name in ("W_enc", "b_enc", "W_dec", "tokens_since_fired") else full
+        assert torch.equal(getattr(sae, name).detach().cpu(), want), name
+    for name, p in sae.named_parameters():
+        full = expect["moments"][name]
+        want = full[lo:hi] if name != "b_dec" else full
+        assert torch.equal(opt.state[p]["exp_avg_sq"].cpu(), want), name
+
+
+@pytest.mark.kernels_ci
+def test_sharded_checkpoints_move_between_layouts(fs, tmp_path):
+    """2 shards -> one process (SparseAutoencoder + Adam) -> 3 shards, and the 2-shard checkpoint straight
+    into 3 shards: the same tensors everywhere."""
+    F = 25
+    two = tmp_path / "two"
+    run_ranks(save_body, 2, str(two), F)
+    parts = [torch.load(f"{two}.rank{r}.pt") for r in range(2)]
+    full = {
+        "state": {k: torch.cat([p["state"][k] for p in parts]) if k != "b_dec" else parts[0]["state"][k]
+                  for k in parts[0]["state"]},
+        "moments": {k: torch.cat([p["moments"][k] for p in parts]) if k != "b_dec" else parts[0]["moments"][k]
+                    for k in parts[0]["moments"]},
+    }  # fmt: skip
+    single = fs.SparseAutoencoder(20, F, 4, seed=0)
+    opt = torch.optim.Adam(single.parameters(), lr=1e-2)
+    fs.distributed.load_checkpoint(single, two, opt)
+    for name, want in full["state"].items():
+        assert torch.equal(getattr(single, name).detach(), want), name
+    for name, p in single.named_parameters():
+        assert torch.equal(opt.state[p]["exp_avg_sq"], full["moments"][name]), name
+    one = tmp_path / "one"
+    fs.distributed.save_checkpoint(single, one, opt)
+    run_ranks(load_body, 3, str(one), F, full)
+    run_ranks(load_body, 3, str(two), F, full)
+
+
+def bad_input_body(fs, rank, world, device):
+    group = dist.group.WORLD
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(4, 8, 10, 3, torch.float32, device, seed=0)
+    step = fs.distributed.sharded_topk_sae_step
+    with pytest.raises(ValueError, match="W_enc must hold this rank's 5 latents"):
+        step(x, W_enc, b_enc, W_dec, b_dec, 3, group=group, n_features=10)
+    lo, hi = fs.distributed.shard_bounds(10, world, rank)
+    mine = (x, W_enc[lo:hi], b_enc[lo:hi], W_dec[lo:hi], b_dec)
+    with pytest.raises(ValueError, match="k must lie in"):
+        step(*mine, 11, group=group, n_features=10)
+    with pytest.raises(ValueError, match="group must be"):
+        step(*mine, 3, group=None, n_features=10)
+    with pytest.raises(ValueError, match="b_dec must have shape"):
+        step(*mine[:4], b_dec[:3], 3, group=group, n_features=10)
+    with pytest.raises(ValueError, match="leaves the last shard empty"):
+        fs.distributed.ShardedSparseAutoencoder(8, 1, 1, group=group)
+    with pytest.raises(ValueError, match="exactly one of mesh"):
+        fs.distributed.ShardedSparseAutoencoder(8, 10, 2)
+
+
+@pytest.mark.kernels_ci
+def test_sharded_bad_input(fs):
+    run_ranks(bad_input_body, 2)
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(4, 8, 10, 3, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="not initialised"):
+        fs.distributed.sharded_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, 3, group=None, n_features=10)
