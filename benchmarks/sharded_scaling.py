@@ -53,6 +53,7 @@ def timed(fn, iters, warmup=3):
 def graph_timed(fn, iters):
     """Median ms of ``fn`` replayed from a CUDA graph (NaN if the capture fails)."""
     try:
+        torch.cuda.empty_cache()  # the eager steps' freed blocks, so the graph's private pool fits
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

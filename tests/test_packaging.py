@@ -164,6 +164,7 @@ def test_public_api(fs):
         "StandardSparseAutoencoder",
         "TopKSAEStep",
         "batchtopk_sae_step",
+        "distributed",
         "gated_sae_step",
         "gated_sae_step_dense",
         "hierarchical_topk_sae_loss",

@@ -10,6 +10,9 @@ into the single-GPU ``SparseAutoencoder`` (and back), with the Adam moments when
 given.
 """
 
+import contextlib
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -180,20 +183,31 @@ def _optimizer_state(module, optimizer, create: bool) -> dict[str, torch.Tensor]
     return out
 
 
+@contextlib.contextmanager
+def _quiet_single_process(module):
+    """DCP warns that it assumes one process when ``no_dist`` is set: the intent for a single module."""
+    with warnings.catch_warnings():
+        if not isinstance(module, ShardedSparseAutoencoder):
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(module, path, optimizer=None) -> None:
     """Writes ``module``'s state (and ``optimizer``'s, an Adam-like one) to the folder ``path`` with
     ``torch.distributed.checkpoint``: every rank calls it for a ``ShardedSparseAutoencoder``; one
-    process, without a process group, for a single-GPU ``SparseAutoencoder``."""
+    process for a single-GPU ``SparseAutoencoder`` (with or without a process group)."""
     state = _state(module)
     if optimizer is not None:
         state.update(_optimizer_state(module, optimizer, create=False))
-    dcp.save(state, checkpoint_id=str(path))
+    with _quiet_single_process(module):
+        dcp.save(state, checkpoint_id=str(path), no_dist=not isinstance(module, ShardedSparseAutoencoder))
 
 
 def load_checkpoint(module, path, optimizer=None) -> None:
     """Reads a ``save_checkpoint`` folder into ``module`` (and ``optimizer``), whatever the layout it
     was written with: W shards into W' shards, sharded into single-GPU, single-GPU into sharded.
-    Keys the checkpoint lacks (a single-GPU module's ``dead_offset``) keep their values."""
+    Keys the checkpoint lacks (a single-GPU module's ``dead_offset``) keep their values. Every rank
+    calls it for a ``ShardedSparseAutoencoder``; any one process for a ``SparseAutoencoder``."""
     stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     state = {k: v for k, v in _state(module).items() if k in stored}
     if optimizer is not None:
@@ -201,6 +215,7 @@ def load_checkpoint(module, path, optimizer=None) -> None:
     missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in state]
     if missing:
         raise ValueError(f"checkpoint at {path} lacks {missing}: not an SAE written by save_checkpoint")
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_single_process(module):
+        dcp.load(state, checkpoint_id=str(path), no_dist=not isinstance(module, ShardedSparseAutoencoder))
     if not isinstance(module, ShardedSparseAutoencoder):
         module.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")}, strict=False)

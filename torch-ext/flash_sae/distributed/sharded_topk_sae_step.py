@@ -43,6 +43,9 @@ from ..primitives.select import KEY_NONE, chunk_top_k, pre_chunks, unpack
 from ..results import TopKSAEStep, fire_counts, total_variance
 from .layout import check_shardable, shard_bounds
 
+# torch 2.13 renamed the tensor all-gather; older versions (2.11 on our GPU machines) have the old name only
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand):
     """Each row's best ``n_cand`` local entries as packed (value, global id) int64 keys, [B, n_cand]
@@ -62,7 +65,7 @@ def sharded_select(x, W_enc, b_enc, k, b_dec, f0, n_cand, group, world):
     B = x.shape[0]
     local = sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand)
     gathered = local.new_empty(world * B, n_cand)
-    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    all_gather_single(gathered, local.contiguous(), group=group)
     cand = gathered.view(world, B, n_cand).permute(1, 0, 2).reshape(B, world * n_cand)
     return unpack(torch.topk(cand, k, dim=1, sorted=True).values, x.dtype)
 
