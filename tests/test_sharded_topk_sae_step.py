@@ -17,8 +17,9 @@ from encoder_inputs import make_sae
 from parity import DTYPES, assert_parity, grads, rel_err
 
 NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
-# (B, D, F, k, seed, integer): F not divisible by 2 or 3; k above a shard's size (F=10, W=3: c=4);
-# integer inputs tie exactly, across shard boundaries too; B = 1; odd D
+# (B, D, F, k, seed, integer): F = 23 and 131 divide by neither 2 nor 3, 50 not by 3, 10 not by 3 (and
+# k = 7 is above its shards of 4 on 3 ranks); integer inputs tie exactly (pre-activations are small
+# integers, so equal values land in different shards); B = 1; odd D
 CASES = [(6, 37, 50, 7, 1, False), (1, 16, 10, 7, 2, False), (5, 9, 23, 5, 3, True), (4, 64, 131, 12, 4, False)]
 
 
@@ -63,6 +64,13 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes):
                 agreed = t.clone()
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
                 assert torch.equal(agreed, t), what
+            # x without a gradient: the backward all-reduces only the column sum that b_dec needs
+            mine_nx = [mine[0].detach()] + [t.detach().clone().requires_grad_() for t in mine[1:]]
+            out_nx = fs.distributed.sharded_topk_sae_step(*mine_nx, k, group=group, n_features=F)
+            nx = grads(out_nx.loss, mine_nx[1:], up)
+            assert_parity(f"sharded db_dec, x without grad, {what}", nx[3], single_grads[4], r_grads[4], dtype)
+            for a, b in zip(nx[:3], ours[1:4]):
+                assert torch.equal(a, b), what  # the shard's own gradients do not depend on x's
             # encode / decode agree with the step
             vals, ids = fs.distributed.sharded_topk_encode(*mine[:3], k, mine[4], group=group, n_features=F)
             assert torch.equal(ids, out.indices) and torch.equal(vals, out.vals)
@@ -88,16 +96,17 @@ def training_body(fs, rank, world, device, data_world, steps):
         mesh = init_device_mesh(device.split(":")[0], (data_world, latent_world), mesh_dim_names=("data", "latent"))
     else:
         mesh = init_device_mesh(device.split(":")[0], (world,), mesh_dim_names=("latent",))
-    ref = fs.SparseAutoencoder(D, F, k, seed=3, device=device)
-    sae = fs.distributed.ShardedSparseAutoencoder(D, F, k, mesh=mesh, seed=11, device=device)
-    lat_rank = sae.layout.latent_rank
+    window = B * data_world  # rows: a latent silent for one step counts dead, so the counts are exercised
+    ref = fs.SparseAutoencoder(D, F, k, seed=3, device=device, dead_window_tokens=window)
+    sae = fs.distributed.ShardedSparseAutoencoder(
+        D, F, k, mesh=mesh, seed=11, device=device, dead_window_tokens=window
+    )  # fmt: skip
     data_rank = rank // latent_world
     lo, hi = sae.f0, sae.f0 + sae.n_local
     with torch.no_grad():  # start from the single-process module's weights
         for name in ("W_enc", "b_enc", "W_dec"):
             getattr(sae, name).copy_(getattr(ref, name)[lo:hi])
         sae.b_dec.copy_(ref.b_dec)
-    assert (lo, hi) == fs.distributed.shard_bounds(F, latent_world, lat_rank)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(5)
@@ -125,6 +134,7 @@ def training_body(fs, rank, world, device, data_world, steps):
         torch.testing.assert_close(getattr(sae, name), getattr(ref, name)[lo:hi], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sae.b_dec, ref.b_dec, rtol=1e-4, atol=1e-5)
     assert torch.equal(sae.tokens_since_fired, ref.tokens_since_fired[lo:hi])
+    assert ref.dead_fraction() > 0, "the run should leave some latents dead"
     torch.testing.assert_close(sae.dead_fraction(), ref.dead_fraction())
 
 
@@ -143,7 +153,8 @@ def save_body(fs, rank, world, device, path, F):
     fs.distributed.save_checkpoint(sae, path, opt)
     torch.save(
         {"state": {k: v.cpu() for k, v in sae.state_dict().items()},
-         "moments": {n: opt.state[p]["exp_avg_sq"].cpu() for n, p in sae.named_parameters()}},
+         "moments": {n: opt.state[p]["exp_avg_sq"].cpu() for n, p in sae.named_parameters()},
+         "first": {n: opt.state[p]["exp_avg"].cpu() for n, p in sae.named_parameters()}},
         f"{path}.rank{rank}.pt",
     )  # fmt: skip
 
@@ -160,6 +171,9 @@ def load_body(fs, rank, world, device, path, F, expect):
         full = expect["moments"][name]
         want = full[lo:hi] if name != "b_dec" else full
         assert torch.equal(opt.state[p]["exp_avg_sq"].cpu(), want), name
+        full = expect["first"][name]
+        assert torch.equal(opt.state[p]["exp_avg"].cpu(), full[lo:hi] if name != "b_dec" else full), name
+        assert int(opt.state[p]["step"]) == 1, name
 
 
 @pytest.mark.kernels_ci
@@ -175,6 +189,8 @@ def test_sharded_checkpoints_move_between_layouts(fs, tmp_path):
                   for k in parts[0]["state"]},
         "moments": {k: torch.cat([p["moments"][k] for p in parts]) if k != "b_dec" else parts[0]["moments"][k]
                     for k in parts[0]["moments"]},
+        "first": {k: torch.cat([p["first"][k] for p in parts]) if k != "b_dec" else parts[0]["first"][k]
+                  for k in parts[0]["first"]},
     }  # fmt: skip
     single = fs.SparseAutoencoder(20, F, 4, seed=0)
     opt = torch.optim.Adam(single.parameters(), lr=1e-2)
@@ -183,6 +199,7 @@ def test_sharded_checkpoints_move_between_layouts(fs, tmp_path):
         assert torch.equal(getattr(single, name).detach(), want), name
     for name, p in single.named_parameters():
         assert torch.equal(opt.state[p]["exp_avg_sq"], full["moments"][name]), name
+        assert torch.equal(opt.state[p]["exp_avg"], full["first"][name]), name
     one = tmp_path / "one"
     fs.distributed.save_checkpoint(single, one, opt)
     run_ranks(load_body, 3, str(one), F, full)
@@ -207,6 +224,14 @@ def bad_input_body(fs, rank, world, device):
         fs.distributed.ShardedSparseAutoencoder(8, 1, 1, group=group)
     with pytest.raises(ValueError, match="exactly one of mesh"):
         fs.distributed.ShardedSparseAutoencoder(8, 10, 2)
+    vals, ids = torch.rand(4, 3), torch.randint(0, 10, (4, 3))
+    decode = fs.distributed.sharded_decode
+    with pytest.raises(ValueError, match="indices must have vals' shape"):
+        decode(vals, ids[:, :2], mine[3], b_dec, group=group, n_features=10)
+    with pytest.raises(ValueError, match="W_dec must hold this rank's 5 latents"):
+        decode(vals, ids, W_dec, b_dec, group=group, n_features=10)
+    with pytest.raises(ValueError, match="indices must have dtype"):
+        decode(vals, ids.float(), mine[3], b_dec, group=group, n_features=10)
 
 
 @pytest.mark.kernels_ci

@@ -32,9 +32,9 @@ def check_shardable(n_features: int, world: int) -> None:
     lo, hi = shard_bounds(n_features, world, world - 1)
     if hi - lo < 1:
         raise ValueError(
-            f"n_features={n_features} over {world} latent shards leaves the last shard empty "
-            f"(shards of ceil(F / W) = {-(-n_features // world)} latents); use n_features > "
-            f"{(world - 1) * -(-n_features // world)} or fewer shards"
+            f"n_features={n_features} over {world} latent shards leaves the last shard empty (shards hold "
+            f"ceil(F / W) = {-(-n_features // world)} latents, DTensor's Shard(0) split): use another n_features "
+            "(a multiple of the number of shards always works) or fewer shards"
         )
 
 
@@ -59,8 +59,11 @@ class LatentLayout:
         if group is not None:
             if not isinstance(group, dist.ProcessGroup):
                 raise ValueError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
-            dev = torch.device(device) if device is not None else torch.device("cpu")
-            mesh = DeviceMesh.from_group(group, dev.type, mesh_dim_names=(LATENT_DIM,))
+            if device is not None:
+                dev_type = torch.device(device).type
+            else:  # NCCL groups live on GPUs
+                dev_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            mesh = DeviceMesh.from_group(group, dev_type, mesh_dim_names=(LATENT_DIM,))
         if not isinstance(mesh, DeviceMesh):
             raise ValueError(f"mesh must be a torch.distributed DeviceMesh, got {type(mesh).__name__}")
         names = mesh.mesh_dim_names

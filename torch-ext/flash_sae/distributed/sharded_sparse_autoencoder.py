@@ -41,7 +41,7 @@ class ShardedSparseAutoencoder(FusedDecoderGeometry, SAEBase):
             the dictionary does not depend on the number of replicas; it differs from the
             single-GPU module's draw for the same seed (same distribution). To start from a
             given single-GPU module, load its checkpoint (``load_checkpoint``). Without a seed,
-            each replica's shard is broadcast from the first replica, so replicas start equal.
+            the first rank draws one and broadcasts it (a collective in the constructor).
         dead_window_tokens: as ``SparseAutoencoder``'s (dead tracking is per shard; the replicas
             sum their fire counts, so they agree).
 
@@ -68,16 +68,14 @@ class ShardedSparseAutoencoder(FusedDecoderGeometry, SAEBase):
         check_shardable(n_features, layout.latent_world)
         check_int("k", k, 1, n_features)
         f0, f1 = shard_bounds(n_features, layout.latent_world, layout.latent_rank)
-        shard_seed = None if seed is None else (seed * 1_000_003 + f0) % 2**63
+        if seed is None:  # one draw, shared by every rank: shards differ by f0, replicas agree
+            seed = int(shared_random_seed(layout, device))
+        shard_seed = (seed * 1_000_003 + f0) % 2**63
         super().__init__(
             d_model, f1 - f0, dtype=dtype, device=device, seed=shard_seed, dead_window_tokens=dead_window_tokens
         )
         self.layout = layout
         self.n_features, self.n_local, self.f0, self.k = n_features, f1 - f0, f0, k
-        if seed is None and layout.data_group is not None:
-            with torch.no_grad():
-                for p in self.parameters():
-                    dist.broadcast(p.data, group=layout.data_group, group_src=0)
 
     def _sparsity_repr(self) -> str:
         lay = self.layout
@@ -115,8 +113,9 @@ class ShardedSparseAutoencoder(FusedDecoderGeometry, SAEBase):
 
     @torch.no_grad()
     def all_reduce_gradients(self) -> None:
-        """Averages every parameter's gradient over the replicas (one all-reduce per dtype; a no-op
-        without a data dimension). Call it after ``backward`` and before the optimiser step."""
+        """Averages every parameter's gradient over the replicas (one all-reduce of the gradients
+        concatenated; a no-op without a data dimension). Call it after ``backward`` and before the
+        optimiser step."""
         group = self.layout.data_group
         if group is None:
             return
@@ -149,6 +148,11 @@ class ShardedSparseAutoencoder(FusedDecoderGeometry, SAEBase):
         """This rank's ``t`` as a DTensor: rows [f0, f0 + F_r) of an [F, ...] tensor (``sharded``), or
         the same on every rank."""
         mesh = self.layout.mesh
+        if t.device.type != mesh.device_type:
+            raise ValueError(
+                f"the module's tensors are on {t.device.type} but its mesh is a {mesh.device_type} mesh: build the "
+                "mesh (or pass device=) on the device the module lives on"
+            )
         latent_dim = 0 if mesh.ndim == 1 else mesh.mesh_dim_names.index("latent")
         placements = [Replicate()] * mesh.ndim
         if sharded:
@@ -156,6 +160,16 @@ class ShardedSparseAutoencoder(FusedDecoderGeometry, SAEBase):
         shape = (self.n_features, *t.shape[1:]) if sharded else t.shape
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def shared_random_seed(layout, device) -> int:
+    """A seed drawn by the mesh's first rank and broadcast to every rank of the mesh."""
+    dev = torch.device(layout.mesh.device_type) if device is None else torch.device(device)
+    t = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(dev)
+    dist.broadcast(t, group=layout.latent_group, group_src=0)
+    if layout.data_group is not None:
+        dist.broadcast(t, group=layout.data_group, group_src=0)
+    return int(t.item())
 
 
 def _state(module) -> dict[str, torch.Tensor]:
@@ -172,8 +186,9 @@ def _optimizer_state(module, optimizer, create: bool) -> dict[str, torch.Tensor]
         state = optimizer.state[p]
         if create and not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            moments = MOMENTS if optimizer.defaults.get("amsgrad") else MOMENTS[:2]
+            for key in moments:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue

@@ -35,7 +35,15 @@ gathered, B * D * 4 bytes reduced in the forward, the same or D * 4 in the backw
 import torch
 import torch.distributed as dist
 
-from .._validation import check_int, check_step_args
+from .._validation import (
+    INDEX_DTYPES,
+    check_int,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_step_args,
+    check_tensor,
+)
 from ..primitives.csr import csr_transpose
 from ..primitives.encoder import encoder_backward
 from ..primitives.gather import gather_rows, gather_rows_backward
@@ -122,17 +130,25 @@ class _ShardedTopKStep(torch.autograd.Function):
         return dx, dW_enc, db_enc.to(dtype), dW_dec, db_dec, None, None, None, None, None
 
 
-def check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features):
-    """Validates a sharded step's arguments; returns (f0, n_cand, world)."""
+def _group_bounds(group, n_features):
+    """This rank's [f0, f1) in ``group``, after checking the group and n_features."""
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: call init_process_group (or torchrun) first")
     if not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
     check_int("n_features", n_features, 1, 2**31 - 1)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of group")
     check_shardable(n_features, world)
+    return shard_bounds(n_features, world, rank)
+
+
+def check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features):
+    """Validates a sharded step's arguments; returns (f0, n_cand, world)."""
+    f0, f1 = _group_bounds(group, n_features)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_int("k", k, 1, n_features)
-    f0, f1 = shard_bounds(n_features, world, rank)
     if isinstance(W_enc, torch.Tensor) and W_enc.ndim == 2 and W_enc.shape[0] != f1 - f0:
         raise ValueError(
             f"W_enc must hold this rank's {f1 - f0} latents (rank {rank} of {world}, latents [{f0}, {f1}) of "
@@ -188,9 +204,20 @@ def sharded_topk_encode(x, W_enc, b_enc, k, b_dec, *, group, n_features):
 
 @torch.no_grad()
 def sharded_decode(vals, indices, W_dec, b_dec, *, group, n_features):
-    """x_hat [B, D] (W_dec's dtype) from a whole code with global ids; the same on every rank of ``group``."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    f0, f1 = shard_bounds(n_features, world, rank)
+    """x_hat [B, D] (W_dec's dtype) from a whole code with global ids; the same on every rank of ``group``.
+    Ids outside [0, n_features) are an error only where ``resolve_validate`` checks ranges (a sync)."""
+    check_tensor("vals", vals, 2)
+    check_tensor("indices", indices, 2, INDEX_DTYPES)
+    if tuple(indices.shape) != tuple(vals.shape):
+        raise ValueError(f"indices must have vals' shape {tuple(vals.shape)}, got {tuple(indices.shape)}")
+    check_tensor("W_dec", W_dec, 2)
+    check_tensor("b_dec", b_dec, 1)
+    check_shape("b_dec", b_dec, (W_dec.shape[1],))
+    check_same_dtype("W_dec", W_dec, vals=vals, b_dec=b_dec)
+    check_same_device(W_dec=W_dec, vals=vals, indices=indices, b_dec=b_dec)
+    f0, f1 = _group_bounds(group, n_features)
+    if W_dec.shape[0] != f1 - f0:
+        raise ValueError(f"W_dec must hold this rank's {f1 - f0} latents [{f0}, {f1}), got {W_dec.shape[0]} rows")
     lvals, lidx, _ = own_entries(vals, indices, f0, f1 - f0)
     partial = gather_rows(lvals, lidx, W_dec, out_dtype=torch.float32)
     dist.all_reduce(partial, group=group)
