@@ -159,6 +159,22 @@ def save_body(fs, rank, world, device, path, F):
     )  # fmt: skip
 
 
+def save_mesh_body(fs, rank, world, device, path, F):
+    """2 replicas x 2 shards: a step on each replica's own batch, gradients averaged, then the checkpoint."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "latent"))
+    sae = fs.distributed.ShardedSparseAutoencoder(20, F, 4, mesh=mesh, seed=2, device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    replica = mesh.get_local_rank("data")
+    out = sae.loss(torch.randn(6, 20, generator=torch.Generator().manual_seed(10 + replica)).to(device))
+    out.loss.backward()
+    sae.all_reduce_gradients()
+    opt.step()
+    fs.distributed.save_checkpoint(sae, path, opt)
+    torch.save({k: v.cpu() for k, v in sae.state_dict().items()}, f"{path}.rank{rank}.pt")
+
+
 def load_body(fs, rank, world, device, path, F, expect):
     sae = fs.distributed.ShardedSparseAutoencoder(20, F, 4, group=dist.group.WORLD, seed=99, device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
@@ -204,6 +220,22 @@ def test_sharded_checkpoints_move_between_layouts(fs, tmp_path):
     fs.distributed.save_checkpoint(single, one, opt)
     run_ranks(load_body, 3, str(one), F, full)
     run_ranks(load_body, 3, str(two), F, full)
+
+
+@pytest.mark.kernels_ci
+def test_sharded_checkpoint_from_a_two_dimensional_mesh(fs, tmp_path):
+    """A (data, latent) = (2, 2) mesh's checkpoint (the [F, ...] tensors sharded on the latent dimension,
+    replicated on the data one) loads into one process: the replicas agree, and the shards assemble."""
+    F, path = 25, tmp_path / "mesh"
+    run_ranks(save_mesh_body, 4, str(path), F)
+    parts = [torch.load(f"{path}.rank{r}.pt") for r in range(4)]  # rank = replica * 2 + shard
+    for r in (2, 3):
+        assert all(torch.equal(parts[r][k], parts[r - 2][k]) for k in parts[r]), "the replicas diverged"
+    single = fs.SparseAutoencoder(20, F, 4, seed=0)
+    fs.distributed.load_checkpoint(single, path)
+    for name in ("W_enc", "b_enc", "W_dec", "tokens_since_fired"):
+        assert torch.equal(getattr(single, name).detach(), torch.cat([parts[0][name], parts[1][name]])), name
+    assert torch.equal(single.b_dec.detach(), parts[0]["b_dec"])
 
 
 def bad_input_body(fs, rank, world, device):
