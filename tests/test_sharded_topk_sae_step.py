@@ -163,7 +163,7 @@ def save_mesh_body(fs, rank, world, device, path, F):
     """2 replicas x 2 shards: a step on each replica's own batch, gradients averaged, then the checkpoint."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "latent"))
+    mesh = init_device_mesh(device.split(":")[0], (2, 2), mesh_dim_names=("data", "latent"))
     sae = fs.distributed.ShardedSparseAutoencoder(20, F, 4, mesh=mesh, seed=2, device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     replica = mesh.get_local_rank("data")
