@@ -13,8 +13,9 @@
     torchrun --nproc-per-node 4 examples/train_sharded.py --data-parallel 2      # 2 replicas x 2 shards
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 examples/train_sharded.py ...
 
-On GPUs it uses NCCL (one GPU per process, ``LOCAL_RANK``); without GPUs, gloo on the CPU with the
-kernels under the Triton interpreter (small sizes: ``--device cpu --n-features 200 --d-model 16``).
+On GPUs it uses NCCL (one GPU per process, ``LOCAL_RANK``); without GPUs, gloo on the CPU and the
+package's plain-torch path (``TRITON_INTERPRET=1`` runs the Triton kernels under the interpreter
+instead; small sizes: ``--device cpu --n-features 200 --d-model 16``).
 The activations are synthetic (sparse sums of a hidden dictionary's directions plus noise, the same
 on every rank of a latent group, different per replica), so the script runs anywhere; swap
 ``batch`` for your activation source. Each step: the sharded forward and backward, the replicas'
@@ -85,7 +86,6 @@ def main():
     args = ap.parse_args()
 
     if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         dist.init_process_group("gloo")
         device = torch.device("cpu")
     else:
