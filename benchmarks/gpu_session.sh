@@ -73,7 +73,7 @@ for stage in "$@"; do
         read -r nproc dw feats <<< "$run"
         [ "$nproc" -le "$(nvidia-smi -L | wc -l)" ] || { echo "skip $run: fewer GPUs"; continue; }
         timeout ${SHARDED_TIMEOUT:-240} python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
-          benchmarks/sharded_scaling.py --data-world "$dw" --features "$feats" --out "$OUT" 2>&1 \
+          benchmarks/sharded_topk_sae_step.py --data-world "$dw" --features "$feats" --out "$OUT" 2>&1 \
           | tee -a "$OUT/sharded.log" | grep -E "ranks|Error|error" | tail -n 8
         status=$((status | PIPESTATUS[0]))
       done;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Table and plot of ``sharded_scaling.py``'s JSON lines (the last row of each layout and F wins).
+"""Table and plot of ``sharded_topk_sae_step.py``'s JSON lines (the last row of each layout and F wins).
 
 Usage: python benchmarks/plot_sharded.py benchmarks/results/sharded_scaling_h100.jsonl
 Writes <stem>.md (the README's table) and <stem>.png beside the input.

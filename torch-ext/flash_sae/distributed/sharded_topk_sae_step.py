@@ -205,7 +205,8 @@ def sharded_topk_encode(x, W_enc, b_enc, k, b_dec, *, group, n_features):
 @torch.no_grad()
 def sharded_decode(vals, indices, W_dec, b_dec, *, group, n_features):
     """x_hat [B, D] (W_dec's dtype) from a whole code with global ids; the same on every rank of ``group``.
-    Ids outside [0, n_features) are an error only where ``resolve_validate`` checks ranges (a sync)."""
+    Ids outside [0, n_features) belong to no shard and add nothing; they are not checked (that would
+    be a host sync)."""
     check_tensor("vals", vals, 2)
     check_tensor("indices", indices, 2, INDEX_DTYPES)
     if tuple(indices.shape) != tuple(vals.shape):

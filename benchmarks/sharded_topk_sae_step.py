@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scaling of the latent-sharded TopK step (``flash_sae.distributed``) over GPUs, launched with torchrun.
 
-    torchrun --nproc-per-node W benchmarks/sharded_scaling.py --features 2097152,8388608 [--data-world R]
+    torchrun --nproc-per-node W benchmarks/sharded_topk_sae_step.py --features 2097152,8388608 [--data-world R]
         [--B 4096 --D 2048 --k 64] [--out benchmarks/results] [--stem sharded_scaling]
 
 Each rank holds its shard of W_enc, b_enc, W_dec (bf16, drawn on its GPU: unit-norm decoder rows, tied
@@ -17,6 +17,7 @@ the same collectives) and rank 0 prints and appends a JSON line with the slowest
 - peak GiB: the most any rank allocated through a whole training step (weights, gradients, Adam's
   two moments, the step's workspace), beside the target (params + grads + Adam) / W + 2 GiB;
 - with one rank, also the single-GPU ``topk_sae_step`` on the same tensors (the baseline).
+Output stem ``sharded_scaling`` (the name this script had when the committed results were measured).
 """
 
 import argparse
