@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard gated sharded sharded_sanitizer compare profile example quick
+#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard gated sharded sharded_sanitizer trainers compare profile example quick
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
@@ -81,6 +81,10 @@ for stage in "$@"; do
       timeout ${SANITIZER_TIMEOUT:-420} compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
         python3 -m pytest tests/test_sharded_topk_sae_step.py -q -p no:cacheprovider \
         -k "${SANITIZER_K:-matches_single and 2}" 2>&1 | tee "$OUT/sharded_sanitizer.log" | tail -n 15
+      status=$((status | PIPESTATUS[0]));;
+    trainers)  # SAELens's and sparsify's trainers against flash-sae's loop (needs .bench_data from `prepare`)
+      timeout ${TRAINERS_TIMEOUT:-540} python3 benchmarks/trainers_side_by_side.py run --out "$OUT" ${TRAINERS_ARGS:-} 2>&1 \
+        | tee "$OUT/trainers.log" | grep -v "^Traceback\|^  " | tail -n 30
       status=$((status | PIPESTATUS[0]));;
     quick)
       python3 benchmarks/side_by_side.py --quick --out "$OUT" 2>&1 | tail -n 20;;

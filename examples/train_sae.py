@@ -28,7 +28,10 @@ activation store does). With ``--normalize expected_average_only_in`` (SAELens's
 activations are scaled so their average norm is sqrt(D); the factor is folded into the saved
 weights, so the checkpoint works on raw activations. The SAE (``--arch``: any flash-sae module)
 trains with Adam, a linear LR warm-up and a linear decay over the last ``--lr-decay`` fraction, and
-the TopK module's decoder-norm steps. A tqdm bar shows tokens/s, loss, L0, FVU and the dead fraction.
+the TopK module's decoder-norm steps. With ``--dtype`` bf16/fp16 (bf16 is the GPU default) Adam and the
+norm steps act on fp32 master weights, copied into the module after each step; on a GPU the whole
+step is captured once in a CUDA graph (``flash_sae.graph_training_step``) and replayed. A tqdm bar
+shows tokens/s, loss, L0, FVU and the dead fraction.
 
 Every ``--eval-every`` steps, on held-out activations: L0, FVU, explained variance, dead fraction,
 and for causal LMs the CE loss recovered (the model's next-token loss clean, with the layer's
@@ -97,7 +100,7 @@ def parse_args(argv=None):
     a("--dead-loss", choices=("none", "auxk", "ghost"), default="auxk", help="TopK and BatchTopK")
     a("--batch-size", type=int, default=4096, help="activation rows per SAE step")
     a("--tokens", type=int, default=None, help="training tokens (activation rows; default 2M, or the resumed run's)")
-    a("--lr", type=float, default=2e-4)
+    a("--lr", type=float, default=3e-3, help="Adam's peak learning rate (see benchmarks/NOTES.md: trainers)")
     a("--lr-warmup-steps", type=int, default=100)
     a("--lr-decay", type=float, default=0.2, help="fraction of the steps over which the LR decays to 0")
     a("--normalize", choices=("none", "expected_average_only_in"), default="expected_average_only_in")
@@ -106,7 +109,19 @@ def parse_args(argv=None):
     a("--eval-every", type=int, default=None, help="steps between evaluations and checkpoints (default 500)")
     a("--eval-sequences", type=int, default=64)
     a("--log-every", type=int, default=None, help="steps between log rows (default 20)")
-    a("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="the SAE's (default bf16 on GPU)")
+    a(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="the SAE's compute dtype (default bf16 on GPU); its parameters and Adam stay fp32 (master weights)",
+    )
+    a("--no-master-weights", action="store_true", help="train the parameters in --dtype itself")
+    a(
+        "--cuda-graph",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="capture the whole training step in a CUDA graph (auto: on a GPU)",
+    )
     a("--model-dtype", choices=("float32", "bfloat16", "float16"), default=None)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--seed", type=int, default=0)
@@ -321,6 +336,84 @@ def make_sae(fs, args, D, dtype, device):
     return fs.GatedSparseAutoencoder(D, F, l1_coefficient=args.l1_coefficient, **common)
 
 
+class MasterWeights:
+    """Mixed precision: an fp32 copy of a bf16/fp16 module that the optimizer and the decoder-norm steps
+    act on; after each step the module's parameters are set to it (rounded). Updates of lr ~ 1e-4 are
+    below bf16's resolution for weights of size ~ 0.05, so training bf16 parameters directly stalls."""
+
+    def __init__(self, master, sae):
+        self.master, self.sae = master, sae
+        self.pairs = list(zip(master.parameters(), sae.parameters(), strict=True))
+        self.push()
+
+    def parameters(self):
+        return self.master.parameters()
+
+    @torch.no_grad()
+    def pull_grads(self):
+        for m, p in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def push(self):
+        for m, p in self.pairs:
+            p.copy_(m)
+
+
+def make_trainer(fs, args, D, dtype, device, graphed=False):
+    """(module, MasterWeights or None, Adam over what it trains). ``graphed``: Adam keeps its state and
+    its learning rate (a tensor, set in place by ``set_lr``) on the device, so a CUDA graph can hold it."""
+    sae = make_sae(fs, args, D, dtype, device)
+    master = None
+    if dtype != torch.float32 and not getattr(args, "no_master_weights", False):
+        master = MasterWeights(make_sae(fs, args, D, torch.float32, device), sae)
+    params = (master or sae).parameters()
+    if graphed:
+        opt = torch.optim.Adam(params, lr=torch.tensor(args.lr, device=device), capturable=True)
+    else:
+        opt = torch.optim.Adam(params, lr=args.lr)
+    return sae, master, opt
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def graphed_step(fs, sae, master, opt, x, arch, on):
+    """``train_step`` as ``f(x)``; with ``on``, captured once in a CUDA graph (flash_sae.graph_training_step)."""
+
+    def step(x):
+        return train_step(sae, master, opt, x, arch)
+
+    if not on:
+        return step
+    return fs.graph_training_step(step, x, [sae] + ([master.master] if master else []), opt)
+
+
+def train_step(sae, master, opt, x, arch):
+    """One step: loss, backward, (fp32 master gradients), the TopK decoder-norm steps around Adam."""
+    sae.train()
+    out = sae.loss(x)
+    out.loss.backward()
+    trained = master.master if master else sae
+    if master:
+        master.pull_grads()
+    if arch == "topk":
+        trained.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if arch == "topk":
+        trained.set_decoder_norm_to_unit_norm()
+    if master:
+        master.push()
+    return out
+
+
 def lr_at(step, total, args):
     warm = min(1.0, (step + 1) / max(1, args.lr_warmup_steps))
     decay_steps = int(args.lr_decay * total)
@@ -350,7 +443,7 @@ def saelens_export(sae, arch, factor):
     return state, cfg
 
 
-def save_checkpoint(path, sae, opt, args, step, factor, buffer, tokens_seen, t_elapsed):
+def save_checkpoint(path, sae, master, opt, args, step, factor, buffer, tokens_seen, t_elapsed):
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -359,7 +452,8 @@ def save_checkpoint(path, sae, opt, args, step, factor, buffer, tokens_seen, t_e
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path / "sae_weights.safetensors"))
         (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
     torch.save(
-        {"module": sae.state_dict(), "optimizer": opt.state_dict(), "step": step, "factor": factor,
+        {"module": sae.state_dict(), "master": master.master.state_dict() if master else None,
+         "optimizer": opt.state_dict(), "step": step, "factor": factor,
          "buffer": buffer.state(), "tokens_seen": tokens_seen, "elapsed": t_elapsed, "args": vars(args)},
         path / "flash_sae_state.pt",
     )  # fmt: skip
@@ -461,8 +555,10 @@ def main(argv=None):
     if not 0 <= args.layer <= n_layers:
         raise SystemExit(f"--layer must lie in [0, {n_layers}] for {args.model} ({n_layers} blocks), got {args.layer}")
     D = model.config.hidden_size
-    sae = make_sae(fs, args, D, dtype, device)
-    opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    graphed = device.type == "cuda" and args.cuda_graph != "off" if args.cuda_graph != "on" else True
+    if graphed and device.type != "cuda":
+        raise SystemExit("--cuda-graph on needs a CUDA device")
+    sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
@@ -475,6 +571,8 @@ def main(argv=None):
     total_steps = max(1, args.tokens // args.batch_size)
     if args.resume:
         sae.load_state_dict(saved["module"])
+        if master:
+            master.master.load_state_dict(saved["master"])
         opt.load_state_dict(saved["optimizer"])
         step, factor, tokens_seen, t_prev = saved["step"], saved["factor"], saved["tokens_seen"], saved["elapsed"]
         seqs.skip(saved["buffer"]["served"])
@@ -504,19 +602,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     log = log_path.open("a")
     last = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    run_step = None
     while step < last:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total_steps, args)
-        x = buffer.next() * factor
-        sae.train()
-        out = sae.loss(x.to(dtype))
-        out.loss.backward()
-        if args.arch == "topk":
-            sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if args.arch == "topk":
-            sae.set_decoder_norm_to_unit_norm()
+        set_lr(opt, lr_at(step, total_steps, args))
+        x = (buffer.next() * factor).to(dtype)
+        if run_step is None:  # captured on the first batch (its warm-up steps are undone)
+            run_step = graphed_step(fs, sae, master, opt, x, args.arch, graphed)
+        out = run_step(x)
         step += 1
         tokens_seen += x.shape[0]
         bar.update(1)
@@ -525,7 +617,7 @@ def main(argv=None):
             row = {
                 "kind": "train", "step": step, "tokens": tokens_seen, "loss": out.loss.item(), "fvu": out.fvu.item(),
                 "l0": out.fire_counts.sum().item() / x.shape[0], "dead_fraction": sae.dead_fraction().item(),
-                "lr": opt.param_groups[0]["lr"], "tokens_per_s": tokens_seen / elapsed,
+                "lr": float(opt.param_groups[0]["lr"]), "tokens_per_s": tokens_seen / elapsed,
             }  # fmt: skip
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -537,7 +629,7 @@ def main(argv=None):
             log.write(json.dumps({"kind": "eval", "step": step, "tokens": tokens_seen, **ev}) + "\n")
             log.flush()
             elapsed = t_prev + time.perf_counter() - t0
-            save_checkpoint(out_dir / "checkpoint", sae, opt, args, step, factor, buffer, tokens_seen, elapsed)
+            save_checkpoint(out_dir / "checkpoint", sae, master, opt, args, step, factor, buffer, tokens_seen, elapsed)
             plot(log_path, out_dir / "curves.png")
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
     bar.close()

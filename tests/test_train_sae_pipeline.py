@@ -99,11 +99,13 @@ def test_pipeline_end_to_end_on_a_causal_lm(fs, tmp_path):
 
 
 @pytest.mark.kernels_ci
-def test_resume_continues_the_same_curve(tmp_path):
-    """Adam, the LR schedule, the activation buffer and its RNG, the data position and the dead counts are
-    restored: the resumed run's losses equal the straight run's, step for step, bit for bit."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
+    """Adam, the LR schedule, the activation buffer and its RNG, the data position, the dead counts and (bf16)
+    the fp32 master weights are restored: the resumed run's losses equal the straight run's, step for step,
+    bit for bit."""
     ts = script()
-    common = [*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "1"]
+    common = [*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "1", "--dtype", dtype]
     straight = ts.main([*common, "--out", str(tmp_path / "a")])
     half = ts.main([*common, "--max-steps", "5", "--out", str(tmp_path / "b")])
     assert [r["step"] for r in rows(half, "train")] == [1, 2, 3, 4, 5]
@@ -112,6 +114,15 @@ def test_resume_continues_the_same_curve(tmp_path):
     assert [r["step"] for r in b] == list(range(1, 11))
     for ra, rb in zip(a, b):
         assert (ra["loss"], ra["fvu"], ra["l0"], ra["lr"]) == (rb["loss"], rb["fvu"], rb["l0"], rb["lr"]), ra["step"]
+    state = torch.load(half / "checkpoint" / "flash_sae_state.pt", weights_only=False)
+    if dtype == "float32":
+        assert state["master"] is None
+    else:  # the optimizer's fp32 copy; the module holds it rounded to bf16
+        params = [n for n, _ in ts.make_sae(fs, ts.parse_args(TINY), 64, torch.float32, "cpu").named_parameters()]
+        for n in params:
+            assert state["master"][n].dtype == torch.float32 and state["module"][n].dtype == torch.bfloat16
+            assert torch.equal(state["master"][n].to(torch.bfloat16), state["module"][n]), n
+        assert all(v.dtype == torch.float32 for v in state["optimizer"]["state"][0].values() if v.is_floating_point())
 
 
 @pytest.mark.kernels_ci

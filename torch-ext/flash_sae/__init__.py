@@ -14,6 +14,7 @@ plain-torch formulas the tests check against.
 """
 
 from . import distributed, layers, reference
+from .graphs import graph_training_step
 from .modules import (
     BatchTopKSparseAutoencoder,
     GatedSparseAutoencoder,
@@ -53,6 +54,7 @@ __all__ = [
     "batchtopk_sae_step",
     "gated_sae_step",
     "gated_sae_step_dense",
+    "graph_training_step",
     "hierarchical_topk_sae_loss",
     "jumprelu_sae_step",
     "distributed",
