@@ -38,7 +38,8 @@ and for causal LMs the CE loss recovered (the model's next-token loss clean, wit
 activations zero-ablated, and with the SAE's reconstruction spliced in: (zero - spliced) /
 (zero - clean)). Written to ``--out``: ``log.jsonl`` (train and eval rows), ``curves.png``, and
 ``checkpoint/``: ``sae_weights.safetensors`` + ``cfg.json`` in SAELens's format (``SAE.load_from_disk``
-loads it; TopK, standard, Gated, JumpReLU), and ``flash_sae_state.pt`` (module, optimizer, schedule,
+loads it; TopK, standard, Gated, JumpReLU, and BatchTopK and Matryoshka as SAELens exports them: a JumpReLU
+SAE with the learned inference threshold), and ``flash_sae_state.pt`` (module, optimizer, schedule,
 data position, activation buffer and RNG states: ``--resume`` continues the same curve, bit for bit
 for TopK; the standard and Gated modules' sparse/dense switch restarts from its default).
 
@@ -66,7 +67,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated")
-SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated"}
+# SAELens architecture of each export; BatchTopK and Matryoshka infer with a threshold: SAELens's JumpReLU
+SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated",
+                "batchtopk": "jumprelu", "matryoshka": "jumprelu"}  # fmt: skip
 
 
 def load_flash_sae():
@@ -440,6 +443,11 @@ def saelens_export(sae, arch, factor):
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
     if arch == "jumprelu":
         state["threshold"] = sae.current_threshold().detach().float()  # on pre-activations, which folding keeps
+    if arch in ("batchtopk", "matryoshka"):  # eval rule: fires iff pre * ||W_dec[f]|| > theta, value relu(pre)
+        theta = sae.threshold.detach().double().expand(sae.n_features)
+        if sae.rescale_acts_by_decoder_norm:
+            theta = theta / sae.W_dec.detach().double().norm(dim=1)  # a zero row: inf, never fires (as ours)
+        state["threshold"] = theta.float()  # SAELens's JumpReLU: relu(pre) * (pre > threshold)
     return state, cfg
 
 

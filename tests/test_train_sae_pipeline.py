@@ -126,7 +126,7 @@ def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu"])
+@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu", "batchtopk", "matryoshka"])
 def test_minilm_activations_and_saelens_export(fs, tmp_path, arch):
     """A real trained encoder (MiniLM-L6, its packaged weights, layer 3), two steps of the threshold SAEs; the
     SAELens export of each loads in SAELens and reconstructs as the trained module does."""
@@ -154,3 +154,42 @@ def test_bad_arguments(tmp_path):
     empty.write_text("\n\n   \n")
     with pytest.raises(SystemExit, match="holds no text"):
         ts.main([*TINY, "--dataset", str(empty), "--out", str(tmp_path)])
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_export_keeps_the_threshold_rule(fs, tmp_path, arch):
+    """BatchTopK's inference rule (pre * ||W_dec[f]|| > theta) exported as SAELens's JumpReLU (pre > theta /
+    ||W_dec[f]||), with a threshold that splits the code and decoder rows of varied norm: SAELens fires the
+    same latents and reconstructs raw activations as the module does."""
+    import json
+
+    from safetensors.torch import save_file
+
+    ts = script()
+    sae_lens = require("sae_lens")
+    args = ts.parse_args(["--arch", arch, "--d-sae", "40", "--k", "4"])
+    sae = ts.make_sae(fs, args, 16, torch.float32, "cpu").eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(40, 1, generator=g) * 3 + 0.2)
+        sae.b_enc.copy_(torch.randn(40, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(16, generator=g) * 0.1)
+    x = torch.randn(64, 16, generator=g)
+    scaled = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc) * sae.W_dec.norm(dim=1)
+    sae.threshold.fill_(scaled[scaled > 0].median().item())  # about half of the positive entries fire
+    factor = 1.7
+    state, cfg = ts.saelens_export(sae, arch, factor)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+    assert theirs.cfg.architecture() == "jumprelu"
+    x_raw = x / factor
+    with torch.no_grad():
+        want = sae(x) / factor
+        vals, idx, offsets = sae.encode(x)
+        fired = torch.zeros(64, 40, dtype=torch.bool)
+        fired[torch.repeat_interleave(torch.arange(64), offsets.diff()), idx] = True
+        torch.testing.assert_close(theirs(x_raw), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(theirs.encode(x_raw) > 0, fired)
+    assert 0.1 < fired.float().mean() < 0.5
