@@ -68,6 +68,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated")
 # SAELens architecture of each export; BatchTopK and Matryoshka infer with a threshold: SAELens's JumpReLU
+GRAPHABLE = ("topk", "batchtopk", "matryoshka")  # whose training step captures in a CUDA graph
 SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated",
                 "batchtopk": "jumprelu", "matryoshka": "jumprelu"}  # fmt: skip
 
@@ -116,14 +117,15 @@ def parse_args(argv=None):
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="the SAE's compute dtype (default bf16 on GPU); its parameters and Adam stay fp32 (master weights)",
+        help="the SAE's compute dtype (default bf16 on GPU); parameters and Adam stay fp32 (master weights; "
+        "fp16 without loss scaling)",
     )
     a("--no-master-weights", action="store_true", help="train the parameters in --dtype itself")
     a(
         "--cuda-graph",
         choices=("auto", "on", "off"),
         default="auto",
-        help="capture the whole training step in a CUDA graph (auto: on a GPU)",
+        help="capture the whole training step in a CUDA graph (auto: on a GPU, for TopK, BatchTopK, Matryoshka)",
     )
     a("--model-dtype", choices=("float32", "bfloat16", "float16"), default=None)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -412,6 +414,8 @@ def train_step(sae, master, opt, x, arch):
     opt.zero_grad(set_to_none=True)
     if arch == "topk":
         trained.set_decoder_norm_to_unit_norm()
+    if master and arch == "jumprelu":
+        trained.current_threshold()  # the direct threshold's clamp at 0, on the fp32 copy the module gets
     if master:
         master.push()
     return out
@@ -545,7 +549,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.resume:
         saved = torch.load(Path(args.resume) / "flash_sae_state.pt", map_location="cpu", weights_only=False)
-        given = {"out", "resume", "no_progress", "device", "max_steps"} | {
+        given = {"out", "resume", "no_progress", "device", "max_steps", "cuda_graph"} | {
             k for k in RESUMABLE if getattr(args, k) is not None
         }  # fmt: skip
         args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in given}})
@@ -563,9 +567,11 @@ def main(argv=None):
     if not 0 <= args.layer <= n_layers:
         raise SystemExit(f"--layer must lie in [0, {n_layers}] for {args.model} ({n_layers} blocks), got {args.layer}")
     D = model.config.hidden_size
-    graphed = device.type == "cuda" and args.cuda_graph != "off" if args.cuda_graph != "on" else True
-    if graphed and device.type != "cuda":
-        raise SystemExit("--cuda-graph on needs a CUDA device")
+    # JumpReLU, standard and Gated size their code / pick their path on the host: not capturable
+    capturable = args.arch in GRAPHABLE
+    graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and capturable)
+    if graphed and (device.type != "cuda" or not capturable):
+        raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {GRAPHABLE}")
     sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -580,8 +586,12 @@ def main(argv=None):
     if args.resume:
         sae.load_state_dict(saved["module"])
         if master:
-            master.master.load_state_dict(saved["master"])
+            master.master.load_state_dict(saved.get("master") or saved["module"])  # (older: none saved)
         opt.load_state_dict(saved["optimizer"])
+        for group in opt.param_groups:  # the saved lr may be a (CPU) tensor or a float, either way round
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=device) if graphed else lr
+            group["capturable"] = graphed
         step, factor, tokens_seen, t_prev = saved["step"], saved["factor"], saved["tokens_seen"], saved["elapsed"]
         seqs.skip(saved["buffer"]["served"])
         buffer = ActivationBuffer(

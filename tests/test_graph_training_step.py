@@ -69,6 +69,9 @@ def test_bad_input_on_the_gpu(fs):
     x = torch.randn(64, 96, device="cuda")
     with pytest.raises(ValueError, match="capturable"):
         fs.graph_training_step(lambda x: train_step(sae, opt, x), x, sae, opt)
+    sgd = torch.optim.SGD(sae.parameters(), lr=1e-3, momentum=0.9)
+    with pytest.raises(ValueError, match="only Adam and AdamW"):
+        fs.graph_training_step(lambda x: train_step(sae, sgd, x), x, sae, sgd)
     sae, opt = make(fs, "cuda", torch.float32)
     step = fs.graph_training_step(lambda x: train_step(sae, opt, x), x, sae, opt)
     with pytest.raises(ValueError, match="x must be"):

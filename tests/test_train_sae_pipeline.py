@@ -193,3 +193,31 @@ def test_batchtopk_export_keeps_the_threshold_rule(fs, tmp_path, arch):
         torch.testing.assert_close(theirs(x_raw), want, rtol=1e-5, atol=1e-5)
         assert torch.equal(theirs.encode(x_raw) > 0, fired)
     assert 0.1 < fired.float().mean() < 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the graphed path needs a CUDA device")
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_graphed_bf16_run_resumes_on_the_gpu(tmp_path, arch):
+    """On a GPU the script captures the step (bf16, fp32 master weights, capturable Adam with a tensor lr);
+    a resumed run re-captures after loading and follows the straight run's curve, the lr schedule included
+    (a learning rate frozen in the graph would change the losses of the decaying steps)."""
+    ts = script()
+    common = [*TINY, "--arch", arch, "--tokens", "480", "--eval-every", "5", "--log-every", "1",
+              "--device", "cuda", "--dtype", "bfloat16", "--lr-decay", "0.5"]  # fmt: skip
+    straight = ts.main([*common, "--out", str(tmp_path / "a")])
+    half = ts.main([*common, "--max-steps", "5", "--out", str(tmp_path / "b")])
+    ts.main(["--resume", str(half / "checkpoint"), "--out", str(half), "--no-progress", "--device", "cuda"])
+    a, b = rows(straight, "train"), rows(half, "train")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert len({r["lr"] for r in a[5:]}) == 5  # the resumed steps decay
+    for ra, rb in zip(a, b):
+        assert ra["lr"] == rb["lr"] and ra["l0"] == rb["l0"], ra["step"]
+        assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5, abs_tol=1e-7), (ra["step"], ra["loss"], rb["loss"])
+
+
+@pytest.mark.kernels_ci
+def test_cuda_graph_flag_needs_a_gpu_and_a_capturable_arch(tmp_path):
+    ts = script()
+    with pytest.raises(SystemExit, match="cuda-graph"):
+        ts.main([*TINY, "--cuda-graph", "on", "--out", str(tmp_path)])

@@ -15,8 +15,10 @@ a learning-rate schedule then sets a tensor ``lr`` in place: ``group["lr"].fill_
 returned tensors are overwritten by the next call (clone what is kept). Capture runs the step
 ``warmup`` + 1 times on ``x_example``; the modules' parameters and buffers and the optimizers' state
 are then restored, so the first real call starts from the state the caller passed in (optimizer state
-that the warm-up created is zeroed in place: Adam's fresh state). Off CUDA the step is returned as it
-is (eager).
+that the warm-up created is zeroed in place: Adam's and AdamW's fresh state, the only optimizers
+accepted). Tensors that the step creates or reassigns instead of updating in place, and modules or
+optimizers not passed in, keep what the warm-up did to them. While it runs, the capture holds a copy
+of every state tensor it restores. Off CUDA the step is returned as it is (eager).
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ def graph_training_step(
     if example.device.type != "cuda":
         return step
     for opt in optimizers:
-        for group in opt.param_groups:
-            if "capturable" in group and not group["capturable"]:
-                raise ValueError("optimizers must be built with capturable=True to be captured in a CUDA graph")
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            # the restore below zeroes the state the warm-up created: Adam's and AdamW's fresh state
+            raise ValueError(f"optimizers: only Adam and AdamW are supported, got {type(opt).__name__}")
+        if not all(group["capturable"] for group in opt.param_groups):
+            raise ValueError("optimizers must be built with capturable=True to be captured in a CUDA graph")
 
     kept = _state_tensors(modules, optimizers)
     before = {id(t): (t, t.detach().clone()) for t in kept}
