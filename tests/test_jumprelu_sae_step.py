@@ -7,7 +7,7 @@ import torch
 from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op, rel_err
+from parity import DTYPES, OPCHECK_DTYPES, assert_parity, assert_same_across_shapes, grads, raw_op, rel_err
 from peers import saelens_step, saelens_training_sae
 
 MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
@@ -121,16 +121,18 @@ def test_jumprelu_overflow_is_reported(fs, device):
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jumprelu_chunks(fs, device, dtype, monkeypatch):
-    """Many F chunks (each collected on its own, merged row-major) give the one-chunk result bitwise."""
+    """Many F chunks (each collected on its own, merged row-major) give the one-chunk result bitwise (on a
+    GPU; see ``assert_same_across_shapes`` for the CPU)."""
     params = make_jumprelu(4, 6, 900, dtype, device, seed=9)
     one = fs.jumprelu_sae_step(*params, capacity=4 * 900)
     g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
     monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
     many = fs.jumprelu_sae_step(*params, capacity=4 * 900)
-    assert torch.equal(one.indices, many.indices) and torch.equal(one.vals, many.vals)
-    assert torch.equal(one.loss, many.loss)
+    assert torch.equal(one.indices, many.indices)
+    assert_same_across_shapes("vals", many.vals, one.vals)
+    assert_same_across_shapes("loss", many.loss, one.loss)
     for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
-        assert torch.equal(a, b)
+        assert_same_across_shapes("gradient", b, a)
 
 
 @pytest.mark.kernels_ci
