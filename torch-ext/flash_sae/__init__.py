@@ -14,7 +14,7 @@ plain-torch formulas the tests check against.
 """
 
 from . import distributed, layers, reference
-from .graphs import graph_training_step
+from .graph_training_step import graph_training_step
 from .modules import (
     BatchTopKSparseAutoencoder,
     GatedSparseAutoencoder,
