@@ -5,7 +5,7 @@ import torch
 from encoder_inputs import check_encode_parity, check_selection, encoder_upstream, make_sae, tuning
 from hypothesis import given
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, grads, raw_op
+from parity import DTYPES, OPCHECK_DTYPES, grads, package_module, raw_op
 
 # The interpreter runs one backward program per latent at ~1 ms each, so CPU draws keep F in the
 # hundreds; on a GPU F reaches tens of thousands. (A forward-only test below covers group sizes
@@ -136,3 +136,44 @@ def test_topk_encode_compile(fs, device):
             up = encoder_upstream(vals, seed)
             for a, b in zip(grads(vals, params, up), grads(e_vals, params, up)):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@st.composite
+def selection_rows(draw):
+    """(B, F, k, G, kind): F from k up to a few group counts past k * G, k not a power of 2 often."""
+    B = draw(st.integers(1, 4))
+    k = draw(st.one_of(st.integers(1, 9), st.sampled_from([31, 33, 64])))
+    G = draw(st.sampled_from([1, 4, 32]))
+    F = k + draw(st.one_of(st.integers(0, 40), st.integers(200, 3000)))
+    return B, F, k, G, draw(st.sampled_from(["random", "few values", "one value", "signed zeros and infs"]))
+
+
+def _selection_input(B, F, kind, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(B, F, generator=g).to(dtype)
+    if kind == "few values":  # many exact ties at the k-th value and across groups
+        return torch.randint(-2, 3, (B, F), generator=g).to(dtype)
+    if kind == "one value":
+        return torch.full((B, F), -1.5, dtype=dtype)
+    pool = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0], dtype=dtype)
+    return pool[torch.randint(0, len(pool), (B, F), generator=g)]
+
+
+@pytest.mark.kernels_ci
+@given(shape=selection_rows(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), one_kernel=st.booleans())
+def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
+    """The selection primitive alone, on adversarial rows (ties within and across groups, one value
+    everywhere, +-0.0 and +-inf), by the one-kernel candidate stage and by the torch.topk fall-back
+    (``ROW_SELECT_MAX`` shrunk so no chunk fits): equal to the reference stable sort, values and ids."""
+    B, F, k, G, kind = shape
+    select = package_module(fs, "primitives.select")
+    pre = _selection_input(B, F, kind, dtype, seed).to(device)
+    with pytest.MonkeyPatch.context() as mp:  # per example: hypothesis reuses function-scoped fixtures
+        mp.setitem(tuning(fs), "select_group", G)
+        if not one_kernel:
+            mp.setattr(select, "ROW_SELECT_MAX", 0)
+        vals, ids = select.select_topk(pre, k)
+    ref_vals, ref_ids = fs.reference.topk_select(pre, k)
+    assert torch.equal(ids.cpu(), ref_ids.cpu())
+    assert torch.equal(vals.cpu(), ref_vals.cpu())  # as floats: a -0.0 comes back as +0.0, its key's value

@@ -50,6 +50,9 @@ TUNING = {
     "select_group": 32,
     "select_groups": 256,
     "select_warps": 4,
+    # The candidate stage (``select._row_select_kernel``, one program per row): warps grow with the
+    # row's group keys and candidates (one warp per 512), up to this cap.
+    "row_select_max_warps": 16,
     "chunk_bytes": 2 * 2**30,
     # hierarchical_topk_sae_loss: cap on the backward's fp32 contribution
     # buffer [B*K, window], which bounds its transient memory.

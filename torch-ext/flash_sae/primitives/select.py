@@ -72,6 +72,7 @@ def _group_best_kernel(
     KEY_BITS: tl.constexpr,
     PACK32: tl.constexpr,  # 16-bit keys and < 2^16 groups: (max key << 16) | (65535 - group)
     BATCH: tl.constexpr,  # BatchTopK: the group's max key of relu(v) alone (positions are implicit)
+    KEYS_ONLY: tl.constexpr,  # the group's max key alone, int32 (``_row_select_kernel``'s input)
     HAS_SCALE: tl.constexpr,  # key v * scale[latent], rounded to the chunk's dtype as torch's multiply does
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -84,6 +85,8 @@ def _group_best_kernel(
         v = cast_rtne(v.to(tl.float32) * sc, pre_ptr.dtype.element_ty)
     if BATCH:  # the group's best key of relu(v), stored as int16 (16-bit dtypes) or int32
         best = tl.max(tl.where(mask, tl.maximum(_sortable_key(v, KEY_BITS), 0), -1), axis=1)
+    elif KEYS_ONLY:
+        best = tl.max(tl.where(mask, _sortable_key(v, KEY_BITS), -2147483648), axis=1)
     elif PACK32:
         # Groups with equal maxima rank by lower group index, which is the lower best id.
         key = tl.where(mask, _sortable_key(v, KEY_BITS), -32768)
@@ -256,6 +259,77 @@ def _row_top_kernel(
     tl.store(gate_ptr + row * C + j, gate.to(tl.int8), mask=live)
 
 
+@triton.jit
+def _kth_largest(key, live, kk, KEY_BITS: tl.constexpr):
+    """The kk-th largest of ``key`` where ``live`` (int32 sortable keys; kk >= 1 live entries),
+    by a bitwise search from the top bit: the largest t with count(key >= t) >= kk."""
+    t = tl.full((), -(1 << (KEY_BITS - 1)), tl.int64)
+    k64 = key.to(tl.int64)
+    for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+        cand = t + (1 << bit)
+        cnt = tl.sum((live & (k64 >= cand)).to(tl.int32), axis=0)
+        t = tl.where(cnt >= kk, cand, t)
+    return t
+
+
+@triton.jit
+def _first_kk(key, live, t, kk):
+    """The kk best live entries given the kk-th largest key t: all above t, then those equal to t
+    in position order (the lower position first)."""
+    k64 = key.to(tl.int64)
+    gt = live & (k64 > t)
+    eq = (live & (k64 == t)).to(tl.int32)
+    need = kk - tl.sum(gt.to(tl.int32), axis=0)
+    return gt | ((eq != 0) & (tl.cumsum(eq, axis=0) <= need))
+
+
+@triton.jit
+def _row_select_kernel(
+    pre_ptr,  # [B, n] float pre-activations of one chunk (row stride stride_pb)
+    gkey_ptr,  # [B, n_groups] int32: each group's max sortable key (``_group_best_kernel``, KEYS_ONLY)
+    groups_ptr,  # [B, KG] int32 scratch: the row's chosen groups, ascending (written, then read back)
+    out_ptr,  # [B, KS] int64 out: the chunk's top min(k, n) entries packed, descending; KEY_NONE after
+    n,
+    stride_pb,
+    idx_base,  # latent id of the chunk's column 0
+    n_groups,
+    k,
+    G: tl.constexpr,
+    NG_BLOCK: tl.constexpr,  # >= n_groups, a power of two
+    KG: tl.constexpr,  # >= k, a power of two
+    KS: tl.constexpr,  # output width, >= k, a power of two
+    KEY_BITS: tl.constexpr,
+):
+    """The candidate stage of the selection in one program per row: the k best groups by a bitwise
+    search over their max keys (equal maxima: the lower group, whose best entry has the lower id),
+    then the k best of their k*G entries by a second search (equal keys: the lower position, which
+    is the lower id, since chosen groups are kept in ascending order), then a sort of those k."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, NG_BLOCK)
+    live_g = g < n_groups
+    gk = tl.load(gkey_ptr + row * n_groups + g, mask=live_g, other=0)
+    kk = tl.minimum(k, n_groups)
+    chosen = _first_kk(gk, live_g, _kth_largest(gk, live_g, kk, KEY_BITS), kk)
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(groups_ptr + row * KG + slot, g, mask=chosen)
+    tl.debug_barrier()  # the stores above are read back below by other threads of this program
+    c = tl.arange(0, KG * G)
+    s = c // G
+    grp = tl.load(groups_ptr + row * KG + s, mask=s < kk, other=0)
+    col = grp * G + c % G
+    live = (s < kk) & (col < n)
+    key = _sortable_key(tl.load(pre_ptr + row * stride_pb + col, mask=live, other=0.0), KEY_BITS)
+    k2 = tl.minimum(k, n)
+    top = _first_kk(key, live, _kth_largest(key, live, k2, KEY_BITS), k2)
+    packed = (key.to(tl.int64) << 32) | (2147483647 - (idx_base + col)).to(tl.int64)
+    at = tl.cumsum(top.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row * KS + at, packed, mask=top)
+    tl.debug_barrier()
+    j = tl.arange(0, KS)
+    picked = tl.load(out_ptr + row * KS + j, mask=j < k2, other=-9223372036854775808)
+    tl.store(out_ptr + row * KS + j, tl.sort(picked, descending=True))
+
+
 # Host launchers ----------------------------------------------------------------
 
 
@@ -293,7 +367,7 @@ def unpack(packed: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return keys_to_values((packed >> 32).to(torch.int32), dtype), IDX_PAD - (packed & 0xFFFFFFFF)
 
 
-def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False) -> torch.Tensor:
+def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False, keys_only: bool = False) -> torch.Tensor:
     """Each group of G consecutive columns' best entry, packed; [B, ceil(w / G)].
 
     int64 ``pack(key, id)`` by default; with ``pack32`` (16-bit dtypes, fewer than
@@ -304,12 +378,16 @@ def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False) -> torc
     if not use_triton(pre):
         keys = torch.full((B, n_groups * G), -32768 if pack32 else 0, dtype=torch.int64, device=pre.device)
         keys[:, :w] = sortable_keys(pre) if pack32 else pack(sortable_keys(pre), torch.arange(f0, f0 + w))
+        if keys_only:
+            keys[:, w:] = -(2**31)
+            return keys.view(B, n_groups, G).amax(2).to(torch.int32)
         if not pack32:
             keys[:, w:] = KEY_NONE
             return keys.view(B, n_groups, G).amax(2)
         gmax = keys.view(B, n_groups, G).amax(2).to(torch.int32)
         return (gmax << 16) | (65535 - torch.arange(n_groups, dtype=torch.int32, device=pre.device))
-    best = torch.empty(B, n_groups, dtype=torch.int32 if pack32 else torch.int64, device=pre.device)
+    narrow = pack32 or keys_only
+    best = torch.empty(B, n_groups, dtype=torch.int32 if narrow else torch.int64, device=pre.device)
     groups = max(1, min(TUNING["select_groups"], triton.next_power_of_2(n_groups)))
     _group_best_kernel[(B, triton.cdiv(n_groups, groups))](
         pre,
@@ -324,6 +402,7 @@ def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False) -> torc
         KEY_BITS=_key_bits(pre.dtype),
         PACK32=pack32,
         BATCH=False,
+        KEYS_ONLY=keys_only,
         HAS_SCALE=False,
         num_warps=TUNING["select_warps"],
     )
@@ -370,6 +449,7 @@ def group_best_batch(pre: torch.Tensor, f0: int, G: int, scale: torch.Tensor | N
         KEY_BITS=_key_bits(pre.dtype),
         PACK32=False,
         BATCH=True,
+        KEYS_ONLY=False,
         HAS_SCALE=scale is not None,
         num_warps=TUNING["select_warps"],
     )
@@ -410,10 +490,42 @@ def group_keys_batch(pre: torch.Tensor, f0: int, G: int, groups: torch.Tensor, s
     return keys
 
 
+ROW_SELECT_MAX = 16384  # group keys, and candidates, that one program of ``_row_select_kernel`` holds
+
+
+def _row_select(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
+    """The chunk's exact top-k with the candidate stage in one kernel: [B, KS] packed int64, sorted
+    descending, KEY_NONE past min(k, w)."""
+    B, w = pre.shape
+    n_groups = triton.cdiv(w, G)
+    gkeys = group_best(pre, f0, G, keys_only=True)
+    NG = triton.next_power_of_2(n_groups)
+    KG = triton.next_power_of_2(min(k, n_groups))
+    KS = triton.next_power_of_2(k)
+    scratch = torch.empty(B, KG, dtype=torch.int32, device=pre.device)
+    out = torch.empty(B, KS, dtype=torch.int64, device=pre.device)
+    width = max(NG, KG * G)
+    _row_select_kernel[(B,)](
+        pre, gkeys, scratch, out, w, pre.stride(0), f0, n_groups, k,
+        G=G, NG_BLOCK=NG, KG=KG, KS=KS, KEY_BITS=_key_bits(pre.dtype),
+        num_warps=max(4, min(TUNING["row_select_max_warps"], width // 512)),
+    )  # fmt: skip
+    return out
+
+
+def row_select_fits(w: int, k: int, G: int) -> bool:
+    """Whether ``_row_select_kernel`` takes a [*, w] chunk at this k and group size."""
+    n_groups = triton.cdiv(w, G)
+    return triton.next_power_of_2(n_groups) <= ROW_SELECT_MAX and triton.next_power_of_2(min(k, n_groups)) * G <= ROW_SELECT_MAX
+
+
 def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
-    """The exact top-k entries of a [B, w] chunk whose column 0 is latent f0, packed; [B, min(k, ...)]."""
+    """The exact top-k entries of a [B, w] chunk whose column 0 is latent f0, packed; [B, >= min(k, w)],
+    KEY_NONE in any further slots. Sorted descending when ``_row_select_kernel`` ran (``row_select_fits``)."""
     B, w = pre.shape
     G = TUNING["select_group"]
+    if use_triton(pre) and row_select_fits(w, k, G):
+        return _row_select(pre, f0, k, G)
     if _key_bits(pre.dtype) == 16 and triton.cdiv(w, G) <= 65536 and k * G < 65536:
         return _chunk_top_k_32(pre, f0, k, G)
     best = group_best(pre, f0, G)
@@ -446,7 +558,16 @@ def _chunk_top_k_32(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
 
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection alone on a given [B, F] tensor: (values, int64 ids), [B, k], by the tie rule."""
-    return unpack(torch.topk(chunk_top_k(pre, 0, k), k, dim=1, sorted=True).values, pre.dtype)
+    return merged([chunk_top_k(pre, 0, k)], k, pre)
+
+
+def merged(parts: list[torch.Tensor], k: int, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of the chunks' packed candidates (``chunk_top_k``'s), sorted and unpacked in ``pre``'s
+    dtype; a single chunk that ``_row_select_kernel`` already sorted is taken as it is (``pre``: that
+    chunk, or any chunk when there are several)."""
+    if len(parts) == 1 and use_triton(pre) and row_select_fits(pre.shape[1], k, TUNING["select_group"]):
+        return unpack(parts[0][:, :k], pre.dtype)
+    return unpack(torch.topk(torch.cat(parts, dim=1), k, dim=1, sorted=True).values, pre.dtype)
 
 
 def gather_columns(pre: torch.Tensor, f0: int, ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -528,7 +649,7 @@ def topk_preacts(
         parts.append(chunk_top_k(pre, f0, k))
         if columns is not None:
             gather_columns(pre, f0, *columns)
-    return unpack(torch.topk(torch.cat(parts, dim=1), k, dim=1, sorted=True).values, x.dtype)
+    return merged(parts, k, pre)
 
 
 # BatchTopK: the n largest entries of a whole batch ----------------------------------
