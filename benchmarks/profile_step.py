@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """torch.profiler table of one flash-sae forward + backward: where host and device time go.
 
-Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU; PROFILE_ROWS=N rows)
+Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU; PROFILE_ROWS=N rows;
+PROFILE_HOST=1 adds the host side: ops by CPU time, host vs wall time per step, a cProfile of 20 steps)
 OP: a decoder op (topk_sae_loss, ...) or a whole step (topk_sae_step, topk_sae_step+auxk or +ghost
 with 4096 dead latents and k_aux = 512, batchtopk_sae_step,
 jumprelu_sae_step with its threshold set so that L0 is about K, matryoshka_*_sae_step with
@@ -91,6 +92,27 @@ def main():
     print(f"{op} B={B} D={D} F={F} K={K} {dtype}: 10 steps")
     rows = int(os.environ.get("PROFILE_ROWS", "30"))
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows))
+    if os.environ.get("PROFILE_HOST"):  # where the host's time goes in eager mode: torch ops, then Python
+        import cProfile
+        import pstats
+        import time
+
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        host = (time.perf_counter() - t0) / 20
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 20
+        print(f"host time per step (launching only) {host * 1e3:.3f} ms; wall per step {wall * 1e3:.3f} ms")
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(20):
+            step()
+        pr.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def step_floor_ms(B, D, F, K, dname, es, bw):
 
 
 def bench_steps(fs, args, bw, rows, quick):
-    """The full-step table: flash-sae, dense eager and torch.compile of it, plus the bare encoder GEMM."""
+    """The full-step table: flash-sae, dense eager and torch.compile of it, the installed rivals (sparsify,
+    SAELens; ``rival_steps``), plus the bare encoder GEMM."""
     shapes = [("bf16", *QUICK_SHAPES[0])] if quick else STEP_SHAPES + STEP_SCALE
     compiled = None if args.no_compile else torch.compile(dense_topk_sae_step, dynamic=False)
     for dname, B, D, F, K in shapes:
@@ -137,9 +138,14 @@ def bench_steps(fs, args, bw, rows, quick):
         # torch.compile recompiles per shape (minutes at the scale rows); run it on the main table.
         if compiled is not None and not scale_row:
             impls["torch.compile (dense)"] = compiled
+        rivals = {} if quick or args.no_rivals else rival_steps(params, K, skip_saelens=scale_row)
+        impls.update({name: call for name, (call, _) in rivals.items()})
         for name, fn in impls.items():
             try:
-                (ms, lo, hi), peak, gms = measure_call(lambda fn=fn: fn(*params, K), params)
+                if name in rivals:
+                    (ms, lo, hi), peak, gms = measure_call(rivals[name][0], rivals[name][1])
+                else:
+                    (ms, lo, hi), peak, gms = measure_call(lambda fn=fn: fn(*params, K), params)
                 err = None
             except torch.OutOfMemoryError as e:
                 ms = lo = hi = peak = gms = float("nan")
@@ -171,8 +177,56 @@ def bench_steps(fs, args, bw, rows, quick):
                 f"  {gms / gemm:5.2f}x GEMM ({gemm:.3f} ms)" + (f"  {err}" if err else ""),
                 flush=True,
             )
-        params = x = W_enc = b_enc = None  # free before the next shape
+        params = x = W_enc = b_enc = rivals = impls = None  # free before the next shape
         torch.cuda.empty_cache()
+
+
+def rival_steps(params, K, skip_saelens=False, device="cuda"):
+    """{name: (call, its parameters)}: one training step of the installed rivals, built with their default
+    configurations and holding this problem's weights (a copy). sparsify: ``SparseCoder`` (its fused
+    encoder + Triton embedding-bag decoder, under its own bf16 autocast), loss = its ``fvu``. SAELens:
+    ``TopKTrainingSAE`` through ``training_forward_pass``, loss = its ``loss`` (MSE sum over D, mean over B).
+    A rival that is not installed is left out with a note; one that fails to build is reported."""
+    x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in params)
+    F, D = W_enc.shape
+    dtype = x.dtype
+    out = {}
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        coder = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K), device=device, dtype=dtype)
+        with torch.no_grad():
+            coder.encoder.weight.copy_(W_enc)
+            coder.encoder.bias.copy_(b_enc)
+            coder.W_dec.copy_(W_dec)
+            coder.b_dec.copy_(b_dec)
+        xs = x.clone().requires_grad_()
+        out["sparsify (installed)"] = (lambda: coder(xs).fvu, [xs, *coder.parameters()])
+    except ImportError as e:
+        print(f"    (sparsify not installed: {e})")
+    if skip_saelens:
+        return out
+    try:
+        from sae_lens.saes import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+
+        names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, device=device, dtype=names[dtype]))
+        with torch.no_grad():
+            sae.W_enc.copy_(W_enc.T)
+            sae.b_enc.copy_(b_enc)
+            sae.W_dec.copy_(W_dec)
+            sae.b_dec.copy_(b_dec)
+        xl = x.clone().requires_grad_()
+
+        def saelens_call():
+            step = TrainStepInput(sae_in=xl, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+            return sae.training_forward_pass(step).loss
+
+        out["SAELens TopK (installed)"] = (saelens_call, [xl, *sae.parameters()])
+    except ImportError as e:
+        print(f"    (sae-lens not installed: {e})")
+    return out
 
 
 def dense_batchtopk_step(x, W_enc, b_enc, W_dec, b_dec, k):
@@ -470,6 +524,7 @@ def main():
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-rivals", action="store_true", help="step table without the installed sparsify and SAELens")
     parser.add_argument(
         "--family-compile-only",
         action="store_true",
