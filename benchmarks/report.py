@@ -17,6 +17,8 @@ IMPL_ORDER = [
     "torch eager (dense)",
     "torch.compile (dense)",
     "SAELens",
+    "sparsify (installed)",
+    "SAELens TopK (installed)",
 ]
 
 
@@ -31,7 +33,8 @@ def markdown(data) -> str:
         f"device copy bandwidth {meta['copy_bandwidth_tbps']:.2f} TB/s. Forward + backward, gradients for every "
         "float input. `ms`: launched from Python each step; `graph`: the same step replayed from a CUDA graph "
         "(GPU time, no host launch overhead); `GiB`: peak memory above the inputs, gradients included; "
-        "`floor`: % of the bandwidth floor reached in graph time (flash-sae rows).",
+        "`floor`: % of the floor reached in graph time, the floor in ms, eager over graph time, and (steps) graph "
+        "time over the bare encoder GEMM's measured in the same run (flash-sae rows).",
         "",
     ]
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -53,7 +56,9 @@ def markdown(data) -> str:
                     cell = f"{r['ms']:.3f} / {r['graph_ms']:.3f} / {r['peak_gib']:.2f}"
                     cells.append(cell if not r.get("error") else r["error"][:40])
                     if impl == "flash-sae":
-                        floor = f"{r['pct_floor']:.0f}%"
+                        floor = f"{r['pct_floor']:.0f}% of {r['floor_ms']:.3f} ms; eager/graph {r['ms'] / r['graph_ms']:.2f}"
+                        if "gemm_ms" in r:
+                            floor += f"; {r['x_gemm']:.2f}x the GEMM ({r['gemm_ms']:.3f} ms)"
                 lines.append(f"| ({shape}) | " + " | ".join(cells) + f" | {floor} |")
             lines.append("")
     return "\n".join(lines)

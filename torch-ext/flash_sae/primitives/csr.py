@@ -122,14 +122,18 @@ def _segment_sum_kernel(
 # Host launchers ----------------------------------------------------------------
 
 
-def csr_transpose(indices: torch.Tensor, F: int) -> tuple[torch.Tensor, torch.Tensor]:
+def csr_transpose(indices: torch.Tensor, F: int, in_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Groups the B*K elements of ``indices`` by latent, deterministically.
 
     Returns ``perm`` ([B*K] int64 element ids, stable within each latent) and
     ``offsets`` ([F + 1] int64): latent f owns perm[offsets[f]:offsets[f+1]].
-    Out-of-range ids are clamped to -1 or F, so they fall outside every segment.
+    Out-of-range ids are clamped to -1 or F, so they fall outside every segment;
+    ``in_range``: the caller's ids are already in [-1, F) (a code the package selected), and the
+    clamp, one launch, is skipped.
     """
-    flat = indices.reshape(-1).clamp(-1, F)
+    flat = indices.reshape(-1)
+    if not in_range:
+        flat = flat.clamp(-1, F)
     key_dtype = torch.int32 if F < 2**31 - 1 else torch.int64
     keys = flat.to(key_dtype)
     sorted_keys, perm = torch.sort(keys, stable=True)

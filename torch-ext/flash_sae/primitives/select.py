@@ -289,6 +289,8 @@ def _row_select_kernel(
     gkey_ptr,  # [B, n_groups] int32: each group's max sortable key (``_group_best_kernel``, KEYS_ONLY)
     groups_ptr,  # [B, KG] int32 scratch: the row's chosen groups, ascending (written, then read back)
     out_ptr,  # [B, KS] int64 out: the chunk's top min(k, n) entries packed, descending; KEY_NONE after
+    vals_ptr,  # [B, k] out (UNPACK): their values, pre's dtype (a -0.0 comes back as +0.0, its key's value)
+    ids_ptr,  # [B, k] int64 out (UNPACK): their latent ids
     n,
     stride_pb,
     idx_base,  # latent id of the chunk's column 0
@@ -299,6 +301,7 @@ def _row_select_kernel(
     KG: tl.constexpr,  # >= k, a power of two
     KS: tl.constexpr,  # output width, >= k, a power of two
     KEY_BITS: tl.constexpr,
+    UNPACK: tl.constexpr,  # write (values, ids) [B, k] instead of the sorted packed keys (needs k <= n)
 ):
     """The candidate stage of the selection in one program per row: the k best groups by a bitwise
     search over their max keys (equal maxima: the lower group, whose best entry has the lower id),
@@ -327,7 +330,18 @@ def _row_select_kernel(
     tl.debug_barrier()
     j = tl.arange(0, KS)
     picked = tl.load(out_ptr + row * KS + j, mask=j < k2, other=-9223372036854775808)
-    tl.store(out_ptr + row * KS + j, tl.sort(picked, descending=True))
+    ranked = tl.sort(picked, descending=True)
+    if UNPACK:
+        vkey = (ranked >> 32).to(tl.int32)
+        if KEY_BITS == 16:
+            bits = tl.where(vkey >= 0, vkey, vkey ^ 0x7FFF).to(tl.int16)
+        else:
+            bits = tl.where(vkey >= 0, vkey, vkey ^ 0x7FFFFFFF)
+        val = bits.to(vals_ptr.dtype.element_ty, bitcast=True)
+        tl.store(vals_ptr + row * k + j, val, mask=j < k)
+        tl.store(ids_ptr + row * k + j, 2147483647 - (ranked & 0xFFFFFFFF), mask=j < k)
+    else:
+        tl.store(out_ptr + row * KS + j, ranked)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -493,9 +507,10 @@ def group_keys_batch(pre: torch.Tensor, f0: int, G: int, groups: torch.Tensor, s
 ROW_SELECT_MAX = 16384  # group keys, and candidates, that one program of ``_row_select_kernel`` holds
 
 
-def _row_select(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
+def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False):
     """The chunk's exact top-k with the candidate stage in one kernel: [B, KS] packed int64, sorted
-    descending, KEY_NONE past min(k, w)."""
+    descending, KEY_NONE past min(k, w); with ``unpack`` (k <= w), (values [B, k] in pre's dtype,
+    int64 ids [B, k]) instead, also sorted."""
     B, w = pre.shape
     n_groups = triton.cdiv(w, G)
     gkeys = group_best(pre, f0, G, keys_only=True)
@@ -504,13 +519,15 @@ def _row_select(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
     KS = triton.next_power_of_2(k)
     scratch = torch.empty(B, KG, dtype=torch.int32, device=pre.device)
     out = torch.empty(B, KS, dtype=torch.int64, device=pre.device)
+    vals = pre.new_empty(B, k) if unpack else out
+    ids = torch.empty(B, k, dtype=torch.int64, device=pre.device) if unpack else out
     width = max(NG, KG * G)
     _row_select_kernel[(B,)](
-        pre, gkeys, scratch, out, w, pre.stride(0), f0, n_groups, k,
-        G=G, NG_BLOCK=NG, KG=KG, KS=KS, KEY_BITS=_key_bits(pre.dtype),
+        pre, gkeys, scratch, out, vals, ids, w, pre.stride(0), f0, n_groups, k,
+        G=G, NG_BLOCK=NG, KG=KG, KS=KS, KEY_BITS=_key_bits(pre.dtype), UNPACK=unpack,
         num_warps=max(4, min(TUNING["row_select_max_warps"], width // 512)),
     )  # fmt: skip
-    return out
+    return (vals, ids) if unpack else out
 
 
 def row_select_fits(w: int, k: int, G: int) -> bool:
@@ -558,6 +575,9 @@ def _chunk_top_k_32(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
 
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection alone on a given [B, F] tensor: (values, int64 ids), [B, k], by the tie rule."""
+    G = TUNING["select_group"]
+    if use_triton(pre) and row_select_fits(pre.shape[1], k, G):
+        return _row_select(pre, 0, k, G, unpack=True)
     return merged([chunk_top_k(pre, 0, k)], k, pre)
 
 
@@ -644,11 +664,15 @@ def topk_preacts(
     ``out`` from the same chunks (``gather_columns``; the dead set of ``ops/_dead.py``).
     """
     xc = x - b_dec if b_dec is not None else x
+    F = W_enc.shape[0]
+    G = TUNING["select_group"]
     parts = []
     for f0, pre in pre_chunks(xc, W_enc, b_enc):
-        parts.append(chunk_top_k(pre, f0, k))
         if columns is not None:
             gather_columns(pre, f0, *columns)
+        if pre.shape[1] == F and use_triton(pre) and row_select_fits(F, k, G):  # one chunk: values and ids
+            return _row_select(pre, f0, k, G, unpack=True)  # straight from the kernel, already sorted
+        parts.append(chunk_top_k(pre, f0, k))
     return merged(parts, k, pre)
 
 

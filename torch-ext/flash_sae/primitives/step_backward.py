@@ -60,7 +60,7 @@ def mse_step_backward(
         stacked = residual.reshape(-1, residual.shape[-1])
         residual = residual[0]
     B, D = residual.shape
-    csr = csr_transpose(indices, W_dec.shape[0])
+    csr = csr_transpose(indices, W_dec.shape[0], in_range=True)  # a code the step selected: ids in [-1, F)
     rows = row_ids(row_offsets, indices.numel()) if row_offsets is not None else None
     s_const = 2.0 / B if per_row else 2.0 / (B * D)
     s = grad.float() * s_const
