@@ -25,7 +25,6 @@ GPU (the real ``torch._scaled_mm``, and its time beside the bf16 ``addmm``):
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -90,7 +89,7 @@ def check(x, W, b, k, gpu, name):
     """Candidate counts, the bound's validity (max |error| / E), E over the spread, the exact top-k kept."""
     a, rows, cols, out_round = fp8_preacts(x, W, b, gpu)
     n_cand, E = candidates(a, rows, cols, out_round, k, b)
-    exact = (x.double() @ W.double().T + b.double())
+    exact = x.double() @ W.double().T + b.double()
     err = (a.double() - exact).abs()
     ratio = (err / E.double()).amax().item()
     top = exact.topk(k, dim=1).indices
@@ -144,7 +143,10 @@ def bench_gemm(B, D, F):
     bf16 = do_bench(lambda: torch.addmm(b, x, W.T))
     fp8 = do_bench(lambda: torch._scaled_mm(xq, wq.T, scale_a=sx, scale_b=sw.T, out_dtype=torch.bfloat16))
     quant = do_bench(lambda: quantize(W))
-    print(f"GEMM ({B}, {D}, {F}): bf16 addmm {bf16:.3f} ms, e4m3 _scaled_mm {fp8:.3f} ms ({bf16 / fp8:.2f}x), quantizing W {quant:.3f} ms")
+    print(
+        f"GEMM ({B}, {D}, {F}): bf16 addmm {bf16:.3f} ms, e4m3 _scaled_mm {fp8:.3f} ms "
+        f"({bf16 / fp8:.2f}x), quantizing W {quant:.3f} ms"
+    )
     return dict(B=B, D=D, F=F, bf16_ms=bf16, fp8_ms=fp8, quantize_w_ms=quant)
 
 
@@ -157,7 +159,10 @@ def main():
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     name = torch.cuda.get_device_name() if gpu else "cpu"
-    print(f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; FP8 {'real (_scaled_mm)' if gpu else 'emulated'}")
+    print(
+        f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+        f"FP8 {'real (_scaled_mm)' if gpu else 'emulated'}"
+    )
     rows = [check(x, W, b, k, gpu, n) for n, x, W, b, k in problems(device, args.batch, args.latents)]
     gemms = []
     if gpu:
@@ -165,7 +170,11 @@ def main():
             gemms.append(bench_gemm(B, D, F))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows, gemms=gemms), f, indent=1)
+            json.dump(
+                dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows, gemms=gemms),
+                f,
+                indent=1,
+            )
     return 0 if all(r["bound_holds"] and r["exact_topk_in_candidates"] for r in rows) else 1
 
 

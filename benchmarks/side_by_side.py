@@ -220,7 +220,9 @@ def rival_steps(params, K, skip_saelens=False, device="cuda"):
         xl = x.clone().requires_grad_()
 
         def saelens_call():
-            step = TrainStepInput(sae_in=xl, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+            step = TrainStepInput(
+                sae_in=xl, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+            )
             return sae.training_forward_pass(step).loss
 
         out["SAELens TopK (installed)"] = (saelens_call, [xl, *sae.parameters()])
@@ -524,7 +526,9 @@ def main():
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--no-rivals", action="store_true", help="step table without the installed sparsify and SAELens")
+    parser.add_argument(
+        "--no-rivals", action="store_true", help="step table without the installed sparsify and SAELens"
+    )
     parser.add_argument(
         "--family-compile-only",
         action="store_true",

@@ -52,7 +52,12 @@ def encoder_sweeps(fs, common, default, only, record):
             record(kind="select_stage", stage=name, ms=bench(fn), **shape)
         fits = enc.ROW_SELECT_MAX
         enc.ROW_SELECT_MAX = 0  # the previous candidate stage (two torch.topk calls), same run
-        record(kind="select_stage", stage="select_topk, torch.topk candidate stage", ms=bench(stages["select_topk"]), **shape)
+        record(
+            kind="select_stage",
+            stage="select_topk, torch.topk candidate stage",
+            ms=bench(stages["select_topk"]),
+            **shape,
+        )
         enc.ROW_SELECT_MAX = fits
         space = itertools.product([16, 32, 64], [64, 256], [4, 8])
         if (B, F, K) not in SELECT_SHAPES[:2]:  # the other shapes: the default policy only

@@ -533,7 +533,10 @@ def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False
 def row_select_fits(w: int, k: int, G: int) -> bool:
     """Whether ``_row_select_kernel`` takes a [*, w] chunk at this k and group size."""
     n_groups = triton.cdiv(w, G)
-    return triton.next_power_of_2(n_groups) <= ROW_SELECT_MAX and triton.next_power_of_2(min(k, n_groups)) * G <= ROW_SELECT_MAX
+    return (
+        triton.next_power_of_2(n_groups) <= ROW_SELECT_MAX
+        and triton.next_power_of_2(min(k, n_groups)) * G <= ROW_SELECT_MAX
+    )
 
 
 def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
