@@ -21,6 +21,7 @@ Usage: python benchmarks/side_by_side.py [--quick] [--out benchmarks/results]
 
 import argparse
 import datetime
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -138,18 +139,17 @@ def bench_steps(fs, args, bw, rows, quick):
         # torch.compile recompiles per shape (minutes at the scale rows); run it on the main table.
         if compiled is not None and not scale_row:
             impls["torch.compile (dense)"] = compiled
-        rivals = {} if quick or args.no_rivals else rival_steps(params, K, skip_saelens=scale_row)
-        impls.update({name: call for name, (call, _) in rivals.items()})
-        for name, fn in impls.items():
+        jobs = [(name, lambda fn=fn: fn(*params, K), params, None) for name, fn in impls.items()]
+        if not (quick or args.no_rivals):  # built one at a time, after ours, each freed before the next
+            jobs = itertools.chain(jobs, rival_steps(params, K, skip_saelens=scale_row))
+        for name, call, call_params, err in jobs:
+            ms = lo = hi = peak = gms = float("nan")
             try:
-                if name in rivals:
-                    (ms, lo, hi), peak, gms = measure_call(rivals[name][0], rivals[name][1])
-                else:
-                    (ms, lo, hi), peak, gms = measure_call(lambda fn=fn: fn(*params, K), params)
-                err = None
+                if err is None:
+                    (ms, lo, hi), peak, gms = measure_call(call, call_params)
             except torch.OutOfMemoryError as e:
-                ms = lo = hi = peak = gms = float("nan")
                 err = f"OOM: {str(e).splitlines()[0][:60]}"
+            call = call_params = None
             torch.cuda.empty_cache()
             row = dict(
                 op="topk_sae_step",
@@ -177,40 +177,53 @@ def bench_steps(fs, args, bw, rows, quick):
                 f"  {gms / gemm:5.2f}x GEMM ({gemm:.3f} ms)" + (f"  {err}" if err else ""),
                 flush=True,
             )
-        params = x = W_enc = b_enc = rivals = impls = None  # free before the next shape
+        params = x = W_enc = b_enc = impls = jobs = None  # free before the next shape
         torch.cuda.empty_cache()
 
 
 def rival_steps(params, K, skip_saelens=False, device="cuda"):
-    """{name: (call, its parameters)}: one training step of the installed rivals, built with their default
-    configurations and holding this problem's weights (a copy). sparsify: ``SparseCoder`` (its fused
-    encoder + Triton embedding-bag decoder, under its own bf16 autocast), loss = its ``fvu``. SAELens:
-    ``TopKTrainingSAE`` through ``training_forward_pass``, loss = its ``loss`` (MSE sum over D, mean over B).
-    A rival that is not installed is left out with a note; one that fails to build is reported."""
+    """Yields (name, call, its parameters, None) for one training step of each installed rival, built with
+    its default configuration and holding a copy of this problem's weights, one at a time (each is freed
+    when the caller moves on); (name, None, None, error) where building one runs out of memory.
+    sparsify: ``SparseCoder`` (its fused encoder + Triton embedding-bag decoder, under its own bf16
+    autocast), loss = its ``fvu``. SAELens: ``TopKTrainingSAE`` through ``training_forward_pass``, loss =
+    its ``loss`` (MSE summed over D, mean over B). A rival that is not installed is left out with a note."""
     x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in params)
     F, D = W_enc.shape
     dtype = x.dtype
-    out = {}
     try:
         from sparsify import SparseCoder, SparseCoderConfig
-
-        coder = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K), device=device, dtype=dtype)
-        with torch.no_grad():
-            coder.encoder.weight.copy_(W_enc)
-            coder.encoder.bias.copy_(b_enc)
-            coder.W_dec.copy_(W_dec)
-            coder.b_dec.copy_(b_dec)
-        xs = x.clone().requires_grad_()
-        out["sparsify (installed)"] = (lambda: coder(xs).fvu, [xs, *coder.parameters()])
     except ImportError as e:
         print(f"    (sparsify not installed: {e})")
+    else:
+        name = "sparsify (installed)"
+        try:
+            coder = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K), device=device, dtype=dtype)
+            with torch.no_grad():
+                coder.encoder.weight.copy_(W_enc)
+                coder.encoder.bias.copy_(b_enc)
+                coder.W_dec.copy_(W_dec)
+                coder.b_dec.copy_(b_dec)
+            xs = x.clone().requires_grad_()
+        except torch.OutOfMemoryError as e:
+            coder = xs = None
+            yield name, None, None, f"OOM: {str(e).splitlines()[0][:60]}"
+        else:
+            yield name, lambda: coder(xs).fvu, [xs, *coder.parameters()], None
+        coder = xs = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
     if skip_saelens:
-        return out
+        return
     try:
         from sae_lens.saes import TopKTrainingSAE, TopKTrainingSAEConfig
         from sae_lens.saes.sae import TrainStepInput
-
-        names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+    except ImportError as e:
+        print(f"    (sae-lens not installed: {e})")
+        return
+    names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+    name = "SAELens TopK (installed)"
+    try:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, device=device, dtype=names[dtype]))
         with torch.no_grad():
             sae.W_enc.copy_(W_enc.T)
@@ -218,17 +231,17 @@ def rival_steps(params, K, skip_saelens=False, device="cuda"):
             sae.W_dec.copy_(W_dec)
             sae.b_dec.copy_(b_dec)
         xl = x.clone().requires_grad_()
+    except torch.OutOfMemoryError as e:
+        yield name, None, None, f"OOM: {str(e).splitlines()[0][:60]}"
+        return
 
-        def saelens_call():
-            step = TrainStepInput(
-                sae_in=xl, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
-            )
-            return sae.training_forward_pass(step).loss
+    def saelens_call():
+        step = TrainStepInput(
+            sae_in=xl, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+        )
+        return sae.training_forward_pass(step).loss
 
-        out["SAELens TopK (installed)"] = (saelens_call, [xl, *sae.parameters()])
-    except ImportError as e:
-        print(f"    (sae-lens not installed: {e})")
-    return out
+    yield name, saelens_call, [xl, *sae.parameters()], None
 
 
 def dense_batchtopk_step(x, W_enc, b_enc, W_dec, b_dec, k):
