@@ -44,7 +44,7 @@ def encoder_sweeps(fs, common, default, only, record):
         record(kind="select", impl="torch.topk", ms=bench(lambda: torch.topk(pre, K, dim=1)), **shape)
         record(kind="select", impl="read once (pre.amax)", ms=bench(lambda: pre.amax(1)), **shape)
         stages = {
-            "group_best": lambda: enc.group_best(pre, 0, default["select_group"]),
+            "group_best": lambda: enc.group_best(pre, 0, enc.topk_group(F, K)),
             "chunk_top_k": lambda: enc.chunk_top_k(pre, 0, K),
             "select_topk": lambda: enc.select_topk(pre, K),
         }
@@ -61,11 +61,11 @@ def encoder_sweeps(fs, common, default, only, record):
         enc.ROW_SELECT_MAX = fits
         space = itertools.product([16, 32, 64], [64, 256], [4, 8])
         if (B, F, K) not in SELECT_SHAPES[:2]:  # the other shapes: the default policy only
-            space = [(default["select_group"], default["select_groups"], default["select_warps"])]
+            space = [(enc.topk_group(F, K), default["select_groups"], default["select_warps"])]
         for grp, groups, nw in space:
             if grp * groups > 16384 or grp * groups < 256:
                 continue
-            common.TUNING.update(default, select_group=grp, select_groups=groups, select_warps=nw)
+            common.TUNING.update(default, topk_select_group=grp, select_groups=groups, select_warps=nw)
             try:
                 ms = bench(lambda: enc.select_topk(pre, K))
             except Exception as e:  # a config the compiler rejects is recorded, not fatal

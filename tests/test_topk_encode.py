@@ -69,7 +69,7 @@ def test_topk_encode_groups_and_chunks(fs, device, dtype, integer, K, monkeypatc
     B, D, F = 3, 5, 2500
     x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, device, seed=K, integer=integer)
     for group, groups, chunk_bytes in ((1, 64, 2**30), (4, 16, 2500), (32, 64, 3000), (128, 2, 2**30)):
-        monkeypatch.setitem(tuning(fs), "select_group", group)
+        monkeypatch.setitem(tuning(fs), "topk_select_group", group)
         monkeypatch.setitem(tuning(fs), "select_groups", groups)
         monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)  # 2500, 3000: 4 to 12 chunks
         vals, indices = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
@@ -170,7 +170,7 @@ def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
     select = package_module(fs, "primitives.select")
     pre = _selection_input(B, F, kind, dtype, seed).to(device)
     with pytest.MonkeyPatch.context() as mp:  # per example: hypothesis reuses function-scoped fixtures
-        mp.setitem(tuning(fs), "select_group", G)
+        mp.setitem(tuning(fs), "topk_select_group", G)
         if not one_kernel:
             mp.setattr(select, "ROW_SELECT_MAX", 0)
         vals, ids = select.select_topk(pre, k)

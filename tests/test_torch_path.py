@@ -76,7 +76,7 @@ def test_selection_ties_groups_and_chunks(fs, torch_path, dtype, group, monkeypa
     """Exact ties (small integers) and signed zeros, several group sizes, several F chunks (the int64
     and int32-packed group keys of the torch branch both)."""
     B, D, F, K = 3, 5, 2500, 33
-    monkeypatch.setitem(tuning(fs), "select_group", group)
+    monkeypatch.setitem(tuning(fs), "topk_select_group", group)
     for integer in (False, True):
         x, W_enc, b_enc, _, b_dec = make_sae(B, D, F, K, dtype, torch_path, seed=K, integer=integer)
         for chunk_bytes in (2**30, 3000):

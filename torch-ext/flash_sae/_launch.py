@@ -51,8 +51,11 @@ TUNING = {
     "select_groups": 256,
     "select_warps": 4,
     # The candidate stage (``select._row_select_kernel``, one program per row): warps grow with the
-    # row's group keys and candidates (one warp per 512), up to this cap.
+    # row's group keys and candidates (one warp per 512), up to this cap; the TopK selection's own
+    # group size (0: chosen per chunk width and k by ``select.topk_group``; ``select_group`` above is
+    # BatchTopK's).
     "row_select_max_warps": 16,
+    "topk_select_group": 0,
     "chunk_bytes": 2 * 2**30,
     # hierarchical_topk_sae_loss: cap on the backward's fp32 contribution
     # buffer [B*K, window], which bounds its transient memory.

@@ -539,11 +539,21 @@ def row_select_fits(w: int, k: int, G: int) -> bool:
     )
 
 
+def topk_group(w: int, k: int) -> int:
+    """The TopK selection's group size G for a chunk of width w: ``TUNING["topk_select_group"]``, or when
+    that is 0, the power of two nearest below sqrt(w / k), within [8, 128], which balances the candidate
+    kernel's two searches (w / G group keys, k * G candidates; measured in benchmarks/NOTES.md)."""
+    G = TUNING["topk_select_group"]
+    if G:
+        return G
+    return 1 << min(7, max(3, (max(1, w // max(1, k))).bit_length() - 1 >> 1))
+
+
 def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
     """The exact top-k entries of a [B, w] chunk whose column 0 is latent f0, packed; [B, >= min(k, w)],
     KEY_NONE in any further slots. Sorted descending when ``_row_select_kernel`` ran (``row_select_fits``)."""
     B, w = pre.shape
-    G = TUNING["select_group"]
+    G = topk_group(w, k)
     if use_triton(pre) and row_select_fits(w, k, G):
         return _row_select(pre, f0, k, G)
     if _key_bits(pre.dtype) == 16 and triton.cdiv(w, G) <= 65536 and k * G < 65536:
@@ -578,7 +588,7 @@ def _chunk_top_k_32(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
 
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection alone on a given [B, F] tensor: (values, int64 ids), [B, k], by the tie rule."""
-    G = TUNING["select_group"]
+    G = topk_group(pre.shape[1], k)
     if use_triton(pre) and row_select_fits(pre.shape[1], k, G):
         return _row_select(pre, 0, k, G, unpack=True)
     return merged([chunk_top_k(pre, 0, k)], k, pre)
@@ -588,7 +598,7 @@ def merged(parts: list[torch.Tensor], k: int, pre: torch.Tensor) -> tuple[torch.
     """The top k of the chunks' packed candidates (``chunk_top_k``'s), sorted and unpacked in ``pre``'s
     dtype; a single chunk that ``_row_select_kernel`` already sorted is taken as it is (``pre``: that
     chunk, or any chunk when there are several)."""
-    if len(parts) == 1 and use_triton(pre) and row_select_fits(pre.shape[1], k, TUNING["select_group"]):
+    if len(parts) == 1 and use_triton(pre) and row_select_fits(pre.shape[1], k, topk_group(pre.shape[1], k)):
         return unpack(parts[0][:, :k], pre.dtype)
     return unpack(torch.topk(torch.cat(parts, dim=1), k, dim=1, sorted=True).values, pre.dtype)
 
@@ -668,7 +678,7 @@ def topk_preacts(
     """
     xc = x - b_dec if b_dec is not None else x
     F = W_enc.shape[0]
-    G = TUNING["select_group"]
+    G = topk_group(F, k)
     parts = []
     for f0, pre in pre_chunks(xc, W_enc, b_enc):
         if columns is not None:
