@@ -32,7 +32,8 @@ def markdown(data) -> str:
         f"Measured on {meta['gpu']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
         f"device copy bandwidth {meta['copy_bandwidth_tbps']:.2f} TB/s. Forward + backward, gradients for every "
         "float input. `ms`: launched from Python each step; `graph`: the same step replayed from a CUDA graph "
-        "(GPU time, no host launch overhead); `GiB`: peak memory above the inputs, gradients included; "
+        '(GPU time, no host launch overhead; "no graph": the step cannot be captured); '
+        "`GiB`: peak memory above the inputs, gradients included; "
         "`floor`: % of the floor reached in graph time, the floor in ms, eager over graph time, and (steps) graph "
         "time over the bare encoder GEMM's measured in the same run (flash-sae rows).",
         "",
@@ -53,7 +54,10 @@ def markdown(data) -> str:
                     if r is None:  # not run at this shape (torch.compile skips the scale rows)
                         cells.append("not run")
                         continue
-                    cell = f"{r['ms']:.3f} / {r['graph_ms']:.3f} / {r['peak_gib']:.2f}"
+                    graph = (
+                        "no graph" if r["graph_ms"] != r["graph_ms"] else f"{r['graph_ms']:.3f}"
+                    )  # NaN: capture failed
+                    cell = f"{r['ms']:.3f} / {graph} / {r['peak_gib']:.2f}"
                     cells.append(cell if not r.get("error") else r["error"][:40])
                     if impl == "flash-sae":
                         floor = f"{r['pct_floor']:.0f}% of {r['floor_ms']:.3f} ms"
@@ -73,7 +77,8 @@ def plot(data, path: Path) -> None:
 
     rows = [r for r in data["rows"] if r["dtype"] == "bf16"]
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.8), squeeze=False)
+    n_shapes = max(len({shape_key(r) for r in rows if r["op"] == op}) for op in ops)
+    fig, axes = plt.subplots(1, len(ops), figsize=(max(6, 1.1 * n_shapes) * len(ops), 4.8), squeeze=False)
     for ax, op in zip(axes[0], ops):
         sel = [r for r in rows if r["op"] == op]
         shapes = list(dict.fromkeys(shape_key(r) for r in sel))
@@ -97,7 +102,7 @@ def plot(data, path: Path) -> None:
         ax.set_title(f"{op} (bf16)")
         ax.legend(fontsize=7)
     meta = data["meta"]
-    fig.suptitle(f"flash-sae vs PyTorch, {meta['gpu']}, {meta['date']}  (x: B,D / F,K)")
+    fig.suptitle(f"flash-sae vs PyTorch and the installed rivals, {meta['gpu']}, {meta['date']}  (x: B,D / F,K)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
