@@ -43,17 +43,15 @@ TUNING = {
     "segment_block_d": 512,
     "segment_warps": 1,
     "segment_unroll": 1,
-    # Top-k selection: the group size G (a power of two; the torch.topk calls
-    # see F/G group keys and k*G candidates per row), groups per program of
-    # the group-maximum kernel and its warps, and the byte budget of one
-    # pre-activation chunk (the encoder forward's transient GEMM output).
+    # Selection: BatchTopK's group size G (a power of two: F/G group keys and N*G candidates),
+    # groups per program of the group-maximum kernel and its warps (both selections), then the
+    # TopK candidate stage (``select._row_select_kernel``, one program per row): its warps grow with
+    # the row's group keys and candidates (one per 512) up to a cap, and its group size (0: chosen
+    # per chunk width and k by ``select.topk_group``). Last, the byte budget of one pre-activation
+    # chunk (the encoder forward's transient GEMM output).
     "select_group": 32,
     "select_groups": 256,
     "select_warps": 4,
-    # The candidate stage (``select._row_select_kernel``, one program per row): warps grow with the
-    # row's group keys and candidates (one warp per 512), up to this cap; the TopK selection's own
-    # group size (0: chosen per chunk width and k by ``select.topk_group``; ``select_group`` above is
-    # BatchTopK's).
     "row_select_max_warps": 16,
     "topk_select_group": 0,
     "chunk_bytes": 2 * 2**30,

@@ -7,17 +7,21 @@ negative NaN below -inf). The selection is exact on the pre-activations as
 computed in the input dtype.
 
 How, in one read of each chunk. Order a row's entries by (value, then lower
-id) and cut the row into groups of G consecutive latents. ``_group_best_kernel``
-reads the chunk once and writes each group's best entry as one int64 key,
-(sortable value bits << 32) | (2^31 - 1 - id), so [B, F_chunk / G] keys, G
-times fewer than entries. The row's top-k entries all lie in the k groups with
-the best keys: if an entry's group were not among them, k better groups would
-each hold an entry better than it. So torch.topk over the group keys, a gather
-of those k*G entries and a torch.topk over their packed keys give the chunk's
-exact top-k, which a last torch.topk merges across chunks, sorted. Nothing
-ever ties, because the packed keys are distinct. For bf16/fp16 (16-bit value
-keys) both calls use int32 keys, (value key << 16) | (65535 - position), with
-positions in id order, whenever the chunk has < 2^16 groups and k*G < 2^16.
+id) and cut the row into groups of G consecutive latents. The row's top-k
+entries all lie in the k groups with the best best-entries: if an entry's group
+were not among them, k better groups would each hold an entry better than it.
+``_group_best_kernel`` reads the chunk once and writes each group's best value
+key (int32); ``_row_select_kernel``, one program per row, finds the k best
+groups by a bitwise search over those keys (equal maxima: the lower group,
+whose best entry has the lower id), the exact top k of their k*G entries by a
+second search (equal keys: the lower position, which is the lower id), and
+sorts those k. G follows the chunk (``topk_group``: about sqrt(w / k), which
+balances the two searches). Chunks merge by a last torch.topk over packed
+int64 keys, (sortable value bits << 32) | (2^31 - 1 - id), which never tie.
+Past ``ROW_SELECT_MAX`` group keys or candidates per row, and on the CPU's
+plain-torch path, the candidate stage is torch.topk over packed group keys,
+a gather and a torch.topk over the candidates' packed keys (int32 packing for
+bf16/fp16 when the chunk has < 2^16 groups and k*G < 2^16).
 
 The encoder GEMM (``pre_chunks``) runs in cuBLAS (``torch.addmm``) over chunks
 of F whose [B, F_chunk] output stays within ``TUNING["chunk_bytes"]``; no
