@@ -62,7 +62,8 @@ def error_bound(x, W, xq, sx, wq, sw, gamma):
 
 
 def fp8_preacts(x, W, b, gpu):
-    """(a [B, F] fp32: the FP8 GEMM's pre-activations incl. bias, bound factors)."""
+    """(a [B, F] fp64: the FP8 GEMM's output plus the bias, added in fp64; the GEMM's output alone; the
+    bound's per-row and per-latent factors; the output's relative rounding)."""
     xq, sx = quantize(x)
     wq, sw = quantize(W)
     if gpu:
@@ -74,12 +75,14 @@ def fp8_preacts(x, W, b, gpu):
         out_round = 2.0**-23
         gamma = GAMMA_CPU
     rows, cols = error_bound(x, W, xq, sx, wq, sw, gamma)
-    return a + b.float(), rows, cols, out_round
+    gemm = a.double()
+    return gemm + b.double(), gemm, rows, cols, out_round
 
 
-def candidates(a, rows, cols, out_round, k, b):
-    """Per row: the size of {f : hi_f >= L}, and the bound's E; a is the FP8 value + bias."""
-    E = (rows @ cols).float() + out_round * (a - b.float()).abs()
+def candidates(a, gemm, rows, cols, out_round, k):
+    """Per row: the size of {f : hi_f >= L}, and the bound E (all fp64; 2^-50 |a| covers fp64's own
+    rounding of the bias add and of lo / hi)."""
+    E = rows @ cols + out_round * gemm.abs() + 2.0**-50 * a.abs()
     lo, hi = a - E, a + E
     L = lo.topk(k, dim=1).values[:, -1:]
     return (hi >= L).sum(1), E
@@ -87,11 +90,11 @@ def candidates(a, rows, cols, out_round, k, b):
 
 def check(x, W, b, k, gpu, name):
     """Candidate counts, the bound's validity (max |error| / E), E over the spread, the exact top-k kept."""
-    a, rows, cols, out_round = fp8_preacts(x, W, b, gpu)
-    n_cand, E = candidates(a, rows, cols, out_round, k, b)
+    a, gemm, rows, cols, out_round = fp8_preacts(x, W, b, gpu)
+    n_cand, E = candidates(a, gemm, rows, cols, out_round, k)
     exact = x.double() @ W.double().T + b.double()
-    err = (a.double() - exact).abs()
-    ratio = (err / E.double()).amax().item()
+    err = (a - exact).abs()
+    ratio = (err / E).amax().item()
     top = exact.topk(k, dim=1).indices
     hi_top = (a + E).gather(1, top)
     L = (a - E).topk(k, dim=1).values[:, -1:]
