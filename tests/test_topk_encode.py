@@ -177,3 +177,15 @@ def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
     ref_vals, ref_ids = fs.reference.topk_select(pre, k)
     assert torch.equal(ids.cpu(), ref_ids.cpu())
     assert torch.equal(vals.cpu(), ref_vals.cpu())  # as floats: a -0.0 comes back as +0.0, its key's value
+
+
+@pytest.mark.kernels_ci
+def test_candidate_kernel_takes_wide_chunks_and_select_checks_k(fs):
+    """The per-chunk group size keeps wide chunks (up to 2^22 latents, k up to 256) inside the candidate
+    kernel's limits rather than on the torch.topk fall-back; and the selection primitive rejects k
+    outside [1, F] with a ValueError naming k."""
+    select = package_module(fs, "primitives.select")
+    for w, k in [(65536, 64), (262144, 64), (699040, 256), (786432, 200), (10**6, 250), (2**21 + 1, 32), (2**22, 64)]:
+        assert select.row_select_fits(w, k, select.topk_group(w, k)), (w, k)
+    with pytest.raises(ValueError, match="k must be"):
+        select.select_topk(torch.zeros(2, 5), 6)

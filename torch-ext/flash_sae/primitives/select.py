@@ -397,6 +397,7 @@ def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False, keys_on
         keys = torch.full((B, n_groups * G), -32768 if pack32 else 0, dtype=torch.int64, device=pre.device)
         keys[:, :w] = sortable_keys(pre) if pack32 else pack(sortable_keys(pre), torch.arange(f0, f0 + w))
         if keys_only:
+            keys[:, :w] = sortable_keys(pre)
             keys[:, w:] = -(2**31)
             return keys.view(B, n_groups, G).amax(2).to(torch.int32)
         if not pack32:
@@ -550,7 +551,11 @@ def topk_group(w: int, k: int) -> int:
     G = TUNING["topk_select_group"]
     if G:
         return G
-    return 1 << min(7, max(3, (max(1, w // max(1, k))).bit_length() - 1 >> 1))
+    G = 1 << min(7, max(3, (max(1, w // max(1, k))).bit_length() - 1 >> 1))
+    # Past 16384 groups the candidate kernel cannot hold a row's keys: widen G (beyond 128 if need be)
+    # so the chunk still fits, when its k*G candidates then fit too (``row_select_fits``).
+    wide = max(G, triton.next_power_of_2(triton.cdiv(w, max(1, ROW_SELECT_MAX))))
+    return wide if row_select_fits(w, k, wide) else G
 
 
 def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
@@ -592,6 +597,8 @@ def _chunk_top_k_32(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
 
 def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection alone on a given [B, F] tensor: (values, int64 ids), [B, k], by the tie rule."""
+    if not 1 <= k <= pre.shape[1]:
+        raise ValueError(f"k must be in [1, {pre.shape[1]}] (the number of columns), got {k}")
     G = topk_group(pre.shape[1], k)
     if use_triton(pre) and row_select_fits(pre.shape[1], k, G):
         return _row_select(pre, 0, k, G, unpack=True)
