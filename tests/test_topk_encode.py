@@ -145,7 +145,7 @@ def selection_rows(draw):
     k = draw(st.one_of(st.integers(1, 9), st.sampled_from([31, 33, 64])))
     G = draw(st.sampled_from([1, 4, 32]))
     F = k + draw(st.one_of(st.integers(0, 40), st.integers(200, 3000)))
-    return B, F, k, G, draw(st.sampled_from(["random", "few values", "one value", "signed zeros and infs"]))
+    return B, F, k, G, draw(st.sampled_from(["random", "few values", "one value", "signed zeros, infs, NaNs"]))
 
 
 def _selection_input(B, F, kind, dtype, seed):
@@ -156,7 +156,7 @@ def _selection_input(B, F, kind, dtype, seed):
         return torch.randint(-2, 3, (B, F), generator=g).to(dtype)
     if kind == "one value":
         return torch.full((B, F), -1.5, dtype=dtype)
-    pool = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0], dtype=dtype)
+    pool = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1.0, -1.0, float("nan"), -float("nan")], dtype=dtype)
     return pool[torch.randint(0, len(pool), (B, F), generator=g)]
 
 
@@ -164,7 +164,7 @@ def _selection_input(B, F, kind, dtype, seed):
 @given(shape=selection_rows(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), one_kernel=st.booleans())
 def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
     """The selection primitive alone, on adversarial rows (ties within and across groups, one value
-    everywhere, +-0.0 and +-inf), by the one-kernel candidate stage and by the torch.topk fall-back
+    everywhere, +-0.0, +-inf and NaNs of both signs), by the one-kernel candidate stage and by the torch.topk fall-back
     (``ROW_SELECT_MAX`` shrunk so no chunk fits): equal to the reference stable sort, values and ids."""
     B, F, k, G, kind = shape
     select = package_module(fs, "primitives.select")
@@ -176,7 +176,8 @@ def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
         vals, ids = select.select_topk(pre, k)
     ref_vals, ref_ids = fs.reference.topk_select(pre, k)
     assert torch.equal(ids.cpu(), ref_ids.cpu())
-    assert torch.equal(vals.cpu(), ref_vals.cpu())  # as floats: a -0.0 comes back as +0.0, its key's value
+    same = (vals.cpu() == ref_vals.cpu()) | (vals.cpu().isnan() & ref_vals.cpu().isnan())
+    assert same.all()  # as floats: a -0.0 comes back as +0.0, its key's value
 
 
 @pytest.mark.kernels_ci

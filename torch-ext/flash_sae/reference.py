@@ -73,11 +73,18 @@ def topk_select(pre, k):
     """The top-k of each row of ``pre`` [B, F], by the tie rule flash-sae documents.
 
     Larger value first; equal values (and -0.0 == +0.0) go to the lower latent
-    id. A stable descending sort states exactly that rule. Returns (values,
-    indices), both [B, k], in descending order.
+    id; a NaN ranks by its bits (a positive NaN above +inf, a negative NaN below
+    -inf). A stable descending sort of the values' order-preserving integer keys
+    states exactly that rule (a sort of the floats themselves would put every NaN
+    first). Returns (values, indices), both [B, k], in descending order.
     """
-    values, indices = torch.sort(pre, dim=1, descending=True, stable=True)
-    return values[:, :k], indices[:, :k]
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[pre.element_size()]
+    bits = pre.contiguous().view(int_dtype).to(torch.int64)
+    width = 8 * pre.element_size()
+    keys = bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))  # two's-complement order
+    keys = torch.where(keys == -1, 0, keys)  # -0.0's key is +0.0's
+    indices = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
+    return pre.gather(1, indices), indices
 
 
 def _rounded(t, dtype):
