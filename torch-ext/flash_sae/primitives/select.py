@@ -220,53 +220,10 @@ def _gather_columns_kernel(
 
 
 @triton.jit
-def _row_top_kernel(
-    pre_ptr,  # [B, C] float: a row's candidates (the dead set's pre-activations), slot order = id order
-    valid_ptr,  # [C] bool: slots that hold a candidate
-    ids_ptr,  # [C] int64: their latent ids (for the scale)
-    scale_ptr,  # [n_ids] float: per-latent factor applied before keying (HAS_SCALE)
-    act_ptr,  # [B, C] out: the selected values (relu'd if RELU), 0 elsewhere; pre's dtype
-    gate_ptr,  # [B, C] out int8: 1 where the value passes gradient (selected, and > 0 if RELU)
-    C,
-    k,
-    n_ids,
-    BLOCK: tl.constexpr,
-    KEY_BITS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    RELU: tl.constexpr,
-):
-    """Each row's k best valid slots (larger key, then lower slot), by a 32-step bitwise search for
-    the k-th largest key and a positional tie-break: one program per row, the row in registers."""
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK)
-    live = j < C
-    v = tl.load(pre_ptr + row * C + j, mask=live, other=0.0)
-    ok = live & (tl.load(valid_ptr + j, mask=live, other=0) != 0)
-    kv = v
-    if HAS_SCALE:
-        ids = tl.load(ids_ptr + j, mask=live, other=0)
-        sc = tl.load(scale_ptr + tl.minimum(ids, n_ids - 1), mask=live, other=1.0).to(tl.float32)
-        kv = cast_rtne(v.to(tl.float32) * sc, pre_ptr.dtype.element_ty)
-    key = _sortable_key(kv, KEY_BITS).to(tl.int64)
-    n_sel = tl.minimum(tl.sum(ok.to(tl.int32), axis=0), k)
-    t = tl.full((), -2147483648, tl.int64)
-    for bit in tl.static_range(31, -1, -1):
-        cand = t + (1 << bit)
-        cnt = tl.sum((ok & (key >= cand)).to(tl.int32), axis=0)
-        t = tl.where(cnt >= n_sel, cand, t)
-    gt = ok & (key > t)
-    eq = (ok & (key == t)).to(tl.int32)
-    need = n_sel - tl.sum(gt.to(tl.int32), axis=0)
-    chosen = gt | ((eq != 0) & (tl.cumsum(eq, axis=0) <= need))
-    gate = chosen & (v.to(tl.float32) > 0) if RELU else chosen  # compared in fp32: the interpreter's bf16 is not
-    tl.store(act_ptr + row * C + j, tl.where(gate, v, 0.0), mask=live)
-    tl.store(gate_ptr + row * C + j, gate.to(tl.int8), mask=live)
-
-
-@triton.jit
 def _kth_largest(key, live, kk, KEY_BITS: tl.constexpr):
-    """The kk-th largest of ``key`` where ``live`` (int32 sortable keys; kk >= 1 live entries),
-    by a bitwise search from the top bit: the largest t with count(key >= t) >= kk."""
+    """The kk-th largest of ``key`` where ``live`` (int32 sortable keys, kk <= the live entries), by a
+    bitwise search from the top bit: the largest t with count(key >= t) >= kk (kk = 0: the largest
+    possible key, so ``_first_kk`` chooses nothing)."""
     t = tl.full((), -(1 << (KEY_BITS - 1)), tl.int64)
     k64 = key.to(tl.int64)
     for bit in tl.static_range(KEY_BITS - 1, -1, -1):
@@ -285,6 +242,42 @@ def _first_kk(key, live, t, kk):
     eq = (live & (k64 == t)).to(tl.int32)
     need = kk - tl.sum(gt.to(tl.int32), axis=0)
     return gt | ((eq != 0) & (tl.cumsum(eq, axis=0) <= need))
+
+
+@triton.jit
+def _row_top_kernel(
+    pre_ptr,  # [B, C] float: a row's candidates (the dead set's pre-activations), slot order = id order
+    valid_ptr,  # [C] bool: slots that hold a candidate
+    ids_ptr,  # [C] int64: their latent ids (for the scale)
+    scale_ptr,  # [n_ids] float: per-latent factor applied before keying (HAS_SCALE)
+    act_ptr,  # [B, C] out: the selected values (relu'd if RELU), 0 elsewhere; pre's dtype
+    gate_ptr,  # [B, C] out int8: 1 where the value passes gradient (selected, and > 0 if RELU)
+    C,
+    k,
+    n_ids,
+    BLOCK: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    RELU: tl.constexpr,
+):
+    """Each row's k best valid slots (larger key, then lower slot), by the candidate kernel's bitwise
+    search for the k-th largest key and positional tie-break: one program per row, the row in registers."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    live = j < C
+    v = tl.load(pre_ptr + row * C + j, mask=live, other=0.0)
+    ok = live & (tl.load(valid_ptr + j, mask=live, other=0) != 0)
+    kv = v
+    if HAS_SCALE:
+        ids = tl.load(ids_ptr + j, mask=live, other=0)
+        sc = tl.load(scale_ptr + tl.minimum(ids, n_ids - 1), mask=live, other=1.0).to(tl.float32)
+        kv = cast_rtne(v.to(tl.float32) * sc, pre_ptr.dtype.element_ty)
+    key = _sortable_key(kv, KEY_BITS)
+    n_sel = tl.minimum(tl.sum(ok.to(tl.int32), axis=0), k)
+    chosen = _first_kk(key, ok, _kth_largest(key, ok, n_sel, KEY_BITS), n_sel)
+    gate = chosen & (v.to(tl.float32) > 0) if RELU else chosen  # compared in fp32: the interpreter's bf16 is not
+    tl.store(act_ptr + row * C + j, tl.where(gate, v, 0.0), mask=live)
+    tl.store(gate_ptr + row * C + j, gate.to(tl.int8), mask=live)
 
 
 @triton.jit
