@@ -382,15 +382,15 @@ def group_best(pre: torch.Tensor, f0: int, G: int, pack32: bool = False, keys_on
     """Each group of G consecutive columns' best entry, packed; [B, ceil(w / G)].
 
     int64 ``pack(key, id)`` by default; with ``pack32`` (16-bit dtypes, fewer than
-    2^16 groups) int32 ``(max key << 16) | (65535 - group)``, half the bytes for torch.topk.
+    2^16 groups) int32 ``(max key << 16) | (65535 - group)``, half the bytes for torch.topk;
+    with ``keys_only`` the int32 max key alone (``_row_select_kernel``'s input).
     """
     B, w = pre.shape
     n_groups = triton.cdiv(w, G)
     if not use_triton(pre):
         keys = torch.full((B, n_groups * G), -32768 if pack32 else 0, dtype=torch.int64, device=pre.device)
-        keys[:, :w] = sortable_keys(pre) if pack32 else pack(sortable_keys(pre), torch.arange(f0, f0 + w))
+        keys[:, :w] = sortable_keys(pre) if pack32 or keys_only else pack(sortable_keys(pre), torch.arange(f0, f0 + w))
         if keys_only:
-            keys[:, :w] = sortable_keys(pre)
             keys[:, w:] = -(2**31)
             return keys.view(B, n_groups, G).amax(2).to(torch.int32)
         if not pack32:
@@ -595,16 +595,12 @@ def select_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     G = topk_group(pre.shape[1], k)
     if use_triton(pre) and row_select_fits(pre.shape[1], k, G):
         return _row_select(pre, 0, k, G, unpack=True)
-    return merged([chunk_top_k(pre, 0, k)], k, pre)
+    return merged([chunk_top_k(pre, 0, k)], k, pre.dtype)
 
 
-def merged(parts: list[torch.Tensor], k: int, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top k of the chunks' packed candidates (``chunk_top_k``'s), sorted and unpacked in ``pre``'s
-    dtype; a single chunk that ``_row_select_kernel`` already sorted is taken as it is (``pre``: that
-    chunk, or any chunk when there are several)."""
-    if len(parts) == 1 and use_triton(pre) and row_select_fits(pre.shape[1], k, topk_group(pre.shape[1], k)):
-        return unpack(parts[0][:, :k], pre.dtype)
-    return unpack(torch.topk(torch.cat(parts, dim=1), k, dim=1, sorted=True).values, pre.dtype)
+def merged(parts: list[torch.Tensor], k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of the chunks' packed candidates (``chunk_top_k``'s), sorted and unpacked in ``dtype``."""
+    return unpack(torch.topk(torch.cat(parts, dim=1), k, dim=1, sorted=True).values, dtype)
 
 
 def gather_columns(pre: torch.Tensor, f0: int, ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -690,7 +686,7 @@ def topk_preacts(
         if pre.shape[1] == F and use_triton(pre) and row_select_fits(F, k, G):  # one chunk: values and ids
             return _row_select(pre, f0, k, G, unpack=True)  # straight from the kernel, already sorted
         parts.append(chunk_top_k(pre, f0, k))
-    return merged(parts, k, pre)
+    return merged(parts, k, x.dtype)
 
 
 # BatchTopK: the n largest entries of a whole batch ----------------------------------
