@@ -55,9 +55,12 @@ TUNING = {
     "row_select_max_warps": 16,
     "topk_select_group": 0,
     "chunk_bytes": 2 * 2**30,
-    # hierarchical_topk_sae_loss: cap on the backward's fp32 contribution
-    # buffer [B*K, window], which bounds its transient memory.
+    # hierarchical_topk_sae_loss: cap on the backward's contribution buffer
+    # [B*K, window] (bf16 for bf16 weights, else fp32), which bounds its transient memory.
     "hierarchical_buffer_bytes": 512 * 2**20,
+    # ... and whether a bf16 weight's buffer holds bf16 contributions (half the traffic, one
+    # more 2^-9 rounding per contribution) instead of fp32 ones.
+    "hierarchical_bf16_buffer": True,
 }
 
 

@@ -15,7 +15,7 @@ S_k is a different [D] vector for every (b, k), produced by a reverse scan over
 k in row order; the weight gradient needs it grouped by latent. Deterministic
 (atomic-free) means a transpose of B*K*D values, so the backward works on
 windows of DC columns: a reverse-scan kernel writes ``vals_k * S_k`` for the
-window into an fp32 buffer [B*K, DC] (at most ``TUNING["hierarchical_buffer_bytes"]``, which
+window into a buffer [B*K, DC] (at most ``TUNING["hierarchical_buffer_bytes"]``, which
 bounds the transient memory), and the shared CSR segmented sum
 (``primitives.csr``) reduces
 it per latent into the window of dweight. The scan rebuilds e_j backwards from the saved final
@@ -29,9 +29,16 @@ What is fused:
 - backward: one reverse-scan pass (gather, dvals dot, contribution rows) and
   one segmented sum per window.
 
+The buffer's dtype (``buffer_dtype``): bf16 when the weight is bf16 (unless
+``TUNING["hierarchical_bf16_buffer"]`` is False), else fp32. A bf16 weight
+gradient is itself rounded to bf16; each stored contribution carries one more
+rounding of that size (2^-9 relative) before the fp32 segmented sum, which
+halves the buffer's traffic. fp16 weights keep fp32 contributions (fp16's range
+could overflow on v * S, and bf16 would lose fp16's finer rounding).
+
 Bytes (bf16, B=2048, D=2304, F=65536, K=64): forward 604 MB gathered; backward
 604 MB gathered again, 302 MB of dweight writes, and the contribution buffer
-(1.2 GB fp32 written and read back): the price of determinism
+(604 MB bf16 written and read back; 1.2 GB in fp32): the price of determinism
 (its measured cost is in benchmarks/NOTES.md).
 
 Precision: fp32 accumulation; loss returned in fp32, gradients in their
@@ -46,7 +53,7 @@ from ..._launch import TUNING, block_d, use_triton
 from ..._registry import register_op
 from ..._validation import check_index_range
 from ...primitives.csr import csr_transpose, segment_sum
-from ...primitives.triton_utils import load_latent
+from ...primitives.triton_utils import cast_rtne, load_latent
 from ._loss import loss_gradients, loss_gradients_fake, loss_inputs
 
 # Kernels -----------------------------------------------------------------------
@@ -99,7 +106,7 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
     vals_ptr,  # [B, K] float latent values
     w_ptr,  # [F, D] float decoder weight
     res_ptr,  # [B, D] fp32 final residual from the forward
-    buf_ptr,  # [B*K, stride_buf] fp32 out: vals_k * S_k for this column window
+    buf_ptr,  # [B*K, stride_buf] out (bf16 or fp32): vals_k * S_k for this column window
     dots_ptr,  # [ND, B, K] fp32 out: partial <S_k, W[idx_k]>
     B,
     K,
@@ -128,7 +135,8 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
             w = tl.load(w_ptr + idx * D + cols, mask=live_c, other=0.0).to(tl.float32)
             s = tl.where(live_c, s + e, s)
             tl.store(dots_row + k, tl.sum(s * w, axis=0), mask=live)
-            tl.store(buf_ptr + (b * K + k) * stride_buf + offs_c, v * s, mask=live_c)
+            contribution = cast_rtne(v * s, buf_ptr.dtype.element_ty)
+            tl.store(buf_ptr + (b * K + k) * stride_buf + offs_c, contribution, mask=live_c)
             e -= v * w  # e_{k-1}
 
 
@@ -174,9 +182,15 @@ def hierarchical_topk_sae_loss_fwd(
     return sq.sum() / (B * K * D), residual, esum
 
 
-def window_columns(B: int, K: int, D: int, BLOCK_D: int) -> int:
+def buffer_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The backward's contribution buffer: bf16 for a bf16 weight (its gradient is bf16 anyway), else fp32."""
+    bf16 = weight.dtype == torch.bfloat16 and TUNING["hierarchical_bf16_buffer"]
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def window_columns(B: int, K: int, D: int, BLOCK_D: int, element_bytes: int = 4) -> int:
     """Columns per backward window: a multiple of BLOCK_D whose buffer fits the tuning table's cap."""
-    fit = TUNING["hierarchical_buffer_bytes"] // max(1, B * K * 4)
+    fit = TUNING["hierarchical_buffer_bytes"] // max(1, B * K * element_bytes)
     cols = max(BLOCK_D, fit // BLOCK_D * BLOCK_D)
     return min(cols, triton.cdiv(D, BLOCK_D) * BLOCK_D)
 
@@ -194,8 +208,9 @@ def _weight_and_dots(grad, indices, weight, vals, residual):
         return dweight, dots
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
-    DC = window_columns(B, K, D, BLOCK_D)
-    buf = torch.empty(B * K, DC, device=weight.device, dtype=torch.float32)
+    dtype = buffer_dtype(weight)
+    DC = window_columns(B, K, D, BLOCK_D, dtype.itemsize)
+    buf = torch.empty(B * K, DC, device=weight.device, dtype=dtype)
     dots = torch.empty(ND, B, K, device=weight.device, dtype=torch.float32)
     for d0 in range(0, D, DC):
         width = min(DC, D - d0)
@@ -253,7 +268,8 @@ def _hierarchical_bwd_torch(indices, weight, vals, residual):
     e = residual.unsqueeze(1) - after
     s = e.flip(1).cumsum(1).flip(1)
     w = weight[indices.clamp(0, F - 1).long()].float()
-    return (v.unsqueeze(-1) * s).reshape(-1, weight.shape[1]), (s * w).sum(-1)
+    buf = (v.unsqueeze(-1) * s).reshape(-1, weight.shape[1]).to(buffer_dtype(weight))
+    return buf, (s * w).sum(-1)
 
 
 def hierarchical_topk_sae_loss_bwd(
