@@ -17,7 +17,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script
-from side_by_side import load_kernel, make_problem, make_step_problem  # noqa: E402
+from side_by_side import load_kernel, make_problem  # noqa: E402
 
 SHAPES = [(2048, 2304, 65536, 64), (4096, 2048, 262144, 64)]
 
@@ -98,28 +98,6 @@ def encoder_sweeps(fs, common, default, only, record):
         torch.cuda.empty_cache()
 
 
-STEP_SHAPES = [(2048, 2304, 65536, 64), (4096, 2048, 262144, 64), (4096, 2048, 2**20, 64)]
-
-
-def segment_step_sweep(fs, common, default, record):
-    """The whole TopK step (forward + backward, bf16) by the segmented sum's programs per SM."""
-    for B, D, F, K in STEP_SHAPES:
-        params = make_step_problem(B, D, F, K, torch.bfloat16, "cuda")
-
-        def step():
-            loss = fs.topk_sae_step(*params, K).loss
-            loss.backward()
-            for p in params:
-                p.grad = None
-
-        for per_sm in [0, 4, 8, 16, 32]:
-            common.TUNING.update(default, segment_programs_per_sm=per_sm)
-            record(kind="segment_step", segment_programs_per_sm=per_sm, ms=bench(step), B=B, D=D, F=F, K=K)
-        common.TUNING.update(default)
-        del params
-        torch.cuda.empty_cache()
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -144,9 +122,7 @@ def main():
     only = args.only.split(",")
     if "select" in only or "encode" in only:
         encoder_sweeps(fs, common, default, only, record)
-    if "segment_step" in only:
-        segment_step_sweep(fs, common, default, record)
-    for B, D, F, K in SHAPES if set(only) & {"stage", "gather", "segment", "segment_grid", "window"} else []:
+    for B, D, F, K in SHAPES if set(only) & {"stage", "gather", "segment", "window"} else []:
         shape = dict(B=B, D=D, F=F, K=K)
         indices, (weight, vals, bias, target) = make_problem(B, D, F, K, torch.bfloat16, "cuda")
         w, v, b, t = (x.detach() for x in (weight, vals, bias, target))
@@ -189,19 +165,6 @@ def main():
                 segment_warps=nw,
                 segment_unroll=un,
                 ms=bench(stages["topk_bwd"]),
-                **shape,
-            )
-        # Segmented sum's grid: programs per SM along the latent axis (0: one per latent), by D-block and warps.
-        grid_sweep = itertools.product([0, 1, 2, 4, 8, 16, 32], [512, 1024], [1, 2])
-        for per_sm, sd, nw in grid_sweep if "segment_grid" in only else []:
-            common.TUNING.update(default, segment_programs_per_sm=per_sm, segment_block_d=sd, segment_warps=nw)
-            record(
-                kind="segment_grid",
-                segment_programs_per_sm=per_sm,
-                segment_block_d=sd,
-                segment_warps=nw,
-                topk_bwd_ms=bench(stages["topk_bwd"]),
-                decode_bwd_ms=bench(stages["decode_bwd"]),
                 **shape,
             )
         common.TUNING.update(default)

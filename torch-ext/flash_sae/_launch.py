@@ -15,7 +15,6 @@ at launch time, never at import. Chosen by ``benchmarks/tune.py`` on an H100;
 the measurements are in ``benchmarks/NOTES.md``.
 """
 
-import functools
 import os
 
 import torch
@@ -26,16 +25,6 @@ CPU_RUNS_TRITON = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 def use_triton(t: torch.Tensor) -> bool:
     """True when ``t``'s device runs the Triton kernels (a GPU, or the interpreter)."""
     return t.device.type != "cpu" or CPU_RUNS_TRITON
-
-
-@functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (cached); 1 off the GPU."""
-    return _sm_count(device.index) if device.type == "cuda" else 1
 
 
 def next_pow2(n: int) -> int:
@@ -54,8 +43,6 @@ TUNING = {
     "segment_block_d": 512,
     "segment_warps": 1,
     "segment_unroll": 1,
-    # Programs along the latent axis per SM (each walks latents pid, pid + grid, ...); 0: one per latent.
-    "segment_programs_per_sm": 0,
     # Selection: BatchTopK's group size G (a power of two: F/G group keys and N*G candidates),
     # groups per program of the group-maximum kernel and its warps (both selections), then the
     # TopK candidate stage (``select._row_select_kernel``, one program per row): its warps grow with
@@ -80,14 +67,6 @@ TUNING = {
 def block_d(D: int) -> int:
     """Columns of D per program of the gather kernels (a power of two, at least 16)."""
     return min(TUNING["gather_block_d"], max(16, next_pow2(D)))
-
-
-def segment_programs(F: int, device: torch.device) -> int:
-    """Programs of the segmented sum along the latent axis (``TUNING["segment_programs_per_sm"]``)."""
-    per_sm = TUNING["segment_programs_per_sm"]
-    if per_sm <= 0:
-        return F
-    return max(1, min(F, per_sm * sm_count(device)))
 
 
 def segment_block_d(width: int) -> int:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import TUNING, segment_block_d, segment_programs, use_triton
+from .._launch import TUNING, segment_block_d, use_triton
 from .triton_utils import cast_rtne
 
 # Kernels -----------------------------------------------------------------------
@@ -49,7 +49,6 @@ def _segment_sum_kernel(
     row_ptr,  # [F] fp32: out[f] also gets row[f] * (sum of the segment's coefficients) * w[f] (ROW_TERM),
     # or row[f] * w[f] (ROW_TERM and not ROW_BY_CSUM)
     N,
-    F,
     K,
     D,
     stride_src,
@@ -69,56 +68,55 @@ def _segment_sum_kernel(
     ROW_TERM: tl.constexpr,
     ROW_BY_CSUM: tl.constexpr,
 ):
+    f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # column inside the window
     mask_c = offs_c < d_width
     cols = d_base + offs_c
+    start = tl.load(offsets_ptr + f)
+    end = tl.load(offsets_ptr + f + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    csum = tl.sum(acc, axis=0)
+    row_base = 0
+    if HAS_LEVEL:
+        row_base = tl.load(level_ptr + f).to(tl.int64) * level_stride
+    if HAS_DOTS or ROW_TERM:
+        w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
     if HAS_DOTS:
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
+    for i0 in range(start, end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            i = i0 + u
+            live = i < end
+            e = tl.load(perm_ptr + i, mask=live, other=0)
+            if ELEMENT_ROWS:
+                row = e
+            elif ROW_IDS:
+                row = tl.load(rows_ptr + e, mask=live, other=0) + row_base
+            else:
+                row = e // K + row_base
+            live_c = mask_c & (offs_c * 0 + i < end)
+            x = tl.load(src_ptr + row * stride_src + offs_c, mask=live_c, other=0.0).to(tl.float32)
+            if HAS_COEF:
+                c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
+                acc += c * x
+                if HAS_CSUM or ROW_BY_CSUM:
+                    csum += c
+            else:
+                acc += x
+            if HAS_DOTS:
+                tl.store(dots_blk + e, tl.sum(x * w, axis=0), mask=live)
     scale = scale_const
     if HAS_SCALE:
         scale = scale * tl.load(scale_ptr).to(tl.float32)
-    # One latent per program, or (a grid narrower than F) a strided walk over the latents.
-    for f in range(tl.program_id(0).to(tl.int64), F, tl.num_programs(0)):
-        start = tl.load(offsets_ptr + f)
-        end = tl.load(offsets_ptr + f + 1)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        csum = tl.sum(acc, axis=0)
-        row_base = 0
-        if HAS_LEVEL:
-            row_base = tl.load(level_ptr + f).to(tl.int64) * level_stride
-        if HAS_DOTS or ROW_TERM:
-            w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
-        for i0 in range(start, end, UNROLL):
-            for u in tl.static_range(UNROLL):
-                i = i0 + u
-                live = i < end
-                e = tl.load(perm_ptr + i, mask=live, other=0)
-                if ELEMENT_ROWS:
-                    row = e
-                elif ROW_IDS:
-                    row = tl.load(rows_ptr + e, mask=live, other=0) + row_base
-                else:
-                    row = e // K + row_base
-                live_c = mask_c & (offs_c * 0 + i < end)
-                x = tl.load(src_ptr + row * stride_src + offs_c, mask=live_c, other=0.0).to(tl.float32)
-                if HAS_COEF:
-                    c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
-                    acc += c * x
-                    if HAS_CSUM or ROW_BY_CSUM:
-                        csum += c
-                else:
-                    acc += x
-                if HAS_DOTS:
-                    tl.store(dots_blk + e, tl.sum(x * w, axis=0), mask=live)
-        out = acc * scale
-        if ROW_BY_CSUM:
-            out += tl.load(row_ptr + f) * csum * w
-        elif ROW_TERM:
-            out += tl.load(row_ptr + f) * w
-        tl.store(dw_ptr + f * D + cols, cast_rtne(out, dw_ptr.dtype.element_ty), mask=mask_c)
-        if HAS_CSUM:
-            tl.store(csum_ptr + f, csum * scale, mask=pid_d == 0)
+    out = acc * scale
+    if ROW_BY_CSUM:
+        out += tl.load(row_ptr + f) * csum * w
+    elif ROW_TERM:
+        out += tl.load(row_ptr + f) * w
+    tl.store(dw_ptr + f * D + cols, cast_rtne(out, dw_ptr.dtype.element_ty), mask=mask_c)
+    if HAS_CSUM:
+        tl.store(csum_ptr + f, csum * scale, mask=pid_d == 0)
 
 
 # Host launchers ----------------------------------------------------------------
@@ -211,7 +209,7 @@ def segment_sum(
     ND = triton.cdiv(width, BLOCK_D)
     dots = torch.zeros(ND, N, device=src.device, dtype=torch.float32) if want_dots else None
     dummy = out
-    _segment_sum_kernel[(segment_programs(F, out.device), ND)](
+    _segment_sum_kernel[(F, ND)](
         offsets,
         perm,
         src,
@@ -225,7 +223,6 @@ def segment_sum(
         coef_sum if coef_sum is not None else dummy,
         row_term if row_term is not None else dummy,
         N,
-        F,
         K,
         D,
         src.stride(0),
