@@ -37,7 +37,7 @@ from .triton_utils import cast_rtne
 def _segment_sum_kernel(
     offsets_ptr,  # [F + 1] int64 segment bounds into perm
     perm_ptr,  # [N] int64 element ids e = b * K + k, grouped by latent
-    src_ptr,  # [rows, stride_src] float; row i (SORTED_ROWS), e (ELEMENT_ROWS), rows[e] (ROW_IDS) or e // K
+    src_ptr,  # [rows, stride_src] float; row e (ELEMENT_ROWS), rows[e] (ROW_IDS) or row e // K
     rows_ptr,  # [N] int64 row of each element (ROW_IDS: a variable-length code)
     level_ptr,  # [F] int32 prefix level of each latent: its rows come from block level * level_stride (HAS_LEVEL)
     coef_ptr,  # [N] float per-element coefficient (HAS_COEF)
@@ -59,7 +59,6 @@ def _segment_sum_kernel(
     BLOCK_D: tl.constexpr,
     UNROLL: tl.constexpr,
     ELEMENT_ROWS: tl.constexpr,
-    SORTED_ROWS: tl.constexpr,
     ROW_IDS: tl.constexpr,
     HAS_LEVEL: tl.constexpr,
     HAS_COEF: tl.constexpr,
@@ -89,12 +88,8 @@ def _segment_sum_kernel(
         for u in tl.static_range(UNROLL):
             i = i0 + u
             live = i < end
-            e = i
-            if not SORTED_ROWS or HAS_COEF or HAS_DOTS:
-                e = tl.load(perm_ptr + i, mask=live, other=0)
-            if SORTED_ROWS:
-                row = i
-            elif ELEMENT_ROWS:
+            e = tl.load(perm_ptr + i, mask=live, other=0)
+            if ELEMENT_ROWS:
                 row = e
             elif ROW_IDS:
                 row = tl.load(rows_ptr + e, mask=live, other=0) + row_base
@@ -155,7 +150,6 @@ def segment_sum(
     K: int,
     out: torch.Tensor,
     element_rows: bool,
-    sorted_rows: bool = False,
     coef: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     scale_const: float = 1.0,
@@ -171,9 +165,7 @@ def segment_sum(
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
     ``out`` is the [F, D] gradient. ``src`` is read as fp32, [N, w] when
-    ``element_rows`` (a row per element: element e's, or with ``sorted_rows`` the element at
-    position i of ``perm``'s, so a segment's rows are contiguous and ``perm`` is not read unless
-    ``coef`` or ``weight`` needs e), else [B, w] with element e's row
+    ``element_rows`` (a row per element), else [B, w] with element e's row
     ``rows[e]`` (a variable-length code, ``rows`` given) or e // K (a [B, K] code).
     With ``levels`` ([F] int32, Matryoshka), ``src`` stacks one block of ``level_stride`` rows
     per prefix level, and latent f reads its rows from block levels[f]. Each element's
@@ -192,8 +184,6 @@ def segment_sum(
     width = src.shape[1]
     if row_term is not None and (weight is None or (coef is None and row_term_by_coef)):
         raise ValueError("segment_sum: row_term needs weight (and coef unless row_term_by_coef is False)")
-    if sorted_rows and not element_rows:
-        raise ValueError("segment_sum: sorted_rows needs element_rows")
     want_dots = weight is not None
     if not use_triton(src):
         return _segment_sum_torch(
@@ -202,7 +192,7 @@ def segment_sum(
             src,
             K,
             out,
-            "sorted" if sorted_rows else element_rows,
+            element_rows,
             coef,
             scale,
             scale_const,
@@ -243,7 +233,6 @@ def segment_sum(
         BLOCK_D=BLOCK_D,
         UNROLL=TUNING["segment_unroll"],
         ELEMENT_ROWS=element_rows,
-        SORTED_ROWS=sorted_rows,
         ROW_IDS=rows is not None,
         HAS_LEVEL=levels is not None,
         HAS_COEF=coef is not None,
@@ -281,10 +270,7 @@ def _segment_sum_torch(
     width = src.shape[1]
     lo, hi = int(offsets[0]), int(offsets[-1])
     e = perm[lo:hi]
-    if element_rows == "sorted":
-        row_of = torch.arange(lo, hi, device=src.device)
-    else:
-        row_of = e if element_rows else (rows[e] if rows is not None else e // K)
+    row_of = e if element_rows else (rows[e] if rows is not None else e // K)
     latent = torch.repeat_interleave(torch.arange(F, device=src.device), offsets.diff())
     if levels is not None:
         row_of = row_of + levels[latent].long() * level_stride

@@ -16,8 +16,7 @@ k in row order; the weight gradient needs it grouped by latent. Deterministic
 (atomic-free) means a transpose of B*K*D values, so the backward works on
 windows of DC columns: a reverse-scan kernel writes ``vals_k * S_k`` for the
 window into a buffer [B*K, DC] (at most ``TUNING["hierarchical_buffer_bytes"]``, which
-bounds the transient memory), each element's row at its position in the CSR order (so a
-latent's rows are contiguous and the sum reads no permutation), and the shared CSR segmented sum
+bounds the transient memory), and the shared CSR segmented sum
 (``primitives.csr``) reduces
 it per latent into the window of dweight. The scan rebuilds e_j backwards from the saved final
 residual, ``e_{j-1} = e_j - vals_j * weight[idx_j]``, so nothing of size
@@ -107,8 +106,7 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
     vals_ptr,  # [B, K] float latent values
     w_ptr,  # [F, D] float decoder weight
     res_ptr,  # [B, D] fp32 final residual from the forward
-    slot_ptr,  # [B*K] int64: the buffer row of element b*K + k (its position in the CSR order)
-    buf_ptr,  # [B*K, stride_buf] out (bf16 or fp32): vals_k * S_k for this column window, in CSR order
+    buf_ptr,  # [B*K, stride_buf] out (bf16 or fp32): vals_k * S_k for this column window
     dots_ptr,  # [ND, B, K] fp32 out: partial <S_k, W[idx_k]>
     B,
     K,
@@ -138,8 +136,7 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
             s = tl.where(live_c, s + e, s)
             tl.store(dots_row + k, tl.sum(s * w, axis=0), mask=live)
             contribution = cast_rtne(v * s, buf_ptr.dtype.element_ty)
-            slot = tl.load(slot_ptr + b * K + k, mask=live, other=0)
-            tl.store(buf_ptr + slot * stride_buf + offs_c, contribution, mask=live_c)
+            tl.store(buf_ptr + (b * K + k) * stride_buf + offs_c, contribution, mask=live_c)
             e -= v * w  # e_{k-1}
 
 
@@ -209,9 +206,6 @@ def _weight_and_dots(grad, indices, weight, vals, residual):
         buf, dots = _hierarchical_bwd_torch(indices, weight, vals, residual)
         segment_sum(perm, offsets, buf, K=K, out=dweight, element_rows=True, scale=grad, scale_const=scale_const)
         return dweight, dots
-    # The scan writes each element's row at its CSR position, so each latent's rows are contiguous.
-    slot = torch.empty_like(perm)
-    slot[perm] = torch.arange(perm.numel(), device=perm.device)
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
     dtype = buffer_dtype(weight)
@@ -225,7 +219,6 @@ def _weight_and_dots(grad, indices, weight, vals, residual):
             vals,
             weight,
             residual,
-            slot,
             buf,
             dots,
             B,
@@ -246,7 +239,6 @@ def _weight_and_dots(grad, indices, weight, vals, residual):
             K=K,
             out=dweight,
             element_rows=True,
-            sorted_rows=True,
             scale=grad,
             scale_const=scale_const,
             d_base=d0,
