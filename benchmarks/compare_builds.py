@@ -8,7 +8,7 @@ Builds both checkouts (each with its own ``build_local.py``), loads both with
 coexist), and times ``topk_sae_loss``, ``hierarchical_topk_sae_loss`` and
 ``topk_sae_step`` (forward + backward, every float input requiring grad) on
 the same inputs with side_by_side.py's ``measure_call``: eager ms and CUDA-graph
-ms. The two builds alternate, before / after / before / after, so drift of the
+ms (``--scale`` adds the step at F = 2^20). The two builds alternate, before / after / before / after, so drift of the
 GPU's clocks hits both; each cell reports the better of its two runs.
 """
 
@@ -48,6 +48,9 @@ def main():
     parser.add_argument("--before", type=Path, required=True, help="checkout of the earlier commit")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--scale", action="store_true", help="also the step at F = 2^20 (B = 4096, D = 2048, K = 64, bf16)"
+    )
     args = parser.parse_args()
     builds = {"before": load_build(args.before), "after": load_kernel()}
     gpu = torch.cuda.get_device_name()
@@ -59,6 +62,8 @@ def main():
         for B, D, F, K in SHAPES:
             cases.append((op, "bf16", B, D, F, K))
     cases += [("topk_sae_step", *shape) for shape in STEP_SHAPES]
+    if args.scale:
+        cases.append(("topk_sae_step", "bf16", 4096, 2048, 2**20, 64))
     rows = []
     print(
         f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'before ms':>10s} {'after ms':>9s} {'before graph':>13s} "

@@ -41,7 +41,7 @@ for stage in "$@"; do
         --stem side_by_side_family --out "$OUT" 2>&1 | tee "$OUT/family.log" | tail -n 40
       status=$((status | PIPESTATUS[0]));;
     compare)
-      timeout ${COMPARE_TIMEOUT:-400} python3 benchmarks/compare_builds.py --before "${BEFORE:-.baseline}" --out "$OUT" 2>&1 \
+      timeout ${COMPARE_TIMEOUT:-400} python3 benchmarks/compare_builds.py --before "${BEFORE:-.baseline}" --out "$OUT" ${COMPARE_ARGS:-} 2>&1 \
         | tee "$OUT/compare.log" | tail -n 30
       status=$((status | PIPESTATUS[0]));;
     profile)  # PROFILE="op B D F K dtype; op B D F K dtype; ..."

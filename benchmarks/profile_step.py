@@ -2,7 +2,8 @@
 """torch.profiler table of one flash-sae forward + backward: where host and device time go.
 
 Usage: python benchmarks/profile_step.py OP B D F K [dtype]   (needs a CUDA GPU; PROFILE_ROWS=N rows;
-PROFILE_HOST=1 adds the host side: ops by CPU time, host vs wall time per step, a cProfile of 20 steps)
+PROFILE_HOST=1 adds the host side: ops by CPU time, host vs wall time per step, a cProfile of 20 steps;
+PROFILE_NCU=1 runs one step between cudaProfilerStart/Stop instead, for Nsight Compute's --profile-from-start off)
 OP: a decoder op (topk_sae_loss, ...) or a whole step (topk_sae_step, topk_sae_step+auxk or +ghost
 with 4096 dead latents and k_aux = 512, batchtopk_sae_step,
 jumprelu_sae_step with its threshold set so that L0 is about K, matryoshka_*_sae_step with
@@ -84,6 +85,12 @@ def main():
     for _ in range(5):
         step()
     torch.cuda.synchronize()
+    if os.environ.get("PROFILE_NCU"):  # one step between cudaProfilerStart/Stop, for `ncu --profile-from-start off`
+        torch.cuda.profiler.start()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        return
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(10):

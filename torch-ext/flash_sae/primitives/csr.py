@@ -17,8 +17,9 @@ Optionally, the same pass returns ``dots[e] = <row(e), W[f]>`` per element, the
 gather-dot that the gradient of ``vals`` needs, reading each touched row of W
 once instead of once per occurrence.
 
-Bytes: reads W's touched rows (dots only), the segment rows (usually L2 resident:
-they are [B, D] fp32), writes F*D gradient elements. No float atomics.
+Bytes: reads W's touched rows (dots only; an untouched latent's row is not read), the
+segment rows (often L2 resident: they are [B, D] fp32), writes F*D gradient elements.
+No float atomics.
 Indices outside [0, F) sort outside every segment and are ignored here; the
 forward kernels poison their outputs with NaN instead.
 """
@@ -81,7 +82,12 @@ def _segment_sum_kernel(
     if HAS_LEVEL:
         row_base = tl.load(level_ptr + f).to(tl.int64) * level_stride
     if HAS_DOTS or ROW_TERM:
-        w = tl.load(w_ptr + f * D + cols, mask=mask_c, other=0.0).to(tl.float32)
+        # An empty segment needs W[f] only for a row term not scaled by the (zero) coefficient sum:
+        # skipping the read saves F * (share of untouched latents) rows at large F.
+        mask_w = mask_c & (offs_c * 0 + start < end)
+        if ROW_TERM and not ROW_BY_CSUM:
+            mask_w = mask_c
+        w = tl.load(w_ptr + f * D + cols, mask=mask_w, other=0.0).to(tl.float32)
     if HAS_DOTS:
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
     for i0 in range(start, end, UNROLL):
