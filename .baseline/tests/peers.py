@@ -1,0 +1,66 @@
+"""The installed peer packages (SAELens, sparsify) the tests compare against.
+
+Claims about them are tested against the real packages with their default
+configurations. tests/requirements.txt installs them; a run without them skips
+those tests locally and fails under CI (which sets ``CI``), so a missing peer can
+never pass as checked.
+"""
+
+import importlib
+import os
+
+import pytest
+
+
+def require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is not installed; tests/requirements.txt installs it: {err}")
+        pytest.skip(f"{module} is not installed (pip install -r tests/requirements.txt)")
+
+
+def saelens_training_sae(architecture: str, **cfg):
+    """SAELens's own training SAE for ``architecture`` with its default training config (plus ``cfg``)."""
+    saes = require("sae_lens.saes")
+    classes = {
+        "topk": (saes.TopKTrainingSAE, saes.TopKTrainingSAEConfig),
+        "batchtopk": (saes.BatchTopKTrainingSAE, saes.BatchTopKTrainingSAEConfig),
+        "matryoshka_batchtopk": (saes.MatryoshkaBatchTopKTrainingSAE, saes.MatryoshkaBatchTopKTrainingSAEConfig),
+        "jumprelu": (saes.JumpReLUTrainingSAE, saes.JumpReLUTrainingSAEConfig),
+        "standard": (saes.StandardTrainingSAE, saes.StandardTrainingSAEConfig),
+        "gated": (saes.GatedTrainingSAE, saes.GatedTrainingSAEConfig),
+    }
+    sae_cls, cfg_cls = classes[architecture]
+    return sae_cls(cfg_cls(**cfg))
+
+
+def saelens_step(sae, x, dead_neuron_mask=None, **coefficients):
+    """One SAELens training forward pass: its TrainStepOutput. Without ``dead_neuron_mask`` there are
+    no dead latents, so no auxiliary loss."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    step = TrainStepInput(
+        sae_in=x,
+        coefficients=coefficients,
+        dead_neuron_mask=dead_neuron_mask,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+    return sae.training_forward_pass(step)
+
+
+def sparsify_coder(d_in: int, device, dtype, **cfg):
+    """EleutherAI sparsify's SparseCoder with its default SparseCoderConfig (plus ``cfg``), and the default
+    TrainConfig. The tests run it on CPU tensors (see test_dead_latent_peers.py), where its Triton decoder
+    cannot run, so sparsify's own switch (``SPARSIFY_DISABLE_TRITON``, read at import) selects its eager
+    decoder."""
+    if device != "cpu":
+        raise ValueError("the tests run sparsify on CPU tensors")
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    sparsify = require("sparsify")
+    from sparsify.config import SparseCoderConfig, TrainConfig
+
+    coder = sparsify.SparseCoder(d_in, SparseCoderConfig(**cfg), device=device, dtype=dtype)
+    return coder, TrainConfig(SparseCoderConfig(**cfg))

@@ -1,0 +1,249 @@
+"""batchtopk_sae_step: the exact whole-batch selection, loss, statistics and every gradient vs fp64;
+ties, chunks and groups; determinism, opcheck, compile; and SAELens's own BatchTopK training SAE."""
+
+import pytest
+import torch
+from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
+from hypothesis import given
+from hypothesis import strategies as st
+from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op, rel_err
+from peers import saelens_step, saelens_training_sae
+
+MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
+
+
+@st.composite
+def batch_shapes(draw):
+    """(B, D, F, k): B = 1 included, odd D, tiny F, k an int or a float (SAELens's k is a float)."""
+    B = draw(st.integers(1, 8))
+    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
+    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
+    k = draw(st.one_of(st.integers(1, min(F, 12)), st.floats(0.5, min(F, 12.0))))
+    if int(k * B) < 1:
+        k = 1
+    return B, D, F, k
+
+
+def check_selection(fs, x, W_enc, b_enc, W_dec, b_dec, k, rescale, out):
+    """The code is exactly the reference's stable-sort selection of the same-dtype activations."""
+    ref = fs.reference
+    with torch.no_grad():
+        pre = ref.encoder_preacts(x, W_enc, b_enc, b_dec)
+        acts = torch.relu(pre * W_dec.norm(dim=1) if rescale else pre)
+        rows, ids = ref.batch_topk_select(acts, int(k * x.shape[0]))
+    assert torch.equal(out.indices.cpu(), ids.cpu()), "selection differs from the reference tie rule"
+    assert torch.equal(out.row_offsets.cpu(), ref.row_offsets_of(rows, x.shape[0]).cpu())
+    assert torch.equal(out.vals.cpu(), torch.relu(pre[rows, ids]).cpu())
+    picked = acts[rows, ids]
+    expect_min = picked[picked > 0].min().float() if (picked > 0).any() else torch.tensor(float("inf"))
+    assert torch.equal(out.min_act.cpu(), expect_min.cpu())
+    return rows, ids
+
+
+def check_batchtopk_step(fs, shape, dtype, device, *, rescale, seed, integer=False):
+    B, D, F, k = shape
+    params = list(make_sae(B, D, F, 1, dtype, device, seed=seed, integer=integer))
+    out = fs.batchtopk_sae_step(*params, k, rescale_acts_by_decoder_norm=rescale)
+    N = int(k * B)
+    assert out.loss.dtype == torch.float32 and out.loss.shape == ()
+    assert out.vals.shape == (N,) and out.indices.shape == (N,) and out.row_offsets.shape == (B + 1,)
+    selection = check_selection(fs, *params, k, rescale, out)
+    up = step_upstream(seed).to(device)
+    ours = grads(out.loss, params, up)
+
+    ref = fs.reference
+    same = ref.batchtopk_sae_step(*params, k, rescale, selection=selection)
+    same_grads = grads(same.loss, params, up.to(same.loss.dtype))
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    r = ref.batchtopk_sae_step(*p64, k, rescale, selection=selection)
+    r_grads = grads(r.loss, p64, up.double())
+    # As in the TopK step's test: the GEMM's output rounding is shared by every same-dtype implementation
+    # (ours decodes those very values), so torch's loss error is at least that shared rounding's.
+    x64, W_dec64, b_dec64 = (t.detach().double() for t in (params[0], params[3], params[4]))
+    rows, ids = selection
+    shared = torch.zeros_like(x64).index_add(0, rows, out.vals.double().unsqueeze(1) * W_dec64[ids]) + b_dec64 - x64
+    shared_loss = shared.pow(2).mean()
+    loss_base = same.loss if rel_err(same.loss, r.loss) >= rel_err(shared_loss, r.loss) else shared_loss
+    assert_parity("batchtopk loss", out.loss, loss_base, r.loss, dtype)
+    if B > 1:
+        shared_fvu = shared.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
+        fvu_base = same.fvu if rel_err(same.fvu, r.fvu) >= rel_err(shared_fvu, r.fvu) else shared_fvu
+        assert_parity("batchtopk fvu", out.fvu, fvu_base, r.fvu, dtype)
+    # Fire counts are of the same-dtype code (an entry fires when its value in the dtype is > 0; in fp64 a
+    # pre-activation near 0 can have the other sign), so the same-dtype reference is the exact comparison.
+    assert torch.equal(out.fire_counts, same.fire_counts)
+    # Gradients carry that shared rounding too: torch's error for each is at least that of exact arithmetic
+    # at the dtype-rounded x - b_dec and pre-activations (as in the TopK step's test).
+    p_sh = [p.detach().double().requires_grad_() for p in params]
+    sh = ref.batchtopk_sae_step(*p_sh, k, rescale, selection=selection, round_preacts=dtype)
+    sh_grads = grads(sh.loss, p_sh, up.double())
+    for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert_parity(f"batchtopk d{name}", a, b if rel_err(b, c) >= rel_err(d, c) else d, c, dtype)
+
+
+@pytest.mark.kernels_ci
+@given(shape=batch_shapes(), dtype=st.sampled_from(DTYPES), rescale=st.booleans(), seed=st.integers(0, 2**16))
+def test_batchtopk_sae_step_parity(fs, device, shape, dtype, rescale, seed):
+    check_batchtopk_step(fs, shape, dtype, device, rescale=rescale, seed=seed)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,D,F,k", [(6, 5, 300, 7), (3, 4, 2000, 2.5), (4, 3, 50, 50), (5, 2, 700, 1)])
+def test_batchtopk_ties(fs, device, dtype, B, D, F, k):
+    """Exactly tied activations (small integers; most are relu'd to 0): the lower flat position wins."""
+    check_batchtopk_step(fs, (B, D, F, k), dtype, device, rescale=False, seed=B * F, integer=True)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("integer", [False, True], ids=["distinct", "tied"])
+def test_batchtopk_groups_and_chunks(fs, device, dtype, integer, monkeypatch):
+    """Group sizes, partial groups and many F chunks (each chunk's top N, merged by value then flat
+    position): the code must not change."""
+    B, D, F, k = 3, 5, 2500, 33
+    params = make_sae(B, D, F, 1, dtype, device, seed=7, integer=integer)
+    for group, groups, chunk_bytes in ((1, 64, 2**30), (4, 16, 2500), (32, 64, 3000), (128, 2, 2**30)):
+        monkeypatch.setitem(tuning(fs), "select_group", group)
+        monkeypatch.setitem(tuning(fs), "select_groups", groups)
+        monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)
+        for rescale in (False, True):
+            out = fs.batchtopk_sae_step(*params, k, rescale_acts_by_decoder_norm=rescale)
+            check_selection(fs, *params, k, rescale, out)
+
+
+@pytest.mark.kernels_ci
+def test_batchtopk_rows_get_different_counts(fs, device):
+    """One row with large activations takes most of the batch's budget; a row can get none."""
+    params = [t.detach() for t in make_sae(4, 8, 30, 1, torch.float32, device, seed=3)]
+    params[0][1] *= 20
+    params[0][3] = -100  # far from everything: relu'd to zero mostly
+    out = fs.batchtopk_sae_step(*params, 4)
+    counts = out.row_offsets.diff()
+    assert int(counts.sum()) == 16 and int(counts.max()) > 4 and int(counts.min()) < 4
+
+
+@pytest.mark.kernels_ci
+def test_batchtopk_deterministic(fs, device):
+    params = list(make_sae(40, 33, 20, 1, torch.float32, device, seed=2))
+    runs = []
+    for _ in range(2):
+        out = fs.batchtopk_sae_step(*params, 6.5, rescale_acts_by_decoder_norm=True)
+        runs.append((out.loss, out.indices, grads(out.loss, params, torch.tensor(1.3, device=device))))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
+def test_batchtopk_opcheck(fs, device, dtype):
+    params = [t.detach() for t in make_sae(6, 19, 37, 1, dtype, device, seed=5)]
+    torch.library.opcheck(raw_op(fs, "batchtopk_sae_step"), (*params, 30, True))
+    outs = raw_op(fs, "batchtopk_sae_step")(*params, 30, False)
+    x, W_enc, _, W_dec, b_dec = params
+    grad = torch.tensor(0.7, device=device)
+    saved = (*outs[3:6], outs[7])
+    torch.library.opcheck(raw_op(fs, "batchtopk_sae_step_backward"), (grad, x, W_enc, W_dec, b_dec, *saved, [True] * 5))
+
+
+@pytest.mark.slow
+def test_batchtopk_compile(fs, device):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fs.batchtopk_sae_step, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
+            out = compiled(*params, 6)
+            eager = fs.batchtopk_sae_step(*params, 6)
+            assert torch.equal(out.indices, eager.indices) and torch.equal(out.row_offsets, eager.row_offsets)
+            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
+            up = torch.tensor(-1.1, device=device)
+            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# SAELens's own BatchTopK training SAE, default training config ------------------------------
+
+
+def _saelens_problem(dtype, device, B, D, F, k, seed, architecture="batchtopk", extra=None):
+    """SAELens's training SAE (default config, plus ``extra``) with drawn values, and x."""
+    sae = saelens_training_sae(architecture, dtype="float32", device=device, d_in=D, d_sae=F, k=k, **(extra or {}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # away from the tied init, decoder rows of varied norm (the rescaling matters)
+        sae.W_dec.mul_(torch.rand(F, 1, generator=g).to(device) * 2 + 0.5)
+        sae.W_enc.copy_(torch.randn(D, F, generator=g).to(device) / D**0.5)
+        sae.b_enc.copy_(torch.randn(F, generator=g).to(device) * 0.1)
+        sae.b_dec.copy_(torch.randn(D, generator=g).to(device) * 0.1)
+    sae = sae.to(dtype)
+    x = (torch.randn(B, D, generator=g) * 0.8).to(device=device, dtype=dtype)
+    return sae, x
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batchtopk_matches_saelens(fs, device, dtype):
+    """Same parameters and inputs: SAELens's loss (MSE summed over d_in, mean over the batch: D x ours),
+    code and every gradient, by the parity rule against SAELens in fp64; its threshold update too."""
+    B, D, F, k = 8, 24, 64, 5.5
+    sae, x = _saelens_problem(dtype, device, B, D, F, k, seed=11)
+    assert sae.cfg.rescale_acts_by_decoder_norm, "SAELens's default rescales by the decoder norm"
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    theirs = saelens_step(sae, x)
+    assert set(theirs.losses) == {"mse_loss", "auxiliary_reconstruction_loss"}
+    their_grads = torch.autograd.grad(theirs.loss, [getattr(sae, n) for n in names])
+    their_threshold = sae.topk_threshold.clone()
+
+    params = [getattr(sae, n).detach().clone().requires_grad_() for n in names]
+    W_enc_t = params[0]
+    out = fs.batchtopk_sae_step(x, W_enc_t.T, params[1], params[2], params[3], k, rescale_acts_by_decoder_norm=True)
+    ours = D * out.loss
+    our_grads = torch.autograd.grad(ours, params)
+
+    # SAELens in fp64 on the same values: the ground truth; ties have probability ~0 in this draw.
+    sae64 = saelens_training_sae("batchtopk", d_in=D, d_sae=F, k=k, dtype="float64", device=device)
+    with torch.no_grad():
+        for n in names:
+            getattr(sae64, n).copy_(getattr(sae, n).double())
+    ref = saelens_step(sae64, x.double())
+    ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+    code = torch.zeros(B, F, device=device, dtype=out.vals.dtype)
+    rows = torch.repeat_interleave(torch.arange(B, device=device), out.row_offsets.diff())
+    code[rows, out.indices] = out.vals
+    if dtype == torch.float32:
+        assert torch.equal(code != 0, theirs.feature_acts != 0), "other latents than SAELens's"
+        assert torch.equal(code != 0, ref.feature_acts != 0), "other latents than SAELens's in fp64"
+    assert_parity("saelens batchtopk loss", ours, theirs.loss, ref.loss, dtype)
+    scaled = code * sae.W_dec.norm(dim=1)  # SAELens's feature_acts are the rescaled activations
+    assert_parity("saelens batchtopk feature_acts", scaled, theirs.feature_acts, ref.feature_acts, dtype)
+    for n, a, b, c in zip(names, our_grads, their_grads, ref_grads):
+        assert a.shape == b.shape, f"d{n} has the wrong layout"
+        assert_parity(f"saelens batchtopk d{n}", a, b, c, dtype)
+    # SAELens's threshold after one step: 0.99 * 0 + 0.01 * (smallest positive rescaled activation).
+    lr = sae.cfg.topk_threshold_lr
+    expect = lr * out.min_act.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # SAELens's buffer takes the SAE's dtype under .to(dtype)
+    torch.testing.assert_close(their_threshold.double(), expect, rtol=tol, atol=0)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
+def test_saelens_default_adds_auxk_once_latents_die(fs, device, architecture):
+    """SAELens's default BatchTopK and Matryoshka training configs carry aux_loss_coefficient 1.0, and with
+    a dead-latent mask their loss gains an AuxK term. Without a mask the term is 0, which is what the parity
+    tests above compare; ``test_dead_latent_peers.py`` compares the term with flash-sae's AuxK (BatchTopK;
+    the Matryoshka steps have no dead-latent loss yet, as the README states)."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    B, D, F, k = 8, 24, 64, 5.5
+    extra = {"matryoshka_widths": [16, 64]} if architecture == "matryoshka_batchtopk" else None
+    sae, x = _saelens_problem(torch.float32, device, B, D, F, k, seed=3, architecture=architecture, extra=extra)
+    assert sae.cfg.aux_loss_coefficient == 1.0
+    assert float(saelens_step(sae, x).losses["auxiliary_reconstruction_loss"]) == 0.0
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+    dead[F // 2 :] = True
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+    assert float(sae.training_forward_pass(step).losses["auxiliary_reconstruction_loss"]) > 0.0

@@ -1,0 +1,341 @@
+"""gated_sae_step (gate and magnitude paths over one encoder, MSE + the gate's decoder-norm-weighted L1 +
+the gate path's auxiliary reconstruction): the code, the losses, the statistics and every gradient vs
+fp64, frozen and shared auxiliary decoder; the dense formulation; capacity and overflow; chunks;
+determinism, opcheck, bad input; and SAELens's own gated training SAE with its default config."""
+
+import pytest
+import torch
+from encoder_inputs import make_sae, step_upstream, tuning
+from hypothesis import example, given
+from hypothesis import strategies as st
+from parity import DTYPES, OPCHECK_DTYPES, assert_parity, assert_same_across_shapes, grads, raw_op, rel_err
+from peers import saelens_step, saelens_training_sae
+
+MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
+NAMES = ("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
+
+
+def make_gated(B, D, F, dtype, device, *, seed, zero_rows=0):
+    """x and the six parameters (requires_grad): make_sae's, with b_gate = b_enc and r_mag, b_mag drawn;
+    the first ``zero_rows`` decoder rows zero."""
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(B, D, F, 1, dtype, device, seed=seed)
+    if zero_rows:
+        with torch.no_grad():
+            W_dec[:zero_rows] = 0
+    g = torch.Generator().manual_seed(seed + 7)
+    r_mag = (torch.randn(F, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_()
+    b_mag = (torch.randn(F, generator=g) * 0.1).to(device=device, dtype=dtype).requires_grad_()
+    return [x, W_enc, b_enc, r_mag, b_mag, W_dec, b_dec]
+
+
+@st.composite
+def gated_shapes(draw):
+    """(B, D, F): B = 1 included, odd D, tiny F."""
+    B = draw(st.integers(1, 8))
+    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
+    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
+    return B, D, F
+
+
+def dense_code(out, B, F):
+    rows = torch.repeat_interleave(torch.arange(B, device=out.indices.device), out.row_offsets.diff())
+    n = int(out.row_offsets[-1])
+    dense = torch.zeros(B, F, device=out.vals.device, dtype=out.vals.dtype)
+    dense[rows, out.indices[:n]] = out.vals[:n]
+    opened = torch.zeros(B, F, device=out.vals.device, dtype=torch.bool)
+    opened[rows, out.indices[:n]] = True
+    return dense, opened, n
+
+
+def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, dense=False, zero_rows=0):
+    B, D, F = shape
+    params = make_gated(B, D, F, dtype, device, seed=seed, zero_rows=zero_rows)
+    ref = fs.reference
+    kw = dict(l1_coefficient=l1_coefficient, freeze_aux_decoder=freeze)
+    if dense:
+        out = fs.gated_sae_step_dense(*params, **kw)
+        assert out.vals is None and not bool(out.overflow)
+    else:
+        out = fs.gated_sae_step(*params, capacity=B * F, **kw)
+        assert not bool(out.overflow)
+    up = step_upstream(seed).to(device)
+    ours = grads(out.loss, params, up)
+    if dense:  # pi_gate and pi_mag as the dense step rounds them: one fp32 product, one rounding each
+        x, W_enc, b_gate, r_mag, b_mag, _, b_dec = [p.detach() for p in params]
+        P = (x - b_dec).float() @ W_enc.float().T
+        masks = ((P + b_gate.float()).to(dtype) > 0, (P * r_mag.float().exp() + b_mag.float()).to(dtype) > 0)
+    else:
+        code, opened, n = dense_code(out, B, F)
+        assert int(out.count) == n and (out.indices[n:] == -1).all() and (out.vals[n:] == 0).all()
+        ids = out.indices[:n]
+        rows = torch.repeat_interleave(torch.arange(B, device=device), out.row_offsets.diff())
+        assert torch.equal(torch.sort(rows * F + ids).values, rows * F + ids), "not row-major"
+        masks = (opened, code > 0)
+        # the gates are pi_gate > 0 in the dtype, as the same-dtype product gives them
+        xc = (params[0] - params[6]).detach()
+        same_open = torch.addmm(params[2].detach(), xc, params[1].detach().T) > 0
+        assert torch.equal(opened, same_open), "other open gates than pi_gate > 0"
+        # f > 0 where pi_mag > 0: pi_mag from xc rounded to the dtype (as the step rounds it), in fp64; a
+        # sign is settled where |pi_mag| exceeds what an fp32 dot's summation order can move
+        x, W_enc, _, r_mag, b_mag, _, b_dec = [p.detach().double() for p in params]
+        xc = (params[0] - params[6]).detach().double()
+        mag64 = (xc @ W_enc.T) * r_mag.exp() + b_mag
+        slack = 1e-5 * (xc.abs() @ W_enc.abs().T) * r_mag.exp() + 1e-30
+        settled = opened & (mag64.abs() > slack)
+        assert torch.equal((code > 0)[settled], (mag64 > 0)[settled]), "other magnitudes > 0 than pi_mag > 0"
+    assert int(out.count) == int(masks[0].sum())
+    assert torch.equal(out.fire_counts, (masks[0] & masks[1]).sum(0))
+
+    same = ref.gated_sae_step(*params, l1_coefficient, freeze, masks=masks)
+    same_grads = grads(same.loss, params, up.to(same.loss.dtype))
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    r = ref.gated_sae_step(*p64, l1_coefficient, freeze, masks=masks)
+    r_grads = grads(r.loss, p64, up.double())
+    p_sh = [p.detach().double().requires_grad_() for p in params]
+    sh = ref.gated_sae_step(*p_sh, l1_coefficient, freeze, masks=masks, round_preacts=dtype)
+    sh_grads = grads(sh.loss, p_sh, up.double())
+
+    def baseline(b, c, d):
+        return b if rel_err(b, c) >= rel_err(d, c) else d
+
+    if not dense:
+        assert_parity(
+            "gated code", code, baseline(same.vals.detach(), r.vals.detach(), sh.vals.detach()), r.vals, dtype
+        )
+    for what in ("loss", "mse", "l1", "aux"):
+        b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
+        assert_parity(f"gated {what}", getattr(out, what), baseline(b, c, d.detach()), c, dtype)
+    if B > 1:
+        assert_parity("gated fvu", out.fvu, baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
+    assert out.l0.item() == pytest.approx(float(r.l0), rel=1e-6)
+    for name, a, b, c, d, p in zip(NAMES, ours, same_grads, r_grads, sh_grads, params):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert torch.isfinite(a).all(), f"d{name} is not finite"
+        assert_parity(f"gated d{name}", a, baseline(b, c, d), c, dtype)
+
+
+@pytest.mark.kernels_ci
+@given(
+    shape=gated_shapes(),
+    dtype=st.sampled_from(DTYPES),
+    l1_coefficient=st.sampled_from([0.0, 0.05, 1.0, 5.0]),
+    freeze=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(shape=(2, 255, 2), dtype=torch.bfloat16, l1_coefficient=0.0, freeze=False, seed=0)  # a GPU draw: the gate's
+# same-dtype rounding (nn.Linear's one rounding, not the product's and the bias's two)
+def test_gated_sae_step_parity(fs, device, shape, dtype, l1_coefficient, freeze, seed):
+    check_gated_step(fs, shape, dtype, device, seed=seed, l1_coefficient=l1_coefficient, freeze=freeze)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "shared"])
+@pytest.mark.parametrize("shape", [(1, 7, 5), (6, 19, 37), (8, 33, 150)])
+def test_gated_dense_formulation(fs, device, dtype, freeze, shape):
+    """gated_sae_step_dense (the module's path while most gates are open): by the parity rule, as the sparse step."""
+    check_gated_step(fs, shape, dtype, device, seed=sum(shape), l1_coefficient=0.4, freeze=freeze, dense=True)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_gated_frozen_aux_decoder(fs, device, dense):
+    """Frozen or shared, the losses and every gradient but the decoder's are the same; the decoder's differ
+    by exactly the auxiliary loss's gradient through W_dec and b_dec."""
+    params = make_gated(6, 13, 40, torch.float32, device, seed=3)
+    kw = dict(l1_coefficient=0.3)
+    step = (lambda **k: fs.gated_sae_step_dense(*params, **k)) if dense else (
+        lambda **k: fs.gated_sae_step(*params, capacity=240, **k)
+    )  # fmt: skip
+    frozen, shared = step(freeze_aux_decoder=True, **kw), step(freeze_aux_decoder=False, **kw)
+    assert torch.equal(frozen.loss, shared.loss) and torch.equal(frozen.aux, shared.aux)
+    up = torch.tensor(1.0, device=device)
+    g_frozen, g_shared = grads(frozen.loss, params, up), grads(shared.loss, params, up)
+    for name, a, b in zip(NAMES[:5], g_frozen, g_shared):
+        assert torch.equal(a, b), f"d{name} depends on freeze_aux_decoder"
+    x, W_enc, b_gate, *_ = params
+    W_dec, b_dec = (t.detach().clone().requires_grad_() for t in params[5:])
+    a = torch.relu(torch.addmm(b_gate, x - params[6], W_enc.T)).detach()
+    aux = (a @ W_dec + b_dec - x.detach()).pow(2).sum(-1).mean()
+    d_aux = torch.autograd.grad(aux, [W_dec, b_dec])
+    for i, d in zip((5, 6), d_aux):
+        torch.testing.assert_close(g_shared[i] - g_frozen[i], d, rtol=1e-4, atol=1e-6)
+    assert d_aux[0].abs().sum() > 0
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_gated_zero_decoder_rows(fs, device, dtype, dense):
+    """A zero decoder row has no norm gradient (torch's norm gives 0 there): finite, and by the rule."""
+    check_gated_step(fs, (5, 11, 30), dtype, device, seed=4, l1_coefficient=1.0, freeze=False, dense=dense, zero_rows=3)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "shared"])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_gated_empty_code(fs, device, dense, freeze):
+    """No open gate: the losses are b_dec's MSE twice (the reconstruction and the auxiliary one), the
+    penalty 0, and only x and b_dec get gradients (b_dec the auxiliary loss's only if it is not frozen)."""
+    params = make_gated(3, 7, 5, torch.float32, device, seed=8)
+    with torch.no_grad():
+        params[2].fill_(-100.0)
+    kw = dict(l1_coefficient=0.5, freeze_aux_decoder=freeze)
+    out = fs.gated_sae_step_dense(*params, **kw) if dense else fs.gated_sae_step(*params, capacity=1, **kw)
+    assert int(out.count) == 0 and float(out.l1) == 0.0 and float(out.l0) == 0.0 and not bool(out.overflow)
+    x, b_dec = params[0].detach(), params[6].detach()
+    expect = (b_dec - x).pow(2).sum(1).mean()
+    torch.testing.assert_close(out.loss, 2 * expect, rtol=1e-6, atol=0)
+    g = grads(out.loss, params, torch.tensor(1.0, device=device))
+    for name, d in zip(NAMES[1:6], g[1:6]):
+        assert not d.any(), f"d{name} should be zero"
+    aux_share = 1 if freeze else 2  # frozen: b_dec gets the reconstruction's gradient only
+    torch.testing.assert_close(g[6], 2 * aux_share * (b_dec - x).sum(0) / 3, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g[0], -4 * (b_dec - x) / 3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels_ci
+def test_gated_overflow_is_reported(fs, device):
+    params = [t.detach() for t in make_gated(5, 9, 30, torch.float32, device, seed=4)]
+    need = int(fs.reference.gated_sae_step(*params).count)
+    small = fs.gated_sae_step(*params, capacity=need - 3)
+    assert bool(small.overflow) and int(small.count) == need and int(small.row_offsets[-1]) == need - 3
+    exact = fs.gated_sae_step(*params, capacity=need)
+    assert not bool(exact.overflow) and int(exact.row_offsets[-1]) == need
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_chunks(fs, device, dtype, monkeypatch):
+    """Many F chunks give the one-chunk result bitwise (on a GPU; see ``assert_same_across_shapes``)."""
+    params = make_gated(4, 6, 900, dtype, device, seed=9)
+    one = fs.gated_sae_step(*params, capacity=4 * 900)
+    g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
+    monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
+    many = fs.gated_sae_step(*params, capacity=4 * 900)
+    assert torch.equal(one.indices, many.indices)
+    assert_same_across_shapes("vals", many.vals, one.vals)
+    assert_same_across_shapes("loss", many.loss, one.loss)
+    for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
+        assert_same_across_shapes("gradient", b, a)
+
+
+@pytest.mark.kernels_ci
+def test_gated_deterministic(fs, device):
+    params = make_gated(40, 33, 20, torch.float32, device, seed=2)
+    runs = []
+    for _ in range(2):
+        out = fs.gated_sae_step(*params, capacity=800, l1_coefficient=0.7, freeze_aux_decoder=False)
+        runs.append((out.loss, grads(out.loss, params, torch.tensor(1.3, device=device))))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
+def test_gated_opcheck(fs, device, dtype):
+    params = [t.detach() for t in make_gated(6, 19, 37, dtype, device, seed=5)]
+    args = (*params, 0.5, 6 * 37, True)
+    torch.library.opcheck(raw_op(fs, "gated_sae_step"), args)
+    outs = raw_op(fs, "gated_sae_step")(*args)
+    x, W_enc, _, r_mag, _, W_dec, b_dec = params
+    saved = (x, W_enc, r_mag, W_dec, b_dec, *outs[7:10], *outs[12:18], 0.5, True)
+    grad = torch.tensor(0.7, device=device)
+    torch.library.opcheck(raw_op(fs, "gated_sae_step_backward"), (grad, *saved, [True] * 7))
+
+
+@pytest.mark.slow
+def test_gated_compile(fs, device):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fs.gated_sae_step, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            params = make_gated(7, 23, 41, torch.float32, device, seed=seed)
+            out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
+            eager = fs.gated_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
+            assert torch.equal(out.indices, eager.indices)
+            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
+            up = torch.tensor(-1.1, device=device)
+            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.kernels_ci
+def test_gated_bad_input(fs, device):
+    p = [t.detach() for t in make_gated(3, 5, 7, torch.float32, device, seed=1)]
+    with pytest.raises(ValueError, match="capacity"):
+        fs.gated_sae_step(*p, capacity=0)
+    with pytest.raises(ValueError, match="capacity"):
+        fs.gated_sae_step(*p, capacity=3 * 7 + 1)
+    with pytest.raises(ValueError, match="l1_coefficient"):
+        fs.gated_sae_step(*p, capacity=4, l1_coefficient=-1.0)
+    with pytest.raises(ValueError, match="freeze_aux_decoder"):
+        fs.gated_sae_step(*p, capacity=4, freeze_aux_decoder=1)
+    with pytest.raises(ValueError, match="r_mag"):
+        fs.gated_sae_step(p[0], p[1], p[2], p[3][:5], p[4], p[5], p[6], capacity=4)
+    with pytest.raises(ValueError, match="b_mag"):
+        fs.gated_sae_step(*p[:4], p[4].double(), *p[5:], capacity=4)
+    with pytest.raises(ValueError, match="W_dec"):
+        fs.gated_sae_step(*p[:5], p[5][:, :4], p[6], capacity=4)
+    with pytest.raises(ValueError, match="r_mag"):
+        fs.gated_sae_step_dense(p[0], p[1], p[2], p[3][None], p[4], p[5], p[6])
+
+
+# SAELens's own gated training SAE, default training config --------------------------------
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_gated_matches_saelens(fs, device, dtype, dense):
+    """Same parameters and inputs: SAELens's total loss (MSE + its gate L1 + its auxiliary reconstruction
+    loss), its code and every gradient, by the parity rule against SAELens in fp64. SAELens lets the
+    auxiliary loss train the decoder: ``freeze_aux_decoder=False`` is its rule."""
+    B, D, F = 8, 24, 64
+    g = torch.Generator().manual_seed(23)
+    cfg = dict(d_in=D, d_sae=F, device=device)
+    sae = saelens_training_sae("gated", dtype="float32", **cfg)
+    assert sae.cfg.l1_coefficient == 1.0 and sae.cfg.apply_b_dec_to_input
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(D, F, generator=g).to(device) / D**0.5)
+        sae.b_gate.copy_(torch.randn(F, generator=g).to(device) * 0.1)
+        sae.r_mag.copy_(torch.randn(F, generator=g).to(device) * 0.3)
+        sae.b_mag.copy_(torch.randn(F, generator=g).to(device) * 0.1)
+        sae.b_dec.copy_(torch.randn(D, generator=g).to(device) * 0.1)
+        sae.W_dec.mul_(torch.rand(F, 1, generator=g).to(device) * 2 + 0.5)
+    sae = sae.to(dtype)
+    x = (torch.randn(B, D, generator=g) * 0.8).to(device=device, dtype=dtype)
+    names = ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
+    coef = sae.cfg.l1_coefficient
+    theirs = saelens_step(sae, x, l1=coef)
+    assert set(theirs.losses) == {"mse_loss", "l1_loss", "auxiliary_reconstruction_loss"}
+    their_grads = torch.autograd.grad(theirs.loss, [getattr(sae, n) for n in names])
+
+    p = [getattr(sae, n).detach().clone().requires_grad_() for n in names]
+    ours = [p[0].T, *p[1:]]
+    kw = dict(l1_coefficient=coef, freeze_aux_decoder=False)
+    out = fs.gated_sae_step_dense(x, *ours, **kw) if dense else fs.gated_sae_step(x, *ours, capacity=B * F, **kw)
+    our_grads = torch.autograd.grad(out.loss, p)
+
+    sae64 = saelens_training_sae("gated", dtype="float64", **cfg)
+    with torch.no_grad():
+        for n in names:
+            getattr(sae64, n).copy_(getattr(sae, n).double())
+    ref = saelens_step(sae64, x.double(), l1=coef)
+    ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+
+    assert_parity("saelens gated loss", out.loss, theirs.loss, ref.loss, dtype)
+    assert_parity("saelens gated l1", coef * out.l1, theirs.losses["l1_loss"], ref.losses["l1_loss"], dtype)
+    aux_ref = ref.losses["auxiliary_reconstruction_loss"]
+    assert_parity("saelens gated aux", out.aux, theirs.losses["auxiliary_reconstruction_loss"], aux_ref, dtype)
+    if not dense:
+        code, _, _ = dense_code(out, B, F)
+        if dtype == torch.float32:
+            assert torch.equal(code != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"
+        assert_parity("saelens gated feature_acts", code, theirs.feature_acts, ref.feature_acts, dtype)
+    for name, a, b, c in zip(names, our_grads, their_grads, ref_grads):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"d{name}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+        assert_parity(f"saelens gated d{name}", a, b, c, dtype)

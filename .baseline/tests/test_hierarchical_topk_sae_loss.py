@@ -1,0 +1,97 @@
+"""hierarchical_topk_sae_loss: parity with the fp64 reference, determinism, compile and opcheck."""
+
+import sys
+
+import pytest
+import torch
+from encoder_inputs import tuning
+from hypothesis import given
+from hypothesis import strategies as st
+from parity import (
+    DTYPES,
+    OPCHECK_DTYPES,
+    call_op,
+    check_compile,
+    check_deterministic,
+    check_loss_parity,
+    check_opcheck,
+    grads,
+    make_inputs,
+    problem_shapes,
+    rel_err,
+)
+
+OP = "hierarchical_topk_sae_loss"
+
+
+@pytest.mark.kernels_ci
+@given(shape=problem_shapes(), dtype=st.sampled_from(DTYPES), dup=st.booleans(), seed=st.integers(0, 2**16))
+def test_hierarchical_topk_sae_loss_parity(fs, device, shape, dtype, dup, seed):
+    check_loss_parity(fs, OP, shape, dtype, device, seed=seed, duplicates=dup)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hierarchical_topk_sae_loss_windows(fs, device, monkeypatch, dtype):
+    """The backward walks D in column windows whose buffer fits TUNING["hierarchical_buffer_bytes"].
+    Several windows (a ragged last one included) must give bitwise the gradients of one window:
+    each column's sums run in the same order either way. bf16 weights use a bf16 buffer, fp32 an fp32 one."""
+    module = sys.modules[fs.hierarchical_topk_sae_loss.__module__]
+    B, K, F, D = 5, 7, 40, 600
+    inputs = make_inputs(B, K, F, D, dtype, device, seed=3, duplicates=True)
+    element_bytes = module.buffer_dtype(inputs[1]).itemsize
+    assert element_bytes == (2 if dtype == torch.bfloat16 else 4)
+    out_one, grads_one = call_op(fs, OP, inputs)
+    assert module.window_columns(B, K, D, 256, element_bytes) >= D, "the default cap should give one window here"
+    monkeypatch.setitem(tuning(fs), "hierarchical_buffer_bytes", B * K * element_bytes * 256)  # 256-column windows
+    assert module.window_columns(B, K, D, 256, element_bytes) == 256
+    out_many, grads_many = call_op(fs, OP, inputs)
+    assert torch.equal(out_one, out_many)
+    for a, b in zip(grads_one, grads_many):
+        assert torch.equal(a, b), "three windows give other gradients than one"
+    check_loss_parity(fs, OP, (B, K, F, D), dtype, device, seed=3)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("shape", [(64, 32, 256, 200, False), (32, 16, 40, 300, True), (9, 13, 20, 77, True)])
+def test_hierarchical_topk_sae_loss_bf16_buffer(fs, device, monkeypatch, shape):
+    """bf16 weights store the backward's contributions in bf16: that adds at most about one bf16
+    rounding (2^-9 relative) to the weight gradient's error against fp64, on top of the error with fp32
+    contributions, leaves every other output bitwise unchanged, and stays well inside the parity rule."""
+    *bkfd, dup = shape
+    inputs = make_inputs(*bkfd, torch.bfloat16, device, seed=11, duplicates=dup)
+    out_bf16, grads_bf16 = call_op(fs, OP, inputs)
+    monkeypatch.setitem(tuning(fs), "hierarchical_bf16_buffer", False)
+    out_fp32, grads_fp32 = call_op(fs, OP, inputs)
+    assert torch.equal(out_bf16, out_fp32)
+    for name, a, b in zip(("vals", "bias", "target"), grads_bf16[1:], grads_fp32[1:]):
+        assert torch.equal(a, b), f"d{name} should not depend on the buffer's dtype"
+    indices, *params = inputs
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    ref = fs.reference.hierarchical_topk_sae_loss(indices, *p64)
+    dweight64 = grads(ref, p64, torch.tensor(-1.7, dtype=torch.float64, device=ref.device))[0]
+    err_bf16, err_fp32 = rel_err(grads_bf16[0], dweight64), rel_err(grads_fp32[0], dweight64)
+    assert not torch.equal(grads_bf16[0], grads_fp32[0]), "the flag should change the buffer"
+    assert err_bf16 <= err_fp32 + 2**-9, f"bf16 contributions: {err_bf16:.2e} vs fp32 ones {err_fp32:.2e}"
+
+
+@pytest.mark.kernels_ci
+def test_hierarchical_topk_sae_loss_deterministic(fs, device):
+    check_deterministic(fs, OP, device)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_hierarchical_topk_sae_loss_int32_indices(fs, device, index_dtype):
+    check_loss_parity(fs, OP, (5, 9, 30, 77), torch.float32, device, seed=9, index_dtype=index_dtype)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
+def test_hierarchical_topk_sae_loss_opcheck(fs, device, dtype):
+    check_opcheck(fs, OP, device, dtype)
+
+
+@pytest.mark.slow
+def test_hierarchical_topk_sae_loss_compile(fs, device):
+    check_compile(fs, OP, device)

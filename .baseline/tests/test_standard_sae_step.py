@@ -1,0 +1,288 @@
+"""standard_sae_step (ReLU code, MSE + the decoder-norm-weighted L1 penalty): the collected code, loss,
+L1, statistics and every gradient vs fp64; capacity and overflow; chunks; zero decoder rows;
+determinism, opcheck, bad input; and SAELens's own standard training SAE with its default config."""
+
+import pytest
+import torch
+from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
+from hypothesis import example, given
+from hypothesis import strategies as st
+from parity import DTYPES, OPCHECK_DTYPES, assert_parity, assert_same_across_shapes, grads, raw_op, rel_err
+from peers import saelens_step, saelens_training_sae
+
+MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
+
+
+@st.composite
+def standard_shapes(draw):
+    """(B, D, F): B = 1 included, odd D, tiny F."""
+    B = draw(st.integers(1, 8))
+    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
+    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
+    return B, D, F
+
+
+def active_mask(fs, params):
+    """The same-dtype active entries (z > 0), from the reference's pre-activations."""
+    x, W_enc, b_enc, _, b_dec = params
+    with torch.no_grad():
+        return fs.reference.encoder_preacts(x, W_enc, b_enc, b_dec) > 0
+
+
+def dense_code(out, B, F):
+    rows = torch.repeat_interleave(torch.arange(B, device=out.vals.device), out.row_offsets.diff())
+    n = int(out.row_offsets[-1])
+    dense = torch.zeros(B, F, device=out.vals.device, dtype=out.vals.dtype)
+    dense[rows, out.indices[:n]] = out.vals[:n]
+    return dense, rows, n
+
+
+def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_rows=0):
+    B, D, F = shape
+    params = list(make_sae(B, D, F, 1, dtype, device, seed=seed))
+    if zero_rows:
+        with torch.no_grad():
+            params[3][:zero_rows] = 0
+    active = active_mask(fs, params)
+    need = int(active.sum())
+    cap = min(need + 3, B * F)
+    out = fs.standard_sae_step(*params, capacity=max(cap, 1), l1_coefficient=l1_coefficient)
+    assert int(out.count) == need and not bool(out.overflow)
+    dense, rows, n = dense_code(out, B, F)
+    assert n == need and (out.indices[n:] == -1).all() and (out.vals[n:] == 0).all()
+    assert torch.equal(dense != 0, active), "the collected entries differ from z > 0"
+    assert torch.equal(torch.sort(rows * F + out.indices[:n]).values, rows * F + out.indices[:n]), "not row-major"
+    up = step_upstream(seed).to(device)
+    ours = grads(out.loss, params, up)
+
+    ref = fs.reference
+    same = ref.standard_sae_step(*params, l1_coefficient=l1_coefficient, active=active)
+    assert torch.equal(dense, same.vals.detach()), "code values differ from relu(z)"
+    same_grads = grads(same.loss, params, up.to(same.loss.dtype))
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    r = ref.standard_sae_step(*p64, l1_coefficient=l1_coefficient, active=active)
+    r_grads = grads(r.loss, p64, up.double())
+    # x - b_dec and z are rounded by every same-dtype implementation: exact arithmetic at those
+    # roundings is a second measure of the error they alone cause (as the other steps' tests use).
+    p_sh = [p.detach().double().requires_grad_() for p in params]
+    sh = ref.standard_sae_step(*p_sh, l1_coefficient=l1_coefficient, active=active, round_preacts=dtype)
+    sh_grads = grads(sh.loss, p_sh, up.double())
+
+    def baseline(b, c, d):
+        return b if rel_err(b, c) >= rel_err(d, c) else d
+
+    for what in ("loss", "mse", "l1"):
+        b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
+        assert_parity(f"standard {what}", getattr(out, what), baseline(b, c, d.detach()), c, dtype)
+    if B > 1:
+        assert_parity("standard fvu", out.fvu, baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
+    assert out.l0.item() == pytest.approx(need / B, rel=1e-6)
+    assert torch.equal(out.fire_counts, active.sum(0))
+    for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert torch.isfinite(a).all(), f"d{name} is not finite"
+        assert_parity(f"standard d{name}", a, baseline(b, c, d), c, dtype)
+
+
+@pytest.mark.kernels_ci
+@given(
+    shape=standard_shapes(),
+    dtype=st.sampled_from(DTYPES),
+    l1_coefficient=st.sampled_from([0.0, 0.05, 1.0, 5.0]),
+    seed=st.integers(0, 2**16),
+)
+@example(shape=(4, 4, 2), dtype=torch.float16, l1_coefficient=0.05, seed=4)  # a GPU draw: dW_dec's one rounding
+@example(shape=(8, 16, 1), dtype=torch.float16, l1_coefficient=0.0, seed=16)  # a GPU draw: z's fp16 rounding
+@example(shape=(2, 1, 1), dtype=torch.bfloat16, l1_coefficient=0.0, seed=1049)  # a GPU draw: fvu of one column
+def test_standard_sae_step_parity(fs, device, shape, dtype, l1_coefficient, seed):
+    check_standard_step(fs, shape, dtype, device, seed=seed, l1_coefficient=l1_coefficient)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7, 5), (6, 19, 37), (8, 33, 150)])
+def test_standard_dense_formulation(fs, device, dtype, shape):
+    """standard_sae_step_dense (the module's path while the code is dense): loss, statistics and every
+    gradient vs fp64 by the parity rule, as the sparse step."""
+    B, D, F = shape
+    params = list(make_sae(B, D, F, 1, dtype, device, seed=B + F))
+    active = active_mask(fs, params)
+    out = fs.standard_sae_step_dense(*params, l1_coefficient=0.4)
+    assert out.vals is None and not bool(out.overflow) and int(out.count) == int(active.sum())
+    assert torch.equal(out.fire_counts, active.sum(0))
+    up = step_upstream(7).to(device)
+    ours = grads(out.loss, params, up)
+    same = fs.reference.standard_sae_step(*params, l1_coefficient=0.4, active=active)
+    same_grads = grads(same.loss, params, up.to(same.loss.dtype))
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    r = fs.reference.standard_sae_step(*p64, l1_coefficient=0.4, active=active)
+    r_grads = grads(r.loss, p64, up.double())
+    assert_parity("dense standard loss", out.loss, same.loss, r.loss, dtype)
+    assert_parity("dense standard mse", out.mse, same.mse, r.mse, dtype)
+    assert_parity("dense standard l1", out.l1, same.l1, r.l1, dtype)
+    if B > 1:
+        assert_parity("dense standard fvu", out.fvu, same.fvu, r.fvu, dtype)
+    assert out.l0.item() == pytest.approx(float(active.sum()) / B, rel=1e-6)
+    for name, a, b, c, p in zip(STEP_NAMES, ours, same_grads, r_grads, params):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert_parity(f"dense standard d{name}", a, b, c, dtype)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_standard_zero_decoder_rows(fs, device, dtype):
+    """A zero decoder row has no norm gradient (torch's norm gives 0 there): finite, and by the rule."""
+    check_standard_step(fs, (5, 11, 30), dtype, device, seed=4, l1_coefficient=1.0, zero_rows=3)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_standard_empty_code(fs, device, dense):
+    """No active entry: the code is empty, the loss is the MSE of b_dec alone, and only x, b_dec (and
+    nothing through the code) get gradients; the encoder's and W_dec's are exactly zero."""
+    params = list(make_sae(3, 7, 5, 1, torch.float32, device, seed=8))
+    with torch.no_grad():
+        params[2].fill_(-100.0)
+    kw = dict(l1_coefficient=0.5)
+    out = fs.standard_sae_step_dense(*params, **kw) if dense else fs.standard_sae_step(*params, capacity=1, **kw)
+    assert int(out.count) == 0 and float(out.l1) == 0.0 and not bool(out.overflow)
+    x, b_dec = params[0], params[4]
+    expect = (b_dec.detach() - x.detach()).pow(2).sum(1).mean()
+    torch.testing.assert_close(out.loss, expect, rtol=1e-6, atol=0)
+    dx, dW_enc, db_enc, dW_dec, db_dec = grads(out.loss, params, torch.tensor(1.0, device=device))
+    assert not dW_enc.any() and not db_enc.any() and not dW_dec.any()
+    torch.testing.assert_close(db_dec, 2 * (b_dec - x).detach().sum(0) / 3, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, -2 * (b_dec - x).detach() / 3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_standard_compile(fs, device):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fs.standard_sae_step, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
+            out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
+            eager = fs.standard_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
+            assert torch.equal(out.indices, eager.indices)
+            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
+            up = torch.tensor(-1.1, device=device)
+            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.kernels_ci
+def test_standard_overflow_is_reported(fs, device):
+    params = [t.detach() for t in make_sae(5, 9, 30, 1, torch.float32, device, seed=4)]
+    need = int(active_mask(fs, params).sum())
+    small = fs.standard_sae_step(*params, capacity=need - 3)
+    assert bool(small.overflow) and int(small.count) == need and int(small.row_offsets[-1]) == need - 3
+    exact = fs.standard_sae_step(*params, capacity=need)
+    assert not bool(exact.overflow) and int(exact.row_offsets[-1]) == need
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_standard_chunks(fs, device, dtype, monkeypatch):
+    """Many F chunks give the one-chunk result bitwise (on a GPU; see ``assert_same_across_shapes``)."""
+    params = list(make_sae(4, 6, 900, 1, dtype, device, seed=9))
+    one = fs.standard_sae_step(*params, capacity=4 * 900)
+    g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
+    monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
+    many = fs.standard_sae_step(*params, capacity=4 * 900)
+    assert torch.equal(one.indices, many.indices)
+    assert_same_across_shapes("vals", many.vals, one.vals)
+    assert_same_across_shapes("loss", many.loss, one.loss)
+    for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
+        assert_same_across_shapes("gradient", b, a)
+
+
+@pytest.mark.kernels_ci
+def test_standard_deterministic(fs, device):
+    params = list(make_sae(40, 33, 20, 1, torch.float32, device, seed=2))
+    runs = []
+    for _ in range(2):
+        out = fs.standard_sae_step(*params, capacity=800, l1_coefficient=0.7)
+        runs.append((out.loss, grads(out.loss, params, torch.tensor(1.3, device=device))))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
+def test_standard_opcheck(fs, device, dtype):
+    params = [t.detach() for t in make_sae(6, 19, 37, 1, dtype, device, seed=5)]
+    args = (*params, 0.5, 6 * 37)
+    torch.library.opcheck(raw_op(fs, "standard_sae_step"), args)
+    outs = raw_op(fs, "standard_sae_step")(*args)
+    x, W_enc, _, W_dec, b_dec = params
+    saved = (x, W_enc, W_dec, b_dec, *outs[6:9], *outs[11:13], 0.5)
+    grad = torch.tensor(0.7, device=device)
+    torch.library.opcheck(raw_op(fs, "standard_sae_step_backward"), (grad, *saved, [True] * 5))
+
+
+@pytest.mark.kernels_ci
+def test_standard_bad_input(fs, device):
+    params = [t.detach() for t in make_sae(3, 5, 7, 1, torch.float32, device, seed=1)]
+    with pytest.raises(ValueError, match="capacity"):
+        fs.standard_sae_step(*params, capacity=0)
+    with pytest.raises(ValueError, match="capacity"):
+        fs.standard_sae_step(*params, capacity=3 * 7 + 1)
+    with pytest.raises(ValueError, match="l1_coefficient"):
+        fs.standard_sae_step(*params, capacity=4, l1_coefficient=-1.0)
+    with pytest.raises(ValueError, match="l1_coefficient"):
+        fs.standard_sae_step(*params, capacity=4, l1_coefficient=True)
+    with pytest.raises(ValueError, match="W_dec"):
+        fs.standard_sae_step(params[0], params[1], params[2], params[3][:, :4], params[4], capacity=4)
+
+
+# SAELens's own standard training SAE, default training config --------------------------------
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_standard_matches_saelens(fs, device, dtype):
+    """Same parameters and inputs: SAELens's total loss (MSE summed over d_in + l1_coefficient * its
+    decoder-norm-weighted L1), its code and every gradient, by the parity rule against SAELens in fp64."""
+    B, D, F = 8, 24, 64
+    g = torch.Generator().manual_seed(17)
+    cfg = dict(d_in=D, d_sae=F, device=device)
+    sae = saelens_training_sae("standard", dtype="float32", **cfg)
+    assert sae.cfg.lp_norm == 1.0 and sae.cfg.l1_coefficient == 1.0 and sae.cfg.apply_b_dec_to_input
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(D, F, generator=g).to(device) / D**0.5)
+        sae.b_enc.copy_(torch.randn(F, generator=g).to(device) * 0.1)
+        sae.b_dec.copy_(torch.randn(D, generator=g).to(device) * 0.1)
+        sae.W_dec.mul_(torch.rand(F, 1, generator=g).to(device) * 2 + 0.5)  # varied row norms
+    sae = sae.to(dtype)
+    x = (torch.randn(B, D, generator=g) * 0.8).to(device=device, dtype=dtype)
+    names = STEP_NAMES[1:]
+    coef = sae.cfg.l1_coefficient
+    theirs = saelens_step(sae, x, l1=coef)
+    assert set(theirs.losses) == {"mse_loss", "l1_loss"}
+    their_grads = torch.autograd.grad(theirs.loss, [getattr(sae, n) for n in names])
+
+    p = [getattr(sae, n).detach().clone().requires_grad_() for n in names]
+    out = fs.standard_sae_step(x, p[0].T, p[1], p[2], p[3], capacity=B * F, l1_coefficient=coef)
+    our_grads = torch.autograd.grad(out.loss, p)
+
+    sae64 = saelens_training_sae("standard", dtype="float64", **cfg)
+    with torch.no_grad():
+        for n in names:
+            getattr(sae64, n).copy_(getattr(sae, n).double())
+    ref = saelens_step(sae64, x.double(), l1=coef)
+    ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+
+    dense, _, _ = dense_code(out, B, F)
+    if dtype == torch.float32:
+        assert torch.equal(dense != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
+        assert torch.equal(dense != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"
+    assert_parity("saelens standard feature_acts", dense, theirs.feature_acts, ref.feature_acts, dtype)
+    assert_parity("saelens standard loss", out.loss, theirs.loss, ref.loss, dtype)
+    assert_parity("saelens standard l1", coef * out.l1, theirs.losses["l1_loss"], ref.losses["l1_loss"], dtype)
+    for name, a, b, c in zip(names, our_grads, their_grads, ref_grads):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"d{name}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+        assert_parity(f"saelens standard d{name}", a, b, c, dtype)

@@ -1,0 +1,45 @@
+"""topk_sae_loss: parity with the fp64 reference, determinism, compile and opcheck."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from parity import (
+    DTYPES,
+    OPCHECK_DTYPES,
+    check_compile,
+    check_deterministic,
+    check_loss_parity,
+    check_opcheck,
+    problem_shapes,
+)
+
+OP = "topk_sae_loss"
+
+
+@pytest.mark.kernels_ci
+@given(shape=problem_shapes(), dtype=st.sampled_from(DTYPES), dup=st.booleans(), seed=st.integers(0, 2**16))
+def test_topk_sae_loss_parity(fs, device, shape, dtype, dup, seed):
+    check_loss_parity(fs, OP, shape, dtype, device, seed=seed, duplicates=dup)
+
+
+@pytest.mark.kernels_ci
+def test_topk_sae_loss_deterministic(fs, device):
+    check_deterministic(fs, OP, device)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_topk_sae_loss_int32_indices(fs, device, index_dtype):
+    check_loss_parity(fs, OP, (5, 9, 30, 77), torch.float32, device, seed=9, index_dtype=index_dtype)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
+def test_topk_sae_loss_opcheck(fs, device, dtype):
+    check_opcheck(fs, OP, device, dtype)
+
+
+@pytest.mark.slow
+def test_topk_sae_loss_compile(fs, device):
+    check_compile(fs, OP, device)

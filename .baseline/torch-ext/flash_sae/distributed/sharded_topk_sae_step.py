@@ -1,0 +1,225 @@
+"""The TopK SAE step with its latents sharded over ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
+
+Each rank of the latent group holds a contiguous block [f0, f0 + F_r) of the F latents
+(``layout.shard_bounds``): its rows of W_enc, b_enc and W_dec. Every rank of the group sees
+the same batch x and holds the same b_dec. One step:
+
+1. Local candidates: the chunked encoder GEMM over the rank's rows and the exact selection
+   (``primitives.select``), keyed by *global* latent id: each row's best min(k, c) entries as
+   packed (value, id) keys, c = ceil(F / W). No [B, F] tensor.
+2. One all-gather of those [B, min(k, c)] int64 keys (the only exchange of the selection).
+3. The global top-k of each row from the gathered keys with one ``torch.topk`` on the packed keys:
+   the same merge the single-GPU step makes across its chunks, so with the same pre-activations the
+   same latents come out in the same order (values and ids bitwise). Why the candidates suffice:
+   an entry among a row's global top k has fewer than k entries above it, so fewer than k in its
+   own shard either, so it is among its shard's candidates (the tie rule is one total order).
+4. Each rank decodes the entries it owns (others weigh 0) into an fp32 partial reconstruction;
+   one all-reduce (sum) of [B, D] fp32 gives every rank the whole reconstruction, the residual
+   and the loss.
+
+Backward (every rank holds the same residual, so the loss's gradient is known everywhere): each
+rank's own rows of dW_dec, dW_enc and db_enc come from the existing sparse kernels over its own
+entries (one CSR transpose, the decoder's segmented pass, the encoder's); the only exchange is
+one all-reduce of the encoder's contribution to dx ([B, D] fp32 when x needs a gradient, else
+just its column sum [D] for b_dec). No host sync beyond the collectives themselves; no atomics;
+deterministic for a given world size.
+
+Exactness against one GPU: the selection is exact (above); the loss and the gradients differ
+only by the order of the fp32 sums (partial reconstructions and dx are summed across ranks).
+
+Cost per rank: the GEMM over F / W latents; gathers over the whole [B, k] code (entries of other
+ranks weigh 0: O(B*k*D), small beside the GEMM); collectives: W * B * min(k, c) * 8 bytes
+gathered, B * D * 4 bytes reduced in the forward, the same or D * 4 in the backward.
+"""
+
+import torch
+import torch.distributed as dist
+
+from .._validation import (
+    INDEX_DTYPES,
+    check_int,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_step_args,
+    check_tensor,
+)
+from ..primitives.csr import csr_transpose
+from ..primitives.encoder import encoder_backward
+from ..primitives.gather import gather_rows, gather_rows_backward
+from ..primitives.select import KEY_NONE, chunk_top_k, pre_chunks, unpack
+from ..results import TopKSAEStep, fire_counts, total_variance
+from .layout import check_shardable, shard_bounds
+
+# torch 2.13 renamed the tensor all-gather; older versions (2.11 on our GPU machines) have the old name only
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand):
+    """Each row's best ``n_cand`` local entries as packed (value, global id) int64 keys, [B, n_cand]
+    (KEY_NONE where the shard holds fewer latents)."""
+    xc = x - b_dec
+    parts = [chunk_top_k(pre, f0 + c0, k) for c0, pre in pre_chunks(xc, W_enc, b_enc)]
+    local = torch.cat(parts, dim=1)
+    local = torch.topk(local, min(n_cand, local.shape[1]), dim=1, sorted=False).values
+    if local.shape[1] < n_cand:
+        local = torch.nn.functional.pad(local, (0, n_cand - local.shape[1]), value=KEY_NONE)
+    return local
+
+
+def sharded_select(x, W_enc, b_enc, k, b_dec, f0, n_cand, group, world):
+    """(values [B, k] in x's dtype before the activation, global ids [B, k] int64), descending by the
+    tie rule of ``primitives.select``: the exact top-k over all ranks' latents."""
+    B = x.shape[0]
+    local = sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand)
+    gathered = local.new_empty(world * B, n_cand)
+    all_gather_single(gathered, local.contiguous(), group=group)
+    cand = gathered.view(world, B, n_cand).permute(1, 0, 2).reshape(B, world * n_cand)
+    return unpack(torch.topk(cand, k, dim=1, sorted=True).values, x.dtype)
+
+
+def own_entries(vals, ids, f0, n_local):
+    """This rank's share of a global code: (values, 0 elsewhere), (local ids, 0 elsewhere, for
+    gathers), (local ids, n_local elsewhere: outside every CSR segment)."""
+    mine = (ids >= f0) & (ids < f0 + n_local)
+    local = ids - f0
+    return torch.where(mine, vals, 0), torch.where(mine, local, 0), torch.where(mine, local, n_local)
+
+
+class _ShardedTopKStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, f0, n_cand, group, world):
+        B, D = x.shape
+        n_local = W_enc.shape[0]
+        values, ids = sharded_select(x, W_enc, b_enc, k, b_dec, f0, n_cand, group, world)
+        vals = torch.relu(values)
+        lvals, lidx, lidx_csr = own_entries(vals, ids, f0, n_local)
+        partial = gather_rows(lvals, lidx, W_dec, out_dtype=torch.float32)
+        dist.all_reduce(partial, group=group)
+        residual = partial.add_(b_dec.float()).sub_(x.float())
+        sq = (residual * residual).sum()
+        loss = sq / (B * D)
+        fvu = sq / total_variance(x)
+        counts = fire_counts(lvals, lidx, n_local)
+        ctx.save_for_backward(x, W_enc, W_dec, b_dec, lvals, lidx, lidx_csr, residual)
+        ctx.group = group
+        ctx.mark_non_differentiable(fvu, counts, vals, ids)
+        return loss, fvu, counts, vals, ids
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        x, W_enc, W_dec, b_dec, lvals, lidx, lidx_csr, residual = ctx.saved_tensors
+        B, D = residual.shape
+        s_const = 2.0 / (B * D)
+        s = g_loss.float() * s_const
+        csr = csr_transpose(lidx_csr, W_dec.shape[0])
+        dW_dec, dots = gather_rows_backward(
+            residual, lvals, lidx_csr, W_dec, scale=g_loss.float(), scale_const=s_const, csr=csr
+        )
+        dpre = torch.where(lvals > 0, dots * s, 0.0)
+        dx_enc, dW_enc, db_enc, _ = encoder_backward(dpre, x, W_enc, b_dec, lidx, csr=csr)
+        if ctx.needs_input_grad[0]:
+            dist.all_reduce(dx_enc, group=ctx.group)
+            db_dec_enc = -dx_enc.sum(0)
+        else:
+            db_dec_enc = -dx_enc.sum(0)
+            dist.all_reduce(db_dec_enc, group=ctx.group)
+        dtype = W_enc.dtype
+        dx = (dx_enc - residual * s).to(dtype) if ctx.needs_input_grad[0] else None
+        db_dec = (residual.sum(0) * s + db_dec_enc).to(dtype)
+        return dx, dW_enc, db_enc.to(dtype), dW_dec, db_dec, None, None, None, None, None
+
+
+def _group_bounds(group, n_features):
+    """This rank's [f0, f1) in ``group``, after checking the group and n_features."""
+    if not dist.is_initialized():
+        raise ValueError("torch.distributed is not initialised: call init_process_group (or torchrun) first")
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+    check_int("n_features", n_features, 1, 2**31 - 1)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of group")
+    check_shardable(n_features, world)
+    return shard_bounds(n_features, world, rank)
+
+
+def check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features):
+    """Validates a sharded step's arguments; returns (f0, n_cand, world)."""
+    f0, f1 = _group_bounds(group, n_features)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_int("k", k, 1, n_features)
+    if isinstance(W_enc, torch.Tensor) and W_enc.ndim == 2 and W_enc.shape[0] != f1 - f0:
+        raise ValueError(
+            f"W_enc must hold this rank's {f1 - f0} latents (rank {rank} of {world}, latents [{f0}, {f1}) of "
+            f"n_features={n_features}), got {W_enc.shape[0]} rows"
+        )
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, min(k, f1 - f0))
+    return f0, min(k, -(-n_features // world)), world
+
+
+def sharded_topk_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    *,
+    group: dist.ProcessGroup,
+    n_features: int,
+) -> TopKSAEStep:
+    """``topk_sae_step`` with the latents sharded over the ranks of ``group``.
+
+    Args:
+        x: [B, D] activations, the same batch on every rank of ``group``.
+        W_enc, b_enc, W_dec: this rank's shard, [F_r, D], [F_r], [F_r, D]: latents
+            ``shard_bounds(n_features, group size, group rank)``.
+        b_dec: [D], the same on every rank.
+        k: active latents per row over all shards, 1 <= k <= n_features.
+        group: the latent group (every rank of it calls the step with the same x).
+        n_features: F, the latents over all shards.
+
+    Returns:
+        ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``: ``loss`` and ``fvu`` as the
+        single-GPU step's (the same on every rank); ``fire_counts`` [F_r] for this rank's latents;
+        ``vals`` / ``indices`` the whole [B, k] code with global ids (the same on every rank).
+        The gradients reach this rank's shard and, summed over the group, x and b_dec (the same
+        on every rank).
+    """
+    f0, n_cand, world = check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features)
+    args = (x, W_enc, b_enc, W_dec, b_dec)
+    out = _ShardedTopKStep.apply(*(t.contiguous() for t in args), k, f0, n_cand, group, world)
+    return TopKSAEStep(*out)
+
+
+@torch.no_grad()
+def sharded_topk_encode(x, W_enc, b_enc, k, b_dec, *, group, n_features):
+    """The whole code (vals [B, k] after the ReLU, global ids [B, k]) of a sharded TopK SAE, descending;
+    the same on every rank of ``group``."""
+    f0, n_cand, world = check_sharded_args(x, W_enc, b_enc, W_enc, b_dec, k, group, n_features)
+    values, ids = sharded_select(x.contiguous(), W_enc.contiguous(), b_enc, k, b_dec, f0, n_cand, group, world)
+    return torch.relu(values), ids
+
+
+@torch.no_grad()
+def sharded_decode(vals, indices, W_dec, b_dec, *, group, n_features):
+    """x_hat [B, D] (W_dec's dtype) from a whole code with global ids; the same on every rank of ``group``.
+    Ids outside [0, n_features) belong to no shard and add nothing; they are not checked (that would
+    be a host sync)."""
+    check_tensor("vals", vals, 2)
+    check_tensor("indices", indices, 2, INDEX_DTYPES)
+    if tuple(indices.shape) != tuple(vals.shape):
+        raise ValueError(f"indices must have vals' shape {tuple(vals.shape)}, got {tuple(indices.shape)}")
+    check_tensor("W_dec", W_dec, 2)
+    check_tensor("b_dec", b_dec, 1)
+    check_shape("b_dec", b_dec, (W_dec.shape[1],))
+    check_same_dtype("W_dec", W_dec, vals=vals, b_dec=b_dec)
+    check_same_device(W_dec=W_dec, vals=vals, indices=indices, b_dec=b_dec)
+    f0, f1 = _group_bounds(group, n_features)
+    if W_dec.shape[0] != f1 - f0:
+        raise ValueError(f"W_dec must hold this rank's {f1 - f0} latents [{f0}, {f1}), got {W_dec.shape[0]} rows")
+    lvals, lidx, _ = own_entries(vals, indices, f0, f1 - f0)
+    partial = gather_rows(lvals, lidx, W_dec, out_dtype=torch.float32)
+    dist.all_reduce(partial, group=group)
+    return partial.add_(b_dec.float()).to(W_dec.dtype)

@@ -1,0 +1,118 @@
+"""Hub layers: stateless, forward-only replacements for a host module's ``forward``.
+
+``kernels.kernelize`` swaps a host module's ``forward`` for one of these when
+the host class is decorated with ``@use_kernel_forward_from_hub("<name>")``
+and mapped to this repository. The layer reads the host's attributes; it
+owns no state, so the host keeps its parameters, ``state_dict`` and optimiser.
+
+``SparseAutoencoder``: the host needs ``W_enc`` [F, D], ``b_enc`` [F],
+``W_dec`` [F, D], ``b_dec`` [D] and an int ``k`` (the layout of
+``flash_sae.SparseAutoencoder``); ``forward(x)`` returns the reconstruction
+``x_hat`` [B, D]. Both passes run flash-sae's kernels, so training through a
+kernelized host gets the sparse backward too.
+
+``BatchTopKSparseAutoencoder`` (also for Matryoshka hosts) and
+``JumpReLUSparseAutoencoder`` are forward-only (``has_backward = False``: train
+with the modules' ``loss``, which is the fused step); ``forward(x)`` returns
+``x_hat`` as the modules' ``forward`` does. BatchTopK hosts need the four
+weights, ``k``, ``rescale_acts_by_decoder_norm`` and the inference
+``threshold`` (0-d); in training mode the batch rule selects, in eval mode the
+threshold. JumpReLU hosts need the four weights and ``threshold`` [F] (or
+``log_threshold``). ``StandardSparseAutoencoder`` (the ReLU + L1 SAE) is forward-only too;
+its hosts need the four weights. ``GatedSparseAutoencoder`` is forward-only too; its hosts need
+``W_enc``, ``b_gate``, ``r_mag``, ``b_mag``, ``W_dec`` and ``b_dec``. These eval-mode codes are
+sized by counting first, one host sync per call (this is inference).
+"""
+
+import torch
+from torch import nn
+
+from .modules.batchtopk import batchtopk_encode_code, decode_code
+from .modules.gated import gated_encode_code
+from .modules.jumprelu import jumprelu_encode_code
+from .modules.standard import standard_encode_code
+from .ops.decode.sparse_decode import sparse_decode
+from .ops.topk.topk_encode import topk_encode
+
+
+class SparseAutoencoder(nn.Module):
+    """``x_hat = sparse_decode(*topk_encode(x))`` over the host's TopK SAE parameters."""
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+    k: int
+
+    can_torch_compile: bool = True
+    has_backward: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals, indices = topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec)
+        return sparse_decode(vals, indices, self.W_dec, self.b_dec)
+
+
+class BatchTopKSparseAutoencoder(nn.Module):
+    """``x_hat`` of a BatchTopK (or Matryoshka BatchTopK) host, as ``flash_sae.BatchTopKSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+    k: float
+    rescale_acts_by_decoder_norm: bool
+    threshold: torch.Tensor  # [] inference threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *batchtopk_encode_code(self, x))
+
+
+class JumpReLUSparseAutoencoder(nn.Module):
+    """``x_hat`` of a JumpReLU host, as ``flash_sae.JumpReLUSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+    threshold: torch.Tensor  # [F] (or log_threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *jumprelu_encode_code(self, x))
+
+
+class StandardSparseAutoencoder(nn.Module):
+    """``x_hat`` of a standard (ReLU) host, as ``flash_sae.StandardSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *standard_encode_code(self, x))
+
+
+class GatedSparseAutoencoder(nn.Module):
+    """``x_hat`` of a Gated host, as ``flash_sae.GatedSparseAutoencoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D], borrowed from the host module
+    b_gate: torch.Tensor  # [F]
+    r_mag: torch.Tensor  # [F]
+    b_mag: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D]
+    b_dec: torch.Tensor  # [D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_code(self, *gated_encode_code(self, x))

@@ -1,0 +1,514 @@
+"""What every SAE module shares: parameters, their layout and initialisation, the decoder-norm steps.
+
+Each module (the kernels) and its plain-torch twin in ``reference`` (the tests' ground
+truth) subclass the same base here and differ only in how they compute, so a
+``state_dict`` moves between them unchanged.
+"""
+
+import torch
+from torch import nn
+
+from .._validation import default_dead_capacity, default_k_aux
+from ..primitives.dead_set import next_dead_offset
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class SAEBase(nn.Module):
+    """Parameters ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D] (one row per latent), ``b_dec`` [D].
+
+    Initialisation (``decoder_init``):
+    - ``"normal"`` (flash-sae's TopK module): W_dec rows drawn from a normal distribution in
+      fp64 and scaled to unit norm;
+    - ``"saelens"`` (SAELens's training SAEs): W_dec drawn Kaiming-uniform, its rows scaled to
+      ``decoder_init_norm`` (SAELens's default 0.1, Anthropic's April 2024 "heuristic" init).
+    Then W_enc = W_dec (tied init) and both biases zero. ``seed`` seeds the draw (the global
+    RNG otherwise).
+
+    Dead-latent tracking, on the device: the buffer ``tokens_since_fired`` [F] int64 (in the
+    ``state_dict``; a checkpoint without it loads with zeros) counts, per latent, the training
+    tokens (rows of x) seen since it last fired. Each module's ``loss`` updates it in training
+    mode from the step's ``fire_counts``. A latent is dead once the count reaches
+    ``dead_window_tokens`` (default 10M, sparsify's ``dead_feature_threshold``; SAELens counts
+    steps instead, ``dead_feature_window`` = 1000). ``dead_mask()`` and ``dead_fraction()`` read
+    it without a host sync.
+    """
+
+    resample_encoder_scale = 0.2  # see resample_dead_
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        *,
+        dtype=None,
+        device=None,
+        seed=None,
+        decoder_init="normal",
+        decoder_init_norm=1.0,
+        dead_window_tokens=10_000_000,
+    ):
+        super().__init__()
+        _check_positive_int("dead_window_tokens", dead_window_tokens)
+        self.dead_window_tokens = dead_window_tokens
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_features", n_features)
+        if decoder_init not in ("normal", "saelens"):
+            raise ValueError(f"decoder_init must be 'normal' or 'saelens', got {decoder_init!r}")
+        if (
+            isinstance(decoder_init_norm, bool)
+            or not isinstance(decoder_init_norm, (int, float))
+            or decoder_init_norm <= 0
+        ):
+            raise ValueError(f"decoder_init_norm must be a positive number, got {decoder_init_norm!r}")
+        self.d_model, self.n_features = d_model, n_features
+        dtype = dtype or torch.get_default_dtype()
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        w = torch.empty(n_features, d_model, dtype=torch.float64)
+        if decoder_init == "normal":
+            w.normal_(generator=g)
+        else:
+            nn.init.kaiming_uniform_(w, generator=g)
+        w = w / w.norm(dim=1, keepdim=True) * decoder_init_norm
+        factory = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(w.clone().to(**factory))
+        self.b_enc = nn.Parameter(torch.zeros(n_features, **factory))
+        self.W_dec = nn.Parameter(w.to(**factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_model, **factory))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64, device=device))
+
+    @torch.no_grad()
+    def record_firing(self, fire_counts: torch.Tensor, n_tokens: int) -> None:
+        """tokens_since_fired <- 0 where a latent fired in this batch, else + n_tokens (on device)."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fire_counts > 0, 0)
+
+    def dead_mask(self) -> torch.Tensor:
+        """[F] bool: the latents that have not fired for ``dead_window_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.dead_window_tokens
+
+    def dead_fraction(self) -> torch.Tensor:
+        """0-d fp32: the share of dead latents (a device tensor: reading it is the caller's sync)."""
+        return self.dead_mask().float().mean()
+
+    @torch.no_grad()
+    def resample_dead_(
+        self,
+        x: torch.Tensor,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        encoder_norm_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Re-initialises the dead latents toward inputs the SAE reconstructs badly, on the device.
+
+        The resampling of Anthropic's "Towards Monosemanticity" (2023): each input of ``x`` [N, D]
+        is drawn with probability proportional to the square of its squared reconstruction error;
+        a dead latent f gets a drawn input's direction v (of x - b_dec, unit norm) as its decoder
+        row, scaled to the live decoder rows' mean norm; its encoder row is v times
+        ``encoder_norm_scale`` times the live encoder rows' mean norm; its encoder bias is 0 (a
+        Gated SAE's b_gate, r_mag and b_mag: ``latent_vectors()``);
+        its dead count restarts; and, with ``optimizer`` (Adam, AdamW, ...), the moments of those
+        rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0. Every other latent
+        is untouched. No host sync in ``SparseAutoencoder`` (the dead set is a mask; the draw is
+        ``torch.multinomial``); the other modules' ``forward`` may size its code by counting first
+        (one sync).
+        Returns the number of resampled latents (a 0-d device tensor).
+
+        ``encoder_norm_scale`` defaults to the module's ``resample_encoder_scale``: Anthropic's 0.2
+        for threshold (ReLU-like) SAEs; 1.0 for the TopK and BatchTopK SAEs, where a latent must
+        outrank the live ones to fire: at 0.2 none of the resampled latents of the synthetic
+        training test ever fired again (``tests/test_dead_latent_training.py``).
+        """
+        if encoder_norm_scale is None:
+            encoder_norm_scale = self.resample_encoder_scale
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.d_model or x.shape[0] < 1:
+            raise ValueError(f"x must be a [N, {self.d_model}] tensor with N >= 1, got {getattr(x, 'shape', x)!r}")
+        if x.device != self.W_dec.device:
+            raise ValueError(f"x is on {x.device} but the SAE is on {self.W_dec.device}")
+        if isinstance(encoder_norm_scale, bool) or not isinstance(encoder_norm_scale, (int, float)):
+            raise ValueError(f"encoder_norm_scale must be a number, got {encoder_norm_scale!r}")
+        dead = self.dead_mask()
+        live = (~dead).float()
+        n_live = live.sum()
+        x = x.to(self.W_dec.dtype)
+        err = (self.forward(x).float() - x.float()).pow(2).sum(1)
+        weight = err.pow(2)
+        weight = torch.where(weight.sum() > 0, weight, torch.ones_like(weight))  # all exact: draw uniformly
+        pick = torch.multinomial(weight, self.n_features, replacement=True, generator=generator)
+        v = x.float()[pick] - self.b_dec.float()
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+        def mean_live_norm(W):
+            norms = W.float().norm(dim=1)
+            return torch.where(n_live > 0, (norms * live).sum() / n_live.clamp_min(1), norms.mean())
+
+        rows = dead.unsqueeze(1)
+        dec_norm, enc_norm = mean_live_norm(self.W_dec), mean_live_norm(self.W_enc)
+        self.W_dec.copy_(torch.where(rows, (v * dec_norm).to(self.W_dec.dtype), self.W_dec))
+        self.W_enc.copy_(torch.where(rows, (v * (enc_norm * encoder_norm_scale)).to(self.W_enc.dtype), self.W_enc))
+        for bias in self.latent_vectors():
+            bias.copy_(torch.where(dead, 0, bias))
+        self.tokens_since_fired.masked_fill_(dead, 0)
+        if optimizer is not None:
+            for p in (self.W_enc, *self.latent_vectors(), self.W_dec):
+                for key, moment in optimizer.state.get(p, {}).items():
+                    if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and moment.shape == p.shape:
+                        moment.masked_fill_(dead.view(-1, *([1] * (p.ndim - 1))), 0)
+        return dead.sum()
+
+    def latent_vectors(self) -> tuple[nn.Parameter, ...]:
+        """The per-latent [F] parameters of the encoder (reset to 0 for a resampled latent): ``b_enc``."""
+        return (self.b_enc,)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint from before dead tracking, or from another trainer, holds no counts: start from zero.
+        for name in ("tokens_since_fired", "dead_offset"):
+            if name in self._buffers and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(self._buffers[name])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_features={self.n_features}, {self._sparsity_repr()}, "
+            f"dtype={self.W_dec.dtype}, device={self.W_dec.device}"
+        )
+
+    def _sparsity_repr(self) -> str:
+        return f"k={self.k}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction x_hat [B, D]."""
+        return self.decode(*self.encode(x))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self):
+        """Rescales every decoder row to unit L2 norm (call after each optimiser step)."""
+        norm = self.W_dec.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        self.W_dec.copy_((self.W_dec.float() / norm).to(self.W_dec.dtype))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self):
+        """Projects out of W_dec.grad its component along each decoder row."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec.float()
+        g = self.W_dec.grad.float()
+        g -= (g * w).sum(1, keepdim=True) * w / w.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
+        self.W_dec.grad.copy_(g.to(self.W_dec.grad.dtype))
+
+
+class DeadLossOptions:
+    """The dead-latent loss options of the TopK and BatchTopK modules (mixin for ``SAEBase`` subclasses).
+
+    ``dead_loss``: None (default), ``"auxk"`` or ``"ghost"``. With one, ``loss`` in training mode
+    passes the current ``dead_mask()`` and ``k_aux``, ``aux_coef``, ``aux_relu``,
+    ``aux_encoder_grad`` and ``dead_capacity`` to its step (see ``topk_sae_step``); the step's
+    ``aux_loss`` reports the dead-latent loss.
+    """
+
+    resample_encoder_scale = 1.0  # a TopK-family latent must outrank the live ones (see resample_dead_)
+
+    def _set_dead_loss(self, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity):
+        if dead_loss not in (None, "auxk", "ghost"):
+            raise ValueError(f"dead_loss must be None, 'auxk' or 'ghost', got {dead_loss!r}")
+        self.dead_loss = dead_loss
+        if k_aux is None:
+            k_aux = default_k_aux(self.d_model, self.n_features)
+        if dead_capacity is None and isinstance(k_aux, int):
+            dead_capacity = default_dead_capacity(self.n_features, k_aux)
+        self.dead_loss_options = dict(
+            k_aux=k_aux,
+            aux_coef=aux_coef,
+            aux_relu=aux_relu,
+            aux_encoder_grad=aux_encoder_grad,
+            dead_capacity=dead_capacity,
+        )
+        # where the next step's dead set starts (``primitives.dead_set``), slid past each step's window
+        self.register_buffer("dead_offset", torch.zeros((), dtype=torch.int64, device=self.W_dec.device))
+
+    def dead_loss_kwargs(self) -> dict:
+        """The step's dead-latent arguments: empty unless a ``dead_loss`` is set and the module trains."""
+        if self.dead_loss is None or not self.training:
+            return {}
+        return dict(
+            dead_mask=self.dead_mask(), dead_offset=self.dead_offset, dead_loss=self.dead_loss, **self.dead_loss_options
+        )
+
+    @torch.no_grad()
+    def advance_dead_offset(self, dead_kwargs: dict) -> None:
+        """After a step with ``dead_kwargs``: slide ``dead_offset`` past the window it took (on device)."""
+        if dead_kwargs:
+            mask, capacity = dead_kwargs["dead_mask"], self.dead_loss_options["dead_capacity"]
+            self.dead_offset.copy_(next_dead_offset(mask, capacity, self.dead_offset))
+
+
+class TopKSAEBase(DeadLossOptions, SAEBase):
+    """A TopK SAE's parameters (``SAEBase``, normal unit-norm init) and its per-row ``k``.
+
+    Subclasses define ``encode(x) -> (vals, indices)``, ``decode(vals, indices) -> x_hat``
+    and ``loss(x)``.
+    """
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        k,
+        *,
+        dtype=None,
+        device=None,
+        seed=None,
+        dead_window_tokens=10_000_000,
+        dead_loss=None,
+        k_aux=None,
+        aux_coef=None,
+        aux_relu=True,
+        aux_encoder_grad=True,
+        dead_capacity=None,
+    ):
+        super().__init__(
+            d_model, n_features, dtype=dtype, device=device, seed=seed, dead_window_tokens=dead_window_tokens
+        )
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_features:
+            raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
+        self.k = k
+        self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
+
+
+class SAELensInitBase(SAEBase):
+    """``SAEBase`` with SAELens's initialisation: Kaiming-uniform decoder rows of norm ``decoder_init_norm``."""
+
+    def __init__(
+        self, d_model, n_features, *, decoder_init_norm=0.1, dtype=None, device=None, seed=None, **kwargs
+    ):  # fmt: skip
+        super().__init__(
+            d_model,
+            n_features,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            decoder_init="saelens",
+            decoder_init_norm=decoder_init_norm,
+            **kwargs,
+        )
+
+
+class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
+    """A BatchTopK SAE: ``SAEBase`` with SAELens's init, ``k`` active latents per row on average,
+    the decoder-norm rescaling flag, and the inference threshold (a float64 buffer, as SAELens
+    keeps it), estimated on device during training as SAELens does: an exponential moving
+    average, rate ``threshold_lr``, of each batch's smallest positive selected activation."""
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        k,
+        *,
+        rescale_acts_by_decoder_norm=True,
+        threshold_lr=0.01,
+        decoder_init_norm=0.1,
+        dtype=None,
+        device=None,
+        seed=None,
+        dead_window_tokens=10_000_000,
+        dead_loss=None,
+        k_aux=None,
+        aux_coef=None,
+        aux_relu=True,
+        aux_encoder_grad=True,
+        dead_capacity=None,
+    ):
+        super().__init__(
+            d_model,
+            n_features,
+            decoder_init_norm=decoder_init_norm,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            dead_window_tokens=dead_window_tokens,
+        )
+        self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= n_features:
+            raise ValueError(f"k must be a number in (0, n_features={n_features}], got {k!r}")
+        if not isinstance(rescale_acts_by_decoder_norm, bool):
+            raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+        if isinstance(threshold_lr, bool) or not isinstance(threshold_lr, (int, float)) or not 0 < threshold_lr <= 1:
+            raise ValueError(f"threshold_lr must be a number in (0, 1], got {threshold_lr!r}")
+        self.k = k
+        self.rescale_acts_by_decoder_norm = rescale_acts_by_decoder_norm
+        self.threshold_lr = threshold_lr
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=device))
+
+    @torch.no_grad()
+    def update_threshold(self, min_act: torch.Tensor) -> None:
+        """threshold <- (1 - lr) * threshold + lr * min_act, skipped (on device) when no activation was positive."""
+        new = (1 - self.threshold_lr) * self.threshold + self.threshold_lr * min_act.double()
+        self.threshold.copy_(torch.where(torch.isfinite(min_act), new, self.threshold))
+
+    def activation_scale(self):
+        """The per-latent factor the selection ranks by: ||W_dec[f]|| when rescaling, else None."""
+        return self.W_dec.detach().norm(dim=1) if self.rescale_acts_by_decoder_norm else None
+
+
+class MatryoshkaSAEBase(BatchTopKSAEBase):
+    """``BatchTopKSAEBase`` with nested dictionary sizes ``prefix_sizes`` m_1 < ... < m_G = F."""
+
+    def __init__(self, d_model, n_features, k, *, prefix_sizes, **kwargs):
+        if kwargs.get("dead_loss") is not None:
+            raise ValueError("dead_loss: the Matryoshka steps have no dead-latent loss yet; use None")
+        super().__init__(d_model, n_features, k, **kwargs)
+        sizes = list(prefix_sizes) if isinstance(prefix_sizes, (list, tuple)) else None
+        if (
+            not sizes
+            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in sizes)
+            or any(a >= b for a, b in zip(sizes, sizes[1:]))
+            or sizes[-1] != n_features
+        ):
+            raise ValueError(
+                f"prefix_sizes must be positive ints, strictly increasing, ending at n_features={n_features}; "
+                f"got {prefix_sizes!r}"
+            )
+        self.prefix_sizes = sizes
+
+    def _sparsity_repr(self) -> str:
+        return f"k={self.k}, prefix_sizes={self.prefix_sizes}"
+
+
+class JumpReLUSAEBase(SAELensInitBase):
+    """A JumpReLU SAE: ``SAEBase`` with SAELens's init and a learned per-latent threshold.
+
+    ``threshold_parameterization``: ``"direct"`` (SAELens's default: a parameter ``threshold``
+    kept in fp32, clamped at 0 before each step) or ``"log"`` (the paper's: a parameter
+    ``log_threshold``, threshold = exp(log_threshold), fp32). ``init_threshold`` 0.01,
+    ``bandwidth`` 0.05 and ``l0_coefficient`` 1.0 are SAELens's defaults.
+    """
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        *,
+        init_threshold=0.01,
+        bandwidth=0.05,
+        l0_coefficient=1.0,
+        threshold_parameterization="direct",
+        decoder_init_norm=0.1,
+        dtype=None,
+        device=None,
+        seed=None,
+        dead_window_tokens=10_000_000,
+    ):
+        super().__init__(
+            d_model,
+            n_features,
+            decoder_init_norm=decoder_init_norm,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            dead_window_tokens=dead_window_tokens,
+        )
+        if threshold_parameterization not in ("direct", "log"):
+            raise ValueError(
+                f"threshold_parameterization must be 'direct' or 'log', got {threshold_parameterization!r}"
+            )
+        for name, value in (("init_threshold", init_threshold), ("bandwidth", bandwidth)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(l0_coefficient, bool) or not isinstance(l0_coefficient, (int, float)) or not l0_coefficient >= 0:
+            raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")
+        self.bandwidth, self.l0_coefficient = float(bandwidth), float(l0_coefficient)
+        self.threshold_parameterization = threshold_parameterization
+        init = torch.full((n_features,), float(init_threshold), dtype=torch.float32, device=device)
+        if threshold_parameterization == "direct":
+            self.threshold = nn.Parameter(init)
+        else:
+            self.log_threshold = nn.Parameter(init.log())
+
+    def _sparsity_repr(self) -> str:
+        return f"bandwidth={self.bandwidth}, l0_coefficient={self.l0_coefficient}"
+
+    def current_threshold(self) -> torch.Tensor:
+        """theta [F] fp32, differentiable in the threshold's parameter."""
+        if self.threshold_parameterization == "log":
+            return self.log_threshold.exp()
+        # As SAELens: projected on .data (no version bump for autograd), not clamped in the graph.
+        self.threshold.data.clamp_(min=0.0)
+        return self.threshold
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) casts every float parameter; the threshold stays fp32 (as SAELens keeps it),
+        # restored from its value before the cast rather than cast back (no bf16 rounding on the way).
+        names = [n for n in ("threshold", "log_threshold") if self._parameters.get(n) is not None]
+        before = {n: self._parameters[n].data for n in names}
+        out = super()._apply(fn, *args, **kwargs)
+        for n in names:
+            p = self._parameters[n]
+            if p.dtype != torch.float32:
+                p.data = before[n].to(device=p.device, dtype=torch.float32)
+        return out
+
+
+class StandardSAEBase(SAELensInitBase):
+    """A standard SAE (ReLU code, L1 penalty weighted by the decoder rows' norms): ``SAEBase`` with
+    SAELens's init and ``l1_coefficient`` (SAELens's default 1.0)."""
+
+    def __init__(
+        self,
+        d_model,
+        n_features,
+        *,
+        l1_coefficient=1.0,
+        decoder_init_norm=0.1,
+        dtype=None,
+        device=None,
+        seed=None,
+        dead_window_tokens=10_000_000,
+    ):
+        super().__init__(
+            d_model,
+            n_features,
+            decoder_init_norm=decoder_init_norm,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            dead_window_tokens=dead_window_tokens,
+        )
+        if isinstance(l1_coefficient, bool) or not isinstance(l1_coefficient, (int, float)) or not l1_coefficient >= 0:
+            raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
+        self.l1_coefficient = float(l1_coefficient)
+
+    def _sparsity_repr(self) -> str:
+        return f"l1_coefficient={self.l1_coefficient}"
+
+
+class GatedSAEBase(StandardSAEBase):
+    """A Gated SAE (Rajamanoharan et al. 2024): ``SAEBase``'s W_enc, W_dec and b_dec with SAELens's
+    init, and in place of ``b_enc`` the gate's bias ``b_gate``, the magnitude path's log-scale
+    ``r_mag`` and bias ``b_mag`` (all [F], zero at init, as SAELens's ``gated`` training SAE),
+    ``l1_coefficient`` (``StandardSAEBase``'s, on the gate) and ``freeze_aux_decoder`` (see
+    ``gated_sae_step``)."""
+
+    def __init__(self, d_model, n_features, *, freeze_aux_decoder=True, **kwargs):
+        super().__init__(d_model, n_features, **kwargs)
+        if not isinstance(freeze_aux_decoder, bool):
+            raise ValueError(f"freeze_aux_decoder must be a bool, got {freeze_aux_decoder!r}")
+        self.freeze_aux_decoder = freeze_aux_decoder
+        b_enc = self.b_enc
+        del self.b_enc
+        self.b_gate = nn.Parameter(torch.zeros_like(b_enc))
+        self.r_mag = nn.Parameter(torch.zeros_like(b_enc))
+        self.b_mag = nn.Parameter(torch.zeros_like(b_enc))
+
+    def latent_vectors(self) -> tuple[nn.Parameter, ...]:
+        return (self.b_gate, self.r_mag, self.b_mag)
+
+    def gated_params(self) -> tuple[nn.Parameter, ...]:
+        """The step's six parameters after x, in its order: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec."""
+        return (self.W_enc, self.b_gate, self.r_mag, self.b_mag, self.W_dec, self.b_dec)
+
+    def _sparsity_repr(self) -> str:
+        return f"{super()._sparsity_repr()}, freeze_aux_decoder={self.freeze_aux_decoder}"

@@ -1,0 +1,85 @@
+"""``JumpReLUSparseAutoencoder``: a JumpReLU SAE trained with ``jumprelu_sae_step``.
+
+Parameters, SAELens's initialisation and the threshold's parameterisation come from
+``modules.base.JumpReLUSAEBase``, which the plain-torch twin
+``reference.JumpReLUSparseAutoencoder`` shares.
+
+Capacity, without a host sync (``modules/_capacity.py``). The step's code has a static size.
+The module starts at ``capacity_per_row`` entries per row (default: F, which can never
+overflow) and sizes the capacity to 1.5x the last count per row that reached the host without
+a wait, rounded up to a power of two. A step whose entries did not fit says so in
+``step.overflow``; the capacity then grows from that step's count, so a later step is exact
+again.
+"""
+
+import torch
+
+from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
+from ..primitives.select import threshold_preacts
+from ..results import JumpReLUSAEStep
+from ._capacity import SeenCount, grown_capacity
+from ._geometry import FusedDecoderGeometry
+from .base import JumpReLUSAEBase
+from .batchtopk import decode_code
+
+
+@torch.no_grad()
+def jumprelu_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
+    """The active entries (z > threshold) as a variable-length code, from ``sae``'s attributes
+    (``threshold`` [F]); ``capacity`` None counts first (one host sync). Shared with the hub layer."""
+    theta = sae.threshold if hasattr(sae, "threshold") else sae.log_threshold.exp()
+    theta = theta.clamp_min(0)
+    if capacity is None:
+        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, 1)[3]))
+    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, capacity)
+    return vals, indices, row_offsets
+
+
+class JumpReLUSparseAutoencoder(FusedDecoderGeometry, JumpReLUSAEBase):
+    """JumpReLU SAE (Rajamanoharan et al. 2024), SAELens's training conventions by default.
+
+    Args:
+        d_model, n_features: D and F.
+        init_threshold, bandwidth, l0_coefficient: SAELens's defaults 0.01, 0.05, 1.0.
+        threshold_parameterization: "direct" (SAELens) or "log" (the paper).
+        capacity_per_row: the code's starting size per row (default F); it adapts (module docstring).
+        decoder_init_norm, dtype, device, seed, dead_window_tokens: as ``BatchTopKSparseAutoencoder``.
+
+    ``loss(x)`` is the fused training step (MSE summed over D, mean over B, + l0_coefficient *
+    L0). ``encode(x)`` returns the active entries as a variable-length code; ``encode``,
+    ``decode`` and ``forward`` run without gradients: train with ``loss``.
+    """
+
+    def __init__(self, d_model, n_features, *, capacity_per_row=None, **kwargs):
+        super().__init__(d_model, n_features, **kwargs)
+        if capacity_per_row is not None and (
+            isinstance(capacity_per_row, bool) or not isinstance(capacity_per_row, int) or capacity_per_row < 1
+        ):
+            raise ValueError(f"capacity_per_row must be a positive int or None, got {capacity_per_row!r}")
+        self.capacity_per_row = min(capacity_per_row or n_features, n_features)
+        self._seen = SeenCount()
+
+    def _capacity(self, B: int) -> int:
+        per_row = self._seen.poll()
+        if per_row is not None:
+            self.capacity_per_row = grown_capacity(per_row, self.n_features)
+        return min(B * self.n_features, self.capacity_per_row * B)
+
+    def loss(self, x: torch.Tensor) -> JumpReLUSAEStep:
+        B = x.shape[0]
+        step = jumprelu_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(),
+            capacity=self._capacity(B), bandwidth=self.bandwidth, l0_coefficient=self.l0_coefficient,
+        )  # fmt: skip
+        self._seen.record(step.count, B)
+        if self.training:
+            self.record_firing(step.fire_counts, B)
+        return step
+
+    def encode(self, x: torch.Tensor, capacity: int | None = None):
+        """(vals, indices, row_offsets) of the active entries; ``capacity`` None counts first (one host sync)."""
+        return jumprelu_encode_code(self, x, capacity)
+
+    def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
+        """x_hat [B, D] from a variable-length code."""
+        return decode_code(self, vals, indices, row_offsets)

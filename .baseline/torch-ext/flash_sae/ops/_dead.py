@@ -1,0 +1,112 @@
+"""The dead-latent losses the steps can add: AuxK and ghost grads (a private module of ``ops``).
+
+Both act on the dead set (``primitives/dead_set.py``): the first ``capacity`` dead latents from
+an offset on, whose pre-activations the step's chunk pass copies out while it selects (``columns`` of
+``select.topk_preacts``), so there is no second encoder GEMM and nothing [B, F]. With e = x -
+x_hat the main reconstruction's residual (detached), pre_d [B, C] the dead set's
+pre-activations and W_d [C, D] its decoder rows:
+
+AuxK (Gao et al. 2024): each row's k_aux largest dead pre-activations (ties to the lower id;
+ranked by pre * scale when the step rescales by decoder norms) form A, relu'd (``relu``; the
+paper, OpenAI, sparsify) or not (SAELens); the slots past the number of dead latents stay
+empty. With e_hat = A @ W_d (no decoder bias: e already holds it) and
+s = min(n_dead / k_aux, 1) over all dead latents (the trainers' scaling),
+
+    aux_loss = s * mean over B*D of (e_hat - e)^2
+
+Ghost grads (Anthropic, January 2024 update; SAELens's former implementation): A = exp(pre_d)
+over every dead slot; e_hat = A @ W_d is rescaled per row to half the residual's norm,
+n_b = |e_b| / (2 |e_hat_b| + 1e-6) (detached), and the per-row squared error g_b =
+|n_b e_hat_b - e_b|^2 is weighted by f_b = |e_b|^2 / (g_b + 1e-6) (detached), so each row's
+term has the main loss's size:
+
+    aux_loss = [n_dead > 0] * sum_b f_b g_b / (B * D)
+
+Both normalise as the step's own loss (a mean over B*D), so a trainer's factor for the main
+loss (SAELens: D; sparsify: B*D / total variance) maps the auxiliary loss too. The backward is
+dense over the slots: dE = d aux / d e_hat [B, D]; dW_d = A^T dE; dA = dE W_d^T; dpre = dA * (the
+AuxK gate, or A for exp); then W_enc's rows dpre^T (x - b_dec), b_enc's dpre summed, and
+dx = dpre W_enc_d, which reaches b_dec as -sum_b dx. ``encoder_grad`` False stops the
+auxiliary gradient at the code (sparsify's behaviour: its encoder's backward ignores the
+gradient of the pre-activations the AuxK loss reads), so only the decoder learns from it.
+"""
+
+import torch
+
+from ..primitives.dead_set import add_rows_, dead_slots, mm_f32, slot_rows
+from ..primitives.select import row_top
+
+AUXK, GHOST = 1, 2
+MODES = {"auxk": AUXK, "ghost": GHOST}
+
+
+def dead_columns(x: torch.Tensor, dead_mask: torch.Tensor, capacity: int, offset: torch.Tensor):
+    """(ids, valid, n_dead, pre_d): the slots and the [B, C] buffer the chunk pass fills."""
+    ids, valid, n_dead, _ = dead_slots(dead_mask, capacity, offset)
+    pre_d = torch.zeros(x.shape[0], capacity, dtype=x.dtype, device=x.device)
+    return ids, valid, n_dead, pre_d
+
+
+def dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu, key_scale=None):
+    """Returns (aux_loss [] fp32, A [B, C], gate [B, C] bool (AuxK; None for ghost), dE1 [B, D] fp32):
+    dE1 is d aux_loss / d e_hat at an upstream gradient of 1."""
+    B, D = residual.shape
+    W_d = slot_rows(W_dec, ids, valid)
+    if mode == AUXK:
+        A, gate = row_top(pre_d, valid, ids, k_aux, key_scale, relu)
+        diff = mm_f32(A, W_d).add_(residual)  # e_hat - e
+        scale = torch.clamp(n_dead / (k_aux * B * D), max=1.0 / (B * D))  # min(n_dead / k_aux, 1) / (B * D)
+        return scale * diff.square().sum(), A, gate, diff.mul_(2 * scale)
+    A = torch.where(valid, torch.exp(pre_d), 0)
+    e_hat = mm_f32(A, W_d)
+    e = -residual
+    n = e.norm(dim=1, keepdim=True) / (2 * e_hat.norm(dim=1, keepdim=True) + 1e-6)
+    diff = n * e_hat - e
+    g = diff.pow(2).sum(1, keepdim=True)
+    f = e.pow(2).sum(1, keepdim=True) / (g + 1e-6)
+    on = (n_dead > 0).float()
+    aux = on * (f * g).sum() / (B * D)
+    return aux, A, None, diff * (f * n) * (on * 2.0 / (B * D))
+
+
+def dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate, dE1, encoder_grad):
+    """The auxiliary loss's gradients: dx [B, D] fp32 (b_dec's share is -sum_b dx, added by the
+    step's backward) and the slots' rows (dW_enc [C, D] or None, db_enc [C] or None, dW_dec
+    [C, D]), fp32."""
+    dtype = W_dec.dtype
+    dE = (dE1 * g_aux).to(dtype)
+    W_d = slot_rows(W_dec, ids, valid)
+    dW_d = mm_f32(A.t(), dE)
+    if not encoder_grad:
+        return None, None, None, dW_d
+    dA = mm_f32(dE, W_d.t())
+    dpre = torch.where(gate, dA, 0) if gate is not None else dA * A.float()
+    dpre_c = dpre.to(dtype)
+    xc = x - b_dec
+    dW_e = mm_f32(dpre_c.t(), xc)
+    dx = mm_f32(dpre_c, slot_rows(W_enc, ids, valid))
+    return dx, dW_e, dpre.sum(0), dW_d
+
+
+def add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d):
+    """Adds the slots' rows into the step's (dx, dW_enc, db_enc, dW_dec, db_dec) in place."""
+    _, dW_enc, db_enc, dW_dec, _ = grads
+    add_rows_(dW_dec, ids, valid, dW_d)
+    if dW_e is not None:
+        add_rows_(dW_enc, ids, valid, dW_e)
+        add_rows_(db_enc, ids, valid, db_e)
+
+
+def dead_fakes(x, capacity, mode):
+    """Fake (A, gate, dE1, ids, valid) of a step with a dead-latent loss."""
+    B, D = x.shape
+    gate = x.new_empty((B, capacity) if mode == AUXK else (0,), dtype=torch.bool)
+    i64, f32 = torch.int64, torch.float32
+    cap = (capacity,)
+    return (
+        x.new_empty(B, capacity),
+        gate,
+        x.new_empty(B, D, dtype=f32),
+        x.new_empty(cap, dtype=i64),
+        x.new_empty(cap, dtype=torch.bool),
+    )

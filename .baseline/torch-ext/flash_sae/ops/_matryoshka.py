@@ -1,0 +1,92 @@
+"""Host code the Matryoshka steps share: all nested levels' losses in one decoder pass, and their backward.
+
+Nested dictionaries: prefix sizes m_1 < ... < m_G = F; level g reconstructs x with the
+latents of id < m_g only, and the loss sums every level's error:
+
+    x_hat_g = b_dec + sum over the code's entries with id < m_g of vals * W_dec[f]
+    loss    = sum_g mean over B*D of (x_hat_g - x)^2          (SAELens's total is D x this)
+
+Forward: the code is ordered by latent id inside each row, so each level is a prefix of the
+row's entries: the row gather walks the entries once and writes the residual
+e_g = x_hat_g - x each time it passes a level's end. Backward: a latent of level L(f) (the
+first level that contains it) enters every x_hat_g with g >= L(f), so its gradient row is
+the suffix sum S_L = sum over g >= L of e_g: G vectors per row, not one per entry. The
+shared MSE-step backward then runs once, with latent f reading S_L(f) in the segmented pass
+(one CSR transpose for both weight gradients), and x, b_dec seeing S_0.
+"""
+
+import torch
+
+from ..primitives.gather import gather_rows, row_ids
+from ..primitives.step_backward import mse_step_backward
+from ..results import fire_counts, total_variance
+from ._step import step_grads_fake
+
+
+def level_sizes(prefix_sizes: list[int], device) -> torch.Tensor:
+    """The sizes as a device tensor, filled on the device (no host-to-device copy, so CUDA graphs capture it)."""
+    return torch.stack([torch.full((), m, dtype=torch.int64, device=device) for m in prefix_sizes])
+
+
+def matryoshka_levels_fwd(x, W_dec, b_dec, vals, indices, row_offsets, prefix_sizes):
+    """(loss, level_losses [G], fvu, fire_counts, residuals [G, B, D] fp32) of a row-major code sorted by id."""
+    B, D = x.shape
+    F = W_dec.shape[0]
+    sizes = level_sizes(prefix_sizes, x.device)
+    flat = row_ids(row_offsets, indices.numel()) * F + indices
+    level_ends = torch.searchsorted(flat, torch.arange(B, device=x.device).unsqueeze(1) * F + sizes)
+    residuals, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, level_ends=level_ends)
+    level_losses = sq / (B * D)
+    return level_losses.sum(), level_losses, sq[-1] / total_variance(x), fire_counts(vals, indices, F), residuals
+
+
+def matryoshka_levels_fwd_fake(x, W_dec, n_levels):
+    """Fake (meta) outputs of ``matryoshka_levels_fwd``'s loss, level losses and fvu, fire counts, residuals."""
+    B, D = x.shape
+    f32 = torch.float32
+    return (
+        x.new_empty((), dtype=f32),
+        x.new_empty(n_levels, dtype=f32),
+        x.new_empty((), dtype=f32),
+        x.new_empty(W_dec.shape[0], dtype=torch.int64),
+        x.new_empty(n_levels, B, D, dtype=f32),
+    )
+
+
+def matryoshka_levels_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    residuals: torch.Tensor,
+    prefix_sizes: list[int],
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Matryoshka steps' backward launcher: (dx, dW_enc, db_enc, dW_dec, db_dec), the MSE step's
+    backward over the levels' suffix sums."""
+    F = W_dec.shape[0]
+    suffix = residuals.flip(0).cumsum(0).flip(0).contiguous()
+    sizes = level_sizes(prefix_sizes, x.device)
+    levels = torch.searchsorted(sizes, torch.arange(F, device=x.device), right=True).to(torch.int32)
+    return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, suffix, row_offsets, levels=levels)
+
+
+def matryoshka_levels_bwd_fake(
+    grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes, needs
+):  # fmt: skip
+    return step_grads_fake(x, W_enc, W_dec, b_dec)
+
+
+def matryoshka_saved(args, outputs):
+    """What both Matryoshka steps keep for backward: x, W_enc, W_dec, b_dec; the code (vals, indices,
+    row_offsets) and the levels' residuals from the outputs; the prefix sizes."""
+    return (args[0], args[1], args[3], args[4], *outputs[4:7], outputs[8], args[6])
+
+
+def min_positive(acts: torch.Tensor) -> torch.Tensor:
+    """The smallest positive entry as 0-d fp32 (+inf if none); no host sync."""
+    return torch.where(acts > 0, acts.float(), float("inf")).amin()

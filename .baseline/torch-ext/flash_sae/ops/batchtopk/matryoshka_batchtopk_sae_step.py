@@ -1,0 +1,114 @@
+"""The Matryoshka BatchTopK SAE training step (Bussmann et al. 2025; Nabeshima 2024), on the sparse path.
+
+    code   = BatchTopK's (``batchtopk_sae_step``: the int(k * B) largest of relu(pre (* ||W_dec||)))
+    loss   = sum over the nested levels m_1 < ... < m_G = F of the level's MSE (``ops._matryoshka``)
+
+What is fused: all G levels in one decoder pass and one backward (``ops._matryoshka``).
+
+Precision: fp32 accumulation; losses in fp32; gradients in the parameters' dtype.
+Deterministic; no host sync; nothing [B, F] kept (the G residuals are [G, B, D] fp32).
+"""
+
+import torch
+
+from ..._registry import register_op
+from ..._validation import check_batch_k, check_prefix_sizes, check_step_args
+from ...primitives.select import batch_topk_preacts
+from ...results import MatryoshkaSAEStep
+from .._matryoshka import (
+    matryoshka_levels_bwd,
+    matryoshka_levels_bwd_fake,
+    matryoshka_levels_fwd,
+    matryoshka_levels_fwd_fake,
+    matryoshka_saved,
+    min_positive,
+)
+
+# Host launchers ----------------------------------------------------------------
+
+
+def matryoshka_batchtopk_sae_step_fwd(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    n: int,
+    prefix_sizes: list[int],
+    rescale_acts_by_decoder_norm: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor,
+]:  # fmt: skip
+    """Returns (loss, level_losses, fvu, fire_counts, vals, indices, row_offsets, min_act, residuals [G, B, D])."""
+    scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
+    acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale)
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd(
+        x, W_dec, b_dec, vals, indices, row_offsets, prefix_sizes
+    )
+    return loss, level_losses, fvu, counts, vals, indices, row_offsets, min_positive(acts), residuals
+
+
+def matryoshka_batchtopk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, n, prefix_sizes, rescale):
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, W_dec, len(prefix_sizes))
+    i64 = torch.int64
+    code = (x.new_empty(n), x.new_empty(n, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
+    return loss, level_losses, fvu, counts, *code, x.new_empty((), dtype=torch.float32), residuals
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_matryoshka_batchtopk_sae_step = register_op(
+    "matryoshka_batchtopk_sae_step",
+    forward=matryoshka_batchtopk_sae_step_fwd,
+    forward_fake=matryoshka_batchtopk_sae_step_fwd_fake,
+    backward=matryoshka_levels_bwd,
+    backward_fake=matryoshka_levels_bwd_fake,
+    save=matryoshka_saved,
+    differentiable=(0,),
+    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def matryoshka_batchtopk_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: float,
+    prefix_sizes,
+    *,
+    rescale_acts_by_decoder_norm: bool = False,
+) -> MatryoshkaSAEStep:
+    """One Matryoshka BatchTopK SAE step: the BatchTopK code, and the summed losses of nested prefixes.
+
+    Args:
+        x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm: as ``batchtopk_sae_step``.
+        prefix_sizes: the nested dictionaries' sizes m_1 < ... < m_G, ending at F (SAELens's
+            ``matryoshka_widths``).
+
+    Returns:
+        ``MatryoshkaSAEStep(loss, level_losses, fvu, fire_counts, vals, indices, row_offsets,
+        min_act)``: ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
+        differentiable in every tensor argument. No host sync; nothing [B, F] kept; deterministic.
+    """
+    B, _, F = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    n = check_batch_k(k, B, F)
+    sizes = check_prefix_sizes(prefix_sizes, F)
+    if not isinstance(rescale_acts_by_decoder_norm, bool):
+        raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+    out = _matryoshka_batchtopk_sae_step(
+        x.contiguous(),
+        W_enc.contiguous(),
+        b_enc.contiguous(),
+        W_dec.contiguous(),
+        b_dec.contiguous(),
+        n,
+        sizes,
+        rescale_acts_by_decoder_norm,
+    )
+    return MatryoshkaSAEStep(*out[:8])

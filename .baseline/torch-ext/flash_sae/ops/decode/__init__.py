@@ -1,0 +1,1 @@
+"""Ops over a given sparse code: decode, and the decoder losses."""

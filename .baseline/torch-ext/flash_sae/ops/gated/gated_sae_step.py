@@ -1,0 +1,384 @@
+"""The whole Gated SAE training step (Rajamanoharan et al. 2024), on the sparse path.
+
+    xc       = x - b_dec
+    pi_gate  = xc @ W_enc.T + b_gate
+    pi_mag   = exp(r_mag) * (xc @ W_enc.T) + b_mag           (the magnitude path's tied weights)
+    f        = [pi_gate > 0] * relu(pi_mag)
+    loss     = sum over D of (b_dec + f @ W_dec - x)^2, mean over B                   (mse)
+               + l1_coefficient * mean over B of sum_f relu(pi_gate) * ||W_dec[f]||   (l1)
+               + sum over D of (b_dec + relu(pi_gate) @ W_dec - x)^2, mean over B     (aux)
+
+In SAELens's units (its ``gated`` training SAE with the default config: ``apply_b_dec_to_input``,
+``l1_coefficient`` 1.0; an L1 warm-up is the caller's). The gate is a step: no gradient passes
+through it; pi_mag gets the reconstruction's, pi_gate the penalty's and the auxiliary loss's.
+``freeze_aux_decoder`` (the paper's rule) stops the auxiliary loss's gradient into W_dec and b_dec
+(it trains the gate path only); False lets it reach them, as SAELens's implementation does.
+
+What is fused:
+- one collection per pre-activation chunk (``threshold_preacts`` at 0 over pi_gate) gathers the
+  open gates into a variable-length code; pi_mag is computed at those entries only, from fp32
+  dots of xc with the encoder rows (``gather.row_dots``), rounded once to the dtype;
+- two row gathers over the same code (f for the reconstruction, relu(pi_gate) for the auxiliary
+  one) give both residuals and their squared sums; the penalty from the code and the rows' norms;
+- backward: one segmented pass over the code taken twice (the reconstruction's rows, then the
+  auxiliary one's) gives dW_dec, with the penalty's term along each row before its one rounding,
+  and each entry's two dots (over the doubled code's own CSR transpose); one CSR transpose of the
+  code gives dW_enc from both paths' gradients
+  (pi_gate's plus exp(r_mag) times pi_mag's) and the per-latent sums of b_gate, b_mag and r_mag.
+
+Capacity as ``standard_sae_step``'s (``count`` gates open; ``overflow = count > capacity``).
+Precision: fp32 accumulation, the losses in fp32, gradients in the parameters' dtype.
+Deterministic (segmented sums over a CSR transpose, no float atomics). Nothing [B, F] is kept.
+"""
+
+import torch
+
+from ..._registry import register_op
+from ..._validation import check_gated_args, check_step_args
+from ...primitives.csr import csr_transpose
+from ...primitives.dead_set import mm_f32
+from ...primitives.decoder_geometry import add_scaled_rows_
+from ...primitives.encoder import encoder_backward
+from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
+from ...primitives.select import threshold_preacts
+from ...results import GatedSAEStep, fire_counts, total_variance
+from .._step import at_entries, cuda_fused
+
+TINY = torch.finfo(torch.float32).tiny
+
+# Host launchers ----------------------------------------------------------------
+
+
+def gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity):
+    """The open gates as a variable-length code: (relu(pi_gate), pi_mag in x's dtype, indices,
+    row_offsets, count, dots), pi_mag from fp32 dots of xc with the encoder rows, rounded once.
+    Shared by the step and the module's encode."""
+    zero = torch.zeros(W_enc.shape[0], dtype=x.dtype, device=x.device)
+    gate, indices, row_offsets, count = threshold_preacts(x, W_enc, b_gate, b_dec, zero, 0.0, capacity)
+    dots = row_dots(x - b_dec, W_enc, row_ids(row_offsets, capacity), indices)  # xc . W_enc[f], fp32
+    mag = (at_entries(r_mag.float().exp(), indices) * dots + at_entries(b_mag.float(), indices)).to(x.dtype)
+    return gate, mag, indices, row_offsets, count, dots
+
+
+def gated_sae_step_fwd(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_gate: torch.Tensor,
+    r_mag: torch.Tensor,
+    b_mag: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    l1_coefficient: float,
+    capacity: int,
+    freeze_aux_decoder: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:  # fmt: skip
+    """Returns (loss, mse, l1, aux, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow,
+    gate, mag, dots, residual, aux_residual, norms); the last six are kept for the backward."""
+    B, D = x.shape
+    F = W_dec.shape[0]
+    gate, mag, indices, row_offsets, count, dots = gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity)
+    vals = torch.relu(mag)  # 0 at the empty slots (their dot and bias are 0)
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    aux_residual, sq_aux = gather_rows(gate, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+    l1 = (gate.float() * at_entries(norms, indices)).sum() / B
+    l0 = (vals > 0).sum().float() / B
+    counts = fire_counts(vals, indices.clamp_min(0), F)
+    loss = (sq + sq_aux) / B + l1_coefficient * l1
+    return (
+        loss, sq / (B * D), l1, sq_aux / B, l0, sq / total_variance(x), counts,
+        vals, indices, row_offsets, count, count > capacity,
+        gate, mag, dots, residual, aux_residual, norms,
+    )  # fmt: skip
+
+
+def gated_sae_step_fwd_fake(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient, capacity, freeze):
+    B, D = x.shape
+    F = W_dec.shape[0]
+    f32, i64 = torch.float32, torch.int64
+    scalar = [x.new_empty((), dtype=f32) for _ in range(6)]
+    return (
+        *scalar,
+        x.new_empty(F, dtype=i64),
+        x.new_empty(capacity),
+        x.new_empty(capacity, dtype=i64),
+        x.new_empty(B + 1, dtype=i64),
+        x.new_empty((), dtype=i64),
+        x.new_empty((), dtype=torch.bool),
+        x.new_empty(capacity),
+        x.new_empty(capacity),
+        x.new_empty(capacity, dtype=f32),
+        x.new_empty(B, D, dtype=f32),
+        x.new_empty(B, D, dtype=f32),
+        x.new_empty(F, dtype=f32),
+    )
+
+
+def gated_sae_step_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    r_mag: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    gate: torch.Tensor,
+    mag: torch.Tensor,
+    dots: torch.Tensor,
+    residual: torch.Tensor,
+    aux_residual: torch.Tensor,
+    norms: torch.Tensor,
+    l1_coefficient: float,
+    freeze_aux_decoder: bool,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_enc, db_gate, dr_mag, db_mag, dW_dec, db_dec)."""
+    B = x.shape[0]
+    F = W_dec.shape[0]
+    n = indices.numel()
+    dtype = W_enc.dtype
+    g = grad.float()
+    s = g * (2.0 / B)
+    c = g * (l1_coefficient / B)
+    rows = row_ids(row_offsets, n)
+    valid = indices >= 0
+    perm, offsets = csr_transpose(indices, F)
+
+    def per_latent(entries: torch.Tensor) -> torch.Tensor:  # [n, m] fp32 -> [F, m] sums over each latent's entries
+        return torch.segment_reduce(entries[perm], "sum", offsets=offsets, axis=0, unsafe=True)
+
+    # The decoder: the code taken twice (the reconstruction's rows 0..B-1, the auxiliary one's B..2B-1).
+    aux_coef = torch.zeros_like(gate) if freeze_aux_decoder else gate
+    gate_sum = per_latent(gate.float()[:, None])[:, 0]
+    row_term = torch.where(norms > 0, c * gate_sum / norms.clamp_min(TINY), 0.0)  # the penalty's d||w|| / dw
+    ids2 = torch.cat([indices, indices])
+    dW_dec, dots2 = gather_rows_backward(
+        torch.cat([residual, aux_residual]),
+        torch.cat([vals, aux_coef]),
+        ids2,
+        W_dec,
+        scale=g,
+        scale_const=2.0 / B,
+        csr=csr_transpose(ids2, F),
+        rows=torch.cat([rows, rows + B]),
+        row_term=row_term,
+        row_term_by_coef=False,
+    )
+    d_mag = torch.where(valid & (mag > 0), dots2[:n] * s, 0.0)  # dL/dpi_mag
+    d_gate = torch.where(valid, dots2[n:] * s + c * at_entries(norms, indices), 0.0)  # dL/dpi_gate (every gate is open)
+    scale = r_mag.float().exp()
+    dz = d_gate + at_entries(scale, indices) * d_mag  # both paths read W_enc[f]
+    dx_enc, dW_enc, _, db_dec_enc = encoder_backward(
+        dz, x, W_enc, b_dec, indices, csr=(perm, offsets), row_offsets=row_offsets, rows=rows
+    )
+    sums = per_latent(torch.stack([d_gate, d_mag, d_mag * dots], 1))
+    dx = dx_enc - (residual + aux_residual) * s
+    db_dec = residual.sum(0) * s + db_dec_enc
+    if not freeze_aux_decoder:
+        db_dec = db_dec + aux_residual.sum(0) * s
+    return (
+        dx.to(dtype), dW_enc, sums[:, 0].to(dtype, copy=True), (scale * sums[:, 2]).to(dtype),
+        sums[:, 1].to(dtype, copy=True),
+        dW_dec, db_dec.to(dtype),
+    )  # fmt: skip
+
+
+def gated_sae_step_bwd_fake(grad, x, W_enc, r_mag, W_dec, b_dec, *rest):
+    F = W_enc.shape[0]
+    return (
+        torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(F), W_enc.new_empty(F), W_enc.new_empty(F),
+        torch.empty_like(W_dec), torch.empty_like(b_dec),
+    )  # fmt: skip
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_gated_sae_step = register_op(
+    "gated_sae_step",
+    forward=gated_sae_step_fwd,
+    forward_fake=gated_sae_step_fwd_fake,
+    backward=gated_sae_step_bwd,
+    backward_fake=gated_sae_step_bwd_fake,
+    # x, W_enc, r_mag, W_dec, b_dec; the code (vals, ids, rows); gate, mag, dots, both residuals, norms;
+    # l1_coefficient, freeze_aux_decoder
+    save=lambda args, outputs: (
+        args[0],
+        args[1],
+        args[3],
+        args[5],
+        args[6],
+        *outputs[7:10],
+        *outputs[12:18],
+        args[7],
+        args[9],
+    ),  # fmt: skip
+    differentiable=(0,),
+    grad_inputs=(0, 1, 2, 3, 4, 5, 6),  # x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec
+)
+
+
+# Public functions ---------------------------------------------------------------
+
+
+def _check(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, capacity, l1_coefficient, freeze_aux_decoder):
+    check_step_args(x, W_enc, b_gate, W_dec, b_dec, 1)
+    check_gated_args(x, W_enc, r_mag, b_mag, capacity, l1_coefficient)
+    if not isinstance(freeze_aux_decoder, bool):
+        raise ValueError(f"freeze_aux_decoder must be a bool, got {freeze_aux_decoder!r}")
+
+
+def gated_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_gate: torch.Tensor,
+    r_mag: torch.Tensor,
+    b_mag: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    capacity: int,
+    l1_coefficient: float = 1.0,
+    freeze_aux_decoder: bool = True,
+) -> GatedSAEStep:
+    """One Gated SAE step: the gated code, MSE + the gate's decoder-norm-weighted L1 + the gate path's
+    auxiliary reconstruction loss.
+
+    Args:
+        x: [B, D] activations, the parameters' dtype.
+        W_enc: [F, D] (shared by both paths); b_gate, r_mag, b_mag: [F]; W_dec: [F, D]; b_dec: [D].
+        capacity: the code's fixed size (open gates over the batch, 1 <= capacity <= B * F); more
+            sets ``overflow``.
+        l1_coefficient: the penalty's weight (>= 0); SAELens's default 1.0.
+        freeze_aux_decoder: True (the paper's rule, default): the auxiliary loss trains the gate path
+            only, not W_dec or b_dec; False: it reaches them too (SAELens's implementation).
+
+    Returns:
+        ``GatedSAEStep(loss, mse, l1, aux, l0, fvu, fire_counts, vals, indices, row_offsets, count,
+        overflow)``; ``loss`` (0-d fp32) is differentiable in x and the seven parameters. No host
+        sync; nothing [B, F] kept; deterministic.
+    """
+    args = (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)
+    _check(*args, capacity, l1_coefficient, freeze_aux_decoder)
+    out = _gated_sae_step(*(t.contiguous() for t in args), float(l1_coefficient), capacity, freeze_aux_decoder)
+    return GatedSAEStep(*out[:12])
+
+
+@cuda_fused
+def _dense_codes(P, b_gate, scale, b_mag, norms, dtype: torch.dtype):
+    """From the fp32 encoder product: relu(pi_gate), the code f, where f passes gradient (open gate and
+    pi_mag > 0), each latent's count of f > 0, the open gates' count and each row's penalty
+    sum_f relu(pi_gate) * ||W_dec[f]|| in fp32."""
+    gate = (P + b_gate.float()).to(dtype)
+    mag = (P * scale + b_mag.float()).to(dtype)
+    mag_open = (gate > 0) & (mag > 0)
+    a = torch.relu(gate)
+    l1_rows = (a.float() * norms).sum(1)
+    return a, torch.where(mag_open, mag, 0), mag_open, mag_open.sum(0), (gate > 0).sum(), l1_rows
+
+
+@cuda_fused
+def _dense_preact_grads(d_f, d_a, mag_open, a, scale, P):
+    """From dL/df and dL/d relu(pi_gate): dL/d(the encoder product) in the dtype, and db_gate, db_mag,
+    dr_mag in fp32."""
+    d_mag = torch.where(mag_open, d_f.float(), 0.0)
+    d_gate = torch.where(a > 0, d_a.float(), 0.0)
+    dP = (d_gate + d_mag * scale).to(a.dtype)
+    return dP, d_gate.sum(0), d_mag.sum(0), scale * (d_mag * P).sum(0)
+
+
+class _DenseStep(torch.autograd.Function):
+    """The dense formulation: cuBLAS products over [B, F] (one encoder product serves both paths, in
+    fp32), the two decoder products, and their adjoints; the elementwise passes between them fused
+    (``cuda_fused``); dW_dec in fp32 with the penalty's row term added in one rounding."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient, freeze):
+        B = x.shape[0]
+        dtype = x.dtype
+        xc = x - b_dec
+        P = mm_f32(xc, W_enc.t())  # xc . W_enc[f], fp32 [B, F]
+        scale = r_mag.float().exp()
+        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+        a, f, mag_open, counts, gates, l1_rows = _dense_codes(P, b_gate, scale, b_mag, norms, dtype)
+        residual = torch.addmm(b_dec, f, W_dec).float().sub_(x.float())
+        aux_residual = torch.addmm(b_dec, a, W_dec).float().sub_(x.float())
+        sq, sq_aux = residual.square().sum(), aux_residual.square().sum()
+        l1 = l1_rows.sum() / B
+        ctx.save_for_backward(xc, W_enc, W_dec, P, f, a, mag_open, residual, aux_residual, norms, scale)
+        ctx.l1_coefficient, ctx.freeze = l1_coefficient, freeze
+        ctx.mark_non_differentiable(sq, sq_aux, l1, counts, gates)
+        return (sq + sq_aux) / B + l1_coefficient * l1, sq, sq_aux, l1, counts, gates
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        xc, W_enc, W_dec, P, f, a, mag_open, residual, aux_residual, norms, scale = ctx.saved_tensors
+        B, dtype = xc.shape[0], xc.dtype
+        g = grad.float()
+        s = g * (2.0 / B)
+        c = g * (ctx.l1_coefficient / B)
+        d_xhat32, d_aux32 = residual * s, aux_residual * s
+        d_xhat, d_aux = d_xhat32.to(dtype), d_aux32.to(dtype)
+        d_f = d_xhat @ W_dec.t()
+        d_a = torch.addmm((c * norms).to(dtype), d_aux, W_dec.t())  # + the penalty's code gradient
+        dP, db_gate, db_mag, dr = _dense_preact_grads(d_f, d_a, mag_open, a, scale, P)
+        dW_enc = dP.t() @ xc
+        dxc = (dP @ W_enc).float()
+        if ctx.freeze:
+            base = mm_f32(f.t(), d_xhat)
+        else:
+            base = mm_f32(torch.cat([f, a]).t(), torch.cat([d_xhat, d_aux]))
+        row_scale = torch.where(norms > 0, c * a.sum(0, dtype=torch.float32) / norms.clamp_min(TINY), 0.0)
+        dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=base)
+        dx = (dxc - d_xhat32 - d_aux32).to(dtype)
+        db_dec32 = d_xhat32.sum(0) - dxc.sum(0)
+        if not ctx.freeze:
+            db_dec32 = db_dec32 + d_aux32.sum(0)
+        return dx, dW_enc, db_gate.to(dtype), dr.to(dtype), db_mag.to(dtype), dW_dec, db_dec32.to(dtype), None, None
+
+
+def gated_sae_step_dense(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_gate: torch.Tensor,
+    r_mag: torch.Tensor,
+    b_mag: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    l1_coefficient: float = 1.0,
+    freeze_aux_decoder: bool = True,
+) -> GatedSAEStep:
+    """The same step in its dense formulation, for while the gates are mostly open (early in training).
+
+    cuBLAS products over the dense [B, F] code (the backward keeps it, and the fp32 encoder
+    product); the reconstructions are rounded to the dtype (as torch's own), the residuals and the
+    losses' sums are fp32. Same losses and gradients as ``gated_sae_step`` by the
+    parity rule; ``vals``, ``indices`` and ``row_offsets`` are None, ``count`` is the number of
+    open gates and ``overflow`` False. No host sync.
+    """
+    args = (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)
+    _check(*args, 1, l1_coefficient, freeze_aux_decoder)
+    B, D = x.shape
+    loss, sq, sq_aux, l1, counts, gates = _DenseStep.apply(
+        *(t.contiguous() for t in args), float(l1_coefficient), freeze_aux_decoder
+    )
+    return GatedSAEStep(
+        loss,
+        sq / (B * D),
+        l1,
+        sq_aux / B,
+        counts.sum().float() / B,
+        sq / total_variance(x),
+        counts,
+        None,
+        None,
+        None,
+        gates,
+        torch.zeros((), dtype=torch.bool, device=x.device),
+    )

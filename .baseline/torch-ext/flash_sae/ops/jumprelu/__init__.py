@@ -1,0 +1,1 @@
+"""The JumpReLU family: per-latent learned thresholds, trained with straight-through estimators."""

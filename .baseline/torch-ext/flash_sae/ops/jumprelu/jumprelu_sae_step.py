@@ -1,0 +1,223 @@
+"""The whole JumpReLU SAE training step (Rajamanoharan et al. 2024), on the sparse path.
+
+    z     = (x - b_dec) @ W_enc.T + b_enc,  theta = threshold (cast to x's dtype, as SAELens does)
+    f     = z * H(z - theta)
+    loss  = sum over D of (b_dec + f @ W_dec - x)^2, mean over B  +  l0_coefficient * mean_b sum_f H(z - theta)
+
+That is the paper's loss and SAELens's default JumpReLU training config ("step" sparsity
+loss, l0_coefficient 1, bandwidth 0.05, the threshold trained directly and kept in fp32,
+no gradient from the L0 term to z). Straight-through estimators with the rectangle kernel
+R(u) = 1{|u| < 1/2}, u = (z - theta) / bandwidth:
+
+    df/dz = H(z - theta)
+    df/dtheta = -(theta / bandwidth) R(u)        dH/dtheta = -(1 / bandwidth) R(u)
+
+So the threshold's gradient needs dL/df at every entry with R(u) = 1, active or not, and
+nothing else: dtheta[f] = sum over those entries of R(u) * (-(theta/bw) dL/df - l0_coefficient
+* grad / (B * bw)).
+
+What is fused:
+- one collection per pre-activation chunk (``primitives.select.threshold_preacts``) gathers
+  the active entries and the band's into one variable-length code of fixed capacity; band-only
+  entries carry the value 0, so they change no reconstruction and no weight gradient, but
+  the decoder's segmented pass computes their dL/df with everyone else's;
+- decode and MSE: the row gather over the code; backward: ``primitives.step_backward`` (one
+  CSR transpose, gate H(z - theta)), and the threshold's gradient as a deterministic
+  segmented sum over the same CSR.
+
+Capacity: the code holds at most ``capacity`` entries (a static size, so no host sync). The
+step returns how many qualified (``count``) and ``overflow = count > capacity``; then the
+result is missing entries. ``JumpReLUSparseAutoencoder`` grows its capacity from the counts
+it sees, without a sync, so a later step is exact again.
+
+Precision: fp32 accumulation; the loss in fp32; gradients in the parameters' dtypes (the
+threshold's in the threshold's dtype). Deterministic. Nothing [B, F] is kept.
+"""
+
+import torch
+
+from ..._registry import register_op
+from ..._validation import check_jumprelu_args, check_step_args
+from ...primitives.gather import gather_rows
+from ...primitives.select import threshold_preacts
+from ...primitives.step_backward import mse_step_backward
+from ...results import JumpReLUSAEStep, fire_counts, total_variance
+from .._step import step_grads_fake
+
+# Host launchers ----------------------------------------------------------------
+
+
+def _active(vals, indices, threshold, dtype):
+    """Active entries: z > theta (theta in the activations' dtype); unused slots are never active."""
+    theta = threshold.to(dtype)[indices.clamp_min(0)]
+    return (vals > theta) & (indices >= 0), theta
+
+
+def jumprelu_sae_step_fwd(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor,
+    bandwidth: float,
+    l0_coefficient: float,
+    capacity: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """Returns (loss, mse, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow, z, residual);
+    z, the collected pre-activations, and the residual are kept for the backward."""
+    B, D = x.shape
+    z, indices, row_offsets, count = threshold_preacts(x, W_enc, b_enc, b_dec, threshold, bandwidth, capacity)
+    active, _ = _active(z, indices, threshold, x.dtype)
+    vals = torch.where(active, z, 0)
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    l0 = active.sum().float() / B
+    counts = fire_counts(active, indices.clamp_min(0), W_dec.shape[0])
+    loss = sq / B + l0_coefficient * l0
+    return (
+        loss,
+        sq / (B * D),
+        l0,
+        sq / total_variance(x),
+        counts,
+        vals,
+        indices,
+        row_offsets,
+        count,
+        count > capacity,
+        z,
+        residual,
+    )
+
+
+def jumprelu_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, l0_coefficient, capacity):
+    B, D = x.shape
+    F = W_dec.shape[0]
+    f32, i64 = torch.float32, torch.int64
+    scalar = [x.new_empty((), dtype=f32) for _ in range(4)]
+    return (
+        *scalar,
+        x.new_empty(F, dtype=i64),
+        x.new_empty(capacity),
+        x.new_empty(capacity, dtype=i64),
+        x.new_empty(B + 1, dtype=i64),
+        x.new_empty((), dtype=i64),
+        x.new_empty((), dtype=torch.bool),
+        x.new_empty(capacity),
+        x.new_empty(B, D, dtype=f32),
+    )
+
+
+def jumprelu_sae_step_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    residual: torch.Tensor,
+    bandwidth: float,
+    l0_coefficient: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_enc, db_enc, dW_dec, db_dec, dthreshold): the MSE step's backward gated by H(z - theta),
+    and the threshold's straight-through gradient as a segmented sum over the same CSR transpose."""
+    B = x.shape[0]
+    active, theta = _active(z, indices, threshold, x.dtype)
+    vals = torch.where(active, z, 0)
+    *grads, da, (perm, offsets) = mse_step_backward(
+        grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, gate=active, per_row=True, with_da=True
+    )
+    # R(u), u = (z - theta) / bandwidth in the activations' dtype, as the reference computes it.
+    u = (z - theta) / bandwidth
+    band = (u > -0.5) & (u < 0.5) & (indices >= 0)
+    theta32 = theta.float()
+    per_entry = -(theta32 / bandwidth) * da - l0_coefficient * grad.float() / (B * bandwidth)
+    q = torch.where(band, per_entry, 0.0)
+    dthreshold = torch.segment_reduce(q[perm], "sum", offsets=offsets, unsafe=True)
+    return (*grads, dthreshold.to(threshold.dtype))
+
+
+def jumprelu_sae_step_bwd_fake(
+    grad, x, W_enc, W_dec, b_dec, threshold, z, indices, row_offsets, residual, bandwidth, l0_coefficient, needs
+):
+    return step_grads_fake(x, W_enc, W_dec, b_dec, threshold)
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_jumprelu_sae_step = register_op(
+    "jumprelu_sae_step",
+    forward=jumprelu_sae_step_fwd,
+    forward_fake=jumprelu_sae_step_fwd_fake,
+    backward=jumprelu_sae_step_bwd,
+    backward_fake=jumprelu_sae_step_bwd_fake,
+    # x, W_enc, W_dec, b_dec, threshold; z = the code's pre-activations, its ids and rows; the residual
+    save=lambda args, outputs: (*args[:2], *args[3:6], *outputs[10:11], *outputs[6:8], outputs[11], *args[6:8]),
+    differentiable=(0,),
+    grad_inputs=(0, 1, 2, 3, 4, 5),  # x, W_enc, b_enc, W_dec, b_dec, threshold
+)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def jumprelu_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    capacity: int,
+    bandwidth: float = 0.05,
+    l0_coefficient: float = 1.0,
+) -> JumpReLUSAEStep:
+    """One JumpReLU SAE step: the sparse code above a learned per-latent threshold, MSE + L0.
+
+    Args:
+        x: [B, D] activations, the parameters' dtype.
+        W_enc: [F, D]; b_enc: [F]; W_dec: [F, D]; b_dec: [D] (W_enc's dtype).
+        threshold: [F] per-latent threshold theta (any float dtype; SAELens keeps it in fp32),
+            compared in x's dtype. A module that trains log(theta) passes ``log_threshold.exp()``.
+        capacity: the code's fixed size (entries over the batch: active, or within half a
+            bandwidth of the threshold). More than that sets ``overflow``; see the module docstring.
+        bandwidth: the rectangle kernel's width epsilon (> 0).
+        l0_coefficient: lambda, the weight of the L0 term (>= 0).
+
+    Returns:
+        ``JumpReLUSAEStep(loss, mse, l0, fvu, fire_counts, vals, indices, row_offsets, count,
+        overflow)``; ``loss`` (0-d fp32) is differentiable in x, the four weights and the
+        threshold. No host sync; nothing [B, F] kept; deterministic.
+    """
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    check_jumprelu_args(threshold, W_enc.shape[0], capacity, bandwidth, l0_coefficient, x)
+    out = _jumprelu_sae_step(
+        x.contiguous(),
+        W_enc.contiguous(),
+        b_enc.contiguous(),
+        W_dec.contiguous(),
+        b_dec.contiguous(),
+        threshold.contiguous(),
+        float(bandwidth),
+        float(l0_coefficient),
+        capacity,
+    )
+    return JumpReLUSAEStep(*out[:10])

@@ -1,0 +1,291 @@
+"""The whole standard (ReLU + L1) SAE training step, on the sparse path.
+
+    z     = (x - b_dec) @ W_enc.T + b_enc
+    f     = relu(z)
+    loss  = sum over D of (b_dec + f @ W_dec - x)^2, mean over B
+            + l1_coefficient * mean over B of sum_f f * ||W_dec[f]||
+
+Anthropic's April 2024 update's penalty (the L1 of the code weighted by the decoder rows' norms),
+in SAELens's units: its ``standard`` training SAE with the default config (``lp_norm`` 1,
+``apply_b_dec_to_input``, ``l1_coefficient`` 1.0; an L1 warm-up is the caller's: pass the
+step's coefficient). The penalty's gradient reaches the code (l1_coefficient * ||W_dec[f]|| / B
+at each active entry) and the decoder rows (l1_coefficient / B * (sum of f's values) *
+W_dec[f] / ||W_dec[f]||; 0 at a zero row, as torch's norm gives).
+
+What is fused:
+- one collection per pre-activation chunk (``primitives.select.threshold_preacts`` at threshold
+  0) gathers the active entries (z > 0) into a variable-length code of fixed capacity;
+- decode and MSE: the row gather over the code; the penalty from the code and the decoder rows'
+  norms (one fp32 norm per row, read from W_dec without an fp32 copy);
+- backward: ``primitives.step_backward`` with the penalty's per-entry gradient added before the
+  ReLU's gate (one CSR transpose), and its term along each decoder row added by the same
+  segmented pass that sums dW_dec (from each latent's sum of values), before the row's one rounding.
+
+Capacity: as ``jumprelu_sae_step``'s: ``count`` entries qualified; ``overflow = count >
+capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp32, gradients in
+the parameters' dtype. Deterministic. Nothing [B, F] is kept.
+"""
+
+import torch
+
+from ..._registry import register_op
+from ..._validation import check_standard_args, check_step_args
+from ...primitives.dead_set import mm_f32
+from ...primitives.decoder_geometry import add_scaled_rows_
+from ...primitives.gather import gather_rows
+from ...primitives.select import threshold_preacts
+from ...primitives.step_backward import mse_step_backward
+from ...results import StandardSAEStep, fire_counts, total_variance
+from .._step import at_entries, cuda_fused, step_grads_fake
+
+TINY = torch.finfo(torch.float32).tiny
+
+# Host launchers ----------------------------------------------------------------
+
+
+def standard_sae_step_fwd(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    l1_coefficient: float,
+    capacity: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """Returns (loss, mse, l1, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow,
+    residual, norms); the residual and the decoder rows' norms are kept for the backward."""
+    B, D = x.shape
+    F = W_dec.shape[0]
+    zero = torch.zeros(F, dtype=x.dtype, device=x.device)
+    vals, indices, row_offsets, count = threshold_preacts(x, W_enc, b_enc, b_dec, zero, 0.0, capacity)
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+    l1 = (vals.float() * at_entries(norms, indices)).sum() / B
+    l0 = (indices >= 0).sum().float() / B
+    counts = fire_counts(vals, indices.clamp_min(0), F)
+    loss = sq / B + l1_coefficient * l1
+    return (
+        loss,
+        sq / (B * D),
+        l1,
+        l0,
+        sq / total_variance(x),
+        counts,
+        vals,
+        indices,
+        row_offsets,
+        count,
+        count > capacity,
+        residual,
+        norms,
+    )
+
+
+def standard_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient, capacity):
+    B, D = x.shape
+    F = W_dec.shape[0]
+    f32, i64 = torch.float32, torch.int64
+    scalar = [x.new_empty((), dtype=f32) for _ in range(5)]
+    return (
+        *scalar,
+        x.new_empty(F, dtype=i64),
+        x.new_empty(capacity),
+        x.new_empty(capacity, dtype=i64),
+        x.new_empty(B + 1, dtype=i64),
+        x.new_empty((), dtype=i64),
+        x.new_empty((), dtype=torch.bool),
+        x.new_empty(B, D, dtype=f32),
+        x.new_empty(F, dtype=f32),
+    )
+
+
+def standard_sae_step_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    residual: torch.Tensor,
+    norms: torch.Tensor,
+    l1_coefficient: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's backward with the penalty's code gradient
+    added before the ReLU's gate, then the penalty's term along each decoder row."""
+    B = x.shape[0]
+    c = grad.float() * (l1_coefficient / B)
+    da_l1 = c * at_entries(norms, indices)
+    row_term = torch.where(norms > 0, c / norms.clamp_min(TINY), 0.0)  # d||w|| / dw = w / ||w|| (0 at w = 0)
+    return mse_step_backward(
+        grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, per_row=True, da_extra=da_l1,
+        dw_dec_row_term=row_term,
+    )  # fmt: skip
+
+
+def standard_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, norms, l1c, needs):
+    return step_grads_fake(x, W_enc, W_dec, b_dec)
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_standard_sae_step = register_op(
+    "standard_sae_step",
+    forward=standard_sae_step_fwd,
+    forward_fake=standard_sae_step_fwd_fake,
+    backward=standard_sae_step_bwd,
+    backward_fake=standard_sae_step_bwd_fake,
+    # x, W_enc, W_dec, b_dec; the code (vals, ids, rows); the residual and the norms; l1_coefficient
+    save=lambda args, outputs: (*args[:2], *args[3:5], *outputs[6:9], *outputs[11:13], args[5]),
+    differentiable=(0,),
+    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def standard_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    capacity: int,
+    l1_coefficient: float = 1.0,
+) -> StandardSAEStep:
+    """One standard SAE step: the ReLU code, MSE + the decoder-norm-weighted L1 penalty.
+
+    Args:
+        x: [B, D] activations, the parameters' dtype.
+        W_enc: [F, D]; b_enc: [F]; W_dec: [F, D]; b_dec: [D] (W_enc's dtype).
+        capacity: the code's fixed size (active entries over the batch, 1 <= capacity <= B * F).
+            More than that sets ``overflow``.
+        l1_coefficient: lambda, the penalty's weight (>= 0); SAELens's default 1.0.
+
+    Returns:
+        ``StandardSAEStep(loss, mse, l1, l0, fvu, fire_counts, vals, indices, row_offsets, count,
+        overflow)``; ``loss`` (0-d fp32) is differentiable in x and the four weights. No host
+        sync; nothing [B, F] kept; deterministic.
+    """
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
+    out = _standard_sae_step(
+        x.contiguous(),
+        W_enc.contiguous(),
+        b_enc.contiguous(),
+        W_dec.contiguous(),
+        b_dec.contiguous(),
+        float(l1_coefficient),
+        capacity,
+    )
+    return StandardSAEStep(*out[:11])
+
+
+@cuda_fused
+def _dense_relu_code(z, norms):
+    """The ReLU code from the pre-activations, each latent's count of active rows, and each row's
+    penalty sum_f f * ||W_dec[f]|| in fp32 (one pass over [B, F] on CUDA)."""
+    acts = torch.relu(z)
+    return acts, (acts > 0).sum(0), (acts.float() * norms).sum(1)
+
+
+@cuda_fused
+def _dense_relu_grads(d_acts, acts):
+    """The ReLU's gate on dL/d(code), each latent's sum of the code (fp32) and of the gated gradient (fp32)."""
+    dz = torch.where(acts > 0, d_acts, 0)
+    return dz, acts.sum(0, dtype=torch.float32), dz.sum(0, dtype=torch.float32)
+
+
+class _DenseStep(torch.autograd.Function):
+    """The dense formulation: six cuBLAS products and a few passes over [B, F], fused where torch
+    allows (the penalty's code gradient as the bias of the dA product, the ReLU's gate and the column
+    sums in one fused pass, dW_dec's product in fp32 and the penalty's decoder-row term added in one
+    row pass that rounds once)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_coefficient):
+        B = x.shape[0]
+        xc = x - b_dec
+        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+        acts, counts, l1_rows = _dense_relu_code(torch.addmm(b_enc, xc, W_enc.t()), norms)
+        residual = torch.addmm(b_dec, acts, W_dec).float().sub_(x.float())
+        sq = residual.square().sum()
+        l1 = l1_rows.sum() / B
+        ctx.save_for_backward(xc, W_enc, W_dec, acts, residual, norms)
+        ctx.l1_coefficient = l1_coefficient
+        ctx.mark_non_differentiable(sq, l1, counts)
+        return sq / B + l1_coefficient * l1, sq, l1, counts
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        xc, W_enc, W_dec, acts, residual, norms = ctx.saved_tensors
+        B, dtype = xc.shape[0], xc.dtype
+        g = grad.float()
+        c = g * (ctx.l1_coefficient / B)
+        d_xhat32 = residual * (2 * g / B)
+        d_xhat = d_xhat32.to(dtype)
+        d_acts = torch.addmm((c * norms).to(dtype), d_xhat, W_dec.t())  # + the penalty's code gradient
+        dz, acts_sum, db_enc = _dense_relu_grads(d_acts, acts)
+        row_scale = torch.where(norms > 0, c * acts_sum / norms.clamp_min(TINY), 0.0)
+        dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=mm_f32(acts.t(), d_xhat))
+        dW_enc = dz.t() @ xc
+        db_enc = db_enc.to(dtype)
+        dxc = (dz @ W_enc).float()
+        dx = (dxc - d_xhat32).to(dtype)
+        db_dec = (d_xhat32.sum(0) - dxc.sum(0)).to(dtype)
+        return dx, dW_enc, db_enc, dW_dec, db_dec, None
+
+
+def standard_sae_step_dense(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    *,
+    l1_coefficient: float = 1.0,
+) -> StandardSAEStep:
+    """The same step in its dense formulation, for while the code is dense (early in training).
+
+    cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.
+    Same loss and gradients as ``standard_sae_step`` by the parity rule; ``vals``, ``indices``
+    and ``row_offsets`` are None (the code is dense), ``count`` is the number of active entries
+    and ``overflow`` False. No host sync.
+    """
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    check_standard_args(W_enc.shape[0], 1, l1_coefficient, x)
+    B, D = x.shape
+    args = (x, W_enc, b_enc, W_dec, b_dec)
+    loss, sq, l1, counts = _DenseStep.apply(*(t.contiguous() for t in args), float(l1_coefficient))
+    count = counts.sum()
+    return StandardSAEStep(
+        loss,
+        sq / (B * D),
+        l1,
+        count.float() / B,
+        sq / total_variance(x),
+        counts,
+        None,
+        None,
+        None,
+        count,
+        torch.zeros((), dtype=torch.bool, device=x.device),
+    )

@@ -1,0 +1,109 @@
+"""The Matryoshka SAE step on a per-row TopK code (Nabeshima 2024's TopK variant), on the sparse path.
+
+    vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec)     (each row's k largest, relu'd)
+    loss          = sum over the nested levels m_1 < ... < m_G = F of the level's MSE
+
+The selection is ``topk_sae_step``'s (same tie rule). The code is reordered by latent id inside
+each row and handed to the shared nested-levels forward and backward (``ops._matryoshka``)
+as a variable-length code with k entries per row: all G levels in one decoder pass, one
+CSR transpose in the backward.
+
+Precision: fp32 accumulation; losses in fp32; gradients in the parameters' dtype.
+Deterministic; no host sync; nothing [B, F] kept (the G residuals are [G, B, D] fp32).
+"""
+
+import torch
+
+from ..._registry import register_op
+from ..._validation import check_prefix_sizes, check_step_args
+from ...primitives.select import topk_preacts
+from ...results import MatryoshkaSAEStep
+from .._matryoshka import (
+    matryoshka_levels_bwd,
+    matryoshka_levels_bwd_fake,
+    matryoshka_levels_fwd,
+    matryoshka_levels_fwd_fake,
+    matryoshka_saved,
+    min_positive,
+)
+
+# Host launchers ----------------------------------------------------------------
+
+
+def matryoshka_topk_sae_step_fwd(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    prefix_sizes: list[int],
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor,
+]:  # fmt: skip
+    """Returns (loss, level_losses, fvu, fire_counts, vals, indices, row_offsets, min_act, residuals [G, B, D])."""
+    B = x.shape[0]
+    values, ids = topk_preacts(x, W_enc, b_enc, k, b_dec)
+    ids, order = ids.sort(dim=1)  # by latent id inside each row: each level is a prefix of the row
+    vals = torch.relu(values.gather(1, order)).view(-1)
+    indices = ids.view(-1)
+    row_offsets = torch.arange(B + 1, device=x.device) * k
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd(
+        x, W_dec, b_dec, vals, indices, row_offsets, prefix_sizes
+    )
+    return loss, level_losses, fvu, counts, vals, indices, row_offsets, min_positive(vals), residuals
+
+
+def matryoshka_topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes):
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, W_dec, len(prefix_sizes))
+    B, i64 = x.shape[0], torch.int64
+    code = (x.new_empty(B * k), x.new_empty(B * k, dtype=i64), x.new_empty(B + 1, dtype=i64))
+    return loss, level_losses, fvu, counts, *code, x.new_empty((), dtype=torch.float32), residuals
+
+
+# Op registration and autograd ----------------------------------------------------
+
+_matryoshka_topk_sae_step = register_op(
+    "matryoshka_topk_sae_step",
+    forward=matryoshka_topk_sae_step_fwd,
+    forward_fake=matryoshka_topk_sae_step_fwd_fake,
+    backward=matryoshka_levels_bwd,
+    backward_fake=matryoshka_levels_bwd_fake,
+    save=matryoshka_saved,
+    differentiable=(0,),
+    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+)
+
+
+# Public function ---------------------------------------------------------------
+
+
+def matryoshka_topk_sae_step(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    prefix_sizes,
+) -> MatryoshkaSAEStep:
+    """One Matryoshka SAE step on a per-row TopK code: the summed losses of nested prefix dictionaries.
+
+    Args:
+        x, W_enc, b_enc, W_dec, b_dec, k: as ``topk_sae_step`` (k latents per row, 1 <= k <= F).
+        prefix_sizes: the nested dictionaries' sizes m_1 < ... < m_G, ending at F.
+
+    Returns:
+        ``MatryoshkaSAEStep(loss, level_losses, fvu, fire_counts, vals, indices, row_offsets,
+        min_act)``: ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
+        differentiable in every tensor argument; the code is [B * k] by row, then latent id
+        (``row_offsets`` = arange(B + 1) * k); ``min_act`` is the smallest positive value of the
+        code. No host sync; nothing [B, F] kept; deterministic.
+    """
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, k)
+    sizes = check_prefix_sizes(prefix_sizes, W_enc.shape[0])
+    out = _matryoshka_topk_sae_step(
+        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(), k, sizes
+    )
+    return MatryoshkaSAEStep(*out[:8])

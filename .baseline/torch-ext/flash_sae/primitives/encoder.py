@@ -1,0 +1,50 @@
+"""The encoder's sparse backward: gradients of the pre-activations read at a code's entries.
+
+With ``pre = (x - b_dec) @ W_enc.T + b_enc`` and a code that reads ``pre`` at
+(b, indices[b, k]) only, the gradient reaching ``pre`` is zero except at
+those entries, where it is ``dpre[b, k]`` (the activation's derivative is
+already applied by the caller: the ReLU mask for TopK, the step function for
+JumpReLU, ...). Then:
+
+    dW_enc[f] = sum over (b, k) with indices[b, k] == f of dpre[b, k] * (x - b_dec)[b]
+    db_enc[f] = sum over the same entries of dpre[b, k]
+    dx[b]     = sum_k dpre[b, k] * W_enc[indices[b, k]]
+    db_dec    = -sum_b dx[b]            (through the centring x - b_dec)
+
+The first two come from one deterministic CSR segmented pass (``csr.py``),
+``dx`` from the row gather (``gather.py``) over the encoder's rows. Cost
+O(B*K*D) plus one write of dW_enc; nothing [B, F]; no atomics.
+"""
+
+import torch
+
+from .csr import csr_transpose, segment_sum
+from .gather import gather_rows
+
+
+def encoder_backward(
+    dpre: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    indices: torch.Tensor,
+    csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+    row_offsets: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+):
+    """Returns (dx fp32 [B, D], dW_enc [F, D] in W_enc's dtype, db_enc fp32 [F], db_dec fp32 [D] or None).
+
+    ``dpre`` fp32, shaped as ``indices``: [B, K], or [N] for a variable-length
+    code with ``row_offsets`` and ``rows`` (see ``gather.gather_rows``); ``csr``
+    reuses a (perm, offsets) transpose of ``indices``.
+    """
+    K = indices.shape[1] if indices.ndim == 2 else 1
+    F = W_enc.shape[0]
+    perm, offsets = csr if csr is not None else csr_transpose(indices, F)
+    xc = x.float() - b_dec.float() if b_dec is not None else x
+    dW_enc = torch.empty_like(W_enc)
+    db_enc = torch.empty(F, device=x.device, dtype=torch.float32)
+    segment_sum(perm, offsets, xc, K=K, out=dW_enc, element_rows=False, coef=dpre, coef_sum=db_enc, rows=rows)
+    dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets)
+    db_dec = -dx.sum(0) if b_dec is not None else None
+    return dx, dW_enc, db_enc, db_dec

@@ -1,0 +1,528 @@
+"""Plain-torch reference implementations shared by the tests, benchmarks and example.
+
+Each function is the textbook dense-gather formula, differentiable by autograd.
+Called on fp64 copies of the inputs it is the ground truth; called on the
+inputs in their own dtype it measures the error torch itself makes in that
+dtype, which is what flash-sae's tolerances are relative to. Result types and
+the module base come from production code (``results``, ``modules.base``);
+production code never imports this module.
+"""
+
+import torch
+
+from .modules.base import (
+    BatchTopKSAEBase,
+    GatedSAEBase,
+    JumpReLUSAEBase,
+    MatryoshkaSAEBase,
+    StandardSAEBase,
+    TopKSAEBase,
+)
+from .results import (
+    BatchTopKSAEStep,
+    GatedSAEStep,
+    JumpReLUSAEStep,
+    MatryoshkaSAEStep,
+    StandardSAEStep,
+    TopKSAEStep,
+    fire_counts,
+)
+
+
+def sparse_decode(vals, indices, weight, bias=None):
+    """x_hat[b] = bias + sum_k vals[b, k] * weight[indices[b, k]]; [B, D]."""
+    x_hat = (vals.unsqueeze(-1) * weight[indices.long()]).sum(1)
+    if bias is not None:
+        x_hat = x_hat + bias
+    return x_hat
+
+
+def varlen_sparse_decode(vals, indices, row_offsets, weight, bias=None):
+    """x_hat[b] = bias + sum over i in row_offsets[b]:row_offsets[b+1] of vals[i] * weight[indices[i]]; [B, D]."""
+    B = row_offsets.numel() - 1
+    n = int(row_offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(B, device=vals.device), row_offsets.diff())
+    x_hat = torch.zeros(B, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    x_hat = x_hat.index_add(0, rows, vals[:n].unsqueeze(-1) * weight[indices[:n].long()])
+    return x_hat + bias if bias is not None else x_hat
+
+
+def varlen_sae_loss(vals, indices, row_offsets, weight, bias, target):
+    """Mean over B*D of (varlen_sparse_decode - target)^2."""
+    return (varlen_sparse_decode(vals, indices, row_offsets, weight, bias) - target).pow(2).mean()
+
+
+def topk_sae_loss(indices, weight, vals, bias, target):
+    """Mean over B*D of (sparse_decode - target)^2."""
+    return (sparse_decode(vals, indices, weight, bias) - target).pow(2).mean()
+
+
+def hierarchical_topk_sae_loss(indices, weight, vals, bias, target):
+    """Mean over B*K*D of the squared error of every prefix reconstruction.
+
+    Prefix j uses the first j+1 columns of ``indices``, in column order.
+    """
+    recon = bias + (vals.unsqueeze(-1) * weight[indices.long()]).cumsum(1)  # [B, K, D]
+    return (recon - target.unsqueeze(1)).pow(2).mean()
+
+
+# Encoder and the full TopK SAE step ------------------------------------------------
+
+
+def topk_select(pre, k):
+    """The top-k of each row of ``pre`` [B, F], by the tie rule flash-sae documents.
+
+    Larger value first; equal values (and -0.0 == +0.0) go to the lower latent
+    id; a NaN ranks by its bits (a positive NaN above +inf, a negative NaN below
+    -inf). A stable descending sort of the values' order-preserving integer keys
+    states exactly that rule (a sort of the floats themselves would put every NaN
+    first). Returns (values, indices), both [B, k], in descending order.
+    """
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[pre.element_size()]
+    bits = pre.contiguous().view(int_dtype).to(torch.int64)
+    width = 8 * pre.element_size()
+    keys = bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))  # two's-complement order
+    keys = torch.where(keys == -1, 0, keys)  # -0.0's key is +0.0's
+    indices = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
+    return pre.gather(1, indices), indices
+
+
+def _rounded(t, dtype):
+    """``t``'s values rounded to ``dtype`` (kept in t's dtype), with the gradient of the identity."""
+    return t + (t.detach().to(dtype).to(t.dtype) - t.detach())
+
+
+def encoder_preacts(x, W_enc, b_enc, b_dec=None, round_to=None):
+    """pre = (x - b_dec) @ W_enc.T + b_enc; [B, F], as ``nn.Linear`` computes it (one rounding).
+
+    ``round_to`` (a dtype) rounds the two intermediates every implementation in that dtype
+    rounds, x - b_dec and pre, while keeping exact gradients: exact arithmetic at those
+    roundings, the tests' measure of the error they alone cause.
+    """
+    xc = x - b_dec if b_dec is not None else x
+    if round_to is not None:
+        xc = _rounded(xc, round_to)
+    pre = torch.addmm(b_enc, xc, W_enc.T)
+    return _rounded(pre, round_to) if round_to is not None else pre
+
+
+def topk_encode(x, W_enc, b_enc, k, b_dec=None, indices=None, round_preacts=None):
+    """vals = relu(top-k of the pre-activations) and their latent ids; ([B, k], [B, k] int64).
+
+    With ``indices`` given, the selection is skipped and those latents are read
+    instead: the tests use it to compare gradients at the kernel's own choice.
+    ``round_preacts`` (a dtype): see ``encoder_preacts``'s ``round_to``.
+    """
+    pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    if indices is None:
+        _, indices = topk_select(pre.detach(), k)
+    return torch.relu(pre.gather(1, indices)), indices
+
+
+def fraction_of_variance_unexplained(x, x_hat):
+    """sum((x_hat - x)^2) / sum((x - mean_b x)^2), the FVU trainers log."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None, **dead):
+    """Encode, decode and the MSE loss of a TopK SAE, densely: the ground truth for ``topk_sae_step``.
+
+    ``dead``: ``dead_mask`` and the other dead-latent options of ``topk_sae_step`` (see
+    ``dead_latent_loss``, which also takes ``aux_mask``).
+    """
+    vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
+    x_hat = sparse_decode(vals, indices, W_dec, b_dec)
+    loss = (x_hat - x).pow(2).mean()
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    counts = fire_counts(vals, indices, W_dec.shape[0])
+    if dead.get("dead_mask") is None:
+        return TopKSAEStep(loss, fvu, counts, vals, indices)
+    pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, **dead)
+    return TopKSAEStep(loss + coef * aux, fvu, counts, vals, indices, aux_loss=aux)
+
+
+def dead_set(dead_mask, capacity, offset=0):
+    """[F] bool: the first ``capacity`` dead latents in id order from ``offset`` on, wrapping around."""
+    rolled = torch.roll(dead_mask, -offset)  # rolled[i] = dead_mask[(i + offset) % F]
+    kept = rolled & (torch.cumsum(rolled.long(), 0) <= capacity)
+    return torch.roll(kept, offset)
+
+
+def auxk_select(pre, dead, k_aux, key_scale=None):
+    """[B, F] bool: each row's k_aux largest entries of ``pre`` (times ``key_scale``) among ``dead``
+    latents, by the top-k tie rule (a stable descending sort); fewer where fewer are dead."""
+    key = pre * key_scale if key_scale is not None else pre
+    masked = torch.where(dead, key, float("-inf"))
+    _, idx = topk_select(masked, min(k_aux, pre.shape[1]))
+    return torch.zeros_like(dead.expand(pre.shape)).scatter(1, idx, True) & dead
+
+
+def dead_latent_loss(
+    pre,
+    x,
+    x_hat,
+    W_dec,
+    dead_mask,
+    dead_loss="auxk",
+    k_aux=None,
+    aux_coef=None,
+    aux_relu=True,
+    aux_encoder_grad=True,
+    dead_capacity=None,
+    key_scale=None,
+    aux_mask=None,
+    dead_offset=0,
+):
+    """The AuxK or ghost-grads loss over the dense pre-activations [B, F]; returns (aux_loss, aux_coef).
+
+    The dead set is the first ``dead_capacity`` dead latents from ``dead_offset`` on (cyclically;
+    ``dead_set``). AuxK: each row's k_aux
+    largest dead entries of ``pre`` (of ``pre * key_scale`` when given), by the top-k tie rule
+    (``aux_mask`` [B, F] bool forces the entries that carry a value), relu'd or not, reconstruct e = x - x_hat with
+    W_dec (no bias); loss min(n_dead / k_aux, 1) * mean((e_hat - e)^2). Ghost grads: exp(pre)
+    over the dead set, the reconstruction rescaled per row to half |e| and each row's squared
+    error weighted to the main one's size (see ``ops/_dead.py``).
+    """
+    B, D = x.shape
+    F = W_dec.shape[0]
+    k_aux = min(F, max(1, D // 2)) if k_aux is None else k_aux
+    capacity = min(F, 2 * k_aux) if dead_capacity is None else dead_capacity
+    coef = (1 / 32 if dead_loss == "auxk" else 1.0) if aux_coef is None else aux_coef
+    dead = dead_set(dead_mask, capacity, int(dead_offset))
+    n_dead = dead_mask.sum()
+    e = (x - x_hat).detach()
+    if not aux_encoder_grad:
+        pre = pre.detach()
+    if dead_loss == "auxk":
+        if aux_mask is None:
+            aux_mask = auxk_select(pre.detach(), dead, k_aux, key_scale)
+        a = torch.where(aux_mask, torch.relu(pre) if aux_relu else pre, 0)
+        e_hat = a @ W_dec
+        scale = (n_dead.to(x.dtype) / k_aux).clamp(max=1)
+        return scale * (e_hat - e).pow(2).mean(), coef
+    A = torch.where(dead, torch.exp(pre), 0)
+    e_hat = A @ W_dec
+    n = (e.norm(dim=1, keepdim=True) / (2 * e_hat.norm(dim=1, keepdim=True) + 1e-6)).detach()
+    g = (n * e_hat - e).pow(2).sum(1)
+    f = (e.pow(2).sum(1) / (g + 1e-6)).detach()
+    return (n_dead > 0).to(x.dtype) * (f * g).sum() / (B * D), coef
+
+
+# BatchTopK ---------------------------------------------------------------------------
+
+
+def batch_topk_select(acts, n):
+    """The n largest entries of ``acts`` [B, F] over the whole batch, by the tie rule flash-sae documents.
+
+    Larger value first; equal values go to the lower flat position b * F + f (a stable
+    descending sort of the flattened batch). Returns (rows, latent ids), [n] int64 each, in
+    row-major order (by row, then latent id): the variable-length code's order.
+    """
+    F = acts.shape[1]
+    chosen = torch.sort(acts.flatten(), descending=True, stable=True).indices[:n].sort().values
+    return chosen // F, chosen % F
+
+
+def row_offsets_of(rows, B):
+    """[B + 1] bounds of each row's entries in a row-major code."""
+    return torch.searchsorted(rows, torch.arange(B + 1, device=rows.device, dtype=rows.dtype))
+
+
+def batchtopk_sae_step(
+    x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None, round_preacts=None, **dead
+):
+    """BatchTopK SAE step, densely (SAELens's formulation): the ground truth for ``batchtopk_sae_step``.
+
+    acts = relu(pre * ||W_dec[f]||) (or relu(pre)); keep the int(k * B) largest over the batch;
+    decode acts / ||W_dec[f]|| (or acts) through W_dec. ``selection`` = (rows, ids) forces the code;
+    ``round_preacts``: see ``encoder_preacts``'s ``round_to``.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    norm = W_dec.norm(dim=1) if rescale_acts_by_decoder_norm else None
+    acts = torch.relu(pre * norm if norm is not None else pre)
+    rows, ids = selection if selection is not None else batch_topk_select(acts.detach(), int(k * B))
+    picked = acts[rows, ids]
+    vals = picked * (1 / norm[ids]) if norm is not None else picked
+    x_hat = torch.zeros_like(x).index_add(0, rows, vals.unsqueeze(1) * W_dec[ids]) + b_dec
+    loss = (x_hat - x).pow(2).mean()
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    positive = picked.detach()[picked.detach() > 0]
+    min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
+    counts = fire_counts(picked, ids, F)
+    code = (vals, ids, row_offsets_of(rows, B), min_act)
+    if dead.get("dead_mask") is None:
+        return BatchTopKSAEStep(loss, fvu, counts, *code)
+    key_scale = norm.detach() if norm is not None else None
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, key_scale=key_scale, **dead)
+    return BatchTopKSAEStep(loss + coef * aux, fvu, counts, *code, aux_loss=aux)
+
+
+def matryoshka_batchtopk_sae_step(
+    x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, rescale_acts_by_decoder_norm=False, selection=None,
+    round_preacts=None,
+):  # fmt: skip
+    """Matryoshka BatchTopK SAE step, densely: SAELens's nested losses, one decode per prefix level.
+
+    The code is ``batchtopk_sae_step``'s; level g reconstructs with the latents of id < m_g;
+    the loss sums every level's mean over B*D of the squared error.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    base = batchtopk_sae_step(
+        x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection, round_preacts=round_preacts
+    )
+    rows = torch.repeat_interleave(torch.arange(B, device=x.device), base.row_offsets.diff())
+    code = torch.zeros(B, F, dtype=base.vals.dtype, device=x.device).index_put((rows, base.indices), base.vals)
+    level_losses = []
+    for m in prefix_sizes:
+        x_hat = code[:, :m] @ W_dec[:m] + b_dec
+        level_losses.append((x_hat - x).pow(2).mean())
+    level_losses = torch.stack(level_losses)
+    return MatryoshkaSAEStep(
+        level_losses.sum(), level_losses, base.fvu, base.fire_counts, base.vals, base.indices, base.row_offsets,
+        base.min_act,
+    )  # fmt: skip
+
+
+def matryoshka_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, indices=None, round_preacts=None):
+    """Matryoshka SAE step on a per-row TopK code, densely: the ground truth for ``matryoshka_topk_sae_step``.
+
+    The code is ``topk_encode``'s (``indices`` forces it); level g reconstructs with the latents
+    of id < m_g; the loss sums every level's mean over B*D of the squared error. The returned
+    code is flattened by row, then latent id.
+    """
+    B, F = x.shape[0], W_enc.shape[0]
+    vals, ids = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
+    code = torch.zeros(B, F, dtype=vals.dtype, device=x.device).scatter(1, ids, vals)
+    level_losses = torch.stack([(code[:, :m] @ W_dec[:m] + b_dec - x).pow(2).mean() for m in prefix_sizes])
+    fvu = fraction_of_variance_unexplained(x.detach(), (code @ W_dec + b_dec).detach())
+    ids_sorted, order = ids.sort(dim=1)
+    vals_sorted = vals.gather(1, order)
+    positive = vals.detach()[vals.detach() > 0]
+    min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
+    return MatryoshkaSAEStep(
+        level_losses.sum(), level_losses, fvu, fire_counts(vals, ids, F), vals_sorted.flatten(), ids_sorted.flatten(),
+        torch.arange(B + 1, device=x.device) * k, min_act,
+    )  # fmt: skip
+
+
+# JumpReLU ----------------------------------------------------------------------------
+
+
+def rectangle(u):
+    """The rectangle kernel R(u) = 1 for |u| < 1/2."""
+    return ((u > -0.5) & (u < 0.5)).to(u)
+
+
+def jumprelu_masks(z, theta, bandwidth):
+    """(active, band): H(z - theta) and R((z - theta) / bandwidth) as bool [B, F], in z's dtype."""
+    u = (z - theta) / bandwidth
+    return z > theta, (u > -0.5) & (u < 0.5)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - theta), with the paper's straight-through estimator for theta (rectangle kernel)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth, active, band):
+        ctx.save_for_backward(theta, active, band)
+        ctx.bandwidth = bandwidth
+        return z * active
+
+    @staticmethod
+    def backward(ctx, g):
+        theta, active, band = ctx.saved_tensors
+        dtheta = -(theta / ctx.bandwidth) * band * g
+        return active * g, dtheta.sum(0), None, None, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta): no gradient to z; the rectangle estimator for theta."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth, active, band):
+        ctx.save_for_backward(band)
+        ctx.bandwidth = bandwidth
+        return active.to(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (band,) = ctx.saved_tensors
+        return None, (-(1.0 / ctx.bandwidth) * band * g).sum(0), None, None, None
+
+
+def jumprelu_sae_step(
+    x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, l0_coefficient=1.0, masks=None, round_preacts=None
+):
+    """JumpReLU SAE step, densely, as Rajamanoharan et al. (2024) and SAELens's default ("step") define it.
+
+    f = z * H(z - theta), theta = threshold in x's dtype; loss = sum over D of (x_hat - x)^2, mean
+    over B, + l0_coefficient * mean over B of sum_f H(z - theta). ``masks`` = (active, band)
+    forces which entries are active and in the estimators' band (the tests pass flash-sae's,
+    as the TopK tests pass its selection). Returns the dense code [B, F] in ``vals``;
+    ``indices``, ``row_offsets``, ``count`` and ``overflow`` are None. ``round_preacts`` (a
+    dtype) rounds x - b_dec, z and theta to it, with exact gradients (see ``encoder_preacts``).
+    """
+    z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    theta = threshold.to(z.dtype) if round_preacts is None else _rounded(threshold.to(z.dtype), round_preacts)
+    active, band = masks if masks is not None else jumprelu_masks(z.detach(), theta.detach(), bandwidth)
+    acts = _JumpReLU.apply(z, theta, bandwidth, active, band)
+    x_hat = acts @ W_dec + b_dec
+    sq = (x_hat - x).pow(2)
+    l0 = _Step.apply(z, theta, bandwidth, active, band).sum(-1).mean()
+    loss = sq.sum(-1).mean() + l0_coefficient * l0
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    counts = active.sum(0)
+    return JumpReLUSAEStep(loss, sq.mean(), l0.detach().float(), fvu, counts, acts, None, None, None, None)
+
+
+def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None):
+    """Standard (ReLU + L1) SAE step, densely, as Anthropic's April 2024 update and SAELens's default
+    ``standard`` training SAE define it.
+
+    f = relu(z); loss = sum over D of (x_hat - x)^2, mean over B, + l1_coefficient * mean over B
+    of sum_f f * ||W_dec[f]||. ``active`` ([B, F] bool) forces which entries are active (the tests
+    pass flash-sae's, z > 0 in the dtype). Returns the dense code [B, F] in ``vals``; ``indices``,
+    ``row_offsets``, ``count`` and ``overflow`` are None. ``round_preacts``: see ``encoder_preacts``.
+    """
+    z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    if active is None:
+        active = z.detach() > 0
+    acts = torch.where(active, z, 0)
+    x_hat = acts @ W_dec + b_dec
+    sq = (x_hat - x).pow(2)
+    l1 = (acts * W_dec.norm(dim=1)).sum(-1).mean()
+    loss = sq.sum(-1).mean() + l1_coefficient * l1
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    l0 = active.sum(-1).float().mean()
+    return StandardSAEStep(loss, sq.mean(), l1.detach(), l0, fvu, active.sum(0), acts, None, None, None, None)
+
+
+def gated_sae_step(
+    x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=1.0, freeze_aux_decoder=True, masks=None,
+    round_preacts=None,
+):  # fmt: skip
+    """Gated SAE step, densely, as Rajamanoharan et al. (2024) and SAELens's ``gated`` training SAE define it.
+
+    pi_gate = xc @ W_enc.T + b_gate, pi_mag = exp(r_mag) * (xc @ W_enc.T) + b_mag (SAELens's
+    xc @ (W_enc * exp(r_mag)).T + b_mag, in exact arithmetic), f = [pi_gate > 0] * relu(pi_mag);
+    loss = mse (summed over D, mean over B) + l1_coefficient * mean over B of sum_f relu(pi_gate) *
+    ||W_dec[f]|| + aux, the gate path's reconstruction error through W_dec and b_dec (detached when
+    ``freeze_aux_decoder``). ``masks`` = (open gates, positive magnitudes) forces the selection (the
+    tests pass flash-sae's). Returns the dense code [B, F] in ``vals``. ``round_preacts`` (a dtype)
+    rounds xc, pi_gate and pi_mag to it with exact gradients (see ``encoder_preacts``).
+    """
+    gate = encoder_preacts(x, W_enc, b_gate, b_dec, round_to=round_preacts)  # as nn.Linear: one rounding
+    xc = x - b_dec
+    if round_preacts is not None:
+        xc = _rounded(xc, round_preacts)
+    mag = (xc @ W_enc.T) * r_mag.exp() + b_mag
+    if round_preacts is not None:
+        mag = _rounded(mag, round_preacts)
+    opened, positive = masks if masks is not None else (gate.detach() > 0, mag.detach() > 0)
+    active = opened & positive
+    f = torch.where(active, mag, 0)
+    a = torch.where(opened, gate, 0)
+    x_hat = f @ W_dec + b_dec
+    sq = (x_hat - x).pow(2)
+    W_aux, b_aux = (W_dec.detach(), b_dec.detach()) if freeze_aux_decoder else (W_dec, b_dec)
+    aux = (a @ W_aux + b_aux - x).pow(2).sum(-1).mean()
+    l1 = (a * W_dec.norm(dim=1)).sum(-1).mean()
+    loss = sq.sum(-1).mean() + l1_coefficient * l1 + aux
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    l0 = active.sum(-1).float().mean()
+    return GatedSAEStep(
+        loss, sq.mean(), l1.detach(), aux.detach(), l0, fvu, active.sum(0), f, None, None, opened.sum(), None
+    )  # fmt: skip
+
+
+# The module -------------------------------------------------------------------------
+
+
+class SparseAutoencoder(TopKSAEBase):
+    """A TopK sparse autoencoder in plain PyTorch: the twin of ``flash_sae.SparseAutoencoder``.
+
+    Parameters, initialisation and the decoder-norm steps are ``TopKSAEBase``'s;
+    the passes below are the dense formulas of this module.
+    """
+
+    def encode(self, x):
+        """(vals, indices), each [B, k]."""
+        return topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec)
+
+    def decode(self, vals, indices):
+        """x_hat [B, D] from a sparse code."""
+        return sparse_decode(vals, indices, self.W_dec, self.b_dec)
+
+    def loss(self, x):
+        """A ``TopKSAEStep``: the MSE loss (differentiable) and the logged statistics."""
+        dead = self.dead_loss_kwargs()
+        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, **dead)
+        if self.training:
+            self.advance_dead_offset(dead)
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
+
+
+class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
+    """A BatchTopK SAE in plain PyTorch: the twin of ``flash_sae.BatchTopKSparseAutoencoder``'s ``loss``."""
+
+    def loss(self, x):
+        dead = self.dead_loss_kwargs()
+        step = batchtopk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.rescale_acts_by_decoder_norm, **dead
+        )
+        if self.training:
+            self.advance_dead_offset(dead)
+            self.update_threshold(step.min_act)
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
+
+
+class MatryoshkaBatchTopKSparseAutoencoder(MatryoshkaSAEBase):
+    """A Matryoshka BatchTopK SAE in plain PyTorch: the twin of the module's ``loss``."""
+
+    def loss(self, x):
+        step = matryoshka_batchtopk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.prefix_sizes,
+            self.rescale_acts_by_decoder_norm,
+        )  # fmt: skip
+        if self.training:
+            self.update_threshold(step.min_act)
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
+
+
+class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
+    """A JumpReLU SAE in plain PyTorch: the twin of ``flash_sae.JumpReLUSparseAutoencoder``'s ``loss``."""
+
+    def loss(self, x):
+        step = jumprelu_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(), self.bandwidth,
+            self.l0_coefficient,
+        )  # fmt: skip
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
+
+
+class StandardSparseAutoencoder(StandardSAEBase):
+    """A standard (ReLU + L1) SAE in plain PyTorch: the twin of ``flash_sae.StandardSparseAutoencoder``'s
+    ``loss``."""
+
+    def loss(self, x):
+        step = standard_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_coefficient)
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
+
+
+class GatedSparseAutoencoder(GatedSAEBase):
+    """A Gated SAE in plain PyTorch: the twin of ``flash_sae.GatedSparseAutoencoder``'s ``loss``."""
+
+    def loss(self, x):
+        step = gated_sae_step(x, *self.gated_params(), self.l1_coefficient, self.freeze_aux_decoder)
+        if self.training:
+            self.record_firing(step.fire_counts, x.shape[0])
+        return step
