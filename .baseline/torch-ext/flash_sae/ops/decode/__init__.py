@@ -1,1 +1,0 @@
-"""Ops over a given sparse code: decode, and the decoder losses."""

@@ -1,1 +1,0 @@
-"""The Gated SAE family: a gate path and a magnitude path sharing one encoder (Rajamanoharan et al. 2024)."""

@@ -1,1 +1,0 @@
-"""The JumpReLU family: per-latent learned thresholds, trained with straight-through estimators."""
