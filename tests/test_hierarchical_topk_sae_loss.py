@@ -55,9 +55,10 @@ def test_hierarchical_topk_sae_loss_windows(fs, device, monkeypatch, dtype):
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("shape", [(64, 32, 256, 200, False), (32, 16, 40, 300, True), (9, 13, 20, 77, True)])
 def test_hierarchical_topk_sae_loss_bf16_buffer(fs, device, monkeypatch, shape):
-    """bf16 weights store the backward's contributions in bf16: that adds at most about one bf16
-    rounding (2^-9 relative) to the weight gradient's error against fp64, on top of the error with fp32
-    contributions, leaves every other output bitwise unchanged, and stays well inside the parity rule."""
+    """bf16 weights store the backward's contributions in bf16: one more rounding (at most 2^-8
+    relative) per contribution. Measured, that adds 5-30 % to the weight gradient's error against fp64
+    (1.5-1.7e-3 with fp32 contributions); the test allows 1.5x, leaves every other output bitwise
+    unchanged, and checks the parity rule in bf16 (err <= 2 x torch's own bf16 error + 4e-3)."""
     *bkfd, dup = shape
     inputs = make_inputs(*bkfd, torch.bfloat16, device, seed=11, duplicates=dup)
     out_bf16, grads_bf16 = call_op(fs, OP, inputs)
@@ -72,7 +73,8 @@ def test_hierarchical_topk_sae_loss_bf16_buffer(fs, device, monkeypatch, shape):
     dweight64 = grads(ref, p64, torch.tensor(-1.7, dtype=torch.float64, device=ref.device))[0]
     err_bf16, err_fp32 = rel_err(grads_bf16[0], dweight64), rel_err(grads_fp32[0], dweight64)
     assert not torch.equal(grads_bf16[0], grads_fp32[0]), "the flag should change the buffer"
-    assert err_bf16 <= err_fp32 + 2**-9, f"bf16 contributions: {err_bf16:.2e} vs fp32 ones {err_fp32:.2e}"
+    assert err_bf16 <= 1.5 * err_fp32, f"bf16 contributions: {err_bf16:.2e} vs fp32 ones {err_fp32:.2e}"
+    check_loss_parity(fs, OP, tuple(bkfd), torch.bfloat16, device, seed=11, duplicates=dup)
 
 
 @pytest.mark.kernels_ci

@@ -79,15 +79,18 @@ def test_out_of_range_index_is_checked(fs, device, op, bad):
 
 
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op", ALL_OPS)
-def test_unvalidated_out_of_range_poisons_with_nan(fs, device, op):
+def test_unvalidated_out_of_range_poisons_with_nan(fs, device, op, dtype):
     """With validate=False a bad id never reads out of bounds, and the damage is visible, as documented:
     the bad entry's output row is NaN (so a loss is NaN). The bad entry adds to no weight row.
     sparse_decode (finite upstream gradient): every gradient is finite, the bad entry's dvals is 0
     and the rest equal the gradients without it. The losses (NaN residual in that row): the
     gradients of that row's entries are NaN, and so are the weight rows of its latents; every
-    other gradient entry is finite."""
-    args = _good(device)
+    other gradient entry is finite. In bf16 too: the kernels' rounding to bf16 must keep a NaN a NaN
+    (on the GPU, arithmetic on a NaN yields the payload 0x7FFFFFFF, which a bare round-to-nearest-even
+    carries into -0.0)."""
+    args = _good(device, dtype)
     args[0] = args[0].clone()
     args[0][2, 1] = 10**6
     weight = args[1].clone().requires_grad_()

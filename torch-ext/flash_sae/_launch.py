@@ -59,7 +59,7 @@ TUNING = {
     # [B*K, window] (bf16 for bf16 weights, else fp32), which bounds its transient memory.
     "hierarchical_buffer_bytes": 512 * 2**20,
     # ... and whether a bf16 weight's buffer holds bf16 contributions (half the traffic, one
-    # more 2^-9 rounding per contribution) instead of fp32 ones.
+    # more bf16 rounding, at most 2^-8 relative, per contribution) instead of fp32 ones.
     "hierarchical_bf16_buffer": True,
 }
 

@@ -17,9 +17,9 @@ Optionally, the same pass returns ``dots[e] = <row(e), W[f]>`` per element, the
 gather-dot that the gradient of ``vals`` needs, reading each touched row of W
 once instead of once per occurrence.
 
-Bytes: reads W's touched rows (dots only; an untouched latent's row is not read), the
-segment rows (often L2 resident: they are [B, D] fp32), writes F*D gradient elements.
-No float atomics.
+Bytes: reads W's touched rows (dots and the coefficient-scaled row term; an untouched
+latent's row is read only for a row term not scaled by its coefficients), the segment rows
+(often L2 resident: they are [B, D] fp32), writes F*D gradient elements. No float atomics.
 Indices outside [0, F) sort outside every segment and are ignored here; the
 forward kernels poison their outputs with NaN instead.
 """
@@ -293,7 +293,10 @@ def _segment_sum_torch(
             coef_sum.copy_(c * s)
         if row_term is not None:
             by = c if row_term_by_coef else 1.0
-            acc += (row_term * by)[:, None] * weight[:, d_base : d_base + width].float()
+            term = (row_term * by)[:, None] * weight[:, d_base : d_base + width].float()
+            if row_term_by_coef:  # as the kernel: an empty segment's term is 0, whatever its row of W holds
+                term = torch.where((offsets.diff() > 0)[:, None], term, 0.0)
+            acc += term
     elif row_term is not None:
         acc += row_term[:, None] * weight[:, d_base : d_base + width].float()
     out[:, d_base : d_base + width] = acc.to(out.dtype)

@@ -10,10 +10,14 @@ def cast_rtne(x, dtype: tl.constexpr):
 
     bf16 is rounded by integer arithmetic on the fp32 bits: the GPU's own
     conversion is already RTNE, but Triton's CPU interpreter truncates, and CI
-    runs the kernels there. The cost is a few integer ops per stored element.
+    runs the kernels there. The cost is a few integer ops per stored element. A NaN stays a
+    NaN of its sign (torch's cast gives one too).
     """
     if dtype == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
+        # A NaN becomes the quiet NaN of its sign first: on the GPU arithmetic on a NaN gives the
+        # payload 0x7FFFFFFF, which the rounding below would carry into the sign bit (-0.0).
+        u = tl.where(x != x, (u & 0x80000000) | 0x7FC00000, u)
         u = u + 0x7FFF + ((u >> 16) & 1)
         return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:

@@ -32,7 +32,7 @@ What is fused:
 The buffer's dtype (``buffer_dtype``): bf16 when the weight is bf16 (unless
 ``TUNING["hierarchical_bf16_buffer"]`` is False), else fp32. A bf16 weight
 gradient is itself rounded to bf16; each stored contribution carries one more
-rounding of that size (2^-9 relative) before the fp32 segmented sum, which
+rounding of that size (at most 2^-8 relative) before the fp32 segmented sum, which
 halves the buffer's traffic. fp16 weights keep fp32 contributions (fp16's range
 could overflow on v * S, and bf16 would lose fp16's finer rounding).
 
