@@ -262,7 +262,9 @@ def test_rows_with_fewer_than_k_positive_preactivations(fs, device, trainer):
     ours = (trainer_loss(step, x), x_hat, step.vals, step.indices, dict(zip(p, g[1:])), g[0])
     check_against_trainer(trainer, ours, x, p, k, upstream, torch.float32, ungated=trainer == "sparsify")
     if trainer == "sparsify":
-        share = sparsify_ungated_share(p, x, TRAINERS[trainer][0](p, x, k)[3]["_run"], upstream)[0]
+        xc, pc = x.cpu(), {n: t.cpu() for n, t in p.items()}  # the tests run sparsify on CPU tensors
+        up = upstream.cpu() if torch.is_tensor(upstream) else upstream
+        share = sparsify_ungated_share(pc, xc, TRAINERS[trainer][0](pc, xc, k)[3]["_run"], up)[0]
         assert share["encoder.weight"].abs().max() > 1e-3, "the draw should exercise sparsify's ungated slots"
     # fire_counts counts a latent only where it fired (value > 0), not the zero-valued slots.
     fired = torch.bincount(step.indices.reshape(-1), weights=(step.vals > 0).reshape(-1).double(), minlength=F).long()
