@@ -27,7 +27,20 @@ def test_segment_sum_untouched_latent_row_term(fs, device, by_coef):
     csr.segment_sum(perm, offsets, src, out=out_kernel, row_term_by_coef=by_coef, **kw)
     out_torch = torch.empty(F, D, device=device)
     csr._segment_sum_torch(
-        perm, offsets, src, K, out_torch, False, coef, None, 0.5, weight, 0, None, None, None, 0, row_term, by_coef
+        perm,
+        offsets,
+        src,
+        K,
+        out_torch,
+        element_rows=False,
+        coef=coef,
+        scale=None,
+        scale_const=0.5,
+        weight=weight,
+        d_base=0,
+        coef_sum=None,
+        row_term=row_term,
+        row_term_by_coef=by_coef,
     )
     untouched = [2, 3, 5]
     if by_coef:

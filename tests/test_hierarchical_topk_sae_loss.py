@@ -56,8 +56,9 @@ def test_hierarchical_topk_sae_loss_windows(fs, device, monkeypatch, dtype):
 @pytest.mark.parametrize("shape", [(64, 32, 256, 200, False), (32, 16, 40, 300, True), (9, 13, 20, 77, True)])
 def test_hierarchical_topk_sae_loss_bf16_buffer(fs, device, monkeypatch, shape):
     """bf16 weights store the backward's contributions in bf16: one more rounding (at most 2^-8
-    relative) per contribution. Measured, that adds 5-30 % to the weight gradient's error against fp64
-    (1.5-1.7e-3 with fp32 contributions); the test allows 1.5x, leaves every other output bitwise
+    relative) per contribution. Measured, that adds 5-32 % to the weight gradient's error against fp64
+    on these problems (1.5-1.7e-3 with fp32 contributions; up to 39 % on larger ones,
+    benchmarks/hierarchical_buffer_precision.py); the test allows 1.5x, leaves every other output bitwise
     unchanged, and checks the parity rule in bf16 (err <= 2 x torch's own bf16 error + 4e-3)."""
     *bkfd, dup = shape
     inputs = make_inputs(*bkfd, torch.bfloat16, device, seed=11, duplicates=dup)
