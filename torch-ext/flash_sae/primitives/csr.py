@@ -68,6 +68,7 @@ def _segment_sum_kernel(
     HAS_CSUM: tl.constexpr,
     ROW_TERM: tl.constexpr,
     ROW_BY_CSUM: tl.constexpr,
+    GATED_DOTS: tl.constexpr,  # (HAS_DOTS, HAS_COEF) dots * the scale where coef > 0, else 0
 ):
     f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -88,6 +89,10 @@ def _segment_sum_kernel(
         if ROW_TERM and not ROW_BY_CSUM:
             mask_w = mask_c
         w = tl.load(w_ptr + f * D + cols, mask=mask_w, other=0.0).to(tl.float32)
+    if GATED_DOTS:  # the scale is needed inside the loop (elsewhere it is loaded after it, as before)
+        scale = scale_const
+        if HAS_SCALE:
+            scale = scale * tl.load(scale_ptr).to(tl.float32)
     if HAS_DOTS:
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
     for i0 in range(start, end, UNROLL):
@@ -111,10 +116,14 @@ def _segment_sum_kernel(
             else:
                 acc += x
             if HAS_DOTS:
-                tl.store(dots_blk + e, tl.sum(x * w, axis=0), mask=live)
-    scale = scale_const
-    if HAS_SCALE:
-        scale = scale * tl.load(scale_ptr).to(tl.float32)
+                if GATED_DOTS:
+                    tl.store(dots_blk + e, tl.where(c > 0, tl.sum(x * w, axis=0) * scale, 0.0), mask=live)
+                else:  # as it was before GATED_DOTS (a reordered store address measured 3.7 % slower)
+                    tl.store(dots_blk + e, tl.sum(x * w, axis=0), mask=live)
+    if not GATED_DOTS:
+        scale = scale_const
+        if HAS_SCALE:
+            scale = scale * tl.load(scale_ptr).to(tl.float32)
     out = acc * scale
     if ROW_BY_CSUM:
         out += tl.load(row_ptr + f) * csum * w
@@ -167,6 +176,7 @@ def segment_sum(
     level_stride: int = 0,
     row_term: torch.Tensor | None = None,
     row_term_by_coef: bool = True,
+    gated_dots: bool = False,
 ) -> torch.Tensor | None:
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
@@ -184,6 +194,9 @@ def segment_sum(
     ``row_term[f] * (sum of f's coefficients) * weight[f]`` before its one rounding (a gradient
     along each row, e.g. a decoder-norm-weighted penalty's); with ``row_term_by_coef`` False,
     ``row_term[f] * weight[f]`` (the caller has summed what the row term scales).
+    ``gated_dots`` (needs ``weight`` and ``coef``): each dot is multiplied by the sum's scale
+    (``scale_const * scale``) where its coefficient is > 0 and is 0 elsewhere (a ReLU code's
+    gradient at the pre-activations, with no [N] pass of its own); per D-block of the window.
     """
     F, D = out.shape
     N = perm.numel()
@@ -191,6 +204,8 @@ def segment_sum(
     if row_term is not None and (weight is None or (coef is None and row_term_by_coef)):
         raise ValueError("segment_sum: row_term needs weight (and coef unless row_term_by_coef is False)")
     want_dots = weight is not None
+    if gated_dots and (not want_dots or coef is None):
+        raise ValueError("segment_sum: gated_dots needs weight and coef")
     if not use_triton(src):
         return _segment_sum_torch(
             perm,
@@ -210,6 +225,7 @@ def segment_sum(
             level_stride,
             row_term,
             row_term_by_coef,
+            gated_dots,
         )
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
@@ -247,9 +263,12 @@ def segment_sum(
         HAS_CSUM=coef_sum is not None,
         ROW_TERM=row_term is not None,
         ROW_BY_CSUM=row_term is not None and row_term_by_coef,
+        GATED_DOTS=gated_dots,
         num_warps=TUNING["segment_warps"],
     )
-    return dots.sum(0) if want_dots else None
+    if not want_dots:
+        return None
+    return dots[0] if ND == 1 else dots.sum(0)  # one D-block: no reduction launch
 
 
 def _segment_sum_torch(
@@ -270,6 +289,7 @@ def _segment_sum_torch(
     level_stride=0,
     row_term=None,
     row_term_by_coef=True,
+    gated_dots=False,
 ):
     """Plain-torch path for CPU tensors: the same sums."""
     F = out.shape[0]
@@ -304,4 +324,6 @@ def _segment_sum_torch(
         return None
     dots = torch.zeros(perm.numel(), dtype=torch.float32, device=src.device)
     dots[e] = (x * weight[latent, d_base : d_base + width].float()).sum(1)
+    if gated_dots:
+        dots = torch.where(coef.reshape(-1).float() > 0, dots * s, 0.0)
     return dots

@@ -31,12 +31,15 @@ def encoder_backward(
     csr: tuple[torch.Tensor, torch.Tensor] | None = None,
     row_offsets: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    minus: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ):
     """Returns (dx fp32 [B, D], dW_enc [F, D] in W_enc's dtype, db_enc fp32 [F], db_dec fp32 [D] or None).
 
     ``dpre`` fp32, shaped as ``indices``: [B, K], or [N] for a variable-length
     code with ``row_offsets`` and ``rows`` (see ``gather.gather_rows``); ``csr``
-    reuses a (perm, offsets) transpose of ``indices``.
+    reuses a (perm, offsets) transpose of ``indices``. ``minus = (t, scale, const)``: dx also
+    gets ``- scale * const * t`` in the gather's pass (a further gradient of x, e.g. an MSE's
+    ``-s * r``), and db_dec is then ``-sum_b`` of that whole dx.
     """
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = W_enc.shape[0]
@@ -45,6 +48,6 @@ def encoder_backward(
     dW_enc = torch.empty_like(W_enc)
     db_enc = torch.empty(F, device=x.device, dtype=torch.float32)
     segment_sum(perm, offsets, xc, K=K, out=dW_enc, element_rows=False, coef=dpre, coef_sum=db_enc, rows=rows)
-    dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets)
+    dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets, minus=minus)
     db_dec = -dx.sum(0) if b_dec is not None else None
     return dx, dW_enc, db_enc, db_dec

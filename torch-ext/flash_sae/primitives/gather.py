@@ -46,6 +46,9 @@ def _gather_rows_kernel(
     target_ptr,  # [B, D] float (HAS_TARGET)
     out_ptr,  # [B, D] out in out's dtype, or fp32 residual (HAS_TARGET); [LEVELS, B, D] with levels
     sq_ptr,  # [B, ND] fp32 partial sum of residual^2 (HAS_TARGET); [LEVELS, B, ND] with levels
+    counts_ptr,  # [F] int64 (COUNT): += 1 for each entry with an id in [0, F) and a value > 0
+    tscale_ptr,  # [] float (MINUS): out = bias + sum - tscale * tscale_const * target
+    tscale_const,
     B,
     K,
     F,
@@ -56,6 +59,8 @@ def _gather_rows_kernel(
     HAS_TARGET: tl.constexpr,
     VARLEN: tl.constexpr,
     LEVELS: tl.constexpr,  # > 0: one residual per prefix level (Matryoshka), snapshot as the walk passes it
+    COUNT: tl.constexpr,  # count the fired entries (integer atomics: exact, order-free), D-block 0 only
+    MINUS: tl.constexpr,  # subtract a scaled target from out (no residual, no sq; not with HAS_TARGET)
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -91,12 +96,18 @@ def _gather_rows_kernel(
                 idx, v = load_latent(idx_ptr, vals_ptr, k, live, F)
                 w = tl.load(w_ptr + idx * D + offs_d, mask=mask_d & (offs_d * 0 + k < end), other=0.0)
                 acc += v * w.to(tl.float32)
+                if COUNT:  # a bad id's value is NaN (load_latent), so it is not counted; relaxed: no fence
+                    fired = live & (v > 0) & (pid_d == 0)
+                    tl.atomic_add(counts_ptr + idx, tl.full([], 1, tl.int64), mask=fired, sem="relaxed")
         if HAS_TARGET:
             t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             r = tl.where(mask_d, acc - t, 0.0)
             tl.store(out_ptr + b * D + offs_d, r, mask=mask_d)
             tl.store(sq_ptr + b * ND + pid_d, tl.sum(r * r, axis=0))
         else:
+            if MINUS:
+                t = tl.load(target_ptr + b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                acc -= (tl.load(tscale_ptr).to(tl.float32) * tscale_const) * t
             tl.store(out_ptr + b * D + offs_d, cast_rtne(acc, out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -144,8 +155,15 @@ def gather_rows(
     out_dtype: torch.dtype | None = None,
     row_offsets: torch.Tensor | None = None,
     level_ends: torch.Tensor | None = None,
+    *,
+    counts: torch.Tensor | None = None,
+    minus: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ):
-    """Without ``target``: returns ``out`` [B, D] in ``out_dtype`` (default: weight's dtype).
+    """Without ``target``: returns ``out`` [B, D] in ``out_dtype`` (default: weight's dtype);
+    with ``minus = (t, scale, const)`` (t [B, D], scale a 0-d float tensor), ``out`` is
+    ``bias + sum - scale * const * t``, the subtraction in fp32 before the one rounding.
+    ``counts`` ([F] int64, not with ``level_ends``): each entry with an id in [0, F) and a
+    value > 0 adds 1 to counts[id] (the fire counts, in the same walk).
 
     With ``target``: returns (residual [B, D] fp32, sq [] fp32) where
     residual = out - target and sq = sum(residual^2).
@@ -161,10 +179,17 @@ def gather_rows(
     F, D = weight.shape
     dev = weight.device
     levels = 0 if level_ends is None else level_ends.shape[1]
+    if (counts is not None and levels) or (minus is not None and target is not None):
+        raise ValueError("gather_rows: counts does not go with level_ends, nor minus with target")
     if not use_triton(weight):
         if levels:
             return _gather_levels_torch(vals, indices, weight, bias, target, row_offsets, level_ends)
-        return _gather_rows_torch(vals, indices, weight, bias, target, out_dtype, row_offsets)
+        if counts is not None:
+            n = B * K if not varlen else int(row_offsets[-1])
+            ids, v = indices.reshape(-1)[:n], vals.reshape(-1)[:n]
+            fired = ((ids >= 0) & (ids < F) & (v > 0)).to(torch.int64)
+            counts.index_add_(0, ids.clamp(0, F - 1).long(), fired)
+        return _gather_rows_torch(vals, indices, weight, bias, target, out_dtype, row_offsets, minus)
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
     has_target = target is not None
@@ -185,9 +210,12 @@ def gather_rows(
             level_ends if levels else indices,
             weight,
             bias if bias is not None else weight,
-            target if has_target else weight,
+            target if has_target else minus[0] if minus is not None else weight,
             out,
             sq,
+            counts if counts is not None else indices,
+            minus[1] if minus is not None else weight,
+            float(minus[2]) if minus is not None else 1.0,
             B,
             K,
             F,
@@ -198,6 +226,8 @@ def gather_rows(
             HAS_TARGET=has_target,
             VARLEN=varlen,
             LEVELS=levels,
+            COUNT=counts is not None,
+            MINUS=minus is not None,
             num_warps=TUNING["gather_warps"],
         )
     if levels:
@@ -207,7 +237,7 @@ def gather_rows(
     return out, sq.sum()
 
 
-def _gather_rows_torch(vals, indices, weight, bias, target, out_dtype=None, row_offsets=None):
+def _gather_rows_torch(vals, indices, weight, bias, target, out_dtype=None, row_offsets=None, minus=None):
     """The plain-torch path: same math, fp32 accumulation, one latent column at a time
     (a variable-length code: one entry at a time, added to its row)."""
     F, D = weight.shape
@@ -230,6 +260,9 @@ def _gather_rows_torch(vals, indices, weight, bias, target, out_dtype=None, row_
         for k in range(K):
             acc += v[:, k, None] * weight[idx[:, k]].float()
     if target is None:
+        if minus is not None:
+            t, scale, const = minus
+            acc -= (scale.float() * const) * t.float()
         return acc.to(out_dtype or weight.dtype)
     r = acc - target.float()
     return r, (r * r).sum()
@@ -300,6 +333,7 @@ def gather_rows_backward(
     level_stride: int = 0,
     row_term: torch.Tensor | None = None,
     row_term_by_coef: bool = True,
+    gated_dots: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
@@ -312,6 +346,8 @@ def gather_rows_backward(
     ([F] int32) ``grad`` stacks one [B, D] block per level and latent f reads block levels[f].
     ``row_term`` ([F] fp32) adds ``row_term[f] * (sum of f's values) * weight[f]`` to dweight[f]
     before its rounding (``csr.segment_sum``); with ``row_term_by_coef`` False, ``row_term[f] * weight[f]``.
+    ``gated_dots``: the dots come back scaled (``scale * scale_const``) where the value is > 0 and 0
+    elsewhere: a ReLU code's gradient at its pre-activations (``csr.segment_sum``).
     """
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = weight.shape[0]
@@ -333,5 +369,6 @@ def gather_rows_backward(
         level_stride=level_stride,
         row_term=row_term,
         row_term_by_coef=row_term_by_coef,
+        gated_dots=gated_dots,
     )
     return dweight, dots.reshape(indices.shape)

@@ -30,6 +30,8 @@ of F whose [B, F_chunk] output stays within ``TUNING["chunk_bytes"]``; no
 row gathered again.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -299,6 +301,7 @@ def _row_select_kernel(
     KS: tl.constexpr,  # output width, >= k, a power of two
     KEY_BITS: tl.constexpr,
     UNPACK: tl.constexpr,  # write (values, ids) [B, k] instead of the sorted packed keys (needs k <= n)
+    RELU: tl.constexpr,  # (UNPACK) write relu(value): a negative value becomes +0.0, a NaN stays NaN
 ):
     """The candidate stage of the selection in one program per row: the k best groups by a bitwise
     search over their max keys (equal maxima: the lower group, whose best entry has the lower id),
@@ -334,6 +337,9 @@ def _row_select_kernel(
             bits = tl.where(vkey >= 0, vkey, vkey ^ 0x7FFF).to(tl.int16)
         else:
             bits = tl.where(vkey >= 0, vkey, vkey ^ 0x7FFFFFFF)
+        if RELU:  # on the bits, compared in fp32 (the interpreter's bf16 compare is not reliable)
+            neg = bits.to(vals_ptr.dtype.element_ty, bitcast=True).to(tl.float32) < 0
+            bits = tl.where(neg, 0, bits).to(bits.dtype)
         val = bits.to(vals_ptr.dtype.element_ty, bitcast=True)
         tl.store(vals_ptr + row * k + j, val, mask=j < k)
         tl.store(ids_ptr + row * k + j, 2147483647 - (ranked & 0xFFFFFFFF), mask=j < k)
@@ -505,10 +511,10 @@ def group_keys_batch(pre: torch.Tensor, f0: int, G: int, groups: torch.Tensor, s
 ROW_SELECT_MAX = 16384  # group keys, and candidates, that one program of ``_row_select_kernel`` holds
 
 
-def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False):
+def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False, relu: bool = False):
     """The chunk's exact top-k with the candidate stage in one kernel: [B, KS] packed int64, sorted
     descending, KEY_NONE past min(k, w); with ``unpack`` (k <= w), (values [B, k] in pre's dtype,
-    int64 ids [B, k]) instead, also sorted."""
+    int64 ids [B, k]) instead, also sorted, the values through a ReLU with ``relu``."""
     B, w = pre.shape
     n_groups = triton.cdiv(w, G)
     gkeys = group_best(pre, f0, G, keys_only=True)
@@ -522,12 +528,13 @@ def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False
     width = max(NG, KG * G)
     _row_select_kernel[(B,)](
         pre, gkeys, scratch, out, vals, ids, w, pre.stride(0), f0, n_groups, k,
-        G=G, NG_BLOCK=NG, KG=KG, KS=KS, KEY_BITS=_key_bits(pre.dtype), UNPACK=unpack,
+        G=G, NG_BLOCK=NG, KG=KG, KS=KS, KEY_BITS=_key_bits(pre.dtype), UNPACK=unpack, RELU=relu,
         num_warps=max(4, min(TUNING["row_select_max_warps"], width // 512)),
     )  # fmt: skip
     return (vals, ids) if unpack else out
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its ints; cached because each step asks twice
 def row_select_fits(w: int, k: int, G: int) -> bool:
     """Whether ``_row_select_kernel`` takes a [*, w] chunk at this k and group size."""
     n_groups = triton.cdiv(w, G)
@@ -541,9 +548,13 @@ def topk_group(w: int, k: int) -> int:
     """The TopK selection's group size G for a chunk of width w: ``TUNING["topk_select_group"]``, or when
     that is 0, the power of two nearest below sqrt(w / k), within [8, 128], which balances the candidate
     kernel's two searches (w / G group keys, k * G candidates; measured in benchmarks/NOTES.md)."""
-    G = TUNING["topk_select_group"]
-    if G:
-        return G
+    return _topk_group(w, k, TUNING["topk_select_group"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _topk_group(w: int, k: int, pinned: int) -> int:
+    if pinned:
+        return pinned
     G = 1 << min(7, max(3, (max(1, w // max(1, k))).bit_length() - 1 >> 1))
     # Past 16384 groups the candidate kernel cannot hold a row's keys: widen G (beyond 128 if need be)
     # so the chunk still fits, when its k*G candidates then fit too (``row_select_fits``).
@@ -668,11 +679,13 @@ def topk_preacts(
     k: int,
     b_dec: torch.Tensor | None,
     columns: tuple[torch.Tensor, torch.Tensor] | None = None,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest pre-activations ``(x - b_dec) @ W_enc.T + b_enc`` of each row, by the rule above.
 
-    Returns (values [B, k] in x's dtype, before any activation; ids [B, k]
-    int64), in descending order. Runs the chunked GEMM; keeps nothing [B, F].
+    Returns (values [B, k] in x's dtype, before any activation, or through ``torch.relu`` with
+    ``relu`` (in the selection kernel where one chunk holds F); ids [B, k] int64), in descending
+    order. Runs the chunked GEMM; keeps nothing [B, F].
     ``columns`` = (ids [C], out [B, C]): also copies those latents' pre-activations into
     ``out`` from the same chunks (``gather_columns``; the dead set of ``ops/_dead.py``).
     """
@@ -684,9 +697,10 @@ def topk_preacts(
         if columns is not None:
             gather_columns(pre, f0, *columns)
         if pre.shape[1] == F and use_triton(pre) and row_select_fits(F, k, G):  # one chunk: values and ids
-            return _row_select(pre, f0, k, G, unpack=True)  # straight from the kernel, already sorted
+            return _row_select(pre, f0, k, G, unpack=True, relu=relu)  # straight from the kernel, sorted
         parts.append(chunk_top_k(pre, f0, k))
-    return merged(parts, k, x.dtype)
+    values, ids = merged(parts, k, x.dtype)
+    return (torch.relu(values) if relu else values), ids
 
 
 # BatchTopK: the n largest entries of a whole batch ----------------------------------

@@ -5,8 +5,9 @@ r = x_hat - x (fp32, kept by the forward) and s = 2 * c * grad:
 
     dW_dec[f], dots  <- the gather's adjoint over r (one segmented pass; dots = <r[b], W_dec[f]>)
     dpre             =  s * dots where the code's value is > 0 (the ReLU's mask), else 0
-    dx, dW_enc, ...  <- the encoder's sparse backward over dpre (``encoder.py``)
-    dx              -=  s * r;   db_dec = s * sum_b r + (the centring's share, -sum_b dx_enc)
+    dx, dW_enc, ...  <- the encoder's sparse backward over dpre (``encoder.py``); its gather of
+                        dx_enc also subtracts s * r, so dx = dx_enc - s * r comes out of one pass
+    db_dec           =  s * sum_b r - sum_b dx_enc (the centring's share) = -sum_b dx
 
 One CSR transpose of the code serves both weight gradients. The code is [B, K] or a
 variable-length one (``row_offsets``; see ``gather.gather_rows``). Used by every step whose
@@ -63,29 +64,35 @@ def mse_step_backward(
     csr = csr_transpose(indices, W_dec.shape[0], in_range=True)  # a code the step selected: ids in [-1, F)
     rows = row_ids(row_offsets, indices.numel()) if row_offsets is not None else None
     s_const = 2.0 / B if per_row else 2.0 / (B * D)
-    s = grad.float() * s_const
+    scale_grad = grad.float()
+    # The plain ReLU gate with nothing added to da: the segmented pass returns dpre itself.
+    fused = gate is None and da_extra is None and not with_da
     dW_dec, dots = gather_rows_backward(
         stacked,
         vals,
         indices,
         W_dec,
-        scale=grad.float(),
+        scale=scale_grad,
         scale_const=s_const,
         csr=csr,
         rows=rows,
         levels=levels,
         level_stride=B,
         row_term=dw_dec_row_term,
+        gated_dots=fused,
     )
-    da = dots * s
-    if da_extra is not None:
-        da = da + da_extra
-    dpre = torch.where(vals > 0 if gate is None else gate, da, 0.0)
-    dx_enc, dW_enc, db_enc, db_dec_enc = encoder_backward(
-        dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows
-    )
-    dx = dx_enc - residual * s
-    db_dec = residual.sum(0) * s + db_dec_enc
+    if fused:
+        dpre = dots
+    else:
+        da = dots * (scale_grad * s_const)
+        if da_extra is not None:
+            da = da + da_extra
+        dpre = torch.where(vals > 0 if gate is None else gate, da, 0.0)
+    # dx = dx_enc - s * r in the encoder gather's pass; db_dec = s * sum_b r - sum_b dx_enc = -sum_b dx
+    dx, dW_enc, db_enc, db_dec = encoder_backward(
+        dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows,
+        minus=(residual, scale_grad, s_const),
+    )  # fmt: skip
     if dx_extra is not None:
         dx = dx + dx_extra
         db_dec = db_dec - dx_extra.sum(0)

@@ -35,7 +35,7 @@ from ..._validation import check_batch_k, check_dead_loss_args, check_step_args
 from ...primitives.gather import gather_rows
 from ...primitives.select import batch_topk_preacts
 from ...primitives.step_backward import mse_step_backward
-from ...results import BatchTopKSAEStep, fire_counts, total_variance
+from ...results import BatchTopKSAEStep, total_variance
 from .._dead import AUXK, MODES, add_slot_grads_, dead_columns, dead_fakes, dead_loss_bwd, dead_loss_fwd
 from .._step import step_grads_fake
 
@@ -57,9 +57,9 @@ def batchtopk_sae_step_fwd(
     B, D = x.shape
     scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
     acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale)
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
     min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
-    counts = fire_counts(vals, indices, W_dec.shape[0])
     return sq / (B * D), sq / total_variance(x), counts, vals, indices, row_offsets, min_act, residual
 
 
@@ -140,9 +140,9 @@ def batchtopk_sae_step_dead_fwd(
     scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
     ids, valid, n_dead, pre_d = dead_columns(x, dead_mask, capacity, dead_offset)
     acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale, columns=(ids, pre_d))
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
     min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
-    counts = fire_counts(vals, indices, W_dec.shape[0])
     aux, A, gate, dE1 = dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu, scale)
     if gate is None:
         gate = x.new_empty(0, dtype=torch.bool)

@@ -41,7 +41,7 @@ from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.encoder import encoder_backward
 from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
 from ...primitives.select import threshold_preacts
-from ...results import GatedSAEStep, fire_counts, total_variance
+from ...results import GatedSAEStep, total_variance
 from .._step import at_entries, cuda_fused
 
 TINY = torch.finfo(torch.float32).tiny
@@ -82,12 +82,12 @@ def gated_sae_step_fwd(
     F = W_dec.shape[0]
     gate, mag, indices, row_offsets, count, dots = gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity)
     vals = torch.relu(mag)  # 0 at the empty slots (their dot and bias are 0)
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    counts = torch.zeros(F, dtype=torch.int64, device=x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
     aux_residual, sq_aux = gather_rows(gate, indices, W_dec, b_dec, x, row_offsets=row_offsets)
     norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
     l1 = (gate.float() * at_entries(norms, indices)).sum() / B
     l0 = (vals > 0).sum().float() / B
-    counts = fire_counts(vals, indices.clamp_min(0), F)
     loss = (sq + sq_aux) / B + l1_coefficient * l1
     return (
         loss, sq / (B * D), l1, sq_aux / B, l0, sq / total_variance(x), counts,

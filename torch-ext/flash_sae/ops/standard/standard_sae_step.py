@@ -35,7 +35,7 @@ from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
-from ...results import StandardSAEStep, fire_counts, total_variance
+from ...results import StandardSAEStep, total_variance
 from .._step import at_entries, cuda_fused, step_grads_fake
 
 TINY = torch.finfo(torch.float32).tiny
@@ -72,11 +72,11 @@ def standard_sae_step_fwd(
     F = W_dec.shape[0]
     zero = torch.zeros(F, dtype=x.dtype, device=x.device)
     vals, indices, row_offsets, count = threshold_preacts(x, W_enc, b_enc, b_dec, zero, 0.0, capacity)
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    counts = torch.zeros(F, dtype=torch.int64, device=x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
     norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
     l1 = (vals.float() * at_entries(norms, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
-    counts = fire_counts(vals, indices.clamp_min(0), F)
     loss = sq / B + l1_coefficient * l1
     return (
         loss,

@@ -44,9 +44,9 @@ def matryoshka_topk_sae_step_fwd(
 ]:  # fmt: skip
     """Returns (loss, level_losses, fvu, fire_counts, vals, indices, row_offsets, min_act, residuals [G, B, D])."""
     B = x.shape[0]
-    values, ids = topk_preacts(x, W_enc, b_enc, k, b_dec)
+    values, ids = topk_preacts(x, W_enc, b_enc, k, b_dec, relu=True)
     ids, order = ids.sort(dim=1)  # by latent id inside each row: each level is a prefix of the row
-    vals = torch.relu(values.gather(1, order)).view(-1)
+    vals = values.gather(1, order).view(-1)
     indices = ids.view(-1)
     row_offsets = torch.arange(B + 1, device=x.device) * k
     loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd(

@@ -31,8 +31,7 @@ def topk_encode_fwd(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor | None, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (vals [B, k] in x's dtype, indices [B, k] int64), in descending order."""
-    values, indices = topk_preacts(x, W_enc, b_enc, k, b_dec)
-    return torch.relu(values), indices
+    return topk_preacts(x, W_enc, b_enc, k, b_dec, relu=True)
 
 
 def topk_encode_fwd_fake(x, W_enc, b_enc, b_dec, k):

@@ -40,7 +40,7 @@ from ..._validation import check_dead_loss_args, check_step_args
 from ...primitives.gather import gather_rows
 from ...primitives.select import topk_preacts
 from ...primitives.step_backward import mse_step_backward
-from ...results import TopKSAEStep, fire_counts, total_variance
+from ...results import TopKSAEStep, total_variance
 from .._dead import AUXK, MODES, add_slot_grads_, dead_columns, dead_fakes, dead_loss_bwd, dead_loss_fwd
 from .._step import step_grads_fake
 
@@ -52,10 +52,10 @@ def topk_sae_step_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, fvu, fire_counts, vals, indices, residual)."""
     B, D = x.shape
-    values, indices = topk_preacts(x, W_enc, b_enc, k, b_dec)
-    vals = torch.relu(values)
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x)
-    return sq / (B * D), sq / total_variance(x), fire_counts(vals, indices, W_dec.shape[0]), vals, indices, residual
+    vals, indices = topk_preacts(x, W_enc, b_enc, k, b_dec, relu=True)
+    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, counts=counts)
+    return sq / (B * D), sq / total_variance(x), counts, vals, indices, residual
 
 
 def topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k):
@@ -126,14 +126,13 @@ def topk_sae_step_dead_fwd(
     """Returns (loss, aux_loss, fvu, fire_counts, vals, indices, residual, A, gate, dE1, ids, valid)."""
     B, D = x.shape
     ids, valid, n_dead, pre_d = dead_columns(x, dead_mask, capacity, dead_offset)
-    values, indices = topk_preacts(x, W_enc, b_enc, k, b_dec, columns=(ids, pre_d))
-    vals = torch.relu(values)
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x)
+    vals, indices = topk_preacts(x, W_enc, b_enc, k, b_dec, columns=(ids, pre_d), relu=True)
+    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, counts=counts)
     aux, A, gate, dE1 = dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu)
     if gate is None:
         gate = x.new_empty(0, dtype=torch.bool)
     mse = sq / (B * D)
-    counts = fire_counts(vals, indices, W_dec.shape[0])
     return mse + aux_coef * aux, aux, sq / total_variance(x), counts, vals, indices, residual, A, gate, dE1, ids, valid
 
 
