@@ -78,3 +78,73 @@ def test_topk_sae_step_compile(fs, device):
             up = torch.tensor(-1.1, device=device)
             for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# What an eager step launches (issue 13, item 2): every launch costs host time, and at small shapes the
+# host sets the step's eager time. Counted here so that a change adding launches shows up in review.
+STEP_TRITON_LAUNCHES = [
+    "_group_best_kernel",  # forward: the selection's group maxima
+    "_row_select_kernel",  # the candidate stage, with the ReLU
+    "_gather_rows_kernel",  # decode, residual, squared error and fire counts
+    "_segment_sum_kernel",  # backward: dW_dec and dpre
+    "_segment_sum_kernel",  # dW_enc and db_enc
+    "_gather_rows_kernel",  # dx (with -s * r)
+]
+STEP_TORCH_OP_BUDGET = 18  # measured 18 with torch 2.11 / 2.13 (NOTES: 39 kernels + 10 memsets -> 24 + 8 on the GPU)
+NO_LAUNCH = {  # views, metadata and allocation: no kernel
+    "view", "_unsafe_view", "detach", "slice", "select", "permute", "t", "expand", "unsqueeze", "squeeze",
+    "alias", "as_strided", "reshape", "empty", "empty_like", "new_empty", "empty_strided", "lift_fresh",
+}  # fmt: skip
+
+
+@pytest.mark.kernels_ci
+def test_topk_sae_step_launch_budget(fs, device, monkeypatch):
+    """One fp32 step (forward + backward) launches the six Triton kernels above and at most
+    STEP_TORCH_OP_BUDGET torch ops that compute (views and allocations not counted)."""
+    from parity import package_module
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inside, launched = [0], []
+
+    class Counted:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launched.append(self.name)
+                inside[0] += 1  # the interpreter's own tensor handling is not the step's
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    inside[0] -= 1
+
+            return run
+
+    for module_name in ("primitives.gather", "primitives.csr", "primitives.select"):
+        module = package_module(fs, module_name)
+        for attr in dir(module):
+            if attr.endswith("_kernel") and hasattr(getattr(module, attr), "fn"):
+                monkeypatch.setattr(module, attr, Counted(getattr(module, attr), attr))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and func.overloadpacket.__name__ not in NO_LAUNCH:
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    params = list(make_sae(5, 17, 40, 6, torch.float32, device, seed=1))
+    fs.topk_sae_step(*params, 6).loss.backward()  # compile and warm up outside the count
+    for p in params:
+        p.grad = None
+    launched.clear()
+    with Ops() as mode:
+        fs.topk_sae_step(*params, 6).loss.backward()
+    assert launched == STEP_TRITON_LAUNCHES
+    assert len(mode.ops) <= STEP_TORCH_OP_BUDGET, f"{len(mode.ops)} torch ops: {mode.ops}"
