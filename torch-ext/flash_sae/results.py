@@ -117,6 +117,7 @@ def fire_counts(vals: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tens
 def total_variance(x: torch.Tensor) -> torch.Tensor:
     """sum over the batch of (x - mean_b x)^2, in fp32 (the FVU's denominator); 0 for B = 1.
 
-    B times the columns' summed population variances (torch's one-pass Welford reduction: three
-    launches where the mean, the centring, the square and the sum took four)."""
-    return x.float().var(0, correction=0).sum() * x.shape[0]
+    Each column's sum of squared deviations is torch's one-pass (Welford) variance with the
+    correction B - 1, i.e. divided by 1: two launches where the mean, the centring, the square and
+    the sum took four."""
+    return x.float().var(0, correction=x.shape[0] - 1).sum()

@@ -49,6 +49,7 @@ def _segment_sum_kernel(
     csum_ptr,  # [F] fp32 out: scaled sum of the segment's coefficients (HAS_CSUM)
     row_ptr,  # [F] fp32: out[f] also gets row[f] * (sum of the segment's coefficients) * w[f] (ROW_TERM),
     # or row[f] * w[f] (ROW_TERM and not ROW_BY_CSUM)
+    sbias_ptr,  # [width] float: subtracted (in fp32) from every row of src (SRC_BIAS)
     N,
     K,
     D,
@@ -69,6 +70,7 @@ def _segment_sum_kernel(
     ROW_TERM: tl.constexpr,
     ROW_BY_CSUM: tl.constexpr,
     GATED_DOTS: tl.constexpr,  # (HAS_DOTS, HAS_COEF) dots * the scale where coef > 0, else 0
+    SRC_BIAS: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -95,6 +97,8 @@ def _segment_sum_kernel(
             scale = scale * tl.load(scale_ptr).to(tl.float32)
     if HAS_DOTS:
         dots_blk = dots_ptr + pid_d.to(tl.int64) * N
+    if SRC_BIAS:
+        sbias = tl.load(sbias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     for i0 in range(start, end, UNROLL):
         for u in tl.static_range(UNROLL):
             i = i0 + u
@@ -108,6 +112,8 @@ def _segment_sum_kernel(
                 row = e // K + row_base
             live_c = mask_c & (offs_c * 0 + i < end)
             x = tl.load(src_ptr + row * stride_src + offs_c, mask=live_c, other=0.0).to(tl.float32)
+            if SRC_BIAS:
+                x = tl.where(live_c, x - sbias, 0.0)
             if HAS_COEF:
                 c = tl.load(coef_ptr + e, mask=live, other=0.0).to(tl.float32)
                 acc += c * x
@@ -177,6 +183,7 @@ def segment_sum(
     row_term: torch.Tensor | None = None,
     row_term_by_coef: bool = True,
     gated_dots: bool = False,
+    src_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
 
@@ -197,6 +204,8 @@ def segment_sum(
     ``gated_dots`` (needs ``weight`` and ``coef``): each dot is multiplied by the sum's scale
     (``scale_const * scale``) where its coefficient is > 0 and is 0 elsewhere (a ReLU code's
     gradient at the pre-activations, with no [N] pass of its own); per D-block of the window.
+    ``src_bias`` ([src.shape[1]]): subtracted in fp32 from every row of ``src`` as it is read (the
+    encoder's centring x - b_dec, without an fp32 copy of it).
     """
     F, D = out.shape
     N = perm.numel()
@@ -226,6 +235,7 @@ def segment_sum(
             row_term,
             row_term_by_coef,
             gated_dots,
+            src_bias,
         )
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
@@ -244,6 +254,7 @@ def segment_sum(
         dots if want_dots else dummy,
         coef_sum if coef_sum is not None else dummy,
         row_term if row_term is not None else dummy,
+        src_bias if src_bias is not None else dummy,
         N,
         K,
         D,
@@ -264,6 +275,7 @@ def segment_sum(
         ROW_TERM=row_term is not None,
         ROW_BY_CSUM=row_term is not None and row_term_by_coef,
         GATED_DOTS=gated_dots,
+        SRC_BIAS=src_bias is not None,
         num_warps=TUNING["segment_warps"],
     )
     if not want_dots:
@@ -290,6 +302,7 @@ def _segment_sum_torch(
     row_term=None,
     row_term_by_coef=True,
     gated_dots=False,
+    src_bias=None,
 ):
     """Plain-torch path for CPU tensors: the same sums."""
     F = out.shape[0]
@@ -301,6 +314,8 @@ def _segment_sum_torch(
     if levels is not None:
         row_of = row_of + levels[latent].long() * level_stride
     x = src[row_of].float()
+    if src_bias is not None:
+        x = x - src_bias.float()
     contrib = x * coef.reshape(-1)[e].float()[:, None] if coef is not None else x
     acc = torch.zeros(F, width, dtype=torch.float32, device=src.device)
     acc.index_add_(0, latent, contrib)

@@ -44,10 +44,13 @@ def encoder_backward(
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = W_enc.shape[0]
     perm, offsets = csr if csr is not None else csr_transpose(indices, F)
-    xc = x.float() - b_dec.float() if b_dec is not None else x
     dW_enc = torch.empty_like(W_enc)
     db_enc = torch.empty(F, device=x.device, dtype=torch.float32)
-    segment_sum(perm, offsets, xc, K=K, out=dW_enc, element_rows=False, coef=dpre, coef_sum=db_enc, rows=rows)
+    bias = b_dec.contiguous() if b_dec is not None else None
+    segment_sum(  # over the rows of x - b_dec, centred in fp32 as they are read
+        perm, offsets, x.contiguous(), K=K, out=dW_enc, element_rows=False, coef=dpre, coef_sum=db_enc, rows=rows,
+        src_bias=bias,
+    )  # fmt: skip
     dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets, minus=minus)
     db_dec = -dx.sum(0) if b_dec is not None else None
     return dx, dW_enc, db_enc, db_dec
