@@ -19,7 +19,8 @@ touched weight row once. (Computing the dots in the forward's walk instead
 was measured slower: the second walk missed L2; benchmarks/NOTES.md.)
 
 Precision: fp32 accumulation; stores round to nearest-even. Deterministic: no
-atomics. Shapes: any B >= 0, K >= 0, F >= 1, D >= 1; int64 offsets, so F*D and
+float atomics (the optional fire counts are integer atomic adds, exact in any
+order). Shapes: any B >= 0, K >= 0, F >= 1, D >= 1; int64 offsets, so F*D and
 B*D may pass 2^31. An id outside [0, F) reads an in-bounds row and poisons its
 output row with NaN (``triton_utils.load_latent``).
 """

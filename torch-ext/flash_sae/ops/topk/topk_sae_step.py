@@ -21,8 +21,8 @@ the ``topk_encode`` / ``topk_sae_loss`` ops.
 
 Statistics returned without a host sync: the fraction of variance unexplained
 (sum r^2 over the batch's total variance about its mean; undefined, inf or
-NaN, for B = 1) and the per-latent fire counts (slots with a value > 0, an
-integer scatter-add, so exact and deterministic); L0 is k by construction
+NaN, for B = 1) and the per-latent fire counts (slots with a value > 0, integer
+atomic adds in the decode gather, so exact and deterministic); L0 is k by construction
 (slots whose pre-activation was <= 0 hold value 0).
 
 Bytes: the encoder GEMM's pre-activations (written once, read once, chunked
