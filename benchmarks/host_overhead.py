@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import DTYPES, load_kernel, make_step_problem  # noqa: E402
+from side_by_side import DTYPES, graph_ms, load_kernel, make_step_problem  # noqa: E402
 
 WRAPPED = (  # (module suffix, function): the primitives a step calls, timed where they are looked up
     ("_validation", "check_step_args"),
@@ -103,26 +103,6 @@ def step_fn(fs, op, params, K):
             p.grad = None
 
     return step
-
-
-def graph_gpu_ms(step, params):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()  # it sets the grads to None at its end, so each replay is self-contained
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
-    start.record()
-    for _ in range(50):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 50
 
 
 def eager_gpu(step, n=50):
@@ -212,7 +192,7 @@ def main():
     if device == "cuda":
         span, kernel_us, calls = eager_gpu(step)
         print(f"  eager: GPU timeline us per step {span:.0f}, of which in kernels {kernel_us:.0f} (profiled)")
-        print(f"  CUDA-graph GPU us per step {graph_gpu_ms(step, params) * 1e3:.0f}")
+        print(f"  CUDA-graph GPU us per step {graph_ms(step) * 1e3:.0f}")  # the step clears grads: replays repeat
         print(f"  driver calls per step {calls}")
     total, parts = breakdown(fs, step, 50)
     print(f"\n  host breakdown, us per step (total {total:.0f}, wrapped calls timed at their outermost level):")

@@ -51,6 +51,16 @@ def counts_formula(vals, ids, row_offsets, F):
     return want
 
 
+CODES = dict(  # the drawn codes: B = 1, K = 1, tiny F, odd D and D past one 256-wide block, all dtypes
+    B=st.integers(1, 5),
+    K=st.integers(1, 9),
+    F=st.integers(1, 40),
+    D=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    varlen=st.booleans(),
+)
+
+
 @pytest.fixture(params=["kernel", "torch"])
 def path(request, fs, device, monkeypatch):
     if request.param == "torch":
@@ -62,15 +72,7 @@ def path(request, fs, device, monkeypatch):
 
 @pytest.mark.kernels_ci
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # `path` holds for every example
-@given(
-    B=st.integers(1, 5),
-    K=st.integers(1, 9),
-    F=st.integers(1, 40),
-    D=st.integers(1, 300),
-    dtype=st.sampled_from(DTYPES),
-    varlen=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**CODES, seed=st.integers(0, 2**16))
 def test_gather_rows_counts(fs, device, path, B, K, F, D, dtype, varlen, seed):
     """counts[f] += 1 per walked entry with id f in [0, F) and a value > 0; the outputs are unchanged."""
     gather = package_module(fs, "primitives.gather")
@@ -89,16 +91,7 @@ def test_gather_rows_counts(fs, device, path, B, K, F, D, dtype, varlen, seed):
 
 @pytest.mark.kernels_ci
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # `path` holds for every example
-@given(
-    B=st.integers(1, 5),
-    K=st.integers(1, 9),
-    F=st.integers(1, 40),
-    D=st.integers(1, 300),
-    dtype=st.sampled_from(DTYPES),
-    varlen=st.booleans(),
-    const=st.sampled_from([1.0, -0.5, 2.0 / 3.0]),
-    seed=st.integers(0, 2**16),
-)
+@given(**CODES, const=st.sampled_from([1.0, -0.5, 2.0 / 3.0]), seed=st.integers(0, 2**16))
 def test_gather_rows_minus(fs, device, path, B, K, F, D, dtype, varlen, const, seed):
     """out = bias + sum - scale * const * t, subtracted in fp32 before the one rounding."""
     gather = package_module(fs, "primitives.gather")
