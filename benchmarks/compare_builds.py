@@ -51,6 +51,7 @@ def main():
     parser.add_argument(
         "--scale", action="store_true", help="also the step at F = 2^20 (B = 4096, D = 2048, K = 64, bf16)"
     )
+    parser.add_argument("--steps-only", action="store_true", help="only topk_sae_step (not the decoder losses)")
     args = parser.parse_args()
     builds = {"before": load_build(args.before), "after": load_kernel()}
     gpu = torch.cuda.get_device_name()
@@ -58,7 +59,7 @@ def main():
         f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}; builds: {[m.__name__ for m in builds.values()]}"
     )
     cases = []
-    for op in LOSS_OPS:
+    for op in LOSS_OPS if not args.steps_only else ():
         for B, D, F, K in SHAPES:
             cases.append((op, "bf16", B, D, F, K))
     cases += [("topk_sae_step", *shape) for shape in STEP_SHAPES]

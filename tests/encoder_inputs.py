@@ -31,12 +31,40 @@ def tuning(fs):
     return package_module(fs, "_launch").TUNING
 
 
+def assert_gemm_close(pre, xc, W, b):
+    """``pre`` [B, w] (a dtype) is torch's ``addmm(b, xc, W.T)`` up to the summation order: equal, or apart by
+    at most one unit in the last place of the dtype plus both fp32 accumulations' error bound,
+    D * 2^-24 * sum |x_i w_i| each (a sum in another order rounds differently only that far)."""
+    theirs = torch.addmm(b, xc, W.T)
+    a, r = pre.double(), theirs.double()
+    top = torch.maximum(a.abs(), r.abs()).clamp_min(torch.finfo(pre.dtype).tiny)
+    ulp = torch.finfo(pre.dtype).eps * torch.exp2(torch.floor(torch.log2(top)))
+    absum = xc.double().abs() @ W.double().abs().T + b.double().abs()
+    bound = ulp + 2 * xc.shape[1] * 2.0**-24 * absum
+    close = (a == r) | (a.isnan() & r.isnan()) | ((a - r).abs() <= bound)
+    assert close.all(), f"not torch's addmm up to the summation order at {int((~close).sum())} entries"
+
+
+def selected_preacts(fs, x, W_enc, b_enc, k, b_dec):
+    """The same-dtype pre-activations a TopK selection of ``k`` ran on, [B, F]: the package's GEMM output
+    chunk by chunk (``select.pre_chunks`` as ``topk_preacts`` calls it: torch's ``addmm``, or where it
+    applies the fused GEMM of ``primitives/preacts_gemm.py``, which sums in its own order), checked to be
+    torch's up to the summation order (``assert_gemm_close``)."""
+    sel = package_module(fs, "primitives.select")
+    with torch.no_grad():
+        xc = x - b_dec if b_dec is not None else x
+        pre = torch.cat([p.clone() for _, p, _ in sel.pre_chunks(xc, W_enc, b_enc, k)], dim=1)
+        assert_gemm_close(pre, xc, W_enc, b_enc)
+    return pre
+
+
 def check_selection(fs, x, W_enc, b_enc, k, b_dec, vals, indices):
-    """The code is exactly the reference's top-k of the same-dtype pre-activations, tie rule included,
-    and a valid top-k of the exact (fp64) pre-activations up to the dtype's rounding of them."""
+    """The code is exactly the reference's top-k of the same-dtype pre-activations it was selected from
+    (``selected_preacts``), tie rule included, and a valid top-k of the exact (fp64) pre-activations up
+    to the dtype's rounding of them."""
     ref = fs.reference
     with torch.no_grad():
-        pre = ref.encoder_preacts(x, W_enc, b_enc, b_dec)
+        pre = selected_preacts(fs, x, W_enc, b_enc, k, b_dec)
         r_vals, r_idx = ref.topk_select(pre, k)
         assert torch.equal(indices.cpu(), r_idx.cpu()), "selection differs from the reference tie rule"
         assert torch.equal(vals.cpu(), torch.relu(r_vals).cpu())
@@ -141,9 +169,11 @@ def check_step_parity(fs, shape, dtype, device, *, seed):
 __all__ = [
     "ATOL",
     "STEP_NAMES",
+    "assert_gemm_close",
     "check_encode_parity",
     "check_encoder_grads",
     "check_selection",
+    "selected_preacts",
     "check_step_parity",
     "encoder_upstream",
     "make_sae",

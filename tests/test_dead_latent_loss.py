@@ -6,7 +6,7 @@ own AuxK losses and gradients are checked in ``test_dead_latent_peers.py``."""
 
 import pytest
 import torch
-from encoder_inputs import STEP_NAMES, make_sae
+from encoder_inputs import STEP_NAMES, make_sae, selected_preacts
 from hypothesis import given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_parity, grads, raw_op, rel_err
@@ -93,7 +93,13 @@ def check_dead_step(fs, step, problem, dtype, device, mode, relu, eg, rescale, s
     aux_mask = None
     if mode == "auxk":
         with torch.no_grad():
-            pre = ref.encoder_preacts(*(params[i] for i in (0, 1, 2, 4)))
+            x, W_enc, b_enc, b_dec = (params[i] for i in (0, 1, 2, 4))
+            # the TopK step copies the dead columns out of the chunks it selects from (its own GEMM's)
+            pre = (
+                selected_preacts(fs, x, W_enc, b_enc, kk, b_dec)
+                if step == "topk"
+                else ref.encoder_preacts(x, W_enc, b_enc, b_dec)
+            )
             scale = params[3].detach().norm(dim=1) if rescale else None
             expect = ref.auxk_select(pre, dead_set, k_aux, scale)
             if relu:

@@ -3,7 +3,7 @@ level's loss and every gradient vs fp64; one level equals the TopK step; determi
 
 import pytest
 import torch
-from encoder_inputs import STEP_NAMES, make_sae, step_upstream
+from encoder_inputs import STEP_NAMES, make_sae, selected_preacts, step_upstream
 from hypothesis import given
 from hypothesis import strategies as st
 from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op, rel_err
@@ -23,11 +23,12 @@ def problems(draw):
 
 
 def check_code(fs, params, K, out):
-    """The code is the reference's per-row top-K of the same-dtype pre-activations, sorted by latent id."""
+    """The code is the reference's per-row top-K of the same-dtype pre-activations (those it was selected
+    from: ``selected_preacts``), sorted by latent id."""
     x, W_enc, b_enc, _, b_dec = params
     B = x.shape[0]
     with torch.no_grad():
-        pre = fs.reference.encoder_preacts(x, W_enc, b_enc, b_dec)
+        pre = selected_preacts(fs, x, W_enc, b_enc, K, b_dec)
         r_vals, r_idx = fs.reference.topk_select(pre, K)
     ids, order = r_idx.sort(dim=1)
     assert torch.equal(out.indices.view(B, K).cpu(), ids.cpu()), "selection differs from the reference tie rule"

@@ -55,6 +55,14 @@ TUNING = {
     "row_select_max_warps": 16,
     "topk_select_group": 0,
     "chunk_bytes": 2 * 2**30,
+    # The encoder GEMM with the group pass in its epilogue (``primitives/preacts_gemm.py``; bf16 and
+    # fp16 on Hopper): whether the TopK selection uses it instead of cuBLAS + ``_group_best_kernel``,
+    # its (BM, BN, BK) tile, M-grouping, warps and pipeline stages (``benchmarks/preacts_gemm.py``).
+    "preacts_gemm": True,
+    "preacts_gemm_tile": (128, 256, 64),
+    "preacts_gemm_group_m": 8,
+    "preacts_gemm_warps": 8,
+    "preacts_gemm_stages": 3,
     # hierarchical_topk_sae_loss: cap on the backward's contribution buffer
     # [B*K, window] (bf16 for bf16 weights, else fp32), which bounds its transient memory.
     "hierarchical_buffer_bytes": 512 * 2**20,

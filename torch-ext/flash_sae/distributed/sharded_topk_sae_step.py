@@ -59,7 +59,7 @@ def sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand):
     """Each row's best ``n_cand`` local entries as packed (value, global id) int64 keys, [B, n_cand]
     (KEY_NONE where the shard holds fewer latents)."""
     xc = x - b_dec
-    parts = [chunk_top_k(pre, f0 + c0, k) for c0, pre in pre_chunks(xc, W_enc, b_enc)]
+    parts = [chunk_top_k(pre, f0 + c0, k, gkeys) for c0, pre, gkeys in pre_chunks(xc, W_enc, b_enc, k)]
     local = torch.cat(parts, dim=1)
     local = torch.topk(local, min(n_cand, local.shape[1]), dim=1, sorted=False).values
     if local.shape[1] < n_cand:

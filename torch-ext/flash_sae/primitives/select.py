@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .._launch import TUNING, use_triton
+from . import preacts_gemm
 from .compact import top_positions
 from .triton_utils import cast_rtne
 
@@ -511,13 +512,15 @@ def group_keys_batch(pre: torch.Tensor, f0: int, G: int, groups: torch.Tensor, s
 ROW_SELECT_MAX = 16384  # group keys, and candidates, that one program of ``_row_select_kernel`` holds
 
 
-def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False, relu: bool = False):
+def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False, relu: bool = False, gkeys=None):
     """The chunk's exact top-k with the candidate stage in one kernel: [B, KS] packed int64, sorted
     descending, KEY_NONE past min(k, w); with ``unpack`` (k <= w), (values [B, k] in pre's dtype,
-    int64 ids [B, k]) instead, also sorted, the values through a ReLU with ``relu``."""
+    int64 ids [B, k]) instead, also sorted, the values through a ReLU with ``relu``. ``gkeys``: the
+    chunk's group keys when the GEMM's epilogue wrote them (``preacts_gemm``), else computed here."""
     B, w = pre.shape
     n_groups = triton.cdiv(w, G)
-    gkeys = group_best(pre, f0, G, keys_only=True)
+    if gkeys is None:
+        gkeys = group_best(pre, f0, G, keys_only=True)
     NG = triton.next_power_of_2(n_groups)
     KG = triton.next_power_of_2(min(k, n_groups))
     KS = triton.next_power_of_2(k)
@@ -562,13 +565,14 @@ def _topk_group(w: int, k: int, pinned: int) -> int:
     return wide if row_select_fits(w, k, wide) else G
 
 
-def chunk_top_k(pre: torch.Tensor, f0: int, k: int) -> torch.Tensor:
+def chunk_top_k(pre: torch.Tensor, f0: int, k: int, gkeys: torch.Tensor | None = None) -> torch.Tensor:
     """The exact top-k entries of a [B, w] chunk whose column 0 is latent f0, packed; [B, >= min(k, w)],
-    KEY_NONE in any further slots. Sorted descending when ``_row_select_kernel`` ran (``row_select_fits``)."""
+    KEY_NONE in any further slots. Sorted descending when ``_row_select_kernel`` ran (``row_select_fits``).
+    ``gkeys``: the chunk's group keys for ``topk_group(w, k)`` when the GEMM wrote them (``pre_chunks``)."""
     B, w = pre.shape
     G = topk_group(w, k)
     if use_triton(pre) and row_select_fits(w, k, G):
-        return _row_select(pre, f0, k, G)
+        return _row_select(pre, f0, k, G, gkeys=gkeys)
     if _key_bits(pre.dtype) == 16 and triton.cdiv(w, G) <= 65536 and k * G < 65536:
         return _chunk_top_k_32(pre, f0, k, G)
     best = group_best(pre, f0, G)
@@ -658,8 +662,11 @@ def row_top(pre: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, k: int, s
     return act, gate.view(torch.bool)
 
 
-def pre_chunks(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor):
-    """Yields (first latent, [B, w] pre-activations) over chunks of F, reusing one buffer."""
+def pre_chunks(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int | None = None):
+    """Yields (first latent, [B, w] pre-activations, group keys or None) over chunks of F, reusing one
+    buffer. With ``k`` (a TopK selection's), a chunk that ``preacts_gemm.fits`` comes from the GEMM
+    whose epilogue also wrote its group keys for G = ``topk_group(w, k)`` (``_row_select``'s
+    ``gkeys``); otherwise cuBLAS writes it and the keys are None."""
     B, F = xc.shape[0], W_enc.shape[0]
     G = TUNING["select_group"]
     width = max(G, TUNING["chunk_bytes"] // max(1, B * xc.element_size()) // G * G)
@@ -668,8 +675,13 @@ def pre_chunks(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor):
     for f0 in range(0, F, width):
         w = min(F, f0 + width) - f0
         pre = buf[: B * w].view(B, w)
-        torch.addmm(b_enc[f0 : f0 + w], xc, W_enc[f0 : f0 + w].T, out=pre)
-        yield f0, pre
+        W, b = W_enc[f0 : f0 + w], b_enc[f0 : f0 + w]
+        Gk = topk_group(w, k) if k is not None else 0
+        if Gk and row_select_fits(w, k, Gk) and preacts_gemm.fits(xc, W, pre, Gk):
+            yield f0, pre, preacts_gemm.preacts_group_keys(xc, W, b, Gk, pre)
+            continue
+        torch.addmm(b, xc, W.T, out=pre)
+        yield f0, pre, None
 
 
 def topk_preacts(
@@ -693,12 +705,12 @@ def topk_preacts(
     F = W_enc.shape[0]
     G = topk_group(F, k)
     parts = []
-    for f0, pre in pre_chunks(xc, W_enc, b_enc):
+    for f0, pre, gkeys in pre_chunks(xc, W_enc, b_enc, k):
         if columns is not None:
             gather_columns(pre, f0, *columns)
         if pre.shape[1] == F and use_triton(pre) and row_select_fits(F, k, G):  # one chunk: values and ids
-            return _row_select(pre, f0, k, G, unpack=True, relu=relu)  # straight from the kernel, sorted
-        parts.append(chunk_top_k(pre, f0, k))
+            return _row_select(pre, f0, k, G, unpack=True, relu=relu, gkeys=gkeys)  # from the kernel, sorted
+        parts.append(chunk_top_k(pre, f0, k, gkeys))
     values, ids = merged(parts, k, x.dtype)
     return (torch.relu(values) if relu else values), ids
 
@@ -751,7 +763,7 @@ def batch_topk_preacts(
     B, F = x.shape[0], W_enc.shape[0]
     xc = x - b_dec if b_dec is not None else x
     parts = []
-    for f0, pre in pre_chunks(xc, W_enc, b_enc):
+    for f0, pre, _ in pre_chunks(xc, W_enc, b_enc):
         parts.append(_batch_chunk_top_n(pre, f0, n, scale))
         if columns is not None:
             gather_columns(pre, f0, *columns)
@@ -842,7 +854,7 @@ def threshold_preacts(
     raw = torch.zeros(capacity, dtype=x.dtype, device=x.device)
     count = torch.zeros((), dtype=torch.int64, device=x.device)
     chunks = 0
-    for f0, pre in pre_chunks(xc, W_enc, b_enc):
+    for f0, pre, _ in pre_chunks(xc, W_enc, b_enc):
         count = threshold_collect(pre, f0, F, theta, bandwidth, scale, flat, raw, count)
         chunks += 1
     if chunks > 1:  # each chunk filled its slots in row-major order; the code wants (row, latent) order
