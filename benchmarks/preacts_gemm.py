@@ -3,14 +3,16 @@
 
 Timed in one process with CUDA graphs, bf16:
 
-1. shipped: cuBLAS ``torch.addmm`` writes the pre-activations, ``select._group_best_kernel`` reads
-   them whole for the group keys, ``select._row_select_kernel`` picks the top k;
-2. a Triton GEMM (below) whose epilogue writes the pre-activations and the group keys, then the
-   same ``_row_select_kernel`` (its ``gkeys`` argument), so the whole-tensor read goes.
+1. the default: cuBLAS ``torch.addmm`` writes the pre-activations, ``select._group_best_kernel``
+   reads them whole for the group keys, ``select._row_select_kernel`` picks the top k;
+2. a Triton GEMM whose epilogue writes the pre-activations and the group keys, then the same
+   ``_row_select_kernel`` (its ``gkeys`` argument), so the whole-tensor read goes.
 
-    python benchmarks/preacts_gemm.py [--configs all|first]
+    python benchmarks/preacts_gemm.py [--configs all|first]   # the design sweep (kernels below)
+    python benchmarks/preacts_gemm.py --ab N                   # the package's fused GEMM, A/B
 
-Two GEMMs: ``_preacts_gemm_kernel`` (pointer loads, one program per tile) and
+The sweep's two GEMMs, defined here (the package ships the second's final form as
+``primitives/preacts_gemm.py``, opt-in): ``_preacts_gemm_kernel`` (pointer loads, one program per tile) and
 ``_preacts_gemm_tma_kernel`` (persistent, TMA loads and stores; flattened tile loop or not,
 warp-specialized or not, the keys from the rounded tile or from the fp32 group maxima, or no keys
 at all to time the epilogue's share). For each shape: cuBLAS and each stage alone, each variant's
@@ -35,6 +37,19 @@ from side_by_side import graph_ms, load_kernel  # noqa: E402
 
 def package_module(fs, name):
     return importlib.import_module(f"{fs.__name__}.{name}")
+
+
+FS = load_kernel()
+tile_coords = package_module(FS, "primitives.preacts_gemm").tile_coords  # the kernels below share it
+
+
+def problem(B, D, F):
+    """x, W_enc, b_enc (bf16, scaled like a trained SAE) and an output buffer for the pre-activations."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, D, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(F, D, device="cuda", generator=g) / D**0.5).bfloat16()
+    b = (torch.randn(F, device="cuda", generator=g) * 0.1).bfloat16()
+    return x, W, b, torch.empty(B, F, device="cuda", dtype=torch.bfloat16)
 
 
 SHAPES = [(2048, 2304, 65536, 32), (1024, 4096, 65536, 64), (2048, 2304, 65536, 128), (4096, 2048, 262144, 64)]
@@ -84,11 +99,7 @@ def _preacts_gemm_kernel(
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BM)
     tiles_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = tile_coords(pid, tiles_m, tiles_n, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -153,12 +164,8 @@ def _preacts_gemm_tma_kernel(
     tiles_m = tl.cdiv(M, BM)
     tiles_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
-    per_group = GROUP_M * tiles_n
     for tile in tl.range(start, tiles_m * tiles_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        first_m = (tile // per_group) * GROUP_M
-        size_m = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % size_m
-        pid_n = (tile % per_group) // size_m
+        pid_m, pid_n = tile_coords(tile, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BM, ki * BK])
@@ -228,18 +235,14 @@ def main():
         "--ab", type=int, default=0, help="instead: N rounds alternating the shipped path and the fused one"
     )
     args = parser.parse_args()
-    fs = load_kernel()
+    fs = FS
     sel = package_module(fs, "primitives.select")
     configs = CONFIGS if args.configs == "all" else CONFIGS[:1]
     if args.ab:
-        return alternate(sel, args.ab)
+        return alternate(fs, sel, args.ab)
     print(f"# preacts_gemm on {torch.cuda.get_device_name()}, torch {torch.__version__}, {date.today()}", flush=True)
     for B, D, F, K in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(B, D, device="cuda", generator=g).bfloat16()
-        W = (torch.randn(F, D, device="cuda", generator=g) / D**0.5).bfloat16()
-        b = (torch.randn(F, device="cuda", generator=g) * 0.1).bfloat16()
-        pre = torch.empty(B, F, device="cuda", dtype=torch.bfloat16)
+        x, W, b, pre = problem(B, D, F)
         G = sel.topk_group(F, K)
         flop = 2 * B * D * F
         print(f"\n## (B, D, F, K) = {(B, D, F, K)}, G = {G}", flush=True)
@@ -297,26 +300,28 @@ def main():
             print(f"best: {best[1]} {best[0]:.3f} ms against {t_all:.3f} ({best[0] / t_all:.3f}x)", flush=True)
 
 
-def alternate(sel, rounds):
-    """The shipped front end and the fused one (TMA, keys from the fp32 group maxima, the first
-    configuration), alternating in one process, since the chained times move by several percent
-    between runs."""
+def alternate(fs, sel, rounds):
+    """The default front end and the package's fused one (``primitives/preacts_gemm``, switched on),
+    alternating in one process, since the chained times move by several percent between runs.
+    (``results/preacts_gemm_ab_h100.log`` came from this script's own TMA kernel with the fp32 group
+    maxima, before the package's kernel, which adds the NaN fall-back, existed.)"""
     import statistics
+
+    pg = package_module(fs, "primitives.preacts_gemm")
+    package_module(fs, "_launch").TUNING["preacts_gemm"] = True
 
     print(f"# preacts_gemm --ab {rounds} on {torch.cuda.get_device_name()}, torch {torch.__version__}, {date.today()}")
     for B, D, F, K in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(B, D, device="cuda", generator=g).bfloat16()
-        W = (torch.randn(F, D, device="cuda", generator=g) / D**0.5).bfloat16()
-        b = (torch.randn(F, device="cuda", generator=g) * 0.1).bfloat16()
-        pre = torch.empty(B, F, device="cuda", dtype=torch.bfloat16)
+        x, W, b, pre = problem(B, D, F)
         G = sel.topk_group(F, K)
 
         def shipped():
             return sel._row_select(torch.addmm(b, x, W.T, out=pre), 0, K, G, unpack=True, relu=True)
 
+        assert pg.fits(x, W, pre, G), "the package's fused GEMM does not take this shape"
+
         def fused():
-            gk = preacts_group_keys_tma(x, W, b, G, pre, CONFIGS[0], max_first=True)
+            gk = pg.preacts_group_keys(x, W, b, G, pre)
             return sel._row_select(pre, 0, K, G, unpack=True, relu=True, gkeys=gk)
 
         same = all(torch.equal(u, v) for u, v in zip(shipped(), fused()))

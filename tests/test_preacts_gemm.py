@@ -17,6 +17,12 @@ from parity import package_module
 HALF = (torch.bfloat16, torch.float16)
 
 
+@pytest.fixture(autouse=True)
+def fused_on(fs, monkeypatch):
+    """The fused GEMM is opt-in (``TUNING["preacts_gemm"]``); these tests switch it on."""
+    monkeypatch.setitem(tuning(fs), "preacts_gemm", True)
+
+
 def draw_operands(B, D, w, dtype, device, seed, special):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=g)
@@ -38,9 +44,9 @@ def draw_operands(B, D, w, dtype, device, seed, special):
     B=st.integers(1, 40),
     D=st.integers(1, 9).map(lambda n: 8 * n),
     w=st.integers(1, 40).map(lambda n: 8 * n),
-    G=st.sampled_from([1, 8, 16, 32]),
+    G=st.sampled_from([16, 32, 64]),
     dtype=st.sampled_from(HALF),
-    tile=st.sampled_from([(16, 32, 16), (32, 64, 32), None]),
+    tile=st.sampled_from([(16, 64, 16), (64, 128, 32), None]),
     special=st.booleans(),
     seed=st.integers(0, 2**16),
 )
@@ -64,14 +70,15 @@ def test_preacts_group_keys(fs, device, B, D, w, G, dtype, tile, special, seed):
 
 @pytest.mark.kernels_ci
 def test_preacts_gemm_fits(fs, device):
-    """Taken for bf16/fp16 operands with 16-byte aligned rows and G dividing the tile; not for fp32, rows
-    of D % 8 != 0 elements, a misaligned view, a G wider than the tile, or with the switch off."""
+    """Taken for bf16/fp16 operands with 16-byte aligned rows and G in [16, 64]; not for fp32, rows of
+    D % 8 != 0 elements, a misaligned view, a G outside the measured sizes, or with the switch off."""
     pg = package_module(fs, "primitives.preacts_gemm")
     x, W, b = draw_operands(4, 64, 96, torch.bfloat16, device, 0, False)
     out = torch.empty(4, 96, dtype=torch.bfloat16, device=device)
     if not pg.fits(x, W, out, 32):
         pytest.skip("this device has no TMA (compute capability < 9) or this Triton no tensor descriptors")
-    assert pg.fits(x, W, out, 256) and not pg.fits(x, W, out, 512)
+    assert pg.fits(x, W, out, 16) and pg.fits(x, W, out, 64)
+    assert not pg.fits(x, W, out, 8) and not pg.fits(x, W, out, 128)
     assert not pg.fits(x.float(), W.float(), out.float(), 32)
     assert not pg.fits(x[:, :60].contiguous(), W[:, :60].contiguous(), out, 32)  # rows of 120 bytes
     assert pg.fits(x[:, :60], W[:, :60], out, 32)  # views of rows of 128 bytes: TMA reads 60 and zero-fills
@@ -88,12 +95,15 @@ def test_topk_selection_with_and_without_fused_gemm(fs, device, dtype, monkeypat
     """Small-integer inputs (exact sums in any order): topk_encode and the TopK step give the same code and
     loss bit for bit with the fused GEMM and with cuBLAS + the group pass, in one chunk of F and in
     several (where the chunks' packed candidates merge), and with a ragged last chunk."""
-    B, D, F, K = 9, 24, 1000, 7
+    B, D, F, K = 9, 24, 2048, 2  # G = 32 over one chunk; 16 over chunks of 640, 8 (cuBLAS) over the last 128
     pg = package_module(fs, "primitives.preacts_gemm")
     x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in make_sae(B, D, F, K, dtype, device, seed=3, integer=True))
-    if not pg.fits(x, W_enc, torch.empty(B, F, dtype=dtype, device=device), 8):
+    if not pg.fits(x, W_enc, torch.empty(B, F, dtype=dtype, device=device), 16):
         pytest.skip("this device has no TMA (compute capability < 9) or this Triton no tensor descriptors")
-    for chunk_bytes in (2**30, 9 * 2 * 320):  # one chunk; chunks of 320 latents and a last one of 40
+    calls = []
+    fused_gemm = pg.preacts_group_keys
+    monkeypatch.setattr(pg, "preacts_group_keys", lambda *a: calls.append(a[1].shape[0]) or fused_gemm(*a))
+    for chunk_bytes, widths in ((2**30, [F, F]), (B * 2 * 640, [640] * 6)):
         monkeypatch.setitem(tuning(fs), "chunk_bytes", chunk_bytes)
         outs = []
         for fused in (True, False):
@@ -103,3 +113,5 @@ def test_topk_selection_with_and_without_fused_gemm(fs, device, dtype, monkeypat
             outs.append((vals, ids, step.vals, step.indices, step.loss))
         for a, b in zip(*outs):
             assert torch.equal(a.cpu(), b.cpu())
+        assert calls == widths, "the fused GEMM did not run on the chunks it fits"
+        calls.clear()

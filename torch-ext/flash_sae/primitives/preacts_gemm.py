@@ -25,8 +25,9 @@ a NaN by its bits).
 
 Used by ``select.topk_preacts`` when ``fits`` holds: Triton's TMA descriptors,
 a GPU of compute capability >= 9 (or the interpreter), bf16/fp16, rows of x, W
-and the output 16-byte aligned (D and the chunk width multiples of 8), and G
-dividing the tile width; otherwise cuBLAS and the group pass run as before.
+and the output 16-byte aligned (D and the chunk width multiples of 8), and G in
+[16, 64] (``GROUPS``: the sizes measured) dividing the tile width; otherwise
+cuBLAS and the group pass run as before.
 """
 
 import functools
@@ -61,6 +62,16 @@ def _round(s, dtype: tl.constexpr, RTNE_BITS: tl.constexpr):
 
 
 @triton.jit
+def tile_coords(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile``'s (row block, column block): GROUP_M row blocks walked per column block, so
+    tiles running together share W's blocks in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
 def _preacts_gemm_kernel(
     a_desc,  # TMA descriptor of xc [M, K], blocks [BM, BK]
     b_desc,  # TMA descriptor of the chunk's W [N, K], blocks [BN, BK]
@@ -85,13 +96,9 @@ def _preacts_gemm_kernel(
     tiles_m = tl.cdiv(M, BM)
     tiles_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
-    per_group = GROUP_M * tiles_n
     dtype: tl.constexpr = c_desc.dtype
     for tile in tl.range(start, tiles_m * tiles_n, NUM_PROGRAMS, flatten=True):
-        first_m = (tile // per_group) * GROUP_M
-        size_m = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % size_m
-        pid_n = (tile % per_group) // size_m
+        pid_m, pid_n = tile_coords(tile, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BM, ki * BK])
@@ -119,6 +126,9 @@ def _preacts_gemm_kernel(
         )
 
 
+GROUPS = (16, 64)  # the group sizes measured on the H100; G = 1 at the 128 x 256 tile needed 344 KB of shared memory
+
+
 @functools.lru_cache(maxsize=16)
 def _programs(device: torch.device) -> int:
     """Programs of the persistent grid: one per SM on a GPU, a few in the interpreter."""
@@ -144,6 +154,7 @@ def fits(xc: torch.Tensor, W: torch.Tensor, out: torch.Tensor, G: int) -> bool:
         and use_triton(xc)
         and xc.dtype in (torch.bfloat16, torch.float16)
         and W.dtype == xc.dtype
+        and GROUPS[0] <= G <= GROUPS[1]
         and TUNING["preacts_gemm_tile"][1] % G == 0
         and _capable(xc.device)
         and _aligned(xc)
