@@ -10,6 +10,11 @@ coexist), and times ``topk_sae_loss``, ``hierarchical_topk_sae_loss`` and
 the same inputs with side_by_side.py's ``measure_call``: eager ms and CUDA-graph
 ms (``--scale`` adds the step at F = 2^20). The two builds alternate, before / after / before / after, so drift of the
 GPU's clocks hits both; each cell reports the better of its two runs.
+
+    python benchmarks/compare_builds.py --toggle KEY [--steps-only] [--scale]
+
+compares one build (this checkout) with ``TUNING[KEY]`` off ("before") and on
+("after") instead, set around each call (and so inside each captured graph).
 """
 
 import argparse
@@ -43,9 +48,32 @@ def load_build(checkout: Path):
     return get_local_kernel(checkout / "build")
 
 
+class Toggled:
+    """``fs`` with one TUNING entry set to ``value`` around every op call."""
+
+    def __init__(self, fs, table, key, value):
+        self.fs, self.table, self.key, self.value = fs, table, key, value
+        self.__name__ = f"{fs.__name__}[{key}={value}]"
+
+    def __getattr__(self, name):
+        op = getattr(self.fs, name)
+
+        def call(*args, **kwargs):
+            saved = self.table[self.key]
+            self.table[self.key] = self.value
+            try:
+                return op(*args, **kwargs)
+            finally:
+                self.table[self.key] = saved
+
+        return call
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--before", type=Path, required=True, help="checkout of the earlier commit")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--before", type=Path, help="checkout of the earlier commit")
+    which.add_argument("--toggle", help="a boolean TUNING entry: this build with it off, then on")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
@@ -53,7 +81,14 @@ def main():
     )
     parser.add_argument("--steps-only", action="store_true", help="only topk_sae_step (not the decoder losses)")
     args = parser.parse_args()
-    builds = {"before": load_build(args.before), "after": load_kernel()}
+    if args.toggle:
+        fs = load_kernel()
+        table = sys.modules[fs.__name__ + "._launch"].TUNING
+        if not isinstance(table.get(args.toggle), bool):
+            raise ValueError(f"--toggle: {args.toggle!r} is not a boolean TUNING entry")
+        builds = {"before": Toggled(fs, table, args.toggle, False), "after": Toggled(fs, table, args.toggle, True)}
+    else:
+        builds = {"before": load_build(args.before), "after": load_kernel()}
     gpu = torch.cuda.get_device_name()
     print(
         f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}; builds: {[m.__name__ for m in builds.values()]}"
@@ -97,7 +132,8 @@ def main():
     worst = max(r["graph_ratio"] for r in rows)
     print(f"worst graph ratio after/before: {worst:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, builds=list(builds))
+    names = [m.__name__ for m in builds.values()]
+    meta = dict(gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, builds=names)
     (args.out / "compare_builds.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 

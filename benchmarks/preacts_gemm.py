@@ -3,8 +3,9 @@
 
 Timed in one process with CUDA graphs, bf16:
 
-1. the default: cuBLAS ``torch.addmm`` writes the pre-activations, ``select._group_best_kernel``
-   reads them whole for the group keys, ``select._row_select_kernel`` picks the top k;
+1. the cuBLAS path (the package's where the fused GEMM does not fit): ``torch.addmm`` writes the
+   pre-activations, ``select._group_best_kernel`` reads them whole for the group keys,
+   ``select._row_select_kernel`` picks the top k;
 2. a Triton GEMM whose epilogue writes the pre-activations and the group keys, then the same
    ``_row_select_kernel`` (its ``gkeys`` argument), so the whole-tensor read goes.
 
@@ -12,13 +13,14 @@ Timed in one process with CUDA graphs, bf16:
     python benchmarks/preacts_gemm.py --ab N                   # the package's fused GEMM, A/B
 
 The sweep's two GEMMs, defined here (the package ships the second's final form as
-``primitives/preacts_gemm.py``, opt-in): ``_preacts_gemm_kernel`` (pointer loads, one program per tile) and
-``_preacts_gemm_tma_kernel`` (persistent, TMA loads and stores; flattened tile loop or not,
-warp-specialized or not, the keys from the rounded tile or from the fp32 group maxima, or no keys
-at all to time the epilogue's share). For each shape: cuBLAS and each stage alone, each variant's
-ms and TFLOP/s per launch configuration (tile, K step, warps, stages, M-grouping), and how its
-output compares with cuBLAS's: entries that differ, whether its keys equal ``_group_best_kernel``'s
-on its own output, and rows whose selected ids differ. Results and conclusions: NOTES.md, issue 13.
+``primitives/preacts_gemm.py``, on by default where it fits): ``_preacts_gemm_kernel`` (pointer
+loads, one program per tile) and ``_preacts_gemm_tma_kernel`` (persistent, TMA loads and stores;
+flattened tile loop or not, warp-specialized or not, the keys from the rounded tile or from the fp32
+group maxima, or no keys at all to time the epilogue's share). For each shape: cuBLAS and each stage
+alone, each variant's ms and TFLOP/s per launch configuration (tile, K step, warps, stages,
+M-grouping), and how its output compares with cuBLAS's: entries that differ, whether its keys equal
+``_group_best_kernel``'s on its own output, and rows whose selected ids differ. Results and
+conclusions: NOTES.md, issue 13.
 """
 
 import argparse
@@ -63,7 +65,7 @@ CONFIGS = [
 ]
 
 
-# Kernels (an experiment: the package ships the cuBLAS path) ------------------------------
+# Kernels (the experiment's; the package ships the persistent TMA one's final form) ------------------------------
 
 
 @triton.jit
@@ -301,7 +303,7 @@ def main():
 
 
 def alternate(fs, sel, rounds):
-    """The default front end and the package's fused one (``primitives/preacts_gemm``, switched on),
+    """The cuBLAS front end and the package's fused one (``primitives/preacts_gemm``),
     alternating in one process, since the chained times move by several percent between runs.
     (``results/preacts_gemm_ab_h100.log`` came from this script's own TMA kernel with the fp32 group
     maxima, before the package's kernel, which adds the NaN fall-back, existed.)"""

@@ -20,6 +20,7 @@ Usage: python benchmarks/side_by_side.py [--quick] [--out benchmarks/results]
 """
 
 import argparse
+import ast
 import datetime
 import itertools
 import json
@@ -548,17 +549,29 @@ def main():
         help="family steps: only flash-sae and torch.compile of the dense steps (F <= 2^18), a shorter run",
     )
     parser.add_argument("--stem", default="side_by_side", help="name of the JSON written under --out")
+    parser.add_argument(
+        "--tuning", default="", help="KEY=VALUE,... entries of the kernel's TUNING to set (Python literals)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("side_by_side.py needs a CUDA GPU")
     fs = load_kernel()
+    table = sys.modules[f"{fs.__name__}._launch"].TUNING
+    for item in filter(None, args.tuning.split(",")):
+        key, _, value = item.partition("=")
+        if key not in table:
+            sys.exit(f"--tuning: no TUNING entry {key!r}")
+        table[key] = ast.literal_eval(value)
     ref = fs.reference
     shapes = QUICK_SHAPES if args.quick else SHAPES
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
     compiled = {}
     rows = []
-    print(f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(
+        f"# {gpu}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s"
+        + (f", TUNING {args.tuning}" if args.tuning else "")
+    )
     header = (
         f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'impl':22s} {'ms (p20-p80)':>20s} "
         f"{'graph ms':>8s} {'peak GiB':>9s} {'% floor':>8s}"

@@ -16,8 +16,13 @@ Hypothesis profiles (``HYPOTHESIS_PROFILE`` picks one):
 - ``gpu``, the default with a GPU: 200 random examples.
 The quick profile also skips the tests marked ``slow`` (torch.compile parity, opcheck in
 bf16/fp16, the bf16 training curve); the other profiles run them.
+
+``FLASH_SAE_TUNING="key=value,key=value"`` sets entries of the loaded kernel's ``TUNING``
+for the whole session (values are Python literals), e.g. ``preacts_gemm=True`` runs
+every test with the fused encoder GEMM where it fits.
 """
 
+import ast
 import os
 import sys
 from pathlib import Path
@@ -60,8 +65,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def fs():
-    """The flash-sae module, loaded through kernels.get_kernel."""
-    return build_local.load_kernel()
+    """The flash-sae module, loaded through kernels.get_kernel (with ``FLASH_SAE_TUNING`` applied)."""
+    module = build_local.load_kernel()
+    overrides = os.environ.get("FLASH_SAE_TUNING", "")
+    if overrides:
+        from encoder_inputs import tuning
+
+        table = tuning(module)
+        for item in overrides.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in table:
+                raise ValueError(f"FLASH_SAE_TUNING: no TUNING entry {key.strip()!r}")
+            table[key.strip()] = ast.literal_eval(value.strip())
+    return module
 
 
 @pytest.fixture(scope="session")

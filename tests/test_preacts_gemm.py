@@ -19,7 +19,8 @@ HALF = (torch.bfloat16, torch.float16)
 
 @pytest.fixture(autouse=True)
 def fused_on(fs, monkeypatch):
-    """The fused GEMM is opt-in (``TUNING["preacts_gemm"]``); these tests switch it on."""
+    """These tests need the fused GEMM on (``TUNING["preacts_gemm"]``, the default), whatever
+    ``FLASH_SAE_TUNING`` says."""
     monkeypatch.setitem(tuning(fs), "preacts_gemm", True)
 
 

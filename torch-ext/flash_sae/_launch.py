@@ -56,11 +56,11 @@ TUNING = {
     "topk_select_group": 0,
     "chunk_bytes": 2 * 2**30,
     # The encoder GEMM with the group pass in its epilogue (``primitives/preacts_gemm.py``; bf16 and
-    # fp16 on Hopper): whether the TopK selection uses it instead of cuBLAS + ``_group_best_kernel``
-    # (opt-in: its final form, with the NaN fall-back and the group-size bounds, has run on the CPU
-    # interpreter only; benchmarks/NOTES.md), its (BM, BN, BK) tile, M-grouping, warps and pipeline
-    # stages (``benchmarks/preacts_gemm.py``).
-    "preacts_gemm": False,
+    # fp16 on Hopper): whether the TopK selection uses it where it fits instead of cuBLAS +
+    # ``_group_best_kernel`` (on by default since its H100 run of 2026-11-28: the step 0.95-0.99x in
+    # graph time, selections bit for bit; benchmarks/NOTES.md), its (BM, BN, BK) tile, M-grouping,
+    # warps and pipeline stages (``benchmarks/preacts_gemm.py``).
+    "preacts_gemm": True,
     "preacts_gemm_tile": (128, 256, 64),
     "preacts_gemm_group_m": 8,
     "preacts_gemm_warps": 8,

@@ -4,7 +4,7 @@
   and its adjoint (weight gradient and per-entry dots through the CSR pass);
 - ``csr``: the CSR transpose of a code and the deterministic segmented row sum;
 - ``select``: the exact top-k selection and the chunked encoder GEMM;
-- ``preacts_gemm``: the encoder GEMM with the selection's group pass in its epilogue (opt-in);
+- ``preacts_gemm``: the encoder GEMM with the selection's group pass in its epilogue (where it fits);
 - ``encoder``: the encoder's sparse backward at a code's entries;
 - ``triton_utils``: small Triton helpers (RTNE casts, the code-entry loader).
 """

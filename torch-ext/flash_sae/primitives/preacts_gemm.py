@@ -6,8 +6,10 @@ consecutive columns' largest sortable key: what ``select._group_best_kernel``
 (``keys_only``) computes by reading ``pre`` whole again. The candidate stage
 (``select._row_select_kernel``) then reads those keys and k*G entries per row,
 so the pre-activations are written once and never read whole:
-``benchmarks/preacts_gemm.py`` measures the GEMM plus selection at 0.92-0.95x
-the cuBLAS path (NOTES.md, issue 13).
+``benchmarks/preacts_gemm.py --ab`` measures the GEMM plus selection at 0.95-0.99x
+the cuBLAS path, and the whole TopK step at 0.95-0.99x (``compare_builds.py
+--toggle preacts_gemm``; H100, NOTES.md, issue 13). On by default
+(``TUNING["preacts_gemm"]``) where ``fits`` holds; cuBLAS plus the group pass elsewhere.
 
 Values. The fp32 accumulator plus the bias (fp32), rounded once to the dtype
 (round-to-nearest-even), as cuBLAS's ``addmm`` epilogue does. The products are

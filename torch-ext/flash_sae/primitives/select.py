@@ -25,7 +25,8 @@ bf16/fp16 when the chunk has < 2^16 groups and k*G < 2^16).
 
 The encoder GEMM (``pre_chunks``) runs in cuBLAS (``torch.addmm``) over chunks
 of F whose [B, F_chunk] output stays within ``TUNING["chunk_bytes"]``; no
-[B, F] tensor survives. Opt-in (``TUNING["preacts_gemm"]``), a TopK selection's
+[B, F] tensor survives. Where ``preacts_gemm.fits`` (bf16 / fp16 on Hopper; on by
+default, ``TUNING["preacts_gemm"]``), a TopK selection's
 chunks come from ``preacts_gemm``'s Triton GEMM instead, whose epilogue writes the
 group keys, so ``_group_best_kernel``'s read of the chunk goes. Bytes (bf16, B=4096, D=2048, F=262144): the GEMM writes
 2 GiB of pre-activations, the selection reads them once plus k*G entries per
