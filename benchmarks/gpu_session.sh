@@ -25,7 +25,7 @@ for stage in "$@"; do
       status=$((status | PIPESTATUS[0]));;
     sanitizer)
       HYPOTHESIS_PROFILE=quick timeout ${SANITIZER_TIMEOUT:-420} compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 -m pytest tests -q -p no:cacheprovider -m kernels_ci \
+        python3 -m pytest tests -v -p no:cacheprovider -m kernels_ci \
         -k "not compile and not opcheck${SANITIZER_K:+ and ($SANITIZER_K)}" ${SANITIZER_ARGS:-} 2>&1 \
         | tee "$OUT/sanitizer.log" | tail -n 15
       status=$((status | PIPESTATUS[0]));;
