@@ -17,11 +17,13 @@ measures, on the device it runs on:
    the rest (autograd, the op's own Python).
 
 Usage: python benchmarks/host_overhead.py [OP] [B D F K] [dtype]   (default topk_sae_step 1024 768 24576 32 fp32)
+(``FLASH_SAE_TUNING="key=value,..."`` sets TUNING entries first, as in the tests.)
 Runs on CPU too (plain-torch path; host and device time are then the same thing).
 """
 
 import collections
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import DTYPES, graph_ms, load_kernel, make_step_problem  # noqa: E402
+from side_by_side import DTYPES, apply_tuning, graph_ms, load_kernel, make_step_problem  # noqa: E402
 
 WRAPPED = (  # (module suffix, function): the primitives a step calls, timed where they are looked up
     ("_validation", "check_step_args"),
@@ -173,8 +175,11 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fs = load_kernel()
+    tuning = os.environ.get("FLASH_SAE_TUNING", "")
+    apply_tuning(fs, tuning, "FLASH_SAE_TUNING")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"host_overhead on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"host_overhead on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+          + (f", TUNING {tuning}" if tuning else ""))  # fmt: skip
     print("\nunit costs (host us per call, launched back to back):")
     for label, us in unit_costs(device, sync):
         print(f"  {label:45s} {us:8.1f}")

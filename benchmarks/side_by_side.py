@@ -524,6 +524,16 @@ def graph_ms(step):
         return float("nan")
 
 
+def apply_tuning(fs, spec: str, where: str) -> None:
+    """Set the kernel's TUNING entries from ``KEY=VALUE,...`` (Python literals); an unknown key exits."""
+    table = sys.modules[f"{fs.__name__}._launch"].TUNING
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in table:
+            sys.exit(f"{where}: no TUNING entry {key!r}")
+        table[key] = ast.literal_eval(value)
+
+
 def copy_bandwidth():
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -556,12 +566,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("side_by_side.py needs a CUDA GPU")
     fs = load_kernel()
-    table = sys.modules[f"{fs.__name__}._launch"].TUNING
-    for item in filter(None, args.tuning.split(",")):
-        key, _, value = item.partition("=")
-        if key not in table:
-            sys.exit(f"--tuning: no TUNING entry {key!r}")
-        table[key] = ast.literal_eval(value)
+    apply_tuning(fs, args.tuning, "--tuning")
     ref = fs.reference
     shapes = QUICK_SHAPES if args.quick else SHAPES
     bw = copy_bandwidth()

@@ -561,17 +561,17 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else torch.float32
+    # JumpReLU, standard and Gated size their code / pick their path on the host: not capturable
+    capturable = args.arch in GRAPHABLE
+    graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and capturable)
+    if graphed and (device.type != "cuda" or not capturable):  # before the model loads: a flag error is cheap
+        raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {GRAPHABLE}")
     torch.manual_seed(args.seed)
     tok, model, causal, blocks = load_model(args.model, device, model_dtype)
     n_layers = model.config.num_hidden_layers
     if not 0 <= args.layer <= n_layers:
         raise SystemExit(f"--layer must lie in [0, {n_layers}] for {args.model} ({n_layers} blocks), got {args.layer}")
     D = model.config.hidden_size
-    # JumpReLU, standard and Gated size their code / pick their path on the host: not capturable
-    capturable = args.arch in GRAPHABLE
-    graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and capturable)
-    if graphed and (device.type != "cuda" or not capturable):
-        raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {GRAPHABLE}")
     sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

