@@ -127,6 +127,20 @@ def load_kernel(root: Path = ROOT):
         ) from err
 
 
+def apply_tuning(module, spec: str, where: str = "FLASH_SAE_TUNING") -> None:
+    """Sets entries of the loaded kernel's ``TUNING`` from ``"key=value,key=value"`` (Python literals),
+    the format of ``FLASH_SAE_TUNING`` (tests, ``host_overhead.py``) and ``side_by_side.py --tuning``.
+    An unknown key raises ValueError naming ``where``."""
+    import ast
+
+    table = sys.modules[module.__name__ + "._launch"].TUNING
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in table:
+            raise ValueError(f"{where}: no TUNING entry {key.strip()!r}")
+        table[key.strip()] = ast.literal_eval(value.strip())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: ./build)")

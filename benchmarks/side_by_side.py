@@ -20,7 +20,6 @@ Usage: python benchmarks/side_by_side.py [--quick] [--out benchmarks/results]
 """
 
 import argparse
-import ast
 import datetime
 import itertools
 import json
@@ -525,13 +524,13 @@ def graph_ms(step):
 
 
 def apply_tuning(fs, spec: str, where: str) -> None:
-    """Set the kernel's TUNING entries from ``KEY=VALUE,...`` (Python literals); an unknown key exits."""
-    table = sys.modules[f"{fs.__name__}._launch"].TUNING
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if key not in table:
-            sys.exit(f"{where}: no TUNING entry {key!r}")
-        table[key] = ast.literal_eval(value)
+    """``build_local.apply_tuning``, exiting with its message on an unknown key."""
+    import build_local  # on the path once load_kernel ran
+
+    try:
+        build_local.apply_tuning(fs, spec, where)
+    except ValueError as err:
+        sys.exit(str(err))
 
 
 def copy_bandwidth():

@@ -22,7 +22,6 @@ for the whole session (values are Python literals), e.g. ``preacts_gemm=True`` r
 every test with the fused encoder GEMM where it fits.
 """
 
-import ast
 import os
 import sys
 from pathlib import Path
@@ -67,16 +66,7 @@ def pytest_collection_modifyitems(config, items):
 def fs():
     """The flash-sae module, loaded through kernels.get_kernel (with ``FLASH_SAE_TUNING`` applied)."""
     module = build_local.load_kernel()
-    overrides = os.environ.get("FLASH_SAE_TUNING", "")
-    if overrides:
-        from encoder_inputs import tuning
-
-        table = tuning(module)
-        for item in overrides.split(","):
-            key, _, value = item.partition("=")
-            if key.strip() not in table:
-                raise ValueError(f"FLASH_SAE_TUNING: no TUNING entry {key.strip()!r}")
-            table[key.strip()] = ast.literal_eval(value.strip())
+    build_local.apply_tuning(module, os.environ.get("FLASH_SAE_TUNING", ""))
     return module
 
 
