@@ -130,15 +130,23 @@ def load_kernel(root: Path = ROOT):
 def apply_tuning(module, spec: str, where: str = "FLASH_SAE_TUNING") -> None:
     """Sets entries of the loaded kernel's ``TUNING`` from ``"key=value,key=value"`` (Python literals),
     the format of ``FLASH_SAE_TUNING`` (tests, ``host_overhead.py``) and ``side_by_side.py --tuning``.
-    An unknown key raises ValueError naming ``where``."""
+    An unknown key, an item without ``=`` or a value that is not a literal raises ValueError naming
+    ``where``, and then no entry is changed."""
     import ast
 
     table = sys.modules[module.__name__ + "._launch"].TUNING
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if key.strip() not in table:
-            raise ValueError(f"{where}: no TUNING entry {key.strip()!r}")
-        table[key.strip()] = ast.literal_eval(value.strip())
+    updates = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key not in table:
+            raise ValueError(f"{where}: no TUNING entry {key!r} (entries: {', '.join(sorted(table))})")
+        if not eq:
+            raise ValueError(f"{where}: {item!r} is not key=value")
+        try:
+            updates[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{where}: the value of {key!r}, {value!r}, is not a Python literal") from None
+    table.update(updates)  # all or nothing: a bad item leaves the table as it was
 
 
 def main(argv=None) -> int:

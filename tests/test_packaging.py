@@ -241,3 +241,37 @@ def test_missing_local_build_says_how_to_build(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_KERNELS", f"{build_local.repo_id()}={tmp_path}")
     with pytest.raises(FileNotFoundError, match="run `python build_local.py` in that checkout"):
         build_local.load_kernel()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_entry=1", "no TUNING entry 'no_such_entry'"),
+        ("preacts_gemm", "is not key=value"),
+        ("preacts_gemm=maybe", "is not a Python literal"),
+        ("preacts_gemm=(1,", "is not a Python literal"),
+    ],
+)
+def test_apply_tuning_rejects_bad_specs(fs, spec, message):
+    """A malformed FLASH_SAE_TUNING / --tuning spec raises ValueError naming its source and changes
+    nothing, even when an earlier item in the spec was good."""
+    import build_local
+
+    table = sys.modules[fs.__name__ + "._launch"].TUNING
+    before = dict(table)
+    with pytest.raises(ValueError, match=rf"^--tuning: .*{message}"):
+        build_local.apply_tuning(fs, f"preacts_gemm={not table['preacts_gemm']},{spec}", where="--tuning")
+    assert table == before
+
+
+def test_apply_tuning_sets_entries(fs):
+    import build_local
+
+    table = sys.modules[fs.__name__ + "._launch"].TUNING
+    before = dict(table)
+    try:
+        build_local.apply_tuning(fs, f" preacts_gemm = {not before['preacts_gemm']} ,")
+        assert table == {**before, "preacts_gemm": not before["preacts_gemm"]}
+    finally:
+        table.clear()
+        table.update(before)
