@@ -2,9 +2,8 @@
 # requires-python = ">=3.11"
 # dependencies = [
 #   "torch==2.13.0",
-#   "triton==3.9.0",
+#   "triton==3.7.1",
 #   "kernels==0.17.2",
-#   "numpy",
 # ]
 # ///
 """flash-sae in one page: load the kernel from the hub, train-step a TopK SAE decoder

@@ -2,7 +2,7 @@
 # requires-python = ">=3.11"
 # dependencies = [
 #   "torch==2.13.0",
-#   "triton==3.9.0",
+#   "triton==3.7.1",
 #   "kernels==0.17.2",
 #   "transformers>=4.45",
 #   "datasets>=2.20",

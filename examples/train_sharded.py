@@ -2,9 +2,8 @@
 # requires-python = ">=3.11"
 # dependencies = [
 #   "torch==2.13.0",
-#   "triton==3.9.0",
+#   "triton==3.7.1",
 #   "kernels==0.17.2",
-#   "numpy",
 # ]
 # ///
 """Train a TopK SAE whose latents are split over GPUs (and replicated over more), with torchrun.
