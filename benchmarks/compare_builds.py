@@ -15,11 +15,14 @@ GPU's clocks hits both; each cell reports the better of its two runs.
 
 compares one build (this checkout) with ``TUNING[KEY]`` off ("before") and on
 ("after") instead, set around each call (and so inside each captured graph).
+
+Rows (``results_schema``, one per build and case: the better of its runs) go to
+``<out>/<gpu>/compare_builds.jsonl``, by default under the current directory: an A/B is a check
+of one change, not a result kept in benchmarks/results.
 """
 
 import argparse
 import datetime
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from results_schema import git_commit, result_path, write_rows  # noqa: E402
 from side_by_side import (  # noqa: E402
     DTYPES,
     SHAPES,
@@ -69,12 +73,30 @@ class Toggled:
         return call
 
 
+def schema_rows(benchmark, meta, rows):
+    """The A/B's rows -> results_schema rows: per case, one row per build (its best eager and graph ms)."""
+    from results_schema import make_row
+
+    env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
+    out = []
+    for r in rows:
+        for name, runs in r["runs"].items():
+            out.append(
+                make_row(
+                    benchmark, f"{name}: {meta['builds'][list(r['runs']).index(name)]}",
+                    {k: r[k] for k in "BDFK"}, dtype=r["dtype"], eager_ms=min(m for m, _ in runs),
+                    graph_ms=min(g for _, g in runs), env=env, params={"op": r["op"], "runs": len(runs)},
+                )
+            )  # fmt: skip
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--before", type=Path, help="checkout of the earlier commit")
     which.add_argument("--toggle", help="a boolean TUNING entry: this build with it off, then on")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
         "--scale", action="store_true", help="also the step at F = 2^20 (B = 4096, D = 2048, K = 64, bf16)"
@@ -131,10 +153,12 @@ def main():
         torch.cuda.empty_cache()
     worst = max(r["graph_ratio"] for r in rows)
     print(f"worst graph ratio after/before: {worst:.3f}")
-    args.out.mkdir(parents=True, exist_ok=True)
     names = [m.__name__ for m in builds.values()]
-    meta = dict(gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, builds=names)
-    (args.out / "compare_builds.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    meta = dict(
+        gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, triton=__import__("triton").__version__,
+        commit=git_commit(), builds=names,
+    )  # fmt: skip
+    print(f"wrote {write_rows(result_path(gpu, 'compare_builds', args.out), schema_rows('compare_builds', meta, rows))}")
 
 
 if __name__ == "__main__":

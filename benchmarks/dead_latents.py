@@ -22,13 +22,13 @@ Usage: python benchmarks/dead_latents.py [--quick] [--out benchmarks/results] [-
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_schema import git_commit, result_path, write_rows  # noqa: E402
 from side_by_side import ROOT, copy_bandwidth, load_kernel, make_step_problem, measure_call, step_floor_ms  # noqa: E402
 
 SHAPES = [(2048, 2304, 65536, 64), (4096, 2048, 262144, 64)]
@@ -134,6 +134,23 @@ def saelens_topk(params, k, dead):
     return (call, list(sae.parameters()), False), None  # int(mask.sum()) syncs: no CUDA graph
 
 
+def schema_rows(benchmark, meta, rows):
+    """This script's measured rows -> results_schema rows (the steps are bf16: make_step_problem above)."""
+    from results_schema import make_row
+
+    env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
+    return [
+        make_row(
+            benchmark, r["impl"], {k: r[k] for k in "BDFK"}, dtype="bf16", eager_ms=r["ms"], graph_ms=r["graph_ms"],
+            peak_gib=r["peak_gib"], env=env, error=r.get("error"), eager_p20_ms=r["p20"], eager_p80_ms=r["p80"],
+            floor_ms=r["floor_ms"], pct_of_floor=r["pct_floor"], x_baseline_eager=r["x_plain_eager"],
+            x_baseline_graph=r["x_plain_graph"], copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"),
+            params={"baseline": "flash-sae TopK step (no dead-latent loss)"},
+        )  # fmt: skip
+        for r in rows
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -236,13 +253,12 @@ def main():
         date=str(datetime.date.today()),
         torch=torch.__version__,
         triton=__import__("triton").__version__,
+        commit=git_commit(),
         copy_bandwidth_tbps=bw / 1e12,
-        gemm_note="x plain = eager ratio / CUDA-graph ratio to flash-sae's plain TopK step at the same shape",
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.stem}_quick" if args.quick else args.stem
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
+    path = write_rows(result_path(gpu, stem, args.out), schema_rows(stem, meta, rows))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ Usage: python benchmarks/decoder_geometry.py [--out DIR]   (needs a CUDA GPU)
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script
+from results_schema import git_commit, result_path, write_rows  # noqa: E402
 from side_by_side import ROOT, copy_bandwidth, graph_ms, load_kernel  # noqa: E402
 
 SHAPES = [(65536, 2304), (262144, 2048), (2**21, 2048)]
@@ -34,6 +34,21 @@ def torch_remove_parallel(W, G):
 def torch_unit_norm(W):
     norm = W.float().norm(dim=1, keepdim=True).clamp_min(TINY)
     W.copy_((W.float() / norm).to(W.dtype))
+
+
+def schema_rows(benchmark, meta, rows):
+    """This script's measured rows -> results_schema rows (bf16 W and G, as measured above)."""
+    from results_schema import make_row
+
+    env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
+    return [
+        make_row(
+            benchmark, r["impl"], dict(F=r["F"], D=r["D"]), dtype="bf16", eager_ms=r["ms"], graph_ms=r["graph_ms"],
+            peak_gib=r["peak_gib"], env=env, error=r.get("error"), floor_ms=r["floor_ms"],
+            pct_of_floor=r["pct_floor"], copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"),
+        )  # fmt: skip
+        for r in rows
+    ]
 
 
 def main():
@@ -93,10 +108,12 @@ def main():
             )
         W = G = call = None
         torch.cuda.empty_cache()
-    meta = dict(gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, copy_bandwidth_tbps=bw / 1e12)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decoder_geometry.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {args.out / 'decoder_geometry.json'}")
+    meta = dict(
+        gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, triton=__import__("triton").__version__,
+        commit=git_commit(), copy_bandwidth_tbps=bw / 1e12,
+    )  # fmt: skip
+    path = write_rows(result_path(gpu, "decoder_geometry", args.out), schema_rows("decoder_geometry", meta, rows))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ spread by ~|x| |w| / sqrt(D), so E is ~2.4 standard deviations of the spread at 
 
 Run on a CPU (FP8 rounding emulated with torch's float8_e4m3fn casts, the GEMM in fp64) or on a
 GPU (the real ``torch._scaled_mm``, and its time beside the bf16 ``addmm``):
-    python benchmarks/fp8_prune_bound.py [--out results/fp8_prune_bound_<gpu>.json]
+    python benchmarks/fp8_prune_bound.py [--out benchmarks/results]   (rows to <out>/<gpu>/fp8_prune_bound.jsonl)
 """
 
 import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -153,6 +153,34 @@ def bench_gemm(B, D, F):
     return dict(B=B, D=D, F=F, bf16_ms=bf16, fp8_ms=fp8, quantize_w_ms=quant)
 
 
+def schema_rows(benchmark, meta, rows, gemms):
+    """The bound's rows and the GEMM timings -> results_schema rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_schema import make_row
+
+    env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
+    fp8 = "real (_scaled_mm)" if env["gpu"] != "cpu" else "emulated"
+    out = []
+    for r in rows:
+        metrics = {
+            k: r[k]
+            for k in ("max_error_over_bound", "bound_over_spread", "candidates_median", "candidates_max",
+                      "rows_settled_at_4k", "rows", "bound_holds", "exact_topk_in_candidates")
+        }  # fmt: skip
+        shape = dict(B=r["B"], D=r["D"], F=r["F"], K=r["k"])
+        out.append(make_row(benchmark, "fp8 e4m3 prune bound", shape, env=env, params={"data": r["data"], "fp8": fp8}, **metrics))
+    for run, g in enumerate(gemms, 1):
+        shape = dict(B=g["B"], D=g["D"], F=g["F"])
+        out.append(make_row(benchmark, "bf16 addmm", shape, dtype="bf16", env=env, params={"run": run}, ms=g["bf16_ms"]))
+        out.append(
+            make_row(
+                benchmark, "e4m3 _scaled_mm", shape, dtype="fp8_e4m3", env=env, params={"run": run}, ms=g["fp8_ms"],
+                quantize_w_ms=g["quantize_w_ms"],
+            )
+        )  # fmt: skip
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -172,12 +200,13 @@ def main():
         for B, D, F in ((4096, 2048, 262144), (4096, 2048, 2**21 // 8)):
             gemms.append(bench_gemm(B, D, F))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(
-                dict(device=name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows, gemms=gemms),
-                f,
-                indent=1,
-            )
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from results_schema import environment, result_path, write_rows
+
+        meta = environment("cuda" if gpu else "cpu")
+        meta["gpu"] = name
+        path = write_rows(result_path(name, "fp8_prune_bound", args.out), schema_rows("fp8_prune_bound", meta, rows, gemms))
+        print(f"wrote {path}")
     return 0 if all(r["bound_holds"] and r["exact_topk_in_candidates"] for r in rows) else 1
 
 

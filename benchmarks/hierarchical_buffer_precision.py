@@ -6,9 +6,12 @@ weight gradient against the fp64 reference with bf16 contributions, with fp32 co
 plain torch computing the loss in bf16 (the parity rule's yardstick). Problems: the three of
 ``test_hierarchical_topk_sae_loss_bf16_buffer`` and two larger ones.
 
-    python benchmarks/hierarchical_buffer_precision.py   (CPU: the kernels under TRITON_INTERPRET; or a GPU)
+    python benchmarks/hierarchical_buffer_precision.py [--out benchmarks/results]
+        (CPU: the kernels under TRITON_INTERPRET; or a GPU. With --out, rows go to
+        <out>/<gpu or cpu>/hierarchical_buffer_precision.jsonl, ``results_schema``.)
 """
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,6 +26,9 @@ from parity import call_op, grads, make_inputs, package_module, rel_err  # noqa:
 
 import build_local  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_schema import environment, make_row, result_path, write_rows  # noqa: E402
+
 OP = "hierarchical_topk_sae_loss"
 PROBLEMS = [  # (B, K, F, D, duplicate latents)
     (64, 32, 256, 200, False),
@@ -33,7 +39,22 @@ PROBLEMS = [  # (B, K, F, D, duplicate latents)
 ]
 
 
+def schema_row(benchmark, problem, errs, torch_err, env, backend):
+    """One problem's errors -> a results_schema row (bf16 weights; ``errs`` maps bf16 buffer on/off)."""
+    B, K, F, D, dup = problem
+    return make_row(
+        benchmark, f"flash-sae {OP}", dict(B=B, K=K, F=F, D=D), dtype="bf16", env=env,
+        params={"duplicate_latents": dup, "backend": backend}, error_bf16_buffer=errs[True],
+        error_fp32_buffer=errs[False], error_ratio=errs[True] / errs[False], error_torch_bf16=torch_err,
+    )  # fmt: skip
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="results root; rows are only printed without it")
+    args = ap.parse_args()
+    env = environment()
+    rows = []
     fs = build_local.load_kernel()
     tuning = package_module(fs, "_launch").TUNING
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,6 +81,9 @@ def main():
             f"{torch_err:11.2e}",
             flush=True,
         )
+        rows.append(schema_row("hierarchical_buffer_precision", (*bkfd, dup), errs, torch_err, env, name))
+    if args.out is not None:
+        print(f"wrote {write_rows(result_path(env['gpu'], 'hierarchical_buffer_precision', args.out), rows)}")
 
 
 if __name__ == "__main__":

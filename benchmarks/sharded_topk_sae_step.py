@@ -7,7 +7,8 @@
 Each rank holds its shard of W_enc, b_enc, W_dec (bf16, drawn on its GPU: unit-norm decoder rows, tied
 encoder) and b_dec; the latent group shares one batch (x ~ N(0, 1), seeded by replica). Per F, every
 rank runs in lockstep (fixed iteration counts, no adaptive benchmarking, since the ranks must issue
-the same collectives) and rank 0 prints and appends a JSON line with the slowest rank's numbers:
+the same collectives) and rank 0 prints and appends a row (``results_schema``) to
+``--out/<gpu>/<stem>.jsonl`` with the slowest rank's numbers:
 - step ms: ``sharded_topk_sae_step`` forward + backward, eager (median of CUDA-event timings) and
   captured in a CUDA graph;
 - adam ms: the same plus ``torch.optim.Adam``'s step (fused), eager;
@@ -22,7 +23,6 @@ Output stem ``sharded_scaling`` (the name this script had when the committed res
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -33,6 +33,23 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_schema import append_rows, git_commit, make_row, result_path  # noqa: E402
+
+
+def schema_row(benchmark, row, triton=None, commit=None):
+    """One measured row (the dict run_one builds) -> a results_schema row. Step ms eager -> eager_ms."""
+    env = dict(gpu=row["gpu"], torch=row.get("torch"), triton=triton, commit=commit, date=row.get("date"))
+    shape = dict(
+        B=row["B"], D=row["D"], F=row["F"], K=row["k"], world=row["world"], data_world=row["data_world"],
+        latent_world=row["latent_world"],
+    )  # fmt: skip
+    return make_row(
+        benchmark, "flash-sae sharded_topk_sae_step", shape, dtype=row["dtype"], eager_ms=row["step_ms"],
+        graph_ms=row["graph_ms"], peak_gib=row["peak_gib"], env=env, adam_ms=row["adam_ms"],
+        collectives_ms=row["collectives_ms"], memory_target_gib=row["memory_target_gib"],
+        single_gpu_topk_sae_step_ms=row["single_gpu_topk_sae_step_ms"],
+    )  # fmt: skip
 
 
 def timed(fn, iters, warmup=3):
@@ -150,8 +167,8 @@ def run_one(fs, args, F, W, R, world, latent, group, replica, name, out_dir):
             + (f" | single-GPU topk_sae_step {single_ms:7.2f}" if world == 1 else ""),
             flush=True,
         )
-        with open(out_dir / f"{args.stem}.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        triton = getattr(sys.modules.get("triton"), "__version__", None)
+        append_rows(result_path(name, args.stem, out_dir), [schema_row(args.stem, row, triton, git_commit())])
 
 
 def main():

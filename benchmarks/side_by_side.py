@@ -22,13 +22,14 @@ Usage: python benchmarks/side_by_side.py [--quick] [--out benchmarks/results]
 import argparse
 import datetime
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_schema import git_commit, result_path, write_rows  # noqa: E402
 
 SHAPES = [  # (B, D, F, K)
     (1024, 4096, 65536, 64),
@@ -542,6 +543,31 @@ def copy_bandwidth():
     return 2 * x.numel() / (ms * 1e-3)
 
 
+def schema_rows(benchmark, meta, rows):
+    """This script's measured rows (dicts as printed) -> results_schema rows for ``benchmark``."""
+    from results_schema import make_row
+
+    env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
+    renames = dict(
+        p20="eager_p20_ms", p80="eager_p80_ms", floor_ms="floor_ms", pct_floor="pct_of_floor", gemm_ms="gemm_ms",
+        x_gemm="x_gemm",
+    )  # fmt: skip
+    out = []
+    for r in rows:
+        params = {"op": r["op"]}
+        if r.get("jumprelu_capacity") is not None:
+            params["jumprelu_capacity"] = r["jumprelu_capacity"]
+        metrics = {new: r[old] for old, new in renames.items() if old in r}
+        out.append(
+            make_row(
+                benchmark, r["impl"], {k: r[k] for k in "BDFK"}, dtype=r["dtype"], eager_ms=r["ms"],
+                graph_ms=r["graph_ms"], peak_gib=r["peak_gib"], env=env, params=params, error=r.get("error"),
+                copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"), **metrics,
+            )
+        )  # fmt: skip
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one tiny shape, to check the script runs")
@@ -557,7 +583,9 @@ def main():
         action="store_true",
         help="family steps: only flash-sae and torch.compile of the dense steps (F <= 2^18), a shorter run",
     )
-    parser.add_argument("--stem", default="side_by_side", help="name of the JSON written under --out")
+    parser.add_argument(
+        "--stem", default="side_by_side", help="benchmark name: rows go to --out/<gpu>/<stem>.jsonl (results_schema)"
+    )
     parser.add_argument(
         "--tuning", default="", help="KEY=VALUE,... entries of the kernel's TUNING to set (Python literals)"
     )
@@ -640,11 +668,12 @@ def main():
         date=str(datetime.date.today()),
         torch=torch.__version__,
         triton=__import__("triton").__version__,
+        commit=git_commit(),
         copy_bandwidth_tbps=bw / 1e12,
     )
     stem = f"{args.stem}_quick" if args.quick else args.stem
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
+    path = write_rows(result_path(gpu, stem, args.out), schema_rows(stem, meta, rows))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

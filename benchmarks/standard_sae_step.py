@@ -24,7 +24,6 @@ Usage: python benchmarks/standard_sae_step.py [--arch standard|gated] [--quick] 
 
 import argparse
 import datetime
-import json
 import math
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_schema import git_commit, result_path, write_rows  # noqa: E402
 from side_by_side import ROOT, copy_bandwidth, load_kernel, make_step_problem, measure_call, step_floor_ms  # noqa: E402
 
 SHAPES = [(2048, 2304, 65536), (4096, 2048, 262144)]
@@ -92,6 +92,27 @@ def saelens_standard(params):
         [p for p in sae.parameters() if p is not getattr(sae, "b_enc", None) or len(params) == 5],
         False,
     ), None
+
+
+def schema_rows(benchmark, meta, rows):
+    """This script's measured rows -> results_schema rows (bf16 steps; L0 and density as drawn)."""
+    from results_schema import make_row
+
+    env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
+    return [
+        make_row(
+            benchmark, r["impl"], dict(B=r["B"], D=r["D"], F=r["F"]), dtype="bf16", eager_ms=r["ms"],
+            graph_ms=r["graph_ms"], peak_gib=r["peak_gib"], env=env, error=r.get("error"),
+            eager_p20_ms=r["p20"], eager_p80_ms=r["p80"], floor_ms=r["floor_ms"], pct_of_floor=r["pct_floor"],
+            x_baseline_eager=r["x_sparse_eager"], x_baseline_graph=r["x_sparse_graph"], l0=r["l0"],
+            density=r["density"], copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"),
+            params=dict(
+                arch=meta.get("arch"), l1_coefficient=meta.get("l1_coefficient"), capacity=r["capacity"],
+                baseline=f"flash-sae {meta.get('arch')}_sae_step (sparse)",
+            ),
+        )  # fmt: skip
+        for r in rows
+    ]
 
 
 def main():
@@ -198,17 +219,15 @@ def main():
         date=str(datetime.date.today()),
         torch=torch.__version__,
         triton=__import__("triton").__version__,
+        commit=git_commit(),
         copy_bandwidth_tbps=bw / 1e12,
         arch=arch,
         l1_coefficient=L1,
-        crossover=crossover,
-        note="x sparse = eager ratio / CUDA-graph ratio to flash-sae's sparse step at the same shape and L0",
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or f"{arch}_sae_step"
     stem = f"{stem}_quick" if args.quick else stem
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
+    path = write_rows(result_path(gpu, stem, args.out), schema_rows(stem, meta, rows))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

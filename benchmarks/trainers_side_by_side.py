@@ -356,6 +356,11 @@ def run(args):
         f"{held.shape[0]:,} held out, k = {args.k}"
     )
     print(head, flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_schema import append_rows, environment, result_path
+
+    env = environment(device if cuda else None)
+    env["gpu"] = name
     trainers = {
         "SAELens": lambda b, F: train_saelens(b, D, F, args.k, device),
         "sparsify": lambda b, F: train_sparsify(b, D, F, args.k, device),
@@ -403,8 +408,9 @@ def run(args):
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
-            with open(out_dir / f"{args.stem}.jsonl", "a") as f:
-                f.write(json.dumps({**row, "device": name, "date": time.strftime("%Y-%m-%d")}) + "\n")
+            append_rows(
+                result_path(name, args.stem, out_dir), [schema_row(args.stem, row, env, args.batch_size, D, args.k)]
+            )
     table = [
         head,
         "",
@@ -426,8 +432,23 @@ def run(args):
             f"| {r['trainer']} | {r['F']} | {r['dtype']} | {r['steps']} | {r['tokens_per_s']:,.0f} | "
             f"{r['ms_per_step']:.2f} | {r['peak_gib']:.2f} | {ev} | {ratio('SAELens')} | {ratio('sparsify')} |"
         )
-    (out_dir / f"{args.stem}.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    print("\n".join(table))  # the committed tables come from benchmarks/report.py
+
+
+def schema_row(benchmark, row, env, B, D, K):
+    """One trainer's row (as printed) -> a results_schema row. ``dtype`` keeps the part before the first
+    comma of the trainer's setting ("bf16, lr 0.003, graph" -> "bf16"); the whole setting is params.setting."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_schema import make_row
+
+    setting = row.get("dtype")
+    metrics = {k: row.get(k) for k in ("ms_per_step", "tokens_per_s", "wall_s", "steps", "tokens")}
+    metrics.update({k: row[k] for k in ("fvu", "l0", "dead_fraction") if k in row})
+    return make_row(
+        benchmark, row["trainer"], dict(B=B, D=D, F=row["F"], K=K), dtype=setting.split(",")[0] if setting else None,
+        peak_gib=row.get("peak_gib"), env=env, error=row.get("error"),
+        params={"setting": setting} if setting else None, **metrics,
+    )  # fmt: skip
 
 
 def main(argv=None):

@@ -3,11 +3,11 @@
 and times each stage of the decoder ops separately, so every choice in
 benchmarks/NOTES.md has a measurement behind it.
 
-Usage: python benchmarks/tune.py [--out DIR]   (needs a CUDA GPU)
+Usage: python benchmarks/tune.py [--out benchmarks/results] [--only ...]   (needs a CUDA GPU)
+Rows go to <out>/<gpu>/tune.jsonl (``results_schema``; one row per setting timed, the setting in params).
 """
 
 import argparse
-import datetime
 import itertools
 import json
 import sys
@@ -17,6 +17,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script
+from results_schema import environment, result_path, write_rows  # noqa: E402
 from side_by_side import load_kernel, make_problem  # noqa: E402
 
 SHAPES = [(2048, 2304, 65536, 64), (4096, 2048, 262144, 64)]
@@ -98,9 +99,24 @@ def encoder_sweeps(fs, common, default, only, record):
         torch.cuda.empty_cache()
 
 
+def schema_rows(benchmark, meta, rows):
+    """The sweep's records (kind, the setting, ms, the shape) -> results_schema rows: implementation is
+    the kind plus its impl or stage when it has one; every other key but the shape is a param."""
+    from results_schema import make_row
+
+    env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
+    out = []
+    for r in rows:
+        shape = {k: r[k] for k in "BDFK" if k in r}
+        params = {k: v for k, v in r.items() if k not in shape and k not in ("ms", "impl", "kind")}
+        name = r["kind"] + (f": {r['impl']}" if "impl" in r else "")
+        out.append(make_row(benchmark, name, shape, dtype="bf16", env=env, params=params or None, ms=r["ms"]))
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument(
         "--only", default="stage,gather,segment,window,select,encode", help="comma-separated sweeps to run"
     )
@@ -175,9 +191,9 @@ def main():
         common.TUNING.update(default)
         del indices, weight, vals, bias, target, w, v, b, t, residual, h_residual, h_esum
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(gpu=torch.cuda.get_device_name(), date=str(datetime.date.today()), torch=torch.__version__)
-    (args.out / "tune.json").write_text(json.dumps(dict(**meta, rows=rows), indent=1))
+    meta = environment()
+    path = write_rows(result_path(meta["gpu"], "tune", args.out), schema_rows("tune", meta, rows))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
