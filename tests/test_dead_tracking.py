@@ -2,8 +2,13 @@
 ``loss`` in training mode only, the same in the kernels' modules and their plain-torch twins; the
 dead mask and fraction; the window; ``state_dict`` round trips and checkpoints without the counts."""
 
+import inspect
+import re
+import types
+
 import pytest
 import torch
+from peers import require
 
 MODULES = [
     ("SparseAutoencoder", dict(k=4)),
@@ -57,7 +62,10 @@ def test_dead_mask_and_fraction(fs, device):
     for x in batches(device, n=2):  # 12 tokens: a latent silent in both batches reaches the window
         sae.loss(x)
     silent = sae.tokens_since_fired == 12
-    assert torch.equal(sae.dead_mask(), silent)
+    assert silent.any() and not sae.dead_mask().any(), "at the window a latent is not dead yet (the rule is >)"
+    sae.loss(batches(device, n=3)[2])  # 18 tokens: past the window
+    silent = sae.tokens_since_fired > 12
+    assert silent.any() and torch.equal(sae.dead_mask(), silent)
     assert sae.dead_fraction().item() == pytest.approx(silent.float().mean().item())
     assert sae.dead_fraction().dtype == torch.float32 and sae.dead_mask().device == sae.W_dec.device
 
@@ -86,3 +94,38 @@ def test_dead_window_must_be_a_positive_int(fs, device, bad):
     for name, kwargs in MODULES:
         with pytest.raises(ValueError, match="dead_window_tokens"):
             build(fs, name, kwargs, device, dead_window_tokens=bad)
+
+
+def _sparsify_dead_rule():
+    """The comparison sparsify's trainer applies to ``num_tokens_since_fired`` and ``dead_feature_threshold``,
+    read from the installed package's source, as a function (counts, threshold) -> mask."""
+    trainer = require("sparsify.trainer")
+    src = inspect.getsource(trainer.Trainer)
+    ops = set(re.findall(r"num_tokens_since_fired\[\w+\]\s*(>=|>|<=|<)\s*self\.cfg\.dead_feature_threshold", src))
+    assert len(ops) == 1, f"sparsify's dead rule not found (or not one rule): {ops}"
+    op = ops.pop()
+    return {">": torch.gt, ">=": torch.ge, "<": torch.lt, "<=": torch.le}[op]
+
+
+def _saelens_dead_rule(counts, window):
+    """SAELens's own ``SAETrainer.dead_neurons`` (its installed property), on these counts and window."""
+    trainer = require("sae_lens.training.sae_trainer")
+    fake = types.SimpleNamespace(n_forward_passes_since_fired=counts, cfg=types.SimpleNamespace(dead_feature_window=window))
+    return trainer.SAETrainer.dead_neurons.fget(fake)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("name,kwargs", MODULES, ids=[m[0] for m in MODULES])
+def test_dead_rule_matches_sparsify_and_saelens_at_the_boundary(fs, device, name, kwargs):
+    """A latent silent for exactly the window is not dead, one token more is: the installed sparsify's and
+    SAELens's rule (``>``), not ``>=``."""
+    window = 12
+    sae = build(fs, name, kwargs, device, dead_window_tokens=window)
+    counts = torch.tensor([0, window - 1, window, window + 1, 5 * window], device=device)
+    counts = torch.cat([counts, torch.zeros(48 - counts.numel(), dtype=torch.int64, device=device)])
+    with torch.no_grad():
+        sae.tokens_since_fired.copy_(counts)
+    ours = sae.dead_mask()
+    assert ours[:5].tolist() == [False, False, False, True, True]
+    assert torch.equal(ours, _sparsify_dead_rule()(counts, window))
+    assert torch.equal(ours, _saelens_dead_rule(counts, window))

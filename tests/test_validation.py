@@ -1,5 +1,8 @@
 """Every rejected input raises ValueError naming the argument; nothing crashes or reads out of bounds."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from parity import LOSS_OPS, make_inputs
@@ -184,7 +187,11 @@ SAE_BREAKS = [
     ("x int", "x must have dtype", _set(0, lambda t: t.int())),
     ("x not a tensor", "x must be a torch.Tensor", _set(0, lambda t: t.tolist())),
     ("empty batch", "empty batch", _set(0, lambda t: t[:0])),
-    ("W_enc wrong width", "W_enc must have shape", _set(1, lambda t: t[:, :5])),
+    ("W_enc wrong width", r"x has D=9 columns but W_enc \(13, 5\) expects D=5", _set(1, lambda t: t[:, :5])),
+    ("x wrong width", r"x has D=5 columns but W_enc \(13, 9\) expects D=9: x must have shape \(B, 9\)",
+     _set(0, lambda t: t[:, :5])),  # fmt: skip
+    ("x 3-D", r"x must be 2-D, got shape \(2, 2, 9\); .*x.reshape\(-1, 9\) \(x.flatten\(0, -2\)\)",
+     _set(0, lambda t: t.reshape(2, 2, 9))),  # fmt: skip
     ("W_enc 3-D", "W_enc must be 2-D", _set(1, lambda t: t[None])),
     (
         "W_enc dtype",
@@ -201,6 +208,7 @@ SAE_BREAKS = [
     ("k float", "k must be an int", _set(5, lambda k: 3.0)),
     ("k bool", "k must be an int", _set(5, lambda k: True)),
     ("k tensor", "k must be an int", _set(5, lambda k: torch.tensor(3))),
+    ("k numpy int", r"k must be a Python int, got int64: pass k=int\(k\)", _set(5, lambda k: np.int64(3))),
 ]
 STEP_BREAKS = [
     ("W_dec wrong shape", "W_dec must have W_enc's shape", _set(3, lambda t: t[:5])),
@@ -235,6 +243,8 @@ BATCH_K_BREAKS = [
     ("k zero", "k must give 1 <= int", _set(5, lambda k: 0)),
     ("k too small for the batch", "k must give 1 <= int", _set(5, lambda k: 0.1)),
     ("k beyond the batch", "k must give 1 <= int", _set(5, lambda k: 14)),
+    ("k nan", "k must be a finite number, got k=nan", _set(5, lambda k: float("nan"))),
+    ("k inf", "k must be a finite number, got k=inf", _set(5, lambda k: float("inf"))),
 ]
 # The encoder's and step's own checks, minus the per-row k rules (BatchTopK has its own; JumpReLU none).
 STEP_ONLY_BREAKS = [b for b in SAE_BREAKS + STEP_BREAKS if not b[0].startswith("k ")]
@@ -323,3 +333,145 @@ def test_sparse_autoencoder_default_dtype(fs, device):
     assert "d_model=8, n_features=16, k=2, dtype=torch.float32" in repr(sae), "print(sae) must show its sizes"
     step = sae.loss(torch.randn(4, 8, device=device))
     assert torch.isfinite(step.loss)
+
+
+@pytest.mark.kernels_ci
+def test_batchtopk_steps_take_numpy_numbers(fs, device):
+    """BatchTopK's k is used as int(k * B): numpy's ints and floats give the same step as Python's."""
+    args = _sae_args(device)
+    want = fs.batchtopk_sae_step(*args[:5], 3).loss
+    torch.testing.assert_close(fs.batchtopk_sae_step(*args[:5], np.int64(3)).loss, want, rtol=0, atol=0)
+    torch.testing.assert_close(fs.batchtopk_sae_step(*args[:5], np.float32(3.0)).loss, want, rtol=0, atol=0)
+    sizes = [np.int64(4), 13]
+    got = fs.matryoshka_batchtopk_sae_step(*args[:5], np.int64(3), sizes).loss
+    torch.testing.assert_close(got, fs.matryoshka_batchtopk_sae_step(*args[:5], 3, [4, 13]).loss, rtol=0, atol=0)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU threshold is not read (that would sync)")
+@pytest.mark.parametrize("bad", [-0.1, float("nan")])
+def test_jumprelu_step_rejects_a_negative_threshold_as_the_module_does(fs, bad):
+    """The module rejects init_threshold <= 0 and clamps its threshold at 0; the op, given a CPU threshold
+    (read without a device sync), rejects a negative or NaN entry naming ``threshold``."""
+    threshold = torch.full((13,), 0.1)
+    threshold[4] = bad
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        _jumprelu_call(fs, "cpu", threshold=threshold)
+    with pytest.raises(ValueError, match="init_threshold"):
+        fs.JumpReLUSparseAutoencoder(9, 13, init_threshold=-0.1)
+    _jumprelu_call(fs, "cpu", threshold=torch.zeros(13))  # 0 is allowed, as the module's clamp gives it
+
+
+MODULE_KWARGS = [
+    ("SparseAutoencoder", dict(k=2)),
+    ("BatchTopKSparseAutoencoder", dict(k=2)),
+    ("MatryoshkaBatchTopKSparseAutoencoder", dict(k=2, prefix_sizes=[4, 16])),
+    ("JumpReLUSparseAutoencoder", dict()),
+    ("StandardSparseAutoencoder", dict()),
+    ("GatedSparseAutoencoder", dict()),
+]
+MODULE_IDS = [m[0] for m in MODULE_KWARGS]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("name,kwargs", MODULE_KWARGS, ids=MODULE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.bool, "float32", torch.complex64])
+def test_modules_reject_an_unsupported_dtype(fs, name, kwargs, dtype):
+    """The constructor rejects a dtype the kernels cannot run (it used to fail on every call later)."""
+    with pytest.raises(ValueError, match=r"^dtype must be"):
+        getattr(fs, name)(8, 16, **kwargs, dtype=dtype)
+
+
+@pytest.mark.kernels_ci
+def test_modules_reject_a_float64_default_dtype(fs):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(ValueError, match="dtype=None takes torch's default dtype, torch.float64"):
+            fs.SparseAutoencoder(8, 16, 2)
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("name,kwargs", MODULE_KWARGS, ids=MODULE_IDS)
+def test_modules_take_numpy_integers(fs, device, name, kwargs):
+    """numpy's integers count as ints (stored as Python ints); a step runs; bools are still rejected."""
+    npk = {k: (np.int64(v) if isinstance(v, int) else [np.int32(m) for m in v]) for k, v in kwargs.items()}
+    sae = getattr(fs, name)(np.int64(8), np.int32(16), **npk, dtype=torch.float32, device=device, seed=0,
+                            dead_window_tokens=np.int64(100))  # fmt: skip
+    for attr in ("d_model", "n_features", "dead_window_tokens", "k"):
+        if hasattr(sae, attr):
+            assert type(getattr(sae, attr)) is int, attr
+    if hasattr(sae, "prefix_sizes"):
+        assert all(type(m) is int for m in sae.prefix_sizes)
+    assert torch.isfinite(sae.loss(torch.randn(4, 8, device=device)).loss)
+    with pytest.raises(ValueError, match="n_features"):
+        getattr(fs, name)(8, True, **kwargs)
+
+
+@pytest.mark.kernels_ci
+def test_module_dead_loss_options_take_numpy_integers(fs, device):
+    sae = fs.SparseAutoencoder(8, 16, 2, dead_loss="auxk", k_aux=np.int64(3), dead_capacity=np.int64(6),
+                               device=device, dead_window_tokens=1)  # fmt: skip
+    x = torch.randn(4, 8, device=device)
+    sae.loss(x)
+    assert torch.isfinite(sae.loss(x).aux_loss)
+
+
+@pytest.mark.kernels_ci
+def test_resample_names_an_optimizer_that_does_not_hold_the_module(fs, device):
+    """An optimizer over other parameters would reset no moments, silently: rejected naming ``optimizer``."""
+    sae = fs.SparseAutoencoder(8, 16, 2, device=device)
+    other = fs.SparseAutoencoder(8, 16, 2, device=device)
+    x = torch.randn(6, 8, device=device)
+    with pytest.raises(ValueError, match=r"^optimizer does not hold this module's parameters W_enc, b_enc, W_dec"):
+        sae.resample_dead_(x, torch.optim.Adam(other.parameters()))
+    with pytest.raises(ValueError, match="optimizer does not hold this module's parameters b_enc"):
+        sae.resample_dead_(x, torch.optim.Adam([sae.W_enc, sae.W_dec, sae.b_dec]))
+    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
+        sae.resample_dead_(x, "adam")
+    gated = fs.GatedSparseAutoencoder(8, 16, device=device)
+    with pytest.raises(ValueError, match="r_mag, b_mag"):
+        gated.resample_dead_(x, torch.optim.Adam([gated.W_enc, gated.b_gate, gated.W_dec]))
+    sae.resample_dead_(x, torch.optim.Adam(sae.parameters()))  # its own: fine
+    sae.resample_dead_(x, None)
+
+
+@pytest.mark.kernels_ci
+def test_resample_hints_at_flattening_a_3d_x(fs, device):
+    sae = fs.SparseAutoencoder(8, 16, 2, device=device)
+    with pytest.raises(ValueError, match=r"x.flatten\(0, -2\)"):
+        sae.resample_dead_(torch.randn(2, 3, 8, device=device))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("name", ["BatchTopKSparseAutoencoder", "MatryoshkaBatchTopKSparseAutoencoder"])
+def test_eval_before_the_threshold_warms_up_warns_once(fs, device, name):
+    """Eval mode encodes with the inference threshold; before ~1 / threshold_lr training steps it is near 0
+    and the code nearly dense: encode warns, once. Once warm (trained, or a trained state_dict loaded),
+    no warning. Training itself reads nothing on the host (the update count is a device buffer)."""
+    kw = dict(prefix_sizes=[4, 16]) if name.startswith("Matryoshka") else {}
+    make = lambda: getattr(fs, name)(8, 16, 2, **kw, threshold_lr=0.5, device=device, seed=0)  # noqa: E731
+    x = torch.randn(6, 8, device=device)
+    sae = make().eval()
+    with pytest.warns(UserWarning, match=r"has had 0 of the 2 training steps it needs to warm up"):
+        sae.encode(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae(x)  # once only
+    sae.train()
+    for _ in range(2):
+        sae.loss(x)
+    assert int(sae.threshold_updates) == 2 and float(sae.threshold) > 0
+    warm = make()
+    warm.load_state_dict(sae.state_dict())  # a trained threshold counts as warm
+    for module in (warm.eval(), make().train()):  # and train mode uses the batch rule: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            module.encode(x)
+    fresh = make()
+    fresh.train()
+    fresh.loss(x)  # one step of two: still cold
+    with pytest.warns(UserWarning, match="has had 1 of the 2"):
+        fresh.eval().encode(x)

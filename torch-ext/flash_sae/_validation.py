@@ -9,17 +9,46 @@ values except ``check_index_range``, which is a host sync and runs only where
 ``resolve_validate`` asks for it.
 """
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def is_int(value) -> bool:
+    """An int count: ``int`` or any ``numbers.Integral`` (numpy's integers), but not ``bool``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number: ``int``, ``float`` or any ``numbers.Real`` (numpy's scalars), but not ``bool``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_float_dtype(name: str, dtype) -> torch.dtype:
+    """A parameters' dtype: fp32, bf16 or fp16 (a ``torch.dtype``, not a string); returns it."""
+    allowed = ", ".join(str(d) for d in FLOAT_DTYPES)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name} must be a torch.dtype, one of ({allowed}), got {dtype!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of ({allowed}), got {dtype}: the kernels support no other dtype")
+    return dtype
+
+
 def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+        hint = ""
+        if ndim == 2 and t.ndim > 2:
+            hint = (
+                f"; flatten the leading dimensions first: {name}.reshape(-1, {t.shape[-1]}) "
+                f"({name}.flatten(0, -2)), and reshape the result back"
+            )
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}{hint}")
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{name} must have dtype in ({allowed}), got {t.dtype}")
@@ -50,9 +79,14 @@ def check_same_dtype(ref_name: str, ref: torch.Tensor, **tensors) -> None:
             )
 
 
-def check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value, low: int, high: int, *, integral: bool = False) -> None:
+    """``value`` an int count in [low, high]. ``integral``: any ``numbers.Integral`` but bool (numpy's
+    integers too), for a caller that uses ``int(value)``; else a Python ``int`` (the value is passed on
+    as it is, to code that needs an ``int``)."""
+    if not is_int(value):
         raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if not integral and not isinstance(value, int):
+        raise ValueError(f"{name} must be a Python int, got {type(value).__name__}: pass {name}=int({name})")
     if not low <= value <= high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got {name}={value}")
 
@@ -173,7 +207,10 @@ def check_encoder_args(x, W_enc, b_enc, k, b_dec) -> tuple[int, int, int]:
     if D == 0:
         raise ValueError("x has D = 0 columns")
     if W_enc.shape[1] != D:
-        raise ValueError(f"W_enc must have shape (F, D={D}) to match x, got {tuple(W_enc.shape)}")
+        raise ValueError(
+            f"x has D={D} columns but W_enc {tuple(W_enc.shape)} expects D={W_enc.shape[1]}: "
+            f"x must have shape (B, {W_enc.shape[1]})"
+        )
     if F == 0 or F >= 2**31:
         raise ValueError(f"W_enc must have 1 <= F < 2^31 rows, got F={F}")
     check_shape("b_enc", b_enc, (F,))
@@ -201,8 +238,10 @@ def check_step_args(x, W_enc, b_enc, W_dec, b_dec, k) -> tuple[int, int, int]:
 
 def check_batch_k(k, B: int, F: int) -> int:
     """BatchTopK's k: active latents per row on average (int or float); returns N = int(k * B)."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
+    if not is_real(k):
         raise ValueError(f"k must be an int or a float, got {type(k).__name__}")
+    if not math.isfinite(k):
+        raise ValueError(f"k must be a finite number, got k={k}")
     n = int(k * B)
     if not 1 <= n <= B * F:
         raise ValueError(f"k must give 1 <= int(k * B) <= B * F = {B * F} selected entries, got k={k} (B={B})")
@@ -210,19 +249,28 @@ def check_batch_k(k, B: int, F: int) -> int:
 
 
 def check_jumprelu_args(threshold, F: int, capacity, bandwidth, l0_coefficient, x) -> None:
+    """JumpReLU's arguments. The threshold must be >= 0, as the modules keep it (a positive
+    ``init_threshold``; the direct parameter clamped at 0 before each step, the log one positive):
+    checked where reading it costs no device sync (a CPU tensor); on a GPU it is not read."""
     check_tensor("threshold", threshold, 1)
     check_shape("threshold", threshold, (F,))
     check_same_device(x=x, threshold=threshold)
+    if threshold.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((threshold >= 0).all()):
+        bad = threshold[~(threshold >= 0)][0].item()
+        raise ValueError(
+            f"threshold must be >= 0 everywhere (as the JumpReLU module keeps it), found {bad}; "
+            "clamp it with threshold.clamp_min(0)"
+        )
     check_int("capacity", capacity, 1, x.shape[0] * F)
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not bandwidth > 0:
+    if not is_real(bandwidth) or not bandwidth > 0:
         raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
-    if isinstance(l0_coefficient, bool) or not isinstance(l0_coefficient, (int, float)) or not l0_coefficient >= 0:
+    if not is_real(l0_coefficient) or not l0_coefficient >= 0:
         raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")
 
 
 def check_standard_args(F: int, capacity, l1_coefficient, x) -> None:
     check_int("capacity", capacity, 1, x.shape[0] * F)
-    if isinstance(l1_coefficient, bool) or not isinstance(l1_coefficient, (int, float)) or not l1_coefficient >= 0:
+    if not is_real(l1_coefficient) or not l1_coefficient >= 0:
         raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
 
 
@@ -242,8 +290,9 @@ def check_prefix_sizes(prefix_sizes, F: int) -> list[int]:
         raise ValueError(f"prefix_sizes must be a non-empty list of ints, got {prefix_sizes!r}")
     sizes = list(prefix_sizes)
     for m in sizes:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        if not is_int(m) or m < 1:
             raise ValueError(f"prefix_sizes must hold positive ints, got {prefix_sizes!r}")
+    sizes = [int(m) for m in sizes]
     if any(a >= b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"prefix_sizes must be strictly increasing, got {prefix_sizes!r}")
     if sizes[-1] != F:
@@ -261,8 +310,8 @@ def check_dead_loss_args(
     check_same_device(x=x, dead_mask=dead_mask)
     if dead_offset is None:
         dead_offset = torch.zeros((), dtype=torch.int64, device=x.device)
-    elif isinstance(dead_offset, int) and not isinstance(dead_offset, bool):
-        check_int("dead_offset", dead_offset, 0, F - 1)
+    elif is_int(dead_offset):
+        check_int("dead_offset", dead_offset, 0, F - 1, integral=True)
         dead_offset = torch.tensor(dead_offset, dtype=torch.int64, device=x.device)
     else:
         check_tensor("dead_offset", dead_offset, 0, (torch.int64,))
@@ -272,18 +321,18 @@ def check_dead_loss_args(
     D = x.shape[1]
     if k_aux is None:
         k_aux = default_k_aux(D, F)
-    check_int("k_aux", k_aux, 1, F)
+    check_int("k_aux", k_aux, 1, F, integral=True)
     if aux_coef is None:
         aux_coef = 1 / 32 if dead_loss == "auxk" else 1.0
-    if isinstance(aux_coef, bool) or not isinstance(aux_coef, (int, float)) or not aux_coef >= 0:
+    if not is_real(aux_coef) or not aux_coef >= 0:
         raise ValueError(f"aux_coef must be a number >= 0, got {aux_coef!r}")
     for name, flag in (("aux_relu", aux_relu), ("aux_encoder_grad", aux_encoder_grad)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     if dead_capacity is None:
         dead_capacity = default_dead_capacity(F, k_aux)
-    check_int("dead_capacity", dead_capacity, k_aux if dead_loss == "auxk" else 1, F)
-    return dead_loss, k_aux, float(aux_coef), dead_capacity, dead_offset
+    check_int("dead_capacity", dead_capacity, k_aux if dead_loss == "auxk" else 1, F, integral=True)
+    return dead_loss, int(k_aux), float(aux_coef), int(dead_capacity), dead_offset
 
 
 def default_k_aux(D: int, F: int) -> int:

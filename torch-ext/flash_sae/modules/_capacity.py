@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .._validation import is_int, is_real
+
 
 class SeenCount:
     """The last active-entry count per row that reached the host without a wait."""
@@ -59,14 +61,12 @@ class DenseSwitch:
     per row of 1.5x the count seen (a power of two). ``last_path`` says which the last step ran."""
 
     def _init_switch(self, dense_above, capacity_per_row) -> None:
-        if isinstance(dense_above, bool) or not isinstance(dense_above, (int, float)) or not 0 <= dense_above <= 1:
+        if not is_real(dense_above) or not 0 <= dense_above <= 1:
             raise ValueError(f"dense_above must be a number in [0, 1], got {dense_above!r}")
-        if capacity_per_row is not None and (
-            isinstance(capacity_per_row, bool) or not isinstance(capacity_per_row, int) or capacity_per_row < 1
-        ):
+        if capacity_per_row is not None and (not is_int(capacity_per_row) or capacity_per_row < 1):
             raise ValueError(f"capacity_per_row must be a positive int or None, got {capacity_per_row!r}")
         self.dense_above = float(dense_above)
-        self.capacity_per_row = None if capacity_per_row is None else min(capacity_per_row, self.n_features)
+        self.capacity_per_row = None if capacity_per_row is None else min(int(capacity_per_row), self.n_features)
         self._seen = SeenCount()
         self.last_path = None
 

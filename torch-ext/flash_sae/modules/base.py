@@ -5,16 +5,34 @@ truth) subclass the same base here and differ only in how they compute, so a
 ``state_dict`` moves between them unchanged.
 """
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
-from .._validation import default_dead_capacity, default_k_aux
+from .._validation import FLOAT_DTYPES, check_float_dtype, default_dead_capacity, default_k_aux, is_int, is_real
 from ..primitives.dead_set import next_dead_offset
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_positive_int(name, value) -> int:
+    """A positive int count (``numbers.Integral``, numpy's too, not bool); returns it as an ``int``."""
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _module_dtype(dtype) -> torch.dtype:
+    """The parameters' dtype: fp32, bf16 or fp16; None takes torch's default dtype, which must be one."""
+    if dtype is None:
+        default = torch.get_default_dtype()
+        if default not in FLOAT_DTYPES:
+            raise ValueError(
+                f"dtype=None takes torch's default dtype, {default}, which the kernels do not support: "
+                "pass dtype=torch.float32, torch.bfloat16 or torch.float16"
+            )
+        return default
+    return check_float_dtype("dtype", dtype)
 
 
 class SAEBase(nn.Module):
@@ -31,9 +49,10 @@ class SAEBase(nn.Module):
     Dead-latent tracking, on the device: the buffer ``tokens_since_fired`` [F] int64 (in the
     ``state_dict``; a checkpoint without it loads with zeros) counts, per latent, the training
     tokens (rows of x) seen since it last fired. Each module's ``loss`` updates it in training
-    mode from the step's ``fire_counts``. A latent is dead once the count reaches
-    ``dead_window_tokens`` (default 10M, sparsify's ``dead_feature_threshold``; SAELens counts
-    steps instead, ``dead_feature_window`` = 1000). ``dead_mask()`` and ``dead_fraction()`` read
+    mode from the step's ``fire_counts``. A latent is dead once the count exceeds
+    ``dead_window_tokens`` (``tokens_since_fired > dead_window_tokens``, sparsify's rule with its
+    ``dead_feature_threshold``, default 10M; SAELens applies the same ``>`` to steps instead,
+    ``dead_feature_window`` = 1000). ``dead_mask()`` and ``dead_fraction()`` read
     it without a host sync.
     """
 
@@ -52,20 +71,18 @@ class SAEBase(nn.Module):
         dead_window_tokens=10_000_000,
     ):
         super().__init__()
-        _check_positive_int("dead_window_tokens", dead_window_tokens)
-        self.dead_window_tokens = dead_window_tokens
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_features", n_features)
+        dtype = _module_dtype(dtype)
+        self.dead_window_tokens = _check_positive_int("dead_window_tokens", dead_window_tokens)
+        d_model = _check_positive_int("d_model", d_model)
+        n_features = _check_positive_int("n_features", n_features)
         if decoder_init not in ("normal", "saelens"):
             raise ValueError(f"decoder_init must be 'normal' or 'saelens', got {decoder_init!r}")
         if (
-            isinstance(decoder_init_norm, bool)
-            or not isinstance(decoder_init_norm, (int, float))
-            or decoder_init_norm <= 0
+            not is_real(decoder_init_norm)
+            or not decoder_init_norm > 0
         ):
             raise ValueError(f"decoder_init_norm must be a positive number, got {decoder_init_norm!r}")
         self.d_model, self.n_features = d_model, n_features
-        dtype = dtype or torch.get_default_dtype()
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         w = torch.empty(n_features, d_model, dtype=torch.float64)
         if decoder_init == "normal":
@@ -86,8 +103,9 @@ class SAEBase(nn.Module):
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fire_counts > 0, 0)
 
     def dead_mask(self) -> torch.Tensor:
-        """[F] bool: the latents that have not fired for ``dead_window_tokens`` training tokens."""
-        return self.tokens_since_fired >= self.dead_window_tokens
+        """[F] bool: the latents silent for more than ``dead_window_tokens`` training tokens
+        (``tokens_since_fired > dead_window_tokens``, sparsify's and SAELens's ``>``)."""
+        return self.tokens_since_fired > self.dead_window_tokens
 
     def dead_fraction(self) -> torch.Tensor:
         """0-d fp32: the share of dead latents (a device tensor: reading it is the caller's sync)."""
@@ -125,11 +143,18 @@ class SAEBase(nn.Module):
         if encoder_norm_scale is None:
             encoder_norm_scale = self.resample_encoder_scale
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.d_model or x.shape[0] < 1:
-            raise ValueError(f"x must be a [N, {self.d_model}] tensor with N >= 1, got {getattr(x, 'shape', x)!r}")
+            hint = ""
+            if isinstance(x, torch.Tensor) and x.ndim > 2 and x.shape[-1] == self.d_model:
+                hint = f"; flatten the leading dimensions first: x.reshape(-1, {self.d_model}) (x.flatten(0, -2))"
+            raise ValueError(
+                f"x must be a [N, {self.d_model}] tensor with N >= 1, got {getattr(x, 'shape', x)!r}{hint}"
+            )
         if x.device != self.W_dec.device:
             raise ValueError(f"x is on {x.device} but the SAE is on {self.W_dec.device}")
-        if isinstance(encoder_norm_scale, bool) or not isinstance(encoder_norm_scale, (int, float)):
+        if not is_real(encoder_norm_scale):
             raise ValueError(f"encoder_norm_scale must be a number, got {encoder_norm_scale!r}")
+        if optimizer is not None:
+            self._check_optimizer_holds(optimizer)
         dead = self.dead_mask()
         live = (~dead).float()
         n_live = live.sum()
@@ -158,6 +183,21 @@ class SAEBase(nn.Module):
                     if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and moment.shape == p.shape:
                         moment.masked_fill_(dead.view(-1, *([1] * (p.ndim - 1))), 0)
         return dead.sum()
+
+    def _check_optimizer_holds(self, optimizer) -> None:
+        """``resample_dead_``'s optimizer must hold the parameters it resets (else it would reset nothing)."""
+        groups = getattr(optimizer, "param_groups", None)
+        if not isinstance(groups, list) or not hasattr(optimizer, "state"):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        held = {id(p) for group in groups for p in group["params"]}
+        names = {id(p): n for n, p in self.named_parameters()}
+        missing = [names.get(id(p), "?") for p in (self.W_enc, *self.latent_vectors(), self.W_dec) if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer does not hold this module's parameters {', '.join(missing)}, so resampling "
+                "would reset none of their moments: pass the optimizer that trains this module, or "
+                "optimizer=None (with fp32 master weights, resample the module the optimizer trains)"
+            )
 
     def latent_vectors(self) -> tuple[nn.Parameter, ...]:
         """The per-latent [F] parameters of the encoder (reset to 0 for a resampled latent): ``b_enc``."""
@@ -217,6 +257,10 @@ class DeadLossOptions:
         self.dead_loss = dead_loss
         if k_aux is None:
             k_aux = default_k_aux(self.d_model, self.n_features)
+        if is_int(k_aux):
+            k_aux = int(k_aux)
+        if is_int(dead_capacity):
+            dead_capacity = int(dead_capacity)
         if dead_capacity is None and isinstance(k_aux, int):
             dead_capacity = default_dead_capacity(self.n_features, k_aux)
         self.dead_loss_options = dict(
@@ -272,9 +316,9 @@ class TopKSAEBase(DeadLossOptions, SAEBase):
         super().__init__(
             d_model, n_features, dtype=dtype, device=device, seed=seed, dead_window_tokens=dead_window_tokens
         )
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_features:
+        if not is_int(k) or not 1 <= k <= n_features:
             raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
-        self.k = k
+        self.k = int(k)
         self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
 
 
@@ -332,22 +376,62 @@ class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
             dead_window_tokens=dead_window_tokens,
         )
         self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= n_features:
+        if not is_real(k) or not 0 < k <= n_features:
             raise ValueError(f"k must be a number in (0, n_features={n_features}], got {k!r}")
+        k = int(k) if is_int(k) else float(k)
         if not isinstance(rescale_acts_by_decoder_norm, bool):
             raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
-        if isinstance(threshold_lr, bool) or not isinstance(threshold_lr, (int, float)) or not 0 < threshold_lr <= 1:
+        if not is_real(threshold_lr) or not 0 < threshold_lr <= 1:
             raise ValueError(f"threshold_lr must be a number in (0, 1], got {threshold_lr!r}")
         self.k = k
         self.rescale_acts_by_decoder_norm = rescale_acts_by_decoder_norm
         self.threshold_lr = threshold_lr
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=device))
+        # the threshold's updates so far, on device (a CUDA graph replays the increment); not in the
+        # state_dict: a loaded positive threshold counts as warm (``_load_from_state_dict``)
+        self.register_buffer(
+            "threshold_updates", torch.zeros((), dtype=torch.int64, device=device), persistent=False
+        )  # fmt: skip
+        self._threshold_checked = False  # eval mode found the threshold warm, or warned once
+
+    def threshold_warmup_steps(self) -> int:
+        """The training steps after which the inference threshold counts as warm: 1 / ``threshold_lr``
+        (the moving average's time constant; from 0 it has then reached 63 % of its target)."""
+        return math.ceil(1 / self.threshold_lr)
 
     @torch.no_grad()
     def update_threshold(self, min_act: torch.Tensor) -> None:
         """threshold <- (1 - lr) * threshold + lr * min_act, skipped (on device) when no activation was positive."""
         new = (1 - self.threshold_lr) * self.threshold + self.threshold_lr * min_act.double()
         self.threshold.copy_(torch.where(torch.isfinite(min_act), new, self.threshold))
+        self.threshold_updates.add_(1)
+
+    def warn_if_threshold_cold(self) -> None:
+        """In eval mode, once: a warning if the inference threshold has had fewer than
+        ``threshold_warmup_steps()`` updates (eval-mode ``encode`` then keeps nearly every positive
+        pre-activation: a dense code). Reads one device scalar, in eval mode only, until it finds
+        the threshold warm or has warned."""
+        if self.training or self._threshold_checked:
+            return
+        updates, need = int(self.threshold_updates), self.threshold_warmup_steps()
+        self._threshold_checked = True
+        if updates < need:
+            warnings.warn(
+                f"{type(self).__name__} in eval mode encodes with its inference threshold (pre * scale > "
+                f"threshold), which has had {updates} of the {need} training steps it needs to warm up "
+                f"(1 / threshold_lr); until then the code is nearly dense. Train longer, load a trained "
+                "state_dict, or encode in train() mode (the batch rule). (If you set threshold yourself, "
+                "ignore this.)",
+                stacklevel=3,
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "threshold" in state_dict:  # a trained threshold (positive) counts as warm
+            with torch.no_grad():
+                warm = torch.full_like(self.threshold_updates, self.threshold_warmup_steps())
+                self.threshold_updates.copy_(torch.where(self.threshold > 0, warm, self.threshold_updates))
+            self._threshold_checked = False
 
     def activation_scale(self):
         """The per-latent factor the selection ranks by: ||W_dec[f]|| when rescaling, else None."""
@@ -364,7 +448,7 @@ class MatryoshkaSAEBase(BatchTopKSAEBase):
         sizes = list(prefix_sizes) if isinstance(prefix_sizes, (list, tuple)) else None
         if (
             not sizes
-            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in sizes)
+            or any(not is_int(m) or m < 1 for m in sizes)
             or any(a >= b for a, b in zip(sizes, sizes[1:]))
             or sizes[-1] != n_features
         ):
@@ -372,7 +456,7 @@ class MatryoshkaSAEBase(BatchTopKSAEBase):
                 f"prefix_sizes must be positive ints, strictly increasing, ending at n_features={n_features}; "
                 f"got {prefix_sizes!r}"
             )
-        self.prefix_sizes = sizes
+        self.prefix_sizes = [int(m) for m in sizes]
 
     def _sparsity_repr(self) -> str:
         return f"k={self.k}, prefix_sizes={self.prefix_sizes}"
@@ -416,9 +500,9 @@ class JumpReLUSAEBase(SAELensInitBase):
                 f"threshold_parameterization must be 'direct' or 'log', got {threshold_parameterization!r}"
             )
         for name, value in (("init_threshold", init_threshold), ("bandwidth", bandwidth)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not is_real(value) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if isinstance(l0_coefficient, bool) or not isinstance(l0_coefficient, (int, float)) or not l0_coefficient >= 0:
+        if not is_real(l0_coefficient) or not l0_coefficient >= 0:
             raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")
         self.bandwidth, self.l0_coefficient = float(bandwidth), float(l0_coefficient)
         self.threshold_parameterization = threshold_parameterization
@@ -477,7 +561,7 @@ class StandardSAEBase(SAELensInitBase):
             seed=seed,
             dead_window_tokens=dead_window_tokens,
         )
-        if isinstance(l1_coefficient, bool) or not isinstance(l1_coefficient, (int, float)) or not l1_coefficient >= 0:
+        if not is_real(l1_coefficient) or not l1_coefficient >= 0:
             raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
         self.l1_coefficient = float(l1_coefficient)
 

@@ -76,7 +76,9 @@ class BatchTopKSparseAutoencoder(FusedDecoderGeometry, BatchTopKSAEBase):
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets). Eval mode: ``capacity`` bounds the code (None: count first,
-        one host sync); entries past it are dropped."""
+        one host sync); entries past it are dropped. Eval mode warns once if the inference threshold
+        has not warmed up (``warn_if_threshold_cold``)."""
+        self.warn_if_threshold_cold()
         return batchtopk_encode_code(self, x, capacity)
 
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:

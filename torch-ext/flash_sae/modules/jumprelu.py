@@ -16,6 +16,7 @@ import torch
 
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from ..primitives.select import threshold_preacts
+from .._validation import is_int
 from ..results import JumpReLUSAEStep
 from ._capacity import SeenCount, grown_capacity
 from ._geometry import FusedDecoderGeometry
@@ -52,11 +53,9 @@ class JumpReLUSparseAutoencoder(FusedDecoderGeometry, JumpReLUSAEBase):
 
     def __init__(self, d_model, n_features, *, capacity_per_row=None, **kwargs):
         super().__init__(d_model, n_features, **kwargs)
-        if capacity_per_row is not None and (
-            isinstance(capacity_per_row, bool) or not isinstance(capacity_per_row, int) or capacity_per_row < 1
-        ):
+        if capacity_per_row is not None and (not is_int(capacity_per_row) or capacity_per_row < 1):
             raise ValueError(f"capacity_per_row must be a positive int or None, got {capacity_per_row!r}")
-        self.capacity_per_row = min(capacity_per_row or n_features, n_features)
+        self.capacity_per_row = min(int(capacity_per_row or n_features), self.n_features)
         self._seen = SeenCount()
 
     def _capacity(self, B: int) -> int:
