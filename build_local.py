@@ -107,23 +107,40 @@ def local_kernels_entry(root: Path = ROOT) -> str:
     return f"{repo_id(root)}={root}"
 
 
+HOW_TO_LOAD = (
+    "run `python build_local.py` in a flash-sae checkout (it writes build/torch-<backend>/) and load it with "
+    "build_local.load_kernel(), or set LOCAL_KERNELS={repo}=<a built checkout>"
+)
+
+
+def _local_entries(value: str) -> list[str]:
+    """The repo ids mapped by a ``LOCAL_KERNELS`` value (``repo_id=path:repo_id=path``)."""
+    return [entry.split("=", 1)[0] for entry in value.split(":") if entry]
+
+
 def load_kernel(root: Path = ROOT):
     """flash-sae as a user loads it: ``get_kernel(<repo id>, version=1)``, offline, from this checkout.
 
-    Builds the checkout and points ``LOCAL_KERNELS`` at it, unless
-    ``LOCAL_KERNELS`` is already set (nix's ci-test sets it to its own build).
+    Builds the checkout and points ``LOCAL_KERNELS`` at it, unless ``LOCAL_KERNELS`` already maps
+    the repo id (nix's ci-test sets it to its own build); a ``LOCAL_KERNELS`` that maps only other
+    kernels gets this checkout's entry appended (without it ``get_kernel`` would go to the hub). A
+    mapped folder with no build raises FileNotFoundError saying what to run.
     """
     from kernels import get_kernel
 
-    if "LOCAL_KERNELS" not in os.environ:
+    rid = repo_id(root)
+    current = os.environ.get("LOCAL_KERNELS")
+    if current is None or rid not in _local_entries(current):
         build(root)
-        os.environ["LOCAL_KERNELS"] = local_kernels_entry(root)
+        entry = local_kernels_entry(root)
+        os.environ["LOCAL_KERNELS"] = entry if not current else f"{current}:{entry}"
     try:
-        return get_kernel(repo_id(root), version=1)
+        return get_kernel(rid, version=1)
     except FileNotFoundError as err:
+        detail = str(err).rstrip().rstrip(":")
         raise FileNotFoundError(
-            f"{err}\nLOCAL_KERNELS={os.environ['LOCAL_KERNELS']!r} maps {repo_id(root)} to a folder with no "
-            "build for this torch: run `python build_local.py` in that checkout (it writes build/torch-<backend>/)"
+            f"{detail}: LOCAL_KERNELS={os.environ['LOCAL_KERNELS']!r} maps {rid} to a folder with no build "
+            f"for this torch (no build/torch-<backend>/ there). To fix it: {HOW_TO_LOAD.format(repo=rid)}"
         ) from err
 
 
