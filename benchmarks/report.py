@@ -606,6 +606,13 @@ def generate(results=RESULTS_DIR):
     return files, readme
 
 
+def rel(path):
+    try:
+        return path.relative_to(ROOT)
+    except ValueError:
+        return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
@@ -620,16 +627,16 @@ def main(argv=None):
         bad = []
         for path, data in files.items():
             if not path.exists():
-                bad.append(f"missing: {path.relative_to(ROOT)}")
+                bad.append(f"missing: {rel(path)}")
                 continue
             old = path.read_bytes()
             if old == data:
                 continue
             if path.suffix == ".png" and png_software(old) != f"matplotlib {matplotlib.__version__}":
-                print(f"{path.relative_to(ROOT)}: written by {png_software(old)}, not compared byte for byte")
+                print(f"{rel(path)}: written by {png_software(old)}, not compared byte for byte")
                 continue
-            bad.append(f"differs: {path.relative_to(ROOT)}")
-        bad += [f"not generated (stale): {p.relative_to(ROOT)}" for p in stale]
+            bad.append(f"differs: {rel(path)}")
+        bad += [f"not generated (stale): {rel(p)}" for p in stale]
         if readme is not None and readme != README.read_text():
             bad.append("differs: README.md's results:headline block")
         for b in bad:
@@ -639,11 +646,11 @@ def main(argv=None):
     DOCS.mkdir(parents=True, exist_ok=True)
     for p in stale:
         p.unlink()
-        print(f"removed {p.relative_to(ROOT)}")
+        print(f"removed {rel(p)}")
     for path, data in files.items():
         if not path.exists() or path.read_bytes() != data:
             path.write_bytes(data)
-            print(f"wrote {path.relative_to(ROOT)}")
+            print(f"wrote {rel(path)}")
     if readme is not None and readme != README.read_text():
         README.write_text(readme)
         print("wrote README.md's results:headline block")

@@ -217,3 +217,33 @@ def test_compare_builds_rows():
     out = compare_builds.schema_rows("compare_builds", meta, rows)
     assert [r["implementation"] for r in out] == ["before: flash_sae_old", "after: flash_sae_new"]
     assert (out[0]["eager_ms"], out[0]["graph_ms"]) == (1.0, 0.8) and out[1]["params"]["runs"] == 2
+
+
+def test_report_writes_checks_and_fills_the_readme_block(tmp_path, monkeypatch):
+    import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\nrest\n")
+    monkeypatch.setattr(report, "DOCS", tmp_path / "docs" / "results")
+    monkeypatch.setattr(report, "README", readme)
+    assert report.main([]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{report.END}\nrest\n") and "old table" not in text
+    assert "flash-sae graph / eager" in text and "sparsify (eager)" in text and "SAELens (eager)" in text
+    assert report.main(["--check"]) == 0
+    page = tmp_path / "docs" / "results" / "side_by_side_step_h100.md"
+    page.write_text(page.read_text() + "edited\n")
+    assert report.main(["--check"]) == 1
+    assert report.main([]) == 0 and report.main(["--check"]) == 0
+    readme.write_text(readme.read_text().replace("**1.99**", "**9.99**"))
+    assert report.main(["--check"]) == 1
+
+
+def test_report_leaves_a_readme_without_markers_alone(tmp_path, monkeypatch, capsys):
+    import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    monkeypatch.setattr(report, "README", readme)
+    files, text = report.generate()
+    assert text is None and readme.read_text() == "no markers here\n"
