@@ -177,10 +177,15 @@ def side_by_side_md(rows):
         "Forward + backward, gradients for every float input. Each cell: CUDA-graph ms (GPU time) / "
         "ms launched eagerly from Python each step (median), and in brackets the peak memory above the "
         'inputs, gradients included. "no graph": the step cannot be captured; "not run": not measured '
-        "at that shape. % of floor: flash-sae's graph time against the longer of the encoder GEMM at the "
-        "tensor-core peak and the unavoidable bytes at the measured copy bandwidth.",
+        "at that shape. % of floor: the floor over flash-sae's graph time. The floor of a step is the longer of "
+        "its encoder GEMM at the tensor-core peak and its unavoidable bytes at the measured copy bandwidth; "
+        "the floor of a loss is its unavoidable bytes at that bandwidth (`PEAK_FLOPS`, `step_floor_ms` and "
+        "`floor_bytes` in benchmarks/side_by_side.py).",
         "",
     ]
+    bws = list(dict.fromkeys(r["copy_bandwidth_tbps"] for r in rows if r.get("copy_bandwidth_tbps")))
+    if bws:
+        out[0] += " Measured copy bandwidth: " + ", ".join(f"{b:.2f} TB/s" for b in bws) + "."
     for (op, dtype), sel in groups(rows).items():
         impls = sorted(dict.fromkeys(r["implementation"] for r in sel), key=impl_key)
         shapes = list(dict.fromkeys(tuple(r["shape"].items()) for r in sel))
