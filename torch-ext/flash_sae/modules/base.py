@@ -240,6 +240,141 @@ class SAEBase(nn.Module):
         self.W_dec.grad.copy_(g.to(self.W_dec.grad.dtype))
 
 
+    # SAELens's format -----------------------------------------------------------------
+
+    saelens_architecture = None  # the SAELens architecture ``to_saelens`` writes (None: no export)
+    saelens_loadable = True  # whether ``from_saelens`` reads that architecture back into this class
+
+    def _saelens_latent_tensors(self) -> dict:
+        """The encoder's per-latent [F] tensors, named as SAELens names them."""
+        return {"b_enc": self.b_enc}
+
+    def _saelens_threshold(self):
+        """SAELens's per-latent ``threshold`` [F] (fp32) on pre-activations, or None."""
+        return None
+
+    def _saelens_cfg_extra(self) -> dict:
+        return {}
+
+    # SAELens's run-metadata fields (its LLM training runner's names). SAELens 6.54 reads them from the top
+    # level of a cfg.json without ``sae_lens_version`` (its pre-6.0 path, the one an export takes) and
+    # from ``cfg["metadata"]`` otherwise: ``to_saelens`` writes both.
+    SAELENS_METADATA_KEYS = (
+        "model_name", "hook_name", "hook_head_index", "context_size", "dataset_path", "prepend_bos",
+        "seqpos_slice", "model_class_name", "model_from_pretrained_kwargs", "exclude_special_tokens",
+        "neuronpedia_id",
+    )  # fmt: skip
+
+    @torch.no_grad()
+    def to_saelens(self, activation_scale: float = 1.0, metadata: dict | None = None) -> tuple[dict, dict]:
+        """(cfg, tensors): this SAE in SAELens's format (``cfg.json`` and ``sae_weights.safetensors`` of
+        ``SAE.load_from_disk``), fp32 CPU tensors; the caller writes the files.
+
+        SAELens's layout: ``W_enc`` [d_in, d_sae] (this module's transposed), ``W_dec`` [d_sae, d_in],
+        ``b_dec`` [d_in], and the per-latent vectors. ``activation_scale``: the factor the module's
+        inputs were scaled by in training (x_module = activation_scale * x_raw); it is folded into the
+        weights, so the export reads raw activations. ``metadata``: the run's fields, SAELens's names
+        (``model_name``, ``hook_name``, ``context_size``, ``dataset_path``, ...: ``SAELENS_METADATA_KEYS``),
+        written to ``cfg["metadata"]`` and, those SAELens reads there, to the top level too.
+        """
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        metadata = dict(metadata or {})
+        if self.saelens_architecture is None:
+            raise ValueError(f"{type(self).__name__} has no SAELens export")
+        if not is_real(activation_scale) or not math.isfinite(activation_scale) or not activation_scale > 0:
+            raise ValueError(f"activation_scale must be a finite number > 0, got {activation_scale!r}")
+        c = float(activation_scale)  # x_module = c * x_raw: W_enc * c, W_dec / c, b_dec / c
+        cpu = lambda t: t.detach().float().cpu()  # noqa: E731
+        tensors = {
+            "W_enc": (cpu(self.W_enc) * c).T.contiguous(),
+            "W_dec": cpu(self.W_dec) / c,
+            "b_dec": cpu(self.b_dec) / c,
+            **{name: cpu(t) for name, t in self._saelens_latent_tensors().items()},
+        }
+        threshold = self._saelens_threshold()
+        if threshold is not None:  # on pre-activations, which the folding keeps
+            tensors["threshold"] = cpu(threshold)
+        cfg = {
+            "architecture": self.saelens_architecture, "d_in": self.d_model, "d_sae": self.n_features,
+            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+            "reshape_activations": "none", **self._saelens_cfg_extra(),
+            **{k: v for k, v in metadata.items() if k in self.SAELENS_METADATA_KEYS}, "metadata": metadata,
+        }  # fmt: skip
+        return cfg, tensors
+
+    @classmethod
+    def _saelens_tensor_shapes(cls, d_in: int, d_sae: int) -> dict:
+        shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "b_enc": (d_sae,)}
+        if cls.saelens_architecture == "jumprelu":
+            shapes["threshold"] = (d_sae,)
+        return shapes
+
+    @classmethod
+    def _from_saelens_cfg(cls, cfg: dict, d_in: int, d_sae: int, **kwargs):
+        return cls(d_in, d_sae, **kwargs)
+
+    def _load_saelens_extra(self, tensors: dict) -> None:
+        pass
+
+    @classmethod
+    def from_saelens(cls, cfg: dict, tensors: dict, **kwargs):
+        """The module of SAELens-format ``cfg`` (the ``cfg.json`` dict) and ``tensors`` (the
+        ``sae_weights.safetensors`` dict): the inverse of ``to_saelens``. ``kwargs`` go to the
+        constructor (``dtype``, ``device``, training options). Every tensor's shape is checked against
+        ``cfg``'s ``d_in`` and ``d_sae`` (SAELens's W_enc is [d_in, d_sae], transposed here by rule), and
+        the architecture, ``apply_b_dec_to_input`` and ``normalize_activations`` against what this class
+        computes; a mismatch is a ValueError naming ``cfg`` or ``tensors``."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"cfg must be a dict (cfg.json's contents), got {type(cfg).__name__}")
+        if not isinstance(tensors, dict):
+            raise ValueError(f"tensors must be a dict of tensors (the safetensors file's), got {type(tensors).__name__}")
+        arch = cfg.get("architecture")
+        if not cls.saelens_loadable or arch != cls.saelens_architecture:
+            want = cls.saelens_architecture if cls.saelens_loadable else None
+            hint = " (SAELens's 'jumprelu': load it with JumpReLUSparseAutoencoder.from_saelens)" if arch == "jumprelu" else ""
+            raise ValueError(
+                f"cfg['architecture'] is {arch!r}, but {cls.__name__} loads "
+                f"{repr(want) if want else 'no SAELens architecture'}{hint}"
+            )
+        d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+        for name, value in (("d_in", d_in), ("d_sae", d_sae)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"cfg['{name}'] must be a positive int, got {value!r}")
+        if cfg.get("apply_b_dec_to_input", True) is not True:
+            raise ValueError("cfg['apply_b_dec_to_input'] must be True: flash-sae's modules subtract b_dec from x")
+        if cfg.get("normalize_activations", "none") != "none":
+            raise ValueError(
+                f"cfg['normalize_activations'] must be 'none' (fold the scaling into the weights), "
+                f"got {cfg['normalize_activations']!r}"
+            )
+        shapes = cls._saelens_tensor_shapes(int(d_in), int(d_sae))
+        missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+        if missing or extra:
+            raise ValueError(
+                f"tensors must hold exactly {sorted(shapes)} for cfg['architecture'] {arch!r}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        for name, shape in shapes.items():
+            t = tensors[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"tensors['{name}'] must be a float tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"tensors['{name}'] has shape {tuple(t.shape)} but cfg (d_in={d_in}, d_sae={d_sae}) "
+                    f"needs {shape} (SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in])"
+                )
+        sae = cls._from_saelens_cfg(cfg, int(d_in), int(d_sae), **kwargs)
+        with torch.no_grad():
+            sae.W_enc.copy_(tensors["W_enc"].T)
+            sae.W_dec.copy_(tensors["W_dec"])
+            sae.b_dec.copy_(tensors["b_dec"])
+            for name, p in sae._saelens_latent_tensors().items():
+                p.copy_(tensors[name])
+            sae._load_saelens_extra(tensors)
+        return sae
+
+
 class DeadLossOptions:
     """The dead-latent loss options of the TopK and BatchTopK modules (mixin for ``SAEBase`` subclasses).
 
@@ -320,6 +455,22 @@ class TopKSAEBase(DeadLossOptions, SAEBase):
             raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
         self.k = int(k)
         self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
+
+    saelens_architecture = "topk"
+
+    def _saelens_cfg_extra(self) -> dict:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def _from_saelens_cfg(cls, cfg, d_in, d_sae, **kwargs):
+        if cfg.get("rescale_acts_by_decoder_norm", False) is not False:
+            raise ValueError("cfg['rescale_acts_by_decoder_norm'] must be False: the TopK module ranks raw pre-activations")
+        if "k" in kwargs:
+            raise ValueError("k: a SAELens TopK SAE's k is cfg['k']; pass no k to from_saelens")
+        k = cfg.get("k")
+        if not is_int(k) or not 1 <= k <= d_sae:
+            raise ValueError(f"cfg['k'] must be an int in [1, d_sae={d_sae}], got {k!r}")
+        return cls(d_in, d_sae, int(k), **kwargs)
 
 
 class SAELensInitBase(SAEBase):
@@ -433,6 +584,18 @@ class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
                 self.threshold_updates.copy_(torch.where(self.threshold > 0, warm, self.threshold_updates))
             self._threshold_checked = False
 
+    # SAELens's format: the inference rule (fires iff pre * ||W_dec[f]|| > threshold, value relu(pre))
+    # as SAELens's JumpReLU (fires iff pre > threshold_f, value pre), as SAELens exports its BatchTopK
+    # SAEs; it loads back with ``JumpReLUSparseAutoencoder.from_saelens``.
+    saelens_architecture = "jumprelu"
+    saelens_loadable = False
+
+    def _saelens_threshold(self):
+        theta = self.threshold.detach().double().expand(self.n_features)
+        if self.rescale_acts_by_decoder_norm:  # a zero decoder row: inf, never fires (as here)
+            theta = theta / self.W_dec.detach().double().norm(dim=1)
+        return theta.float()
+
     def activation_scale(self):
         """The per-latent factor the selection ranks by: ||W_dec[f]|| when rescaling, else None."""
         return self.W_dec.detach().norm(dim=1) if self.rescale_acts_by_decoder_norm else None
@@ -515,6 +678,18 @@ class JumpReLUSAEBase(SAELensInitBase):
     def _sparsity_repr(self) -> str:
         return f"bandwidth={self.bandwidth}, l0_coefficient={self.l0_coefficient}"
 
+    saelens_architecture = "jumprelu"
+
+    def _saelens_threshold(self):
+        return self.current_threshold().detach()
+
+    def _load_saelens_extra(self, tensors: dict) -> None:
+        theta = tensors["threshold"].to(device=self.W_dec.device, dtype=torch.float32)
+        if self.threshold_parameterization == "log":
+            self.log_threshold.copy_(theta.log())
+        else:
+            self.threshold.copy_(theta)
+
     def current_threshold(self) -> torch.Tensor:
         """theta [F] fp32, differentiable in the threshold's parameter."""
         if self.threshold_parameterization == "log":
@@ -565,6 +740,8 @@ class StandardSAEBase(SAELensInitBase):
             raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
         self.l1_coefficient = float(l1_coefficient)
 
+    saelens_architecture = "standard"
+
     def _sparsity_repr(self) -> str:
         return f"l1_coefficient={self.l1_coefficient}"
 
@@ -589,6 +766,17 @@ class GatedSAEBase(StandardSAEBase):
 
     def latent_vectors(self) -> tuple[nn.Parameter, ...]:
         return (self.b_gate, self.r_mag, self.b_mag)
+
+    saelens_architecture = "gated"
+
+    def _saelens_latent_tensors(self) -> dict:
+        return {"b_gate": self.b_gate, "r_mag": self.r_mag, "b_mag": self.b_mag}
+
+    @classmethod
+    def _saelens_tensor_shapes(cls, d_in: int, d_sae: int) -> dict:
+        shapes = super()._saelens_tensor_shapes(d_in, d_sae)
+        del shapes["b_enc"]
+        return {**shapes, "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}
 
     def gated_params(self) -> tuple[nn.Parameter, ...]:
         """The step's six parameters after x, in its order: W_enc, b_gate, r_mag, b_mag, W_dec, b_dec."""
