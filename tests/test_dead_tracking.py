@@ -110,7 +110,9 @@ def _sparsify_dead_rule():
 def _saelens_dead_rule(counts, window):
     """SAELens's own ``SAETrainer.dead_neurons`` (its installed property), on these counts and window."""
     trainer = require("sae_lens.training.sae_trainer")
-    fake = types.SimpleNamespace(n_forward_passes_since_fired=counts, cfg=types.SimpleNamespace(dead_feature_window=window))
+    fake = types.SimpleNamespace(
+        n_forward_passes_since_fired=counts, cfg=types.SimpleNamespace(dead_feature_window=window)
+    )
     return trainer.SAETrainer.dead_neurons.fget(fake)
 
 

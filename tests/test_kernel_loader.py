@@ -9,8 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import build_local
 import pytest
+
+import build_local
 
 RID = build_local.repo_id()
 ROOT = Path(__file__).resolve().parent.parent

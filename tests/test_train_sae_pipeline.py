@@ -59,9 +59,8 @@ def raw_activations(ts, model_name, layer, n_seq=4, context=25):
 
 
 def check_checkpoint(fs, ts, ckpt, arch, x_raw):
-    """The checkpoint's SAELens files in the installed SAELens and in flash-sae, against the trained module."""
-    from safetensors.torch import load_file
-
+    """The checkpoint's SAELens files in the installed SAELens and in flash-sae (the module's from_saelens,
+    through the script's loader), against the trained module; every file with the log's mode."""
     state = torch.load(ckpt / "flash_sae_state.pt", weights_only=False)
     args = ts.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in state["args"].items()
                           if v is not None and not isinstance(v, bool)])  # fmt: skip
@@ -75,12 +74,25 @@ def check_checkpoint(fs, ts, ckpt, arch, x_raw):
     assert theirs.cfg.architecture() == ts.SAELENS_ARCH[arch]
     with torch.no_grad():
         torch.testing.assert_close(theirs(x_raw), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-    if arch == "topk":  # and back into flash-sae's module from SAELens's files
-        w = load_file(str(ckpt / "sae_weights.safetensors"))
-        back = fs.SparseAutoencoder(x_raw.shape[1], w["b_enc"].numel(), trained.k).eval()
-        back.load_state_dict({"W_enc": w["W_enc"].T, "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]})
-        with torch.no_grad():
-            torch.testing.assert_close(back(x_raw), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    back = ts.load_saelens_checkpoint(fs, ckpt).eval()  # and back into flash-sae from SAELens's files
+    loads_as = {"topk": "SparseAutoencoder", "standard": "StandardSparseAutoencoder", "gated": "GatedSparseAutoencoder"}
+    assert type(back).__name__ == loads_as.get(arch, "JumpReLUSparseAutoencoder")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x_raw), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # the run's fields, SAELens's names, where the installed SAELens reads them
+    cfg = json.loads((ckpt / "cfg.json").read_text())
+    args = state["args"]
+    for key, value in (("context_size", args["context_size"]), ("dataset_path", args["dataset"])):
+        assert cfg[key] == value and theirs.cfg.metadata[key] == value, key
+    assert (
+        theirs.cfg.metadata["model_name"] == cfg["model_name"] and theirs.cfg.metadata["hook_name"] == cfg["hook_name"]
+    )
+    assert cfg["hook_name"] == f"blocks.{args['layer']}.hook_resid_pre"
+    # safetensors' save_file made its file 0600; every checkpoint file gets the mode the log has
+    log_mode = (ckpt.parent / "log.jsonl").stat().st_mode & 0o777
+    for f in ("sae_weights.safetensors", "cfg.json", "flash_sae_state.pt"):
+        assert (ckpt / f).stat().st_mode & 0o777 == log_mode, f
+    assert not list(ckpt.glob("*.tmp"))
 
 
 @pytest.mark.kernels_ci
@@ -100,7 +112,9 @@ def test_pipeline_end_to_end_on_a_causal_lm(fs, tmp_path):
         assert math.isclose(r["ce_loss_recovered"], (r["ce_zero_ablated"] - r["ce_spliced"]) / gap, rel_tol=1e-9)
     assert (out / "curves.png").stat().st_size > 1000
     ckpt = out / "checkpoint"
-    assert json.loads((ckpt / "cfg.json").read_text())["architecture"] == "topk"
+    cfg = json.loads((ckpt / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["model_name"] == "random-gpt2"
+    assert all("lr" in r for r in train)
     check_checkpoint(fs, ts, ckpt, "topk", raw_activations(ts, "random-gpt2", 1))
 
 
@@ -184,6 +198,7 @@ def test_batchtopk_export_keeps_the_threshold_rule(fs, tmp_path, arch):
     x = torch.randn(64, 16, generator=g)
     scaled = ((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc) * sae.W_dec.norm(dim=1)
     sae.threshold.fill_(scaled[scaled > 0].median().item())  # about half of the positive entries fire
+    sae.threshold_updates.fill_(sae.threshold_warmup_steps())  # set by hand: counts as warm (no warning)
     factor = 1.7
     state, cfg = ts.saelens_export(sae, arch, factor)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sae_weights.safetensors"))
@@ -231,3 +246,117 @@ def test_cuda_graph_flag_needs_a_gpu_and_a_capturable_arch(tmp_path):
         ts.main([*TINY, "--cuda-graph", "on", "--device", "cpu", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="cuda-graph on needs a CUDA device"):
         ts.main([*TINY, "--cuda-graph", "on", "--device", "cuda", "--arch", "jumprelu", "--out", str(tmp_path)])
+
+
+@pytest.mark.kernels_ci
+def test_harvest_stops_after_the_layer():
+    """harvest takes block `layer`'s input and stops there: the deeper blocks (and the LM head) never run;
+    the activations are transformers' hidden_states[layer]. The last hidden state runs the whole model."""
+    ts = tiny_script()
+    tok, model, _, blocks = ts.load_model("random-gpt2", "cpu", torch.float32)
+    ids = ts.Sequences(tok, "pydoc", "text", 9, 0, "eval").next_batch(2)
+    calls = {}
+    hooks = [m.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+             for name, m in [("block0", blocks[0]), ("block1", blocks[1]), ("lm_head", model.lm_head)]]  # fmt: skip
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for layer, ran in ((0, {}), (1, {"block0": 1}), (2, {"block0": 1, "block1": 1, "lm_head": 1})):
+            calls.clear()
+            got = ts.harvest(model, ids, layer, "cpu")
+            assert calls == ran, (layer, calls)
+            want = full[layer][:, 1:].reshape(-1, full[layer].shape[-1])
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not blocks[0]._forward_pre_hooks and not blocks[1]._forward_pre_hooks, "harvest left its hook"
+
+
+@pytest.mark.kernels_ci
+def test_sigterm_checkpoints_and_the_run_resumes(fs, tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C's SIGINT) mid-run: the step finishes, a checkpoint is written, the script exits
+    with 128 + the signal; --resume then continues the same curve to the end."""
+    import os
+    import signal
+
+    ts = tiny_script()
+    common = [*TINY, "--tokens", "480", "--eval-every", "100", "--log-every", "1"]
+    straight = ts.main([*common, "--out", str(tmp_path / "a")])
+    lr_at = ts.lr_at
+
+    def lr_at_then_kill(step, total, args):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, total, args)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(ts, "lr_at", lr_at_then_kill)
+    with pytest.raises(SystemExit) as stopped:
+        ts.main([*common, "--out", str(tmp_path / "b")])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before, "the previous handler must be restored"
+    state = torch.load(tmp_path / "b" / "checkpoint" / "flash_sae_state.pt", weights_only=False)
+    assert state["step"] == 4 and [r["step"] for r in rows(tmp_path / "b", "train")] == [1, 2, 3, 4]
+    monkeypatch.setattr(ts, "lr_at", lr_at)
+    ts.main(["--resume", str(tmp_path / "b" / "checkpoint"), "--out", str(tmp_path / "b"), "--no-progress"])
+    a, b = rows(straight, "train"), rows(tmp_path / "b", "train")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert [(r["loss"], r["lr"]) for r in a] == [(r["loss"], r["lr"]) for r in b]
+
+
+@pytest.mark.kernels_ci
+def test_checkpoint_every_n_minutes(fs, tmp_path, monkeypatch):
+    ts = tiny_script()
+    saved = []
+    save = ts.save_checkpoint
+    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: (saved.append(a[5]), save(*a, **k)))
+    ts.main([*TINY, "--tokens", "240", "--eval-every", "100", "--checkpoint-minutes", "1e-9", "--out", str(tmp_path)])
+    assert saved == [1, 2, 3, 4, 5]  # every step (the interval passed), the last one at the final evaluation
+    saved.clear()
+    ts.main([*TINY, "--tokens", "240", "--eval-every", "100", "--out", str(tmp_path / "b")])
+    assert saved == [5]  # the default 30 minutes: only at the evaluation
+    with pytest.raises(SystemExit):
+        ts.parse_args(["--checkpoint-minutes", "-1"])
+
+
+@pytest.mark.kernels_ci
+def test_default_warmup_fits_a_short_run():
+    """The default warm-up (100 steps) is cut to the steps before the decay; a given one that overlaps
+    the decay warns."""
+    ts = script()
+    args = ts.parse_args(["--tokens", "480", "--batch-size", "48", "--lr", "1e-3"])  # 10 steps, the last 2 decaying
+    assert ts.warmup_steps(10, args) == 8
+    lrs = [ts.lr_at(step, 10, args) for step in range(10)]
+    assert lrs[7] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:8], lrs[1:8])) and lrs[8] > lrs[9] > 0
+    long = ts.parse_args(["--tokens", str(4096 * 1000)])
+    assert ts.warmup_steps(1000, long) == 100  # a long run keeps the default
+    with pytest.warns(UserWarning, match="--lr-warmup-steps 100 overlaps the LR decay"):
+        ts.check_warmup(10, ts.parse_args(["--lr-warmup-steps", "100"]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts.check_warmup(10, args)
+        ts.check_warmup(10, ts.parse_args(["--lr-warmup-steps", "8"]))
+
+
+@pytest.mark.kernels_ci
+def test_curves_have_a_title_and_a_learning_rate_panel(fs, tmp_path):
+    require("matplotlib")
+    ts = script()
+    args = ts.parse_args(["--model", "gpt2", "--layer", "6", "--arch", "batchtopk", "--d-sae", "64", "--k", "8"])
+    sae = ts.make_sae(fs, args, 16, torch.float32, "cpu")
+    title = ts.plot_title(args, sae)
+    assert title == "gpt2, layer 6: batchtopk SAE, F=64, k=8"
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"kind": "train", "step": s, "tokens": 10 * s, "loss": 1.0 / s, "fvu": 0.5, "l0": 8.0, "dead_fraction": 0.0,
+         "lr": 1e-3 * s / 3, "tokens_per_s": 1.0} for s in (1, 2, 3)
+    ]))  # fmt: skip
+    drawn = ts.plot(log, tmp_path / "curves.png", title)
+    assert drawn["title"] == title and drawn["panels"][-1] == "learning rate"
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    standard = ts.parse_args(["--arch", "standard", "--d-sae", "64", "--l1-coefficient", "2"])
+    assert ts.plot_title(standard, ts.make_sae(fs, standard, 16, torch.float32, "cpu")).endswith("F=64, L1 coef 2")

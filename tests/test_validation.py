@@ -188,10 +188,16 @@ SAE_BREAKS = [
     ("x not a tensor", "x must be a torch.Tensor", _set(0, lambda t: t.tolist())),
     ("empty batch", "empty batch", _set(0, lambda t: t[:0])),
     ("W_enc wrong width", r"x has D=9 columns but W_enc \(13, 5\) expects D=5", _set(1, lambda t: t[:, :5])),
-    ("x wrong width", r"x has D=5 columns but W_enc \(13, 9\) expects D=9: x must have shape \(B, 9\)",
-     _set(0, lambda t: t[:, :5])),  # fmt: skip
-    ("x 3-D", r"x must be 2-D, got shape \(2, 2, 9\); .*x.reshape\(-1, 9\) \(x.flatten\(0, -2\)\)",
-     _set(0, lambda t: t.reshape(2, 2, 9))),  # fmt: skip
+    (
+        "x wrong width",
+        r"x has D=5 columns but W_enc \(13, 9\) expects D=9: x must have shape \(B, 9\)",
+        _set(0, lambda t: t[:, :5]),
+    ),  # fmt: skip
+    (
+        "x 3-D",
+        r"x must be 2-D, got shape \(2, 2, 9\); .*x.reshape\(-1, 9\) \(x.flatten\(0, -2\)\)",
+        _set(0, lambda t: t.reshape(2, 2, 9)),
+    ),  # fmt: skip
     ("W_enc 3-D", "W_enc must be 2-D", _set(1, lambda t: t[None])),
     (
         "W_enc dtype",

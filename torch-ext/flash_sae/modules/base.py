@@ -77,10 +77,7 @@ class SAEBase(nn.Module):
         n_features = _check_positive_int("n_features", n_features)
         if decoder_init not in ("normal", "saelens"):
             raise ValueError(f"decoder_init must be 'normal' or 'saelens', got {decoder_init!r}")
-        if (
-            not is_real(decoder_init_norm)
-            or not decoder_init_norm > 0
-        ):
+        if not is_real(decoder_init_norm) or not decoder_init_norm > 0:
             raise ValueError(f"decoder_init_norm must be a positive number, got {decoder_init_norm!r}")
         self.d_model, self.n_features = d_model, n_features
         g = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -239,7 +236,6 @@ class SAEBase(nn.Module):
         g -= (g * w).sum(1, keepdim=True) * w / w.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
         self.W_dec.grad.copy_(g.to(self.W_dec.grad.dtype))
 
-
     # SAELens's format -----------------------------------------------------------------
 
     saelens_architecture = None  # the SAELens architecture ``to_saelens`` writes (None: no export)
@@ -328,11 +324,17 @@ class SAEBase(nn.Module):
         if not isinstance(cfg, dict):
             raise ValueError(f"cfg must be a dict (cfg.json's contents), got {type(cfg).__name__}")
         if not isinstance(tensors, dict):
-            raise ValueError(f"tensors must be a dict of tensors (the safetensors file's), got {type(tensors).__name__}")
+            raise ValueError(
+                f"tensors must be a dict of tensors (the safetensors file's), got {type(tensors).__name__}"
+            )
         arch = cfg.get("architecture")
         if not cls.saelens_loadable or arch != cls.saelens_architecture:
             want = cls.saelens_architecture if cls.saelens_loadable else None
-            hint = " (SAELens's 'jumprelu': load it with JumpReLUSparseAutoencoder.from_saelens)" if arch == "jumprelu" else ""
+            hint = (
+                " (SAELens's 'jumprelu': load it with JumpReLUSparseAutoencoder.from_saelens)"
+                if arch == "jumprelu"
+                else ""
+            )
             raise ValueError(
                 f"cfg['architecture'] is {arch!r}, but {cls.__name__} loads "
                 f"{repr(want) if want else 'no SAELens architecture'}{hint}"
@@ -464,7 +466,9 @@ class TopKSAEBase(DeadLossOptions, SAEBase):
     @classmethod
     def _from_saelens_cfg(cls, cfg, d_in, d_sae, **kwargs):
         if cfg.get("rescale_acts_by_decoder_norm", False) is not False:
-            raise ValueError("cfg['rescale_acts_by_decoder_norm'] must be False: the TopK module ranks raw pre-activations")
+            raise ValueError(
+                "cfg['rescale_acts_by_decoder_norm'] must be False: the TopK module ranks raw pre-activations"
+            )
         if "k" in kwargs:
             raise ValueError("k: a SAELens TopK SAE's k is cfg['k']; pass no k to from_saelens")
         k = cfg.get("k")
