@@ -360,3 +360,20 @@ def test_curves_have_a_title_and_a_learning_rate_panel(fs, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     standard = ts.parse_args(["--arch", "standard", "--d-sae", "64", "--l1-coefficient", "2"])
     assert ts.plot_title(standard, ts.make_sae(fs, standard, 16, torch.float32, "cpu")).endswith("F=64, L1 coef 2")
+
+
+@pytest.mark.kernels_ci
+def test_outside_a_checkout_an_offline_hub_says_what_to_run(tmp_path, monkeypatch):
+    """Outside a flash-sae checkout the script downloads the kernel; offline that was a bare connection
+    error. Now: what to run instead (a checkout's build, or LOCAL_KERNELS)."""
+    import kernels
+
+    ts = script()
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(ts, "ROOT", tmp_path)  # not a checkout
+    monkeypatch.setattr(kernels, "get_kernel", offline)
+    with pytest.raises(SystemExit, match=r"ConnectionError.*python build_local.py.*LOCAL_KERNELS=org/flash-sae="):
+        ts.load_flash_sae()
