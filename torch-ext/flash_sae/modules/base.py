@@ -44,7 +44,10 @@ class SAEBase(nn.Module):
     - ``"saelens"`` (SAELens's training SAEs): W_dec drawn Kaiming-uniform, its rows scaled to
       ``decoder_init_norm`` (SAELens's default 0.1, Anthropic's April 2024 "heuristic" init).
     Then W_enc = W_dec (tied init) and both biases zero. ``seed`` seeds the draw (the global
-    RNG otherwise).
+    RNG otherwise). ``dtype``: fp32, bf16 or fp16 (a ``torch.dtype``; None: torch's default dtype,
+    which must be one of them); anything else is a ValueError here rather than a failure at the
+    first call. Counts (``d_model``, ``n_features``, ``k``, ...) take any ``numbers.Integral``
+    (numpy's integers too), stored as ``int``.
 
     Dead-latent tracking, on the device: the buffer ``tokens_since_fired`` [F] int64 (in the
     ``state_dict``; a checkpoint without it loads with zeros) counts, per latent, the training
@@ -126,8 +129,9 @@ class SAEBase(nn.Module):
         ``encoder_norm_scale`` times the live encoder rows' mean norm; its encoder bias is 0 (a
         Gated SAE's b_gate, r_mag and b_mag: ``latent_vectors()``);
         its dead count restarts; and, with ``optimizer`` (Adam, AdamW, ...), the moments of those
-        rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0. Every other latent
-        is untouched. No host sync in ``SparseAutoencoder`` (the dead set is a mask; the draw is
+        rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0; an optimizer that does
+        not hold every resampled parameter (another module's, or the fp32 master copy's) is a
+        ValueError naming ``optimizer``. Every other latent is untouched. No host sync in ``SparseAutoencoder`` (the dead set is a mask; the draw is
         ``torch.multinomial``); the other modules' ``forward`` may size its code by counting first
         (one sync).
         Returns the number of resampled latents (a 0-d device tensor).
