@@ -131,9 +131,9 @@ class SAEBase(nn.Module):
         its dead count restarts; and, with ``optimizer`` (Adam, AdamW, ...), the moments of those
         rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0; an optimizer that does
         not hold every resampled parameter (another module's, or the fp32 master copy's) is a
-        ValueError naming ``optimizer``. Every other latent is untouched. No host sync in ``SparseAutoencoder`` (the dead set is a mask; the draw is
-        ``torch.multinomial``); the other modules' ``forward`` may size its code by counting first
-        (one sync).
+        ValueError naming ``optimizer``. Every other latent is untouched. No host sync in
+        ``SparseAutoencoder`` (the dead set is a mask; the draw is ``torch.multinomial``); the other
+        modules' ``forward`` may size its code by counting first (one sync).
         Returns the number of resampled latents (a 0-d device tensor).
 
         ``encoder_norm_scale`` defaults to the module's ``resample_encoder_scale``: Anthropic's 0.2
