@@ -31,6 +31,8 @@ auxiliary gradient at the code (sparsify's behaviour: its encoder's backward ign
 gradient of the pre-activations the AuxK loss reads), so only the decoder learns from it.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..primitives.dead_set import add_rows_, dead_slots, mm_f32, slot_rows
@@ -38,6 +40,37 @@ from ..primitives.select import row_top
 
 AUXK, GHOST = 1, 2
 MODES = {"auxk": AUXK, "ghost": GHOST}
+# What a step returns after its own outputs for its dead-latent loss, by name (empty without one).
+DEAD_OUTPUTS = ("aux_loss", "A", "gate", "dE1", "ids", "valid")
+
+
+class DeadLossSpec(NamedTuple):
+    """A step's dead-latent loss options. The op's schema carries them as one ``list[int]``
+    (``to_op`` / ``from_op``, the only place that knows the order); ``aux_coef`` travels as its own float."""
+
+    mode: int = 0  # 0: no dead-latent loss; AUXK or GHOST
+    k_aux: int = 0
+    capacity: int = 0
+    relu: bool = True
+    encoder_grad: bool = True
+
+    def to_op(self) -> list[int]:
+        return [int(value) for value in self]
+
+    @classmethod
+    def from_op(cls, values: list[int]) -> "DeadLossSpec":
+        mode, k_aux, capacity, relu, encoder_grad = values
+        return cls(mode, k_aux, capacity, bool(relu), bool(encoder_grad))
+
+
+NO_DEAD_LOSS = DeadLossSpec()
+
+
+def dead_loss_spec(check: tuple, relu: bool, encoder_grad: bool) -> tuple[DeadLossSpec, float, torch.Tensor]:
+    """(spec, aux_coef, offset) from ``check_dead_loss_args``'s validated (mode name, k_aux, aux_coef,
+    capacity, offset)."""
+    mode, k_aux, aux_coef, capacity, offset = check
+    return DeadLossSpec(MODES[mode], k_aux, capacity, relu, encoder_grad), aux_coef, offset
 
 
 def dead_columns(x: torch.Tensor, dead_mask: torch.Tensor, capacity: int, offset: torch.Tensor):
@@ -82,7 +115,7 @@ def dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate, dE1, encod
     dA = mm_f32(dE, W_d.t())
     dpre = torch.where(gate, dA, 0) if gate is not None else dA * A.float()
     dpre_c = dpre.to(dtype)
-    xc = x - b_dec
+    xc = x - b_dec if b_dec is not None else x  # no centring in a step with a separate target
     dW_e = mm_f32(dpre_c.t(), xc)
     dx = mm_f32(dpre_c, slot_rows(W_enc, ids, valid))
     return dx, dW_e, dpre.sum(0), dW_d
@@ -97,16 +130,55 @@ def add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d):
         add_rows_(db_enc, ids, valid, db_e)
 
 
-def dead_fakes(x, capacity, mode):
-    """Fake (A, gate, dE1, ids, valid) of a step with a dead-latent loss."""
-    B, D = x.shape
-    gate = x.new_empty((B, capacity) if mode == AUXK else (0,), dtype=torch.bool)
-    i64, f32 = torch.int64, torch.float32
-    cap = (capacity,)
-    return (
-        x.new_empty(B, capacity),
-        gate,
-        x.new_empty(B, D, dtype=f32),
-        x.new_empty(cap, dtype=i64),
-        x.new_empty(cap, dtype=torch.bool),
-    )
+def dead_columns_for(x: torch.Tensor, spec: DeadLossSpec, dead_mask, dead_offset):
+    """The dead set's slots for the selection's chunk pass to fill: ``(columns, slots)`` with
+    columns = (ids, pre_d) for ``select``'s ``columns`` and slots = (ids, valid, n_dead, pre_d);
+    (None, None) without a dead-latent loss."""
+    if not spec.mode:
+        return None, None
+    slots = dead_columns(x, dead_mask, spec.capacity, dead_offset)
+    ids, _, _, pre_d = slots
+    return (ids, pre_d), slots
+
+
+def dead_outputs(spec: DeadLossSpec, slots, x, residual, W_dec, key_scale=None) -> tuple:
+    """The step's ``DEAD_OUTPUTS`` (aux_loss, A, gate, dE1, ids, valid): the dead-latent loss and
+    what its backward needs; empty placeholders without one (``dead_fakes`` has the same shapes)."""
+    if not spec.mode:
+        return dead_fakes(x, W_dec, spec)
+    ids, valid, n_dead, pre_d = slots
+    aux, A, gate, dE1 = dead_loss_fwd(spec.mode, pre_d, ids, valid, n_dead, residual, W_dec, spec.k_aux, spec.relu,
+                                      key_scale)  # fmt: skip
+    if gate is None:
+        gate = residual.new_empty(0, dtype=torch.bool)
+    return aux, A, gate, dE1, ids, valid
+
+
+def dead_fakes(x: torch.Tensor, W_dec: torch.Tensor, spec: DeadLossSpec) -> tuple:
+    """``DEAD_OUTPUTS``' shapes and dtypes for a [B, D_in] input and an [F, D] decoder: all empty without a
+    dead-latent loss."""
+    B, D = x.shape[0], W_dec.shape[1]
+    f32, i64, b8 = torch.float32, torch.int64, torch.bool
+    if not spec.mode:
+        return (x.new_empty(0, dtype=f32), x.new_empty(0, dtype=x.dtype), x.new_empty(0, dtype=b8),
+                x.new_empty(0, dtype=f32), x.new_empty(0, dtype=i64), x.new_empty(0, dtype=b8))  # fmt: skip
+    C = spec.capacity
+    gate = x.new_empty((B, C) if spec.mode == AUXK else (0,), dtype=b8)
+    return (x.new_empty((), dtype=f32), x.new_empty(B, C, dtype=x.dtype), gate, x.new_empty(B, D, dtype=f32),
+            x.new_empty(C, dtype=i64), x.new_empty(C, dtype=b8))  # fmt: skip
+
+
+def backward_with_dead_loss(grad, grad_aux, spec: DeadLossSpec, aux_coef: float, dead, step, mse_backward):
+    """A step's (dx, dW_enc, db_enc, dW_dec, db_dec): ``mse_backward(dx_extra)`` (the MSE step's
+    backward), plus the dead-latent loss's gradients on the dead slots when the step has one.
+    ``dead`` = (A, gate, dE1, ids, valid) as the forward returned them; ``step`` = (x, W_enc, W_dec, b_dec)."""
+    if not spec.mode:
+        return mse_backward(None)
+    A, gate, dE1, ids, valid = dead
+    x, W_enc, W_dec, b_dec = step
+    g_aux = torch.add(grad_aux.float(), grad.float(), alpha=aux_coef)
+    gate = gate if spec.mode == AUXK else None
+    dx, dW_e, db_e, dW_d = dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate, dE1, spec.encoder_grad)
+    grads = mse_backward(dx)
+    add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d)
+    return grads

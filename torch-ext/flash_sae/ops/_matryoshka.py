@@ -22,6 +22,11 @@ from ..primitives.step_backward import mse_step_backward
 from ..results import fire_counts, total_variance
 from ._step import step_grads_fake
 
+# The outputs of both Matryoshka steps, by name (their backward is ``matryoshka_levels_bwd``).
+MATRYOSHKA_OUTPUTS = (
+    "loss", "level_losses", "fvu", "fire_counts", "vals", "indices", "row_offsets", "min_act", "residuals",
+)  # fmt: skip
+
 
 def level_sizes(prefix_sizes: list[int], device) -> torch.Tensor:
     """The sizes as a device tensor, filled on the device (no host-to-device copy, so CUDA graphs capture it)."""
@@ -79,12 +84,6 @@ def matryoshka_levels_bwd_fake(
     grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes, needs
 ):  # fmt: skip
     return step_grads_fake(x, W_enc, W_dec, b_dec)
-
-
-def matryoshka_saved(args, outputs):
-    """What both Matryoshka steps keep for backward: x, W_enc, W_dec, b_dec; the code (vals, indices,
-    row_offsets) and the levels' residuals from the outputs; the prefix sizes."""
-    return (args[0], args[1], args[3], args[4], *outputs[4:7], outputs[8], args[6])
 
 
 def min_positive(acts: torch.Tensor) -> torch.Tensor:

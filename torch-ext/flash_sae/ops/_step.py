@@ -2,6 +2,34 @@
 
 import torch
 
+from .._registry import placeholder
+from .._validation import check_encoder_args, check_same_device, check_same_dtype, check_step_args, check_tensor
+from ..primitives.step_backward import mse_step_backward, target_grad
+from ._dead import DeadLossSpec, backward_with_dead_loss
+
+
+def check_target_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k) -> tuple[int, int, int]:
+    """A step's arguments when it reconstructs a separate ``target`` (a transcoder): x [B, D_in] is
+    encoded as it is; W_dec [F, D_out], b_dec [D_out] and target [B, D_out]. Returns (B, D_in, F)."""
+    B, D, F = check_encoder_args(x, W_enc, b_enc, k, None)
+    check_tensor("W_dec", W_dec, 2)
+    check_tensor("target", target, 2)
+    if b_dec is None:
+        raise ValueError("b_dec must be a [D_out] tensor (use zeros for a decoder without a bias)")
+    check_tensor("b_dec", b_dec, 1)
+    if W_dec.shape[0] != F:
+        raise ValueError(f"W_dec must have W_enc's {F} rows (one per latent), got {tuple(W_dec.shape)}")
+    D_out = W_dec.shape[1]
+    if tuple(target.shape) != (B, D_out):
+        raise ValueError(
+            f"target must be [B, D_out] = [{B}, {D_out}] (x's rows, W_dec's width), got {tuple(target.shape)}"
+        )
+    if tuple(b_dec.shape) != (D_out,):
+        raise ValueError(f"b_dec must be [D_out] = [{D_out}] (W_dec's width), got {tuple(b_dec.shape)}")
+    check_same_dtype("W_enc", W_enc, W_dec=W_dec, b_dec=b_dec, target=target)
+    check_same_device(x=x, W_dec=W_dec, b_dec=b_dec, target=target)
+    return B, D, F
+
 
 def step_grads_fake(x, W_enc, W_dec, b_dec, *extra):
     """A step backward's fake outputs: (dx, dW_enc, db_enc, dW_dec, db_dec), then one per ``extra`` tensor."""
@@ -35,3 +63,37 @@ def cuda_fused(fn):
     call.__doc__ = fn.__doc__
     call.eager = fn
     return call
+
+
+def checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k) -> tuple[int, int, int]:
+    """(B, D_in, F) of an SAE step (``target`` None: W_dec as W_enc) or of a transcoder's."""
+    if target is None:
+        return check_step_args(x, W_enc, b_enc, W_dec, b_dec, k)
+    return check_target_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
+
+
+def mse_selection_step_backward(grads, step, code, residual, dead_saved, dead, aux_coef, needs):
+    """The backward of a step whose loss is the MSE of a selected code's decode (TopK, BatchTopK), with the
+    step's optional parts: a separate target and a dead-latent loss.
+
+    grads = (grad of loss, grad of aux_loss); step = (x, W_enc, W_dec, b_dec, target or None); code =
+    (vals, indices, row_offsets or None); dead_saved = (A, gate, dE1, ids, valid) as the forward returned
+    them; dead = the ``DeadLossSpec`` list. Returns (dx, dW_enc, db_enc, dW_dec, db_dec, dtarget)."""
+    grad, grad_aux = grads
+    x, W_enc, W_dec, b_dec, target = step
+    vals, indices, row_offsets = code
+    centred = target is None
+
+    def mse_backward(dx_extra):
+        return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets,
+                                 dx_extra=dx_extra, centred=centred)  # fmt: skip
+
+    spec = DeadLossSpec.from_op(dead)
+    centring = (x, W_enc, W_dec, b_dec if centred else None)
+    out = backward_with_dead_loss(grad, grad_aux, spec, aux_coef, dead_saved, centring, mse_backward)
+    return (*out, target_grad(grad, residual, target.dtype) if needs[5] else placeholder(x))
+
+
+def mse_selection_step_backward_fake(x, W_enc, W_dec, b_dec, target, needs):
+    """The fake of ``mse_selection_step_backward``'s outputs."""
+    return (*step_grads_fake(x, W_enc, W_dec, b_dec), torch.empty_like(target) if needs[5] else x.new_empty(0))

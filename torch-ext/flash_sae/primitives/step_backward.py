@@ -39,6 +39,7 @@ def mse_step_backward(
     dx_extra=None,
     da_extra=None,
     dw_dec_row_term=None,
+    centred=True,
 ):
     """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype.
 
@@ -55,6 +56,9 @@ def mse_step_backward(
     ``vals``): a further dL/d(value) per entry (a sparsity penalty's), added before the gate;
     ``dw_dec_row_term`` ([F] fp32): dW_dec[f] also gets ``dw_dec_row_term[f] * (sum of f's values)
     * W_dec[f]`` before its rounding (that penalty's gradient along the decoder rows).
+    ``centred`` False: the step reconstructs a separate target (a transcoder's), so the encoder
+    reads x itself (no ``x - b_dec``), dx is the encoder's share only and db_dec = s * sum_b r; the
+    target's own gradient, -s * r, is ``target_grad``'s.
     """
     stacked = residual
     if levels is not None:
@@ -89,13 +93,25 @@ def mse_step_backward(
             da = da + da_extra
         dpre = torch.where(vals > 0 if gate is None else gate, da, 0.0)
     # dx = dx_enc - s * r in the encoder gather's pass; db_dec = s * sum_b r - sum_b dx_enc = -sum_b dx
-    dx, dW_enc, db_enc, db_dec = encoder_backward(
-        dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows,
-        minus=(residual, scale_grad, s_const),
-    )  # fmt: skip
+    if centred:
+        dx, dW_enc, db_enc, db_dec = encoder_backward(
+            dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows,
+            minus=(residual, scale_grad, s_const),
+        )  # fmt: skip
+    else:
+        dx, dW_enc, db_enc, _ = encoder_backward(dpre, x, W_enc, None, indices, csr=csr, row_offsets=row_offsets,
+                                                 rows=rows)  # fmt: skip
+        db_dec = residual.sum(0) * (scale_grad * s_const)
     if dx_extra is not None:
         dx = dx + dx_extra
-        db_dec = db_dec - dx_extra.sum(0)
+        if centred:
+            db_dec = db_dec - dx_extra.sum(0)
     dtype = W_enc.dtype
     grads = (dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype))
     return (*grads, da, csr) if with_da else grads
+
+
+def target_grad(grad: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d target = -s * r for a step whose loss is the mean over B*D of r^2, r = x_hat - target."""
+    B, D = residual.shape
+    return (residual * (grad.float() * (-2.0 / (B * D)))).to(dtype)

@@ -31,13 +31,20 @@ Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_batch_k, check_dead_loss_args, check_step_args
+from ..._validation import check_batch_k, check_dead_loss_args
 from ...primitives.gather import gather_rows
 from ...primitives.select import batch_topk_preacts
-from ...primitives.step_backward import mse_step_backward
 from ...results import BatchTopKSAEStep, total_variance
-from .._dead import AUXK, MODES, add_slot_grads_, dead_columns, dead_fakes, dead_loss_bwd, dead_loss_fwd
-from .._step import step_grads_fake
+from .._dead import (
+    DEAD_OUTPUTS,
+    NO_DEAD_LOSS,
+    DeadLossSpec,
+    dead_columns_for,
+    dead_fakes,
+    dead_loss_spec,
+    dead_outputs,
+)
+from .._step import checked_step_args, mse_selection_step_backward, mse_selection_step_backward_fake
 
 # Host launchers ----------------------------------------------------------------
 
@@ -48,23 +55,39 @@ def batchtopk_sae_step_fwd(
     b_enc: torch.Tensor,
     W_dec: torch.Tensor,
     b_dec: torch.Tensor,
+    target: torch.Tensor | None,
     n: int,
     rescale_acts_by_decoder_norm: bool,
+    dead_mask: torch.Tensor | None,
+    dead_offset: torch.Tensor | None,
+    dead: list[int],
+    aux_coef: float,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    """Returns (loss, fvu, fire_counts, vals, indices, row_offsets, min_act, residual)."""
-    B, D = x.shape
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:  # fmt: skip
+    """Returns (loss, fvu, fire_counts, vals, indices, row_offsets, min_act, residual, *DEAD_OUTPUTS);
+    ``dead`` is a ``DeadLossSpec`` (``ops/_dead.py``), the dead-latent loss's outputs are empty without
+    one. The reconstruction's target is x (encoded as x - b_dec), or ``target`` (x encoded as it is)."""
+    y, centre = (x, b_dec) if target is None else (target, None)
+    B, D = y.shape
+    spec = DeadLossSpec.from_op(dead)
     scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
-    acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale)
+    columns, slots = dead_columns_for(x, spec, dead_mask, dead_offset)
+    acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, centre, scale, columns=columns)
     counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, y, row_offsets=row_offsets, counts=counts)
     min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
-    return sq / (B * D), sq / total_variance(x), counts, vals, indices, row_offsets, min_act, residual
+    dead_out = dead_outputs(spec, slots, x, residual, W_dec, scale)
+    loss = sq / (B * D)
+    if spec.mode:
+        loss = loss + aux_coef * dead_out[0]
+    return loss, sq / total_variance(y), counts, vals, indices, row_offsets, min_act, residual, *dead_out
 
 
-def batchtopk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, n, rescale_acts_by_decoder_norm):
-    B, D = x.shape
+def batchtopk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, target, n, rescale_acts_by_decoder_norm, dead_mask,
+                                dead_offset, dead, aux_coef):  # fmt: skip
+    B, D = x.shape[0], W_dec.shape[1]
     F = W_dec.shape[0]
     f32, i64 = torch.float32, torch.int64
     return (
@@ -76,95 +99,18 @@ def batchtopk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, n, rescale_acts_b
         x.new_empty(B + 1, dtype=i64),
         x.new_empty((), dtype=f32),
         x.new_empty(B, D, dtype=f32),
+        *dead_fakes(x, W_dec, DeadLossSpec.from_op(dead)),
     )
 
 
 def batchtopk_sae_step_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    residual: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype; one CSR transpose serves both weights."""
-    return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets)
-
-
-def batchtopk_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, needs):
-    return step_grads_fake(x, W_enc, W_dec, b_dec)
-
-
-# With a dead-latent loss (AuxK or ghost grads; ``ops/_dead.py``) ------------------------
-
-
-def batchtopk_sae_step_dead_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    n: int,
-    rescale_acts_by_decoder_norm: bool,
-    dead_mask: torch.Tensor,
-    dead_offset: torch.Tensor,
-    mode: int,
-    k_aux: int,
-    aux_coef: float,
-    relu: bool,
-    encoder_grad: bool,
-    capacity: int,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
-    """Returns (loss, aux_loss, fvu, fire_counts, vals, indices, row_offsets, min_act, residual,
-    A, gate, dE1, ids, valid)."""
-    B, D = x.shape
-    scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
-    ids, valid, n_dead, pre_d = dead_columns(x, dead_mask, capacity, dead_offset)
-    acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale, columns=(ids, pre_d))
-    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
-    min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
-    aux, A, gate, dE1 = dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu, scale)
-    if gate is None:
-        gate = x.new_empty(0, dtype=torch.bool)
-    mse = sq / (B * D)
-    code = (vals, indices, row_offsets, min_act, residual)
-    return mse + aux_coef * aux, aux, sq / total_variance(x), counts, *code, A, gate, dE1, ids, valid
-
-
-def batchtopk_sae_step_dead_fwd_fake(
-    x, W_enc, b_enc, W_dec, b_dec, n, rescale, dead_mask, dead_offset, mode, k_aux, aux_coef, relu, eg, capacity
-):
-    main = batchtopk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, n, rescale)
-    return (main[0], x.new_empty((), dtype=torch.float32), *main[1:], *dead_fakes(x, capacity, mode))
-
-
-def batchtopk_sae_step_dead_bwd(
     grad: torch.Tensor,
     grad_aux: torch.Tensor,
     x: torch.Tensor,
     W_enc: torch.Tensor,
     W_dec: torch.Tensor,
     b_dec: torch.Tensor,
+    target: torch.Tensor | None,
     vals: torch.Tensor,
     indices: torch.Tensor,
     row_offsets: torch.Tensor,
@@ -174,25 +120,19 @@ def batchtopk_sae_step_dead_bwd(
     dE1: torch.Tensor,
     ids: torch.Tensor,
     valid: torch.Tensor,
-    mode: int,
+    dead: list[int],
     aux_coef: float,
-    encoder_grad: bool,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's, plus the dead-latent loss's on the dead slots."""
-    g_aux = torch.add(grad_aux.float(), grad.float(), alpha=aux_coef)
-    dx, dW_e, db_e, dW_d = dead_loss_bwd(
-        g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate if mode == AUXK else None, dE1, encoder_grad
-    )
-    grads = mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, dx_extra=dx)
-    add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d)
-    return grads
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_enc, db_enc, dW_dec, db_dec, dtarget), each in its input's dtype; one CSR transpose
+    serves both weights; with a dead-latent loss, its gradients on the dead slots are added."""
+    step, dead_saved = (x, W_enc, W_dec, b_dec, target), (A, gate, dE1, ids, valid)
+    code = (vals, indices, row_offsets)
+    return mse_selection_step_backward((grad, grad_aux), step, code, residual, dead_saved, dead, aux_coef, needs)
 
 
-def batchtopk_sae_step_dead_bwd_fake(
-    grad, grad_aux, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, A, gate, dE1, ids, valid, *rest
-):
-    return step_grads_fake(x, W_enc, W_dec, b_dec)
+def batchtopk_sae_step_bwd_fake(grad, grad_aux, x, W_enc, W_dec, b_dec, target, *rest):
+    return mse_selection_step_backward_fake(x, W_enc, W_dec, b_dec, target, rest[-1])
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -203,33 +143,9 @@ _batchtopk_sae_step = register_op(
     forward_fake=batchtopk_sae_step_fwd_fake,
     backward=batchtopk_sae_step_bwd,
     backward_fake=batchtopk_sae_step_bwd_fake,
-    # x, W_enc, W_dec, b_dec, and the code (vals, indices, row_offsets) and residual
-    save=lambda args, outputs: (args[0], args[1], args[3], args[4], *outputs[3:6], outputs[7]),
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
-)
-
-
-_batchtopk_sae_step_dead = register_op(
-    "batchtopk_sae_step_dead",
-    forward=batchtopk_sae_step_dead_fwd,
-    forward_fake=batchtopk_sae_step_dead_fwd_fake,
-    backward=batchtopk_sae_step_dead_bwd,
-    backward_fake=batchtopk_sae_step_dead_bwd_fake,
-    # x, W_enc, W_dec, b_dec, the code, residual, the dead slots' tensors; mode, aux_coef, encoder_grad
-    save=lambda args, outputs: (
-        args[0],
-        args[1],
-        args[3],
-        args[4],
-        *outputs[4:7],
-        *outputs[8:14],
-        args[9],
-        args[11],
-        args[13],
-    ),  # fmt: skip
-    differentiable=(0, 1),
-    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+    outputs=("loss", "fvu", "fire_counts", "vals", "indices", "row_offsets", "min_act", "residual", *DEAD_OUTPUTS),
+    differentiable=("loss", "aux_loss"),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
 )
 
 
@@ -244,6 +160,7 @@ def batchtopk_sae_step(
     b_dec: torch.Tensor,
     k: float,
     *,
+    target: torch.Tensor | None = None,
     rescale_acts_by_decoder_norm: bool = False,
     dead_mask: torch.Tensor | None = None,
     dead_offset: torch.Tensor | int | None = None,
@@ -262,6 +179,7 @@ def batchtopk_sae_step(
             rows; b_dec: [D], subtracted before encoding and added after decoding.
         k: active latents per row on average (an int or a float, as SAELens's ``k``); the
             batch keeps N = int(k * B) entries, 1 <= N <= B * F.
+        target: None (an SAE), or [B, D_out] (a transcoder), as ``topk_sae_step``'s.
         rescale_acts_by_decoder_norm: rank relu(pre * ||W_dec[f]||) instead of relu(pre)
             (SAELens's default for its BatchTopK training SAE).
         dead_mask, dead_offset, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity: the
@@ -276,27 +194,22 @@ def batchtopk_sae_step(
         inference-threshold estimate; ``aux_loss`` as ``topk_sae_step``'s. No host sync; nothing
         [B, F] kept; deterministic.
     """
-    B, _, F = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    B, _, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
+    target = target.contiguous() if target is not None else None
     n = check_batch_k(k, B, F)
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+    spec, coef, offset = NO_DEAD_LOSS, 0.0, None
     if dead_mask is not None:
-        mode, k_aux, aux_coef, capacity, dead_offset = check_dead_loss_args(
+        check = check_dead_loss_args(
             dead_mask, dead_offset, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity, x, F
         )
-        args = (x, W_enc, b_enc, W_dec, b_dec)
-        out = _batchtopk_sae_step_dead(
-            *(t.contiguous() for t in args), n, rescale_acts_by_decoder_norm, dead_mask.contiguous(), dead_offset,
-            MODES[mode], k_aux, aux_coef, aux_relu, aux_encoder_grad, capacity,
-        )  # fmt: skip
-        return BatchTopKSAEStep(out[0], *out[2:8], aux_loss=out[1])
-    out = _batchtopk_sae_step(
-        x.contiguous(),
-        W_enc.contiguous(),
-        b_enc.contiguous(),
-        W_dec.contiguous(),
-        b_dec.contiguous(),
-        n,
-        rescale_acts_by_decoder_norm,
-    )
-    return BatchTopKSAEStep(*out[:7])
+        spec, coef, offset = dead_loss_spec(check, aux_relu, aux_encoder_grad)
+        dead_mask = dead_mask.contiguous()
+    params = (x, W_enc, b_enc, W_dec, b_dec)
+    out = _batchtopk_sae_step.named(_batchtopk_sae_step(
+        *(t.contiguous() for t in params), target, n, rescale_acts_by_decoder_norm, dead_mask, offset, spec.to_op(),
+        coef,
+    ))  # fmt: skip
+    return BatchTopKSAEStep(out.loss, out.fvu, out.fire_counts, out.vals, out.indices, out.row_offsets, out.min_act,
+                            aux_loss=out.aux_loss if spec.mode else None)  # fmt: skip

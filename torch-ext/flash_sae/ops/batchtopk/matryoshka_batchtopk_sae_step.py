@@ -16,11 +16,11 @@ from ..._validation import check_batch_k, check_prefix_sizes, check_step_args
 from ...primitives.select import batch_topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
+    MATRYOSHKA_OUTPUTS,
     matryoshka_levels_bwd,
     matryoshka_levels_bwd_fake,
     matryoshka_levels_fwd,
     matryoshka_levels_fwd_fake,
-    matryoshka_saved,
     min_positive,
 )
 
@@ -49,7 +49,9 @@ def matryoshka_batchtopk_sae_step_fwd(
     return loss, level_losses, fvu, counts, vals, indices, row_offsets, min_positive(acts), residuals
 
 
-def matryoshka_batchtopk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, n, prefix_sizes, rescale):
+def matryoshka_batchtopk_sae_step_fwd_fake(
+    x, W_enc, b_enc, W_dec, b_dec, n, prefix_sizes, rescale_acts_by_decoder_norm
+):
     loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, W_dec, len(prefix_sizes))
     i64 = torch.int64
     code = (x.new_empty(n), x.new_empty(n, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
@@ -64,9 +66,9 @@ _matryoshka_batchtopk_sae_step = register_op(
     forward_fake=matryoshka_batchtopk_sae_step_fwd_fake,
     backward=matryoshka_levels_bwd,
     backward_fake=matryoshka_levels_bwd_fake,
-    save=matryoshka_saved,
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+    outputs=MATRYOSHKA_OUTPUTS,
+    differentiable=("loss",),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec"),
 )
 
 

@@ -307,9 +307,9 @@ _hierarchical_topk_sae_loss = register_op(
     forward_fake=hierarchical_topk_sae_loss_fwd_fake,
     backward=hierarchical_topk_sae_loss_bwd,
     backward_fake=hierarchical_topk_sae_loss_bwd_fake,
-    save=lambda args, outputs: (*args[:3], *outputs[1:]),  # indices, weight, vals, residual, esum
-    differentiable=(0,),
-    grad_inputs=(1, 2, 3, 4),  # weight, vals, bias, target
+    outputs=("loss", "residual", "esum"),
+    differentiable=("loss",),
+    grad_inputs=("weight", "vals", "bias", "target"),
 )
 
 

@@ -79,9 +79,9 @@ _sparse_decode = register_op(
     forward_fake=sparse_decode_fwd_fake,
     backward=sparse_decode_bwd,
     backward_fake=sparse_decode_bwd_fake,
-    save=lambda args, outputs: args[:4],  # vals, indices, weight, bias
-    differentiable=(0,),
-    grad_inputs=(0, 2, 3),  # vals, weight, bias
+    outputs=("x_hat",),
+    differentiable=("x_hat",),
+    grad_inputs=("vals", "weight", "bias"),
 )
 
 

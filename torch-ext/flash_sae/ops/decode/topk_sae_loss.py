@@ -91,9 +91,9 @@ _topk_sae_loss = register_op(
     forward_fake=topk_sae_loss_fwd_fake,
     backward=topk_sae_loss_bwd,
     backward_fake=topk_sae_loss_bwd_fake,
-    save=lambda args, outputs: (args[0], args[1], args[2], outputs[1]),  # indices, weight, vals, residual
-    differentiable=(0,),
-    grad_inputs=(1, 2, 3, 4),  # weight, vals, bias, target
+    outputs=("loss", "residual"),
+    differentiable=("loss",),
+    grad_inputs=("weight", "vals", "bias", "target"),
 )
 
 

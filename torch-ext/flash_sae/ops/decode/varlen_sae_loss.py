@@ -85,9 +85,9 @@ _varlen_sae_loss = register_op(
     forward_fake=varlen_sae_loss_fwd_fake,
     backward=varlen_sae_loss_bwd,
     backward_fake=varlen_sae_loss_bwd_fake,
-    save=lambda args, outputs: (*args[:4], outputs[1]),  # vals, indices, row_offsets, weight, residual
-    differentiable=(0,),
-    grad_inputs=(0, 3, 4, 5),  # vals, weight, bias, target
+    outputs=("loss", "residual"),
+    differentiable=("loss",),
+    grad_inputs=("vals", "weight", "bias", "target"),
 )
 
 

@@ -72,9 +72,9 @@ _varlen_sparse_decode = register_op(
     forward_fake=varlen_sparse_decode_fwd_fake,
     backward=varlen_sparse_decode_bwd,
     backward_fake=varlen_sparse_decode_bwd_fake,
-    save=lambda args, outputs: args[:4],  # vals, indices, row_offsets, weight
-    differentiable=(0,),
-    grad_inputs=(0, 3, 4),  # vals, weight, bias
+    outputs=("x_hat",),
+    differentiable=("x_hat",),
+    grad_inputs=("vals", "weight", "bias"),
 )
 
 

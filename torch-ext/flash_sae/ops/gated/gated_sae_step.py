@@ -96,7 +96,7 @@ def gated_sae_step_fwd(
     )  # fmt: skip
 
 
-def gated_sae_step_fwd_fake(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient, capacity, freeze):
+def gated_sae_step_fwd_fake(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient, capacity, freeze_aux_decoder):
     B, D = x.shape
     F = W_dec.shape[0]
     f32, i64 = torch.float32, torch.int64
@@ -205,21 +205,12 @@ _gated_sae_step = register_op(
     forward_fake=gated_sae_step_fwd_fake,
     backward=gated_sae_step_bwd,
     backward_fake=gated_sae_step_bwd_fake,
-    # x, W_enc, r_mag, W_dec, b_dec; the code (vals, ids, rows); gate, mag, dots, both residuals, norms;
-    # l1_coefficient, freeze_aux_decoder
-    save=lambda args, outputs: (
-        args[0],
-        args[1],
-        args[3],
-        args[5],
-        args[6],
-        *outputs[7:10],
-        *outputs[12:18],
-        args[7],
-        args[9],
+    outputs=(
+        "loss", "mse", "l1", "aux", "l0", "fvu", "fire_counts", "vals", "indices", "row_offsets", "count", "overflow",
+        "gate", "mag", "dots", "residual", "aux_residual", "norms",
     ),  # fmt: skip
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3, 4, 5, 6),  # x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec
+    differentiable=("loss",),
+    grad_inputs=("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
 )
 
 

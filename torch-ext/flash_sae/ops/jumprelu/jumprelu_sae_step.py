@@ -168,10 +168,12 @@ _jumprelu_sae_step = register_op(
     forward_fake=jumprelu_sae_step_fwd_fake,
     backward=jumprelu_sae_step_bwd,
     backward_fake=jumprelu_sae_step_bwd_fake,
-    # x, W_enc, W_dec, b_dec, threshold; z = the code's pre-activations, its ids and rows; the residual
-    save=lambda args, outputs: (*args[:2], *args[3:6], *outputs[10:11], *outputs[6:8], outputs[11], *args[6:8]),
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3, 4, 5),  # x, W_enc, b_enc, W_dec, b_dec, threshold
+    outputs=(
+        "loss", "mse", "l0", "fvu", "fire_counts", "vals", "indices", "row_offsets", "count", "overflow", "z",
+        "residual",
+    ),  # fmt: skip
+    differentiable=("loss",),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
 )
 
 

@@ -139,7 +139,9 @@ def standard_sae_step_bwd(
     )  # fmt: skip
 
 
-def standard_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, norms, l1c, needs):
+def standard_sae_step_bwd_fake(
+    grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, norms, l1_coefficient, needs
+):
     return step_grads_fake(x, W_enc, W_dec, b_dec)
 
 
@@ -151,10 +153,12 @@ _standard_sae_step = register_op(
     forward_fake=standard_sae_step_fwd_fake,
     backward=standard_sae_step_bwd,
     backward_fake=standard_sae_step_bwd_fake,
-    # x, W_enc, W_dec, b_dec; the code (vals, ids, rows); the residual and the norms; l1_coefficient
-    save=lambda args, outputs: (*args[:2], *args[3:5], *outputs[6:9], *outputs[11:13], args[5]),
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+    outputs=(
+        "loss", "mse", "l1", "l0", "fvu", "fire_counts", "vals", "indices", "row_offsets", "count", "overflow",
+        "residual", "norms",
+    ),  # fmt: skip
+    differentiable=("loss",),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec"),
 )
 
 

@@ -19,11 +19,11 @@ from ..._validation import check_prefix_sizes, check_step_args
 from ...primitives.select import topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
+    MATRYOSHKA_OUTPUTS,
     matryoshka_levels_bwd,
     matryoshka_levels_bwd_fake,
     matryoshka_levels_fwd,
     matryoshka_levels_fwd_fake,
-    matryoshka_saved,
     min_positive,
 )
 
@@ -70,9 +70,9 @@ _matryoshka_topk_sae_step = register_op(
     forward_fake=matryoshka_topk_sae_step_fwd_fake,
     backward=matryoshka_levels_bwd,
     backward_fake=matryoshka_levels_bwd_fake,
-    save=matryoshka_saved,
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+    outputs=MATRYOSHKA_OUTPUTS,
+    differentiable=("loss",),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec"),
 )
 
 

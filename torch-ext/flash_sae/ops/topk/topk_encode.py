@@ -68,9 +68,9 @@ _topk_encode = register_op(
     forward_fake=topk_encode_fwd_fake,
     backward=topk_encode_bwd,
     backward_fake=topk_encode_bwd_fake,
-    save=lambda args, outputs: (args[0], args[1], args[3], *outputs),  # x, W_enc, b_dec, vals, indices
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3),  # x, W_enc, b_enc, b_dec
+    outputs=("vals", "indices"),
+    differentiable=("vals",),
+    grad_inputs=("x", "W_enc", "b_enc", "b_dec"),
 )
 
 

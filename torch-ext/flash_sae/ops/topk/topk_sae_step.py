@@ -36,30 +36,59 @@ dtype. Deterministic. Shapes as ``topk_encode``.
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_dead_loss_args, check_step_args
+from ..._validation import check_dead_loss_args
 from ...primitives.gather import gather_rows
 from ...primitives.select import topk_preacts
-from ...primitives.step_backward import mse_step_backward
 from ...results import TopKSAEStep, total_variance
-from .._dead import AUXK, MODES, add_slot_grads_, dead_columns, dead_fakes, dead_loss_bwd, dead_loss_fwd
-from .._step import step_grads_fake
+from .._dead import (
+    DEAD_OUTPUTS,
+    NO_DEAD_LOSS,
+    DeadLossSpec,
+    dead_columns_for,
+    dead_fakes,
+    dead_loss_spec,
+    dead_outputs,
+)
+from .._step import checked_step_args, mse_selection_step_backward, mse_selection_step_backward_fake
 
 # Host launchers ----------------------------------------------------------------
 
 
 def topk_sae_step_fwd(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, fvu, fire_counts, vals, indices, residual)."""
-    B, D = x.shape
-    vals, indices = topk_preacts(x, W_enc, b_enc, k, b_dec, relu=True)
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    target: torch.Tensor | None,
+    k: int,
+    dead_mask: torch.Tensor | None,
+    dead_offset: torch.Tensor | None,
+    dead: list[int],
+    aux_coef: float,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+]:  # fmt: skip
+    """Returns (loss, fvu, fire_counts, vals, indices, residual, *DEAD_OUTPUTS); ``dead`` is a
+    ``DeadLossSpec`` (``ops/_dead.py``), the dead-latent loss's outputs are empty without one. The
+    reconstruction's target is x (encoded as x - b_dec), or ``target`` (x encoded as it is)."""
+    y, centre = (x, b_dec) if target is None else (target, None)
+    B, D = y.shape
+    spec = DeadLossSpec.from_op(dead)
+    columns, slots = dead_columns_for(x, spec, dead_mask, dead_offset)
+    vals, indices = topk_preacts(x, W_enc, b_enc, k, centre, columns=columns, relu=True)
     counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, counts=counts)
-    return sq / (B * D), sq / total_variance(x), counts, vals, indices, residual
+    residual, sq = gather_rows(vals, indices, W_dec, b_dec, y, counts=counts)
+    dead_out = dead_outputs(spec, slots, x, residual, W_dec)
+    loss = sq / (B * D)
+    if spec.mode:
+        loss = loss + aux_coef * dead_out[0]
+    return loss, sq / total_variance(y), counts, vals, indices, residual, *dead_out
 
 
-def topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k):
-    B, D = x.shape
+def topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, target, k, dead_mask, dead_offset, dead, aux_coef):
+    B, D = x.shape[0], W_dec.shape[1]
     F = W_dec.shape[0]
     f32, i64 = torch.float32, torch.int64
     return (
@@ -69,87 +98,18 @@ def topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k):
         x.new_empty(B, k),
         x.new_empty(B, k, dtype=i64),
         x.new_empty(B, D, dtype=f32),
+        *dead_fakes(x, W_dec, DeadLossSpec.from_op(dead)),
     )
 
 
 def topk_sae_step_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    residual: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype; one CSR transpose serves both weights."""
-    return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual)
-
-
-def topk_sae_step_bwd_fake(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, needs):
-    return step_grads_fake(x, W_enc, W_dec, b_dec)
-
-
-# With a dead-latent loss (AuxK or ghost grads; ``ops/_dead.py``) ------------------------
-
-
-def topk_sae_step_dead_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: int,
-    dead_mask: torch.Tensor,
-    dead_offset: torch.Tensor,
-    mode: int,
-    k_aux: int,
-    aux_coef: float,
-    relu: bool,
-    encoder_grad: bool,
-    capacity: int,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
-    """Returns (loss, aux_loss, fvu, fire_counts, vals, indices, residual, A, gate, dE1, ids, valid)."""
-    B, D = x.shape
-    ids, valid, n_dead, pre_d = dead_columns(x, dead_mask, capacity, dead_offset)
-    vals, indices = topk_preacts(x, W_enc, b_enc, k, b_dec, columns=(ids, pre_d), relu=True)
-    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, counts=counts)
-    aux, A, gate, dE1 = dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu)
-    if gate is None:
-        gate = x.new_empty(0, dtype=torch.bool)
-    mse = sq / (B * D)
-    return mse + aux_coef * aux, aux, sq / total_variance(x), counts, vals, indices, residual, A, gate, dE1, ids, valid
-
-
-def topk_sae_step_dead_fwd_fake(
-    x, W_enc, b_enc, W_dec, b_dec, k, dead_mask, dead_offset, mode, k_aux, aux_coef, relu, eg, capacity
-):
-    main = topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k)
-    return (main[0], x.new_empty((), dtype=torch.float32), *main[1:], *dead_fakes(x, capacity, mode))
-
-
-def topk_sae_step_dead_bwd(
     grad: torch.Tensor,
     grad_aux: torch.Tensor,
     x: torch.Tensor,
     W_enc: torch.Tensor,
     W_dec: torch.Tensor,
     b_dec: torch.Tensor,
+    target: torch.Tensor | None,
     vals: torch.Tensor,
     indices: torch.Tensor,
     residual: torch.Tensor,
@@ -158,25 +118,19 @@ def topk_sae_step_dead_bwd(
     dE1: torch.Tensor,
     ids: torch.Tensor,
     valid: torch.Tensor,
-    mode: int,
+    dead: list[int],
     aux_coef: float,
-    encoder_grad: bool,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's, plus the dead-latent loss's on the dead slots."""
-    g_aux = torch.add(grad_aux.float(), grad.float(), alpha=aux_coef)
-    dx, dW_e, db_e, dW_d = dead_loss_bwd(
-        g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate if mode == AUXK else None, dE1, encoder_grad
-    )
-    grads = mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, dx_extra=dx)
-    add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d)
-    return grads
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_enc, db_enc, dW_dec, db_dec, dtarget), each in its input's dtype; one CSR transpose
+    serves both weights; with a dead-latent loss, its gradients on the dead slots are added."""
+    step, dead_saved = (x, W_enc, W_dec, b_dec, target), (A, gate, dE1, ids, valid)
+    code = (vals, indices, None)
+    return mse_selection_step_backward((grad, grad_aux), step, code, residual, dead_saved, dead, aux_coef, needs)
 
 
-def topk_sae_step_dead_bwd_fake(
-    grad, grad_aux, x, W_enc, W_dec, b_dec, vals, indices, residual, A, gate, dE1, ids, valid, mode, coef, eg, needs
-):
-    return step_grads_fake(x, W_enc, W_dec, b_dec)
+def topk_sae_step_bwd_fake(grad, grad_aux, x, W_enc, W_dec, b_dec, target, *rest):
+    return mse_selection_step_backward_fake(x, W_enc, W_dec, b_dec, target, rest[-1])
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -187,34 +141,9 @@ _topk_sae_step = register_op(
     forward_fake=topk_sae_step_fwd_fake,
     backward=topk_sae_step_bwd,
     backward_fake=topk_sae_step_bwd_fake,
-    # x, W_enc, W_dec, b_dec, and the code and residual
-    save=lambda args, outputs: (args[0], args[1], args[3], args[4], outputs[3], outputs[4], outputs[5]),
-    differentiable=(0,),
-    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
-)
-
-
-_topk_sae_step_dead = register_op(
-    "topk_sae_step_dead",
-    forward=topk_sae_step_dead_fwd,
-    forward_fake=topk_sae_step_dead_fwd_fake,
-    backward=topk_sae_step_dead_bwd,
-    backward_fake=topk_sae_step_dead_bwd_fake,
-    # x, W_enc, W_dec, b_dec, the code, residual, the dead slots' tensors; mode, aux_coef, encoder_grad
-    save=lambda args, outputs: (
-        args[0],
-        args[1],
-        args[3],
-        args[4],
-        outputs[4],
-        outputs[5],
-        *outputs[6:12],
-        args[8],
-        args[10],
-        args[12],
-    ),  # fmt: skip
-    differentiable=(0, 1),
-    grad_inputs=(0, 1, 2, 3, 4),  # x, W_enc, b_enc, W_dec, b_dec
+    outputs=("loss", "fvu", "fire_counts", "vals", "indices", "residual", *DEAD_OUTPUTS),
+    differentiable=("loss", "aux_loss"),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
 )
 
 
@@ -229,6 +158,7 @@ def topk_sae_step(
     b_dec: torch.Tensor,
     k: int,
     *,
+    target: torch.Tensor | None = None,
     dead_mask: torch.Tensor | None = None,
     dead_offset: torch.Tensor | int | None = None,
     dead_loss: str = "auxk",
@@ -246,6 +176,11 @@ def topk_sae_step(
             decoder rows; b_dec: [D], subtracted before encoding and added after
             decoding. All W_enc's dtype.
         k: active latents per row, 1 <= k <= F.
+        target: None (an SAE: reconstruct x), or [B, D_out] in x's dtype (a transcoder:
+            reconstruct ``target``, e.g. an MLP's output, from x). With a target, W_dec is
+            [F, D_out] and b_dec [D_out]; x is encoded as it is (no ``x - b_dec``), the loss is
+            the mean over B*D_out of ``(b_dec + decode - target)^2``, ``fvu`` is relative to the
+            target's variance, and the loss is differentiable in ``target`` too.
         dead_mask: [F] bool, the latents counted dead (a module's ``dead_mask()``). With it the
             step adds a dead-latent loss on the dead set (``ops/_dead.py`` states the formulas):
         dead_loss: ``"auxk"`` (Gao et al. 2024) or ``"ghost"`` (ghost grads).
@@ -272,18 +207,18 @@ def topk_sae_step(
         ``dead_mask``) is the dead-latent loss before ``aux_coef``. Nothing [B, F] is kept
         for the backward, which is deterministic.
     """
-    B, D, F = check_step_args(x, W_enc, b_enc, W_dec, b_dec, k)
+    B, D, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
+    target = target.contiguous() if target is not None else None
+    spec, coef, offset = NO_DEAD_LOSS, 0.0, None
     if dead_mask is not None:
-        mode, k_aux, aux_coef, capacity, dead_offset = check_dead_loss_args(
+        check = check_dead_loss_args(
             dead_mask, dead_offset, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity, x, F
         )
-        args = (x, W_enc, b_enc, W_dec, b_dec)
-        out = _topk_sae_step_dead(
-            *(t.contiguous() for t in args), k, dead_mask.contiguous(), dead_offset, MODES[mode], k_aux, aux_coef,
-            aux_relu, aux_encoder_grad, capacity,
-        )  # fmt: skip
-        return TopKSAEStep(out[0], *out[2:6], aux_loss=out[1])
-    out = _topk_sae_step(
-        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(), k
+        spec, coef, offset = dead_loss_spec(check, aux_relu, aux_encoder_grad)
+        dead_mask = dead_mask.contiguous()
+    params = (x, W_enc, b_enc, W_dec, b_dec)
+    out = _topk_sae_step.named(
+        _topk_sae_step(*(t.contiguous() for t in params), target, k, dead_mask, offset, spec.to_op(), coef)
     )
-    return TopKSAEStep(*out[:5])
+    return TopKSAEStep(out.loss, out.fvu, out.fire_counts, out.vals, out.indices,
+                       aux_loss=out.aux_loss if spec.mode else None)  # fmt: skip
