@@ -107,12 +107,6 @@ def local_kernels_entry(root: Path = ROOT) -> str:
     return f"{repo_id(root)}={root}"
 
 
-HOW_TO_LOAD = (
-    "run `python build_local.py` in a flash-sae checkout (it writes build/torch-<backend>/) and load it with "
-    "build_local.load_kernel(), or set LOCAL_KERNELS={repo}=<a built checkout>"
-)
-
-
 def _local_entries(value: str) -> list[str]:
     """The repo ids mapped by a ``LOCAL_KERNELS`` value (``repo_id=path:repo_id=path``)."""
     return [entry.split("=", 1)[0] for entry in value.split(":") if entry]
@@ -140,7 +134,9 @@ def load_kernel(root: Path = ROOT):
         detail = str(err).rstrip().rstrip(":")
         raise FileNotFoundError(
             f"{detail}: LOCAL_KERNELS={os.environ['LOCAL_KERNELS']!r} maps {rid} to a folder with no build "
-            f"for this torch (no build/torch-<backend>/ there). To fix it: {HOW_TO_LOAD.format(repo=rid)}"
+            "for this torch (no build/torch-<backend>/ there). To fix it: run `python build_local.py` in that "
+            f"checkout (it writes build/torch-<backend>/), or set LOCAL_KERNELS={rid}=<a built checkout>, or "
+            "unset LOCAL_KERNELS (load_kernel then builds this checkout)"
         ) from err
 
 
