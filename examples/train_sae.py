@@ -799,6 +799,8 @@ def main(argv=None):
                 checkpoint()
         if stop and saved_at["step"] != step and step > 0:
             checkpoint()
+            if log_path.stat().st_size:
+                plot(log_path, out_dir / "curves.png", title)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -298,6 +298,7 @@ def test_sigterm_checkpoints_and_the_run_resumes(fs, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before, "the previous handler must be restored"
     state = torch.load(tmp_path / "b" / "checkpoint" / "flash_sae_state.pt", weights_only=False)
     assert state["step"] == 4 and [r["step"] for r in rows(tmp_path / "b", "train")] == [1, 2, 3, 4]
+    assert (tmp_path / "b" / "curves.png").exists()
     monkeypatch.setattr(ts, "lr_at", lr_at)
     ts.main(["--resume", str(tmp_path / "b" / "checkpoint"), "--out", str(tmp_path / "b"), "--no-progress"])
     a, b = rows(straight, "train"), rows(tmp_path / "b", "train")
