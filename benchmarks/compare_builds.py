@@ -43,6 +43,16 @@ from side_by_side import (  # noqa: E402
 )
 
 LOSS_OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss")
+# --family: each case's loss (one backward through everything it returns), by name; ``dead``: a quarter
+# of the latents counted dead (AuxK over a fixed-capacity dead set) or None.
+FAMILY_CALLS = {
+    "topk_sae_step+auxk": lambda fs, p, K, dead: fs.topk_sae_step(*p, K, dead_mask=dead).loss,
+    "batchtopk_sae_step": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K).loss,
+    "batchtopk_sae_step+auxk": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K, dead_mask=dead).loss,
+    "matryoshka_topk_sae_step": lambda fs, p, K, dead: fs.matryoshka_topk_sae_step(
+        *p, K, [p[1].shape[0] // 4, p[1].shape[0] // 2, p[1].shape[0]]
+    ).loss,
+}
 
 
 def load_build(checkout: Path):
@@ -102,6 +112,11 @@ def main():
         "--scale", action="store_true", help="also the step at F = 2^20 (B = 4096, D = 2048, K = 64, bf16)"
     )
     parser.add_argument("--steps-only", action="store_true", help="only topk_sae_step (not the decoder losses)")
+    parser.add_argument(
+        "--family", action="store_true",
+        help="also the BatchTopK and Matryoshka TopK steps, and the TopK and BatchTopK steps with the AuxK loss, "
+        "at two step shapes",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.toggle:
         fs = load_kernel()
@@ -122,6 +137,8 @@ def main():
     cases += [("topk_sae_step", *shape) for shape in STEP_SHAPES]
     if args.scale:
         cases.append(("topk_sae_step", "bf16", 4096, 2048, 2**20, 64))
+    if args.family:
+        cases += [(op, *shape) for op in FAMILY_CALLS for shape in (STEP_SHAPES[1], STEP_SHAPES[-1])]
     rows = []
     print(
         f"{'op':28s} {'dtype':5s} {'B,D,F,K':24s} {'before ms':>10s} {'after ms':>9s} {'before graph':>13s} "
@@ -132,6 +149,11 @@ def main():
         if op == "topk_sae_step":
             params = make_step_problem(B, D, F, K, dtype, "cuda")
             calls = {name: (lambda fs=fs, p=params: fs.topk_sae_step(*p, K).loss) for name, fs in builds.items()}
+        elif op in FAMILY_CALLS:
+            params = make_step_problem(B, D, F, K, dtype, "cuda")
+            dead = (torch.arange(F, device="cuda") % 4 == 0) if op.endswith("+auxk") else None
+            calls = {name: (lambda fs=fs, p=params, op=op, dead=dead: FAMILY_CALLS[op](fs, p, K, dead))
+                     for name, fs in builds.items()}  # fmt: skip
         else:
             indices, params = make_problem(B, D, F, K, dtype, "cuda")
             calls = {name: (lambda fs=fs, p=params, i=indices: getattr(fs, op)(i, *p)) for name, fs in builds.items()}

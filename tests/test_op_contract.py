@@ -64,7 +64,8 @@ def _code(dtype, device, seed=6, varlen=False):
     if varlen:
         counts = torch.tensor([5, 0, 3, 5, 1, 4])
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        out.update(vals=out["vals"].reshape(-1)[: int(offsets[-1])], indices=indices.reshape(-1)[: int(offsets[-1])],
+        n = int(offsets[-1])
+        out.update(vals=out["vals"].reshape(-1)[:n], indices=out["indices"].reshape(-1)[:n],
                    row_offsets=offsets.to(device))  # fmt: skip
     return out
 

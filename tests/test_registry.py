@@ -86,7 +86,7 @@ def test_named_outputs_follow_the_schema(fs, device):
     b_enc, b_dec = torch.zeros(16, device=device), torch.zeros(8, device=device)
     op = _op(fs, "topk_sae_step")
     spec = sys.modules[fs.__name__ + ".ops._dead"].NO_DEAD_LOSS
-    raw = op(x, W, b_enc, W.clone(), b_dec, 2, None, None, spec.to_op(), 0.0)
+    raw = op(x, W, b_enc, W.clone(), b_dec, None, 2, None, None, spec.to_op(), 0.0)
     named = op.named(raw)
     assert named._fields == op.outputs
     for field, tensor in zip(op.outputs, raw):

@@ -106,7 +106,7 @@ def test_transcoder_step_parity(fs, device, step, shape, dtype, seed):
     for name, o, s, r in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"), ours, same_grads, ref_grads):
         assert_parity(f"{step} d{name}", o, s, r, dtype)
     y = p64[5].detach()
-    fvu = ((ref.detach() * y.numel()) / ((y - y.mean(0)) ** 2).sum()).float()
+    fvu = ((ref.detach() * y.numel()) / ((y - y.mean(0)) ** 2).sum()).float().cpu()
     if B > 1:
         torch.testing.assert_close(out.fvu.cpu(), fvu, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=0)
 
