@@ -70,7 +70,7 @@ def main():
         ours = getattr(fs, op)(indices, weight, vals, bias, target)
         grads = torch.autograd.grad(ours, params)
         p64 = [p.detach().double().requires_grad_() for p in params]
-        ref = getattr(fs.reference, op)(indices, *p64, target.double())
+        ref = getattr(fs.testing.reference, op)(indices, *p64, target.double())
         ref_grads = torch.autograd.grad(ref, p64)
         errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)]
         loss_err = abs(ours.item() - ref.item()) / abs(ref.item())
@@ -92,9 +92,9 @@ def main():
         print("  (on a CPU flash-sae runs its Triton kernels in the interpreter: a check, not a speed test)")
     for name, fn in [
         ("flash-sae topk_sae_loss", fs.topk_sae_loss),
-        ("torch reference topk_sae_loss", fs.reference.topk_sae_loss),
+        ("torch reference topk_sae_loss", fs.testing.reference.topk_sae_loss),
         ("flash-sae hierarchical", fs.hierarchical_topk_sae_loss),
-        ("torch reference hierarchical", fs.reference.hierarchical_topk_sae_loss),
+        ("torch reference hierarchical", fs.testing.reference.hierarchical_topk_sae_loss),
     ]:
         step(fn)
         if ON_GPU:
@@ -128,7 +128,7 @@ def train_sparse_autoencoder(fs, device, dtype):
         if i == 0:  # the first step's gradients against the fp64 twin at the same code
             params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
             p64 = [p.detach().double().requires_grad_() for p in params]
-            ref = fs.reference.topk_sae_step(x.double(), *p64, K, indices=step.indices)
+            ref = fs.testing.reference.topk_sae_step(x.double(), *p64, K, indices=step.indices)
             ref.loss.backward()
             errs = [((p.grad.double() - q.grad).norm() / q.grad.norm()).item() for p, q in zip(params, p64)]
             good = all(e < 1e-2 for e in errs)
@@ -185,7 +185,7 @@ def train_family(fs, device, dtype):
 
 def _check_first_step(fs, name, sae, x, step):
     """The first step's loss against the fp64 plain-torch step at the same code (or threshold masks)."""
-    ref = fs.reference
+    ref = fs.testing.reference
     if name == "GatedSparseAutoencoder":
         p64 = [t.detach().double() for t in (x, *sae.gated_params())]
         want = ref.gated_sae_step(*p64, sae.l1_coefficient, sae.freeze_aux_decoder).loss

@@ -47,7 +47,7 @@ class TopkSaeLoss(Benchmark):
         self.out = _step(self.kernel.topk_sae_loss, self, self._args())
 
     def verify_train_step(self) -> torch.Tensor:
-        return _step(self.kernel.reference.topk_sae_loss, self, self._args())
+        return _step(self.kernel.testing.reference.topk_sae_loss, self, self._args())
 
 
 class HierarchicalTopkSaeLoss(TopkSaeLoss):
@@ -55,7 +55,7 @@ class HierarchicalTopkSaeLoss(TopkSaeLoss):
         self.out = _step(self.kernel.hierarchical_topk_sae_loss, self, self._args())
 
     def verify_train_step(self) -> torch.Tensor:
-        return _step(self.kernel.reference.hierarchical_topk_sae_loss, self, self._args())
+        return _step(self.kernel.testing.reference.hierarchical_topk_sae_loss, self, self._args())
 
 
 class SparseDecode(TopkSaeLoss):
@@ -66,7 +66,7 @@ class SparseDecode(TopkSaeLoss):
         self.out = _step(self.kernel.sparse_decode, self, self._args())
 
     def verify_train_step(self) -> torch.Tensor:
-        return _step(self.kernel.reference.sparse_decode, self, self._args())
+        return _step(self.kernel.testing.reference.sparse_decode, self, self._args())
 
 
 def _sae_problem(bench, dtype=torch.bfloat16):
@@ -111,7 +111,7 @@ class TopkSaeStep(Benchmark):
         self.out = _sae_step(self.kernel.topk_sae_step, self)
 
     def verify_train_step(self) -> torch.Tensor:
-        return _reference_step(self.kernel.reference.topk_sae_step, self)
+        return _reference_step(self.kernel.testing.reference.topk_sae_step, self)
 
 
 class BatchtopkSaeStep(TopkSaeStep):
@@ -121,7 +121,7 @@ class BatchtopkSaeStep(TopkSaeStep):
         self.out = _sae_step(lambda *a: self.kernel.batchtopk_sae_step(*a, rescale_acts_by_decoder_norm=True), self)
 
     def verify_train_step(self) -> torch.Tensor:
-        return _reference_step(lambda *a: self.kernel.reference.batchtopk_sae_step(*a, True), self)
+        return _reference_step(lambda *a: self.kernel.testing.reference.batchtopk_sae_step(*a, True), self)
 
 
 class MatryoshkaBatchtopkSaeStep(TopkSaeStep):
@@ -135,4 +135,4 @@ class MatryoshkaBatchtopkSaeStep(TopkSaeStep):
         self.out = _sae_step(lambda *a: self.kernel.matryoshka_batchtopk_sae_step(*a, self._sizes()), self)
 
     def verify_train_step(self) -> torch.Tensor:
-        return _reference_step(lambda *a: self.kernel.reference.matryoshka_batchtopk_sae_step(*a, self._sizes()), self)
+        return _reference_step(lambda *a: self.kernel.testing.reference.matryoshka_batchtopk_sae_step(*a, self._sizes()), self)

@@ -348,7 +348,7 @@ def bench_family_steps(fs, args, bw, rows, quick):
             "batchtopk_sae_step": torch.compile(dense_batchtopk_step),
             "matryoshka_batchtopk_sae_step": torch.compile(dense_matryoshka_step),
             "matryoshka_topk_sae_step": torch.compile(dense_matryoshka_topk_step),
-            "jumprelu_sae_step": torch.compile(lambda *a: fs.reference.jumprelu_sae_step(*a).loss),
+            "jumprelu_sae_step": torch.compile(lambda *a: fs.testing.reference.jumprelu_sae_step(*a).loss),
         }
     for dname, B, D, F, K in shapes:
         dtype = DTYPES[dname]
@@ -393,7 +393,7 @@ def bench_family_steps(fs, args, bw, rows, quick):
                 thr = threshold.clone().requires_grad_()
                 jp = params + [thr]
                 impls[(op, "flash-sae")] = (lambda jp=jp: fs.jumprelu_sae_step(*jp, capacity=capacity).loss, jp)
-                impls[(op, "torch eager (dense)")] = (lambda jp=jp: fs.reference.jumprelu_sae_step(*jp).loss, jp)
+                impls[(op, "torch eager (dense)")] = (lambda jp=jp: fs.testing.reference.jumprelu_sae_step(*jp).loss, jp)
                 impls[(op, "SAELens")] = ("jumprelu", threshold)
         if with_compile:
             for op in ops:
@@ -594,7 +594,7 @@ def main():
         sys.exit("side_by_side.py needs a CUDA GPU")
     fs = load_kernel()
     apply_tuning(fs, args.tuning, "--tuning")
-    ref = fs.reference
+    ref = fs.testing.reference
     shapes = QUICK_SHAPES if args.quick else SHAPES
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()

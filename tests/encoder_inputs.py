@@ -62,7 +62,7 @@ def check_selection(fs, x, W_enc, b_enc, k, b_dec, vals, indices):
     """The code is exactly the reference's top-k of the same-dtype pre-activations it was selected from
     (``selected_preacts``), tie rule included, and a valid top-k of the exact (fp64) pre-activations up
     to the dtype's rounding of them."""
-    ref = fs.reference
+    ref = fs.testing.reference
     with torch.no_grad():
         pre = selected_preacts(fs, x, W_enc, b_enc, k, b_dec)
         r_vals, r_idx = ref.topk_select(pre, k)
@@ -78,7 +78,7 @@ def check_selection(fs, x, W_enc, b_enc, k, b_dec, vals, indices):
 def check_encoder_grads(fs, params, k, indices, upstream, dtype):
     """Gradients of <upstream, vals> to x, W_enc, b_enc (and b_dec, when ``params`` holds it) vs the
     fp64 reference at the same code."""
-    ref = fs.reference
+    ref = fs.testing.reference
     x, W_enc, b_enc, *rest = params
     b_dec = rest[0] if rest else None
     vals, _ = fs.topk_encode(x, W_enc, b_enc, k, b_dec)
@@ -131,7 +131,7 @@ def check_step_parity(fs, shape, dtype, device, *, seed):
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
 
-    ref = fs.reference
+    ref = fs.testing.reference
     same = ref.topk_sae_step(*params, K, indices=out.indices)
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
     p64 = [p.detach().double().requires_grad_() for p in params]

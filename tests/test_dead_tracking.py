@@ -21,7 +21,7 @@ MODULES = [
 
 
 def build(fs, name, kwargs, device, twin=False, **extra):
-    cls = getattr(fs.reference if twin else fs, name)
+    cls = getattr(fs.testing.reference if twin else fs, name)
     sae = cls(16, 48, **kwargs, dtype=torch.float32, device=device, seed=2, **extra)
     if name in ("StandardSparseAutoencoder", "GatedSparseAutoencoder"):  # from SAELens's init a ReLU code
         with torch.no_grad():  # fires everywhere: silence a third

@@ -12,7 +12,7 @@ F, B, STEPS = 64, 8, 12
 
 def twins(fs, name, device, **kwargs):
     flash = getattr(fs, name)(D, F, dtype=torch.float32, device=device, seed=1, **kwargs)
-    ref = getattr(fs.reference, name)(D, F, dtype=torch.float32, device=device, seed=1, **kwargs)
+    ref = getattr(fs.testing.reference, name)(D, F, dtype=torch.float32, device=device, seed=1, **kwargs)
     for key, t in ref.state_dict().items():
         assert torch.equal(flash.state_dict()[key], t), f"the twins start from different {key}"
     return flash, ref
@@ -72,7 +72,7 @@ def test_batchtopk_training_follows_twin_and_threshold(fs, device):
     x = data[:B]
     vals, indices, row_offsets = flash.encode(x)
     with torch.no_grad():
-        pre = fs.reference.encoder_preacts(x, flash.W_enc, flash.b_enc, flash.b_dec)
+        pre = fs.testing.reference.encoder_preacts(x, flash.W_enc, flash.b_enc, flash.b_dec)
         active = pre * flash.W_dec.norm(dim=1) > flash.threshold.to(pre.dtype)
     rows = torch.repeat_interleave(torch.arange(B, device=device), row_offsets.diff())
     code = torch.zeros_like(pre)
@@ -123,7 +123,7 @@ def test_jumprelu_capacity_recovers_from_overflow(fs, device):
     second = sae.loss(data[:B])
     assert not bool(second.overflow), "the capacity did not grow from the overflowing step's count"
     assert sae.capacity_per_row >= int(first.count) / B
-    torch.testing.assert_close(second.loss, fs.reference.JumpReLUSparseAutoencoder.loss(sae, data[:B]).loss)
+    torch.testing.assert_close(second.loss, fs.testing.reference.JumpReLUSparseAutoencoder.loss(sae, data[:B]).loss)
 
 
 @pytest.mark.kernels_ci
@@ -264,7 +264,7 @@ def test_standard_capacity_recovers_from_overflow(fs, device):
     second = sae.loss(data[:B])
     assert not bool(second.overflow), "the capacity did not grow from the overflowing step's count"
     assert sae.capacity_per_row >= int(first.count) / B
-    torch.testing.assert_close(second.loss, fs.reference.StandardSparseAutoencoder.loss(sae, data[:B]).loss)
+    torch.testing.assert_close(second.loss, fs.testing.reference.StandardSparseAutoencoder.loss(sae, data[:B]).loss)
 
 
 @pytest.mark.kernels_ci
@@ -322,7 +322,7 @@ def test_gated_capacity_recovers_from_overflow(fs, device):
     assert sae.last_path == "sparse" and bool(first.overflow) and int(first.count) > B
     second = sae.loss(data[:B])
     assert not bool(second.overflow), "the capacity did not grow from the overflowing step's count"
-    torch.testing.assert_close(second.loss, fs.reference.GatedSparseAutoencoder.loss(sae, data[:B]).loss)
+    torch.testing.assert_close(second.loss, fs.testing.reference.GatedSparseAutoencoder.loss(sae, data[:B]).loss)
     vals, indices, row_offsets = sae.encode(data[:B])
     n = int(row_offsets[-1])
     assert torch.equal(indices[:n], second.indices[:n]) and torch.equal(vals[:n], second.vals[:n])

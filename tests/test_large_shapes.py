@@ -25,7 +25,7 @@ def test_f_2_24_latents(fs, op):
     uniq, local = torch.unique(indices, return_inverse=True)
     w64 = weight.detach()[uniq].double().requires_grad_()
     v64 = vals.detach().double().requires_grad_()
-    ref = getattr(fs.reference, op)(local, w64, v64, bias.detach().double(), target.detach().double())
+    ref = getattr(fs.testing.reference, op)(local, w64, v64, bias.detach().double(), target.detach().double())
     rw, rv = torch.autograd.grad(ref, [w64, v64])
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(dweight[uniq].double(), rw, rtol=1e-2, atol=1e-6)
@@ -44,7 +44,7 @@ def test_batch_times_d_past_2_31(fs):
     vals = torch.rand(B, K, device="cuda", generator=g).bfloat16().requires_grad_()
     x_hat = fs.sparse_decode(vals, indices, weight)
     rows = torch.tensor([0, 12345, B // 2, B - 2, B - 1], device="cuda")
-    ref = fs.reference.sparse_decode(vals.detach()[rows].double(), indices[rows], weight.detach().double())
+    ref = fs.testing.reference.sparse_decode(vals.detach()[rows].double(), indices[rows], weight.detach().double())
     torch.testing.assert_close(x_hat[rows].double(), ref, rtol=1e-2, atol=1e-2)
     upstream = torch.zeros_like(x_hat)
     upstream[B - 1] = 1.0

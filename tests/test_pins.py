@@ -54,12 +54,13 @@ def test_script_headers_pin_the_runtime_versions(script):
     pins = _pins(deps)
     runtime = _runtime()
     for name in CORE:
-        assert pins.get(name) == runtime[name], f"{script} pins {name} {pins.get(name)}, requirements.txt {runtime[name]}"
+        assert pins.get(name) == runtime[name], f"{script}: {name} {pins.get(name)}, requirements.txt {runtime[name]}"
 
 
 def test_header_parser_reads_a_pep723_block(tmp_path):
     script = tmp_path / "s.py"
-    script.write_text('# /// script\n# requires-python = ">=3.11"\n# dependencies = [\n#   "a==1",\n#\n#   "b>=2",\n# ]\n# ///\nx = 1\n')
+    header = '# /// script\n# requires-python = ">=3.11"\n# dependencies = [\n#   "a==1",\n#\n#   "b>=2",\n# ]\n# ///\n'
+    script.write_text(header + "x = 1\n")
     assert _check_pins().script_dependencies(script) == ["a==1", "b>=2"]
     (tmp_path / "t.py").write_text("x = 1\n")
     assert _check_pins().script_dependencies(tmp_path / "t.py") is None

@@ -9,11 +9,11 @@ Layout: ``primitives/`` holds the kernels every op is built from (gather,
 CSR transpose and segmented sum, selection and ordered compaction, the encoder's
 and the whole step's backward);
 ``ops/<family>/`` the registered ops, one file each; ``modules/`` the
-``nn.Module``s; ``layers`` the stateless hub layers; ``reference`` the
-plain-torch formulas the tests check against.
+``nn.Module``s; ``layers`` the stateless hub layers; ``testing`` (not in ``__all__``) the
+plain-torch reference formulas the tests check against.
 """
 
-from . import distributed, layers, reference
+from . import distributed, layers, testing
 from .graph_training_step import graph_training_step
 from .modules import (
     BatchTopKSparseAutoencoder,
@@ -61,7 +61,6 @@ __all__ = [
     "layers",
     "matryoshka_batchtopk_sae_step",
     "matryoshka_topk_sae_step",
-    "reference",
     "sparse_decode",
     "standard_sae_step",
     "standard_sae_step_dense",

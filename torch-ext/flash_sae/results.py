@@ -2,7 +2,7 @@
 
 Every statistic here is computed without a host sync (no ``.item()``, no
 Python branch on a tensor value), so a step that returns it stays CUDA-graph
-capturable. ``reference.py`` imports these; production code never imports
+capturable. ``testing/reference.py`` imports these; production code never imports
 the reference.
 """
 

@@ -10,7 +10,7 @@ production code never imports this module.
 
 import torch
 
-from .modules.base import (
+from ..modules.base import (
     BatchTopKSAEBase,
     GatedSAEBase,
     JumpReLUSAEBase,
@@ -18,7 +18,7 @@ from .modules.base import (
     StandardSAEBase,
     TopKSAEBase,
 )
-from .results import (
+from ..results import (
     BatchTopKSAEStep,
     GatedSAEStep,
     JumpReLUSAEStep,
