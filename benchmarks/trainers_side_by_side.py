@@ -288,7 +288,7 @@ def train_sparsify(batches, D, F, k, device):
         dense = torch.zeros(x.shape[0], F, device=x.device).scatter_(1, enc.top_indices, enc.top_acts.float())
         return sae.decode(enc.top_acts, enc.top_indices), dense
 
-    return code, "fp32 (tf32)"
+    return code, "fp32 weights, bf16 autocast"  # sparsify wraps its forward in bf16 autocast on CUDA
 
 
 def train_flash(batches, D, F, k, device, dtype, lr=None, master=True, graph=True):
