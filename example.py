@@ -17,10 +17,11 @@ Gated modules, five steps each, their first step checked against the fp64 refere
 Inside a checkout of flash-sae it builds and loads the local package
 (``build_local.load_kernel``) instead of downloading ``org/flash-sae``. On a
 GPU it runs a training-sized problem; on a CPU it runs the real Triton kernels
-under the interpreter at a small size. The header pins the versions the tests
-pin; ``uv run`` installs them from PyPI, where torch 2.13.0 for Linux x86-64
-is the CUDA build (about 3 GB of wheels): on a machine without a GPU, run
-``python example.py`` in the test environment instead (README, "Set up").
+under the interpreter at a small size. The header pins what requirements.txt
+pins (torch, triton, kernels); ``uv run`` installs them from PyPI, where torch
+2.13.0 for Linux x86-64 is the CUDA build (about 2.8 GB of wheels): on a machine
+without a GPU, ``pip install -r requirements.txt && python example.py`` instead
+(README, "Install").
 """
 
 import os

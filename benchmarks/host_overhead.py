@@ -3,7 +3,7 @@
 
 Eager mode pays, per step, the Python of our launchers, torch's dispatch of each small op,
 Triton's launcher and the driver's launch calls. When that sum exceeds the GPU's work the
-step is host-bound (issue 13's item 2: eager <= 1.1x the CUDA-graph time). This script
+step is host-bound (the goal: eager <= 1.1x the CUDA-graph time). This script
 measures, on the device it runs on:
 
 1. unit costs: one small torch elementwise op, one ``torch.zeros``, one Triton launch (a

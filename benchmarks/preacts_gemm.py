@@ -20,7 +20,7 @@ group maxima, or no keys at all to time the epilogue's share). For each shape: c
 alone, each variant's ms and TFLOP/s per launch configuration (tile, K step, warps, stages,
 M-grouping), and how its output compares with cuBLAS's: entries that differ, whether its keys equal
 ``_group_best_kernel``'s on its own output, and rows whose selected ids differ. Results and
-conclusions: NOTES.md, issue 13.
+conclusions: docs/design/encoder-gemm.md.
 """
 
 import argparse

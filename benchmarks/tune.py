@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sweeps the launch policy in ``_launch.TUNING`` (and the hierarchical window size)
 and times each stage of the decoder ops separately, so every choice in
-benchmarks/NOTES.md has a measurement behind it.
+docs/design/selection.md has a measurement behind it.
 
 Usage: python benchmarks/tune.py [--out benchmarks/results] [--only ...]   (needs a CUDA GPU)
 Rows go to <out>/<gpu>/tune.jsonl (``results_schema``; one row per setting timed, the setting in params).

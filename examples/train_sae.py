@@ -122,7 +122,7 @@ def parse_args(argv=None):
     a("--dead-loss", choices=("none", "auxk", "ghost"), default="auxk", help="TopK and BatchTopK")
     a("--batch-size", type=int, default=4096, help="activation rows per SAE step")
     a("--tokens", type=int, default=None, help="training tokens (activation rows; default 2M, or the resumed run's)")
-    a("--lr", type=float, default=3e-3, help="Adam's peak learning rate (see benchmarks/NOTES.md: trainers)")
+    a("--lr", type=float, default=3e-3, help="Adam's peak learning rate (see docs/design/launch-overhead.md: trainers)")
     a("--lr-warmup-steps", type=int, default=None,
       help="linear LR warm-up (default 100, cut to the steps before the decay in a shorter run)")  # fmt: skip
     a("--lr-decay", type=float, default=0.2, help="fraction of the steps over which the LR decays to 0")

@@ -1,4 +1,4 @@
-"""The FP8 error bound behind benchmarks/NOTES.md's FP8 result (``benchmarks/fp8_prune_bound.py``), on
+"""The FP8 error bound behind the FP8 result of docs/design/encoder-gemm.md (``benchmarks/fp8_prune_bound.py``), on
 the CPU with e4m3 rounding emulated by torch's float8_e4m3fn casts: it is never exceeded, the exact top-k
 always lies in the candidate set it gives, and it is attained on an adversarial input (so no bound built
 from the same norms can be tighter, which is why it cannot prune)."""

@@ -12,7 +12,7 @@ tests can run both CPU paths in one session.
 
 Tuning. Every launch parameter of every kernel lives in ``TUNING`` and is read
 at launch time, never at import. Chosen by ``benchmarks/tune.py`` on an H100;
-the measurements are in ``benchmarks/NOTES.md``.
+the measurements are in ``docs/design/`` (by topic).
 """
 
 import os
@@ -58,7 +58,7 @@ TUNING = {
     # The encoder GEMM with the group pass in its epilogue (``primitives/preacts_gemm.py``; bf16 and
     # fp16 on Hopper): whether the TopK selection uses it where it fits instead of cuBLAS +
     # ``_group_best_kernel`` (on by default since its H100 run of 2026-11-28: the step 0.95-0.99x in
-    # graph time, selections bit for bit; benchmarks/NOTES.md), its (BM, BN, BK) tile, M-grouping,
+    # graph time, selections bit for bit; docs/design/encoder-gemm.md), its (BM, BN, BK) tile, M-grouping,
     # warps and pipeline stages (``benchmarks/preacts_gemm.py``).
     "preacts_gemm": True,
     "preacts_gemm_tile": (128, 256, 64),

@@ -49,7 +49,7 @@ def cuda_fused(fn):
     first use for static shapes: each new shape or dtype compiles again (a training run has one or
     two), and past dynamo's recompile limit (8) new ones run eagerly (the same results up to summation
     order). The first call at a shape compiles: warm up eagerly before capturing a CUDA graph. (Dynamic
-    shapes were measured slower: 5.6 s a step at B * F = 2^30; benchmarks/NOTES.md.)"""
+    shapes were measured slower: 5.6 s a step at B * F = 2^30; docs/design/encoder-gemm.md.)"""
     compiled = None
 
     def call(*args):

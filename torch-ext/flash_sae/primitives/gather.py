@@ -16,7 +16,7 @@ upstream gradient or a residual), one CSR segmented pass (``csr.py``) gives
 (every row of the dense [F, D] gradient written exactly once, untouched rows
 as zeros) and ``dots[b, k] = <grad[b], weight[indices[b, k]]>``, reading each
 touched weight row once. (Computing the dots in the forward's walk instead
-was measured slower: the second walk missed L2; benchmarks/NOTES.md.)
+was measured slower: the second walk missed L2; docs/design/segmented-sum.md.)
 
 Precision: fp32 accumulation; stores round to nearest-even. Deterministic: no
 float atomics (the optional fire counts are integer atomic adds, exact in any

@@ -8,7 +8,7 @@ consecutive columns' largest sortable key: what ``select._group_best_kernel``
 so the pre-activations are written once and never read whole:
 ``benchmarks/preacts_gemm.py --ab`` measures the GEMM plus selection at 0.95-0.99x
 the cuBLAS path, and the whole TopK step at 0.95-0.99x (``compare_builds.py
---toggle preacts_gemm``; H100, NOTES.md, issue 13). On by default
+--toggle preacts_gemm``; H100, docs/design/encoder-gemm.md). On by default
 (``TUNING["preacts_gemm"]``) where ``fits`` holds; cuBLAS plus the group pass elsewhere.
 
 Values. The fp32 accumulator plus the bias (fp32), rounded once to the dtype

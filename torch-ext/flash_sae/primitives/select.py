@@ -553,7 +553,7 @@ def row_select_fits(w: int, k: int, G: int) -> bool:
 def topk_group(w: int, k: int) -> int:
     """The TopK selection's group size G for a chunk of width w: ``TUNING["topk_select_group"]``, or when
     that is 0, the power of two nearest below sqrt(w / k), within [8, 128], which balances the candidate
-    kernel's two searches (w / G group keys, k * G candidates; measured in benchmarks/NOTES.md)."""
+    kernel's two searches (w / G group keys, k * G candidates; measured in docs/design/selection.md)."""
     return _topk_group(w, k, TUNING["topk_select_group"])
 
 

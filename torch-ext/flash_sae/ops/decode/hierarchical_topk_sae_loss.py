@@ -39,7 +39,7 @@ could overflow on v * S, and bf16 would lose fp16's finer rounding).
 Bytes (bf16, B=2048, D=2304, F=65536, K=64): forward 604 MB gathered; backward
 604 MB gathered again, 302 MB of dweight writes, and the contribution buffer
 (604 MB bf16 written and read back; 1.2 GB in fp32): the price of determinism
-(its measured cost is in benchmarks/NOTES.md).
+(its measured cost is in the docs' design notes, segmented-sum).
 
 Precision: fp32 accumulation; loss returned in fp32, gradients in their
 parameter's dtype. Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes.

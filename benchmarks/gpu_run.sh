@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_session.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard gated sharded sharded_sanitizer trainers compare profile example quick
+#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: tests sanitizer tune bench family geometry dead standard gated sharded sharded_sanitizer trainers compare profile example quick
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
