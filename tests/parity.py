@@ -20,12 +20,22 @@ import pytest
 import torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# opcheck runs an op a dozen times; the quick profile keeps fp32 and leaves bf16/fp16 to the full one.
-OPCHECK_DTYPES = (
-    torch.float32,
-    pytest.param(torch.bfloat16, marks=pytest.mark.slow, id="bfloat16"),
-    pytest.param(torch.float16, marks=pytest.mark.slow, id="float16"),
-)
+
+
+def fast_tier_keeps(n, values, ids=None, *, unpack=False):
+    """``parametrize`` values of which the fast tier runs the first ``n`` and the full tier (``--full``) all:
+    the rest are marked ``slow``. For the heaviest parametrizations, whose every case the full tier keeps.
+    ``unpack``: each value is a tuple of several argument values (``parametrize("a,b", ...)``)."""
+    ids = ids if ids is not None else [None] * len(values)
+    return [
+        v if i < n and ids[i] is None
+        else pytest.param(*(v if unpack else (v,)), marks=() if i < n else pytest.mark.slow, id=ids[i])
+        for i, v in enumerate(values)
+    ]
+
+
+# opcheck runs an op a dozen times; the fast tier keeps fp32 and leaves bf16/fp16 to the full one.
+OPCHECK_DTYPES = fast_tier_keeps(1, DTYPES, ids=[None, "bfloat16", "float16"])
 
 ATOL = {
     torch.float32: 1e-5,  # fp32 in another summation order; see the docstring

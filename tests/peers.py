@@ -13,6 +13,9 @@ import pytest
 
 
 def require(module: str):
+    """``importlib.import_module(module)``, or skip the test (fail it when ``CI`` is set) if it is not
+    installed. Every import of a peer package in the tests goes through here
+    (``test_suite_rules.py: test_peer_imports_go_through_require`` checks it)."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -39,9 +42,7 @@ def saelens_training_sae(architecture: str, **cfg):
 def saelens_step(sae, x, dead_neuron_mask=None, **coefficients):
     """One SAELens training forward pass: its TrainStepOutput. Without ``dead_neuron_mask`` there are
     no dead latents, so no auxiliary loss."""
-    from sae_lens.saes.sae import TrainStepInput
-
-    step = TrainStepInput(
+    step = require("sae_lens.saes.sae").TrainStepInput(
         sae_in=x,
         coefficients=coefficients,
         dead_neuron_mask=dead_neuron_mask,
@@ -60,7 +61,6 @@ def sparsify_coder(d_in: int, device, dtype, **cfg):
         raise ValueError("the tests run sparsify on CPU tensors")
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     sparsify = require("sparsify")
-    from sparsify.config import SparseCoderConfig, TrainConfig
-
-    coder = sparsify.SparseCoder(d_in, SparseCoderConfig(**cfg), device=device, dtype=dtype)
-    return coder, TrainConfig(SparseCoderConfig(**cfg))
+    config = require("sparsify.config")
+    coder = sparsify.SparseCoder(d_in, config.SparseCoderConfig(**cfg), device=device, dtype=dtype)
+    return coder, config.TrainConfig(config.SparseCoderConfig(**cfg))

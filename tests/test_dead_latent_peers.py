@@ -42,7 +42,6 @@ def _saelens(architecture, dtype, device, B, D, F, k, seed):
     return sae.to(dtype), x
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_dead", [5, 40], ids=["few_dead", "many_dead"])
@@ -99,7 +98,6 @@ def _sparsify_params(coder):
     return [coder.encoder.weight, coder.encoder.bias, coder.W_dec, coder.b_dec]
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_dead", [5, 40], ids=["few_dead", "many_dead"])
 def test_auxk_matches_sparsify(fs, dtype, n_dead):

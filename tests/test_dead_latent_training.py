@@ -67,7 +67,6 @@ def fast_cpu_path(fs, device, monkeypatch):
         monkeypatch.setattr(package_module(fs, "_launch"), "CPU_RUNS_TRITON", False)
 
 
-@pytest.mark.kernels_ci
 def test_each_treatment_reduces_the_dead_fraction(fs, device, fast_cpu_path):
     results = {t: train(fs, device, t) for t in ("none", "auxk", "ghost", "resample")}
     for t, (dead, fvu) in results.items():
@@ -119,7 +118,6 @@ def test_resampling_resets_only_dead_rows_and_their_moments(fs, device):
     assert torch.allclose(cos.max(1).values, torch.ones(10, device=device), atol=1e-5)
 
 
-@pytest.mark.kernels_ci
 def test_module_dead_loss_options(fs, device):
     """A module with ``dead_loss`` passes its dead mask in training mode only; bad options are ValueErrors."""
     sae = fs.SparseAutoencoder(8, 20, 2, seed=1, device=device, dead_window_tokens=1, dead_loss="auxk", k_aux=3)

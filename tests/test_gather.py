@@ -70,7 +70,6 @@ def path(request, fs, device, monkeypatch):
     return request.param
 
 
-@pytest.mark.kernels_ci
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # `path` holds for every example
 @given(**CODES, seed=st.integers(0, 2**16))
 def test_gather_rows_counts(fs, device, path, B, K, F, D, dtype, varlen, seed):
@@ -89,7 +88,6 @@ def test_gather_rows_counts(fs, device, path, B, K, F, D, dtype, varlen, seed):
     assert torch.equal(counts.cpu(), counts_formula(vals, ids, row_offsets, F))
 
 
-@pytest.mark.kernels_ci
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # `path` holds for every example
 @given(**CODES, const=st.sampled_from([1.0, -0.5, 2.0 / 3.0]), seed=st.integers(0, 2**16))
 def test_gather_rows_minus(fs, device, path, B, K, F, D, dtype, varlen, const, seed):

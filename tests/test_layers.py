@@ -267,7 +267,6 @@ def _family_problem(fs, name, device):
     return sae.eval(), host.eval(), x
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("name", list(HOSTS))
 def test_family_layers_kernelize_for_inference(fs, device, name):
     """kernels' validation accepts the layer; kernelize(INFERENCE) swaps it in; its x_hat is the module's,

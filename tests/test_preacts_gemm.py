@@ -7,6 +7,8 @@ exactly where ``fits`` says, and the TopK selection gives the same code with it 
 every summation order gives the same sums (small integers), across one chunk of F and several.
 """
 
+import os
+
 import pytest
 import torch
 from encoder_inputs import assert_gemm_close, make_sae, tuning
@@ -22,6 +24,25 @@ def fused_on(fs, monkeypatch):
     """These tests need the fused GEMM on (``TUNING["preacts_gemm"]``, the default), whatever
     ``FLASH_SAE_TUNING`` says."""
     monkeypatch.setitem(tuning(fs), "preacts_gemm", True)
+
+
+def fused_gemm_expected(device) -> bool:
+    """Where the fused GEMM must be taken for operands it fits: a CUDA device of compute capability >= 9
+    (TMA; the pinned Triton has tensor descriptors), or the CPU under Triton's interpreter (conftest sets
+    ``TRITON_INTERPRET=1`` there without a GPU)."""
+    if device == "cuda":
+        return torch.cuda.get_device_capability()[0] >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require_fused(device, fits: bool) -> None:
+    """``fits`` is the function under test, so its False cannot skip a test where the fused GEMM should run:
+    there it fails; it skips only on a GPU of compute capability < 9 (or the CPU without the interpreter)."""
+    if fits:
+        return
+    if fused_gemm_expected(device):
+        pytest.fail("preacts_gemm.fits is False for operands it takes, on a device where the fused GEMM runs")
+    pytest.skip("the fused GEMM needs TMA (a GPU of compute capability >= 9) or Triton's interpreter")
 
 
 def draw_operands(B, D, w, dtype, device, seed, special):
@@ -40,7 +61,6 @@ def draw_operands(B, D, w, dtype, device, seed, special):
     return tuple(t.to(device=device, dtype=dtype) for t in (x, W, b))
 
 
-@pytest.mark.kernels_ci
 @given(
     B=st.integers(1, 40),
     D=st.integers(1, 9).map(lambda n: 8 * n),
@@ -60,8 +80,7 @@ def test_preacts_group_keys(fs, device, B, D, w, G, dtype, tile, special, seed):
         if tile is not None:
             mp.setitem(tuning(fs), "preacts_gemm_tile", tile)
         out = torch.empty(B, w, dtype=dtype, device=device)
-        if not pg.fits(x, W, out, G):
-            pytest.skip("this device has no TMA (compute capability < 9) or this Triton no tensor descriptors")
+        require_fused(device, pg.fits(x, W, out, G))
         gkeys = pg.preacts_group_keys(x, W, b, G, out)
     assert gkeys.shape == (B, -(-w // G)) and gkeys.dtype == torch.int32
     assert torch.equal(gkeys.cpu(), select.group_best(out, 0, G, keys_only=True).cpu())
@@ -76,8 +95,7 @@ def test_preacts_gemm_fits(fs, device):
     pg = package_module(fs, "primitives.preacts_gemm")
     x, W, b = draw_operands(4, 64, 96, torch.bfloat16, device, 0, False)
     out = torch.empty(4, 96, dtype=torch.bfloat16, device=device)
-    if not pg.fits(x, W, out, 32):
-        pytest.skip("this device has no TMA (compute capability < 9) or this Triton no tensor descriptors")
+    require_fused(device, pg.fits(x, W, out, 32))
     assert pg.fits(x, W, out, 16) and pg.fits(x, W, out, 64)
     assert not pg.fits(x, W, out, 8) and not pg.fits(x, W, out, 128)
     assert not pg.fits(x.float(), W.float(), out.float(), 32)
@@ -90,7 +108,6 @@ def test_preacts_gemm_fits(fs, device):
         assert not pg.fits(x, W, out, 32)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", HALF)
 def test_topk_selection_with_and_without_fused_gemm(fs, device, dtype, monkeypatch):
     """Small-integer inputs (exact sums in any order): topk_encode and the TopK step give the same code and
@@ -99,8 +116,7 @@ def test_topk_selection_with_and_without_fused_gemm(fs, device, dtype, monkeypat
     B, D, F, K = 9, 24, 2048, 2  # G = 32 over one chunk; 16 over chunks of 640, 8 (cuBLAS) over the last 128
     pg = package_module(fs, "primitives.preacts_gemm")
     x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in make_sae(B, D, F, K, dtype, device, seed=3, integer=True))
-    if not pg.fits(x, W_enc, torch.empty(B, F, dtype=dtype, device=device), 16):
-        pytest.skip("this device has no TMA (compute capability < 9) or this Triton no tensor descriptors")
+    require_fused(device, pg.fits(x, W_enc, torch.empty(B, F, dtype=dtype, device=device), 16))
     calls = []
     fused_gemm = pg.preacts_group_keys
     monkeypatch.setattr(pg, "preacts_group_keys", lambda *a: calls.append(a[1].shape[0]) or fused_gemm(*a))

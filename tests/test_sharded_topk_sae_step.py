@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from distributed_harness import run_ranks
 from encoder_inputs import make_sae
-from parity import DTYPES, assert_parity, assert_same_across_shapes, grads, rel_err
+from parity import DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads, rel_err
 
 NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
 # (B, D, F, k, seed, integer): F = 23 and 131 divide by neither 2 nor 3, 50 not by 3, 10 not by 3 (and
@@ -79,8 +79,7 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes):
             assert rel_err(x_hat, ref_hat) <= {torch.float32: 1e-6}.get(dtype, 1e-2), what
 
 
-@pytest.mark.kernels_ci
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", fast_tier_keeps(1, [2, 3]))
 def test_sharded_step_matches_single_process(world):
     run_ranks(sharded_step_body, world, CASES, DTYPES)
 
@@ -138,8 +137,7 @@ def training_body(fs, rank, world, device, data_world, steps):
     torch.testing.assert_close(sae.dead_fraction(), ref.dead_fraction())
 
 
-@pytest.mark.kernels_ci
-@pytest.mark.parametrize("world,data_world", [(2, 1), (3, 1), (4, 2)])
+@pytest.mark.parametrize("world,data_world", fast_tier_keeps(1, [(2, 1), (3, 1), (4, 2)], unpack=True))
 def test_sharded_training_follows_single_process(world, data_world):
     run_ranks(training_body, world, data_world, 4)
 
@@ -192,7 +190,7 @@ def load_body(fs, rank, world, device, path, F, expect):
         assert int(opt.state[p]["step"]) == 1, name
 
 
-@pytest.mark.kernels_ci
+@pytest.mark.slow
 def test_sharded_checkpoints_move_between_layouts(fs, tmp_path):
     """2 shards -> one process (SparseAutoencoder + Adam) -> 3 shards, and the 2-shard checkpoint straight
     into 3 shards: the same tensors everywhere."""
@@ -222,7 +220,7 @@ def test_sharded_checkpoints_move_between_layouts(fs, tmp_path):
     run_ranks(load_body, 3, str(two), F, full)
 
 
-@pytest.mark.kernels_ci
+@pytest.mark.slow
 def test_sharded_checkpoint_from_a_two_dimensional_mesh(fs, tmp_path):
     """A (data, latent) = (2, 2) mesh's checkpoint (the [F, ...] tensors sharded on the latent dimension,
     replicated on the data one) loads into one process: the replicas agree, and the shards assemble."""
@@ -266,7 +264,6 @@ def bad_input_body(fs, rank, world, device):
         decode(vals, ids.float(), mine[3], b_dec, group=group, n_features=10)
 
 
-@pytest.mark.kernels_ci
 def test_sharded_bad_input(fs):
     run_ranks(bad_input_body, 2)
     x, W_enc, b_enc, W_dec, b_dec = make_sae(4, 8, 10, 3, torch.float32, "cpu", seed=0)
@@ -274,15 +271,14 @@ def test_sharded_bad_input(fs):
         fs.distributed.sharded_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, 3, group=None, n_features=10)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.slow
 def test_sharded_step_on_eight_ranks():
-    """The 8-GPU layout (issue 14's) on 8 gloo ranks: F = 45 (shards of 6, the last of 3), k = 7 above a
+    """The 8-GPU layout on 8 gloo ranks: F = 45 (shards of 6, the last of 3), k = 7 above a
     shard, exact ties; the same checks as on 2 and 3 ranks, fp32."""
     run_ranks(sharded_step_body, 8, [(3, 11, 45, 7, 5, True), (2, 9, 45, 7, 6, False)], (torch.float32,))
 
 
-@pytest.mark.kernels_ci
+@pytest.mark.slow
 def test_train_sharded_example_runs(tmp_path):
     """examples/train_sharded.py under torchrun on 2 CPU ranks (1 replica x 2 shards, then 2 x 1): it trains,
     checkpoints, and the single-process module loaded from the checkpoint gives the sharded held-out loss."""

@@ -14,7 +14,6 @@ from peers import require
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-@pytest.mark.kernels_ci
 def test_rivals_compute_the_benchmarked_step(fs):
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder cannot run on CPU tensors
     require("sparsify")

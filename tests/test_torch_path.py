@@ -49,7 +49,6 @@ def torch_path(fs, monkeypatch):
     return "cpu"
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_decode_and_losses(fs, torch_path, shape, dtype):
@@ -60,7 +59,6 @@ def test_decode_and_losses(fs, torch_path, shape, dtype):
             check_loss_parity(fs, op, shape, dtype, torch_path, seed=seed, duplicates=dup)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ENCODER_SHAPES, ids=str)
 def test_encoder_and_step(fs, torch_path, shape, dtype):
@@ -69,7 +67,6 @@ def test_encoder_and_step(fs, torch_path, shape, dtype):
     check_step_parity(fs, shape, dtype, torch_path, seed=seed)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 4, 32])
 def test_selection_ties_groups_and_chunks(fs, torch_path, dtype, group, monkeypatch):
@@ -85,7 +82,6 @@ def test_selection_ties_groups_and_chunks(fs, torch_path, dtype, group, monkeypa
             check_selection(fs, x, W_enc, b_enc, K, b_dec, vals, indices)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_family_steps(fs, torch_path, dtype, monkeypatch):
     """BatchTopK (distinct and tied, several groups and chunks), Matryoshka and JumpReLU (one chunk and
@@ -110,7 +106,6 @@ def test_family_steps(fs, torch_path, dtype, monkeypatch):
         check_batch_selection(fs, *params, 33, True, out)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_standard_step(fs, torch_path, dtype, monkeypatch):
     """The standard (ReLU + L1) step on this path: parity with zero decoder rows, chunks, overflow."""
@@ -121,7 +116,6 @@ def test_standard_step(fs, torch_path, dtype, monkeypatch):
     test_standard_overflow_is_reported(fs, torch_path)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_step(fs, torch_path, dtype, monkeypatch):
     """The Gated step on this path (row_dots, the decoder pass's row term without the coefficient sum):
@@ -164,7 +158,6 @@ def test_segment_sum_row_term_matches_the_kernel(fs, by_coef):
     torch.testing.assert_close(runs[0][0], plain + expect[:, None] * weight, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_ops(fs, torch_path, dtype):
     """varlen_sparse_decode and varlen_sae_loss on this path (empty rows, repeats, padding)."""
@@ -176,7 +169,6 @@ def test_varlen_ops(fs, torch_path, dtype):
         check(fs, ([0], 1, 1, 0), dtype, torch_path, 2)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dead_latent_losses(fs, torch_path, dtype):
     """AuxK (ties, fewer dead than k_aux, a window past the capacity) and ghost grads, both steps."""
@@ -190,7 +182,6 @@ def test_dead_latent_losses(fs, torch_path, dtype):
     window.hypothesis.inner_test(fs, torch_path, 2500, 40, 0.3, 1000)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decoder_geometry(fs, torch_path, dtype):
     """The decoder-geometry row steps on this path (all rows, a subset, zero rows)."""
@@ -206,7 +197,6 @@ def test_deterministic(fs, torch_path, op):
     check_deterministic(fs, op, torch_path)
 
 
-@pytest.mark.kernels_ci
 def test_training_follows_reference(fs, torch_path):
     """The fp32 training curve of the module on this path follows its plain-torch twin (test_training's check)."""
     from test_training import test_training_fp32_follows_reference

@@ -183,7 +183,6 @@ DTYPES = (torch.float32, torch.bfloat16)
 # Tests ------------------------------------------------------------------------------
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("trainer", sorted(TRAINERS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_sae_step_reproduces_trainer(fs, device, trainer, dtype):
@@ -207,7 +206,6 @@ def test_topk_sae_step_reproduces_trainer(fs, device, trainer, dtype):
     assert torch.equal(step.fire_counts, counts.long())
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("trainer", sorted(TRAINERS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_autoencoder_loads_trainer_checkpoint(fs, device, trainer, dtype):
@@ -236,7 +234,6 @@ def test_sparse_autoencoder_loads_trainer_checkpoint(fs, device, trainer, dtype)
     check_against_trainer(trainer, ours, x, p, k, upstream, dtype)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("trainer", sorted(TRAINERS))
 def test_rows_with_fewer_than_k_positive_preactivations(fs, device, trainer):
     """A negative encoder bias leaves rows with fewer than k positive pre-activations.

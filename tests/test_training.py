@@ -95,7 +95,6 @@ def assert_loss_goes_down(curve, what):
     assert last < 0.7 * first, f"{what}: loss went from {first:.4g} to {last:.4g}, not below 0.7x"
 
 
-@pytest.mark.kernels_ci
 def test_training_fp32_follows_reference(fs, device):
     data = sparse_dictionary_data(device)
     flash, ref = twins(fs, torch.float32, device)

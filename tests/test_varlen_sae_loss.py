@@ -5,7 +5,7 @@ determinism; opcheck."""
 import pytest
 import torch
 from encoder_inputs import make_sae
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op
 from test_varlen_sparse_decode import BAD_CODES, NAMES, bad_code, make_code, varlen_problems
@@ -30,8 +30,12 @@ def check_varlen_loss(fs, problem, dtype, device, seed):
     assert (ours[0][sum(counts) :] == 0).all(), "padding entries must get no gradient"
 
 
-@pytest.mark.kernels_ci
 @given(problem=varlen_problems(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+# pinned: each dtype (and a code with repeated latents) runs in every tier, whatever the draw
+@example(problem=([3, 0, 5], 40, 33, 2), dtype=torch.float32, seed=1)
+@example(problem=([4, 6], 120, 260, 1), dtype=torch.bfloat16, seed=2)
+@example(problem=([1, 7, 2, 0], 9, 17, 3), dtype=torch.float16, seed=3)
+@example(problem=([6, 5, 4], 3, 24, 0), dtype=torch.bfloat16, seed=4)
 def test_varlen_sae_loss_parity(fs, device, problem, dtype, seed):
     check_varlen_loss(fs, problem, dtype, device, seed)
 
@@ -44,7 +48,6 @@ def test_varlen_sae_loss_edge_codes(fs, device, dtype):
     check_varlen_loss(fs, ([0, 30, 0], 4, 33, 0), dtype, device, 2)
 
 
-@pytest.mark.kernels_ci
 def test_varlen_sae_loss_on_the_steps_codes(fs, device):
     """The BatchTopK and JumpReLU steps' codes (padding with id -1 included) decode to the steps' own
     reconstruction: the loss equals the BatchTopK step's loss and the JumpReLU step's MSE bitwise."""
@@ -60,7 +63,6 @@ def test_varlen_sae_loss_on_the_steps_codes(fs, device):
     assert torch.equal(loss, jump.mse)
 
 
-@pytest.mark.kernels_ci
 def test_varlen_sae_loss_deterministic(fs, device):
     code = make_code([5, 0, 9, 3], 20, 17, 2, torch.float32, device, seed=5)
     runs = []
@@ -71,7 +73,6 @@ def test_varlen_sae_loss_deterministic(fs, device):
         assert torch.equal(a, b)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_varlen_sae_loss_opcheck(fs, device, dtype):
     code = tuple(t.detach() for t in make_code([2, 0, 3], 11, 7, 1, dtype, device, seed=6))
