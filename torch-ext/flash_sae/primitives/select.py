@@ -360,11 +360,21 @@ def _key_bits(dtype: torch.dtype) -> int:
 
 def sortable_keys(v: torch.Tensor) -> torch.Tensor:
     """``_sortable_key`` in torch: float -> int32 keys in the same order (-0.0 as +0.0)."""
-    if _key_bits(v.dtype) == 16:
-        b = v.view(torch.int16).to(torch.int32)
+    return _keys_of_bits(v.view(torch.int16 if _key_bits(v.dtype) == 16 else torch.int32))
+
+
+def sortable_keys_at(v: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``sortable_keys(v.gather(1, cols))``, read through the integer view: torch's CPU ``gather`` of a
+    bf16 NaN does not keep its bits (0x7FC0 comes back 0xFFFF, a negative NaN), which moved positive NaNs
+    from the top of the order to its bottom."""
+    return _keys_of_bits(v.view(torch.int16 if _key_bits(v.dtype) == 16 else torch.int32).gather(1, cols))
+
+
+def _keys_of_bits(b: torch.Tensor) -> torch.Tensor:
+    if b.dtype == torch.int16:
+        b = b.to(torch.int32)
         s = b ^ ((b >> 15) & 0x7FFF)
     else:
-        b = v.view(torch.int32)
         s = b ^ ((b >> 31) & 0x7FFFFFFF)
     return torch.where(s == -1, 0, s)
 
@@ -540,32 +550,33 @@ def _row_select(pre: torch.Tensor, f0: int, k: int, G: int, unpack: bool = False
     return (vals, ids) if unpack else out
 
 
-@functools.lru_cache(maxsize=4096)  # pure in its ints; cached because each step asks twice
 def row_select_fits(w: int, k: int, G: int) -> bool:
     """Whether ``_row_select_kernel`` takes a [*, w] chunk at this k and group size."""
+    return _row_select_fits(w, k, G, ROW_SELECT_MAX)
+
+
+@functools.lru_cache(maxsize=4096)  # pure in its ints (the limit included); cached because each step asks twice
+def _row_select_fits(w: int, k: int, G: int, limit: int) -> bool:
     n_groups = triton.cdiv(w, G)
-    return (
-        triton.next_power_of_2(n_groups) <= ROW_SELECT_MAX
-        and triton.next_power_of_2(min(k, n_groups)) * G <= ROW_SELECT_MAX
-    )
+    return triton.next_power_of_2(n_groups) <= limit and triton.next_power_of_2(min(k, n_groups)) * G <= limit
 
 
 def topk_group(w: int, k: int) -> int:
     """The TopK selection's group size G for a chunk of width w: ``TUNING["topk_select_group"]``, or when
     that is 0, the power of two nearest below sqrt(w / k), within [8, 128], which balances the candidate
     kernel's two searches (w / G group keys, k * G candidates; measured in docs/design/selection.md)."""
-    return _topk_group(w, k, TUNING["topk_select_group"])
+    return _topk_group(w, k, TUNING["topk_select_group"], ROW_SELECT_MAX)
 
 
-@functools.lru_cache(maxsize=4096)
-def _topk_group(w: int, k: int, pinned: int) -> int:
+@functools.lru_cache(maxsize=4096)  # keyed by everything it reads, so a changed limit or pin is never served stale
+def _topk_group(w: int, k: int, pinned: int, limit: int) -> int:
     if pinned:
         return pinned
     G = 1 << min(7, max(3, (max(1, w // max(1, k))).bit_length() - 1 >> 1))
     # Past 16384 groups the candidate kernel cannot hold a row's keys: widen G (beyond 128 if need be)
     # so the chunk still fits, when its k*G candidates then fit too (``row_select_fits``).
-    wide = max(G, triton.next_power_of_2(triton.cdiv(w, max(1, ROW_SELECT_MAX))))
-    return wide if row_select_fits(w, k, wide) else G
+    wide = max(G, triton.next_power_of_2(triton.cdiv(w, max(1, limit))))
+    return wide if _row_select_fits(w, k, wide, limit) else G
 
 
 def chunk_top_k(pre: torch.Tensor, f0: int, k: int, gkeys: torch.Tensor | None = None) -> torch.Tensor:
@@ -583,7 +594,7 @@ def chunk_top_k(pre: torch.Tensor, f0: int, k: int, gkeys: torch.Tensor | None =
     first = ((IDX_PAD - (top_groups & 0xFFFFFFFF)) - f0) // G * G  # first column of each chosen group
     cols = (first.unsqueeze(2) + torch.arange(G, device=pre.device)).view(B, -1)
     inside = cols < w
-    keys = sortable_keys(pre.gather(1, cols.clamp(max=w - 1)))
+    keys = sortable_keys_at(pre, cols.clamp(max=w - 1))
     packed = torch.where(inside, pack(keys, cols + f0), KEY_NONE)
     return torch.topk(packed, min(k, packed.shape[1]), dim=1, sorted=False).values
 
@@ -598,7 +609,7 @@ def _chunk_top_k_32(pre: torch.Tensor, f0: int, k: int, G: int) -> torch.Tensor:
     groups = torch.sort(65535 - (groups & 0xFFFF), dim=1).values  # ascending, so position order is id order
     cols = (groups.unsqueeze(2) * G + torch.arange(G, device=pre.device, dtype=groups.dtype)).view(B, -1)
     inside = cols < w
-    keys = sortable_keys(pre.gather(1, cols.clamp(max=w - 1).long()))
+    keys = sortable_keys_at(pre, cols.clamp(max=w - 1).long())
     pos = torch.arange(cols.shape[1], device=pre.device, dtype=torch.int32)
     packed = torch.where(inside, (keys << 16) | (65535 - pos), torch.iinfo(torch.int32).min)
     top = torch.topk(packed, min(k, packed.shape[1]), dim=1, sorted=False).values
