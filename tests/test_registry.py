@@ -2,6 +2,7 @@
 checked against the launchers' signatures when the op is registered."""
 
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,54 +30,55 @@ def test_step_schemas_are_named(fs, name):
     assert {"x", "W_enc", "W_dec", "b_dec"} <= set(op.grad_inputs) <= set(op.inputs)
 
 
+class _Inputs(NamedTuple):
+    x: torch.Tensor
+    k: int
+
+
 def _launchers():
-    def fwd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x
+    def fwd(i):
+        return i.x, i.x
 
-    def fwd_fake(x, k):
-        return x, x
+    def bwd(grads, saved, needs):
+        return (grads.loss,)
 
-    def bwd(grad: torch.Tensor, x: torch.Tensor, code: torch.Tensor, needs: list[bool]) -> tuple[torch.Tensor]:
-        return (grad,)
-
-    def bwd_fake(grad, x, code, needs):
-        return (grad,)
-
-    return dict(forward=fwd, forward_fake=fwd_fake, backward=bwd, backward_fake=bwd_fake)
+    return (fwd, fwd, bwd, bwd)
 
 
 @pytest.mark.kernels_ci
 def test_register_op_rejects_misnamed_fields(registry):
-    ok = dict(outputs=("loss", "code"), differentiable=("loss",), grad_inputs=("x",))
+    ok = dict(inputs=_Inputs, outputs=("loss", "code"), saved=("x", "code"), differentiable=("loss",),
+              grad_inputs=("x",))  # fmt: skip
     bad = {
-        "a saved field that is neither an input nor an output": dict(ok, outputs=("loss", "kode")),
+        "a saved field that is neither an input nor an output": dict(ok, saved=("x", "kode")),
         "two outputs with one name": dict(ok, outputs=("loss", "loss")),
         "an output named as an input": dict(ok, outputs=("loss", "x")),
-        "more names than returned tensors": dict(ok, outputs=("loss", "code", "extra")),
         "an unknown differentiable output": dict(ok, differentiable=("los",)),
         "an unknown gradient input": dict(ok, grad_inputs=("W",)),
     }
     for what, schema in bad.items():
         with pytest.raises(ValueError, match="test_misnamed"):
-            registry.register_op("test_misnamed", **_launchers(), **schema)
+            registry.register_op("test_misnamed", launchers=_launchers(), **schema)
         assert what
 
 
 @pytest.mark.kernels_ci
-def test_register_op_rejects_fakes_that_differ_from_their_launchers(registry):
-    launchers = _launchers()
+def test_register_op_rejects_an_input_type_the_schema_cannot_carry(registry):
+    class Inputs(NamedTuple):
+        x: torch.Tensor
+        options: dict
 
-    def fwd_fake(x, kk):
-        return x, x
+    with pytest.raises(ValueError, match="options"):
+        registry.register_op("test_types", inputs=Inputs, outputs=("loss",), saved=("x",), differentiable=("loss",),
+                             grad_inputs=("x",), launchers=_launchers())  # fmt: skip
 
-    def bwd_fake(grad, x, other, needs):
-        return (grad,)
 
-    schema = dict(outputs=("loss", "code"), differentiable=("loss",), grad_inputs=("x",))
-    with pytest.raises(ValueError, match="forward_fake"):
-        registry.register_op("test_fakes", **dict(launchers, forward_fake=fwd_fake), **schema)
-    with pytest.raises(ValueError, match="backward_fake"):
-        registry.register_op("test_fakes", **dict(launchers, backward_fake=bwd_fake), **schema)
+@pytest.mark.kernels_ci
+def test_schema_strings_follow_the_inputs(fs):
+    op = _op(fs, "topk_sae_step")
+    schema = str(op.op._opoverload._schema)
+    assert "Tensor x, Tensor W_enc" in schema and "Tensor? target, SymInt k" in schema and "SymInt[] dead" in schema
+    assert op.Inputs._fields == op.inputs
 
 
 def test_named_outputs_follow_the_schema(fs, device):

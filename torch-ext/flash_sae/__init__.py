@@ -13,7 +13,7 @@ and the whole step's backward);
 plain-torch reference formulas the tests check against.
 """
 
-from . import distributed, layers, testing
+from . import distributed, layers, testing  # noqa: F401  (testing: the test oracles, outside __all__)
 from .graph_training_step import graph_training_step
 from .modules import (
     BatchTopKSparseAutoencoder,

@@ -1,22 +1,24 @@
 """One registration helper for every op: custom ops, autograd, and the eager fast path.
 
-An op is its two host launchers and their fakes, joined by names, never by positions:
+An op is declared by names and implemented by four launchers that read fields, never positions:
 
-- ``forward(x, W_enc, ...) -> tuple of tensors``: annotated; its annotations are the
-  registered op's schema and its parameter names are the op's input names. ``outputs`` names
-  each returned tensor, in order. Some outputs carry gradients (``differentiable``, by name);
-  the others (codes, statistics, what the backward needs) do not.
-- ``backward(<one upstream gradient per differentiable output>, <saved fields>, needs)``:
-  annotated too. Its parameters after the gradients name what it needs from the forward: each
-  is an input name or an output name, and the helper saves exactly those (tensors with
-  ``save_for_backward``, constants on the context). ``needs`` is one bool per entry of
-  ``grad_inputs`` (input names). It returns one tensor per entry of ``grad_inputs``: the
-  gradient, or an empty placeholder where ``needs`` is False (custom ops cannot return None),
-  so a launcher skips work no one asked for.
+- ``inputs``: a ``NamedTuple`` class whose annotated fields are the op's arguments, in order
+  (``torch.Tensor``, ``torch.Tensor | None``, ``int``, ``float``, ``bool``, ``list[int]``,
+  ``list[bool]``). The registered op's schema is generated from it.
+- ``forward(i) -> tuple of tensors`` takes one such named tuple (``i.x``, ``i.k``, ...);
+  ``outputs`` names each returned tensor, in order. Some outputs carry gradients
+  (``differentiable``); the others (codes, statistics, what the backward needs) do not.
+- ``saved``: the inputs and outputs, by name, that the backward reads.
+- ``backward(grads, saved, needs) -> tuple of tensors``: ``grads`` holds one upstream gradient per
+  differentiable output (named: ``grads.loss``), ``saved`` the saved fields (named: ``saved.x``,
+  ``saved.residual``), ``needs`` one bool per entry of ``grad_inputs``. It returns one tensor per
+  entry of ``grad_inputs``: the gradient, or an empty placeholder where ``needs`` is False (custom
+  ops cannot return None), so a launcher skips work no one asked for.
+- ``forward_fake`` and ``backward_fake`` take the same arguments and return tensors of the shapes
+  and dtypes the launchers return.
 
-So the saved set is declared once, by the backward's own signature, and checked against the
-forward's names when the op is registered: a misnamed field is an error at import, not a
-silently shifted tuple.
+Every name is checked when the op is registered (a misnamed field is a ValueError at import), and
+the flat argument lists the ``torch.library`` ops need are built here alone.
 
 The one convention for casts and scaling: the backward launcher receives the
 upstream gradients exactly as autograd hands them (any dtype), applies every
@@ -33,7 +35,7 @@ microseconds per op, most of a small op's time).
 """
 
 import collections
-import inspect
+import types
 import typing
 from collections.abc import Callable, Sequence
 
@@ -44,23 +46,27 @@ from ._ops import add_op_namespace_prefix
 # Every op this build registered, by name (the contract test in tests/test_op_contract.py iterates it).
 REGISTERED: dict[str, "Op"] = {}
 
+_SCHEMA_TYPES = {torch.Tensor: "Tensor", int: "SymInt", float: "float", bool: "bool", list[int]: "SymInt[]",
+                 list[bool]: "bool[]"}  # fmt: skip
+
 
 class Op:
-    """A registered op: ``op(*args)`` dispatches; ``.op`` / ``.backward_op`` are the raw custom ops;
-    ``.inputs``, ``.outputs``, ``.saved`` and ``.grad_inputs`` are its schema's names."""
+    """A registered op: ``op(*args)`` dispatches (the arguments in ``inputs`` order); ``.op`` /
+    ``.backward_op`` are the raw custom ops; ``.inputs``, ``.outputs``, ``.saved``, ``.differentiable``
+    and ``.grad_inputs`` are its schema's names; ``Inputs`` its inputs' named tuple."""
 
     def __init__(self, name: str, op, backward_op, eager: Callable, schema: dict):
         self.name = name
         self.op = op
         self.backward_op = backward_op
         self._eager = eager
+        self.Inputs = schema["Inputs"]
         self.inputs = schema["inputs"]
         self.outputs = schema["outputs"]
         self.saved = schema["saved"]
         self.differentiable = schema["differentiable"]
         self.grad_inputs = schema["grad_inputs"]
-        self._outputs_type = collections.namedtuple("".join(p.capitalize() for p in name.split("_")) + "Outputs",
-                                                     self.outputs)  # fmt: skip
+        self._outputs_type = collections.namedtuple(_camel(name) + "Outputs", self.outputs)
 
     def named(self, outputs: tuple):
         """The op's outputs as a named tuple (``.loss``, ``.vals``, ...), by the schema's output names."""
@@ -71,6 +77,14 @@ class Op:
             return self.op(*args)
         return self._eager(*args)
 
+    def call(self, inputs):
+        """The op on one ``Inputs`` named tuple; returns the outputs as a named tuple."""
+        return self.named(self(*inputs))
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
 
 def _zeros(shape, dtype, device) -> torch.Tensor:
     """A zero upstream gradient for an output autograd gave none (a step's absent ``aux_loss``, shape [0], is
@@ -80,82 +94,102 @@ def _zeros(shape, dtype, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _parameter_names(fn: Callable) -> tuple[str, ...]:
-    return tuple(inspect.signature(fn).parameters)
+def _schema_type(name: str, field: str, annotation) -> str:
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = args[0] if args[1] is type(None) else args[1]
+        return _schema_type(name, field, inner) + "?"
+    if annotation in _SCHEMA_TYPES:
+        return _SCHEMA_TYPES[annotation]
+    raise ValueError(f"{name}: input {field!r} has a type the op schema cannot carry: {annotation!r}")
 
 
-def _check_fake(name: str, role: str, fake: Callable, names: tuple[str, ...]) -> None:
-    """A fake takes its launcher's parameters by the same names (a trailing ``*rest`` may stand for the
-    ones it does not read)."""
-    params = inspect.signature(fake).parameters.values()
-    named = tuple(p.name for p in params if p.kind is not p.VAR_POSITIONAL)
-    rest = any(p.kind is p.VAR_POSITIONAL for p in params)
-    if named != names[: len(named)] or (not rest and len(named) != len(names)):
-        raise ValueError(f"{name}: {role}'s parameters {named} differ from the launcher's {names}")
-
-
-def _schema(name, forward, forward_fake, backward, backward_fake, outputs, differentiable, grad_inputs) -> dict:
-    """The op's names, checked against the launchers' signatures; raises ValueError on any mismatch."""
-    inputs = _parameter_names(forward)
-    outputs = tuple(outputs)
-    _check_fake(name, "forward_fake", forward_fake, inputs)
-    clash = set(inputs) & set(outputs)
+def _schema(name, inputs, outputs, saved, differentiable, grad_inputs) -> dict:
+    """The op's names and schema strings; raises ValueError on any name that does not resolve."""
+    fields = tuple(inputs._fields)
+    outputs, saved = tuple(outputs), tuple(saved)
+    differentiable, grad_inputs = tuple(differentiable), tuple(grad_inputs)
+    clash = set(fields) & set(outputs)
     if clash or len(set(outputs)) != len(outputs):
         raise ValueError(f"{name}: output names must be unique and differ from the inputs ({sorted(clash)})")
-    returned = typing.get_args(inspect.signature(forward).return_annotation)
-    if returned and len(returned) != len(outputs):
-        raise ValueError(f"{name}: the forward returns {len(returned)} tensors, outputs names {len(outputs)}")
-    unknown = [n for n in differentiable if n not in outputs] + [n for n in grad_inputs if n not in inputs]
+    unknown = [n for n in differentiable if n not in outputs] + [n for n in grad_inputs if n not in fields]
     if unknown:
         raise ValueError(f"{name}: unknown names {unknown} in differentiable (outputs) or grad_inputs (inputs)")
-    params = _parameter_names(backward)
-    if params[-1:] != ("needs",):
-        raise ValueError(f"{name}: the backward's last parameter must be 'needs'")
-    _check_fake(name, "backward_fake", backward_fake, params)
-    saved = params[len(differentiable) : -1]
-    missing = [n for n in saved if n not in inputs and n not in outputs]
+    missing = [n for n in saved if n not in fields and n not in outputs]
     if missing:
-        raise ValueError(f"{name}: the backward asks for {missing}, which are neither inputs {inputs} nor outputs")
+        raise ValueError(f"{name}: saved names {missing}, which are neither inputs {fields} nor outputs")
+    types_ = {f: _schema_type(name, f, inputs.__annotations__[f]) for f in fields}
+    out_types = {n: "Tensor" for n in outputs}
+    result = "(" + ", ".join("Tensor" for _ in outputs) + ")" if len(outputs) > 1 else "Tensor"
+    grads = ", ".join(f"Tensor grad_{n}" for n in differentiable)
+    saved_args = ", ".join(f"{types_.get(n, out_types.get(n))} {n}" for n in saved)
     return {
-        "inputs": inputs,
+        "Inputs": inputs,
+        "inputs": fields,
         "outputs": outputs,
         "saved": saved,
-        "differentiable": tuple(differentiable),
-        "grad_inputs": tuple(grad_inputs),
+        "differentiable": differentiable,
+        "grad_inputs": grad_inputs,
+        "forward_schema": "(" + ", ".join(f"{types_[f]} {f}" for f in fields) + ") -> " + result,
+        "backward_schema": f"({grads}, {saved_args}, bool[] needs) -> ("
+        + ", ".join("Tensor" for _ in grad_inputs)
+        + ")",
+        "Grads": collections.namedtuple(_camel(name) + "Grads", differentiable),
+        "Saved": collections.namedtuple(_camel(name) + "Saved", saved),
         # positions, computed once here so the per-call wiring is a tuple lookup
-        "save_from": tuple((n in inputs, inputs.index(n) if n in inputs else outputs.index(n)) for n in saved),
+        "save_from": tuple((n in fields, fields.index(n) if n in fields else outputs.index(n)) for n in saved),
         "differentiable_at": tuple(outputs.index(n) for n in differentiable),
-        "grad_input_at": tuple(inputs.index(n) for n in grad_inputs),
+        "grad_input_at": tuple(fields.index(n) for n in grad_inputs),
     }
 
 
 def register_op(
     name: str,
     *,
-    forward: Callable,
-    forward_fake: Callable,
-    backward: Callable,
-    backward_fake: Callable,
+    inputs: type,
     outputs: Sequence[str],
+    saved: Sequence[str],
     differentiable: Sequence[str],
     grad_inputs: Sequence[str],
+    launchers: tuple[Callable, Callable, Callable, Callable],
 ) -> Op:
     """Registers ``name`` (forward) and ``name + "_backward"`` and returns the dispatching ``Op``.
 
     Args:
-        forward, forward_fake: the forward launcher (annotated) and its fake, with the same parameters.
-        backward, backward_fake: the backward launcher (annotated; see the module docstring for
-            its parameters) and its fake.
+        inputs: the ``NamedTuple`` class of the op's arguments (see the module docstring).
         outputs: the name of each tensor the forward returns, in order.
-        differentiable: the outputs (by name) that carry a gradient; the backward's first
-            parameters are their upstream gradients, in this order.
+        saved: the inputs and outputs the backward reads, by name.
+        differentiable: the outputs (by name) that carry a gradient.
         grad_inputs: the inputs (by name) that the backward's outputs are the gradients of, in order.
+        launchers: (forward, forward_fake, backward, backward_fake).
     """
-    schema = _schema(name, forward, forward_fake, backward, backward_fake, outputs, differentiable, grad_inputs)
-    fwd_op = torch.library.custom_op(add_op_namespace_prefix(name), mutates_args=())(forward)
-    fwd_op.register_fake(forward_fake)
-    bwd_op = torch.library.custom_op(add_op_namespace_prefix(name + "_backward"), mutates_args=())(backward)
-    bwd_op.register_fake(backward_fake)
+    forward, forward_fake, backward, backward_fake = launchers
+    schema = _schema(name, inputs, outputs, saved, differentiable, grad_inputs)
+    Inputs, Grads, Saved = schema["Inputs"], schema["Grads"], schema["Saved"]
+    n_grads, n_saved = len(schema["differentiable"]), len(schema["saved"])
+
+    def split(args):
+        return Grads._make(args[:n_grads]), Saved._make(args[n_grads : n_grads + n_saved]), args[-1]
+
+    def flat_forward(*args):
+        return forward(Inputs._make(args))
+
+    def flat_forward_fake(*args):
+        return forward_fake(Inputs._make(args))
+
+    def flat_backward(*args):
+        return backward(*split(args))
+
+    def flat_backward_fake(*args):
+        return backward_fake(*split(args))
+
+    qualname = add_op_namespace_prefix(name)
+    fwd_op = torch.library.custom_op(qualname, mutates_args=(), schema=schema["forward_schema"])(flat_forward)
+    fwd_op.register_fake(flat_forward_fake)
+    bwd_op = torch.library.custom_op(qualname + "_backward", mutates_args=(), schema=schema["backward_schema"])(
+        flat_backward
+    )
+    bwd_op.register_fake(flat_backward_fake)
     save_from = schema["save_from"]
     differentiable_at = schema["differentiable_at"]
     grad_input_at = schema["grad_input_at"]
@@ -192,15 +226,15 @@ def register_op(
 
     fwd_op.register_autograd(make_backward(bwd_op), setup_context=setup_context)
 
-    eager_backward = make_backward(backward)
+    eager_backward = make_backward(flat_backward)
 
     def eager_forward(ctx, *args):
-        output = forward(*args)
+        output = flat_forward(*args)
         setup_context(ctx, args, output)
         return output
 
     function = type(
-        "".join(part.capitalize() for part in name.split("_")),
+        _camel(name),
         (torch.autograd.Function,),
         {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)},
     )

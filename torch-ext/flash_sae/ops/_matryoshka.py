@@ -58,32 +58,24 @@ def matryoshka_levels_fwd_fake(x, W_dec, n_levels):
     )
 
 
-def matryoshka_levels_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    residuals: torch.Tensor,
-    prefix_sizes: list[int],
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# What both Matryoshka steps' backward reads, by name.
+MATRYOSHKA_SAVED = ("x", "W_enc", "W_dec", "b_dec", "vals", "indices", "row_offsets", "residuals", "prefix_sizes")
+
+
+def matryoshka_levels_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """The Matryoshka steps' backward launcher: (dx, dW_enc, db_enc, dW_dec, db_dec), the MSE step's
-    backward over the levels' suffix sums."""
+    backward over the levels' suffix sums (``saved``: ``MATRYOSHKA_SAVED``)."""
+    x, W_dec = saved.x, saved.W_dec
     F = W_dec.shape[0]
-    suffix = residuals.flip(0).cumsum(0).flip(0).contiguous()
-    sizes = level_sizes(prefix_sizes, x.device)
+    suffix = saved.residuals.flip(0).cumsum(0).flip(0).contiguous()
+    sizes = level_sizes(saved.prefix_sizes, x.device)
     levels = torch.searchsorted(sizes, torch.arange(F, device=x.device), right=True).to(torch.int32)
-    return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, suffix, row_offsets, levels=levels)
+    return mse_step_backward(grads.loss, x, saved.W_enc, W_dec, saved.b_dec, saved.vals, saved.indices, suffix,
+                             saved.row_offsets, levels=levels)  # fmt: skip
 
 
-def matryoshka_levels_bwd_fake(
-    grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residuals, prefix_sizes, needs
-):  # fmt: skip
-    return step_grads_fake(x, W_enc, W_dec, b_dec)
+def matryoshka_levels_bwd_fake(grads, saved, needs: list[bool]):
+    return step_grads_fake(saved.x, saved.W_enc, saved.W_dec, saved.b_dec)
 
 
 def min_positive(acts: torch.Tensor) -> torch.Tensor:

@@ -72,28 +72,40 @@ def checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k) -> tuple[int, in
     return check_target_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
 
 
-def mse_selection_step_backward(grads, step, code, residual, dead_saved, dead, aux_coef, needs):
-    """The backward of a step whose loss is the MSE of a selected code's decode (TopK, BatchTopK), with the
-    step's optional parts: a separate target and a dead-latent loss.
+# What the TopK and BatchTopK steps' shared backward reads (BatchTopK adds row_offsets), by name.
+SELECTION_STEP_SAVED = ("x", "W_enc", "W_dec", "b_dec", "target", "vals", "indices", "residual", "A", "gate", "dE1",
+                        "ids", "valid", "dead", "aux_coef")  # fmt: skip
 
-    grads = (grad of loss, grad of aux_loss); step = (x, W_enc, W_dec, b_dec, target or None); code =
-    (vals, indices, row_offsets or None); dead_saved = (A, gate, dE1, ids, valid) as the forward returned
-    them; dead = the ``DeadLossSpec`` list. Returns (dx, dW_enc, db_enc, dW_dec, db_dec, dtarget)."""
-    grad, grad_aux = grads
-    x, W_enc, W_dec, b_dec, target = step
-    vals, indices, row_offsets = code
+
+def mse_selection_step_backward(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
+    """The backward launcher of a step whose loss is the MSE of a selected code's decode (TopK, BatchTopK),
+    with the step's optional parts: a separate target and a dead-latent loss. ``grads``: ``loss`` and
+    ``aux_loss``; ``saved``: ``SELECTION_STEP_SAVED`` (and ``row_offsets`` for a variable-length code).
+    Returns (dx, dW_enc, db_enc, dW_dec, db_dec, dtarget)."""
+    x, W_enc, W_dec, b_dec, target, residual = (
+        saved.x,
+        saved.W_enc,
+        saved.W_dec,
+        saved.b_dec,
+        saved.target,
+        saved.residual,
+    )
+    row_offsets = getattr(saved, "row_offsets", None)
     centred = target is None
 
     def mse_backward(dx_extra):
-        return mse_step_backward(grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets,
+        return mse_step_backward(grads.loss, x, W_enc, W_dec, b_dec, saved.vals, saved.indices, residual, row_offsets,
                                  dx_extra=dx_extra, centred=centred)  # fmt: skip
 
-    spec = DeadLossSpec.from_op(dead)
+    spec = DeadLossSpec.from_op(saved.dead)
+    dead_saved = (saved.A, saved.gate, saved.dE1, saved.ids, saved.valid)
     centring = (x, W_enc, W_dec, b_dec if centred else None)
-    out = backward_with_dead_loss(grad, grad_aux, spec, aux_coef, dead_saved, centring, mse_backward)
-    return (*out, target_grad(grad, residual, target.dtype) if needs[5] else placeholder(x))
+    out = backward_with_dead_loss(grads.loss, grads.aux_loss, spec, saved.aux_coef, dead_saved, centring, mse_backward)
+    return (*out, target_grad(grads.loss, residual, target.dtype) if needs[5] else placeholder(x))
 
 
-def mse_selection_step_backward_fake(x, W_enc, W_dec, b_dec, target, needs):
+def mse_selection_step_backward_fake(grads, saved, needs: list[bool]):
     """The fake of ``mse_selection_step_backward``'s outputs."""
-    return (*step_grads_fake(x, W_enc, W_dec, b_dec), torch.empty_like(target) if needs[5] else x.new_empty(0))
+    x, target = saved.x, saved.target
+    grads_ = step_grads_fake(x, saved.W_enc, saved.W_dec, saved.b_dec)
+    return (*grads_, torch.empty_like(target) if needs[5] else x.new_empty(0))

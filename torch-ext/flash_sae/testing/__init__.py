@@ -8,4 +8,4 @@ tolerances. Production code never imports this package.
 
 from . import reference
 
-__all__: list[str] = []
+__all__ = ["reference"]

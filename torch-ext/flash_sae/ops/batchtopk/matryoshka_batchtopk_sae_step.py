@@ -9,6 +9,8 @@ Precision: fp32 accumulation; losses in fp32; gradients in the parameters' dtype
 Deterministic; no host sync; nothing [B, F] kept (the G residuals are [G, B, D] fp32).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -17,6 +19,7 @@ from ...primitives.select import batch_topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
     MATRYOSHKA_OUTPUTS,
+    MATRYOSHKA_SAVED,
     matryoshka_levels_bwd,
     matryoshka_levels_bwd_fake,
     matryoshka_levels_fwd,
@@ -27,32 +30,33 @@ from .._matryoshka import (
 # Host launchers ----------------------------------------------------------------
 
 
-def matryoshka_batchtopk_sae_step_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    n: int,
-    prefix_sizes: list[int],
-    rescale_acts_by_decoder_norm: bool,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor,
-]:  # fmt: skip
+class MatryoshkaBatchtopkSaeStepInputs(NamedTuple):
+    """``matryoshka_batchtopk_sae_step``'s arguments, in the registered op's order."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    n: int
+    prefix_sizes: list[int]
+    rescale_acts_by_decoder_norm: bool
+
+
+def matryoshka_batchtopk_sae_step_fwd(i: MatryoshkaBatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Returns (loss, level_losses, fvu, fire_counts, vals, indices, row_offsets, min_act, residuals [G, B, D])."""
-    scale = W_dec.detach().norm(dim=1) if rescale_acts_by_decoder_norm else None
-    acts, vals, indices, row_offsets = batch_topk_preacts(x, W_enc, b_enc, n, b_dec, scale)
+    x, W_dec, b_dec = i.x, i.W_dec, i.b_dec
+    scale = W_dec.detach().norm(dim=1) if i.rescale_acts_by_decoder_norm else None
+    acts, vals, indices, row_offsets = batch_topk_preacts(x, i.W_enc, i.b_enc, i.n, b_dec, scale)
     loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd(
-        x, W_dec, b_dec, vals, indices, row_offsets, prefix_sizes
+        x, W_dec, b_dec, vals, indices, row_offsets, i.prefix_sizes
     )
     return loss, level_losses, fvu, counts, vals, indices, row_offsets, min_positive(acts), residuals
 
 
-def matryoshka_batchtopk_sae_step_fwd_fake(
-    x, W_enc, b_enc, W_dec, b_dec, n, prefix_sizes, rescale_acts_by_decoder_norm
-):
-    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, W_dec, len(prefix_sizes))
+def matryoshka_batchtopk_sae_step_fwd_fake(i: MatryoshkaBatchtopkSaeStepInputs):
+    x, n = i.x, i.n
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, i.W_dec, len(i.prefix_sizes))
     i64 = torch.int64
     code = (x.new_empty(n), x.new_empty(n, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
     return loss, level_losses, fvu, counts, *code, x.new_empty((), dtype=torch.float32), residuals
@@ -62,10 +66,14 @@ def matryoshka_batchtopk_sae_step_fwd_fake(
 
 _matryoshka_batchtopk_sae_step = register_op(
     "matryoshka_batchtopk_sae_step",
-    forward=matryoshka_batchtopk_sae_step_fwd,
-    forward_fake=matryoshka_batchtopk_sae_step_fwd_fake,
-    backward=matryoshka_levels_bwd,
-    backward_fake=matryoshka_levels_bwd_fake,
+    inputs=MatryoshkaBatchtopkSaeStepInputs,
+    launchers=(
+        matryoshka_batchtopk_sae_step_fwd,
+        matryoshka_batchtopk_sae_step_fwd_fake,
+        matryoshka_levels_bwd,
+        matryoshka_levels_bwd_fake,
+    ),  # fmt: skip
+    saved=MATRYOSHKA_SAVED,
     outputs=MATRYOSHKA_OUTPUTS,
     differentiable=("loss",),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec"),

@@ -42,7 +42,7 @@ def varlen_inputs(vals, indices, row_offsets, weight, bias, validate) -> tuple:
     return vals.contiguous(), indices.contiguous(), offsets.contiguous(), weight.contiguous(), bias, (B, N, D)
 
 
-def used_code(indices: torch.Tensor, row_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def used_code(indices: torch.Tensor, row_offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(used [N] bool, ids with -1 for unused entries, rows [N]): what the segmented backward reads.
 
     An id of -1 joins no segment of the CSR transpose, so unused entries add nothing to any

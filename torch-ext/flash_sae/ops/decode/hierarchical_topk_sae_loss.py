@@ -45,6 +45,8 @@ Precision: fp32 accumulation; loss returned in fp32, gradients in their
 parameter's dtype. Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -143,32 +145,36 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
 # Host launchers ----------------------------------------------------------------
 
 
-def hierarchical_topk_sae_loss_fwd(
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    vals: torch.Tensor,
-    bias: torch.Tensor,
-    target: torch.Tensor,
-    validate: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class HierarchicalTopkSaeLossInputs(NamedTuple):
+    """``hierarchical_topk_sae_loss``'s arguments, in the registered op's order."""
+
+    indices: torch.Tensor
+    weight: torch.Tensor
+    vals: torch.Tensor
+    bias: torch.Tensor
+    target: torch.Tensor
+    validate: bool
+
+
+def hierarchical_topk_sae_loss_fwd(i: HierarchicalTopkSaeLossInputs) -> tuple[torch.Tensor, ...]:
     """Returns (loss [] fp32, residual [B, D] fp32, esum [B, D] fp32); the last two are kept for backward."""
-    if validate:
-        check_index_range(indices, weight.shape[0])
-    B, K = indices.shape
-    F, D = weight.shape
-    if not use_triton(weight):
-        return _hierarchical_fwd_torch(indices, weight, vals, bias, target)
+    if i.validate:
+        check_index_range(i.indices, i.weight.shape[0])
+    B, K = i.indices.shape
+    F, D = i.weight.shape
+    if not use_triton(i.weight):
+        return _hierarchical_fwd_torch(i.indices, i.weight, i.vals, i.bias, i.target)
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
-    residual = torch.empty(B, D, device=weight.device, dtype=torch.float32)
+    residual = torch.empty(B, D, device=i.weight.device, dtype=torch.float32)
     esum = torch.empty_like(residual)
-    sq = torch.empty(B, ND, device=weight.device, dtype=torch.float32)
+    sq = torch.empty(B, ND, device=i.weight.device, dtype=torch.float32)
     _hierarchical_topk_sae_loss_fwd_kernel[(B, ND)](
-        indices,
-        vals,
-        weight,
-        bias,
-        target,
+        i.indices,
+        i.vals,
+        i.weight,
+        i.bias,
+        i.target,
         residual,
         esum,
         sq,
@@ -272,30 +278,29 @@ def _hierarchical_bwd_torch(indices, weight, vals, residual):
     return buf, (s * w).sum(-1)
 
 
-def hierarchical_topk_sae_loss_bwd(
-    grad: torch.Tensor,
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    vals: torch.Tensor,
-    residual: torch.Tensor,
-    esum: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def hierarchical_topk_sae_loss_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dweight, dvals, dbias, dtarget) with s = 2 * grad / (B*K*D); the reverse scan only for the first two."""
-    B, K = indices.shape
-    s = grad.float() * (2.0 / (B * K * residual.shape[1]))
+    B, K = saved.indices.shape
+    s = grads.loss.float() * (2.0 / (B * K * saved.residual.shape[1]))
     return loss_gradients(
-        needs, weight, vals, s, esum, lambda: _weight_and_dots(grad.float(), indices, weight, vals, residual)
+        needs,
+        saved.weight,
+        saved.vals,
+        s,
+        saved.esum,
+        lambda: _weight_and_dots(grads.loss.float(), saved.indices, saved.weight, saved.vals, saved.residual),
     )
 
 
-def hierarchical_topk_sae_loss_fwd_fake(indices, weight, vals, bias, target, validate):
+def hierarchical_topk_sae_loss_fwd_fake(i: HierarchicalTopkSaeLossInputs):
+    weight, target = i.weight, i.target
     B, D = target.shape
     f32 = torch.float32
     return weight.new_empty((), dtype=f32), weight.new_empty(B, D, dtype=f32), weight.new_empty(B, D, dtype=f32)
 
 
-def hierarchical_topk_sae_loss_bwd_fake(grad, indices, weight, vals, residual, esum, needs):
+def hierarchical_topk_sae_loss_bwd_fake(grads, saved, needs: list[bool]):
+    weight, vals, residual = saved.weight, saved.vals, saved.residual
     return loss_gradients_fake(needs, weight, vals, residual)
 
 
@@ -303,10 +308,14 @@ def hierarchical_topk_sae_loss_bwd_fake(grad, indices, weight, vals, residual, e
 
 _hierarchical_topk_sae_loss = register_op(
     "hierarchical_topk_sae_loss",
-    forward=hierarchical_topk_sae_loss_fwd,
-    forward_fake=hierarchical_topk_sae_loss_fwd_fake,
-    backward=hierarchical_topk_sae_loss_bwd,
-    backward_fake=hierarchical_topk_sae_loss_bwd_fake,
+    inputs=HierarchicalTopkSaeLossInputs,
+    launchers=(
+        hierarchical_topk_sae_loss_fwd,
+        hierarchical_topk_sae_loss_fwd_fake,
+        hierarchical_topk_sae_loss_bwd,
+        hierarchical_topk_sae_loss_bwd_fake,
+    ),
+    saved=("indices", "weight", "vals", "residual", "esum"),
     outputs=("loss", "residual", "esum"),
     differentiable=("loss",),
     grad_inputs=("weight", "vals", "bias", "target"),

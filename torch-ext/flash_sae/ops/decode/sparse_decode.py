@@ -19,6 +19,8 @@ their output row into NaN (and raise ValueError when validated, the default
 for CPU tensors).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import fake_gradients, gradient_or_placeholder, register_op
@@ -34,27 +36,30 @@ from ...primitives.gather import gather_rows, gather_rows_backward
 # Host launchers ----------------------------------------------------------------
 
 
-def sparse_decode_fwd(
-    vals: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, validate: bool
-) -> torch.Tensor:
-    if validate:
-        check_index_range(indices, weight.shape[0])
-    return gather_rows(vals, indices, weight, bias)
+class SparseDecodeInputs(NamedTuple):
+    """``sparse_decode``'s arguments, in the registered op's order."""
+
+    vals: torch.Tensor
+    indices: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    validate: bool
 
 
-def sparse_decode_fwd_fake(vals, indices, weight, bias, validate):
+def sparse_decode_fwd(i: SparseDecodeInputs) -> torch.Tensor:
+    if i.validate:
+        check_index_range(i.indices, i.weight.shape[0])
+    return gather_rows(i.vals, i.indices, i.weight, i.bias)
+
+
+def sparse_decode_fwd_fake(i: SparseDecodeInputs):
+    indices, weight = i.indices, i.weight
     return weight.new_empty(indices.shape[0], weight.shape[1])
 
 
-def sparse_decode_bwd(
-    grad: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparse_decode_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dvals, dweight, dbias); the first two from one segmented pass, computed when either is needed."""
+    grad, vals, indices, weight = grads.x_hat, saved.vals, saved.indices, saved.weight
     need_vals, need_weight, need_bias = needs
     dvals = dweight = None
     if need_vals or need_weight:
@@ -67,7 +72,8 @@ def sparse_decode_bwd(
     )
 
 
-def sparse_decode_bwd_fake(grad, vals, indices, weight, bias, needs):
+def sparse_decode_bwd_fake(grads, saved, needs: list[bool]):
+    vals, weight = saved.vals, saved.weight
     return fake_gradients(needs, vals, weight, weight.new_empty(weight.shape[1]))
 
 
@@ -75,10 +81,9 @@ def sparse_decode_bwd_fake(grad, vals, indices, weight, bias, needs):
 
 _sparse_decode = register_op(
     "sparse_decode",
-    forward=sparse_decode_fwd,
-    forward_fake=sparse_decode_fwd_fake,
-    backward=sparse_decode_bwd,
-    backward_fake=sparse_decode_bwd_fake,
+    inputs=SparseDecodeInputs,
+    launchers=(sparse_decode_fwd, sparse_decode_fwd_fake, sparse_decode_bwd, sparse_decode_bwd_fake),
+    saved=("vals", "indices", "weight", "bias"),
     outputs=("x_hat",),
     differentiable=("x_hat",),
     grad_inputs=("vals", "weight", "bias"),

@@ -27,6 +27,8 @@ gradient in its parameter's dtype. Deterministic: no atomics.
 Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes. B = 0 or K = 0 raise ValueError.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -37,49 +39,50 @@ from ._loss import loss_gradients, loss_gradients_fake, loss_inputs
 # Host launchers ----------------------------------------------------------------
 
 
-def topk_sae_loss_fwd(
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    vals: torch.Tensor,
-    bias: torch.Tensor,
-    target: torch.Tensor,
-    validate: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class TopkSaeLossInputs(NamedTuple):
+    """``topk_sae_loss``'s arguments, in the registered op's order."""
+
+    indices: torch.Tensor
+    weight: torch.Tensor
+    vals: torch.Tensor
+    bias: torch.Tensor
+    target: torch.Tensor
+    validate: bool
+
+
+def topk_sae_loss_fwd(i: TopkSaeLossInputs) -> tuple[torch.Tensor, ...]:
     """Returns (loss [] fp32, residual [B, D] fp32 = x_hat - target, kept for the backward)."""
-    if validate:
-        check_index_range(indices, weight.shape[0])
-    B, D = target.shape
-    residual, sq = gather_rows(vals, indices, weight, bias, target)
+    if i.validate:
+        check_index_range(i.indices, i.weight.shape[0])
+    B, D = i.target.shape
+    residual, sq = gather_rows(i.vals, i.indices, i.weight, i.bias, i.target)
     return sq / (B * D), residual
 
 
-def topk_sae_loss_fwd_fake(indices, weight, vals, bias, target, validate):
+def topk_sae_loss_fwd_fake(i: TopkSaeLossInputs):
+    weight, target = i.weight, i.target
     f32 = torch.float32
     return weight.new_empty((), dtype=f32), weight.new_empty(target.shape, dtype=f32)
 
 
-def topk_sae_loss_bwd(
-    grad: torch.Tensor,
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    vals: torch.Tensor,
-    residual: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_sae_loss_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dweight, dvals, dbias, dtarget) with s = 2 * grad / (B*D): one segmented pass for the first two."""
-    B, D = residual.shape
+    B, D = saved.residual.shape
     s_const = 2.0 / (B * D)
     return loss_gradients(
         needs,
-        weight,
-        vals,
-        grad.float() * s_const,
-        residual,
-        lambda: gather_rows_backward(residual, vals, indices, weight, scale=grad.float(), scale_const=s_const),
+        saved.weight,
+        saved.vals,
+        grads.loss.float() * s_const,
+        saved.residual,
+        lambda: gather_rows_backward(
+            saved.residual, saved.vals, saved.indices, saved.weight, scale=grads.loss.float(), scale_const=s_const
+        ),
     )
 
 
-def topk_sae_loss_bwd_fake(grad, indices, weight, vals, residual, needs):
+def topk_sae_loss_bwd_fake(grads, saved, needs: list[bool]):
+    weight, vals, residual = saved.weight, saved.vals, saved.residual
     return loss_gradients_fake(needs, weight, vals, residual)
 
 
@@ -87,10 +90,9 @@ def topk_sae_loss_bwd_fake(grad, indices, weight, vals, residual, needs):
 
 _topk_sae_loss = register_op(
     "topk_sae_loss",
-    forward=topk_sae_loss_fwd,
-    forward_fake=topk_sae_loss_fwd_fake,
-    backward=topk_sae_loss_bwd,
-    backward_fake=topk_sae_loss_bwd_fake,
+    inputs=TopkSaeLossInputs,
+    launchers=(topk_sae_loss_fwd, topk_sae_loss_fwd_fake, topk_sae_loss_bwd, topk_sae_loss_bwd_fake),
+    saved=("indices", "weight", "vals", "residual"),
     outputs=("loss", "residual"),
     differentiable=("loss",),
     grad_inputs=("weight", "vals", "bias", "target"),

@@ -15,6 +15,8 @@ Precision: fp32 accumulation; the loss in fp32, each gradient in its input's dty
 Deterministic; no host sync on a GPU unless ``validate=True``. B >= 1.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -26,52 +28,55 @@ from ._varlen import used_code, varlen_inputs
 # Host launchers ----------------------------------------------------------------
 
 
-def varlen_sae_loss_fwd(
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    target: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class VarlenSaeLossInputs(NamedTuple):
+    """``varlen_sae_loss``'s arguments, in the registered op's order."""
+
+    vals: torch.Tensor
+    indices: torch.Tensor
+    row_offsets: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    target: torch.Tensor
+
+
+def varlen_sae_loss_fwd(i: VarlenSaeLossInputs) -> tuple[torch.Tensor, ...]:
     """Returns (loss [] fp32, residual [B, D] fp32 = x_hat - target, kept for the backward)."""
-    B, D = target.shape
-    residual, sq = gather_rows(vals, indices, weight, bias, target, row_offsets=row_offsets)
+    B, D = i.target.shape
+    residual, sq = gather_rows(i.vals, i.indices, i.weight, i.bias, i.target, row_offsets=i.row_offsets)
     return sq / (B * D), residual
 
 
-def varlen_sae_loss_fwd_fake(vals, indices, row_offsets, weight, bias, target):
+def varlen_sae_loss_fwd_fake(i: VarlenSaeLossInputs):
+    weight, target = i.weight, i.target
     f32 = torch.float32
     return weight.new_empty((), dtype=f32), weight.new_empty(target.shape, dtype=f32)
 
 
-def varlen_sae_loss_bwd(
-    grad: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    weight: torch.Tensor,
-    residual: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def varlen_sae_loss_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dvals, dweight, dbias, dtarget) with s = 2 * grad / (B*D): one segmented pass for the first two."""
-    B, D = residual.shape
+    B, D = saved.residual.shape
     s_const = 2.0 / (B * D)
-    used, ids, rows = used_code(indices, row_offsets)
+    used, ids, rows = used_code(saved.indices, saved.row_offsets)
 
     def weight_and_dots():
         dweight, dots = gather_rows_backward(
-            residual, vals, ids, weight, scale=grad.float(), scale_const=s_const, rows=rows
+            saved.residual, saved.vals, ids, saved.weight, scale=grads.loss.float(), scale_const=s_const, rows=rows
         )
         return dweight, torch.where(used, dots, 0.0)
 
     dweight, dvals, dbias, dtarget = loss_gradients(
-        [needs[1], needs[0], needs[2], needs[3]], weight, vals, grad.float() * s_const, residual, weight_and_dots
+        [needs[1], needs[0], needs[2], needs[3]],
+        saved.weight,
+        saved.vals,
+        grads.loss.float() * s_const,
+        saved.residual,
+        weight_and_dots,
     )
     return dvals, dweight, dbias, dtarget
 
 
-def varlen_sae_loss_bwd_fake(grad, vals, indices, row_offsets, weight, residual, needs):
+def varlen_sae_loss_bwd_fake(grads, saved, needs: list[bool]):
+    vals, weight, residual = saved.vals, saved.weight, saved.residual
     order = [needs[1], needs[0], needs[2], needs[3]]  # loss_gradients' order: weight, vals, bias, target
     dweight, dvals, dbias, dtarget = loss_gradients_fake(order, weight, vals, residual)
     return dvals, dweight, dbias, dtarget
@@ -81,10 +86,9 @@ def varlen_sae_loss_bwd_fake(grad, vals, indices, row_offsets, weight, residual,
 
 _varlen_sae_loss = register_op(
     "varlen_sae_loss",
-    forward=varlen_sae_loss_fwd,
-    forward_fake=varlen_sae_loss_fwd_fake,
-    backward=varlen_sae_loss_bwd,
-    backward_fake=varlen_sae_loss_bwd_fake,
+    inputs=VarlenSaeLossInputs,
+    launchers=(varlen_sae_loss_fwd, varlen_sae_loss_fwd_fake, varlen_sae_loss_bwd, varlen_sae_loss_bwd_fake),
+    saved=("vals", "indices", "row_offsets", "weight", "residual"),
     outputs=("loss", "residual"),
     differentiable=("loss",),
     grad_inputs=("vals", "weight", "bias", "target"),

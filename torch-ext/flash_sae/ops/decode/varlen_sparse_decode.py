@@ -15,6 +15,8 @@ Precision: fp32 accumulation; each output in its input's dtype. Deterministic. N
 on a GPU unless ``validate=True``.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import fake_gradients, gradient_or_placeholder, register_op
@@ -24,43 +26,42 @@ from ._varlen import used_code, varlen_inputs
 # Host launchers ----------------------------------------------------------------
 
 
-def varlen_sparse_decode_fwd(
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    return gather_rows(vals, indices, weight, bias, row_offsets=row_offsets)
+class VarlenSparseDecodeInputs(NamedTuple):
+    """``varlen_sparse_decode``'s arguments, in the registered op's order."""
+
+    vals: torch.Tensor
+    indices: torch.Tensor
+    row_offsets: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
-def varlen_sparse_decode_fwd_fake(vals, indices, row_offsets, weight, bias):
+def varlen_sparse_decode_fwd(i: VarlenSparseDecodeInputs) -> torch.Tensor:
+    return gather_rows(i.vals, i.indices, i.weight, i.bias, row_offsets=i.row_offsets)
+
+
+def varlen_sparse_decode_fwd_fake(i: VarlenSparseDecodeInputs):
+    row_offsets, weight = i.row_offsets, i.weight
     return weight.new_empty(row_offsets.shape[0] - 1, weight.shape[1])
 
 
-def varlen_sparse_decode_bwd(
-    grad: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    weight: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def varlen_sparse_decode_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dvals, dweight, dbias); the first two from one segmented pass, computed when either is needed."""
     need_vals, need_weight, need_bias = needs
     dvals = dweight = None
     if need_vals or need_weight:
-        used, ids, rows = used_code(indices, row_offsets)
-        dweight, dots = gather_rows_backward(grad, vals, ids, weight, rows=rows)
-        dvals = torch.where(used, dots, 0.0).to(vals.dtype)
+        used, ids, rows = used_code(saved.indices, saved.row_offsets)
+        dweight, dots = gather_rows_backward(grads.x_hat, saved.vals, ids, saved.weight, rows=rows)
+        dvals = torch.where(used, dots, 0.0).to(saved.vals.dtype)
     return (
-        dvals if need_vals else vals.new_empty(0),
-        dweight if need_weight else weight.new_empty(0),
-        gradient_or_placeholder(need_bias, weight, lambda: grad.float().sum(0).to(weight.dtype)),
+        dvals if need_vals else saved.vals.new_empty(0),
+        dweight if need_weight else saved.weight.new_empty(0),
+        gradient_or_placeholder(need_bias, saved.weight, lambda: grads.x_hat.float().sum(0).to(saved.weight.dtype)),
     )
 
 
-def varlen_sparse_decode_bwd_fake(grad, vals, indices, row_offsets, weight, needs):
+def varlen_sparse_decode_bwd_fake(grads, saved, needs: list[bool]):
+    vals, weight = saved.vals, saved.weight
     return fake_gradients(needs, vals, weight, weight.new_empty(weight.shape[1]))
 
 
@@ -68,10 +69,14 @@ def varlen_sparse_decode_bwd_fake(grad, vals, indices, row_offsets, weight, need
 
 _varlen_sparse_decode = register_op(
     "varlen_sparse_decode",
-    forward=varlen_sparse_decode_fwd,
-    forward_fake=varlen_sparse_decode_fwd_fake,
-    backward=varlen_sparse_decode_bwd,
-    backward_fake=varlen_sparse_decode_bwd_fake,
+    inputs=VarlenSparseDecodeInputs,
+    launchers=(
+        varlen_sparse_decode_fwd,
+        varlen_sparse_decode_fwd_fake,
+        varlen_sparse_decode_bwd,
+        varlen_sparse_decode_bwd_fake,
+    ),
+    saved=("vals", "indices", "row_offsets", "weight"),
     outputs=("x_hat",),
     differentiable=("x_hat",),
     grad_inputs=("vals", "weight", "bias"),

@@ -31,6 +31,8 @@ Precision: fp32 accumulation, the losses in fp32, gradients in the parameters' d
 Deterministic (segmented sums over a CSR transpose, no float atomics). Nothing [B, F] is kept.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -60,43 +62,48 @@ def gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity):
     return gate, mag, indices, row_offsets, count, dots
 
 
+class GatedSaeStepInputs(NamedTuple):
+    """``gated_sae_step``'s arguments, in the registered op's order."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_gate: torch.Tensor
+    r_mag: torch.Tensor
+    b_mag: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    l1_coefficient: float
+    capacity: int
+    freeze_aux_decoder: bool
+
+
 def gated_sae_step_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_gate: torch.Tensor,
-    r_mag: torch.Tensor,
-    b_mag: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    l1_coefficient: float,
-    capacity: int,
-    freeze_aux_decoder: bool,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-]:  # fmt: skip
+    i: GatedSaeStepInputs,
+) -> tuple[torch.Tensor, ...]:
     """Returns (loss, mse, l1, aux, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow,
     gate, mag, dots, residual, aux_residual, norms); the last six are kept for the backward."""
-    B, D = x.shape
-    F = W_dec.shape[0]
-    gate, mag, indices, row_offsets, count, dots = gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity)
+    B, D = i.x.shape
+    F = i.W_dec.shape[0]
+    gate, mag, indices, row_offsets, count, dots = gated_code(
+        i.x, i.W_enc, i.b_gate, i.r_mag, i.b_mag, i.b_dec, i.capacity
+    )
     vals = torch.relu(mag)  # 0 at the empty slots (their dot and bias are 0)
-    counts = torch.zeros(F, dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
-    aux_residual, sq_aux = gather_rows(gate, indices, W_dec, b_dec, x, row_offsets=row_offsets)
-    norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+    counts = torch.zeros(F, dtype=torch.int64, device=i.x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets, counts=counts)
+    aux_residual, sq_aux = gather_rows(gate, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets)
+    norms = torch.linalg.vector_norm(i.W_dec, dim=1, dtype=torch.float32)
     l1 = (gate.float() * at_entries(norms, indices)).sum() / B
     l0 = (vals > 0).sum().float() / B
-    loss = (sq + sq_aux) / B + l1_coefficient * l1
+    loss = (sq + sq_aux) / B + i.l1_coefficient * l1
     return (
-        loss, sq / (B * D), l1, sq_aux / B, l0, sq / total_variance(x), counts,
-        vals, indices, row_offsets, count, count > capacity,
+        loss, sq / (B * D), l1, sq_aux / B, l0, sq / total_variance(i.x), counts,
+        vals, indices, row_offsets, count, count > i.capacity,
         gate, mag, dots, residual, aux_residual, norms,
     )  # fmt: skip
 
 
-def gated_sae_step_fwd_fake(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient, capacity, freeze_aux_decoder):
+def gated_sae_step_fwd_fake(i: GatedSaeStepInputs):
+    x, W_dec, capacity = i.x, i.W_dec, i.capacity
     B, D = x.shape
     F = W_dec.shape[0]
     f32, i64 = torch.float32, torch.int64
@@ -118,51 +125,34 @@ def gated_sae_step_fwd_fake(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coe
     )
 
 
-def gated_sae_step_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    r_mag: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    gate: torch.Tensor,
-    mag: torch.Tensor,
-    dots: torch.Tensor,
-    residual: torch.Tensor,
-    aux_residual: torch.Tensor,
-    norms: torch.Tensor,
-    l1_coefficient: float,
-    freeze_aux_decoder: bool,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def gated_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dx, dW_enc, db_gate, dr_mag, db_mag, dW_dec, db_dec)."""
-    B = x.shape[0]
-    F = W_dec.shape[0]
-    n = indices.numel()
-    dtype = W_enc.dtype
-    g = grad.float()
+    B = saved.x.shape[0]
+    F = saved.W_dec.shape[0]
+    n = saved.indices.numel()
+    dtype = saved.W_enc.dtype
+    g = grads.loss.float()
     s = g * (2.0 / B)
-    c = g * (l1_coefficient / B)
-    rows = row_ids(row_offsets, n)
-    valid = indices >= 0
-    perm, offsets = csr_transpose(indices, F)
+    c = g * (saved.l1_coefficient / B)
+    rows = row_ids(saved.row_offsets, n)
+    valid = saved.indices >= 0
+    perm, offsets = csr_transpose(saved.indices, F)
 
     def per_latent(entries: torch.Tensor) -> torch.Tensor:  # [n, m] fp32 -> [F, m] sums over each latent's entries
         return torch.segment_reduce(entries[perm], "sum", offsets=offsets, axis=0, unsafe=True)
 
     # The decoder: the code taken twice (the reconstruction's rows 0..B-1, the auxiliary one's B..2B-1).
-    aux_coef = torch.zeros_like(gate) if freeze_aux_decoder else gate
-    gate_sum = per_latent(gate.float()[:, None])[:, 0]
-    row_term = torch.where(norms > 0, c * gate_sum / norms.clamp_min(TINY), 0.0)  # the penalty's d||w|| / dw
-    ids2 = torch.cat([indices, indices])
+    aux_coef = torch.zeros_like(saved.gate) if saved.freeze_aux_decoder else saved.gate
+    gate_sum = per_latent(saved.gate.float()[:, None])[:, 0]
+    row_term = torch.where(
+        saved.norms > 0, c * gate_sum / saved.norms.clamp_min(TINY), 0.0
+    )  # the penalty's d||w|| / dw
+    ids2 = torch.cat([saved.indices, saved.indices])
     dW_dec, dots2 = gather_rows_backward(
-        torch.cat([residual, aux_residual]),
-        torch.cat([vals, aux_coef]),
+        torch.cat([saved.residual, saved.aux_residual]),
+        torch.cat([saved.vals, aux_coef]),
         ids2,
-        W_dec,
+        saved.W_dec,
         scale=g,
         scale_const=2.0 / B,
         csr=csr_transpose(ids2, F),
@@ -170,18 +160,27 @@ def gated_sae_step_bwd(
         row_term=row_term,
         row_term_by_coef=False,
     )
-    d_mag = torch.where(valid & (mag > 0), dots2[:n] * s, 0.0)  # dL/dpi_mag
-    d_gate = torch.where(valid, dots2[n:] * s + c * at_entries(norms, indices), 0.0)  # dL/dpi_gate (every gate is open)
-    scale = r_mag.float().exp()
-    dz = d_gate + at_entries(scale, indices) * d_mag  # both paths read W_enc[f]
+    d_mag = torch.where(valid & (saved.mag > 0), dots2[:n] * s, 0.0)  # dL/dpi_mag
+    d_gate = torch.where(
+        valid, dots2[n:] * s + c * at_entries(saved.norms, saved.indices), 0.0
+    )  # dL/dpi_gate (every gate is open)
+    scale = saved.r_mag.float().exp()
+    dz = d_gate + at_entries(scale, saved.indices) * d_mag  # both paths read W_enc[f]
     dx_enc, dW_enc, _, db_dec_enc = encoder_backward(
-        dz, x, W_enc, b_dec, indices, csr=(perm, offsets), row_offsets=row_offsets, rows=rows
+        dz,
+        saved.x,
+        saved.W_enc,
+        saved.b_dec,
+        saved.indices,
+        csr=(perm, offsets),
+        row_offsets=saved.row_offsets,
+        rows=rows,
     )
-    sums = per_latent(torch.stack([d_gate, d_mag, d_mag * dots], 1))
-    dx = dx_enc - (residual + aux_residual) * s
-    db_dec = residual.sum(0) * s + db_dec_enc
-    if not freeze_aux_decoder:
-        db_dec = db_dec + aux_residual.sum(0) * s
+    sums = per_latent(torch.stack([d_gate, d_mag, d_mag * saved.dots], 1))
+    dx = dx_enc - (saved.residual + saved.aux_residual) * s
+    db_dec = saved.residual.sum(0) * s + db_dec_enc
+    if not saved.freeze_aux_decoder:
+        db_dec = db_dec + saved.aux_residual.sum(0) * s
     return (
         dx.to(dtype), dW_enc, sums[:, 0].to(dtype, copy=True), (scale * sums[:, 2]).to(dtype),
         sums[:, 1].to(dtype, copy=True),
@@ -189,7 +188,8 @@ def gated_sae_step_bwd(
     )  # fmt: skip
 
 
-def gated_sae_step_bwd_fake(grad, x, W_enc, r_mag, W_dec, b_dec, *rest):
+def gated_sae_step_bwd_fake(grads, saved, needs: list[bool]):
+    x, W_enc, W_dec, b_dec = saved.x, saved.W_enc, saved.W_dec, saved.b_dec
     F = W_enc.shape[0]
     return (
         torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(F), W_enc.new_empty(F), W_enc.new_empty(F),
@@ -201,13 +201,45 @@ def gated_sae_step_bwd_fake(grad, x, W_enc, r_mag, W_dec, b_dec, *rest):
 
 _gated_sae_step = register_op(
     "gated_sae_step",
-    forward=gated_sae_step_fwd,
-    forward_fake=gated_sae_step_fwd_fake,
-    backward=gated_sae_step_bwd,
-    backward_fake=gated_sae_step_bwd_fake,
+    inputs=GatedSaeStepInputs,
+    launchers=(gated_sae_step_fwd, gated_sae_step_fwd_fake, gated_sae_step_bwd, gated_sae_step_bwd_fake),
+    saved=(
+        "x",
+        "W_enc",
+        "r_mag",
+        "W_dec",
+        "b_dec",
+        "vals",
+        "indices",
+        "row_offsets",
+        "gate",
+        "mag",
+        "dots",
+        "residual",
+        "aux_residual",
+        "norms",
+        "l1_coefficient",
+        "freeze_aux_decoder",
+    ),
     outputs=(
-        "loss", "mse", "l1", "aux", "l0", "fvu", "fire_counts", "vals", "indices", "row_offsets", "count", "overflow",
-        "gate", "mag", "dots", "residual", "aux_residual", "norms",
+        "loss",
+        "mse",
+        "l1",
+        "aux",
+        "l0",
+        "fvu",
+        "fire_counts",
+        "vals",
+        "indices",
+        "row_offsets",
+        "count",
+        "overflow",
+        "gate",
+        "mag",
+        "dots",
+        "residual",
+        "aux_residual",
+        "norms",
     ),  # fmt: skip
     differentiable=("loss",),
     grad_inputs=("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),

@@ -34,6 +34,8 @@ Precision: fp32 accumulation; the loss in fp32; gradients in the parameters' dty
 threshold's in the threshold's dtype). Deterministic. Nothing [B, F] is kept.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -53,57 +55,53 @@ def _active(vals, indices, threshold, dtype):
     return (vals > theta) & (indices >= 0), theta
 
 
+class JumpreluSaeStepInputs(NamedTuple):
+    """``jumprelu_sae_step``'s arguments, in the registered op's order."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor
+    bandwidth: float
+    l0_coefficient: float
+    capacity: int
+
+
 def jumprelu_sae_step_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    threshold: torch.Tensor,
-    bandwidth: float,
-    l0_coefficient: float,
-    capacity: int,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
+    i: JumpreluSaeStepInputs,
+) -> tuple[torch.Tensor, ...]:
     """Returns (loss, mse, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow, z, residual);
     z, the collected pre-activations, and the residual are kept for the backward."""
-    B, D = x.shape
-    z, indices, row_offsets, count = threshold_preacts(x, W_enc, b_enc, b_dec, threshold, bandwidth, capacity)
-    active, _ = _active(z, indices, threshold, x.dtype)
+    B, D = i.x.shape
+    z, indices, row_offsets, count = threshold_preacts(
+        i.x, i.W_enc, i.b_enc, i.b_dec, i.threshold, i.bandwidth, i.capacity
+    )
+    active, _ = _active(z, indices, i.threshold, i.x.dtype)
     vals = torch.where(active, z, 0)
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets)
+    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets)
     l0 = active.sum().float() / B
-    counts = fire_counts(active, indices.clamp_min(0), W_dec.shape[0])
-    loss = sq / B + l0_coefficient * l0
+    counts = fire_counts(active, indices.clamp_min(0), i.W_dec.shape[0])
+    loss = sq / B + i.l0_coefficient * l0
     return (
         loss,
         sq / (B * D),
         l0,
-        sq / total_variance(x),
+        sq / total_variance(i.x),
         counts,
         vals,
         indices,
         row_offsets,
         count,
-        count > capacity,
+        count > i.capacity,
         z,
         residual,
     )
 
 
-def jumprelu_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, l0_coefficient, capacity):
+def jumprelu_sae_step_fwd_fake(i: JumpreluSaeStepInputs):
+    x, W_dec, capacity = i.x, i.W_dec, i.capacity
     B, D = x.shape
     F = W_dec.shape[0]
     f32, i64 = torch.float32, torch.int64
@@ -121,55 +119,71 @@ def jumprelu_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwid
     )
 
 
-def jumprelu_sae_step_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    threshold: torch.Tensor,
-    z: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    residual: torch.Tensor,
-    bandwidth: float,
-    l0_coefficient: float,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dx, dW_enc, db_enc, dW_dec, db_dec, dthreshold): the MSE step's backward gated by H(z - theta),
     and the threshold's straight-through gradient as a segmented sum over the same CSR transpose."""
-    B = x.shape[0]
-    active, theta = _active(z, indices, threshold, x.dtype)
-    vals = torch.where(active, z, 0)
-    *grads, da, (perm, offsets) = mse_step_backward(
-        grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, gate=active, per_row=True, with_da=True
+    B = saved.x.shape[0]
+    active, theta = _active(saved.z, saved.indices, saved.threshold, saved.x.dtype)
+    vals = torch.where(active, saved.z, 0)
+    *step_grads, da, (perm, offsets) = mse_step_backward(
+        grads.loss,
+        saved.x,
+        saved.W_enc,
+        saved.W_dec,
+        saved.b_dec,
+        vals,
+        saved.indices,
+        saved.residual,
+        saved.row_offsets,
+        gate=active,
+        per_row=True,
+        with_da=True,
     )
     # R(u), u = (z - theta) / bandwidth in the activations' dtype, as the reference computes it.
-    u = (z - theta) / bandwidth
-    band = (u > -0.5) & (u < 0.5) & (indices >= 0)
+    u = (saved.z - theta) / saved.bandwidth
+    band = (u > -0.5) & (u < 0.5) & (saved.indices >= 0)
     theta32 = theta.float()
-    per_entry = -(theta32 / bandwidth) * da - l0_coefficient * grad.float() / (B * bandwidth)
+    per_entry = -(theta32 / saved.bandwidth) * da - saved.l0_coefficient * grads.loss.float() / (B * saved.bandwidth)
     q = torch.where(band, per_entry, 0.0)
     dthreshold = torch.segment_reduce(q[perm], "sum", offsets=offsets, unsafe=True)
-    return (*grads, dthreshold.to(threshold.dtype))
+    return (*step_grads, dthreshold.to(saved.threshold.dtype))
 
 
-def jumprelu_sae_step_bwd_fake(
-    grad, x, W_enc, W_dec, b_dec, threshold, z, indices, row_offsets, residual, bandwidth, l0_coefficient, needs
-):
-    return step_grads_fake(x, W_enc, W_dec, b_dec, threshold)
+def jumprelu_sae_step_bwd_fake(grads, saved, needs: list[bool]):
+    return step_grads_fake(saved.x, saved.W_enc, saved.W_dec, saved.b_dec, saved.threshold)
 
 
 # Op registration and autograd ----------------------------------------------------
 
 _jumprelu_sae_step = register_op(
     "jumprelu_sae_step",
-    forward=jumprelu_sae_step_fwd,
-    forward_fake=jumprelu_sae_step_fwd_fake,
-    backward=jumprelu_sae_step_bwd,
-    backward_fake=jumprelu_sae_step_bwd_fake,
+    inputs=JumpreluSaeStepInputs,
+    launchers=(jumprelu_sae_step_fwd, jumprelu_sae_step_fwd_fake, jumprelu_sae_step_bwd, jumprelu_sae_step_bwd_fake),
+    saved=(
+        "x",
+        "W_enc",
+        "W_dec",
+        "b_dec",
+        "threshold",
+        "z",
+        "indices",
+        "row_offsets",
+        "residual",
+        "bandwidth",
+        "l0_coefficient",
+    ),
     outputs=(
-        "loss", "mse", "l0", "fvu", "fire_counts", "vals", "indices", "row_offsets", "count", "overflow", "z",
+        "loss",
+        "mse",
+        "l0",
+        "fvu",
+        "fire_counts",
+        "vals",
+        "indices",
+        "row_offsets",
+        "count",
+        "overflow",
+        "z",
         "residual",
     ),  # fmt: skip
     differentiable=("loss",),

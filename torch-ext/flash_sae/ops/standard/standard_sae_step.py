@@ -26,6 +26,8 @@ capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp
 the parameters' dtype. Deterministic. Nothing [B, F] is kept.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -43,59 +45,52 @@ TINY = torch.finfo(torch.float32).tiny
 # Host launchers ----------------------------------------------------------------
 
 
+class StandardSaeStepInputs(NamedTuple):
+    """``standard_sae_step``'s arguments, in the registered op's order."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    l1_coefficient: float
+    capacity: int
+
+
 def standard_sae_step_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    l1_coefficient: float,
-    capacity: int,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-]:
+    i: StandardSaeStepInputs,
+) -> tuple[torch.Tensor, ...]:
     """Returns (loss, mse, l1, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow,
     residual, norms); the residual and the decoder rows' norms are kept for the backward."""
-    B, D = x.shape
-    F = W_dec.shape[0]
-    zero = torch.zeros(F, dtype=x.dtype, device=x.device)
-    vals, indices, row_offsets, count = threshold_preacts(x, W_enc, b_enc, b_dec, zero, 0.0, capacity)
-    counts = torch.zeros(F, dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, counts=counts)
-    norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+    B, D = i.x.shape
+    F = i.W_dec.shape[0]
+    zero = torch.zeros(F, dtype=i.x.dtype, device=i.x.device)
+    vals, indices, row_offsets, count = threshold_preacts(i.x, i.W_enc, i.b_enc, i.b_dec, zero, 0.0, i.capacity)
+    counts = torch.zeros(F, dtype=torch.int64, device=i.x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets, counts=counts)
+    norms = torch.linalg.vector_norm(i.W_dec, dim=1, dtype=torch.float32)
     l1 = (vals.float() * at_entries(norms, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
-    loss = sq / B + l1_coefficient * l1
+    loss = sq / B + i.l1_coefficient * l1
     return (
         loss,
         sq / (B * D),
         l1,
         l0,
-        sq / total_variance(x),
+        sq / total_variance(i.x),
         counts,
         vals,
         indices,
         row_offsets,
         count,
-        count > capacity,
+        count > i.capacity,
         residual,
         norms,
     )
 
 
-def standard_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient, capacity):
+def standard_sae_step_fwd_fake(i: StandardSaeStepInputs):
+    x, W_dec, capacity = i.x, i.W_dec, i.capacity
     B, D = x.shape
     F = W_dec.shape[0]
     f32, i64 = torch.float32, torch.int64
@@ -113,35 +108,21 @@ def standard_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient, ca
     )
 
 
-def standard_sae_step_bwd(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    residual: torch.Tensor,
-    norms: torch.Tensor,
-    l1_coefficient: float,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def standard_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's backward with the penalty's code gradient
     added before the ReLU's gate, then the penalty's term along each decoder row."""
-    B = x.shape[0]
-    c = grad.float() * (l1_coefficient / B)
-    da_l1 = c * at_entries(norms, indices)
-    row_term = torch.where(norms > 0, c / norms.clamp_min(TINY), 0.0)  # d||w|| / dw = w / ||w|| (0 at w = 0)
+    B = saved.x.shape[0]
+    c = grads.loss.float() * (saved.l1_coefficient / B)
+    da_l1 = c * at_entries(saved.norms, saved.indices)
+    row_term = torch.where(saved.norms > 0, c / saved.norms.clamp_min(TINY), 0.0)  # d||w||/dw = w/||w|| (0 at w = 0)
     return mse_step_backward(
-        grad, x, W_enc, W_dec, b_dec, vals, indices, residual, row_offsets, per_row=True, da_extra=da_l1,
-        dw_dec_row_term=row_term,
+        grads.loss, saved.x, saved.W_enc, saved.W_dec, saved.b_dec, saved.vals, saved.indices, saved.residual,
+        saved.row_offsets, per_row=True, da_extra=da_l1, dw_dec_row_term=row_term,
     )  # fmt: skip
 
 
-def standard_sae_step_bwd_fake(
-    grad, x, W_enc, W_dec, b_dec, vals, indices, row_offsets, residual, norms, l1_coefficient, needs
-):
+def standard_sae_step_bwd_fake(grads, saved, needs: list[bool]):
+    x, W_enc, W_dec, b_dec = saved.x, saved.W_enc, saved.W_dec, saved.b_dec
     return step_grads_fake(x, W_enc, W_dec, b_dec)
 
 
@@ -149,13 +130,23 @@ def standard_sae_step_bwd_fake(
 
 _standard_sae_step = register_op(
     "standard_sae_step",
-    forward=standard_sae_step_fwd,
-    forward_fake=standard_sae_step_fwd_fake,
-    backward=standard_sae_step_bwd,
-    backward_fake=standard_sae_step_bwd_fake,
+    inputs=StandardSaeStepInputs,
+    launchers=(standard_sae_step_fwd, standard_sae_step_fwd_fake, standard_sae_step_bwd, standard_sae_step_bwd_fake),
+    saved=("x", "W_enc", "W_dec", "b_dec", "vals", "indices", "row_offsets", "residual", "norms", "l1_coefficient"),
     outputs=(
-        "loss", "mse", "l1", "l0", "fvu", "fire_counts", "vals", "indices", "row_offsets", "count", "overflow",
-        "residual", "norms",
+        "loss",
+        "mse",
+        "l1",
+        "l0",
+        "fvu",
+        "fire_counts",
+        "vals",
+        "indices",
+        "row_offsets",
+        "count",
+        "overflow",
+        "residual",
+        "norms",
     ),  # fmt: skip
     differentiable=("loss",),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec"),

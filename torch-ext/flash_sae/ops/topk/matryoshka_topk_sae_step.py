@@ -12,6 +12,8 @@ Precision: fp32 accumulation; losses in fp32; gradients in the parameters' dtype
 Deterministic; no host sync; nothing [B, F] kept (the G residuals are [G, B, D] fp32).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -20,6 +22,7 @@ from ...primitives.select import topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
     MATRYOSHKA_OUTPUTS,
+    MATRYOSHKA_SAVED,
     matryoshka_levels_bwd,
     matryoshka_levels_bwd_fake,
     matryoshka_levels_fwd,
@@ -30,33 +33,36 @@ from .._matryoshka import (
 # Host launchers ----------------------------------------------------------------
 
 
-def matryoshka_topk_sae_step_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: int,
-    prefix_sizes: list[int],
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor,
-]:  # fmt: skip
+class MatryoshkaTopkSaeStepInputs(NamedTuple):
+    """``matryoshka_topk_sae_step``'s arguments, in the registered op's order."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    k: int
+    prefix_sizes: list[int]
+
+
+def matryoshka_topk_sae_step_fwd(i: MatryoshkaTopkSaeStepInputs) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Returns (loss, level_losses, fvu, fire_counts, vals, indices, row_offsets, min_act, residuals [G, B, D])."""
+    x, k = i.x, i.k
     B = x.shape[0]
-    values, ids = topk_preacts(x, W_enc, b_enc, k, b_dec, relu=True)
+    values, ids = topk_preacts(x, i.W_enc, i.b_enc, k, i.b_dec, relu=True)
     ids, order = ids.sort(dim=1)  # by latent id inside each row: each level is a prefix of the row
     vals = values.gather(1, order).view(-1)
     indices = ids.view(-1)
     row_offsets = torch.arange(B + 1, device=x.device) * k
     loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd(
-        x, W_dec, b_dec, vals, indices, row_offsets, prefix_sizes
+        x, i.W_dec, i.b_dec, vals, indices, row_offsets, i.prefix_sizes
     )
     return loss, level_losses, fvu, counts, vals, indices, row_offsets, min_positive(vals), residuals
 
 
-def matryoshka_topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes):
-    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, W_dec, len(prefix_sizes))
+def matryoshka_topk_sae_step_fwd_fake(i: MatryoshkaTopkSaeStepInputs):
+    x, k = i.x, i.k
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, i.W_dec, len(i.prefix_sizes))
     B, i64 = x.shape[0], torch.int64
     code = (x.new_empty(B * k), x.new_empty(B * k, dtype=i64), x.new_empty(B + 1, dtype=i64))
     return loss, level_losses, fvu, counts, *code, x.new_empty((), dtype=torch.float32), residuals
@@ -66,10 +72,14 @@ def matryoshka_topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, k, prefix_s
 
 _matryoshka_topk_sae_step = register_op(
     "matryoshka_topk_sae_step",
-    forward=matryoshka_topk_sae_step_fwd,
-    forward_fake=matryoshka_topk_sae_step_fwd_fake,
-    backward=matryoshka_levels_bwd,
-    backward_fake=matryoshka_levels_bwd_fake,
+    inputs=MatryoshkaTopkSaeStepInputs,
+    launchers=(
+        matryoshka_topk_sae_step_fwd,
+        matryoshka_topk_sae_step_fwd_fake,
+        matryoshka_levels_bwd,
+        matryoshka_levels_bwd_fake,
+    ),  # fmt: skip
+    saved=MATRYOSHKA_SAVED,
     outputs=MATRYOSHKA_OUTPUTS,
     differentiable=("loss",),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec"),

@@ -17,6 +17,8 @@ Precision: GEMM as torch's (fp32 accumulation in cuBLAS); backward accumulates
 in fp32; outputs in the input dtype. Shapes: B >= 1, 1 <= k <= F, F < 2^31; any D.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -27,35 +29,37 @@ from ...primitives.select import topk_preacts
 # Host launchers ----------------------------------------------------------------
 
 
-def topk_encode_fwd(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor | None, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+class TopkEncodeInputs(NamedTuple):
+    """``topk_encode``'s arguments, in the registered op's order."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor | None
+    k: int
+
+
+def topk_encode_fwd(i: TopkEncodeInputs) -> tuple[torch.Tensor, ...]:
     """Returns (vals [B, k] in x's dtype, indices [B, k] int64), in descending order."""
-    return topk_preacts(x, W_enc, b_enc, k, b_dec, relu=True)
+    return topk_preacts(i.x, i.W_enc, i.b_enc, i.k, i.b_dec, relu=True)
 
 
-def topk_encode_fwd_fake(x, W_enc, b_enc, b_dec, k):
+def topk_encode_fwd_fake(i: TopkEncodeInputs):
+    x, k = i.x, i.k
     B = x.shape[0]
     return x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int64)
 
 
-def topk_encode_bwd(
-    dvals: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_dec: torch.Tensor | None,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_encode_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """(dx, dW_enc, db_enc, db_dec), each in W_enc's dtype; one pass serves all four."""
-    dpre = torch.where(vals > 0, dvals.float(), 0.0)
-    dx, dW_enc, db_enc, db_dec = encoder_backward(dpre, x, W_enc, b_dec, indices)
-    dtype = W_enc.dtype
-    return dx.to(dtype), dW_enc, db_enc.to(dtype), db_dec.to(dtype) if db_dec is not None else x.new_empty(0)
+    dpre = torch.where(saved.vals > 0, grads.vals.float(), 0.0)
+    dx, dW_enc, db_enc, db_dec = encoder_backward(dpre, saved.x, saved.W_enc, saved.b_dec, saved.indices)
+    dtype = saved.W_enc.dtype
+    return dx.to(dtype), dW_enc, db_enc.to(dtype), db_dec.to(dtype) if db_dec is not None else saved.x.new_empty(0)
 
 
-def topk_encode_bwd_fake(dvals, x, W_enc, b_dec, vals, indices, needs):
+def topk_encode_bwd_fake(grads, saved, needs: list[bool]):
+    x, W_enc, b_dec = saved.x, saved.W_enc, saved.b_dec
     db_dec = x.new_empty(x.shape[1]) if b_dec is not None else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[0]), db_dec
 
@@ -64,10 +68,9 @@ def topk_encode_bwd_fake(dvals, x, W_enc, b_dec, vals, indices, needs):
 
 _topk_encode = register_op(
     "topk_encode",
-    forward=topk_encode_fwd,
-    forward_fake=topk_encode_fwd_fake,
-    backward=topk_encode_bwd,
-    backward_fake=topk_encode_bwd_fake,
+    inputs=TopkEncodeInputs,
+    launchers=(topk_encode_fwd, topk_encode_fwd_fake, topk_encode_bwd, topk_encode_bwd_fake),
+    saved=("x", "W_enc", "b_dec", "vals", "indices"),
     outputs=("vals", "indices"),
     differentiable=("vals",),
     grad_inputs=("x", "W_enc", "b_enc", "b_dec"),
@@ -83,7 +86,7 @@ def topk_encode(
     b_enc: torch.Tensor,
     k: int,
     b_dec: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """TopK SAE encoder: the k largest pre-activations of each row, through a ReLU.
 
     ``pre = (x - b_dec) @ W_enc.T + b_enc``; returns ``(vals, indices)`` with

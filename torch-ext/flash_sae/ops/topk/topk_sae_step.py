@@ -33,6 +33,8 @@ Precision: fp32 accumulation; loss and FVU in fp32; gradients in the inputs'
 dtype. Deterministic. Shapes as ``topk_encode``.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import register_op
@@ -49,45 +51,55 @@ from .._dead import (
     dead_loss_spec,
     dead_outputs,
 )
-from .._step import checked_step_args, mse_selection_step_backward, mse_selection_step_backward_fake
+from .._step import (
+    SELECTION_STEP_SAVED,
+    checked_step_args,
+    mse_selection_step_backward,
+    mse_selection_step_backward_fake,
+)
 
 # Host launchers ----------------------------------------------------------------
 
 
+class TopkSaeStepInputs(NamedTuple):
+    """``topk_sae_step``'s arguments, in the registered op's order."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    target: torch.Tensor | None
+    k: int
+    dead_mask: torch.Tensor | None
+    dead_offset: torch.Tensor | None
+    dead: list[int]
+    aux_coef: float
+
+
 def topk_sae_step_fwd(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    target: torch.Tensor | None,
-    k: int,
-    dead_mask: torch.Tensor | None,
-    dead_offset: torch.Tensor | None,
-    dead: list[int],
-    aux_coef: float,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-]:  # fmt: skip
+    i: TopkSaeStepInputs,
+) -> tuple[torch.Tensor, ...]:
     """Returns (loss, fvu, fire_counts, vals, indices, residual, *DEAD_OUTPUTS); ``dead`` is a
     ``DeadLossSpec`` (``ops/_dead.py``), the dead-latent loss's outputs are empty without one. The
     reconstruction's target is x (encoded as x - b_dec), or ``target`` (x encoded as it is)."""
-    y, centre = (x, b_dec) if target is None else (target, None)
+    x, W_dec, b_dec = i.x, i.W_dec, i.b_dec
+    y, centre = (x, b_dec) if i.target is None else (i.target, None)
     B, D = y.shape
-    spec = DeadLossSpec.from_op(dead)
-    columns, slots = dead_columns_for(x, spec, dead_mask, dead_offset)
-    vals, indices = topk_preacts(x, W_enc, b_enc, k, centre, columns=columns, relu=True)
+    spec = DeadLossSpec.from_op(i.dead)
+    columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
+    vals, indices = topk_preacts(x, i.W_enc, i.b_enc, i.k, centre, columns=columns, relu=True)
     counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
     residual, sq = gather_rows(vals, indices, W_dec, b_dec, y, counts=counts)
     dead_out = dead_outputs(spec, slots, x, residual, W_dec)
     loss = sq / (B * D)
     if spec.mode:
-        loss = loss + aux_coef * dead_out[0]
+        loss = loss + i.aux_coef * dead_out[0]
     return loss, sq / total_variance(y), counts, vals, indices, residual, *dead_out
 
 
-def topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, target, k, dead_mask, dead_offset, dead, aux_coef):
+def topk_sae_step_fwd_fake(i: TopkSaeStepInputs):
+    x, W_dec, k, dead = i.x, i.W_dec, i.k, i.dead
     B, D = x.shape[0], W_dec.shape[1]
     F = W_dec.shape[0]
     f32, i64 = torch.float32, torch.int64
@@ -102,45 +114,18 @@ def topk_sae_step_fwd_fake(x, W_enc, b_enc, W_dec, b_dec, target, k, dead_mask, 
     )
 
 
-def topk_sae_step_bwd(
-    grad: torch.Tensor,
-    grad_aux: torch.Tensor,
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    target: torch.Tensor | None,
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    residual: torch.Tensor,
-    A: torch.Tensor,
-    gate: torch.Tensor,
-    dE1: torch.Tensor,
-    ids: torch.Tensor,
-    valid: torch.Tensor,
-    dead: list[int],
-    aux_coef: float,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec, dtarget), each in its input's dtype; one CSR transpose
-    serves both weights; with a dead-latent loss, its gradients on the dead slots are added."""
-    step, dead_saved = (x, W_enc, W_dec, b_dec, target), (A, gate, dE1, ids, valid)
-    code = (vals, indices, None)
-    return mse_selection_step_backward((grad, grad_aux), step, code, residual, dead_saved, dead, aux_coef, needs)
-
-
-def topk_sae_step_bwd_fake(grad, grad_aux, x, W_enc, W_dec, b_dec, target, *rest):
-    return mse_selection_step_backward_fake(x, W_enc, W_dec, b_dec, target, rest[-1])
-
-
 # Op registration and autograd ----------------------------------------------------
 
 _topk_sae_step = register_op(
     "topk_sae_step",
-    forward=topk_sae_step_fwd,
-    forward_fake=topk_sae_step_fwd_fake,
-    backward=topk_sae_step_bwd,
-    backward_fake=topk_sae_step_bwd_fake,
+    inputs=TopkSaeStepInputs,
+    launchers=(
+        topk_sae_step_fwd,
+        topk_sae_step_fwd_fake,
+        mse_selection_step_backward,
+        mse_selection_step_backward_fake,
+    ),
+    saved=SELECTION_STEP_SAVED,
     outputs=("loss", "fvu", "fire_counts", "vals", "indices", "residual", *DEAD_OUTPUTS),
     differentiable=("loss", "aux_loss"),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
