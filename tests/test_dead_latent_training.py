@@ -61,6 +61,7 @@ def train(fs, device, treatment):
     return float(torch.stack(fractions).mean()), float(torch.stack(fvus).mean())
 
 
+@pytest.mark.slow  # 4 treatments x 300 steps: the full tier's; the fast tier keeps the two below
 @pytest.fixture
 def fast_cpu_path(fs, device, monkeypatch):
     if device == "cpu":
