@@ -61,13 +61,13 @@ def train(fs, device, treatment):
     return float(torch.stack(fractions).mean()), float(torch.stack(fvus).mean())
 
 
-@pytest.mark.slow  # 4 treatments x 300 steps: the full tier's; the fast tier keeps the two below
 @pytest.fixture
 def fast_cpu_path(fs, device, monkeypatch):
     if device == "cpu":
         monkeypatch.setattr(package_module(fs, "_launch"), "CPU_RUNS_TRITON", False)
 
 
+@pytest.mark.slow  # 4 treatments x 300 steps: the full tier's; the fast tier keeps the two below
 def test_each_treatment_reduces_the_dead_fraction(fs, device, fast_cpu_path):
     results = {t: train(fs, device, t) for t in ("none", "auxk", "ghost", "resample")}
     for t, (dead, fvu) in results.items():
