@@ -15,7 +15,7 @@ runs the FULL tier, which is what CI runs (README's test command). Both cover
 every op and module; they differ in how many examples each property test draws
 and in the tests marked ``slow``:
 
-- FAST (the default): the Hypothesis profile ``fast`` on a CPU (3 derandomized
+- FAST (the default): the Hypothesis profile ``fast`` on a CPU (2 derandomized
   examples per property test) or ``gpu-fast`` on a GPU (10 random examples).
   Tests and parametrizations marked ``slow`` are skipped: torch.compile parity,
   opcheck in bf16/fp16, the bf16 training curve, and the extra shapes and
@@ -29,7 +29,7 @@ fp32, bf16, fp16; and one with duplicate latents where the op takes a given
 code) at small shapes, so every tier runs each dtype whatever the draw.
 
 ``HYPOTHESIS_PROFILE`` still picks a profile by name and wins over the tier's
-(``quick`` is kept as another name for ``fast``); ``HYPOTHESIS_PROFILE=full``
+(``quick``, the former CPU default of 3 examples, is kept); ``HYPOTHESIS_PROFILE=full``
 or ``gpu`` also runs the ``slow`` tests, as ``--full`` does. The profile
 ``examples`` runs each property test's pinned ``@example``s alone, no draws.
 
@@ -77,8 +77,8 @@ _NO_SHRINK = tuple(p for p in Phase if p not in (Phase.shrink, Phase.explain))
 _SHRINK = tuple(Phase) if not os.environ.get("CI") else _NO_SHRINK
 _cpu = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 _gpu = dict(deadline=None, print_blob=True)
-settings.register_profile("fast", max_examples=3, phases=_SHRINK, **_cpu)
-settings.register_profile("quick", max_examples=3, phases=_SHRINK, **_cpu)  # the fast profile's former name
+settings.register_profile("fast", max_examples=2, phases=_SHRINK, **_cpu)
+settings.register_profile("quick", max_examples=3, phases=_SHRINK, **_cpu)  # the former CPU default
 settings.register_profile("full", max_examples=20, phases=_NO_SHRINK, **_cpu)
 settings.register_profile("gpu-fast", max_examples=10, phases=_SHRINK, **_gpu)
 settings.register_profile("gpu", max_examples=200, phases=_NO_SHRINK, **_gpu)

@@ -98,7 +98,7 @@ def test_batchtopk_ties(fs, device, dtype, B, D, F, k):
     check_batchtopk_step(fs, (B, D, F, k), dtype, device, rescale=False, seed=B * F, integer=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
 @pytest.mark.parametrize("integer", [False, True], ids=["distinct", "tied"])
 def test_batchtopk_groups_and_chunks(fs, device, dtype, integer, monkeypatch):
     """Group sizes, partial groups and many F chunks (each chunk's top N, merged by value then flat

@@ -233,7 +233,7 @@ def test_fewer_dead_than_k_aux(fs, device, dtype, step, relu):
     check_dead_step(fs, step, problem, dtype, device, "auxk", relu, True, False, seed=5)
 
 
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("step", fast_tier_keeps(1, ("batchtopk", "topk")))
 @pytest.mark.parametrize("mode", fast_tier_keeps(1, ["auxk", "ghost"]))
 def test_chunks_and_capacity(fs, device, step, mode, monkeypatch):
     """Many F chunks (the dead columns are copied chunk by chunk) and a capacity below the dead count."""

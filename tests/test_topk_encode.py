@@ -62,7 +62,7 @@ def test_topk_encode_all_tied_and_signed_zero(fs, device, dtype):
 
 @pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
 @pytest.mark.parametrize("integer", [False, True], ids=["distinct", "tied"])
-@pytest.mark.parametrize("K", [1, 5, 33])
+@pytest.mark.parametrize("K", fast_tier_keeps(1, [5, 1, 33]))
 def test_topk_encode_groups_and_chunks(fs, device, dtype, integer, K, monkeypatch):
     """Group sizes from 1 to past F/K, partial last groups, groups per program, and many F chunks
     (each with its own candidates, merged at the end); distinct and exactly tied values. The code
