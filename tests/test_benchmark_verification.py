@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from peers import require
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = f"""
@@ -35,6 +36,7 @@ for cls in discover_benchmark_classes(root / "benchmarks" / "benchmark.py", root
 
 @pytest.mark.kernels_ci
 def test_every_workload_passes_the_runners_verification_on_the_cpu():
+    require("kernels.cli.benchmark")  # kernels' benchmark runner and what it imports (tests/requirements.txt)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LOCAL_KERNELS")}
     env["HF_HUB_OFFLINE"] = "1"
     out = subprocess.run([sys.executable, "-c", RUN], env=env, capture_output=True, text=True, timeout=600)

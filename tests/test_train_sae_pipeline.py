@@ -184,8 +184,7 @@ def test_batchtopk_export_keeps_the_threshold_rule(fs, tmp_path, arch):
     same latents and reconstructs raw activations as the module does."""
     import json
 
-    from safetensors.torch import save_file
-
+    save_file = require("safetensors.torch").save_file
     ts = script()
     sae_lens = require("sae_lens")
     args = ts.parse_args(["--arch", arch, "--d-sae", "40", "--k", "4"])
