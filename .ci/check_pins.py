@@ -79,7 +79,9 @@ def main() -> int:
                 pip = [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--quiet"]
                 pip += ["--ignore-installed", "--only-binary=:all:", "--python-version", PYTHON]
                 pip += [arg for plat in PIP_PLATFORMS for arg in ("--platform", plat)]
-                checks.append(("pip", [*pip, "--target", str(target), "--cache-dir", str(tmp / "cache"), "-r", str(req)]))
+                checks.append(
+                    ("pip", [*pip, "--target", str(target), "--cache-dir", str(tmp / "cache"), "-r", str(req)])
+                )
             for tool, cmd in checks:
                 ok, log = run(cmd, env)
                 print(f"{'ok  ' if ok else 'FAIL'} {tool:3s} {name} (Linux x86-64, Python {PYTHON})", flush=True)

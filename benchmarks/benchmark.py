@@ -135,4 +135,6 @@ class MatryoshkaBatchtopkSaeStep(TopkSaeStep):
         self.out = _sae_step(lambda *a: self.kernel.matryoshka_batchtopk_sae_step(*a, self._sizes()), self)
 
     def verify_train_step(self) -> torch.Tensor:
-        return _reference_step(lambda *a: self.kernel.testing.reference.matryoshka_batchtopk_sae_step(*a, self._sizes()), self)
+        return _reference_step(
+            lambda *a: self.kernel.testing.reference.matryoshka_batchtopk_sae_step(*a, self._sizes()), self
+        )

@@ -49,9 +49,9 @@ FAMILY_CALLS = {
     "topk_sae_step+auxk": lambda fs, p, K, dead: fs.topk_sae_step(*p, K, dead_mask=dead).loss,
     "batchtopk_sae_step": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K).loss,
     "batchtopk_sae_step+auxk": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K, dead_mask=dead).loss,
-    "matryoshka_topk_sae_step": lambda fs, p, K, dead: fs.matryoshka_topk_sae_step(
-        *p, K, [p[1].shape[0] // 4, p[1].shape[0] // 2, p[1].shape[0]]
-    ).loss,
+    "matryoshka_topk_sae_step": lambda fs, p, K, dead: (
+        fs.matryoshka_topk_sae_step(*p, K, [p[1].shape[0] // 4, p[1].shape[0] // 2, p[1].shape[0]]).loss
+    ),
 }
 
 
@@ -180,7 +180,9 @@ def main():
         gpu=gpu, date=str(datetime.date.today()), torch=torch.__version__, triton=__import__("triton").__version__,
         commit=git_commit(), builds=names,
     )  # fmt: skip
-    print(f"wrote {write_rows(result_path(gpu, 'compare_builds', args.out), schema_rows('compare_builds', meta, rows))}")
+    print(
+        f"wrote {write_rows(result_path(gpu, 'compare_builds', args.out), schema_rows('compare_builds', meta, rows))}"
+    )
 
 
 if __name__ == "__main__":

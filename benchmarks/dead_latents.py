@@ -141,10 +141,22 @@ def schema_rows(benchmark, meta, rows):
     env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
     return [
         make_row(
-            benchmark, r["impl"], {k: r[k] for k in "BDFK"}, dtype="bf16", eager_ms=r["ms"], graph_ms=r["graph_ms"],
-            peak_gib=r["peak_gib"], env=env, error=r.get("error"), eager_p20_ms=r["p20"], eager_p80_ms=r["p80"],
-            floor_ms=r["floor_ms"], pct_of_floor=r["pct_floor"], x_baseline_eager=r["x_plain_eager"],
-            x_baseline_graph=r["x_plain_graph"], copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"),
+            benchmark,
+            r["impl"],
+            {k: r[k] for k in "BDFK"},
+            dtype="bf16",
+            eager_ms=r["ms"],
+            graph_ms=r["graph_ms"],
+            peak_gib=r["peak_gib"],
+            env=env,
+            error=r.get("error"),
+            eager_p20_ms=r["p20"],
+            eager_p80_ms=r["p80"],
+            floor_ms=r["floor_ms"],
+            pct_of_floor=r["pct_floor"],
+            x_baseline_eager=r["x_plain_eager"],
+            x_baseline_graph=r["x_plain_graph"],
+            copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"),
             params={"baseline": "flash-sae TopK step (no dead-latent loss)"},
         )  # fmt: skip
         for r in rows

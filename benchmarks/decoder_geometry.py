@@ -43,9 +43,18 @@ def schema_rows(benchmark, meta, rows):
     env = {k: meta.get(k) for k in ("gpu", "torch", "triton", "commit", "date")}
     return [
         make_row(
-            benchmark, r["impl"], dict(F=r["F"], D=r["D"]), dtype="bf16", eager_ms=r["ms"], graph_ms=r["graph_ms"],
-            peak_gib=r["peak_gib"], env=env, error=r.get("error"), floor_ms=r["floor_ms"],
-            pct_of_floor=r["pct_floor"], copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"),
+            benchmark,
+            r["impl"],
+            dict(F=r["F"], D=r["D"]),
+            dtype="bf16",
+            eager_ms=r["ms"],
+            graph_ms=r["graph_ms"],
+            peak_gib=r["peak_gib"],
+            env=env,
+            error=r.get("error"),
+            floor_ms=r["floor_ms"],
+            pct_of_floor=r["pct_floor"],
+            copy_bandwidth_tbps=meta.get("copy_bandwidth_tbps"),
         )  # fmt: skip
         for r in rows
     ]

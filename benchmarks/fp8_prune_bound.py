@@ -168,10 +168,16 @@ def schema_rows(benchmark, meta, rows, gemms):
                       "rows_settled_at_4k", "rows", "bound_holds", "exact_topk_in_candidates")
         }  # fmt: skip
         shape = dict(B=r["B"], D=r["D"], F=r["F"], K=r["k"])
-        out.append(make_row(benchmark, "fp8 e4m3 prune bound", shape, env=env, params={"data": r["data"], "fp8": fp8}, **metrics))
+        out.append(
+            make_row(
+                benchmark, "fp8 e4m3 prune bound", shape, env=env, params={"data": r["data"], "fp8": fp8}, **metrics
+            )
+        )
     for run, g in enumerate(gemms, 1):
         shape = dict(B=g["B"], D=g["D"], F=g["F"])
-        out.append(make_row(benchmark, "bf16 addmm", shape, dtype="bf16", env=env, params={"run": run}, ms=g["bf16_ms"]))
+        out.append(
+            make_row(benchmark, "bf16 addmm", shape, dtype="bf16", env=env, params={"run": run}, ms=g["bf16_ms"])
+        )
         out.append(
             make_row(
                 benchmark, "e4m3 _scaled_mm", shape, dtype="fp8_e4m3", env=env, params={"run": run}, ms=g["fp8_ms"],
@@ -205,7 +211,9 @@ def main():
 
         meta = environment("cuda" if gpu else "cpu")
         meta["gpu"] = name
-        path = write_rows(result_path(name, "fp8_prune_bound", args.out), schema_rows("fp8_prune_bound", meta, rows, gemms))
+        path = write_rows(
+            result_path(name, "fp8_prune_bound", args.out), schema_rows("fp8_prune_bound", meta, rows, gemms)
+        )
         print(f"wrote {path}")
     return 0 if all(r["bound_holds"] and r["exact_topk_in_candidates"] for r in rows) else 1
 

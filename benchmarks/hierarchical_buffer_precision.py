@@ -67,14 +67,18 @@ def main():
         errs = {}
         indices, *params = inputs
         p64 = [p.detach().double().requires_grad_() for p in params]
-        ref = grads(fs.testing.reference.hierarchical_topk_sae_loss(indices, *p64), p64, torch.tensor(upstream).double())
+        ref = grads(
+            fs.testing.reference.hierarchical_topk_sae_loss(indices, *p64), p64, torch.tensor(upstream).double()
+        )
         for flag in (True, False):
             tuning["hierarchical_bf16_buffer"] = flag
             _, g = call_op(fs, OP, inputs)  # call_op's upstream is -1.7 too
             errs[flag] = rel_err(g[0], ref[0])
         tuning["hierarchical_bf16_buffer"] = True
         pb = [p.detach().clone().requires_grad_() for p in params]
-        same = grads(fs.testing.reference.hierarchical_topk_sae_loss(indices, *pb), pb, torch.tensor(upstream).bfloat16())
+        same = grads(
+            fs.testing.reference.hierarchical_topk_sae_loss(indices, *pb), pb, torch.tensor(upstream).bfloat16()
+        )
         torch_err = rel_err(same[0], ref[0])
         print(
             f"{str((*bkfd, dup)):28s} {errs[True]:12.2e} {errs[False]:12.2e} {errs[True] / errs[False]:6.2f} "

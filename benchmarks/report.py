@@ -279,7 +279,9 @@ def trainers_md(rows):
     out.append("")
     head = ["trainer", "F", "setting", "steps", "tokens/s", "ms/step", "peak GiB", "FVU", "L0", "dead",
             "vs SAELens", "vs sparsify"]  # fmt: skip
-    out += table(head, body, ["---", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+    out += table(
+        head, body, ["---", "---:", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]
+    )
     out.append("")
     return out
 
@@ -322,7 +324,7 @@ def sharded_md(rows):
         f"B = {s['B']}, D = {s['D']}, k = {s['K']}, {rows[0]['dtype']}, forward + backward; the slowest rank's "
         "median; collectives timed alone at the step's sizes; peak memory through a whole step with fused "
         "Adam, beside the target (parameters + gradients + Adam state) / shards + 2 GiB. Where a layout and F "
-        "were measured more than once, the last row counts. \"n/a\": no CUDA-graph time (the capture did "
+        'were measured more than once, the last row counts. "n/a": no CUDA-graph time (the capture did '
         "not fit).",
         "",
     ]
@@ -425,7 +427,9 @@ SKIP = set(("benchmark", "implementation", "shape", "dtype", "gpu", "torch", "tr
 def generic_md(rows):
     """One table per kind of row (rows that record the same fields), every recorded field a column."""
     out = []
-    cmds = list(dict.fromkeys((r.get("params") or {}).get("command") for r in rows if (r.get("params") or {}).get("command")))
+    cmds = list(
+        dict.fromkeys((r.get("params") or {}).get("command") for r in rows if (r.get("params") or {}).get("command"))
+    )
     out += [f"Run: `{c}`" for c in cmds] + ([""] if cmds else [])
     kinds = {}
     for r in rows:
@@ -453,7 +457,10 @@ def generic_table(rows):
     body = []
     for r in rows:
         p = r.get("params") or {}
-        line = [r["implementation"], "(" + ", ".join(pow2(r["shape"][d]) if d in r["shape"] else "" for d in dims) + ")"]
+        line = [
+            r["implementation"],
+            "(" + ", ".join(pow2(r["shape"][d]) if d in r["shape"] else "" for d in dims) + ")",
+        ]
         line += [r["dtype"] or ""] if has_dtype else []
         line += [num(p.get(k)) if not isinstance(p.get(k), str) else p[k] for k in params]
         line += [num(r.get(k)) for k in metrics]

@@ -269,7 +269,9 @@ def git_commit() -> str | None:
 
 def environment(device=None) -> dict:
     """gpu, torch, triton, commit and today's UTC date for the rows of this run."""
-    env = dict(gpu="cpu", torch=None, triton=None, commit=git_commit(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+    env = dict(
+        gpu="cpu", torch=None, triton=None, commit=git_commit(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    )
     try:
         import torch
 

@@ -393,7 +393,10 @@ def bench_family_steps(fs, args, bw, rows, quick):
                 thr = threshold.clone().requires_grad_()
                 jp = params + [thr]
                 impls[(op, "flash-sae")] = (lambda jp=jp: fs.jumprelu_sae_step(*jp, capacity=capacity).loss, jp)
-                impls[(op, "torch eager (dense)")] = (lambda jp=jp: fs.testing.reference.jumprelu_sae_step(*jp).loss, jp)
+                impls[(op, "torch eager (dense)")] = (
+                    lambda jp=jp: fs.testing.reference.jumprelu_sae_step(*jp).loss,
+                    jp,
+                )
                 impls[(op, "SAELens")] = ("jumprelu", threshold)
         if with_compile:
             for op in ops:

@@ -28,7 +28,8 @@ def fast_tier_keeps(n, values, ids=None, *, unpack=False):
     ``unpack``: each value is a tuple of several argument values (``parametrize("a,b", ...)``)."""
     ids = ids if ids is not None else [None] * len(values)
     return [
-        v if i < n and ids[i] is None
+        v
+        if i < n and ids[i] is None
         else pytest.param(*(v if unpack else (v,)), marks=() if i < n else pytest.mark.slow, id=ids[i])
         for i, v in enumerate(values)
     ]
@@ -122,7 +123,7 @@ def problem_shapes(max_b=8, max_k=12, max_d=300):
 
 def check_loss_parity(fs, op, shape, dtype, device, *, seed, duplicates=False, index_dtype=torch.int64):
     """Loss and every gradient (weight, vals, bias, target) under a random upstream scalar."""
-    reference = fs.reference
+    reference = fs.testing.reference
     B, K, F, D = shape
     indices, weight, vals, bias, target = make_inputs(
         B, K, F, D, dtype, device, seed=seed, duplicates=duplicates, index_dtype=index_dtype
@@ -164,11 +165,11 @@ def check_decode_parity(fs, shape, dtype, device, *, seed, duplicates=False, wit
     assert ours.dtype == dtype and ours.shape == (B, D)
     ours_grads = grads(ours, params, upstream)
 
-    same = fs.reference.sparse_decode(vals, indices, weight, bias)
+    same = fs.testing.reference.sparse_decode(vals, indices, weight, bias)
     same_grads = grads(same, params, upstream)
 
     p64 = [p.detach().double().requires_grad_() for p in params]
-    ref = fs.reference.sparse_decode(p64[0], indices, p64[1], p64[2] if with_bias else None)
+    ref = fs.testing.reference.sparse_decode(p64[0], indices, p64[1], p64[2] if with_bias else None)
     ref_grads = grads(ref, p64, upstream.double())
 
     assert_parity("x_hat", ours, same, ref, dtype)

@@ -4,12 +4,14 @@ shapes and dead sets (capacity below and above the number of dead latents); the 
 bit (ties included); determinism, opcheck and bad input. The installed SAELens and sparsify trainers'
 own AuxK losses and gradients are checked in ``test_dead_latent_peers.py``."""
 
+import sys
+
 import pytest
 import torch
 from encoder_inputs import STEP_NAMES, make_sae, selected_preacts
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, assert_parity, fast_tier_keeps, grads, raw_op, rel_err
+from parity import DTYPES, assert_parity, fast_tier_keeps, grads, rel_err
 
 STEPS = ("topk", "batchtopk")
 
@@ -41,19 +43,21 @@ def run_step(fs, step, params, k, rescale=False, **dead):
 
 
 def op_outputs(fs, step, params, k, mode, k_aux, coef, relu, eg, capacity, dead_mask, offset, rescale=False):
-    """The raw op's outputs, for the selection it made: (main code, A, gate, ids, valid)."""
-    detached = [p.detach() for p in params]
-    modes = {"auxk": 1, "ghost": 2}
-    off = torch.tensor(offset, device=dead_mask.device)
+    """The registered op's outputs by name, for the selection it made, and its dead slots' (A, gate, dE1,
+    ids, valid)."""
+    dead_mod = sys.modules[fs.__name__ + ".ops._dead"]
+    spec = dead_mod.DeadLossSpec(dead_mod.MODES[mode], k_aux, capacity, relu, eg)
+    x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in params)
+    offset = torch.tensor(offset, device=dead_mask.device)
+    inputs = dict(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, target=None, dead_mask=dead_mask,
+                  dead_offset=offset, dead=spec.to_op(), aux_coef=coef)  # fmt: skip
     if step == "topk":
-        args = (*detached, k, dead_mask, off, modes[mode], k_aux, coef, relu, eg, capacity)
-        out = raw_op(fs, "topk_sae_step_dead")(*args)
-        return out, out[7:12]
-    n = int(k * params[0].shape[0])
-    out = raw_op(fs, "batchtopk_sae_step_dead")(
-        *detached, n, rescale, dead_mask, off, modes[mode], k_aux, coef, relu, eg, capacity
-    )
-    return out, out[9:14]
+        op, inputs["k"] = sys.modules[fs.topk_sae_step.__module__]._topk_sae_step, k
+    else:
+        op = sys.modules[fs.batchtopk_sae_step.__module__]._batchtopk_sae_step
+        inputs.update(n=int(k * params[0].shape[0]), rescale_acts_by_decoder_norm=rescale)
+    out = op.named(op(*(inputs[n] for n in op.inputs)))
+    return out, (out.A, out.gate, out.dE1, out.ids, out.valid)
 
 
 def full_mask(gate, ids, F):
@@ -65,7 +69,7 @@ def full_mask(gate, ids, F):
 
 
 def reference_step(fs, step, params, k, selection, rescale, round_preacts=None, **dead):
-    ref = fs.reference
+    ref = fs.testing.reference
     if step == "topk":
         return ref.topk_sae_step(*params, k, indices=selection, round_preacts=round_preacts, **dead)
     return ref.batchtopk_sae_step(*params, k, rescale, selection=selection, round_preacts=round_preacts, **dead)
@@ -86,7 +90,7 @@ def check_dead_step(fs, step, problem, dtype, device, mode, relu, eg, rescale, s
     raw, (A, gate, dE1, ids, valid) = op_outputs(
         fs, step, params, kk, mode, k_aux, coef, relu, eg, capacity, dead_mask, offset, rescale
     )
-    ref = fs.reference
+    ref = fs.testing.reference
     dead_set = ref.dead_set(dead_mask, capacity, offset)
     assert torch.equal(full_mask(valid.unsqueeze(0), ids, F)[0], dead_set), "dead slots are not the window's"
     assert torch.equal(ids[valid], ids[valid].sort().values), "dead slots out of id order"
@@ -212,7 +216,7 @@ def test_dead_window(fs, device, F, capacity, frac, offset):
     capacity, offset = min(capacity, F), offset % F
     dead = dead_mask_of(F, frac, F + offset, device)
     ids, valid, n_dead, nxt = dead_slots(dead, capacity, torch.tensor(offset, device=device))
-    expect = fs.reference.dead_set(dead.cpu(), capacity, offset)
+    expect = fs.testing.reference.dead_set(dead.cpu(), capacity, offset)
     assert torch.equal(full_mask(valid.unsqueeze(0), ids, F)[0].cpu(), expect)
     assert torch.equal(ids[valid], ids[valid].sort().values) and bool((ids[~valid] == F).all())
     assert int(n_dead) == int(dead.sum())
@@ -289,23 +293,6 @@ def test_deterministic(fs, device, step):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     for a, b in zip(runs[0][2], runs[1][2]):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("mode", [1, 2])
-def test_opcheck(fs, device, mode):
-    params = [t.detach() for t in make_sae(6, 19, 37, 1, torch.float32, device, seed=5)]
-    dead = dead_mask_of(37, 0.5, 5, device)
-    off = torch.tensor(30, device=device)
-    torch.library.opcheck(raw_op(fs, "topk_sae_step_dead"), (*params, 4, dead, off, mode, 5, 0.25, True, True, 10))
-    torch.library.opcheck(
-        raw_op(fs, "batchtopk_sae_step_dead"), (*params, 20, True, dead, off, mode, 5, 0.25, False, True, 10)
-    )
-    outs = raw_op(fs, "topk_sae_step_dead")(*params, 4, dead, off, mode, 5, 0.25, True, True, 10)
-    x, W_enc, _, W_dec, b_dec = params
-    saved = (outs[4], outs[5], *outs[6:12])
-    g, g_aux = torch.tensor(0.7, device=device), torch.tensor(-0.4, device=device)
-    args = (g, g_aux, x, W_enc, W_dec, b_dec, *saved, mode, 0.25, True, [True] * 5)
-    torch.library.opcheck(raw_op(fs, "topk_sae_step_dead_backward"), args)
 
 
 @pytest.mark.kernels_ci

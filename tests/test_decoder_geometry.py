@@ -87,7 +87,7 @@ def test_geometry_matches_fp64(fs, device, F, D, dtype, zero_rows, subset, seed)
 def test_module_methods_match_the_twins(fs, device, name):
     kwargs = {} if name.startswith(("JumpReLU", "Standard", "Gated")) else {"k": 4}
     flash = getattr(fs, name)(33, 40, **kwargs, dtype=torch.float32, device=device, seed=3)
-    twin = getattr(fs.reference, name)(33, 40, **kwargs, dtype=torch.float32, device=device, seed=3)
+    twin = getattr(fs.testing.reference, name)(33, 40, **kwargs, dtype=torch.float32, device=device, seed=3)
     g = torch.Generator().manual_seed(4)
     grad = torch.randn(40, 33, generator=g).to(device)
     for m in (flash, twin):

@@ -7,7 +7,7 @@ import torch
 from encoder_inputs import STEP_NAMES, make_sae, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, assert_parity, grads, raw_op, rel_err
+from parity import DTYPES, assert_parity, grads, rel_err
 from peers import saelens_step, saelens_training_sae
 from test_batchtopk_sae_step import _saelens_problem, batch_shapes, check_selection
 
@@ -27,7 +27,7 @@ def check_matryoshka(fs, shape, sizes, dtype, device, *, rescale, seed):
     selection = check_selection(fs, *params, k, rescale, out)
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
-    ref = fs.reference
+    ref = fs.testing.reference
     same = ref.matryoshka_batchtopk_sae_step(*params, k, sizes, rescale, selection=selection)
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
     p64 = [p.detach().double().requires_grad_() for p in params]
@@ -82,18 +82,6 @@ def test_matryoshka_deterministic(fs, device):
     assert torch.equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
-def test_matryoshka_opcheck(fs, device, dtype):
-    params = [t.detach() for t in make_sae(6, 19, 37, 1, dtype, device, seed=5)]
-    sizes = [4, 20, 37]
-    torch.library.opcheck(raw_op(fs, "matryoshka_batchtopk_sae_step"), (*params, 30, sizes, True))
-    outs = raw_op(fs, "matryoshka_batchtopk_sae_step")(*params, 30, sizes, False)
-    x, W_enc, _, W_dec, b_dec = params
-    saved = (x, W_enc, W_dec, b_dec, *outs[4:7], outs[8], sizes)
-    grad = torch.tensor(0.7, device=device)
-    torch.library.opcheck(raw_op(fs, "matryoshka_batchtopk_sae_step_backward"), (grad, *saved, [True] * 5))
 
 
 @pytest.mark.parametrize(

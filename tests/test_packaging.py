@@ -75,8 +75,9 @@ OPS = (
     "varlen_sae_loss",
     "varlen_sparse_decode",
 )
-# Registered variants of a public op, in that op's file: the steps with a dead-latent loss (AuxK, ghost grads).
-VARIANTS = {"topk_sae_step_dead": "topk_sae_step", "batchtopk_sae_step_dead": "batchtopk_sae_step"}
+# Registered variants of a public op, in that op's file (none: a dead-latent loss, AuxK or ghost grads, is an
+# optional part of its selection rule's step op, not a twin op).
+VARIANTS = {}
 
 
 @pytest.mark.kernels_ci
@@ -135,12 +136,13 @@ def _package_imports(path):
 def test_import_rules():
     """Ops reach kernels through primitives, never through another op (a family's private ``_`` module,
     such as ``ops/decode/_loss.py``, is shared code, not an op); production code never imports the test
-    reference (only __init__ re-exports it); primitives import no op or module."""
+    reference (``testing``, which only __init__ imports, outside ``__all__``); primitives import no op or
+    module."""
     for path in _sources():
         rel = path.relative_to(PKG).with_suffix("").as_posix().replace("/", ".")
         imports = _package_imports(path)
-        if rel not in ("__init__", "reference"):
-            assert "reference" not in imports, f"{rel} imports the test reference"
+        if rel != "__init__" and not rel.startswith("testing"):
+            assert not {m for m in imports if m.startswith("testing")}, f"{rel} imports the test reference"
         if rel.startswith("ops."):
             others = {m for m in imports if m.startswith("ops.") and m != rel and not m.split(".")[-1].startswith("_")}
             assert not others, f"{rel} imports other ops: {sorted(others)}"
@@ -173,7 +175,6 @@ def test_public_api(fs):
         "layers",
         "matryoshka_batchtopk_sae_step",
         "matryoshka_topk_sae_step",
-        "reference",
         "sparse_decode",
         "standard_sae_step",
         "standard_sae_step_dense",
@@ -207,30 +208,22 @@ def test_local_build_loads_with_get_local_kernel(tmp_path):
     assert len(ids) == len(general["backends"])
     module = get_local_kernel(tmp_path / "build")
     assert module.__name__.startswith("_flash_sae_") and callable(module.topk_sae_loss)
-    assert callable(module.reference.topk_sae_loss) and callable(module.SparseAutoencoder)  # subpackages copied
+    assert callable(module.testing.reference.topk_sae_loss) and callable(module.SparseAutoencoder)  # subpackages copied
     ops = sys.modules[module.__name__ + "._ops"]
     namespace = ops.add_op_namespace_prefix("x").split("::")[0]
     assert namespace.startswith("_flash_sae_")
 
 
 @pytest.mark.kernels_ci
-def test_every_result_file_is_cited():
-    """benchmarks/results/ holds what the README and NOTES cite, nothing else (a family like
-    ``side_by_side_h100.*`` or a range ``tune_v1_h100.json`` … ``tune_v4_h100.json`` counts for its members)."""
-    import re
-
-    text = (ROOT / "README.md").read_text() + (ROOT / "benchmarks" / "NOTES.md").read_text()
-    cited = set(re.findall(r"[\w.*-]+_(?:h100|h200|cpu)[\w.*-]*", text))  # a result's name ends in its device
-    ranges = re.findall(r"(\w+)_v(\d)_h100\.json` … `\w+_v(\d)_h100\.json", text)
-    for stem, lo, hi in ranges:
-        cited |= {f"{stem}_v{i}_h100.json" for i in range(int(lo), int(hi) + 1)}
-    patterns = [re.compile(re.escape(c).replace(r"\*", ".*") + "$") for c in cited]
-    uncited = [
-        p.name
-        for p in sorted((ROOT / "benchmarks" / "results").iterdir())
-        if not any(r.match(p.name) for r in patterns)
-    ]
-    assert not uncited, f"files in benchmarks/results/ that neither README.md nor NOTES.md cites: {uncited}"
+def test_every_result_log_is_cited():
+    """benchmarks/results/logs/ holds the logs a claim cites, nothing else: each is named in README.md, the
+    docs or benchmarks/results/README.md (the JSONL results are the report's input; test_results.py checks
+    them)."""
+    text = (ROOT / "README.md").read_text() + (ROOT / "benchmarks" / "results" / "README.md").read_text()
+    text += "".join(p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")))
+    logs = sorted((ROOT / "benchmarks" / "results" / "logs").iterdir())
+    uncited = [p.name for p in logs if p.name not in text]
+    assert logs and not uncited, f"logs in benchmarks/results/logs/ that nothing cites: {uncited}"
 
 
 @pytest.mark.kernels_ci

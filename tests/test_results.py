@@ -89,7 +89,8 @@ def test_append_and_read_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu"), ("NVIDIA A100-SXM4-80GB", "a100")]
+    "name, slug",
+    [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu"), ("NVIDIA A100-SXM4-80GB", "a100")],
 )
 def test_gpu_slug(name, slug):
     assert rs.gpu_slug(name) == slug
@@ -128,7 +129,9 @@ def test_dead_latents_and_geometry_rows():
                floor_ms=0.5, pct_floor=33.3, x_plain_eager=1.2, x_plain_graph=1.1, error=None)  # fmt: skip
     (r,) = dead_latents.schema_rows("dead_latents", ENV, [row])
     assert r["x_baseline_graph"] == 1.1 and r["dtype"] == "bf16"
-    geo = dict(F=64, D=40, impl="flash-sae", ms=0.5, graph_ms=0.4, peak_gib=0.0, floor_ms=0.3, error=None, pct_floor=75.0)
+    geo = dict(
+        F=64, D=40, impl="flash-sae", ms=0.5, graph_ms=0.4, peak_gib=0.0, floor_ms=0.3, error=None, pct_floor=75.0
+    )
     (g,) = decoder_geometry.schema_rows("decoder_geometry", ENV, [geo])
     assert g["shape"] == dict(F=64, D=40) and g["pct_of_floor"] == 75.0
 

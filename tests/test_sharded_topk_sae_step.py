@@ -50,7 +50,7 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes):
             assert_same_across_shapes(what, out.vals, single.vals)
             assert torch.equal(out.fire_counts, _shard(single.fire_counts, fs, F, world, rank)), what
             p64 = [p.detach().double().requires_grad_() for p in params]
-            r = fs.reference.topk_sae_step(*p64, k, indices=single.indices)
+            r = fs.testing.reference.topk_sae_step(*p64, k, indices=single.indices)
             r_grads = grads(r.loss, p64, up.double())
             assert_parity(f"sharded loss {what}", out.loss, single.loss, r.loss, dtype)
             if B > 1:

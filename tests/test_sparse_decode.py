@@ -6,11 +6,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import (
     DTYPES,
-    OPCHECK_DTYPES,
     check_compile,
     check_decode_parity,
     check_deterministic,
-    check_opcheck,
     grads,
     make_inputs,
     problem_shapes,
@@ -64,11 +62,6 @@ def test_sparse_decode_zero_k_is_bias(fs, device):
 
 def test_sparse_decode_deterministic(fs, device):
     check_deterministic(fs, OP, device)
-
-
-@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
-def test_sparse_decode_opcheck(fs, device, dtype):
-    check_opcheck(fs, OP, device, dtype)
 
 
 @pytest.mark.slow

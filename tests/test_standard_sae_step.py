@@ -7,7 +7,7 @@ import torch
 from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads, raw_op, rel_err
+from parity import DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads, rel_err
 from peers import saelens_step, saelens_training_sae
 
 MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
@@ -26,7 +26,7 @@ def active_mask(fs, params):
     """The same-dtype active entries (z > 0), from the reference's pre-activations."""
     x, W_enc, b_enc, _, b_dec = params
     with torch.no_grad():
-        return fs.reference.encoder_preacts(x, W_enc, b_enc, b_dec) > 0
+        return fs.testing.reference.encoder_preacts(x, W_enc, b_enc, b_dec) > 0
 
 
 def dense_code(out, B, F):
@@ -55,7 +55,7 @@ def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
 
-    ref = fs.reference
+    ref = fs.testing.reference
     same = ref.standard_sae_step(*params, l1_coefficient=l1_coefficient, active=active)
     assert torch.equal(dense, same.vals.detach()), "code values differ from relu(z)"
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
@@ -112,10 +112,10 @@ def test_standard_dense_formulation(fs, device, dtype, shape):
     assert torch.equal(out.fire_counts, active.sum(0))
     up = step_upstream(7).to(device)
     ours = grads(out.loss, params, up)
-    same = fs.reference.standard_sae_step(*params, l1_coefficient=0.4, active=active)
+    same = fs.testing.reference.standard_sae_step(*params, l1_coefficient=0.4, active=active)
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
     p64 = [p.detach().double().requires_grad_() for p in params]
-    r = fs.reference.standard_sae_step(*p64, l1_coefficient=0.4, active=active)
+    r = fs.testing.reference.standard_sae_step(*p64, l1_coefficient=0.4, active=active)
     r_grads = grads(r.loss, p64, up.double())
     assert_parity("dense standard loss", out.loss, same.loss, r.loss, dtype)
     assert_parity("dense standard mse", out.mse, same.mse, r.mse, dtype)
@@ -206,18 +206,6 @@ def test_standard_deterministic(fs, device):
     assert torch.equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
-def test_standard_opcheck(fs, device, dtype):
-    params = [t.detach() for t in make_sae(6, 19, 37, 1, dtype, device, seed=5)]
-    args = (*params, 0.5, 6 * 37)
-    torch.library.opcheck(raw_op(fs, "standard_sae_step"), args)
-    outs = raw_op(fs, "standard_sae_step")(*args)
-    x, W_enc, _, W_dec, b_dec = params
-    saved = (x, W_enc, W_dec, b_dec, *outs[6:9], *outs[11:13], 0.5)
-    grad = torch.tensor(0.7, device=device)
-    torch.library.opcheck(raw_op(fs, "standard_sae_step_backward"), (grad, *saved, [True] * 5))
 
 
 @pytest.mark.kernels_ci

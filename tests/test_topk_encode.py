@@ -5,7 +5,7 @@ import torch
 from encoder_inputs import check_encode_parity, check_selection, encoder_upstream, make_sae, tuning
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, fast_tier_keeps, grads, package_module, raw_op
+from parity import DTYPES, fast_tier_keeps, grads, package_module
 
 # The interpreter runs one backward program per latent at ~1 ms each, so CPU draws keep F in the
 # hundreds; on a GPU F reaches tens of thousands. (A forward-only test below covers group sizes
@@ -104,18 +104,6 @@ def test_topk_encode_non_contiguous(fs, device):
     assert torch.equal(g.T, ref_g)
 
 
-@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
-def test_topk_encode_opcheck(fs, device, dtype):
-    x, W_enc, b_enc, _, b_dec = (t.detach() for t in make_sae(6, 19, 37, 5, dtype, device, seed=5))
-    torch.library.opcheck(raw_op(fs, "topk_encode"), (x, W_enc, b_enc, b_dec, 5))
-    torch.library.opcheck(raw_op(fs, "topk_encode"), (x, W_enc, b_enc, None, 5))
-    vals, indices = raw_op(fs, "topk_encode")(x, W_enc, b_enc, b_dec, 5)
-    dvals = torch.randn(vals.shape, generator=torch.Generator().manual_seed(1)).to(vals)
-    needs = [True] * 4
-    torch.library.opcheck(raw_op(fs, "topk_encode_backward"), (dvals, x, W_enc, b_dec, vals, indices, needs))
-    torch.library.opcheck(raw_op(fs, "topk_encode_backward"), (dvals, x, W_enc, None, vals, indices, needs))
-
-
 @pytest.mark.slow
 def test_topk_encode_compile(fs, device):
     """fullgraph compile gives eager's code and gradients; a second input set does not recompile."""
@@ -159,6 +147,8 @@ def _selection_input(B, F, kind, dtype, seed):
 
 
 @given(shape=selection_rows(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), one_kernel=st.booleans())
+# torch's CPU gather of a bf16 NaN flips its sign bits: the fall-back once ranked positive NaNs last
+@example(shape=(1, 31, 31, 1, "signed zeros, infs, NaNs"), dtype=torch.bfloat16, seed=0, one_kernel=False)
 def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
     """The selection primitive alone, on adversarial rows (ties within and across groups, one value
     everywhere, +-0.0, +-inf and NaNs of both signs), by the one-kernel candidate stage and by the torch.topk fall-back
@@ -171,7 +161,7 @@ def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
         if not one_kernel:
             mp.setattr(select, "ROW_SELECT_MAX", 0)
         vals, ids = select.select_topk(pre, k)
-    ref_vals, ref_ids = fs.reference.topk_select(pre, k)
+    ref_vals, ref_ids = fs.testing.reference.topk_select(pre, k)
     assert torch.equal(ids.cpu(), ref_ids.cpu())
     same = (vals.cpu() == ref_vals.cpu()) | (vals.cpu().isnan() & ref_vals.cpu().isnan())
     assert same.all()  # as floats: a -0.0 comes back as +0.0, its key's value

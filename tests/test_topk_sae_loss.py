@@ -6,11 +6,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import (
     DTYPES,
-    OPCHECK_DTYPES,
     check_compile,
     check_deterministic,
     check_loss_parity,
-    check_opcheck,
     problem_shapes,
 )
 
@@ -35,11 +33,6 @@ def test_topk_sae_loss_deterministic(fs, device):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_topk_sae_loss_int32_indices(fs, device, index_dtype):
     check_loss_parity(fs, OP, (5, 9, 30, 77), torch.float32, device, seed=9, index_dtype=index_dtype)
-
-
-@pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
-def test_topk_sae_loss_opcheck(fs, device, dtype):
-    check_opcheck(fs, OP, device, dtype)
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def relative(a, b):
 
 def twins(fs, dtype, device):
     flash = fs.SparseAutoencoder(D, F, K, dtype=dtype, device=device, seed=1)
-    ref = fs.reference.SparseAutoencoder(D, F, K, dtype=dtype, device=device, seed=1)
+    ref = fs.testing.reference.SparseAutoencoder(D, F, K, dtype=dtype, device=device, seed=1)
     for name, t in ref.state_dict().items():
         assert torch.equal(flash.state_dict()[name], t), f"the twins start from different {name}"
     return flash, ref
@@ -129,7 +129,7 @@ def test_training_bf16_tracks_fp32_like_torch_bf16(fs, device):
     a, b = log_f[0], log_r[0]
     assert torch.equal(a.indices, b.indices) and torch.equal(a.fire_counts, b.fire_counts)
     x0 = data[:B].to(torch.bfloat16).double()
-    exact = fs.reference.topk_sae_step(x0, *init64, K, indices=a.indices)
+    exact = fs.testing.reference.topk_sae_step(x0, *init64, K, indices=a.indices)
     assert_parity("step-0 loss", a.loss, b.loss, exact.loss, torch.bfloat16)
     assert_parity("step-0 fvu", a.fvu, b.fvu, exact.fvu, torch.bfloat16)
 

@@ -184,9 +184,9 @@ def register_op(
         return backward_fake(*split(args))
 
     # kernel-builder's ops check reads these two calls: each names its op through add_op_namespace_prefix
-    fwd_op = torch.library.custom_op(
-        add_op_namespace_prefix(name), mutates_args=(), schema=schema["forward_schema"]
-    )(flat_forward)
+    fwd_op = torch.library.custom_op(add_op_namespace_prefix(name), mutates_args=(), schema=schema["forward_schema"])(
+        flat_forward
+    )
     fwd_op.register_fake(flat_forward_fake)
     bwd_op = torch.library.custom_op(
         add_op_namespace_prefix(name + "_backward"), mutates_args=(), schema=schema["backward_schema"]
