@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from peers import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +33,6 @@ for cls in discover_benchmark_classes(root / "benchmarks" / "benchmark.py", root
 """
 
 
-@pytest.mark.kernels_ci
 def test_every_workload_passes_the_runners_verification_on_the_cpu():
     require("kernels.cli.benchmark")  # kernels' benchmark runner and what it imports (tests/requirements.txt)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LOCAL_KERNELS")}

@@ -34,7 +34,6 @@ def batches(device, n=4, B=6):
     return [torch.randn(B, 16, generator=g).to(device) for _ in range(n)]
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("name,kwargs", MODULES, ids=[m[0] for m in MODULES])
 def test_counts_follow_the_fire_counts(fs, device, name, kwargs):
     """After each training step: 0 where the latent fired, + B elsewhere; the twin agrees; eval leaves them."""
@@ -70,7 +69,6 @@ def test_dead_mask_and_fraction(fs, device):
     assert sae.dead_fraction().dtype == torch.float32 and sae.dead_mask().device == sae.W_dec.device
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("name,kwargs", MODULES, ids=[m[0] for m in MODULES])
 def test_state_dict_carries_the_counts(fs, device, name, kwargs):
     sae = build(fs, name, kwargs, device)
@@ -88,7 +86,6 @@ def test_state_dict_carries_the_counts(fs, device, name, kwargs):
     assert sae.to(torch.bfloat16).tokens_since_fired.dtype == torch.int64
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("bad", [0, -5, 2.5, True, None])
 def test_dead_window_must_be_a_positive_int(fs, device, bad):
     for name, kwargs in MODULES:
@@ -116,7 +113,6 @@ def _saelens_dead_rule(counts, window):
     return trainer.SAETrainer.dead_neurons.fget(fake)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("name,kwargs", MODULES, ids=[m[0] for m in MODULES])
 def test_dead_rule_matches_sparsify_and_saelens_at_the_boundary(fs, device, name, kwargs):
     """A latent silent for exactly the window is not dead, one token more is: the installed sparsify's and

@@ -53,7 +53,6 @@ def test_jumprelu_init_and_state(fs, device):
         assert key in sae.state_dict() and "bandwidth=0.05" in repr(sae)
 
 
-@pytest.mark.kernels_ci
 def test_batchtopk_training_follows_twin_and_threshold(fs, device):
     """fp32: the same code at every step, loss within 1e-4, and the same threshold estimate; then eval
     mode encodes with the threshold rule."""
@@ -82,7 +81,7 @@ def test_batchtopk_training_follows_twin_and_threshold(fs, device):
     torch.testing.assert_close(x_hat, code @ flash.W_dec + flash.b_dec, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.kernels_ci
+@pytest.mark.slow  # a training curve: the full tier runs it
 def test_matryoshka_training_follows_twin(fs, device):
     """fp32: the same code at every step, every level's loss within 1e-4, the same threshold estimate."""
     data = sparse_dictionary_data(device)
@@ -96,7 +95,7 @@ def test_matryoshka_training_follows_twin(fs, device):
     assert "prefix_sizes=[8, 32, 64]" in repr(flash)
 
 
-@pytest.mark.kernels_ci
+@pytest.mark.slow  # a training curve: the full tier runs it
 @pytest.mark.parametrize("parameterization", ["direct", "log"])
 def test_jumprelu_training_follows_twin(fs, device, parameterization):
     data = sparse_dictionary_data(device)
@@ -224,7 +223,7 @@ CASES = [
 ]
 
 
-@pytest.mark.kernels_ci
+@pytest.mark.slow  # a training curve: the full tier runs it
 @pytest.mark.parametrize("name,dense_above", CASES)
 def test_switching_training_follows_twin(fs, device, name, dense_above):
     """Dense steps, sparse steps, or switches between them (on this data the code's density moves
@@ -239,7 +238,7 @@ def test_switching_training_follows_twin(fs, device, name, dense_above):
         assert paths[0] == "dense" and "sparse" in paths and "dense" in paths[1:], paths
 
 
-@pytest.mark.kernels_ci
+@pytest.mark.slow  # a training curve: the full tier runs it
 @pytest.mark.parametrize("name", ["StandardSparseAutoencoder", "GatedSparseAutoencoder"])
 def test_switching_curve_equals_dense_only_curve(fs, device, name):
     """The run that crosses the switch both ways and the dense-only run give the same curve and the same

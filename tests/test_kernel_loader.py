@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import build_local
 
 RID = build_local.repo_id()
@@ -24,7 +22,6 @@ def _run(code, local_kernels):
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.kernels_ci
 def test_an_unbuilt_local_kernels_folder_says_what_to_run(tmp_path):
     """kernels' own message ends in a colon with nothing after it; the loader's names the folder and the fix."""
     out = _run(LOAD, f"{RID}={tmp_path}")
@@ -35,7 +32,6 @@ def test_an_unbuilt_local_kernels_folder_says_what_to_run(tmp_path):
     assert not last.rstrip().endswith(":")
 
 
-@pytest.mark.kernels_ci
 def test_local_kernels_for_other_kernels_gets_this_checkout_appended(tmp_path):
     """A LOCAL_KERNELS that maps only other kernels used to send get_kernel to the hub (a connection
     error offline): the loader builds this checkout and appends its entry, keeping the others."""

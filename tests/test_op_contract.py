@@ -165,9 +165,14 @@ def _needs_sets(op, args):
     return [present, alternate]
 
 
-@pytest.mark.kernels_ci
+def _kernels_ci(names):
+    """The hub's quick check (``-m kernels_ci``) takes one step case and one decoder case."""
+    quick = ("topk+auxk", "sparse decode")
+    return [pytest.param(n, marks=pytest.mark.kernels_ci) if n in quick else n for n in names]
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
-@pytest.mark.parametrize("name", _NAMES)
+@pytest.mark.parametrize("name", _kernels_ci(_NAMES))
 def test_opcheck(fs, device, name, dtype):
     op, args = _case(fs, dtype, device, name)
     torch.library.opcheck(op.op, tuple(args))
@@ -194,6 +199,7 @@ def _run(op, args):
     return outputs, wrt, grads
 
 
+@pytest.mark.slow  # each op's own test file checks its determinism in the fast tier
 @pytest.mark.parametrize("name", _NAMES)
 def test_deterministic_and_shaped(fs, device, name):
     op, args = _case(fs, torch.float32, device, name)

@@ -76,7 +76,6 @@ def reconstruct(sae, x):
         return sae(x)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_export_loads_back_with_the_same_reconstruction(fs, arch):
     sae, x_raw = trained_like(fs, arch)
@@ -95,7 +94,6 @@ def test_export_loads_back_with_the_same_reconstruction(fs, arch):
             torch.testing.assert_close(p, q, rtol=exp_log, atol=0, msg=name)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_export_loads_in_saelens_with_the_same_reconstruction(fs, arch, tmp_path):
     sae_lens = require("sae_lens")
@@ -118,7 +116,6 @@ def test_export_loads_in_saelens_with_the_same_reconstruction(fs, arch, tmp_path
     assert 0.05 < fired < 0.95, "the test should exercise a partial code"
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("arch", ["topk", "jumprelu", "standard", "gated"])
 def test_a_square_sae_round_trips_untransposed(fs, arch):
     """d_in == d_sae: the shapes cannot tell W_enc from its transpose, so the loader transposes by rule;

@@ -95,7 +95,6 @@ def check_checkpoint(fs, ts, ckpt, arch, x_raw):
     assert not list(ckpt.glob("*.tmp"))
 
 
-@pytest.mark.kernels_ci
 def test_pipeline_end_to_end_on_a_causal_lm(fs, tmp_path):
     ts = tiny_script()
     out = ts.main([*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "2", "--out", str(tmp_path)])
@@ -118,7 +117,6 @@ def test_pipeline_end_to_end_on_a_causal_lm(fs, tmp_path):
     check_checkpoint(fs, ts, ckpt, "topk", raw_activations(ts, "random-gpt2", 1))
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
     """Adam, the LR schedule, the activation buffer and its RNG, the data position, the dead counts and (bf16)
@@ -145,7 +143,6 @@ def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
         assert all(v.dtype == torch.float32 for v in state["optimizer"]["state"][0].values() if v.is_floating_point())
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu", "batchtopk", "matryoshka"])
 def test_minilm_activations_and_saelens_export(fs, tmp_path, arch):
     """A real trained encoder (MiniLM-L6, its packaged weights, layer 3), two steps of the threshold SAEs; the
@@ -176,7 +173,6 @@ def test_bad_arguments(tmp_path):
         ts.main([*TINY, "--dataset", str(empty), "--out", str(tmp_path)])
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_batchtopk_export_keeps_the_threshold_rule(fs, tmp_path, arch):
     """BatchTopK's inference rule (pre * ||W_dec[f]|| > theta) exported as SAELens's JumpReLU (pre > theta /
@@ -236,7 +232,6 @@ def test_graphed_bf16_run_resumes_on_the_gpu(tmp_path, arch):
         assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5, abs_tol=1e-7), (ra["step"], ra["loss"], rb["loss"])
 
 
-@pytest.mark.kernels_ci
 def test_cuda_graph_flag_needs_a_gpu_and_a_capturable_arch(tmp_path):
     """Checked before the model loads, so it needs no model package; on a CPU, and for an arch whose step
     sizes its code on the host (on any device)."""
@@ -247,7 +242,6 @@ def test_cuda_graph_flag_needs_a_gpu_and_a_capturable_arch(tmp_path):
         ts.main([*TINY, "--cuda-graph", "on", "--device", "cuda", "--arch", "jumprelu", "--out", str(tmp_path)])
 
 
-@pytest.mark.kernels_ci
 def test_harvest_stops_after_the_layer():
     """harvest takes block `layer`'s input and stops there: the deeper blocks (and the LM head) never run;
     the activations are transformers' hidden_states[layer]. The last hidden state runs the whole model."""
@@ -272,7 +266,6 @@ def test_harvest_stops_after_the_layer():
     assert not blocks[0]._forward_pre_hooks and not blocks[1]._forward_pre_hooks, "harvest left its hook"
 
 
-@pytest.mark.kernels_ci
 def test_sigterm_checkpoints_and_the_run_resumes(fs, tmp_path, monkeypatch):
     """SIGTERM (or Ctrl-C's SIGINT) mid-run: the step finishes, a checkpoint is written, the script exits
     with 128 + the signal; --resume then continues the same curve to the end."""
@@ -305,7 +298,6 @@ def test_sigterm_checkpoints_and_the_run_resumes(fs, tmp_path, monkeypatch):
     assert [(r["loss"], r["lr"]) for r in a] == [(r["loss"], r["lr"]) for r in b]
 
 
-@pytest.mark.kernels_ci
 def test_checkpoint_every_n_minutes(fs, tmp_path, monkeypatch):
     ts = tiny_script()
     saved = []
@@ -320,7 +312,6 @@ def test_checkpoint_every_n_minutes(fs, tmp_path, monkeypatch):
         ts.parse_args(["--checkpoint-minutes", "-1"])
 
 
-@pytest.mark.kernels_ci
 def test_default_warmup_fits_a_short_run():
     """The default warm-up (100 steps) is cut to the steps before the decay; a given one that overlaps
     the decay warns."""
@@ -342,7 +333,6 @@ def test_default_warmup_fits_a_short_run():
         ts.check_warmup(10, ts.parse_args(["--lr-warmup-steps", "8"]))
 
 
-@pytest.mark.kernels_ci
 def test_curves_have_a_title_and_a_learning_rate_panel(fs, tmp_path):
     require("matplotlib")
     ts = script()
@@ -362,7 +352,6 @@ def test_curves_have_a_title_and_a_learning_rate_panel(fs, tmp_path):
     assert ts.plot_title(standard, ts.make_sae(fs, standard, 16, torch.float32, "cpu")).endswith("F=64, L1 coef 2")
 
 
-@pytest.mark.kernels_ci
 def test_outside_a_checkout_an_offline_hub_says_what_to_run(tmp_path, monkeypatch):
     """Outside a flash-sae checkout the script downloads the kernel; offline that was a bare connection
     error. Now: what to run instead (a checkout's build, or LOCAL_KERNELS)."""

@@ -47,7 +47,6 @@ LOSS_BREAKS = [
 ]
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("what,match,breaker", BREAKS, ids=[b[0] for b in BREAKS])
 def test_rejects(fs, device, op, what, match, breaker):
@@ -57,7 +56,6 @@ def test_rejects(fs, device, op, what, match, breaker):
         _call(fs, op, *args)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("op", LOSS_OPS)
 @pytest.mark.parametrize("what,match,breaker", LOSS_BREAKS, ids=[b[0] for b in LOSS_BREAKS])
 def test_loss_rejects(fs, device, op, what, match, breaker):
@@ -67,7 +65,6 @@ def test_loss_rejects(fs, device, op, what, match, breaker):
         _call(fs, op, *args)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("op", ALL_OPS)
 @pytest.mark.parametrize("bad", [-1, 11, 2**40])
 def test_out_of_range_index_is_checked(fs, device, op, bad):
@@ -81,7 +78,6 @@ def test_out_of_range_index_is_checked(fs, device, op, bad):
             _call(fs, op, *args)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_unvalidated_out_of_range_poisons_with_nan(fs, device, op, dtype):
@@ -134,14 +130,12 @@ def test_sparse_decode_swapped_code_is_named(fs, device):
         fs.sparse_decode(indices, vals, weight, bias)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_validate_must_be_bool(fs, device, op):
     with pytest.raises(ValueError, match="validate"):
         _call(fs, op, *_good(device), validate="yes")
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_non_contiguous_inputs_are_handled(fs, device, op):
     """Strided views give the same result and gradients as contiguous copies."""
@@ -224,7 +218,6 @@ STEP_BREAKS = [
 ]
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("what,match,breaker", SAE_BREAKS, ids=[b[0] for b in SAE_BREAKS])
 def test_topk_encode_rejects(fs, device, what, match, breaker):
     args = _sae_args(device)
@@ -234,7 +227,6 @@ def test_topk_encode_rejects(fs, device, what, match, breaker):
         fs.topk_encode(x, W_enc, b_enc, k, b_dec)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("what,match,breaker", SAE_BREAKS + STEP_BREAKS, ids=[b[0] for b in SAE_BREAKS + STEP_BREAKS])
 def test_topk_sae_step_rejects(fs, device, what, match, breaker):
     args = _sae_args(device)
@@ -257,7 +249,6 @@ STEP_ONLY_BREAKS = [b for b in SAE_BREAKS + STEP_BREAKS if not b[0].startswith("
 BATCH_BREAKS = STEP_ONLY_BREAKS + BATCH_K_BREAKS
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("what,match,breaker", BATCH_BREAKS, ids=[b[0] for b in BATCH_BREAKS])
 def test_batchtopk_sae_step_rejects(fs, device, what, match, breaker):
     args = _sae_args(device)
@@ -273,7 +264,6 @@ def _jumprelu_call(fs, device, **overrides):
     return fs.jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, kw.pop("threshold"), **kw)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize(
     "overrides,match",
     [
@@ -299,7 +289,6 @@ def test_jumprelu_sae_step_rejects(fs, device, overrides, match):
         _jumprelu_call(fs, device, **overrides)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("what,match,breaker", STEP_ONLY_BREAKS, ids=[b[0] for b in STEP_ONLY_BREAKS])
 def test_jumprelu_sae_step_rejects_step_args(fs, device, what, match, breaker):
     args = _sae_args(device)
@@ -315,7 +304,6 @@ def test_batchtopk_rescale_must_be_bool(fs, device):
         fs.batchtopk_sae_step(*_sae_args(device), rescale_acts_by_decoder_norm=1)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -341,7 +329,6 @@ def test_sparse_autoencoder_default_dtype(fs, device):
     assert torch.isfinite(step.loss)
 
 
-@pytest.mark.kernels_ci
 def test_batchtopk_steps_take_numpy_numbers(fs, device):
     """BatchTopK's k is used as int(k * B): numpy's ints and floats give the same step as Python's."""
     args = _sae_args(device)
@@ -353,7 +340,6 @@ def test_batchtopk_steps_take_numpy_numbers(fs, device):
     torch.testing.assert_close(got, fs.matryoshka_batchtopk_sae_step(*args[:5], 3, [4, 13]).loss, rtol=0, atol=0)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU threshold is not read (that would sync)")
 @pytest.mark.parametrize("bad", [-0.1, float("nan")])
 def test_jumprelu_step_rejects_a_negative_threshold_as_the_module_does(fs, bad):
@@ -379,7 +365,6 @@ MODULE_KWARGS = [
 MODULE_IDS = [m[0] for m in MODULE_KWARGS]
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("name,kwargs", MODULE_KWARGS, ids=MODULE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.bool, "float32", torch.complex64])
 def test_modules_reject_an_unsupported_dtype(fs, name, kwargs, dtype):
@@ -399,7 +384,6 @@ def test_modules_reject_a_float64_default_dtype(fs):
         torch.set_default_dtype(old)
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("name,kwargs", MODULE_KWARGS, ids=MODULE_IDS)
 def test_modules_take_numpy_integers(fs, device, name, kwargs):
     """numpy's integers count as ints (stored as Python ints); a step runs; bools are still rejected."""
@@ -416,7 +400,6 @@ def test_modules_take_numpy_integers(fs, device, name, kwargs):
         getattr(fs, name)(8, True, **kwargs)
 
 
-@pytest.mark.kernels_ci
 def test_module_dead_loss_options_take_numpy_integers(fs, device):
     sae = fs.SparseAutoencoder(8, 16, 2, dead_loss="auxk", k_aux=np.int64(3), dead_capacity=np.int64(6),
                                device=device, dead_window_tokens=1)  # fmt: skip
@@ -425,7 +408,6 @@ def test_module_dead_loss_options_take_numpy_integers(fs, device):
     assert torch.isfinite(sae.loss(x).aux_loss)
 
 
-@pytest.mark.kernels_ci
 def test_resample_names_an_optimizer_that_does_not_hold_the_module(fs, device):
     """An optimizer over other parameters would reset no moments, silently: rejected naming ``optimizer``."""
     sae = fs.SparseAutoencoder(8, 16, 2, device=device)
@@ -444,14 +426,12 @@ def test_resample_names_an_optimizer_that_does_not_hold_the_module(fs, device):
     sae.resample_dead_(x, None)
 
 
-@pytest.mark.kernels_ci
 def test_resample_hints_at_flattening_a_3d_x(fs, device):
     sae = fs.SparseAutoencoder(8, 16, 2, device=device)
     with pytest.raises(ValueError, match=r"x.flatten\(0, -2\)"):
         sae.resample_dead_(torch.randn(2, 3, 8, device=device))
 
 
-@pytest.mark.kernels_ci
 @pytest.mark.parametrize("name", ["BatchTopKSparseAutoencoder", "MatryoshkaBatchTopKSparseAutoencoder"])
 def test_eval_before_the_threshold_warms_up_warns_once(fs, device, name):
     """Eval mode encodes with the inference threshold; before ~1 / threshold_lr training steps it is near 0
