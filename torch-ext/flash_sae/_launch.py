@@ -8,7 +8,7 @@ a GPU). Otherwise CPU tensors run a plain-torch path with the same sparse
 algorithm and fp32 accumulation: the interpreter runs about a millisecond
 per program, far too slow for real use, so a CPU user who sets nothing gets
 the fast path. ``use_triton`` reads ``CPU_RUNS_TRITON`` at call time, so the
-tests can run both CPU paths in one session.
+tests can run both CPU paths in one run.
 
 Tuning. Every launch parameter of every kernel lives in ``TUNING`` and is read
 at launch time, never at import. Chosen by ``benchmarks/tune.py`` on an H100;
