@@ -208,7 +208,6 @@ SAE_BREAKS = [
     ("k float", "k must be an int", _set(5, lambda k: 3.0)),
     ("k bool", "k must be an int", _set(5, lambda k: True)),
     ("k tensor", "k must be an int", _set(5, lambda k: torch.tensor(3))),
-    ("k numpy int", r"k must be a Python int, got int64: pass k=int\(k\)", _set(5, lambda k: np.int64(3))),
 ]
 STEP_BREAKS = [
     ("W_dec wrong shape", "W_dec must have W_enc's shape", _set(3, lambda t: t[:5])),
@@ -338,6 +337,26 @@ def test_batchtopk_steps_take_numpy_numbers(fs, device):
     sizes = [np.int64(4), 13]
     got = fs.matryoshka_batchtopk_sae_step(*args[:5], np.int64(3), sizes).loss
     torch.testing.assert_close(got, fs.matryoshka_batchtopk_sae_step(*args[:5], 3, [4, 13]).loss, rtol=0, atol=0)
+
+
+def test_topk_steps_take_numpy_counts(fs, device):
+    """k (TopK encoder, step, Matryoshka TopK) and the fixed-capacity steps' capacity given as numpy integers
+    give the same results as Python ints."""
+    args = _sae_args(device)
+    x, W_enc, b_enc, W_dec, b_dec = args[:5]
+    want = fs.topk_sae_step(*args[:5], 3)
+    got = fs.topk_sae_step(*args[:5], np.int64(3))
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.loss, want.loss)
+    assert torch.equal(
+        fs.topk_encode(x, W_enc, b_enc, np.int32(3), b_dec)[1], fs.topk_encode(x, W_enc, b_enc, 3, b_dec)[1]
+    )
+    got = fs.matryoshka_topk_sae_step(*args[:5], np.int64(3), [4, W_enc.shape[0]]).loss
+    assert torch.equal(got, fs.matryoshka_topk_sae_step(*args[:5], 3, [4, W_enc.shape[0]]).loss)
+    cap = x.shape[0] * W_enc.shape[0]
+    want = fs.standard_sae_step(*args[:5], capacity=cap).loss
+    assert torch.equal(fs.standard_sae_step(*args[:5], capacity=np.int64(cap)).loss, want)
+    with pytest.raises(ValueError, match="k must be an int"):
+        fs.topk_sae_step(*args[:5], np.float32(3.0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU threshold is not read (that would sync)")

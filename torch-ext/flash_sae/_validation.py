@@ -23,6 +23,12 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def as_count(value):
+    """A count given as any integer type (numpy's too) as a Python ``int``; anything else unchanged, for
+    ``check_int`` to report by name."""
+    return int(value) if is_int(value) else value
+
+
 def is_real(value) -> bool:
     """A real number: ``int``, ``float`` or any ``numbers.Real`` (numpy's scalars), but not ``bool``."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_gated_args, check_step_args
+from ..._validation import as_count, check_gated_args, check_step_args
 from ...primitives.csr import csr_transpose
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
@@ -251,6 +251,7 @@ _gated_sae_step = register_op(
 
 def _check(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, capacity, l1_coefficient, freeze_aux_decoder):
     check_step_args(x, W_enc, b_gate, W_dec, b_dec, 1)
+    capacity = as_count(capacity)
     check_gated_args(x, W_enc, r_mag, b_mag, capacity, l1_coefficient)
     if not isinstance(freeze_aux_decoder, bool):
         raise ValueError(f"freeze_aux_decoder must be a bool, got {freeze_aux_decoder!r}")

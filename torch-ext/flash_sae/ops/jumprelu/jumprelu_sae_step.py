@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_jumprelu_args, check_step_args
+from ..._validation import as_count, check_jumprelu_args, check_step_args
 from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
@@ -224,6 +224,7 @@ def jumprelu_sae_step(
         threshold. No host sync; nothing [B, F] kept; deterministic.
     """
     check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    capacity = as_count(capacity)
     check_jumprelu_args(threshold, W_enc.shape[0], capacity, bandwidth, l0_coefficient, x)
     out = _jumprelu_sae_step(
         x.contiguous(),

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_standard_args, check_step_args
+from ..._validation import as_count, check_standard_args, check_step_args
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_rows
@@ -181,6 +181,7 @@ def standard_sae_step(
         sync; nothing [B, F] kept; deterministic.
     """
     check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    capacity = as_count(capacity)
     check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
     out = _standard_sae_step(
         x.contiguous(),

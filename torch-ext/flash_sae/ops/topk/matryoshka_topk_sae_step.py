@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_prefix_sizes, check_step_args
+from ..._validation import as_count, check_prefix_sizes, check_step_args
 from ...primitives.select import topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
@@ -111,6 +111,7 @@ def matryoshka_topk_sae_step(
         (``row_offsets`` = arange(B + 1) * k); ``min_act`` is the smallest positive value of the
         code. No host sync; nothing [B, F] kept; deterministic.
     """
+    k = as_count(k)
     check_step_args(x, W_enc, b_enc, W_dec, b_dec, k)
     sizes = check_prefix_sizes(prefix_sizes, W_enc.shape[0])
     out = _matryoshka_topk_sae_step(

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_encoder_args
+from ..._validation import as_count, check_encoder_args
 from ...primitives.encoder import encoder_backward
 from ...primitives.select import topk_preacts
 
@@ -106,6 +106,7 @@ def topk_encode(
         and b_dec; the backward keeps only the [B, k] code and the inputs, is
         O(B*k*D) plus one write of dW_enc, and is deterministic.
     """
+    k = as_count(k)
     check_encoder_args(x, W_enc, b_enc, k, b_dec)
     return _topk_encode(
         x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous() if b_dec is not None else None, k

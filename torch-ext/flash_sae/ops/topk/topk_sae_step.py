@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_dead_loss_args
+from ..._validation import as_count, check_dead_loss_args
 from ...primitives.gather import gather_rows
 from ...primitives.select import topk_preacts
 from ...results import TopKSAEStep, total_variance
@@ -192,6 +192,7 @@ def topk_sae_step(
         ``dead_mask``) is the dead-latent loss before ``aux_coef``. Nothing [B, F] is kept
         for the backward, which is deterministic.
     """
+    k = as_count(k)
     B, D, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
     target = target.contiguous() if target is not None else None
     spec, coef, offset = NO_DEAD_LOSS, 0.0, None
