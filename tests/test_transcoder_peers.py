@@ -10,7 +10,7 @@ forward autocasts CUDA tensors to bf16; see ``peers.sparsify_coder``).
 import pytest
 import torch
 from parity import rel_err
-from peers import sparsify_coder
+from peers import require, sparsify_coder
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,3 +41,15 @@ def test_topk_transcoder_matches_sparsify(fs, dtype):
     torch.testing.assert_close(ours.fvu, theirs.fvu.float(), rtol=tol, atol=0)
     for name, a, b in zip(("W_enc", "b_enc", "W_dec", "b_dec"), our_grads, their_grads):
         assert rel_err(a, b) <= tol, f"d{name}: {rel_err(a, b):.2e} from sparsify's"
+
+
+def test_saelens_transcoders_load_but_do_not_train():
+    """The README's architecture table: the installed SAELens has transcoder classes (to load and run them)
+    and no training class for any of them."""
+    import inspect
+
+    transcoder = require("sae_lens.saes.transcoder")
+    training_sae = require("sae_lens.saes.sae").TrainingSAE
+    classes = [c for _, c in inspect.getmembers(transcoder, inspect.isclass) if c.__module__ == transcoder.__name__]
+    assert any(c.__name__ == "Transcoder" for c in classes)
+    assert not [c.__name__ for c in classes if issubclass(c, training_sae)]
