@@ -95,7 +95,9 @@ def training_body(fs, rank, world, device, data_world, steps):
         mesh = init_device_mesh(device.split(":")[0], (data_world, latent_world), mesh_dim_names=("data", "latent"))
     else:
         mesh = init_device_mesh(device.split(":")[0], (world,), mesh_dim_names=("latent",))
-    window = B * data_world  # rows: a latent silent for one step counts dead, so the counts are exercised
+    # rows: a latent silent for one whole step counts dead (the rule is tokens_since_fired > window), so the
+    # counts are exercised
+    window = B * data_world - 1
     ref = fs.SparseAutoencoder(D, F, k, seed=3, device=device, dead_window_tokens=window)
     sae = fs.distributed.ShardedSparseAutoencoder(
         D, F, k, mesh=mesh, seed=11, device=device, dead_window_tokens=window

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, assert_parity
+from parity import DTYPES, assert_parity, rel_err
 
 STEPS = ("topk_sae_step", "batchtopk_sae_step")
 
@@ -45,12 +45,16 @@ def _code_rows(out, B):
     return [out.indices[offsets[b] : offsets[b + 1]] for b in range(B)]
 
 
-def _reference_loss(x, W_enc, b_enc, W_dec, b_dec, target, rows):
+def _reference_loss(x, W_enc, b_enc, W_dec, b_dec, target, rows, round_preacts=None):
     """mean over B*D_out of (b_dec + sum over the row's code of relu(pre) W_dec[f] - target)^2, the
-    pre-activations computed at the code's entries only (x is not centred)."""
+    pre-activations computed at the code's entries only (x is not centred). ``round_preacts``: the
+    pre-activations' values rounded to that dtype (gradients exact), the rounding every implementation
+    in that dtype makes, as the encoder GEMM's output."""
     recon = []
     for b, ids in enumerate(rows):
         pre = W_enc[ids] @ x[b] + b_enc[ids]
+        if round_preacts is not None:
+            pre = pre + (pre.to(round_preacts).to(pre.dtype) - pre).detach()
         recon.append(b_dec + torch.relu(pre) @ W_dec[ids])
     return ((torch.stack(recon) - target) ** 2).mean()
 
@@ -81,6 +85,7 @@ def _check_selection(step, x, W_enc, b_enc, out, K, B):
 @example(shape=(4, 3, 12, 7, 11), dtype=torch.bfloat16, seed=2)
 @example(shape=(3, 5, 9, 13, 6), dtype=torch.float16, seed=3)
 @example(shape=(1, 1, 1, 1, 1), dtype=torch.float32, seed=4)
+@example(shape=(1, 1, 39, 31, 33), dtype=torch.bfloat16, seed=363)  # one entry: the rounding of pre dominates
 def test_transcoder_step_parity(fs, device, step, shape, dtype, seed):
     B, K = shape[:2]
     inputs = _problem(shape, dtype, device, seed)
@@ -102,9 +107,16 @@ def test_transcoder_step_parity(fs, device, step, shape, dtype, seed):
     ref = _reference_loss(*p64, rows)
     ref_grads = torch.autograd.grad(ref, p64, upstream.double().to(device))
 
-    assert_parity(f"{step} loss", out.loss, same, ref, dtype)
-    for name, o, s, r in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"), ours, same_grads, ref_grads):
-        assert_parity(f"{step} d{name}", o, s, r, dtype)
+    # torch's error is the larger of its own and that of exact arithmetic on the dtype-rounded
+    # pre-activations (a rounding every implementation in the dtype makes; with one entry it can dominate)
+    p_sh = [t.detach().double().requires_grad_() for t in inputs]
+    shared = _reference_loss(*p_sh, rows, round_preacts=dtype)
+    shared_grads = torch.autograd.grad(shared, p_sh, upstream.double().to(device))
+    base = same if rel_err(same, ref) >= rel_err(shared, ref) else shared
+    assert_parity(f"{step} loss", out.loss, base, ref, dtype)
+    names = ("x", "W_enc", "b_enc", "W_dec", "b_dec", "target")
+    for name, o, s, r, sh in zip(names, ours, same_grads, ref_grads, shared_grads):
+        assert_parity(f"{step} d{name}", o, s if rel_err(s, r) >= rel_err(sh, r) else sh, r, dtype)
     y = p64[5].detach()
     fvu = ((ref.detach() * y.numel()) / ((y - y.mean(0)) ** 2).sum()).float().cpu()
     if B > 1:
