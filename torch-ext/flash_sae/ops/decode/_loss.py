@@ -8,10 +8,23 @@ of the prefix residuals (HierarchicalTopK). Not an op: a private module of the
 ``decode`` family.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ..._registry import fake_gradients, gradient_or_placeholder, placeholder
 from ..._validation import check_decoder_loss_args, resolve_validate
+
+
+class DecoderLossInputs(NamedTuple):
+    """The two decoder losses' arguments (flex-sae's order), as their registered ops take them."""
+
+    indices: torch.Tensor
+    weight: torch.Tensor
+    vals: torch.Tensor
+    bias: torch.Tensor
+    target: torch.Tensor
+    validate: bool
 
 
 def loss_inputs(indices, weight, vals, bias, target, validate) -> tuple:

@@ -45,8 +45,6 @@ Precision: fp32 accumulation; loss returned in fp32, gradients in their
 parameter's dtype. Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes.
 """
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -56,7 +54,7 @@ from ..._registry import register_op
 from ..._validation import check_index_range
 from ...primitives.csr import csr_transpose, segment_sum
 from ...primitives.triton_utils import cast_rtne, load_latent
-from ._loss import loss_gradients, loss_gradients_fake, loss_inputs
+from ._loss import DecoderLossInputs, loss_gradients, loss_gradients_fake, loss_inputs
 
 # Kernels -----------------------------------------------------------------------
 
@@ -145,18 +143,7 @@ def _hierarchical_topk_sae_loss_bwd_kernel(
 # Host launchers ----------------------------------------------------------------
 
 
-class HierarchicalTopkSaeLossInputs(NamedTuple):
-    """``hierarchical_topk_sae_loss``'s arguments, in the registered op's order."""
-
-    indices: torch.Tensor
-    weight: torch.Tensor
-    vals: torch.Tensor
-    bias: torch.Tensor
-    target: torch.Tensor
-    validate: bool
-
-
-def hierarchical_topk_sae_loss_fwd(i: HierarchicalTopkSaeLossInputs) -> tuple[torch.Tensor, ...]:
+def hierarchical_topk_sae_loss_fwd(i: DecoderLossInputs) -> tuple[torch.Tensor, ...]:
     """Returns (loss [] fp32, residual [B, D] fp32, esum [B, D] fp32); the last two are kept for backward."""
     if i.validate:
         check_index_range(i.indices, i.weight.shape[0])
@@ -292,7 +279,7 @@ def hierarchical_topk_sae_loss_bwd(grads, saved, needs: list[bool]) -> tuple[tor
     )
 
 
-def hierarchical_topk_sae_loss_fwd_fake(i: HierarchicalTopkSaeLossInputs):
+def hierarchical_topk_sae_loss_fwd_fake(i: DecoderLossInputs):
     weight, target = i.weight, i.target
     B, D = target.shape
     f32 = torch.float32
@@ -308,7 +295,7 @@ def hierarchical_topk_sae_loss_bwd_fake(grads, saved, needs: list[bool]):
 
 _hierarchical_topk_sae_loss = register_op(
     "hierarchical_topk_sae_loss",
-    inputs=HierarchicalTopkSaeLossInputs,
+    inputs=DecoderLossInputs,
     launchers=(
         hierarchical_topk_sae_loss_fwd,
         hierarchical_topk_sae_loss_fwd_fake,

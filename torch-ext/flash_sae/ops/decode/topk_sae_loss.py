@@ -27,30 +27,17 @@ gradient in its parameter's dtype. Deterministic: no atomics.
 Shapes: B >= 1, 1 <= K <= F, D >= 1, any sizes. B = 0 or K = 0 raise ValueError.
 """
 
-from typing import NamedTuple
-
 import torch
 
 from ..._registry import register_op
 from ..._validation import check_index_range
 from ...primitives.gather import gather_rows, gather_rows_backward
-from ._loss import loss_gradients, loss_gradients_fake, loss_inputs
+from ._loss import DecoderLossInputs, loss_gradients, loss_gradients_fake, loss_inputs
 
 # Host launchers ----------------------------------------------------------------
 
 
-class TopkSaeLossInputs(NamedTuple):
-    """``topk_sae_loss``'s arguments, in the registered op's order."""
-
-    indices: torch.Tensor
-    weight: torch.Tensor
-    vals: torch.Tensor
-    bias: torch.Tensor
-    target: torch.Tensor
-    validate: bool
-
-
-def topk_sae_loss_fwd(i: TopkSaeLossInputs) -> tuple[torch.Tensor, ...]:
+def topk_sae_loss_fwd(i: DecoderLossInputs) -> tuple[torch.Tensor, ...]:
     """Returns (loss [] fp32, residual [B, D] fp32 = x_hat - target, kept for the backward)."""
     if i.validate:
         check_index_range(i.indices, i.weight.shape[0])
@@ -59,7 +46,7 @@ def topk_sae_loss_fwd(i: TopkSaeLossInputs) -> tuple[torch.Tensor, ...]:
     return sq / (B * D), residual
 
 
-def topk_sae_loss_fwd_fake(i: TopkSaeLossInputs):
+def topk_sae_loss_fwd_fake(i: DecoderLossInputs):
     weight, target = i.weight, i.target
     f32 = torch.float32
     return weight.new_empty((), dtype=f32), weight.new_empty(target.shape, dtype=f32)
@@ -90,7 +77,7 @@ def topk_sae_loss_bwd_fake(grads, saved, needs: list[bool]):
 
 _topk_sae_loss = register_op(
     "topk_sae_loss",
-    inputs=TopkSaeLossInputs,
+    inputs=DecoderLossInputs,
     launchers=(topk_sae_loss_fwd, topk_sae_loss_fwd_fake, topk_sae_loss_bwd, topk_sae_loss_bwd_fake),
     saved=("indices", "weight", "vals", "residual"),
     outputs=("loss", "residual"),
