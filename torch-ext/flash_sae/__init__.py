@@ -14,6 +14,7 @@ plain-torch reference formulas the tests check against.
 """
 
 from . import distributed, layers, testing  # noqa: F401  (testing: the test oracles, outside __all__)
+from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
 from .modules import (
     BatchTopKSparseAutoencoder,
@@ -36,17 +37,29 @@ from .ops.standard.standard_sae_step import standard_sae_step, standard_sae_step
 from .ops.topk.matryoshka_topk_sae_step import matryoshka_topk_sae_step
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
-from .results import BatchTopKSAEStep, GatedSAEStep, JumpReLUSAEStep, MatryoshkaSAEStep, StandardSAEStep, TopKSAEStep
+from .results import (
+    STEP_FIELDS,
+    BatchTopKSAEStep,
+    GatedSAEStep,
+    JumpReLUSAEStep,
+    MatryoshkaSAEStep,
+    SparseCode,
+    StandardSAEStep,
+    TopKSAEStep,
+)
 
 __all__ = [
+    "STEP_FIELDS",
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
+    "DeadLatentLoss",
     "GatedSAEStep",
     "GatedSparseAutoencoder",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
     "MatryoshkaBatchTopKSparseAutoencoder",
     "MatryoshkaSAEStep",
+    "SparseCode",
     "SparseAutoencoder",
     "StandardSAEStep",
     "StandardSparseAutoencoder",

@@ -306,41 +306,6 @@ def check_prefix_sizes(prefix_sizes, F: int) -> list[int]:
     return sizes
 
 
-def check_dead_loss_args(
-    dead_mask, dead_offset, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity, x, F
-):
-    """The dead-latent loss options of the steps; returns (mode name, k_aux, aux_coef, capacity, offset
-    as a 0-d int64 device tensor) with defaults."""
-    check_tensor("dead_mask", dead_mask, 1, (torch.bool,))
-    check_shape("dead_mask", dead_mask, (F,))
-    check_same_device(x=x, dead_mask=dead_mask)
-    if dead_offset is None:
-        dead_offset = torch.zeros((), dtype=torch.int64, device=x.device)
-    elif is_int(dead_offset):
-        check_int("dead_offset", dead_offset, 0, F - 1, integral=True)
-        dead_offset = torch.tensor(dead_offset, dtype=torch.int64, device=x.device)
-    else:
-        check_tensor("dead_offset", dead_offset, 0, (torch.int64,))
-        check_same_device(x=x, dead_offset=dead_offset)
-    if dead_loss not in ("auxk", "ghost"):
-        raise ValueError(f"dead_loss must be 'auxk' or 'ghost', got {dead_loss!r}")
-    D = x.shape[1]
-    if k_aux is None:
-        k_aux = default_k_aux(D, F)
-    check_int("k_aux", k_aux, 1, F, integral=True)
-    if aux_coef is None:
-        aux_coef = 1 / 32 if dead_loss == "auxk" else 1.0
-    if not is_real(aux_coef) or not aux_coef >= 0:
-        raise ValueError(f"aux_coef must be a number >= 0, got {aux_coef!r}")
-    for name, flag in (("aux_relu", aux_relu), ("aux_encoder_grad", aux_encoder_grad)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
-    if dead_capacity is None:
-        dead_capacity = default_dead_capacity(F, k_aux)
-    check_int("dead_capacity", dead_capacity, k_aux if dead_loss == "auxk" else 1, F, integral=True)
-    return dead_loss, int(k_aux), float(aux_coef), int(dead_capacity), dead_offset
-
-
 def default_k_aux(D: int, F: int) -> int:
     """AuxK's default: D // 2 dead latents per row (both trainers' heuristic, after Gao et al.), at most F."""
     return min(F, max(1, D // 2))

@@ -1,108 +1,152 @@
 """What the steps return: named result types, and the statistics in them, computed on the device.
 
-Every statistic here is computed without a host sync (no ``.item()``, no
-Python branch on a tensor value), so a step that returns it stays CUDA-graph
-capturable. ``testing/reference.py`` imports these; production code never imports
-the reference.
+Every step result starts with the same six fields, in this order (``STEP_FIELDS``):
+
+- ``loss``: [] fp32, the training objective, differentiable in every tensor argument;
+- ``mse``: [] fp32, the mean over B*D of the squared reconstruction error (detached);
+- ``fvu``: [] fp32, the fraction of variance unexplained (sum of squared errors over the batch's
+  total variance about its mean; undefined, inf or NaN, for B = 1);
+- ``l0``: [] fp32, latents with a value > 0 per row, on average;
+- ``fire_counts``: [F] int64, the rows of this batch in which each latent had a value > 0;
+- ``code``: the sparse code, a ``SparseCode``;
+
+and the architecture's own terms after them. Every statistic here is computed without a host
+sync (no ``.item()``, no Python branch on a tensor value), so a step that returns it stays
+CUDA-graph capturable. ``flash_sae.testing.reference`` imports these; production code never
+imports the reference.
 """
 
 from typing import NamedTuple
 
 import torch
 
+STEP_FIELDS = ("loss", "mse", "fvu", "l0", "fire_counts", "code")
+
+
+class SparseCode(NamedTuple):
+    """A batch's sparse code, by latent id.
+
+    Fixed width (the TopK steps): ``vals`` and ``indices`` are [B, K]; ``row_offsets`` is None.
+    Variable length (every other step): ``vals`` and ``indices`` are flat, and row b owns entries
+    ``row_offsets[b]:row_offsets[b + 1]``; a fixed-capacity code's slots past ``row_offsets[B]``
+    hold value 0 and index -1. ``to_dense(n_features)`` scatters it to [B, F].
+    """
+
+    vals: torch.Tensor  # the code's values, in the parameters' dtype
+    indices: torch.Tensor  # int64 latent ids
+    row_offsets: torch.Tensor | None = None  # [B + 1] int64, or None for a [B, K] code
+
+    def to_dense(self, n_features: int) -> torch.Tensor:
+        """The code as a dense [B, n_features] tensor (zeros where no entry is), without a host sync."""
+        if self.row_offsets is None:
+            B = self.vals.shape[0]
+            dense = self.vals.new_zeros(B, n_features)
+            return dense.scatter_(1, self.indices.long(), self.vals)
+        B = self.row_offsets.shape[0] - 1
+        slots = torch.arange(self.vals.shape[0], device=self.vals.device)
+        rows = torch.searchsorted(self.row_offsets, slots, right=True) - 1
+        live = (slots < self.row_offsets[-1]) & (self.indices >= 0)
+        flat = torch.where(live, rows.clamp(0, B - 1) * n_features + self.indices.long().clamp_min(0), 0)
+        dense = self.vals.new_zeros(B * n_features)
+        dense.index_put_((flat,), torch.where(live, self.vals, 0), accumulate=True)
+        return dense.view(B, n_features)
+
 
 class TopKSAEStep(NamedTuple):
-    """What one TopK SAE step returns: the loss and what trainers log, all on device."""
+    """What one TopK SAE step returns (``STEP_FIELDS`` first); the code is [B, K]."""
 
-    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error (+ aux_coef * aux_loss)
+    loss: torch.Tensor  # [] fp32: mse (+ aux_coef * aux_loss with a dead-latent loss)
+    mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    l0: torch.Tensor  # [] fp32: latents with a value > 0 per row, on average (at most K)
     fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent fired (value > 0)
-    vals: torch.Tensor  # [B, K]: the code's values (L0 is K)
-    indices: torch.Tensor  # [B, K] int64: the code's latent ids
+    code: SparseCode  # vals, indices [B, K]
     aux_loss: torch.Tensor | None = None  # [] fp32: the dead-latent loss (before its coefficient), if asked
 
 
 class BatchTopKSAEStep(NamedTuple):
-    """What one BatchTopK SAE step returns. The code is variable-length: row b's entries are
-    ``vals[row_offsets[b]:row_offsets[b+1]]`` (and the same slice of ``indices``), by latent id."""
+    """What one BatchTopK SAE step returns (``STEP_FIELDS`` first); the code is variable-length,
+    int(k * B) entries, each row's by latent id."""
 
-    loss: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error (+ aux_coef * aux_loss)
+    loss: torch.Tensor  # [] fp32: mse (+ aux_coef * aux_loss with a dead-latent loss)
+    mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    l0: torch.Tensor  # [] fp32: latents with a value > 0 per row, on average
     fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent fired (value > 0)
-    vals: torch.Tensor  # [N]: the code's values relu(pre), N = int(k * B)
-    indices: torch.Tensor  # [N] int64: the code's latent ids
-    row_offsets: torch.Tensor  # [B + 1] int64: row b owns entries row_offsets[b]:row_offsets[b+1]
+    code: SparseCode  # vals relu(pre), indices [N = int(k * B)], row_offsets [B + 1]
     min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none), for the threshold
     aux_loss: torch.Tensor | None = None  # [] fp32: the dead-latent loss (before its coefficient), if asked
 
 
 class MatryoshkaSAEStep(NamedTuple):
-    """What one Matryoshka BatchTopK SAE step returns: the BatchTopK code and one loss per prefix level."""
+    """What one Matryoshka (TopK or BatchTopK) SAE step returns (``STEP_FIELDS`` first): the code
+    (variable-length) and one loss per prefix level."""
 
     loss: torch.Tensor  # [] fp32: the sum of the level losses
-    level_losses: torch.Tensor  # [G] fp32: mean over B*D of the squared error of each prefix reconstruction
-    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained by the whole dictionary (the last level)
+    mse: torch.Tensor  # [] fp32: the whole dictionary's (the last level's) mean squared error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained by the whole dictionary
+    l0: torch.Tensor  # [] fp32: latents with a value > 0 per row, on average
     fire_counts: torch.Tensor  # [F] int64
-    vals: torch.Tensor  # [N]: relu(pre) at the selected entries
-    indices: torch.Tensor  # [N] int64
-    row_offsets: torch.Tensor  # [B + 1] int64
+    code: SparseCode  # vals relu(pre), indices, row_offsets [B + 1]
+    level_losses: torch.Tensor  # [G] fp32: mean over B*D of the squared error of each prefix reconstruction
     min_act: torch.Tensor  # [] fp32: the smallest positive selected activation (inf if none)
 
 
+class JumpReLUSAEStep(NamedTuple):
+    """What one JumpReLU SAE step returns (``STEP_FIELDS`` first). The code has a fixed capacity:
+    the active entries (value > 0 after the jump) and those within half a bandwidth of the
+    threshold (value 0), which the threshold's estimators need. ``overflow`` is True when more
+    entries qualified than fit."""
+
+    loss: torch.Tensor  # [] fp32: sum over D of the squared error, mean over B, + l0_coefficient * l0
+    mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    l0: torch.Tensor  # [] fp32: active latents per row, on average
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent was active
+    code: SparseCode  # vals z * H(z - threshold), indices (-1 past the last entry), row_offsets
+    count: torch.Tensor  # [] int64: entries that qualified (active or in the band)
+    overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped; see the module's recovery)
+
+
 class StandardSAEStep(NamedTuple):
-    """What one standard (ReLU + L1) SAE step returns. The code is variable-length with a fixed
-    capacity, as ``JumpReLUSAEStep``'s: the active entries (z > 0) of each row, by latent id.
-    ``overflow`` is True when more entries were active than fit."""
+    """What one standard (ReLU + L1) SAE step returns (``STEP_FIELDS`` first). The code has a fixed
+    capacity, as ``JumpReLUSAEStep``'s: the active entries (z > 0). ``overflow`` is True when
+    more entries were active than fit."""
 
     loss: torch.Tensor  # [] fp32: sum over D of the squared error, mean over B, + l1_coefficient * l1
     mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
-    l1: torch.Tensor  # [] fp32: mean over B of sum_f f * ||W_dec[f]||
-    l0: torch.Tensor  # [] fp32: active latents per row, on average (the entries collected)
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    l0: torch.Tensor  # [] fp32: active latents per row, on average (the entries collected)
     fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent was active
-    vals: torch.Tensor  # [capacity]: relu(z) at the collected entries (0 past the last one)
-    indices: torch.Tensor  # [capacity] int64: their latent ids (-1 past the last one)
-    row_offsets: torch.Tensor  # [B + 1] int64
+    code: SparseCode  # vals relu(z), indices (-1 past the last entry), row_offsets
+    l1: torch.Tensor  # [] fp32: mean over B of sum_f f * ||W_dec[f]||
     count: torch.Tensor  # [] int64: entries that were active
     overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped)
 
 
 class GatedSAEStep(NamedTuple):
-    """What one Gated SAE step returns. The code is variable-length with a fixed capacity, as
-    ``StandardSAEStep``'s, over the open gates (pi_gate > 0) of each row, by latent id; ``vals``
-    holds the code f = relu(pi_mag) there, so an open gate whose magnitude is <= 0 holds a 0.
-    ``overflow`` is True when more gates were open than fit."""
+    """What one Gated SAE step returns (``STEP_FIELDS`` first). The code has a fixed capacity, over
+    the open gates (pi_gate > 0) of each row; ``vals`` holds f = relu(pi_mag) there, so an open gate
+    whose magnitude is <= 0 holds a 0. ``overflow`` is True when more gates were open than fit."""
 
     loss: torch.Tensor  # [] fp32: mse summed over D, mean over B, + l1_coefficient * l1 + aux
     mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
+    l0: torch.Tensor  # [] fp32: latents with f > 0 per row, on average
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent had f > 0
+    code: SparseCode  # vals f, indices (-1 past the last entry), row_offsets
     l1: torch.Tensor  # [] fp32: mean over B of sum_f relu(pi_gate) * ||W_dec[f]||
     aux: torch.Tensor  # [] fp32: the gate path's reconstruction error, summed over D, mean over B
-    l0: torch.Tensor  # [] fp32: latents with f > 0 per row, on average
-    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
-    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent had f > 0
-    vals: torch.Tensor  # [capacity]: f at the open gates (0 past the last one)
-    indices: torch.Tensor  # [capacity] int64: their latent ids (-1 past the last one)
-    row_offsets: torch.Tensor  # [B + 1] int64
     count: torch.Tensor  # [] int64: open gates
     overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped)
 
 
-class JumpReLUSAEStep(NamedTuple):
-    """What one JumpReLU SAE step returns. The code is variable-length with a fixed capacity: row b's
-    entries are ``vals[row_offsets[b]:row_offsets[b+1]]``; it holds the active entries (value > 0
-    after the jump) and those within half a bandwidth of the threshold (value 0), which the
-    threshold's estimators need. ``overflow`` is True when more entries qualified than fit."""
+STEP_RESULTS = (TopKSAEStep, BatchTopKSAEStep, MatryoshkaSAEStep, JumpReLUSAEStep, StandardSAEStep, GatedSAEStep)
 
-    loss: torch.Tensor  # [] fp32: sum over D of the squared error, mean over B, + l0_coefficient * l0
-    mse: torch.Tensor  # [] fp32: mean over B*D of the squared reconstruction error
-    l0: torch.Tensor  # [] fp32: active latents per row, on average
-    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained
-    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent was active
-    vals: torch.Tensor  # [capacity]: z * H(z - threshold) at the collected entries
-    indices: torch.Tensor  # [capacity] int64: their latent ids (-1 past the last one)
-    row_offsets: torch.Tensor  # [B + 1] int64
-    count: torch.Tensor  # [] int64: entries that qualified (active or in the band)
-    overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped; see the module's recovery)
+
+def code_l0(vals: torch.Tensor, rows: int) -> torch.Tensor:
+    """[] fp32: the entries of a code with a value > 0, per row (``rows`` rows), on the device."""
+    return (vals.detach() > 0).sum().float() / rows
 
 
 def fire_counts(vals: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tensor:

@@ -94,22 +94,24 @@ class ShardedSparseAutoencoder(FusedDecoderGeometry, SAEBase):
             vals, indices, self.W_dec, self.b_dec, group=self.layout.latent_group, n_features=self.n_features
         )
 
-    def loss(self, x: torch.Tensor) -> TopKSAEStep:
-        """The sharded step (``sharded_topk_sae_step``): ``TopKSAEStep(loss, fvu, fire_counts, vals,
-        indices)``, ``fire_counts`` for this shard's latents and this replica's batch. In training
-        mode it updates the dead-latent counts with the fire counts summed over the replicas."""
-        step = sharded_topk_sae_step(
+    def _step(self, x: torch.Tensor) -> TopKSAEStep:
+        """The sharded step (``sharded_topk_sae_step``): a ``TopKSAEStep`` whose ``fire_counts`` are this
+        shard's latents' in this replica's batch. ``loss`` then updates the dead-latent counts (in
+        training mode) with the fire counts summed over the replicas."""
+        return sharded_topk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
             group=self.layout.latent_group, n_features=self.n_features,
         )  # fmt: skip
+
+    @torch.no_grad()
+    def _after_step(self, step, rows: int) -> None:
         if self.training:
-            counts, n = step.fire_counts, x.shape[0]
+            counts, n = step.fire_counts, rows
             if self.layout.data_group is not None:
                 counts = counts.clone()
                 dist.all_reduce(counts, group=self.layout.data_group)
                 n *= self.layout.data_world
             self.record_firing(counts, n)
-        return step
 
     @torch.no_grad()
     def all_reduce_gradients(self) -> None:

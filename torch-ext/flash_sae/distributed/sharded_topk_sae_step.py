@@ -32,6 +32,8 @@ ranks weigh 0: O(B*k*D), small beside the GEMM); collectives: W * B * min(k, c) 
 gathered, B * D * 4 bytes reduced in the forward, the same or D * 4 in the backward.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -48,7 +50,7 @@ from ..primitives.csr import csr_transpose
 from ..primitives.encoder import encoder_backward
 from ..primitives.gather import gather_rows, gather_rows_backward
 from ..primitives.select import KEY_NONE, chunk_top_k, pre_chunks, unpack
-from ..results import TopKSAEStep, fire_counts, total_variance
+from ..results import SparseCode, TopKSAEStep, code_l0, fire_counts, total_variance
 from .layout import check_shardable, shard_bounds
 
 # torch 2.13 renamed the tensor all-gather; older versions (2.11 on our GPU machines) have the old name only
@@ -86,14 +88,26 @@ def own_entries(vals, ids, f0, n_local):
     return torch.where(mine, vals, 0), torch.where(mine, local, 0), torch.where(mine, local, n_local)
 
 
+class ShardPlan(NamedTuple):
+    """Where this rank's latents sit and how the selection merges: k, the first latent f0, the candidates
+    each shard sends (n_cand), the latent group and its size."""
+
+    k: int
+    f0: int
+    n_cand: int
+    group: dist.ProcessGroup
+    world: int
+
+
 class _ShardedTopKStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, f0, n_cand, group, world):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, plan: ShardPlan):
         B, D = x.shape
         n_local = W_enc.shape[0]
-        values, ids = sharded_select(x, W_enc, b_enc, k, b_dec, f0, n_cand, group, world)
+        group = plan.group
+        values, ids = sharded_select(x, W_enc, b_enc, plan.k, b_dec, plan.f0, plan.n_cand, group, plan.world)
         vals = torch.relu(values)
-        lvals, lidx, lidx_csr = own_entries(vals, ids, f0, n_local)
+        lvals, lidx, lidx_csr = own_entries(vals, ids, plan.f0, n_local)
         partial = gather_rows(lvals, lidx, W_dec, out_dtype=torch.float32)
         dist.all_reduce(partial, group=group)
         residual = partial.add_(b_dec.float()).sub_(x.float())
@@ -127,7 +141,7 @@ class _ShardedTopKStep(torch.autograd.Function):
         dtype = W_enc.dtype
         dx = (dx_enc - residual * s).to(dtype) if ctx.needs_input_grad[0] else None
         db_dec = (residual.sum(0) * s + db_dec_enc).to(dtype)
-        return dx, dW_enc, db_enc.to(dtype), dW_dec, db_dec, None, None, None, None, None
+        return dx, dW_enc, db_enc.to(dtype), dW_dec, db_dec, None
 
 
 def _group_bounds(group, n_features):
@@ -181,16 +195,18 @@ def sharded_topk_sae_step(
         n_features: F, the latents over all shards.
 
     Returns:
-        ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``: ``loss`` and ``fvu`` as the
-        single-GPU step's (the same on every rank); ``fire_counts`` [F_r] for this rank's latents;
-        ``vals`` / ``indices`` the whole [B, k] code with global ids (the same on every rank).
+        ``TopKSAEStep(loss, mse, fvu, l0, fire_counts, code)``: ``loss``, ``mse``, ``fvu`` and ``l0`` as
+        the single-GPU step's (the same on every rank); ``fire_counts`` [F_r] for this rank's latents;
+        ``code`` the whole [B, k] code with global ids (the same on every rank).
         The gradients reach this rank's shard and, summed over the group, x and b_dec (the same
         on every rank).
     """
     f0, n_cand, world = check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features)
     args = (x, W_enc, b_enc, W_dec, b_dec)
-    out = _ShardedTopKStep.apply(*(t.contiguous() for t in args), k, f0, n_cand, group, world)
-    return TopKSAEStep(*out)
+    plan = ShardPlan(k, f0, n_cand, group, world)
+    loss, fvu, counts, vals, ids = _ShardedTopKStep.apply(*(t.contiguous() for t in args), plan)
+    code = SparseCode(vals, ids)
+    return TopKSAEStep(loss, loss.detach(), fvu, code_l0(vals, x.shape[0]), counts, code)
 
 
 @torch.no_grad()

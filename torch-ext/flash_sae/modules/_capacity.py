@@ -54,11 +54,22 @@ def grown_capacity(per_row: float, n_features: int) -> int:
     return min(n_features, 1 << max(0, math.ceil(math.log2(max(1.0, 1.5 * per_row)))))
 
 
-class DenseSwitch:
+class LearnedCapacity:
+    """Mixin for ``SAEBase`` subclasses whose step returns a fixed-capacity code: after each step (in
+    training and eval mode) the step's ``count`` starts on its way to the host (``SeenCount``)."""
+
+    @torch.no_grad()
+    def _after_step(self, step, rows: int) -> None:
+        self._seen.record(step.count, rows)
+        super()._after_step(step, rows)
+
+
+class DenseSwitch(LearnedCapacity):
     """The sparse/dense choice of the modules whose code's density is learned (standard, Gated): mixin for
     ``SAEBase`` subclasses. Until a count has arrived, and whenever the last one was above
-    ``dense_above`` * F entries per row, ``_path`` says "dense"; otherwise "sparse" with a capacity
-    per row of 1.5x the count seen (a power of two). ``last_path`` says which the last step ran."""
+    ``dense_above`` * F entries per row, ``_path`` says dense; otherwise sparse with a capacity per
+    row of 1.5x the count seen (a power of two). ``last_path`` ("dense" or "sparse") says which the
+    last step ran."""
 
     def _init_switch(self, dense_above, capacity_per_row) -> None:
         if not is_real(dense_above) or not 0 <= dense_above <= 1:
@@ -70,8 +81,9 @@ class DenseSwitch:
         self._seen = SeenCount()
         self.last_path = None
 
-    def _path(self) -> tuple[str, int | None]:
-        """("dense", None) or ("sparse", capacity per row), from the last count that has arrived."""
+    def _path(self, rows: int) -> int | None:
+        """The sparse step's capacity for ``rows`` rows, or None for the dense formulation, from the last
+        count that has arrived; sets ``last_path``."""
         F = self.n_features
         per_row = self._seen.poll()
         if per_row is not None:
@@ -80,11 +92,7 @@ class DenseSwitch:
         else:  # no count yet: dense unless a starting capacity was given or dense is never wanted
             dense = self.capacity_per_row is None and self.dense_above < 1.0
         if dense or self.dense_above == 0.0:
-            return "dense", None
-        return "sparse", self.capacity_per_row or F
-
-    def _after_step(self, path: str, step, rows: int) -> None:
-        self.last_path = path
-        self._seen.record(step.count, rows)
-        if self.training:
-            self.record_firing(step.fire_counts, rows)
+            self.last_path = "dense"
+            return None
+        self.last_path = "sparse"
+        return min(rows * F, (self.capacity_per_row or F) * rows)

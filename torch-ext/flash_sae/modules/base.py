@@ -5,13 +5,15 @@ truth) subclass the same base here and differ only in how they compute, so a
 ``state_dict`` moves between them unchanged.
 """
 
+import dataclasses
 import math
 import warnings
 
 import torch
 from torch import nn
 
-from .._validation import FLOAT_DTYPES, check_float_dtype, default_dead_capacity, default_k_aux, is_int, is_real
+from .._validation import FLOAT_DTYPES, check_float_dtype, is_int, is_real
+from ..dead_latent_loss import DeadLatentLoss
 from ..primitives.dead_set import next_dead_offset
 
 
@@ -224,6 +226,25 @@ class SAEBase(nn.Module):
         """The reconstruction x_hat [B, D]."""
         return self.decode(*self.encode(x))
 
+    def loss(self, x: torch.Tensor):
+        """The fused training step: the architecture's step result (``loss``, ``mse``, ``fvu``, ``l0``,
+        ``fire_counts``, ``code``, then its own terms). In training mode it also keeps the module's
+        state on the device: the dead-latent counts from ``fire_counts`` (``tokens_since_fired``) and
+        the architecture's own (the dead set's offset, the inference threshold). No host sync."""
+        step = self._step(x)
+        self._after_step(step, x.shape[0])
+        return step
+
+    def _step(self, x: torch.Tensor):
+        """The architecture's step on ``x`` with this module's parameters and options."""
+        raise NotImplementedError(f"{type(self).__name__} defines no training step")
+
+    @torch.no_grad()
+    def _after_step(self, step, rows: int) -> None:
+        """The bookkeeping after a step of ``rows`` rows; mixins extend it (calling ``super()``)."""
+        if self.training:
+            self.record_firing(step.fire_counts, rows)
+
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):
         """Rescales every decoder row to unit L2 norm (call after each optimiser step)."""
@@ -382,85 +403,53 @@ class SAEBase(nn.Module):
 
 
 class DeadLossOptions:
-    """The dead-latent loss options of the TopK and BatchTopK modules (mixin for ``SAEBase`` subclasses).
+    """The dead-latent loss of the TopK and BatchTopK modules (mixin for ``SAEBase`` subclasses).
 
-    ``dead_loss``: None (default), ``"auxk"`` or ``"ghost"``. With one, ``loss`` in training mode
-    passes the current ``dead_mask()`` and ``k_aux``, ``aux_coef``, ``aux_relu``,
-    ``aux_encoder_grad`` and ``dead_capacity`` to its step (see ``topk_sae_step``); the step's
-    ``aux_loss`` reports the dead-latent loss.
+    ``dead_loss``: None (default), ``"auxk"``, ``"ghost"`` or a ``DeadLatentLoss`` without a mask
+    (its options: ``k_aux``, ``coef``, ``relu``, ``encoder_grad``, ``capacity``). With one, ``loss``
+    in training mode passes it with the current ``dead_mask()`` and ``dead_offset`` to its step,
+    whose ``aux_loss`` reports the dead-latent loss, and then slides ``dead_offset`` past the window
+    the step took (on device), so every dead latent gets its turn.
     """
 
     resample_encoder_scale = 1.0  # a TopK-family latent must outrank the live ones (see resample_dead_)
 
-    def _set_dead_loss(self, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity):
-        if dead_loss not in (None, "auxk", "ghost"):
-            raise ValueError(f"dead_loss must be None, 'auxk' or 'ghost', got {dead_loss!r}")
-        self.dead_loss = dead_loss
-        if k_aux is None:
-            k_aux = default_k_aux(self.d_model, self.n_features)
-        if is_int(k_aux):
-            k_aux = int(k_aux)
-        if is_int(dead_capacity):
-            dead_capacity = int(dead_capacity)
-        if dead_capacity is None and isinstance(k_aux, int):
-            dead_capacity = default_dead_capacity(self.n_features, k_aux)
-        self.dead_loss_options = dict(
-            k_aux=k_aux,
-            aux_coef=aux_coef,
-            aux_relu=aux_relu,
-            aux_encoder_grad=aux_encoder_grad,
-            dead_capacity=dead_capacity,
-        )
+    def _set_dead_loss(self, dead_loss) -> None:
+        dead_loss = DeadLatentLoss.of(dead_loss)
+        if dead_loss is not None and (dead_loss.mask is not None or dead_loss.offset is not None):
+            raise ValueError(
+                "dead_loss: a module tracks its own dead set; pass a DeadLatentLoss without mask or offset"
+            )
+        self.dead_loss = None if dead_loss is None else dead_loss.with_defaults(self.d_model, self.n_features)
         # where the next step's dead set starts (``primitives.dead_set``), slid past each step's window
         self.register_buffer("dead_offset", torch.zeros((), dtype=torch.int64, device=self.W_dec.device))
 
-    def dead_loss_kwargs(self) -> dict:
-        """The step's dead-latent arguments: empty unless a ``dead_loss`` is set and the module trains."""
+    def step_dead_loss(self) -> DeadLatentLoss | None:
+        """What the step gets: the dead-latent loss with this module's dead set, in training mode; else None."""
         if self.dead_loss is None or not self.training:
-            return {}
-        return dict(
-            dead_mask=self.dead_mask(), dead_offset=self.dead_offset, dead_loss=self.dead_loss, **self.dead_loss_options
-        )
+            return None
+        return dataclasses.replace(self.dead_loss, mask=self.dead_mask(), offset=self.dead_offset)
 
     @torch.no_grad()
-    def advance_dead_offset(self, dead_kwargs: dict) -> None:
-        """After a step with ``dead_kwargs``: slide ``dead_offset`` past the window it took (on device)."""
-        if dead_kwargs:
-            mask, capacity = dead_kwargs["dead_mask"], self.dead_loss_options["dead_capacity"]
-            self.dead_offset.copy_(next_dead_offset(mask, capacity, self.dead_offset))
+    def _after_step(self, step, rows: int) -> None:
+        if self.training and self.dead_loss is not None:  # the dead set the step took: counts not yet updated
+            self.dead_offset.copy_(next_dead_offset(self.dead_mask(), self.dead_loss.capacity, self.dead_offset))
+        super()._after_step(step, rows)
 
 
 class TopKSAEBase(DeadLossOptions, SAEBase):
     """A TopK SAE's parameters (``SAEBase``, normal unit-norm init) and its per-row ``k``.
 
     Subclasses define ``encode(x) -> (vals, indices)``, ``decode(vals, indices) -> x_hat``
-    and ``loss(x)``.
+    and ``_step(x)``. Keywords other than ``dead_loss`` (``DeadLossOptions``) go to ``SAEBase``.
     """
 
-    def __init__(
-        self,
-        d_model,
-        n_features,
-        k,
-        *,
-        dtype=None,
-        device=None,
-        seed=None,
-        dead_window_tokens=10_000_000,
-        dead_loss=None,
-        k_aux=None,
-        aux_coef=None,
-        aux_relu=True,
-        aux_encoder_grad=True,
-        dead_capacity=None,
-    ):
-        super().__init__(
-            d_model, n_features, dtype=dtype, device=device, seed=seed, dead_window_tokens=dead_window_tokens
-        )
+    def __init__(self, d_model, n_features, k, *, dead_loss=None, **kwargs):
+        super().__init__(d_model, n_features, **kwargs)
         if not is_int(k) or not 1 <= k <= n_features:
             raise ValueError(f"k must be an int in [1, n_features={n_features}], got {k!r}")
         self.k = int(k)
-        self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
+        self._set_dead_loss(dead_loss)
 
     saelens_architecture = "topk"
 
@@ -484,19 +473,8 @@ class TopKSAEBase(DeadLossOptions, SAEBase):
 class SAELensInitBase(SAEBase):
     """``SAEBase`` with SAELens's initialisation: Kaiming-uniform decoder rows of norm ``decoder_init_norm``."""
 
-    def __init__(
-        self, d_model, n_features, *, decoder_init_norm=0.1, dtype=None, device=None, seed=None, **kwargs
-    ):  # fmt: skip
-        super().__init__(
-            d_model,
-            n_features,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            decoder_init="saelens",
-            decoder_init_norm=decoder_init_norm,
-            **kwargs,
-        )
+    def __init__(self, d_model, n_features, *, decoder_init_norm=0.1, **kwargs):
+        super().__init__(d_model, n_features, decoder_init="saelens", decoder_init_norm=decoder_init_norm, **kwargs)
 
 
 class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
@@ -506,35 +484,10 @@ class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
     average, rate ``threshold_lr``, of each batch's smallest positive selected activation."""
 
     def __init__(
-        self,
-        d_model,
-        n_features,
-        k,
-        *,
-        rescale_acts_by_decoder_norm=True,
-        threshold_lr=0.01,
-        decoder_init_norm=0.1,
-        dtype=None,
-        device=None,
-        seed=None,
-        dead_window_tokens=10_000_000,
-        dead_loss=None,
-        k_aux=None,
-        aux_coef=None,
-        aux_relu=True,
-        aux_encoder_grad=True,
-        dead_capacity=None,
-    ):
-        super().__init__(
-            d_model,
-            n_features,
-            decoder_init_norm=decoder_init_norm,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            dead_window_tokens=dead_window_tokens,
-        )
-        self._set_dead_loss(dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity)
+        self, d_model, n_features, k, *, rescale_acts_by_decoder_norm=True, threshold_lr=0.01, dead_loss=None, **kwargs
+    ):  # fmt: skip
+        super().__init__(d_model, n_features, **kwargs)
+        self._set_dead_loss(dead_loss)
         if not is_real(k) or not 0 < k <= n_features:
             raise ValueError(f"k must be a number in (0, n_features={n_features}], got {k!r}")
         k = int(k) if is_int(k) else float(k)
@@ -545,13 +498,19 @@ class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
         self.k = k
         self.rescale_acts_by_decoder_norm = rescale_acts_by_decoder_norm
         self.threshold_lr = threshold_lr
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=self.W_dec.device))
         # the threshold's updates so far, on device (a CUDA graph replays the increment); not in the
         # state_dict: a loaded positive threshold counts as warm (``_load_from_state_dict``)
         self.register_buffer(
-            "threshold_updates", torch.zeros((), dtype=torch.int64, device=device), persistent=False
+            "threshold_updates", torch.zeros((), dtype=torch.int64, device=self.W_dec.device), persistent=False
         )  # fmt: skip
         self._threshold_checked = False  # eval mode found the threshold warm, or warned once
+
+    @torch.no_grad()
+    def _after_step(self, step, rows: int) -> None:
+        if self.training:
+            self.update_threshold(step.min_act)
+        super()._after_step(step, rows)
 
     def threshold_warmup_steps(self) -> int:
         """The training steps after which the inference threshold counts as warm: 1 / ``threshold_lr``
@@ -651,21 +610,9 @@ class JumpReLUSAEBase(SAELensInitBase):
         bandwidth=0.05,
         l0_coefficient=1.0,
         threshold_parameterization="direct",
-        decoder_init_norm=0.1,
-        dtype=None,
-        device=None,
-        seed=None,
-        dead_window_tokens=10_000_000,
+        **kwargs,
     ):
-        super().__init__(
-            d_model,
-            n_features,
-            decoder_init_norm=decoder_init_norm,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            dead_window_tokens=dead_window_tokens,
-        )
+        super().__init__(d_model, n_features, **kwargs)
         if threshold_parameterization not in ("direct", "log"):
             raise ValueError(
                 f"threshold_parameterization must be 'direct' or 'log', got {threshold_parameterization!r}"
@@ -677,7 +624,7 @@ class JumpReLUSAEBase(SAELensInitBase):
             raise ValueError(f"l0_coefficient must be a number >= 0, got {l0_coefficient!r}")
         self.bandwidth, self.l0_coefficient = float(bandwidth), float(l0_coefficient)
         self.threshold_parameterization = threshold_parameterization
-        init = torch.full((n_features,), float(init_threshold), dtype=torch.float32, device=device)
+        init = torch.full((n_features,), float(init_threshold), dtype=torch.float32, device=self.W_dec.device)
         if threshold_parameterization == "direct":
             self.threshold = nn.Parameter(init)
         else:
@@ -723,27 +670,8 @@ class StandardSAEBase(SAELensInitBase):
     """A standard SAE (ReLU code, L1 penalty weighted by the decoder rows' norms): ``SAEBase`` with
     SAELens's init and ``l1_coefficient`` (SAELens's default 1.0)."""
 
-    def __init__(
-        self,
-        d_model,
-        n_features,
-        *,
-        l1_coefficient=1.0,
-        decoder_init_norm=0.1,
-        dtype=None,
-        device=None,
-        seed=None,
-        dead_window_tokens=10_000_000,
-    ):
-        super().__init__(
-            d_model,
-            n_features,
-            decoder_init_norm=decoder_init_norm,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            dead_window_tokens=dead_window_tokens,
-        )
+    def __init__(self, d_model, n_features, *, l1_coefficient=1.0, **kwargs):
+        super().__init__(d_model, n_features, **kwargs)
         if not is_real(l1_coefficient) or not l1_coefficient >= 0:
             raise ValueError(f"l1_coefficient must be a number >= 0, got {l1_coefficient!r}")
         self.l1_coefficient = float(l1_coefficient)

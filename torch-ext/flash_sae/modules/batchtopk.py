@@ -51,9 +51,8 @@ class BatchTopKSparseAutoencoder(FusedDecoderGeometry, BatchTopKSAEBase):
         decoder_init_norm: decoder rows' norm at init (SAELens's 0.1); W_enc = W_dec.
         dtype, device, seed: of the parameters and their draw.
         dead_window_tokens: tokens without firing after which a latent counts as dead (10M; ``SAEBase``).
-        dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity: a dead-latent loss
-            (AuxK or ghost grads) that ``loss`` adds in training mode (``DeadLossOptions``; the
-            Matryoshka module takes none yet).
+        dead_loss: None, ``"auxk"``, ``"ghost"`` or a ``DeadLatentLoss``, a dead-latent loss that
+            ``loss`` adds in training mode (``DeadLossOptions``; the Matryoshka module takes none yet).
 
     ``loss(x)`` is the fused training step; in training mode it also updates ``threshold``
     and the dead-latent counts (``tokens_since_fired``) on the device. ``encode(x)`` returns a
@@ -62,17 +61,11 @@ class BatchTopKSparseAutoencoder(FusedDecoderGeometry, BatchTopKSAEBase):
     ``forward`` run without gradients: train with ``loss``.
     """
 
-    def loss(self, x: torch.Tensor) -> BatchTopKSAEStep:
-        dead = self.dead_loss_kwargs()
-        step = batchtopk_sae_step(
+    def _step(self, x: torch.Tensor) -> BatchTopKSAEStep:
+        return batchtopk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
-            rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm, **dead,
+            rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm, dead_loss=self.step_dead_loss(),
         )  # fmt: skip
-        if self.training:
-            self.advance_dead_offset(dead)
-            self.update_threshold(step.min_act)
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets). Eval mode: ``capacity`` bounds the code (None: count first,
@@ -94,12 +87,8 @@ class MatryoshkaBatchTopKSparseAutoencoder(MatryoshkaSAEBase, BatchTopKSparseAut
     inference threshold in training mode); ``encode``/``decode``/``forward`` are BatchTopK's.
     """
 
-    def loss(self, x: torch.Tensor) -> MatryoshkaSAEStep:
-        step = matryoshka_batchtopk_sae_step(
+    def _step(self, x: torch.Tensor) -> MatryoshkaSAEStep:
+        return matryoshka_batchtopk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.prefix_sizes,
             rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
         )  # fmt: skip
-        if self.training:
-            self.update_threshold(step.min_act)
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step

@@ -58,17 +58,12 @@ class GatedSparseAutoencoder(DenseSwitch, FusedDecoderGeometry, GatedSAEBase):
         super().__init__(d_model, n_features, **kwargs)
         self._init_switch(dense_above, capacity_per_row)
 
-    def loss(self, x: torch.Tensor) -> GatedSAEStep:
-        B = x.shape[0]
-        path, per_row = self._path()
+    def _step(self, x: torch.Tensor) -> GatedSAEStep:
+        capacity = self._path(x.shape[0])
         kw = dict(l1_coefficient=self.l1_coefficient, freeze_aux_decoder=self.freeze_aux_decoder)
-        if path == "dense":
-            step = gated_sae_step_dense(x, *self.gated_params(), **kw)
-        else:
-            capacity = min(B * self.n_features, per_row * B)
-            step = gated_sae_step(x, *self.gated_params(), capacity=capacity, **kw)
-        self._after_step(path, step, B)
-        return step
+        if capacity is None:
+            return gated_sae_step_dense(x, *self.gated_params(), **kw)
+        return gated_sae_step(x, *self.gated_params(), capacity=capacity, **kw)
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets): f at the open gates; ``capacity`` None counts first (one host sync)."""

@@ -18,7 +18,7 @@ from .._validation import is_int
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from ..primitives.select import threshold_preacts
 from ..results import JumpReLUSAEStep
-from ._capacity import SeenCount, grown_capacity
+from ._capacity import LearnedCapacity, SeenCount, grown_capacity
 from ._geometry import FusedDecoderGeometry
 from .base import JumpReLUSAEBase
 from .batchtopk import decode_code
@@ -36,7 +36,7 @@ def jumprelu_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
     return vals, indices, row_offsets
 
 
-class JumpReLUSparseAutoencoder(FusedDecoderGeometry, JumpReLUSAEBase):
+class JumpReLUSparseAutoencoder(LearnedCapacity, FusedDecoderGeometry, JumpReLUSAEBase):
     """JumpReLU SAE (Rajamanoharan et al. 2024), SAELens's training conventions by default.
 
     Args:
@@ -64,16 +64,11 @@ class JumpReLUSparseAutoencoder(FusedDecoderGeometry, JumpReLUSAEBase):
             self.capacity_per_row = grown_capacity(per_row, self.n_features)
         return min(B * self.n_features, self.capacity_per_row * B)
 
-    def loss(self, x: torch.Tensor) -> JumpReLUSAEStep:
-        B = x.shape[0]
-        step = jumprelu_sae_step(
+    def _step(self, x: torch.Tensor) -> JumpReLUSAEStep:
+        return jumprelu_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(),
-            capacity=self._capacity(B), bandwidth=self.bandwidth, l0_coefficient=self.l0_coefficient,
+            capacity=self._capacity(x.shape[0]), bandwidth=self.bandwidth, l0_coefficient=self.l0_coefficient,
         )  # fmt: skip
-        self._seen.record(step.count, B)
-        if self.training:
-            self.record_firing(step.fire_counts, B)
-        return step
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries; ``capacity`` None counts first (one host sync)."""

@@ -27,8 +27,8 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
         seed: optional seed for the initialisation (the global RNG otherwise).
         dead_window_tokens: training tokens without firing after which a latent counts as dead
             (default 10M; see ``modules.base.SAEBase``).
-        dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity: a dead-latent
-            loss (AuxK or ghost grads) that ``loss`` adds in training mode (``DeadLossOptions``).
+        dead_loss: None, ``"auxk"``, ``"ghost"`` or a ``DeadLatentLoss`` (its options), a dead-latent
+            loss that ``loss`` adds in training mode (``DeadLossOptions``).
 
     Parameters: ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D], ``b_dec`` [D].
     ``W_dec`` starts with unit-norm rows and ``W_enc`` as its copy (tied
@@ -38,7 +38,8 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
     want the usual projected decoder gradient. ``loss`` in training mode updates the
     dead-latent counts ``tokens_since_fired`` (a buffer); ``dead_mask()`` and
     ``dead_fraction()`` read them on the device; ``resample_dead_(x, optimizer)``
-    re-initialises the dead latents.
+    re-initialises the dead latents. ``loss(x)`` is the fused step (``topk_sae_step``): a
+    ``TopKSAEStep``.
     """
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,12 +50,5 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
         """x_hat [B, D] from a sparse code."""
         return sparse_decode(vals, indices, self.W_dec, self.b_dec)
 
-    def loss(self, x: torch.Tensor) -> TopKSAEStep:
-        """The fused training step: ``TopKSAEStep(loss, fvu, fire_counts, vals, indices)``; in training
-        mode it also updates the dead-latent counts (``tokens_since_fired``) on the device."""
-        dead = self.dead_loss_kwargs()
-        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, **dead)
-        if self.training:
-            self.advance_dead_offset(dead)
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
+    def _step(self, x: torch.Tensor) -> TopKSAEStep:
+        return topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, dead_loss=self.step_dead_loss())

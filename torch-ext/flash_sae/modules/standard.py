@@ -65,17 +65,12 @@ class StandardSparseAutoencoder(DenseSwitch, FusedDecoderGeometry, StandardSAEBa
         super().__init__(d_model, n_features, **kwargs)
         self._init_switch(dense_above, capacity_per_row)
 
-    def loss(self, x: torch.Tensor) -> StandardSAEStep:
-        B = x.shape[0]
-        path, per_row = self._path()
+    def _step(self, x: torch.Tensor) -> StandardSAEStep:
+        capacity = self._path(x.shape[0])
         params = (x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
-        if path == "dense":
-            step = standard_sae_step_dense(*params, l1_coefficient=self.l1_coefficient)
-        else:
-            capacity = min(B * self.n_features, per_row * B)
-            step = standard_sae_step(*params, capacity=capacity, l1_coefficient=self.l1_coefficient)
-        self._after_step(path, step, B)
-        return step
+        if capacity is None:
+            return standard_sae_step_dense(*params, l1_coefficient=self.l1_coefficient)
+        return standard_sae_step(*params, capacity=capacity, l1_coefficient=self.l1_coefficient)
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries (z > 0); ``capacity`` None counts first

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..dead_latent_loss import DeadLatentLoss
 from ..primitives.dead_set import add_rows_, dead_slots, mm_f32, slot_rows
 from ..primitives.select import row_top
 
@@ -66,11 +67,28 @@ class DeadLossSpec(NamedTuple):
 NO_DEAD_LOSS = DeadLossSpec()
 
 
-def dead_loss_spec(check: tuple, relu: bool, encoder_grad: bool) -> tuple[DeadLossSpec, float, torch.Tensor]:
-    """(spec, aux_coef, offset) from ``check_dead_loss_args``'s validated (mode name, k_aux, aux_coef,
-    capacity, offset)."""
-    mode, k_aux, aux_coef, capacity, offset = check
-    return DeadLossSpec(MODES[mode], k_aux, capacity, relu, encoder_grad), aux_coef, offset
+class DeadOpArgs(NamedTuple):
+    """A step op's dead-latent arguments: the mask, the offset tensor, ``DeadLossSpec.to_op()`` and the coefficient."""
+
+    dead_mask: torch.Tensor | None
+    dead_offset: torch.Tensor | None
+    dead: list[int]
+    aux_coef: float
+
+    @property
+    def on(self) -> bool:
+        return self.dead_mask is not None
+
+
+def dead_op_args(dead_loss, x: torch.Tensor, F: int) -> DeadOpArgs:
+    """The op arguments of a step's ``dead_loss`` (None or a ``DeadLatentLoss`` with its mask), validated."""
+    if dead_loss is None:
+        return DeadOpArgs(None, None, NO_DEAD_LOSS.to_op(), 0.0)
+    if not isinstance(dead_loss, DeadLatentLoss):
+        raise ValueError(f"dead_loss must be None or a DeadLatentLoss (with its mask), got {dead_loss!r}")
+    d = dead_loss.checked(x, F)
+    spec = DeadLossSpec(MODES[d.kind], d.k_aux, d.capacity, d.relu, d.encoder_grad)
+    return DeadOpArgs(d.mask, d.offset, spec.to_op(), d.coef)
 
 
 def dead_columns(x: torch.Tensor, dead_mask: torch.Tensor, capacity: int, offset: torch.Tensor):

@@ -19,8 +19,8 @@ import torch
 
 from ..primitives.gather import gather_rows, row_ids
 from ..primitives.step_backward import mse_step_backward
-from ..results import fire_counts, total_variance
-from ._step import step_grads_fake
+from ..results import MatryoshkaSAEStep, fire_counts, total_variance
+from ._step import step_grads_fake, step_head
 
 # The outputs of both Matryoshka steps, by name (their backward is ``matryoshka_levels_bwd``).
 MATRYOSHKA_OUTPUTS = (
@@ -81,3 +81,9 @@ def matryoshka_levels_bwd_fake(grads, saved, needs: list[bool]):
 def min_positive(acts: torch.Tensor) -> torch.Tensor:
     """The smallest positive entry as 0-d fp32 (+inf if none); no host sync."""
     return torch.where(acts > 0, acts.float(), float("inf")).amin()
+
+
+def matryoshka_result(out, rows: int) -> MatryoshkaSAEStep:
+    """A Matryoshka step's result from its op's named outputs; ``mse`` is the last level's (the whole dictionary's)."""
+    head = step_head(out, rows, mse=out.level_losses[-1])
+    return MatryoshkaSAEStep(**head, level_losses=out.level_losses, min_act=out.min_act)

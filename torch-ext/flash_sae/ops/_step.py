@@ -1,11 +1,15 @@
 """What the fused SAE steps of every family share (a private module of ``ops``, not an op)."""
 
+from typing import NamedTuple
+
 import torch
 
 from .._registry import placeholder
 from .._validation import check_encoder_args, check_same_device, check_same_dtype, check_step_args, check_tensor
+from ..primitives.gather import gather_rows
 from ..primitives.step_backward import mse_step_backward, target_grad
-from ._dead import DeadLossSpec, backward_with_dead_loss
+from ..results import SparseCode, code_l0, total_variance
+from ._dead import DeadLossSpec, backward_with_dead_loss, dead_columns_for, dead_fakes, dead_outputs
 
 
 def check_target_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k) -> tuple[int, int, int]:
@@ -109,3 +113,69 @@ def mse_selection_step_backward_fake(grads, saved, needs: list[bool]):
     x, target = saved.x, saved.target
     grads_ = step_grads_fake(x, saved.W_enc, saved.W_dec, saved.b_dec)
     return (*grads_, torch.empty_like(target) if needs[5] else x.new_empty(0))
+
+
+# The forward of a step whose loss is the MSE of a selected code's decode (TopK, BatchTopK) --------
+
+
+class Selected(NamedTuple):
+    """What a selection rule gives the shared forward: the code, the factor it ranked by (or None), and
+    the rule's own outputs, which the op returns after the code."""
+
+    vals: torch.Tensor
+    indices: torch.Tensor
+    row_offsets: torch.Tensor | None
+    key_scale: torch.Tensor | None
+    extra: tuple
+
+
+def mse_selection_step_fwd(i, select) -> tuple:
+    """The forward of an MSE step over a selected code, with its optional parts: a separate target and
+    a dead-latent loss. ``i`` holds x, W_enc, b_enc, W_dec, b_dec, target, dead_mask, dead_offset, dead,
+    aux_coef; ``select(centre, columns) -> Selected`` is the rule (``centre``: b_dec for an SAE, None for a
+    transcoder; ``columns``: the dead set's pre-activations to copy out while it selects). Returns
+    (loss, mse, fvu, fire_counts, vals, indices[, row_offsets], *extra, residual, *DEAD_OUTPUTS); ``mse``
+    is empty without a dead-latent loss (it is then the loss itself)."""
+    x, W_dec, b_dec = i.x, i.W_dec, i.b_dec
+    y, centre = (x, b_dec) if i.target is None else (i.target, None)
+    B, D = y.shape
+    spec = DeadLossSpec.from_op(i.dead)
+    columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
+    sel = select(centre, columns)
+    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
+    residual, sq = gather_rows(sel.vals, sel.indices, W_dec, b_dec, y, row_offsets=sel.row_offsets, counts=counts)
+    dead_out = dead_outputs(spec, slots, x, residual, W_dec, sel.key_scale)
+    mse = sq / (B * D)
+    loss, mse = (mse + i.aux_coef * dead_out[0], mse) if spec.mode else (mse, mse.new_empty(0))
+    code = (sel.vals, sel.indices) if sel.row_offsets is None else (sel.vals, sel.indices, sel.row_offsets)
+    return loss, mse, sq / total_variance(y), counts, *code, *sel.extra, residual, *dead_out
+
+
+def mse_selection_step_fwd_fake(i, code: tuple, extra: tuple = ()) -> tuple:
+    """``mse_selection_step_fwd``'s fake outputs, given the code's and the rule's own fake tensors."""
+    x, W_dec = i.x, i.W_dec
+    B, D, F = x.shape[0], W_dec.shape[1], W_dec.shape[0]
+    spec = DeadLossSpec.from_op(i.dead)
+    f32 = torch.float32
+    head = (x.new_empty((), dtype=f32), x.new_empty(() if spec.mode else (0,), dtype=f32), x.new_empty((), dtype=f32))
+    return (*head, x.new_empty(F, dtype=torch.int64), *code, *extra, x.new_empty(B, D, dtype=f32),
+            *dead_fakes(x, W_dec, spec))  # fmt: skip
+
+
+# The common head of every step result ------------------------------------------------------
+
+
+def step_head(out, rows: int, *, mse=None, l0=None) -> dict:
+    """The fields every step result starts with (``results.STEP_FIELDS``), from an op's named outputs:
+    loss, mse (``out.mse`` unless given), fvu, l0 (``out.l0``, else counted from the code), fire_counts
+    and the code (vals, indices and, when the op returns them, row_offsets)."""
+    code = SparseCode(out.vals, out.indices, getattr(out, "row_offsets", None))
+    if l0 is None:
+        l0 = out.l0 if hasattr(out, "l0") else code_l0(out.vals, rows)
+    return dict(loss=out.loss, mse=out.mse if mse is None else mse, fvu=out.fvu, l0=l0,
+                fire_counts=out.fire_counts, code=code)  # fmt: skip
+
+
+def selection_step_head(out, rows: int, dead_on: bool) -> dict:
+    """``step_head`` of a selection step: without a dead-latent loss its mse is its loss (detached)."""
+    return step_head(out, rows, mse=out.mse if dead_on else out.loss.detach())

@@ -23,6 +23,7 @@ from ..results import (
     GatedSAEStep,
     JumpReLUSAEStep,
     MatryoshkaSAEStep,
+    SparseCode,
     StandardSAEStep,
     TopKSAEStep,
     fire_counts,
@@ -124,22 +125,27 @@ def fraction_of_variance_unexplained(x, x_hat):
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None, **dead):
+def _head(mse, x, x_hat, counts, code, rows) -> dict:
+    """The fields every step result starts with, from the reference's dense quantities."""
+    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
+    l0 = (code.vals.detach() > 0).sum().float() / rows
+    return dict(mse=mse.detach(), fvu=fvu, l0=l0, fire_counts=counts, code=code)
+
+
+def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None, dead_loss=None):
     """Encode, decode and the MSE loss of a TopK SAE, densely: the ground truth for ``topk_sae_step``.
 
-    ``dead``: ``dead_mask`` and the other dead-latent options of ``topk_sae_step`` (see
-    ``dead_latent_loss``, which also takes ``aux_mask``).
+    ``dead_loss``: a ``DeadLatentLoss`` with its mask, as the step's (see ``dead_latent_loss``).
     """
     vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
     x_hat = sparse_decode(vals, indices, W_dec, b_dec)
     loss = (x_hat - x).pow(2).mean()
-    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
-    counts = fire_counts(vals, indices, W_dec.shape[0])
-    if dead.get("dead_mask") is None:
-        return TopKSAEStep(loss, fvu, counts, vals, indices)
+    head = _head(loss, x, x_hat, fire_counts(vals, indices, W_dec.shape[0]), SparseCode(vals, indices), x.shape[0])
+    if dead_loss is None:
+        return TopKSAEStep(loss, **head)
     pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
-    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, **dead)
-    return TopKSAEStep(loss + coef * aux, fvu, counts, vals, indices, aux_loss=aux)
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss)
+    return TopKSAEStep(loss + coef * aux, **head, aux_loss=aux)
 
 
 def dead_set(dead_mask, capacity, offset=0):
@@ -158,26 +164,11 @@ def auxk_select(pre, dead, k_aux, key_scale=None):
     return torch.zeros_like(dead.expand(pre.shape)).scatter(1, idx, True) & dead
 
 
-def dead_latent_loss(
-    pre,
-    x,
-    x_hat,
-    W_dec,
-    dead_mask,
-    dead_loss="auxk",
-    k_aux=None,
-    aux_coef=None,
-    aux_relu=True,
-    aux_encoder_grad=True,
-    dead_capacity=None,
-    key_scale=None,
-    aux_mask=None,
-    dead_offset=0,
-):
-    """The AuxK or ghost-grads loss over the dense pre-activations [B, F]; returns (aux_loss, aux_coef).
+def dead_latent_loss(pre, x, x_hat, W_dec, dead_loss, key_scale=None, aux_mask=None):
+    """The AuxK or ghost-grads loss over the dense pre-activations [B, F]; returns (aux_loss, coef).
 
-    The dead set is the first ``dead_capacity`` dead latents from ``dead_offset`` on (cyclically;
-    ``dead_set``). AuxK: each row's k_aux
+    ``dead_loss``: a ``DeadLatentLoss`` with its mask. The dead set is the first ``capacity`` dead
+    latents from ``offset`` on (cyclically; ``dead_set``). AuxK: each row's k_aux
     largest dead entries of ``pre`` (of ``pre * key_scale`` when given), by the top-k tie rule
     (``aux_mask`` [B, F] bool forces the entries that carry a value), relu'd or not, reconstruct e = x - x_hat with
     W_dec (no bias); loss min(n_dead / k_aux, 1) * mean((e_hat - e)^2). Ghost grads: exp(pre)
@@ -185,19 +176,17 @@ def dead_latent_loss(
     error weighted to the main one's size (see ``ops/_dead.py``).
     """
     B, D = x.shape
-    F = W_dec.shape[0]
-    k_aux = min(F, max(1, D // 2)) if k_aux is None else k_aux
-    capacity = min(F, 2 * k_aux) if dead_capacity is None else dead_capacity
-    coef = (1 / 32 if dead_loss == "auxk" else 1.0) if aux_coef is None else aux_coef
-    dead = dead_set(dead_mask, capacity, int(dead_offset))
-    n_dead = dead_mask.sum()
+    opts = dead_loss.with_defaults(D, W_dec.shape[0])
+    k_aux, coef = opts.k_aux, opts.coef
+    dead = dead_set(opts.mask, opts.capacity, int(opts.offset or 0))
+    n_dead = opts.mask.sum()
     e = (x - x_hat).detach()
-    if not aux_encoder_grad:
+    if not opts.encoder_grad:
         pre = pre.detach()
-    if dead_loss == "auxk":
+    if opts.kind == "auxk":
         if aux_mask is None:
             aux_mask = auxk_select(pre.detach(), dead, k_aux, key_scale)
-        a = torch.where(aux_mask, torch.relu(pre) if aux_relu else pre, 0)
+        a = torch.where(aux_mask, torch.relu(pre) if opts.relu else pre, 0)
         e_hat = a @ W_dec
         scale = (n_dead.to(x.dtype) / k_aux).clamp(max=1)
         return scale * (e_hat - e).pow(2).mean(), coef
@@ -230,8 +219,9 @@ def row_offsets_of(rows, B):
 
 
 def batchtopk_sae_step(
-    x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None, round_preacts=None, **dead
-):
+    x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None, round_preacts=None,
+    dead_loss=None,
+):  # fmt: skip
     """BatchTopK SAE step, densely (SAELens's formulation): the ground truth for ``batchtopk_sae_step``.
 
     acts = relu(pre * ||W_dec[f]||) (or relu(pre)); keep the int(k * B) largest over the batch;
@@ -247,16 +237,15 @@ def batchtopk_sae_step(
     vals = picked * (1 / norm[ids]) if norm is not None else picked
     x_hat = torch.zeros_like(x).index_add(0, rows, vals.unsqueeze(1) * W_dec[ids]) + b_dec
     loss = (x_hat - x).pow(2).mean()
-    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
     positive = picked.detach()[picked.detach() > 0]
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
     counts = fire_counts(picked, ids, F)
-    code = (vals, ids, row_offsets_of(rows, B), min_act)
-    if dead.get("dead_mask") is None:
-        return BatchTopKSAEStep(loss, fvu, counts, *code)
+    head = _head(loss, x, x_hat, counts, SparseCode(vals, ids, row_offsets_of(rows, B)), B)
+    if dead_loss is None:
+        return BatchTopKSAEStep(loss, **head, min_act=min_act)
     key_scale = norm.detach() if norm is not None else None
-    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, key_scale=key_scale, **dead)
-    return BatchTopKSAEStep(loss + coef * aux, fvu, counts, *code, aux_loss=aux)
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss, key_scale=key_scale)
+    return BatchTopKSAEStep(loss + coef * aux, **head, min_act=min_act, aux_loss=aux)
 
 
 def matryoshka_batchtopk_sae_step(
@@ -272,17 +261,18 @@ def matryoshka_batchtopk_sae_step(
     base = batchtopk_sae_step(
         x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection, round_preacts=round_preacts
     )
-    rows = torch.repeat_interleave(torch.arange(B, device=x.device), base.row_offsets.diff())
-    code = torch.zeros(B, F, dtype=base.vals.dtype, device=x.device).index_put((rows, base.indices), base.vals)
+    rows = torch.repeat_interleave(torch.arange(B, device=x.device), base.code.row_offsets.diff())
+    code = torch.zeros(B, F, dtype=base.code.vals.dtype, device=x.device).index_put(
+        (rows, base.code.indices), base.code.vals
+    )
     level_losses = []
     for m in prefix_sizes:
         x_hat = code[:, :m] @ W_dec[:m] + b_dec
         level_losses.append((x_hat - x).pow(2).mean())
     level_losses = torch.stack(level_losses)
-    return MatryoshkaSAEStep(
-        level_losses.sum(), level_losses, base.fvu, base.fire_counts, base.vals, base.indices, base.row_offsets,
-        base.min_act,
-    )  # fmt: skip
+    head = {**base._asdict(), "mse": level_losses[-1].detach()}
+    head = {name: head[name] for name in ("mse", "fvu", "l0", "fire_counts", "code")}
+    return MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=base.min_act)
 
 
 def matryoshka_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, indices=None, round_preacts=None):
@@ -296,15 +286,13 @@ def matryoshka_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, ind
     vals, ids = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
     code = torch.zeros(B, F, dtype=vals.dtype, device=x.device).scatter(1, ids, vals)
     level_losses = torch.stack([(code[:, :m] @ W_dec[:m] + b_dec - x).pow(2).mean() for m in prefix_sizes])
-    fvu = fraction_of_variance_unexplained(x.detach(), (code @ W_dec + b_dec).detach())
     ids_sorted, order = ids.sort(dim=1)
     vals_sorted = vals.gather(1, order)
     positive = vals.detach()[vals.detach() > 0]
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
-    return MatryoshkaSAEStep(
-        level_losses.sum(), level_losses, fvu, fire_counts(vals, ids, F), vals_sorted.flatten(), ids_sorted.flatten(),
-        torch.arange(B + 1, device=x.device) * k, min_act,
-    )  # fmt: skip
+    flat = SparseCode(vals_sorted.flatten(), ids_sorted.flatten(), torch.arange(B + 1, device=x.device) * k)
+    head = _head(level_losses[-1], x, code @ W_dec + b_dec, fire_counts(vals, ids, F), flat, B)
+    return MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=min_act)
 
 
 # JumpReLU ----------------------------------------------------------------------------
@@ -360,8 +348,8 @@ def jumprelu_sae_step(
     f = z * H(z - theta), theta = threshold in x's dtype; loss = sum over D of (x_hat - x)^2, mean
     over B, + l0_coefficient * mean over B of sum_f H(z - theta). ``masks`` = (active, band)
     forces which entries are active and in the estimators' band (the tests pass flash-sae's,
-    as the TopK tests pass its selection). Returns the dense code [B, F] in ``vals``;
-    ``indices``, ``row_offsets``, ``count`` and ``overflow`` are None. ``round_preacts`` (a
+    as the TopK tests pass its selection). Returns the dense code [B, F] in ``code.vals``
+    (``code.indices``, ``count`` and ``overflow`` None). ``round_preacts`` (a
     dtype) rounds x - b_dec, z and theta to it, with exact gradients (see ``encoder_preacts``).
     """
     z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
@@ -372,9 +360,8 @@ def jumprelu_sae_step(
     sq = (x_hat - x).pow(2)
     l0 = _Step.apply(z, theta, bandwidth, active, band).sum(-1).mean()
     loss = sq.sum(-1).mean() + l0_coefficient * l0
-    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
-    counts = active.sum(0)
-    return JumpReLUSAEStep(loss, sq.mean(), l0.detach().float(), fvu, counts, acts, None, None, None, None)
+    head = _head(sq.mean(), x, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
+    return JumpReLUSAEStep(loss, **{**head, "l0": l0.detach().float()}, count=None, overflow=None)
 
 
 def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None):
@@ -383,8 +370,8 @@ def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=
 
     f = relu(z); loss = sum over D of (x_hat - x)^2, mean over B, + l1_coefficient * mean over B
     of sum_f f * ||W_dec[f]||. ``active`` ([B, F] bool) forces which entries are active (the tests
-    pass flash-sae's, z > 0 in the dtype). Returns the dense code [B, F] in ``vals``; ``indices``,
-    ``row_offsets``, ``count`` and ``overflow`` are None. ``round_preacts``: see ``encoder_preacts``.
+    pass flash-sae's, z > 0 in the dtype). Returns the dense code [B, F] in ``code.vals``
+    (``code.indices``, ``count`` and ``overflow`` None). ``round_preacts``: see ``encoder_preacts``.
     """
     z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
     if active is None:
@@ -394,25 +381,23 @@ def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=
     sq = (x_hat - x).pow(2)
     l1 = (acts * W_dec.norm(dim=1)).sum(-1).mean()
     loss = sq.sum(-1).mean() + l1_coefficient * l1
-    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
-    l0 = active.sum(-1).float().mean()
-    return StandardSAEStep(loss, sq.mean(), l1.detach(), l0, fvu, active.sum(0), acts, None, None, None, None)
+    head = _head(sq.mean(), x, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
+    head["l0"] = active.sum(-1).float().mean()
+    return StandardSAEStep(loss, **head, l1=l1.detach(), count=None, overflow=None)
 
 
-def gated_sae_step(
-    x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=1.0, freeze_aux_decoder=True, masks=None,
-    round_preacts=None,
-):  # fmt: skip
+def gated_sae_step(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=1.0, freeze_aux_decoder=True, **forced):
     """Gated SAE step, densely, as Rajamanoharan et al. (2024) and SAELens's ``gated`` training SAE define it.
 
     pi_gate = xc @ W_enc.T + b_gate, pi_mag = exp(r_mag) * (xc @ W_enc.T) + b_mag (SAELens's
     xc @ (W_enc * exp(r_mag)).T + b_mag, in exact arithmetic), f = [pi_gate > 0] * relu(pi_mag);
     loss = mse (summed over D, mean over B) + l1_coefficient * mean over B of sum_f relu(pi_gate) *
     ||W_dec[f]|| + aux, the gate path's reconstruction error through W_dec and b_dec (detached when
-    ``freeze_aux_decoder``). ``masks`` = (open gates, positive magnitudes) forces the selection (the
-    tests pass flash-sae's). Returns the dense code [B, F] in ``vals``. ``round_preacts`` (a dtype)
-    rounds xc, pi_gate and pi_mag to it with exact gradients (see ``encoder_preacts``).
+    ``freeze_aux_decoder``). ``forced``: ``masks`` = (open gates, positive magnitudes) forces the
+    selection (the tests pass flash-sae's); ``round_preacts`` (a dtype) rounds xc, pi_gate and pi_mag
+    to it with exact gradients (see ``encoder_preacts``). Returns the dense code [B, F] in ``code.vals``.
     """
+    masks, round_preacts = forced.get("masks"), forced.get("round_preacts")
     gate = encoder_preacts(x, W_enc, b_gate, b_dec, round_to=round_preacts)  # as nn.Linear: one rounding
     xc = x - b_dec
     if round_preacts is not None:
@@ -430,11 +415,9 @@ def gated_sae_step(
     aux = (a @ W_aux + b_aux - x).pow(2).sum(-1).mean()
     l1 = (a * W_dec.norm(dim=1)).sum(-1).mean()
     loss = sq.sum(-1).mean() + l1_coefficient * l1 + aux
-    fvu = fraction_of_variance_unexplained(x.detach(), x_hat.detach())
-    l0 = active.sum(-1).float().mean()
-    return GatedSAEStep(
-        loss, sq.mean(), l1.detach(), aux.detach(), l0, fvu, active.sum(0), f, None, None, opened.sum(), None
-    )  # fmt: skip
+    head = _head(sq.mean(), x, x_hat, active.sum(0), SparseCode(f, None), x.shape[0])
+    head["l0"] = active.sum(-1).float().mean()
+    return GatedSAEStep(loss, **head, l1=l1.detach(), aux=aux.detach(), count=opened.sum(), overflow=None)
 
 
 # The module -------------------------------------------------------------------------
@@ -455,74 +438,51 @@ class SparseAutoencoder(TopKSAEBase):
         """x_hat [B, D] from a sparse code."""
         return sparse_decode(vals, indices, self.W_dec, self.b_dec)
 
-    def loss(self, x):
+    def _step(self, x):
         """A ``TopKSAEStep``: the MSE loss (differentiable) and the logged statistics."""
-        dead = self.dead_loss_kwargs()
-        step = topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, **dead)
-        if self.training:
-            self.advance_dead_offset(dead)
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
+        return topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, dead_loss=self.step_dead_loss())
 
 
 class BatchTopKSparseAutoencoder(BatchTopKSAEBase):
     """A BatchTopK SAE in plain PyTorch: the twin of ``flash_sae.BatchTopKSparseAutoencoder``'s ``loss``."""
 
-    def loss(self, x):
-        dead = self.dead_loss_kwargs()
-        step = batchtopk_sae_step(
-            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.rescale_acts_by_decoder_norm, **dead
-        )
-        if self.training:
-            self.advance_dead_offset(dead)
-            self.update_threshold(step.min_act)
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
+    def _step(self, x):
+        return batchtopk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.rescale_acts_by_decoder_norm,
+            dead_loss=self.step_dead_loss(),
+        )  # fmt: skip
 
 
 class MatryoshkaBatchTopKSparseAutoencoder(MatryoshkaSAEBase):
     """A Matryoshka BatchTopK SAE in plain PyTorch: the twin of the module's ``loss``."""
 
-    def loss(self, x):
-        step = matryoshka_batchtopk_sae_step(
+    def _step(self, x):
+        return matryoshka_batchtopk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, self.prefix_sizes,
             self.rescale_acts_by_decoder_norm,
         )  # fmt: skip
-        if self.training:
-            self.update_threshold(step.min_act)
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
 
 
 class JumpReLUSparseAutoencoder(JumpReLUSAEBase):
     """A JumpReLU SAE in plain PyTorch: the twin of ``flash_sae.JumpReLUSparseAutoencoder``'s ``loss``."""
 
-    def loss(self, x):
-        step = jumprelu_sae_step(
+    def _step(self, x):
+        return jumprelu_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(), self.bandwidth,
             self.l0_coefficient,
         )  # fmt: skip
-        if self.training:
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
 
 
 class StandardSparseAutoencoder(StandardSAEBase):
     """A standard (ReLU + L1) SAE in plain PyTorch: the twin of ``flash_sae.StandardSparseAutoencoder``'s
     ``loss``."""
 
-    def loss(self, x):
-        step = standard_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_coefficient)
-        if self.training:
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
+    def _step(self, x):
+        return standard_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.l1_coefficient)
 
 
 class GatedSparseAutoencoder(GatedSAEBase):
     """A Gated SAE in plain PyTorch: the twin of ``flash_sae.GatedSparseAutoencoder``'s ``loss``."""
 
-    def loss(self, x):
-        step = gated_sae_step(x, *self.gated_params(), self.l1_coefficient, self.freeze_aux_decoder)
-        if self.training:
-            self.record_firing(step.fire_counts, x.shape[0])
-        return step
+    def _step(self, x):
+        return gated_sae_step(x, *self.gated_params(), self.l1_coefficient, self.freeze_aux_decoder)

@@ -33,24 +33,20 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import check_batch_k, check_dead_loss_args
-from ...primitives.gather import gather_rows
+from ..._validation import check_batch_k
+from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select import batch_topk_preacts
-from ...results import BatchTopKSAEStep, total_variance
-from .._dead import (
-    DEAD_OUTPUTS,
-    NO_DEAD_LOSS,
-    DeadLossSpec,
-    dead_columns_for,
-    dead_fakes,
-    dead_loss_spec,
-    dead_outputs,
-)
+from ...results import BatchTopKSAEStep
+from .._dead import DEAD_OUTPUTS, dead_op_args
 from .._step import (
     SELECTION_STEP_SAVED,
+    Selected,
     checked_step_args,
     mse_selection_step_backward,
     mse_selection_step_backward_fake,
+    mse_selection_step_fwd,
+    mse_selection_step_fwd_fake,
+    selection_step_head,
 )
 
 # Host launchers ----------------------------------------------------------------
@@ -73,45 +69,26 @@ class BatchtopkSaeStepInputs(NamedTuple):
     aux_coef: float
 
 
-def batchtopk_sae_step_fwd(
-    i: BatchtopkSaeStepInputs,
-) -> tuple[torch.Tensor, ...]:
-    """Returns (loss, fvu, fire_counts, vals, indices, row_offsets, min_act, residual, *DEAD_OUTPUTS);
-    ``dead`` is a ``DeadLossSpec`` (``ops/_dead.py``), the dead-latent loss's outputs are empty without
-    one. The reconstruction's target is x (encoded as x - b_dec), or ``target`` (x encoded as it is)."""
-    x, W_dec, b_dec = i.x, i.W_dec, i.b_dec
-    y, centre = (x, b_dec) if i.target is None else (i.target, None)
-    B, D = y.shape
-    spec = DeadLossSpec.from_op(i.dead)
-    scale = W_dec.detach().norm(dim=1) if i.rescale_acts_by_decoder_norm else None
-    columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
-    acts, vals, indices, row_offsets = batch_topk_preacts(x, i.W_enc, i.b_enc, i.n, centre, scale, columns=columns)
-    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, y, row_offsets=row_offsets, counts=counts)
-    min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
-    dead_out = dead_outputs(spec, slots, x, residual, W_dec, scale)
-    loss = sq / (B * D)
-    if spec.mode:
-        loss = loss + i.aux_coef * dead_out[0]
-    return loss, sq / total_variance(y), counts, vals, indices, row_offsets, min_act, residual, *dead_out
+def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
+    """``mse_selection_step_fwd`` with the batch rule: (loss, mse, fvu, fire_counts, vals, indices,
+    row_offsets, min_act, residual, *DEAD_OUTPUTS). With the rescaling, AuxK ranks the dead
+    pre-activations by pre * ||W_dec[f]|| too."""
+    scale = i.W_dec.detach().norm(dim=1) if i.rescale_acts_by_decoder_norm else None
+
+    def select(centre, columns):
+        acts, vals, indices, row_offsets = batch_topk_preacts(
+            i.x, i.W_enc, i.b_enc, i.n, centre, scale, columns=columns
+        )  # fmt: skip
+        min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
+        return Selected(vals, indices, row_offsets, scale, (min_act,))
+
+    return mse_selection_step_fwd(i, select)
 
 
 def batchtopk_sae_step_fwd_fake(i: BatchtopkSaeStepInputs):
-    x, W_dec, n, dead = i.x, i.W_dec, i.n, i.dead
-    B, D = x.shape[0], W_dec.shape[1]
-    F = W_dec.shape[0]
-    f32, i64 = torch.float32, torch.int64
-    return (
-        x.new_empty((), dtype=f32),
-        x.new_empty((), dtype=f32),
-        x.new_empty(F, dtype=i64),
-        x.new_empty(n),
-        x.new_empty(n, dtype=i64),
-        x.new_empty(B + 1, dtype=i64),
-        x.new_empty((), dtype=f32),
-        x.new_empty(B, D, dtype=f32),
-        *dead_fakes(x, W_dec, DeadLossSpec.from_op(dead)),
-    )
+    x, n, i64 = i.x, i.n, torch.int64
+    code = (x.new_empty(n), x.new_empty(n, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
+    return mse_selection_step_fwd_fake(i, code, (x.new_empty((), dtype=torch.float32),))
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -126,7 +103,18 @@ _batchtopk_sae_step = register_op(
         mse_selection_step_backward_fake,
     ),
     saved=(*SELECTION_STEP_SAVED, "row_offsets"),
-    outputs=("loss", "fvu", "fire_counts", "vals", "indices", "row_offsets", "min_act", "residual", *DEAD_OUTPUTS),
+    outputs=(
+        "loss",
+        "mse",
+        "fvu",
+        "fire_counts",
+        "vals",
+        "indices",
+        "row_offsets",
+        "min_act",
+        "residual",
+        *DEAD_OUTPUTS,
+    ),  # fmt: skip
     differentiable=("loss", "aux_loss"),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
 )
@@ -145,14 +133,7 @@ def batchtopk_sae_step(
     *,
     target: torch.Tensor | None = None,
     rescale_acts_by_decoder_norm: bool = False,
-    dead_mask: torch.Tensor | None = None,
-    dead_offset: torch.Tensor | int | None = None,
-    dead_loss: str = "auxk",
-    k_aux: int | None = None,
-    aux_coef: float | None = None,
-    aux_relu: bool = True,
-    aux_encoder_grad: bool = True,
-    dead_capacity: int | None = None,
+    dead_loss: DeadLatentLoss | None = None,
 ) -> BatchTopKSAEStep:
     """One BatchTopK SAE step: the int(k * B) largest activations of the whole batch, decoded, MSE.
 
@@ -165,12 +146,11 @@ def batchtopk_sae_step(
         target: None (an SAE), or [B, D_out] (a transcoder), as ``topk_sae_step``'s.
         rescale_acts_by_decoder_norm: rank relu(pre * ||W_dec[f]||) instead of relu(pre)
             (SAELens's default for its BatchTopK training SAE).
-        dead_mask, dead_offset, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity: the
-            dead-latent loss, as ``topk_sae_step``'s; with the rescaling, AuxK ranks the dead
-            pre-activations by pre * ||W_dec[f]|| too (as SAELens does).
+        dead_loss: a ``DeadLatentLoss`` with its mask, as ``topk_sae_step``'s; with the rescaling,
+            AuxK ranks the dead pre-activations by pre * ||W_dec[f]|| too (as SAELens does).
 
     Returns:
-        ``BatchTopKSAEStep(loss, fvu, fire_counts, vals, indices, row_offsets, min_act)``:
+        ``BatchTopKSAEStep(loss, mse, fvu, l0, fire_counts, code, min_act, aux_loss)``:
         ``loss`` (0-d fp32, the mean over B*D) is differentiable in every tensor argument;
         the code is variable-length (row b's entries at row_offsets[b]:row_offsets[b+1], by
         latent id); ``min_act`` is the smallest positive ranked activation, the input of the
@@ -182,17 +162,10 @@ def batchtopk_sae_step(
     n = check_batch_k(k, B, F)
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
-    spec, coef, offset = NO_DEAD_LOSS, 0.0, None
-    if dead_mask is not None:
-        check = check_dead_loss_args(
-            dead_mask, dead_offset, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity, x, F
-        )
-        spec, coef, offset = dead_loss_spec(check, aux_relu, aux_encoder_grad)
-        dead_mask = dead_mask.contiguous()
+    dead = dead_op_args(dead_loss, x, F)
     params = (x, W_enc, b_enc, W_dec, b_dec)
-    out = _batchtopk_sae_step.named(_batchtopk_sae_step(
-        *(t.contiguous() for t in params), target, n, rescale_acts_by_decoder_norm, dead_mask, offset, spec.to_op(),
-        coef,
-    ))  # fmt: skip
-    return BatchTopKSAEStep(out.loss, out.fvu, out.fire_counts, out.vals, out.indices, out.row_offsets, out.min_act,
-                            aux_loss=out.aux_loss if spec.mode else None)  # fmt: skip
+    out = _batchtopk_sae_step.named(
+        _batchtopk_sae_step(*(t.contiguous() for t in params), target, n, rescale_acts_by_decoder_norm, *dead)
+    )
+    head = selection_step_head(out, B, dead.on)
+    return BatchTopKSAEStep(**head, min_act=out.min_act, aux_loss=out.aux_loss if dead.on else None)

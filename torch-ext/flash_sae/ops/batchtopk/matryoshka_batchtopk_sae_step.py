@@ -24,6 +24,7 @@ from .._matryoshka import (
     matryoshka_levels_bwd_fake,
     matryoshka_levels_fwd,
     matryoshka_levels_fwd_fake,
+    matryoshka_result,
     min_positive,
 )
 
@@ -102,8 +103,8 @@ def matryoshka_batchtopk_sae_step(
             ``matryoshka_widths``).
 
     Returns:
-        ``MatryoshkaSAEStep(loss, level_losses, fvu, fire_counts, vals, indices, row_offsets,
-        min_act)``: ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
+        ``MatryoshkaSAEStep(loss, mse, fvu, l0, fire_counts, code, level_losses, min_act)``:
+        ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
         differentiable in every tensor argument. No host sync; nothing [B, F] kept; deterministic.
     """
     B, _, F = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
@@ -111,14 +112,8 @@ def matryoshka_batchtopk_sae_step(
     sizes = check_prefix_sizes(prefix_sizes, F)
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
-    out = _matryoshka_batchtopk_sae_step(
-        x.contiguous(),
-        W_enc.contiguous(),
-        b_enc.contiguous(),
-        W_dec.contiguous(),
-        b_dec.contiguous(),
-        n,
-        sizes,
-        rescale_acts_by_decoder_norm,
+    params = (x, W_enc, b_enc, W_dec, b_dec)
+    out = _matryoshka_batchtopk_sae_step.named(
+        _matryoshka_batchtopk_sae_step(*(t.contiguous() for t in params), n, sizes, rescale_acts_by_decoder_norm)
     )
-    return MatryoshkaSAEStep(*out[:8])
+    return matryoshka_result(out, B)

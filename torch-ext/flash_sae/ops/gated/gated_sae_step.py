@@ -44,7 +44,7 @@ from ...primitives.encoder import encoder_backward
 from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
 from ...primitives.select import threshold_preacts
 from ...results import GatedSAEStep, total_variance
-from .._step import at_entries, cuda_fused
+from .._step import at_entries, cuda_fused, step_head
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -283,14 +283,17 @@ def gated_sae_step(
             only, not W_dec or b_dec; False: it reaches them too (SAELens's implementation).
 
     Returns:
-        ``GatedSAEStep(loss, mse, l1, aux, l0, fvu, fire_counts, vals, indices, row_offsets, count,
-        overflow)``; ``loss`` (0-d fp32) is differentiable in x and the seven parameters. No host
+        ``GatedSAEStep(loss, mse, fvu, l0, fire_counts, code, l1, aux, count, overflow)``;
+        ``loss`` (0-d fp32) is differentiable in x and the seven parameters. No host
         sync; nothing [B, F] kept; deterministic.
     """
     args = (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)
     _check(*args, capacity, l1_coefficient, freeze_aux_decoder)
-    out = _gated_sae_step(*(t.contiguous() for t in args), float(l1_coefficient), capacity, freeze_aux_decoder)
-    return GatedSAEStep(*out[:12])
+    out = _gated_sae_step.named(
+        _gated_sae_step(*(t.contiguous() for t in args), float(l1_coefficient), capacity, freeze_aux_decoder)
+    )
+    head = step_head(out, x.shape[0])
+    return GatedSAEStep(**head, l1=out.l1, aux=out.aux, count=out.count, overflow=out.overflow)
 
 
 @cuda_fused
@@ -383,7 +386,7 @@ def gated_sae_step_dense(
     cuBLAS products over the dense [B, F] code (the backward keeps it, and the fp32 encoder
     product); the reconstructions are rounded to the dtype (as torch's own), the residuals and the
     losses' sums are fp32. Same losses and gradients as ``gated_sae_step`` by the
-    parity rule; ``vals``, ``indices`` and ``row_offsets`` are None, ``count`` is the number of
+    parity rule; ``code`` is None (the code is dense), ``count`` is the number of
     open gates and ``overflow`` False. No host sync.
     """
     args = (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)
@@ -393,16 +396,6 @@ def gated_sae_step_dense(
         *(t.contiguous() for t in args), float(l1_coefficient), freeze_aux_decoder
     )
     return GatedSAEStep(
-        loss,
-        sq / (B * D),
-        l1,
-        sq_aux / B,
-        counts.sum().float() / B,
-        sq / total_variance(x),
-        counts,
-        None,
-        None,
-        None,
-        gates,
-        torch.zeros((), dtype=torch.bool, device=x.device),
-    )
+        loss=loss, mse=sq / (B * D), fvu=sq / total_variance(x), l0=counts.sum().float() / B, fire_counts=counts,
+        code=None, l1=l1, aux=sq_aux / B, count=gates, overflow=torch.zeros((), dtype=torch.bool, device=x.device),
+    )  # fmt: skip

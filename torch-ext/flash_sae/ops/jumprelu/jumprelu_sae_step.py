@@ -44,7 +44,7 @@ from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
-from .._step import step_grads_fake
+from .._step import step_grads_fake, step_head
 
 # Host launchers ----------------------------------------------------------------
 
@@ -219,22 +219,15 @@ def jumprelu_sae_step(
         l0_coefficient: lambda, the weight of the L0 term (>= 0).
 
     Returns:
-        ``JumpReLUSAEStep(loss, mse, l0, fvu, fire_counts, vals, indices, row_offsets, count,
-        overflow)``; ``loss`` (0-d fp32) is differentiable in x, the four weights and the
+        ``JumpReLUSAEStep(loss, mse, fvu, l0, fire_counts, code, count, overflow)``;
+        ``loss`` (0-d fp32) is differentiable in x, the four weights and the
         threshold. No host sync; nothing [B, F] kept; deterministic.
     """
-    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    B, _, _ = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
     capacity = as_count(capacity)
     check_jumprelu_args(threshold, W_enc.shape[0], capacity, bandwidth, l0_coefficient, x)
-    out = _jumprelu_sae_step(
-        x.contiguous(),
-        W_enc.contiguous(),
-        b_enc.contiguous(),
-        W_dec.contiguous(),
-        b_dec.contiguous(),
-        threshold.contiguous(),
-        float(bandwidth),
-        float(l0_coefficient),
-        capacity,
+    params = (x, W_enc, b_enc, W_dec, b_dec, threshold)
+    out = _jumprelu_sae_step.named(
+        _jumprelu_sae_step(*(t.contiguous() for t in params), float(bandwidth), float(l0_coefficient), capacity)
     )
-    return JumpReLUSAEStep(*out[:10])
+    return JumpReLUSAEStep(**step_head(out, B), count=out.count, overflow=out.overflow)

@@ -38,7 +38,7 @@ from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import StandardSAEStep, total_variance
-from .._step import at_entries, cuda_fused, step_grads_fake
+from .._step import at_entries, cuda_fused, step_grads_fake, step_head
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -176,23 +176,18 @@ def standard_sae_step(
         l1_coefficient: lambda, the penalty's weight (>= 0); SAELens's default 1.0.
 
     Returns:
-        ``StandardSAEStep(loss, mse, l1, l0, fvu, fire_counts, vals, indices, row_offsets, count,
-        overflow)``; ``loss`` (0-d fp32) is differentiable in x and the four weights. No host
+        ``StandardSAEStep(loss, mse, fvu, l0, fire_counts, code, l1, count, overflow)``;
+        ``loss`` (0-d fp32) is differentiable in x and the four weights. No host
         sync; nothing [B, F] kept; deterministic.
     """
-    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    B, _, _ = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
     capacity = as_count(capacity)
     check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
-    out = _standard_sae_step(
-        x.contiguous(),
-        W_enc.contiguous(),
-        b_enc.contiguous(),
-        W_dec.contiguous(),
-        b_dec.contiguous(),
-        float(l1_coefficient),
-        capacity,
+    params = (x, W_enc, b_enc, W_dec, b_dec)
+    out = _standard_sae_step.named(
+        _standard_sae_step(*(t.contiguous() for t in params), float(l1_coefficient), capacity)
     )
-    return StandardSAEStep(*out[:11])
+    return StandardSAEStep(**step_head(out, B), l1=out.l1, count=out.count, overflow=out.overflow)
 
 
 @cuda_fused
@@ -262,8 +257,8 @@ def standard_sae_step_dense(
     """The same step in its dense formulation, for while the code is dense (early in training).
 
     cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.
-    Same loss and gradients as ``standard_sae_step`` by the parity rule; ``vals``, ``indices``
-    and ``row_offsets`` are None (the code is dense), ``count`` is the number of active entries
+    Same loss and gradients as ``standard_sae_step`` by the parity rule; ``code`` is None (the
+    code is dense), ``count`` is the number of active entries
     and ``overflow`` False. No host sync.
     """
     check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
@@ -273,15 +268,6 @@ def standard_sae_step_dense(
     loss, sq, l1, counts = _DenseStep.apply(*(t.contiguous() for t in args), float(l1_coefficient))
     count = counts.sum()
     return StandardSAEStep(
-        loss,
-        sq / (B * D),
-        l1,
-        count.float() / B,
-        sq / total_variance(x),
-        counts,
-        None,
-        None,
-        None,
-        count,
-        torch.zeros((), dtype=torch.bool, device=x.device),
-    )
+        loss=loss, mse=sq / (B * D), fvu=sq / total_variance(x), l0=count.float() / B, fire_counts=counts,
+        code=None, l1=l1, count=count, overflow=torch.zeros((), dtype=torch.bool, device=x.device),
+    )  # fmt: skip

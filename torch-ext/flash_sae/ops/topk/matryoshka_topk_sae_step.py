@@ -27,6 +27,7 @@ from .._matryoshka import (
     matryoshka_levels_bwd_fake,
     matryoshka_levels_fwd,
     matryoshka_levels_fwd_fake,
+    matryoshka_result,
     min_positive,
 )
 
@@ -105,16 +106,15 @@ def matryoshka_topk_sae_step(
         prefix_sizes: the nested dictionaries' sizes m_1 < ... < m_G, ending at F.
 
     Returns:
-        ``MatryoshkaSAEStep(loss, level_losses, fvu, fire_counts, vals, indices, row_offsets,
-        min_act)``: ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
+        ``MatryoshkaSAEStep(loss, mse, fvu, l0, fire_counts, code, level_losses, min_act)``:
+        ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
         differentiable in every tensor argument; the code is [B * k] by row, then latent id
         (``row_offsets`` = arange(B + 1) * k); ``min_act`` is the smallest positive value of the
         code. No host sync; nothing [B, F] kept; deterministic.
     """
     k = as_count(k)
-    check_step_args(x, W_enc, b_enc, W_dec, b_dec, k)
+    B, _, _ = check_step_args(x, W_enc, b_enc, W_dec, b_dec, k)
     sizes = check_prefix_sizes(prefix_sizes, W_enc.shape[0])
-    out = _matryoshka_topk_sae_step(
-        x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(), k, sizes
-    )
-    return MatryoshkaSAEStep(*out[:8])
+    params = (x, W_enc, b_enc, W_dec, b_dec)
+    out = _matryoshka_topk_sae_step.named(_matryoshka_topk_sae_step(*(t.contiguous() for t in params), k, sizes))
+    return matryoshka_result(out, B)

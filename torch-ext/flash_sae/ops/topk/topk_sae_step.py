@@ -38,24 +38,20 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import as_count, check_dead_loss_args
-from ...primitives.gather import gather_rows
+from ..._validation import as_count
+from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select import topk_preacts
-from ...results import TopKSAEStep, total_variance
-from .._dead import (
-    DEAD_OUTPUTS,
-    NO_DEAD_LOSS,
-    DeadLossSpec,
-    dead_columns_for,
-    dead_fakes,
-    dead_loss_spec,
-    dead_outputs,
-)
+from ...results import TopKSAEStep
+from .._dead import DEAD_OUTPUTS, dead_op_args
 from .._step import (
     SELECTION_STEP_SAVED,
+    Selected,
     checked_step_args,
     mse_selection_step_backward,
     mse_selection_step_backward_fake,
+    mse_selection_step_fwd,
+    mse_selection_step_fwd_fake,
+    selection_step_head,
 )
 
 # Host launchers ----------------------------------------------------------------
@@ -77,41 +73,20 @@ class TopkSaeStepInputs(NamedTuple):
     aux_coef: float
 
 
-def topk_sae_step_fwd(
-    i: TopkSaeStepInputs,
-) -> tuple[torch.Tensor, ...]:
-    """Returns (loss, fvu, fire_counts, vals, indices, residual, *DEAD_OUTPUTS); ``dead`` is a
-    ``DeadLossSpec`` (``ops/_dead.py``), the dead-latent loss's outputs are empty without one. The
-    reconstruction's target is x (encoded as x - b_dec), or ``target`` (x encoded as it is)."""
-    x, W_dec, b_dec = i.x, i.W_dec, i.b_dec
-    y, centre = (x, b_dec) if i.target is None else (i.target, None)
-    B, D = y.shape
-    spec = DeadLossSpec.from_op(i.dead)
-    columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
-    vals, indices = topk_preacts(x, i.W_enc, i.b_enc, i.k, centre, columns=columns, relu=True)
-    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, y, counts=counts)
-    dead_out = dead_outputs(spec, slots, x, residual, W_dec)
-    loss = sq / (B * D)
-    if spec.mode:
-        loss = loss + i.aux_coef * dead_out[0]
-    return loss, sq / total_variance(y), counts, vals, indices, residual, *dead_out
+def topk_sae_step_fwd(i: TopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
+    """``mse_selection_step_fwd`` with the per-row TopK rule: (loss, mse, fvu, fire_counts, vals, indices,
+    residual, *DEAD_OUTPUTS)."""
+
+    def select(centre, columns):
+        vals, indices = topk_preacts(i.x, i.W_enc, i.b_enc, i.k, centre, columns=columns, relu=True)
+        return Selected(vals, indices, None, None, ())
+
+    return mse_selection_step_fwd(i, select)
 
 
 def topk_sae_step_fwd_fake(i: TopkSaeStepInputs):
-    x, W_dec, k, dead = i.x, i.W_dec, i.k, i.dead
-    B, D = x.shape[0], W_dec.shape[1]
-    F = W_dec.shape[0]
-    f32, i64 = torch.float32, torch.int64
-    return (
-        x.new_empty((), dtype=f32),
-        x.new_empty((), dtype=f32),
-        x.new_empty(F, dtype=i64),
-        x.new_empty(B, k),
-        x.new_empty(B, k, dtype=i64),
-        x.new_empty(B, D, dtype=f32),
-        *dead_fakes(x, W_dec, DeadLossSpec.from_op(dead)),
-    )
+    B = i.x.shape[0]
+    return mse_selection_step_fwd_fake(i, (i.x.new_empty(B, i.k), i.x.new_empty(B, i.k, dtype=torch.int64)))
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -126,7 +101,7 @@ _topk_sae_step = register_op(
         mse_selection_step_backward_fake,
     ),
     saved=SELECTION_STEP_SAVED,
-    outputs=("loss", "fvu", "fire_counts", "vals", "indices", "residual", *DEAD_OUTPUTS),
+    outputs=("loss", "mse", "fvu", "fire_counts", "vals", "indices", "residual", *DEAD_OUTPUTS),
     differentiable=("loss", "aux_loss"),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
 )
@@ -144,14 +119,7 @@ def topk_sae_step(
     k: int,
     *,
     target: torch.Tensor | None = None,
-    dead_mask: torch.Tensor | None = None,
-    dead_offset: torch.Tensor | int | None = None,
-    dead_loss: str = "auxk",
-    k_aux: int | None = None,
-    aux_coef: float | None = None,
-    aux_relu: bool = True,
-    aux_encoder_grad: bool = True,
-    dead_capacity: int | None = None,
+    dead_loss: DeadLatentLoss | None = None,
 ) -> TopKSAEStep:
     """One TopK SAE step: ``loss = mean((b_dec + decode(topk_encode(x)) - x)^2)`` and its statistics.
 
@@ -166,45 +134,22 @@ def topk_sae_step(
             [F, D_out] and b_dec [D_out]; x is encoded as it is (no ``x - b_dec``), the loss is
             the mean over B*D_out of ``(b_dec + decode - target)^2``, ``fvu`` is relative to the
             target's variance, and the loss is differentiable in ``target`` too.
-        dead_mask: [F] bool, the latents counted dead (a module's ``dead_mask()``). With it the
-            step adds a dead-latent loss on the dead set (``ops/_dead.py`` states the formulas):
-        dead_loss: ``"auxk"`` (Gao et al. 2024) or ``"ghost"`` (ghost grads).
-        k_aux: AuxK's dead latents per row (default D // 2, the trainers' heuristic).
-        aux_coef: the loss is ``mse + aux_coef * aux_loss`` (default 1/32 for AuxK, the
-            paper's alpha; 1.0 for ghost grads). SAELens's ``aux_loss_coefficient`` is 1.0.
-        aux_relu: AuxK activates the dead pre-activations with a ReLU (the paper, sparsify);
-            False uses them as they are (SAELens).
-        aux_encoder_grad: False stops the auxiliary gradient at the code, so only W_dec
-            learns from it (what sparsify's encoder backward does).
-        dead_capacity: slots of the dead set (default 2 * k_aux, at most F); its cost is
-            O(B * dead_capacity * D) on the tensor cores. With more dead latents than slots, the
-            step takes the first ``dead_capacity`` from ``dead_offset`` on (cyclically).
-        dead_offset: where the dead set starts (an int or a 0-d int64 device tensor; default 0).
-            The modules slide it past each step's window (``next_dead_offset``), so every dead
-            latent gets its turn.
+        dead_loss: None, or a ``DeadLatentLoss`` with its ``mask`` (the [F] bool dead set, a
+            module's ``dead_mask()``): the step then adds AuxK or ghost grads on the dead set
+            (``ops/_dead.py`` states the formulas): ``loss = mse + coef * aux_loss``.
 
     Returns:
-        ``TopKSAEStep(loss, fvu, fire_counts, vals, indices, aux_loss)``: ``loss`` is a 0-d
-        fp32 tensor, differentiable in every tensor argument; ``fvu`` (0-d fp32)
-        and ``fire_counts`` ([F] int64, how often each latent fired in this
-        batch) are computed on the device without a host sync; ``vals``/``indices``
-        are the [B, k] code; ``aux_loss`` (0-d fp32, differentiable, None without a
-        ``dead_mask``) is the dead-latent loss before ``aux_coef``. Nothing [B, F] is kept
-        for the backward, which is deterministic.
+        ``TopKSAEStep(loss, mse, fvu, l0, fire_counts, code, aux_loss)``: ``loss`` is a 0-d fp32
+        tensor, differentiable in every tensor argument; ``mse``, ``fvu``, ``l0`` (0-d fp32) and
+        ``fire_counts`` ([F] int64, how often each latent fired in this batch) are computed on the
+        device without a host sync; ``code`` holds the [B, k] ``vals`` and ``indices``; ``aux_loss``
+        (0-d fp32, differentiable, None without a ``dead_loss``) is the dead-latent loss before
+        its coefficient. Nothing [B, F] is kept for the backward, which is deterministic.
     """
     k = as_count(k)
     B, D, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
     target = target.contiguous() if target is not None else None
-    spec, coef, offset = NO_DEAD_LOSS, 0.0, None
-    if dead_mask is not None:
-        check = check_dead_loss_args(
-            dead_mask, dead_offset, dead_loss, k_aux, aux_coef, aux_relu, aux_encoder_grad, dead_capacity, x, F
-        )
-        spec, coef, offset = dead_loss_spec(check, aux_relu, aux_encoder_grad)
-        dead_mask = dead_mask.contiguous()
+    dead = dead_op_args(dead_loss, x, F)
     params = (x, W_enc, b_enc, W_dec, b_dec)
-    out = _topk_sae_step.named(
-        _topk_sae_step(*(t.contiguous() for t in params), target, k, dead_mask, offset, spec.to_op(), coef)
-    )
-    return TopKSAEStep(out.loss, out.fvu, out.fire_counts, out.vals, out.indices,
-                       aux_loss=out.aux_loss if spec.mode else None)  # fmt: skip
+    out = _topk_sae_step.named(_topk_sae_step(*(t.contiguous() for t in params), target, k, *dead))
+    return TopKSAEStep(**selection_step_head(out, B, dead.on), aux_loss=out.aux_loss if dead.on else None)
