@@ -129,7 +129,7 @@ def train_sparse_autoencoder(fs, device, dtype):
         if i == 0:  # the first step's gradients against the fp64 twin at the same code
             params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
             p64 = [p.detach().double().requires_grad_() for p in params]
-            ref = fs.testing.reference.topk_sae_step(x.double(), *p64, K, indices=step.indices)
+            ref = fs.testing.reference.topk_sae_step(x.double(), *p64, K, indices=step.code.indices)
             ref.loss.backward()
             errs = [((p.grad.double() - q.grad).norm() / q.grad.norm()).item() for p, q in zip(params, p64)]
             good = all(e < 1e-2 for e in errs)
@@ -176,7 +176,7 @@ def train_family(fs, device, dtype):
             opt.zero_grad(set_to_none=True)
             step.loss.backward()
             opt.step()
-            l0 = step.l0.item() if hasattr(step, "l0") else step.indices.numel() / B
+            l0 = step.l0.item()
             line.append(f"{step.loss.item():.4f} (L0 {l0:.1f})")
         extra = f", threshold {sae.threshold.item():.4f}" if name.startswith(("BatchTopK", "Matryoshka")) else ""
         extra += f", last step {sae.last_path}" if hasattr(sae, "last_path") else ""
@@ -199,8 +199,8 @@ def _check_first_step(fs, name, sae, x, step):
         want = ref.jumprelu_sae_step(*p64, theta, sae.bandwidth, sae.l0_coefficient).loss
     else:
         B = x.shape[0]
-        rows = torch.repeat_interleave(torch.arange(B, device=x.device), step.row_offsets.diff())
-        selection = (rows, step.indices)
+        rows = torch.repeat_interleave(torch.arange(B, device=x.device), step.code.row_offsets.diff())
+        selection = (rows, step.code.indices)
         rescale = sae.rescale_acts_by_decoder_norm
         if name == "BatchTopKSparseAutoencoder":
             want = ref.batchtopk_sae_step(*p64, sae.k, rescale, selection=selection).loss

@@ -43,12 +43,20 @@ from side_by_side import (  # noqa: E402
 )
 
 LOSS_OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss")
+
+
 # --family: each case's loss (one backward through everything it returns), by name; ``dead``: a quarter
 # of the latents counted dead (AuxK over a fixed-capacity dead set) or None.
+def dead_kwargs(fs, dead) -> dict:
+    """The AuxK arguments of a build's steps: a ``DeadLatentLoss`` where the build has one, else the keyword
+    ``dead_mask`` (builds from before the options object)."""
+    return dict(dead_loss=fs.DeadLatentLoss(dead)) if hasattr(fs, "DeadLatentLoss") else dict(dead_mask=dead)
+
+
 FAMILY_CALLS = {
-    "topk_sae_step+auxk": lambda fs, p, K, dead: fs.topk_sae_step(*p, K, dead_mask=dead).loss,
+    "topk_sae_step+auxk": lambda fs, p, K, dead: fs.topk_sae_step(*p, K, **dead_kwargs(fs, dead)).loss,
     "batchtopk_sae_step": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K).loss,
-    "batchtopk_sae_step+auxk": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K, dead_mask=dead).loss,
+    "batchtopk_sae_step+auxk": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K, **dead_kwargs(fs, dead)).loss,
     "matryoshka_topk_sae_step": lambda fs, p, K, dead: (
         fs.matryoshka_topk_sae_step(*p, K, [p[1].shape[0] // 4, p[1].shape[0] // 2, p[1].shape[0]]).loss
     ),

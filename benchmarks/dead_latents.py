@@ -198,15 +198,15 @@ def main():
         for n in counts:
             dead = dead_mask_of(F, n, "cuda")
             impls[f"flash-sae + AuxK k_aux={k_aux}, {n} dead"] = ready(
-                lambda dead=dead: fs.topk_sae_step(*params, K, dead_mask=dead, k_aux=k_aux).loss
+                lambda dead=dead: fs.topk_sae_step(*params, K, dead_loss=fs.DeadLatentLoss(dead, k_aux=k_aux)).loss
             )
         dead = dead_mask_of(F, counts[-1], "cuda")
         n = counts[-1]
         impls[f"flash-sae + AuxK k_aux=D//2={D // 2}, {n} dead"] = ready(
-            lambda: fs.topk_sae_step(*params, K, dead_mask=dead).loss
+            lambda: fs.topk_sae_step(*params, K, dead_loss=fs.DeadLatentLoss(dead)).loss
         )
         impls[f"flash-sae + ghost grads, {n} dead"] = ready(
-            lambda: fs.topk_sae_step(*params, K, dead_mask=dead, dead_loss="ghost").loss
+            lambda: fs.topk_sae_step(*params, K, dead_loss=fs.DeadLatentLoss(dead, kind="ghost")).loss
         )
         if pieces is not None:
             impls[f"sparsify-style + AuxK k_aux={k_aux}, {n} dead"] = ready(

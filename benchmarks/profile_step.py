@@ -27,7 +27,8 @@ def step_call(fs, op, B, D, F, K, dtype):
         dead = torch.zeros(F, dtype=torch.bool, device="cuda")
         dead[torch.randperm(F, device="cuda")[: min(F, 4096)]] = True
         mode = op.split("+")[1]
-        return lambda: fs.topk_sae_step(*params, K, dead_mask=dead, dead_loss=mode, k_aux=min(512, F)).loss, params
+        dead_loss = fs.DeadLatentLoss(dead, kind=mode, k_aux=min(512, F))
+        return lambda: fs.topk_sae_step(*params, K, dead_loss=dead_loss).loss, params
     if op == "topk_sae_step":
         return lambda: fs.topk_sae_step(*params, K).loss, params
     if op == "batchtopk_sae_step":

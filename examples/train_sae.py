@@ -589,7 +589,7 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
     """Held-out metrics: L0, FVU, explained variance, dead fraction; for causal LMs the CE loss recovered."""
     x = harvest(model, ids, layer, device) * factor
     x_hat = sae(x.to(dtype)).float()
-    l0 = sae.loss(x.to(dtype)).fire_counts.sum().item() / x.shape[0]  # eval mode: no dead-count update
+    l0 = sae.loss(x.to(dtype)).l0.item()  # eval mode: no dead-count update
     r = x - x_hat
     fvu = (r.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     ev = (1 - r.var(0).sum() / x.var(0).sum()).item()
@@ -779,7 +779,7 @@ def main(argv=None):
                 elapsed = t_prev + time.perf_counter() - t0
                 row = {
                     "kind": "train", "step": step, "tokens": tokens_seen, "loss": out.loss.item(),
-                    "fvu": out.fvu.item(), "l0": out.fire_counts.sum().item() / x.shape[0],
+                    "fvu": out.fvu.item(), "l0": out.l0.item(),
                     "dead_fraction": sae.dead_fraction().item(), "lr": float(opt.param_groups[0]["lr"]),
                     "tokens_per_s": tokens_seen / elapsed,
                 }  # fmt: skip

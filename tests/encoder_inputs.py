@@ -127,23 +127,23 @@ def check_step_parity(fs, shape, dtype, device, *, seed):
     out = fs.topk_sae_step(*params, K)
     assert out.loss.dtype == torch.float32 and out.loss.shape == ()
     assert out.fire_counts.shape == (F,) and out.fire_counts.dtype == torch.int64
-    check_selection(fs, params[0], params[1], params[2], K, params[4], out.vals, out.indices)
+    check_selection(fs, params[0], params[1], params[2], K, params[4], out.code.vals, out.code.indices)
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
 
     ref = fs.testing.reference
-    same = ref.topk_sae_step(*params, K, indices=out.indices)
+    same = ref.topk_sae_step(*params, K, indices=out.code.indices)
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
     p64 = [p.detach().double().requires_grad_() for p in params]
-    r = ref.topk_sae_step(*p64, K, indices=out.indices)
+    r = ref.topk_sae_step(*p64, K, indices=out.code.indices)
     r_grads = grads(r.loss, p64, up.double())
 
     # The encoder GEMM's output rounding (to the dtype) is part of every implementation in that dtype,
     # ours included (the same cuBLAS call), and with K >> D it can dominate the loss through cancellation.
     # So torch's error for the loss is the larger of torch's own and that shared rounding's alone:
-    # exact arithmetic on the dtype-rounded code (``out.vals`` equals it bitwise; check_selection checked).
+    # exact arithmetic on the dtype-rounded code (``out.code.vals`` equals it bitwise; check_selection checked).
     x64, W_dec64, b_dec64 = (t.detach().double() for t in (params[0], params[3], params[4]))
-    shared = ref.sparse_decode(out.vals.double(), out.indices, W_dec64, b_dec64) - x64
+    shared = ref.sparse_decode(out.code.vals.double(), out.code.indices, W_dec64, b_dec64) - x64
     shared_loss = shared.pow(2).mean()
     shared_fvu = shared.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
     loss_base = same.loss if rel_err(same.loss, r.loss) >= rel_err(shared_loss, r.loss) else shared_loss
@@ -154,11 +154,11 @@ def check_step_parity(fs, shape, dtype, device, *, seed):
     # Fire counts are of the same-dtype code (an entry fires when its value in the dtype is > 0; in fp64 a
     # pre-activation near 0 can have the other sign), so the same-dtype reference is the exact comparison.
     assert torch.equal(out.fire_counts, same.fire_counts)
-    assert int(out.fire_counts.sum()) == int((out.vals > 0).sum())
+    assert int(out.fire_counts.sum()) == int((out.code.vals > 0).sum())
     # Gradients too carry the code's shared rounding: torch's error for each is at least that of exact
     # arithmetic at the dtype-rounded x - b_dec and pre-activations (values rounded, gradients exact).
     p_sh = [p.detach().double().requires_grad_() for p in params]
-    sh = ref.topk_sae_step(*p_sh, K, indices=out.indices, round_preacts=dtype)
+    sh = ref.topk_sae_step(*p_sh, K, indices=out.code.indices, round_preacts=dtype)
     sh_grads = grads(sh.loss, p_sh, up.double())
     for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
         assert a.dtype == p.dtype and a.shape == p.shape

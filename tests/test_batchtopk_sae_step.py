@@ -31,9 +31,9 @@ def check_selection(fs, x, W_enc, b_enc, W_dec, b_dec, k, rescale, out):
         pre = ref.encoder_preacts(x, W_enc, b_enc, b_dec)
         acts = torch.relu(pre * W_dec.norm(dim=1) if rescale else pre)
         rows, ids = ref.batch_topk_select(acts, int(k * x.shape[0]))
-    assert torch.equal(out.indices.cpu(), ids.cpu()), "selection differs from the reference tie rule"
-    assert torch.equal(out.row_offsets.cpu(), ref.row_offsets_of(rows, x.shape[0]).cpu())
-    assert torch.equal(out.vals.cpu(), torch.relu(pre[rows, ids]).cpu())
+    assert torch.equal(out.code.indices.cpu(), ids.cpu()), "selection differs from the reference tie rule"
+    assert torch.equal(out.code.row_offsets.cpu(), ref.row_offsets_of(rows, x.shape[0]).cpu())
+    assert torch.equal(out.code.vals.cpu(), torch.relu(pre[rows, ids]).cpu())
     picked = acts[rows, ids]
     expect_min = picked[picked > 0].min().float() if (picked > 0).any() else torch.tensor(float("inf"))
     assert torch.equal(out.min_act.cpu(), expect_min.cpu())
@@ -46,7 +46,7 @@ def check_batchtopk_step(fs, shape, dtype, device, *, rescale, seed, integer=Fal
     out = fs.batchtopk_sae_step(*params, k, rescale_acts_by_decoder_norm=rescale)
     N = int(k * B)
     assert out.loss.dtype == torch.float32 and out.loss.shape == ()
-    assert out.vals.shape == (N,) and out.indices.shape == (N,) and out.row_offsets.shape == (B + 1,)
+    assert out.code.vals.shape == (N,) and out.code.indices.shape == (N,) and out.code.row_offsets.shape == (B + 1,)
     selection = check_selection(fs, *params, k, rescale, out)
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
@@ -61,7 +61,9 @@ def check_batchtopk_step(fs, shape, dtype, device, *, rescale, seed, integer=Fal
     # (ours decodes those very values), so torch's loss error is at least that shared rounding's.
     x64, W_dec64, b_dec64 = (t.detach().double() for t in (params[0], params[3], params[4]))
     rows, ids = selection
-    shared = torch.zeros_like(x64).index_add(0, rows, out.vals.double().unsqueeze(1) * W_dec64[ids]) + b_dec64 - x64
+    shared = (
+        torch.zeros_like(x64).index_add(0, rows, out.code.vals.double().unsqueeze(1) * W_dec64[ids]) + b_dec64 - x64
+    )
     shared_loss = shared.pow(2).mean()
     loss_base = same.loss if rel_err(same.loss, r.loss) >= rel_err(shared_loss, r.loss) else shared_loss
     assert_parity("batchtopk loss", out.loss, loss_base, r.loss, dtype)
@@ -121,7 +123,7 @@ def test_batchtopk_rows_get_different_counts(fs, device):
     params[0][1] *= 20
     params[0][3] = -100  # far from everything: relu'd to zero mostly
     out = fs.batchtopk_sae_step(*params, 4)
-    counts = out.row_offsets.diff()
+    counts = out.code.row_offsets.diff()
     assert int(counts.sum()) == 16 and int(counts.max()) > 4 and int(counts.min()) < 4
 
 
@@ -130,7 +132,7 @@ def test_batchtopk_deterministic(fs, device):
     runs = []
     for _ in range(2):
         out = fs.batchtopk_sae_step(*params, 6.5, rescale_acts_by_decoder_norm=True)
-        runs.append((out.loss, out.indices, grads(out.loss, params, torch.tensor(1.3, device=device))))
+        runs.append((out.loss, out.code.indices, grads(out.loss, params, torch.tensor(1.3, device=device))))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     for a, b in zip(runs[0][2], runs[1][2]):
         assert torch.equal(a, b)
@@ -147,7 +149,9 @@ def test_batchtopk_compile(fs, device):
             params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
             out = compiled(*params, 6)
             eager = fs.batchtopk_sae_step(*params, 6)
-            assert torch.equal(out.indices, eager.indices) and torch.equal(out.row_offsets, eager.row_offsets)
+            assert torch.equal(out.code.indices, eager.code.indices) and torch.equal(
+                out.code.row_offsets, eager.code.row_offsets
+            )
             torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
             up = torch.tensor(-1.1, device=device)
             for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
@@ -197,9 +201,9 @@ def test_batchtopk_matches_saelens(fs, device, dtype):
             getattr(sae64, n).copy_(getattr(sae, n).double())
     ref = saelens_step(sae64, x.double())
     ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
-    code = torch.zeros(B, F, device=device, dtype=out.vals.dtype)
-    rows = torch.repeat_interleave(torch.arange(B, device=device), out.row_offsets.diff())
-    code[rows, out.indices] = out.vals
+    code = torch.zeros(B, F, device=device, dtype=out.code.vals.dtype)
+    rows = torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff())
+    code[rows, out.code.indices] = out.code.vals
     if dtype == torch.float32:
         assert torch.equal(code != 0, theirs.feature_acts != 0), "other latents than SAELens's"
         assert torch.equal(code != 0, ref.feature_acts != 0), "other latents than SAELens's in fp64"

@@ -38,13 +38,18 @@ def _steps(fs, params):
             lambda: fs.jumprelu_sae_step(*params, threshold, capacity=64 * 512).loss,
             [*params, threshold],
         ),
-        "topk_sae_step+auxk": (lambda: _with_aux(fs.topk_sae_step(*params, 8, dead_mask=dead, k_aux=40)), params),
+        "topk_sae_step+auxk": (
+            lambda: _with_aux(fs.topk_sae_step(*params, 8, dead_loss=fs.DeadLatentLoss(dead, k_aux=40))),
+            params,
+        ),
         "topk_sae_step+ghost": (
-            lambda: _with_aux(fs.topk_sae_step(*params, 8, dead_mask=dead, dead_loss="ghost")),
+            lambda: _with_aux(fs.topk_sae_step(*params, 8, dead_loss=fs.DeadLatentLoss(dead, kind="ghost"))),
             params,
         ),
         "batchtopk_sae_step+auxk": (
-            lambda: _with_aux(fs.batchtopk_sae_step(*params, 8, rescale_acts_by_decoder_norm=True, dead_mask=dead)),
+            lambda: _with_aux(
+                fs.batchtopk_sae_step(*params, 8, rescale_acts_by_decoder_norm=True, dead_loss=fs.DeadLatentLoss(dead))
+            ),
             params,
         ),
         "standard_sae_step": (

@@ -36,21 +36,19 @@ def dead_mask_of(F, frac, seed, device):
     return (torch.rand(F, generator=g) < frac).to(device)
 
 
-def run_step(fs, step, params, k, rescale=False, **dead):
+def run_step(fs, step, params, k, rescale=False, dead_loss=None):
     if step == "topk":
-        return fs.topk_sae_step(*params, k, **dead)
-    return fs.batchtopk_sae_step(*params, k, rescale_acts_by_decoder_norm=rescale, **dead)
+        return fs.topk_sae_step(*params, k, dead_loss=dead_loss)
+    return fs.batchtopk_sae_step(*params, k, rescale_acts_by_decoder_norm=rescale, dead_loss=dead_loss)
 
 
-def op_outputs(fs, step, params, k, mode, k_aux, coef, relu, eg, capacity, dead_mask, offset, rescale=False):
+def op_outputs(fs, step, params, k, dead_loss, rescale=False):
     """The registered op's outputs by name, for the selection it made, and its dead slots' (A, gate, dE1,
     ids, valid)."""
     dead_mod = sys.modules[fs.__name__ + ".ops._dead"]
-    spec = dead_mod.DeadLossSpec(dead_mod.MODES[mode], k_aux, capacity, relu, eg)
     x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in params)
-    offset = torch.tensor(offset, device=dead_mask.device)
-    inputs = dict(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, target=None, dead_mask=dead_mask,
-                  dead_offset=offset, dead=spec.to_op(), aux_coef=coef)  # fmt: skip
+    dead = dead_mod.dead_op_args(dead_loss, x, W_enc.shape[0])
+    inputs = dict(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, target=None, **dead._asdict())
     if step == "topk":
         op, inputs["k"] = sys.modules[fs.topk_sae_step.__module__]._topk_sae_step, k
     else:
@@ -68,28 +66,28 @@ def full_mask(gate, ids, F):
     return out[:, :F]
 
 
-def reference_step(fs, step, params, k, selection, rescale, round_preacts=None, **dead):
+def reference_step(fs, step, params, k, selection, rescale, **forced):
+    """The reference step at ``selection``; ``forced``: dead_loss, aux_mask, round_preacts."""
     ref = fs.testing.reference
     if step == "topk":
-        return ref.topk_sae_step(*params, k, indices=selection, round_preacts=round_preacts, **dead)
-    return ref.batchtopk_sae_step(*params, k, rescale, selection=selection, round_preacts=round_preacts, **dead)
+        return ref.topk_sae_step(*params, k, indices=selection, **forced)
+    return ref.batchtopk_sae_step(*params, k, rescale, selection=selection, **forced)
 
 
 def check_dead_step(fs, step, problem, dtype, device, mode, relu, eg, rescale, seed, integer=False):
     B, D, F, k, k_aux, capacity, frac, offset = problem
     params = list(make_sae(B, D, F, 1, dtype, device, seed=seed, integer=integer))
     dead_mask = dead_mask_of(F, frac, seed, device)
-    opts = dict(dead_loss=mode, k_aux=k_aux, aux_relu=relu, aux_encoder_grad=eg, dead_capacity=capacity)
-    opts["dead_offset"] = offset
     coef = 0.3 if seed % 2 else 1 / 32
+    dead_loss = fs.DeadLatentLoss(
+        dead_mask, kind=mode, k_aux=k_aux, coef=coef, relu=relu, encoder_grad=eg, capacity=capacity, offset=offset
+    )
     kk = k
-    out = run_step(fs, step, params, kk, dead_mask=dead_mask, aux_coef=coef, rescale=rescale, **opts)
+    out = run_step(fs, step, params, kk, rescale=rescale, dead_loss=dead_loss)
     assert out.loss.shape == () and out.aux_loss.shape == () and out.aux_loss.dtype == torch.float32
 
     # The AuxK selection is exactly the reference's stable-sort rule on the same-dtype pre-activations.
-    raw, (A, gate, dE1, ids, valid) = op_outputs(
-        fs, step, params, kk, mode, k_aux, coef, relu, eg, capacity, dead_mask, offset, rescale
-    )
+    raw, (A, gate, dE1, ids, valid) = op_outputs(fs, step, params, kk, dead_loss, rescale)
     ref = fs.testing.reference
     dead_set = ref.dead_set(dead_mask, capacity, offset)
     assert torch.equal(full_mask(valid.unsqueeze(0), ids, F)[0], dead_set), "dead slots are not the window's"
@@ -114,14 +112,17 @@ def check_dead_step(fs, step, problem, dtype, device, mode, relu, eg, rescale, s
             assert torch.equal(aux_mask.sum(1), torch.full_like(aux_mask.sum(1), min(k_aux, int(dead_set.sum()))))
 
     if step == "topk":
-        selection = out.indices
+        selection = out.code.indices
     else:
-        selection = (torch.repeat_interleave(torch.arange(B, device=device), out.row_offsets.diff()), out.indices)
+        selection = (
+            torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff()),
+            out.code.indices,
+        )
     g = torch.Generator().manual_seed(seed + 9)
     up, up_aux = ((torch.rand((), generator=g) + 0.5) * s for s in (1, -1))
     ours = grads(out.loss * up.to(device) + out.aux_loss * up_aux.to(device), params, torch.tensor(1.0, device=device))
 
-    dead = dict(dead_mask=dead_mask, aux_coef=coef, aux_mask=aux_mask, **opts)
+    dead = dict(dead_loss=dead_loss, aux_mask=aux_mask)
     same = reference_step(fs, step, params, kk, selection, rescale, **dead)
     p64 = [p.detach().double().requires_grad_() for p in params]
     r = reference_step(fs, step, p64, kk, selection, rescale, **dead)
@@ -259,7 +260,7 @@ def test_no_dead_latents(fs, device, step):
     one = torch.tensor(1.0, device=device)
     plain_grads = grads(plain.loss, params, one)
     for mode in ("auxk", "ghost"):
-        out = run_step(fs, step, params, 3, dead_mask=none, dead_loss=mode)
+        out = run_step(fs, step, params, 3, dead_loss=fs.DeadLatentLoss(none, kind=mode))
         assert float(out.aux_loss.detach()) == 0.0
         torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=0)
         for a, b in zip(grads(out.loss + out.aux_loss, params, one), plain_grads):
@@ -272,11 +273,9 @@ def test_defaults(fs, device):
     params = list(make_sae(6, 12, 50, 1, torch.float32, device, seed=8))
     dead = dead_mask_of(50, 0.5, 8, device)
     for mode, coef in (("auxk", 1 / 32), ("ghost", 1.0)):
-        a = fs.topk_sae_step(*params, 3, dead_mask=dead, dead_loss=mode)
-        b = fs.topk_sae_step(
-            *params, 3, dead_mask=dead, dead_loss=mode, k_aux=6, aux_coef=coef, aux_relu=True, dead_capacity=12,
-            dead_offset=0,
-        )  # fmt: skip
+        a = fs.topk_sae_step(*params, 3, dead_loss=fs.DeadLatentLoss(dead, kind=mode))
+        full = fs.DeadLatentLoss(dead, kind=mode, k_aux=6, coef=coef, relu=True, capacity=12, offset=0)
+        b = fs.topk_sae_step(*params, 3, dead_loss=full)
         assert torch.equal(a.loss, b.loss) and torch.equal(a.aux_loss, b.aux_loss)
         plain = fs.topk_sae_step(*params, 3)
         torch.testing.assert_close(a.loss, plain.loss + coef * a.aux_loss, rtol=1e-6, atol=0)
@@ -288,7 +287,7 @@ def test_deterministic(fs, device, step):
     dead = dead_mask_of(120, 0.5, 2, device)
     runs = []
     for _ in range(2):
-        out = run_step(fs, step, params, 5, dead_mask=dead, k_aux=9)
+        out = run_step(fs, step, params, 5, dead_loss=fs.DeadLatentLoss(dead, k_aux=9))
         runs.append((out.loss, out.aux_loss, grads(out.loss + out.aux_loss, params, torch.tensor(1.3, device=device))))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     for a, b in zip(runs[0][2], runs[1][2]):
@@ -301,24 +300,27 @@ def test_bad_input(fs, device, step):
     params = list(make_sae(4, 6, 20, 1, torch.float32, device, seed=0))
     dead = torch.zeros(20, dtype=torch.bool, device=device)
     bad = [
-        ("dead_mask", dict(dead_mask=dead.float())),
-        ("dead_mask", dict(dead_mask=dead[:10])),
-        ("dead_loss", dict(dead_mask=dead, dead_loss="ghosts")),
-        ("k_aux", dict(dead_mask=dead, k_aux=0)),
-        ("k_aux", dict(dead_mask=dead, k_aux=21)),
-        ("k_aux", dict(dead_mask=dead, k_aux=2.0)),
-        ("aux_coef", dict(dead_mask=dead, aux_coef=-1.0)),
-        ("aux_relu", dict(dead_mask=dead, aux_relu=1)),
-        ("aux_encoder_grad", dict(dead_mask=dead, aux_encoder_grad=None)),
-        ("dead_capacity", dict(dead_mask=dead, k_aux=5, dead_capacity=4)),
-        ("dead_capacity", dict(dead_mask=dead, dead_capacity=21)),
-        ("dead_offset", dict(dead_mask=dead, dead_offset=20)),
-        ("dead_offset", dict(dead_mask=dead, dead_offset=torch.tensor(1.0))),
-        ("dead_offset", dict(dead_mask=dead, dead_offset=torch.tensor([1]))),
+        ("mask", dict(mask=None)),
+        ("mask", dict(mask=dead.float())),
+        ("mask", dict(mask=dead[:10])),
+        ("kind", dict(mask=dead, kind="ghosts")),
+        ("k_aux", dict(mask=dead, k_aux=0)),
+        ("k_aux", dict(mask=dead, k_aux=21)),
+        ("k_aux", dict(mask=dead, k_aux=2.0)),
+        ("coef", dict(mask=dead, coef=-1.0)),
+        ("relu", dict(mask=dead, relu=1)),
+        ("encoder_grad", dict(mask=dead, encoder_grad=None)),
+        ("capacity", dict(mask=dead, k_aux=5, capacity=4)),
+        ("capacity", dict(mask=dead, capacity=21)),
+        ("offset", dict(mask=dead, offset=20)),
+        ("offset", dict(mask=dead, offset=torch.tensor(1.0))),
+        ("offset", dict(mask=dead, offset=torch.tensor([1]))),
     ]
     for name, kwargs in bad:
-        with pytest.raises(ValueError, match=name):
-            run_step(fs, step, params, 2, **kwargs)
+        with pytest.raises(ValueError, match=rf"dead_loss\.{name}"):
+            run_step(fs, step, params, 2, dead_loss=fs.DeadLatentLoss(**kwargs))
+    with pytest.raises(ValueError, match="dead_loss"):
+        run_step(fs, step, params, 2, dead_loss="auxk")
     if device == "cuda":
-        with pytest.raises(ValueError, match="dead_mask"):
-            run_step(fs, step, params, 2, dead_mask=dead.cpu())
+        with pytest.raises(ValueError, match=r"dead_loss\.mask"):
+            run_step(fs, step, params, 2, dead_loss=fs.DeadLatentLoss(dead.cpu()))

@@ -67,7 +67,7 @@ def test_auxk_matches_saelens(fs, device, architecture, dtype, n_dead):
     params = [getattr(sae, n).detach().clone().requires_grad_() for n in NAMES]
     W_enc_t, b_enc, W_dec, b_dec = params
     # every dead latent in the dead set (its default, 2 * k_aux = 24 slots, holds fewer than 40)
-    opts = dict(dead_mask=dead, aux_relu=False, aux_coef=sae.cfg.aux_loss_coefficient, dead_capacity=F)
+    opts = dict(dead_loss=fs.DeadLatentLoss(dead, relu=False, coef=sae.cfg.aux_loss_coefficient, capacity=F))
     if architecture == "topk":
         out = fs.topk_sae_step(x, W_enc_t.T, b_enc, W_dec, b_dec, k, **opts)
     else:
@@ -124,9 +124,8 @@ def test_auxk_matches_sparsify(fs, dtype, n_dead):
     ref, ref_total, ref_grads = theirs_of(coder64, x.double())
 
     params = [p.detach().clone().requires_grad_() for p in _sparsify_params(coder)]
-    ours = fs.topk_sae_step(
-        x, *params, k, dead_mask=dead, aux_relu=True, aux_encoder_grad=False, aux_coef=alpha, dead_capacity=F
-    )  # fmt: skip
+    dead_loss = fs.DeadLatentLoss(dead, relu=True, encoder_grad=False, coef=alpha, capacity=F)
+    ours = fs.topk_sae_step(x, *params, k, dead_loss=dead_loss)
     x64 = x.double()
     factor = B * D / (x64 - x64.mean(0)).pow(2).sum()
     names = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")

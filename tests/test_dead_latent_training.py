@@ -121,7 +121,9 @@ def test_resampling_resets_only_dead_rows_and_their_moments(fs, device):
 
 def test_module_dead_loss_options(fs, device):
     """A module with ``dead_loss`` passes its dead mask in training mode only; bad options are ValueErrors."""
-    sae = fs.SparseAutoencoder(8, 20, 2, seed=1, device=device, dead_window_tokens=1, dead_loss="auxk", k_aux=3)
+    sae = fs.SparseAutoencoder(
+        8, 20, 2, seed=1, device=device, dead_window_tokens=1, dead_loss=fs.DeadLatentLoss(k_aux=3)
+    )
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(3)).to(device)
     first = sae.loss(x)  # nothing is dead before the first step
     assert float(first.aux_loss.detach()) == 0.0

@@ -60,7 +60,9 @@ def test_batchtopk_training_follows_twin_and_threshold(fs, device):
     flash, ref = twins(fs, "BatchTopKSparseAutoencoder", device, k=4)
     log_f, log_r = train(flash, data), train(ref, data)
     for step, (a, b) in enumerate(zip(log_f, log_r)):
-        assert torch.equal(a.indices, b.indices) and torch.equal(a.row_offsets, b.row_offsets), f"step {step}"
+        assert torch.equal(a.code.indices, b.code.indices) and torch.equal(a.code.row_offsets, b.code.row_offsets), (
+            f"step {step}"
+        )
         assert abs(a.loss.item() - b.loss.item()) <= 1e-4 * b.loss.item(), f"step {step}: {a.loss} vs {b.loss}"
     torch.testing.assert_close(flash.threshold, ref.threshold, rtol=1e-6, atol=0)
     assert flash.threshold > 0
@@ -88,7 +90,9 @@ def test_matryoshka_training_follows_twin(fs, device):
     flash, ref = twins(fs, "MatryoshkaBatchTopKSparseAutoencoder", device, k=4, prefix_sizes=[8, 32, F])
     log_f, log_r = train(flash, data), train(ref, data)
     for step, (a, b) in enumerate(zip(log_f, log_r)):
-        assert torch.equal(a.indices, b.indices) and torch.equal(a.row_offsets, b.row_offsets), f"step {step}"
+        assert torch.equal(a.code.indices, b.code.indices) and torch.equal(a.code.row_offsets, b.code.row_offsets), (
+            f"step {step}"
+        )
         torch.testing.assert_close(a.level_losses, b.level_losses.float(), rtol=1e-4, atol=0)
     torch.testing.assert_close(flash.threshold, ref.threshold, rtol=1e-6, atol=0)
     assert log_f[-1].loss < 0.8 * log_f[0].loss
@@ -324,7 +328,7 @@ def test_gated_capacity_recovers_from_overflow(fs, device):
     torch.testing.assert_close(second.loss, fs.testing.reference.GatedSparseAutoencoder.loss(sae, data[:B]).loss)
     vals, indices, row_offsets = sae.encode(data[:B])
     n = int(row_offsets[-1])
-    assert torch.equal(indices[:n], second.indices[:n]) and torch.equal(vals[:n], second.vals[:n])
+    assert torch.equal(indices[:n], second.code.indices[:n]) and torch.equal(vals[:n], second.code.vals[:n])
     x_hat = sae.decode(vals, indices, row_offsets)
     mse = (x_hat.float() - data[:B].float()).pow(2).mean()
     torch.testing.assert_close(mse, second.mse, rtol=1e-5, atol=1e-7)

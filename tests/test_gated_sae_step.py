@@ -38,12 +38,12 @@ def gated_shapes(draw):
 
 
 def dense_code(out, B, F):
-    rows = torch.repeat_interleave(torch.arange(B, device=out.indices.device), out.row_offsets.diff())
-    n = int(out.row_offsets[-1])
-    dense = torch.zeros(B, F, device=out.vals.device, dtype=out.vals.dtype)
-    dense[rows, out.indices[:n]] = out.vals[:n]
-    opened = torch.zeros(B, F, device=out.vals.device, dtype=torch.bool)
-    opened[rows, out.indices[:n]] = True
+    rows = torch.repeat_interleave(torch.arange(B, device=out.code.indices.device), out.code.row_offsets.diff())
+    n = int(out.code.row_offsets[-1])
+    dense = torch.zeros(B, F, device=out.code.vals.device, dtype=out.code.vals.dtype)
+    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
+    opened = torch.zeros(B, F, device=out.code.vals.device, dtype=torch.bool)
+    opened[rows, out.code.indices[:n]] = True
     return dense, opened, n
 
 
@@ -54,7 +54,7 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
     kw = dict(l1_coefficient=l1_coefficient, freeze_aux_decoder=freeze)
     if dense:
         out = fs.gated_sae_step_dense(*params, **kw)
-        assert out.vals is None and not bool(out.overflow)
+        assert out.code.vals is None and not bool(out.overflow)
     else:
         out = fs.gated_sae_step(*params, capacity=B * F, **kw)
         assert not bool(out.overflow)
@@ -66,9 +66,9 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
         masks = ((P + b_gate.float()).to(dtype) > 0, (P * r_mag.float().exp() + b_mag.float()).to(dtype) > 0)
     else:
         code, opened, n = dense_code(out, B, F)
-        assert int(out.count) == n and (out.indices[n:] == -1).all() and (out.vals[n:] == 0).all()
-        ids = out.indices[:n]
-        rows = torch.repeat_interleave(torch.arange(B, device=device), out.row_offsets.diff())
+        assert int(out.count) == n and (out.code.indices[n:] == -1).all() and (out.code.vals[n:] == 0).all()
+        ids = out.code.indices[:n]
+        rows = torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff())
         assert torch.equal(torch.sort(rows * F + ids).values, rows * F + ids), "not row-major"
         masks = (opened, code > 0)
         # the gates are pi_gate > 0 in the dtype, as the same-dtype product gives them
@@ -100,7 +100,11 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
 
     if not dense:
         assert_parity(
-            "gated code", code, baseline(same.vals.detach(), r.vals.detach(), sh.vals.detach()), r.vals, dtype
+            "gated code",
+            code,
+            baseline(same.code.vals.detach(), r.code.vals.detach(), sh.code.vals.detach()),
+            r.code.vals,
+            dtype,
         )
     for what in ("loss", "mse", "l1", "aux"):
         b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
@@ -197,9 +201,9 @@ def test_gated_overflow_is_reported(fs, device):
     params = [t.detach() for t in make_gated(5, 9, 30, torch.float32, device, seed=4)]
     need = int(fs.testing.reference.gated_sae_step(*params).count)
     small = fs.gated_sae_step(*params, capacity=need - 3)
-    assert bool(small.overflow) and int(small.count) == need and int(small.row_offsets[-1]) == need - 3
+    assert bool(small.overflow) and int(small.count) == need and int(small.code.row_offsets[-1]) == need - 3
     exact = fs.gated_sae_step(*params, capacity=need)
-    assert not bool(exact.overflow) and int(exact.row_offsets[-1]) == need
+    assert not bool(exact.overflow) and int(exact.code.row_offsets[-1]) == need
 
 
 @pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
@@ -211,8 +215,8 @@ def test_gated_chunks(fs, device, dtype, monkeypatch):
     g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
     monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
     many = fs.gated_sae_step(*params, capacity=4 * 400)
-    assert torch.equal(one.indices, many.indices)
-    assert_same_across_shapes("vals", many.vals, one.vals)
+    assert torch.equal(one.code.indices, many.code.indices)
+    assert_same_across_shapes("vals", many.code.vals, one.code.vals)
     assert_same_across_shapes("loss", many.loss, one.loss)
     for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
         assert_same_across_shapes("gradient", b, a)
@@ -240,7 +244,7 @@ def test_gated_compile(fs, device):
             params = make_gated(7, 23, 41, torch.float32, device, seed=seed)
             out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
             eager = fs.gated_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
-            assert torch.equal(out.indices, eager.indices)
+            assert torch.equal(out.code.indices, eager.code.indices)
             torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
             up = torch.tensor(-1.1, device=device)
             for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):

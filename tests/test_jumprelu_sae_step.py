@@ -49,13 +49,15 @@ def check_jumprelu_step(fs, shape, dtype, device, *, seed, bandwidth, l0_coeffic
     out = fs.jumprelu_sae_step(*params, capacity=cap, bandwidth=bandwidth, l0_coefficient=l0_coefficient)
     assert int(out.count) == need and not bool(out.overflow)
     # The code: every active or band entry, row-major, value z where active and 0 in the band only.
-    rows = torch.repeat_interleave(torch.arange(B, device=device), out.row_offsets.diff())
-    n = int(out.row_offsets[-1])
-    assert n == need and (out.indices[n:] == -1).all() and (out.vals[n:] == 0).all()
+    rows = torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff())
+    n = int(out.code.row_offsets[-1])
+    assert n == need and (out.code.indices[n:] == -1).all() and (out.code.vals[n:] == 0).all()
     mask = torch.zeros(B, F, dtype=torch.bool, device=device)
-    mask[rows, out.indices[:n]] = True
+    mask[rows, out.code.indices[:n]] = True
     assert torch.equal(mask, active | band), "the collected entries differ from active | band"
-    assert torch.equal(torch.sort(rows * F + out.indices[:n]).values, rows * F + out.indices[:n]), "not row-major"
+    assert torch.equal(torch.sort(rows * F + out.code.indices[:n]).values, rows * F + out.code.indices[:n]), (
+        "not row-major"
+    )
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
 
@@ -63,9 +65,9 @@ def check_jumprelu_step(fs, shape, dtype, device, *, seed, bandwidth, l0_coeffic
     masks = (active, band)
     kw = dict(bandwidth=bandwidth, l0_coefficient=l0_coefficient, masks=masks)
     same = ref.jumprelu_sae_step(*params, **kw)
-    dense = torch.zeros(B, F, device=device, dtype=out.vals.dtype)
-    dense[rows, out.indices[:n]] = out.vals[:n]
-    assert torch.equal(dense, same.vals.detach()), "code values differ from z * H(z - theta)"
+    dense = torch.zeros(B, F, device=device, dtype=out.code.vals.dtype)
+    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
+    assert torch.equal(dense, same.code.vals.detach()), "code values differ from z * H(z - theta)"
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
     p64 = [p.detach().double().requires_grad_() for p in params]
     r = ref.jumprelu_sae_step(*p64, **kw)
@@ -115,9 +117,9 @@ def test_jumprelu_overflow_is_reported(fs, device):
     active, band = collected(fs, params, 0.05)
     need = int((active | band).sum())
     small = fs.jumprelu_sae_step(*params, capacity=need - 3)
-    assert bool(small.overflow) and int(small.count) == need and int(small.row_offsets[-1]) == need - 3
+    assert bool(small.overflow) and int(small.count) == need and int(small.code.row_offsets[-1]) == need - 3
     exact = fs.jumprelu_sae_step(*params, capacity=need)
-    assert not bool(exact.overflow) and int(exact.row_offsets[-1]) == need
+    assert not bool(exact.overflow) and int(exact.code.row_offsets[-1]) == need
 
 
 @pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
@@ -129,8 +131,8 @@ def test_jumprelu_chunks(fs, device, dtype, monkeypatch):
     g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
     monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
     many = fs.jumprelu_sae_step(*params, capacity=4 * 400)
-    assert torch.equal(one.indices, many.indices)
-    assert_same_across_shapes("vals", many.vals, one.vals)
+    assert torch.equal(one.code.indices, many.code.indices)
+    assert_same_across_shapes("vals", many.code.vals, one.code.vals)
     assert_same_across_shapes("loss", many.loss, one.loss)
     for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
         assert_same_across_shapes("gradient", b, a)
@@ -158,7 +160,7 @@ def test_jumprelu_compile(fs, device):
             params = make_jumprelu(7, 23, 41, torch.float32, device, seed=seed)
             out = compiled(*params, capacity=7 * 41)
             eager = fs.jumprelu_sae_step(*params, capacity=7 * 41)
-            assert torch.equal(out.indices, eager.indices)
+            assert torch.equal(out.code.indices, eager.code.indices)
             torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
             up = torch.tensor(-1.1, device=device)
             for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
@@ -204,10 +206,10 @@ def test_jumprelu_matches_saelens(fs, device, dtype):
     ref = saelens_step(sae64, x.double(), l0=coef)
     ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
 
-    rows = torch.repeat_interleave(torch.arange(B, device=device), out.row_offsets.diff())
-    n = int(out.row_offsets[-1])
-    dense = torch.zeros(B, F, device=device, dtype=out.vals.dtype)
-    dense[rows, out.indices[:n]] = out.vals[:n]
+    rows = torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff())
+    n = int(out.code.row_offsets[-1])
+    dense = torch.zeros(B, F, device=device, dtype=out.code.vals.dtype)
+    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
     if dtype == torch.float32:
         assert torch.equal(dense != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
         assert torch.equal(dense != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"

@@ -67,7 +67,7 @@ def test_matryoshka_one_level_is_batchtopk(fs, device):
     params = list(make_sae(6, 19, 50, 1, torch.float32, device, seed=4))
     a = fs.matryoshka_batchtopk_sae_step(*params, 5, [50], rescale_acts_by_decoder_norm=True)
     b = fs.batchtopk_sae_step(*params, 5, rescale_acts_by_decoder_norm=True)
-    assert torch.equal(a.indices, b.indices) and torch.equal(a.loss, b.loss)
+    assert torch.equal(a.code.indices, b.code.indices) and torch.equal(a.loss, b.loss)
     up = torch.tensor(0.9, device=device)
     for x, y in zip(grads(a.loss, params, up), grads(b.loss, params, up)):
         assert torch.equal(x, y)

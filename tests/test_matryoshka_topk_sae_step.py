@@ -31,9 +31,9 @@ def check_code(fs, params, K, out):
         pre = selected_preacts(fs, x, W_enc, b_enc, K, b_dec)
         r_vals, r_idx = fs.testing.reference.topk_select(pre, K)
     ids, order = r_idx.sort(dim=1)
-    assert torch.equal(out.indices.view(B, K).cpu(), ids.cpu()), "selection differs from the reference tie rule"
-    assert torch.equal(out.vals.view(B, K).cpu(), torch.relu(r_vals.gather(1, order)).cpu())
-    assert torch.equal(out.row_offsets.cpu(), torch.arange(B + 1) * K)
+    assert torch.equal(out.code.indices.view(B, K).cpu(), ids.cpu()), "selection differs from the reference tie rule"
+    assert torch.equal(out.code.vals.view(B, K).cpu(), torch.relu(r_vals.gather(1, order)).cpu())
+    assert torch.equal(out.code.row_offsets.cpu(), torch.arange(B + 1) * K)
     return r_idx
 
 

@@ -127,7 +127,7 @@ def test_topk_selection_with_and_without_fused_gemm(fs, device, dtype, monkeypat
             monkeypatch.setitem(tuning(fs), "preacts_gemm", fused)
             vals, ids = fs.topk_encode(x, W_enc, b_enc, K, b_dec)
             step = fs.topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, K)
-            outs.append((vals, ids, step.vals, step.indices, step.loss))
+            outs.append((vals, ids, step.code.vals, step.code.indices, step.loss))
         for a, b in zip(*outs):
             assert torch.equal(a.cpu(), b.cpu())
         assert calls == widths, "the fused GEMM did not run on the chunks it fits"

@@ -46,11 +46,11 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes):
             out = fs.distributed.sharded_topk_sae_step(*mine, k, group=group, n_features=F)
             ours = grads(out.loss, mine, up)
             what = f"B={B} D={D} F={F} k={k} seed={seed} {dtype} rank {rank}/{world}"
-            assert torch.equal(out.indices, single.indices), what
-            assert_same_across_shapes(what, out.vals, single.vals)
+            assert torch.equal(out.code.indices, single.code.indices), what
+            assert_same_across_shapes(what, out.code.vals, single.code.vals)
             assert torch.equal(out.fire_counts, _shard(single.fire_counts, fs, F, world, rank)), what
             p64 = [p.detach().double().requires_grad_() for p in params]
-            r = fs.testing.reference.topk_sae_step(*p64, k, indices=single.indices)
+            r = fs.testing.reference.topk_sae_step(*p64, k, indices=single.code.indices)
             r_grads = grads(r.loss, p64, up.double())
             assert_parity(f"sharded loss {what}", out.loss, single.loss, r.loss, dtype)
             if B > 1:
@@ -73,9 +73,9 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes):
                 assert torch.equal(a, b), what  # the shard's own gradients do not depend on x's
             # encode / decode agree with the step
             vals, ids = fs.distributed.sharded_topk_encode(*mine[:3], k, mine[4], group=group, n_features=F)
-            assert torch.equal(ids, out.indices) and torch.equal(vals, out.vals)
+            assert torch.equal(ids, out.code.indices) and torch.equal(vals, out.code.vals)
             x_hat = fs.distributed.sharded_decode(vals, ids, mine[3], mine[4], group=group, n_features=F)
-            ref_hat = fs.sparse_decode(single.vals, single.indices, W_dec.detach(), b_dec.detach())
+            ref_hat = fs.sparse_decode(single.code.vals, single.code.indices, W_dec.detach(), b_dec.detach())
             assert rel_err(x_hat, ref_hat) <= {torch.float32: 1e-6}.get(dtype, 1e-2), what
 
 

@@ -30,10 +30,10 @@ def active_mask(fs, params):
 
 
 def dense_code(out, B, F):
-    rows = torch.repeat_interleave(torch.arange(B, device=out.vals.device), out.row_offsets.diff())
-    n = int(out.row_offsets[-1])
-    dense = torch.zeros(B, F, device=out.vals.device, dtype=out.vals.dtype)
-    dense[rows, out.indices[:n]] = out.vals[:n]
+    rows = torch.repeat_interleave(torch.arange(B, device=out.code.vals.device), out.code.row_offsets.diff())
+    n = int(out.code.row_offsets[-1])
+    dense = torch.zeros(B, F, device=out.code.vals.device, dtype=out.code.vals.dtype)
+    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
     return dense, rows, n
 
 
@@ -49,15 +49,17 @@ def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_
     out = fs.standard_sae_step(*params, capacity=max(cap, 1), l1_coefficient=l1_coefficient)
     assert int(out.count) == need and not bool(out.overflow)
     dense, rows, n = dense_code(out, B, F)
-    assert n == need and (out.indices[n:] == -1).all() and (out.vals[n:] == 0).all()
+    assert n == need and (out.code.indices[n:] == -1).all() and (out.code.vals[n:] == 0).all()
     assert torch.equal(dense != 0, active), "the collected entries differ from z > 0"
-    assert torch.equal(torch.sort(rows * F + out.indices[:n]).values, rows * F + out.indices[:n]), "not row-major"
+    assert torch.equal(torch.sort(rows * F + out.code.indices[:n]).values, rows * F + out.code.indices[:n]), (
+        "not row-major"
+    )
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
 
     ref = fs.testing.reference
     same = ref.standard_sae_step(*params, l1_coefficient=l1_coefficient, active=active)
-    assert torch.equal(dense, same.vals.detach()), "code values differ from relu(z)"
+    assert torch.equal(dense, same.code.vals.detach()), "code values differ from relu(z)"
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
     p64 = [p.detach().double().requires_grad_() for p in params]
     r = ref.standard_sae_step(*p64, l1_coefficient=l1_coefficient, active=active)
@@ -108,7 +110,7 @@ def test_standard_dense_formulation(fs, device, dtype, shape):
     params = list(make_sae(B, D, F, 1, dtype, device, seed=B + F))
     active = active_mask(fs, params)
     out = fs.standard_sae_step_dense(*params, l1_coefficient=0.4)
-    assert out.vals is None and not bool(out.overflow) and int(out.count) == int(active.sum())
+    assert out.code.vals is None and not bool(out.overflow) and int(out.count) == int(active.sum())
     assert torch.equal(out.fire_counts, active.sum(0))
     up = step_upstream(7).to(device)
     ours = grads(out.loss, params, up)
@@ -164,7 +166,7 @@ def test_standard_compile(fs, device):
             params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
             out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
             eager = fs.standard_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
-            assert torch.equal(out.indices, eager.indices)
+            assert torch.equal(out.code.indices, eager.code.indices)
             torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
             up = torch.tensor(-1.1, device=device)
             for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
@@ -176,9 +178,9 @@ def test_standard_overflow_is_reported(fs, device):
     params = [t.detach() for t in make_sae(5, 9, 30, 1, torch.float32, device, seed=4)]
     need = int(active_mask(fs, params).sum())
     small = fs.standard_sae_step(*params, capacity=need - 3)
-    assert bool(small.overflow) and int(small.count) == need and int(small.row_offsets[-1]) == need - 3
+    assert bool(small.overflow) and int(small.count) == need and int(small.code.row_offsets[-1]) == need - 3
     exact = fs.standard_sae_step(*params, capacity=need)
-    assert not bool(exact.overflow) and int(exact.row_offsets[-1]) == need
+    assert not bool(exact.overflow) and int(exact.code.row_offsets[-1]) == need
 
 
 @pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
@@ -190,8 +192,8 @@ def test_standard_chunks(fs, device, dtype, monkeypatch):
     g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
     monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
     many = fs.standard_sae_step(*params, capacity=4 * 400)
-    assert torch.equal(one.indices, many.indices)
-    assert_same_across_shapes("vals", many.vals, one.vals)
+    assert torch.equal(one.code.indices, many.code.indices)
+    assert_same_across_shapes("vals", many.code.vals, one.code.vals)
     assert_same_across_shapes("loss", many.loss, one.loss)
     for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
         assert_same_across_shapes("gradient", b, a)

@@ -31,7 +31,7 @@ def test_topk_sae_step_matches_composition(fs, device, dtype):
     out = fs.topk_sae_step(*params, 7)
     vals, indices = fs.topk_encode(x, W_enc, b_enc, 7, b_dec)
     loss = fs.topk_sae_loss(indices, W_dec, vals, b_dec, x)
-    assert torch.equal(indices, out.indices) and torch.equal(vals, out.vals)
+    assert torch.equal(indices, out.code.indices) and torch.equal(vals, out.code.vals)
     torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=0)
     up = torch.tensor(0.8, device=device)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
@@ -61,7 +61,7 @@ def test_topk_sae_step_compile(fs, device):
             params = list(make_sae(7, 23, 41, 6, torch.float32, device, seed=seed))
             out = compiled(*params, 6)
             eager = fs.topk_sae_step(*params, 6)
-            assert torch.equal(out.indices, eager.indices) and torch.equal(out.fire_counts, eager.fire_counts)
+            assert torch.equal(out.code.indices, eager.code.indices) and torch.equal(out.fire_counts, eager.fire_counts)
             torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
             up = torch.tensor(-1.1, device=device)
             for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
@@ -78,7 +78,7 @@ STEP_TRITON_LAUNCHES = [
     "_segment_sum_kernel",  # dW_enc and db_enc
     "_gather_rows_kernel",  # dx (with -s * r)
 ]
-STEP_TORCH_OP_BUDGET = 16  # measured 16 with torch 2.13 (34 before the launch reductions; design: launch-overhead)
+STEP_TORCH_OP_BUDGET = 18  # measured with torch 2.13: 16, + 2 for l0 (34 before the launch reductions: launch-overhead)
 NO_LAUNCH = {  # views, metadata and allocation: no kernel
     "view", "_unsafe_view", "detach", "slice", "select", "permute", "t", "expand", "unsqueeze", "squeeze",
     "alias", "as_strided", "reshape", "empty", "empty_like", "new_empty", "empty_strided", "lift_fresh",

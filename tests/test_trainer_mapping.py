@@ -191,18 +191,20 @@ def test_topk_sae_step_reproduces_trainer(fs, device, trainer, dtype):
     _, to_flash, trainer_loss = TRAINERS[trainer]
     x, p, upstream = draw(trainer, B, D, F, dtype, device, seed=3 if dtype == torch.float32 else 4)
     step = fs.topk_sae_step(x, **to_flash(p), k=k)
-    assert (step.vals > 0).all(), "the draw should give k positive pre-activations per row"
+    assert (step.code.vals > 0).all(), "the draw should give k positive pre-activations per row"
     loss = trainer_loss(step, x)
     # Autograd carries the gradients through the mapping into the trainer's own tensors.
     g = torch.autograd.grad(loss * upstream, [x, *p.values()])
     mapped = to_flash(p)
-    x_hat = fs.sparse_decode(step.vals, step.indices, mapped["W_dec"], mapped["b_dec"])
-    ours = (loss, x_hat, step.vals, step.indices, dict(zip(p, g[1:])), g[0])
+    x_hat = fs.sparse_decode(step.code.vals, step.code.indices, mapped["W_dec"], mapped["b_dec"])
+    ours = (loss, x_hat, step.code.vals, step.code.indices, dict(zip(p, g[1:])), g[0])
     same, ref = check_against_trainer(trainer, ours, x, p, k, upstream, dtype)
     if trainer == "sparsify":
         # step.fvu is sparsify's loss value (computed without a host sync, not differentiable).
         assert_parity("sparsify fvu", step.fvu, same[0], ref[0], dtype)
-    counts = torch.bincount(step.indices.reshape(-1), weights=(step.vals > 0).reshape(-1).double(), minlength=F)
+    counts = torch.bincount(
+        step.code.indices.reshape(-1), weights=(step.code.vals > 0).reshape(-1).double(), minlength=F
+    )
     assert torch.equal(step.fire_counts, counts.long())
 
 
@@ -222,14 +224,16 @@ def test_sparse_autoencoder_loads_trainer_checkpoint(fs, device, trainer, dtype)
         torch.testing.assert_close(sae.W_dec.float().norm(dim=1), torch.ones(F, device=device), atol=1e-2, rtol=0)
 
     step = sae.loss(x)
-    assert (step.vals > 0).all()
+    assert (step.code.vals > 0).all()
     (trainer_loss(step, x) * upstream).backward()
     dx = x.grad
     grads = flash_grads_to_trainer(to_flash, p, [sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad])
     with torch.no_grad():
         x_hat = sae(x)
         vals, indices = sae.encode(x)
-    assert torch.equal(indices, step.indices) and torch.equal(vals, step.vals), "encode and loss chose other codes"
+    assert torch.equal(indices, step.code.indices) and torch.equal(vals, step.code.vals), (
+        "encode and loss chose other codes"
+    )
     ours = (trainer_loss(step, x), x_hat, vals, indices, grads, dx)
     check_against_trainer(trainer, ours, x, p, k, upstream, dtype)
 
@@ -251,12 +255,12 @@ def test_rows_with_fewer_than_k_positive_preactivations(fs, device, trainer):
     _, to_flash, trainer_loss = TRAINERS[trainer]
     x, p, upstream = draw(trainer, B, D, F, torch.float32, device, seed=7, b_enc_shift=-0.9)
     step = fs.topk_sae_step(x, **to_flash(p), k=k)
-    zeros = (step.vals == 0).sum(1)
+    zeros = (step.code.vals == 0).sum(1)
     assert (zeros > 0).any() and (zeros < k).any(), "the draw should give rows with some, not all, slots at zero"
     g = torch.autograd.grad(trainer_loss(step, x) * upstream, [x, *p.values()])
     mapped = to_flash(p)
-    x_hat = fs.sparse_decode(step.vals, step.indices, mapped["W_dec"], mapped["b_dec"])
-    ours = (trainer_loss(step, x), x_hat, step.vals, step.indices, dict(zip(p, g[1:])), g[0])
+    x_hat = fs.sparse_decode(step.code.vals, step.code.indices, mapped["W_dec"], mapped["b_dec"])
+    ours = (trainer_loss(step, x), x_hat, step.code.vals, step.code.indices, dict(zip(p, g[1:])), g[0])
     check_against_trainer(trainer, ours, x, p, k, upstream, torch.float32, ungated=trainer == "sparsify")
     if trainer == "sparsify":
         xc, pc = x.cpu(), {n: t.cpu() for n, t in p.items()}  # the tests run sparsify on CPU tensors
@@ -264,7 +268,9 @@ def test_rows_with_fewer_than_k_positive_preactivations(fs, device, trainer):
         share = sparsify_ungated_share(pc, xc, TRAINERS[trainer][0](pc, xc, k)[3]["_run"], up)[0]
         assert share["encoder.weight"].abs().max() > 1e-3, "the draw should exercise sparsify's ungated slots"
     # fire_counts counts a latent only where it fired (value > 0), not the zero-valued slots.
-    fired = torch.bincount(step.indices.reshape(-1), weights=(step.vals > 0).reshape(-1).double(), minlength=F).long()
+    fired = torch.bincount(
+        step.code.indices.reshape(-1), weights=(step.code.vals > 0).reshape(-1).double(), minlength=F
+    ).long()
     assert torch.equal(step.fire_counts, fired)
     assert int(step.fire_counts.sum()) < B * k
 

@@ -101,12 +101,12 @@ def test_training_fp32_follows_reference(fs, device):
     log_f, log_r = train(flash, data, torch.float32), train(ref, data, torch.float32)
 
     for step, (a, b) in enumerate(zip(log_f, log_r)):
-        assert torch.equal(a.indices, b.indices), f"step {step}: the selections parted (a near-tie flipped?)"
+        assert torch.equal(a.code.indices, b.code.indices), f"step {step}: the selections parted (a near-tie flipped?)"
         assert torch.equal(a.fire_counts, b.fire_counts), f"step {step}: fire counts differ"
         bound = 1e-5 if step == 0 else 1e-4
         assert relative(a.loss.double(), b.loss.double()) < bound, f"step {step}: loss {a.loss} vs {b.loss}"
         assert relative(a.fvu.double(), b.fvu.double()) < bound, f"step {step}: fvu {a.fvu} vs {b.fvu}"
-        assert torch.allclose(a.vals, b.vals, rtol=1e-4, atol=1e-6), f"step {step}: code values differ"
+        assert torch.allclose(a.code.vals, b.code.vals, rtol=1e-4, atol=1e-6), f"step {step}: code values differ"
 
     assert_loss_goes_down(losses(log_f), "flash-sae fp32")
     assert_loss_goes_down(losses(log_r), "reference fp32")
@@ -127,9 +127,9 @@ def test_training_bf16_tracks_fp32_like_torch_bf16(fs, device):
     # Step 0: identical bf16 weights and the same GEMM give the same code; loss and FVU by the parity rule
     # against fp64 at that code (the reference's bf16 loss is itself rounded to bf16).
     a, b = log_f[0], log_r[0]
-    assert torch.equal(a.indices, b.indices) and torch.equal(a.fire_counts, b.fire_counts)
+    assert torch.equal(a.code.indices, b.code.indices) and torch.equal(a.fire_counts, b.fire_counts)
     x0 = data[:B].to(torch.bfloat16).double()
-    exact = fs.testing.reference.topk_sae_step(x0, *init64, K, indices=a.indices)
+    exact = fs.testing.reference.topk_sae_step(x0, *init64, K, indices=a.code.indices)
     assert_parity("step-0 loss", a.loss, b.loss, exact.loss, torch.bfloat16)
     assert_parity("step-0 fvu", a.fvu, b.fvu, exact.fvu, torch.bfloat16)
 

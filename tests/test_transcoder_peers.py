@@ -36,7 +36,7 @@ def test_topk_transcoder_matches_sparsify(fs, dtype):
     our_grads = torch.autograd.grad(ours.loss * (B * D) / total_variance, ours_params)
 
     theirs_sorted = theirs.latent_indices.sort(dim=1).values
-    assert torch.equal(ours.indices.sort(dim=1).values, theirs_sorted), "a different selection"
+    assert torch.equal(ours.code.indices.sort(dim=1).values, theirs_sorted), "a different selection"
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours.fvu, theirs.fvu.float(), rtol=tol, atol=0)
     for name, a, b in zip(("W_enc", "b_enc", "W_dec", "b_dec"), our_grads, their_grads):

@@ -39,10 +39,10 @@ def _problem(shape, dtype, device, seed):
 
 def _code_rows(out, B):
     """Per row, the selected latent ids (a [B, K] code, or the variable-length one)."""
-    if out.indices.ndim == 2:
-        return [out.indices[b] for b in range(B)]
-    offsets = out.row_offsets.tolist()
-    return [out.indices[offsets[b] : offsets[b + 1]] for b in range(B)]
+    if out.code.indices.ndim == 2:
+        return [out.code.indices[b] for b in range(B)]
+    offsets = out.code.row_offsets.tolist()
+    return [out.code.indices[offsets[b] : offsets[b + 1]] for b in range(B)]
 
 
 def _reference_loss(x, W_enc, b_enc, W_dec, b_dec, target, rows, round_preacts=None):
@@ -139,7 +139,7 @@ def test_target_equal_to_x_matches_the_sae_step_with_a_dead_loss(fs, device, ste
     dead_mask = torch.zeros(F, dtype=torch.bool, device=device)
     dead_mask[::3] = True
     params = (W_enc, b_enc, W_dec)
-    kw = dict(dead_mask=dead_mask, dead_loss=dead_loss, k_aux=4)
+    kw = dict(dead_loss=fs.DeadLatentLoss(dead_mask, kind=dead_loss, k_aux=4))
 
     x_sae = x.clone().requires_grad_()
     sae = getattr(fs, step)(x_sae, W_enc, b_enc, W_dec, b_dec, K, **kw)
@@ -149,9 +149,10 @@ def test_target_equal_to_x_matches_the_sae_step_with_a_dead_loss(fs, device, ste
     tc = getattr(fs, step)(x_t, W_enc, b_enc, W_dec, b_dec, K, target=y_t, **kw)
     g_tc = torch.autograd.grad(tc.loss, (x_t, y_t, *params))
 
-    assert torch.equal(sae.indices, tc.indices) and torch.equal(sae.fire_counts, tc.fire_counts)
-    for what in ("loss", "aux_loss", "fvu", "vals"):
+    assert torch.equal(sae.code.indices, tc.code.indices) and torch.equal(sae.fire_counts, tc.fire_counts)
+    for what in ("loss", "aux_loss", "fvu", "mse", "l0"):
         torch.testing.assert_close(getattr(tc, what), getattr(sae, what), rtol=1e-5, atol=1e-6, msg=what)
+    torch.testing.assert_close(tc.code.vals, sae.code.vals, rtol=1e-5, atol=1e-6, msg="vals")
     torch.testing.assert_close(g_tc[0] + g_tc[1], g_sae[0], rtol=1e-4, atol=1e-6, msg="dx + dtarget")
     for name, a, b in zip(("W_enc", "b_enc", "W_dec"), g_tc[2:], g_sae[1:]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"d{name}")

@@ -346,7 +346,7 @@ def test_topk_steps_take_numpy_counts(fs, device):
     x, W_enc, b_enc, W_dec, b_dec = args[:5]
     want = fs.topk_sae_step(*args[:5], 3)
     got = fs.topk_sae_step(*args[:5], np.int64(3))
-    assert torch.equal(got.indices, want.indices) and torch.equal(got.loss, want.loss)
+    assert torch.equal(got.code.indices, want.code.indices) and torch.equal(got.loss, want.loss)
     assert torch.equal(
         fs.topk_encode(x, W_enc, b_enc, np.int32(3), b_dec)[1], fs.topk_encode(x, W_enc, b_enc, 3, b_dec)[1]
     )
@@ -420,8 +420,8 @@ def test_modules_take_numpy_integers(fs, device, name, kwargs):
 
 
 def test_module_dead_loss_options_take_numpy_integers(fs, device):
-    sae = fs.SparseAutoencoder(8, 16, 2, dead_loss="auxk", k_aux=np.int64(3), dead_capacity=np.int64(6),
-                               device=device, dead_window_tokens=1)  # fmt: skip
+    dead_loss = fs.DeadLatentLoss(k_aux=np.int64(3), capacity=np.int64(6))
+    sae = fs.SparseAutoencoder(8, 16, 2, dead_loss=dead_loss, device=device, dead_window_tokens=1)
     x = torch.randn(4, 8, device=device)
     sae.loss(x)
     assert torch.isfinite(sae.loss(x).aux_loss)

@@ -54,12 +54,12 @@ def test_varlen_sae_loss_on_the_steps_codes(fs, device):
     params = list(make_sae(6, 33, 120, 1, torch.float32, device, seed=4))
     x, _, _, W_dec, b_dec = params
     step = fs.batchtopk_sae_step(*params, 5.5)
-    loss = fs.varlen_sae_loss(step.vals, step.indices, step.row_offsets, W_dec, b_dec, x)
+    loss = fs.varlen_sae_loss(step.code.vals, step.code.indices, step.code.row_offsets, W_dec, b_dec, x)
     assert torch.equal(loss, step.loss)
     threshold = torch.full((120,), 0.2, device=device)
     jump = fs.jumprelu_sae_step(*params, threshold, capacity=6 * 120)
-    assert int(jump.row_offsets[-1]) < 6 * 120  # the code is padded
-    loss = fs.varlen_sae_loss(jump.vals, jump.indices, jump.row_offsets, W_dec, b_dec, x)
+    assert int(jump.code.row_offsets[-1]) < 6 * 120  # the code is padded
+    loss = fs.varlen_sae_loss(jump.code.vals, jump.code.indices, jump.code.row_offsets, W_dec, b_dec, x)
     assert torch.equal(loss, jump.mse)
 
 

@@ -145,8 +145,9 @@ STEP_RESULTS = (TopKSAEStep, BatchTopKSAEStep, MatryoshkaSAEStep, JumpReLUSAESte
 
 
 def code_l0(vals: torch.Tensor, rows: int) -> torch.Tensor:
-    """[] fp32: the entries of a code with a value > 0, per row (``rows`` rows), on the device."""
-    return (vals.detach() > 0).sum().float() / rows
+    """[] fp32: the nonzero entries of a code of ``rows`` rows, per row, on the device: its latents with a
+    value > 0 for the codes whose values are >= 0 (every selected code is relu'd). Two launches."""
+    return torch.count_nonzero(vals.detach()).div(rows, rounding_mode=None).float()
 
 
 def fire_counts(vals: torch.Tensor, indices: torch.Tensor, F: int) -> torch.Tensor:

@@ -132,10 +132,11 @@ def _head(mse, x, x_hat, counts, code, rows) -> dict:
     return dict(mse=mse.detach(), fvu=fvu, l0=l0, fire_counts=counts, code=code)
 
 
-def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None, dead_loss=None):
+def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None, dead_loss=None, aux_mask=None):
     """Encode, decode and the MSE loss of a TopK SAE, densely: the ground truth for ``topk_sae_step``.
 
-    ``dead_loss``: a ``DeadLatentLoss`` with its mask, as the step's (see ``dead_latent_loss``).
+    ``dead_loss``: a ``DeadLatentLoss`` with its mask, as the step's; ``aux_mask`` forces AuxK's
+    selection (see ``dead_latent_loss``).
     """
     vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
     x_hat = sparse_decode(vals, indices, W_dec, b_dec)
@@ -144,7 +145,7 @@ def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=
     if dead_loss is None:
         return TopKSAEStep(loss, **head)
     pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
-    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss)
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss, aux_mask=aux_mask)
     return TopKSAEStep(loss + coef * aux, **head, aux_loss=aux)
 
 
@@ -218,16 +219,14 @@ def row_offsets_of(rows, B):
     return torch.searchsorted(rows, torch.arange(B + 1, device=rows.device, dtype=rows.dtype))
 
 
-def batchtopk_sae_step(
-    x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, selection=None, round_preacts=None,
-    dead_loss=None,
-):  # fmt: skip
+def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm=False, dead_loss=None, **forced):
     """BatchTopK SAE step, densely (SAELens's formulation): the ground truth for ``batchtopk_sae_step``.
 
     acts = relu(pre * ||W_dec[f]||) (or relu(pre)); keep the int(k * B) largest over the batch;
-    decode acts / ||W_dec[f]|| (or acts) through W_dec. ``selection`` = (rows, ids) forces the code;
-    ``round_preacts``: see ``encoder_preacts``'s ``round_to``.
+    decode acts / ||W_dec[f]|| (or acts) through W_dec. ``forced``: ``selection`` = (rows, ids) forces
+    the code, ``aux_mask`` AuxK's selection; ``round_preacts``: see ``encoder_preacts``'s ``round_to``.
     """
+    selection, round_preacts = forced.get("selection"), forced.get("round_preacts")
     B, F = x.shape[0], W_enc.shape[0]
     pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
     norm = W_dec.norm(dim=1) if rescale_acts_by_decoder_norm else None
@@ -244,7 +243,7 @@ def batchtopk_sae_step(
     if dead_loss is None:
         return BatchTopKSAEStep(loss, **head, min_act=min_act)
     key_scale = norm.detach() if norm is not None else None
-    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss, key_scale=key_scale)
+    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss, key_scale=key_scale, aux_mask=forced.get("aux_mask"))
     return BatchTopKSAEStep(loss + coef * aux, **head, min_act=min_act, aux_loss=aux)
 
 
@@ -259,7 +258,7 @@ def matryoshka_batchtopk_sae_step(
     """
     B, F = x.shape[0], W_enc.shape[0]
     base = batchtopk_sae_step(
-        x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection, round_preacts=round_preacts
+        x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection=selection, round_preacts=round_preacts
     )
     rows = torch.repeat_interleave(torch.arange(B, device=x.device), base.code.row_offsets.diff())
     code = torch.zeros(B, F, dtype=base.code.vals.dtype, device=x.device).index_put(
