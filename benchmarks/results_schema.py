@@ -127,22 +127,12 @@ def _clean(v):
     return v
 
 
-def make_row(
-    benchmark: str,
-    implementation: str,
-    shape: dict,
-    *,
-    dtype=None,
-    eager_ms=None,
-    graph_ms=None,
-    peak_gib=None,
-    env: dict,
-    params: dict | None = None,
-    error=None,
-    note=None,
-    **metrics,
-) -> dict:
-    """Builds one validated row. ``env`` holds gpu, torch, triton, commit, date (see ``environment``)."""
+def make_row(benchmark: str, implementation: str, shape: dict, *, env: dict, dtype=None, params=None, **fields) -> dict:
+    """Builds one validated row. ``env`` holds gpu, torch, triton, commit, date (see ``environment``);
+    ``fields``: the timings ``eager_ms``, ``graph_ms``, ``peak_gib``, an ``error`` or a ``note``, and
+    the benchmark's own metrics (any other name)."""
+    eager_ms, graph_ms, peak_gib = (fields.pop(k, None) for k in ("eager_ms", "graph_ms", "peak_gib"))
+    error, note, metrics = fields.pop("error", None), fields.pop("note", None), fields
     row = dict(
         benchmark=benchmark,
         implementation=implementation,

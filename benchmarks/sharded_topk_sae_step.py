@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -93,7 +94,19 @@ def slowest(v: float) -> float:
     return float(t.item())
 
 
-def run_one(fs, args, F, W, R, world, latent, group, replica, name, out_dir):
+class Mesh(NamedTuple):
+    """The run's layout: W latent shards x R replicas (world ranks), this rank's latent mesh, group and replica."""
+
+    W: int
+    R: int
+    world: int
+    latent: object
+    group: object
+    replica: int
+
+
+def run_one(fs, args, F, mesh: Mesh, name, out_dir):
+    W, R, world, latent, group, replica = mesh
     B, D, k, dtype = args.B, args.D, args.k, torch.bfloat16
     f0, f1 = fs.distributed.shard_bounds(F, W, latent.get_local_rank())
     n = f1 - f0
@@ -210,7 +223,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
 
     for F in [int(f) for f in args.features.split(",")]:
-        run_one(fs, args, F, W, R, world, latent, group, replica, name, out_dir)
+        run_one(fs, args, F, Mesh(W, R, world, latent, group, replica), name, out_dir)
         dist.barrier()
     dist.destroy_process_group()
 

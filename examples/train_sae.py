@@ -76,11 +76,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# flash_sae.ARCHITECTURES' names, for the command line (parsed before the kernel loads; a test checks they agree)
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated")
-# SAELens architecture of each export; BatchTopK and Matryoshka infer with a threshold: SAELens's JumpReLU
-GRAPHABLE = ("topk", "batchtopk", "matryoshka")  # whose training step captures in a CUDA graph
-SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated",
-                "batchtopk": "jumprelu", "matryoshka": "jumprelu"}  # fmt: skip
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -387,25 +384,21 @@ class ActivationBuffer:
 # The SAE ----------------------------------------------------------------------------
 
 
+def sparsity_of(arch, args):
+    """The architecture's sparsity argument from the command line: --k, --l0-coefficient or --l1-coefficient."""
+    value = getattr(args, arch.sparsity)
+    return int(value) if arch.name == "topk" else value
+
+
 def make_sae(fs, args, D, dtype, device):
     F = args.d_sae or args.expansion * D
-    k = int(args.k) if args.arch == "topk" else args.k
-    if args.arch in ("topk", "batchtopk", "matryoshka") and not 1 <= args.k <= F:
+    arch = fs.ARCHITECTURES[args.arch]
+    if arch.sparsity == "k" and not 1 <= args.k <= F:
         raise SystemExit(f"--k must lie in [1, d_sae = {F}], got {args.k}")
-    common = dict(dtype=dtype, device=device, seed=args.seed)
-    dead = dict(dead_loss=None if args.dead_loss == "none" else args.dead_loss)
-    if args.arch == "topk":
-        return fs.SparseAutoencoder(D, F, k, **common, **dead)
-    if args.arch == "batchtopk":
-        return fs.BatchTopKSparseAutoencoder(D, F, k, **common, **dead)
-    if args.arch == "matryoshka":
-        sizes = sorted({max(1, F // 16), max(1, F // 4), F})
-        return fs.MatryoshkaBatchTopKSparseAutoencoder(D, F, k, prefix_sizes=sizes, **common)
-    if args.arch == "jumprelu":
-        return fs.JumpReLUSparseAutoencoder(D, F, l0_coefficient=args.l0_coefficient, **common)
-    if args.arch == "standard":
-        return fs.StandardSparseAutoencoder(D, F, l1_coefficient=args.l1_coefficient, **common)
-    return fs.GatedSparseAutoencoder(D, F, l1_coefficient=args.l1_coefficient, **common)
+    kwargs = dict(dtype=dtype, device=device, seed=args.seed)
+    if arch.dead_loss:
+        kwargs["dead_loss"] = None if args.dead_loss == "none" else args.dead_loss
+    return arch.build(D, F, sparsity_of(arch, args), **kwargs)
 
 
 class MasterWeights:
@@ -456,33 +449,29 @@ def set_lr(opt, lr):
             group["lr"] = lr
 
 
-def graphed_step(fs, sae, master, opt, x, arch, on):
+def graphed_step(fs, sae, master, opt, x, on):
     """``train_step`` as ``f(x)``; with ``on``, captured once in a CUDA graph (flash_sae.graph_training_step)."""
 
     def step(x):
-        return train_step(sae, master, opt, x, arch)
+        return train_step(sae, master, opt, x)
 
     if not on:
         return step
     return fs.graph_training_step(step, x, [sae] + ([master.master] if master else []), opt)
 
 
-def train_step(sae, master, opt, x, arch):
-    """One step: loss, backward, (fp32 master gradients), the TopK decoder-norm steps around Adam."""
+def train_step(sae, master, opt, x):
+    """One step: loss, backward, (fp32 master gradients), the architecture's steps around Adam."""
     sae.train()
     out = sae.loss(x)
     out.loss.backward()
     trained = master.master if master else sae
     if master:
         master.pull_grads()
-    if arch == "topk":
-        trained.remove_gradient_parallel_to_decoder_directions()
+    trained.before_optimizer_step()  # TopK: the decoder gradient's projection
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if arch == "topk":
-        trained.set_decoder_norm_to_unit_norm()
-    if master and arch == "jumprelu":
-        trained.current_threshold()  # the direct threshold's clamp at 0, on the fp32 copy the module gets
+    trained.after_optimizer_step()  # TopK: unit-norm decoder rows; JumpReLU: the threshold's clamp at 0
     if master:
         master.push()
     return out
@@ -517,12 +506,11 @@ def lr_at(step, total, args):
     return args.lr * warm * decay
 
 
-def saelens_export(sae, arch, factor, metadata=None):
+def saelens_export(sae, factor, metadata=None):
     """(tensors, cfg) in SAELens's format (the module's ``to_saelens``), the activation scaling folded in: the
     SAE reads raw activations. ``metadata``: SAELens's run fields (``run_metadata``) for ``cfg["metadata"]``."""
     metadata = {**(metadata or {}), "trained_with": "flash-sae examples/train_sae.py"}
     cfg, tensors = sae.to_saelens(activation_scale=factor, metadata=metadata)
-    assert cfg["architecture"] == SAELENS_ARCH[arch]
     return tensors, cfg
 
 
@@ -565,19 +553,21 @@ def _write_via_rename(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, sae, master, opt, args, step, factor, buffer, tokens_seen, t_elapsed, metadata=None):
+def save_checkpoint(path, sae, master, opt, args, progress, metadata=None):
+    """Writes the SAELens export (where the architecture has one) and the whole training state. ``progress``:
+    the run's step, factor (the activation scaling), buffer, tokens_seen and elapsed seconds, by name."""
     from safetensors.torch import save
 
     path.mkdir(parents=True, exist_ok=True)
-    if args.arch in SAELENS_ARCH:
-        state, cfg = saelens_export(sae, args.arch, factor, metadata)
+    if sae.saelens_architecture is not None:  # BatchTopK and Matryoshka export as SAELens's JumpReLU
+        state, cfg = saelens_export(sae, progress["factor"], metadata)
         # safetensors' save_file creates its file with mode 0600: its bytes are written here instead
         data = save({k: v.contiguous().cpu() for k, v in state.items()})
         _write_via_rename(path / "sae_weights.safetensors", lambda p: p.write_bytes(data))
         _write_via_rename(path / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=1)))
     full = {"module": sae.state_dict(), "master": master.master.state_dict() if master else None,
-            "optimizer": opt.state_dict(), "step": step, "factor": factor, "buffer": buffer.state(),
-            "tokens_seen": tokens_seen, "elapsed": t_elapsed, "args": vars(args)}  # fmt: skip
+            "optimizer": opt.state_dict(), **progress, "buffer": progress["buffer"].state(),
+            "args": vars(args)}  # fmt: skip
     _write_via_rename(path / "flash_sae_state.pt", lambda p: torch.save(full, p))
 
 
@@ -629,12 +619,8 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
 
 def plot_title(args, sae):
     """The figure's title: model, layer, architecture, F, and k (or the sparsity coefficient)."""
-    if args.arch in ("topk", "batchtopk", "matryoshka"):
-        sparsity = f"k={sae.k:g}"
-    elif args.arch == "jumprelu":
-        sparsity = f"L0 coef {args.l0_coefficient:g}"
-    else:
-        sparsity = f"L1 coef {args.l1_coefficient:g}"
+    labels = {"k": "k=", "l0_coefficient": "L0 coef ", "l1_coefficient": "L1 coef "}
+    sparsity = next(f"{label}{getattr(sae, name):g}" for name, label in labels.items() if hasattr(sae, name))
     return f"{args.model}, layer {args.layer}: {args.arch} SAE, F={sae.n_features}, {sparsity}"
 
 
@@ -689,10 +675,11 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else torch.float32
     # JumpReLU, standard and Gated size their code / pick their path on the host: not capturable
-    capturable = args.arch in GRAPHABLE
+    capturable = fs.ARCHITECTURES[args.arch].capturable
     graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and capturable)
     if graphed and (device.type != "cuda" or not capturable):  # before the model loads: a flag error is cheap
-        raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {GRAPHABLE}")
+        graphable = [name for name, arch in fs.ARCHITECTURES.items() if arch.capturable]
+        raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {graphable}")
     torch.manual_seed(args.seed)
     tok, model, causal, blocks = load_model(args.model, device, model_dtype)
     n_layers = model.config.num_hidden_layers
@@ -756,7 +743,8 @@ def main(argv=None):
 
     def checkpoint():
         elapsed = t_prev + time.perf_counter() - t0
-        save_checkpoint(ckpt_dir, sae, master, opt, args, step, factor, buffer, tokens_seen, elapsed, metadata)
+        progress = dict(step=step, factor=factor, buffer=buffer, tokens_seen=tokens_seen, elapsed=elapsed)
+        save_checkpoint(ckpt_dir, sae, master, opt, args, progress, metadata)
         saved_at.update(step=step, time=time.monotonic())
 
     # SIGINT / SIGTERM (Ctrl-C, a scheduler's kill): finish the step, checkpoint, stop
@@ -770,7 +758,7 @@ def main(argv=None):
             set_lr(opt, lr_at(step, total_steps, args))
             x = (buffer.next() * factor).to(dtype)
             if run_step is None:  # captured on the first batch (its warm-up steps are undone)
-                run_step = graphed_step(fs, sae, master, opt, x, args.arch, graphed)
+                run_step = graphed_step(fs, sae, master, opt, x, graphed)
             out = run_step(x)
             step += 1
             tokens_seen += x.shape[0]

@@ -195,7 +195,7 @@ def test_batchtopk_export_keeps_the_threshold_rule(fs, tmp_path, arch):
     sae.threshold.fill_(scaled[scaled > 0].median().item())  # about half of the positive entries fire
     sae.threshold_updates.fill_(sae.threshold_warmup_steps())  # set by hand: counts as warm (no warning)
     factor = 1.7
-    state, cfg = ts.saelens_export(sae, arch, factor)
+    state, cfg = ts.saelens_export(sae, factor)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sae_weights.safetensors"))
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path))

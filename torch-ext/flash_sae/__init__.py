@@ -14,6 +14,7 @@ plain-torch reference formulas the tests check against.
 """
 
 from . import distributed, layers, testing  # noqa: F401  (testing: the test oracles, outside __all__)
+from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
 from .modules import (
@@ -49,6 +50,8 @@ from .results import (
 )
 
 __all__ = [
+    "ARCHITECTURES",
+    "Architecture",
     "STEP_FIELDS",
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
@@ -73,6 +76,7 @@ __all__ = [
     "distributed",
     "layers",
     "matryoshka_batchtopk_sae_step",
+    "register_architecture",
     "matryoshka_topk_sae_step",
     "sparse_decode",
     "standard_sae_step",

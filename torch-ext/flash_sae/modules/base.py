@@ -261,6 +261,15 @@ class SAEBase(nn.Module):
         g -= (g * w).sum(1, keepdim=True) * w / w.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
         self.W_dec.grad.copy_(g.to(self.W_dec.grad.dtype))
 
+    def before_optimizer_step(self) -> None:
+        """What the architecture does to the gradients before each optimizer step: nothing here (the TopK
+        SAE projects the decoder gradient, ``TopKSAEBase``). A trainer calls it on the module the
+        optimizer trains (the fp32 master copy with mixed precision)."""
+
+    def after_optimizer_step(self) -> None:
+        """What the architecture does to the parameters after each optimizer step: nothing here (the TopK
+        SAE renormalises its decoder rows; the direct JumpReLU threshold is clamped at 0)."""
+
     # SAELens's format -----------------------------------------------------------------
 
     saelens_architecture = None  # the SAELens architecture ``to_saelens`` writes (None: no export)
@@ -453,6 +462,14 @@ class TopKSAEBase(DeadLossOptions, SAEBase):
 
     saelens_architecture = "topk"
 
+    def before_optimizer_step(self) -> None:
+        """Projects out of W_dec.grad its component along each decoder row (the rows stay unit-norm)."""
+        self.remove_gradient_parallel_to_decoder_directions()
+
+    def after_optimizer_step(self) -> None:
+        """Rescales the decoder rows to unit norm."""
+        self.set_decoder_norm_to_unit_norm()
+
     def _saelens_cfg_extra(self) -> dict:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
 
@@ -644,6 +661,12 @@ class JumpReLUSAEBase(SAELensInitBase):
             self.log_threshold.copy_(theta.log())
         else:
             self.threshold.copy_(theta)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """The direct threshold clamped at 0 (what ``current_threshold`` does before each step)."""
+        if self.threshold_parameterization == "direct":
+            self.threshold.clamp_(min=0.0)
 
     def current_threshold(self) -> torch.Tensor:
         """theta [F] fp32, differentiable in the threshold's parameter."""

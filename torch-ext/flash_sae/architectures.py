@@ -1,0 +1,116 @@
+"""The architecture registry: every SAE architecture flash-sae trains, by name, with what a trainer needs.
+
+Trainers, benchmarks and tests iterate ``ARCHITECTURES`` instead of branching on names: a new
+architecture is its module, its step and one ``register_architecture`` call here.
+
+    arch = ARCHITECTURES["jumprelu"]
+    sae = arch.build(d_model, n_features, sparsity=1e-3, dtype=torch.bfloat16, device="cuda")
+    step = sae.loss(x)            # an ``arch.result``, ``STEP_FIELDS`` first
+"""
+
+import dataclasses
+from typing import Callable
+
+from .modules import (
+    BatchTopKSparseAutoencoder,
+    GatedSparseAutoencoder,
+    JumpReLUSparseAutoencoder,
+    MatryoshkaBatchTopKSparseAutoencoder,
+    SparseAutoencoder,
+    StandardSparseAutoencoder,
+)
+from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
+from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
+from .ops.gated.gated_sae_step import gated_sae_step
+from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
+from .ops.standard.standard_sae_step import standard_sae_step
+from .ops.topk.topk_sae_step import topk_sae_step
+from .results import (
+    BatchTopKSAEStep,
+    GatedSAEStep,
+    JumpReLUSAEStep,
+    MatryoshkaSAEStep,
+    StandardSAEStep,
+    TopKSAEStep,
+)
+
+
+def no_extra(d_model: int, n_features: int) -> dict:
+    return {}
+
+
+def matryoshka_extra(d_model: int, n_features: int) -> dict:
+    """Three nested levels, F/16, F/4 and F (each at least 1)."""
+    return {"prefix_sizes": sorted({max(1, n_features // 16), max(1, n_features // 4), n_features})}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One SAE architecture.
+
+    Attributes:
+        name: the registry key (and ``examples/train_sae.py``'s ``--arch``).
+        module: the ``nn.Module`` class; ``module.loss(x)`` is the fused training step.
+        step: the step function the module calls.
+        result: what the step returns (``results.STEP_FIELDS`` first).
+        sparsity: the constructor keyword that sets the sparsity: ``"k"`` (positional, after
+            ``n_features``), ``"l0_coefficient"`` or ``"l1_coefficient"``.
+        capturable: whether ``module.loss`` runs without a host sync or host-side sizing, so a
+            training step captures in a CUDA graph (``graph_training_step``).
+        dead_loss: whether the module takes ``dead_loss`` (AuxK, ghost grads).
+        extra: the constructor's other required arguments for an [F, D] dictionary (a default).
+    """
+
+    name: str
+    module: type
+    step: Callable
+    result: type
+    sparsity: str
+    capturable: bool
+    dead_loss: bool
+    extra: Callable[[int, int], dict] = no_extra
+
+    def build(self, d_model: int, n_features: int, sparsity, **kwargs):
+        """The module with ``sparsity`` as its sparsity argument, ``extra``'s defaults and ``kwargs``
+        (``dtype``, ``device``, ``seed``, ...; they override the defaults)."""
+        kwargs = {**self.extra(d_model, n_features), **kwargs}
+        if self.sparsity == "k":
+            return self.module(d_model, n_features, sparsity, **kwargs)
+        return self.module(d_model, n_features, **{self.sparsity: sparsity}, **kwargs)
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(arch: Architecture) -> Architecture:
+    """Adds ``arch`` to ``ARCHITECTURES`` (a name taken twice is a ValueError)."""
+    if not isinstance(arch, Architecture):
+        raise ValueError(f"arch must be an Architecture, got {type(arch).__name__}")
+    if arch.name in ARCHITECTURES:
+        raise ValueError(f"arch.name {arch.name!r} is registered already")
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+for _arch in (
+    Architecture("topk", SparseAutoencoder, topk_sae_step, TopKSAEStep, "k", True, True),
+    Architecture("batchtopk", BatchTopKSparseAutoencoder, batchtopk_sae_step, BatchTopKSAEStep, "k", True, True),
+    Architecture(
+        "matryoshka",
+        MatryoshkaBatchTopKSparseAutoencoder,
+        matryoshka_batchtopk_sae_step,
+        MatryoshkaSAEStep,
+        "k",
+        True,
+        False,
+        matryoshka_extra,
+    ),  # fmt: skip
+    Architecture(
+        "jumprelu", JumpReLUSparseAutoencoder, jumprelu_sae_step, JumpReLUSAEStep, "l0_coefficient", False, False
+    ),  # fmt: skip
+    Architecture(
+        "standard", StandardSparseAutoencoder, standard_sae_step, StandardSAEStep, "l1_coefficient", False, False
+    ),  # fmt: skip
+    Architecture("gated", GatedSparseAutoencoder, gated_sae_step, GatedSAEStep, "l1_coefficient", False, False),
+):
+    register_architecture(_arch)
