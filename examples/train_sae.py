@@ -76,8 +76,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# flash_sae.ARCHITECTURES' names, for the command line (parsed before the kernel loads; a test checks they agree)
-ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -110,7 +108,7 @@ def parse_args(argv=None):
     a("--dataset", default="Skylion007/openwebtext", help="datasets id, 'pydoc' (offline) or a .txt file")
     a("--text-column", default="text")
     a("--context-size", type=int, default=128)
-    a("--arch", choices=ARCHS, default="topk")
+    a("--arch", choices=sorted(load_flash_sae().ARCHITECTURES), default="topk", help="flash_sae.ARCHITECTURES")
     a("--d-sae", type=int, default=None, help="latents (default: expansion x the model's width)")
     a("--expansion", type=int, default=32)
     a("--k", type=float, default=32, help="active latents per row (TopK, BatchTopK, Matryoshka)")

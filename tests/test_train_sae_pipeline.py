@@ -71,7 +71,7 @@ def check_checkpoint(fs, ts, ckpt, arch, x_raw):
         want = trained(x_raw * factor) / factor
     sae_lens = require("sae_lens")
     theirs = sae_lens.SAE.load_from_disk(str(ckpt))
-    assert theirs.cfg.architecture() == ts.SAELENS_ARCH[arch]
+    assert theirs.cfg.architecture() == trained.saelens_architecture
     with torch.no_grad():
         torch.testing.assert_close(theirs(x_raw), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     back = ts.load_saelens_checkpoint(fs, ckpt).eval()  # and back into flash-sae from SAELens's files

@@ -446,7 +446,19 @@ class DeadLossOptions:
         super()._after_step(step, rows)
 
 
-class TopKSAEBase(DeadLossOptions, SAEBase):
+class UnitNormDecoder:
+    """Decoder rows kept at unit norm through training (mixin for ``SAEBase`` subclasses): before each
+    optimizer step the decoder gradient's component along each row is projected out, after it the
+    rows are rescaled to unit norm."""
+
+    def before_optimizer_step(self) -> None:
+        self.remove_gradient_parallel_to_decoder_directions()
+
+    def after_optimizer_step(self) -> None:
+        self.set_decoder_norm_to_unit_norm()
+
+
+class TopKSAEBase(UnitNormDecoder, DeadLossOptions, SAEBase):
     """A TopK SAE's parameters (``SAEBase``, normal unit-norm init) and its per-row ``k``.
 
     Subclasses define ``encode(x) -> (vals, indices)``, ``decode(vals, indices) -> x_hat``
@@ -461,14 +473,6 @@ class TopKSAEBase(DeadLossOptions, SAEBase):
         self._set_dead_loss(dead_loss)
 
     saelens_architecture = "topk"
-
-    def before_optimizer_step(self) -> None:
-        """Projects out of W_dec.grad its component along each decoder row (the rows stay unit-norm)."""
-        self.remove_gradient_parallel_to_decoder_directions()
-
-    def after_optimizer_step(self) -> None:
-        """Rescales the decoder rows to unit norm."""
-        self.set_decoder_norm_to_unit_norm()
 
     def _saelens_cfg_extra(self) -> dict:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
