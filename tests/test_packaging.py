@@ -152,38 +152,44 @@ def test_import_rules():
 
 @pytest.mark.kernels_ci
 def test_public_api(fs):
-    assert sorted(fs.__all__) == [
-        "BatchTopKSAEStep",
-        "BatchTopKSparseAutoencoder",
-        "GatedSAEStep",
-        "GatedSparseAutoencoder",
-        "JumpReLUSAEStep",
-        "JumpReLUSparseAutoencoder",
-        "MatryoshkaBatchTopKSparseAutoencoder",
-        "MatryoshkaSAEStep",
-        "SparseAutoencoder",
-        "StandardSAEStep",
-        "StandardSparseAutoencoder",
-        "TopKSAEStep",
-        "batchtopk_sae_step",
-        "distributed",
-        "gated_sae_step",
-        "gated_sae_step_dense",
-        "graph_training_step",
-        "hierarchical_topk_sae_loss",
-        "jumprelu_sae_step",
-        "layers",
-        "matryoshka_batchtopk_sae_step",
-        "matryoshka_topk_sae_step",
-        "sparse_decode",
-        "standard_sae_step",
-        "standard_sae_step_dense",
-        "topk_encode",
-        "topk_sae_loss",
-        "topk_sae_step",
-        "varlen_sae_loss",
-        "varlen_sparse_decode",
-    ]
+    """``__all__``: the names below and every registered architecture's module (a new architecture's module is
+    exported with its registration)."""
+    modules = [arch.module.__name__ for arch in fs.ARCHITECTURES.values()]
+    assert sorted(fs.__all__) == sorted(
+        modules
+        + [
+            "ARCHITECTURES",
+            "Architecture",
+            "BatchTopKSAEStep",
+            "DeadLatentLoss",
+            "GatedSAEStep",
+            "JumpReLUSAEStep",
+            "MatryoshkaSAEStep",
+            "STEP_FIELDS",
+            "SparseCode",
+            "StandardSAEStep",
+            "TopKSAEStep",
+            "batchtopk_sae_step",
+            "distributed",
+            "gated_sae_step",
+            "gated_sae_step_dense",
+            "graph_training_step",
+            "hierarchical_topk_sae_loss",
+            "jumprelu_sae_step",
+            "layers",
+            "matryoshka_batchtopk_sae_step",
+            "matryoshka_topk_sae_step",
+            "register_architecture",
+            "sparse_decode",
+            "standard_sae_step",
+            "standard_sae_step_dense",
+            "topk_encode",
+            "topk_sae_loss",
+            "topk_sae_step",
+            "varlen_sae_loss",
+            "varlen_sparse_decode",
+        ]
+    )
     for name in fs.__all__:
         assert getattr(fs, name).__doc__, f"{name} has no docstring"
 

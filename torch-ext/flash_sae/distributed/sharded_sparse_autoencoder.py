@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .._validation import check_int
 from ..modules._geometry import FusedDecoderGeometry
-from ..modules.base import SAEBase
+from ..modules.base import SAEBase, UnitNormDecoder
 from ..results import TopKSAEStep
 from .layout import LatentLayout, check_shardable, shard_bounds
 from .sharded_topk_sae_step import sharded_decode, sharded_topk_encode, sharded_topk_sae_step
@@ -29,7 +29,7 @@ SHARDED = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")  # [F, ...] tensors,
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # optimizer state shaped as its parameter
 
 
-class ShardedSparseAutoencoder(FusedDecoderGeometry, SAEBase):
+class ShardedSparseAutoencoder(UnitNormDecoder, FusedDecoderGeometry, SAEBase):
     """A TopK SAE (``SparseAutoencoder``'s parameters and math) whose F latents are split over ranks.
 
     Args:
