@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 SPARSITY = {"k": 3, "l0_coefficient": 1e-3, "l1_coefficient": 1e-3}
 
 
-@pytest.fixture(params=["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated"])
+@pytest.fixture(params=["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated", "vanilla"])
 def arch(fs, request):
     return fs.ARCHITECTURES[request.param]
 
@@ -57,7 +57,7 @@ def test_module_step_returns_the_common_layout(fs, device, arch):
         assert float(step.l0) == pytest.approx(float((dense > 0).sum()) / B), "l0 is not the code's per-row count"
     if arch.dead_loss:
         assert step.aux_loss is not None and torch.isfinite(step.aux_loss)
-    if arch.sparsity == "k" and arch.name == "topk":  # the optimizer hooks keep the decoder rows unit-norm
+    if arch.name in ("topk", "vanilla"):  # the optimizer hooks keep the decoder rows unit-norm
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F, device=device))
 
 
@@ -72,3 +72,42 @@ def test_register_architecture_rejects_duplicates(fs):
         fs.register_architecture(fs.ARCHITECTURES["topk"])
     with pytest.raises(ValueError, match="arch"):
         fs.register_architecture("topk")
+
+
+def vanilla_sgd_step(params, x, l1, lr):
+    """One SGD step of the Towards Monosemanticity SAE in plain torch: MSE summed over D, mean over B, plus
+    l1 * mean over B of ||f||_1; the decoder gradient's component along each row projected out; the rows
+    rescaled to unit norm."""
+    W_enc, b_enc, W_dec, b_dec = params
+    f = torch.relu((x - b_dec) @ W_enc.T + b_enc)
+    loss = (f @ W_dec + b_dec - x).pow(2).sum(1).mean() + l1 * f.abs().sum(1).mean()
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        u = W_dec / W_dec.norm(dim=1, keepdim=True)
+        g_dec = grads[2] - (grads[2] * u).sum(1, keepdim=True) * u
+        new = [p - lr * g for p, g in zip(params, (grads[0], grads[1], g_dec, grads[3]))]
+        new[2] = new[2] / new[2].norm(dim=1, keepdim=True)
+    return loss, [p.requires_grad_() for p in new]
+
+
+@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense", "sparse"])
+def test_vanilla_trains_as_the_plain_l1_sae(fs, device, dense_above):
+    """The vanilla module (the standard step, norm-weighted penalty, + the unit-norm rule) trains exactly as
+    the plain-L1 SAE with unit-norm decoder rows, on the dense and the sparse path."""
+    B, D, F, l1, lr = 16, 10, 40, 0.05, 0.05
+    sae = fs.VanillaSparseAutoencoder(D, F, l1_coefficient=l1, seed=3, device=device, dense_above=dense_above)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(4)).to(device)
+    params = [p.detach().double().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    opt = torch.optim.SGD(sae.parameters(), lr=lr)
+    for step in range(4):
+        ours = sae.loss(x)
+        want, params = vanilla_sgd_step(params, x.double(), l1, lr)
+        torch.testing.assert_close(ours.loss.double(), want.detach(), rtol=1e-5, atol=1e-6, msg=f"loss, step {step}")
+        ours.loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        opt.zero_grad()
+        sae.after_optimizer_step()
+        for name, got, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.parameters(), params):
+            torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-4, atol=1e-5, msg=f"{name}, step {step}")
+    assert sae.last_path == ("dense" if dense_above == 0.0 else "sparse")

@@ -24,6 +24,7 @@ from .modules import (
     MatryoshkaBatchTopKSparseAutoencoder,
     SparseAutoencoder,
     StandardSparseAutoencoder,
+    VanillaSparseAutoencoder,
 )
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
@@ -67,6 +68,7 @@ __all__ = [
     "StandardSAEStep",
     "StandardSparseAutoencoder",
     "TopKSAEStep",
+    "VanillaSparseAutoencoder",
     "batchtopk_sae_step",
     "gated_sae_step",
     "gated_sae_step_dense",

@@ -18,6 +18,7 @@ from .modules import (
     MatryoshkaBatchTopKSparseAutoencoder,
     SparseAutoencoder,
     StandardSparseAutoencoder,
+    VanillaSparseAutoencoder,
 )
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
@@ -112,5 +113,8 @@ for _arch in (
         "standard", StandardSparseAutoencoder, standard_sae_step, StandardSAEStep, "l1_coefficient", False, False
     ),  # fmt: skip
     Architecture("gated", GatedSparseAutoencoder, gated_sae_step, GatedSAEStep, "l1_coefficient", False, False),
+    Architecture(
+        "vanilla", VanillaSparseAutoencoder, standard_sae_step, StandardSAEStep, "l1_coefficient", False, False
+    ),  # fmt: skip
 ):
     register_architecture(_arch)

@@ -1,6 +1,6 @@
 """``nn.Module``s over the ops, and their shared bases: ``SparseAutoencoder`` (TopK),
 ``BatchTopKSparseAutoencoder``, ``MatryoshkaBatchTopKSparseAutoencoder``, ``JumpReLUSparseAutoencoder``,
-``StandardSparseAutoencoder``, ``GatedSparseAutoencoder``."""
+``StandardSparseAutoencoder``, ``VanillaSparseAutoencoder``, ``GatedSparseAutoencoder``."""
 
 from .base import (
     BatchTopKSAEBase,
@@ -16,7 +16,7 @@ from .batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAuto
 from .gated import GatedSparseAutoencoder
 from .jumprelu import JumpReLUSparseAutoencoder
 from .sparse_autoencoder import SparseAutoencoder
-from .standard import StandardSparseAutoencoder
+from .standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
 
 __all__ = [
     "BatchTopKSAEBase",
@@ -33,4 +33,5 @@ __all__ = [
     "StandardSAEBase",
     "StandardSparseAutoencoder",
     "TopKSAEBase",
+    "VanillaSparseAutoencoder",
 ]

@@ -21,7 +21,7 @@ from ..primitives.select import threshold_preacts
 from ..results import StandardSAEStep
 from ._capacity import DenseSwitch
 from ._geometry import FusedDecoderGeometry
-from .base import StandardSAEBase
+from .base import StandardSAEBase, UnitNormDecoder
 from .batchtopk import decode_code
 
 # Active latents per row, as a fraction of F, above which the dense formulation is faster: on an H100 in
@@ -80,3 +80,20 @@ class StandardSparseAutoencoder(DenseSwitch, FusedDecoderGeometry, StandardSAEBa
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a variable-length code."""
         return decode_code(self, vals, indices, row_offsets)
+
+
+class VanillaSparseAutoencoder(UnitNormDecoder, StandardSparseAutoencoder):
+    """The ReLU SAE of "Towards Monosemanticity" (Bricken et al. 2023): an L1 penalty on the code and
+    decoder rows held at unit norm.
+
+    Composed, not computed anew: the standard SAE's step, whose penalty weights each latent by
+    ||W_dec[f]||, is the plain L1 penalty while every row has unit norm; the penalty's decoder
+    gradient lies along each row, so the projection ``before_optimizer_step`` applies
+    (``UnitNormDecoder``) removes it, and ``after_optimizer_step`` puts the rows back on the unit
+    sphere. Call both around ``optimizer.step()``.
+
+    Args: as ``StandardSparseAutoencoder``; ``decoder_init_norm`` defaults to 1 (unit rows from the start).
+    """
+
+    def __init__(self, d_model, n_features, *, decoder_init_norm=1.0, **kwargs):
+        super().__init__(d_model, n_features, decoder_init_norm=decoder_init_norm, **kwargs)
