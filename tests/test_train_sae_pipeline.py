@@ -302,7 +302,7 @@ def test_checkpoint_every_n_minutes(fs, tmp_path, monkeypatch):
     ts = tiny_script()
     saved = []
     save = ts.save_checkpoint
-    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: (saved.append(a[5]), save(*a, **k)))
+    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: (saved.append(a[5]["step"]), save(*a, **k)))
     ts.main([*TINY, "--tokens", "240", "--eval-every", "100", "--checkpoint-minutes", "1e-9", "--out", str(tmp_path)])
     assert saved == [1, 2, 3, 4, 5]  # every step (the interval passed), the last one at the final evaluation
     saved.clear()
