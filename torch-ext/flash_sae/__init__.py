@@ -17,15 +17,11 @@ from . import distributed, layers, testing  # noqa: F401  (testing: the test ora
 from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
-from .modules import (
-    BatchTopKSparseAutoencoder,
-    GatedSparseAutoencoder,
-    JumpReLUSparseAutoencoder,
-    MatryoshkaBatchTopKSparseAutoencoder,
-    SparseAutoencoder,
-    StandardSparseAutoencoder,
-    VanillaSparseAutoencoder,
-)
+from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
+from .modules.gated import GatedSparseAutoencoder
+from .modules.jumprelu import JumpReLUSparseAutoencoder
+from .modules.sparse_autoencoder import SparseAutoencoder
+from .modules.standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss

@@ -11,15 +11,11 @@ architecture is its module, its step and one ``register_architecture`` call here
 import dataclasses
 from typing import Callable
 
-from .modules import (
-    BatchTopKSparseAutoencoder,
-    GatedSparseAutoencoder,
-    JumpReLUSparseAutoencoder,
-    MatryoshkaBatchTopKSparseAutoencoder,
-    SparseAutoencoder,
-    StandardSparseAutoencoder,
-    VanillaSparseAutoencoder,
-)
+from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
+from .modules.gated import GatedSparseAutoencoder
+from .modules.jumprelu import JumpReLUSparseAutoencoder
+from .modules.sparse_autoencoder import SparseAutoencoder
+from .modules.standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
 from .ops.gated.gated_sae_step import gated_sae_step

@@ -1,37 +1,5 @@
-"""``nn.Module``s over the ops, and their shared bases: ``SparseAutoencoder`` (TopK),
-``BatchTopKSparseAutoencoder``, ``MatryoshkaBatchTopKSparseAutoencoder``, ``JumpReLUSparseAutoencoder``,
-``StandardSparseAutoencoder``, ``VanillaSparseAutoencoder``, ``GatedSparseAutoencoder``."""
-
-from .base import (
-    BatchTopKSAEBase,
-    GatedSAEBase,
-    JumpReLUSAEBase,
-    MatryoshkaSAEBase,
-    SAEBase,
-    SAELensInitBase,
-    StandardSAEBase,
-    TopKSAEBase,
-)
-from .batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
-from .gated import GatedSparseAutoencoder
-from .jumprelu import JumpReLUSparseAutoencoder
-from .sparse_autoencoder import SparseAutoencoder
-from .standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
-
-__all__ = [
-    "BatchTopKSAEBase",
-    "BatchTopKSparseAutoencoder",
-    "GatedSAEBase",
-    "GatedSparseAutoencoder",
-    "JumpReLUSAEBase",
-    "JumpReLUSparseAutoencoder",
-    "MatryoshkaBatchTopKSparseAutoencoder",
-    "MatryoshkaSAEBase",
-    "SAEBase",
-    "SAELensInitBase",
-    "SparseAutoencoder",
-    "StandardSAEBase",
-    "StandardSparseAutoencoder",
-    "TopKSAEBase",
-    "VanillaSparseAutoencoder",
-]
+"""``nn.Module``s over the ops, one file per family (``sparse_autoencoder``: TopK; ``batchtopk``: BatchTopK and
+Matryoshka; ``jumprelu``; ``standard``: standard and vanilla; ``gated``), and what they share: ``base`` (parameters,
+initialisation, the template ``loss``, dead latents, the SAELens format), ``_capacity`` (code sizes learned
+without a host sync) and ``_geometry`` (the fused decoder-norm steps). The package exports each module from
+``flash_sae``; ``flash_sae.ARCHITECTURES`` lists them with their steps."""
