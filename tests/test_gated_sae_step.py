@@ -54,7 +54,7 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
     kw = dict(l1_coefficient=l1_coefficient, freeze_aux_decoder=freeze)
     if dense:
         out = fs.gated_sae_step_dense(*params, **kw)
-        assert out.code.vals is None and not bool(out.overflow)
+        assert out.code is None and not bool(out.overflow)
     else:
         out = fs.gated_sae_step(*params, capacity=B * F, **kw)
         assert not bool(out.overflow)

@@ -110,7 +110,7 @@ def test_standard_dense_formulation(fs, device, dtype, shape):
     params = list(make_sae(B, D, F, 1, dtype, device, seed=B + F))
     active = active_mask(fs, params)
     out = fs.standard_sae_step_dense(*params, l1_coefficient=0.4)
-    assert out.code.vals is None and not bool(out.overflow) and int(out.count) == int(active.sum())
+    assert out.code is None and not bool(out.overflow) and int(out.count) == int(active.sum())
     assert torch.equal(out.fire_counts, active.sum(0))
     up = step_upstream(7).to(device)
     ours = grads(out.loss, params, up)
