@@ -417,7 +417,7 @@ class _DenseStep(torch.autograd.Function):
         else:  # a transcoder: x only feeds the encoder; the target gets both reconstructions' gradients
             dx = dxc.to(dtype)
             db_dec32 = d_xhat32.sum(0)
-            if ctx.needs_input_grad[8]:
+            if ctx.needs_input_grad[7]:
                 dtarget = (-(d_xhat32 + d_aux32)).to(ctx.target_dtype)
         if not ctx.freeze:
             db_dec32 = db_dec32 + d_aux32.sum(0)
