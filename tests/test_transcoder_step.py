@@ -5,7 +5,15 @@ Checked against a plain-torch fp64 reference on the code the step selected (the 
 checked to be a top-k of the same-dtype pre-activations), every output and gradient (x, the four
 parameters and the target) under a random upstream gradient, in fp32, bf16 and fp16, by the parity
 rule of ``parity.py``; the dead-latent loss with a target against the SAE step it must equal when
-the target is x and b_dec is 0."""
+the target is x and b_dec is 0.
+
+The JumpReLU, standard (sparse and dense), Gated (sparse and dense) and both Matryoshka steps with a
+target: every output and gradient (the target's included) vs the fp64 reference (``testing.reference``
+with ``target=``) at the step's own selection, in fp32, bf16 and fp16; the SAE step recovered exactly
+from a transcoder fed x - b_dec that reconstructs target = x; bad targets, W_dec and b_dec named in
+ValueErrors; opcheck of each registered op with a target."""
+
+import sys
 
 import pytest
 import torch
@@ -390,3 +398,35 @@ def test_family_target_is_validated_by_name(fs, device, step):
     # without a target the decoder must have W_enc's shape, as before
     with pytest.raises(ValueError, match="W_dec must have W_enc's shape"):
         run(target=None, b_dec=torch.zeros(shape[3], device=device))
+
+
+def _op_inputs(step, tensors, names, K):
+    """The registered op's inputs by name, for a transcoder problem."""
+    B, F = tensors[0].shape[0], tensors[1].shape[0]
+    named = {n: t.detach() for n, t in zip(names, tensors)}
+    if step == "jumprelu":
+        return dict(named, bandwidth=BANDWIDTH, l0_coefficient=L0_COEF, capacity=B * F)
+    if step in ("standard", "gated"):
+        extra = dict(freeze_aux_decoder=False) if step == "gated" else {}
+        return dict(named, l1_coefficient=L1_COEF, capacity=B * F, **extra)
+    if step == "matryoshka_topk":
+        return dict(named, k=K, prefix_sizes=_sizes(F))
+    return dict(named, n=K * B, prefix_sizes=_sizes(F), rescale_acts_by_decoder_norm=True)
+
+
+@pytest.mark.parametrize("step", ("jumprelu", "standard", "gated", "matryoshka_topk", "matryoshka_batchtopk"))
+def test_family_transcoder_opcheck(fs, device, step):
+    """The registered op and its backward with a target: fakes, schema and autograd agree (opcheck), the
+    target's gradient needed or not."""
+    registry = sys.modules[fs.__name__ + "._registry"]
+    op = registry.REGISTERED[step + "_sae_step"]
+    tensors, names = _family_problem(step, (4, 3, 13, 7, 5), torch.float32, device, 11)
+    inputs = _op_inputs(step, tensors, names, 3)
+    args = tuple(inputs[n] for n in op.inputs)
+    torch.library.opcheck(op.op, args)
+    named = dict(zip(op.outputs, op.op(*args)))
+    grads_ = [torch.full_like(named[n], 0.7) for n in op.differentiable]
+    saved = [inputs[n] if n in inputs else named[n] for n in op.saved]
+    for need_target in (True, False):
+        needs = [n != "target" or need_target for n in op.grad_inputs]
+        torch.library.opcheck(op.backward_op, (*grads_, *saved, needs))
