@@ -91,13 +91,14 @@ def _steps(fs, dtype, device):
          dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=False, **_dead(fs, device, "auxk"))),
         ("batchtopk transcoder", "batchtopk_sae_step",
          dict(transcoder, n=30, rescale_acts_by_decoder_norm=True, **_dead(fs, device, None, False))),
-        ("matryoshka topk", "matryoshka_topk_sae_step", dict(sae, k=4, prefix_sizes=sizes)),
+        ("matryoshka topk", "matryoshka_topk_sae_step", dict(sae, **no_target, k=4, prefix_sizes=sizes)),
         ("matryoshka batchtopk", "matryoshka_batchtopk_sae_step",
-         dict(sae, n=30, prefix_sizes=sizes, rescale_acts_by_decoder_norm=True)),
+         dict(sae, **no_target, n=30, prefix_sizes=sizes, rescale_acts_by_decoder_norm=True)),
         ("jumprelu", "jumprelu_sae_step",
-         dict(sae, threshold=threshold, bandwidth=0.1, l0_coefficient=0.5, capacity=B * F)),
-        ("standard", "standard_sae_step", dict(sae, l1_coefficient=0.5, capacity=B * F)),
-        ("gated", "gated_sae_step", dict(gated, l1_coefficient=0.5, capacity=B * F, freeze_aux_decoder=True)),
+         dict(sae, **no_target, threshold=threshold, bandwidth=0.1, l0_coefficient=0.5, capacity=B * F)),
+        ("standard", "standard_sae_step", dict(sae, **no_target, l1_coefficient=0.5, capacity=B * F)),
+        ("gated", "gated_sae_step",
+         dict(gated, **no_target, l1_coefficient=0.5, capacity=B * F, freeze_aux_decoder=True)),
     ]  # fmt: skip
 
 

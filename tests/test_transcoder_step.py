@@ -5,7 +5,15 @@ Checked against a plain-torch fp64 reference on the code the step selected (the 
 checked to be a top-k of the same-dtype pre-activations), every output and gradient (x, the four
 parameters and the target) under a random upstream gradient, in fp32, bf16 and fp16, by the parity
 rule of ``parity.py``; the dead-latent loss with a target against the SAE step it must equal when
-the target is x and b_dec is 0."""
+the target is x and b_dec is 0.
+
+The JumpReLU, standard (sparse and dense), Gated (sparse and dense) and both Matryoshka steps with a
+target: every output and gradient (the target's included) vs the fp64 reference (``testing.reference``
+with ``target=``) at the step's own selection, in fp32, bf16 and fp16; the SAE step recovered exactly
+from a transcoder fed x - b_dec that reconstructs target = x; bad targets, W_dec and b_dec named in
+ValueErrors; opcheck of each registered op with a target."""
+
+import sys
 
 import pytest
 import torch
@@ -179,3 +187,246 @@ def test_target_is_validated_by_name(fs, device, step):
     # without a target the decoder must have W_enc's shape, as before
     with pytest.raises(ValueError, match="W_dec must have W_enc's shape"):
         run(x, W_enc, b_enc, W_dec, torch.zeros(D_in, device=device), K)
+
+
+# The JumpReLU, standard, Gated and Matryoshka steps with a target -----------------------------------
+
+FAMILY_STEPS = ("jumprelu", "standard", "standard_dense", "gated", "gated_dense", "matryoshka_topk",
+                "matryoshka_batchtopk")  # fmt: skip
+BANDWIDTH, L0_COEF, L1_COEF = 0.3, 0.1, 0.3
+_SAE = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def _family_problem(step, shape, dtype, device, seed):
+    """(tensors, names): the step's tensor arguments in its order (the threshold after b_dec for JumpReLU;
+    b_gate = b_enc, r_mag, b_mag for Gated), the target last."""
+    x, W_enc, b_enc, W_dec, b_dec, target = _problem(shape, dtype, device, seed)
+    F = W_enc.shape[0]
+    g = torch.Generator().manual_seed(seed + 7)
+    if step == "jumprelu":
+        threshold = (torch.rand(F, generator=g) * 0.6).to(device).requires_grad_()
+        return [x, W_enc, b_enc, W_dec, b_dec, threshold, target], (*_SAE, "threshold", "target")
+    if step.startswith("gated"):
+        r_mag = (torch.randn(F, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_()
+        b_mag = (torch.randn(F, generator=g) * 0.1).to(device=device, dtype=dtype).requires_grad_()
+        names = ("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec", "target")
+        return [x, W_enc, b_enc, r_mag, b_mag, W_dec, b_dec, target], names
+    return [x, W_enc, b_enc, W_dec, b_dec, target], (*_SAE, "target")
+
+
+def _sizes(F):
+    return sorted({max(1, F // 3), F})
+
+
+def _options(step, seed):
+    """The step's non-tensor options, drawn from the seed: Gated's freeze_aux_decoder, the rescaling."""
+    return dict(freeze=(seed // 2) % 2 == 0, rescale=seed % 3 == 0)
+
+
+def _run_family(fs, step, tensors, K, seed, target):
+    """The flash-sae step on ``tensors`` (its arguments without the target) with ``target``."""
+    B, F = tensors[0].shape[0], tensors[1].shape[0]
+    opts = _options(step, seed)
+    if step == "jumprelu":
+        return fs.jumprelu_sae_step(*tensors, capacity=B * F, bandwidth=BANDWIDTH, l0_coefficient=L0_COEF,
+                                    target=target)  # fmt: skip
+    if step == "standard":
+        return fs.standard_sae_step(*tensors, capacity=B * F, l1_coefficient=L1_COEF, target=target)
+    if step == "standard_dense":
+        return fs.standard_sae_step_dense(*tensors, l1_coefficient=L1_COEF, target=target)
+    if step == "gated":
+        return fs.gated_sae_step(*tensors, capacity=B * F, l1_coefficient=L1_COEF,
+                                 freeze_aux_decoder=opts["freeze"], target=target)  # fmt: skip
+    if step == "gated_dense":
+        return fs.gated_sae_step_dense(*tensors, l1_coefficient=L1_COEF, freeze_aux_decoder=opts["freeze"],
+                                       target=target)  # fmt: skip
+    if step == "matryoshka_topk":
+        return fs.matryoshka_topk_sae_step(*tensors, K, _sizes(F), target=target)
+    return fs.matryoshka_batchtopk_sae_step(*tensors, K, _sizes(F), target=target,
+                                           rescale_acts_by_decoder_norm=opts["rescale"])  # fmt: skip
+
+
+def _collected(out, B, F):
+    """The variable-length code as a dense [B, F] (values) and the [B, F] mask of its entries."""
+    n = int(out.code.row_offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(B, device=out.code.indices.device), out.code.row_offsets.diff())
+    ids = out.code.indices[:n]
+    dense = torch.zeros(B, F, device=ids.device, dtype=out.code.vals.dtype).index_put((rows, ids), out.code.vals[:n])
+    return dense, torch.zeros(B, F, device=ids.device, dtype=torch.bool).index_put((rows, ids), torch.tensor(True))
+
+
+def _forced(fs, step, tensors, out, K):
+    """The reference's forced selection: flash-sae's code (or, for the dense steps and JumpReLU's band,
+    the same-dtype pre-activations' rule, as those steps' own tests take it)."""
+    ref = fs.testing.reference
+    x, W_enc, b_enc = (t.detach() for t in tensors[:3])
+    B, F = x.shape[0], W_enc.shape[0]
+    if step == "jumprelu":
+        z = ref.encoder_preacts(x, W_enc, b_enc)
+        active, band = ref.jumprelu_masks(z, tensors[5].detach().to(z.dtype), BANDWIDTH)
+        assert int(out.count) == int((active | band).sum()) and torch.equal(_collected(out, B, F)[1], active | band)
+        return dict(masks=(active, band))
+    if step == "standard":
+        return dict(active=_collected(out, B, F)[1])
+    if step == "standard_dense":
+        return dict(active=torch.addmm(b_enc, x, W_enc.T) > 0)
+    if step == "gated":
+        code, opened = _collected(out, B, F)
+        return dict(masks=(opened, code > 0))
+    if step == "gated_dense":
+        r_mag, b_mag = tensors[3].detach(), tensors[4].detach()
+        P = x.float() @ W_enc.float().T
+        return dict(
+            masks=((P + b_enc.float()).to(x.dtype) > 0, (P * r_mag.float().exp() + b_mag.float()).to(x.dtype) > 0)
+        )
+    if step == "matryoshka_topk":
+        return dict(indices=out.code.indices.view(B, K))
+    rows = torch.repeat_interleave(torch.arange(B, device=x.device), out.code.row_offsets.diff())
+    return dict(selection=(rows, out.code.indices))
+
+
+def _reference_family(fs, step, tensors, K, seed, forced):
+    """The fp64-able plain-torch reference of ``step`` on ``tensors`` (the target last), at ``forced``."""
+    ref = fs.testing.reference
+    *args, target = tensors
+    F = args[1].shape[0]
+    opts = _options(step, seed)
+    if step == "jumprelu":
+        return ref.jumprelu_sae_step(*args, BANDWIDTH, L0_COEF, target=target, **forced)
+    if step.startswith("standard"):
+        return ref.standard_sae_step(*args, L1_COEF, target=target, **forced)
+    if step.startswith("gated"):
+        return ref.gated_sae_step(*args, L1_COEF, opts["freeze"], target=target, **forced)
+    if step == "matryoshka_topk":
+        return ref.matryoshka_topk_sae_step(*args, K, _sizes(F), target=target, **forced)
+    return ref.matryoshka_batchtopk_sae_step(*args, K, _sizes(F), opts["rescale"], target=target, **forced)
+
+
+@pytest.mark.parametrize("step", FAMILY_STEPS)
+@given(shape=transcoder_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+@example(shape=(5, 3, 17, 9, 4), dtype=torch.float32, seed=1)
+@example(shape=(4, 3, 12, 7, 11), dtype=torch.bfloat16, seed=2)
+@example(shape=(3, 5, 9, 13, 6), dtype=torch.float16, seed=3)
+@example(shape=(1, 1, 1, 1, 1), dtype=torch.float32, seed=4)
+@example(shape=(1, 2, 23, 31, 33), dtype=torch.bfloat16, seed=363)
+def test_family_transcoder_step_parity(fs, device, step, shape, dtype, seed):
+    """Loss, mse, fvu and every gradient (the target's included) under a random upstream gradient vs the
+    fp64 reference at the step's own selection, by the parity rule: torch's error is the larger of its
+    same-dtype one and that of exact arithmetic at the dtype's roundings of the pre-activations."""
+    B, K = shape[:2]
+    tensors, names = _family_problem(step, shape, dtype, device, seed)
+    out = _run_family(fs, step, tensors[:-1], K, seed, tensors[-1])
+    assert out.loss.dtype == torch.float32 and out.loss.shape == ()
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = ((torch.rand((), generator=g) + 0.5) * (1 if seed % 2 else -1)).to(device)
+    ours = torch.autograd.grad(out.loss, tensors, upstream)
+    forced = _forced(fs, step, tensors, out, K)
+
+    same = _reference_family(fs, step, tensors, K, seed, forced)
+    same_grads = torch.autograd.grad(same.loss, tensors, upstream.to(same.loss.dtype))
+    p64 = [t.detach().double().requires_grad_() for t in tensors]
+    r = _reference_family(fs, step, p64, K, seed, forced)
+    r_grads = torch.autograd.grad(r.loss, p64, upstream.double())
+    p_sh = [t.detach().double().requires_grad_() for t in tensors]
+    sh = _reference_family(fs, step, p_sh, K, seed, dict(forced, round_preacts=dtype))
+    sh_grads = torch.autograd.grad(sh.loss, p_sh, upstream.double())
+
+    def base(s, h, r_):
+        return s if rel_err(s, r_) >= rel_err(h, r_) else h
+
+    assert_parity(f"{step} loss", out.loss, base(same.loss, sh.loss, r.loss), r.loss, dtype)
+    assert_parity(f"{step} mse", out.mse, base(same.mse, sh.mse, r.mse), r.mse, dtype)
+    if B > 1:
+        assert_parity(f"{step} fvu", out.fvu, base(same.fvu, sh.fvu, r.fvu), r.fvu, dtype)
+    for name, o, s, r_, h, t in zip(names, ours, same_grads, r_grads, sh_grads, tensors):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        assert_parity(f"{step} d{name}", o, base(s, h, r_), r_, dtype)
+
+
+@pytest.mark.parametrize("step", FAMILY_STEPS)
+def test_target_x_with_the_centring_folded_in_equals_the_sae_step(fs, device, step):
+    """A transcoder fed x - b_dec (the SAE's centring, done by torch and differentiated through) that
+    reconstructs target = x is the SAE step itself: the same loss, statistics and code, and the same
+    gradient of every leaf (x's is the encoder's share through x - b_dec plus the target's; b_dec's
+    the decoder's minus the centring's)."""
+    shape, seed = (6, 3, 40, 10, 10), 5
+    tensors, names = _family_problem(step, shape, torch.float32, device, seed)
+    leaves = tensors[:-1]
+    x, b_dec = leaves[0], leaves[names.index("b_dec")]
+    sae = _run_family(fs, step, leaves, shape[1], seed, None)
+    g_sae = torch.autograd.grad(sae.loss, leaves)
+    folded = [x - b_dec, *leaves[1:]]
+    tc = _run_family(fs, step, folded, shape[1], seed, x)
+    g_tc = torch.autograd.grad(tc.loss, leaves)
+    if sae.code is not None:
+        assert torch.equal(sae.code.indices, tc.code.indices)
+        torch.testing.assert_close(tc.code.vals, sae.code.vals, rtol=1e-5, atol=1e-6, msg="vals")
+    assert torch.equal(sae.fire_counts, tc.fire_counts)
+    for what in ("loss", "mse", "fvu", "l0"):
+        torch.testing.assert_close(getattr(tc, what), getattr(sae, what), rtol=1e-5, atol=1e-6, msg=what)
+    for name, a, b in zip(names, g_tc, g_sae):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("step", FAMILY_STEPS)
+def test_family_target_is_validated_by_name(fs, device, step):
+    shape = (4, 2, 8, 6, 5)
+    tensors, names = _family_problem(step, shape, torch.float32, device, 0)
+    *args, target = (t.detach() for t in tensors)
+    i_w, i_b = names.index("W_dec"), names.index("b_dec")
+
+    def run(**swap):
+        new = [swap.get(n, t) for n, t in zip(names[:-1], args)]
+        return _run_family(fs, step, new, shape[1], 0, swap["target"] if "target" in swap else target)
+
+    cases = [
+        (dict(target=target[:, :-1]), "target must be"),
+        (dict(target=target[:-1]), "target must be"),
+        (dict(target=target.half()), "target has dtype"),
+        (dict(target=target.tolist()), "target must be a torch.Tensor"),
+        (dict(target=target.to("meta")), "target is on meta"),
+        (dict(b_dec=torch.zeros(shape[3], device=device)), "b_dec must be"),
+        (dict(b_dec=args[i_b].half()), "b_dec has dtype"),
+        (dict(b_dec=args[i_b].to("meta")), "b_dec is on meta"),
+        (dict(W_dec=args[i_w][:-1]), "W_dec must have"),
+        (dict(W_dec=args[i_w].half()), "W_dec has dtype"),
+        (dict(W_dec=args[i_w].to("meta")), "W_dec is on meta"),
+    ]
+    for swap, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run(**swap)
+    # without a target the decoder must have W_enc's shape, as before
+    with pytest.raises(ValueError, match="W_dec must have W_enc's shape"):
+        run(target=None, b_dec=torch.zeros(shape[3], device=device))
+
+
+def _op_inputs(step, tensors, names, K):
+    """The registered op's inputs by name, for a transcoder problem."""
+    B, F = tensors[0].shape[0], tensors[1].shape[0]
+    named = {n: t.detach() for n, t in zip(names, tensors)}
+    if step == "jumprelu":
+        return dict(named, bandwidth=BANDWIDTH, l0_coefficient=L0_COEF, capacity=B * F)
+    if step in ("standard", "gated"):
+        extra = dict(freeze_aux_decoder=False) if step == "gated" else {}
+        return dict(named, l1_coefficient=L1_COEF, capacity=B * F, **extra)
+    if step == "matryoshka_topk":
+        return dict(named, k=K, prefix_sizes=_sizes(F))
+    return dict(named, n=K * B, prefix_sizes=_sizes(F), rescale_acts_by_decoder_norm=True)
+
+
+@pytest.mark.parametrize("step", ("jumprelu", "standard", "gated", "matryoshka_topk", "matryoshka_batchtopk"))
+def test_family_transcoder_opcheck(fs, device, step):
+    """The registered op and its backward with a target: fakes, schema and autograd agree (opcheck), the
+    target's gradient needed or not."""
+    registry = sys.modules[fs.__name__ + "._registry"]
+    op = registry.REGISTERED[step + "_sae_step"]
+    tensors, names = _family_problem(step, (4, 3, 13, 7, 5), torch.float32, device, 11)
+    inputs = _op_inputs(step, tensors, names, 3)
+    args = tuple(inputs[n] for n in op.inputs)
+    torch.library.opcheck(op.op, args)
+    named = dict(zip(op.outputs, op.op(*args)))
+    grads_ = [torch.full_like(named[n], 0.7) for n in op.differentiable]
+    saved = [inputs[n] if n in inputs else named[n] for n in op.saved]
+    for need_target in (True, False):
+        needs = [n != "target" or need_target for n in op.grad_inputs]
+        torch.library.opcheck(op.backward_op, (*grads_, *saved, needs))

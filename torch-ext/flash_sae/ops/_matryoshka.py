@@ -13,6 +13,9 @@ first level that contains it) enters every x_hat_g with g >= L(f), so its gradie
 the suffix sum S_L = sum over g >= L of e_g: G vectors per row, not one per entry. The
 shared MSE-step backward then runs once, with latent f reading S_L(f) in the segmented pass
 (one CSR transpose for both weight gradients), and x, b_dec seeing S_0.
+
+A transcoder (``target`` [B, D_out]): every level reconstructs the target instead of x, and x is
+encoded as it is (no ``x - b_dec``); the target's gradient is -s * S_0.
 """
 
 import torch
@@ -20,7 +23,7 @@ import torch
 from ..primitives.gather import gather_rows, row_ids
 from ..primitives.step_backward import mse_step_backward
 from ..results import MatryoshkaSAEStep, fire_counts, total_variance
-from ._step import step_grads_fake, step_head
+from ._step import step_grads_fake, step_head, target_grad_fake, target_grad_for
 
 # The outputs of both Matryoshka steps, by name (their backward is ``matryoshka_levels_bwd``).
 MATRYOSHKA_OUTPUTS = (
@@ -34,7 +37,8 @@ def level_sizes(prefix_sizes: list[int], device) -> torch.Tensor:
 
 
 def matryoshka_levels_fwd(x, W_dec, b_dec, vals, indices, row_offsets, prefix_sizes):
-    """(loss, level_losses [G], fvu, fire_counts, residuals [G, B, D] fp32) of a row-major code sorted by id."""
+    """(loss, level_losses [G], fvu, fire_counts, residuals [G, B, D] fp32) of a row-major code sorted by id;
+    ``x`` is what every level reconstructs (a transcoder's target)."""
     B, D = x.shape
     F = W_dec.shape[0]
     sizes = level_sizes(prefix_sizes, x.device)
@@ -47,7 +51,7 @@ def matryoshka_levels_fwd(x, W_dec, b_dec, vals, indices, row_offsets, prefix_si
 
 def matryoshka_levels_fwd_fake(x, W_dec, n_levels):
     """Fake (meta) outputs of ``matryoshka_levels_fwd``'s loss, level losses and fvu, fire counts, residuals."""
-    B, D = x.shape
+    B, D = x.shape[0], W_dec.shape[1]
     f32 = torch.float32
     return (
         x.new_empty((), dtype=f32),
@@ -59,23 +63,26 @@ def matryoshka_levels_fwd_fake(x, W_dec, n_levels):
 
 
 # What both Matryoshka steps' backward reads, by name.
-MATRYOSHKA_SAVED = ("x", "W_enc", "W_dec", "b_dec", "vals", "indices", "row_offsets", "residuals", "prefix_sizes")
+MATRYOSHKA_SAVED = ("x", "W_enc", "W_dec", "b_dec", "target", "vals", "indices", "row_offsets", "residuals",
+                    "prefix_sizes")  # fmt: skip
 
 
 def matryoshka_levels_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
-    """The Matryoshka steps' backward launcher: (dx, dW_enc, db_enc, dW_dec, db_dec), the MSE step's
-    backward over the levels' suffix sums (``saved``: ``MATRYOSHKA_SAVED``)."""
+    """The Matryoshka steps' backward launcher: (dx, dW_enc, db_enc, dW_dec, db_dec, dtarget), the MSE
+    step's backward over the levels' suffix sums (``saved``: ``MATRYOSHKA_SAVED``)."""
     x, W_dec = saved.x, saved.W_dec
     F = W_dec.shape[0]
     suffix = saved.residuals.flip(0).cumsum(0).flip(0).contiguous()
     sizes = level_sizes(saved.prefix_sizes, x.device)
     levels = torch.searchsorted(sizes, torch.arange(F, device=x.device), right=True).to(torch.int32)
-    return mse_step_backward(grads.loss, x, saved.W_enc, W_dec, saved.b_dec, saved.vals, saved.indices, suffix,
-                             saved.row_offsets, levels=levels)  # fmt: skip
+    step_grads = mse_step_backward(grads.loss, x, saved.W_enc, W_dec, saved.b_dec, saved.vals, saved.indices, suffix,
+                                   saved.row_offsets, levels=levels, centred=saved.target is None)  # fmt: skip
+    return (*step_grads, target_grad_for(needs[5], grads.loss, suffix[0], saved.target, x))
 
 
 def matryoshka_levels_bwd_fake(grads, saved, needs: list[bool]):
-    return step_grads_fake(saved.x, saved.W_enc, saved.W_dec, saved.b_dec)
+    x = saved.x
+    return (*step_grads_fake(x, saved.W_enc, saved.W_dec, saved.b_dec), target_grad_fake(needs[5], saved.target, x))
 
 
 def min_positive(acts: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,23 @@ def step_grads_fake(x, W_enc, W_dec, b_dec, *extra):
     return (*grads, torch.empty_like(W_dec), torch.empty_like(b_dec), *(torch.empty_like(t) for t in extra))
 
 
+def reconstructed(x, b_dec, target):
+    """(what the step reconstructs, the encoder's centre): (x, b_dec) for an SAE, (target, None) for a
+    transcoder (x encoded as it is)."""
+    return (x, b_dec) if target is None else (target, None)
+
+
+def target_grad_for(need: bool, grad, residual, target, like, *, per_row=False) -> torch.Tensor:
+    """A transcoder step's d loss / d target (``target_grad``) where it is needed, else a placeholder
+    like ``like``'s (the step's x)."""
+    return target_grad(grad, residual, target.dtype, per_row=per_row) if need else placeholder(like)
+
+
+def target_grad_fake(need: bool, target, like) -> torch.Tensor:
+    """The fake of ``target_grad_for``."""
+    return torch.empty_like(target) if need else like.new_empty(0)
+
+
 def at_entries(per_latent: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """An [F] vector read at each entry of a code (0 at the empty slots, id -1)."""
     return torch.where(indices >= 0, per_latent[indices.clamp_min(0)], 0.0)

@@ -111,7 +111,8 @@ def mse_step_backward(
     return (*grads, da, csr) if with_da else grads
 
 
-def target_grad(grad: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d target = -s * r for a step whose loss is the mean over B*D of r^2, r = x_hat - target."""
+def target_grad(grad: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype, *, per_row=False) -> torch.Tensor:
+    """d loss / d target = -s * r for a step whose loss is the mean over B*D of r^2, r = x_hat - target
+    (``per_row``: the sum over D, mean over B, as ``mse_step_backward``'s)."""
     B, D = residual.shape
-    return (residual * (grad.float() * (-2.0 / (B * D)))).to(dtype)
+    return (residual * (grad.float() * (-2.0 / (B if per_row else B * D)))).to(dtype)

@@ -120,6 +120,12 @@ def topk_encode(x, W_enc, b_enc, k, b_dec=None, indices=None, round_preacts=None
     return torch.relu(pre.gather(1, indices)), indices
 
 
+def _reconstructed(x, b_dec, target):
+    """(what a step reconstructs, the encoder's centre): (x, b_dec) for an SAE, (target, None) for a
+    transcoder, which encodes x as it is."""
+    return (x, b_dec) if target is None else (target, None)
+
+
 def fraction_of_variance_unexplained(x, x_hat):
     """sum((x_hat - x)^2) / sum((x - mean_b x)^2), the FVU trainers log."""
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
@@ -224,42 +230,43 @@ def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder
 
     acts = relu(pre * ||W_dec[f]||) (or relu(pre)); keep the int(k * B) largest over the batch;
     decode acts / ||W_dec[f]|| (or acts) through W_dec. ``forced``: ``selection`` = (rows, ids) forces
-    the code, ``aux_mask`` AuxK's selection; ``round_preacts``: see ``encoder_preacts``'s ``round_to``.
+    the code, ``aux_mask`` AuxK's selection; ``round_preacts``: see ``encoder_preacts``'s ``round_to``;
+    ``target`` ([B, D_out], a transcoder's): x encoded as it is, the target reconstructed.
     """
     selection, round_preacts = forced.get("selection"), forced.get("round_preacts")
     B, F = x.shape[0], W_enc.shape[0]
-    pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    y, centre = _reconstructed(x, b_dec, forced.get("target"))
+    pre = encoder_preacts(x, W_enc, b_enc, centre, round_to=round_preacts)
     norm = W_dec.norm(dim=1) if rescale_acts_by_decoder_norm else None
     acts = torch.relu(pre * norm if norm is not None else pre)
     rows, ids = selection if selection is not None else batch_topk_select(acts.detach(), int(k * B))
     picked = acts[rows, ids]
     vals = picked * (1 / norm[ids]) if norm is not None else picked
-    x_hat = torch.zeros_like(x).index_add(0, rows, vals.unsqueeze(1) * W_dec[ids]) + b_dec
-    loss = (x_hat - x).pow(2).mean()
+    x_hat = torch.zeros_like(y).index_add(0, rows, vals.unsqueeze(1) * W_dec[ids]) + b_dec
+    loss = (x_hat - y).pow(2).mean()
     positive = picked.detach()[picked.detach() > 0]
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
     counts = fire_counts(picked, ids, F)
-    head = _head(loss, x, x_hat, counts, SparseCode(vals, ids, row_offsets_of(rows, B)), B)
+    head = _head(loss, y, x_hat, counts, SparseCode(vals, ids, row_offsets_of(rows, B)), B)
     if dead_loss is None:
         return BatchTopKSAEStep(loss, **head, min_act=min_act)
     key_scale = norm.detach() if norm is not None else None
-    aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss, key_scale=key_scale, aux_mask=forced.get("aux_mask"))
+    aux, coef = dead_latent_loss(pre, y, x_hat, W_dec, dead_loss, key_scale=key_scale, aux_mask=forced.get("aux_mask"))
     return BatchTopKSAEStep(loss + coef * aux, **head, min_act=min_act, aux_loss=aux)
 
 
-def matryoshka_batchtopk_sae_step(
-    x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, rescale_acts_by_decoder_norm=False, selection=None,
-    round_preacts=None,
-):  # fmt: skip
+def matryoshka_batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, rescale_acts_by_decoder_norm=False,
+                                  **forced):  # fmt: skip
     """Matryoshka BatchTopK SAE step, densely: SAELens's nested losses, one decode per prefix level.
 
     The code is ``batchtopk_sae_step``'s; level g reconstructs with the latents of id < m_g;
-    the loss sums every level's mean over B*D of the squared error.
+    the loss sums every level's mean over B*D of the squared error. ``forced``: ``selection``,
+    ``round_preacts`` and ``target``, as ``batchtopk_sae_step``'s (a target: every level
+    reconstructs it).
     """
     B, F = x.shape[0], W_enc.shape[0]
-    base = batchtopk_sae_step(
-        x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, selection=selection, round_preacts=round_preacts
-    )
+    y = x if forced.get("target") is None else forced["target"]
+    base = batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm, **forced)
     rows = torch.repeat_interleave(torch.arange(B, device=x.device), base.code.row_offsets.diff())
     code = torch.zeros(B, F, dtype=base.code.vals.dtype, device=x.device).index_put(
         (rows, base.code.indices), base.code.vals
@@ -267,30 +274,34 @@ def matryoshka_batchtopk_sae_step(
     level_losses = []
     for m in prefix_sizes:
         x_hat = code[:, :m] @ W_dec[:m] + b_dec
-        level_losses.append((x_hat - x).pow(2).mean())
+        level_losses.append((x_hat - y).pow(2).mean())
     level_losses = torch.stack(level_losses)
     head = {**base._asdict(), "mse": level_losses[-1].detach()}
     head = {name: head[name] for name in ("mse", "fvu", "l0", "fire_counts", "code")}
     return MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=base.min_act)
 
 
-def matryoshka_topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, indices=None, round_preacts=None):
+def matryoshka_topk_sae_step(
+    x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, indices=None, round_preacts=None, target=None
+):
     """Matryoshka SAE step on a per-row TopK code, densely: the ground truth for ``matryoshka_topk_sae_step``.
 
     The code is ``topk_encode``'s (``indices`` forces it); level g reconstructs with the latents
     of id < m_g; the loss sums every level's mean over B*D of the squared error. The returned
-    code is flattened by row, then latent id.
+    code is flattened by row, then latent id. ``target`` ([B, D_out], a transcoder's): x encoded
+    as it is, every level reconstructs the target.
     """
     B, F = x.shape[0], W_enc.shape[0]
-    vals, ids = topk_encode(x, W_enc, b_enc, k, b_dec, indices=indices, round_preacts=round_preacts)
+    y, centre = _reconstructed(x, b_dec, target)
+    vals, ids = topk_encode(x, W_enc, b_enc, k, centre, indices=indices, round_preacts=round_preacts)
     code = torch.zeros(B, F, dtype=vals.dtype, device=x.device).scatter(1, ids, vals)
-    level_losses = torch.stack([(code[:, :m] @ W_dec[:m] + b_dec - x).pow(2).mean() for m in prefix_sizes])
+    level_losses = torch.stack([(code[:, :m] @ W_dec[:m] + b_dec - y).pow(2).mean() for m in prefix_sizes])
     ids_sorted, order = ids.sort(dim=1)
     vals_sorted = vals.gather(1, order)
     positive = vals.detach()[vals.detach() > 0]
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
     flat = SparseCode(vals_sorted.flatten(), ids_sorted.flatten(), torch.arange(B + 1, device=x.device) * k)
-    head = _head(level_losses[-1], x, code @ W_dec + b_dec, fire_counts(vals, ids, F), flat, B)
+    head = _head(level_losses[-1], y, code @ W_dec + b_dec, fire_counts(vals, ids, F), flat, B)
     return MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=min_act)
 
 
@@ -339,31 +350,32 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / ctx.bandwidth) * band * g).sum(0), None, None, None
 
 
-def jumprelu_sae_step(
-    x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, l0_coefficient=1.0, masks=None, round_preacts=None
-):
+def jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, l0_coefficient=1.0, **forced):
     """JumpReLU SAE step, densely, as Rajamanoharan et al. (2024) and SAELens's default ("step") define it.
 
     f = z * H(z - theta), theta = threshold in x's dtype; loss = sum over D of (x_hat - x)^2, mean
-    over B, + l0_coefficient * mean over B of sum_f H(z - theta). ``masks`` = (active, band)
-    forces which entries are active and in the estimators' band (the tests pass flash-sae's,
-    as the TopK tests pass its selection). Returns the dense code [B, F] in ``code.vals``
-    (``code.indices``, ``count`` and ``overflow`` None). ``round_preacts`` (a
-    dtype) rounds x - b_dec, z and theta to it, with exact gradients (see ``encoder_preacts``).
+    over B, + l0_coefficient * mean over B of sum_f H(z - theta). ``forced``: ``masks`` =
+    (active, band) forces which entries are active and in the estimators' band (the tests pass
+    flash-sae's, as the TopK tests pass its selection); ``round_preacts`` (a dtype) rounds x - b_dec,
+    z and theta to it, with exact gradients (see ``encoder_preacts``); ``target`` ([B, D_out], a
+    transcoder's): x encoded as it is, the target reconstructed (the L0 term unchanged). Returns the
+    dense code [B, F] in ``code.vals`` (``code.indices``, ``count`` and ``overflow`` None).
     """
-    z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    masks, round_preacts = forced.get("masks"), forced.get("round_preacts")
+    y, centre = _reconstructed(x, b_dec, forced.get("target"))
+    z = encoder_preacts(x, W_enc, b_enc, centre, round_to=round_preacts)
     theta = threshold.to(z.dtype) if round_preacts is None else _rounded(threshold.to(z.dtype), round_preacts)
     active, band = masks if masks is not None else jumprelu_masks(z.detach(), theta.detach(), bandwidth)
     acts = _JumpReLU.apply(z, theta, bandwidth, active, band)
     x_hat = acts @ W_dec + b_dec
-    sq = (x_hat - x).pow(2)
+    sq = (x_hat - y).pow(2)
     l0 = _Step.apply(z, theta, bandwidth, active, band).sum(-1).mean()
     loss = sq.sum(-1).mean() + l0_coefficient * l0
-    head = _head(sq.mean(), x, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
+    head = _head(sq.mean(), y, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
     return JumpReLUSAEStep(loss, **{**head, "l0": l0.detach().float()}, count=None, overflow=None)
 
 
-def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None):
+def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None, target=None):
     """Standard (ReLU + L1) SAE step, densely, as Anthropic's April 2024 update and SAELens's default
     ``standard`` training SAE define it.
 
@@ -371,16 +383,19 @@ def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=
     of sum_f f * ||W_dec[f]||. ``active`` ([B, F] bool) forces which entries are active (the tests
     pass flash-sae's, z > 0 in the dtype). Returns the dense code [B, F] in ``code.vals``
     (``code.indices``, ``count`` and ``overflow`` None). ``round_preacts``: see ``encoder_preacts``.
+    ``target`` ([B, D_out], a transcoder's): x encoded as it is, the target reconstructed (the
+    penalty unchanged).
     """
-    z = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
+    y, centre = _reconstructed(x, b_dec, target)
+    z = encoder_preacts(x, W_enc, b_enc, centre, round_to=round_preacts)
     if active is None:
         active = z.detach() > 0
     acts = torch.where(active, z, 0)
     x_hat = acts @ W_dec + b_dec
-    sq = (x_hat - x).pow(2)
+    sq = (x_hat - y).pow(2)
     l1 = (acts * W_dec.norm(dim=1)).sum(-1).mean()
     loss = sq.sum(-1).mean() + l1_coefficient * l1
-    head = _head(sq.mean(), x, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
+    head = _head(sq.mean(), y, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
     head["l0"] = active.sum(-1).float().mean()
     return StandardSAEStep(loss, **head, l1=l1.detach(), count=None, overflow=None)
 
@@ -394,11 +409,14 @@ def gated_sae_step(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=
     ||W_dec[f]|| + aux, the gate path's reconstruction error through W_dec and b_dec (detached when
     ``freeze_aux_decoder``). ``forced``: ``masks`` = (open gates, positive magnitudes) forces the
     selection (the tests pass flash-sae's); ``round_preacts`` (a dtype) rounds xc, pi_gate and pi_mag
-    to it with exact gradients (see ``encoder_preacts``). Returns the dense code [B, F] in ``code.vals``.
+    to it with exact gradients (see ``encoder_preacts``); ``target`` ([B, D_out], a transcoder's):
+    xc = x (both paths read x as it is) and both the reconstruction and the auxiliary term
+    reconstruct the target. Returns the dense code [B, F] in ``code.vals``.
     """
     masks, round_preacts = forced.get("masks"), forced.get("round_preacts")
-    gate = encoder_preacts(x, W_enc, b_gate, b_dec, round_to=round_preacts)  # as nn.Linear: one rounding
-    xc = x - b_dec
+    y, centre = _reconstructed(x, b_dec, forced.get("target"))
+    gate = encoder_preacts(x, W_enc, b_gate, centre, round_to=round_preacts)  # as nn.Linear: one rounding
+    xc = x - centre if centre is not None else x
     if round_preacts is not None:
         xc = _rounded(xc, round_preacts)
     mag = (xc @ W_enc.T) * r_mag.exp() + b_mag
@@ -409,12 +427,12 @@ def gated_sae_step(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=
     f = torch.where(active, mag, 0)
     a = torch.where(opened, gate, 0)
     x_hat = f @ W_dec + b_dec
-    sq = (x_hat - x).pow(2)
+    sq = (x_hat - y).pow(2)
     W_aux, b_aux = (W_dec.detach(), b_dec.detach()) if freeze_aux_decoder else (W_dec, b_dec)
-    aux = (a @ W_aux + b_aux - x).pow(2).sum(-1).mean()
+    aux = (a @ W_aux + b_aux - y).pow(2).sum(-1).mean()
     l1 = (a * W_dec.norm(dim=1)).sum(-1).mean()
     loss = sq.sum(-1).mean() + l1_coefficient * l1 + aux
-    head = _head(sq.mean(), x, x_hat, active.sum(0), SparseCode(f, None), x.shape[0])
+    head = _head(sq.mean(), y, x_hat, active.sum(0), SparseCode(f, None), x.shape[0])
     head["l0"] = active.sum(-1).float().mean()
     return GatedSAEStep(loss, **head, l1=l1.detach(), aux=aux.detach(), count=opened.sum(), overflow=None)
 

@@ -26,6 +26,12 @@ What is fused:
   code gives dW_enc from both paths' gradients
   (pi_gate's plus exp(r_mag) times pi_mag's) and the per-latent sums of b_gate, b_mag and r_mag.
 
+A transcoder (``target``): both paths read x as it is (xc = x, no ``x - b_dec``), and both
+reconstructions, f's and the auxiliary relu(pi_gate)'s, are of the target [B, D_out] (W_dec
+[F, D_out], b_dec [D_out]); the penalty is unchanged, ``freeze_aux_decoder`` still stops only the
+auxiliary loss's gradient into W_dec and b_dec, and the loss is differentiable in the target
+(through both reconstructions, as an SAE's is in x).
+
 Capacity as ``standard_sae_step``'s (``count`` gates open; ``overflow = count > capacity``).
 Precision: fp32 accumulation, the losses in fp32, gradients in the parameters' dtype.
 Deterministic (segmented sums over a CSR transpose, no float atomics). Nothing [B, F] is kept.
@@ -35,8 +41,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..._registry import register_op
-from ..._validation import as_count, check_gated_args, check_step_args
+from ..._registry import placeholder, register_op
+from ..._validation import as_count, check_gated_args
 from ...primitives.csr import csr_transpose
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
@@ -44,7 +50,7 @@ from ...primitives.encoder import encoder_backward
 from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
 from ...primitives.select import threshold_preacts
 from ...results import GatedSAEStep, total_variance
-from .._step import at_entries, cuda_fused, step_head
+from .._step import at_entries, checked_step_args, cuda_fused, reconstructed, step_head, target_grad_fake
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -54,10 +60,11 @@ TINY = torch.finfo(torch.float32).tiny
 def gated_code(x, W_enc, b_gate, r_mag, b_mag, b_dec, capacity):
     """The open gates as a variable-length code: (relu(pi_gate), pi_mag in x's dtype, indices,
     row_offsets, count, dots), pi_mag from fp32 dots of xc with the encoder rows, rounded once.
-    Shared by the step and the module's encode."""
+    ``b_dec`` None: xc = x (a transcoder's). Shared by the step and the module's encode."""
     zero = torch.zeros(W_enc.shape[0], dtype=x.dtype, device=x.device)
     gate, indices, row_offsets, count = threshold_preacts(x, W_enc, b_gate, b_dec, zero, 0.0, capacity)
-    dots = row_dots(x - b_dec, W_enc, row_ids(row_offsets, capacity), indices)  # xc . W_enc[f], fp32
+    xc = x - b_dec if b_dec is not None else x
+    dots = row_dots(xc, W_enc, row_ids(row_offsets, capacity), indices)  # xc . W_enc[f], fp32
     mag = (at_entries(r_mag.float().exp(), indices) * dots + at_entries(b_mag.float(), indices)).to(x.dtype)
     return gate, mag, indices, row_offsets, count, dots
 
@@ -72,6 +79,7 @@ class GatedSaeStepInputs(NamedTuple):
     b_mag: torch.Tensor
     W_dec: torch.Tensor
     b_dec: torch.Tensor
+    target: torch.Tensor | None
     l1_coefficient: float
     capacity: int
     freeze_aux_decoder: bool
@@ -82,21 +90,22 @@ def gated_sae_step_fwd(
 ) -> tuple[torch.Tensor, ...]:
     """Returns (loss, mse, l1, aux, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow,
     gate, mag, dots, residual, aux_residual, norms); the last six are kept for the backward."""
-    B, D = i.x.shape
+    y, centre = reconstructed(i.x, i.b_dec, i.target)
+    B, D = y.shape
     F = i.W_dec.shape[0]
     gate, mag, indices, row_offsets, count, dots = gated_code(
-        i.x, i.W_enc, i.b_gate, i.r_mag, i.b_mag, i.b_dec, i.capacity
+        i.x, i.W_enc, i.b_gate, i.r_mag, i.b_mag, centre, i.capacity
     )
     vals = torch.relu(mag)  # 0 at the empty slots (their dot and bias are 0)
     counts = torch.zeros(F, dtype=torch.int64, device=i.x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets, counts=counts)
-    aux_residual, sq_aux = gather_rows(gate, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets)
+    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets, counts=counts)
+    aux_residual, sq_aux = gather_rows(gate, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets)
     norms = torch.linalg.vector_norm(i.W_dec, dim=1, dtype=torch.float32)
     l1 = (gate.float() * at_entries(norms, indices)).sum() / B
     l0 = (vals > 0).sum().float() / B
     loss = (sq + sq_aux) / B + i.l1_coefficient * l1
     return (
-        loss, sq / (B * D), l1, sq_aux / B, l0, sq / total_variance(i.x), counts,
+        loss, sq / (B * D), l1, sq_aux / B, l0, sq / total_variance(y), counts,
         vals, indices, row_offsets, count, count > i.capacity,
         gate, mag, dots, residual, aux_residual, norms,
     )  # fmt: skip
@@ -104,8 +113,7 @@ def gated_sae_step_fwd(
 
 def gated_sae_step_fwd_fake(i: GatedSaeStepInputs):
     x, W_dec, capacity = i.x, i.W_dec, i.capacity
-    B, D = x.shape
-    F = W_dec.shape[0]
+    B, (F, D) = x.shape[0], W_dec.shape
     f32, i64 = torch.float32, torch.int64
     scalar = [x.new_empty((), dtype=f32) for _ in range(6)]
     return (
@@ -126,7 +134,7 @@ def gated_sae_step_fwd_fake(i: GatedSaeStepInputs):
 
 
 def gated_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
-    """(dx, dW_enc, db_gate, dr_mag, db_mag, dW_dec, db_dec)."""
+    """(dx, dW_enc, db_gate, dr_mag, db_mag, dW_dec, db_dec, dtarget)."""
     B = saved.x.shape[0]
     F = saved.W_dec.shape[0]
     n = saved.indices.numel()
@@ -166,25 +174,33 @@ def gated_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, .
     )  # dL/dpi_gate (every gate is open)
     scale = saved.r_mag.float().exp()
     dz = d_gate + at_entries(scale, saved.indices) * d_mag  # both paths read W_enc[f]
+    centred = saved.target is None
     dx_enc, dW_enc, _, db_dec_enc = encoder_backward(
         dz,
         saved.x,
         saved.W_enc,
-        saved.b_dec,
+        saved.b_dec if centred else None,
         saved.indices,
         csr=(perm, offsets),
         row_offsets=saved.row_offsets,
         rows=rows,
     )
     sums = per_latent(torch.stack([d_gate, d_mag, d_mag * saved.dots], 1))
-    dx = dx_enc - (saved.residual + saved.aux_residual) * s
-    db_dec = saved.residual.sum(0) * s + db_dec_enc
+    dtarget = placeholder(saved.x)
+    if centred:
+        dx = dx_enc - (saved.residual + saved.aux_residual) * s
+        db_dec = saved.residual.sum(0) * s + db_dec_enc
+    else:  # a transcoder: x only feeds the encoder; the target gets both reconstructions' -s * r
+        dx = dx_enc
+        db_dec = saved.residual.sum(0) * s
+        if needs[7]:
+            dtarget = ((saved.residual + saved.aux_residual) * -s).to(saved.target.dtype)
     if not saved.freeze_aux_decoder:
         db_dec = db_dec + saved.aux_residual.sum(0) * s
     return (
         dx.to(dtype), dW_enc, sums[:, 0].to(dtype, copy=True), (scale * sums[:, 2]).to(dtype),
         sums[:, 1].to(dtype, copy=True),
-        dW_dec, db_dec.to(dtype),
+        dW_dec, db_dec.to(dtype), dtarget,
     )  # fmt: skip
 
 
@@ -193,7 +209,7 @@ def gated_sae_step_bwd_fake(grads, saved, needs: list[bool]):
     F = W_enc.shape[0]
     return (
         torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(F), W_enc.new_empty(F), W_enc.new_empty(F),
-        torch.empty_like(W_dec), torch.empty_like(b_dec),
+        torch.empty_like(W_dec), torch.empty_like(b_dec), target_grad_fake(needs[7], saved.target, x),
     )  # fmt: skip
 
 
@@ -209,6 +225,7 @@ _gated_sae_step = register_op(
         "r_mag",
         "W_dec",
         "b_dec",
+        "target",
         "vals",
         "indices",
         "row_offsets",
@@ -242,19 +259,37 @@ _gated_sae_step = register_op(
         "norms",
     ),  # fmt: skip
     differentiable=("loss",),
-    grad_inputs=("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
+    grad_inputs=("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec", "target"),
 )
 
 
 # Public functions ---------------------------------------------------------------
 
 
-def _check(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, capacity, l1_coefficient, freeze_aux_decoder):
-    check_step_args(x, W_enc, b_gate, W_dec, b_dec, 1)
+def _check(params: tuple, target, capacity, l1_coefficient, freeze_aux_decoder):
+    """``params``: (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)."""
+    x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec = params
+    checked_step_args(x, W_enc, b_gate, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_gated_args(x, W_enc, r_mag, b_mag, capacity, l1_coefficient)
     if not isinstance(freeze_aux_decoder, bool):
         raise ValueError(f"freeze_aux_decoder must be a bool, got {freeze_aux_decoder!r}")
+
+
+# ``gated_sae_step``'s keyword options beyond capacity and target, with their defaults.
+GATED_OPTIONS = {"l1_coefficient": 1.0, "freeze_aux_decoder": True}
+
+
+def _options(options: dict) -> tuple[float, bool]:
+    """(l1_coefficient, freeze_aux_decoder) from ``gated_sae_step``'s keyword options, defaults filled in."""
+    unknown = sorted(set(options) - set(GATED_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"gated_sae_step got unknown keyword arguments {unknown}; its keyword arguments are capacity, "
+            f"target and {', '.join(GATED_OPTIONS)}"
+        )
+    merged = {**GATED_OPTIONS, **options}
+    return merged["l1_coefficient"], merged["freeze_aux_decoder"]
 
 
 def gated_sae_step(
@@ -267,8 +302,8 @@ def gated_sae_step(
     b_dec: torch.Tensor,
     *,
     capacity: int,
-    l1_coefficient: float = 1.0,
-    freeze_aux_decoder: bool = True,
+    target: torch.Tensor | None = None,
+    **options,
 ) -> GatedSAEStep:
     """One Gated SAE step: the gated code, MSE + the gate's decoder-norm-weighted L1 + the gate path's
     auxiliary reconstruction loss.
@@ -278,19 +313,28 @@ def gated_sae_step(
         W_enc: [F, D] (shared by both paths); b_gate, r_mag, b_mag: [F]; W_dec: [F, D]; b_dec: [D].
         capacity: the code's fixed size (open gates over the batch, 1 <= capacity <= B * F); more
             sets ``overflow``.
-        l1_coefficient: the penalty's weight (>= 0); SAELens's default 1.0.
-        freeze_aux_decoder: True (the paper's rule, default): the auxiliary loss trains the gate path
-            only, not W_dec or b_dec; False: it reaches them too (SAELens's implementation).
+        target: None (an SAE: reconstruct x), or [B, D_out] in x's dtype (a transcoder: reconstruct
+            ``target`` from x). With a target, W_dec is [F, D_out] and b_dec [D_out]; both paths read
+            x as it is (no ``x - b_dec``); the MSE and the auxiliary term both reconstruct the target
+            (sums over D_out, mean over B), ``mse`` and ``fvu`` are the target's, the penalty is
+            unchanged, and the loss is differentiable in ``target`` (through both terms) too.
+        **options: ``l1_coefficient`` (float, default 1.0): the penalty's weight (>= 0); SAELens's
+            default. ``freeze_aux_decoder`` (bool, default True, the paper's rule): the auxiliary loss
+            trains the gate path only, not W_dec or b_dec; False: it reaches them too (SAELens's
+            implementation). Keywords (the step takes at most ten parameters); any other name is a
+            ValueError.
 
     Returns:
         ``GatedSAEStep(loss, mse, fvu, l0, fire_counts, code, l1, aux, count, overflow)``;
-        ``loss`` (0-d fp32) is differentiable in x and the seven parameters. No host
-        sync; nothing [B, F] kept; deterministic.
+        ``loss`` (0-d fp32) is differentiable in x and the seven parameters (and the target). No
+        host sync; nothing [B, F] kept; deterministic.
     """
+    l1_coefficient, freeze_aux_decoder = _options(options)
     args = (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)
-    _check(*args, capacity, l1_coefficient, freeze_aux_decoder)
+    _check(args, target, capacity, l1_coefficient, freeze_aux_decoder)
+    target = target.contiguous() if target is not None else None
     out = _gated_sae_step.named(
-        _gated_sae_step(*(t.contiguous() for t in args), float(l1_coefficient), capacity, freeze_aux_decoder)
+        _gated_sae_step(*(t.contiguous() for t in args), target, float(l1_coefficient), capacity, freeze_aux_decoder)
     )
     head = step_head(out, x.shape[0])
     return GatedSAEStep(**head, l1=out.l1, aux=out.aux, count=out.count, overflow=out.overflow)
@@ -325,20 +369,24 @@ class _DenseStep(torch.autograd.Function):
     (``cuda_fused``); dW_dec in fp32 with the penalty's row term added in one rounding."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient, freeze):
+    def forward(ctx, x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, target, options):
+        """``options``: (l1_coefficient, freeze_aux_decoder); ``target`` None for an SAE."""
+        l1_coefficient, freeze = options
         B = x.shape[0]
         dtype = x.dtype
-        xc = x - b_dec
+        y = x if target is None else target
+        xc = x - b_dec if target is None else x  # a transcoder's paths read x as it is
         P = mm_f32(xc, W_enc.t())  # xc . W_enc[f], fp32 [B, F]
         scale = r_mag.float().exp()
         norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
         a, f, mag_open, counts, gates, l1_rows = _dense_codes(P, b_gate, scale, b_mag, norms, dtype)
-        residual = torch.addmm(b_dec, f, W_dec).float().sub_(x.float())
-        aux_residual = torch.addmm(b_dec, a, W_dec).float().sub_(x.float())
+        residual = torch.addmm(b_dec, f, W_dec).float().sub_(y.float())
+        aux_residual = torch.addmm(b_dec, a, W_dec).float().sub_(y.float())
         sq, sq_aux = residual.square().sum(), aux_residual.square().sum()
         l1 = l1_rows.sum() / B
         ctx.save_for_backward(xc, W_enc, W_dec, P, f, a, mag_open, residual, aux_residual, norms, scale)
         ctx.l1_coefficient, ctx.freeze = l1_coefficient, freeze
+        ctx.target_dtype = None if target is None else target.dtype
         ctx.mark_non_differentiable(sq, sq_aux, l1, counts, gates)
         return (sq + sq_aux) / B + l1_coefficient * l1, sq, sq_aux, l1, counts, gates
 
@@ -362,11 +410,19 @@ class _DenseStep(torch.autograd.Function):
             base = mm_f32(torch.cat([f, a]).t(), torch.cat([d_xhat, d_aux]))
         row_scale = torch.where(norms > 0, c * a.sum(0, dtype=torch.float32) / norms.clamp_min(TINY), 0.0)
         dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=base)
-        dx = (dxc - d_xhat32 - d_aux32).to(dtype)
-        db_dec32 = d_xhat32.sum(0) - dxc.sum(0)
+        dtarget = None
+        if ctx.target_dtype is None:
+            dx = (dxc - d_xhat32 - d_aux32).to(dtype)
+            db_dec32 = d_xhat32.sum(0) - dxc.sum(0)
+        else:  # a transcoder: x only feeds the encoder; the target gets both reconstructions' gradients
+            dx = dxc.to(dtype)
+            db_dec32 = d_xhat32.sum(0)
+            if ctx.needs_input_grad[7]:
+                dtarget = (-(d_xhat32 + d_aux32)).to(ctx.target_dtype)
         if not ctx.freeze:
             db_dec32 = db_dec32 + d_aux32.sum(0)
-        return dx, dW_enc, db_gate.to(dtype), dr.to(dtype), db_mag.to(dtype), dW_dec, db_dec32.to(dtype), None, None
+        grads = (dx, dW_enc, db_gate.to(dtype), dr.to(dtype), db_mag.to(dtype), dW_dec, db_dec32.to(dtype))
+        return *grads, dtarget, None
 
 
 def gated_sae_step_dense(
@@ -380,6 +436,7 @@ def gated_sae_step_dense(
     *,
     l1_coefficient: float = 1.0,
     freeze_aux_decoder: bool = True,
+    target: torch.Tensor | None = None,
 ) -> GatedSAEStep:
     """The same step in its dense formulation, for while the gates are mostly open (early in training).
 
@@ -387,15 +444,16 @@ def gated_sae_step_dense(
     product); the reconstructions are rounded to the dtype (as torch's own), the residuals and the
     losses' sums are fp32. Same losses and gradients as ``gated_sae_step`` by the
     parity rule; ``code`` is None (the code is dense), ``count`` is the number of
-    open gates and ``overflow`` False. No host sync.
+    open gates and ``overflow`` False. ``target``: as ``gated_sae_step``'s. No host sync.
     """
     args = (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)
-    _check(*args, 1, l1_coefficient, freeze_aux_decoder)
-    B, D = x.shape
+    _check(args, target, 1, l1_coefficient, freeze_aux_decoder)
+    y = x if target is None else target.contiguous()
+    B, D = y.shape
     loss, sq, sq_aux, l1, counts, gates = _DenseStep.apply(
-        *(t.contiguous() for t in args), float(l1_coefficient), freeze_aux_decoder
+        *(t.contiguous() for t in args), None if target is None else y, (float(l1_coefficient), freeze_aux_decoder)
     )
     return GatedSAEStep(
-        loss=loss, mse=sq / (B * D), fvu=sq / total_variance(x), l0=counts.sum().float() / B, fire_counts=counts,
+        loss=loss, mse=sq / (B * D), fvu=sq / total_variance(y), l0=counts.sum().float() / B, fire_counts=counts,
         code=None, l1=l1, aux=sq_aux / B, count=gates, overflow=torch.zeros((), dtype=torch.bool, device=x.device),
     )  # fmt: skip

@@ -30,6 +30,10 @@ step returns how many qualified (``count``) and ``overflow = count > capacity``;
 result is missing entries. ``JumpReLUSparseAutoencoder`` grows its capacity from the counts
 it sees, without a sync, so a later step is exact again.
 
+A transcoder (``target``): x is encoded as it is (no ``x - b_dec``) and the decode reconstructs
+the target [B, D_out] (W_dec [F, D_out], b_dec [D_out]); the L0 term and the threshold's estimator
+are unchanged, and the loss is differentiable in the target too.
+
 Precision: fp32 accumulation; the loss in fp32; gradients in the parameters' dtypes (the
 threshold's in the threshold's dtype). Deterministic. Nothing [B, F] is kept.
 """
@@ -39,12 +43,12 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import as_count, check_jumprelu_args, check_step_args
+from ..._validation import as_count, check_jumprelu_args
 from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
-from .._step import step_grads_fake, step_head
+from .._step import checked_step_args, reconstructed, step_grads_fake, step_head, target_grad_fake, target_grad_for
 
 # Host launchers ----------------------------------------------------------------
 
@@ -63,6 +67,7 @@ class JumpreluSaeStepInputs(NamedTuple):
     b_enc: torch.Tensor
     W_dec: torch.Tensor
     b_dec: torch.Tensor
+    target: torch.Tensor | None
     threshold: torch.Tensor
     bandwidth: float
     l0_coefficient: float
@@ -74,13 +79,14 @@ def jumprelu_sae_step_fwd(
 ) -> tuple[torch.Tensor, ...]:
     """Returns (loss, mse, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow, z, residual);
     z, the collected pre-activations, and the residual are kept for the backward."""
-    B, D = i.x.shape
+    y, centre = reconstructed(i.x, i.b_dec, i.target)
+    B, D = y.shape
     z, indices, row_offsets, count = threshold_preacts(
-        i.x, i.W_enc, i.b_enc, i.b_dec, i.threshold, i.bandwidth, i.capacity
+        i.x, i.W_enc, i.b_enc, centre, i.threshold, i.bandwidth, i.capacity
     )
     active, _ = _active(z, indices, i.threshold, i.x.dtype)
     vals = torch.where(active, z, 0)
-    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets)
+    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets)
     l0 = active.sum().float() / B
     counts = fire_counts(active, indices.clamp_min(0), i.W_dec.shape[0])
     loss = sq / B + i.l0_coefficient * l0
@@ -88,7 +94,7 @@ def jumprelu_sae_step_fwd(
         loss,
         sq / (B * D),
         l0,
-        sq / total_variance(i.x),
+        sq / total_variance(y),
         counts,
         vals,
         indices,
@@ -102,8 +108,7 @@ def jumprelu_sae_step_fwd(
 
 def jumprelu_sae_step_fwd_fake(i: JumpreluSaeStepInputs):
     x, W_dec, capacity = i.x, i.W_dec, i.capacity
-    B, D = x.shape
-    F = W_dec.shape[0]
+    B, (F, D) = x.shape[0], W_dec.shape
     f32, i64 = torch.float32, torch.int64
     scalar = [x.new_empty((), dtype=f32) for _ in range(4)]
     return (
@@ -120,8 +125,9 @@ def jumprelu_sae_step_fwd_fake(i: JumpreluSaeStepInputs):
 
 
 def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec, dthreshold): the MSE step's backward gated by H(z - theta),
-    and the threshold's straight-through gradient as a segmented sum over the same CSR transpose."""
+    """(dx, dW_enc, db_enc, dW_dec, db_dec, dtarget, dthreshold): the MSE step's backward gated by
+    H(z - theta), and the threshold's straight-through gradient as a segmented sum over the same CSR
+    transpose."""
     B = saved.x.shape[0]
     active, theta = _active(saved.z, saved.indices, saved.threshold, saved.x.dtype)
     vals = torch.where(active, saved.z, 0)
@@ -138,6 +144,7 @@ def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
         gate=active,
         per_row=True,
         with_da=True,
+        centred=saved.target is None,
     )
     # R(u), u = (z - theta) / bandwidth in the activations' dtype, as the reference computes it.
     u = (saved.z - theta) / saved.bandwidth
@@ -146,11 +153,13 @@ def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     per_entry = -(theta32 / saved.bandwidth) * da - saved.l0_coefficient * grads.loss.float() / (B * saved.bandwidth)
     q = torch.where(band, per_entry, 0.0)
     dthreshold = torch.segment_reduce(q[perm], "sum", offsets=offsets, unsafe=True)
-    return (*step_grads, dthreshold.to(saved.threshold.dtype))
+    dtarget = target_grad_for(needs[5], grads.loss, saved.residual, saved.target, saved.x, per_row=True)
+    return (*step_grads, dtarget, dthreshold.to(saved.threshold.dtype))
 
 
 def jumprelu_sae_step_bwd_fake(grads, saved, needs: list[bool]):
-    return step_grads_fake(saved.x, saved.W_enc, saved.W_dec, saved.b_dec, saved.threshold)
+    *step_grads, dthreshold = step_grads_fake(saved.x, saved.W_enc, saved.W_dec, saved.b_dec, saved.threshold)
+    return (*step_grads, target_grad_fake(needs[5], saved.target, saved.x), dthreshold)
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -164,6 +173,7 @@ _jumprelu_sae_step = register_op(
         "W_enc",
         "W_dec",
         "b_dec",
+        "target",
         "threshold",
         "z",
         "indices",
@@ -187,7 +197,7 @@ _jumprelu_sae_step = register_op(
         "residual",
     ),  # fmt: skip
     differentiable=("loss",),
-    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target", "threshold"),
 )
 
 
@@ -205,6 +215,7 @@ def jumprelu_sae_step(
     capacity: int,
     bandwidth: float = 0.05,
     l0_coefficient: float = 1.0,
+    target: torch.Tensor | None = None,
 ) -> JumpReLUSAEStep:
     """One JumpReLU SAE step: the sparse code above a learned per-latent threshold, MSE + L0.
 
@@ -217,17 +228,22 @@ def jumprelu_sae_step(
             bandwidth of the threshold). More than that sets ``overflow``; see the module docstring.
         bandwidth: the rectangle kernel's width epsilon (> 0).
         l0_coefficient: lambda, the weight of the L0 term (>= 0).
+        target: None (an SAE: reconstruct x), or [B, D_out] in x's dtype (a transcoder: reconstruct
+            ``target`` from x). With a target, W_dec is [F, D_out] and b_dec [D_out]; x is encoded
+            as it is (no ``x - b_dec``), the MSE term is the sum over D_out of ``(b_dec + decode -
+            target)^2`` (mean over B), ``mse`` and ``fvu`` are the target's, the L0 term and the
+            threshold's estimator are unchanged, and the loss is differentiable in ``target`` too.
 
     Returns:
         ``JumpReLUSAEStep(loss, mse, fvu, l0, fire_counts, code, count, overflow)``;
-        ``loss`` (0-d fp32) is differentiable in x, the four weights and the
-        threshold. No host sync; nothing [B, F] kept; deterministic.
+        ``loss`` (0-d fp32) is differentiable in x, the four weights, the
+        threshold (and the target). No host sync; nothing [B, F] kept; deterministic.
     """
-    B, _, _ = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    B, _, _ = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_jumprelu_args(threshold, W_enc.shape[0], capacity, bandwidth, l0_coefficient, x)
-    params = (x, W_enc, b_enc, W_dec, b_dec, threshold)
-    out = _jumprelu_sae_step.named(
-        _jumprelu_sae_step(*(t.contiguous() for t in params), float(bandwidth), float(l0_coefficient), capacity)
-    )
+    target = target.contiguous() if target is not None else None
+    params = (x, W_enc, b_enc, W_dec, b_dec)
+    tensors = (*(t.contiguous() for t in params), target, threshold.contiguous())
+    out = _jumprelu_sae_step.named(_jumprelu_sae_step(*tensors, float(bandwidth), float(l0_coefficient), capacity))
     return JumpReLUSAEStep(**step_head(out, B), count=out.count, overflow=out.overflow)

@@ -21,6 +21,10 @@ What is fused:
   ReLU's gate (one CSR transpose), and its term along each decoder row added by the same
   segmented pass that sums dW_dec (from each latent's sum of values), before the row's one rounding.
 
+A transcoder (``target``): x is encoded as it is (no ``x - b_dec``) and the decode reconstructs
+the target [B, D_out] (W_dec [F, D_out], b_dec [D_out]); the penalty is unchanged, and the loss
+is differentiable in the target too.
+
 Capacity: as ``jumprelu_sae_step``'s: ``count`` entries qualified; ``overflow = count >
 capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp32, gradients in
 the parameters' dtype. Deterministic. Nothing [B, F] is kept.
@@ -31,14 +35,23 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import register_op
-from ..._validation import as_count, check_standard_args, check_step_args
+from ..._validation import as_count, check_standard_args
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_rows
 from ...primitives.select import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import StandardSAEStep, total_variance
-from .._step import at_entries, cuda_fused, step_grads_fake, step_head
+from .._step import (
+    at_entries,
+    checked_step_args,
+    cuda_fused,
+    reconstructed,
+    step_grads_fake,
+    step_head,
+    target_grad_fake,
+    target_grad_for,
+)
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -53,6 +66,7 @@ class StandardSaeStepInputs(NamedTuple):
     b_enc: torch.Tensor
     W_dec: torch.Tensor
     b_dec: torch.Tensor
+    target: torch.Tensor | None
     l1_coefficient: float
     capacity: int
 
@@ -62,12 +76,13 @@ def standard_sae_step_fwd(
 ) -> tuple[torch.Tensor, ...]:
     """Returns (loss, mse, l1, l0, fvu, fire_counts, vals, indices, row_offsets, count, overflow,
     residual, norms); the residual and the decoder rows' norms are kept for the backward."""
-    B, D = i.x.shape
+    y, centre = reconstructed(i.x, i.b_dec, i.target)
+    B, D = y.shape
     F = i.W_dec.shape[0]
     zero = torch.zeros(F, dtype=i.x.dtype, device=i.x.device)
-    vals, indices, row_offsets, count = threshold_preacts(i.x, i.W_enc, i.b_enc, i.b_dec, zero, 0.0, i.capacity)
+    vals, indices, row_offsets, count = threshold_preacts(i.x, i.W_enc, i.b_enc, centre, zero, 0.0, i.capacity)
     counts = torch.zeros(F, dtype=torch.int64, device=i.x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets, counts=counts)
+    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets, counts=counts)
     norms = torch.linalg.vector_norm(i.W_dec, dim=1, dtype=torch.float32)
     l1 = (vals.float() * at_entries(norms, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
@@ -77,7 +92,7 @@ def standard_sae_step_fwd(
         sq / (B * D),
         l1,
         l0,
-        sq / total_variance(i.x),
+        sq / total_variance(y),
         counts,
         vals,
         indices,
@@ -91,8 +106,7 @@ def standard_sae_step_fwd(
 
 def standard_sae_step_fwd_fake(i: StandardSaeStepInputs):
     x, W_dec, capacity = i.x, i.W_dec, i.capacity
-    B, D = x.shape
-    F = W_dec.shape[0]
+    B, (F, D) = x.shape[0], W_dec.shape
     f32, i64 = torch.float32, torch.int64
     scalar = [x.new_empty((), dtype=f32) for _ in range(5)]
     return (
@@ -109,21 +123,22 @@ def standard_sae_step_fwd_fake(i: StandardSaeStepInputs):
 
 
 def standard_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
-    """(dx, dW_enc, db_enc, dW_dec, db_dec): the MSE step's backward with the penalty's code gradient
-    added before the ReLU's gate, then the penalty's term along each decoder row."""
+    """(dx, dW_enc, db_enc, dW_dec, db_dec, dtarget): the MSE step's backward with the penalty's code
+    gradient added before the ReLU's gate, then the penalty's term along each decoder row."""
     B = saved.x.shape[0]
     c = grads.loss.float() * (saved.l1_coefficient / B)
     da_l1 = c * at_entries(saved.norms, saved.indices)
     row_term = torch.where(saved.norms > 0, c / saved.norms.clamp_min(TINY), 0.0)  # d||w||/dw = w/||w|| (0 at w = 0)
-    return mse_step_backward(
+    step_grads = mse_step_backward(
         grads.loss, saved.x, saved.W_enc, saved.W_dec, saved.b_dec, saved.vals, saved.indices, saved.residual,
-        saved.row_offsets, per_row=True, da_extra=da_l1, dw_dec_row_term=row_term,
+        saved.row_offsets, per_row=True, da_extra=da_l1, dw_dec_row_term=row_term, centred=saved.target is None,
     )  # fmt: skip
+    return (*step_grads, target_grad_for(needs[5], grads.loss, saved.residual, saved.target, saved.x, per_row=True))
 
 
 def standard_sae_step_bwd_fake(grads, saved, needs: list[bool]):
     x, W_enc, W_dec, b_dec = saved.x, saved.W_enc, saved.W_dec, saved.b_dec
-    return step_grads_fake(x, W_enc, W_dec, b_dec)
+    return (*step_grads_fake(x, W_enc, W_dec, b_dec), target_grad_fake(needs[5], saved.target, x))
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -132,7 +147,19 @@ _standard_sae_step = register_op(
     "standard_sae_step",
     inputs=StandardSaeStepInputs,
     launchers=(standard_sae_step_fwd, standard_sae_step_fwd_fake, standard_sae_step_bwd, standard_sae_step_bwd_fake),
-    saved=("x", "W_enc", "W_dec", "b_dec", "vals", "indices", "row_offsets", "residual", "norms", "l1_coefficient"),
+    saved=(
+        "x",
+        "W_enc",
+        "W_dec",
+        "b_dec",
+        "target",
+        "vals",
+        "indices",
+        "row_offsets",
+        "residual",
+        "norms",
+        "l1_coefficient",
+    ),
     outputs=(
         "loss",
         "mse",
@@ -149,7 +176,7 @@ _standard_sae_step = register_op(
         "norms",
     ),  # fmt: skip
     differentiable=("loss",),
-    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec"),
+    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
 )
 
 
@@ -165,6 +192,7 @@ def standard_sae_step(
     *,
     capacity: int,
     l1_coefficient: float = 1.0,
+    target: torch.Tensor | None = None,
 ) -> StandardSAEStep:
     """One standard SAE step: the ReLU code, MSE + the decoder-norm-weighted L1 penalty.
 
@@ -174,18 +202,24 @@ def standard_sae_step(
         capacity: the code's fixed size (active entries over the batch, 1 <= capacity <= B * F).
             More than that sets ``overflow``.
         l1_coefficient: lambda, the penalty's weight (>= 0); SAELens's default 1.0.
+        target: None (an SAE: reconstruct x), or [B, D_out] in x's dtype (a transcoder: reconstruct
+            ``target`` from x). With a target, W_dec is [F, D_out] and b_dec [D_out]; x is encoded
+            as it is (no ``x - b_dec``), the MSE term is the sum over D_out of ``(b_dec + decode -
+            target)^2`` (mean over B), ``mse`` and ``fvu`` are the target's, the penalty is
+            unchanged, and the loss is differentiable in ``target`` too.
 
     Returns:
         ``StandardSAEStep(loss, mse, fvu, l0, fire_counts, code, l1, count, overflow)``;
-        ``loss`` (0-d fp32) is differentiable in x and the four weights. No host
+        ``loss`` (0-d fp32) is differentiable in x and the four weights (and the target). No host
         sync; nothing [B, F] kept; deterministic.
     """
-    B, _, _ = check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    B, _, _ = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
+    target = target.contiguous() if target is not None else None
     params = (x, W_enc, b_enc, W_dec, b_dec)
     out = _standard_sae_step.named(
-        _standard_sae_step(*(t.contiguous() for t in params), float(l1_coefficient), capacity)
+        _standard_sae_step(*(t.contiguous() for t in params), target, float(l1_coefficient), capacity)
     )
     return StandardSAEStep(**step_head(out, B), l1=out.l1, count=out.count, overflow=out.overflow)
 
@@ -212,16 +246,18 @@ class _DenseStep(torch.autograd.Function):
     row pass that rounds once)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, l1_coefficient):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, target, l1_coefficient):
         B = x.shape[0]
-        xc = x - b_dec
+        y = x if target is None else target
+        xc = x - b_dec if target is None else x  # a transcoder encodes x as it is
         norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
         acts, counts, l1_rows = _dense_relu_code(torch.addmm(b_enc, xc, W_enc.t()), norms)
-        residual = torch.addmm(b_dec, acts, W_dec).float().sub_(x.float())
+        residual = torch.addmm(b_dec, acts, W_dec).float().sub_(y.float())
         sq = residual.square().sum()
         l1 = l1_rows.sum() / B
         ctx.save_for_backward(xc, W_enc, W_dec, acts, residual, norms)
         ctx.l1_coefficient = l1_coefficient
+        ctx.target_dtype = None if target is None else target.dtype
         ctx.mark_non_differentiable(sq, l1, counts)
         return sq / B + l1_coefficient * l1, sq, l1, counts
 
@@ -240,9 +276,12 @@ class _DenseStep(torch.autograd.Function):
         dW_enc = dz.t() @ xc
         db_enc = db_enc.to(dtype)
         dxc = (dz @ W_enc).float()
+        if ctx.target_dtype is not None:  # a transcoder: x only feeds the encoder, b_dec only the decode
+            dtarget = (-d_xhat32).to(ctx.target_dtype) if ctx.needs_input_grad[5] else None
+            return dxc.to(dtype), dW_enc, db_enc, dW_dec, d_xhat32.sum(0).to(dtype), dtarget, None
         dx = (dxc - d_xhat32).to(dtype)
         db_dec = (d_xhat32.sum(0) - dxc.sum(0)).to(dtype)
-        return dx, dW_enc, db_enc, dW_dec, db_dec, None
+        return dx, dW_enc, db_enc, dW_dec, db_dec, None, None
 
 
 def standard_sae_step_dense(
@@ -253,21 +292,25 @@ def standard_sae_step_dense(
     b_dec: torch.Tensor,
     *,
     l1_coefficient: float = 1.0,
+    target: torch.Tensor | None = None,
 ) -> StandardSAEStep:
     """The same step in its dense formulation, for while the code is dense (early in training).
 
     cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.
     Same loss and gradients as ``standard_sae_step`` by the parity rule; ``code`` is None (the
     code is dense), ``count`` is the number of active entries
-    and ``overflow`` False. No host sync.
+    and ``overflow`` False. ``target``: as ``standard_sae_step``'s. No host sync.
     """
-    check_step_args(x, W_enc, b_enc, W_dec, b_dec, 1)
+    checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     check_standard_args(W_enc.shape[0], 1, l1_coefficient, x)
-    B, D = x.shape
+    y = x if target is None else target.contiguous()
+    B, D = y.shape
     args = (x, W_enc, b_enc, W_dec, b_dec)
-    loss, sq, l1, counts = _DenseStep.apply(*(t.contiguous() for t in args), float(l1_coefficient))
+    loss, sq, l1, counts = _DenseStep.apply(
+        *(t.contiguous() for t in args), None if target is None else y, float(l1_coefficient)
+    )
     count = counts.sum()
     return StandardSAEStep(
-        loss=loss, mse=sq / (B * D), fvu=sq / total_variance(x), l0=count.float() / B, fire_counts=counts,
+        loss=loss, mse=sq / (B * D), fvu=sq / total_variance(y), l0=count.float() / B, fire_counts=counts,
         code=None, l1=l1, count=count, overflow=torch.zeros((), dtype=torch.bool, device=x.device),
     )  # fmt: skip
