@@ -35,12 +35,12 @@ from side_by_side import DTYPES, apply_tuning, graph_ms, load_kernel, make_step_
 
 WRAPPED = (  # (module suffix, function): the primitives a step calls, timed where they are looked up
     ("_validation", "check_step_args"),
-    ("primitives.select", "topk_preacts"),
-    ("primitives.select", "pre_chunks"),
-    ("primitives.select", "group_best"),
-    ("primitives.select", "_row_select"),
-    ("primitives.select", "topk_group"),
-    ("primitives.select", "row_select_fits"),
+    ("primitives.select.preacts", "topk_preacts"),
+    ("primitives.select.preacts", "pre_chunks"),
+    ("primitives.select.groups", "group_max_keys"),
+    ("primitives.select.row_topk", "row_select_values"),
+    ("primitives.select.row_topk", "topk_group"),
+    ("primitives.select.row_topk", "row_select_fits"),
     ("primitives.gather", "gather_rows"),
     ("results", "fire_counts"),
     ("results", "total_variance"),

@@ -2,7 +2,7 @@
 
 Both act on the dead set (``primitives/dead_set.py``): the first ``capacity`` dead latents from
 an offset on, whose pre-activations the step's chunk pass copies out while it selects (``columns`` of
-``select.topk_preacts``), so there is no second encoder GEMM and nothing [B, F]. With e = x -
+``select.preacts.topk_preacts``), so there is no second encoder GEMM and nothing [B, F]. With e = x -
 x_hat the main reconstruction's residual (detached), pre_d [B, C] the dead set's
 pre-activations and W_d [C, D] its decoder rows:
 
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from ..primitives.dead_set import add_rows_, dead_slots, mm_f32, slot_rows
-from ..primitives.select import row_top
+from ..primitives.select.row_topk import row_top
 
 AUXK, GHOST = 1, 2
 MODES = {"auxk": AUXK, "ghost": GHOST}

@@ -15,7 +15,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import check_batch_k, check_prefix_sizes, check_step_args
-from ...primitives.select import batch_topk_preacts
+from ...primitives.select.preacts import batch_topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
     MATRYOSHKA_OUTPUTS,

@@ -42,7 +42,7 @@ from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.encoder import encoder_backward
 from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
-from ...primitives.select import threshold_preacts
+from ...primitives.select.preacts import threshold_preacts
 from ...results import GatedSAEStep, total_variance
 from .._step import at_entries, cuda_fused
 

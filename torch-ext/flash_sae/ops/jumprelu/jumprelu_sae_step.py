@@ -17,7 +17,7 @@ nothing else: dtheta[f] = sum over those entries of R(u) * (-(theta/bw) dL/df - 
 * grad / (B * bw)).
 
 What is fused:
-- one collection per pre-activation chunk (``primitives.select.threshold_preacts``) gathers
+- one collection per pre-activation chunk (``primitives.select.preacts.threshold_preacts``) gathers
   the active entries and the band's into one variable-length code of fixed capacity; band-only
   entries carry the value 0, so they change no reconstruction and no weight gradient, but
   the decoder's segmented pass computes their dL/df with everyone else's;
@@ -41,7 +41,7 @@ import torch
 from ..._registry import register_op
 from ..._validation import as_count, check_jumprelu_args, check_step_args
 from ...primitives.gather import gather_rows
-from ...primitives.select import threshold_preacts
+from ...primitives.select.preacts import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
 from .._step import step_grads_fake

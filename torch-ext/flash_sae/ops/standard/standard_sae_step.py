@@ -13,7 +13,7 @@ at each active entry) and the decoder rows (l1_coefficient / B * (sum of f's val
 W_dec[f] / ||W_dec[f]||; 0 at a zero row, as torch's norm gives).
 
 What is fused:
-- one collection per pre-activation chunk (``primitives.select.threshold_preacts`` at threshold
+- one collection per pre-activation chunk (``primitives.select.preacts.threshold_preacts`` at threshold
   0) gathers the active entries (z > 0) into a variable-length code of fixed capacity;
 - decode and MSE: the row gather over the code; the penalty from the code and the decoder rows'
   norms (one fp32 norm per row, read from W_dec without an fp32 copy);
@@ -35,7 +35,7 @@ from ..._validation import as_count, check_standard_args, check_step_args
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_rows
-from ...primitives.select import threshold_preacts
+from ...primitives.select.preacts import threshold_preacts
 from ...primitives.step_backward import mse_step_backward
 from ...results import StandardSAEStep, total_variance
 from .._step import at_entries, cuda_fused, step_grads_fake

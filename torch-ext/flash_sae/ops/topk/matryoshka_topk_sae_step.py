@@ -18,7 +18,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import as_count, check_prefix_sizes, check_step_args
-from ...primitives.select import topk_preacts
+from ...primitives.select.preacts import topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
     MATRYOSHKA_OUTPUTS,

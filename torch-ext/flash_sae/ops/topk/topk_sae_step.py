@@ -40,7 +40,7 @@ import torch
 from ..._registry import register_op
 from ..._validation import as_count, check_dead_loss_args
 from ...primitives.gather import gather_rows
-from ...primitives.select import topk_preacts
+from ...primitives.select.preacts import topk_preacts
 from ...results import TopKSAEStep, total_variance
 from .._dead import (
     DEAD_OUTPUTS,
