@@ -41,13 +41,15 @@ WRAPPED = (  # (module suffix, function): the primitives a step calls, timed whe
     ("primitives.select.row_topk", "row_select_values"),
     ("primitives.select.row_topk", "topk_group"),
     ("primitives.select.row_topk", "row_select_fits"),
+    ("primitives.gather", "gather_residual"),
     ("primitives.gather", "gather_rows"),
     ("results", "fire_counts"),
     ("results", "total_variance"),
     ("primitives.step_backward", "mse_step_backward"),
     ("primitives.csr", "csr_transpose"),
-    ("primitives.csr", "segment_sum"),
-    ("primitives.gather", "gather_rows_backward"),
+    ("primitives.csr", "segment_sum_dots"),
+    ("primitives.csr", "segment_sum_weighted"),
+    ("primitives.gather", "gather_rows_backward_gated"),
     ("primitives.encoder", "encoder_backward"),
 )
 

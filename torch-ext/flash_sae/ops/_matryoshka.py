@@ -17,8 +17,8 @@ shared MSE-step backward then runs once, with latent f reading S_L(f) in the seg
 
 import torch
 
-from ..primitives.gather import gather_rows, row_ids
-from ..primitives.step_backward import mse_step_backward
+from ..primitives.gather import gather_level_residuals, row_ids
+from ..primitives.step_backward import StepTensors, matryoshka_step_backward
 from ..results import fire_counts, total_variance
 from ._step import step_grads_fake
 
@@ -40,7 +40,9 @@ def matryoshka_levels_fwd(x, W_dec, b_dec, vals, indices, row_offsets, prefix_si
     sizes = level_sizes(prefix_sizes, x.device)
     flat = row_ids(row_offsets, indices.numel()) * F + indices
     level_ends = torch.searchsorted(flat, torch.arange(B, device=x.device).unsqueeze(1) * F + sizes)
-    residuals, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, level_ends=level_ends)
+    residuals, sq = gather_level_residuals(
+        vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, level_ends=level_ends
+    )
     level_losses = sq / (B * D)
     return level_losses.sum(), level_losses, sq[-1] / total_variance(x), fire_counts(vals, indices, F), residuals
 
@@ -70,8 +72,9 @@ def matryoshka_levels_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     suffix = saved.residuals.flip(0).cumsum(0).flip(0).contiguous()
     sizes = level_sizes(saved.prefix_sizes, x.device)
     levels = torch.searchsorted(sizes, torch.arange(F, device=x.device), right=True).to(torch.int32)
-    return mse_step_backward(grads.loss, x, saved.W_enc, W_dec, saved.b_dec, saved.vals, saved.indices, suffix,
-                             saved.row_offsets, levels=levels)  # fmt: skip
+    step = StepTensors(x=x, W_enc=saved.W_enc, W_dec=W_dec, b_dec=saved.b_dec, vals=saved.vals, indices=saved.indices,
+                       residual=suffix, row_offsets=saved.row_offsets)  # fmt: skip
+    return matryoshka_step_backward(grads.loss, step, levels=levels)
 
 
 def matryoshka_levels_bwd_fake(grads, saved, needs: list[bool]):

@@ -4,7 +4,7 @@ import torch
 
 from .._registry import placeholder
 from .._validation import check_encoder_args, check_same_device, check_same_dtype, check_step_args, check_tensor
-from ..primitives.step_backward import mse_step_backward, target_grad
+from ..primitives.step_backward import StepTensors, mse_step_backward, target_grad
 from ._dead import DeadLossSpec, backward_with_dead_loss
 
 
@@ -94,8 +94,9 @@ def mse_selection_step_backward(grads, saved, needs: list[bool]) -> tuple[torch.
     centred = target is None
 
     def mse_backward(dx_extra):
-        return mse_step_backward(grads.loss, x, W_enc, W_dec, b_dec, saved.vals, saved.indices, residual, row_offsets,
-                                 dx_extra=dx_extra, centred=centred)  # fmt: skip
+        step = StepTensors(x=x, W_enc=W_enc, W_dec=W_dec, b_dec=b_dec, vals=saved.vals, indices=saved.indices,
+                           residual=residual, row_offsets=row_offsets)  # fmt: skip
+        return mse_step_backward(grads.loss, step, dx_extra=dx_extra, centred=centred)
 
     spec = DeadLossSpec.from_op(saved.dead)
     dead_saved = (saved.A, saved.gate, saved.dE1, saved.ids, saved.valid)

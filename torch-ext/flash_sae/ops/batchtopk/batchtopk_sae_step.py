@@ -34,7 +34,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import check_batch_k, check_dead_loss_args
-from ...primitives.gather import gather_rows
+from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import batch_topk_preacts
 from ...results import BatchTopKSAEStep, total_variance
 from .._dead import (
@@ -87,7 +87,7 @@ def batchtopk_sae_step_fwd(
     columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
     acts, vals, indices, row_offsets = batch_topk_preacts(x, i.W_enc, i.b_enc, i.n, centre, scale, columns=columns)
     counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, y, row_offsets=row_offsets, counts=counts)
+    residual, sq = gather_residual(vals, indices, W_dec, b_dec, y, row_offsets=row_offsets, counts=counts)
     min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
     dead_out = dead_outputs(spec, slots, x, residual, W_dec, scale)
     loss = sq / (B * D)

@@ -40,9 +40,9 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import as_count, check_jumprelu_args, check_step_args
-from ...primitives.gather import gather_rows
+from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import threshold_preacts
-from ...primitives.step_backward import mse_step_backward
+from ...primitives.step_backward import StepTensors, step_backward_with_da
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
 from .._step import step_grads_fake
 
@@ -80,7 +80,7 @@ def jumprelu_sae_step_fwd(
     )
     active, _ = _active(z, indices, i.threshold, i.x.dtype)
     vals = torch.where(active, z, 0)
-    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets)
+    residual, sq = gather_residual(vals, indices, i.W_dec, i.b_dec, i.x, row_offsets=row_offsets)
     l0 = active.sum().float() / B
     counts = fire_counts(active, indices.clamp_min(0), i.W_dec.shape[0])
     loss = sq / B + i.l0_coefficient * l0
@@ -125,20 +125,17 @@ def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     B = saved.x.shape[0]
     active, theta = _active(saved.z, saved.indices, saved.threshold, saved.x.dtype)
     vals = torch.where(active, saved.z, 0)
-    *step_grads, da, (perm, offsets) = mse_step_backward(
-        grads.loss,
-        saved.x,
-        saved.W_enc,
-        saved.W_dec,
-        saved.b_dec,
-        vals,
-        saved.indices,
-        saved.residual,
-        saved.row_offsets,
-        gate=active,
-        per_row=True,
-        with_da=True,
+    step = StepTensors(
+        x=saved.x,
+        W_enc=saved.W_enc,
+        W_dec=saved.W_dec,
+        b_dec=saved.b_dec,
+        vals=vals,
+        indices=saved.indices,
+        residual=saved.residual,
+        row_offsets=saved.row_offsets,
     )
+    *step_grads, da, (perm, offsets) = step_backward_with_da(grads.loss, step, gate=active)
     # R(u), u = (z - theta) / bandwidth in the activations' dtype, as the reference computes it.
     u = (saved.z - theta) / saved.bandwidth
     band = (u > -0.5) & (u < 0.5) & (saved.indices >= 0)

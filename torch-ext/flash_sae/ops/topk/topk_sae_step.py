@@ -39,7 +39,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import as_count, check_dead_loss_args
-from ...primitives.gather import gather_rows
+from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import topk_preacts
 from ...results import TopKSAEStep, total_variance
 from .._dead import (
@@ -90,7 +90,7 @@ def topk_sae_step_fwd(
     columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
     vals, indices = topk_preacts(x, i.W_enc, i.b_enc, i.k, centre, columns=columns, relu=True)
     counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, W_dec, b_dec, y, counts=counts)
+    residual, sq = gather_residual(vals, indices, W_dec, b_dec, y, counts=counts)
     dead_out = dead_outputs(spec, slots, x, residual, W_dec)
     loss = sq / (B * D)
     if spec.mode:
