@@ -75,21 +75,9 @@ def group_keys_batch(pre: torch.Tensor, f0: int, G: int, groups: torch.Tensor, s
     keys = torch.empty(m * G, dtype=kdt, device=pre.device)
     per = 64
     _group_keys_kernel[(triton.cdiv(m, per),)](
-        pre,
-        groups,
-        scale if scale is not None else pre,
-        keys,
-        m,
-        w,
-        pre.stride(0),
-        f0,
-        n_groups,
-        G=G,
-        GROUPS=per,
-        KEY_BITS=key_bits(pre.dtype),
-        HAS_SCALE=scale is not None,
-        num_warps=4,
-    )
+        pre, groups, scale if scale is not None else pre, keys, m, w, pre.stride(0), f0, n_groups,
+        G=G, GROUPS=per, KEY_BITS=key_bits(pre.dtype), HAS_SCALE=scale is not None, num_warps=4,
+    )  # fmt: skip
     return keys
 
 
