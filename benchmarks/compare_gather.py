@@ -4,7 +4,7 @@
     python benchmarks/compare_gather.py --before <checkout of the earlier commit>
 
 A narrower look than compare_builds.py when a change touches only ``primitives/gather.py`` or
-``primitives/csr.py``: ``gather_rows`` (decode with residual and squared error) and
+``primitives/csr.py``: ``gather_residual`` (decode with residual and squared error) and
 ``gather_rows_backward`` (the segmented pass with the dots) at (2048, 2304, 65536, 64) bf16, the two
 builds alternating. With ``$OUT`` set it also writes each build's compiled ``_segment_sum_kernel`` PTX
 there, to diff what the compiler made of a change.
@@ -36,8 +36,9 @@ def main():
     for _ in range(args.reps):
         for name, fs in builds:
             g = sys.modules[fs.__name__ + ".primitives.gather"]
-            r, _ = g.gather_rows(vals, indices, weight, bias, target)
-            fwd = graph_ms(lambda g=g: g.gather_rows(vals, indices, weight, bias, target))
+            residual = getattr(g, "gather_residual", None) or g.gather_rows  # earlier builds: gather_rows(..., target)
+            r, _ = residual(vals, indices, weight, bias, target)
+            fwd = graph_ms(lambda residual=residual: residual(vals, indices, weight, bias, target))
             bwd = graph_ms(
                 lambda g=g, r=r: g.gather_rows_backward(r, vals, indices, weight, scale=scale, scale_const=1e-3)
             )

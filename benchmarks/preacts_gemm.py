@@ -4,8 +4,8 @@
 Timed in one process with CUDA graphs, bf16:
 
 1. the cuBLAS path (the package's where the fused GEMM does not fit): ``torch.addmm`` writes the
-   pre-activations, ``select._group_best_kernel`` reads them whole for the group keys,
-   ``select._row_select_kernel`` picks the top k;
+   pre-activations, ``select.groups._group_best_kernel`` reads them whole for the group keys,
+   ``select.row_topk._row_select_kernel`` picks the top k;
 2. a Triton GEMM whose epilogue writes the pre-activations and the group keys, then the same
    ``_row_select_kernel`` (its ``gkeys`` argument), so the whole-tensor read goes.
 
@@ -238,7 +238,8 @@ def main():
     )
     args = parser.parse_args()
     fs = FS
-    sel = package_module(fs, "primitives.select")
+    sel = package_module(fs, "primitives.select.row_topk")
+    groups = package_module(fs, "primitives.select.groups")
     configs = CONFIGS if args.configs == "all" else CONFIGS[:1]
     if args.ab:
         return alternate(fs, sel, args.ab)
@@ -249,13 +250,13 @@ def main():
         flop = 2 * B * D * F
         print(f"\n## (B, D, F, K) = {(B, D, F, K)}, G = {G}", flush=True)
         t_mm = graph_ms(lambda: torch.addmm(b, x, W.T, out=pre))
-        t_grp = graph_ms(lambda: sel.group_best(pre, 0, G, keys_only=True))
-        gk = sel.group_best(pre, 0, G, keys_only=True)
-        t_row = graph_ms(lambda: sel._row_select(pre, 0, K, G, unpack=True, relu=True, gkeys=gk))
-        t_all = graph_ms(lambda: sel._row_select(torch.addmm(b, x, W.T, out=pre), 0, K, G, unpack=True, relu=True))
+        t_grp = graph_ms(lambda: groups.group_max_keys(pre, 0, G))
+        gk = groups.group_max_keys(pre, 0, G)
+        t_row = graph_ms(lambda: sel.row_select_values(pre, 0, K, G, relu=True, gkeys=gk))
+        t_all = graph_ms(lambda: sel.row_select_values(torch.addmm(b, x, W.T, out=pre), 0, K, G, relu=True))
         print(f"cuBLAS addmm {t_mm:.3f} ms ({flop / t_mm / 1e9:.0f} TFLOP/s); group pass {t_grp:.3f}; "
               f"candidate kernel {t_row:.3f}; addmm + selection {t_all:.3f}", flush=True)  # fmt: skip
-        _, ids_ref = sel._row_select(torch.addmm(b, x, W.T, out=pre), 0, K, G, unpack=True, relu=True)
+        _, ids_ref = sel.row_select_values(torch.addmm(b, x, W.T, out=pre), 0, K, G, relu=True)
         pre_ref = pre.clone()
         best = None
         variants = [
@@ -280,16 +281,16 @@ def main():
                         print(f"  {cfg}: {t_f:.3f} ms ({flop / t_f / 1e9:.0f} TFLOP/s)", flush=True)
                         continue
                     t_fs = graph_ms(
-                        lambda gemm=gemm, args=args: sel._row_select(
-                            pre, 0, K, G, unpack=True, relu=True, gkeys=gemm(x, W, b, G, pre, **args)
+                        lambda gemm=gemm, args=args: sel.row_select_values(
+                            pre, 0, K, G, relu=True, gkeys=gemm(x, W, b, G, pre, **args)
                         )
                     )
                 except Exception as e:  # a tile that does not fit the SM's shared memory
                     print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:100]}")
                     continue
                 gkf = gemm(x, W, b, G, pre, **args)
-                same_keys = torch.equal(gkf, sel.group_best(pre, 0, G, keys_only=True))
-                _, ids_f = sel._row_select(pre, 0, K, G, unpack=True, relu=True, gkeys=gkf)
+                same_keys = torch.equal(gkf, groups.group_max_keys(pre, 0, G))
+                _, ids_f = sel.row_select_values(pre, 0, K, G, relu=True, gkeys=gkf)
                 differ = (pre != pre_ref).sum().item()
                 rows = (ids_f != ids_ref).any(1).sum().item()
                 print(f"  {cfg}: GEMM + keys {t_f:.3f} ms ({flop / t_f / 1e9:.0f} TFLOP/s), "
@@ -318,13 +319,13 @@ def alternate(fs, sel, rounds):
         G = sel.topk_group(F, K)
 
         def shipped():
-            return sel._row_select(torch.addmm(b, x, W.T, out=pre), 0, K, G, unpack=True, relu=True)
+            return sel.row_select_values(torch.addmm(b, x, W.T, out=pre), 0, K, G, relu=True)
 
         assert pg.fits(x, W, pre, G), "the package's fused GEMM does not take this shape"
 
         def fused():
             gk = pg.preacts_group_keys(x, W, b, G, pre)
-            return sel._row_select(pre, 0, K, G, unpack=True, relu=True, gkeys=gk)
+            return sel.row_select_values(pre, 0, K, G, relu=True, gkeys=gk)
 
         same = all(torch.equal(u, v) for u, v in zip(shipped(), fused()))
         ratios = []

@@ -34,7 +34,8 @@ def encoder_sweeps(fs, common, default, only, record):
     """The top-k selection against torch.topk on the same [B, F] bf16 pre-activations, its stages,
     and a sweep of its policy (group size, groups per program, warps); then the encoder's stages
     (GEMM alone, GEMM + torch.topk, our forward and backward) at the default policy."""
-    enc = sys.modules[fs.__name__ + ".primitives.select"]
+    enc = sys.modules[fs.__name__ + ".primitives.select.row_topk"]
+    groups = sys.modules[fs.__name__ + ".primitives.select.groups"]
     encode = sys.modules[fs.__name__ + ".ops.topk.topk_encode"]
     for B, F, K in SELECT_SHAPES if "select" in only else []:
         shape = dict(B=B, F=F, K=K)
@@ -45,7 +46,7 @@ def encoder_sweeps(fs, common, default, only, record):
         record(kind="select", impl="torch.topk", ms=bench(lambda: torch.topk(pre, K, dim=1)), **shape)
         record(kind="select", impl="read once (pre.amax)", ms=bench(lambda: pre.amax(1)), **shape)
         stages = {
-            "group_best": lambda: enc.group_best(pre, 0, enc.topk_group(F, K)),
+            "group_best": lambda: groups.group_best(pre, 0, enc.topk_group(F, K)),
             "chunk_top_k": lambda: enc.chunk_top_k(pre, 0, K),
             "select_topk": lambda: enc.select_topk(pre, K),
         }

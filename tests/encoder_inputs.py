@@ -47,10 +47,10 @@ def assert_gemm_close(pre, xc, W, b):
 
 def selected_preacts(fs, x, W_enc, b_enc, k, b_dec):
     """The same-dtype pre-activations a TopK selection of ``k`` ran on, [B, F]: the package's GEMM output
-    chunk by chunk (``select.pre_chunks`` as ``topk_preacts`` calls it: torch's ``addmm``, or where it
+    chunk by chunk (``select.preacts.pre_chunks`` as ``topk_preacts`` calls it: torch's ``addmm``, or where it
     applies the fused GEMM of ``primitives/preacts_gemm.py``, which sums in its own order), checked to be
     torch's up to the summation order (``assert_gemm_close``)."""
-    sel = package_module(fs, "primitives.select")
+    sel = package_module(fs, "primitives.select.preacts")
     with torch.no_grad():
         xc = x - b_dec if b_dec is not None else x
         pre = torch.cat([p.clone() for _, p, _ in sel.pre_chunks(xc, W_enc, b_enc, k)], dim=1)

@@ -1,4 +1,4 @@
-"""primitives/csr.segment_sum: the kernel and the plain-torch path agree on latents no element touches."""
+"""primitives/csr.segment_sum_dots: the kernel and the plain-torch path agree on latents no element touches."""
 
 import pytest
 import torch
@@ -22,26 +22,13 @@ def test_segment_sum_untouched_latent_row_term(fs, device, by_coef):
     weight[3] = float("inf")
     weight[5, 2] = float("nan")
     row_term = torch.rand(F, generator=g).to(device) + 0.5
-    kw = dict(K=K, element_rows=False, coef=coef, scale_const=0.5, weight=weight, row_term=row_term)
+    rows = csr.SegmentRows(src=src, K=K)
+    term = csr.RowTerm(row_term, by_coef=by_coef)
     out_kernel = torch.empty(F, D, device=device)
-    csr.segment_sum(perm, offsets, src, out=out_kernel, row_term_by_coef=by_coef, **kw)
+    csr.segment_sum_dots(perm, offsets, rows, out=out_kernel, coef=coef, weight=weight, scale_const=0.5, row_term=term)
     out_torch = torch.empty(F, D, device=device)
-    csr._segment_sum_torch(
-        perm,
-        offsets,
-        src,
-        K,
-        out_torch,
-        element_rows=False,
-        coef=coef,
-        scale=None,
-        scale_const=0.5,
-        weight=weight,
-        d_base=0,
-        coef_sum=None,
-        row_term=row_term,
-        row_term_by_coef=by_coef,
-    )
+    same_pass = csr.SegmentPass(out=out_torch, coef=coef, scale_const=0.5, weight=weight, row_term=term)
+    csr._segment_sum_torch(perm, offsets, rows, same_pass)
     untouched = [2, 3, 5]
     if by_coef:
         assert torch.equal(out_kernel[untouched], torch.zeros(3, D, device=device))

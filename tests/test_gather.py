@@ -78,9 +78,9 @@ def test_gather_rows_counts(fs, device, path, B, K, F, D, dtype, varlen, seed):
     vals, ids, weight, bias, row_offsets = make_code(B, K, F, D, dtype, device, seed, varlen)
     target = torch.randn(B, D, device=device).to(dtype)
     counts = torch.full((F,), 5, dtype=torch.int64, device=device)  # added to, not overwritten
-    residual, sq = gather.gather_rows(vals, ids, weight, bias, target, row_offsets=row_offsets, counts=counts)
+    residual, sq = gather.gather_residual(vals, ids, weight, bias, target, row_offsets=row_offsets, counts=counts)
     assert torch.equal(counts.cpu(), counts_formula(vals, ids, row_offsets, F) + 5)
-    plain_r, plain_sq = gather.gather_rows(vals, ids, weight, bias, target, row_offsets=row_offsets)
+    plain_r, plain_sq = gather.gather_residual(vals, ids, weight, bias, target, row_offsets=row_offsets)
     torch.testing.assert_close(residual, plain_r, rtol=0, atol=0, equal_nan=True)  # bit for bit
     torch.testing.assert_close(sq, plain_sq, rtol=0, atol=0, equal_nan=True)
     counts = torch.zeros(F, dtype=torch.int64, device=device)
@@ -114,16 +114,23 @@ def test_gather_rows_minus(fs, device, path, B, K, F, D, dtype, varlen, const, s
 
 @pytest.mark.kernels_ci
 def test_gather_rows_rejects_bad_combinations(fs, device):
+    """The walk's options that do not go together: ``gather_residual`` takes no ``minus`` and
+    ``gather_level_residuals`` no ``counts`` (TypeError), and their shared launcher raises ValueError."""
     gather = package_module(fs, "primitives.gather")
     vals, ids, weight, bias, _ = make_code(2, 3, 5, 4, torch.float32, device, 0, False)
     t = torch.zeros(2, 4, device=device)
     one = torch.ones((), device=device)
+    with pytest.raises(TypeError):
+        gather.gather_residual(vals, ids, weight, bias, t, minus=(t, one, 1.0))
     with pytest.raises(ValueError, match="minus"):
-        gather.gather_rows(vals, ids.clamp(-1, 4), weight, bias, t, minus=(t, one, 1.0))
-    with pytest.raises(ValueError, match="counts"):
-        offsets = torch.tensor([0, 3, 6], device=device)
-        ends = torch.tensor([[3], [6]], device=device)
-        counts = torch.zeros(5, dtype=torch.int64, device=device)
-        gather.gather_rows(
-            vals.reshape(-1), ids.reshape(-1), weight, bias, t, row_offsets=offsets, level_ends=ends, counts=counts
+        gather._gather(vals, ids.clamp(-1, 4), weight, bias, target=t, minus=(t, one, 1.0))
+    offsets = torch.tensor([0, 3, 6], device=device)
+    ends = torch.tensor([[3], [6]], device=device)
+    counts = torch.zeros(5, dtype=torch.int64, device=device)
+    flat_vals, flat_ids = vals.reshape(-1), ids.reshape(-1)
+    with pytest.raises(TypeError):
+        gather.gather_level_residuals(
+            flat_vals, flat_ids, weight, bias, t, row_offsets=offsets, level_ends=ends, counts=counts
         )
+    with pytest.raises(ValueError, match="counts"):
+        gather._gather(flat_vals, flat_ids, weight, bias, target=t, row_offsets=offsets, level_ends=ends, counts=counts)

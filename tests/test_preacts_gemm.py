@@ -1,7 +1,7 @@
 """primitives/preacts_gemm: the encoder GEMM whose epilogue writes the selection's group keys.
 
 Its pre-activations are torch's ``addmm`` up to the summation order, its group keys are exactly
-``select._group_best_kernel``'s on the values it stored (NaNs of both signs, infinities, signed zeros,
+``select.groups._group_best_kernel``'s on the values it stored (NaNs of both signs, infinities, signed zeros,
 columns past the edge of a tile), on drawn shapes with several tiles per persistent program; it is taken
 exactly where ``fits`` says, and the TopK selection gives the same code with it or without it where
 every summation order gives the same sums (small integers), across one chunk of F and several.
@@ -74,7 +74,7 @@ def draw_operands(B, D, w, dtype, device, seed, special):
 def test_preacts_group_keys(fs, device, B, D, w, G, dtype, tile, special, seed):
     """Values within the summation-order bound of torch's addmm; keys bit for bit _group_best_kernel's."""
     pg = package_module(fs, "primitives.preacts_gemm")
-    select = package_module(fs, "primitives.select")
+    groups = package_module(fs, "primitives.select.groups")
     x, W, b = draw_operands(B, D, w, dtype, device, seed, special)
     with pytest.MonkeyPatch.context() as mp:  # per example: hypothesis reuses function-scoped fixtures
         if tile is not None:
@@ -83,7 +83,7 @@ def test_preacts_group_keys(fs, device, B, D, w, G, dtype, tile, special, seed):
         require_fused(device, pg.fits(x, W, out, G))
         gkeys = pg.preacts_group_keys(x, W, b, G, out)
     assert gkeys.shape == (B, -(-w // G)) and gkeys.dtype == torch.int32
-    assert torch.equal(gkeys.cpu(), select.group_best(out, 0, G, keys_only=True).cpu())
+    assert torch.equal(gkeys.cpu(), groups.group_max_keys(out, 0, G).cpu())
     if not special:  # (with inf and NaN operands the bound says nothing; the keys above are the check)
         assert_gemm_close(out, x, W, b)
 

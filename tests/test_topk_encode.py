@@ -154,7 +154,7 @@ def test_select_topk_tie_rule(fs, device, shape, dtype, seed, one_kernel):
     everywhere, +-0.0, +-inf and NaNs of both signs), by the one-kernel candidate stage and by the torch.topk fall-back
     (``ROW_SELECT_MAX`` shrunk so no chunk fits): equal to the reference stable sort, values and ids."""
     B, F, k, G, kind = shape
-    select = package_module(fs, "primitives.select")
+    select = package_module(fs, "primitives.select.row_topk")
     pre = _selection_input(B, F, kind, dtype, seed).to(device)
     with pytest.MonkeyPatch.context() as mp:  # per example: hypothesis reuses function-scoped fixtures
         mp.setitem(tuning(fs), "topk_select_group", G)
@@ -172,7 +172,7 @@ def test_candidate_kernel_takes_wide_chunks_and_select_checks_k(fs):
     """The per-chunk group size keeps wide chunks (up to 2^22 latents, k up to 256) inside the candidate
     kernel's limits rather than on the torch.topk fall-back; and the selection primitive rejects k
     outside [1, F] with a ValueError naming k."""
-    select = package_module(fs, "primitives.select")
+    select = package_module(fs, "primitives.select.row_topk")
     for w, k in [(65536, 64), (262144, 64), (699040, 256), (786432, 200), (10**6, 250), (2**21 + 1, 32), (2**22, 64)]:
         assert select.row_select_fits(w, k, select.topk_group(w, k)), (w, k)
     with pytest.raises(ValueError, match="k must be"):

@@ -70,6 +70,9 @@ def test_topk_sae_step_compile(fs, device):
 
 # What an eager step launches: every launch costs host time, and at small shapes the
 # host sets the step's eager time. Counted here so that a change adding launches shows up in review.
+SELECT_MODULES = tuple(
+    f"primitives.select.{name}" for name in ("groups", "row_topk", "batch_topk", "threshold", "preacts")
+)
 STEP_TRITON_LAUNCHES = [
     "_group_best_kernel",  # forward: the selection's group maxima
     "_row_select_kernel",  # the candidate stage, with the ReLU
@@ -111,7 +114,7 @@ def test_topk_sae_step_launch_budget(fs, device, monkeypatch):
 
             return run
 
-    for module_name in ("primitives.gather", "primitives.csr", "primitives.select"):
+    for module_name in ("primitives.gather", "primitives.csr", *SELECT_MODULES):
         module = package_module(fs, module_name)
         for attr in dir(module):
             if attr.endswith("_kernel") and hasattr(getattr(module, attr), "fn"):

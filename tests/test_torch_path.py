@@ -24,7 +24,11 @@ ENCODER_SHAPES = [(1, 3, 1, 1), (5, 17, 40, 6), (8, 260, 300, 31), (3, 9, 2000, 
 KERNEL_MODULES = (
     "primitives.gather",
     "primitives.csr",
-    "primitives.select",
+    "primitives.select.groups",
+    "primitives.select.row_topk",
+    "primitives.select.batch_topk",
+    "primitives.select.threshold",
+    "primitives.select.preacts",
     "primitives.compact",
     "primitives.decoder_geometry",
     "primitives.dead_set",
@@ -131,7 +135,7 @@ def test_gated_step(fs, torch_path, dtype, monkeypatch):
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("by_coef", [True, False])
 def test_segment_sum_row_term_matches_the_kernel(fs, by_coef):
-    """segment_sum's row term, with the coefficient sum asked for too: the plain-torch branch and the
+    """The segmented pass's row term, with the coefficient sum asked for too: the plain-torch branch and the
     Triton kernel (the interpreter here) give the same rows and sums."""
     csr = package_module(fs, "primitives.csr")
     g = torch.Generator().manual_seed(3)
@@ -141,14 +145,12 @@ def test_segment_sum_row_term_matches_the_kernel(fs, by_coef):
     src, weight = torch.randn(B, D, generator=g), torch.randn(F, D, generator=g)
     coef, row_term = torch.randn(B * K, generator=g), torch.randn(F, generator=g)
     runs = []
-    for launch in (csr.segment_sum, csr._segment_sum_torch):
+    rows = csr.SegmentRows(src=src, K=K)
+    for launch in (csr._segment_sum, csr._segment_sum_torch):  # the kernel's launcher, the plain-torch path
         out, csum = torch.empty(F, D), torch.empty(F)
-        kw = dict(coef=coef, weight=weight, coef_sum=csum, row_term=row_term, row_term_by_coef=by_coef)
-        if launch is csr.segment_sum:
-            dots = launch(perm, offsets, src, K=K, out=out, element_rows=False, **kw)
-        else:
-            dots = launch(perm, offsets, src, K, out, False, coef, None, 1.0, weight, 0, csum, None, None, 0,
-                          row_term, by_coef)  # fmt: skip
+        term = csr.RowTerm(row_term, by_coef=by_coef)
+        same_pass = csr.SegmentPass(out=out, coef=coef, weight=weight, coef_sum=csum, row_term=term)
+        dots = launch(perm, offsets, rows, same_pass)
         runs.append((out, csum, dots))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

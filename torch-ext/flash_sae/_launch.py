@@ -45,9 +45,9 @@ TUNING = {
     "segment_unroll": 1,
     # Selection: BatchTopK's group size G (a power of two: F/G group keys and N*G candidates),
     # groups per program of the group-maximum kernel and its warps (both selections), then the
-    # TopK candidate stage (``select._row_select_kernel``, one program per row): its warps grow with
+    # TopK candidate stage (``select.row_topk._row_select_kernel``, one program per row): its warps grow with
     # the row's group keys and candidates (one per 512) up to a cap, and its group size (0: chosen
-    # per chunk width and k by ``select.topk_group``). Last, the byte budget of one pre-activation
+    # per chunk width and k by ``select.row_topk.topk_group``). Last, the byte budget of one pre-activation
     # chunk (the encoder forward's transient GEMM output).
     "select_group": 32,
     "select_groups": 256,

@@ -49,7 +49,9 @@ from .._validation import (
 from ..primitives.csr import csr_transpose
 from ..primitives.encoder import encoder_backward
 from ..primitives.gather import gather_rows, gather_rows_backward
-from ..primitives.select import KEY_NONE, chunk_top_k, pre_chunks, unpack
+from ..primitives.select.keys import KEY_NONE, unpack
+from ..primitives.select.preacts import pre_chunks
+from ..primitives.select.row_topk import chunk_top_k
 from ..results import SparseCode, TopKSAEStep, code_l0, fire_counts, total_variance
 from .layout import check_shardable, shard_bounds
 

@@ -10,7 +10,7 @@ import torch
 from ..ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from ..ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
 from ..primitives.gather import gather_rows
-from ..primitives.select import batch_topk_preacts, threshold_preacts
+from ..primitives.select.preacts import batch_topk_preacts, threshold_preacts
 from ..results import BatchTopKSAEStep, MatryoshkaSAEStep
 from ._geometry import FusedDecoderGeometry
 from .base import BatchTopKSAEBase, MatryoshkaSAEBase

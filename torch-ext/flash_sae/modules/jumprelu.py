@@ -16,7 +16,7 @@ import torch
 
 from .._validation import is_int
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
-from ..primitives.select import threshold_preacts
+from ..primitives.select.preacts import threshold_preacts
 from ..results import JumpReLUSAEStep
 from ._capacity import LearnedCapacity, SeenCount, grown_capacity
 from ._geometry import FusedDecoderGeometry

@@ -17,7 +17,7 @@ and gradients by the parity rule. A sparse step whose code overflowed says so
 import torch
 
 from ..ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
-from ..primitives.select import threshold_preacts
+from ..primitives.select.preacts import threshold_preacts
 from ..results import StandardSAEStep
 from ._capacity import DenseSwitch
 from ._geometry import FusedDecoderGeometry

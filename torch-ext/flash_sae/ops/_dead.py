@@ -2,7 +2,7 @@
 
 Both act on the dead set (``primitives/dead_set.py``): the first ``capacity`` dead latents from
 an offset on, whose pre-activations the step's chunk pass copies out while it selects (``columns`` of
-``select.topk_preacts``), so there is no second encoder GEMM and nothing [B, F]. With e = x -
+``select.preacts.topk_preacts``), so there is no second encoder GEMM and nothing [B, F]. With e = x -
 x_hat the main reconstruction's residual (detached), pre_d [B, C] the dead set's
 pre-activations and W_d [C, D] its decoder rows:
 
@@ -37,7 +37,7 @@ import torch
 
 from ..dead_latent_loss import DeadLatentLoss
 from ..primitives.dead_set import add_rows_, dead_slots, mm_f32, slot_rows
-from ..primitives.select import row_top
+from ..primitives.select.row_topk import row_top
 
 AUXK, GHOST = 1, 2
 MODES = {"auxk": AUXK, "ghost": GHOST}
@@ -120,10 +120,23 @@ def dead_loss_fwd(mode, pre_d, ids, valid, n_dead, residual, W_dec, k_aux, relu,
     return aux, A, None, diff * (f * n) * (on * 2.0 / (B * D))
 
 
-def dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate, dE1, encoder_grad):
-    """The auxiliary loss's gradients: dx [B, D] fp32 (b_dec's share is -sum_b dx, added by the
-    step's backward) and the slots' rows (dW_enc [C, D] or None, db_enc [C] or None, dW_dec
-    [C, D]), fp32."""
+class DeadSaved(NamedTuple):
+    """What the dead-latent loss's backward reads from its forward (``dead_loss_fwd``, ``dead_columns``):
+    A [B, C], the AuxK gate [B, C] bool (None for ghost grads), dE1 [B, D] fp32, and the slots' latent
+    ids [C] int64 and valid [C] bool."""
+
+    A: torch.Tensor
+    gate: torch.Tensor | None
+    dE1: torch.Tensor
+    ids: torch.Tensor
+    valid: torch.Tensor
+
+
+def dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, saved: DeadSaved, encoder_grad: bool):
+    """The auxiliary loss's gradients at upstream gradient ``g_aux`` (0-d fp32): dx [B, D] fp32 (b_dec's
+    share is -sum_b dx, added by the step's backward; None without ``encoder_grad``) and the slots' rows
+    (dW_enc [C, D] or None, db_enc [C] or None, dW_dec [C, D]), fp32. ``b_dec`` None: no centring."""
+    A, gate, dE1, ids, valid = saved.A, saved.gate, saved.dE1, saved.ids, saved.valid
     dtype = W_dec.dtype
     dE = (dE1 * g_aux).to(dtype)
     W_d = slot_rows(W_dec, ids, valid)
@@ -196,7 +209,8 @@ def backward_with_dead_loss(grad, grad_aux, spec: DeadLossSpec, aux_coef: float,
     x, W_enc, W_dec, b_dec = step
     g_aux = torch.add(grad_aux.float(), grad.float(), alpha=aux_coef)
     gate = gate if spec.mode == AUXK else None
-    dx, dW_e, db_e, dW_d = dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, ids, valid, A, gate, dE1, spec.encoder_grad)
+    saved = DeadSaved(A=A, gate=gate, dE1=dE1, ids=ids, valid=valid)
+    dx, dW_e, db_e, dW_d = dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, saved, spec.encoder_grad)
     grads = mse_backward(dx)
     add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d)
     return grads

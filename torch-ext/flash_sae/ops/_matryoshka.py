@@ -20,8 +20,8 @@ encoded as it is (no ``x - b_dec``); the target's gradient is -s * S_0.
 
 import torch
 
-from ..primitives.gather import gather_rows, row_ids
-from ..primitives.step_backward import mse_step_backward
+from ..primitives.gather import gather_level_residuals, row_ids
+from ..primitives.step_backward import StepTensors, matryoshka_step_backward
 from ..results import MatryoshkaSAEStep, fire_counts, total_variance
 from ._step import step_grads_fake, step_head, target_grad_fake, target_grad_for
 
@@ -44,7 +44,9 @@ def matryoshka_levels_fwd(x, W_dec, b_dec, vals, indices, row_offsets, prefix_si
     sizes = level_sizes(prefix_sizes, x.device)
     flat = row_ids(row_offsets, indices.numel()) * F + indices
     level_ends = torch.searchsorted(flat, torch.arange(B, device=x.device).unsqueeze(1) * F + sizes)
-    residuals, sq = gather_rows(vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, level_ends=level_ends)
+    residuals, sq = gather_level_residuals(
+        vals, indices, W_dec, b_dec, x, row_offsets=row_offsets, level_ends=level_ends
+    )
     level_losses = sq / (B * D)
     return level_losses.sum(), level_losses, sq[-1] / total_variance(x), fire_counts(vals, indices, F), residuals
 
@@ -75,8 +77,9 @@ def matryoshka_levels_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     suffix = saved.residuals.flip(0).cumsum(0).flip(0).contiguous()
     sizes = level_sizes(saved.prefix_sizes, x.device)
     levels = torch.searchsorted(sizes, torch.arange(F, device=x.device), right=True).to(torch.int32)
-    step_grads = mse_step_backward(grads.loss, x, saved.W_enc, W_dec, saved.b_dec, saved.vals, saved.indices, suffix,
-                                   saved.row_offsets, levels=levels, centred=saved.target is None)  # fmt: skip
+    step = StepTensors(x=x, W_enc=saved.W_enc, W_dec=W_dec, b_dec=saved.b_dec, vals=saved.vals, indices=saved.indices,
+                       residual=suffix, row_offsets=saved.row_offsets)  # fmt: skip
+    step_grads = matryoshka_step_backward(grads.loss, step, levels=levels, centred=saved.target is None)
     return (*step_grads, target_grad_for(needs[5], grads.loss, suffix[0], saved.target, x))
 
 

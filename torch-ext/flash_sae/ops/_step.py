@@ -6,8 +6,8 @@ import torch
 
 from .._registry import placeholder
 from .._validation import check_encoder_args, check_same_device, check_same_dtype, check_step_args, check_tensor
-from ..primitives.gather import gather_rows
-from ..primitives.step_backward import mse_step_backward, target_grad
+from ..primitives.gather import gather_residual
+from ..primitives.step_backward import StepTensors, mse_step_backward, target_grad
 from ..results import SparseCode, code_l0, total_variance
 from ._dead import DeadLossSpec, backward_with_dead_loss, dead_columns_for, dead_fakes, dead_outputs
 
@@ -115,8 +115,9 @@ def mse_selection_step_backward(grads, saved, needs: list[bool]) -> tuple[torch.
     centred = target is None
 
     def mse_backward(dx_extra):
-        return mse_step_backward(grads.loss, x, W_enc, W_dec, b_dec, saved.vals, saved.indices, residual, row_offsets,
-                                 dx_extra=dx_extra, centred=centred)  # fmt: skip
+        step = StepTensors(x=x, W_enc=W_enc, W_dec=W_dec, b_dec=b_dec, vals=saved.vals, indices=saved.indices,
+                           residual=residual, row_offsets=row_offsets)  # fmt: skip
+        return mse_step_backward(grads.loss, step, dx_extra=dx_extra, centred=centred)
 
     spec = DeadLossSpec.from_op(saved.dead)
     dead_saved = (saved.A, saved.gate, saved.dE1, saved.ids, saved.valid)
@@ -160,7 +161,7 @@ def mse_selection_step_fwd(i, select) -> tuple:
     columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
     sel = select(centre, columns)
     counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(sel.vals, sel.indices, W_dec, b_dec, y, row_offsets=sel.row_offsets, counts=counts)
+    residual, sq = gather_residual(sel.vals, sel.indices, W_dec, b_dec, y, row_offsets=sel.row_offsets, counts=counts)
     dead_out = dead_outputs(spec, slots, x, residual, W_dec, sel.key_scale)
     mse = sq / (B * D)
     loss, mse = (mse + i.aux_coef * dead_out[0], mse) if spec.mode else (mse, mse.new_empty(0))

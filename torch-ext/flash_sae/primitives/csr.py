@@ -24,6 +24,8 @@ Indices outside [0, F) sort outside every segment and are ignored here; the
 forward kernels poison their outputs with NaN instead.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -163,119 +165,161 @@ def csr_transpose(indices: torch.Tensor, F: int, in_range: bool = False) -> tupl
     return perm, offsets
 
 
-def segment_sum(
+class SegmentRows(NamedTuple):
+    """The rows a segmented sum reads: element e's row of ``src`` ([rows, w], any float dtype, read as fp32).
+
+    Row e itself with ``element_rows`` (``src`` [N, w], a row per element), else ``rows[e]`` (a
+    variable-length code, ``rows`` [N] int64 given) or e // K (a [B, K] code). With ``levels`` ([F]
+    int32, Matryoshka), ``src`` stacks one block of ``level_stride`` rows per prefix level and latent f
+    reads its rows from block levels[f]. ``bias`` ([w]): subtracted in fp32 from every row as it is
+    read (the encoder's centring x - b_dec, without an fp32 copy of it).
+    """
+
+    src: torch.Tensor
+    K: int
+    element_rows: bool = False
+    rows: torch.Tensor | None = None
+    levels: torch.Tensor | None = None
+    level_stride: int = 0
+    bias: torch.Tensor | None = None
+
+
+class RowTerm(NamedTuple):
+    """A gradient along each latent's weight row, added to out[f] before its one rounding:
+    ``values[f] * (sum of f's coefficients) * weight[f]``, or ``values[f] * weight[f]`` when not
+    ``by_coef`` (the caller has summed what the term scales). ``values``: [F] fp32."""
+
+    values: torch.Tensor
+    by_coef: bool = True
+
+
+class SegmentPass(NamedTuple):
+    """What one segmented pass writes besides its rows (``SegmentRows``): ``out`` [F, D] (the gradient,
+    its columns ``d_base:d_base + w``), each element's row times ``coef[e]`` ([N] float; 1 without),
+    the sum times ``scale_const * scale`` (``scale`` a 0-d float tensor, or None). With ``weight``
+    ([F, D]) the pass also returns ``dots`` [N] fp32 = <row(e), weight[f]> over the window's columns,
+    unscaled (out-of-range elements: 0); with ``gated_dots`` (needs ``weight`` and ``coef``) each dot
+    is multiplied by the sum's scale where its coefficient is > 0 and is 0 elsewhere. ``coef_sum`` ([F]
+    fp32) receives the scaled sum of each segment's coefficients. ``row_term``: see ``RowTerm`` (needs
+    ``weight``, and ``coef`` when ``by_coef``)."""
+
+    out: torch.Tensor
+    coef: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    scale_const: float = 1.0
+    weight: torch.Tensor | None = None
+    d_base: int = 0
+    coef_sum: torch.Tensor | None = None
+    row_term: RowTerm | None = None
+    gated_dots: bool = False
+
+
+def segment_sum_scaled(
     perm: torch.Tensor,
     offsets: torch.Tensor,
-    src: torch.Tensor,
+    rows: SegmentRows,
     *,
-    K: int,
     out: torch.Tensor,
-    element_rows: bool,
-    coef: torch.Tensor | None = None,
+    scale: torch.Tensor,
+    scale_const: float,
+    d_base: int = 0,
+) -> None:
+    """Writes ``out[f, d_base:d_base + w] = scale_const * scale * sum of f's segment rows`` (``out`` [F, D],
+    its dtype; ``scale`` a 0-d float tensor): one deterministic pass, every row written once."""
+    _segment_sum(perm, offsets, rows, SegmentPass(out=out, scale=scale, scale_const=scale_const, d_base=d_base))
+
+
+def segment_sum_weighted(
+    perm: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: SegmentRows,
+    *,
+    out: torch.Tensor,
+    coef: torch.Tensor,
+    coef_sum: torch.Tensor,
+) -> None:
+    """Writes ``out[f] = sum over f's segment of coef[e] * row(e)`` (``out`` [F, D], its dtype; ``coef`` [N]
+    float) and ``coef_sum[f] = sum of f's coefficients`` ([F] fp32), in one deterministic pass."""
+    _segment_sum(perm, offsets, rows, SegmentPass(out=out, coef=coef, coef_sum=coef_sum))
+
+
+def segment_sum_dots(
+    perm: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: SegmentRows,
+    *,
+    out: torch.Tensor,
+    coef: torch.Tensor,
+    weight: torch.Tensor,
     scale: torch.Tensor | None = None,
     scale_const: float = 1.0,
-    weight: torch.Tensor | None = None,
-    d_base: int = 0,
-    coef_sum: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
-    levels: torch.Tensor | None = None,
-    level_stride: int = 0,
-    row_term: torch.Tensor | None = None,
-    row_term_by_coef: bool = True,
+    row_term: RowTerm | None = None,
     gated_dots: bool = False,
-    src_bias: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Writes ``out[:, d_base:d_base + src.shape[1]]`` in one deterministic pass.
+) -> torch.Tensor:
+    """Writes ``out[f] = scale_const * scale * sum over f's segment of coef[e] * row(e)`` (plus ``row_term``'s
+    share) and returns ``dots`` [N] fp32 = <row(e), weight[f]>, unscaled, both from one pass reading each
+    touched row of ``weight`` [F, D] once; with ``gated_dots`` the dots come back times the sum's scale
+    where coef > 0, else 0 (a ReLU code's gradient at its pre-activations). See ``SegmentPass``."""
+    p = SegmentPass(out=out, coef=coef, scale=scale, scale_const=scale_const, weight=weight, row_term=row_term,
+                    gated_dots=gated_dots)  # fmt: skip
+    return _segment_sum(perm, offsets, rows, p)
 
-    ``out`` is the [F, D] gradient. ``src`` is read as fp32, [N, w] when
-    ``element_rows`` (a row per element), else [B, w] with element e's row
-    ``rows[e]`` (a variable-length code, ``rows`` given) or e // K (a [B, K] code).
-    With ``levels`` ([F] int32, Matryoshka), ``src`` stacks one block of ``level_stride`` rows
-    per prefix level, and latent f reads its rows from block levels[f]. Each element's
-    row is multiplied by ``coef[e]``; the sum by ``scale_const * scale``.
-    With ``weight``, also returns ``dots`` [N] fp32: <row(e), weight[f]> over the
-    window's columns, unscaled (rows of out-of-range elements stay 0).
-    With ``coef_sum`` (an [F] fp32 tensor), also writes into it the scaled sum
-    of each segment's coefficients (the bias gradient), in the same pass.
-    With ``row_term`` (an [F] fp32 tensor; needs ``weight`` and ``coef``), ``out[f]`` also gets
-    ``row_term[f] * (sum of f's coefficients) * weight[f]`` before its one rounding (a gradient
-    along each row, e.g. a decoder-norm-weighted penalty's); with ``row_term_by_coef`` False,
-    ``row_term[f] * weight[f]`` (the caller has summed what the row term scales).
-    ``gated_dots`` (needs ``weight`` and ``coef``): each dot is multiplied by the sum's scale
-    (``scale_const * scale``) where its coefficient is > 0 and is 0 elsewhere (a ReLU code's
-    gradient at the pre-activations, with no [N] pass of its own); per D-block of the window.
-    ``src_bias`` ([src.shape[1]]): subtracted in fp32 from every row of ``src`` as it is read (the
-    encoder's centring x - b_dec, without an fp32 copy of it).
-    """
-    F, D = out.shape
+
+def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p: SegmentPass) -> torch.Tensor | None:
+    """One launch of ``_segment_sum_kernel`` (or the plain-torch path on CPU tensors): writes
+    ``p.out[:, p.d_base:p.d_base + w]`` and returns the dots with ``p.weight``, else None."""
+    F, D = p.out.shape
     N = perm.numel()
+    src = rows.src
     width = src.shape[1]
-    if row_term is not None and (weight is None or (coef is None and row_term_by_coef)):
+    row_term = p.row_term
+    if row_term is not None and (p.weight is None or (p.coef is None and row_term.by_coef)):
         raise ValueError("segment_sum: row_term needs weight (and coef unless row_term_by_coef is False)")
-    want_dots = weight is not None
-    if gated_dots and (not want_dots or coef is None):
+    want_dots = p.weight is not None
+    if p.gated_dots and (not want_dots or p.coef is None):
         raise ValueError("segment_sum: gated_dots needs weight and coef")
     if not use_triton(src):
-        return _segment_sum_torch(
-            perm,
-            offsets,
-            src,
-            K,
-            out,
-            element_rows,
-            coef,
-            scale,
-            scale_const,
-            weight,
-            d_base,
-            coef_sum,
-            rows,
-            levels,
-            level_stride,
-            row_term,
-            row_term_by_coef,
-            gated_dots,
-            src_bias,
-        )
+        return _segment_sum_torch(perm, offsets, rows, p)
     BLOCK_D = segment_block_d(width)
     ND = triton.cdiv(width, BLOCK_D)
     dots = torch.zeros(ND, N, device=src.device, dtype=torch.float32) if want_dots else None
+    out = p.out
     dummy = out
     _segment_sum_kernel[(F, ND)](
         offsets,
         perm,
         src,
-        rows if rows is not None else perm,
-        levels if levels is not None else perm,
-        coef if coef is not None else dummy,
-        scale if scale is not None else dummy,
-        weight if want_dots else dummy,
+        rows.rows if rows.rows is not None else perm,
+        rows.levels if rows.levels is not None else perm,
+        p.coef if p.coef is not None else dummy,
+        p.scale if p.scale is not None else dummy,
+        p.weight if want_dots else dummy,
         out,
         dots if want_dots else dummy,
-        coef_sum if coef_sum is not None else dummy,
-        row_term if row_term is not None else dummy,
-        src_bias if src_bias is not None else dummy,
+        p.coef_sum if p.coef_sum is not None else dummy,
+        row_term.values if row_term is not None else dummy,
+        rows.bias if rows.bias is not None else dummy,
         N,
-        K,
+        rows.K,
         D,
         src.stride(0),
-        d_base,
+        p.d_base,
         width,
-        float(scale_const),
-        level_stride,
+        float(p.scale_const),
+        rows.level_stride,
         BLOCK_D=BLOCK_D,
         UNROLL=TUNING["segment_unroll"],
-        ELEMENT_ROWS=element_rows,
-        ROW_IDS=rows is not None,
-        HAS_LEVEL=levels is not None,
-        HAS_COEF=coef is not None,
-        HAS_SCALE=scale is not None,
+        ELEMENT_ROWS=rows.element_rows,
+        ROW_IDS=rows.rows is not None,
+        HAS_LEVEL=rows.levels is not None,
+        HAS_COEF=p.coef is not None,
+        HAS_SCALE=p.scale is not None,
         HAS_DOTS=want_dots,
-        HAS_CSUM=coef_sum is not None,
+        HAS_CSUM=p.coef_sum is not None,
         ROW_TERM=row_term is not None,
-        ROW_BY_CSUM=row_term is not None and row_term_by_coef,
-        GATED_DOTS=gated_dots,
-        SRC_BIAS=src_bias is not None,
+        ROW_BY_CSUM=row_term is not None and row_term.by_coef,
+        GATED_DOTS=p.gated_dots,
+        SRC_BIAS=rows.bias is not None,
         num_warps=TUNING["segment_warps"],
     )
     if not want_dots:
@@ -284,61 +328,46 @@ def segment_sum(
 
 
 def _segment_sum_torch(
-    perm,
-    offsets,
-    src,
-    K,
-    out,
-    element_rows,
-    coef,
-    scale,
-    scale_const,
-    weight,
-    d_base,
-    coef_sum,
-    rows=None,
-    levels=None,
-    level_stride=0,
-    row_term=None,
-    row_term_by_coef=True,
-    gated_dots=False,
-    src_bias=None,
-):
+    perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p: SegmentPass
+) -> torch.Tensor | None:
     """Plain-torch path for CPU tensors: the same sums."""
+    src, K, out, coef, weight, d_base = rows.src, rows.K, p.out, p.coef, p.weight, p.d_base
     F = out.shape[0]
     width = src.shape[1]
     lo, hi = int(offsets[0]), int(offsets[-1])
     e = perm[lo:hi]
-    row_of = e if element_rows else (rows[e] if rows is not None else e // K)
+    row_of = e if rows.element_rows else (rows.rows[e] if rows.rows is not None else e // K)
     latent = torch.repeat_interleave(torch.arange(F, device=src.device), offsets.diff())
-    if levels is not None:
-        row_of = row_of + levels[latent].long() * level_stride
+    if rows.levels is not None:
+        row_of = row_of + rows.levels[latent].long() * rows.level_stride
     x = src[row_of].float()
-    if src_bias is not None:
-        x = x - src_bias.float()
+    if rows.bias is not None:
+        x = x - rows.bias.float()
     contrib = x * coef.reshape(-1)[e].float()[:, None] if coef is not None else x
     acc = torch.zeros(F, width, dtype=torch.float32, device=src.device)
     acc.index_add_(0, latent, contrib)
-    s = scale_const * (scale.float() if scale is not None else 1.0)
+    s = p.scale_const * (p.scale.float() if p.scale is not None else 1.0)
     acc = acc * s
-    if coef_sum is not None or (row_term is not None and row_term_by_coef):
+    row_term = p.row_term
+    by_coef = row_term is not None and row_term.by_coef
+    if p.coef_sum is not None or by_coef:
         c = torch.zeros(F, dtype=torch.float32, device=src.device)
         c.index_add_(0, latent, coef.reshape(-1)[e].float())
-        if coef_sum is not None:
-            coef_sum.copy_(c * s)
+        if p.coef_sum is not None:
+            p.coef_sum.copy_(c * s)
         if row_term is not None:
-            by = c if row_term_by_coef else 1.0
-            term = (row_term * by)[:, None] * weight[:, d_base : d_base + width].float()
-            if row_term_by_coef:  # as the kernel: an empty segment's term is 0, whatever its row of W holds
+            by = c if by_coef else 1.0
+            term = (row_term.values * by)[:, None] * weight[:, d_base : d_base + width].float()
+            if by_coef:  # as the kernel: an empty segment's term is 0, whatever its row of W holds
                 term = torch.where((offsets.diff() > 0)[:, None], term, 0.0)
             acc += term
     elif row_term is not None:
-        acc += row_term[:, None] * weight[:, d_base : d_base + width].float()
+        acc += row_term.values[:, None] * weight[:, d_base : d_base + width].float()
     out[:, d_base : d_base + width] = acc.to(out.dtype)
     if weight is None:
         return None
     dots = torch.zeros(perm.numel(), dtype=torch.float32, device=src.device)
     dots[e] = (x * weight[latent, d_base : d_base + width].float()).sum(1)
-    if gated_dots:
+    if p.gated_dots:
         dots = torch.where(coef.reshape(-1).float() > 0, dots * s, 0.0)
     return dots

@@ -18,7 +18,7 @@ O(B*K*D) plus one write of dW_enc; nothing [B, F]; no atomics.
 
 import torch
 
-from .csr import csr_transpose, segment_sum
+from .csr import SegmentRows, csr_transpose, segment_sum_weighted
 from .gather import gather_rows
 
 
@@ -47,10 +47,8 @@ def encoder_backward(
     dW_enc = torch.empty_like(W_enc)
     db_enc = torch.empty(F, device=x.device, dtype=torch.float32)
     bias = b_dec.contiguous() if b_dec is not None else None
-    segment_sum(  # over the rows of x - b_dec, centred in fp32 as they are read
-        perm, offsets, x.contiguous(), K=K, out=dW_enc, element_rows=False, coef=dpre, coef_sum=db_enc, rows=rows,
-        src_bias=bias,
-    )  # fmt: skip
+    centred = SegmentRows(src=x.contiguous(), K=K, rows=rows, bias=bias)  # x - b_dec, in fp32 as it is read
+    segment_sum_weighted(perm, offsets, centred, out=dW_enc, coef=dpre, coef_sum=db_enc)
     dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets, minus=minus)
     db_dec = -dx.sum(0) if b_dec is not None else None
     return dx, dW_enc, db_enc, db_dec

@@ -2,15 +2,16 @@
 
 This is the forward of every decode (``sparse_decode``, the decoder losses, the
 steps) and the ``dx`` of every encoder backward (the same sum over the
-encoder's rows). With ``target`` the same pass is the decoder's MSE epilogue:
+encoder's rows). ``gather_residual`` runs the same pass as the decoder's MSE epilogue:
 it writes the fp32 residual ``out - target`` and per-row partial sums of its
-square instead of ``out``.
+square instead of ``out``; ``gather_level_residuals`` writes one such residual per
+Matryoshka prefix level in the same walk.
 
-Forward, ``gather_rows``: one program per (row, D-block) walks K with 1-D fp32
+Forward, ``gather_rows`` (and the two above, one launcher): one program per (row, D-block) walks K with 1-D fp32
 accumulators; no [B, F] code and no [B, K, D] gather is built. Reads B*K*D
 weight elements (repeats hit L2), writes B*D.
 
-Adjoint, ``gather_rows_backward``: for a [B, D] row source ``grad`` (an
+Adjoint, ``gather_rows_backward`` (and ``gather_rows_backward_gated``): for a [B, D] row source ``grad`` (an
 upstream gradient or a residual), one CSR segmented pass (``csr.py``) gives
 ``dweight[f] = scale * sum over (b, k) with indices[b, k] == f of vals[b, k] * grad[b]``
 (every row of the dense [F, D] gradient written exactly once, untouched rows
@@ -25,12 +26,14 @@ B*D may pass 2^31. An id outside [0, F) reads an in-bounds row and poisons its
 output row with NaN (``triton_utils.load_latent``).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .._launch import TUNING, block_d, next_pow2, use_triton
-from .csr import csr_transpose, segment_sum
+from .csr import RowTerm, SegmentRows, csr_transpose, segment_sum_dots
 from .triton_utils import cast_rtne, load_latent
 
 # Kernels -----------------------------------------------------------------------
@@ -152,29 +155,63 @@ def gather_rows(
     indices: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    target: torch.Tensor | None = None,
+    *,
     out_dtype: torch.dtype | None = None,
     row_offsets: torch.Tensor | None = None,
-    level_ends: torch.Tensor | None = None,
-    *,
     counts: torch.Tensor | None = None,
     minus: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-):
-    """Without ``target``: returns ``out`` [B, D] in ``out_dtype`` (default: weight's dtype);
-    with ``minus = (t, scale, const)`` (t [B, D], scale a 0-d float tensor), ``out`` is
-    ``bias + sum - scale * const * t``, the subtraction in fp32 before the one rounding.
-    ``counts`` ([F] int64, not with ``level_ends``): each entry with an id in [0, F) and a
-    value > 0 adds 1 to counts[id] (the fire counts, in the same walk).
+) -> torch.Tensor:
+    """The decode ``out[b] = bias + sum over row b's entries of vals * weight[indices]``: [B, D] in
+    ``out_dtype`` (default: weight's dtype), accumulated in fp32 with one rounding.
 
-    With ``target``: returns (residual [B, D] fp32, sq [] fp32) where
-    residual = out - target and sq = sum(residual^2).
-    The code is [B, K] (vals, indices), or with ``row_offsets`` [B + 1] a
-    variable-length code: flat [N] (vals, indices), row b's entries at
-    row_offsets[b]:row_offsets[b+1] (entries past row_offsets[B] are unused).
-    With ``level_ends`` [B, G] (a variable-length code ordered by latent id in each row, and a
-    ``target``): G nested prefix reconstructions in the same walk; level g of row b ends
-    before entry level_ends[b, g]. Returns (residuals [G, B, D] fp32, sq [G] fp32).
+    The code is [B, K] (vals, indices), or with ``row_offsets`` [B + 1] a variable-length code: flat
+    [N] (vals, indices), row b's entries at row_offsets[b]:row_offsets[b+1] (entries past
+    row_offsets[B] are unused). With ``minus = (t, scale, const)`` (t [B, D], scale a 0-d float
+    tensor), ``out`` is ``bias + sum - scale * const * t``, the subtraction in fp32 before the one
+    rounding. ``counts`` ([F] int64): each entry with an id in [0, F) and a value > 0 adds 1 to
+    counts[id] (the fire counts, in the same walk).
     """
+    return _gather(vals, indices, weight, bias, out_dtype=out_dtype, row_offsets=row_offsets, counts=counts,
+                   minus=minus)  # fmt: skip
+
+
+def gather_residual(
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    row_offsets: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's MSE epilogue in the decode's walk: (residual [B, D] fp32 = ``gather_rows(...) - target``
+    before any rounding, sq [] fp32 = sum(residual^2)). The code and ``counts`` as ``gather_rows``'s."""
+    return _gather(vals, indices, weight, bias, target=target, row_offsets=row_offsets, counts=counts)
+
+
+def gather_level_residuals(
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    row_offsets: torch.Tensor,
+    level_ends: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G nested prefix reconstructions in one walk (Matryoshka): a variable-length code (``row_offsets``)
+    ordered by latent id in each row, and ``level_ends`` [B, G] int64: level g of row b ends before
+    entry level_ends[b, g]. Returns (residuals [G, B, D] fp32, level g's ``gather_residual`` of the
+    entries before its end; sq [G] fp32, each level's sum of squares)."""
+    return _gather(vals, indices, weight, bias, target=target, row_offsets=row_offsets, level_ends=level_ends)
+
+
+def _gather(
+    vals, indices, weight, bias, *, target=None, out_dtype=None, row_offsets=None, level_ends=None, counts=None,
+    minus=None,
+):  # fmt: skip
+    """One launch of ``_gather_rows_kernel`` (or the plain-torch path) for the three functions above."""
     varlen = row_offsets is not None
     B, K = (row_offsets.numel() - 1, 0) if varlen else indices.shape
     F, D = weight.shape
@@ -320,6 +357,14 @@ def row_dots(src: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: t
     return out
 
 
+class LevelRows(NamedTuple):
+    """Matryoshka's per-latent row blocks: latent f reads its rows of a stacked [G * stride, D] source
+    from block ``ids[f]`` ([F] int32 prefix level), each block ``stride`` rows."""
+
+    ids: torch.Tensor
+    stride: int
+
+
 def gather_rows_backward(
     grad: torch.Tensor,
     vals: torch.Tensor,
@@ -330,11 +375,8 @@ def gather_rows_backward(
     scale_const: float = 1.0,
     csr: tuple[torch.Tensor, torch.Tensor] | None = None,
     rows: torch.Tensor | None = None,
-    levels: torch.Tensor | None = None,
-    level_stride: int = 0,
-    row_term: torch.Tensor | None = None,
-    row_term_by_coef: bool = True,
-    gated_dots: bool = False,
+    levels: LevelRows | None = None,
+    row_term: RowTerm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
@@ -344,32 +386,50 @@ def gather_rows_backward(
     ``csr`` reuses a (perm, offsets) transpose of ``indices``; for a
     variable-length code, ``rows`` [N] is each entry's row (``row_ids``), and
     unused entries must have an id outside [0, F) (they join no segment). With ``levels``
-    ([F] int32) ``grad`` stacks one [B, D] block per level and latent f reads block levels[f].
-    ``row_term`` ([F] fp32) adds ``row_term[f] * (sum of f's values) * weight[f]`` to dweight[f]
-    before its rounding (``csr.segment_sum``); with ``row_term_by_coef`` False, ``row_term[f] * weight[f]``.
-    ``gated_dots``: the dots come back scaled (``scale * scale_const``) where the value is > 0 and 0
-    elsewhere: a ReLU code's gradient at its pre-activations (``csr.segment_sum``).
+    (``LevelRows``) ``grad`` stacks one [B, D] block per prefix level and latent f reads block
+    levels.ids[f]. ``row_term`` (``csr.RowTerm``) adds a gradient along each row of dweight before
+    its rounding.
     """
+    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels)
+    dots = segment_sum_dots(perm, offsets, source, out=dweight, coef=vals, weight=weight, scale=scale,
+                            scale_const=scale_const, row_term=row_term)  # fmt: skip
+    return dweight, dots.reshape(indices.shape)
+
+
+def gather_rows_backward_gated(
+    grad: torch.Tensor,
+    vals: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale: torch.Tensor,
+    scale_const: float,
+    csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
+    levels: LevelRows | None = None,
+    row_term: RowTerm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gather_rows_backward`` whose dots come back scaled (``scale * scale_const``) where the value is
+    > 0 and 0 elsewhere: a ReLU code's gradient at its pre-activations, fp32 shaped as ``indices``,
+    with no pass of its own. Returns (dweight, that gradient)."""
+    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels)
+    dots = segment_sum_dots(perm, offsets, source, out=dweight, coef=vals, weight=weight, scale=scale,
+                            scale_const=scale_const, row_term=row_term, gated_dots=True)  # fmt: skip
+    return dweight, dots.reshape(indices.shape)
+
+
+def _backward_pass(grad, indices, weight, csr, rows, levels):
+    """The adjoint's set-up: (perm, offsets) of ``indices`` (``csr`` when given), the rows it reads
+    (``csr.SegmentRows`` over ``grad``) and the [F, D] dweight it writes."""
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = weight.shape[0]
     dweight = torch.empty_like(weight)
     perm, offsets = csr if csr is not None else csr_transpose(indices, F)
-    dots = segment_sum(
-        perm,
-        offsets,
-        grad.contiguous(),
+    source = SegmentRows(
+        src=grad.contiguous(),
         K=K,
-        out=dweight,
-        element_rows=False,
-        coef=vals,
-        scale=scale,
-        scale_const=scale_const,
-        weight=weight,
         rows=rows,
-        levels=levels,
-        level_stride=level_stride,
-        row_term=row_term,
-        row_term_by_coef=row_term_by_coef,
-        gated_dots=gated_dots,
+        levels=levels.ids if levels is not None else None,
+        level_stride=levels.stride if levels is not None else 0,
     )
-    return dweight, dots.reshape(indices.shape)
+    return perm, offsets, source, dweight

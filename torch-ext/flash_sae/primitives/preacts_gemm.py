@@ -2,9 +2,9 @@
 
 ``pre = xc @ W.T + b`` over one chunk of latents, in one persistent Triton GEMM
 over TMA loads and stores, whose epilogue also writes each group of G
-consecutive columns' largest sortable key: what ``select._group_best_kernel``
+consecutive columns' largest sortable key: what ``select.groups._group_best_kernel``
 (``keys_only``) computes by reading ``pre`` whole again. The candidate stage
-(``select._row_select_kernel``) then reads those keys and k*G entries per row,
+(``select.row_topk._row_select_kernel``) then reads those keys and k*G entries per row,
 so the pre-activations are written once and never read whole:
 ``benchmarks/preacts_gemm.py --ab`` measures the GEMM plus selection at 0.95-0.99x
 the cuBLAS path, and the whole TopK step at 0.95-0.99x (``compare_builds.py
@@ -50,7 +50,7 @@ except ImportError:  # an older Triton: the cuBLAS path runs
 @triton.jit
 def _key16(v):
     """A 16-bit float's int32 key whose signed order is the float order; -0.0 gets +0.0's key
-    (``select._sortable_key`` for 16-bit dtypes)."""
+    (``select.keys.sortable_key`` for 16-bit dtypes)."""
     b = v.to(tl.int16, bitcast=True).to(tl.int32)
     s = b ^ ((b >> 15) & 0x7FFF)
     return tl.where(s == -1, 0, s)

@@ -11,89 +11,125 @@ r = x_hat - x (fp32, kept by the forward) and s = 2 * c * grad:
 
 One CSR transpose of the code serves both weight gradients. The code is [B, K] or a
 variable-length one (``row_offsets``; see ``gather.gather_rows``). Used by every step whose
-reconstruction is a plain decode of its code (TopK, BatchTopK).
+reconstruction is a plain decode of its code, one function per kind of step over the same passes:
+``mse_step_backward`` (TopK, BatchTopK), ``matryoshka_step_backward`` (the prefix levels),
+``penalty_step_backward`` (a per-row MSE plus a sparsity penalty: standard) and
+``step_backward_with_da`` (a per-row MSE at a gated code, also returning dL/d(value): JumpReLU).
 """
+
+from typing import NamedTuple
 
 import torch
 
-from .csr import csr_transpose
+from .csr import RowTerm, csr_transpose
 from .encoder import encoder_backward
-from .gather import gather_rows_backward, row_ids
+from .gather import LevelRows, gather_rows_backward, gather_rows_backward_gated, row_ids
+
+
+class StepTensors(NamedTuple):
+    """What an MSE step's backward reads from its forward: the input ``x`` [B, D], the weights (``W_enc``
+    [F, D], ``W_dec`` [F, D], ``b_dec`` [D]), the code (``vals``, ``indices``: [B, K], or flat [N] with
+    ``row_offsets`` [B + 1]; see ``gather.gather_rows``) and the fp32 ``residual`` x_hat - x [B, D]."""
+
+    x: torch.Tensor
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    vals: torch.Tensor
+    indices: torch.Tensor
+    residual: torch.Tensor
+    row_offsets: torch.Tensor | None = None
 
 
 def mse_step_backward(
-    grad,
-    x,
-    W_enc,
-    W_dec,
-    b_dec,
-    vals,
-    indices,
-    residual,
-    row_offsets=None,
-    *,
-    gate=None,
-    per_row=False,
-    with_da=False,
-    levels=None,
-    dx_extra=None,
-    da_extra=None,
-    dw_dec_row_term=None,
-    centred=True,
-):
-    """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype.
+    grad: torch.Tensor, step: StepTensors, *, dx_extra: torch.Tensor | None = None, centred: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype, of the mean over B*D of the
+    squared residual at a ReLU code (gradient passes where the value is > 0): TopK, BatchTopK.
 
-    ``per_row``: the loss sums the squared error over D and averages over B (c = 1 / B)
-    instead of the mean over B*D. ``gate`` (bool, shaped as ``vals``): where the code's value
-    passes gradient to the pre-activation (default: value > 0, the ReLU). ``with_da``: also
-    return da = dL/d(value) at every entry (fp32, shaped as ``vals``) and the CSR transpose
-    (perm, offsets), for gradients beyond these five (a JumpReLU threshold's). ``levels``
-    ([F] int32, Matryoshka): ``residual`` is [G, B, D], the suffix sums over the prefix levels
-    S_g = sum over g' >= g of e_g' (the gradient row of a latent of level g); latent f reads
-    S_levels[f], and x, b_dec see S_0, the sum of every level's residual. ``dx_extra`` (fp32
-    [B, D]): a further gradient of x through the centring x - b_dec (a dead-latent loss's),
-    added to dx and, negated, to db_dec before either is rounded. ``da_extra`` (fp32, shaped as
-    ``vals``): a further dL/d(value) per entry (a sparsity penalty's), added before the gate;
-    ``dw_dec_row_term`` ([F] fp32): dW_dec[f] also gets ``dw_dec_row_term[f] * (sum of f's values)
-    * W_dec[f]`` before its rounding (that penalty's gradient along the decoder rows).
-    ``centred`` False: the step reconstructs a separate target (a transcoder's), so the encoder
-    reads x itself (no ``x - b_dec``), dx is the encoder's share only and db_dec = s * sum_b r; the
-    target's own gradient, -s * r, is ``target_grad``'s.
+    ``dx_extra`` (fp32 [B, D]): a further gradient of x through the centring x - b_dec (a dead-latent
+    loss's), added to dx and, negated, to db_dec before either is rounded. ``centred`` False: the step
+    reconstructs a separate target (a transcoder's), so the encoder reads x itself (no ``x - b_dec``),
+    dx is the encoder's share only and db_dec = s * sum_b r; the target's own gradient, -s * r, is
+    ``target_grad``'s.
     """
+    return _mse_step_backward(grad, step, _Modes(dx_extra=dx_extra, centred=centred))
+
+
+def matryoshka_step_backward(
+    grad: torch.Tensor, step: StepTensors, *, levels: torch.Tensor, centred: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """``mse_step_backward`` over Matryoshka's prefix levels: ``levels`` [F] int32 is each latent's level
+    and ``step.residual`` is [G, B, D], the suffix sums over the levels S_g = sum over g' >= g of e_g'
+    (the gradient row of a latent of level g); latent f reads S_levels[f], and x, b_dec see S_0, the
+    sum of every level's residual. ``centred``: as ``mse_step_backward``'s. Returns (dx, dW_enc, db_enc,
+    dW_dec, db_dec)."""
+    return _mse_step_backward(grad, step, _Modes(levels=levels, centred=centred))
+
+
+def penalty_step_backward(
+    grad: torch.Tensor, step: StepTensors, *, da_extra: torch.Tensor, dw_dec_row_term: torch.Tensor, centred=True
+) -> tuple[torch.Tensor, ...]:
+    """The backward of a per-row MSE (squared error summed over D, averaged over B: c = 1 / B) plus a
+    sparsity penalty at a ReLU code (the standard step's). ``da_extra`` (fp32, shaped as ``vals``): the
+    penalty's dL/d(value) per entry, added before the gate; ``dw_dec_row_term`` ([F] fp32): dW_dec[f]
+    also gets ``dw_dec_row_term[f] * (sum of f's values) * W_dec[f]`` before its rounding (the
+    penalty's gradient along the decoder rows). ``centred``: as ``mse_step_backward``'s. Returns (dx,
+    dW_enc, db_enc, dW_dec, db_dec)."""
+    modes = _Modes(per_row=True, da_extra=da_extra, dw_dec_row_term=dw_dec_row_term, centred=centred)
+    return _mse_step_backward(grad, step, modes)
+
+
+def step_backward_with_da(grad: torch.Tensor, step: StepTensors, *, gate: torch.Tensor, centred=True) -> tuple:
+    """The backward of a per-row MSE (c = 1 / B) at a code whose values pass gradient to the
+    pre-activations where ``gate`` (bool, shaped as ``vals``) holds (a JumpReLU's step function).
+    Returns (dx, dW_enc, db_enc, dW_dec, db_dec, da, (perm, offsets)): also da = dL/d(value) at every
+    entry (fp32, shaped as ``vals``) and the code's CSR transpose, for gradients beyond these five (a
+    JumpReLU threshold's). ``centred``: as ``mse_step_backward``'s."""
+    return _mse_step_backward(grad, step, _Modes(gate=gate, per_row=True, with_da=True, centred=centred))
+
+
+class _Modes(NamedTuple):
+    """The parts of ``_mse_step_backward`` the functions above choose (their docstrings say what each does)."""
+
+    gate: torch.Tensor | None = None
+    per_row: bool = False
+    with_da: bool = False
+    levels: torch.Tensor | None = None
+    dx_extra: torch.Tensor | None = None
+    da_extra: torch.Tensor | None = None
+    dw_dec_row_term: torch.Tensor | None = None
+    centred: bool = True
+
+
+def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
+    x, W_enc, W_dec, b_dec = step.x, step.W_enc, step.W_dec, step.b_dec
+    vals, indices, residual, row_offsets = step.vals, step.indices, step.residual, step.row_offsets
     stacked = residual
-    if levels is not None:
+    if modes.levels is not None:
         stacked = residual.reshape(-1, residual.shape[-1])
         residual = residual[0]
     B, D = residual.shape
     csr = csr_transpose(indices, W_dec.shape[0], in_range=True)  # a code the step selected: ids in [-1, F)
     rows = row_ids(row_offsets, indices.numel()) if row_offsets is not None else None
-    s_const = 2.0 / B if per_row else 2.0 / (B * D)
+    s_const = 2.0 / B if modes.per_row else 2.0 / (B * D)
     scale_grad = grad.float()
+    levels = LevelRows(ids=modes.levels, stride=B) if modes.levels is not None else None
+    row_term = RowTerm(modes.dw_dec_row_term) if modes.dw_dec_row_term is not None else None
     # The plain ReLU gate with nothing added to da: the segmented pass returns dpre itself.
-    fused = gate is None and da_extra is None and not with_da
-    dW_dec, dots = gather_rows_backward(
-        stacked,
-        vals,
-        indices,
-        W_dec,
-        scale=scale_grad,
-        scale_const=s_const,
-        csr=csr,
-        rows=rows,
-        levels=levels,
-        level_stride=B,
-        row_term=dw_dec_row_term,
-        gated_dots=fused,
-    )
+    fused = modes.gate is None and modes.da_extra is None and not modes.with_da
+    backward = gather_rows_backward_gated if fused else gather_rows_backward
+    dW_dec, dots = backward(stacked, vals, indices, W_dec, scale=scale_grad, scale_const=s_const, csr=csr, rows=rows,
+                            levels=levels, row_term=row_term)  # fmt: skip
     if fused:
         dpre = dots
     else:
         da = dots * (scale_grad * s_const)
-        if da_extra is not None:
-            da = da + da_extra
-        dpre = torch.where(vals > 0 if gate is None else gate, da, 0.0)
+        if modes.da_extra is not None:
+            da = da + modes.da_extra
+        dpre = torch.where(vals > 0 if modes.gate is None else modes.gate, da, 0.0)
     # dx = dx_enc - s * r in the encoder gather's pass; db_dec = s * sum_b r - sum_b dx_enc = -sum_b dx
-    if centred:
+    if modes.centred:
         dx, dW_enc, db_enc, db_dec = encoder_backward(
             dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows,
             minus=(residual, scale_grad, s_const),
@@ -102,13 +138,13 @@ def mse_step_backward(
         dx, dW_enc, db_enc, _ = encoder_backward(dpre, x, W_enc, None, indices, csr=csr, row_offsets=row_offsets,
                                                  rows=rows)  # fmt: skip
         db_dec = residual.sum(0) * (scale_grad * s_const)
-    if dx_extra is not None:
-        dx = dx + dx_extra
-        if centred:
-            db_dec = db_dec - dx_extra.sum(0)
+    if modes.dx_extra is not None:
+        dx = dx + modes.dx_extra
+        if modes.centred:
+            db_dec = db_dec - modes.dx_extra.sum(0)
     dtype = W_enc.dtype
     grads = (dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype))
-    return (*grads, da, csr) if with_da else grads
+    return (*grads, da, csr) if modes.with_da else grads
 
 
 def target_grad(grad: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype, *, per_row=False) -> torch.Tensor:

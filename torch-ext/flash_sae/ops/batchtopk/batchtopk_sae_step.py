@@ -11,7 +11,7 @@ ranks pre-activations as if the decoder rows had unit norm; the reconstruction i
 plain one, so no gradient flows through the norms.
 
 What is fused:
-- selection, exact, from the chunked encoder GEMM (``primitives.select.batch_topk_preacts``):
+- selection, exact, from the chunked encoder GEMM (``primitives.select.preacts.batch_topk_preacts``):
   the group-maximum prefilter over the flattened chunk, then the ordered compaction
   (``primitives.compact``) over the group keys and over the chosen groups' entries, a merge
   across chunks; tie rule: larger value first, then the lower flat position b * F + f. No
@@ -35,7 +35,7 @@ import torch
 from ..._registry import register_op
 from ..._validation import check_batch_k
 from ...dead_latent_loss import DeadLatentLoss
-from ...primitives.select import batch_topk_preacts
+from ...primitives.select.preacts import batch_topk_preacts
 from ...results import BatchTopKSAEStep
 from .._dead import DEAD_OUTPUTS, dead_op_args
 from .._step import (

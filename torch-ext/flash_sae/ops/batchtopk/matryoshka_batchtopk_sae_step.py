@@ -18,7 +18,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import check_batch_k, check_prefix_sizes
-from ...primitives.select import batch_topk_preacts
+from ...primitives.select.preacts import batch_topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
     MATRYOSHKA_OUTPUTS,

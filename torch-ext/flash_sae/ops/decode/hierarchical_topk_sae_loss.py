@@ -52,7 +52,7 @@ import triton.language as tl
 from ..._launch import TUNING, block_d, use_triton
 from ..._registry import register_op
 from ..._validation import check_index_range
-from ...primitives.csr import csr_transpose, segment_sum
+from ...primitives.csr import SegmentRows, csr_transpose, segment_sum_scaled
 from ...primitives.triton_utils import cast_rtne, load_latent
 from ._loss import DecoderLossInputs, loss_gradients, loss_gradients_fake, loss_inputs
 
@@ -197,7 +197,8 @@ def _weight_and_dots(grad, indices, weight, vals, residual):
     scale_const = 2.0 / (B * K * D)
     if not use_triton(weight):
         buf, dots = _hierarchical_bwd_torch(indices, weight, vals, residual)
-        segment_sum(perm, offsets, buf, K=K, out=dweight, element_rows=True, scale=grad, scale_const=scale_const)
+        elements = SegmentRows(src=buf, K=K, element_rows=True)
+        segment_sum_scaled(perm, offsets, elements, out=dweight, scale=grad, scale_const=scale_const)
         return dweight, dots
     BLOCK_D = block_d(D)
     ND = triton.cdiv(D, BLOCK_D)
@@ -225,13 +226,11 @@ def _weight_and_dots(grad, indices, weight, vals, residual):
             UNROLL=TUNING["gather_unroll"],
             num_warps=TUNING["gather_warps"],
         )
-        segment_sum(
+        segment_sum_scaled(
             perm,
             offsets,
-            buf[:, :width],
-            K=K,
+            SegmentRows(src=buf[:, :width], K=K, element_rows=True),
             out=dweight,
-            element_rows=True,
             scale=grad,
             scale_const=scale_const,
             d_base=d0,

@@ -31,7 +31,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import check_index_range
-from ...primitives.gather import gather_rows, gather_rows_backward
+from ...primitives.gather import gather_residual, gather_rows_backward
 from ._loss import DecoderLossInputs, loss_gradients, loss_gradients_fake, loss_inputs
 
 # Host launchers ----------------------------------------------------------------
@@ -42,7 +42,7 @@ def topk_sae_loss_fwd(i: DecoderLossInputs) -> tuple[torch.Tensor, ...]:
     if i.validate:
         check_index_range(i.indices, i.weight.shape[0])
     B, D = i.target.shape
-    residual, sq = gather_rows(i.vals, i.indices, i.weight, i.bias, i.target)
+    residual, sq = gather_residual(i.vals, i.indices, i.weight, i.bias, i.target)
     return sq / (B * D), residual
 
 

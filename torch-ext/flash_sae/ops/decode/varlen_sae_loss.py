@@ -21,7 +21,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import check_bias, check_same_device, check_same_dtype, check_shape, check_tensor
-from ...primitives.gather import gather_rows, gather_rows_backward
+from ...primitives.gather import gather_residual, gather_rows_backward
 from ._loss import loss_gradients, loss_gradients_fake
 from ._varlen import used_code, varlen_inputs
 
@@ -42,7 +42,7 @@ class VarlenSaeLossInputs(NamedTuple):
 def varlen_sae_loss_fwd(i: VarlenSaeLossInputs) -> tuple[torch.Tensor, ...]:
     """Returns (loss [] fp32, residual [B, D] fp32 = x_hat - target, kept for the backward)."""
     B, D = i.target.shape
-    residual, sq = gather_rows(i.vals, i.indices, i.weight, i.bias, i.target, row_offsets=i.row_offsets)
+    residual, sq = gather_residual(i.vals, i.indices, i.weight, i.bias, i.target, row_offsets=i.row_offsets)
     return sq / (B * D), residual
 
 

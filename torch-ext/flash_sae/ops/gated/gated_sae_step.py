@@ -43,12 +43,12 @@ import torch
 
 from ..._registry import placeholder, register_op
 from ..._validation import as_count, check_gated_args
-from ...primitives.csr import csr_transpose
+from ...primitives.csr import RowTerm, csr_transpose
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.encoder import encoder_backward
-from ...primitives.gather import gather_rows, gather_rows_backward, row_dots, row_ids
-from ...primitives.select import threshold_preacts
+from ...primitives.gather import gather_residual, gather_rows_backward, row_dots, row_ids
+from ...primitives.select.preacts import threshold_preacts
 from ...results import GatedSAEStep, total_variance
 from .._step import at_entries, checked_step_args, cuda_fused, reconstructed, step_head, target_grad_fake
 
@@ -98,8 +98,8 @@ def gated_sae_step_fwd(
     )
     vals = torch.relu(mag)  # 0 at the empty slots (their dot and bias are 0)
     counts = torch.zeros(F, dtype=torch.int64, device=i.x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets, counts=counts)
-    aux_residual, sq_aux = gather_rows(gate, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets)
+    residual, sq = gather_residual(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets, counts=counts)
+    aux_residual, sq_aux = gather_residual(gate, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets)
     norms = torch.linalg.vector_norm(i.W_dec, dim=1, dtype=torch.float32)
     l1 = (gate.float() * at_entries(norms, indices)).sum() / B
     l0 = (vals > 0).sum().float() / B
@@ -165,8 +165,7 @@ def gated_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, .
         scale_const=2.0 / B,
         csr=csr_transpose(ids2, F),
         rows=torch.cat([rows, rows + B]),
-        row_term=row_term,
-        row_term_by_coef=False,
+        row_term=RowTerm(row_term, by_coef=False),
     )
     d_mag = torch.where(valid & (saved.mag > 0), dots2[:n] * s, 0.0)  # dL/dpi_mag
     d_gate = torch.where(

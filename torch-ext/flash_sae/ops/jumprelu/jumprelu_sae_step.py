@@ -17,7 +17,7 @@ nothing else: dtheta[f] = sum over those entries of R(u) * (-(theta/bw) dL/df - 
 * grad / (B * bw)).
 
 What is fused:
-- one collection per pre-activation chunk (``primitives.select.threshold_preacts``) gathers
+- one collection per pre-activation chunk (``primitives.select.preacts.threshold_preacts``) gathers
   the active entries and the band's into one variable-length code of fixed capacity; band-only
   entries carry the value 0, so they change no reconstruction and no weight gradient, but
   the decoder's segmented pass computes their dL/df with everyone else's;
@@ -44,9 +44,9 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import as_count, check_jumprelu_args
-from ...primitives.gather import gather_rows
-from ...primitives.select import threshold_preacts
-from ...primitives.step_backward import mse_step_backward
+from ...primitives.gather import gather_residual
+from ...primitives.select.preacts import threshold_preacts
+from ...primitives.step_backward import StepTensors, step_backward_with_da
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
 from .._step import checked_step_args, reconstructed, step_grads_fake, step_head, target_grad_fake, target_grad_for
 
@@ -86,7 +86,7 @@ def jumprelu_sae_step_fwd(
     )
     active, _ = _active(z, indices, i.threshold, i.x.dtype)
     vals = torch.where(active, z, 0)
-    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets)
+    residual, sq = gather_residual(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets)
     l0 = active.sum().float() / B
     counts = fire_counts(active, indices.clamp_min(0), i.W_dec.shape[0])
     loss = sq / B + i.l0_coefficient * l0
@@ -131,20 +131,18 @@ def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     B = saved.x.shape[0]
     active, theta = _active(saved.z, saved.indices, saved.threshold, saved.x.dtype)
     vals = torch.where(active, saved.z, 0)
-    *step_grads, da, (perm, offsets) = mse_step_backward(
-        grads.loss,
-        saved.x,
-        saved.W_enc,
-        saved.W_dec,
-        saved.b_dec,
-        vals,
-        saved.indices,
-        saved.residual,
-        saved.row_offsets,
-        gate=active,
-        per_row=True,
-        with_da=True,
-        centred=saved.target is None,
+    step = StepTensors(
+        x=saved.x,
+        W_enc=saved.W_enc,
+        W_dec=saved.W_dec,
+        b_dec=saved.b_dec,
+        vals=vals,
+        indices=saved.indices,
+        residual=saved.residual,
+        row_offsets=saved.row_offsets,
+    )
+    *step_grads, da, (perm, offsets) = step_backward_with_da(
+        grads.loss, step, gate=active, centred=saved.target is None
     )
     # R(u), u = (z - theta) / bandwidth in the activations' dtype, as the reference computes it.
     u = (saved.z - theta) / saved.bandwidth

@@ -13,7 +13,7 @@ at each active entry) and the decoder rows (l1_coefficient / B * (sum of f's val
 W_dec[f] / ||W_dec[f]||; 0 at a zero row, as torch's norm gives).
 
 What is fused:
-- one collection per pre-activation chunk (``primitives.select.threshold_preacts`` at threshold
+- one collection per pre-activation chunk (``primitives.select.preacts.threshold_preacts`` at threshold
   0) gathers the active entries (z > 0) into a variable-length code of fixed capacity;
 - decode and MSE: the row gather over the code; the penalty from the code and the decoder rows'
   norms (one fp32 norm per row, read from W_dec without an fp32 copy);
@@ -38,9 +38,9 @@ from ..._registry import register_op
 from ..._validation import as_count, check_standard_args
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
-from ...primitives.gather import gather_rows
-from ...primitives.select import threshold_preacts
-from ...primitives.step_backward import mse_step_backward
+from ...primitives.gather import gather_residual
+from ...primitives.select.preacts import threshold_preacts
+from ...primitives.step_backward import StepTensors, penalty_step_backward
 from ...results import StandardSAEStep, total_variance
 from .._step import (
     at_entries,
@@ -82,7 +82,7 @@ def standard_sae_step_fwd(
     zero = torch.zeros(F, dtype=i.x.dtype, device=i.x.device)
     vals, indices, row_offsets, count = threshold_preacts(i.x, i.W_enc, i.b_enc, centre, zero, 0.0, i.capacity)
     counts = torch.zeros(F, dtype=torch.int64, device=i.x.device)  # fired, counted by the decode
-    residual, sq = gather_rows(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets, counts=counts)
+    residual, sq = gather_residual(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets, counts=counts)
     norms = torch.linalg.vector_norm(i.W_dec, dim=1, dtype=torch.float32)
     l1 = (vals.float() * at_entries(norms, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
@@ -129,10 +129,13 @@ def standard_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     c = grads.loss.float() * (saved.l1_coefficient / B)
     da_l1 = c * at_entries(saved.norms, saved.indices)
     row_term = torch.where(saved.norms > 0, c / saved.norms.clamp_min(TINY), 0.0)  # d||w||/dw = w/||w|| (0 at w = 0)
-    step_grads = mse_step_backward(
-        grads.loss, saved.x, saved.W_enc, saved.W_dec, saved.b_dec, saved.vals, saved.indices, saved.residual,
-        saved.row_offsets, per_row=True, da_extra=da_l1, dw_dec_row_term=row_term, centred=saved.target is None,
+    step = StepTensors(
+        x=saved.x, W_enc=saved.W_enc, W_dec=saved.W_dec, b_dec=saved.b_dec, vals=saved.vals, indices=saved.indices,
+        residual=saved.residual, row_offsets=saved.row_offsets,
     )  # fmt: skip
+    step_grads = penalty_step_backward(
+        grads.loss, step, da_extra=da_l1, dw_dec_row_term=row_term, centred=saved.target is None
+    )
     return (*step_grads, target_grad_for(needs[5], grads.loss, saved.residual, saved.target, saved.x, per_row=True))
 
 

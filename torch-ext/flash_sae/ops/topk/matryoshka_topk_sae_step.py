@@ -21,7 +21,7 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import as_count, check_prefix_sizes
-from ...primitives.select import topk_preacts
+from ...primitives.select.preacts import topk_preacts
 from ...results import MatryoshkaSAEStep
 from .._matryoshka import (
     MATRYOSHKA_OUTPUTS,

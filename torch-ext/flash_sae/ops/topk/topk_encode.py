@@ -24,7 +24,7 @@ import torch
 from ..._registry import register_op
 from ..._validation import as_count, check_encoder_args
 from ...primitives.encoder import encoder_backward
-from ...primitives.select import topk_preacts
+from ...primitives.select.preacts import topk_preacts
 
 # Host launchers ----------------------------------------------------------------
 

@@ -40,7 +40,7 @@ import torch
 from ..._registry import register_op
 from ..._validation import as_count
 from ...dead_latent_loss import DeadLatentLoss
-from ...primitives.select import topk_preacts
+from ...primitives.select.preacts import topk_preacts
 from ...results import TopKSAEStep
 from .._dead import DEAD_OUTPUTS, dead_op_args
 from .._step import (
