@@ -67,6 +67,15 @@ class DeadLossSpec(NamedTuple):
 NO_DEAD_LOSS = DeadLossSpec()
 
 
+# The op arguments a step with a dead-latent loss adds after its own (``DeadOpArgs``' fields), with their types.
+DEAD_INPUTS = {
+    "dead_mask": torch.Tensor | None,
+    "dead_offset": torch.Tensor | None,
+    "dead": list[int],
+    "aux_coef": float,
+}
+
+
 class DeadOpArgs(NamedTuple):
     """A step op's dead-latent arguments: the mask, the offset tensor, ``DeadLossSpec.to_op()`` and the coefficient."""
 

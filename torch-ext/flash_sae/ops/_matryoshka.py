@@ -20,10 +20,18 @@ encoded as it is (no ``x - b_dec``); the target's gradient is -s * S_0.
 
 import torch
 
+from .._registry import register_op
 from ..primitives.gather import gather_level_residuals, row_ids
 from ..primitives.step_backward import StepTensors, matryoshka_step_backward
 from ..results import MatryoshkaSAEStep, fire_counts, total_variance
-from ._step import step_grads_fake, step_head, target_grad_fake, target_grad_for
+from ._step import (
+    STEP_GRAD_INPUTS,
+    reconstructed,
+    step_grads_fake,
+    step_head,
+    target_grad_fake,
+    target_grad_for,
+)
 
 # The outputs of both Matryoshka steps, by name (their backward is ``matryoshka_levels_bwd``).
 MATRYOSHKA_OUTPUTS = (
@@ -97,3 +105,32 @@ def matryoshka_result(out, rows: int) -> MatryoshkaSAEStep:
     """A Matryoshka step's result from its op's named outputs; ``mse`` is the last level's (the whole dictionary's)."""
     head = step_head(out, rows, mse=out.level_losses[-1])
     return MatryoshkaSAEStep(**head, level_losses=out.level_losses, min_act=out.min_act)
+
+
+def matryoshka_step_fwd(i, select) -> tuple:
+    """The forward of a Matryoshka step given its selection rule: ``select(centre)`` returns the code
+    ordered by latent id inside each row (vals, indices, row_offsets) and the activations it ranked (for
+    ``min_act``); ``centre`` is b_dec for an SAE, None for a transcoder. Every level reconstructs x, or
+    the target. Returns ``MATRYOSHKA_OUTPUTS``."""
+    y, centre = reconstructed(i.x, i.b_dec, i.target)
+    vals, indices, row_offsets, ranked = select(centre)
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd(
+        y, i.W_dec, i.b_dec, vals, indices, row_offsets, i.prefix_sizes
+    )
+    return loss, level_losses, fvu, counts, vals, indices, row_offsets, min_positive(ranked), residuals
+
+
+def matryoshka_step_fwd_fake(i, n: int) -> tuple:
+    """``matryoshka_step_fwd``'s fake outputs for a code of ``n`` entries."""
+    x, i64 = i.x, torch.int64
+    loss, level_losses, fvu, counts, residuals = matryoshka_levels_fwd_fake(x, i.W_dec, len(i.prefix_sizes))
+    code = (x.new_empty(n), x.new_empty(n, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
+    return loss, level_losses, fvu, counts, *code, x.new_empty((), dtype=torch.float32), residuals
+
+
+def register_matryoshka_step(name: str, inputs: type, forward, forward_fake):
+    """``register_op`` for a Matryoshka step: the shared levels' backward, ``MATRYOSHKA_OUTPUTS`` and
+    ``MATRYOSHKA_SAVED``, the loss differentiable in every step tensor."""
+    launchers = (forward, forward_fake, matryoshka_levels_bwd, matryoshka_levels_bwd_fake)
+    return register_op(name, inputs=inputs, launchers=launchers, saved=MATRYOSHKA_SAVED, outputs=MATRYOSHKA_OUTPUTS,
+                       differentiable=("loss",), grad_inputs=STEP_GRAD_INPUTS)  # fmt: skip

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._registry import placeholder
+from .._registry import placeholder, register_op
 from .._validation import check_encoder_args, check_same_device, check_same_dtype, check_step_args, check_tensor
 from ..primitives.gather import gather_residual
 from ..primitives.step_backward import StepTensors, mse_step_backward, target_grad
@@ -84,6 +84,24 @@ def cuda_fused(fn):
     call.__doc__ = fn.__doc__
     call.eager = fn
     return call
+
+
+# The arguments every SAE step's op starts with, in order; each step adds its own after them.
+STEP_TENSORS = (
+    ("x", torch.Tensor), ("W_enc", torch.Tensor), ("b_enc", torch.Tensor), ("W_dec", torch.Tensor),
+    ("b_dec", torch.Tensor), ("target", torch.Tensor | None),
+)  # fmt: skip
+STEP_GRAD_INPUTS = tuple(name for name, _ in STEP_TENSORS)
+
+
+def step_inputs(name: str, **fields) -> type:
+    """The ``NamedTuple`` of a step op's arguments: ``STEP_TENSORS``, then ``fields`` (name: type) in order."""
+    return NamedTuple(name, [*STEP_TENSORS, *fields.items()])
+
+
+def step_tensors(x, W_enc, b_enc, W_dec, b_dec, target) -> tuple:
+    """A step's tensor arguments made contiguous, in ``STEP_TENSORS``' order (target may be None)."""
+    return (*(t.contiguous() for t in (x, W_enc, b_enc, W_dec, b_dec)), None if target is None else target.contiguous())
 
 
 def checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k) -> tuple[int, int, int]:
@@ -197,3 +215,24 @@ def step_head(out, rows: int, *, mse=None, l0=None) -> dict:
 def selection_step_head(out, rows: int, dead_on: bool) -> dict:
     """``step_head`` of a selection step: without a dead-latent loss its mse is its loss (detached)."""
     return step_head(out, rows, mse=out.mse if dead_on else out.loss.detach())
+
+
+def register_selection_step(name: str, inputs: type, forward, forward_fake, outputs: tuple):
+    """``register_op`` for a step whose loss is the MSE of a selected code (TopK, BatchTopK): the shared
+    backward (``mse_selection_step_backward``), ``SELECTION_STEP_SAVED`` (+ ``row_offsets`` for a
+    variable-length code), the loss and the dead-latent loss differentiable, every step tensor's gradient."""
+    saved = (*SELECTION_STEP_SAVED, "row_offsets") if "row_offsets" in outputs else SELECTION_STEP_SAVED
+    launchers = (forward, forward_fake, mse_selection_step_backward, mse_selection_step_backward_fake)
+    return register_op(name, inputs=inputs, launchers=launchers, saved=saved, outputs=outputs,
+                       differentiable=("loss", "aux_loss"), grad_inputs=STEP_GRAD_INPUTS)  # fmt: skip
+
+
+def capacity_step_fakes(i, n_scalars: int, *extra) -> tuple:
+    """A fixed-capacity step's fake outputs (JumpReLU, standard, Gated): ``n_scalars`` 0-d fp32 losses and
+    statistics, fire_counts [F], the code (vals and indices [capacity], row_offsets [B + 1]), count and
+    overflow, then ``extra`` (the tensors the step keeps for its backward, as fakes)."""
+    x, F, capacity, i64 = i.x, i.W_dec.shape[0], i.capacity, torch.int64
+    scalars = [x.new_empty((), dtype=torch.float32) for _ in range(n_scalars)]
+    code = (x.new_empty(capacity), x.new_empty(capacity, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
+    return (*scalars, x.new_empty(F, dtype=i64), *code, x.new_empty((), dtype=i64),
+            x.new_empty((), dtype=torch.bool), *extra)  # fmt: skip

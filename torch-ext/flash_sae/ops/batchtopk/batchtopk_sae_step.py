@@ -28,45 +28,28 @@ Precision: fp32 accumulation; loss and FVU in fp32; gradients in the parameters'
 Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
 """
 
-from typing import NamedTuple
-
 import torch
 
-from ..._registry import register_op
 from ..._validation import check_batch_k
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import batch_topk_preacts
 from ...results import BatchTopKSAEStep
-from .._dead import DEAD_OUTPUTS, dead_op_args
+from .._dead import DEAD_INPUTS, DEAD_OUTPUTS, dead_op_args
 from .._step import (
-    SELECTION_STEP_SAVED,
     Selected,
     checked_step_args,
-    mse_selection_step_backward,
-    mse_selection_step_backward_fake,
     mse_selection_step_fwd,
     mse_selection_step_fwd_fake,
+    register_selection_step,
     selection_step_head,
+    step_inputs,
+    step_tensors,
 )
 
 # Host launchers ----------------------------------------------------------------
 
 
-class BatchtopkSaeStepInputs(NamedTuple):
-    """``batchtopk_sae_step``'s arguments, in the registered op's order."""
-
-    x: torch.Tensor
-    W_enc: torch.Tensor
-    b_enc: torch.Tensor
-    W_dec: torch.Tensor
-    b_dec: torch.Tensor
-    target: torch.Tensor | None
-    n: int
-    rescale_acts_by_decoder_norm: bool
-    dead_mask: torch.Tensor | None
-    dead_offset: torch.Tensor | None
-    dead: list[int]
-    aux_coef: float
+BatchtopkSaeStepInputs = step_inputs("BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, **DEAD_INPUTS)
 
 
 def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
@@ -93,30 +76,12 @@ def batchtopk_sae_step_fwd_fake(i: BatchtopkSaeStepInputs):
 
 # Op registration and autograd ----------------------------------------------------
 
-_batchtopk_sae_step = register_op(
+_batchtopk_sae_step = register_selection_step(
     "batchtopk_sae_step",
-    inputs=BatchtopkSaeStepInputs,
-    launchers=(
-        batchtopk_sae_step_fwd,
-        batchtopk_sae_step_fwd_fake,
-        mse_selection_step_backward,
-        mse_selection_step_backward_fake,
-    ),
-    saved=(*SELECTION_STEP_SAVED, "row_offsets"),
-    outputs=(
-        "loss",
-        "mse",
-        "fvu",
-        "fire_counts",
-        "vals",
-        "indices",
-        "row_offsets",
-        "min_act",
-        "residual",
-        *DEAD_OUTPUTS,
-    ),  # fmt: skip
-    differentiable=("loss", "aux_loss"),
-    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
+    BatchtopkSaeStepInputs,
+    batchtopk_sae_step_fwd,
+    batchtopk_sae_step_fwd_fake,
+    ("loss", "mse", "fvu", "fire_counts", "vals", "indices", "row_offsets", "min_act", "residual", *DEAD_OUTPUTS),
 )
 
 
@@ -158,14 +123,11 @@ def batchtopk_sae_step(
         [B, F] kept; deterministic.
     """
     B, _, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
-    target = target.contiguous() if target is not None else None
     n = check_batch_k(k, B, F)
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
     dead = dead_op_args(dead_loss, x, F)
-    params = (x, W_enc, b_enc, W_dec, b_dec)
-    out = _batchtopk_sae_step.named(
-        _batchtopk_sae_step(*(t.contiguous() for t in params), target, n, rescale_acts_by_decoder_norm, *dead)
-    )
+    tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
+    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, *dead))
     head = selection_step_head(out, B, dead.on)
     return BatchTopKSAEStep(**head, min_act=out.min_act, aux_loss=out.aux_loss if dead.on else None)

@@ -50,7 +50,15 @@ from ...primitives.encoder import encoder_backward
 from ...primitives.gather import gather_residual, gather_rows_backward, row_dots, row_ids
 from ...primitives.select.preacts import threshold_preacts
 from ...results import GatedSAEStep, total_variance
-from .._step import at_entries, checked_step_args, cuda_fused, reconstructed, step_head, target_grad_fake
+from .._step import (
+    at_entries,
+    capacity_step_fakes,
+    checked_step_args,
+    cuda_fused,
+    reconstructed,
+    step_head,
+    target_grad_fake,
+)
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -112,25 +120,10 @@ def gated_sae_step_fwd(
 
 
 def gated_sae_step_fwd_fake(i: GatedSaeStepInputs):
-    x, W_dec, capacity = i.x, i.W_dec, i.capacity
-    B, (F, D) = x.shape[0], W_dec.shape
-    f32, i64 = torch.float32, torch.int64
-    scalar = [x.new_empty((), dtype=f32) for _ in range(6)]
-    return (
-        *scalar,
-        x.new_empty(F, dtype=i64),
-        x.new_empty(capacity),
-        x.new_empty(capacity, dtype=i64),
-        x.new_empty(B + 1, dtype=i64),
-        x.new_empty((), dtype=i64),
-        x.new_empty((), dtype=torch.bool),
-        x.new_empty(capacity),
-        x.new_empty(capacity),
-        x.new_empty(capacity, dtype=f32),
-        x.new_empty(B, D, dtype=f32),
-        x.new_empty(B, D, dtype=f32),
-        x.new_empty(F, dtype=f32),
-    )
+    x, (F, D), capacity, f32 = i.x, i.W_dec.shape, i.capacity, torch.float32
+    residuals = (x.new_empty(x.shape[0], D, dtype=f32) for _ in range(2))
+    kept = (x.new_empty(capacity), x.new_empty(capacity), x.new_empty(capacity, dtype=f32), *residuals)
+    return capacity_step_fakes(i, 6, *kept, x.new_empty(F, dtype=f32))
 
 
 def gated_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:

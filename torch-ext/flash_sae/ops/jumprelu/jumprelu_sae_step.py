@@ -38,8 +38,6 @@ Precision: fp32 accumulation; the loss in fp32; gradients in the parameters' dty
 threshold's in the threshold's dtype). Deterministic. Nothing [B, F] is kept.
 """
 
-from typing import NamedTuple
-
 import torch
 
 from ..._registry import register_op
@@ -48,7 +46,17 @@ from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import threshold_preacts
 from ...primitives.step_backward import StepTensors, step_backward_with_da
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
-from .._step import checked_step_args, reconstructed, step_grads_fake, step_head, target_grad_fake, target_grad_for
+from .._step import (
+    capacity_step_fakes,
+    checked_step_args,
+    reconstructed,
+    step_grads_fake,
+    step_head,
+    step_inputs,
+    step_tensors,
+    target_grad_fake,
+    target_grad_for,
+)
 
 # Host launchers ----------------------------------------------------------------
 
@@ -59,19 +67,9 @@ def _active(vals, indices, threshold, dtype):
     return (vals > theta) & (indices >= 0), theta
 
 
-class JumpreluSaeStepInputs(NamedTuple):
-    """``jumprelu_sae_step``'s arguments, in the registered op's order."""
-
-    x: torch.Tensor
-    W_enc: torch.Tensor
-    b_enc: torch.Tensor
-    W_dec: torch.Tensor
-    b_dec: torch.Tensor
-    target: torch.Tensor | None
-    threshold: torch.Tensor
-    bandwidth: float
-    l0_coefficient: float
-    capacity: int
+JumpreluSaeStepInputs = step_inputs(
+    "JumpreluSaeStepInputs", threshold=torch.Tensor, bandwidth=float, l0_coefficient=float, capacity=int
+)
 
 
 def jumprelu_sae_step_fwd(
@@ -90,38 +88,13 @@ def jumprelu_sae_step_fwd(
     l0 = active.sum().float() / B
     counts = fire_counts(active, indices.clamp_min(0), i.W_dec.shape[0])
     loss = sq / B + i.l0_coefficient * l0
-    return (
-        loss,
-        sq / (B * D),
-        l0,
-        sq / total_variance(y),
-        counts,
-        vals,
-        indices,
-        row_offsets,
-        count,
-        count > i.capacity,
-        z,
-        residual,
-    )
+    return (loss, sq / (B * D), l0, sq / total_variance(y), counts, vals, indices, row_offsets, count,
+            count > i.capacity, z, residual)  # fmt: skip
 
 
 def jumprelu_sae_step_fwd_fake(i: JumpreluSaeStepInputs):
-    x, W_dec, capacity = i.x, i.W_dec, i.capacity
-    B, (F, D) = x.shape[0], W_dec.shape
-    f32, i64 = torch.float32, torch.int64
-    scalar = [x.new_empty((), dtype=f32) for _ in range(4)]
-    return (
-        *scalar,
-        x.new_empty(F, dtype=i64),
-        x.new_empty(capacity),
-        x.new_empty(capacity, dtype=i64),
-        x.new_empty(B + 1, dtype=i64),
-        x.new_empty((), dtype=i64),
-        x.new_empty((), dtype=torch.bool),
-        x.new_empty(capacity),
-        x.new_empty(B, D, dtype=f32),
-    )
+    B, D = i.x.shape[0], i.W_dec.shape[1]
+    return capacity_step_fakes(i, 4, i.x.new_empty(i.capacity), i.x.new_empty(B, D, dtype=torch.float32))
 
 
 def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
@@ -240,8 +213,6 @@ def jumprelu_sae_step(
     B, _, _ = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_jumprelu_args(threshold, W_enc.shape[0], capacity, bandwidth, l0_coefficient, x)
-    target = target.contiguous() if target is not None else None
-    params = (x, W_enc, b_enc, W_dec, b_dec)
-    tensors = (*(t.contiguous() for t in params), target, threshold.contiguous())
+    tensors = (*step_tensors(x, W_enc, b_enc, W_dec, b_dec, target), threshold.contiguous())
     out = _jumprelu_sae_step.named(_jumprelu_sae_step(*tensors, float(bandwidth), float(l0_coefficient), capacity))
     return JumpReLUSAEStep(**step_head(out, B), count=out.count, overflow=out.overflow)

@@ -30,8 +30,6 @@ capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp
 the parameters' dtype. Deterministic. Nothing [B, F] is kept.
 """
 
-from typing import NamedTuple
-
 import torch
 
 from ..._registry import register_op
@@ -44,11 +42,14 @@ from ...primitives.step_backward import StepTensors, penalty_step_backward
 from ...results import StandardSAEStep, total_variance
 from .._step import (
     at_entries,
+    capacity_step_fakes,
     checked_step_args,
     cuda_fused,
     reconstructed,
     step_grads_fake,
     step_head,
+    step_inputs,
+    step_tensors,
     target_grad_fake,
     target_grad_for,
 )
@@ -58,17 +59,7 @@ TINY = torch.finfo(torch.float32).tiny
 # Host launchers ----------------------------------------------------------------
 
 
-class StandardSaeStepInputs(NamedTuple):
-    """``standard_sae_step``'s arguments, in the registered op's order."""
-
-    x: torch.Tensor
-    W_enc: torch.Tensor
-    b_enc: torch.Tensor
-    W_dec: torch.Tensor
-    b_dec: torch.Tensor
-    target: torch.Tensor | None
-    l1_coefficient: float
-    capacity: int
+StandardSaeStepInputs = step_inputs("StandardSaeStepInputs", l1_coefficient=float, capacity=int)
 
 
 def standard_sae_step_fwd(
@@ -87,38 +78,14 @@ def standard_sae_step_fwd(
     l1 = (vals.float() * at_entries(norms, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
     loss = sq / B + i.l1_coefficient * l1
-    return (
-        loss,
-        sq / (B * D),
-        l1,
-        l0,
-        sq / total_variance(y),
-        counts,
-        vals,
-        indices,
-        row_offsets,
-        count,
-        count > i.capacity,
-        residual,
-        norms,
-    )
+    return (loss, sq / (B * D), l1, l0, sq / total_variance(y), counts, vals, indices, row_offsets, count,
+            count > i.capacity, residual, norms)  # fmt: skip
 
 
 def standard_sae_step_fwd_fake(i: StandardSaeStepInputs):
-    x, W_dec, capacity = i.x, i.W_dec, i.capacity
-    B, (F, D) = x.shape[0], W_dec.shape
-    f32, i64 = torch.float32, torch.int64
-    scalar = [x.new_empty((), dtype=f32) for _ in range(5)]
-    return (
-        *scalar,
-        x.new_empty(F, dtype=i64),
-        x.new_empty(capacity),
-        x.new_empty(capacity, dtype=i64),
-        x.new_empty(B + 1, dtype=i64),
-        x.new_empty((), dtype=i64),
-        x.new_empty((), dtype=torch.bool),
-        x.new_empty(B, D, dtype=f32),
-        x.new_empty(F, dtype=f32),
+    x, (F, D) = i.x, i.W_dec.shape
+    return capacity_step_fakes(
+        i, 5, x.new_empty(x.shape[0], D, dtype=torch.float32), x.new_empty(F, dtype=torch.float32)
     )
 
 
@@ -219,11 +186,8 @@ def standard_sae_step(
     B, _, _ = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
-    target = target.contiguous() if target is not None else None
-    params = (x, W_enc, b_enc, W_dec, b_dec)
-    out = _standard_sae_step.named(
-        _standard_sae_step(*(t.contiguous() for t in params), target, float(l1_coefficient), capacity)
-    )
+    tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
+    out = _standard_sae_step.named(_standard_sae_step(*tensors, float(l1_coefficient), capacity))
     return StandardSAEStep(**step_head(out, B), l1=out.l1, count=out.count, overflow=out.overflow)
 
 

@@ -33,44 +33,28 @@ Precision: fp32 accumulation; loss and FVU in fp32; gradients in the inputs'
 dtype. Deterministic. Shapes as ``topk_encode``.
 """
 
-from typing import NamedTuple
-
 import torch
 
-from ..._registry import register_op
 from ..._validation import as_count
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import topk_preacts
 from ...results import TopKSAEStep
-from .._dead import DEAD_OUTPUTS, dead_op_args
+from .._dead import DEAD_INPUTS, DEAD_OUTPUTS, dead_op_args
 from .._step import (
-    SELECTION_STEP_SAVED,
     Selected,
     checked_step_args,
-    mse_selection_step_backward,
-    mse_selection_step_backward_fake,
     mse_selection_step_fwd,
     mse_selection_step_fwd_fake,
+    register_selection_step,
     selection_step_head,
+    step_inputs,
+    step_tensors,
 )
 
 # Host launchers ----------------------------------------------------------------
 
 
-class TopkSaeStepInputs(NamedTuple):
-    """``topk_sae_step``'s arguments, in the registered op's order."""
-
-    x: torch.Tensor
-    W_enc: torch.Tensor
-    b_enc: torch.Tensor
-    W_dec: torch.Tensor
-    b_dec: torch.Tensor
-    target: torch.Tensor | None
-    k: int
-    dead_mask: torch.Tensor | None
-    dead_offset: torch.Tensor | None
-    dead: list[int]
-    aux_coef: float
+TopkSaeStepInputs = step_inputs("TopkSaeStepInputs", k=int, **DEAD_INPUTS)
 
 
 def topk_sae_step_fwd(i: TopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
@@ -91,19 +75,12 @@ def topk_sae_step_fwd_fake(i: TopkSaeStepInputs):
 
 # Op registration and autograd ----------------------------------------------------
 
-_topk_sae_step = register_op(
+_topk_sae_step = register_selection_step(
     "topk_sae_step",
-    inputs=TopkSaeStepInputs,
-    launchers=(
-        topk_sae_step_fwd,
-        topk_sae_step_fwd_fake,
-        mse_selection_step_backward,
-        mse_selection_step_backward_fake,
-    ),
-    saved=SELECTION_STEP_SAVED,
-    outputs=("loss", "mse", "fvu", "fire_counts", "vals", "indices", "residual", *DEAD_OUTPUTS),
-    differentiable=("loss", "aux_loss"),
-    grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
+    TopkSaeStepInputs,
+    topk_sae_step_fwd,
+    topk_sae_step_fwd_fake,
+    ("loss", "mse", "fvu", "fire_counts", "vals", "indices", "residual", *DEAD_OUTPUTS),
 )
 
 
@@ -148,8 +125,6 @@ def topk_sae_step(
     """
     k = as_count(k)
     B, D, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
-    target = target.contiguous() if target is not None else None
     dead = dead_op_args(dead_loss, x, F)
-    params = (x, W_enc, b_enc, W_dec, b_dec)
-    out = _topk_sae_step.named(_topk_sae_step(*(t.contiguous() for t in params), target, k, *dead))
+    out = _topk_sae_step.named(_topk_sae_step(*step_tensors(x, W_enc, b_enc, W_dec, b_dec, target), k, *dead))
     return TopKSAEStep(**selection_step_head(out, B, dead.on), aux_loss=out.aux_loss if dead.on else None)
