@@ -175,16 +175,9 @@ def check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features):
 
 
 def sharded_topk_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: int,
-    *,
-    group: dist.ProcessGroup,
-    n_features: int,
-) -> TopKSAEStep:
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: int, *,
+    group: dist.ProcessGroup, n_features: int,
+) -> TopKSAEStep:  # fmt: skip
     """``topk_sae_step`` with the latents sharded over the ranks of ``group``.
 
     Args:

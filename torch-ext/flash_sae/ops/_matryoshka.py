@@ -22,11 +22,12 @@ import torch
 
 from .._registry import register_op
 from ..primitives.gather import gather_level_residuals, row_ids
-from ..primitives.step_backward import StepTensors, matryoshka_step_backward
+from ..primitives.step_backward import matryoshka_step_backward
 from ..results import MatryoshkaSAEStep, fire_counts, total_variance
 from ._step import (
     STEP_GRAD_INPUTS,
     reconstructed,
+    saved_step_tensors,
     step_grads_fake,
     step_head,
     target_grad_fake,
@@ -85,8 +86,7 @@ def matryoshka_levels_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     suffix = saved.residuals.flip(0).cumsum(0).flip(0).contiguous()
     sizes = level_sizes(saved.prefix_sizes, x.device)
     levels = torch.searchsorted(sizes, torch.arange(F, device=x.device), right=True).to(torch.int32)
-    step = StepTensors(x=x, W_enc=saved.W_enc, W_dec=W_dec, b_dec=saved.b_dec, vals=saved.vals, indices=saved.indices,
-                       residual=suffix, row_offsets=saved.row_offsets)  # fmt: skip
+    step = saved_step_tensors(saved, residual=suffix)
     step_grads = matryoshka_step_backward(grads.loss, step, levels=levels, centred=saved.target is None)
     return (*step_grads, target_grad_for(needs[5], grads.loss, suffix[0], saved.target, x))
 

@@ -99,6 +99,16 @@ def step_inputs(name: str, **fields) -> type:
     return NamedTuple(name, [*STEP_TENSORS, *fields.items()])
 
 
+def saved_step_tensors(saved, *, vals=None, residual=None) -> StepTensors:
+    """The ``StepTensors`` a step backward reads from its saved fields (x, W_enc, W_dec, b_dec, vals, indices,
+    residual, row_offsets if saved); ``vals`` and ``residual`` replace the saved ones where given."""
+    return StepTensors(
+        x=saved.x, W_enc=saved.W_enc, W_dec=saved.W_dec, b_dec=saved.b_dec,
+        vals=saved.vals if vals is None else vals, indices=saved.indices,
+        residual=saved.residual if residual is None else residual, row_offsets=getattr(saved, "row_offsets", None),
+    )  # fmt: skip
+
+
 def step_tensors(x, W_enc, b_enc, W_dec, b_dec, target) -> tuple:
     """A step's tensor arguments made contiguous, in ``STEP_TENSORS``' order (target may be None)."""
     return (*(t.contiguous() for t in (x, W_enc, b_enc, W_dec, b_dec)), None if target is None else target.contiguous())
@@ -129,13 +139,10 @@ def mse_selection_step_backward(grads, saved, needs: list[bool]) -> tuple[torch.
         saved.target,
         saved.residual,
     )
-    row_offsets = getattr(saved, "row_offsets", None)
     centred = target is None
 
     def mse_backward(dx_extra):
-        step = StepTensors(x=x, W_enc=W_enc, W_dec=W_dec, b_dec=b_dec, vals=saved.vals, indices=saved.indices,
-                           residual=residual, row_offsets=row_offsets)  # fmt: skip
-        return mse_step_backward(grads.loss, step, dx_extra=dx_extra, centred=centred)
+        return mse_step_backward(grads.loss, saved_step_tensors(saved), dx_extra=dx_extra, centred=centred)
 
     spec = DeadLossSpec.from_op(saved.dead)
     dead_saved = (saved.A, saved.gate, saved.dE1, saved.ids, saved.valid)

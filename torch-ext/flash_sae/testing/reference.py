@@ -10,6 +10,7 @@ production code never imports this module.
 
 import torch
 
+from .. import results
 from ..modules.base import (
     BatchTopKSAEBase,
     GatedSAEBase,
@@ -18,16 +19,7 @@ from ..modules.base import (
     StandardSAEBase,
     TopKSAEBase,
 )
-from ..results import (
-    BatchTopKSAEStep,
-    GatedSAEStep,
-    JumpReLUSAEStep,
-    MatryoshkaSAEStep,
-    SparseCode,
-    StandardSAEStep,
-    TopKSAEStep,
-    fire_counts,
-)
+from ..results import SparseCode, fire_counts
 
 
 def sparse_decode(vals, indices, weight, bias=None):
@@ -149,10 +141,10 @@ def topk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=
     loss = (x_hat - x).pow(2).mean()
     head = _head(loss, x, x_hat, fire_counts(vals, indices, W_dec.shape[0]), SparseCode(vals, indices), x.shape[0])
     if dead_loss is None:
-        return TopKSAEStep(loss, **head)
+        return results.TopKSAEStep(loss, **head)
     pre = encoder_preacts(x, W_enc, b_enc, b_dec, round_to=round_preacts)
     aux, coef = dead_latent_loss(pre, x, x_hat, W_dec, dead_loss, aux_mask=aux_mask)
-    return TopKSAEStep(loss + coef * aux, **head, aux_loss=aux)
+    return results.TopKSAEStep(loss + coef * aux, **head, aux_loss=aux)
 
 
 def dead_set(dead_mask, capacity, offset=0):
@@ -249,10 +241,10 @@ def batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder
     counts = fire_counts(picked, ids, F)
     head = _head(loss, y, x_hat, counts, SparseCode(vals, ids, row_offsets_of(rows, B)), B)
     if dead_loss is None:
-        return BatchTopKSAEStep(loss, **head, min_act=min_act)
+        return results.BatchTopKSAEStep(loss, **head, min_act=min_act)
     key_scale = norm.detach() if norm is not None else None
     aux, coef = dead_latent_loss(pre, y, x_hat, W_dec, dead_loss, key_scale=key_scale, aux_mask=forced.get("aux_mask"))
-    return BatchTopKSAEStep(loss + coef * aux, **head, min_act=min_act, aux_loss=aux)
+    return results.BatchTopKSAEStep(loss + coef * aux, **head, min_act=min_act, aux_loss=aux)
 
 
 def matryoshka_batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes, rescale_acts_by_decoder_norm=False,
@@ -278,7 +270,7 @@ def matryoshka_batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, prefix_sizes
     level_losses = torch.stack(level_losses)
     head = {**base._asdict(), "mse": level_losses[-1].detach()}
     head = {name: head[name] for name in ("mse", "fvu", "l0", "fire_counts", "code")}
-    return MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=base.min_act)
+    return results.MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=base.min_act)
 
 
 def matryoshka_topk_sae_step(
@@ -302,7 +294,7 @@ def matryoshka_topk_sae_step(
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=x.device)
     flat = SparseCode(vals_sorted.flatten(), ids_sorted.flatten(), torch.arange(B + 1, device=x.device) * k)
     head = _head(level_losses[-1], y, code @ W_dec + b_dec, fire_counts(vals, ids, F), flat, B)
-    return MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=min_act)
+    return results.MatryoshkaSAEStep(level_losses.sum(), **head, level_losses=level_losses, min_act=min_act)
 
 
 # JumpReLU ----------------------------------------------------------------------------
@@ -372,7 +364,7 @@ def jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, 
     l0 = _Step.apply(z, theta, bandwidth, active, band).sum(-1).mean()
     loss = sq.sum(-1).mean() + l0_coefficient * l0
     head = _head(sq.mean(), y, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
-    return JumpReLUSAEStep(loss, **{**head, "l0": l0.detach().float()}, count=None, overflow=None)
+    return results.JumpReLUSAEStep(loss, **{**head, "l0": l0.detach().float()}, count=None, overflow=None)
 
 
 def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None, target=None):
@@ -397,7 +389,7 @@ def standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=
     loss = sq.sum(-1).mean() + l1_coefficient * l1
     head = _head(sq.mean(), y, x_hat, active.sum(0), SparseCode(acts, None), x.shape[0])
     head["l0"] = active.sum(-1).float().mean()
-    return StandardSAEStep(loss, **head, l1=l1.detach(), count=None, overflow=None)
+    return results.StandardSAEStep(loss, **head, l1=l1.detach(), count=None, overflow=None)
 
 
 def gated_sae_step(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=1.0, freeze_aux_decoder=True, **forced):
@@ -434,7 +426,7 @@ def gated_sae_step(x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, l1_coefficient=
     loss = sq.sum(-1).mean() + l1_coefficient * l1 + aux
     head = _head(sq.mean(), y, x_hat, active.sum(0), SparseCode(f, None), x.shape[0])
     head["l0"] = active.sum(-1).float().mean()
-    return GatedSAEStep(loss, **head, l1=l1.detach(), aux=aux.detach(), count=opened.sum(), overflow=None)
+    return results.GatedSAEStep(loss, **head, l1=l1.detach(), aux=aux.detach(), count=opened.sum(), overflow=None)
 
 
 # The module -------------------------------------------------------------------------

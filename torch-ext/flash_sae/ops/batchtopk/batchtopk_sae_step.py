@@ -89,17 +89,10 @@ _batchtopk_sae_step = register_selection_step(
 
 
 def batchtopk_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: float,
-    *,
-    target: torch.Tensor | None = None,
-    rescale_acts_by_decoder_norm: bool = False,
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: float, *,
+    target: torch.Tensor | None = None, rescale_acts_by_decoder_norm: bool = False,
     dead_loss: DeadLatentLoss | None = None,
-) -> BatchTopKSAEStep:
+) -> BatchTopKSAEStep:  # fmt: skip
     """One BatchTopK SAE step: the int(k * B) largest activations of the whole batch, decoded, MSE.
 
     Args:

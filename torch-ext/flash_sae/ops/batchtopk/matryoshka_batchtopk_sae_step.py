@@ -53,17 +53,9 @@ _matryoshka_batchtopk_sae_step = register_matryoshka_step(
 
 
 def matryoshka_batchtopk_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: float,
-    prefix_sizes,
-    *,
-    target: torch.Tensor | None = None,
-    rescale_acts_by_decoder_norm: bool = False,
-) -> MatryoshkaSAEStep:
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: float,
+    prefix_sizes, *, target: torch.Tensor | None = None, rescale_acts_by_decoder_norm: bool = False,
+) -> MatryoshkaSAEStep:  # fmt: skip
     """One Matryoshka BatchTopK SAE step: the BatchTopK code, and the summed losses of nested prefixes.
 
     Args:

@@ -41,6 +41,15 @@ def loss_inputs(indices, weight, vals, bias, target, validate) -> tuple:
     )
 
 
+def loss_fwd_fake(i, residuals: int = 1) -> tuple:
+    """A decoder loss's fake outputs: the 0-d fp32 loss, then ``residuals`` fp32 tensors shaped as the target."""
+    f32 = torch.float32
+    return (
+        i.weight.new_empty((), dtype=f32),
+        *(i.weight.new_empty(i.target.shape, dtype=f32) for _ in range(residuals)),
+    )
+
+
 def loss_gradients(needs, weight, vals, s, rows, weight_and_dots) -> tuple:
     """(dweight, dvals, dbias, dtarget), each in its input's dtype (placeholders where not needed).
 

@@ -54,7 +54,7 @@ from ..._registry import register_op
 from ..._validation import check_index_range
 from ...primitives.csr import SegmentRows, csr_transpose, segment_sum_scaled
 from ...primitives.triton_utils import cast_rtne, load_latent
-from ._loss import DecoderLossInputs, loss_gradients, loss_gradients_fake, loss_inputs
+from ._loss import DecoderLossInputs, loss_fwd_fake, loss_gradients, loss_gradients_fake, loss_inputs
 
 # Kernels -----------------------------------------------------------------------
 
@@ -279,10 +279,7 @@ def hierarchical_topk_sae_loss_bwd(grads, saved, needs: list[bool]) -> tuple[tor
 
 
 def hierarchical_topk_sae_loss_fwd_fake(i: DecoderLossInputs):
-    weight, target = i.weight, i.target
-    B, D = target.shape
-    f32 = torch.float32
-    return weight.new_empty((), dtype=f32), weight.new_empty(B, D, dtype=f32), weight.new_empty(B, D, dtype=f32)
+    return loss_fwd_fake(i, residuals=2)  # the residual and the prefix residuals' sum
 
 
 def hierarchical_topk_sae_loss_bwd_fake(grads, saved, needs: list[bool]):
@@ -312,14 +309,9 @@ _hierarchical_topk_sae_loss = register_op(
 
 
 def hierarchical_topk_sae_loss(
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    vals: torch.Tensor,
-    bias: torch.Tensor,
-    target: torch.Tensor,
-    *,
+    indices: torch.Tensor, weight: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, *,
     validate: bool | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """HierarchicalTopK loss: mean squared error of every prefix reconstruction.
 
     Prefixes follow the column order of ``indices``: pass the top-k sorted by

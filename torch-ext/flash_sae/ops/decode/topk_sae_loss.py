@@ -32,7 +32,7 @@ import torch
 from ..._registry import register_op
 from ..._validation import check_index_range
 from ...primitives.gather import gather_residual, gather_rows_backward
-from ._loss import DecoderLossInputs, loss_gradients, loss_gradients_fake, loss_inputs
+from ._loss import DecoderLossInputs, loss_fwd_fake, loss_gradients, loss_gradients_fake, loss_inputs
 
 # Host launchers ----------------------------------------------------------------
 
@@ -47,9 +47,7 @@ def topk_sae_loss_fwd(i: DecoderLossInputs) -> tuple[torch.Tensor, ...]:
 
 
 def topk_sae_loss_fwd_fake(i: DecoderLossInputs):
-    weight, target = i.weight, i.target
-    f32 = torch.float32
-    return weight.new_empty((), dtype=f32), weight.new_empty(target.shape, dtype=f32)
+    return loss_fwd_fake(i)
 
 
 def topk_sae_loss_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
@@ -90,14 +88,9 @@ _topk_sae_loss = register_op(
 
 
 def topk_sae_loss(
-    indices: torch.Tensor,
-    weight: torch.Tensor,
-    vals: torch.Tensor,
-    bias: torch.Tensor,
-    target: torch.Tensor,
-    *,
+    indices: torch.Tensor, weight: torch.Tensor, vals: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, *,
     validate: bool | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """TopK SAE reconstruction loss, ``((bias + sum_k vals*weight[indices] - target)**2).mean()``.
 
     flex-sae's signature (ids first, then the weight, then values): switching

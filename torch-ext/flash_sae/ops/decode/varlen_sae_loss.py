@@ -22,7 +22,7 @@ import torch
 from ..._registry import register_op
 from ..._validation import check_bias, check_same_device, check_same_dtype, check_shape, check_tensor
 from ...primitives.gather import gather_residual, gather_rows_backward
-from ._loss import loss_gradients, loss_gradients_fake
+from ._loss import loss_fwd_fake, loss_gradients, loss_gradients_fake
 from ._varlen import used_code, varlen_inputs
 
 # Host launchers ----------------------------------------------------------------
@@ -47,9 +47,7 @@ def varlen_sae_loss_fwd(i: VarlenSaeLossInputs) -> tuple[torch.Tensor, ...]:
 
 
 def varlen_sae_loss_fwd_fake(i: VarlenSaeLossInputs):
-    weight, target = i.weight, i.target
-    f32 = torch.float32
-    return weight.new_empty((), dtype=f32), weight.new_empty(target.shape, dtype=f32)
+    return loss_fwd_fake(i)
 
 
 def varlen_sae_loss_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
@@ -99,15 +97,9 @@ _varlen_sae_loss = register_op(
 
 
 def varlen_sae_loss(
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    validate: bool | None = None,
-) -> torch.Tensor:
+    vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    target: torch.Tensor, *, validate: bool | None = None,
+) -> torch.Tensor:  # fmt: skip
     """SAE reconstruction loss of a variable-length code, ``((varlen_sparse_decode(...) - target)**2).mean()``.
 
     Args:

@@ -87,14 +87,9 @@ _varlen_sparse_decode = register_op(
 
 
 def varlen_sparse_decode(
-    vals: torch.Tensor,
-    indices: torch.Tensor,
-    row_offsets: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    validate: bool | None = None,
-) -> torch.Tensor:
+    vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None = None, *, validate: bool | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Decodes a variable-length code: row b is ``bias + sum of vals[i] * weight[indices[i]]`` over
     i in ``row_offsets[b]:row_offsets[b+1]``.
 

@@ -211,45 +211,14 @@ _gated_sae_step = register_op(
     "gated_sae_step",
     inputs=GatedSaeStepInputs,
     launchers=(gated_sae_step_fwd, gated_sae_step_fwd_fake, gated_sae_step_bwd, gated_sae_step_bwd_fake),
-    saved=(
-        "x",
-        "W_enc",
-        "r_mag",
-        "W_dec",
-        "b_dec",
-        "target",
-        "vals",
-        "indices",
-        "row_offsets",
-        "gate",
-        "mag",
-        "dots",
-        "residual",
-        "aux_residual",
-        "norms",
-        "l1_coefficient",
-        "freeze_aux_decoder",
+    saved=tuple(
+        "x W_enc r_mag W_dec b_dec target vals indices row_offsets gate mag dots residual aux_residual norms "
+        "l1_coefficient freeze_aux_decoder".split()
     ),
-    outputs=(
-        "loss",
-        "mse",
-        "l1",
-        "aux",
-        "l0",
-        "fvu",
-        "fire_counts",
-        "vals",
-        "indices",
-        "row_offsets",
-        "count",
-        "overflow",
-        "gate",
-        "mag",
-        "dots",
-        "residual",
-        "aux_residual",
-        "norms",
-    ),  # fmt: skip
+    outputs=tuple(
+        "loss mse l1 aux l0 fvu fire_counts vals indices row_offsets count overflow gate mag dots residual "
+        "aux_residual norms".split()
+    ),
     differentiable=("loss",),
     grad_inputs=("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec", "target"),
 )
@@ -285,18 +254,9 @@ def _options(options: dict) -> tuple[float, bool]:
 
 
 def gated_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_gate: torch.Tensor,
-    r_mag: torch.Tensor,
-    b_mag: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    capacity: int,
-    target: torch.Tensor | None = None,
-    **options,
-) -> GatedSAEStep:
+    x: torch.Tensor, W_enc: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor, b_mag: torch.Tensor,
+    W_dec: torch.Tensor, b_dec: torch.Tensor, *, capacity: int, target: torch.Tensor | None = None, **options,
+) -> GatedSAEStep:  # fmt: skip
     """One Gated SAE step: the gated code, MSE + the gate's decoder-norm-weighted L1 + the gate path's
     auxiliary reconstruction loss.
 
@@ -418,18 +378,10 @@ class _DenseStep(torch.autograd.Function):
 
 
 def gated_sae_step_dense(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_gate: torch.Tensor,
-    r_mag: torch.Tensor,
-    b_mag: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    l1_coefficient: float = 1.0,
-    freeze_aux_decoder: bool = True,
+    x: torch.Tensor, W_enc: torch.Tensor, b_gate: torch.Tensor, r_mag: torch.Tensor, b_mag: torch.Tensor,
+    W_dec: torch.Tensor, b_dec: torch.Tensor, *, l1_coefficient: float = 1.0, freeze_aux_decoder: bool = True,
     target: torch.Tensor | None = None,
-) -> GatedSAEStep:
+) -> GatedSAEStep:  # fmt: skip
     """The same step in its dense formulation, for while the gates are mostly open (early in training).
 
     cuBLAS products over the dense [B, F] code (the backward keeps it, and the fp32 encoder

@@ -44,12 +44,13 @@ from ..._registry import register_op
 from ..._validation import as_count, check_jumprelu_args
 from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import threshold_preacts
-from ...primitives.step_backward import StepTensors, step_backward_with_da
+from ...primitives.step_backward import step_backward_with_da
 from ...results import JumpReLUSAEStep, fire_counts, total_variance
 from .._step import (
     capacity_step_fakes,
     checked_step_args,
     reconstructed,
+    saved_step_tensors,
     step_grads_fake,
     step_head,
     step_inputs,
@@ -104,16 +105,7 @@ def jumprelu_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     B = saved.x.shape[0]
     active, theta = _active(saved.z, saved.indices, saved.threshold, saved.x.dtype)
     vals = torch.where(active, saved.z, 0)
-    step = StepTensors(
-        x=saved.x,
-        W_enc=saved.W_enc,
-        W_dec=saved.W_dec,
-        b_dec=saved.b_dec,
-        vals=vals,
-        indices=saved.indices,
-        residual=saved.residual,
-        row_offsets=saved.row_offsets,
-    )
+    step = saved_step_tensors(saved, vals=vals)
     *step_grads, da, (perm, offsets) = step_backward_with_da(
         grads.loss, step, gate=active, centred=saved.target is None
     )
@@ -139,34 +131,8 @@ _jumprelu_sae_step = register_op(
     "jumprelu_sae_step",
     inputs=JumpreluSaeStepInputs,
     launchers=(jumprelu_sae_step_fwd, jumprelu_sae_step_fwd_fake, jumprelu_sae_step_bwd, jumprelu_sae_step_bwd_fake),
-    saved=(
-        "x",
-        "W_enc",
-        "W_dec",
-        "b_dec",
-        "target",
-        "threshold",
-        "z",
-        "indices",
-        "row_offsets",
-        "residual",
-        "bandwidth",
-        "l0_coefficient",
-    ),
-    outputs=(
-        "loss",
-        "mse",
-        "l0",
-        "fvu",
-        "fire_counts",
-        "vals",
-        "indices",
-        "row_offsets",
-        "count",
-        "overflow",
-        "z",
-        "residual",
-    ),  # fmt: skip
+    saved=tuple("x W_enc W_dec b_dec target threshold z indices row_offsets residual bandwidth l0_coefficient".split()),
+    outputs=tuple("loss mse l0 fvu fire_counts vals indices row_offsets count overflow z residual".split()),
     differentiable=("loss",),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target", "threshold"),
 )
@@ -176,18 +142,10 @@ _jumprelu_sae_step = register_op(
 
 
 def jumprelu_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    threshold: torch.Tensor,
-    *,
-    capacity: int,
-    bandwidth: float = 0.05,
-    l0_coefficient: float = 1.0,
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+    threshold: torch.Tensor, *, capacity: int, bandwidth: float = 0.05, l0_coefficient: float = 1.0,
     target: torch.Tensor | None = None,
-) -> JumpReLUSAEStep:
+) -> JumpReLUSAEStep:  # fmt: skip
     """One JumpReLU SAE step: the sparse code above a learned per-latent threshold, MSE + L0.
 
     Args:

@@ -38,7 +38,7 @@ from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import threshold_preacts
-from ...primitives.step_backward import StepTensors, penalty_step_backward
+from ...primitives.step_backward import penalty_step_backward
 from ...results import StandardSAEStep, total_variance
 from .._step import (
     at_entries,
@@ -46,6 +46,7 @@ from .._step import (
     checked_step_args,
     cuda_fused,
     reconstructed,
+    saved_step_tensors,
     step_grads_fake,
     step_head,
     step_inputs,
@@ -96,10 +97,7 @@ def standard_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     c = grads.loss.float() * (saved.l1_coefficient / B)
     da_l1 = c * at_entries(saved.norms, saved.indices)
     row_term = torch.where(saved.norms > 0, c / saved.norms.clamp_min(TINY), 0.0)  # d||w||/dw = w/||w|| (0 at w = 0)
-    step = StepTensors(
-        x=saved.x, W_enc=saved.W_enc, W_dec=saved.W_dec, b_dec=saved.b_dec, vals=saved.vals, indices=saved.indices,
-        residual=saved.residual, row_offsets=saved.row_offsets,
-    )  # fmt: skip
+    step = saved_step_tensors(saved)
     step_grads = penalty_step_backward(
         grads.loss, step, da_extra=da_l1, dw_dec_row_term=row_term, centred=saved.target is None
     )
@@ -117,34 +115,8 @@ _standard_sae_step = register_op(
     "standard_sae_step",
     inputs=StandardSaeStepInputs,
     launchers=(standard_sae_step_fwd, standard_sae_step_fwd_fake, standard_sae_step_bwd, standard_sae_step_bwd_fake),
-    saved=(
-        "x",
-        "W_enc",
-        "W_dec",
-        "b_dec",
-        "target",
-        "vals",
-        "indices",
-        "row_offsets",
-        "residual",
-        "norms",
-        "l1_coefficient",
-    ),
-    outputs=(
-        "loss",
-        "mse",
-        "l1",
-        "l0",
-        "fvu",
-        "fire_counts",
-        "vals",
-        "indices",
-        "row_offsets",
-        "count",
-        "overflow",
-        "residual",
-        "norms",
-    ),  # fmt: skip
+    saved=tuple("x W_enc W_dec b_dec target vals indices row_offsets residual norms l1_coefficient".split()),
+    outputs=tuple("loss mse l1 l0 fvu fire_counts vals indices row_offsets count overflow residual norms".split()),
     differentiable=("loss",),
     grad_inputs=("x", "W_enc", "b_enc", "W_dec", "b_dec", "target"),
 )
@@ -154,16 +126,9 @@ _standard_sae_step = register_op(
 
 
 def standard_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    capacity: int,
-    l1_coefficient: float = 1.0,
-    target: torch.Tensor | None = None,
-) -> StandardSAEStep:
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
+    capacity: int, l1_coefficient: float = 1.0, target: torch.Tensor | None = None,
+) -> StandardSAEStep:  # fmt: skip
     """One standard SAE step: the ReLU code, MSE + the decoder-norm-weighted L1 penalty.
 
     Args:
@@ -252,15 +217,9 @@ class _DenseStep(torch.autograd.Function):
 
 
 def standard_sae_step_dense(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    *,
-    l1_coefficient: float = 1.0,
-    target: torch.Tensor | None = None,
-) -> StandardSAEStep:
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
+    l1_coefficient: float = 1.0, target: torch.Tensor | None = None,
+) -> StandardSAEStep:  # fmt: skip
     """The same step in its dense formulation, for while the code is dense (early in training).
 
     cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.

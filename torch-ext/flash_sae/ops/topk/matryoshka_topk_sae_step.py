@@ -55,16 +55,9 @@ _matryoshka_topk_sae_step = register_matryoshka_step(
 
 
 def matryoshka_topk_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: int,
-    prefix_sizes,
-    *,
-    target: torch.Tensor | None = None,
-) -> MatryoshkaSAEStep:
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: int,
+    prefix_sizes, *, target: torch.Tensor | None = None,
+) -> MatryoshkaSAEStep:  # fmt: skip
     """One Matryoshka SAE step on a per-row TopK code: the summed losses of nested prefix dictionaries.
 
     Args:

@@ -88,16 +88,9 @@ _topk_sae_step = register_selection_step(
 
 
 def topk_sae_step(
-    x: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k: int,
-    *,
-    target: torch.Tensor | None = None,
-    dead_loss: DeadLatentLoss | None = None,
-) -> TopKSAEStep:
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: int, *,
+    target: torch.Tensor | None = None, dead_loss: DeadLatentLoss | None = None,
+) -> TopKSAEStep:  # fmt: skip
     """One TopK SAE step: ``loss = mean((b_dec + decode(topk_encode(x)) - x)^2)`` and its statistics.
 
     Args:
