@@ -42,7 +42,7 @@ from side_by_side import (  # noqa: E402
     measure_call,
 )
 
-LOSS_OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss")
+LOSS_OPS = ("topk_sae_loss", "hierarchical_topk_sae_loss", "sparse_decode")
 
 
 # --family: each case's loss (one backward through everything it returns), by name; ``dead``: a quarter
@@ -57,10 +57,40 @@ FAMILY_CALLS = {
     "topk_sae_step+auxk": lambda fs, p, K, dead: fs.topk_sae_step(*p, K, **dead_kwargs(fs, dead)).loss,
     "batchtopk_sae_step": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K).loss,
     "batchtopk_sae_step+auxk": lambda fs, p, K, dead: fs.batchtopk_sae_step(*p, K, **dead_kwargs(fs, dead)).loss,
-    "matryoshka_topk_sae_step": lambda fs, p, K, dead: (
-        fs.matryoshka_topk_sae_step(*p, K, [p[1].shape[0] // 4, p[1].shape[0] // 2, p[1].shape[0]]).loss
-    ),
+    "matryoshka_topk_sae_step": lambda fs, p, K, dead: fs.matryoshka_topk_sae_step(*p, K, nested(p)).loss,
+    "matryoshka_batchtopk_sae_step": lambda fs, p, K, dead: fs.matryoshka_batchtopk_sae_step(*p, K, nested(p)).loss,
+    # the threshold steps on problems whose codes hold about K entries a row (``threshold_problem``)
+    "jumprelu_sae_step": lambda fs, p, K, dead: fs.jumprelu_sae_step(*p, capacity=capacity(p, K)).loss,
+    "standard_sae_step": lambda fs, p, K, dead: fs.standard_sae_step(*p, capacity=capacity(p, K)).loss,
+    "gated_sae_step": lambda fs, p, K, dead: fs.gated_sae_step(*p, capacity=capacity(p, K)).loss,
 }
+THRESHOLD_STEPS = ("jumprelu_sae_step", "standard_sae_step", "gated_sae_step")
+
+
+def nested(p) -> list[int]:
+    F = p[1].shape[0]
+    return [F // 4, F // 2, F]
+
+
+def capacity(p, K) -> int:
+    """Room for four times the expected K entries a row (the draws' counts stay far below)."""
+    return 4 * p[0].shape[0] * K
+
+
+def threshold_problem(op, B, D, F, K, dtype):
+    """``make_step_problem``'s SAE with the threshold a pre-activation (about N(0, 1) there) passes with
+    probability K / F: JumpReLU's threshold, or the standard and Gated encoders' bias shifted down by it.
+    Returns the step's tensor arguments, in its order, each requiring grad."""
+    x, W_enc, _, W_dec, b_dec = make_step_problem(B, D, F, K, dtype, "cuda")
+    theta = float(torch.special.ndtri(torch.tensor(1 - K / F, dtype=torch.float64)))
+    shifted = torch.full((F,), -theta, device="cuda", dtype=dtype, requires_grad=True)
+    zeros = [torch.zeros(F, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2)]
+    if op == "jumprelu_sae_step":
+        threshold = torch.full((F,), theta, device="cuda", dtype=torch.float32, requires_grad=True)
+        return [x, W_enc, zeros[0], W_dec, b_dec, threshold]
+    if op == "standard_sae_step":
+        return [x, W_enc, shifted, W_dec, b_dec]
+    return [x, W_enc, shifted, zeros[0], zeros[1], W_dec, b_dec]  # gated: b_gate, r_mag, b_mag
 
 
 def load_build(checkout: Path):
@@ -122,8 +152,8 @@ def main():
     parser.add_argument("--steps-only", action="store_true", help="only topk_sae_step (not the decoder losses)")
     parser.add_argument(
         "--family", action="store_true",
-        help="also the BatchTopK and Matryoshka TopK steps, and the TopK and BatchTopK steps with the AuxK loss, "
-        "at two step shapes",
+        help="also every other step (BatchTopK, both Matryoshka steps, JumpReLU, standard, Gated) and the TopK "
+        "and BatchTopK steps with the AuxK loss, at two step shapes",
     )  # fmt: skip
     args = parser.parse_args()
     if args.toggle:
@@ -158,9 +188,17 @@ def main():
             params = make_step_problem(B, D, F, K, dtype, "cuda")
             calls = {name: (lambda fs=fs, p=params: fs.topk_sae_step(*p, K).loss) for name, fs in builds.items()}
         elif op in FAMILY_CALLS:
-            params = make_step_problem(B, D, F, K, dtype, "cuda")
+            threshold = op in THRESHOLD_STEPS
+            params = (
+                threshold_problem(op, B, D, F, K, dtype) if threshold else make_step_problem(B, D, F, K, dtype, "cuda")
+            )
             dead = (torch.arange(F, device="cuda") % 4 == 0) if op.endswith("+auxk") else None
             calls = {name: (lambda fs=fs, p=params, op=op, dead=dead: FAMILY_CALLS[op](fs, p, K, dead))
+                     for name, fs in builds.items()}  # fmt: skip
+        elif op == "sparse_decode":  # (vals, indices, weight, bias); the problem holds (weight, vals, bias, target)
+            indices, params = make_problem(B, D, F, K, dtype, "cuda")
+            params = params[:3]
+            calls = {name: (lambda fs=fs, p=params, i=indices: fs.sparse_decode(p[1], i, p[0], p[2]))
                      for name, fs in builds.items()}  # fmt: skip
         else:
             indices, params = make_problem(B, D, F, K, dtype, "cuda")
