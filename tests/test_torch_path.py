@@ -172,13 +172,19 @@ def test_varlen_ops(fs, torch_path, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dead_latent_losses(fs, torch_path, dtype):
     """AuxK (ties, fewer dead than k_aux, a window past the capacity) and ghost grads, both steps."""
-    from test_dead_latent_loss import check_dead_step
+    from test_dead_latent_loss import DeadOptions, check_dead_step
     from test_dead_latent_loss import test_dead_window as window
 
     for step in ("topk", "batchtopk"):
-        check_dead_step(fs, step, (5, 4, 90, 3, 7, 60, 0.5, 0), dtype, torch_path, "auxk", True, True, False, 4, True)
-        check_dead_step(fs, step, (7, 9, 96, 4, 12, 96, 0.05, 30), dtype, torch_path, "auxk", True, True, False, 5)
-        check_dead_step(fs, step, (6, 7, 200, 4, 9, 40, 0.5, 150), dtype, torch_path, "ghost", True, True, True, 11)
+        check_dead_step(
+            fs, step, (5, 4, 90, 3, 7, 60, 0.5, 0), dtype, torch_path, DeadOptions("auxk", True, True, False, 4, True)
+        )
+        check_dead_step(
+            fs, step, (7, 9, 96, 4, 12, 96, 0.05, 30), dtype, torch_path, DeadOptions("auxk", True, True, False, 5)
+        )
+        check_dead_step(
+            fs, step, (6, 7, 200, 4, 9, 40, 0.5, 150), dtype, torch_path, DeadOptions("ghost", True, True, True, 11)
+        )
     window.hypothesis.inner_test(fs, torch_path, 2500, 40, 0.3, 1000)
 
 
