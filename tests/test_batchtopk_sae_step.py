@@ -127,37 +127,6 @@ def test_batchtopk_rows_get_different_counts(fs, device):
     assert int(counts.sum()) == 16 and int(counts.max()) > 4 and int(counts.min()) < 4
 
 
-def test_batchtopk_deterministic(fs, device):
-    params = list(make_sae(40, 33, 20, 1, torch.float32, device, seed=2))
-    runs = []
-    for _ in range(2):
-        out = fs.batchtopk_sae_step(*params, 6.5, rescale_acts_by_decoder_norm=True)
-        runs.append((out.loss, out.code.indices, grads(out.loss, params, torch.tensor(1.3, device=device))))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    for a, b in zip(runs[0][2], runs[1][2]):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.slow
-def test_batchtopk_compile(fs, device):
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fs.batchtopk_sae_step, fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed in (1, 2):
-            params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
-            out = compiled(*params, 6)
-            eager = fs.batchtopk_sae_step(*params, 6)
-            assert torch.equal(out.code.indices, eager.code.indices) and torch.equal(
-                out.code.row_offsets, eager.code.row_offsets
-            )
-            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
-            up = torch.tensor(-1.1, device=device)
-            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
 # SAELens's own BatchTopK training SAE, default training config ------------------------------
 
 

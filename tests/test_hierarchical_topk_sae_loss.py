@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 from parity import (
     DTYPES,
     call_op,
-    check_compile,
-    check_deterministic,
     check_loss_parity,
     fast_tier_keeps,
     grads,
@@ -81,16 +79,7 @@ def test_hierarchical_topk_sae_loss_bf16_buffer(fs, device, monkeypatch, shape):
     check_loss_parity(fs, OP, tuple(bkfd), torch.bfloat16, device, seed=11, duplicates=dup)
 
 
-def test_hierarchical_topk_sae_loss_deterministic(fs, device):
-    check_deterministic(fs, OP, device)
-
-
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_hierarchical_topk_sae_loss_int32_indices(fs, device, index_dtype):
     check_loss_parity(fs, OP, (5, 9, 30, 77), torch.float32, device, seed=9, index_dtype=index_dtype)
-
-
-@pytest.mark.slow
-def test_hierarchical_topk_sae_loss_compile(fs, device):
-    check_compile(fs, OP, device)

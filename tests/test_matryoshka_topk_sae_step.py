@@ -105,26 +105,3 @@ def test_matryoshka_topk_one_level_is_topk_step(fs, device):
     up = torch.tensor(0.7, device=device)
     for a, b in zip(grads(one.loss, params, up), grads(topk.loss, params, up)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_matryoshka_topk_deterministic(fs, device):
-    params = list(make_sae(30, 17, 64, 5, torch.float32, device, seed=2))
-    runs = []
-    for _ in range(2):
-        out = fs.matryoshka_topk_sae_step(*params, 5, [8, 16, 64])
-        runs.append((out.loss, grads(out.loss, params, torch.tensor(1.3, device=device))))
-    assert torch.equal(runs[0][0], runs[1][0])
-    for a, b in zip(runs[0][1], runs[1][1]):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize(
-    "sizes,match",
-    [([], "prefix_sizes"), ([10, 5, 37], "prefix_sizes"), ([5, 30], "prefix_sizes"), ([0, 37], "prefix_sizes")],
-)
-def test_matryoshka_topk_bad_input(fs, device, sizes, match):
-    params = make_sae(3, 5, 37, 4, torch.float32, device, seed=1)
-    with pytest.raises(ValueError, match=match):
-        fs.matryoshka_topk_sae_step(*params, 4, sizes)
-    with pytest.raises(ValueError, match="k"):
-        fs.matryoshka_topk_sae_step(*params, 38, [37])

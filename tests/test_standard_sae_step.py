@@ -4,10 +4,10 @@ determinism, opcheck, bad input; and SAELens's own standard training SAE with it
 
 import pytest
 import torch
-from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
+from encoder_inputs import STEP_NAMES, make_sae, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads, rel_err
+from parity import DTYPES, assert_parity, grads, rel_err
 from peers import saelens_step, saelens_training_sae
 
 MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
@@ -155,24 +155,6 @@ def test_standard_empty_code(fs, device, dense):
     torch.testing.assert_close(dx, -2 * (b_dec - x).detach() / 3, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_standard_compile(fs, device):
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fs.standard_sae_step, fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed in (1, 2):
-            params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
-            out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
-            eager = fs.standard_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
-            assert torch.equal(out.code.indices, eager.code.indices)
-            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
-            up = torch.tensor(-1.1, device=device)
-            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.kernels_ci
 def test_standard_overflow_is_reported(fs, device):
     params = [t.detach() for t in make_sae(5, 9, 30, 1, torch.float32, device, seed=4)]
@@ -181,48 +163,6 @@ def test_standard_overflow_is_reported(fs, device):
     assert bool(small.overflow) and int(small.count) == need and int(small.code.row_offsets[-1]) == need - 3
     exact = fs.standard_sae_step(*params, capacity=need)
     assert not bool(exact.overflow) and int(exact.code.row_offsets[-1]) == need
-
-
-@pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
-def test_standard_chunks(fs, device, dtype, monkeypatch):
-    """Many F chunks give the one-chunk result bitwise (on a GPU; see ``assert_same_across_shapes``):
-    400 latents in chunks of 130 (16-bit) or 65 (fp32), the last one ragged."""
-    params = list(make_sae(4, 6, 400, 1, dtype, device, seed=9))
-    one = fs.standard_sae_step(*params, capacity=4 * 400)
-    g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
-    monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
-    many = fs.standard_sae_step(*params, capacity=4 * 400)
-    assert torch.equal(one.code.indices, many.code.indices)
-    assert_same_across_shapes("vals", many.code.vals, one.code.vals)
-    assert_same_across_shapes("loss", many.loss, one.loss)
-    for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
-        assert_same_across_shapes("gradient", b, a)
-
-
-def test_standard_deterministic(fs, device):
-    params = list(make_sae(40, 33, 20, 1, torch.float32, device, seed=2))
-    runs = []
-    for _ in range(2):
-        out = fs.standard_sae_step(*params, capacity=800, l1_coefficient=0.7)
-        runs.append((out.loss, grads(out.loss, params, torch.tensor(1.3, device=device))))
-    assert torch.equal(runs[0][0], runs[1][0])
-    for a, b in zip(runs[0][1], runs[1][1]):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.kernels_ci
-def test_standard_bad_input(fs, device):
-    params = [t.detach() for t in make_sae(3, 5, 7, 1, torch.float32, device, seed=1)]
-    with pytest.raises(ValueError, match="capacity"):
-        fs.standard_sae_step(*params, capacity=0)
-    with pytest.raises(ValueError, match="capacity"):
-        fs.standard_sae_step(*params, capacity=3 * 7 + 1)
-    with pytest.raises(ValueError, match="l1_coefficient"):
-        fs.standard_sae_step(*params, capacity=4, l1_coefficient=-1.0)
-    with pytest.raises(ValueError, match="l1_coefficient"):
-        fs.standard_sae_step(*params, capacity=4, l1_coefficient=True)
-    with pytest.raises(ValueError, match="W_dec"):
-        fs.standard_sae_step(params[0], params[1], params[2], params[3][:, :4], params[4], capacity=4)
 
 
 # SAELens's own standard training SAE, default training config --------------------------------

@@ -6,8 +6,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import (
     DTYPES,
-    check_compile,
-    check_deterministic,
     check_loss_parity,
     problem_shapes,
 )
@@ -25,16 +23,7 @@ def test_topk_sae_loss_parity(fs, device, shape, dtype, dup, seed):
     check_loss_parity(fs, OP, shape, dtype, device, seed=seed, duplicates=dup)
 
 
-def test_topk_sae_loss_deterministic(fs, device):
-    check_deterministic(fs, OP, device)
-
-
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_topk_sae_loss_int32_indices(fs, device, index_dtype):
     check_loss_parity(fs, OP, (5, 9, 30, 77), torch.float32, device, seed=9, index_dtype=index_dtype)
-
-
-@pytest.mark.slow
-def test_topk_sae_loss_compile(fs, device):
-    check_compile(fs, OP, device)
