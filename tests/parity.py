@@ -77,6 +77,21 @@ def assert_parity(what: str, ours, same_dtype, ref64, dtype) -> None:
     )
 
 
+def torch_baseline(same, ref, shared):
+    """What torch's error is measured from: of its same-dtype result and exact arithmetic at the dtype's
+    shared roundings (``round_preacts``), the one further from the fp64 reference ``ref``."""
+    return same if rel_err(same, ref) >= rel_err(shared, ref) else shared
+
+
+def assert_gradient_parity(what, names, ours, same, ref, shared, params, dtype):
+    """Each gradient has its parameter's dtype and shape, is finite, and keeps the parity rule against
+    ``torch_baseline``."""
+    for name, a, b, c, d, p in zip(names, ours, same, ref, shared, params):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert torch.isfinite(a).all() or not torch.isfinite(c).all(), f"{what} d{name} is not finite"
+        assert_parity(f"{what} d{name}", a, torch_baseline(b, c, d), c, dtype)
+
+
 def make_inputs(B, K, F, D, dtype, device, *, seed, duplicates=False, index_dtype=torch.int64):
     """A random sparse code and decoder problem; values scaled like a trained SAE."""
     g = torch.Generator().manual_seed(seed)

@@ -3,21 +3,17 @@ ties, chunks and groups; determinism, opcheck, compile; and SAELens's own BatchT
 
 import pytest
 import torch
-from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
+from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream, tuning
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_parity, fast_tier_keeps, grads, rel_err
 from peers import require, saelens_step, saelens_training_sae
 
-MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
-
 
 @st.composite
 def batch_shapes(draw):
-    """(B, D, F, k): B = 1 included, odd D, tiny F, k an int or a float (SAELens's k is a float)."""
-    B = draw(st.integers(1, 8))
-    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
-    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
+    """(B, D, F, k): step_shapes's, and k an int or a float (SAELens's k is a float)."""
+    B, D, F = draw(step_shapes())
     k = draw(st.one_of(st.integers(1, min(F, 12)), st.floats(0.5, min(F, 12.0))))
     if int(k * B) < 1:
         k = 1

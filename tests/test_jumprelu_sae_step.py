@@ -4,23 +4,13 @@ determinism, opcheck, compile; and SAELens's own JumpReLU training SAE with its 
 
 import pytest
 import torch
-from encoder_inputs import STEP_NAMES, make_sae, step_upstream
+from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_parity, grads, rel_err
 from peers import saelens_step, saelens_training_sae
 
-MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
 NAMES = (*STEP_NAMES, "threshold")
-
-
-@st.composite
-def jumprelu_shapes(draw):
-    """(B, D, F): B = 1 included, odd D, tiny F."""
-    B = draw(st.integers(1, 8))
-    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
-    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
-    return B, D, F
 
 
 def make_jumprelu(B, D, F, dtype, device, *, seed, integer=False):
@@ -87,7 +77,7 @@ def check_jumprelu_step(fs, shape, dtype, device, *, seed, bandwidth, l0_coeffic
 
 
 @given(
-    shape=jumprelu_shapes(),
+    shape=step_shapes(),
     dtype=st.sampled_from(DTYPES),
     bandwidth=st.sampled_from([0.05, 0.3, 1.0]),
     l0_coefficient=st.sampled_from([0.0, 0.1, 1.0]),
