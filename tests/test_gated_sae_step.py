@@ -9,7 +9,7 @@ from encoder_inputs import make_sae, step_shapes, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_gradient_parity, assert_parity, grads, torch_baseline
-from peers import saelens_step, saelens_training_sae
+from peers import saelens_fp64_step, saelens_step, saelens_training_sae
 
 NAMES = ("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
 
@@ -225,12 +225,7 @@ def test_gated_matches_saelens(fs, device, dtype, dense):
     out = fs.gated_sae_step_dense(x, *ours, **kw) if dense else fs.gated_sae_step(x, *ours, capacity=B * F, **kw)
     our_grads = torch.autograd.grad(out.loss, p)
 
-    sae64 = saelens_training_sae("gated", dtype="float64", **cfg)
-    with torch.no_grad():
-        for n in names:
-            getattr(sae64, n).copy_(getattr(sae, n).double())
-    ref = saelens_step(sae64, x.double(), l1=coef)
-    ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+    ref, ref_grads = saelens_fp64_step("gated", sae, x, names, cfg, l1=coef)
 
     assert_parity("saelens gated loss", out.loss, theirs.loss, ref.loss, dtype)
     assert_parity("saelens gated l1", coef * out.l1, theirs.losses["l1_loss"], ref.losses["l1_loss"], dtype)

@@ -8,7 +8,7 @@ from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_gradient_parity, assert_parity, grads, torch_baseline
-from peers import saelens_step, saelens_training_sae
+from peers import saelens_fp64_step, saelens_step, saelens_training_sae
 
 
 def active_mask(fs, params):
@@ -179,12 +179,7 @@ def test_standard_matches_saelens(fs, device, dtype):
     out = fs.standard_sae_step(x, p[0].T, p[1], p[2], p[3], capacity=B * F, l1_coefficient=coef)
     our_grads = torch.autograd.grad(out.loss, p)
 
-    sae64 = saelens_training_sae("standard", dtype="float64", **cfg)
-    with torch.no_grad():
-        for n in names:
-            getattr(sae64, n).copy_(getattr(sae, n).double())
-    ref = saelens_step(sae64, x.double(), l1=coef)
-    ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+    ref, ref_grads = saelens_fp64_step("standard", sae, x, names, cfg, l1=coef)
 
     dense, _, _ = dense_code(out, B, F)
     if dtype == torch.float32:
