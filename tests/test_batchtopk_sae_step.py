@@ -1,5 +1,6 @@
 """batchtopk_sae_step: the exact whole-batch selection, loss, statistics and every gradient vs fp64;
-ties, chunks and groups; determinism, opcheck, compile; and SAELens's own BatchTopK training SAE."""
+ties, chunks and groups against the reference selection; and SAELens's own BatchTopK training SAE
+(determinism, opcheck, compile, chunking, CUDA graphs and bad input: test_op_contract.py)."""
 
 import pytest
 import torch

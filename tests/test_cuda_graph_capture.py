@@ -1,5 +1,6 @@
-"""No host sync on the training paths: each step's forward and backward are captured in a CUDA graph,
-and the replay gives the eager step's loss and gradients. (A host sync, or a host-to-device copy, makes
+"""No host sync on the modules' training paths: a module's training step (with dead-latent tracking) is
+captured in a CUDA graph and its replay advances the counts as an eager step does (each op's own
+capture: test_op_contract.py::test_cuda_graph_capture). (A host sync, or a host-to-device copy, makes
 capture fail.) GPU only: CUDA graphs need a GPU."""
 
 import pytest

@@ -1,7 +1,8 @@
 """gated_sae_step (gate and magnitude paths over one encoder, MSE + the gate's decoder-norm-weighted L1 +
 the gate path's auxiliary reconstruction): the code, the losses, the statistics and every gradient vs
-fp64, frozen and shared auxiliary decoder; the dense formulation; capacity and overflow; chunks;
-determinism, opcheck, bad input; and SAELens's own gated training SAE with its default config."""
+fp64, frozen and shared auxiliary decoder; the dense formulation; capacity and overflow; and SAELens's
+own gated training SAE with its default config (determinism, opcheck, compile, chunking, CUDA graphs and
+bad input: test_op_contract.py)."""
 
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """jumprelu_sae_step: the collected code (active and band entries), loss, L0, statistics and every
-gradient (the threshold's straight-through one included) vs fp64; capacity and overflow; chunks;
-determinism, opcheck, compile; and SAELens's own JumpReLU training SAE with its default config."""
+gradient (the threshold's straight-through one included) vs fp64; capacity and overflow; and SAELens's
+own JumpReLU training SAE with its default config (determinism, opcheck, compile, chunking, CUDA graphs
+and bad input: test_op_contract.py)."""
 
 import pytest
 import torch

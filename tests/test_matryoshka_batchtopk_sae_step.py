@@ -1,6 +1,6 @@
 """matryoshka_batchtopk_sae_step: every prefix level's loss and every gradient vs fp64 at the same
-BatchTopK code; one level equals batchtopk_sae_step; determinism, opcheck; SAELens's own Matryoshka
-BatchTopK training SAE with its default config."""
+BatchTopK code; one level equals batchtopk_sae_step; prefix-size messages; SAELens's own Matryoshka
+BatchTopK training SAE with its default config (the contract checks: test_op_contract.py)."""
 
 import pytest
 import torch

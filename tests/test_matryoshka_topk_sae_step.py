@@ -1,5 +1,6 @@
 """matryoshka_topk_sae_step: the per-row TopK code (exact selection, reordered by latent id), every
-level's loss and every gradient vs fp64; one level equals the TopK step; determinism, opcheck."""
+level's loss and every gradient vs fp64; one level equals the TopK step (the contract checks:
+test_op_contract.py)."""
 
 import pytest
 import torch

@@ -35,6 +35,7 @@ from contract_cases import (
     BAD_SCALARS,
     CHUNK_SHAPE,
     CHUNKED,
+    COMPILED_ON_GPU_ONLY,
     PARITY,
     PUBLIC,
     Shape,
@@ -44,7 +45,7 @@ from contract_cases import (
     run_call,
 )
 from encoder_inputs import tuning
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, OPCHECK_DTYPES, assert_same_across_shapes, fast_tier_keeps
 
@@ -238,6 +239,8 @@ def test_deterministic(fs, device, name):
 @pytest.mark.slow  # compiling each call takes seconds on a CPU
 @pytest.mark.parametrize("name", PUBLIC_NAMES)
 def test_compile_matches_eager(fs, device, name):
+    if name in COMPILED_ON_GPU_ONLY and device != "cuda":
+        pytest.skip("Dynamo cannot trace the CPU interpreter's Triton launches outside a registered op")
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -299,6 +302,10 @@ def contract_shapes(draw):
 @pytest.mark.parametrize("op", sorted(PARITY))
 @settings(max_examples=5)
 @given(shape=contract_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+# pinned: each dtype runs whatever the draw, at B = 1, K = 1 and F = K (every latent selected)
+@example(shape=Shape(1, 1, 1, 1), dtype=torch.float32, seed=3)
+@example(shape=Shape(2, 9, 3, 3), dtype=torch.bfloat16, seed=4)
+@example(shape=Shape(5, 33, 130, 7), dtype=torch.float16, seed=5)
 def test_parity_drawn_shapes(fs, device, op, shape, dtype, seed):
     PARITY[op](fs, shape, dtype, device, seed)
 

@@ -1,4 +1,4 @@
-"""sparse_decode: parity with the fp64 reference, edge shapes, determinism, compile and opcheck."""
+"""sparse_decode: parity with the fp64 reference and edge shapes (the contract checks: test_op_contract.py)."""
 
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """standard_sae_step (ReLU code, MSE + the decoder-norm-weighted L1 penalty): the collected code, loss,
-L1, statistics and every gradient vs fp64; capacity and overflow; chunks; zero decoder rows;
-determinism, opcheck, bad input; and SAELens's own standard training SAE with its default config."""
+L1, statistics and every gradient vs fp64; capacity and overflow; zero decoder rows; and SAELens's own
+standard training SAE with its default config (determinism, opcheck, compile, chunking, CUDA graphs and
+bad input: test_op_contract.py)."""
 
 import pytest
 import torch

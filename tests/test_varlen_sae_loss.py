@@ -1,6 +1,6 @@
 """varlen_sae_loss: the fused loss over a variable-length code, the loss and every gradient vs fp64 (rows
-of different lengths, empty rows, repeats, padding past the end); the steps' own codes; bad input;
-determinism; opcheck."""
+of different lengths, empty rows, repeats, padding past the end); the steps' own codes; bad codes (the
+contract checks: test_op_contract.py)."""
 
 import pytest
 import torch

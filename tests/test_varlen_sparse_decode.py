@@ -1,6 +1,6 @@
 """varlen_sparse_decode: the variable-length code's decode, its output and every gradient vs fp64 (rows
 of different lengths, empty rows, repeats, padding past the end), int32 codes, unvalidated offsets,
-bad input, determinism, opcheck. The code generator and the bad-input cases are shared with
+bad codes (the contract checks: test_op_contract.py). The code generator and the bad-input cases are shared with
 test_varlen_sae_loss."""
 
 import pytest
