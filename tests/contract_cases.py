@@ -342,6 +342,21 @@ def run_call(call: PublicCall, fn: Callable | None = None) -> dict:
     return outputs
 
 
+def check_chunking_invariance(fs, name, dtype, device, monkeypatch):
+    """The case's outputs and gradients at CHUNK_SHAPE under each of its CHUNKED tunings equal the defaults'
+    (``assert_same_across_shapes``)."""
+    from encoder_inputs import tuning
+    from parity import assert_same_across_shapes
+
+    call = PUBLIC[name].build(fs, dtype, device, CHUNK_SHAPE, 5)
+    one = run_call(call)
+    for overrides in CHUNKED[name]:
+        with monkeypatch.context() as m:
+            for key, value in overrides.items():
+                m.setitem(tuning(fs), key, value)
+            assert_results(f"{name} with {overrides}", run_call(call), one, assert_same_across_shapes)
+
+
 def assert_bitwise(what, got, want):
     assert torch.equal(got, want), f"{what} differs"
 

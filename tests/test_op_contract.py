@@ -33,7 +33,6 @@ import pytest
 import torch
 from contract_cases import (
     BAD_SCALARS,
-    CHUNK_SHAPE,
     CHUNKED,
     COMPILED_ON_GPU_ONLY,
     PARITY,
@@ -41,13 +40,13 @@ from contract_cases import (
     Shape,
     assert_compiled_matches,
     assert_results,
+    check_chunking_invariance,
     generic_breaks,
     run_call,
 )
-from encoder_inputs import tuning
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from parity import DTYPES, OPCHECK_DTYPES, assert_same_across_shapes, fast_tier_keeps
+from parity import DTYPES, OPCHECK_DTYPES, fast_tier_keeps
 
 B, D, F = 6, 19, 37
 
@@ -276,13 +275,7 @@ def test_cuda_graph_capture(fs, device, name):
 @pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
 @pytest.mark.parametrize("name", tuple(CHUNKED))
 def test_chunking_invariance(fs, device, name, dtype, monkeypatch):
-    call = _call(fs, name, dtype, device, CHUNK_SHAPE)
-    one = run_call(call)
-    for overrides in CHUNKED[name]:
-        with monkeypatch.context() as m:
-            for key, value in overrides.items():
-                m.setitem(tuning(fs), key, value)
-            assert_results(f"{name} with {overrides}", run_call(call), one, assert_same_across_shapes)
+    check_chunking_invariance(fs, name, dtype, device, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
