@@ -77,3 +77,13 @@ def saelens_fp64_step(architecture, sae, x, names, cfg, **step_kw):
             getattr(sae64, n).copy_(getattr(sae, n).double())
     ref = saelens_step(sae64, x.double(), **step_kw)
     return ref, torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+
+
+def assert_saelens_latents(code, theirs, ref, dtype):
+    """In fp32 the dense code's nonzero latents are SAELens's and its fp64 twin's (in 16 bits a value near
+    0 may round either way, so only the parity of the values is compared there)."""
+    import torch
+
+    if dtype == torch.float32:
+        assert torch.equal(code != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
+        assert torch.equal(code != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"

@@ -8,7 +8,7 @@ from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream, tun
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_parity, fast_tier_keeps, grads, rel_err
-from peers import require, saelens_step, saelens_training_sae
+from peers import assert_saelens_latents, require, saelens_step, saelens_training_sae
 
 
 @st.composite
@@ -167,12 +167,8 @@ def test_batchtopk_matches_saelens(fs, device, dtype):
             getattr(sae64, n).copy_(getattr(sae, n).double())
     ref = saelens_step(sae64, x.double())
     ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
-    code = torch.zeros(B, F, device=device, dtype=out.code.vals.dtype)
-    rows = torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff())
-    code[rows, out.code.indices] = out.code.vals
-    if dtype == torch.float32:
-        assert torch.equal(code != 0, theirs.feature_acts != 0), "other latents than SAELens's"
-        assert torch.equal(code != 0, ref.feature_acts != 0), "other latents than SAELens's in fp64"
+    code = out.code.to_dense(F)
+    assert_saelens_latents(code, theirs, ref, dtype)
     assert_parity("saelens batchtopk loss", ours, theirs.loss, ref.loss, dtype)
     scaled = code * sae.W_dec.norm(dim=1)  # SAELens's feature_acts are the rescaled activations
     assert_parity("saelens batchtopk feature_acts", scaled, theirs.feature_acts, ref.feature_acts, dtype)

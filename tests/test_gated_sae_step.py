@@ -31,8 +31,7 @@ def make_gated(B, D, F, dtype, device, *, seed, zero_rows=0):
 def dense_code(out, B, F):
     rows = torch.repeat_interleave(torch.arange(B, device=out.code.indices.device), out.code.row_offsets.diff())
     n = int(out.code.row_offsets[-1])
-    dense = torch.zeros(B, F, device=out.code.vals.device, dtype=out.code.vals.dtype)
-    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
+    dense = out.code.to_dense(F)
     opened = torch.zeros(B, F, device=out.code.vals.device, dtype=torch.bool)
     opened[rows, out.code.indices[:n]] = True
     return dense, opened, n

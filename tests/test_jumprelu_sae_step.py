@@ -9,7 +9,7 @@ from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_parity, grads, rel_err
-from peers import saelens_step, saelens_training_sae
+from peers import assert_saelens_latents, saelens_step, saelens_training_sae
 
 NAMES = (*STEP_NAMES, "threshold")
 
@@ -56,8 +56,7 @@ def check_jumprelu_step(fs, shape, dtype, device, *, seed, bandwidth, l0_coeffic
     masks = (active, band)
     kw = dict(bandwidth=bandwidth, l0_coefficient=l0_coefficient, masks=masks)
     same = ref.jumprelu_sae_step(*params, **kw)
-    dense = torch.zeros(B, F, device=device, dtype=out.code.vals.dtype)
-    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
+    dense = out.code.to_dense(F)
     assert torch.equal(dense, same.code.vals.detach()), "code values differ from z * H(z - theta)"
     same_grads = grads(same.loss, params, up.to(same.loss.dtype))
     p64 = [p.detach().double().requires_grad_() for p in params]
@@ -152,13 +151,8 @@ def test_jumprelu_matches_saelens(fs, device, dtype):
     ref = saelens_step(sae64, x.double(), l0=coef)
     ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
 
-    rows = torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff())
-    n = int(out.code.row_offsets[-1])
-    dense = torch.zeros(B, F, device=device, dtype=out.code.vals.dtype)
-    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
-    if dtype == torch.float32:
-        assert torch.equal(dense != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
-        assert torch.equal(dense != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"
+    dense = out.code.to_dense(F)
+    assert_saelens_latents(dense, theirs, ref, dtype)
     # SAELens rounds its pre-activations twice (matmul, then the bias add) where flash-sae's addmm rounds
     # once (and cuBLAS may sum in another order even in fp32), so the values are compared by the parity rule.
     assert_parity("saelens jumprelu feature_acts", dense, theirs.feature_acts, ref.feature_acts, dtype)

@@ -9,7 +9,7 @@ from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_gradient_parity, assert_parity, grads, torch_baseline
-from peers import saelens_fp64_step, saelens_step, saelens_training_sae
+from peers import assert_saelens_latents, saelens_fp64_step, saelens_step, saelens_training_sae
 
 
 def active_mask(fs, params):
@@ -22,9 +22,7 @@ def active_mask(fs, params):
 def dense_code(out, B, F):
     rows = torch.repeat_interleave(torch.arange(B, device=out.code.vals.device), out.code.row_offsets.diff())
     n = int(out.code.row_offsets[-1])
-    dense = torch.zeros(B, F, device=out.code.vals.device, dtype=out.code.vals.dtype)
-    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
-    return dense, rows, n
+    return out.code.to_dense(F), rows, n
 
 
 def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_rows=0):
@@ -183,9 +181,7 @@ def test_standard_matches_saelens(fs, device, dtype):
     ref, ref_grads = saelens_fp64_step("standard", sae, x, names, cfg, l1=coef)
 
     dense, _, _ = dense_code(out, B, F)
-    if dtype == torch.float32:
-        assert torch.equal(dense != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
-        assert torch.equal(dense != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"
+    assert_saelens_latents(dense, theirs, ref, dtype)
     assert_parity("saelens standard feature_acts", dense, theirs.feature_acts, ref.feature_acts, dtype)
     assert_parity("saelens standard loss", out.loss, theirs.loss, ref.loss, dtype)
     assert_parity("saelens standard l1", coef * out.l1, theirs.losses["l1_loss"], ref.losses["l1_loss"], dtype)
