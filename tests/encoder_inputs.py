@@ -1,7 +1,20 @@
 """Input drawing and checks shared by the encoder and full-step tests."""
 
 import torch
+from hypothesis import strategies as st
 from parity import ATOL, assert_parity, grads, package_module, rel_err
+
+# The interpreter runs one backward program per latent, so CPU draws keep F in the hundreds.
+MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
+
+
+@st.composite
+def step_shapes(draw):
+    """(B, D, F): B = 1 included, odd D, tiny F (drawn in the order B, F, D)."""
+    B = draw(st.integers(1, 8))
+    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
+    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
+    return B, D, F
 
 
 def make_sae(B, D, F, K, dtype, device, *, seed, integer=False):
@@ -177,6 +190,7 @@ __all__ = [
     "check_step_parity",
     "encoder_upstream",
     "make_sae",
+    "step_shapes",
     "step_upstream",
     "tuning",
 ]

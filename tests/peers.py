@@ -64,3 +64,26 @@ def sparsify_coder(d_in: int, device, dtype, **cfg):
     config = require("sparsify.config")
     coder = sparsify.SparseCoder(d_in, config.SparseCoderConfig(**cfg), device=device, dtype=dtype)
     return coder, config.TrainConfig(config.SparseCoderConfig(**cfg))
+
+
+def saelens_fp64_step(architecture, sae, x, names, cfg, **step_kw):
+    """The ground truth for a SAELens comparison: SAELens's ``architecture`` training SAE in fp64 holding
+    ``sae``'s parameter values, its step on ``x`` in fp64, and the gradients of the parameters ``names``."""
+    import torch
+
+    sae64 = saelens_training_sae(architecture, dtype="float64", **cfg)
+    with torch.no_grad():
+        for n in names:
+            getattr(sae64, n).copy_(getattr(sae, n).double())
+    ref = saelens_step(sae64, x.double(), **step_kw)
+    return ref, torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+
+
+def assert_saelens_latents(code, theirs, ref, dtype):
+    """In fp32 the dense code's nonzero latents are SAELens's and its fp64 twin's (in 16 bits a value near
+    0 may round either way, so only the parity of the values is compared there)."""
+    import torch
+
+    if dtype == torch.float32:
+        assert torch.equal(code != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
+        assert torch.equal(code != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"

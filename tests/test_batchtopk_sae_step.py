@@ -1,23 +1,20 @@
 """batchtopk_sae_step: the exact whole-batch selection, loss, statistics and every gradient vs fp64;
-ties, chunks and groups; determinism, opcheck, compile; and SAELens's own BatchTopK training SAE."""
+ties, chunks and groups against the reference selection; and SAELens's own BatchTopK training SAE
+(determinism, opcheck, compile, chunking, CUDA graphs and bad input: test_op_contract.py)."""
 
 import pytest
 import torch
-from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
+from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream, tuning
 from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import DTYPES, assert_parity, fast_tier_keeps, grads, rel_err
-from peers import require, saelens_step, saelens_training_sae
-
-MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
+from peers import assert_saelens_latents, require, saelens_step, saelens_training_sae
 
 
 @st.composite
 def batch_shapes(draw):
-    """(B, D, F, k): B = 1 included, odd D, tiny F, k an int or a float (SAELens's k is a float)."""
-    B = draw(st.integers(1, 8))
-    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
-    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
+    """(B, D, F, k): step_shapes's, and k an int or a float (SAELens's k is a float)."""
+    B, D, F = draw(step_shapes())
     k = draw(st.one_of(st.integers(1, min(F, 12)), st.floats(0.5, min(F, 12.0))))
     if int(k * B) < 1:
         k = 1
@@ -127,37 +124,6 @@ def test_batchtopk_rows_get_different_counts(fs, device):
     assert int(counts.sum()) == 16 and int(counts.max()) > 4 and int(counts.min()) < 4
 
 
-def test_batchtopk_deterministic(fs, device):
-    params = list(make_sae(40, 33, 20, 1, torch.float32, device, seed=2))
-    runs = []
-    for _ in range(2):
-        out = fs.batchtopk_sae_step(*params, 6.5, rescale_acts_by_decoder_norm=True)
-        runs.append((out.loss, out.code.indices, grads(out.loss, params, torch.tensor(1.3, device=device))))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    for a, b in zip(runs[0][2], runs[1][2]):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.slow
-def test_batchtopk_compile(fs, device):
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fs.batchtopk_sae_step, fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed in (1, 2):
-            params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
-            out = compiled(*params, 6)
-            eager = fs.batchtopk_sae_step(*params, 6)
-            assert torch.equal(out.code.indices, eager.code.indices) and torch.equal(
-                out.code.row_offsets, eager.code.row_offsets
-            )
-            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
-            up = torch.tensor(-1.1, device=device)
-            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
 # SAELens's own BatchTopK training SAE, default training config ------------------------------
 
 
@@ -201,12 +167,8 @@ def test_batchtopk_matches_saelens(fs, device, dtype):
             getattr(sae64, n).copy_(getattr(sae, n).double())
     ref = saelens_step(sae64, x.double())
     ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
-    code = torch.zeros(B, F, device=device, dtype=out.code.vals.dtype)
-    rows = torch.repeat_interleave(torch.arange(B, device=device), out.code.row_offsets.diff())
-    code[rows, out.code.indices] = out.code.vals
-    if dtype == torch.float32:
-        assert torch.equal(code != 0, theirs.feature_acts != 0), "other latents than SAELens's"
-        assert torch.equal(code != 0, ref.feature_acts != 0), "other latents than SAELens's in fp64"
+    code = out.code.to_dense(F)
+    assert_saelens_latents(code, theirs, ref, dtype)
     assert_parity("saelens batchtopk loss", ours, theirs.loss, ref.loss, dtype)
     scaled = code * sae.W_dec.norm(dim=1)  # SAELens's feature_acts are the rescaled activations
     assert_parity("saelens batchtopk feature_acts", scaled, theirs.feature_acts, ref.feature_acts, dtype)

@@ -5,6 +5,7 @@ bit (ties included); determinism, opcheck and bad input. The installed SAELens a
 own AuxK losses and gradients are checked in ``test_dead_latent_peers.py``."""
 
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -74,8 +75,20 @@ def reference_step(fs, step, params, k, selection, rescale, **forced):
     return ref.batchtopk_sae_step(*params, k, rescale, selection=selection, **forced)
 
 
-def check_dead_step(fs, step, problem, dtype, device, mode, relu, eg, rescale, seed, integer=False):
+class DeadOptions(NamedTuple):
+    """The dead-latent loss's options and the draw of one check_dead_step."""
+
+    mode: str  # "auxk" or "ghost"
+    relu: bool
+    eg: bool  # encoder_grad
+    rescale: bool
+    seed: int
+    integer: bool = False
+
+
+def check_dead_step(fs, step, problem, dtype, device, options: DeadOptions):
     B, D, F, k, k_aux, capacity, frac, offset = problem
+    mode, relu, eg, rescale, seed, integer = options
     params = list(make_sae(B, D, F, 1, dtype, device, seed=seed, integer=integer))
     dead_mask = dead_mask_of(F, frac, seed, device)
     coef = 0.3 if seed % 2 else 1 / 32
@@ -189,7 +202,9 @@ def check_dead_step(fs, step, problem, dtype, device, mode, relu, eg, rescale, s
     seed=3,
 )
 def test_dead_latent_loss_parity(fs, device, problem, dtype, step, mode, relu, eg, rescale, seed):
-    check_dead_step(fs, step, problem, dtype, device, mode, relu, eg, rescale and step == "batchtopk", seed)
+    check_dead_step(
+        fs, step, problem, dtype, device, DeadOptions(mode, relu, eg, rescale and step == "batchtopk", seed)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,7 +213,7 @@ def test_dead_latent_loss_parity(fs, device, problem, dtype, step, mode, relu, e
 def test_auxk_ties(fs, device, dtype, step, relu):
     """Small-integer pre-activations tie exactly: among equal dead values the lower latent id wins."""
     problem = (5, 4, 90, 3, 7, 60, 0.5, 0)
-    check_dead_step(fs, step, problem, dtype, device, "auxk", relu, True, False, seed=4, integer=True)
+    check_dead_step(fs, step, problem, dtype, device, DeadOptions("auxk", relu, True, False, seed=4, integer=True))
 
 
 @given(
@@ -235,7 +250,7 @@ def test_fewer_dead_than_k_aux(fs, device, dtype, step, relu):
     """Every dead latent is taken, the ReLU zeroing the negative ones (a 16-bit comparison the CPU
     interpreter once got wrong: it let negative bf16 values through)."""
     problem = (7, 9, 96, 4, 12, 96, 0.05, 30)
-    check_dead_step(fs, step, problem, dtype, device, "auxk", relu, True, False, seed=5)
+    check_dead_step(fs, step, problem, dtype, device, DeadOptions("auxk", relu, True, False, seed=5))
 
 
 @pytest.mark.parametrize("step", fast_tier_keeps(1, ("batchtopk", "topk")))
@@ -247,7 +262,7 @@ def test_chunks_and_capacity(fs, device, step, mode, monkeypatch):
     monkeypatch.setitem(tuning(fs), "chunk_bytes", 600)
     for capacity, offset in ((9, 0), (40, 150), (200, 7)):
         problem = (6, 7, 200, 4, 9, capacity, 0.5, offset)
-        check_dead_step(fs, step, problem, torch.float32, device, mode, True, True, False, 11)
+        check_dead_step(fs, step, problem, torch.float32, device, DeadOptions(mode, True, True, False, 11))
 
 
 @pytest.mark.kernels_ci

@@ -1,17 +1,17 @@
 """gated_sae_step (gate and magnitude paths over one encoder, MSE + the gate's decoder-norm-weighted L1 +
 the gate path's auxiliary reconstruction): the code, the losses, the statistics and every gradient vs
-fp64, frozen and shared auxiliary decoder; the dense formulation; capacity and overflow; chunks;
-determinism, opcheck, bad input; and SAELens's own gated training SAE with its default config."""
+fp64, frozen and shared auxiliary decoder; the dense formulation; capacity and overflow; and SAELens's
+own gated training SAE with its default config (determinism, opcheck, compile, chunking, CUDA graphs and
+bad input: test_op_contract.py)."""
 
 import pytest
 import torch
-from encoder_inputs import make_sae, step_upstream, tuning
+from encoder_inputs import make_sae, step_shapes, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads, rel_err
-from peers import saelens_step, saelens_training_sae
+from parity import DTYPES, assert_gradient_parity, assert_parity, grads, torch_baseline
+from peers import saelens_fp64_step, saelens_step, saelens_training_sae
 
-MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
 NAMES = ("x", "W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
 
 
@@ -28,20 +28,10 @@ def make_gated(B, D, F, dtype, device, *, seed, zero_rows=0):
     return [x, W_enc, b_enc, r_mag, b_mag, W_dec, b_dec]
 
 
-@st.composite
-def gated_shapes(draw):
-    """(B, D, F): B = 1 included, odd D, tiny F."""
-    B = draw(st.integers(1, 8))
-    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
-    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
-    return B, D, F
-
-
 def dense_code(out, B, F):
     rows = torch.repeat_interleave(torch.arange(B, device=out.code.indices.device), out.code.row_offsets.diff())
     n = int(out.code.row_offsets[-1])
-    dense = torch.zeros(B, F, device=out.code.vals.device, dtype=out.code.vals.dtype)
-    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
+    dense = out.code.to_dense(F)
     opened = torch.zeros(B, F, device=out.code.vals.device, dtype=torch.bool)
     opened[rows, out.code.indices[:n]] = True
     return dense, opened, n
@@ -95,31 +85,25 @@ def check_gated_step(fs, shape, dtype, device, *, seed, l1_coefficient, freeze, 
     sh = ref.gated_sae_step(*p_sh, l1_coefficient, freeze, masks=masks, round_preacts=dtype)
     sh_grads = grads(sh.loss, p_sh, up.double())
 
-    def baseline(b, c, d):
-        return b if rel_err(b, c) >= rel_err(d, c) else d
-
     if not dense:
         assert_parity(
             "gated code",
             code,
-            baseline(same.code.vals.detach(), r.code.vals.detach(), sh.code.vals.detach()),
+            torch_baseline(same.code.vals.detach(), r.code.vals.detach(), sh.code.vals.detach()),
             r.code.vals,
             dtype,
         )
     for what in ("loss", "mse", "l1", "aux"):
         b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
-        assert_parity(f"gated {what}", getattr(out, what), baseline(b, c, d.detach()), c, dtype)
+        assert_parity(f"gated {what}", getattr(out, what), torch_baseline(b, c, d.detach()), c, dtype)
     if B > 1:
-        assert_parity("gated fvu", out.fvu, baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
+        assert_parity("gated fvu", out.fvu, torch_baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
     assert out.l0.item() == pytest.approx(float(r.l0), rel=1e-6)
-    for name, a, b, c, d, p in zip(NAMES, ours, same_grads, r_grads, sh_grads, params):
-        assert a.dtype == p.dtype and a.shape == p.shape
-        assert torch.isfinite(a).all(), f"d{name} is not finite"
-        assert_parity(f"gated d{name}", a, baseline(b, c, d), c, dtype)
+    assert_gradient_parity("gated", NAMES, ours, same_grads, r_grads, sh_grads, params, dtype)
 
 
 @given(
-    shape=gated_shapes(),
+    shape=step_shapes(),
     dtype=st.sampled_from(DTYPES),
     l1_coefficient=st.sampled_from([0.0, 0.05, 1.0, 5.0]),
     freeze=st.booleans(),
@@ -206,72 +190,6 @@ def test_gated_overflow_is_reported(fs, device):
     assert not bool(exact.overflow) and int(exact.code.row_offsets[-1]) == need
 
 
-@pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
-def test_gated_chunks(fs, device, dtype, monkeypatch):
-    """Many F chunks give the one-chunk result bitwise (on a GPU; see ``assert_same_across_shapes``):
-    400 latents in chunks of 130 (16-bit) or 65 (fp32), the last one ragged."""
-    params = make_gated(4, 6, 400, dtype, device, seed=9)
-    one = fs.gated_sae_step(*params, capacity=4 * 400)
-    g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
-    monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
-    many = fs.gated_sae_step(*params, capacity=4 * 400)
-    assert torch.equal(one.code.indices, many.code.indices)
-    assert_same_across_shapes("vals", many.code.vals, one.code.vals)
-    assert_same_across_shapes("loss", many.loss, one.loss)
-    for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
-        assert_same_across_shapes("gradient", b, a)
-
-
-def test_gated_deterministic(fs, device):
-    params = make_gated(40, 33, 20, torch.float32, device, seed=2)
-    runs = []
-    for _ in range(2):
-        out = fs.gated_sae_step(*params, capacity=800, l1_coefficient=0.7, freeze_aux_decoder=False)
-        runs.append((out.loss, grads(out.loss, params, torch.tensor(1.3, device=device))))
-    assert torch.equal(runs[0][0], runs[1][0])
-    for a, b in zip(runs[0][1], runs[1][1]):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.slow
-def test_gated_compile(fs, device):
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fs.gated_sae_step, fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed in (1, 2):
-            params = make_gated(7, 23, 41, torch.float32, device, seed=seed)
-            out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
-            eager = fs.gated_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
-            assert torch.equal(out.code.indices, eager.code.indices)
-            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
-            up = torch.tensor(-1.1, device=device)
-            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.kernels_ci
-def test_gated_bad_input(fs, device):
-    p = [t.detach() for t in make_gated(3, 5, 7, torch.float32, device, seed=1)]
-    with pytest.raises(ValueError, match="capacity"):
-        fs.gated_sae_step(*p, capacity=0)
-    with pytest.raises(ValueError, match="capacity"):
-        fs.gated_sae_step(*p, capacity=3 * 7 + 1)
-    with pytest.raises(ValueError, match="l1_coefficient"):
-        fs.gated_sae_step(*p, capacity=4, l1_coefficient=-1.0)
-    with pytest.raises(ValueError, match="freeze_aux_decoder"):
-        fs.gated_sae_step(*p, capacity=4, freeze_aux_decoder=1)
-    with pytest.raises(ValueError, match="r_mag"):
-        fs.gated_sae_step(p[0], p[1], p[2], p[3][:5], p[4], p[5], p[6], capacity=4)
-    with pytest.raises(ValueError, match="b_mag"):
-        fs.gated_sae_step(*p[:4], p[4].double(), *p[5:], capacity=4)
-    with pytest.raises(ValueError, match="W_dec"):
-        fs.gated_sae_step(*p[:5], p[5][:, :4], p[6], capacity=4)
-    with pytest.raises(ValueError, match="r_mag"):
-        fs.gated_sae_step_dense(p[0], p[1], p[2], p[3][None], p[4], p[5], p[6])
-
-
 # SAELens's own gated training SAE, default training config --------------------------------
 
 
@@ -307,12 +225,7 @@ def test_gated_matches_saelens(fs, device, dtype, dense):
     out = fs.gated_sae_step_dense(x, *ours, **kw) if dense else fs.gated_sae_step(x, *ours, capacity=B * F, **kw)
     our_grads = torch.autograd.grad(out.loss, p)
 
-    sae64 = saelens_training_sae("gated", dtype="float64", **cfg)
-    with torch.no_grad():
-        for n in names:
-            getattr(sae64, n).copy_(getattr(sae, n).double())
-    ref = saelens_step(sae64, x.double(), l1=coef)
-    ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+    ref, ref_grads = saelens_fp64_step("gated", sae, x, names, cfg, l1=coef)
 
     assert_parity("saelens gated loss", out.loss, theirs.loss, ref.loss, dtype)
     assert_parity("saelens gated l1", coef * out.l1, theirs.losses["l1_loss"], ref.losses["l1_loss"], dtype)

@@ -7,6 +7,8 @@ and variable-length codes with empty slots (id -1), out-of-range ids, zeros, neg
 duplicates and unused entries past the last row.
 """
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -51,7 +53,18 @@ def counts_formula(vals, ids, row_offsets, F):
     return want
 
 
-CODES = dict(  # the drawn codes: B = 1, K = 1, tiny F, odd D and D past one 256-wide block, all dtypes
+class CodeProblem(NamedTuple):
+    B: int
+    K: int
+    F: int
+    D: int
+    dtype: torch.dtype
+    varlen: bool
+
+
+# the drawn codes: B = 1, K = 1, tiny F, odd D and D past one 256-wide block, all dtypes
+CODES = st.builds(
+    CodeProblem,
     B=st.integers(1, 5),
     K=st.integers(1, 9),
     F=st.integers(1, 40),
@@ -71,9 +84,10 @@ def path(request, fs, device, monkeypatch):
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # `path` holds for every example
-@given(**CODES, seed=st.integers(0, 2**16))
-def test_gather_rows_counts(fs, device, path, B, K, F, D, dtype, varlen, seed):
+@given(code=CODES, seed=st.integers(0, 2**16))
+def test_gather_rows_counts(fs, device, path, code, seed):
     """counts[f] += 1 per walked entry with id f in [0, F) and a value > 0; the outputs are unchanged."""
+    B, K, F, D, dtype, varlen = code
     gather = package_module(fs, "primitives.gather")
     vals, ids, weight, bias, row_offsets = make_code(B, K, F, D, dtype, device, seed, varlen)
     target = torch.randn(B, D, device=device).to(dtype)
@@ -89,9 +103,10 @@ def test_gather_rows_counts(fs, device, path, B, K, F, D, dtype, varlen, seed):
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # `path` holds for every example
-@given(**CODES, const=st.sampled_from([1.0, -0.5, 2.0 / 3.0]), seed=st.integers(0, 2**16))
-def test_gather_rows_minus(fs, device, path, B, K, F, D, dtype, varlen, const, seed):
+@given(code=CODES, const=st.sampled_from([1.0, -0.5, 2.0 / 3.0]), seed=st.integers(0, 2**16))
+def test_gather_rows_minus(fs, device, path, code, const, seed):
     """out = bias + sum - scale * const * t, subtracted in fp32 before the one rounding."""
+    B, K, F, D, dtype, varlen = code
     gather = package_module(fs, "primitives.gather")
     vals, ids, weight, bias, row_offsets = make_code(B, K, F, D, dtype, device, seed, varlen)
     ids = ids.clamp(0, F - 1)  # no poisoned (NaN) rows here: the subtraction is what is checked

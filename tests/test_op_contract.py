@@ -1,25 +1,52 @@
 """The contract every registered op keeps, table-driven over the registry.
 
-Every op ``register_op`` registered (``_registry.REGISTERED``) must have at least one case in ``CASES``
-(a new op fails ``test_every_registered_op_has_a_case`` until it has one), and every case passes:
+Every op ``register_op`` registered (``_registry.REGISTERED``) must have a raw-op case in ``CASES`` below, a
+public call in ``contract_cases.PUBLIC`` and a parity checker in ``contract_cases.PARITY`` (a new op fails
+the two coverage tests until it has them). Then, with no further code, it is checked for:
 
-- ``torch.library.opcheck`` of the forward op, and of the backward op fed with the forward's saved
-  fields (picked by the schema's names, so no test restates an op's positions), with every gradient
-  asked for and with every other one;
-- bitwise determinism of the outputs and of every gradient over two runs;
-- the backward's gradients have their inputs' shapes and dtypes, and the ones not asked for are
-  not computed.
+column          | what                                                         | ops        | tier
+--------------- | ------------------------------------------------------------ | ---------- | ---------------------
+opcheck         | ``torch.library.opcheck`` of the forward op and of the        | every raw  | fp32 fast; bf16, fp16
+                | backward op (every gradient asked for, and every other one)   | case       | full
+deterministic   | two runs of the public call: outputs and gradients bitwise,   | every      | fast (fp32, B > F so
+                | gradients shaped and typed as their inputs                    | public call| segments repeat)
+compile         | ``torch.compile(fn, fullgraph=True)`` gives eager's outputs    | every      | full (slow)
+                | and gradients; a second input set does not recompile          | public call|
+cuda graph      | one step captured with ``torch.cuda.graph`` after warm-up;     | every      | GPU only (skipped on
+                | the replay equals eager bitwise                               | public call| a CPU, with the reason)
+chunking        | results unchanged as TUNING splits the work (F chunks,        | CHUNKED    | fp32 fast; bf16, fp16
+                | selection groups, decode tiles): ``assert_same_across_shapes``|            | full
+parity          | the op's own parity check against the fp64 reference          | every op   | one small shape per
+                | (``parity.assert_parity``: within 2x torch's error + ATOL)    |            | dtype fast; drawn
+                |                                                               |            | shapes full
+bad input       | each tensor argument with an extra dimension, another dtype,  | every      | fast
+                | one entry short, on another device, and the scalar arguments  | public call|
+                | out of range: ValueError naming the argument                  |            |
 
-A case is a function of (dtype, device) returning the forward's inputs by name, with small shapes.
-The parity of each op against the fp64 reference stays in its own test file (its formula is the op's own);
-CUDA-graph capture is in test_cuda_graph_capture.py (GPU only).
+Op-specific behaviour (tie rules, overflow, empty codes, peers) stays in each op's own test file.
 """
 
+import re
 import sys
 
 import pytest
 import torch
-from parity import OPCHECK_DTYPES
+from contract_cases import (
+    BAD_SCALARS,
+    CHUNKED,
+    COMPILED_ON_GPU_ONLY,
+    PARITY,
+    PUBLIC,
+    Shape,
+    assert_compiled_matches,
+    assert_results,
+    check_chunking_invariance,
+    generic_breaks,
+    run_call,
+)
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from parity import DTYPES, OPCHECK_DTYPES, fast_tier_keeps
 
 B, D, F = 6, 19, 37
 
@@ -183,32 +210,115 @@ def test_opcheck(fs, device, name, dtype):
         torch.library.opcheck(op.backward_op, _backward_args(op, args, outputs, needs))
 
 
-def _run(op, args):
-    """Forward through autograd, backward with a fixed upstream gradient on every differentiable output."""
-    leaves = dict(zip(op.inputs, args))
-    for n in op.grad_inputs:
-        if leaves[n] is not None:
-            leaves[n] = leaves[n].detach().clone().requires_grad_()
-    call = [leaves[n] for n in op.inputs]
-    outputs = op(*call)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    named = dict(zip(op.outputs, outputs))
-    diff = [named[n] for n in op.differentiable]
-    wrt = [leaves[n] for n in op.grad_inputs if leaves[n] is not None]
-    ups = [torch.full_like(t, -0.9) for t in diff]
-    grads = torch.autograd.grad(diff, wrt, ups, allow_unused=True)
-    return outputs, wrt, grads
+# The public calls' columns -------------------------------------------------------------------------
+
+SMALL = Shape(3, 17, 40, 5)  # one small problem per op: odd D, K not a power of 2
+MANY_ROWS = Shape(40, 33, 20, 6)  # B > F: every latent's segment has many terms (determinism)
+GRAPH_SHAPE = Shape(64, 96, 512, 8)
+PUBLIC_NAMES = tuple(PUBLIC)
 
 
-@pytest.mark.slow  # each op's own test file checks its determinism in the fast tier
-@pytest.mark.parametrize("name", _NAMES)
-def test_deterministic_and_shaped(fs, device, name):
-    op, args = _case(fs, torch.float32, device, name)
-    out1, wrt, g1 = _run(op, args)
-    out2, _, g2 = _run(op, args)
-    for n, a, b in zip(op.outputs, out1, out2):
-        assert torch.equal(a, b), f"{name}: output {n} differs between two runs"
-    for a, b, leaf in zip(g1, g2, wrt):
-        assert a is not None, f"{name}: a gradient input got no gradient"
-        assert torch.equal(a, b), f"{name}: a gradient differs between two runs"
-        assert a.shape == leaf.shape and a.dtype == leaf.dtype
+@pytest.mark.kernels_ci
+def test_every_registered_op_has_a_public_call_and_a_parity_check(fs):
+    registered = set(_registry(fs).REGISTERED)
+    assert {case.op for case in PUBLIC.values()} == registered, "add the op's public call to contract_cases.PUBLIC"
+    assert set(PARITY) == registered, "add the op's parity checker to contract_cases.PARITY"
+    assert set(CHUNKED) <= set(PUBLIC) and set(BAD_SCALARS) <= set(PUBLIC)
+
+
+def _call(fs, name, dtype, device, shape, seed=5):
+    return PUBLIC[name].build(fs, dtype, device, shape, seed)
+
+
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
+def test_deterministic(fs, device, name):
+    call = _call(fs, name, torch.float32, device, MANY_ROWS)
+    assert_results(name, run_call(call), run_call(call))
+
+
+@pytest.mark.slow  # compiling each call takes seconds on a CPU
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
+def test_compile_matches_eager(fs, device, name):
+    if name in COMPILED_ON_GPU_ONLY and device != "cuda":
+        pytest.skip("Dynamo cannot trace the CPU interpreter's Triton launches outside a registered op")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_call(fs, name, torch.float32, device, SMALL).fn, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):
+            call = _call(fs, name, torch.float32, device, SMALL, seed=seed)
+            assert_results(f"{name} compiled", run_call(call, compiled), run_call(call), assert_compiled_matches)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
+def test_cuda_graph_capture(fs, device, name):
+    """The forward and backward capture (no host sync, no host-to-device copy) and the replay equals eager."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    call = _call(fs, name, torch.bfloat16, device, GRAPH_SHAPE)
+    eager = run_call(call)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run_call(call)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run_call(call)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_results(f"{name} replayed", captured, eager)
+
+
+@pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
+@pytest.mark.parametrize("name", tuple(CHUNKED))
+def test_chunking_invariance(fs, device, name, dtype, monkeypatch):
+    check_chunking_invariance(fs, name, dtype, device, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", sorted(PARITY))
+def test_parity(fs, device, op, dtype):
+    PARITY[op](fs, SMALL, dtype, device, 1)
+
+
+@st.composite
+def contract_shapes(draw):
+    """B = 1 included, odd D, K not a power of 2 often, F from K (tiny) to a few hundred."""
+    K = draw(st.integers(1, 12))
+    return Shape(draw(st.integers(1, 8)), draw(st.integers(1, 40)), K + draw(st.integers(0, 200)), K)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", sorted(PARITY))
+@settings(max_examples=5)
+@given(shape=contract_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+# pinned: each dtype runs whatever the draw, at B = 1, K = 1 and F = K (every latent selected)
+@example(shape=Shape(1, 1, 1, 1), dtype=torch.float32, seed=3)
+@example(shape=Shape(2, 9, 3, 3), dtype=torch.bfloat16, seed=4)
+@example(shape=Shape(5, 33, 130, 7), dtype=torch.float16, seed=5)
+def test_parity_drawn_shapes(fs, device, op, shape, dtype, seed):
+    PARITY[op](fs, shape, dtype, device, seed)
+
+
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
+def test_bad_input_raises_value_error_naming_the_argument(fs, device, name):
+    call = _call(fs, name, torch.float32, device, SMALL)
+    breaks = list(generic_breaks(call))
+    breaks += [(f"{arg} {label}", (arg,), arg, value(call.kwargs)) for arg, label, value in BAD_SCALARS.get(name, [])]
+    assert breaks
+    failures = []
+    for what, names, arg, value in breaks:
+        try:
+            call.fn(**dict(call.kwargs, **{arg: value}))
+        except ValueError as e:
+            if not any(re.search(rf"(?<![A-Za-z_]){re.escape(n)}(?![A-Za-z_])", str(e)) for n in names):
+                failures.append(f"{what}: the message names none of {names}: {e}")
+        except Exception as e:  # noqa: BLE001  (any other exception is a failure of the contract)
+            failures.append(f"{what}: {type(e).__name__} instead of ValueError: {str(e)[:200]}")
+        else:
+            failures.append(f"{what}: accepted")
+    assert not failures, "\n".join(failures)

@@ -1,4 +1,4 @@
-"""sparse_decode: parity with the fp64 reference, edge shapes, determinism, compile and opcheck."""
+"""sparse_decode: parity with the fp64 reference and edge shapes (the contract checks: test_op_contract.py)."""
 
 import pytest
 import torch
@@ -6,9 +6,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from parity import (
     DTYPES,
-    check_compile,
     check_decode_parity,
-    check_deterministic,
     grads,
     make_inputs,
     problem_shapes,
@@ -58,12 +56,3 @@ def test_sparse_decode_zero_k_is_bias(fs, device):
     assert dvals.shape == (4, 0)
     assert torch.equal(dweight, torch.zeros_like(weight))
     torch.testing.assert_close(dbias, upstream.sum(0))
-
-
-def test_sparse_decode_deterministic(fs, device):
-    check_deterministic(fs, OP, device)
-
-
-@pytest.mark.slow
-def test_sparse_decode_compile(fs, device):
-    check_compile(fs, OP, device)

@@ -1,25 +1,15 @@
 """standard_sae_step (ReLU code, MSE + the decoder-norm-weighted L1 penalty): the collected code, loss,
-L1, statistics and every gradient vs fp64; capacity and overflow; chunks; zero decoder rows;
-determinism, opcheck, bad input; and SAELens's own standard training SAE with its default config."""
+L1, statistics and every gradient vs fp64; capacity and overflow; zero decoder rows; and SAELens's own
+standard training SAE with its default config (determinism, opcheck, compile, chunking, CUDA graphs and
+bad input: test_op_contract.py)."""
 
 import pytest
 import torch
-from encoder_inputs import STEP_NAMES, make_sae, step_upstream, tuning
+from encoder_inputs import STEP_NAMES, make_sae, step_shapes, step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads, rel_err
-from peers import saelens_step, saelens_training_sae
-
-MAX_F_EXTRA = 30000 if torch.cuda.is_available() else 300
-
-
-@st.composite
-def standard_shapes(draw):
-    """(B, D, F): B = 1 included, odd D, tiny F."""
-    B = draw(st.integers(1, 8))
-    F = draw(st.one_of(st.integers(1, 9), st.integers(100, 100 + MAX_F_EXTRA)))
-    D = draw(st.one_of(st.integers(1, 40), st.integers(250, 300)))
-    return B, D, F
+from parity import DTYPES, assert_gradient_parity, assert_parity, grads, torch_baseline
+from peers import assert_saelens_latents, saelens_fp64_step, saelens_step, saelens_training_sae
 
 
 def active_mask(fs, params):
@@ -32,9 +22,7 @@ def active_mask(fs, params):
 def dense_code(out, B, F):
     rows = torch.repeat_interleave(torch.arange(B, device=out.code.vals.device), out.code.row_offsets.diff())
     n = int(out.code.row_offsets[-1])
-    dense = torch.zeros(B, F, device=out.code.vals.device, dtype=out.code.vals.dtype)
-    dense[rows, out.code.indices[:n]] = out.code.vals[:n]
-    return dense, rows, n
+    return out.code.to_dense(F), rows, n
 
 
 def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_rows=0):
@@ -70,24 +58,18 @@ def check_standard_step(fs, shape, dtype, device, *, seed, l1_coefficient, zero_
     sh = ref.standard_sae_step(*p_sh, l1_coefficient=l1_coefficient, active=active, round_preacts=dtype)
     sh_grads = grads(sh.loss, p_sh, up.double())
 
-    def baseline(b, c, d):
-        return b if rel_err(b, c) >= rel_err(d, c) else d
-
     for what in ("loss", "mse", "l1"):
         b, c, d = getattr(same, what), getattr(r, what), getattr(sh, what)
-        assert_parity(f"standard {what}", getattr(out, what), baseline(b, c, d.detach()), c, dtype)
+        assert_parity(f"standard {what}", getattr(out, what), torch_baseline(b, c, d.detach()), c, dtype)
     if B > 1:
-        assert_parity("standard fvu", out.fvu, baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
+        assert_parity("standard fvu", out.fvu, torch_baseline(same.fvu, r.fvu, sh.fvu), r.fvu, dtype)
     assert out.l0.item() == pytest.approx(need / B, rel=1e-6)
     assert torch.equal(out.fire_counts, active.sum(0))
-    for name, a, b, c, d, p in zip(STEP_NAMES, ours, same_grads, r_grads, sh_grads, params):
-        assert a.dtype == p.dtype and a.shape == p.shape
-        assert torch.isfinite(a).all(), f"d{name} is not finite"
-        assert_parity(f"standard d{name}", a, baseline(b, c, d), c, dtype)
+    assert_gradient_parity("standard", STEP_NAMES, ours, same_grads, r_grads, sh_grads, params, dtype)
 
 
 @given(
-    shape=standard_shapes(),
+    shape=step_shapes(),
     dtype=st.sampled_from(DTYPES),
     l1_coefficient=st.sampled_from([0.0, 0.05, 1.0, 5.0]),
     seed=st.integers(0, 2**16),
@@ -155,24 +137,6 @@ def test_standard_empty_code(fs, device, dense):
     torch.testing.assert_close(dx, -2 * (b_dec - x).detach() / 3, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_standard_compile(fs, device):
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fs.standard_sae_step, fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for seed in (1, 2):
-            params = list(make_sae(7, 23, 41, 1, torch.float32, device, seed=seed))
-            out = compiled(*params, capacity=7 * 41, l1_coefficient=0.3)
-            eager = fs.standard_sae_step(*params, capacity=7 * 41, l1_coefficient=0.3)
-            assert torch.equal(out.code.indices, eager.code.indices)
-            torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=0)
-            up = torch.tensor(-1.1, device=device)
-            for a, b in zip(grads(out.loss, params, up), grads(eager.loss, params, up)):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.kernels_ci
 def test_standard_overflow_is_reported(fs, device):
     params = [t.detach() for t in make_sae(5, 9, 30, 1, torch.float32, device, seed=4)]
@@ -181,48 +145,6 @@ def test_standard_overflow_is_reported(fs, device):
     assert bool(small.overflow) and int(small.count) == need and int(small.code.row_offsets[-1]) == need - 3
     exact = fs.standard_sae_step(*params, capacity=need)
     assert not bool(exact.overflow) and int(exact.code.row_offsets[-1]) == need
-
-
-@pytest.mark.parametrize("dtype", fast_tier_keeps(1, DTYPES))
-def test_standard_chunks(fs, device, dtype, monkeypatch):
-    """Many F chunks give the one-chunk result bitwise (on a GPU; see ``assert_same_across_shapes``):
-    400 latents in chunks of 130 (16-bit) or 65 (fp32), the last one ragged."""
-    params = list(make_sae(4, 6, 400, 1, dtype, device, seed=9))
-    one = fs.standard_sae_step(*params, capacity=4 * 400)
-    g_one = grads(one.loss, params, torch.tensor(1.0, device=device))
-    monkeypatch.setitem(tuning(fs), "chunk_bytes", 4 * 130 * 2)
-    many = fs.standard_sae_step(*params, capacity=4 * 400)
-    assert torch.equal(one.code.indices, many.code.indices)
-    assert_same_across_shapes("vals", many.code.vals, one.code.vals)
-    assert_same_across_shapes("loss", many.loss, one.loss)
-    for a, b in zip(g_one, grads(many.loss, params, torch.tensor(1.0, device=device))):
-        assert_same_across_shapes("gradient", b, a)
-
-
-def test_standard_deterministic(fs, device):
-    params = list(make_sae(40, 33, 20, 1, torch.float32, device, seed=2))
-    runs = []
-    for _ in range(2):
-        out = fs.standard_sae_step(*params, capacity=800, l1_coefficient=0.7)
-        runs.append((out.loss, grads(out.loss, params, torch.tensor(1.3, device=device))))
-    assert torch.equal(runs[0][0], runs[1][0])
-    for a, b in zip(runs[0][1], runs[1][1]):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.kernels_ci
-def test_standard_bad_input(fs, device):
-    params = [t.detach() for t in make_sae(3, 5, 7, 1, torch.float32, device, seed=1)]
-    with pytest.raises(ValueError, match="capacity"):
-        fs.standard_sae_step(*params, capacity=0)
-    with pytest.raises(ValueError, match="capacity"):
-        fs.standard_sae_step(*params, capacity=3 * 7 + 1)
-    with pytest.raises(ValueError, match="l1_coefficient"):
-        fs.standard_sae_step(*params, capacity=4, l1_coefficient=-1.0)
-    with pytest.raises(ValueError, match="l1_coefficient"):
-        fs.standard_sae_step(*params, capacity=4, l1_coefficient=True)
-    with pytest.raises(ValueError, match="W_dec"):
-        fs.standard_sae_step(params[0], params[1], params[2], params[3][:, :4], params[4], capacity=4)
 
 
 # SAELens's own standard training SAE, default training config --------------------------------
@@ -254,17 +176,10 @@ def test_standard_matches_saelens(fs, device, dtype):
     out = fs.standard_sae_step(x, p[0].T, p[1], p[2], p[3], capacity=B * F, l1_coefficient=coef)
     our_grads = torch.autograd.grad(out.loss, p)
 
-    sae64 = saelens_training_sae("standard", dtype="float64", **cfg)
-    with torch.no_grad():
-        for n in names:
-            getattr(sae64, n).copy_(getattr(sae, n).double())
-    ref = saelens_step(sae64, x.double(), l1=coef)
-    ref_grads = torch.autograd.grad(ref.loss, [getattr(sae64, n) for n in names])
+    ref, ref_grads = saelens_fp64_step("standard", sae, x, names, cfg, l1=coef)
 
     dense, _, _ = dense_code(out, B, F)
-    if dtype == torch.float32:
-        assert torch.equal(dense != 0, theirs.feature_acts != 0), "other active latents than SAELens's"
-        assert torch.equal(dense != 0, ref.feature_acts != 0), "other active latents than SAELens's in fp64"
+    assert_saelens_latents(dense, theirs, ref, dtype)
     assert_parity("saelens standard feature_acts", dense, theirs.feature_acts, ref.feature_acts, dtype)
     assert_parity("saelens standard loss", out.loss, theirs.loss, ref.loss, dtype)
     assert_parity("saelens standard l1", coef * out.l1, theirs.losses["l1_loss"], ref.losses["l1_loss"], dtype)

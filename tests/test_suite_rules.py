@@ -75,11 +75,11 @@ def test_parity_property_tests_pin_every_dtype(test):
 
 
 def test_the_parity_rule_finds_the_parity_tests():
-    """The rule above reads real tests: the loss, decode, encode, step and varlen parity tests."""
+    """The rule above reads real tests: the contract's, the loss, decode, encode, step and varlen parity tests."""
     names = {p.values[0].name for p in _parity_property_tests()}
     for name in (
-        "test_topk_sae_loss_parity",
-        "test_hierarchical_topk_sae_loss_parity",
+        "test_parity_drawn_shapes",
+        "test_loss_parity",
         "test_sparse_decode_parity",
         "test_topk_encode_parity",
         "test_topk_sae_step_parity",

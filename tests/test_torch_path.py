@@ -90,9 +90,10 @@ def test_selection_ties_groups_and_chunks(fs, torch_path, dtype, group, monkeypa
 def test_family_steps(fs, torch_path, dtype, monkeypatch):
     """BatchTopK (distinct and tied, several groups and chunks), Matryoshka and JumpReLU (one chunk and
     many, overflow) on this path: the kernels' own checks."""
+    from contract_cases import check_chunking_invariance
     from test_batchtopk_sae_step import check_batchtopk_step
     from test_batchtopk_sae_step import check_selection as check_batch_selection
-    from test_jumprelu_sae_step import check_jumprelu_step, test_jumprelu_chunks, test_jumprelu_overflow_is_reported
+    from test_jumprelu_sae_step import check_jumprelu_step, test_jumprelu_overflow_is_reported
     from test_matryoshka_batchtopk_sae_step import check_matryoshka
 
     check_batchtopk_step(fs, (5, 33, 300, 6.5), dtype, torch_path, rescale=True, seed=1)
@@ -100,7 +101,7 @@ def test_family_steps(fs, torch_path, dtype, monkeypatch):
     check_matryoshka(fs, (4, 17, 200, 5), [10, 50, 200], dtype, torch_path, rescale=True, seed=3)
     check_jumprelu_step(fs, (6, 5, 40), dtype, torch_path, seed=3, bandwidth=1.0, l0_coefficient=0.5, integer=True)
     check_jumprelu_step(fs, (5, 30, 300), dtype, torch_path, seed=4, bandwidth=0.3, l0_coefficient=0.1)
-    test_jumprelu_chunks(fs, torch_path, dtype, monkeypatch)
+    check_chunking_invariance(fs, "jumprelu", dtype, torch_path, monkeypatch)
     test_jumprelu_overflow_is_reported(fs, torch_path)
     params = make_sae(3, 5, 2500, 1, dtype, torch_path, seed=7, integer=True)
     for group, chunk_bytes in ((1, 2**30), (4, 2500), (32, 3000)):
@@ -113,10 +114,11 @@ def test_family_steps(fs, torch_path, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_standard_step(fs, torch_path, dtype, monkeypatch):
     """The standard (ReLU + L1) step on this path: parity with zero decoder rows, chunks, overflow."""
-    from test_standard_sae_step import check_standard_step, test_standard_chunks, test_standard_overflow_is_reported
+    from contract_cases import check_chunking_invariance
+    from test_standard_sae_step import check_standard_step, test_standard_overflow_is_reported
 
     check_standard_step(fs, (5, 30, 300), dtype, torch_path, seed=4, l1_coefficient=0.7, zero_rows=5)
-    test_standard_chunks(fs, torch_path, dtype, monkeypatch)
+    check_chunking_invariance(fs, "standard", dtype, torch_path, monkeypatch)
     test_standard_overflow_is_reported(fs, torch_path)
 
 
@@ -124,11 +126,12 @@ def test_standard_step(fs, torch_path, dtype, monkeypatch):
 def test_gated_step(fs, torch_path, dtype, monkeypatch):
     """The Gated step on this path (row_dots, the decoder pass's row term without the coefficient sum):
     parity both decoder rules and with zero decoder rows, chunks, overflow."""
-    from test_gated_sae_step import check_gated_step, test_gated_chunks, test_gated_overflow_is_reported
+    from contract_cases import check_chunking_invariance
+    from test_gated_sae_step import check_gated_step, test_gated_overflow_is_reported
 
     check_gated_step(fs, (5, 30, 300), dtype, torch_path, seed=4, l1_coefficient=0.7, freeze=True, zero_rows=5)
     check_gated_step(fs, (4, 17, 60), dtype, torch_path, seed=5, l1_coefficient=0.2, freeze=False)
-    test_gated_chunks(fs, torch_path, dtype, monkeypatch)
+    check_chunking_invariance(fs, "gated", dtype, torch_path, monkeypatch)
     test_gated_overflow_is_reported(fs, torch_path)
 
 
@@ -174,13 +177,19 @@ def test_varlen_ops(fs, torch_path, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dead_latent_losses(fs, torch_path, dtype):
     """AuxK (ties, fewer dead than k_aux, a window past the capacity) and ghost grads, both steps."""
-    from test_dead_latent_loss import check_dead_step
+    from test_dead_latent_loss import DeadOptions, check_dead_step
     from test_dead_latent_loss import test_dead_window as window
 
     for step in ("topk", "batchtopk"):
-        check_dead_step(fs, step, (5, 4, 90, 3, 7, 60, 0.5, 0), dtype, torch_path, "auxk", True, True, False, 4, True)
-        check_dead_step(fs, step, (7, 9, 96, 4, 12, 96, 0.05, 30), dtype, torch_path, "auxk", True, True, False, 5)
-        check_dead_step(fs, step, (6, 7, 200, 4, 9, 40, 0.5, 150), dtype, torch_path, "ghost", True, True, True, 11)
+        check_dead_step(
+            fs, step, (5, 4, 90, 3, 7, 60, 0.5, 0), dtype, torch_path, DeadOptions("auxk", True, True, False, 4, True)
+        )
+        check_dead_step(
+            fs, step, (7, 9, 96, 4, 12, 96, 0.05, 30), dtype, torch_path, DeadOptions("auxk", True, True, False, 5)
+        )
+        check_dead_step(
+            fs, step, (6, 7, 200, 4, 9, 40, 0.5, 150), dtype, torch_path, DeadOptions("ghost", True, True, True, 11)
+        )
     window.hypothesis.inner_test(fs, torch_path, 2500, 40, 0.3, 1000)
 
 

@@ -68,8 +68,15 @@ def train(sae, data, dtype):
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
-        log.append(type(out)(*(None if t is None else t.detach() for t in out)))
+        log.append(detached(out))
     return log
+
+
+def detached(result):
+    """A step result with every tensor detached (nested named tuples, the SparseCode, kept as they are)."""
+    if isinstance(result, tuple):
+        return type(result)(*(detached(t) for t in result))
+    return None if result is None else result.detach()
 
 
 def losses(log):
