@@ -388,17 +388,12 @@ def _other_dtype(t):
 # width weight's, target's rows row_offsets'). row_offsets one entry short is a valid code of one row less,
 # so it is a bad input only where a target fixes B.
 CHECKED_AGAINST = {"indices": "vals", "weight": "bias", "row_offsets": "target"}
-# A product bug, kept visible: gated_sae_step's messages call b_gate "b_enc" (the shared encoder validation's
-# name). The check accepts that alias until the messages are fixed; remove the entry then.
-MISNAMED = {"b_gate": "b_enc"}
-
-
 def generic_breaks(call: PublicCall):
     """(what, the names a message may give, the argument, its bad value) for each tensor argument."""
     for name, t in call.kwargs.items():
         if not isinstance(t, torch.Tensor):
             continue
-        names = (name, MISNAMED[name]) if name in MISNAMED else (name,)
+        names = (name,)
         yield f"{name} with an extra dimension", names, name, t.unsqueeze(0)
         yield f"{name} in {_other_dtype(t).dtype}", names, name, _other_dtype(t)
         short = t.ndim and t.shape[-1] > 1 and (name != "row_offsets" or "target" in call.kwargs)

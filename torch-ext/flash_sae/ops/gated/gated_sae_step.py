@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from ..._registry import placeholder, register_op
-from ..._validation import as_count, check_gated_args
+from ..._validation import as_count, check_gated_args, check_same_device, check_same_dtype, check_shape, check_tensor
 from ...primitives.csr import RowTerm, csr_transpose
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
@@ -230,6 +230,13 @@ _gated_sae_step = register_op(
 def _check(params: tuple, target, capacity, l1_coefficient, freeze_aux_decoder):
     """``params``: (x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec)."""
     x, W_enc, b_gate, r_mag, b_mag, W_dec, b_dec = params
+    check_tensor("x", x, 2)
+    check_tensor("W_enc", W_enc, 2)
+    for name, t in (("b_gate", b_gate), ("r_mag", r_mag), ("b_mag", b_mag)):  # named here, not as a b_enc
+        check_tensor(name, t, 1)
+        check_shape(name, t, (W_enc.shape[0],))
+    check_same_dtype("W_enc", W_enc, b_gate=b_gate)
+    check_same_device(W_enc=W_enc, b_gate=b_gate)
     checked_step_args(x, W_enc, b_gate, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_gated_args(x, W_enc, r_mag, b_mag, capacity, l1_coefficient)
