@@ -388,6 +388,8 @@ def _other_dtype(t):
 # width weight's, target's rows row_offsets'). row_offsets one entry short is a valid code of one row less,
 # so it is a bad input only where a target fixes B.
 CHECKED_AGAINST = {"indices": "vals", "weight": "bias", "row_offsets": "target"}
+
+
 def generic_breaks(call: PublicCall):
     """(what, the names a message may give, the argument, its bad value) for each tensor argument."""
     for name, t in call.kwargs.items():

@@ -171,36 +171,12 @@ def check_dead_step(fs, step, problem, dtype, device, options: DeadOptions):
     seed=st.integers(0, 2**16),
 )
 # pinned: each dtype runs in every tier, whatever the draw
-@example(
-    problem=(4, 24, 30, 3, 6, 10, 0.5, 7),
-    dtype=torch.float32,
-    step="topk",
-    mode="auxk",
-    relu=True,
-    eg=False,
-    rescale=False,
-    seed=1,
-)
-@example(
-    problem=(3, 33, 80, 5, 12, 20, 0.1, 70),
-    dtype=torch.bfloat16,
-    step="batchtopk",
-    mode="auxk",
-    relu=False,
-    eg=True,
-    rescale=True,
-    seed=2,
-)
-@example(
-    problem=(2, 17, 12, 2, 4, 12, 1.0, 0),
-    dtype=torch.float16,
-    step="topk",
-    mode="ghost",
-    relu=True,
-    eg=True,
-    rescale=False,
-    seed=3,
-)
+@example(problem=(4, 24, 30, 3, 6, 10, 0.5, 7), dtype=torch.float32, step="topk", mode="auxk",
+         relu=True, eg=False, rescale=False, seed=1)  # fmt: skip
+@example(problem=(3, 33, 80, 5, 12, 20, 0.1, 70), dtype=torch.bfloat16, step="batchtopk", mode="auxk",
+         relu=False, eg=True, rescale=True, seed=2)  # fmt: skip
+@example(problem=(2, 17, 12, 2, 4, 12, 1.0, 0), dtype=torch.float16, step="topk", mode="ghost",
+         relu=True, eg=True, rescale=False, seed=3)  # fmt: skip
 def test_dead_latent_loss_parity(fs, device, problem, dtype, step, mode, relu, eg, rescale, seed):
     check_dead_step(
         fs, step, problem, dtype, device, DeadOptions(mode, relu, eg, rescale and step == "batchtopk", seed)

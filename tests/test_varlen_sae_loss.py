@@ -5,10 +5,8 @@ contract checks: test_op_contract.py)."""
 import pytest
 import torch
 from encoder_inputs import make_sae
-from hypothesis import example, given
-from hypothesis import strategies as st
 from parity import DTYPES, assert_parity, grads
-from test_varlen_sparse_decode import BAD_CODES, NAMES, bad_code, make_code, varlen_problems
+from test_varlen_sparse_decode import BAD_CODES, NAMES, bad_code, make_code, varlen_draws
 
 
 def check_varlen_loss(fs, problem, dtype, device, seed):
@@ -30,12 +28,7 @@ def check_varlen_loss(fs, problem, dtype, device, seed):
     assert (ours[0][sum(counts) :] == 0).all(), "padding entries must get no gradient"
 
 
-@given(problem=varlen_problems(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-# pinned: each dtype (and a code with repeated latents) runs in every tier, whatever the draw
-@example(problem=([3, 0, 5], 40, 33, 2), dtype=torch.float32, seed=1)
-@example(problem=([4, 6], 120, 260, 1), dtype=torch.bfloat16, seed=2)
-@example(problem=([1, 7, 2, 0], 9, 17, 3), dtype=torch.float16, seed=3)
-@example(problem=([6, 5, 4], 3, 24, 0), dtype=torch.bfloat16, seed=4)
+@varlen_draws
 def test_varlen_sae_loss_parity(fs, device, problem, dtype, seed):
     check_varlen_loss(fs, problem, dtype, device, seed)
 
