@@ -198,8 +198,8 @@ PUBLIC = {
     "batchtopk": Case("batchtopk_sae_step", _batchtopk()),
     "batchtopk+auxk": Case("batchtopk_sae_step", _batchtopk("auxk", rescale=False)),
     "batchtopk transcoder": Case("batchtopk_sae_step", _batchtopk(transcoder=True)),
-    "matryoshka topk": Case("matryoshka_topk_sae_step", _matryoshka_topk),
-    "matryoshka batchtopk": Case("matryoshka_batchtopk_sae_step", _matryoshka_batchtopk),
+    "matryoshka topk": Case("topk_sae_step", _matryoshka_topk),
+    "matryoshka batchtopk": Case("batchtopk_sae_step", _matryoshka_batchtopk),
     "jumprelu": Case("jumprelu_sae_step", _jumprelu),
     "standard": Case("standard_sae_step", _standard()),
     "standard dense": Case("standard_sae_step", _standard(dense=True)),
@@ -285,11 +285,19 @@ def _parity_loss(op):
     return check
 
 
+def _parity_topk(fs, s, dtype, device, seed):
+    check_step_parity(fs, tuple(s), dtype, device, seed=seed)
+    _parity_matryoshka_topk(fs, s, dtype, device, seed)  # the same op with Matryoshka's levels
+
+
+def _parity_batchtopk_and_levels(fs, s, dtype, device, seed):
+    _parity_batchtopk(fs, s, dtype, device, seed)
+    _parity_matryoshka_batchtopk(fs, s, dtype, device, seed)  # the same op with Matryoshka's levels
+
+
 PARITY = {
-    "topk_sae_step": lambda fs, s, dtype, device, seed: check_step_parity(fs, tuple(s), dtype, device, seed=seed),
-    "batchtopk_sae_step": _parity_batchtopk,
-    "matryoshka_topk_sae_step": _parity_matryoshka_topk,
-    "matryoshka_batchtopk_sae_step": _parity_matryoshka_batchtopk,
+    "topk_sae_step": _parity_topk,
+    "batchtopk_sae_step": _parity_batchtopk_and_levels,
     "jumprelu_sae_step": _parity_jumprelu,
     "standard_sae_step": _parity_standard,
     "gated_sae_step": _parity_gated,

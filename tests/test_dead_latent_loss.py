@@ -49,7 +49,8 @@ def op_outputs(fs, step, params, k, dead_loss, rescale=False):
     dead_mod = sys.modules[fs.__name__ + ".ops._dead"]
     x, W_enc, b_enc, W_dec, b_dec = (p.detach() for p in params)
     dead = dead_mod.dead_op_args(dead_loss, x, W_enc.shape[0])
-    inputs = dict(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, target=None, **dead._asdict())
+    inputs = dict(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, target=None, prefix_sizes=[],
+                  **dead._asdict())  # fmt: skip
     if step == "topk":
         op, inputs["k"] = sys.modules[fs.topk_sae_step.__module__]._topk_sae_step, k
     else:

@@ -65,8 +65,6 @@ OPS = (
     "gated_sae_step",
     "hierarchical_topk_sae_loss",
     "jumprelu_sae_step",
-    "matryoshka_batchtopk_sae_step",
-    "matryoshka_topk_sae_step",
     "sparse_decode",
     "standard_sae_step",
     "topk_encode",
@@ -75,8 +73,8 @@ OPS = (
     "varlen_sae_loss",
     "varlen_sparse_decode",
 )
-# Registered variants of a public op, in that op's file (none: a dead-latent loss, AuxK or ghost grads, is an
-# optional part of its selection rule's step op, not a twin op).
+# Registered variants of a public op, in that op's file (none: a dead-latent loss, AuxK or ghost grads, and
+# Matryoshka's levels are optional parts of their selection rule's step op, not twin ops).
 VARIANTS = {}
 
 

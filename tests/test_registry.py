@@ -7,8 +7,9 @@ from typing import NamedTuple
 import pytest
 import torch
 
-STEPS = ("topk_sae_step", "batchtopk_sae_step", "matryoshka_topk_sae_step", "matryoshka_batchtopk_sae_step",
-         "jumprelu_sae_step", "standard_sae_step", "gated_sae_step")  # fmt: skip
+# One registered op per selection rule (Matryoshka's levels and the dead-latent loss are optional parts of the
+# TopK and BatchTopK ops).
+STEPS = ("topk_sae_step", "batchtopk_sae_step", "jumprelu_sae_step", "standard_sae_step", "gated_sae_step")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_named_outputs_follow_the_schema(fs, device):
     b_enc, b_dec = torch.zeros(16, device=device), torch.zeros(8, device=device)
     op = _op(fs, "topk_sae_step")
     spec = sys.modules[fs.__name__ + ".ops._dead"].NO_DEAD_LOSS
-    raw = op(x, W, b_enc, W.clone(), b_dec, None, 2, None, None, spec.to_op(), 0.0)
+    raw = op(x, W, b_enc, W.clone(), b_dec, None, 2, [], None, None, spec.to_op(), 0.0)
     named = op.named(raw)
     assert named._fields == op.outputs
     for field, tensor in zip(op.outputs, raw):

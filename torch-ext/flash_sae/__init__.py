@@ -22,8 +22,7 @@ from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
 from .modules.standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
-from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
-from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
+from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step, matryoshka_batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
 from .ops.decode.topk_sae_loss import topk_sae_loss
@@ -32,9 +31,8 @@ from .ops.decode.varlen_sparse_decode import varlen_sparse_decode
 from .ops.gated.gated_sae_step import gated_sae_step, gated_sae_step_dense
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
-from .ops.topk.matryoshka_topk_sae_step import matryoshka_topk_sae_step
 from .ops.topk.topk_encode import topk_encode
-from .ops.topk.topk_sae_step import topk_sae_step
+from .ops.topk.topk_sae_step import matryoshka_topk_sae_step, topk_sae_step
 from .results import (
     STEP_FIELDS,
     BatchTopKSAEStep,

@@ -16,8 +16,7 @@ from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
 from .modules.standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
-from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
-from .ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
+from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step, matryoshka_batchtopk_sae_step
 from .ops.gated.gated_sae_step import gated_sae_step
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.standard.standard_sae_step import standard_sae_step

@@ -7,8 +7,7 @@ threshold come from ``modules.base.BatchTopKSAEBase``, which the plain-torch twi
 
 import torch
 
-from ..ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
-from ..ops.batchtopk.matryoshka_batchtopk_sae_step import matryoshka_batchtopk_sae_step
+from ..ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step, matryoshka_batchtopk_sae_step
 from ..primitives.gather import gather_rows
 from ..primitives.select.preacts import batch_topk_preacts, threshold_preacts
 from ..results import BatchTopKSAEStep, MatryoshkaSAEStep

@@ -10,6 +10,7 @@ from ..primitives.gather import gather_residual
 from ..primitives.step_backward import StepTensors, mse_step_backward, target_grad
 from ..results import SparseCode, code_l0, total_variance
 from ._dead import DeadLossSpec, backward_with_dead_loss, dead_columns_for, dead_fakes, dead_outputs
+from ._matryoshka import matryoshka_levels_bwd, matryoshka_levels_fwd
 
 
 def check_target_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k) -> tuple[int, int, int]:
@@ -123,13 +124,22 @@ def checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k) -> tuple[int, in
 
 # What the TopK and BatchTopK steps' shared backward reads (BatchTopK adds row_offsets), by name.
 SELECTION_STEP_SAVED = ("x", "W_enc", "W_dec", "b_dec", "target", "vals", "indices", "residual", "A", "gate", "dE1",
-                        "ids", "valid", "dead", "aux_coef")  # fmt: skip
+                        "ids", "valid", "dead", "aux_coef", "prefix_sizes")  # fmt: skip
+
+
+def flat_code(vals, indices, row_offsets):
+    """A code as (vals, indices, row_offsets) flat by row: a [B, K] code's row_offsets are arange(B + 1) * K."""
+    if row_offsets is not None:
+        return vals, indices, row_offsets
+    B, K = indices.shape
+    return vals.reshape(-1), indices.reshape(-1), torch.arange(B + 1, device=indices.device) * K
 
 
 def mse_selection_step_backward(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
     """The backward launcher of a step whose loss is the MSE of a selected code's decode (TopK, BatchTopK),
-    with the step's optional parts: a separate target and a dead-latent loss. ``grads``: ``loss`` and
-    ``aux_loss``; ``saved``: ``SELECTION_STEP_SAVED`` (and ``row_offsets`` for a variable-length code).
+    with the step's optional parts: a separate target, Matryoshka's levels and a dead-latent loss. ``grads``:
+    ``loss`` and ``aux_loss``; ``saved``: ``SELECTION_STEP_SAVED`` (and ``row_offsets`` for a variable-length
+    code).
     Returns (dx, dW_enc, db_enc, dW_dec, db_dec, dtarget)."""
     x, W_enc, W_dec, b_dec, target, residual = (
         saved.x,
@@ -140,6 +150,11 @@ def mse_selection_step_backward(grads, saved, needs: list[bool]) -> tuple[torch.
         saved.residual,
     )
     centred = target is None
+    if saved.prefix_sizes:  # Matryoshka's levels (no dead-latent loss with them)
+        vals, indices, row_offsets = flat_code(saved.vals, saved.indices, getattr(saved, "row_offsets", None))
+        step = saved_step_tensors(saved)._replace(vals=vals, indices=indices, row_offsets=row_offsets)
+        grads_, S0 = matryoshka_levels_bwd(grads.loss, step, saved.prefix_sizes, centred)
+        return (*grads_, target_grad(grads.loss, S0, target.dtype) if needs[5] else placeholder(x))
 
     def mse_backward(dx_extra):
         return mse_step_backward(grads.loss, saved_step_tensors(saved), dx_extra=dx_extra, centred=centred)
@@ -173,25 +188,38 @@ class Selected(NamedTuple):
 
 
 def mse_selection_step_fwd(i, select) -> tuple:
-    """The forward of an MSE step over a selected code, with its optional parts: a separate target and
-    a dead-latent loss. ``i`` holds x, W_enc, b_enc, W_dec, b_dec, target, dead_mask, dead_offset, dead,
-    aux_coef; ``select(centre, columns) -> Selected`` is the rule (``centre``: b_dec for an SAE, None for a
-    transcoder; ``columns``: the dead set's pre-activations to copy out while it selects). Returns
-    (loss, mse, fvu, fire_counts, vals, indices[, row_offsets], *extra, residual, *DEAD_OUTPUTS); ``mse``
-    is empty without a dead-latent loss (it is then the loss itself)."""
+    """The forward of an MSE step over a selected code, with its optional parts: a separate target,
+    Matryoshka's prefix levels and a dead-latent loss. ``i`` holds x, W_enc, b_enc, W_dec, b_dec, target,
+    prefix_sizes (empty: one level, the whole dictionary), dead_mask, dead_offset, dead, aux_coef;
+    ``select(centre, columns) -> Selected`` is the rule (``centre``: b_dec for an SAE, None for a
+    transcoder; ``columns``: the dead set's pre-activations to copy out while it selects). Returns (loss,
+    mse, fvu, fire_counts, vals, indices[, row_offsets], *extra, residual, level_losses, *DEAD_OUTPUTS);
+    ``mse`` is empty without a dead-latent loss (it is then the loss itself, or with levels the last
+    level's), ``level_losses`` without levels, and ``residual`` is [G, B, D] with G levels."""
     x, W_dec, b_dec = i.x, i.W_dec, i.b_dec
     y, centre = (x, b_dec) if i.target is None else (i.target, None)
     B, D = y.shape
     spec = DeadLossSpec.from_op(i.dead)
     columns, slots = dead_columns_for(x, spec, i.dead_mask, i.dead_offset)
     sel = select(centre, columns)
-    counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
-    residual, sq = gather_residual(sel.vals, sel.indices, W_dec, b_dec, y, row_offsets=sel.row_offsets, counts=counts)
-    dead_out = dead_outputs(spec, slots, x, residual, W_dec, sel.key_scale)
-    mse = sq / (B * D)
-    loss, mse = (mse + i.aux_coef * dead_out[0], mse) if spec.mode else (mse, mse.new_empty(0))
-    code = (sel.vals, sel.indices) if sel.row_offsets is None else (sel.vals, sel.indices, sel.row_offsets)
-    return loss, mse, sq / total_variance(y), counts, *code, *sel.extra, residual, *dead_out
+    vals, indices, row_offsets = sel.vals, sel.indices, sel.row_offsets
+    if i.prefix_sizes:  # each level a prefix of each row's entries: the code ordered by latent id in each row
+        if row_offsets is None:
+            indices, order = indices.sort(dim=1)
+            vals = vals.gather(1, order)
+        loss, level_losses, fvu, counts, residual = matryoshka_levels_fwd(
+            y, W_dec, b_dec, *flat_code(vals, indices, row_offsets), i.prefix_sizes
+        )
+        mse, dead_out = loss.new_empty(0), dead_fakes(x, W_dec, spec)
+    else:
+        counts = torch.zeros(W_dec.shape[0], dtype=torch.int64, device=x.device)  # fired, counted by the decode
+        residual, sq = gather_residual(vals, indices, W_dec, b_dec, y, row_offsets=row_offsets, counts=counts)
+        dead_out = dead_outputs(spec, slots, x, residual, W_dec, sel.key_scale)
+        mse = sq / (B * D)
+        loss, mse = (mse + i.aux_coef * dead_out[0], mse) if spec.mode else (mse, mse.new_empty(0))
+        fvu, level_losses = sq / total_variance(y), sq.new_empty(0)
+    code = (vals, indices) if row_offsets is None else (vals, indices, row_offsets)
+    return loss, mse, fvu, counts, *code, *sel.extra, residual, level_losses, *dead_out
 
 
 def mse_selection_step_fwd_fake(i, code: tuple, extra: tuple = ()) -> tuple:
@@ -201,7 +229,9 @@ def mse_selection_step_fwd_fake(i, code: tuple, extra: tuple = ()) -> tuple:
     spec = DeadLossSpec.from_op(i.dead)
     f32 = torch.float32
     head = (x.new_empty((), dtype=f32), x.new_empty(() if spec.mode else (0,), dtype=f32), x.new_empty((), dtype=f32))
-    return (*head, x.new_empty(F, dtype=torch.int64), *code, *extra, x.new_empty(B, D, dtype=f32),
+    G = len(i.prefix_sizes)
+    residual, level_losses = x.new_empty((G, B, D) if G else (B, D), dtype=f32), x.new_empty(G, dtype=f32)
+    return (*head, x.new_empty(F, dtype=torch.int64), *code, *extra, residual, level_losses,
             *dead_fakes(x, W_dec, spec))  # fmt: skip
 
 

@@ -30,10 +30,10 @@ Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
 
 import torch
 
-from ..._validation import check_batch_k
+from ..._validation import check_batch_k, check_prefix_sizes
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import batch_topk_preacts
-from ...results import BatchTopKSAEStep
+from ...results import BatchTopKSAEStep, MatryoshkaSAEStep
 from .._dead import DEAD_INPUTS, DEAD_OUTPUTS, dead_op_args
 from .._step import (
     Selected,
@@ -42,6 +42,7 @@ from .._step import (
     mse_selection_step_fwd_fake,
     register_selection_step,
     selection_step_head,
+    step_head,
     step_inputs,
     step_tensors,
 )
@@ -49,13 +50,15 @@ from .._step import (
 # Host launchers ----------------------------------------------------------------
 
 
-BatchtopkSaeStepInputs = step_inputs("BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, **DEAD_INPUTS)
+BatchtopkSaeStepInputs = step_inputs(
+    "BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, prefix_sizes=list[int], **DEAD_INPUTS
+)
 
 
 def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
     """``mse_selection_step_fwd`` with the batch rule: (loss, mse, fvu, fire_counts, vals, indices,
-    row_offsets, min_act, residual, *DEAD_OUTPUTS). With the rescaling, AuxK ranks the dead
-    pre-activations by pre * ||W_dec[f]|| too."""
+    row_offsets, min_act, residual, level_losses, *DEAD_OUTPUTS). With the rescaling, AuxK ranks the dead
+    pre-activations by pre * ||W_dec[f]|| too. The code is row-major by latent id, as Matryoshka's levels need."""
     scale = i.W_dec.detach().norm(dim=1) if i.rescale_acts_by_decoder_norm else None
 
     def select(centre, columns):
@@ -81,7 +84,19 @@ _batchtopk_sae_step = register_selection_step(
     BatchtopkSaeStepInputs,
     batchtopk_sae_step_fwd,
     batchtopk_sae_step_fwd_fake,
-    ("loss", "mse", "fvu", "fire_counts", "vals", "indices", "row_offsets", "min_act", "residual", *DEAD_OUTPUTS),
+    (
+        "loss",
+        "mse",
+        "fvu",
+        "fire_counts",
+        "vals",
+        "indices",
+        "row_offsets",
+        "min_act",
+        "residual",
+        "level_losses",
+        *DEAD_OUTPUTS,
+    ),
 )
 
 
@@ -121,6 +136,42 @@ def batchtopk_sae_step(
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
     dead = dead_op_args(dead_loss, x, F)
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
-    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, *dead))
+    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, [], *dead))
     head = selection_step_head(out, B, dead.on)
     return BatchTopKSAEStep(**head, min_act=out.min_act, aux_loss=out.aux_loss if dead.on else None)
+
+
+def matryoshka_batchtopk_sae_step(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: float,
+    prefix_sizes, *, target: torch.Tensor | None = None, rescale_acts_by_decoder_norm: bool = False,
+) -> MatryoshkaSAEStep:  # fmt: skip
+    """The BatchTopK step with Matryoshka's nested levels (Bussmann et al. 2025; Nabeshima 2024): the summed
+    losses of nested prefixes, on the same registered op as ``batchtopk_sae_step``.
+
+        code   = BatchTopK's (the int(k * B) largest of relu(pre (* ||W_dec||)))
+        loss   = sum over the nested levels m_1 < ... < m_G = F of the level's MSE (``ops/_matryoshka.py``)
+
+    Args:
+        x, W_enc, b_enc, W_dec, b_dec, k, rescale_acts_by_decoder_norm: as ``batchtopk_sae_step``.
+        prefix_sizes: the nested dictionaries' sizes m_1 < ... < m_G, ending at F (SAELens's
+            ``matryoshka_widths``).
+        target: None (an SAE), or [B, D_out] (a transcoder), as ``batchtopk_sae_step``'s: every level
+            reconstructs the target (each level's loss a mean over B*D_out), x is encoded as it is,
+            and the loss is differentiable in ``target`` too.
+
+    Returns:
+        ``MatryoshkaSAEStep(loss, mse, fvu, l0, fire_counts, code, level_losses, min_act)``:
+        ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
+        differentiable in every tensor argument. No host sync; nothing [B, F] kept (the G residuals are
+        [G, B, D] fp32); deterministic.
+    """
+    B, _, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
+    n = check_batch_k(k, B, F)
+    sizes = check_prefix_sizes(prefix_sizes, F)
+    if not isinstance(rescale_acts_by_decoder_norm, bool):
+        raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+    tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
+    no_dead = dead_op_args(None, x, F)
+    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, sizes, *no_dead))
+    head = step_head(out, B, mse=out.level_losses[-1])
+    return MatryoshkaSAEStep(**head, level_losses=out.level_losses, min_act=out.min_act)

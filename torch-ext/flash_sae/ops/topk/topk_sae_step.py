@@ -35,18 +35,21 @@ dtype. Deterministic. Shapes as ``topk_encode``.
 
 import torch
 
-from ..._validation import as_count
+from ..._validation import as_count, check_prefix_sizes
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import topk_preacts
-from ...results import TopKSAEStep
+from ...results import MatryoshkaSAEStep, SparseCode, TopKSAEStep
 from .._dead import DEAD_INPUTS, DEAD_OUTPUTS, dead_op_args
+from .._matryoshka import min_positive
 from .._step import (
     Selected,
     checked_step_args,
+    flat_code,
     mse_selection_step_fwd,
     mse_selection_step_fwd_fake,
     register_selection_step,
     selection_step_head,
+    step_head,
     step_inputs,
     step_tensors,
 )
@@ -54,12 +57,13 @@ from .._step import (
 # Host launchers ----------------------------------------------------------------
 
 
-TopkSaeStepInputs = step_inputs("TopkSaeStepInputs", k=int, **DEAD_INPUTS)
+TopkSaeStepInputs = step_inputs("TopkSaeStepInputs", k=int, prefix_sizes=list[int], **DEAD_INPUTS)
 
 
 def topk_sae_step_fwd(i: TopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
     """``mse_selection_step_fwd`` with the per-row TopK rule: (loss, mse, fvu, fire_counts, vals, indices,
-    residual, *DEAD_OUTPUTS)."""
+    residual, level_losses, *DEAD_OUTPUTS); with Matryoshka's levels the [B, k] code is ordered by latent id
+    in each row."""
 
     def select(centre, columns):
         vals, indices = topk_preacts(i.x, i.W_enc, i.b_enc, i.k, centre, columns=columns, relu=True)
@@ -80,7 +84,7 @@ _topk_sae_step = register_selection_step(
     TopkSaeStepInputs,
     topk_sae_step_fwd,
     topk_sae_step_fwd_fake,
-    ("loss", "mse", "fvu", "fire_counts", "vals", "indices", "residual", *DEAD_OUTPUTS),
+    ("loss", "mse", "fvu", "fire_counts", "vals", "indices", "residual", "level_losses", *DEAD_OUTPUTS),
 )
 
 
@@ -119,5 +123,43 @@ def topk_sae_step(
     k = as_count(k)
     B, D, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
     dead = dead_op_args(dead_loss, x, F)
-    out = _topk_sae_step.named(_topk_sae_step(*step_tensors(x, W_enc, b_enc, W_dec, b_dec, target), k, *dead))
+    out = _topk_sae_step.named(_topk_sae_step(*step_tensors(x, W_enc, b_enc, W_dec, b_dec, target), k, [], *dead))
     return TopKSAEStep(**selection_step_head(out, B, dead.on), aux_loss=out.aux_loss if dead.on else None)
+
+
+def matryoshka_topk_sae_step(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: int,
+    prefix_sizes, *, target: torch.Tensor | None = None,
+) -> MatryoshkaSAEStep:  # fmt: skip
+    """The TopK step with Matryoshka's nested levels (Nabeshima 2024's TopK variant): the summed losses of
+    nested prefix dictionaries, on the same registered op as ``topk_sae_step``.
+
+        vals, indices = topk_encode(x, W_enc, b_enc, k, b_dec)     (each row's k largest, relu'd)
+        loss          = sum over the nested levels m_1 < ... < m_G = F of the level's MSE
+
+    The selection is ``topk_sae_step``'s (same tie rule); the code is reordered by latent id inside each
+    row, so each level is a prefix of the row: all G levels in one decoder pass, one CSR transpose in the
+    backward (``ops/_matryoshka.py``).
+
+    Args:
+        x, W_enc, b_enc, W_dec, b_dec, k: as ``topk_sae_step`` (k latents per row, 1 <= k <= F).
+        prefix_sizes: the nested dictionaries' sizes m_1 < ... < m_G, ending at F.
+        target: None (an SAE), or [B, D_out] (a transcoder), as ``topk_sae_step``'s: every level
+            reconstructs the target (each level's loss a mean over B*D_out), x is encoded as it is,
+            and the loss is differentiable in ``target`` too.
+
+    Returns:
+        ``MatryoshkaSAEStep(loss, mse, fvu, l0, fire_counts, code, level_losses, min_act)``:
+        ``loss`` (0-d fp32, the sum of the G level losses, each a mean over B*D) is
+        differentiable in every tensor argument; the code is [B * k] by row, then latent id
+        (``row_offsets`` = arange(B + 1) * k); ``min_act`` is the smallest positive value of the
+        code. No host sync; nothing [B, F] kept (the G residuals are [G, B, D] fp32); deterministic.
+    """
+    k = as_count(k)
+    B, _, F = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, k)
+    sizes = check_prefix_sizes(prefix_sizes, F)
+    tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
+    out = _topk_sae_step.named(_topk_sae_step(*tensors, k, sizes, *dead_op_args(None, x, F)))
+    head = step_head(out, B, mse=out.level_losses[-1])
+    head["code"] = SparseCode(*flat_code(out.vals, out.indices, None))
+    return MatryoshkaSAEStep(**head, level_losses=out.level_losses, min_act=min_positive(out.vals))
