@@ -83,7 +83,6 @@ def test_the_parity_rule_finds_the_parity_tests():
         "test_sparse_decode_parity",
         "test_topk_encode_parity",
         "test_topk_sae_step_parity",
-        "test_varlen_sae_loss_parity",
-        "test_varlen_sparse_decode_parity",
+        "test_varlen_parity",
     ):
         assert name in names

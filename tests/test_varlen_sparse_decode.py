@@ -59,19 +59,22 @@ def check_varlen_decode(fs, problem, dtype, device, seed):
     assert (ours[0][sum(counts) :] == 0).all(), "padding entries must get no gradient"
 
 
-def varlen_draws(test):
-    """The variable-length ops' parity draws: hypothesis problems, and pinned examples so that each dtype
-    (and a code with repeated latents) runs in every tier, whatever the draw."""
-    pinned = [(([3, 0, 5], 40, 33, 2), torch.float32, 1), (([4, 6], 120, 260, 1), torch.bfloat16, 2),
-              (([1, 7, 2, 0], 9, 17, 3), torch.float16, 3), (([6, 5, 4], 3, 24, 0), torch.bfloat16, 4)]  # fmt: skip
-    for problem, dtype, seed in reversed(pinned):
-        test = example(problem=problem, dtype=dtype, seed=seed)(test)
-    return given(problem=varlen_problems(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))(test)
+@pytest.mark.parametrize("op", ["varlen_sparse_decode", "varlen_sae_loss"])
+@given(problem=varlen_problems(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+# pinned: each dtype (and a code with repeated latents) runs in every tier, whatever the draw
+@example(problem=([3, 0, 5], 40, 33, 2), dtype=torch.float32, seed=1)
+@example(problem=([4, 6], 120, 260, 1), dtype=torch.bfloat16, seed=2)
+@example(problem=([1, 7, 2, 0], 9, 17, 3), dtype=torch.float16, seed=3)
+@example(problem=([6, 5, 4], 3, 24, 0), dtype=torch.bfloat16, seed=4)
+def test_varlen_parity(fs, device, op, problem, dtype, seed):
+    """Both variable-length ops (the decode, and the loss: ``test_varlen_sae_loss.check_varlen_loss``) on the
+    same draws."""
+    if op == "varlen_sae_loss":
+        from test_varlen_sae_loss import check_varlen_loss
 
-
-@varlen_draws
-def test_varlen_sparse_decode_parity(fs, device, problem, dtype, seed):
-    check_varlen_decode(fs, problem, dtype, device, seed)
+        check_varlen_loss(fs, problem, dtype, device, seed)
+    else:
+        check_varlen_decode(fs, problem, dtype, device, seed)
 
 
 @pytest.mark.kernels_ci
