@@ -144,69 +144,60 @@ def train_sparse_autoencoder(fs, device, dtype):
 
 
 def train_family(fs, device, dtype):
-    """BatchTopK, Matryoshka BatchTopK, JumpReLU, standard and Gated modules: five Adam steps each, the
-    first step's loss checked against the fp64 reference at the same code."""
+    """Every other registered architecture (fs.ARCHITECTURES): five Adam steps each, the optimizer-step rules
+    around them, and the first step's loss checked against the fp64 reference at the same code."""
     B, D, F, K = (2048, 2304, 65536, 64) if ON_GPU else (16, 24, 96, 4)
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(B, D, device=device, generator=g).to(dtype)
-    modules = {
-        "BatchTopKSparseAutoencoder": fs.BatchTopKSparseAutoencoder(D, F, K, dtype=dtype, device=device, seed=0),
-        "MatryoshkaBatchTopKSparseAutoencoder": fs.MatryoshkaBatchTopKSparseAutoencoder(
-            D, F, K, prefix_sizes=[F // 16, F // 4, F], dtype=dtype, device=device, seed=0
-        ),
-        "JumpReLUSparseAutoencoder": fs.JumpReLUSparseAutoencoder(
-            D, F, l0_coefficient=1e-3, dtype=dtype, device=device, seed=0
-        ),
-        "StandardSparseAutoencoder": fs.StandardSparseAutoencoder(
-            D, F, l1_coefficient=1e-3, dtype=dtype, device=device, seed=0
-        ),
-        "GatedSparseAutoencoder": fs.GatedSparseAutoencoder(
-            D, F, l1_coefficient=1e-3, dtype=dtype, device=device, seed=0
-        ),
-    }
+    sparsity = {"k": K, "l0_coefficient": 1e-3, "l1_coefficient": 1e-3}
     good = True
-    for name, sae in modules.items():
+    for name, arch in fs.ARCHITECTURES.items():
+        if name == "topk":  # train_topk's
+            continue
+        sae = arch.build(D, F, sparsity[arch.sparsity], dtype=dtype, device=device, seed=0)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
         line = []
         for i in range(5):
             step = sae.loss(x)
             if i == 0:
-                good_step = _check_first_step(fs, name, sae, x, step)
+                good_step = _report(name, step, _reference_loss(fs, arch, sae, x, step))
                 good &= good_step
             opt.zero_grad(set_to_none=True)
             step.loss.backward()
+            sae.before_optimizer_step()
             opt.step()
-            l0 = step.l0.item()
-            line.append(f"{step.loss.item():.4f} (L0 {l0:.1f})")
-        extra = f", threshold {sae.threshold.item():.4f}" if name.startswith(("BatchTopK", "Matryoshka")) else ""
+            sae.after_optimizer_step()
+            line.append(f"{step.loss.item():.4f} (L0 {step.l0.item():.1f})")
+        extra = f", threshold {sae.threshold.item():.4f}" if hasattr(sae, "threshold_lr") else ""
         extra += f", last step {sae.last_path}" if hasattr(sae, "last_path") else ""
         print(f"{name}: losses {', '.join(line)}{extra}  {'OK' if good_step else 'MISMATCH'}")
     return good
 
 
-def _check_first_step(fs, name, sae, x, step):
-    """The first step's loss against the fp64 plain-torch step at the same code (or threshold masks)."""
+def _reference_loss(fs, arch, sae, x, step):
+    """The first step's loss by the fp64 plain-torch step of the architecture, at the same code where the
+    code is a selection (BatchTopK, Matryoshka), else at the same threshold or coefficients."""
     ref = fs.testing.reference
-    if name == "GatedSparseAutoencoder":
-        p64 = [t.detach().double() for t in (x, *sae.gated_params())]
-        want = ref.gated_sae_step(*p64, sae.l1_coefficient, sae.freeze_aux_decoder).loss
-        return _report(name, step, want)
-    p64 = [t.detach().double() for t in (x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
-    if name == "StandardSparseAutoencoder":
-        want = ref.standard_sae_step(*p64, sae.l1_coefficient).loss
-    elif name == "JumpReLUSparseAutoencoder":
-        theta = sae.current_threshold().detach().double()
-        want = ref.jumprelu_sae_step(*p64, theta, sae.bandwidth, sae.l0_coefficient).loss
-    else:
-        B = x.shape[0]
-        rows = torch.repeat_interleave(torch.arange(B, device=x.device), step.code.row_offsets.diff())
-        selection = (rows, step.code.indices)
-        rescale = sae.rescale_acts_by_decoder_norm
-        if name == "BatchTopKSparseAutoencoder":
-            want = ref.batchtopk_sae_step(*p64, sae.k, rescale, selection=selection).loss
-        else:
-            want = ref.matryoshka_batchtopk_sae_step(*p64, sae.k, sae.prefix_sizes, rescale, selection=selection).loss
-    return _report(name, step, want)
+    latent = (sae.b_enc,) if hasattr(sae, "b_enc") else ()  # the Gated SAE's per-latent vectors are gated_params()
+    p64 = [t.detach().double() for t in (x, sae.W_enc, *latent, sae.W_dec, sae.b_dec)]
+    rows = lambda: torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), step.code.row_offsets.diff())  # noqa: E731
+    rescale = getattr(sae, "rescale_acts_by_decoder_norm", False)
+    references = {
+        "batchtopk_sae_step": lambda: ref.batchtopk_sae_step(
+            *p64, sae.k, rescale, selection=(rows(), step.code.indices)
+        ),
+        "matryoshka_batchtopk_sae_step": lambda: ref.matryoshka_batchtopk_sae_step(
+            *p64, sae.k, sae.prefix_sizes, rescale, selection=(rows(), step.code.indices)
+        ),
+        "jumprelu_sae_step": lambda: ref.jumprelu_sae_step(
+            *p64, sae.current_threshold().detach().double(), bandwidth=sae.bandwidth, l0_coefficient=sae.l0_coefficient
+        ),
+        "standard_sae_step": lambda: ref.standard_sae_step(*p64, sae.l1_coefficient),
+        "gated_sae_step": lambda: ref.gated_sae_step(
+            *[t.detach().double() for t in (x, *sae.gated_params())], sae.l1_coefficient, sae.freeze_aux_decoder
+        ),
+    }  # fmt: skip
+    return references[arch.step.__name__]().loss
 
 
 def _report(name, step, want):
