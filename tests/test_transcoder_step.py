@@ -409,9 +409,10 @@ def _op_inputs(step, tensors, names, K):
     if step in ("standard", "gated"):
         extra = dict(freeze_aux_decoder=False) if step == "gated" else {}
         return dict(named, l1_coefficient=L1_COEF, capacity=B * F, **extra)
-    if step == "matryoshka_topk":
-        return dict(named, k=K, prefix_sizes=_sizes(F))
-    return dict(named, n=K * B, prefix_sizes=_sizes(F), rescale_acts_by_decoder_norm=True)
+    no_dead = dict(dead_mask=None, dead_offset=None, dead=[0, 0, 0, 1, 1], aux_coef=0.0)  # DeadLossSpec().to_op()
+    if step == "matryoshka_topk":  # the TopK op with Matryoshka's levels
+        return dict(named, k=K, prefix_sizes=_sizes(F), **no_dead)
+    return dict(named, n=K * B, prefix_sizes=_sizes(F), rescale_acts_by_decoder_norm=True, **no_dead)
 
 
 @pytest.mark.parametrize("step", ("jumprelu", "standard", "gated", "matryoshka_topk", "matryoshka_batchtopk"))
@@ -419,7 +420,7 @@ def test_family_transcoder_opcheck(fs, device, step):
     """The registered op and its backward with a target: fakes, schema and autograd agree (opcheck), the
     target's gradient needed or not."""
     registry = sys.modules[fs.__name__ + "._registry"]
-    op = registry.REGISTERED[step + "_sae_step"]
+    op = registry.REGISTERED[step.removeprefix("matryoshka_") + "_sae_step"]
     tensors, names = _family_problem(step, (4, 3, 13, 7, 5), torch.float32, device, 11)
     inputs = _op_inputs(step, tensors, names, 3)
     args = tuple(inputs[n] for n in op.inputs)
