@@ -24,6 +24,7 @@ ARCHS = {
     "jumprelu": ("JumpReLUSparseAutoencoder", dict(), "jumprelu"),
     "jumprelu-log": ("JumpReLUSparseAutoencoder", dict(threshold_parameterization="log"), "jumprelu"),
     "standard": ("StandardSparseAutoencoder", dict(), "standard"),
+    "vanilla": ("VanillaSparseAutoencoder", dict(), "standard"),  # the standard step, unit-norm rows
     "gated": ("GatedSparseAutoencoder", dict(), "gated"),
     "batchtopk": ("BatchTopKSparseAutoencoder", dict(k=4), "jumprelu"),
     "matryoshka": ("MatryoshkaBatchTopKSparseAutoencoder", dict(k=4, prefix_sizes=[5, 20]), "jumprelu"),
