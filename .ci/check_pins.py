@@ -31,6 +31,9 @@ PIP_PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(17, 29)] + ["m
 # The test set pulls packages published only as sources (through sae-lens), which pip cannot
 # resolve for a foreign platform; uv checks it.
 UV_ONLY = {"tests/requirements.txt", "docs/requirements.txt"}
+# Sets installed with ``pip install --no-deps`` (the file says why): each pin must exist for the
+# platform; their own dependencies are not resolved.
+NO_DEPS = {"tests/requirements-nodeps.txt"}
 
 _HEADER = re.compile(r"(?m)^# /// script\s*$\n(?P<body>(?:^#(?: .*)?$\n)+?)^# ///\s*$")
 
@@ -47,7 +50,7 @@ def script_dependencies(path: Path) -> list[str] | None:
 def pin_sets(tmp: Path) -> list[tuple[str, Path]]:
     """(name, requirements file) for every pin set; headers are written to files under ``tmp``."""
     sets = []
-    for rel in ("requirements.txt", "tests/requirements.txt", "docs/requirements.txt"):
+    for rel in ("requirements.txt", "tests/requirements.txt", "tests/requirements-nodeps.txt", "docs/requirements.txt"):
         if (ROOT / rel).exists():
             sets.append((rel, ROOT / rel))
     for script in [ROOT / "example.py", *sorted((ROOT / "examples").glob("*.py"))]:
@@ -73,11 +76,12 @@ def main() -> int:
         tmp = Path(tmp_dir)
         for name, req in pin_sets(tmp):
             uv = ["uv", "pip", "compile", "--quiet", "--python-platform", UV_PLATFORM, "--python-version", PYTHON]
-            checks = [("uv", [*uv, str(req), "-o", str(tmp / "resolved.txt")])]
+            no_deps = ["--no-deps"] if name in NO_DEPS else []
+            checks = [("uv", [*uv, *no_deps, str(req), "-o", str(tmp / "resolved.txt")])]
             if name.split(" ")[0] not in UV_ONLY:
                 target = tmp / "target"
                 pip = [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--quiet"]
-                pip += ["--ignore-installed", "--only-binary=:all:", "--python-version", PYTHON]
+                pip += ["--ignore-installed", "--only-binary=:all:", "--python-version", PYTHON, *no_deps]
                 pip += [arg for plat in PIP_PLATFORMS for arg in ("--platform", plat)]
                 checks.append(
                     ("pip", [*pip, "--target", str(target), "--cache-dir", str(tmp / "cache"), "-r", str(req)])
