@@ -111,3 +111,10 @@ def test_vanilla_trains_as_the_plain_l1_sae(fs, device, dense_above):
         for name, got, ref in zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.parameters(), params):
             torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-4, atol=1e-5, msg=f"{name}, step {step}")
     assert sae.last_path == ("dense" if dense_above == 0.0 else "sparse")
+
+
+def test_architecture_family_is_checked(fs):
+    arch = fs.ARCHITECTURES["topk"]
+    assert arch.family == "sae"
+    with pytest.raises(ValueError, match="family"):
+        type(arch)(**{**{f: getattr(arch, f) for f in arch.__dataclass_fields__}, "family": "autoencoder"})

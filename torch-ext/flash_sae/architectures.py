@@ -40,6 +40,9 @@ def matryoshka_extra(d_model: int, n_features: int) -> dict:
     return {"prefix_sizes": sorted({max(1, n_features // 16), max(1, n_features // 4), n_features})}
 
 
+FAMILIES = ("sae", "transcoder", "clt", "crosscoder")
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """One SAE architecture.
@@ -55,6 +58,10 @@ class Architecture:
             training step captures in a CUDA graph (``graph_training_step``).
         dead_loss: whether the module takes ``dead_loss`` (AuxK, ghost grads).
         extra: the constructor's other required arguments for an [F, D] dictionary (a default).
+        family: what the module reads and what ``loss`` takes (``FAMILIES``): ``"sae"`` reconstructs
+            its input, ``loss(x)``; ``"transcoder"`` predicts a target from an input, ``loss(x, y)``
+            (``d_out`` a constructor keyword); ``"clt"`` and ``"crosscoder"`` read several layers,
+            ``loss(xs, ys)`` and ``loss(xs)`` with [B, L, D] tensors (``n_layers`` a keyword).
     """
 
     name: str
@@ -65,6 +72,11 @@ class Architecture:
     capturable: bool
     dead_loss: bool
     extra: Callable[[int, int], dict] = no_extra
+    family: str = "sae"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
 
     def build(self, d_model: int, n_features: int, sparsity, **kwargs):
         """The module with ``sparsity`` as its sparsity argument, ``extra``'s defaults and ``kwargs``
