@@ -122,16 +122,21 @@ def part_times(it, x):
         it.step(x)
         if name != "pull":
             it.master.pull_grads()
-        fn = it.parts[name]
-        if name == "pull":  # pull_grads moves the bf16 gradients away: time it with the copies it makes
-
-            def fn(grads=[p.grad for p in it.sae.parameters()]):
-                for p, gr in zip(it.sae.parameters(), grads):
-                    p.grad = gr
-                it.master.pull_grads()
-
+        fn = repull(it) if name == "pull" else it.parts[name]
         out[name] = graph_time(fn)
     return out
+
+
+def repull(it):
+    """pull_grads moves the bf16 gradients away: a call that puts them back first, so it repeats."""
+    grads = [p.grad for p in it.sae.parameters()]
+
+    def fn():
+        for p, gr in zip(it.sae.parameters(), grads, strict=True):
+            p.grad = gr
+        it.master.pull_grads()
+
+    return fn
 
 
 def measure(fs, B, D, F, k, bw, peak_flops):
@@ -157,8 +162,6 @@ def measure(fs, B, D, F, k, bw, peak_flops):
     iter_ms = do_bench(lambda: run(x), warmup=10, rep=100, quantiles=[0.5])  # one copy + one replay per call
     step_floor = step_floor_ms(B, D, F, k, "bf16", 2, bw)
     fused_floor = fused_iteration_floor_ms(B, D, F, k, bw, peak_flops)
-    del run, it, x
-    torch.cuda.empty_cache()
     return dict(
         step_ms=step_ms, iter_ms=iter_ms, parts=parts, peak_gib=peak, step_floor_ms=step_floor,
         fused_floor_ms=fused_floor,
@@ -217,6 +220,7 @@ def main(argv=None):
             rows.append(make_row("training_iteration", "flash-sae + torch Adam (today)", shape, env=env,
                                  dtype="bf16", error=f"out of memory: {str(err).splitlines()[0][:120]}"))  # fmt: skip
             continue
+        torch.cuda.empty_cache()
         peaks.append((F, r["peak_gib"]))
         parts = " ".join(f"{r['parts'][p]:7.2f}" for p in PARTS)
         ratio = r["iter_ms"] / r["fused_floor_ms"]
