@@ -2,7 +2,7 @@
 """The whole training iteration of a TopK SAE, not only the step: where the time goes and how far it is
 from its floor.
 
-    python benchmarks/training_iteration.py [--features 65536,262144,1048576,2097152] [--out benchmarks/results]
+    python benchmarks/training_iteration.py [--features 65536,262144,524288,1048576,2097152] [--out benchmarks/results]
     python benchmarks/training_iteration.py --smoke    # tiny shapes on the CPU: checks the script runs
 
 The iteration is the one ``examples/train_sae.py`` runs (its ``train_step`` and ``MasterWeights``):
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 from results_schema import environment, make_row, result_path, write_rows  # noqa: E402
 
-FEATURES = (2**16, 2**18, 2**20, 2**21)
+FEATURES = (2**16, 2**18, 2**19, 2**20, 2**21)
 SMOKE = dict(B=16, D=24, F=(64, 128), k=4)
 # Bytes per element of W_enc and W_dec that a fused iteration must move: fp32 master read + written,
 # two fp32 moments read + written, the bf16 compute copy written.
