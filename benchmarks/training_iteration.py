@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
-from results_schema import environment, make_row, result_path, write_rows  # noqa: E402
+from results_schema import append_rows, environment, make_row, result_path, write_rows  # noqa: E402
 
 FEATURES = (2**16, 2**18, 2**19, 2**20, 2**21)
 SMOKE = dict(B=16, D=24, F=(64, 128), k=4)
@@ -208,18 +208,19 @@ def main(argv=None):
     print("# bf16 compute, fp32 master weights and Adam moments (examples/train_sae.py's iteration); graph ms")
     head = f"{'F':>8s} {'step':>7s} {'iter':>7s} " + " ".join(f"{p:>7s}" for p in PARTS)
     print(head + f" {'peak GiB':>8s} {'step floor':>10s} {'fused floor':>11s} {'iter/fused floor':>16s}")
-    rows, peaks = [], []
+    peaks = []
     B, D, k = args.B, args.D, args.k
-    for F in map(int, args.features.split(",")):
+    path = write_rows(result_path(env["gpu"], "training_iteration", args.out), [])  # rows appended per F
+    for F in sorted(map(int, args.features.split(","))):
         shape = dict(B=B, D=D, F=F, K=k)
         try:
             r = measure(fs, B, D, F, k, bw, PEAK_FLOPS["bf16"])
         except torch.OutOfMemoryError as err:
             torch.cuda.empty_cache()
-            print(f"{F:8d} out of memory")
-            rows.append(make_row("training_iteration", "flash-sae + torch Adam (today)", shape, env=env,
-                                 dtype="bf16", error=f"out of memory: {str(err).splitlines()[0][:120]}"))  # fmt: skip
-            continue
+            print(f"{F:8d} out of memory (larger F not tried)")
+            append_rows(path, [make_row("training_iteration", "flash-sae + torch Adam (today)", shape, env=env,
+                        dtype="bf16", error=f"out of memory: {str(err).splitlines()[0][:120]}")])  # fmt: skip
+            break
         torch.cuda.empty_cache()
         peaks.append((F, r["peak_gib"]))
         parts = " ".join(f"{r['parts'][p]:7.2f}" for p in PARTS)
@@ -229,8 +230,8 @@ def main(argv=None):
             f"{r['step_floor_ms']:10.2f} {r['fused_floor_ms']:11.2f} {ratio:16.2f}"
         )
         common = dict(env=env, dtype="bf16", params={"optimizer": "Adam", "master_weights": "fp32"})
-        rows.append(make_row("training_iteration", "flash-sae step", shape, graph_ms=r["step_ms"],
-                             floor_ms=r["step_floor_ms"], copy_bandwidth_tbps=bw / 1e12, **common))  # fmt: skip
+        rows = [make_row("training_iteration", "flash-sae step", shape, graph_ms=r["step_ms"],
+                             floor_ms=r["step_floor_ms"], copy_bandwidth_tbps=bw / 1e12, **common)]  # fmt: skip
         rows.append(
             make_row(
                 "training_iteration", "flash-sae + torch Adam (today)", shape, graph_ms=r["iter_ms"],
@@ -239,13 +240,13 @@ def main(argv=None):
                 note="parts (graph ms): " + ", ".join(f"{p} {r['parts'][p]:.3f}" for p in PARTS), **common,
             )
         )  # fmt: skip
+        append_rows(path, rows)
     if len(peaks) >= 2:
         (f0, p0), (f1, p1) = peaks[-2], peaks[-1]
         per_latent = (p1 - p0) / (f1 - f0)
         f_max = f1 + (total_gib - p1) / per_latent
         print(f"# largest F with this iteration on {total_gib:.0f} GiB: about {f_max / 2**20:.2f} Mi latents "
               f"(extrapolated: {per_latent * 2**30 / D:.1f} B per latent per model dim)")  # fmt: skip
-    path = write_rows(result_path(env["gpu"], "training_iteration", args.out), rows)
     print(f"# rows: {path}")
     return 0
 
