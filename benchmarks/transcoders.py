@@ -815,7 +815,8 @@ def verified_or_missing(run: Run, family, arch, skip=False):
 def transcoder_rows(run: Run, skip: bool, compiled: dict):
     """Rows 1 (skip False) and 2 (skip True)."""
     group = "skip_transcoder" if skip else "transcoder"
-    errs, why = verified_or_missing(run, "transcoder", "topk_transcoder", skip)
+    errs, _ = verified_or_missing(run, "transcoder", "topk_transcoder", skip)
+    plain_errs = verified_or_missing(run, "transcoder", "topk_transcoder", False)[0] if skip else None
     for i, dims in enumerate((SMOKE if run.args.smoke else FULL)["transcoder"]):
         problem = make_inputs("transcoder", dims, run.dtype, run.device)
         built = build(run.fs, "transcoder", "topk_transcoder", dims, run.dtype, run.device, skip=skip)
@@ -850,6 +851,7 @@ def transcoder_rows(run: Run, skip: bool, compiled: dict):
                         plain.capturable,
                     ),
                     floor_transcoder(dims, es),
+                    True,
                 ),
                 Impl(
                     "dense [D, D] GEMM fwd + bwd",
@@ -898,7 +900,10 @@ def transcoder_rows(run: Run, skip: bool, compiled: dict):
                     floor_transcoder(dims, es, skip),
                 )
             )
-        measured = run_group(run, group, dims, impls, {ours: errs is not None})
+        verified = {ours: errs is not None}
+        if skip:
+            verified[plain.label] = plain_errs is not None
+        measured = run_group(run, group, dims, impls, verified)
         summarise(run, group, dims, ours, measured, skip)
         built = plain = sae = dense_w = w = problem = None
         if run.device != "cpu":
@@ -1029,7 +1034,7 @@ def clt_rows(run: Run, compiled: dict):
             if row["group"] == "clt" and row["dims"] == dims:
                 row["dense_code_gib"] = dense_code
         for name, t in measured.items():
-            if name.startswith("flash-sae"):
+            if name.startswith("flash-sae") and run.device != "cpu":
                 print(
                     f"# {name}: {t.saved_gib:.2f} GiB kept for the backward; "
                     f"one [B, L*F] tensor is {dense_code:.2f} GiB"
@@ -1049,7 +1054,7 @@ def summarise_extra(run: Run, dims, name, measured):
     """The JumpReLU CLT against its own dense formulation."""
     dense = measured.get("torch eager (dense, JumpReLU)")
     mine = measured.get(name)
-    if dense is None or mine is None:
+    if dense is None or mine is None or run.device == "cpu":
         return
     g = run.device != "cpu"
     ratio = time_of(dense, g) / time_of(mine, g)
@@ -1200,8 +1205,8 @@ def crosscoder_rows(run: Run, compiled: dict):
             summarise(run, "crosscoder", dims, ours[0], measured)
             for name in ours[1:]:
                 dense, mine = measured.get("torch eager (dense, standard)"), measured.get(name)
-                if dense is not None and mine is not None:
-                    g = run.device != "cpu"
+                if dense is not None and mine is not None and run.device != "cpu":
+                    g = True
                     ratio = time_of(dense, g) / time_of(mine, g)
                     print(
                         f"# crosscoder {tuple(dims)}: torch eager (dense, standard) / {name} = {ratio:.2f}x "
