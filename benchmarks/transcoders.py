@@ -74,6 +74,7 @@ from results_schema import environment, make_row, result_path, write_rows  # noq
 BENCHMARK = "transcoders"
 ROWS = ("transcoder", "skip_transcoder", "clt", "crosscoder")
 PROBES = 4  # the largest-F search: at most this many doublings
+PROBE_SECONDS = 60  # ... and none after a probe that took longer
 BANDWIDTH = 0.05  # the dense JumpReLU's straight-through bandwidth when the module names none
 TANH_SCALE = 1.0  # the dense CLT's tanh penalty: tanh(TANH_SCALE * a * ||W_dec[f]||) (decode-clt's sparsity_c)
 COEFFICIENT = 1e-3  # the penalty coefficient the JumpReLU and standard modules are timed with
@@ -542,8 +543,7 @@ def set_threshold(module, family, dims: Dims, problem: Problem, w):
     name = "threshold" if "threshold" in p else "log_threshold"
 
     def kth_largest(pre):
-        pre = pre.flatten().float()
-        return pre.kthvalue(pre.numel() - dims.B * dims.K).values.clamp_min(1e-3)
+        return between_largest(pre, dims.B * dims.K).clamp_min(1e-3)
 
     if family == "clt":
         per_layer = [
@@ -559,9 +559,17 @@ def set_threshold(module, family, dims: Dims, problem: Problem, w):
 
 @torch.no_grad()
 def shift_bias(w: CrosscoderWeights, dims: Dims, problem: Problem):
-    """Standard crosscoder: b_enc lowered by the (B * K)-th largest pre-activation (L0 ~ K)."""
-    pre = (torch.einsum("bld,ldf->bf", problem.x, w.W_enc) + w.b_enc).flatten().float()
-    w.b_enc.sub_(pre.kthvalue(pre.numel() - dims.B * dims.K).values.to(w.b_enc.dtype))
+    """Standard crosscoder: b_enc lowered to leave about B * K pre-activations positive (L0 ~ K)."""
+    pre = torch.einsum("bld,ldf->bf", problem.x, w.W_enc) + w.b_enc
+    w.b_enc.sub_(between_largest(pre, dims.B * dims.K).to(w.b_enc.dtype))
+
+
+def between_largest(pre, n):
+    """The midpoint of the n-th and (n+1)-th largest entries of ``pre`` (fp32): a cut with n entries above
+    it that no entry sits on."""
+    pre = pre.flatten().float()
+    k = pre.numel() - n
+    return (pre.kthvalue(k).values + pre.kthvalue(k + 1).values) / 2
 
 
 # ------------------------------------------------------------------------------------------------ peers
@@ -1043,11 +1051,11 @@ def clt_rows(run: Run, compiled: dict):
             summarise(run, "clt", dims, ours, measured)
             for name in [i.name for i in impls if i.ours][1:]:
                 summarise_extra(run, dims, name, measured)
-            if run.device != "cpu" and not run.args.no_probe:
-                probe_features(run, dims)
-        impls = first_w = dense_w = problem = None
+        impls = first_w = dense_w = problem = built = w = None
         if run.device != "cpu":
             torch.cuda.empty_cache()
+            if ours is not None and not run.args.no_probe:
+                probe_features(run, dims)
 
 
 def summarise_extra(run: Run, dims, name, measured):
@@ -1084,17 +1092,23 @@ def drawn_clt(dims: Dims, dtype, device) -> CLTWeights:
 
 def probe_features(run: Run, dims: Dims):
     """The largest F per layer ``topk_clt`` fits: F doubled from the benchmark's, at most ``PROBES`` probes,
-    each skipped when its parameters and gradients alone would not fit the free memory; one step each."""
+    one step each. Guards: a probe is skipped when its parameters and gradients alone would not fit 0.9 of
+    the free GPU memory, or an fp64 draw of its weights on the host (as ``SAEBase`` initialises) not half of
+    the available host memory; the search stops after a probe that took over ``PROBE_SECONDS``."""
     es = torch.finfo(run.dtype).bits // 8
     F, largest = dims.F, dims.F
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     for _ in range(PROBES):
         F *= 2
         d = dims._replace(F=F)
-        need = 2 * (d.L + d.L * (d.L + 1) // 2) * F * d.D * es
+        weights = (d.L + d.L * (d.L + 1) // 2) * F * d.D
         free = torch.cuda.mem_get_info()[0]
-        err, t = None, None
-        if need > 0.9 * free:
-            err = f"skipped: parameters and gradients {need / 2**30:.1f} GiB > 0.9 x free {free / 2**30:.1f} GiB"
+        err, t, start = None, None, time.perf_counter()
+        if 2 * weights * es > 0.9 * free:
+            need = 2 * weights * es / 2**30
+            err = f"skipped: parameters and gradients {need:.1f} GiB > 0.9 x free {free / 2**30:.1f} GiB"
+        elif 8 * weights > 0.5 * host:
+            err = f"skipped: an fp64 host draw of {8 * weights / 2**30:.1f} GiB > half the free host memory"
         else:
             try:
                 built = build(run.fs, "clt", "topk_clt", d, run.dtype, run.device)
@@ -1133,7 +1147,7 @@ def probe_features(run: Run, dims: Dims):
             + (err or f"fits, one step {t.eager_ms:.1f} ms, peak {t.peak_gib:.1f} GiB"),
             flush=True,
         )
-        if err:
+        if err or time.perf_counter() - start > PROBE_SECONDS:
             break
     print(f"# the largest F per layer topk_clt fitted (of those probed): {largest}")
 
