@@ -763,8 +763,10 @@ class Run(NamedTuple):
     env: dict
 
 
-def run_group(run: Run, group: str, dims: Dims, impls: list, verified: dict, compile_note=None):
-    """Times ``impls`` in order (each built, measured and freed before the next) and appends their rows."""
+def run_group(run: Run, group: str, dims: Dims, impls: list, verified: dict):
+    """Times ``impls`` in order (each built, measured and freed before the next) and appends their rows. An
+    implementation that runs out of memory or raises is a row with its error (the run goes on; with
+    ``--require-all`` the run then exits 1)."""
     measured = {}
     for impl in impls:
         err, t = None, Timing(NAN, NAN, NAN, NAN, NAN, NAN)
@@ -778,6 +780,8 @@ def run_group(run: Run, group: str, dims: Dims, impls: list, verified: dict, com
             continue
         except torch.OutOfMemoryError as e:
             err = f"OOM: {str(e).splitlines()[0][:60]}"
+        except Exception as e:  # recorded in the row, not hidden; the other rows still run
+            err = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
         call = params = None
         if run.device != "cpu":
             torch.cuda.empty_cache()
@@ -1363,10 +1367,13 @@ def main(argv=None):
             crosscoder_rows(run, compiled)
     except RowMissing as why:
         sys.exit(f"--require-all: a row cannot run: {why}")
+    failed = [f"{r['impl']} {tuple(r['dims'])}: {r['err']}" for r in run.rows if r["err"] and r["group"] != "clt_fit"]
     meta = dict(dtype=dname, copy_bandwidth_tbps=bw / 1e12 if bw else None)
     stem = f"{BENCHMARK}_smoke" if args.smoke else BENCHMARK
     path = write_rows(result_path(env["gpu"], stem, args.out), schema_rows(stem, env, meta, run.rows))
     print(f"wrote {path}")
+    if failed and args.require_all:
+        sys.exit("--require-all: rows failed: " + "; ".join(failed))
     return 0
 
 
