@@ -901,6 +901,8 @@ def transcoder_rows(run: Run, skip: bool, compiled: dict):
                 floor_transcoder(dims, es, skip),
             )
         )
+        if "transcoder" in compiled and i > 0:
+            print(f"{group:16s} torch.compile (dense): the first shape only (it recompiles per shape)")
         if "transcoder" in compiled and i == 0:  # one shape: torch.compile recompiles per shape
             fn = compiled["transcoder"]
             impls.append(
