@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration tests sanitizer tune bench family geometry dead standard gated sharded sharded_sanitizer trainers compare profile example quick
+#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration tests sanitizer tune bench family geometry dead standard gated transcoders sharded sharded_sanitizer trainers compare profile example quick
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
@@ -70,6 +70,10 @@ for stage in "$@"; do
       status=$((status | PIPESTATUS[0]));;
     gated)
       timeout ${GATED_TIMEOUT:-420} python3 benchmarks/standard_sae_step.py --arch gated --out "$OUT" 2>&1 | tee "$OUT/gated.log" | tail -n 60
+      status=$((status | PIPESTATUS[0]));;
+    transcoders)  # transcoders, skip transcoders, CLTs and crosscoders beside dense torch, torch.compile and the peers
+      timeout ${TRANSCODERS_TIMEOUT:-560} python3 benchmarks/transcoders.py --out "$OUT" ${TRANSCODERS_ARGS:-} 2>&1 \
+        | tee "$OUT/transcoders.log" | grep -v "^  " | tail -n 60
       status=$((status | PIPESTATUS[0]));;
     sharded)  # the latent-sharded step over 1, 2 and 4 GPUs (SHARDED_RUNS="nproc data_world features; ...")
       IFS=';' read -ra runs <<< "${SHARDED_RUNS:-1 1 2097152; 2 1 2097152,4194304; 4 1 2097152,8388608; 4 2 4194304}"

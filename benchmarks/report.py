@@ -54,6 +54,7 @@ COMMANDS = {
     "hierarchical_buffer_precision": "python benchmarks/hierarchical_buffer_precision.py --out benchmarks/results",
     "train_sae_example": "python examples/train_sae.py --model minilm --layer 3 --dataset pydoc --tokens 300_000 "
     "--batch-size 1024 (its log.jsonl, converted to these rows)",
+    "transcoders": "python benchmarks/transcoders.py",
 }
 
 TITLES = {
@@ -70,6 +71,7 @@ TITLES = {
     "tune": "Launch-policy sweeps",
     "hierarchical_buffer_precision": "Precision of the hierarchical loss's bf16 buffer",
     "train_sae_example": "The training example (examples/train_sae.py)",
+    "transcoders": "Transcoders, skip transcoders, CLTs and crosscoders",
 }
 ORDER = list(TITLES)
 
@@ -405,6 +407,66 @@ def standard_plot(rows, plt):
     return fig
 
 
+# ------------------------------------------------------------------------------------------ transcoders
+
+TRANSCODER_GROUPS = {
+    "transcoder": "Transcoder step (D_in = D_out) beside the TopK SAE step",
+    "skip_transcoder": "Skip transcoder beside the transcoder plus one dense [D, D] GEMM",
+    "clt": "Cross-layer transcoder (CLT)",
+    "crosscoder": "Crosscoder",
+}
+
+
+def transcoders_md(rows):
+    """One table per row group and shape; the CLT's largest-F probes as a list."""
+    out = [
+        "One training step, forward + backward, every encoder GEMM included, gradients for every parameter. "
+        "Each flash-sae module was verified against the dense formulation (fp32, a small shape) before timing "
+        "(`verified`). Columns: CUDA-graph ms (GPU time; none where the step cannot be captured) / eager ms "
+        "(median, launched from Python), peak GiB above the inputs (gradients included), GiB kept from the "
+        "forward for the backward beside one dense [B, L·F] code, % of the row's floor (benchmarks/transcoders.py "
+        "`floor_*`: the GEMM FLOPs at the tensor-core peak or the unavoidable bytes at the measured copy "
+        "bandwidth, the longer), and the time over the row's baseline (graph / eager; `vs` names it).",
+        "",
+    ]
+    bws = list(dict.fromkeys(r["copy_bandwidth_tbps"] for r in rows if r.get("copy_bandwidth_tbps")))
+    if bws:
+        out[0] += " Measured copy bandwidth: " + ", ".join(f"{b:.2f} TB/s" for b in bws) + "."
+    timed = [r for r in rows if (r.get("params") or {}).get("op") in TRANSCODER_GROUPS]
+    for op, title in TRANSCODER_GROUPS.items():
+        sel = [r for r in timed if r["params"]["op"] == op]
+        for shp in dict.fromkeys(tuple(r["shape"].items()) for r in sel):
+            cells = [r for r in sel if tuple(r["shape"].items()) == shp]
+            out += [f"### {title}: {shape_head(dict(shp))} = {shape_text(dict(shp))}, {cells[0]['dtype']}", ""]
+            body = []
+            for r in cells:
+                ratio = ""
+                if r.get("x_baseline_graph") is not None or r.get("x_baseline_eager") is not None:
+                    ratio = f"{num(r.get('x_baseline_graph'))}× / {num(r.get('x_baseline_eager'))}×"
+                kept = num(r.get("saved_gib"))
+                if kept and r.get("dense_code_gib") is not None:
+                    kept += f" (a [B, L·F] code: {num(r['dense_code_gib'])})"
+                floor = f"{r['pct_of_floor']:.0f} % of {num(r['floor_ms'])}" if r.get("pct_of_floor") else ""
+                body.append([r["implementation"], step_cell(r), kept, floor, ratio,
+                             (r.get("params") or {}).get("baseline", ""), num(r.get("verified"))])  # fmt: skip
+            out += table(["implementation", "graph / eager ms (peak GiB)", "kept GiB", "% of floor (ms)",
+                          "× baseline", "vs", "verified"], body)  # fmt: skip
+            out.append("")
+    probes = [r for r in rows if (r.get("params") or {}).get("op") == "clt_fit"]
+    if probes:
+        out += ["### The largest F per layer the CLT fits", ""]
+        for r in probes:
+            res = f"fits (one step {num(r['eager_ms'])} ms, peak {num(r['peak_gib'])} GiB)"
+            out.append(f"- {r['implementation']}, F = {pow2(r['shape']['F'])}: " + (r["error"] or res))
+        out.append("")
+    return out
+
+
+def transcoders_plot(rows, plt):
+    timed = [r for r in rows if (r.get("params") or {}).get("op") in TRANSCODER_GROUPS]
+    return side_by_side_plot(timed, plt) if timed else None
+
+
 # ------------------------------------------------------------------------------------------- generic
 
 CORE = ("eager_ms", "graph_ms", "peak_gib")
@@ -479,6 +541,8 @@ RENDER = {
     "sharded_scaling": (sharded_md, sharded_plot),
     "standard_sae_step": (standard_md, standard_plot),
     "gated_sae_step": (standard_md, standard_plot),
+    "transcoders": (transcoders_md, transcoders_plot),
+    "transcoders_smoke": (transcoders_md, transcoders_plot),
 }
 
 

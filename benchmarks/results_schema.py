@@ -62,6 +62,9 @@ OPTIONAL_METRICS = (
     "x_baseline_eager",
     "x_baseline_graph",
     "copy_bandwidth_tbps",
+    # memory: what a step keeps from its forward for its backward, beside one dense [B, L * F] code
+    "saved_gib",
+    "dense_code_gib",
     # training loops
     "tokens_per_s",
     "ms_per_step",
@@ -98,7 +101,7 @@ OPTIONAL_METRICS = (
 )
 
 # outcomes that are yes/no (bool or None)
-OPTIONAL_FLAGS = ("bound_holds", "exact_topk_in_candidates")
+OPTIONAL_FLAGS = ("bound_holds", "exact_topk_in_candidates", "verified")
 
 OPTIONAL_OTHER = ("params", "error", "note")
 
