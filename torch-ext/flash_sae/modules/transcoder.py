@@ -149,7 +149,9 @@ class Transcoder:
     def _from_saelens_cfg(cls, cfg, d_in, d_sae, **kwargs):
         for name in ("d_out", "skip"):
             if name in kwargs:
-                raise ValueError(f"{name}: a SAELens transcoder's {name} is read from cfg; pass no {name} to from_saelens")
+                raise ValueError(
+                    f"{name}: a SAELens transcoder's {name} is read from cfg; pass no {name} to from_saelens"
+                )
         skip = "skip" in cfg["architecture"]
         return super()._from_saelens_cfg(cfg, d_in, d_sae, d_out=cfg["d_out"], skip=skip, **kwargs)
 
