@@ -677,7 +677,7 @@ def main(argv=None):
     capturable = fs.ARCHITECTURES[args.arch].capturable
     graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and capturable)
     if graphed and (device.type != "cuda" or not capturable):  # before the model loads: a flag error is cheap
-        graphable = [name for name, arch in fs.ARCHITECTURES.items() if arch.capturable]
+        graphable = [name for name, arch in fs.ARCHITECTURES.items() if arch.capturable and arch.family == "sae"]
         raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {graphable}")
     torch.manual_seed(args.seed)
     tok, model, causal, blocks = load_model(args.model, device, model_dtype)

@@ -438,7 +438,8 @@ class DeadLossOptions:
     """The dead-latent loss of the TopK and BatchTopK modules (mixin for ``SAEBase`` subclasses).
 
     ``dead_loss``: None (default), ``"auxk"``, ``"ghost"`` or a ``DeadLatentLoss`` without a mask
-    (its options: ``k_aux``, ``coef``, ``relu``, ``encoder_grad``, ``capacity``). With one, ``loss``
+    (its options: ``k_aux``, ``coef``, ``relu``, ``encoder_grad``, ``capacity``; ``k_aux`` defaults to
+    half the reconstruction's width, D // 2, a transcoder's D_out // 2). With one, ``loss``
     in training mode passes it with the current ``dead_mask()`` and ``dead_offset`` to its step,
     whose ``aux_loss`` reports the dead-latent loss, and then slides ``dead_offset`` past the window
     the step took (on device), so every dead latent gets its turn.
