@@ -108,7 +108,8 @@ def parse_args(argv=None):
     a("--dataset", default="Skylion007/openwebtext", help="datasets id, 'pydoc' (offline) or a .txt file")
     a("--text-column", default="text")
     a("--context-size", type=int, default=128)
-    a("--arch", choices=sorted(load_flash_sae().ARCHITECTURES), default="topk", help="flash_sae.ARCHITECTURES")
+    saes = sorted(name for name, arch in load_flash_sae().ARCHITECTURES.items() if arch.family == "sae")
+    a("--arch", choices=saes, default="topk", help="flash_sae.ARCHITECTURES of family 'sae'")
     a("--d-sae", type=int, default=None, help="latents (default: expansion x the model's width)")
     a("--expansion", type=int, default=32)
     a("--k", type=float, default=32, help="active latents per row (TopK, BatchTopK, Matryoshka)")
@@ -676,7 +677,7 @@ def main(argv=None):
     capturable = fs.ARCHITECTURES[args.arch].capturable
     graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and capturable)
     if graphed and (device.type != "cuda" or not capturable):  # before the model loads: a flag error is cheap
-        graphable = [name for name, arch in fs.ARCHITECTURES.items() if arch.capturable]
+        graphable = [name for name, arch in fs.ARCHITECTURES.items() if arch.capturable and arch.family == "sae"]
         raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {graphable}")
     torch.manual_seed(args.seed)
     tok, model, causal, blocks = load_model(args.model, device, model_dtype)

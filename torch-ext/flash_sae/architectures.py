@@ -16,6 +16,7 @@ from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
 from .modules.standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
+from .modules.transcoder import BatchTopKTranscoder, JumpReLUTranscoder, StandardTranscoder, TopKTranscoder
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step, matryoshka_batchtopk_sae_step
 from .ops.gated.gated_sae_step import gated_sae_step
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
@@ -124,4 +125,18 @@ for _arch in (
         "vanilla", VanillaSparseAutoencoder, standard_sae_step, StandardSAEStep, "l1_coefficient", False, False
     ),  # fmt: skip
 ):
+    register_architecture(_arch)
+
+# Transcoders (family "transcoder"): the SAE steps with ``target=``; ``loss(x, y)``, ``d_out`` and ``skip``
+# constructor keywords (``arch.build(d_in, n_features, sparsity, d_out=..., skip=...)``).
+for _arch in (
+    Architecture("topk_transcoder", TopKTranscoder, topk_sae_step, TopKSAEStep, "k", True, True,
+                 family="transcoder"),
+    Architecture("batchtopk_transcoder", BatchTopKTranscoder, batchtopk_sae_step, BatchTopKSAEStep, "k", True, True,
+                 family="transcoder"),
+    Architecture("jumprelu_transcoder", JumpReLUTranscoder, jumprelu_sae_step, JumpReLUSAEStep, "l0_coefficient",
+                 False, False, family="transcoder"),
+    Architecture("standard_transcoder", StandardTranscoder, standard_sae_step, StandardSAEStep, "l1_coefficient",
+                 False, False, family="transcoder"),
+):  # fmt: skip
     register_architecture(_arch)

@@ -22,6 +22,13 @@ threshold. JumpReLU hosts need the four weights and ``threshold`` [F] (or
 its hosts need the four weights. ``GatedSparseAutoencoder`` is forward-only too; its hosts need
 ``W_enc``, ``b_gate``, ``r_mag``, ``b_mag``, ``W_dec`` and ``b_dec``. These eval-mode codes are
 sized by counting first, one host sync per call (this is inference).
+
+The transcoders (``TopKTranscoder``, ``BatchTopKTranscoder``, ``JumpReLUTranscoder``,
+``StandardTranscoder``): the hosts of the matching SAE layers, with ``W_enc`` [F, D_in] read as it
+is (no ``x - b_dec``), ``W_dec`` [F, D_out] and ``b_dec`` [D_out], and optionally ``W_skip``
+[D_out, D_in] (absent or None: no skip term); ``forward(x)`` returns y_hat [B, D_out], as the
+modules' ``forward`` does. ``TopKTranscoder`` has the TopK layer's backward; the others are
+forward-only.
 """
 
 import torch
@@ -116,3 +123,82 @@ class GatedSparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return decode_code(self, *gated_encode_code(self, x))
+
+
+# Transcoders --------------------------------------------------------------------------------------------
+
+
+def _plus_skip(host, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """y_hat + x @ W_skip.T where the host has a skip connection (``W_skip`` not None), else y_hat."""
+    W_skip = getattr(host, "W_skip", None)
+    return y_hat if W_skip is None else torch.addmm(y_hat, x, W_skip.T)
+
+
+class TopKTranscoder(nn.Module):
+    """``y_hat`` of a TopK transcoder host, as ``flash_sae.TopKTranscoder.forward`` (with its backward)."""
+
+    W_enc: torch.Tensor  # [F, D_in], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D_out]
+    b_dec: torch.Tensor  # [D_out]
+    W_skip: torch.Tensor | None  # [D_out, D_in] or absent
+    k: int
+
+    can_torch_compile: bool = True
+    has_backward: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals, indices = topk_encode(x, self.W_enc, self.b_enc, self.k)
+        return _plus_skip(self, x, sparse_decode(vals, indices, self.W_dec, self.b_dec))
+
+
+class BatchTopKTranscoder(nn.Module):
+    """``y_hat`` of a BatchTopK transcoder host, as ``flash_sae.BatchTopKTranscoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D_in], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D_out]
+    b_dec: torch.Tensor  # [D_out]
+    W_skip: torch.Tensor | None  # [D_out, D_in] or absent
+    k: float
+    rescale_acts_by_decoder_norm: bool
+    threshold: torch.Tensor  # [] inference threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _plus_skip(self, x, decode_code(self, *batchtopk_encode_code(self, x, centred=False)))
+
+
+class JumpReLUTranscoder(nn.Module):
+    """``y_hat`` of a JumpReLU transcoder host, as ``flash_sae.JumpReLUTranscoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D_in], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D_out]
+    b_dec: torch.Tensor  # [D_out]
+    W_skip: torch.Tensor | None  # [D_out, D_in] or absent
+    threshold: torch.Tensor  # [F] (or log_threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _plus_skip(self, x, decode_code(self, *jumprelu_encode_code(self, x, centred=False)))
+
+
+class StandardTranscoder(nn.Module):
+    """``y_hat`` of a standard (ReLU) transcoder host, as ``flash_sae.StandardTranscoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, D_in], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, D_out]
+    b_dec: torch.Tensor  # [D_out]
+    W_skip: torch.Tensor | None  # [D_out, D_in] or absent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _plus_skip(self, x, decode_code(self, *standard_encode_code(self, x, centred=False)))

@@ -48,7 +48,9 @@ class SAEBase(nn.Module):
     Then W_enc = W_dec (tied init) and both biases zero. ``seed`` seeds the draw (the global
     RNG otherwise). ``dtype``: fp32, bf16 or fp16 (a ``torch.dtype``; None: torch's default dtype,
     which must be one of them); anything else is a ValueError here rather than a failure at the
-    first call. Counts (``d_model``, ``n_features``, ``k``, ...) take any ``numbers.Integral``
+    first call. ``d_out`` (a transcoder's output width, ``modules.transcoder``): W_dec [F, d_out] and
+    b_dec [d_out], W_dec drawn on its own after W_enc by the same rule (None: an SAE, W_dec = W_enc,
+    ``d_out`` = D). Counts (``d_model``, ``n_features``, ``k``, ...) take any ``numbers.Integral``
     (numpy's integers too), stored as ``int``.
 
     Dead-latent tracking, on the device: the buffer ``tokens_since_fired`` [F] int64 (in the
@@ -62,6 +64,7 @@ class SAEBase(nn.Module):
     """
 
     resample_encoder_scale = 0.2  # see resample_dead_
+    centres_input = True  # the encoder reads x - b_dec (an SAE); a transcoder reads x as it is
 
     def __init__(
         self,
@@ -74,6 +77,7 @@ class SAEBase(nn.Module):
         decoder_init="normal",
         decoder_init_norm=1.0,
         dead_window_tokens=10_000_000,
+        d_out=None,
     ):
         super().__init__()
         dtype = _module_dtype(dtype)
@@ -84,19 +88,25 @@ class SAEBase(nn.Module):
             raise ValueError(f"decoder_init must be 'normal' or 'saelens', got {decoder_init!r}")
         if not is_real(decoder_init_norm) or not decoder_init_norm > 0:
             raise ValueError(f"decoder_init_norm must be a positive number, got {decoder_init_norm!r}")
-        self.d_model, self.n_features = d_model, n_features
+        tied = d_out is None
+        d_out = d_model if tied else _check_positive_int("d_out", d_out)
+        self.d_model, self.n_features, self.d_out = d_model, n_features, d_out
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        w = torch.empty(n_features, d_model, dtype=torch.float64)
-        if decoder_init == "normal":
-            w.normal_(generator=g)
-        else:
-            nn.init.kaiming_uniform_(w, generator=g)
-        w = w / w.norm(dim=1, keepdim=True) * decoder_init_norm
+
+        def rows(width):
+            w = torch.empty(n_features, width, dtype=torch.float64)
+            if decoder_init == "normal":
+                w.normal_(generator=g)
+            else:
+                nn.init.kaiming_uniform_(w, generator=g)
+            return w / w.norm(dim=1, keepdim=True) * decoder_init_norm
+
+        w = rows(d_model)
         factory = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(w.clone().to(**factory))
         self.b_enc = nn.Parameter(torch.zeros(n_features, **factory))
-        self.W_dec = nn.Parameter(w.to(**factory))
-        self.b_dec = nn.Parameter(torch.zeros(d_model, **factory))
+        self.W_dec = nn.Parameter((w if tied else rows(d_out)).to(**factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **factory))
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64, device=device))
 
     @torch.no_grad()
@@ -334,11 +344,16 @@ class SAEBase(nn.Module):
         return cfg, tensors
 
     @classmethod
-    def _saelens_tensor_shapes(cls, d_in: int, d_sae: int) -> dict:
+    def _saelens_tensor_shapes(cls, d_in: int, d_sae: int, cfg: dict) -> dict:
         shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "b_enc": (d_sae,)}
         if cls.saelens_architecture == "jumprelu":
             shapes["threshold"] = (d_sae,)
         return shapes
+
+    @classmethod
+    def _saelens_reads(cls) -> tuple[str, ...]:
+        """The SAELens architectures ``from_saelens`` reads into this class."""
+        return (cls.saelens_architecture,) if cls.saelens_loadable else ()
 
     @classmethod
     def _from_saelens_cfg(cls, cfg: dict, d_in: int, d_sae: int, **kwargs):
@@ -362,29 +377,37 @@ class SAEBase(nn.Module):
                 f"tensors must be a dict of tensors (the safetensors file's), got {type(tensors).__name__}"
             )
         arch = cfg.get("architecture")
-        if not cls.saelens_loadable or arch != cls.saelens_architecture:
-            want = cls.saelens_architecture if cls.saelens_loadable else None
+        reads = cls._saelens_reads()
+        if arch not in reads:
+            hints = {
+                "jumprelu": "JumpReLUSparseAutoencoder",
+                "jumprelu_transcoder": "JumpReLUTranscoder",
+                "jumprelu_skip_transcoder": "JumpReLUTranscoder",
+            }
             hint = (
-                " (SAELens's 'jumprelu': load it with JumpReLUSparseAutoencoder.from_saelens)"
-                if arch == "jumprelu"
+                f" (SAELens's {arch!r}: load it with {hints[arch]}.from_saelens)"
+                if arch in hints and hints[arch] != cls.__name__
                 else ""
             )
             raise ValueError(
                 f"cfg['architecture'] is {arch!r}, but {cls.__name__} loads "
-                f"{repr(want) if want else 'no SAELens architecture'}{hint}"
+                f"{' or '.join(map(repr, reads)) if reads else 'no SAELens architecture'}{hint}"
             )
         d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
         for name, value in (("d_in", d_in), ("d_sae", d_sae)):
             if not is_int(value) or value < 1:
                 raise ValueError(f"cfg['{name}'] must be a positive int, got {value!r}")
-        if cfg.get("apply_b_dec_to_input", True) is not True:
-            raise ValueError("cfg['apply_b_dec_to_input'] must be True: flash-sae's modules subtract b_dec from x")
+        if cfg.get("apply_b_dec_to_input", True) is not cls.centres_input:
+            raise ValueError(
+                f"cfg['apply_b_dec_to_input'] must be {cls.centres_input}: "
+                + ("flash-sae's SAEs subtract b_dec from x" if cls.centres_input else "a transcoder reads x as it is")
+            )
         if cfg.get("normalize_activations", "none") != "none":
             raise ValueError(
                 f"cfg['normalize_activations'] must be 'none' (fold the scaling into the weights), "
                 f"got {cfg['normalize_activations']!r}"
             )
-        shapes = cls._saelens_tensor_shapes(int(d_in), int(d_sae))
+        shapes = cls._saelens_tensor_shapes(int(d_in), int(d_sae), cfg)
         missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
         if missing or extra:
             raise ValueError(
@@ -415,7 +438,8 @@ class DeadLossOptions:
     """The dead-latent loss of the TopK and BatchTopK modules (mixin for ``SAEBase`` subclasses).
 
     ``dead_loss``: None (default), ``"auxk"``, ``"ghost"`` or a ``DeadLatentLoss`` without a mask
-    (its options: ``k_aux``, ``coef``, ``relu``, ``encoder_grad``, ``capacity``). With one, ``loss``
+    (its options: ``k_aux``, ``coef``, ``relu``, ``encoder_grad``, ``capacity``; ``k_aux`` defaults to
+    half the reconstruction's width, D // 2, a transcoder's D_out // 2). With one, ``loss``
     in training mode passes it with the current ``dead_mask()`` and ``dead_offset`` to its step,
     whose ``aux_loss`` reports the dead-latent loss, and then slides ``dead_offset`` past the window
     the step took (on device), so every dead latent gets its turn.
@@ -429,7 +453,7 @@ class DeadLossOptions:
             raise ValueError(
                 "dead_loss: a module tracks its own dead set; pass a DeadLatentLoss without mask or offset"
             )
-        self.dead_loss = None if dead_loss is None else dead_loss.with_defaults(self.d_model, self.n_features)
+        self.dead_loss = None if dead_loss is None else dead_loss.with_defaults(self.d_out, self.n_features)
         # where the next step's dead set starts (``primitives.dead_set``), slid past each step's window
         self.register_buffer("dead_offset", torch.zeros((), dtype=torch.int64, device=self.W_dec.device))
 
@@ -736,8 +760,8 @@ class GatedSAEBase(StandardSAEBase):
         return {"b_gate": self.b_gate, "r_mag": self.r_mag, "b_mag": self.b_mag}
 
     @classmethod
-    def _saelens_tensor_shapes(cls, d_in: int, d_sae: int) -> dict:
-        shapes = super()._saelens_tensor_shapes(d_in, d_sae)
+    def _saelens_tensor_shapes(cls, d_in: int, d_sae: int, cfg: dict) -> dict:
+        shapes = super()._saelens_tensor_shapes(d_in, d_sae, cfg)
         del shapes["b_enc"]
         return {**shapes, "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)}
 

@@ -16,20 +16,22 @@ from .base import BatchTopKSAEBase, MatryoshkaSAEBase
 
 
 @torch.no_grad()
-def batchtopk_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
+def batchtopk_encode_code(sae, x: torch.Tensor, capacity: int | None = None, *, centred: bool = True):
     """A BatchTopK SAE's code of ``x`` (vals, indices, row_offsets) from ``sae``'s attributes: the batch
-    rule in training mode, the threshold rule in eval mode (shared by the module and its hub layer)."""
+    rule in training mode, the threshold rule in eval mode (shared by the module and its hub layer).
+    ``centred``: the encoder reads x - b_dec (an SAE); False reads x as it is (a transcoder)."""
     F = sae.W_enc.shape[0]
+    centre = sae.b_dec if centred else None
     scale = sae.W_dec.detach().norm(dim=1) if sae.rescale_acts_by_decoder_norm else None
     if sae.training:
         _, vals, indices, row_offsets = batch_topk_preacts(
-            x, sae.W_enc, sae.b_enc, int(sae.k * x.shape[0]), sae.b_dec, scale
+            x, sae.W_enc, sae.b_enc, int(sae.k * x.shape[0]), centre, scale
         )
         return vals, indices, row_offsets
     theta = sae.threshold.expand(F)
     if capacity is None:
-        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, 1, scale)[3]))
-    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, capacity, scale)
+        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, centre, theta, 0.0, 1, scale)[3]))
+    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, centre, theta, 0.0, capacity, scale)
     return torch.relu(vals), indices, row_offsets
 
 
@@ -60,9 +62,9 @@ class BatchTopKSparseAutoencoder(FusedDecoderGeometry, BatchTopKSAEBase):
     ``forward`` run without gradients: train with ``loss``.
     """
 
-    def _step(self, x: torch.Tensor) -> BatchTopKSAEStep:
+    def _step(self, x: torch.Tensor, target: torch.Tensor | None = None) -> BatchTopKSAEStep:
         return batchtopk_sae_step(
-            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, target=target,
             rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm, dead_loss=self.step_dead_loss(),
         )  # fmt: skip
 
@@ -71,7 +73,7 @@ class BatchTopKSparseAutoencoder(FusedDecoderGeometry, BatchTopKSAEBase):
         one host sync); entries past it are dropped. Eval mode warns once if the inference threshold
         has not warmed up (``warn_if_threshold_cold``)."""
         self.warn_if_threshold_cold()
-        return batchtopk_encode_code(self, x, capacity)
+        return batchtopk_encode_code(self, x, capacity, centred=self.centres_input)
 
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a variable-length code."""

@@ -25,14 +25,16 @@ from .batchtopk import decode_code
 
 
 @torch.no_grad()
-def jumprelu_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
+def jumprelu_encode_code(sae, x: torch.Tensor, capacity: int | None = None, *, centred: bool = True):
     """The active entries (z > threshold) as a variable-length code, from ``sae``'s attributes
-    (``threshold`` [F]); ``capacity`` None counts first (one host sync). Shared with the hub layer."""
+    (``threshold`` [F]); ``capacity`` None counts first (one host sync). Shared with the hub layer.
+    ``centred``: the encoder reads x - b_dec (an SAE); False reads x as it is (a transcoder)."""
+    centre = sae.b_dec if centred else None
     theta = sae.threshold if hasattr(sae, "threshold") else sae.log_threshold.exp()
     theta = theta.clamp_min(0)
     if capacity is None:
-        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, 1)[3]))
-    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, theta, 0.0, capacity)
+        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, centre, theta, 0.0, 1)[3]))
+    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, centre, theta, 0.0, capacity)
     return vals, indices, row_offsets
 
 
@@ -64,15 +66,16 @@ class JumpReLUSparseAutoencoder(LearnedCapacity, FusedDecoderGeometry, JumpReLUS
             self.capacity_per_row = grown_capacity(per_row, self.n_features)
         return min(B * self.n_features, self.capacity_per_row * B)
 
-    def _step(self, x: torch.Tensor) -> JumpReLUSAEStep:
+    def _step(self, x: torch.Tensor, target: torch.Tensor | None = None) -> JumpReLUSAEStep:
         return jumprelu_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.current_threshold(),
             capacity=self._capacity(x.shape[0]), bandwidth=self.bandwidth, l0_coefficient=self.l0_coefficient,
+            target=target,
         )  # fmt: skip
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries; ``capacity`` None counts first (one host sync)."""
-        return jumprelu_encode_code(self, x, capacity)
+        return jumprelu_encode_code(self, x, capacity, centred=self.centres_input)
 
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a variable-length code."""

@@ -44,11 +44,13 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(vals [B, k] in the parameters' dtype, indices [B, k] int64), descending."""
-        return topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec)
+        return topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec if self.centres_input else None)
 
     def decode(self, vals: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a sparse code."""
         return sparse_decode(vals, indices, self.W_dec, self.b_dec)
 
-    def _step(self, x: torch.Tensor) -> TopKSAEStep:
-        return topk_sae_step(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, dead_loss=self.step_dead_loss())
+    def _step(self, x: torch.Tensor, target: torch.Tensor | None = None) -> TopKSAEStep:
+        return topk_sae_step(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, target=target, dead_loss=self.step_dead_loss()
+        )  # fmt: skip

@@ -32,13 +32,15 @@ DENSE_ABOVE = 0.006
 
 
 @torch.no_grad()
-def standard_encode_code(sae, x: torch.Tensor, capacity: int | None = None):
+def standard_encode_code(sae, x: torch.Tensor, capacity: int | None = None, *, centred: bool = True):
     """The active entries (z > 0) as a variable-length code, from ``sae``'s four weights; ``capacity``
-    None counts first (one host sync). Shared with the hub layer."""
+    None counts first (one host sync). Shared with the hub layer. ``centred``: the encoder reads
+    x - b_dec (an SAE); False reads x as it is (a transcoder)."""
+    centre = sae.b_dec if centred else None
     zero = torch.zeros(sae.W_enc.shape[0], dtype=x.dtype, device=x.device)
     if capacity is None:
-        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, zero, 0.0, 1)[3]))
-    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, sae.b_dec, zero, 0.0, capacity)
+        capacity = max(1, int(threshold_preacts(x, sae.W_enc, sae.b_enc, centre, zero, 0.0, 1)[3]))
+    vals, indices, row_offsets, _ = threshold_preacts(x, sae.W_enc, sae.b_enc, centre, zero, 0.0, capacity)
     return vals, indices, row_offsets
 
 
@@ -65,17 +67,17 @@ class StandardSparseAutoencoder(DenseSwitch, FusedDecoderGeometry, StandardSAEBa
         super().__init__(d_model, n_features, **kwargs)
         self._init_switch(dense_above, capacity_per_row)
 
-    def _step(self, x: torch.Tensor) -> StandardSAEStep:
+    def _step(self, x: torch.Tensor, target: torch.Tensor | None = None) -> StandardSAEStep:
         capacity = self._path(x.shape[0])
         params = (x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         if capacity is None:
-            return standard_sae_step_dense(*params, l1_coefficient=self.l1_coefficient)
-        return standard_sae_step(*params, capacity=capacity, l1_coefficient=self.l1_coefficient)
+            return standard_sae_step_dense(*params, l1_coefficient=self.l1_coefficient, target=target)
+        return standard_sae_step(*params, capacity=capacity, l1_coefficient=self.l1_coefficient, target=target)
 
     def encode(self, x: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries (z > 0); ``capacity`` None counts first
         (one host sync)."""
-        return standard_encode_code(self, x, capacity)
+        return standard_encode_code(self, x, capacity, centred=self.centres_input)
 
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """x_hat [B, D] from a variable-length code."""

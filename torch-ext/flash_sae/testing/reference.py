@@ -495,3 +495,49 @@ class GatedSparseAutoencoder(GatedSAEBase):
 
     def _step(self, x):
         return gated_sae_step(x, *self.gated_params(), self.l1_coefficient, self.freeze_aux_decoder)
+
+
+# Transcoders and skip transcoders --------------------------------------------------------
+
+
+def topk_transcoder_step(x, W_enc, b_enc, W_dec, b_dec, k, target, indices=None, round_preacts=None):
+    """The TopK step reconstructing a separate ``target`` [B, D_out], densely: x [B, D_in] encoded as it
+    is (no centring), relu(top-k of x @ W_enc.T + b_enc) decoded through W_dec [F, D_out] and b_dec,
+    loss the mean over B*D_out of (y_hat - target)^2. ``indices`` forces the code; ``round_preacts``:
+    see ``encoder_preacts``."""
+    vals, indices = topk_encode(x, W_enc, b_enc, k, None, indices=indices, round_preacts=round_preacts)
+    y_hat = sparse_decode(vals, indices, W_dec, b_dec)
+    loss = (y_hat - target).pow(2).mean()
+    counts = fire_counts(vals, indices, W_dec.shape[0])
+    return results.TopKSAEStep(loss, **_head(loss, target, y_hat, counts, SparseCode(vals, indices), x.shape[0]))
+
+
+def skip_target(x, y, W_skip, round_to=None):
+    """y - x @ W_skip.T [B, D_out], what a skip transcoder's step reconstructs (y itself when ``W_skip`` is
+    None); ``round_to`` rounds it to that dtype with exact gradients (the rounding every implementation
+    in that dtype makes)."""
+    if W_skip is None:
+        return y
+    target = y - x @ W_skip.T
+    return _rounded(target, round_to) if round_to is not None else target
+
+
+def transcoder_step(step, x, y, params, W_skip=None, **options):
+    """A transcoder's training step, densely: ``step`` (``topk_transcoder_step`` or an SAE step of this
+    module that takes ``target=``) on x with the target ``skip_target(x, y, W_skip)``, so that y_hat =
+    b_dec + a @ W_dec + x @ W_skip.T; ``params`` the step's arguments after x, ``options`` its keywords
+    (the forced selection, ``round_preacts``). The result's ``fvu`` is y's: sum (y - y_hat)^2 over the
+    total variance of y."""
+    target = skip_target(x, y, W_skip, options.get("round_preacts"))
+    out = step(x, *params, target=target, **options)
+    if W_skip is None:
+        return out
+    y0 = y.detach()
+    return out._replace(fvu=out.mse * y0.numel() / (y0 - y0.mean(0)).pow(2).sum())
+
+
+def transcoder_forward(x, W_enc, b_enc, W_dec, b_dec, activation, W_skip=None):
+    """A trained transcoder's prediction, densely: b_dec + activation(x @ W_enc.T + b_enc) @ W_dec
+    (+ x @ W_skip.T); ``activation`` maps the pre-activations [B, F] to the code."""
+    y_hat = activation(x @ W_enc.T + b_enc) @ W_dec + b_dec
+    return y_hat if W_skip is None else y_hat + x @ W_skip.T
