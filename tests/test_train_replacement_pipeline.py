@@ -24,7 +24,15 @@ import torch
 from peers import require
 
 USE_STAND_INS = True  # False once the real transcoder, CLT and crosscoder modules are registered
-ARCHS = {"topk_transcoder": "transcoder", "topk_clt": "clt", "topk_crosscoder": "crosscoder"}
+REAL_ARCHS = {
+    **dict.fromkeys(("topk_transcoder", "batchtopk_transcoder", "jumprelu_transcoder"), "transcoder"),
+    **dict.fromkeys(("topk_clt", "batchtopk_clt", "jumprelu_clt"), "clt"),
+    **dict.fromkeys(("standard_crosscoder", "topk_crosscoder", "batchtopk_crosscoder", "jumprelu_crosscoder"),
+                    "crosscoder"),
+}  # fmt: skip
+STAND_IN_ARCHS = {"topk_transcoder": "transcoder", "jumprelu_transcoder": "transcoder", "topk_clt": "clt",
+                  "topk_crosscoder": "crosscoder"}  # fmt: skip
+ARCHS = STAND_IN_ARCHS if USE_STAND_INS else REAL_ARCHS  # the architectures the runs train, and their families
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -141,6 +149,45 @@ class StandInTranscoder(_StandIn):
         return StandInStep(mse, mse.detach(), fvu, l0, fire_counts, None)
 
 
+class StandInJumpReLUTranscoder(StandInTranscoder):
+    """a = pre * (pre > threshold); loss = MSE + l0_coefficient * L0 (no threshold gradient: a stand-in);
+    exported as SAELens's JumpReLU (skip) transcoder."""
+
+    def __init__(self, d_in, n_features, *, l0_coefficient=1.0, **kwargs):
+        super().__init__(d_in, n_features, 1, **kwargs)
+        self.l0_coefficient = l0_coefficient
+        self.threshold = self.param(n_features, scale=0.0)
+
+    @property
+    def saelens_architecture(self):
+        return "jumprelu_skip_transcoder" if self.W_skip is not None else "jumprelu_transcoder"
+
+    def encode(self, x):
+        pre = x @ self.W_enc.T + self.b_enc
+        return pre * (pre > self.threshold)
+
+    def loss(self, x, y):
+        a = self.encode(x)
+        r = self.decode(a, x) - y
+        mse, fvu, l0, fire_counts = self.result(a, r, y)
+        return StandInStep(mse + self.l0_coefficient * l0, mse.detach(), fvu, l0, fire_counts, None)
+
+    @torch.no_grad()
+    def to_saelens(self, activation_scale=1.0, metadata=None):
+        """(cfg, tensors) of SAELens's JumpReLU (skip) transcoder; the scaling folded in (x_module = c x_raw, and
+        the targets alike: W_enc * c, W_dec / c, b_dec / c; W_skip and the threshold unchanged)."""
+        c = float(activation_scale)
+        tensors = {"W_enc": self.W_enc.T * c, "b_enc": self.b_enc, "W_dec": self.W_dec / c, "b_dec": self.b_dec / c,
+                   "threshold": self.threshold}  # fmt: skip
+        if self.W_skip is not None:
+            tensors["W_skip"] = self.W_skip
+        cfg = {"architecture": self.saelens_architecture, "d_in": self.W_enc.shape[1], "d_sae": self.n_features,
+               "d_out": self.W_dec.shape[1], "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
+               "normalize_activations": "none", "reshape_activations": "none",
+               "metadata": dict(metadata or {})}  # fmt: skip
+        return cfg, {k: v.float().cpu().contiguous() for k, v in tensors.items()}
+
+
 class StandInCLT(_StandIn):
     """Layer l's latents read x_l and write to every layer l' >= l (a causal triangle of decoders)."""
 
@@ -212,7 +259,8 @@ class StandInCrosscoder(_StandIn):
         return StandInStep(mse * self.n_layers, mse.detach(), fvu, l0, fire_counts, None, _fvu(r, xs, (0, 2)).detach())
 
 
-STAND_INS = {"topk_transcoder": StandInTranscoder, "topk_clt": StandInCLT, "topk_crosscoder": StandInCrosscoder}
+STAND_INS = {"topk_transcoder": StandInTranscoder, "jumprelu_transcoder": StandInJumpReLUTranscoder,
+             "topk_clt": StandInCLT, "topk_crosscoder": StandInCrosscoder}  # fmt: skip
 
 
 def _no_step(*args, **kwargs):
@@ -225,7 +273,8 @@ def registered(fs, monkeypatch):
     afterwards), or the real modules (``USE_STAND_INS = False``)."""
     if USE_STAND_INS:
         for name, module in STAND_INS.items():
-            arch = fs.Architecture(name, module, _no_step, StandInStep, "k", False, False, family=ARCHS[name])
+            sparsity = "l0_coefficient" if name.startswith("jumprelu") else "k"
+            arch = fs.Architecture(name, module, _no_step, StandInStep, sparsity, False, False, family=ARCHS[name])
             monkeypatch.setitem(fs.ARCHITECTURES, name, arch)
     missing = [name for name in ARCHS if name not in fs.ARCHITECTURES]
     assert not missing, f"not registered: {missing}"
@@ -428,27 +477,44 @@ def check_run(out, family, n_layers, causal=True):
     return state
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
-def test_short_run_writes_metrics_and_checkpoint(registered, fs, tmp_path, name, capsys):
+RUNS = [
+    (name, skip) for name, family in ARCHS.items() for skip in ((False, True) if family == "transcoder" else (False,))
+]
+
+
+@pytest.mark.parametrize(("name", "skip"), RUNS, ids=[f"{n}{'-skip' if s else ''}" for n, s in RUNS])
+def test_short_run_writes_metrics_and_checkpoint(registered, fs, tmp_path, name, skip, capsys):
+    """Three steps, two evaluations: the metrics (per layer for CLTs and crosscoders, the CE for the MLP
+    families), the training state (the module rebuilt from the saved arguments loads it) and the exports the
+    module has: SAELens's files load in the installed SAELens and predict raw MLP outputs as the trained module
+    does (the activation scaling folded in), with the MLP's hooks in the metadata."""
     ts = script()
     family = ARCHS[name]
-    out = ts.main([*TINY, "--arch", name, *FAMILY_ARGS[family], "--out", str(tmp_path)])
+    out = ts.main([*TINY, "--arch", name, *FAMILY_ARGS[family], *(["--skip"] if skip else []), "--out", str(tmp_path)])
     n_layers = {"transcoder": 1, "clt": 2, "crosscoder": 2}[family]
     state = check_run(out, family, n_layers)
+    assert state["args"]["skip"] == skip
     ckpt = out / "checkpoint"
-    # the module the run trained, rebuilt from the saved arguments, loads the saved state
     args = ts.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in state["args"].items()
-                          if v is not None and not isinstance(v, bool)])  # fmt: skip
-    module = ts.make_sae(fs, args, 64, torch.float32, "cpu", n_layers)
+                          if v is not None and not isinstance(v, bool)] + (["--skip"] if skip else []))  # fmt: skip
+    module = ts.make_sae(fs, args, 64, torch.float32, "cpu", n_layers).eval()
     module.load_state_dict(state["module"])
     said = capsys.readouterr().out
     assert "flash_sae_state.pt" in said
-    exports_saelens = getattr(module, "saelens_architecture", None) is not None
-    assert (ckpt / "cfg.json").exists() == exports_saelens and ("SAELens: nothing" in said) != exports_saelens
+    assert (ckpt / "cfg.json").exists() != ("SAELens: nothing" in said), said
+    if getattr(module, "saelens_architecture", None) is None:
+        assert not (ckpt / "cfg.json").exists()
     assert (ckpt / "circuit_tracer").is_dir() == hasattr(module, "to_circuit_tracer")
-    if family == "transcoder":
-        cfg = state["args"]
-        assert cfg["layer"] == 1 and not cfg["skip"]
+    if (ckpt / "cfg.json").exists():
+        theirs = require("sae_lens").SAE.load_from_disk(str(ckpt))
+        model, _, blocks, ids = load(ts, "random-gpt2")
+        x_raw = ts._replacement.Source("transcoder", blocks, (1,)).harvest(model, ids, "cpu")[:, 0]
+        factor = state["factor"]
+        with torch.no_grad():
+            want = module(x_raw * factor) / factor
+            torch.testing.assert_close(theirs(x_raw), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        meta = json.loads((ckpt / "cfg.json").read_text())["metadata"]
+        assert (meta["hook_name"], meta["hook_name_out"]) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
 
 
 def test_skip_transcoder_and_the_run_metadata(registered, tmp_path):
