@@ -532,20 +532,32 @@ def test_skip_transcoder_and_the_run_metadata(registered, tmp_path):
     assert meta["hook_names"] == ["blocks.0.hook_resid_pre", "ln_final.hook_normalized"]
 
 
-def test_clt_checkpoint_writes_circuit_tracers_files(registered, tmp_path):
-    """A module with ``to_circuit_tracer`` gets its files written in checkpoint/circuit_tracer/, with the run's
-    activation scaling passed (the stand-in writes circuit-tracer's layout; its loader reads them)."""
+def test_clt_checkpoint_writes_circuit_tracers_files(registered, tmp_path, monkeypatch):
+    """A module with ``to_circuit_tracer`` gets its files written in checkpoint/circuit_tracer/ (under a
+    temporary name, then renamed) at every checkpoint, with the run's activation scaling passed."""
+    import functools
+
     ts = script()
-    out = ts.main([*TINY, "--arch", "topk_clt", "--out", str(tmp_path)])
-    folder = out / "checkpoint" / "circuit_tracer"
-    module = ts.load_flash_sae().ARCHITECTURES["topk_clt"].module
+    module = registered["topk_clt"].module
     if not hasattr(module, "to_circuit_tracer"):
         pytest.skip("the CLT module writes no circuit-tracer files")
-    assert {"W_enc_0.safetensors", "W_dec_1.safetensors"} <= {p.name for p in folder.iterdir()}
+    calls, original = [], module.to_circuit_tracer
+
+    @functools.wraps(original)
+    def spy(self, folder, **kwargs):
+        calls.append(kwargs)
+        return original(self, folder, **kwargs)
+
+    monkeypatch.setattr(module, "to_circuit_tracer", spy)
+    out = ts.main([*TINY, "--arch", "topk_clt", "--out", str(tmp_path)])
+    factor = torch.load(out / "checkpoint" / "flash_sae_state.pt", weights_only=False)["factor"]
+    assert factor != 1.0 and calls == [{"activation_scale": factor}] * 2  # the checkpoints at steps 2 and 3
+    names = {p.name for p in (out / "checkpoint" / "circuit_tracer").iterdir()}
+    assert {"W_enc_0.safetensors", "W_dec_1.safetensors"} <= names
     assert not (out / "checkpoint" / "circuit_tracer.tmp").exists()
 
 
-def test_minilm_transcoder_and_clt_runs(registered, tmp_path):
+def test_minilm_transcoder_and_crosscoder_runs(registered, tmp_path):
     """A real trained encoder: no LM head, so no CE; the metrics and checkpoint as on the causal LM."""
     ts = script()
     minilm = [*TINY, "--model", "minilm", "--context-size", "9"]
