@@ -1,0 +1,297 @@
+"""Cross-layer transcoders (TopK, BatchTopK, JumpReLU per layer): every output and gradient against the fp64
+reference (``reference.cross_layer_transcoder_step``), determinism, nothing [B, F] saved, bad input."""
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from parity import ATOL, DTYPES, assert_parity, grads, rel_err
+
+RULES = ("topk", "batchtopk", "jumprelu")
+
+
+def _module(fs, rule, D, F, k, L, dtype, device, seed, **kwargs):
+    cls = {"topk": fs.TopKCrossLayerTranscoder, "batchtopk": fs.BatchTopKCrossLayerTranscoder,
+           "jumprelu": fs.JumpReLUCrossLayerTranscoder}[rule]  # fmt: skip
+    args = () if rule == "jumprelu" else (k,)
+    if rule == "jumprelu":
+        kwargs = {"sparsity_coefficient": 0.7, "tanh_scale": 1.3, "init_threshold": 0.2, "bandwidth": 0.5, **kwargs}
+    m = cls(D, F, *args, n_layers=L, dtype=dtype, device=device, seed=seed, **kwargs)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # biases and thresholds away from their zero / constant init
+        m.b_enc.copy_(torch.randn(L, F, generator=g) * 0.1)
+        m.b_dec.copy_(torch.randn(L, D, generator=g) * 0.1)
+        for w in m.W_dec:
+            w.mul_(3.0)
+        if rule == "jumprelu":
+            m.log_threshold.copy_((torch.rand(L, F, generator=g) * 0.4 + 0.05).log())
+    return m
+
+
+def _data(B, L, D, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed + 2)
+    xs = torch.randn(B, L, D, generator=g).to(device, dtype).requires_grad_()
+    ys = (torch.randn(B, L, D, generator=g) * 0.5).to(device, dtype).requires_grad_()
+    return xs, ys
+
+
+def _forced(fs, rule, m, xs, code, dtype):
+    """Each layer's selection as the module made it: the reference then computes at the same entries."""
+    L, F, B = m.n_layers, m.n_features, xs.shape[0]
+    ref = fs.testing.reference
+    if rule == "topk":
+        k = m.k
+        return [code.indices[:, layer * k : (layer + 1) * k] - layer * F for layer in range(L)]
+    if rule == "batchtopk":
+        n = int(code.row_offsets[-1])
+        rows = torch.repeat_interleave(torch.arange(B, device=xs.device), code.row_offsets.diff())
+        ids = code.indices[:n]
+        return [(rows[ids // F == layer], ids[ids // F == layer] - layer * F) for layer in range(L)]
+    theta = m.log_threshold.detach().exp()
+    out = []
+    for layer in range(L):  # the masks from the same-dtype pre-activations the kernel compared
+        z = ref.encoder_preacts(xs.detach()[:, layer], m.W_enc.detach()[layer], m.b_enc.detach()[layer])
+        out.append(ref.jumprelu_masks(z, theta[layer].to(dtype), m.bandwidth))
+    return out
+
+
+def _reference(fs, rule, m, xs, ys, forced, cast):
+    """The reference on ``cast`` copies of the module's parameters; returns (result dict, leaves)."""
+    leaf = lambda t: cast(t.detach()).requires_grad_()  # noqa: E731
+    W_enc, b_enc, b_dec = leaf(m.W_enc), leaf(m.b_enc), leaf(m.b_dec)
+    W_dec = [leaf(w) for w in m.W_dec]
+    xs_, ys_ = leaf(xs), leaf(ys)
+    leaves = [xs_, ys_, W_enc, b_enc, *W_dec, b_dec]
+    opts = {"k": getattr(m, "k", None)}
+    if rule == "jumprelu":
+        log_t = m.log_threshold.detach().clone().double().requires_grad_()
+        if cast(torch.zeros(1)).dtype != torch.float64:
+            log_t = m.log_threshold.detach().clone().requires_grad_()
+        leaves.append(log_t)
+        opts = dict(threshold=log_t.exp(), bandwidth=m.bandwidth, sparsity_coefficient=m.sparsity_coefficient,
+                    tanh_scale=m.tanh_scale)  # fmt: skip
+    ref = fs.testing.reference
+    out = ref.cross_layer_transcoder_step(xs_, ys_, W_enc, b_enc, W_dec, b_dec, rule, forced, **opts)
+    return out, leaves
+
+
+def _params(m, xs, ys):
+    extra = [m.log_threshold] if hasattr(m, "log_threshold") else []
+    return [xs, ys, m.W_enc, m.b_enc, *m.W_dec, m.b_dec, *extra]
+
+
+def check_clt_parity(fs, rule, shape, dtype, device, seed):
+    B, L, D, F, k = shape
+    m = _module(fs, rule, D, F, k, L, dtype, device, seed)
+    xs, ys = _data(B, L, D, dtype, device, seed)
+    out = m.loss(xs, ys)
+    forced = _forced(fs, rule, m, xs, out.code, dtype)
+    ref64, leaves64 = _reference(fs, rule, m, xs, ys, forced, lambda t: t.double())
+    same, leaves_same = _reference(fs, rule, m, xs, ys, forced, lambda t: t.clone())
+    up = torch.rand((), generator=torch.Generator().manual_seed(seed)) + 0.5
+    names = ["xs", "ys", "W_enc", "b_enc", *[f"W_dec[{i}]" for i in range(L)], "b_dec"]
+    if rule == "jumprelu":
+        names.append("log_threshold")
+        assert not bool(out.overflow)
+    what = f"{rule} CLT {shape}"
+    assert_parity(f"{what} loss", out.loss, same["loss"].float(), ref64["loss"], dtype)
+    for name in ("mse", "l0", "layer_l0") + (("fvu", "layer_fvu") if B > 1 else ()):
+        assert_parity(f"{what} {name}", getattr(out, name), same[name].float(), ref64[name], dtype)
+    if rule == "jumprelu":
+        assert_parity(f"{what} sparsity_loss", out.sparsity_loss, same["sparsity_loss"], ref64["sparsity_loss"], dtype)
+    dense = out.code.to_dense(L * F)
+    want = torch.cat([a.detach() for a in ref64["acts"]], 1)
+    assert_parity(f"{what} code", dense, torch.cat([a.detach() for a in same["acts"]], 1), want, dtype)
+    params = _params(m, xs, ys)
+    ours = grads(out.loss, params, up.to(device))
+    theirs = grads(same["loss"], leaves_same, up.to(device, same["loss"].dtype))
+    exact = grads(ref64["loss"], leaves64, up.double().to(device))
+    for name, a, b, c, p in zip(names, ours, theirs, exact, params):
+        assert a.dtype == p.dtype and a.shape == p.shape, name
+        assert_parity(f"{what} d{name}", a, b, c, dtype)
+
+
+@st.composite
+def clt_shapes(draw):
+    """(B, L, D, F, k): B = 1 included, L in 1..4, odd D, tiny F, k not a power of 2 often."""
+    k = draw(st.integers(1, 5))
+    return (draw(st.integers(1, 6)), draw(st.integers(1, 4)), draw(st.integers(1, 13)), k + draw(st.integers(0, 9)), k)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@settings(max_examples=3, deadline=None)
+@given(shape=clt_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+# pinned: each dtype, B = 1, L = 1 and L = 4, odd D, F = k
+@example(shape=(5, 3, 7, 11, 3), dtype=torch.float32, seed=1)
+@example(shape=(1, 4, 9, 6, 3), dtype=torch.bfloat16, seed=2)
+@example(shape=(4, 1, 5, 3, 3), dtype=torch.float16, seed=3)
+def test_clt_parity(fs, device, rule, shape, dtype, seed):
+    check_clt_parity(fs, rule, shape, dtype, device, seed)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_clt_is_deterministic(fs, device, rule):
+    """Two steps on one input give bitwise equal losses, codes and gradients (B > F: segments repeat)."""
+    runs = []
+    for _ in range(2):
+        m = _module(fs, rule, 5, 6, 2, 3, torch.float32, device, seed=4)
+        xs, ys = _data(10, 3, 5, torch.float32, device, seed=4)
+        out = m.loss(xs, ys)
+        runs.append((out.loss, out.code.vals, out.code.indices, *grads(out.loss, _params(m, xs, ys), None)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_clt_keeps_nothing_batch_by_features(fs, device, rule):
+    """No tensor autograd saves for the backward has B * F or more elements (nor B * L * F)."""
+    B, L, D, F = 24, 2, 4, 16
+    kwargs = {"capacity_per_row": 4} if rule == "jumprelu" else {}
+    m = _module(fs, rule, D, F, 3, L, torch.float32, device, seed=5, **kwargs)
+    xs, ys = _data(B, L, D, torch.float32, device, seed=5)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m.loss(xs, ys)
+    assert sizes and max(sizes) < B * F, f"a saved tensor of {max(sizes)} elements (B * F = {B * F})"
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_clt_code_layout(fs, device, rule):
+    """The code is over L * F ids (layer l's latent f at l * F + f): fire_counts and l0 are its counts,
+    encode is loss's code and decode(encode(xs)) is forward(xs)."""
+    B, L, D, F = 6, 3, 5, 9
+    m = _module(fs, rule, D, F, 2, L, torch.float32, device, seed=6)
+    xs, ys = _data(B, L, D, torch.float32, device, seed=6)
+    out = m.loss(xs, ys)
+    dense = out.code.to_dense(L * F)
+    assert torch.equal((dense > 0).sum(0), out.fire_counts)
+    assert float(out.l0) == pytest.approx(float((dense > 0).sum()) / B)
+    per_layer = (dense > 0).view(B, L, F).sum((0, 2)).float() / B
+    torch.testing.assert_close(out.layer_l0, per_layer)
+    assert torch.equal(m.encode(xs).to_dense(L * F), dense)
+    torch.testing.assert_close(m.decode(m.encode(xs)), m(xs))
+    torch.testing.assert_close(out.mse, (m(xs).float() - ys.float()).pow(2).mean())
+
+
+def test_jumprelu_clt_capacity_grows_and_reports_overflow(fs, device):
+    """A capacity too small says so (overflow), and the next step sizes it from the count it saw."""
+    m = _module(fs, "jumprelu", 5, 12, 0, 2, torch.float32, device, seed=7, capacity_per_row=1)
+    xs, ys = _data(8, 2, 5, torch.float32, device, seed=7)
+    first = m.loss(xs, ys)
+    assert bool(first.overflow)
+    second = m.loss(xs, ys)
+    assert not bool(second.overflow)
+
+
+def test_clt_dead_latent_counts(fs, device):
+    m = _module(fs, "topk", 5, 7, 2, 2, torch.float32, device, seed=8, dead_window_tokens=1)
+    xs, ys = _data(3, 2, 5, torch.float32, device, seed=8)
+    out = m.loss(xs, ys)
+    assert m.tokens_since_fired.shape == (14,)
+    assert torch.equal(m.tokens_since_fired == 0, out.fire_counts > 0)
+    m.loss(xs, ys)
+    assert torch.equal(m.dead_mask(), out.fire_counts == 0)
+
+
+def test_clt_fp32_matches_reference_exactly_enough(fs, device):
+    """A plain fp32 sanity check at one shape, outside hypothesis: loss to 1e-6 of the fp64 reference."""
+    m = _module(fs, "topk", 7, 10, 3, 3, torch.float32, device, seed=9)
+    xs, ys = _data(5, 3, 7, torch.float32, device, seed=9)
+    out = m.loss(xs, ys)
+    ref, _ = _reference(fs, "topk", m, xs, ys, _forced(fs, "topk", m, xs, out.code, torch.float32), lambda t: t.double())
+    assert rel_err(out.loss, ref["loss"]) < ATOL[torch.float32]
+
+
+# Bad input -----------------------------------------------------------------------------
+
+
+def _bad_cases(device):
+    B, L, D = 3, 2, 5
+    good = torch.randn(B, L, D)
+    return [
+        ("xs", dict(xs=torch.randn(B, L + 1, D))),  # a wrong layer count
+        ("ys", dict(ys=torch.randn(B, L - 1, D))),
+        ("xs", dict(xs=torch.randn(B, L, D + 1))),
+        ("ys", dict(ys=torch.randn(B + 1, L * D))),
+        ("xs", dict(xs=good.double())),  # dtypes
+        ("ys", dict(ys=good.half())),
+        ("xs", dict(xs=torch.randn(0, L, D))),
+        ("ys", dict(ys=torch.empty(B, L, D, device="meta"))),  # another device
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("rule", RULES)
+def test_clt_rejects_bad_input(fs, device, rule, case):
+    name, override = _bad_cases(device)[case]
+    m = _module(fs, rule, 5, 6, 2, 2, torch.float32, "cpu", seed=1)
+    args = {"xs": torch.randn(3, 2, 5), "ys": torch.randn(3, 2, 5), **override}
+    with pytest.raises(ValueError, match=name):
+        m.loss(**args)
+
+
+def test_clt_rejects_a_wrong_decoder_triangle(fs):
+    m = _module(fs, "topk", 5, 6, 2, 3, torch.float32, "cpu", seed=1)
+    m.W_dec[1] = torch.nn.Parameter(torch.randn(6, 3 * 5))  # layer 1 writes to 2 layers, not 3
+    with pytest.raises(ValueError, match=r"W_dec\[1\]"):
+        m.loss(torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    m.W_dec[1] = torch.nn.Parameter(torch.randn(6, 2 * 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"W_dec\[1\]"):
+        m.loss(torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    tensors = {f"{k}": v for f in _module(fs, "topk", 5, 6, 2, 3, torch.float32, "cpu", seed=1)
+               .to_circuit_tracer().values() for k, v in f.items()}  # fmt: skip
+    tensors["W_dec_2"] = torch.randn(6, 2, 5)
+    with pytest.raises(ValueError, match="W_dec_2"):
+        fs.TopKCrossLayerTranscoder.from_circuit_tracer(tensors, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_layers=0), "n_layers"),
+        (dict(n_layers=2.5), "n_layers"),
+        (dict(n_layers=2, k=7), "k"),
+        (dict(n_layers=2, k=0), "k"),
+    ],
+)
+def test_topk_clt_rejects_bad_arguments(fs, kwargs, match):
+    k = kwargs.pop("k", 2)
+    with pytest.raises(ValueError, match=match):
+        fs.TopKCrossLayerTranscoder(5, 6, k, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(sparsity_coefficient=-1.0), "sparsity_coefficient"), (dict(bandwidth=0.0), "bandwidth"),
+     (dict(tanh_scale=-2.0), "tanh_scale"), (dict(capacity_per_row=0), "capacity_per_row")],
+)  # fmt: skip
+def test_jumprelu_clt_rejects_bad_arguments(fs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fs.JumpReLUCrossLayerTranscoder(5, 6, n_layers=2, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["topk_clt", "batchtopk_clt", "jumprelu_clt"])
+def test_clt_registry_builds_and_trains(fs, device, name):
+    """``arch.build(d_model, n_features, sparsity, n_layers=L)`` builds the module; three SGD steps run."""
+    arch = fs.ARCHITECTURES[name]
+    assert arch.family == "clt" and arch.result is fs.CrossLayerTranscoderStep
+    m = arch.build(5, 8, 2 if arch.sparsity == "k" else 1e-3, n_layers=3, seed=0, device=device)
+    assert isinstance(m, arch.module) and m.n_features == 8 and m.n_layers == 3
+    xs, ys = _data(6, 3, 5, torch.float32, device, seed=3)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    for _ in range(3):
+        step = m.loss(xs.detach(), ys.detach())
+        assert type(step)._fields[: len(fs.STEP_FIELDS)] == fs.STEP_FIELDS
+        assert step.layer_fvu.shape == (3,) and step.layer_l0.shape == (3,) and step.fire_counts.shape == (24,)
+        step.loss.backward()
+        m.before_optimizer_step()
+        opt.step()
+        opt.zero_grad()
+        m.after_optimizer_step()
+    assert torch.isfinite(step.loss)
