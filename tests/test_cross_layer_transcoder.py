@@ -3,6 +3,7 @@ reference (``reference.cross_layer_transcoder_step``), determinism, nothing [B, 
 
 import pytest
 import torch
+from encoder_inputs import make_sae, step_shapes
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from parity import ATOL, DTYPES, assert_parity, grads, rel_err
@@ -204,7 +205,9 @@ def test_clt_fp32_matches_reference_exactly_enough(fs, device):
     m = _module(fs, "topk", 7, 10, 3, 3, torch.float32, device, seed=9)
     xs, ys = _data(5, 3, 7, torch.float32, device, seed=9)
     out = m.loss(xs, ys)
-    ref, _ = _reference(fs, "topk", m, xs, ys, _forced(fs, "topk", m, xs, out.code, torch.float32), lambda t: t.double())
+    ref, _ = _reference(
+        fs, "topk", m, xs, ys, _forced(fs, "topk", m, xs, out.code, torch.float32), lambda t: t.double()
+    )
     assert rel_err(out.loss, ref["loss"]) < ATOL[torch.float32]
 
 
@@ -295,3 +298,60 @@ def test_clt_registry_builds_and_trains(fs, device, name):
         opt.zero_grad()
         m.after_optimizer_step()
     assert torch.isfinite(step.loss)
+
+
+# The per-layer encode ops ----------------------------------------------------------------
+
+
+def check_encode_op_parity(fs, rule, shape, dtype, device, seed):
+    """``batchtopk_encode`` / ``jumprelu_encode``: the code (scattered to [B, F]) and every gradient under a
+    random upstream gradient, against ``reference.clt_layer_acts`` at the op's own selection."""
+    B, D, F, K = shape
+    ref = fs.testing.reference
+    x, W_enc, b_enc, _, _ = make_sae(B, D, F, K, dtype, device, seed=seed)
+    params, opts = [x, W_enc, b_enc], {"k": K}
+    if rule == "batchtopk":
+        vals, ids, offsets = fs.batchtopk_encode(x, W_enc, b_enc, K)
+        assert vals.shape == (B * K,) and int(offsets[-1]) == B * K
+    else:
+        g = torch.Generator().manual_seed(seed + 3)
+        theta = (torch.rand(F, generator=g) * 0.3 + 0.01).to(device).requires_grad_()
+        params.append(theta)
+        vals, ids, offsets, count = fs.jumprelu_encode(x, W_enc, b_enc, theta, capacity=B * F, bandwidth=0.3)
+        assert int(count) == int(offsets[-1]) <= B * F
+    n = int(offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff())
+    ours = torch.zeros(B, F, device=device, dtype=dtype).index_put((rows, ids[:n]), vals[:n])
+    if rule == "batchtopk":
+        forced = (rows, ids[:n])
+    else:
+        z = ref.encoder_preacts(x.detach(), W_enc.detach(), b_enc.detach())
+        forced = ref.jumprelu_masks(z, theta.detach().to(dtype), 0.3)
+        assert torch.equal(forced[0], ours.detach() > 0), "the active set is not the same-dtype z > theta"
+        opts = {"threshold": theta, "bandwidth": 0.3}
+    up = torch.randn(B, F, generator=torch.Generator().manual_seed(seed)).to(device)
+    same = ref.clt_layer_acts(x, W_enc, b_enc, rule, forced, **opts)
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    opts64 = dict(opts, threshold=p64[3]) if rule == "jumprelu" else opts
+    exact = ref.clt_layer_acts(*p64[:3], rule, forced, **opts64)
+    assert_parity(f"{rule}_encode code", ours, same, exact, dtype)
+    names = ["x", "W_enc", "b_enc", "threshold"]
+    ours_g = grads((ours.float() * up).sum(), params, None)
+    same_g = grads((same.float() * up).sum(), params, None)
+    exact_g = grads((exact * up.double()).sum(), p64, None)
+    for name, a, b, c, p in zip(names, ours_g, same_g, exact_g, params):
+        assert a.dtype == p.dtype and a.shape == p.shape, name
+        assert_parity(f"{rule}_encode d{name}", a, b, c, dtype)
+
+
+@pytest.mark.parametrize("rule", ["batchtopk", "jumprelu"])
+@settings(max_examples=3, deadline=None)
+@given(shape=step_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), k=st.integers(1, 5))
+@example(shape=(1, 7, 3), dtype=torch.bfloat16, seed=1, k=3)
+@example(shape=(5, 9, 11), dtype=torch.float16, seed=2, k=2)
+@example(shape=(4, 13, 6), dtype=torch.float32, seed=3, k=5)
+def test_encode_op_parity(fs, device, rule, shape, dtype, seed, k):
+    B, D, F = shape
+    if F > 40:  # the interpreter's per-latent programs: keep the op-level draws small
+        F = 40
+    check_encode_op_parity(fs, rule, (B, D, F, min(k, F)), dtype, device, seed)

@@ -152,6 +152,7 @@ class CrossLayerTranscoderBase(nn.Module):
         loss = layer_sq.sum() / (B * self.d_model)
         if extra.get("sparsity_loss") is not None:
             loss = loss + extra["sparsity_loss"]
+            extra["sparsity_loss"] = extra["sparsity_loss"].detach()
         layer_sq = layer_sq.detach()
         layer_l0 = torch.stack([code_l0(code.vals, B) for code in codes])
         code = self._global_code(codes, B)
