@@ -115,8 +115,9 @@ class CrossLayerTranscoderBase(nn.Module):
 
     # The step ------------------------------------------------------------------------
 
-    def _encode_layer(self, layer: int, x: torch.Tensor) -> SparseCode:
-        """Layer ``layer``'s code of x [B, D] (differentiable vals), local latent ids."""
+    def _encode_layer(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> SparseCode:
+        """One layer's code of x [B, D] through its encoder W_enc [F, D], b_enc [F] (differentiable vals,
+        latent ids in [0, F))."""
         raise NotImplementedError
 
     def _sparsity_terms(self, codes: list) -> dict:
@@ -132,20 +133,26 @@ class CrossLayerTranscoderBase(nn.Module):
             out = varlen_sparse_decode(code.vals, code.indices, code.row_offsets, w, validate=False)
         return out.view(out.shape[0], self.n_layers - layer, self.d_model)
 
-    def _decode_codes(self, codes: list) -> torch.Tensor:
-        """ys_hat [B, L, D] from each layer's code: b_dec plus each source layer's outputs, shifted to its targets."""
-        y_hat = self.b_dec
+    def _decode_codes(self, codes: list, B: int) -> torch.Tensor:
+        """ys_hat [B, L, D] fp32 from each layer's code: b_dec, then each source layer's outputs added in
+        place to its targets' slice (L(L+1)/2 [B, D] adds in all), in fp32."""
+        y_hat = self.b_dec.float().expand(B, self.n_layers, self.d_model).clone()
         for layer, code in enumerate(codes):
-            y_hat = y_hat + F_.pad(self._decode_layer(layer, code), (0, 0, layer, 0))
+            y_hat[:, layer:] += self._decode_layer(layer, code)
         return y_hat
 
+    def _layer_inputs(self, xs: torch.Tensor) -> list:
+        """(x_l, W_enc[l], b_enc[l]) per layer, through ``unbind``: the backward stacks each gradient once
+        (indexing layer by layer would add L full-size zero-padded gradients)."""
+        return list(zip(xs.unbind(1), self.W_enc.unbind(0), self.b_enc.unbind(0)))
+
     def _codes(self, xs: torch.Tensor) -> list:
-        return [self._encode_layer(layer, xs[:, layer]) for layer in range(self.n_layers)]
+        return [self._encode_layer(*inputs) for inputs in self._layer_inputs(xs)]
 
     def _step(self, xs: torch.Tensor, ys: torch.Tensor) -> CrossLayerTranscoderStep:
         B, L, F = xs.shape[0], self.n_layers, self.n_features
         codes = self._codes(xs)
-        err = (self._decode_codes(codes).float() - ys.float()).pow(2)  # [B, L, D]
+        err = (self._decode_codes(codes, B) - ys.float()).pow(2)  # [B, L, D]
         layer_sq = err.sum((0, 2))
         layer_var = ys.detach().float().var(0, correction=B - 1).sum(-1)  # each target's total variance
         extra = self._sparsity_terms(codes)
@@ -239,13 +246,14 @@ class CrossLayerTranscoderBase(nn.Module):
             vals = torch.where(mine, code.vals, 0)
             ids = torch.where(mine, code.indices - layer * F, 0)
             per_layer.append(SparseCode(vals, ids, code.row_offsets))
-        return self._decode_codes(per_layer)
+        B = code.vals.shape[0] if code.row_offsets is None else code.row_offsets.shape[0] - 1
+        return self._decode_codes(per_layer, B).to(self.W_enc.dtype)
 
     @torch.no_grad()
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         """ys_hat [B, L, D] from xs [B, L, D] (no gradients: train with ``loss``)."""
         self._check_inputs(xs=xs)
-        return self._decode_codes(self._codes(xs))
+        return self._decode_codes(self._codes(xs), xs.shape[0]).to(self.W_enc.dtype)
 
     def before_optimizer_step(self) -> None:
         """Nothing: the CLTs keep no decoder-norm constraint (see the class docstring)."""
@@ -338,8 +346,8 @@ class TopKCrossLayerTranscoder(CrossLayerTranscoderBase):
         check_int("k", k, 1, self.n_features, integral=True)
         self.k = int(k)
 
-    def _encode_layer(self, layer: int, x: torch.Tensor) -> SparseCode:
-        vals, indices = topk_encode(x, self.W_enc[layer], self.b_enc[layer], self.k)
+    def _encode_layer(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> SparseCode:
+        vals, indices = topk_encode(x, W_enc, b_enc, self.k)
         return SparseCode(vals, indices)
 
     def extra_repr(self) -> str:
@@ -364,8 +372,8 @@ class BatchTopKCrossLayerTranscoder(CrossLayerTranscoderBase):
             raise ValueError(f"k must be a number in (0, n_features={self.n_features}], got {k!r}")
         self.k = k
 
-    def _encode_layer(self, layer: int, x: torch.Tensor) -> SparseCode:
-        return SparseCode(*batchtopk_encode(x, self.W_enc[layer], self.b_enc[layer], self.k))
+    def _encode_layer(self, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> SparseCode:
+        return SparseCode(*batchtopk_encode(x, W_enc, b_enc, self.k))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", k={self.k}"
@@ -430,13 +438,11 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoderBase):
         if per_row is not None:
             self.capacity_per_row = grown_capacity(per_row, self.n_features)
         self._capacity = min(xs.shape[0] * self.n_features, self.capacity_per_row * xs.shape[0])
-        theta = self.threshold()
         codes, self._counts = [], []
-        for layer in range(self.n_layers):
+        for (x, W_enc, b_enc), theta in zip(self._layer_inputs(xs), self.threshold().unbind(0)):
             vals, indices, row_offsets, count = jumprelu_encode(
-                xs[:, layer], self.W_enc[layer], self.b_enc[layer], theta[layer], capacity=self._capacity,
-                bandwidth=self.bandwidth,
-            )  # fmt: skip
+                x, W_enc, b_enc, theta, capacity=self._capacity, bandwidth=self.bandwidth
+            )
             codes.append(SparseCode(vals, indices, row_offsets))
             self._counts.append(count)
         return codes
@@ -445,7 +451,8 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoderBase):
         B = codes[0].row_offsets.shape[0] - 1
         penalty = 0.0
         for layer, code in enumerate(codes):
-            norms = self.W_dec[layer].float().norm(dim=1)  # [F], the latent's whole decoder row
+            # [F] fp32, the norm of the latent's whole decoder row (accumulated in fp32, no fp32 copy of W_dec)
+            norms = torch.linalg.vector_norm(self.W_dec[layer], dim=1, dtype=torch.float32)
             n = gather_by_id(norms, code.indices.clamp_min(0))
             penalty = penalty + torch.tanh(self.tanh_scale * n * code.vals.float()).sum()
         counts = torch.stack(self._counts)  # [L]: the entries each layer's code needed
