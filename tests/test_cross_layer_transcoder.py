@@ -355,3 +355,46 @@ def test_encode_op_parity(fs, device, rule, shape, dtype, seed, k):
     if F > 40:  # the interpreter's per-latent programs: keep the op-level draws small
         F = 40
     check_encode_op_parity(fs, rule, (B, D, F, min(k, F)), dtype, device, seed)
+
+
+# The hub layer ----------------------------------------------------------------------------
+
+
+class HostCLT(torch.nn.Module):
+    """A plain-torch TopK CLT host (the layout ``layers.TopKCrossLayerTranscoder`` reads): dense encode, top-k."""
+
+    def __init__(self, clt):
+        super().__init__()
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k = clt.W_enc, clt.b_enc, clt.W_dec, clt.b_dec, clt.k
+
+    def forward(self, xs):
+        L, D = self.b_dec.shape
+        acts = [torch.relu(torch.topk(xs[:, i] @ self.W_enc[i].T + self.b_enc[i], self.k).values) for i in range(L)]
+        ids = [torch.topk(xs[:, i] @ self.W_enc[i].T + self.b_enc[i], self.k).indices for i in range(L)]
+        dense = [torch.zeros(xs.shape[0], self.W_enc.shape[1]).scatter(1, j, a) for a, j in zip(acts, ids)]
+        return torch.stack(
+            [self.b_dec[t] + sum(dense[i] @ self.W_dec[i].view(-1, L - i, D)[:, t - i] for i in range(t + 1))
+             for t in range(L)], 1)  # fmt: skip
+
+
+def test_topk_clt_hub_layer(fs, device):
+    """kernels' validation accepts the layer; run as the host's forward it gives the module's ys_hat and the
+    fp64 reference's gradients (it has a backward)."""
+    from kernels.layer.layer import _validate_layer
+
+    layer = fs.layers.TopKCrossLayerTranscoder
+    _validate_layer(check_cls=HostCLT, cls=layer, repo="flash-sae layers.TopKCrossLayerTranscoder")
+    assert layer.__init__ is torch.nn.Module.__init__ and layer.has_backward is True
+    m = _module(fs, "topk", 5, 9, 3, 3, torch.float32, device, seed=11)
+    xs, _ = _data(6, 3, 5, torch.float32, device, seed=11)
+    host = HostCLT(m)
+    ours = layer.forward(host, xs)
+    assert torch.equal(ours, m(xs))
+    torch.testing.assert_close(ours, host(xs), rtol=1e-5, atol=1e-6)
+    up = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    ours_g = grads((ours * up).sum(), [xs, m.W_enc, *m.W_dec], None)
+    forced = _forced(fs, "topk", m, xs, m.encode(xs), torch.float32)
+    out, leaves = _reference(fs, "topk", m, xs, xs, forced, lambda t: t.double())
+    exact = grads((out["ys_hat"] * up.double()).sum(), [leaves[0], leaves[2], *leaves[4 : 4 + m.n_layers]], None)
+    for a, b in zip(ours_g, exact):
+        assert rel_err(a, b) < 1e-5

@@ -73,6 +73,31 @@ def gather_by_id(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return sparse_decode(ones, ids.reshape(-1, 1), values.unsqueeze(1), validate=False).squeeze(1)
 
 
+def decode_layer_codes(codes: list, W_dec, b_dec: torch.Tensor, B: int) -> torch.Tensor:
+    """ys_hat [B, L, D] fp32 from each source layer's code (local ids): b_dec [L, D], then each layer's
+    ``sparse_decode`` / ``varlen_sparse_decode`` over its decoder W_dec[l] ([F, (L - l) * D], or circuit-tracer's
+    [F, L - l, D]) added in place to its targets' slice (L(L+1)/2 [B, D] adds in all), in fp32."""
+    L, D = b_dec.shape
+    y_hat = b_dec.float().expand(B, L, D).clone()
+    for layer, code in enumerate(codes):
+        w = W_dec[layer].reshape(W_dec[layer].shape[0], -1)
+        if code.row_offsets is None:
+            out = sparse_decode(code.vals, code.indices, w, validate=False)
+        else:
+            out = varlen_sparse_decode(code.vals, code.indices, code.row_offsets, w, validate=False)
+        y_hat[:, layer:] += out.view(B, L - layer, D)
+    return y_hat
+
+
+def topk_clt_forward(host, xs: torch.Tensor) -> torch.Tensor:
+    """ys_hat [B, L, D] in xs's dtype of a TopK CLT held by ``host``'s attributes: ``W_enc`` [L, F, D], ``b_enc``
+    [L, F], ``W_dec`` (L matrices [F, (L - l) * D] or [F, L - l, D]), ``b_dec`` [L, D] and an int ``k``, from
+    xs [B, L, D]. Differentiable (the encode's and the decodes' sparse backwards); shared with the hub layer."""
+    codes = [SparseCode(*topk_encode(x, W, b, host.k)) for x, W, b in
+             zip(xs.unbind(1), host.W_enc.unbind(0), host.b_enc.unbind(0))]  # fmt: skip
+    return decode_layer_codes(codes, host.W_dec, host.b_dec, xs.shape[0]).to(xs.dtype)
+
+
 class CrossLayerTranscoderBase(nn.Module):
     """What the CLT modules share: parameters, initialisation, the step's composition, dead-latent counts.
 
@@ -124,22 +149,8 @@ class CrossLayerTranscoderBase(nn.Module):
         """The rule's extra loss terms and result fields (``sparsity_loss``, ``count``, ``overflow``)."""
         return {}
 
-    def _decode_layer(self, layer: int, code: SparseCode) -> torch.Tensor:
-        """[B, L - layer, D]: the code's contribution to the targets layer..L-1."""
-        w = self.W_dec[layer]
-        if code.row_offsets is None:
-            out = sparse_decode(code.vals, code.indices, w, validate=False)
-        else:
-            out = varlen_sparse_decode(code.vals, code.indices, code.row_offsets, w, validate=False)
-        return out.view(out.shape[0], self.n_layers - layer, self.d_model)
-
     def _decode_codes(self, codes: list, B: int) -> torch.Tensor:
-        """ys_hat [B, L, D] fp32 from each layer's code: b_dec, then each source layer's outputs added in
-        place to its targets' slice (L(L+1)/2 [B, D] adds in all), in fp32."""
-        y_hat = self.b_dec.float().expand(B, self.n_layers, self.d_model).clone()
-        for layer, code in enumerate(codes):
-            y_hat[:, layer:] += self._decode_layer(layer, code)
-        return y_hat
+        return decode_layer_codes(codes, self.W_dec, self.b_dec, B)
 
     def _layer_inputs(self, xs: torch.Tensor) -> list:
         """(x_l, W_enc[l], b_enc[l]) per layer, through ``unbind``: the backward stacks each gradient once
