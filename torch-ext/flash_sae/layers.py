@@ -22,6 +22,11 @@ threshold. JumpReLU hosts need the four weights and ``threshold`` [F] (or
 its hosts need the four weights. ``GatedSparseAutoencoder`` is forward-only too; its hosts need
 ``W_enc``, ``b_gate``, ``r_mag``, ``b_mag``, ``W_dec`` and ``b_dec``. These eval-mode codes are
 sized by counting first, one host sync per call (this is inference).
+
+``TopKCrossLayerTranscoder``: the host needs ``W_enc`` [L, F, D], ``b_enc`` [L, F], ``W_dec`` (L
+matrices, [F, (L - l) * D] or circuit-tracer's [F, L - l, D]), ``b_dec`` [L, D] and an int ``k``;
+``forward(xs)`` maps every layer's MLP input xs [B, L, D] to the MLP outputs ys_hat [B, L, D], with
+flash-sae's backward.
 """
 
 import torch

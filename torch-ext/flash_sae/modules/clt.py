@@ -394,9 +394,9 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoderBase):
     """A JumpReLU CLT with the tanh sparsity penalty of Anthropic's "Circuit Tracing" methods (2025).
 
         a_{l,f} = z * H(z - theta_{l,f}),  z = x_l @ W_enc[l, f] + b_enc[l, f]
-        penalty = sparsity_coefficient * mean over B of sum over (l, f) of tanh(c * ||W_dec[l][f]|| * a_{l,f})
+        penalty = sparsity_coefficient * mean over B of sum over (l, f) of tanh(c * n_{l,f} * a_{l,f})
 
-    ||W_dec[l][f]|| is the L2 norm of the latent's whole decoder row, all L - l output vectors (as
+    ``n_{l,f} = ||W_dec[l][f]||`` is the L2 norm of the latent's whole decoder row, all L - l output vectors (as
     circuit-tracer's format and decode-clt's ``get_decoder_norms`` define it); c = ``tanh_scale``.
     theta = exp(log_threshold), ``log_threshold`` [L, F] fp32 (decode-clt's parameterisation); its
     gradient is the straight-through estimator with the rectangle kernel (``jumprelu_encode``).

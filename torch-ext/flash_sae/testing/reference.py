@@ -519,7 +519,7 @@ def clt_layer_acts(x, W_enc, b_enc, rule, forced=None, **opts):
 
 
 def clt_decode(acts, W_dec, b_dec):
-    """ys_hat [B, L, D] = b_dec[t] + sum over l <= t of acts[l] @ W_dec[l -> t], W_dec[l] [F, (L - l) * D]."""
+    """ys_hat [B, L, D] = b_dec[t] + sum over l <= t of ``acts[l] @ W_dec[l -> t]``, ``W_dec[l]`` of shape (F, (L - l) * D)."""
     L, D = b_dec.shape
     out = []
     for t in range(L):
@@ -537,7 +537,7 @@ def cross_layer_transcoder_step(xs, ys, W_enc, b_enc, W_dec, b_dec, rule, forced
     ``rule`` and ``opts`` as ``clt_layer_acts`` (jumprelu: ``threshold`` [L, F], ``bandwidth``,
     ``sparsity_coefficient``, ``tanh_scale``); ``forced`` a list of each layer's forced selection.
     loss = sum over t of mean over B*D of (ys_hat_t - ys_t)^2, + for jumprelu sparsity_coefficient *
-    mean over B of sum over (l, f) of tanh(tanh_scale * ||W_dec[l][f]|| * a_{l,f}). Returns a dict:
+    mean over B of sum over (l, f) of tanh(tanh_scale * ``||W_dec[l][f]||`` * a_{l,f}). Returns a dict:
     loss, mse, fvu, l0, layer_fvu, layer_l0, ys_hat, acts (the dense codes), sparsity_loss.
     """
     B, L, _ = xs.shape
