@@ -4,9 +4,9 @@ reference (``reference.cross_layer_transcoder_step``), determinism, nothing [B, 
 import pytest
 import torch
 from encoder_inputs import make_sae, step_shapes
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import ATOL, DTYPES, assert_parity, grads, rel_err
+from parity import ATOL, DTYPES, assert_parity, fast_tier_keeps, grads, rel_err
 
 RULES = ("topk", "batchtopk", "jumprelu")
 
@@ -120,7 +120,6 @@ def clt_shapes(draw):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@settings(max_examples=3, deadline=None)
 @given(shape=clt_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 # pinned: each dtype, B = 1, L = 1 and L = 4, odd D, F = k
 @example(shape=(5, 3, 7, 11, 3), dtype=torch.float32, seed=1)
@@ -130,7 +129,7 @@ def test_clt_parity(fs, device, rule, shape, dtype, seed):
     check_clt_parity(fs, rule, shape, dtype, device, seed)
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", fast_tier_keeps(2, ("jumprelu", "topk", "batchtopk")))
 def test_clt_is_deterministic(fs, device, rule):
     """Two steps on one input give bitwise equal losses, codes and gradients (B > F: segments repeat)."""
     runs = []
@@ -162,7 +161,7 @@ def test_clt_keeps_nothing_batch_by_features(fs, device, rule):
     out.loss.backward()
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", fast_tier_keeps(2, ("jumprelu", "topk", "batchtopk")))
 def test_clt_code_layout(fs, device, rule):
     """The code is over L * F ids (layer l's latent f at l * F + f): fire_counts and l0 are its counts,
     encode is loss's code and decode(encode(xs)) is forward(xs)."""
@@ -279,7 +278,7 @@ def test_jumprelu_clt_rejects_bad_arguments(fs, kwargs, match):
         fs.JumpReLUCrossLayerTranscoder(5, 6, n_layers=2, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["topk_clt", "batchtopk_clt", "jumprelu_clt"])
+@pytest.mark.parametrize("name", fast_tier_keeps(1, ("jumprelu_clt", "topk_clt", "batchtopk_clt")))
 def test_clt_registry_builds_and_trains(fs, device, name):
     """``arch.build(d_model, n_features, sparsity, n_layers=L)`` builds the module; three SGD steps run."""
     arch = fs.ARCHITECTURES[name]
@@ -345,7 +344,6 @@ def check_encode_op_parity(fs, rule, shape, dtype, device, seed):
 
 
 @pytest.mark.parametrize("rule", ["batchtopk", "jumprelu"])
-@settings(max_examples=3, deadline=None)
 @given(shape=step_shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), k=st.integers(1, 5))
 @example(shape=(1, 7, 3), dtype=torch.bfloat16, seed=1, k=3)
 @example(shape=(5, 9, 11), dtype=torch.float16, seed=2, k=2)
