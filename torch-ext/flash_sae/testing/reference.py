@@ -519,7 +519,8 @@ def clt_layer_acts(x, W_enc, b_enc, rule, forced=None, **opts):
 
 
 def clt_decode(acts, W_dec, b_dec):
-    """ys_hat [B, L, D] = b_dec[t] + sum over l <= t of ``acts[l] @ W_dec[l -> t]``, ``W_dec[l]`` of shape (F, (L - l) * D)."""
+    """ys_hat [B, L, D] = b_dec[t] + sum over l <= t of ``acts[l] @ W_dec[l -> t]``, with ``W_dec[l]`` of shape
+    (F, (L - l) * D)."""
     L, D = b_dec.shape
     out = []
     for t in range(L):
