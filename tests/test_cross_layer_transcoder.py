@@ -6,7 +6,7 @@ import torch
 from encoder_inputs import make_sae, step_shapes
 from hypothesis import example, given
 from hypothesis import strategies as st
-from parity import ATOL, DTYPES, assert_parity, fast_tier_keeps, grads, rel_err
+from parity import ATOL, DTYPES, assert_parity, fast_tier_keeps, grads, package_module, rel_err
 
 RULES = ("topk", "batchtopk", "jumprelu")
 
@@ -187,6 +187,10 @@ def test_jumprelu_clt_capacity_grows_and_reports_overflow(fs, device):
     assert bool(first.overflow)
     second = m.loss(xs, ys)
     assert not bool(second.overflow)
+    m.capacity_per_row = 1  # inference counts first: forward and encode drop nothing whatever the capacity
+    ref, _ = _reference(fs, "jumprelu", m, xs, ys, None, lambda t: t.clone())
+    torch.testing.assert_close(m(xs), ref["ys_hat"].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.encode(xs).to_dense(2 * 12), torch.cat([a.detach() for a in ref["acts"]], 1))
 
 
 def test_clt_dead_latent_counts(fs, device):
@@ -396,3 +400,12 @@ def test_topk_clt_hub_layer(fs, device):
     exact = grads((out["ys_hat"] * up.double()).sum(), [leaves[0], leaves[2], *leaves[4 : 4 + m.n_layers]], None)
     for a, b in zip(ours_g, exact):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", RULES)
+def test_clt_parity_on_the_torch_path(fs, rule, dtype, monkeypatch):
+    """CPU tensors without the Triton interpreter (what a CPU user runs): the plain-torch branches of the
+    same ops keep the parity rule for every output and gradient."""
+    monkeypatch.setattr(package_module(fs, "_launch"), "CPU_RUNS_TRITON", False)
+    check_clt_parity(fs, rule, (7, 3, 9, 13, 4), dtype, "cpu", seed=12)

@@ -128,7 +128,8 @@ class CrossLayerTranscoderBase(nn.Module):
         (indexing layer by layer would add L full-size zero-padded gradients)."""
         return list(zip(xs.unbind(1), self.W_enc.unbind(0), self.b_enc.unbind(0)))
 
-    def _codes(self, xs: torch.Tensor) -> list:
+    def _codes(self, xs: torch.Tensor, exact: bool = False) -> list:
+        """Each layer's code; ``exact`` (inference): a fixed-capacity code is sized so nothing is dropped."""
         return [self._encode_layer(*inputs) for inputs in self._layer_inputs(xs)]
 
     def _step(self, xs: torch.Tensor, ys: torch.Tensor) -> CrossLayerTranscoderStep:
@@ -215,7 +216,7 @@ class CrossLayerTranscoderBase(nn.Module):
     def encode(self, xs: torch.Tensor) -> SparseCode:
         """The code of xs [B, L, D] over the L * F latents (layer l's latent f at l * F + f), as ``loss``'s."""
         self._check_inputs(xs=xs)
-        return self._global_code(self._codes(xs), xs.shape[0])
+        return self._global_code(self._codes(xs, exact=True), xs.shape[0])
 
     @torch.no_grad()
     def decode(self, code: SparseCode) -> torch.Tensor:
@@ -235,7 +236,7 @@ class CrossLayerTranscoderBase(nn.Module):
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         """ys_hat [B, L, D] from xs [B, L, D] (no gradients: train with ``loss``)."""
         self._check_inputs(xs=xs)
-        return self._decode_codes(self._codes(xs), xs.shape[0]).to(self.W_enc.dtype)
+        return self._decode_codes(self._codes(xs, exact=True), xs.shape[0]).to(self.W_enc.dtype)
 
     def before_optimizer_step(self) -> None:
         """Nothing: the CLTs keep no decoder-norm constraint (see the class docstring)."""
@@ -381,6 +382,8 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoderBase):
         capacity_per_row: each layer's code size per row to start from (default F, which never
             overflows); it then follows 1.5x the largest per-layer count per row seen, without a
             host sync (``modules/_capacity.py``). ``step.overflow`` says when a step dropped entries.
+            ``forward`` and ``encode`` (inference) count each layer's entries first, one host sync per
+            layer, and drop nothing.
         dtype, device, seed, dead_window_tokens: as ``CrossLayerTranscoderBase``.
     """
 
@@ -415,7 +418,9 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoderBase):
         theta = torch.stack([t.reshape(-1).float() for t in thresholds]).to(self.log_threshold.device)
         self.log_threshold.copy_(theta.clamp_min(torch.finfo(torch.float32).tiny).log())
 
-    def _codes(self, xs: torch.Tensor) -> list:
+    def _codes(self, xs: torch.Tensor, exact: bool = False) -> list:
+        if exact:  # inference: count each layer's entries first (a host sync per layer), then collect them all
+            return self._counted_codes(xs)
         per_row = self._seen.poll()
         if per_row is not None:
             self.capacity_per_row = grown_capacity(per_row, self.n_features)
@@ -427,6 +432,15 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoderBase):
             )
             codes.append(SparseCode(vals, indices, row_offsets))
             self._counts.append(count)
+        return codes
+
+    def _counted_codes(self, xs: torch.Tensor) -> list:
+        codes = []
+        for (x, W_enc, b_enc), theta in zip(self._layer_inputs(xs), self.threshold().unbind(0)):
+            count = jumprelu_encode(x, W_enc, b_enc, theta, capacity=1, bandwidth=self.bandwidth)[3]
+            capacity = max(1, int(count))
+            codes.append(SparseCode(*jumprelu_encode(x, W_enc, b_enc, theta, capacity=capacity,
+                                                     bandwidth=self.bandwidth)[:3]))  # fmt: skip
         return codes
 
     def _sparsity_terms(self, codes: list) -> dict:
