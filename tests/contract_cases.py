@@ -14,6 +14,7 @@ import torch
 from encoder_inputs import check_encode_parity, check_step_parity, make_sae
 from parity import check_decode_parity, check_loss_parity, make_inputs
 from test_batchtopk_sae_step import check_batchtopk_step
+from test_cross_layer_transcoder import check_encode_op_parity
 from test_gated_sae_step import check_gated_step
 from test_jumprelu_sae_step import check_jumprelu_step
 from test_matryoshka_batchtopk_sae_step import check_matryoshka
@@ -147,6 +148,20 @@ def _encode(fs, dtype, device, shape, seed):
     return PublicCall(fs.topk_encode, kw, ("x", "W_enc", "b_enc", "b_dec"))
 
 
+def _batchtopk_encode(fs, dtype, device, shape, seed):
+    sae = _sae(dtype, device, shape, seed)
+    kw = dict(x=sae["x"], W_enc=sae["W_enc"], b_enc=sae["b_enc"], k=batch_k(shape))
+    return PublicCall(fs.batchtopk_encode, kw, ("x", "W_enc", "b_enc"))
+
+
+def _jumprelu_encode(fs, dtype, device, shape, seed):
+    sae = _sae(dtype, device, shape, seed)
+    threshold = (torch.rand(shape.F, generator=torch.Generator().manual_seed(seed + 3)) * 0.3).to(device)
+    kw = dict(x=sae["x"], W_enc=sae["W_enc"], b_enc=sae["b_enc"], threshold=threshold,
+              capacity=shape.B * shape.F, bandwidth=0.3)  # fmt: skip
+    return PublicCall(fs.jumprelu_encode, kw, ("x", "W_enc", "b_enc", "threshold"))
+
+
 def _code(dtype, device, shape, seed):
     """A [B, K] code with repeated latents, its decoder and a target."""
     B, D, F, K = shape
@@ -206,6 +221,8 @@ PUBLIC = {
     "gated": Case("gated_sae_step", _gated()),
     "gated dense": Case("gated_sae_step", _gated(dense=True)),
     "topk encode": Case("topk_encode", _encode),
+    "batchtopk encode": Case("batchtopk_encode", _batchtopk_encode),
+    "jumprelu encode": Case("jumprelu_encode", _jumprelu_encode),
     "sparse decode": Case("sparse_decode", _sparse_decode),
     "varlen decode": Case("varlen_sparse_decode", _varlen_decode),
     "topk loss": Case("topk_sae_loss", _loss("topk_sae_loss")),
@@ -238,6 +255,8 @@ CHUNKED = {
     "standard": _F_CHUNKS,
     "gated": _F_CHUNKS,
     "topk encode": _TOPK_GROUPS,
+    "batchtopk encode": _BATCH_GROUPS,
+    "jumprelu encode": _F_CHUNKS,
     "sparse decode": _DECODE_TILES,
     "varlen decode": _DECODE_TILES,
     "topk loss": _DECODE_TILES,
@@ -306,6 +325,12 @@ PARITY = {
     ),
     "sparse_decode": lambda fs, s, dtype, device, seed: check_decode_parity(
         fs, (s.B, s.K, s.F, s.D), dtype, device, seed=seed, duplicates=True
+    ),
+    "batchtopk_encode": lambda fs, s, dtype, device, seed: check_encode_op_parity(
+        fs, "batchtopk", tuple(s), dtype, device, seed
+    ),
+    "jumprelu_encode": lambda fs, s, dtype, device, seed: check_encode_op_parity(
+        fs, "jumprelu", tuple(s), dtype, device, seed
     ),
     "varlen_sparse_decode": _parity_varlen(check_varlen_decode),
     "topk_sae_loss": _parity_loss("topk_sae_loss"),
@@ -440,4 +465,6 @@ BAD_SCALARS = {
     "gated": _CAPACITY + _L1 + _FREEZE,
     "gated dense": _L1 + _FREEZE,
     "topk encode": _k_breaks(),
+    "batchtopk encode": _BATCH_K,
+    "jumprelu encode": _CAPACITY + [("bandwidth", "0", lambda kw: 0.0)],
 }

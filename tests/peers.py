@@ -20,7 +20,7 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError as err:
         if os.environ.get("CI"):
-            pytest.fail(f"{module} is not installed; tests/requirements.txt (or requirements-nodeps.txt) installs it: {err}")
+            pytest.fail(f"{module} is not installed; tests/requirements(-nodeps).txt installs it: {err}")
         pytest.skip(f"{module} is not installed (pip install -r tests/requirements.txt)")
 
 

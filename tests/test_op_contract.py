@@ -137,6 +137,10 @@ def _decoders(fs, dtype, device):
     return [
         ("topk encode", "topk_encode",
          dict(x=sae["x"], W_enc=sae["W_enc"], b_enc=sae["b_enc"], b_dec=sae["b_dec"], k=5)),
+        ("batchtopk encode", "batchtopk_encode", dict(x=sae["x"], W_enc=sae["W_enc"], b_enc=sae["b_enc"], n=20)),
+        ("jumprelu encode", "jumprelu_encode",
+         dict(x=sae["x"], W_enc=sae["W_enc"], b_enc=sae["b_enc"], threshold=(torch.rand(F, generator=_g(3)) * 0.3)
+              .to(device), bandwidth=0.3, capacity=B * F)),
         ("sparse decode", "sparse_decode",
          dict(vals=code["vals"], indices=code["indices"], weight=code["weight"], bias=code["bias"], validate=True)),
         ("varlen decode", "varlen_sparse_decode",
@@ -168,7 +172,8 @@ def _case(fs, dtype, device, name):
 
 _NAMES = (
     "topk", "topk+auxk", "topk+ghost", "topk transcoder+auxk", "batchtopk", "batchtopk+auxk", "batchtopk transcoder",
-    "matryoshka topk", "matryoshka batchtopk", "jumprelu", "standard", "gated", "topk encode", "sparse decode",
+    "matryoshka topk", "matryoshka batchtopk", "jumprelu", "standard", "gated", "topk encode", "batchtopk encode",
+    "jumprelu encode", "sparse decode",
     "varlen decode", "topk loss", "hierarchical loss", "varlen loss",
 )  # fmt: skip
 

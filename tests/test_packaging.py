@@ -61,9 +61,11 @@ def test_layout_rules():
 
 # The ops flash-sae registers, by public name; each also registers "<name>_backward".
 OPS = (
+    "batchtopk_encode",
     "batchtopk_sae_step",
     "gated_sae_step",
     "hierarchical_topk_sae_loss",
+    "jumprelu_encode",
     "jumprelu_sae_step",
     "sparse_decode",
     "standard_sae_step",
@@ -159,6 +161,7 @@ def test_public_api(fs):
             "ARCHITECTURES",
             "Architecture",
             "BatchTopKSAEStep",
+            "CrossLayerTranscoderStep",
             "DeadLatentLoss",
             "GatedSAEStep",
             "JumpReLUSAEStep",
@@ -167,6 +170,7 @@ def test_public_api(fs):
             "SparseCode",
             "StandardSAEStep",
             "TopKSAEStep",
+            "batchtopk_encode",
             "batchtopk_sae_step",
             "circuit_tracer_transcoder_set",
             "distributed",
@@ -174,6 +178,7 @@ def test_public_api(fs):
             "gated_sae_step_dense",
             "graph_training_step",
             "hierarchical_topk_sae_loss",
+            "jumprelu_encode",
             "jumprelu_sae_step",
             "layers",
             "matryoshka_batchtopk_sae_step",

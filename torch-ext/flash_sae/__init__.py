@@ -18,6 +18,7 @@ from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
+from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder
 from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
@@ -29,6 +30,7 @@ from .modules.transcoder import (
     TopKTranscoder,
     circuit_tracer_transcoder_set,
 )
+from .ops.batchtopk.batchtopk_encode import batchtopk_encode
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step, matryoshka_batchtopk_sae_step
 from .ops.decode.hierarchical_topk_sae_loss import hierarchical_topk_sae_loss
 from .ops.decode.sparse_decode import sparse_decode
@@ -36,6 +38,7 @@ from .ops.decode.topk_sae_loss import topk_sae_loss
 from .ops.decode.varlen_sae_loss import varlen_sae_loss
 from .ops.decode.varlen_sparse_decode import varlen_sparse_decode
 from .ops.gated.gated_sae_step import gated_sae_step, gated_sae_step_dense
+from .ops.jumprelu.jumprelu_encode import jumprelu_encode
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
 from .ops.topk.topk_encode import topk_encode
@@ -43,6 +46,7 @@ from .ops.topk.topk_sae_step import matryoshka_topk_sae_step, topk_sae_step
 from .results import (
     STEP_FIELDS,
     BatchTopKSAEStep,
+    CrossLayerTranscoderStep,
     GatedSAEStep,
     JumpReLUSAEStep,
     MatryoshkaSAEStep,
@@ -55,12 +59,15 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "STEP_FIELDS",
+    "BatchTopKCrossLayerTranscoder",
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
     "BatchTopKTranscoder",
+    "CrossLayerTranscoderStep",
     "DeadLatentLoss",
     "GatedSAEStep",
     "GatedSparseAutoencoder",
+    "JumpReLUCrossLayerTranscoder",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
     "JumpReLUTranscoder",
@@ -71,15 +78,18 @@ __all__ = [
     "StandardSAEStep",
     "StandardSparseAutoencoder",
     "StandardTranscoder",
+    "TopKCrossLayerTranscoder",
     "TopKSAEStep",
     "TopKTranscoder",
     "VanillaSparseAutoencoder",
+    "batchtopk_encode",
     "batchtopk_sae_step",
     "circuit_tracer_transcoder_set",
     "gated_sae_step",
     "gated_sae_step_dense",
     "graph_training_step",
     "hierarchical_topk_sae_loss",
+    "jumprelu_encode",
     "jumprelu_sae_step",
     "distributed",
     "layers",

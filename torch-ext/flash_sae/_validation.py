@@ -314,3 +314,35 @@ def default_k_aux(D: int, F: int) -> int:
 def default_dead_capacity(F: int, k_aux: int) -> int:
     """The dead set's default size: 2 * k_aux slots, at most F (see ``primitives/dead_set.py``)."""
     return min(F, 2 * k_aux)
+
+
+# Cross-layer transcoders ----------------------------------------------------------------
+
+
+def check_clt_inputs(name: str, t, n_layers: int, d_model: int, ref: torch.Tensor) -> None:
+    """``t`` must be [B, n_layers, d_model] in ``ref``'s dtype and on its device (``name`` in the message)."""
+    check_tensor(name, t, 3)
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (B = 0)")
+    if t.shape[1] != n_layers:
+        raise ValueError(f"{name} must hold n_layers={n_layers} layers in dim 1, got shape {tuple(t.shape)}")
+    if t.shape[2] != d_model:
+        raise ValueError(f"{name} must have d_model={d_model} in dim 2, got shape {tuple(t.shape)}")
+    check_same_dtype("W_enc", ref, **{name: t})
+    check_same_device(W_enc=ref, **{name: t})
+
+
+def check_clt_decoder(W_dec, n_features: int, n_layers: int, d_model: int, ref: torch.Tensor) -> None:
+    """``W_dec``: a sequence of L tensors, W_dec[l] [F, (L - l) * D] in ``ref``'s dtype and on its device."""
+    if len(W_dec) != n_layers:
+        raise ValueError(f"W_dec must hold n_layers={n_layers} matrices (one per source layer), got {len(W_dec)}")
+    for layer, w in enumerate(W_dec):
+        name = f"W_dec[{layer}]"
+        check_tensor(name, w, 2)
+        want = (n_features, (n_layers - layer) * d_model)
+        if tuple(w.shape) != want:
+            raise ValueError(
+                f"W_dec[{layer}] must have shape {want} (F, (L - l) * D: the causal triangle), got {tuple(w.shape)}"
+            )
+        check_same_dtype("W_enc", ref, **{name: w})
+        check_same_device(W_enc=ref, **{name: w})

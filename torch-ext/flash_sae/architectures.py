@@ -12,18 +12,23 @@ import dataclasses
 from typing import Callable
 
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
+from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder
 from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
 from .modules.standard import StandardSparseAutoencoder, VanillaSparseAutoencoder
 from .modules.transcoder import BatchTopKTranscoder, JumpReLUTranscoder, StandardTranscoder, TopKTranscoder
+from .ops.batchtopk.batchtopk_encode import batchtopk_encode
 from .ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step, matryoshka_batchtopk_sae_step
 from .ops.gated.gated_sae_step import gated_sae_step
+from .ops.jumprelu.jumprelu_encode import jumprelu_encode
 from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.standard.standard_sae_step import standard_sae_step
+from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
 from .results import (
     BatchTopKSAEStep,
+    CrossLayerTranscoderStep,
     GatedSAEStep,
     JumpReLUSAEStep,
     MatryoshkaSAEStep,
@@ -138,5 +143,17 @@ for _arch in (
                  False, False, family="transcoder"),
     Architecture("standard_transcoder", StandardTranscoder, standard_sae_step, StandardSAEStep, "l1_coefficient",
                  False, False, family="transcoder"),
+):  # fmt: skip
+    register_architecture(_arch)
+
+# Cross-layer transcoders (family "clt"): ``loss(xs, ys)`` on [B, L, D]; ``step`` names the per-layer encode
+# op the module composes with the sparse decodes (``modules/clt.py``).
+for _arch in (
+    Architecture("topk_clt", TopKCrossLayerTranscoder, topk_encode, CrossLayerTranscoderStep, "k", True, False,
+                 family="clt"),
+    Architecture("batchtopk_clt", BatchTopKCrossLayerTranscoder, batchtopk_encode, CrossLayerTranscoderStep, "k",
+                 True, False, family="clt"),
+    Architecture("jumprelu_clt", JumpReLUCrossLayerTranscoder, jumprelu_encode, CrossLayerTranscoderStep,
+                 "sparsity_coefficient", False, False, family="clt"),
 ):  # fmt: skip
     register_architecture(_arch)

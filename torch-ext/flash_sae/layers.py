@@ -29,12 +29,18 @@ is (no ``x - b_dec``), ``W_dec`` [F, D_out] and ``b_dec`` [D_out], and optionall
 [D_out, D_in] (absent or None: no skip term); ``forward(x)`` returns y_hat [B, D_out], as the
 modules' ``forward`` does. ``TopKTranscoder`` has the TopK layer's backward; the others are
 forward-only.
+
+``TopKCrossLayerTranscoder``: the host needs ``W_enc`` [L, F, D], ``b_enc`` [L, F], ``W_dec`` (L
+matrices, [F, (L - l) * D] or circuit-tracer's [F, L - l, D]), ``b_dec`` [L, D] and an int ``k``;
+``forward(xs)`` maps every layer's MLP input xs [B, L, D] to the MLP outputs ys_hat [B, L, D], with
+flash-sae's backward.
 """
 
 import torch
 from torch import nn
 
 from .modules.batchtopk import batchtopk_encode_code, decode_code
+from .modules.clt import topk_clt_forward
 from .modules.gated import gated_encode_code
 from .modules.jumprelu import jumprelu_encode_code
 from .modules.standard import standard_encode_code
@@ -202,3 +208,25 @@ class StandardTranscoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _plus_skip(self, x, decode_code(self, *standard_encode_code(self, x, centred=False)))
+
+
+# Cross-layer transcoders -------------------------------------------------------------------------------
+
+
+class TopKCrossLayerTranscoder(nn.Module):
+    """``ys_hat`` [B, L, D] of a TopK cross-layer transcoder host from ``xs`` [B, L, D], as
+    ``flash_sae.TopKCrossLayerTranscoder.forward`` (with gradients: the per-layer ``topk_encode`` and
+    ``sparse_decode`` backwards). The host needs ``W_enc`` [L, F, D], ``b_enc`` [L, F], ``W_dec`` (L
+    matrices, [F, (L - l) * D] or circuit-tracer's [F, L - l, D]), ``b_dec`` [L, D] and an int ``k``."""
+
+    W_enc: torch.Tensor  # [L, F, D], borrowed from the host module
+    b_enc: torch.Tensor  # [L, F]
+    W_dec: list  # L tensors [F, (L - l) * D]
+    b_dec: torch.Tensor  # [L, D]
+    k: int
+
+    can_torch_compile: bool = True
+    has_backward: bool = True
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        return topk_clt_forward(self, xs)

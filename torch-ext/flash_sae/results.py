@@ -166,3 +166,23 @@ def total_variance(x: torch.Tensor) -> torch.Tensor:
     correction B - 1, i.e. divided by 1: two launches where the mean, the centring, the square and
     the sum took four."""
     return x.float().var(0, correction=x.shape[0] - 1).sum()
+
+
+class CrossLayerTranscoderStep(NamedTuple):
+    """What one cross-layer transcoder step returns (``STEP_FIELDS`` first), for every selection rule.
+
+    The code is one ``SparseCode`` over the L*F latents, layer l's latent f at id l*F + f: [B, L*K]
+    for the TopK rule (layer l's K entries in columns l*K:(l+1)*K), variable-length (each row's
+    entries by id) for BatchTopK and JumpReLU."""
+
+    loss: torch.Tensor  # [] fp32: sum over the L targets of each one's mean over B*D squared error (+ sparsity_loss)
+    mse: torch.Tensor  # [] fp32: mean over B*L*D of the squared error
+    fvu: torch.Tensor  # [] fp32: sum of squared errors over the sum of the L targets' variances
+    l0: torch.Tensor  # [] fp32: active latents (value > 0) per row, over all layers, on average
+    fire_counts: torch.Tensor  # [L*F] int64: rows of this batch in which each latent fired
+    code: SparseCode  # see the class docstring
+    layer_fvu: torch.Tensor  # [L] fp32: each target layer's fraction of variance unexplained
+    layer_l0: torch.Tensor  # [L] fp32: each source layer's active latents per row
+    sparsity_loss: torch.Tensor | None = None  # [] fp32: the JumpReLU rule's tanh penalty (with its coefficient)
+    count: torch.Tensor | None = None  # [] int64: JumpReLU entries that qualified, over all layers
+    overflow: torch.Tensor | None = None  # [] bool: a layer's entries did not fit its capacity

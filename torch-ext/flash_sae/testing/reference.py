@@ -541,3 +541,71 @@ def transcoder_forward(x, W_enc, b_enc, W_dec, b_dec, activation, W_skip=None):
     (+ x @ W_skip.T); ``activation`` maps the pre-activations [B, F] to the code."""
     y_hat = activation(x @ W_enc.T + b_enc) @ W_dec + b_dec
     return y_hat if W_skip is None else y_hat + x @ W_skip.T
+
+
+# Cross-layer transcoders ---------------------------------------------------------------
+
+
+def clt_layer_acts(x, W_enc, b_enc, rule, forced=None, **opts):
+    """One CLT layer's dense code [B, F] of x [B, D] (encoded as it is): ``rule`` "topk" (``opts`` k),
+    "batchtopk" (``opts`` k: int(k * B) over the batch) or "jumprelu" (``opts`` threshold [F], bandwidth;
+    the straight-through estimators of ``_JumpReLU``). ``forced`` fixes the selection: [B, k] ids (topk),
+    (rows, ids) (batchtopk) or (active, band) masks [B, F] (jumprelu)."""
+    pre = encoder_preacts(x, W_enc, b_enc)
+    if rule == "topk":
+        ids = forced if forced is not None else topk_select(pre.detach(), opts["k"])[1]
+        return torch.zeros_like(pre).scatter(1, ids, torch.relu(pre.gather(1, ids)))
+    if rule == "batchtopk":
+        acts = torch.relu(pre)
+        rows, ids = forced if forced is not None else batch_topk_select(acts.detach(), int(opts["k"] * x.shape[0]))
+        return torch.zeros_like(pre).index_put((rows, ids), acts[rows, ids])
+    theta = opts["threshold"].to(pre.dtype)
+    active, band = forced if forced is not None else jumprelu_masks(pre.detach(), theta.detach(), opts["bandwidth"])
+    return _JumpReLU.apply(pre, theta, opts["bandwidth"], active, band)
+
+
+def clt_decode(acts, W_dec, b_dec):
+    """ys_hat [B, L, D] = b_dec[t] + sum over l <= t of ``acts[l] @ W_dec[l -> t]``, with ``W_dec[l]`` of shape
+    (F, (L - l) * D)."""
+    L, D = b_dec.shape
+    out = []
+    for t in range(L):
+        y = b_dec[t]
+        for layer in range(t + 1):
+            y = y + acts[layer] @ W_dec[layer].view(-1, L - layer, D)[:, t - layer]
+        out.append(y)
+    return torch.stack(out, 1)
+
+
+def cross_layer_transcoder_step(xs, ys, W_enc, b_enc, W_dec, b_dec, rule, forced=None, **opts):
+    """A CLT's training step, densely: the ground truth for the ``*CrossLayerTranscoder`` modules' ``loss``.
+
+    xs, ys [B, L, D]; W_enc [L, F, D], b_enc [L, F], W_dec a list of [F, (L - l) * D], b_dec [L, D].
+    ``rule`` and ``opts`` as ``clt_layer_acts`` (jumprelu: ``threshold`` [L, F], ``bandwidth``,
+    ``sparsity_coefficient``, ``tanh_scale``); ``forced`` a list of each layer's forced selection.
+    loss = sum over t of mean over B*D of (ys_hat_t - ys_t)^2, + for jumprelu sparsity_coefficient *
+    mean over B of sum over (l, f) of tanh(tanh_scale * ``||W_dec[l][f]||`` * a_{l,f}). Returns a dict:
+    loss, mse, fvu, l0, layer_fvu, layer_l0, ys_hat, acts (the dense codes), sparsity_loss.
+    """
+    B, L, _ = xs.shape
+    acts = []
+    for layer in range(L):
+        layer_opts = dict(opts, threshold=opts["threshold"][layer]) if rule == "jumprelu" else opts
+        f = forced[layer] if forced is not None else None
+        acts.append(clt_layer_acts(xs[:, layer], W_enc[layer], b_enc[layer], rule, f, **layer_opts))
+    ys_hat = clt_decode(acts, W_dec, b_dec)
+    sq = (ys_hat - ys).pow(2)
+    layer_sq = sq.sum((0, 2))
+    loss = sq.mean((0, 2)).sum()
+    sparsity = None
+    if rule == "jumprelu":
+        penalty = sum(
+            torch.tanh(opts["tanh_scale"] * W_dec[layer].norm(dim=1) * acts[layer]).sum() for layer in range(L)
+        )
+        sparsity = opts["sparsity_coefficient"] * penalty / B
+        loss = loss + sparsity
+    var = (ys - ys.mean(0)).pow(2).sum((0, 2)).detach()
+    layer_l0 = torch.stack([(a.detach() > 0).sum() / B for a in acts]).float()
+    return dict(loss=loss, mse=sq.mean().detach(), fvu=(layer_sq.sum() / var.sum()).detach(),
+                layer_fvu=(layer_sq / var).detach(), l0=layer_l0.sum(), layer_l0=layer_l0, ys_hat=ys_hat, acts=acts,
+                sparsity_loss=sparsity)  # fmt: skip
