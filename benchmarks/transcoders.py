@@ -188,41 +188,18 @@ def transcoder_weights(module) -> TranscoderWeights:
 
 def clt_weights(module, dims: Dims) -> CLTWeights:
     """The module's parameters in circuit-tracer's layout, as differentiable views of them (so a dense loss of
-    them has gradients for the module's own parameters). Accepted: W_enc any layout of (L, F, D); b_enc
-    (L, F); b_dec (L, D); the decoder as one tensor per source layer (``W_dec.<s>`` or ``W_dec_<s>``, any
-    layout of (F, L - s, D)), as one [L, F, L, D] tensor (source first, any order of F and D among the
-    rest) or as one tensor of the L(L+1)/2 (source, target >= source) pairs, source-major (any layout of
-    (pairs, F, D)). Another layout is a ValueError listing the parameters."""
+    them has gradients for the module's own parameters): ``W_enc`` [L, F, D], ``b_enc`` [L, F], ``b_dec``
+    [L, D] as they are, and each source layer's decoder ``W_dec[s]`` [F, (L - s) * D] viewed as [F, L - s, D]
+    (``modules/clt.py``'s layout). A module with other shapes is a ValueError listing its parameters."""
     L, D, F = dims.L, dims.D, dims.F
     p = _module_params(module)
     listing = {n: tuple(t.shape) for n, t in p.items()}
-    try:
-        W_enc = arranged(p["W_enc"], (L, F, D), "W_enc")
-        b_enc = arranged(p["b_enc"], (L, F), "b_enc")
-        b_dec = arranged(p["b_dec"], (L, D), "b_dec")
-        per_source = sorted(
-            (int(n.rsplit(".", 1)[-1].rsplit("_", 1)[-1]), t)
-            for n, t in p.items()
-            if n.startswith("W_dec") and n[len("W_dec") :].lstrip("._").isdigit()
-        )
-        pairs = L * (L + 1) // 2
-        if per_source:
-            W_dec = tuple(arranged(t, (F, L - s, D), f"W_dec[{s}]") for s, t in per_source)
-        elif p["W_dec"].dim() == 4:
-            full = p["W_dec"]
-            dims_left = [i for i in range(4) if full.shape[i] == L]
-            rest = [i for i in range(4) if i not in dims_left]
-            f_dim = next(i for i in rest if full.shape[i] == F)
-            d_dim = next(i for i in rest if full.shape[i] == D)
-            full = full.permute(dims_left[0], f_dim, dims_left[1], d_dim)
-            W_dec = tuple(full[s, :, s:, :] for s in range(L))
-        else:
-            packed = arranged(p["W_dec"], (pairs, F, D), "W_dec")
-            starts = [sum(L - r for r in range(s)) for s in range(L + 1)]
-            W_dec = tuple(packed[starts[s] : starts[s + 1]].permute(1, 0, 2) for s in range(L))
-    except (KeyError, ValueError, StopIteration, IndexError) as err:
-        raise ValueError(f"unrecognised CLT parameter layout {listing}: {err}") from None
-    return CLTWeights(W_enc, b_enc, W_dec, b_dec, _threshold(p, (L, F), "threshold"))
+    expected = {"W_enc": (L, F, D), "b_enc": (L, F), "b_dec": (L, D)}
+    expected.update({f"W_dec.{s}": (F, (L - s) * D) for s in range(L)})
+    if any(listing.get(name) != shape for name, shape in expected.items()):
+        raise ValueError(f"unrecognised CLT parameter layout {listing}, expected {expected}")
+    W_dec = tuple(p[f"W_dec.{s}"].view(F, L - s, D) for s in range(L))
+    return CLTWeights(p["W_enc"], p["b_enc"], W_dec, p["b_dec"], _threshold(p, (L, F), "threshold"))
 
 
 def crosscoder_weights(module, dims: Dims) -> CrosscoderWeights:

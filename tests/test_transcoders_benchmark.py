@@ -90,35 +90,21 @@ class _Module(torch.nn.Module):
                 setattr(self, name, torch.nn.Parameter(t))
 
 
-def test_clt_layouts_read_the_same_weights():
-    """Per-source decoders in any dim order, one [L, F, L, D] tensor and the packed (source, target) pairs give
-    the same circuit-tracer layout; an encoder [L, D, F] is transposed; an unknown layout names the parameters."""
+def test_clt_weights_view_the_module_layout(fs):
+    """The benchmark reads a real CLT module's decoders ([F, (L - s) * D] per source) as [F, L - s, D] views that
+    carry gradients to the module's own parameters; another layout names the parameters."""
     dims = tc.Dims(2, 5, 7, 1, 3)
     L, D, F = dims.L, dims.D, dims.F
-    per_source = [torch.randn(F, L - s, D) for s in range(L)]
-    W_enc = torch.randn(L, F, D)
-    common = dict(b_enc=torch.randn(L, F), b_dec=torch.randn(L, D))
-    full = torch.zeros(L, F, L, D)
-    for s in range(L):
-        full[s, :, s:] = per_source[s]
-    packed = torch.cat([per_source[s].permute(1, 0, 2) for s in range(L)])  # [pairs, F, D], source-major
-    layouts = [
-        _Module(W_enc=W_enc, W_dec=per_source, **common),
-        _Module(W_enc=W_enc.transpose(1, 2).contiguous(), W_dec=[t.permute(2, 1, 0) for t in per_source], **common),
-        _Module(W_enc=W_enc, W_dec=full, **common),
-        _Module(W_enc=W_enc, W_dec=packed, **common),
-    ]
-    for module in layouts:
-        w = tc.clt_weights(module, dims)
-        torch.testing.assert_close(w.W_enc, W_enc)
-        for s in range(L):
-            torch.testing.assert_close(w.W_dec[s], per_source[s])
-    module = layouts[1]
+    module = fs.ARCHITECTURES["topk_clt"].build(D, F, 2, n_layers=L, seed=0)
     w = tc.clt_weights(module, dims)
-    w.W_dec[1].sum().backward()  # the views carry gradients to the module's own parameters
+    for s in range(L):
+        torch.testing.assert_close(w.W_dec[s], module.W_dec[s].detach().view(F, L - s, D))
+    w.W_dec[1].sum().backward()
     assert module.W_dec[1].grad is not None and module.W_dec[0].grad is None
+    wrong = _Module(W_enc=torch.randn(L, F, D + 1), W_dec=[torch.randn(F, (L - s) * D) for s in range(L)],
+                    b_enc=torch.randn(L, F), b_dec=torch.randn(L, D))  # fmt: skip
     with pytest.raises(ValueError, match="unrecognised CLT parameter layout.*W_enc"):
-        tc.clt_weights(_Module(W_enc=torch.randn(L, F, D + 1), W_dec=per_source, **common), dims)
+        tc.clt_weights(wrong, dims)
 
 
 def test_crosscoder_layouts_read_the_same_weights():
