@@ -314,3 +314,15 @@ def default_k_aux(D: int, F: int) -> int:
 def default_dead_capacity(F: int, k_aux: int) -> int:
     """The dead set's default size: 2 * k_aux slots, at most F (see ``primitives/dead_set.py``)."""
     return min(F, 2 * k_aux)
+
+
+def check_decoder_norm_groups(decoder_norm_groups, D_out: int) -> int:
+    """The number of equal column blocks of a decoder row whose norms are summed (a crosscoder's layers):
+    a positive int dividing W_dec's width ``D_out``; returns it as an ``int``."""
+    if not is_int(decoder_norm_groups) or decoder_norm_groups < 1:
+        raise ValueError(f"decoder_norm_groups must be a positive int, got {decoder_norm_groups!r}")
+    if D_out % decoder_norm_groups:
+        raise ValueError(
+            f"decoder_norm_groups={decoder_norm_groups} must divide W_dec's width {D_out} (equal blocks per row)"
+        )
+    return int(decoder_norm_groups)

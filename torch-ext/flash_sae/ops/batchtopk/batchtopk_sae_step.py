@@ -8,7 +8,9 @@
 
 The rescaling is SAELens's default for its TopK and BatchTopK training SAEs: the selection
 ranks pre-activations as if the decoder rows had unit norm; the reconstruction is the
-plain one, so no gradient flows through the norms.
+plain one, so no gradient flows through the norms. With ``decoder_norm_groups`` G > 1 the factor
+is the sum of the norms of the G equal column blocks of each decoder row: a crosscoder's
+sum_l ||W_dec[f, l]||, by which dictionary_learning's ``BatchTopKCrossCoder`` ranks.
 
 What is fused:
 - selection, exact, from the chunked encoder GEMM (``primitives.select.preacts.batch_topk_preacts``):
@@ -30,9 +32,10 @@ Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
 
 import torch
 
-from ..._validation import check_batch_k, check_prefix_sizes
+from ..._validation import check_batch_k, check_decoder_norm_groups, check_prefix_sizes
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import batch_topk_preacts
+from ...primitives.step_backward import grouped_row_norms
 from ...results import BatchTopKSAEStep, MatryoshkaSAEStep
 from .._dead import DEAD_INPUTS, DEAD_OUTPUTS, dead_op_args
 from .._step import (
@@ -51,15 +54,25 @@ from .._step import (
 
 
 BatchtopkSaeStepInputs = step_inputs(
-    "BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, prefix_sizes=list[int], **DEAD_INPUTS
-)
+    "BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, decoder_norm_groups=int,
+    prefix_sizes=list[int], **DEAD_INPUTS,
+)  # fmt: skip
+
+
+def ranking_scale(W_dec: torch.Tensor, rescale: bool, groups: int) -> torch.Tensor | None:
+    """The factor the selection ranks pre-activations by: None without the rescaling; ||W_dec[f]|| (W_dec's
+    dtype); with G > 1 groups, the sum over the G column blocks of ||W_dec[f, g]|| (fp32)."""
+    if not rescale:
+        return None
+    W = W_dec.detach()
+    return W.norm(dim=1) if groups == 1 else grouped_row_norms(W, groups).sum(1)
 
 
 def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
     """``mse_selection_step_fwd`` with the batch rule: (loss, mse, fvu, fire_counts, vals, indices,
     row_offsets, min_act, residual, level_losses, *DEAD_OUTPUTS). With the rescaling, AuxK ranks the dead
     pre-activations by pre * ||W_dec[f]|| too. The code is row-major by latent id, as Matryoshka's levels need."""
-    scale = i.W_dec.detach().norm(dim=1) if i.rescale_acts_by_decoder_norm else None
+    scale = ranking_scale(i.W_dec, i.rescale_acts_by_decoder_norm, i.decoder_norm_groups)
 
     def select(centre, columns):
         acts, vals, indices, row_offsets = batch_topk_preacts(
@@ -106,7 +119,7 @@ _batchtopk_sae_step = register_selection_step(
 def batchtopk_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: float, *,
     target: torch.Tensor | None = None, rescale_acts_by_decoder_norm: bool = False,
-    dead_loss: DeadLatentLoss | None = None,
+    dead_loss: DeadLatentLoss | None = None, decoder_norm_groups: int = 1,
 ) -> BatchTopKSAEStep:  # fmt: skip
     """One BatchTopK SAE step: the int(k * B) largest activations of the whole batch, decoded, MSE.
 
@@ -121,6 +134,10 @@ def batchtopk_sae_step(
             (SAELens's default for its BatchTopK training SAE).
         dead_loss: a ``DeadLatentLoss`` with its mask, as ``topk_sae_step``'s; with the rescaling,
             AuxK ranks the dead pre-activations by pre * ||W_dec[f]|| too (as SAELens does).
+        decoder_norm_groups: G, dividing W_dec's width: with the rescaling, rank by the sum of the norms
+            of the G equal column blocks of W_dec[f] (a crosscoder with ``target=x``: its layers,
+            sum_l ||W_dec[f, l]||, as dictionary_learning's ``BatchTopKCrossCoder``); 1 (default) the
+            row's norm.
 
     Returns:
         ``BatchTopKSAEStep(loss, mse, fvu, l0, fire_counts, code, min_act, aux_loss)``:
@@ -134,9 +151,12 @@ def batchtopk_sae_step(
     n = check_batch_k(k, B, F)
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+    groups = check_decoder_norm_groups(decoder_norm_groups, W_dec.shape[1])
     dead = dead_op_args(dead_loss, x, F)
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
-    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, [], *dead))
+    out = _batchtopk_sae_step.named(
+        _batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, groups, [], *dead)
+    )  # fmt: skip
     head = selection_step_head(out, B, dead.on)
     return BatchTopKSAEStep(**head, min_act=out.min_act, aux_loss=out.aux_loss if dead.on else None)
 
@@ -172,6 +192,6 @@ def matryoshka_batchtopk_sae_step(
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
     no_dead = dead_op_args(None, x, F)
-    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, sizes, *no_dead))
+    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, 1, sizes, *no_dead))
     head = step_head(out, B, mse=out.level_losses[-1])
     return MatryoshkaSAEStep(**head, level_losses=out.level_losses, min_act=out.min_act)
