@@ -109,17 +109,19 @@ def _steps(fs, dtype, device):
                  .to(device, dtype), b_mag=(torch.randn(F, generator=_g(5)) * 0.1).to(device, dtype),
                  W_dec=sae["W_dec"], b_dec=sae["b_dec"])  # fmt: skip
     sizes, one = [4, 20, F], dict(prefix_sizes=[])  # Matryoshka's levels, or one level (the whole dictionary)
+    rows = dict(decoder_norm_groups=1)  # decoder norms of whole rows (a crosscoder's: per block of columns)
     return [
         ("topk", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, None, False))),
         ("topk+auxk", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, "auxk"))),
         ("topk+ghost", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, "ghost"))),
         ("topk transcoder+auxk", "topk_sae_step", dict(transcoder, k=5, **one, **_dead(fs, device, "auxk"))),
         ("batchtopk", "batchtopk_sae_step",
-         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=1, **one, **_dead(fs, device, None, False))),
+         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, **rows, **one,
+              **_dead(fs, device, None, False))),
         ("batchtopk+auxk", "batchtopk_sae_step",
-         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=False, decoder_norm_groups=1, **one, **_dead(fs, device, "auxk"))),
+         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=False, **rows, **one, **_dead(fs, device, "auxk"))),
         ("batchtopk transcoder", "batchtopk_sae_step",
-         dict(transcoder, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=1, **one, **_dead(fs, device, None, False))),
+         dict(transcoder, n=30, rescale_acts_by_decoder_norm=True, **rows, **one, **_dead(fs, device, None, False))),
         ("matryoshka topk", "topk_sae_step",
          dict(sae, **no_target, k=4, prefix_sizes=sizes, **_dead(fs, device, None, False))),
         ("matryoshka batchtopk", "batchtopk_sae_step",
@@ -127,7 +129,7 @@ def _steps(fs, dtype, device):
               **_dead(fs, device, None, False))),
         ("jumprelu", "jumprelu_sae_step",
          dict(sae, **no_target, threshold=threshold, bandwidth=0.1, l0_coefficient=0.5, capacity=B * F)),
-        ("standard", "standard_sae_step", dict(sae, **no_target, l1_coefficient=0.5, capacity=B * F, decoder_norm_groups=1)),
+        ("standard", "standard_sae_step", dict(sae, **no_target, l1_coefficient=0.5, capacity=B * F, **rows)),
         ("standard crosscoder norms", "standard_sae_step",
          dict(crosscoder, l1_coefficient=0.5, capacity=B * F, decoder_norm_groups=3)),
         ("batchtopk crosscoder norms", "batchtopk_sae_step",

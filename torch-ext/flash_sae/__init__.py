@@ -18,6 +18,7 @@ from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
+from .modules.crosscoder import BatchTopKCrosscoder, JumpReLUCrosscoder, StandardCrosscoder, TopKCrosscoder
 from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
@@ -35,12 +36,16 @@ from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import matryoshka_topk_sae_step, topk_sae_step
 from .results import (
     STEP_FIELDS,
+    BatchTopKCrosscoderStep,
     BatchTopKSAEStep,
     GatedSAEStep,
+    JumpReLUCrosscoderStep,
     JumpReLUSAEStep,
     MatryoshkaSAEStep,
     SparseCode,
+    StandardCrosscoderStep,
     StandardSAEStep,
+    TopKCrosscoderStep,
     TopKSAEStep,
 )
 
@@ -48,19 +53,27 @@ __all__ = [
     "ARCHITECTURES",
     "Architecture",
     "STEP_FIELDS",
+    "BatchTopKCrosscoder",
+    "BatchTopKCrosscoderStep",
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
     "DeadLatentLoss",
     "GatedSAEStep",
     "GatedSparseAutoencoder",
+    "JumpReLUCrosscoder",
+    "JumpReLUCrosscoderStep",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
     "MatryoshkaBatchTopKSparseAutoencoder",
     "MatryoshkaSAEStep",
     "SparseCode",
     "SparseAutoencoder",
+    "StandardCrosscoder",
+    "StandardCrosscoderStep",
     "StandardSAEStep",
     "StandardSparseAutoencoder",
+    "TopKCrosscoder",
+    "TopKCrosscoderStep",
     "TopKSAEStep",
     "VanillaSparseAutoencoder",
     "batchtopk_sae_step",

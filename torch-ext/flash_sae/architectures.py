@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable
 
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
+from .modules.crosscoder import BatchTopKCrosscoder, JumpReLUCrosscoder, StandardCrosscoder, TopKCrosscoder
 from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
@@ -22,11 +23,15 @@ from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.standard.standard_sae_step import standard_sae_step
 from .ops.topk.topk_sae_step import topk_sae_step
 from .results import (
+    BatchTopKCrosscoderStep,
     BatchTopKSAEStep,
     GatedSAEStep,
+    JumpReLUCrosscoderStep,
     JumpReLUSAEStep,
     MatryoshkaSAEStep,
+    StandardCrosscoderStep,
     StandardSAEStep,
+    TopKCrosscoderStep,
     TopKSAEStep,
 )
 
@@ -124,4 +129,30 @@ for _arch in (
         "vanilla", VanillaSparseAutoencoder, standard_sae_step, StandardSAEStep, "l1_coefficient", False, False
     ),  # fmt: skip
 ):
+    register_architecture(_arch)
+
+
+def crosscoder_extra(d_model: int, n_features: int) -> dict:
+    """Two layers (a crosscoder's smallest useful case, and model diffing's two models)."""
+    return {"n_layers": 2}
+
+
+for _arch in (
+    Architecture(
+        "standard_crosscoder", StandardCrosscoder, standard_sae_step, StandardCrosscoderStep, "l1_coefficient",
+        False, False, crosscoder_extra, "crosscoder",
+    ),
+    Architecture(
+        "topk_crosscoder", TopKCrosscoder, topk_sae_step, TopKCrosscoderStep, "k", True, True, crosscoder_extra,
+        "crosscoder",
+    ),
+    Architecture(
+        "batchtopk_crosscoder", BatchTopKCrosscoder, batchtopk_sae_step, BatchTopKCrosscoderStep, "k", True, True,
+        crosscoder_extra, "crosscoder",
+    ),
+    Architecture(
+        "jumprelu_crosscoder", JumpReLUCrosscoder, jumprelu_sae_step, JumpReLUCrosscoderStep, "l0_coefficient",
+        False, False, crosscoder_extra, "crosscoder",
+    ),
+):  # fmt: skip
     register_architecture(_arch)
