@@ -19,7 +19,7 @@ def arch(fs, request):
 
 def test_registry_holds_every_module(fs):
     modules = {a.module for a in fs.ARCHITECTURES.values()}
-    exported = {getattr(fs, n) for n in fs.__all__ if n.endswith("SparseAutoencoder")}
+    exported = {getattr(fs, n) for n in fs.__all__ if n.endswith(("SparseAutoencoder", "Crosscoder"))}
     assert modules == exported, "a module without an architecture, or an architecture without a module"
     import train_sae
 
