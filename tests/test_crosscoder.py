@@ -74,30 +74,39 @@ def check_outputs(what, out, runs, fields, dtype, B):
 # The steps, as the modules call them -----------------------------------------------------
 
 
-def standard_step(fs, params, *, capacity, l1_coefficient, dense=False):
+def l2_groups(reconstruction, L):
+    return L if reconstruction == "layer_l2" else 0
+
+
+def standard_step(fs, params, *, capacity, l1_coefficient, dense=False, reconstruction="mse"):
     xs, W_enc, b_enc, W_dec, b_dec = params
     x, L = flat(xs), xs.shape[1]
-    opts = dict(l1_coefficient=l1_coefficient, target=x, decoder_norm_groups=L)
+    opts = dict(l1_coefficient=l1_coefficient, target=x, decoder_norm_groups=L,
+                l2_loss_groups=l2_groups(reconstruction, L))  # fmt: skip
     if dense:
         return fs.standard_sae_step_dense(x, W_enc, b_enc, W_dec, b_dec, **opts)
     return fs.standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, capacity=capacity, **opts)
 
 
-def check_standard(fs, shape, dtype, device, *, seed, l1_coefficient, dense=False):
+def check_standard(fs, shape, dtype, device, *, seed, l1_coefficient, dense=False, reconstruction="mse"):
     B, L, D, F = shape
     params = crosscoder_problem(B, L, D, F, dtype, device, seed=seed)
     ref = fs.testing.reference
     with torch.no_grad():  # the kernel's own pre-activations (the same product on the CPU path)
         active = ref.encoder_preacts(flat(params[0]), params[1], params[2]) > 0
     need = int(active.sum())
-    out = standard_step(fs, params, capacity=max(1, min(need + 2, B * F)), l1_coefficient=l1_coefficient, dense=dense)
+    cap = max(1, min(need + 2, B * F))
+    out = standard_step(
+        fs, params, capacity=cap, l1_coefficient=l1_coefficient, dense=dense, reconstruction=reconstruction
+    )
     if not dense:
         assert int(out.count) == need and not bool(out.overflow)
         assert torch.equal(out.code.to_dense(F) != 0, active)
     assert torch.equal(out.fire_counts, active.sum(0))
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
-    runs = reference_runs(ref.standard_crosscoder_step, params, up, dtype, l1_coefficient=l1_coefficient, active=active)
+    kw = dict(l1_coefficient=l1_coefficient, active=active, reconstruction=reconstruction)
+    runs = reference_runs(ref.standard_crosscoder_step, params, up, dtype, **kw)
     check_outputs("standard crosscoder", out, runs, ("loss", "mse", "l1", "fvu"), dtype, B)
     assert out.l0.item() == pytest.approx(need / B, rel=1e-6)
     (_, same_g), (_, r_g), (_, sh_g) = runs
@@ -108,22 +117,27 @@ def check_standard(fs, shape, dtype, device, *, seed, l1_coefficient, dense=Fals
     shape=crosscoder_shapes(),
     dtype=st.sampled_from(DTYPES),
     l1_coefficient=st.sampled_from([0.0, 0.1, 1.0, 4.0]),
+    reconstruction=st.sampled_from(["mse", "layer_l2"]),
     seed=st.integers(0, 2**16),
 )
-@example(shape=(1, 3, 5, 7), dtype=torch.float32, l1_coefficient=1.0, seed=1)  # B = 1
-@example(shape=(5, 4, 3, 13), dtype=torch.bfloat16, l1_coefficient=0.1, seed=2)
-@example(shape=(4, 2, 9, 20), dtype=torch.float16, l1_coefficient=4.0, seed=3)
-def test_standard_crosscoder_step_parity(fs, device, shape, dtype, l1_coefficient, seed):
-    """The sparse step with target=x and decoder_norm_groups=L vs the per-layer reference: the code, the
-    loss, mse, l1 (weighted by sum_l ||W_dec[f, l]||), fvu and every gradient."""
-    check_standard(fs, shape, dtype, device, seed=seed, l1_coefficient=l1_coefficient)
+@example(shape=(1, 3, 5, 7), dtype=torch.float32, l1_coefficient=1.0, reconstruction="mse", seed=1)  # B = 1
+@example(shape=(5, 4, 3, 13), dtype=torch.bfloat16, l1_coefficient=0.1, reconstruction="layer_l2", seed=2)
+@example(shape=(4, 2, 9, 20), dtype=torch.float16, l1_coefficient=4.0, reconstruction="mse", seed=3)
+@example(shape=(3, 3, 1, 6), dtype=torch.float32, l1_coefficient=1.0, reconstruction="layer_l2", seed=4)
+def test_standard_crosscoder_step_parity(fs, device, shape, dtype, l1_coefficient, reconstruction, seed):
+    """The sparse step with target=x, decoder_norm_groups=L (and l2_loss_groups=L for "layer_l2") vs the
+    per-layer reference: the code, the loss, mse, l1 (weighted by sum_l ||W_dec[f, l]||), fvu and every
+    gradient."""
+    check_standard(fs, shape, dtype, device, seed=seed, l1_coefficient=l1_coefficient, reconstruction=reconstruction)
 
 
+@pytest.mark.parametrize("reconstruction", ["mse", "layer_l2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2, 3, 5), (6, 3, 7, 19)])
-def test_standard_crosscoder_dense_formulation(fs, device, dtype, shape):
+def test_standard_crosscoder_dense_formulation(fs, device, dtype, shape, reconstruction):
     """The dense formulation (the module's path while the code is dense) with grouped norms: by the rule."""
-    check_standard(fs, shape, dtype, device, seed=sum(shape), l1_coefficient=0.7, dense=True)
+    check_standard(fs, shape, dtype, device, seed=sum(shape), l1_coefficient=0.7, dense=True,
+                   reconstruction=reconstruction)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,15 +180,17 @@ def assert_top_n(keys, chosen, dtype):
     dtype=st.sampled_from(DTYPES),
     k=st.sampled_from([1, 3, 1.5, 5]),
     rescale=st.booleans(),
+    reconstruction=st.sampled_from(["mse", "layer_l2"]),
     seed=st.integers(0, 2**16),
 )
-@example(shape=(1, 3, 5, 7), dtype=torch.float32, k=3, rescale=True, seed=1)  # B = 1
-@example(shape=(6, 4, 3, 11), dtype=torch.bfloat16, k=1.5, rescale=True, seed=2)
-@example(shape=(4, 2, 7, 17), dtype=torch.float16, k=5, rescale=False, seed=3)
-def test_batchtopk_crosscoder_step_parity(fs, device, shape, dtype, k, rescale, seed):
-    """The BatchTopK step with target=x and decoder_norm_groups=L vs the per-layer reference: the batch's
-    int(k * B) largest relu(pre) * sum_l ||W_dec[f, l]|| are selected, valued relu(pre); the loss, mse,
-    fvu, min_act and every gradient at that selection."""
+@example(shape=(1, 3, 5, 7), dtype=torch.float32, k=3, rescale=True, reconstruction="mse", seed=1)  # B = 1
+@example(shape=(6, 4, 3, 11), dtype=torch.bfloat16, k=1.5, rescale=True, reconstruction="layer_l2", seed=2)
+@example(shape=(4, 2, 7, 17), dtype=torch.float16, k=5, rescale=False, reconstruction="mse", seed=3)
+@example(shape=(5, 3, 5, 9), dtype=torch.float32, k=2, rescale=True, reconstruction="layer_l2", seed=4)
+def test_batchtopk_crosscoder_step_parity(fs, device, shape, dtype, k, rescale, reconstruction, seed):
+    """The BatchTopK step with target=x and decoder_norm_groups=L (and l2_loss_groups=L for "layer_l2") vs
+    the per-layer reference: the batch's int(k * B) largest relu(pre) * sum_l ||W_dec[f, l]|| are
+    selected, valued relu(pre); the loss, mse, fvu, min_act and every gradient at that selection."""
     B, L, D, F = shape
     n = int(k * B)
     if not 1 <= n <= B * F:
@@ -183,7 +199,7 @@ def test_batchtopk_crosscoder_step_parity(fs, device, shape, dtype, k, rescale, 
     xs, W_enc, b_enc, W_dec, b_dec = params
     x = flat(xs)
     out = fs.batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, target=x, rescale_acts_by_decoder_norm=rescale,
-                                decoder_norm_groups=L)  # fmt: skip
+                                decoder_norm_groups=L, l2_loss_groups=l2_groups(reconstruction, L))  # fmt: skip
     ref = fs.testing.reference
     rows, ids = batch_selection(out, B)
     assert rows.numel() == n
@@ -196,8 +212,9 @@ def test_batchtopk_crosscoder_step_parity(fs, device, shape, dtype, k, rescale, 
     assert_top_n(keys, chosen, dtype)
     up = step_upstream(seed).to(device)
     ours = grads(out.loss, params, up)
-    runs = reference_runs(ref.batchtopk_crosscoder_step, params, up, dtype, k=k, rescale=rescale, selection=(rows, ids))
-    check_outputs("batchtopk crosscoder", out, runs, ("loss", "fvu"), dtype, B)
+    kw = dict(k=k, rescale=rescale, selection=(rows, ids), reconstruction=reconstruction)
+    runs = reference_runs(ref.batchtopk_crosscoder_step, params, up, dtype, **kw)
+    check_outputs("batchtopk crosscoder", out, runs, ("loss", "mse", "fvu"), dtype, B)
     (same, same_g), (r, r_g), (sh, sh_g) = runs
     assert_parity("batchtopk crosscoder code values", out.code.vals, same.code.vals, r.code.vals, dtype)
     if torch.isfinite(r.min_act):
@@ -291,11 +308,13 @@ def module_reference(fs, module, xs, out):
     B, F = xs.shape[0], module.n_features
     if isinstance(module, fs.StandardCrosscoder):
         active = out.code.to_dense(F) > 0 if out.code is not None else None
-        return ref.standard_crosscoder_step(*p, module.l1_coefficient, active=active)
+        return ref.standard_crosscoder_step(*p, module.l1_coefficient, active=active,
+                                            reconstruction=module.reconstruction)  # fmt: skip
     if isinstance(module, fs.BatchTopKCrosscoder):
         rows = torch.repeat_interleave(torch.arange(B), out.code.row_offsets.diff())
         return ref.batchtopk_crosscoder_step(*p, module.k, module.rescale_acts_by_decoder_norm,
-                                             selection=(rows, out.code.indices))  # fmt: skip
+                                             selection=(rows, out.code.indices),
+                                             reconstruction=module.reconstruction)  # fmt: skip
     if isinstance(module, fs.TopKCrosscoder):
         return ref.topk_crosscoder_step(*p, module.k, indices=out.code.indices)
     x = flat(xs)
@@ -306,15 +325,19 @@ def module_reference(fs, module, xs, out):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("name", CROSSCODERS)
-def test_crosscoder_module_trains_with_the_common_layout(fs, device, name):
+@pytest.mark.parametrize(
+    "name,reconstruction",
+    [(name, "mse") for name in CROSSCODERS]
+    + [("standard_crosscoder", "layer_l2"), ("batchtopk_crosscoder", "layer_l2")],
+)
+def test_crosscoder_module_trains_with_the_common_layout(fs, device, name, reconstruction):
     """Each registered crosscoder builds, trains three steps through loss / before / after_optimizer_step,
     returns STEP_FIELDS then layer_fvu [L] fp32, and its loss, layer_fvu and gradients equal the per-layer
     reference's at its parameters."""
     B, L, D, F = 6, 3, 5, 24
     arch = fs.ARCHITECTURES[name]
     assert arch.family == "crosscoder"
-    module = build(fs, name, D, F, L, device=device, dead_window_tokens=1)
+    module = build(fs, name, D, F, L, device=device, dead_window_tokens=1, reconstruction=reconstruction)
     assert isinstance(module, arch.module) and module.d_model == D and module.n_layers == L
     xs = torch.randn(B, L, D, generator=torch.Generator().manual_seed(1)).to(device)
     opt = torch.optim.SGD(module.parameters(), lr=1e-2)
@@ -394,6 +417,15 @@ def test_decoder_norm_groups_is_checked(fs, device):
     B, L, D, F = 3, 2, 3, 5
     xs, W_enc, b_enc, W_dec, b_dec = crosscoder_problem(B, L, D, F, torch.float32, device, seed=0)
     x = flat(xs)
+    for groups in (-1, 4, 1.5, "2"):
+        with pytest.raises(ValueError, match="l2_loss_groups"):
+            fs.standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, capacity=B * F, target=x, l2_loss_groups=groups)
+        with pytest.raises(ValueError, match="l2_loss_groups"):
+            fs.batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, 2, target=x, l2_loss_groups=groups)
+    with pytest.raises(ValueError, match="reconstruction"):
+        fs.StandardCrosscoder(5, 16, n_layers=2, reconstruction="l1")
+    with pytest.raises(ValueError, match="reconstruction"):
+        fs.TopKCrosscoder(5, 16, 3, n_layers=2, reconstruction="layer_l2")
     for groups in (0, -2, 4, 1.5, "2"):
         with pytest.raises(ValueError, match="decoder_norm_groups"):
             fs.standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, capacity=B * F, target=x, decoder_norm_groups=groups)
@@ -432,13 +464,14 @@ def dl_code_normalization(sd):
     return sd["decoder.weight"].norm(dim=2).sum(0)
 
 
-def dl_standard_loss(sd, xs, l1_penalty):
-    """CrossCoderTrainer.loss with use_mse_loss=True: mean over (b, l) of the squared error summed over D,
-    + l1_penalty * mean over b of ||f * code normalization||_1."""
+def dl_standard_loss(sd, xs, l1_penalty, use_mse_loss):
+    """CrossCoderTrainer.loss: the reconstruction term, by default (use_mse_loss=False) the mean over (b, l)
+    of ||x_bl - x_hat_bl||_2, else the mean over (b, l) of the squared error summed over D; + l1_penalty *
+    mean over b of ||f * code normalization||_1."""
     f = dl_encode(sd, xs)
-    xs_hat = dl_decode(sd, f)
-    mse = (xs - xs_hat).pow(2).sum(-1).mean()
-    return mse + l1_penalty * (f * dl_code_normalization(sd)).norm(p=1, dim=-1).mean()
+    e = xs - dl_decode(sd, f)
+    recon = e.pow(2).sum(-1).mean() if use_mse_loss else torch.linalg.norm(e, dim=-1).mean()
+    return recon + l1_penalty * (f * dl_code_normalization(sd)).norm(p=1, dim=-1).mean()
 
 
 def dl_batchtopk(sd, xs, k):
@@ -483,49 +516,62 @@ def perturbed(module, seed):
     return module
 
 
+@pytest.mark.parametrize("use_mse_loss", [False, True])
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("L", [1, 2, 3])
-def test_standard_crosscoder_is_dictionary_learnings_crosscoder(fs, device, L):
-    """dictionary_learning's CrossCoder with CrossCoderTrainer's loss (use_mse_loss=True): the same code
-    and reconstruction, and its loss and gradients are this module's at l1_coefficient = L * l1_penalty,
+def test_standard_crosscoder_is_dictionary_learnings_crosscoder(fs, device, L, dense, use_mse_loss):
+    """dictionary_learning's CrossCoder with CrossCoderTrainer's loss, on both of the module's paths: the
+    same code and reconstruction; with its default (use_mse_loss=False, each layer's unsquared error
+    norm) the same loss and gradients as reconstruction="layer_l2" at l1_coefficient = l1_penalty; with
+    use_mse_loss=True its loss and gradients are the default module's at l1_coefficient = L * l1_penalty,
     divided by L (its squared error is a mean over B and the L layers, the module's a mean over B of the
     sum over layers, Anthropic's)."""
     D, F, B, l1_penalty = 5, 16, 6, 0.3
-    module = perturbed(fs.StandardCrosscoder(D, F, n_layers=L, l1_coefficient=L * l1_penalty, seed=3), 3)
-    module.dense_above, module.capacity_per_row = 1.0, F  # the sparse step
+    scale, reconstruction = (L, "mse") if use_mse_loss else (1, "layer_l2")
+    module = fs.StandardCrosscoder(D, F, n_layers=L, l1_coefficient=scale * l1_penalty, seed=3,
+                                   reconstruction=reconstruction)  # fmt: skip
+    module = perturbed(module, 3)
+    module.dense_above, module.capacity_per_row = (0.0, None) if dense else (1.0, F)
     xs = torch.randn(B, L, D, generator=torch.Generator().manual_seed(5)) * 2
     step = module.loss(xs.to(device))
+    assert module.last_path == ("dense" if dense else "sparse")
     ours = torch.autograd.grad(step.loss, [module.W_enc, module.b_enc, module.W_dec, module.b_dec])
     sd = dl_state(module)
-    theirs = dl_standard_loss(sd, xs.double(), l1_penalty)
+    theirs = dl_standard_loss(sd, xs.double(), l1_penalty, use_mse_loss)
     theirs.backward()
-    torch.testing.assert_close(step.loss.double() / L, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(step.loss.double() / scale, theirs, rtol=1e-5, atol=1e-7)
     for a, b in zip(ours, dl_grads_as_ours(module, sd)):
-        torch.testing.assert_close(a.double() / L, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.double() / scale, b, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(module.forward(xs).double(), dl_decode(sd, dl_encode(sd, xs.double())),
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
+@pytest.mark.parametrize("reconstruction", ["layer_l2", "mse"])
 @pytest.mark.parametrize("L", [1, 2, 3])
-def test_batchtopk_crosscoder_is_dictionary_learnings_batchtopk_crosscoder(fs, device, L):
-    """dictionary_learning's BatchTopKCrossCoder (code normalization "CROSSCODER", use_threshold=False):
-    the same k * B latents, chosen by relu(pre) * sum_l ||W_dec[f, l]|| over the batch, valued relu(pre);
-    its trainer's squared-error term (a mean over B and L of the sum over D) and its gradients are D times
-    the module's loss (a mean over B * L * D) and gradients; the threshold's input is the module's
-    min_act. Its trainer minimises the unsquared norm of each layer's error instead: see the docs."""
+def test_batchtopk_crosscoder_is_dictionary_learnings_batchtopk_crosscoder(fs, device, L, reconstruction):
+    """dictionary_learning's BatchTopKCrossCoder (code normalization "CROSSCODER", use_threshold=False)
+    and BatchTopKCrossCoderTrainer.loss (no dead latents yet, so its AuxK term is 0): the same k * B
+    latents, chosen by relu(pre) * sum_l ||W_dec[f, l]|| over the batch, valued relu(pre); the
+    threshold's input is the module's min_act. Its loss, the mean over (b, l) of each layer's unsquared
+    error norm, and its gradients are reconstruction="layer_l2"'s; its logged squared-error term (a mean
+    over B and L of the sum over D) and its gradients are D times the default module's (a mean over
+    B * L * D)."""
     D, F, B, k = 5, 16, 6, 3
-    module = perturbed(fs.BatchTopKCrosscoder(D, F, k, n_layers=L, seed=4), 4)
+    module = perturbed(fs.BatchTopKCrosscoder(D, F, k, n_layers=L, seed=4, reconstruction=reconstruction), 4)
     xs = torch.randn(B, L, D, generator=torch.Generator().manual_seed(6))
     step = module.loss(xs.to(device))
     ours = torch.autograd.grad(step.loss, [module.W_enc, module.b_enc, module.W_dec, module.b_dec])
     sd = dl_state(module)
-    mse, _, min_act, kept = dl_batchtopk(sd, xs.double(), k)
-    mse.backward()
+    mse, l2, min_act, kept = dl_batchtopk(sd, xs.double(), k)
+    theirs, scale = (l2, 1) if reconstruction == "layer_l2" else (mse, D)
+    theirs.backward()
     assert torch.equal(step.code.to_dense(F).cpu() > 0, kept)
-    torch.testing.assert_close(step.loss.double() * D, mse, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(step.loss.double() * scale, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(step.mse.double() * D, mse.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(step.min_act.double(), min_act, rtol=1e-5, atol=0)
     for a, b in zip(ours, dl_grads_as_ours(module, sd)):
-        torch.testing.assert_close(a.double() * D, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.double() * scale, b, rtol=1e-4, atol=1e-6)
 
 
 def test_dictionary_learning_layout_round_trips(fs):

@@ -109,7 +109,8 @@ def _steps(fs, dtype, device):
                  .to(device, dtype), b_mag=(torch.randn(F, generator=_g(5)) * 0.1).to(device, dtype),
                  W_dec=sae["W_dec"], b_dec=sae["b_dec"])  # fmt: skip
     sizes, one = [4, 20, F], dict(prefix_sizes=[])  # Matryoshka's levels, or one level (the whole dictionary)
-    rows = dict(decoder_norm_groups=1)  # decoder norms of whole rows (a crosscoder's: per block of columns)
+    # decoder norms of whole rows and the squared error (a crosscoder's: per block of columns, and norms)
+    rows = dict(decoder_norm_groups=1, l2_loss_groups=0)
     return [
         ("topk", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, None, False))),
         ("topk+auxk", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, "auxk"))),
@@ -125,16 +126,21 @@ def _steps(fs, dtype, device):
         ("matryoshka topk", "topk_sae_step",
          dict(sae, **no_target, k=4, prefix_sizes=sizes, **_dead(fs, device, None, False))),
         ("matryoshka batchtopk", "batchtopk_sae_step",
-         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=1, prefix_sizes=sizes,
+         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, **rows, prefix_sizes=sizes,
               **_dead(fs, device, None, False))),
         ("jumprelu", "jumprelu_sae_step",
          dict(sae, **no_target, threshold=threshold, bandwidth=0.1, l0_coefficient=0.5, capacity=B * F)),
         ("standard", "standard_sae_step", dict(sae, **no_target, l1_coefficient=0.5, capacity=B * F, **rows)),
         ("standard crosscoder norms", "standard_sae_step",
-         dict(crosscoder, l1_coefficient=0.5, capacity=B * F, decoder_norm_groups=3)),
+         dict(crosscoder, l1_coefficient=0.5, capacity=B * F, decoder_norm_groups=3, l2_loss_groups=0)),
+        ("standard crosscoder l2", "standard_sae_step",
+         dict(crosscoder, l1_coefficient=0.5, capacity=B * F, decoder_norm_groups=3, l2_loss_groups=3)),
         ("batchtopk crosscoder norms", "batchtopk_sae_step",
-         dict(crosscoder, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=3, **one,
+         dict(crosscoder, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=3, l2_loss_groups=0, **one,
               **_dead(fs, device, None, False))),
+        ("batchtopk crosscoder l2+auxk", "batchtopk_sae_step",
+         dict(crosscoder, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=3, l2_loss_groups=3, **one,
+              **_dead(fs, device, "auxk"))),
         ("gated", "gated_sae_step",
          dict(gated, **no_target, l1_coefficient=0.5, capacity=B * F, freeze_aux_decoder=True)),
     ]  # fmt: skip

@@ -326,3 +326,13 @@ def check_decoder_norm_groups(decoder_norm_groups, D_out: int) -> int:
             f"decoder_norm_groups={decoder_norm_groups} must divide W_dec's width {D_out} (equal blocks per row)"
         )
     return int(decoder_norm_groups)
+
+
+def check_l2_loss_groups(l2_loss_groups, D_out: int) -> int:
+    """0 (the loss is the MSE) or the number of equal column blocks of the reconstruction whose error norms
+    the loss averages (a crosscoder's layers): an int >= 0 dividing the target's width ``D_out``."""
+    if not is_int(l2_loss_groups) or l2_loss_groups < 0:
+        raise ValueError(f"l2_loss_groups must be an int >= 0 (0: the MSE), got {l2_loss_groups!r}")
+    if l2_loss_groups and D_out % l2_loss_groups:
+        raise ValueError(f"l2_loss_groups={l2_loss_groups} must divide the reconstruction's width {D_out}")
+    return int(l2_loss_groups)

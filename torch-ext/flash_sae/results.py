@@ -175,7 +175,8 @@ class StandardCrosscoderStep(NamedTuple):
     """What one standard crosscoder step returns: ``StandardSAEStep``'s fields over the [B, L * D]
     concatenation (``l1`` weighted by sum_l ||W_dec[f, l]||), then ``layer_fvu``."""
 
-    loss: torch.Tensor  # [] fp32: squared error summed over L * D, mean over B, + l1_coefficient * l1
+    loss: torch.Tensor  # [] fp32: the reconstruction term (reconstruction="mse": squared error summed over
+    # L * D, mean over B; "layer_l2": mean over B and L of the layers' error norms) + l1_coefficient * l1
     mse: torch.Tensor  # [] fp32: mean over B * L * D of the squared reconstruction error
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained, all layers together
     l0: torch.Tensor  # [] fp32: active latents per row, on average
@@ -205,7 +206,8 @@ class BatchTopKCrosscoderStep(NamedTuple):
     """What one BatchTopK crosscoder step returns: ``BatchTopKSAEStep``'s fields over the [B, L * D]
     concatenation, then ``layer_fvu``."""
 
-    loss: torch.Tensor  # [] fp32: mse (+ aux_coef * aux_loss with a dead-latent loss)
+    loss: torch.Tensor  # [] fp32: mse, or with reconstruction="layer_l2" the mean over B and L of the layers'
+    # error norms (+ aux_coef * aux_loss with a dead-latent loss)
     mse: torch.Tensor  # [] fp32: mean over B * L * D of the squared reconstruction error
     fvu: torch.Tensor  # [] fp32: fraction of variance unexplained, all layers together
     l0: torch.Tensor  # [] fp32: latents with a value > 0 per row, on average

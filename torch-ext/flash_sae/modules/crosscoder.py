@@ -67,14 +67,22 @@ class CrosscoderLayout:
 
     block_init = True
     saelens_architecture = None  # SAELens has no crosscoder: see to_dictionary_learning
+    reconstructions = ("mse",)  # the reconstruction losses the module's step offers
 
-    def __init__(self, d_model, n_features, *args, n_layers, **kwargs):
+    def __init__(self, d_model, n_features, *args, n_layers, reconstruction="mse", **kwargs):
         d_model = _check_positive_int("d_model", d_model)
         n_layers = _check_positive_int("n_layers", n_layers)
+        if reconstruction not in self.reconstructions:
+            raise ValueError(f"reconstruction must be one of {self.reconstructions}, got {reconstruction!r}")
         super().__init__(d_model * n_layers, n_features, *args, **kwargs)
-        self.d_model, self.n_layers = d_model, n_layers
+        self.d_model, self.n_layers, self.reconstruction = d_model, n_layers, reconstruction
         if self.block_init:
             self._init_blocks()
+
+    @property
+    def l2_loss_groups(self) -> int:
+        """The step's ``l2_loss_groups``: L for ``reconstruction="layer_l2"`` (each layer's error norm), else 0."""
+        return self.n_layers if self.reconstruction == "layer_l2" else 0
 
     @torch.no_grad()
     def _init_blocks(self) -> None:
@@ -87,7 +95,7 @@ class CrosscoderLayout:
         self.W_enc.copy_(blocks.reshape(F, -1))
 
     def extra_repr(self) -> str:
-        return f"n_layers={self.n_layers}, {super().extra_repr()}"
+        return f"n_layers={self.n_layers}, reconstruction={self.reconstruction!r}, {super().extra_repr()}"
 
     def flatten_layers(self, xs: torch.Tensor) -> torch.Tensor:
         """xs [B, L, D] (the parameters' dtype and device) as the [B, L * D] concatenation; a ValueError
@@ -193,22 +201,26 @@ class StandardCrosscoder(CrosscoderLayout, StandardSparseAutoencoder):
         d_model: D, each layer's width; n_features: F.
         n_layers: L, the layers (or models) read and reconstructed.
         l1_coefficient: the penalty's weight (default 1.0).
+        reconstruction: ``"mse"`` (default): the squared error summed over L * D, mean over B (Anthropic's);
+            ``"layer_l2"``: the mean over B and the L layers of ||x_hat_l - x_l||_2, unsquared
+            (dictionary_learning's ``CrossCoderTrainer`` default).
         decoder_init_norm: each per-layer decoder block's norm at init (default 0.1); W_enc = W_dec.
         dense_above, capacity_per_row, dtype, device, seed, dead_window_tokens: as
             ``StandardSparseAutoencoder``'s (the sparse/dense switch included).
 
-    ``loss(xs)`` (xs [B, L, D]): squared error summed over L * D, mean over B, + l1_coefficient *
-    mean over B of sum_f f * sum_l ||W_dec[f, l]||: a ``StandardCrosscoderStep``. ``encode(xs)``
-    returns the active entries as a variable-length code; ``decode(...)`` and ``forward(xs)`` give
-    [B, L, D]. That is dictionary_learning's ``CrossCoderTrainer`` loss with ``use_mse_loss=True``.
+    ``loss(xs)`` (xs [B, L, D]): the reconstruction term + l1_coefficient * mean over B of
+    sum_f f * sum_l ||W_dec[f, l]||: a ``StandardCrosscoderStep``. ``encode(xs)`` returns the active
+    entries as a variable-length code; ``decode(...)`` and ``forward(xs)`` give [B, L, D].
     """
 
     crosscoder_result = StandardCrosscoderStep
+    reconstructions = ("mse", "layer_l2")
 
     def _step(self, x: torch.Tensor):
         capacity = self._path(x.shape[0])
         params = (x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
-        opts = dict(l1_coefficient=self.l1_coefficient, target=x, decoder_norm_groups=self.n_layers)
+        opts = dict(l1_coefficient=self.l1_coefficient, target=x, decoder_norm_groups=self.n_layers,
+                    l2_loss_groups=self.l2_loss_groups)  # fmt: skip
         if capacity is None:
             return standard_sae_step_dense(*params, **opts)
         return standard_sae_step(*params, capacity=capacity, **opts)
@@ -237,23 +249,27 @@ class BatchTopKCrosscoder(CrosscoderLayout, BatchTopKSparseAutoencoder):
         n_layers: L, the layers (or models) read and reconstructed.
         rescale_acts_by_decoder_norm: rank by relu(pre) * sum_l ||W_dec[f, l]|| (default True, as
             dictionary_learning's ``code_normalization`` "crosscoder"); False ranks relu(pre).
+        reconstruction: ``"mse"`` (default): the mean over B * L * D of the squared error;
+            ``"layer_l2"``: the mean over B and the L layers of ||x_hat_l - x_l||_2, unsquared (what
+            dictionary_learning's ``BatchTopKCrossCoderTrainer`` minimises).
         decoder_init_norm: each per-layer decoder block's norm at init (default 0.1; dictionary_learning's
             ``norm_init_scale`` is 1.0); W_enc = W_dec.
         threshold_lr, dtype, device, seed, dead_window_tokens, dead_loss: as
             ``BatchTopKSparseAutoencoder``'s (the inference threshold on pre * sum_l ||W_dec[f, l]||).
 
-    ``loss(xs)`` (xs [B, L, D]): the mean over B * L * D of the squared error (a
-    ``BatchTopKCrosscoderStep``). ``encode(xs)``: the batch rule in training mode, the threshold
+    ``loss(xs)`` (xs [B, L, D]): the reconstruction term (+ the dead-latent loss's), a
+    ``BatchTopKCrosscoderStep``. ``encode(xs)``: the batch rule in training mode, the threshold
     rule in eval mode.
     """
 
     crosscoder_result = BatchTopKCrosscoderStep
+    reconstructions = ("mse", "layer_l2")
 
     def _step(self, x: torch.Tensor):
         return batchtopk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, target=x,
             rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm, dead_loss=self.step_dead_loss(),
-            decoder_norm_groups=self.n_layers,
+            decoder_norm_groups=self.n_layers, l2_loss_groups=self.l2_loss_groups,
         )  # fmt: skip
 
     def activation_scale(self):

@@ -160,6 +160,23 @@ def grouped_row_norms(W: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.linalg.vector_norm(W.reshape(F, groups, D // groups), dim=2, dtype=torch.float32)
 
 
+def grouped_l2_loss(residual: torch.Tensor, groups: int, *, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reconstruction loss of unsquared norms: (loss [] fp32, the residual a step's backward then reads).
+
+    loss = mean over the B rows and the ``groups`` equal column blocks of ||r[b, g]||_2 (r = x_hat - target,
+    the fp32 ``residual`` [B, D]): dictionary_learning's crosscoder trainers' ``l2_loss``, one block per
+    layer. Its gradient, r[b, g] / (B * G * ||r[b, g]||) (0 where the block's error is 0, as torch's norm
+    gives), is the MSE backward's at a rescaled residual: the returned one, which the step's backward reads
+    in place of r (an MSE whose mean is over B * D, or with ``per_row`` over B: its s = 2 * grad / (B * D)
+    or 2 * grad / B)."""
+    B, D = residual.shape
+    blocks = residual.reshape(B, groups, D // groups)
+    norms = torch.linalg.vector_norm(blocks, dim=2)
+    width = 1.0 if per_row else float(D)
+    factor = torch.where(norms > 0, width / (2 * groups * norms.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    return norms.mean(), (blocks * factor[:, :, None]).reshape(B, D)
+
+
 def target_grad(grad: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype, *, per_row=False) -> torch.Tensor:
     """d loss / d target = -s * r for a step whose loss is the mean over B*D of r^2, r = x_hat - target
     (``per_row``: the sum over D, mean over B, as ``mse_step_backward``'s)."""

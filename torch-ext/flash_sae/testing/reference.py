@@ -526,16 +526,27 @@ def crosscoder_layer_fvu(xs, xs_hat):
     return (xs_hat - xs).pow(2).sum((0, 2)) / (xs - xs.mean(0)).pow(2).sum((0, 2))
 
 
+def crosscoder_reconstruction(xs, xs_hat, reconstruction, per_row):
+    """The reconstruction term: ``"mse"``, the squared error summed over layers and D, mean over B
+    (``per_row``) or mean over B * L * D; ``"layer_l2"``, the mean over B and L of ||x_hat_l - x_l||_2."""
+    if reconstruction == "layer_l2":
+        return (xs_hat - xs).norm(dim=2).mean()
+    sq = (xs_hat - xs).pow(2)
+    return sq.sum((1, 2)).mean() if per_row else sq.mean()
+
+
 def _crosscoder_head(mse, xs, xs_hat, counts, code):
     B = xs.shape[0]
     head = _head(mse, xs.reshape(B, -1), xs_hat.reshape(B, -1), counts, code, B)
     return head, crosscoder_layer_fvu(xs, xs_hat)
 
 
-def standard_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None):
+def standard_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None,
+                             reconstruction="mse"):  # fmt: skip
     """Standard crosscoder step, densely (Lindsey et al. 2024): f = relu(pre); loss = sum over layers and D
-    of (x_hat - x)^2, mean over B, + l1_coefficient * mean over B of sum_f f * sum_l ||W_dec[f, l]||.
-    ``active`` ([B, F] bool) forces the active entries; ``round_preacts``: see ``encoder_preacts``."""
+    of (x_hat - x)^2, mean over B (``reconstruction="layer_l2"``: the mean over B and L of each layer's
+    error norm), + l1_coefficient * mean over B of sum_f f * sum_l ||W_dec[f, l]||. ``active`` ([B, F]
+    bool) forces the active entries; ``round_preacts``: see ``encoder_preacts``."""
     L = xs.shape[1]
     pre = crosscoder_preacts(xs, W_enc, b_enc, round_preacts)
     active = pre.detach() > 0 if active is None else active
@@ -543,16 +554,18 @@ def standard_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0,
     xs_hat = crosscoder_decode(acts, W_dec, b_dec, L)
     sq = (xs_hat - xs).pow(2)
     l1 = (acts * crosscoder_decoder_norms(W_dec, L)).sum(-1).mean()
-    loss = sq.sum((1, 2)).mean() + l1_coefficient * l1
+    loss = crosscoder_reconstruction(xs, xs_hat, reconstruction, per_row=True) + l1_coefficient * l1
     head, layer_fvu = _crosscoder_head(sq.mean(), xs, xs_hat, active.sum(0), SparseCode(acts, None))
     head["l0"] = active.sum(-1).float().mean()
     return results.StandardCrosscoderStep(loss, **head, l1=l1.detach(), count=None, overflow=None, layer_fvu=layer_fvu)
 
 
-def batchtopk_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, k, rescale=True, selection=None, round_preacts=None):
+def batchtopk_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, k, rescale=True, selection=None, round_preacts=None,
+                              reconstruction="mse"):  # fmt: skip
     """BatchTopK crosscoder step, densely: the int(k * B) largest of relu(pre) * sum_l ||W_dec[f, l]||
     (``rescale``; else relu(pre)) over the batch, by ``batch_topk_select``'s tie rule (``selection`` =
-    (rows, ids) forces it), valued relu(pre); loss = mean over B * L * D of (x_hat - x)^2."""
+    (rows, ids) forces it), valued relu(pre); loss = mean over B * L * D of (x_hat - x)^2
+    (``reconstruction="layer_l2"``: the mean over B and L of each layer's error norm)."""
     B, L, _ = xs.shape
     pre = crosscoder_preacts(xs, W_enc, b_enc, round_preacts)
     post = torch.relu(pre)
@@ -560,12 +573,13 @@ def batchtopk_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, k, rescale=True, s
     rows, ids = selection if selection is not None else batch_topk_select(ranked.detach(), int(k * B))
     acts = torch.zeros_like(post).index_put((rows, ids), post[rows, ids])
     xs_hat = crosscoder_decode(acts, W_dec, b_dec, L)
-    loss = (xs_hat - xs).pow(2).mean()
+    loss = crosscoder_reconstruction(xs, xs_hat, reconstruction, per_row=False)
+    mse = (xs_hat - xs).pow(2).mean()
     picked = ranked.detach()[rows, ids]
     positive = picked[picked > 0]
     min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=xs.device)
     code = SparseCode(post[rows, ids], ids, row_offsets_of(rows, B))
-    head, layer_fvu = _crosscoder_head(loss, xs, xs_hat, fire_counts(code.vals, ids, W_enc.shape[0]), code)
+    head, layer_fvu = _crosscoder_head(mse, xs, xs_hat, fire_counts(code.vals, ids, W_enc.shape[0]), code)
     return results.BatchTopKCrosscoderStep(loss, **head, min_act=min_act, aux_loss=None, layer_fvu=layer_fvu)
 
 

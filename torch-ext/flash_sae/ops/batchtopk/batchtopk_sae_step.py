@@ -12,6 +12,11 @@ plain one, so no gradient flows through the norms. With ``decoder_norm_groups`` 
 is the sum of the norms of the G equal column blocks of each decoder row: a crosscoder's
 sum_l ||W_dec[f, l]||, by which dictionary_learning's ``BatchTopKCrossCoder`` ranks.
 
+With ``l2_loss_groups`` G >= 1 the loss is the mean over rows and G equal column blocks of each
+block's error norm (unsquared), as dictionary_learning's crosscoder trainer minimises; its backward
+is the MSE backward at a rescaled residual (``primitives.step_backward.grouped_l2_loss``), so the
+passes are the same.
+
 What is fused:
 - selection, exact, from the chunked encoder GEMM (``primitives.select.preacts.batch_topk_preacts``):
   the group-maximum prefilter over the flattened chunk, then the ordered compaction
@@ -32,10 +37,10 @@ Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
 
 import torch
 
-from ..._validation import check_batch_k, check_decoder_norm_groups, check_prefix_sizes
+from ..._validation import check_batch_k, check_decoder_norm_groups, check_l2_loss_groups, check_prefix_sizes
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import batch_topk_preacts
-from ...primitives.step_backward import grouped_row_norms
+from ...primitives.step_backward import grouped_l2_loss, grouped_row_norms
 from ...results import BatchTopKSAEStep, MatryoshkaSAEStep
 from .._dead import DEAD_INPUTS, DEAD_OUTPUTS, dead_op_args
 from .._step import (
@@ -54,7 +59,7 @@ from .._step import (
 
 
 BatchtopkSaeStepInputs = step_inputs(
-    "BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, decoder_norm_groups=int,
+    "BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, decoder_norm_groups=int, l2_loss_groups=int,
     prefix_sizes=list[int], **DEAD_INPUTS,
 )  # fmt: skip
 
@@ -81,13 +86,28 @@ def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...
         min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
         return Selected(vals, indices, row_offsets, scale, (min_act,))
 
-    return mse_selection_step_fwd(i, select)
+    out = mse_selection_step_fwd(i, select)
+    return with_l2_loss(i, out) if i.l2_loss_groups else out
+
+
+def with_l2_loss(i: BatchtopkSaeStepInputs, out: tuple) -> tuple:
+    """The outputs with ``l2_loss_groups``: the loss the mean of the blocks' error norms (+ the dead-latent
+    term), ``mse`` the mean squared error (returned even without a dead-latent loss) and the residual the
+    one the MSE backward turns into the norms' gradient."""
+    out = _batchtopk_sae_step.named(out)
+    l2, residual = grouped_l2_loss(out.residual, i.l2_loss_groups, per_row=False)
+    mse = out.mse if out.mse.numel() else out.loss
+    loss = l2 + i.aux_coef * out.aux_loss if out.mse.numel() else l2
+    return tuple(out._replace(loss=loss, mse=mse, residual=residual))
 
 
 def batchtopk_sae_step_fwd_fake(i: BatchtopkSaeStepInputs):
     x, n, i64 = i.x, i.n, torch.int64
     code = (x.new_empty(n), x.new_empty(n, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
-    return mse_selection_step_fwd_fake(i, code, (x.new_empty((), dtype=torch.float32),))
+    out = mse_selection_step_fwd_fake(i, code, (x.new_empty((), dtype=torch.float32),))
+    if not i.l2_loss_groups:
+        return out
+    return tuple(_batchtopk_sae_step.named(out)._replace(mse=x.new_empty((), dtype=torch.float32)))
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -119,7 +139,7 @@ _batchtopk_sae_step = register_selection_step(
 def batchtopk_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: float, *,
     target: torch.Tensor | None = None, rescale_acts_by_decoder_norm: bool = False,
-    dead_loss: DeadLatentLoss | None = None, decoder_norm_groups: int = 1,
+    dead_loss: DeadLatentLoss | None = None, decoder_norm_groups: int = 1, l2_loss_groups: int = 0,
 ) -> BatchTopKSAEStep:  # fmt: skip
     """One BatchTopK SAE step: the int(k * B) largest activations of the whole batch, decoded, MSE.
 
@@ -138,6 +158,10 @@ def batchtopk_sae_step(
             of the G equal column blocks of W_dec[f] (a crosscoder with ``target=x``: its layers,
             sum_l ||W_dec[f, l]||, as dictionary_learning's ``BatchTopKCrossCoder``); 1 (default) the
             row's norm.
+        l2_loss_groups: 0 (default): the loss is the MSE. G >= 1, dividing the reconstruction's width:
+            the loss is the mean over rows and G equal column blocks of ||x_hat[b, g] - y[b, g]||_2,
+            unsquared (dictionary_learning's crosscoder trainers' ``l2_loss``, G = L); ``mse`` stays the
+            mean squared error.
 
     Returns:
         ``BatchTopKSAEStep(loss, mse, fvu, l0, fire_counts, code, min_act, aux_loss)``:
@@ -152,12 +176,13 @@ def batchtopk_sae_step(
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
     groups = check_decoder_norm_groups(decoder_norm_groups, W_dec.shape[1])
+    l2_groups = check_l2_loss_groups(l2_loss_groups, W_dec.shape[1])
     dead = dead_op_args(dead_loss, x, F)
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
     out = _batchtopk_sae_step.named(
-        _batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, groups, [], *dead)
+        _batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, groups, l2_groups, [], *dead)
     )  # fmt: skip
-    head = selection_step_head(out, B, dead.on)
+    head = step_head(out, B) if l2_groups else selection_step_head(out, B, dead.on)
     return BatchTopKSAEStep(**head, min_act=out.min_act, aux_loss=out.aux_loss if dead.on else None)
 
 
@@ -192,6 +217,8 @@ def matryoshka_batchtopk_sae_step(
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
     no_dead = dead_op_args(None, x, F)
-    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, 1, sizes, *no_dead))
+    out = _batchtopk_sae_step.named(
+        _batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, 1, 0, sizes, *no_dead)
+    )
     head = step_head(out, B, mse=out.level_losses[-1])
     return MatryoshkaSAEStep(**head, level_losses=out.level_losses, min_act=out.min_act)

@@ -30,6 +30,9 @@ G equal blocks and the penalty weight is the sum of their norms, sum_g ||W_dec[f
 al. 2024), not the norm of the whole row. The code's gradient reads that sum; block g of the
 decoder row gets l1_coefficient / B * (sum of f's values) * W_dec[f, g] / ||W_dec[f, g]||, from the
 same segmented pass (its row term reads one value per block: ``csr.RowTerm.group``).
+``l2_loss_groups`` G >= 1 replaces the squared error by the mean over rows and G equal column blocks
+of each block's error norm, unsquared (dictionary_learning's crosscoder trainer's default); its
+backward is the MSE backward at a rescaled residual (``primitives.step_backward.grouped_l2_loss``).
 
 Capacity: as ``jumprelu_sae_step``'s: ``count`` entries qualified; ``overflow = count >
 capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp32, gradients in
@@ -39,12 +42,12 @@ the parameters' dtype. Deterministic. Nothing [B, F] is kept.
 import torch
 
 from ..._registry import register_op
-from ..._validation import as_count, check_decoder_norm_groups, check_standard_args
+from ..._validation import as_count, check_decoder_norm_groups, check_l2_loss_groups, check_standard_args
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import threshold_preacts
-from ...primitives.step_backward import grouped_row_norms, penalty_step_backward
+from ...primitives.step_backward import grouped_l2_loss, grouped_row_norms, penalty_step_backward
 from ...results import StandardSAEStep, total_variance
 from .._step import (
     at_entries,
@@ -67,7 +70,7 @@ TINY = torch.finfo(torch.float32).tiny
 
 
 StandardSaeStepInputs = step_inputs(
-    "StandardSaeStepInputs", l1_coefficient=float, capacity=int, decoder_norm_groups=int
+    "StandardSaeStepInputs", l1_coefficient=float, capacity=int, decoder_norm_groups=int, l2_loss_groups=int
 )
 
 
@@ -101,7 +104,10 @@ def standard_sae_step_fwd(
     weight, norms = decoder_norms(i.W_dec, i.decoder_norm_groups)
     l1 = (vals.float() * at_entries(weight, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
-    loss = sq / B + i.l1_coefficient * l1
+    recon = sq / B
+    if i.l2_loss_groups:  # the blocks' error norms; the backward reads the rescaled residual
+        recon, residual = grouped_l2_loss(residual, i.l2_loss_groups, per_row=True)
+    loss = recon + i.l1_coefficient * l1
     return (loss, sq / (B * D), l1, l0, sq / total_variance(y), counts, vals, indices, row_offsets, count,
             count > i.capacity, residual, norms)  # fmt: skip
 
@@ -151,6 +157,7 @@ _standard_sae_step = register_op(
 def standard_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
     capacity: int, l1_coefficient: float = 1.0, target: torch.Tensor | None = None, decoder_norm_groups: int = 1,
+    l2_loss_groups: int = 0,
 ) -> StandardSAEStep:  # fmt: skip
     """One standard SAE step: the ReLU code, MSE + the decoder-norm-weighted L1 penalty.
 
@@ -168,6 +175,10 @@ def standard_sae_step(
         decoder_norm_groups: G, dividing W_dec's width: the penalty weights latent f by the sum of the
             norms of the G equal column blocks of W_dec[f] (a crosscoder with ``target=x``: the layers,
             sum_l ||W_dec[f, l]||); 1 (default) the row's norm.
+        l2_loss_groups: 0 (default): the reconstruction term is the squared error summed over D, mean
+            over B. G >= 1, dividing W_dec's width: the mean over rows and G equal column blocks of
+            ||x_hat[b, g] - y[b, g]||_2, unsquared (dictionary_learning's crosscoder trainer's
+            ``l2_loss``, G = L); ``mse`` stays the mean squared error.
 
     Returns:
         ``StandardSAEStep(loss, mse, fvu, l0, fire_counts, code, l1, count, overflow)``;
@@ -178,8 +189,9 @@ def standard_sae_step(
     capacity = as_count(capacity)
     check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
     groups = check_decoder_norm_groups(decoder_norm_groups, W_dec.shape[1])
+    l2_groups = check_l2_loss_groups(l2_loss_groups, W_dec.shape[1])
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
-    out = _standard_sae_step.named(_standard_sae_step(*tensors, float(l1_coefficient), capacity, groups))
+    out = _standard_sae_step.named(_standard_sae_step(*tensors, float(l1_coefficient), capacity, groups, l2_groups))
     return StandardSAEStep(**step_head(out, B), l1=out.l1, count=out.count, overflow=out.overflow)
 
 
@@ -205,7 +217,7 @@ class _DenseStep(torch.autograd.Function):
     row pass that rounds once)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, target, l1_coefficient, groups):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, target, l1_coefficient, groups, l2_groups):
         B = x.shape[0]
         y = x if target is None else target
         xc = x - b_dec if target is None else x  # a transcoder encodes x as it is
@@ -214,11 +226,14 @@ class _DenseStep(torch.autograd.Function):
         residual = torch.addmm(b_dec, acts, W_dec).float().sub_(y.float())
         sq = residual.square().sum()
         l1 = l1_rows.sum() / B
+        recon = sq / B
+        if l2_groups:  # the blocks' error norms; the backward reads the rescaled residual
+            recon, residual = grouped_l2_loss(residual, l2_groups, per_row=True)
         ctx.save_for_backward(xc, W_enc, W_dec, acts, residual, norms)
         ctx.l1_coefficient = l1_coefficient
         ctx.target_dtype = None if target is None else target.dtype
         ctx.mark_non_differentiable(sq, l1, counts)
-        return sq / B + l1_coefficient * l1, sq, l1, counts
+        return recon + l1_coefficient * l1, sq, l1, counts
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -243,31 +258,34 @@ class _DenseStep(torch.autograd.Function):
         dxc = (dz @ W_enc).float()
         if ctx.target_dtype is not None:  # a transcoder: x only feeds the encoder, b_dec only the decode
             dtarget = (-d_xhat32).to(ctx.target_dtype) if ctx.needs_input_grad[5] else None
-            return dxc.to(dtype), dW_enc, db_enc, dW_dec, d_xhat32.sum(0).to(dtype), dtarget, None, None
+            return dxc.to(dtype), dW_enc, db_enc, dW_dec, d_xhat32.sum(0).to(dtype), dtarget, None, None, None
         dx = (dxc - d_xhat32).to(dtype)
         db_dec = (d_xhat32.sum(0) - dxc.sum(0)).to(dtype)
-        return dx, dW_enc, db_enc, dW_dec, db_dec, None, None, None
+        return dx, dW_enc, db_enc, dW_dec, db_dec, None, None, None, None
 
 
 def standard_sae_step_dense(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
     l1_coefficient: float = 1.0, target: torch.Tensor | None = None, decoder_norm_groups: int = 1,
+    l2_loss_groups: int = 0,
 ) -> StandardSAEStep:  # fmt: skip
     """The same step in its dense formulation, for while the code is dense (early in training).
 
     cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.
     Same loss and gradients as ``standard_sae_step`` by the parity rule; ``code`` is None (the
     code is dense), ``count`` is the number of active entries
-    and ``overflow`` False. ``target``, ``decoder_norm_groups``: as ``standard_sae_step``'s. No host sync.
+    and ``overflow`` False. ``target``, ``decoder_norm_groups``, ``l2_loss_groups``: as ``standard_sae_step``'s.
+    No host sync.
     """
     checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     check_standard_args(W_enc.shape[0], 1, l1_coefficient, x)
     groups = check_decoder_norm_groups(decoder_norm_groups, W_dec.shape[1])
+    l2_groups = check_l2_loss_groups(l2_loss_groups, W_dec.shape[1])
     y = x if target is None else target.contiguous()
     B, D = y.shape
     args = (x, W_enc, b_enc, W_dec, b_dec)
     loss, sq, l1, counts = _DenseStep.apply(
-        *(t.contiguous() for t in args), None if target is None else y, float(l1_coefficient), groups
+        *(t.contiguous() for t in args), None if target is None else y, float(l1_coefficient), groups, l2_groups
     )
     count = counts.sum()
     return StandardSAEStep(
