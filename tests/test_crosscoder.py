@@ -13,12 +13,17 @@ and ``dictionary_learning/trainers/crosscoder.py`` (``CrossCoderTrainer.loss``,
 saprmarks/dictionary_learning at commit 12e84279943aac935a5826c5743a2d48e3f161cf.
 """
 
+import warnings
+
 import pytest
 import torch
 from encoder_inputs import step_upstream
 from hypothesis import example, given
 from hypothesis import strategies as st
+from kernels import LocalLayerRepository, Mode, kernelize, use_kernel_forward_from_hub, use_kernel_mapping
+from kernels.layer.layer import _validate_layer
 from parity import DTYPES, assert_gradient_parity, assert_parity, grads, torch_baseline
+from torch import nn
 
 NAMES = ("xs", "W_enc", "b_enc", "W_dec", "b_dec")
 ODD_D = st.sampled_from([1, 3, 5, 7, 9])
@@ -74,15 +79,15 @@ def check_outputs(what, out, runs, fields, dtype, B):
 # The steps, as the modules call them -----------------------------------------------------
 
 
-def l2_groups(reconstruction, L):
-    return L if reconstruction == "layer_l2" else 0
+def layers(fs, L, reconstruction):
+    """The steps' ``crosscoder`` argument, as the modules pass it."""
+    return fs.CrosscoderLayers(L, l2_loss=reconstruction == "layer_l2")
 
 
 def standard_step(fs, params, *, capacity, l1_coefficient, dense=False, reconstruction="mse"):
     xs, W_enc, b_enc, W_dec, b_dec = params
     x, L = flat(xs), xs.shape[1]
-    opts = dict(l1_coefficient=l1_coefficient, target=x, decoder_norm_groups=L,
-                l2_loss_groups=l2_groups(reconstruction, L))  # fmt: skip
+    opts = dict(l1_coefficient=l1_coefficient, target=x, crosscoder=layers(fs, L, reconstruction))
     if dense:
         return fs.standard_sae_step_dense(x, W_enc, b_enc, W_dec, b_dec, **opts)
     return fs.standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, capacity=capacity, **opts)
@@ -125,9 +130,8 @@ def check_standard(fs, shape, dtype, device, *, seed, l1_coefficient, dense=Fals
 @example(shape=(4, 2, 9, 20), dtype=torch.float16, l1_coefficient=4.0, reconstruction="mse", seed=3)
 @example(shape=(3, 3, 1, 6), dtype=torch.float32, l1_coefficient=1.0, reconstruction="layer_l2", seed=4)
 def test_standard_crosscoder_step_parity(fs, device, shape, dtype, l1_coefficient, reconstruction, seed):
-    """The sparse step with target=x, decoder_norm_groups=L (and l2_loss_groups=L for "layer_l2") vs the
-    per-layer reference: the code, the loss, mse, l1 (weighted by sum_l ||W_dec[f, l]||), fvu and every
-    gradient."""
+    """The sparse step with target=x and crosscoder=CrosscoderLayers(L, l2_loss) vs the per-layer
+    reference: the code, the loss, mse, l1 (weighted by sum_l ||W_dec[f, l]||), fvu and every gradient."""
     check_standard(fs, shape, dtype, device, seed=seed, l1_coefficient=l1_coefficient, reconstruction=reconstruction)
 
 
@@ -188,9 +192,9 @@ def assert_top_n(keys, chosen, dtype):
 @example(shape=(4, 2, 7, 17), dtype=torch.float16, k=5, rescale=False, reconstruction="mse", seed=3)
 @example(shape=(5, 3, 5, 9), dtype=torch.float32, k=2, rescale=True, reconstruction="layer_l2", seed=4)
 def test_batchtopk_crosscoder_step_parity(fs, device, shape, dtype, k, rescale, reconstruction, seed):
-    """The BatchTopK step with target=x and decoder_norm_groups=L (and l2_loss_groups=L for "layer_l2") vs
-    the per-layer reference: the batch's int(k * B) largest relu(pre) * sum_l ||W_dec[f, l]|| are
-    selected, valued relu(pre); the loss, mse, fvu, min_act and every gradient at that selection."""
+    """The BatchTopK step with target=x and crosscoder=CrosscoderLayers(L, l2_loss) vs the per-layer
+    reference: the batch's int(k * B) largest relu(pre) * sum_l ||W_dec[f, l]|| are selected, valued
+    relu(pre); the loss, mse, fvu, min_act and every gradient at that selection."""
     B, L, D, F = shape
     n = int(k * B)
     if not 1 <= n <= B * F:
@@ -199,7 +203,7 @@ def test_batchtopk_crosscoder_step_parity(fs, device, shape, dtype, k, rescale, 
     xs, W_enc, b_enc, W_dec, b_dec = params
     x = flat(xs)
     out = fs.batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, k, target=x, rescale_acts_by_decoder_norm=rescale,
-                                decoder_norm_groups=L, l2_loss_groups=l2_groups(reconstruction, L))  # fmt: skip
+                                crosscoder=layers(fs, L, reconstruction))  # fmt: skip
     ref = fs.testing.reference
     rows, ids = batch_selection(out, B)
     assert rows.numel() == n
@@ -413,32 +417,34 @@ def test_crosscoder_modules_reject_bad_input(fs, device):
         fs.TopKCrosscoder(0, 16, 3, n_layers=2)
 
 
-def test_decoder_norm_groups_is_checked(fs, device):
+def test_crosscoder_argument_is_checked(fs, device):
+    """The steps' ``crosscoder``: a CrosscoderLayers whose n_layers divides W_dec's width; the modules'
+    ``reconstruction``: one their step offers."""
     B, L, D, F = 3, 2, 3, 5
     xs, W_enc, b_enc, W_dec, b_dec = crosscoder_problem(B, L, D, F, torch.float32, device, seed=0)
     x = flat(xs)
-    for groups in (-1, 4, 1.5, "2"):
-        with pytest.raises(ValueError, match="l2_loss_groups"):
-            fs.standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, capacity=B * F, target=x, l2_loss_groups=groups)
-        with pytest.raises(ValueError, match="l2_loss_groups"):
-            fs.batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, 2, target=x, l2_loss_groups=groups)
+    steps = (
+        lambda c: fs.standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, capacity=B * F, target=x, crosscoder=c),
+        lambda c: fs.standard_sae_step_dense(x, W_enc, b_enc, W_dec, b_dec, target=x, crosscoder=c),
+        lambda c: fs.batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, 2, target=x, rescale_acts_by_decoder_norm=True,
+                                        crosscoder=c),
+    )  # fmt: skip
+    bad = (2, (2, False), fs.CrosscoderLayers(0), fs.CrosscoderLayers(-2), fs.CrosscoderLayers(4),
+           fs.CrosscoderLayers(1.5), fs.CrosscoderLayers("2"), fs.CrosscoderLayers(2, l2_loss="yes"),
+           fs.CrosscoderLayers(4, l2_loss=True))  # fmt: skip
+    for step in steps:
+        for crosscoder in bad:
+            with pytest.raises(ValueError, match="crosscoder"):
+                step(crosscoder)
     with pytest.raises(ValueError, match="reconstruction"):
         fs.StandardCrosscoder(5, 16, n_layers=2, reconstruction="l1")
     with pytest.raises(ValueError, match="reconstruction"):
         fs.TopKCrosscoder(5, 16, 3, n_layers=2, reconstruction="layer_l2")
-    for groups in (0, -2, 4, 1.5, "2"):
-        with pytest.raises(ValueError, match="decoder_norm_groups"):
-            fs.standard_sae_step(x, W_enc, b_enc, W_dec, b_dec, capacity=B * F, target=x, decoder_norm_groups=groups)
-        with pytest.raises(ValueError, match="decoder_norm_groups"):
-            fs.standard_sae_step_dense(x, W_enc, b_enc, W_dec, b_dec, target=x, decoder_norm_groups=groups)
-        with pytest.raises(ValueError, match="decoder_norm_groups"):
-            fs.batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, 2, target=x, rescale_acts_by_decoder_norm=True,
-                                  decoder_norm_groups=groups)  # fmt: skip
 
 
 def test_one_layer_is_the_sae_over_its_input_read_uncentred(fs, device):
-    """L = 1: decoder_norm_groups=1 is the plain row norm, so the standard crosscoder is the standard step
-    with target=x, exactly."""
+    """L = 1: the sum of the per-layer norms is the row's norm, so the standard crosscoder is the standard
+    step with target=x, exactly."""
     params = crosscoder_problem(5, 1, 7, 9, torch.float32, device, seed=4)
     a = standard_step(fs, params, capacity=45, l1_coefficient=0.5)
     xs, W_enc, b_enc, W_dec, b_dec = params
@@ -593,3 +599,110 @@ def test_dictionary_learning_layout_round_trips(fs):
                 {**sd, "encoder.weight": torch.zeros(L * D, F)}, "sd"):  # fmt: skip
         with pytest.raises(ValueError, match="state_dict"):
             fs.TopKCrosscoder.from_dictionary_learning(bad, 2)
+
+
+# The hub layers ---------------------------------------------------------------------------
+
+
+class _PlainCrosscoder(nn.Module):
+    """A user's crosscoder in plain torch, per layer, in flash-sae's layout (W_enc, W_dec [F, L * D])."""
+
+    def __init__(self, cc):
+        super().__init__()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            setattr(self, name, nn.Parameter(getattr(cc, name).detach().clone()))
+        self.L = cc.n_layers
+
+    def pre(self, x):
+        B, L, D = x.shape
+        return torch.einsum("bld,fld->bf", x, self.W_enc.reshape(-1, L, D)) + self.b_enc
+
+    def decode(self, acts):
+        return torch.einsum("bf,fld->bld", acts, self.W_dec.reshape(acts.shape[1], self.L, -1)) + self.b_dec.reshape(
+            self.L, -1
+        )
+
+
+@use_kernel_forward_from_hub("StandardCrosscoder")
+class HostStandardCrosscoder(_PlainCrosscoder):
+    def forward(self, x):
+        return self.decode(torch.relu(self.pre(x)))
+
+
+@use_kernel_forward_from_hub("JumpReLUCrosscoder")
+class HostJumpReLUCrosscoder(_PlainCrosscoder):
+    def __init__(self, cc):
+        super().__init__(cc)
+        self.threshold = nn.Parameter(cc.threshold.detach().clone())
+
+    def forward(self, x):
+        pre = self.pre(x)
+        return self.decode(pre * (pre > self.threshold.to(pre.dtype)))
+
+
+@use_kernel_forward_from_hub("BatchTopKCrosscoder")
+class HostBatchTopKCrosscoder(_PlainCrosscoder):
+    """Eval mode: dictionary_learning's threshold rule, relu(pre) * sum_l ||W_dec[f, l]|| > threshold."""
+
+    def __init__(self, cc):
+        super().__init__(cc)
+        self.register_buffer("threshold", cc.threshold.clone())
+        self.k, self.rescale_acts_by_decoder_norm = cc.k, cc.rescale_acts_by_decoder_norm
+
+    def forward(self, x):
+        post = torch.relu(self.pre(x))
+        norms = self.W_dec.reshape(post.shape[1], self.L, -1).norm(dim=2).sum(1)
+        return self.decode(post * (post * norms > self.threshold.to(post.dtype)))
+
+
+@use_kernel_forward_from_hub("TopKCrosscoder")
+class HostTopKCrosscoder(_PlainCrosscoder):
+    def __init__(self, cc):
+        super().__init__(cc)
+        self.k = cc.k
+
+    def forward(self, x):
+        pre = self.pre(x)
+        top = pre.topk(self.k, dim=1)
+        return self.decode(torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values)))
+
+
+CROSSCODER_HOSTS = {
+    "StandardCrosscoder": (HostStandardCrosscoder, {}),
+    "JumpReLUCrosscoder": (HostJumpReLUCrosscoder, {"init_threshold": 0.05}),
+    "BatchTopKCrosscoder": (HostBatchTopKCrosscoder, {"k": 3.0}),
+    "TopKCrosscoder": (HostTopKCrosscoder, {"k": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(CROSSCODER_HOSTS))
+def test_crosscoder_layers_kernelize_for_inference(fs, device, name):
+    """kernels' validation accepts each crosscoder layer; kernelize(INFERENCE) swaps it in; its xs_hat is the
+    module's, bitwise, and the host's plain per-layer forward's by the parity rule."""
+    from test_layers import local_build_path
+
+    layer = getattr(fs.layers, name)
+    host_cls, kwargs = CROSSCODER_HOSTS[name]
+    _validate_layer(check_cls=host_cls, cls=layer, repo=f"flash-sae layers.{name}")
+    assert layer.__init__ is nn.Module.__init__
+    L, D, F, B = 3, 5, 24, 6
+    g = torch.Generator().manual_seed(5)
+    cc = perturbed(getattr(fs, name)(D, F, n_layers=L, device=device, seed=2, **kwargs), 5)
+    if name == "BatchTopKCrosscoder":
+        cc.threshold.fill_(0.02)
+    xs = torch.randn(B, L, D, generator=g).to(device)
+    host = host_cls(cc).eval()
+    cc.eval()
+    with torch.no_grad():
+        plain = host(xs)
+    repo = LocalLayerRepository(repo_path=local_build_path(), layer_name=name)
+    with use_kernel_mapping({name: {device: repo}}, inherit_mapping=False):
+        kernelize(host, mode=Mode.INFERENCE, device=device, use_fallback=False)
+    assert host.forward.__func__ is layer.forward
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the BatchTopK module's cold-threshold warning: its threshold is set
+        ours = host(xs)
+        assert torch.equal(ours, cc(xs)), "the layer's xs_hat differs from the module's"
+        assert (plain != 0).any()
+        ref = host_cls.forward(host_cls(cc.double()), xs.double())
+    assert_parity(f"{name} layer xs_hat", ours, plain, ref, torch.float32)

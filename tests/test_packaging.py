@@ -160,6 +160,7 @@ def test_public_api(fs):
             "Architecture",
             "BatchTopKCrosscoderStep",
             "BatchTopKSAEStep",
+            "CrosscoderLayers",
             "DeadLatentLoss",
             "GatedSAEStep",
             "JumpReLUCrosscoderStep",

@@ -15,6 +15,7 @@ plain-torch reference formulas the tests check against.
 
 from . import distributed, layers, testing  # noqa: F401  (testing: the test oracles, outside __all__)
 from .architectures import ARCHITECTURES, Architecture, register_architecture
+from .crosscoder_layers import CrosscoderLayers
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
@@ -57,6 +58,7 @@ __all__ = [
     "BatchTopKCrosscoderStep",
     "BatchTopKSAEStep",
     "BatchTopKSparseAutoencoder",
+    "CrosscoderLayers",
     "DeadLatentLoss",
     "GatedSAEStep",
     "GatedSparseAutoencoder",

@@ -10,11 +10,12 @@ one latent space read from and written to L layers (or L models' same layer), on
 
 With xs [B, L, D] flattened to x [B, L * D], that is exactly an SAE over the concatenation whose
 encoder reads x uncentred, the steps' ``target=x`` path: so each module here is an SAE module of
-width L * D whose step runs with ``target=x`` (and ``decoder_norm_groups=L`` where a decoder norm
-counts). The layout: ``W_enc`` [F, L * D], ``W_dec`` [F, L * D] (row f: the L per-layer blocks
-W_dec[f, l] of D columns, layer-major), ``b_enc`` [F], ``b_dec`` [L * D]. ``to_dictionary_learning``
-and ``from_dictionary_learning`` convert to and from dictionary_learning's ``CrossCoder`` layout
-(encoder.weight [L, D, F], encoder.bias [F], decoder.weight [L, F, D], decoder.bias [L, D]).
+width L * D whose step runs with ``target=x`` and ``crosscoder=CrosscoderLayers(L)`` (where a
+decoder norm counts, it is the sum of the per-layer norms). The layout: ``W_enc`` [F, L * D],
+``W_dec`` [F, L * D] (row f: the L per-layer blocks W_dec[f, l] of D columns, layer-major),
+``b_enc`` [F], ``b_dec`` [L * D]. ``to_dictionary_learning`` and ``from_dictionary_learning``
+convert to and from dictionary_learning's ``CrossCoder`` layout (encoder.weight [L, D, F],
+encoder.bias [F], decoder.weight [L, F, D], decoder.bias [L, D]).
 
 What a crosscoder adds to its SAE module: ``loss(xs)`` and ``forward(xs)`` take [B, L, D]; the
 encoder reads xs uncentred; each result adds ``layer_fvu`` [L], each layer's fraction of variance
@@ -24,6 +25,7 @@ unexplained (from the step's code, one extra decode of it without gradients: O(B
 import torch
 
 from .._validation import check_same_device, check_same_dtype
+from ..crosscoder_layers import CrosscoderLayers
 from ..ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from ..ops.decode.sparse_decode import sparse_decode
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
@@ -56,6 +58,45 @@ def threshold_code(x, W_enc, b_enc, theta, capacity, scale=None):
     return vals, indices, row_offsets
 
 
+# The codes of xs, from a crosscoder's attributes (its four weights over the [L * D] concatenation and the
+# rule's own): the modules' ``encode`` and the hub layers share them. ``x`` is the flattened [B, L * D].
+
+
+@torch.no_grad()
+def standard_crosscoder_code(cc, x: torch.Tensor, capacity: int | None = None):
+    """The active entries (pre > 0) as a variable-length code (vals, indices, row_offsets)."""
+    zero = torch.zeros(cc.W_enc.shape[0], dtype=x.dtype, device=x.device)
+    return threshold_code(x, cc.W_enc, cc.b_enc, zero, capacity)
+
+
+@torch.no_grad()
+def batchtopk_crosscoder_code(cc, x: torch.Tensor, n_layers: int, capacity: int | None = None):
+    """``cc.k``, ``cc.rescale_acts_by_decoder_norm``, ``cc.threshold`` (0-d): the batch rule in training mode,
+    the threshold rule (relu(pre) * sum_l ||W_dec[f, l]|| > threshold) in eval mode."""
+    W_dec = cc.W_dec.detach()
+    scale = grouped_row_norms(W_dec, n_layers).sum(1) if cc.rescale_acts_by_decoder_norm else None
+    if cc.training:
+        _, vals, indices, row_offsets = batch_topk_preacts(x, cc.W_enc, cc.b_enc, int(cc.k * x.shape[0]), None, scale)
+        return vals, indices, row_offsets
+    theta = cc.threshold.expand(cc.W_enc.shape[0])
+    vals, indices, row_offsets = threshold_code(x, cc.W_enc, cc.b_enc, theta, capacity, scale)
+    return torch.relu(vals), indices, row_offsets
+
+
+@torch.no_grad()
+def jumprelu_crosscoder_code(cc, x: torch.Tensor, capacity: int | None = None):
+    """The active entries (pre > threshold; ``cc.threshold`` [F] or ``cc.log_threshold``)."""
+    theta = cc.threshold if hasattr(cc, "threshold") else cc.log_threshold.exp()
+    return threshold_code(x, cc.W_enc, cc.b_enc, theta.detach().clamp_min(0), capacity)
+
+
+@torch.no_grad()
+def decode_layers(cc, vals, indices, row_offsets, n_layers: int) -> torch.Tensor:
+    """xs_hat [B, L, D] of a variable-length code through ``cc``'s decoder."""
+    x_hat = gather_rows(vals, indices, cc.W_dec, cc.b_dec, row_offsets=row_offsets)
+    return x_hat.reshape(x_hat.shape[0], n_layers, -1)
+
+
 class CrosscoderLayout:
     """The crosscoder's layer layout over an SAE module (mixin, listed first): ``n_layers`` L blocks of
     ``d_model`` D columns; the SAE module underneath has width L * D. ``d_model`` is D (per layer).
@@ -80,9 +121,9 @@ class CrosscoderLayout:
             self._init_blocks()
 
     @property
-    def l2_loss_groups(self) -> int:
-        """The step's ``l2_loss_groups``: L for ``reconstruction="layer_l2"`` (each layer's error norm), else 0."""
-        return self.n_layers if self.reconstruction == "layer_l2" else 0
+    def layers(self) -> CrosscoderLayers:
+        """The steps' ``crosscoder`` argument: L layers, each layer's error norm with ``"layer_l2"``."""
+        return CrosscoderLayers(self.n_layers, l2_loss=self.reconstruction == "layer_l2")
 
     @torch.no_grad()
     def _init_blocks(self) -> None:
@@ -219,8 +260,7 @@ class StandardCrosscoder(CrosscoderLayout, StandardSparseAutoencoder):
     def _step(self, x: torch.Tensor):
         capacity = self._path(x.shape[0])
         params = (x, self.W_enc, self.b_enc, self.W_dec, self.b_dec)
-        opts = dict(l1_coefficient=self.l1_coefficient, target=x, decoder_norm_groups=self.n_layers,
-                    l2_loss_groups=self.l2_loss_groups)  # fmt: skip
+        opts = dict(l1_coefficient=self.l1_coefficient, target=x, crosscoder=self.layers)
         if capacity is None:
             return standard_sae_step_dense(*params, **opts)
         return standard_sae_step(*params, capacity=capacity, **opts)
@@ -229,14 +269,11 @@ class StandardCrosscoder(CrosscoderLayout, StandardSparseAutoencoder):
     def encode(self, xs: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries (pre > 0) of xs [B, L, D]; ``capacity`` None
         counts first (one host sync)."""
-        x = self.flatten_layers(xs)
-        zero = torch.zeros(self.n_features, dtype=x.dtype, device=x.device)
-        return threshold_code(x, self.W_enc, self.b_enc, zero, capacity)
+        return standard_crosscoder_code(self, self.flatten_layers(xs), capacity)
 
-    @torch.no_grad()
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """xs_hat [B, L, D] from a variable-length code."""
-        return self._unflatten(gather_rows(vals, indices, self.W_dec, self.b_dec, row_offsets=row_offsets))
+        return decode_layers(self, vals, indices, row_offsets, self.n_layers)
 
 
 class BatchTopKCrosscoder(CrosscoderLayout, BatchTopKSparseAutoencoder):
@@ -269,7 +306,7 @@ class BatchTopKCrosscoder(CrosscoderLayout, BatchTopKSparseAutoencoder):
         return batchtopk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, target=x,
             rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm, dead_loss=self.step_dead_loss(),
-            decoder_norm_groups=self.n_layers, l2_loss_groups=self.l2_loss_groups,
+            crosscoder=self.layers,
         )  # fmt: skip
 
     def activation_scale(self):
@@ -282,21 +319,12 @@ class BatchTopKCrosscoder(CrosscoderLayout, BatchTopKSparseAutoencoder):
         (relu(pre) * scale > threshold) in eval mode, where ``capacity`` bounds the code (None: count
         first, one host sync)."""
         x = self.flatten_layers(xs)
-        scale = self.activation_scale()
-        if self.training:
-            _, vals, indices, row_offsets = batch_topk_preacts(
-                x, self.W_enc, self.b_enc, int(self.k * x.shape[0]), None, scale
-            )  # fmt: skip
-            return vals, indices, row_offsets
         self.warn_if_threshold_cold()
-        theta = self.threshold.expand(self.n_features)
-        vals, indices, row_offsets = threshold_code(x, self.W_enc, self.b_enc, theta, capacity, scale)
-        return torch.relu(vals), indices, row_offsets
+        return batchtopk_crosscoder_code(self, x, self.n_layers, capacity)
 
-    @torch.no_grad()
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """xs_hat [B, L, D] from a variable-length code."""
-        return self._unflatten(gather_rows(vals, indices, self.W_dec, self.b_dec, row_offsets=row_offsets))
+        return decode_layers(self, vals, indices, row_offsets, self.n_layers)
 
 
 class TopKCrosscoder(CrosscoderLayout, SparseAutoencoder):
@@ -359,10 +387,8 @@ class JumpReLUCrosscoder(CrosscoderLayout, JumpReLUSparseAutoencoder):
     def encode(self, xs: torch.Tensor, capacity: int | None = None):
         """(vals, indices, row_offsets) of the active entries (pre > threshold) of xs [B, L, D]; ``capacity``
         None counts first (one host sync)."""
-        theta = self.current_threshold().detach().clamp_min(0)
-        return threshold_code(self.flatten_layers(xs), self.W_enc, self.b_enc, theta, capacity)
+        return jumprelu_crosscoder_code(self, self.flatten_layers(xs), capacity)
 
-    @torch.no_grad()
     def decode(self, vals: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor) -> torch.Tensor:
         """xs_hat [B, L, D] from a variable-length code."""
-        return self._unflatten(gather_rows(vals, indices, self.W_dec, self.b_dec, row_offsets=row_offsets))
+        return decode_layers(self, vals, indices, row_offsets, self.n_layers)

@@ -8,12 +8,12 @@
 
 The rescaling is SAELens's default for its TopK and BatchTopK training SAEs: the selection
 ranks pre-activations as if the decoder rows had unit norm; the reconstruction is the
-plain one, so no gradient flows through the norms. With ``decoder_norm_groups`` G > 1 the factor
-is the sum of the norms of the G equal column blocks of each decoder row: a crosscoder's
-sum_l ||W_dec[f, l]||, by which dictionary_learning's ``BatchTopKCrossCoder`` ranks.
+plain one, so no gradient flows through the norms. For a crosscoder (``crosscoder=CrosscoderLayers(L)``)
+the factor is the sum of the norms of the L per-layer blocks of each decoder row, sum_l ||W_dec[f, l]||,
+by which dictionary_learning's ``BatchTopKCrossCoder`` ranks.
 
-With ``l2_loss_groups`` G >= 1 the loss is the mean over rows and G equal column blocks of each
-block's error norm (unsquared), as dictionary_learning's crosscoder trainer minimises; its backward
+With ``CrosscoderLayers(L, l2_loss=True)`` the loss is the mean over rows and layers of each layer's
+error norm (unsquared), as dictionary_learning's crosscoder trainer minimises; its backward
 is the MSE backward at a rescaled residual (``primitives.step_backward.grouped_l2_loss``), so the
 passes are the same.
 
@@ -37,7 +37,8 @@ Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
 
 import torch
 
-from ..._validation import check_batch_k, check_decoder_norm_groups, check_l2_loss_groups, check_prefix_sizes
+from ..._validation import check_batch_k, check_prefix_sizes
+from ...crosscoder_layers import CrosscoderLayers
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import batch_topk_preacts
 from ...primitives.step_backward import grouped_l2_loss, grouped_row_norms
@@ -139,7 +140,7 @@ _batchtopk_sae_step = register_selection_step(
 def batchtopk_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: float, *,
     target: torch.Tensor | None = None, rescale_acts_by_decoder_norm: bool = False,
-    dead_loss: DeadLatentLoss | None = None, decoder_norm_groups: int = 1, l2_loss_groups: int = 0,
+    dead_loss: DeadLatentLoss | None = None, crosscoder: CrosscoderLayers | None = None,
 ) -> BatchTopKSAEStep:  # fmt: skip
     """One BatchTopK SAE step: the int(k * B) largest activations of the whole batch, decoded, MSE.
 
@@ -154,14 +155,11 @@ def batchtopk_sae_step(
             (SAELens's default for its BatchTopK training SAE).
         dead_loss: a ``DeadLatentLoss`` with its mask, as ``topk_sae_step``'s; with the rescaling,
             AuxK ranks the dead pre-activations by pre * ||W_dec[f]|| too (as SAELens does).
-        decoder_norm_groups: G, dividing W_dec's width: with the rescaling, rank by the sum of the norms
-            of the G equal column blocks of W_dec[f] (a crosscoder with ``target=x``: its layers,
-            sum_l ||W_dec[f, l]||, as dictionary_learning's ``BatchTopKCrossCoder``); 1 (default) the
-            row's norm.
-        l2_loss_groups: 0 (default): the loss is the MSE. G >= 1, dividing the reconstruction's width:
-            the loss is the mean over rows and G equal column blocks of ||x_hat[b, g] - y[b, g]||_2,
-            unsquared (dictionary_learning's crosscoder trainers' ``l2_loss``, G = L); ``mse`` stays the
-            mean squared error.
+        crosscoder: None, or a ``CrosscoderLayers(L, l2_loss)`` (with ``target=x``, xs [B, L, D]
+            flattened): with the rescaling, rank by sum_l ||W_dec[f, l]||, the norms of the L per-layer
+            blocks of each row (as dictionary_learning's ``BatchTopKCrossCoder``); with ``l2_loss`` the
+            loss is the mean over B and L of ||x_hat_l - x_l||_2, unsquared (``mse`` stays the mean
+            squared error).
 
     Returns:
         ``BatchTopKSAEStep(loss, mse, fvu, l0, fire_counts, code, min_act, aux_loss)``:
@@ -175,8 +173,7 @@ def batchtopk_sae_step(
     n = check_batch_k(k, B, F)
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
-    groups = check_decoder_norm_groups(decoder_norm_groups, W_dec.shape[1])
-    l2_groups = check_l2_loss_groups(l2_loss_groups, W_dec.shape[1])
+    groups, l2_groups = CrosscoderLayers.groups(crosscoder, W_dec.shape[1])
     dead = dead_op_args(dead_loss, x, F)
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
     out = _batchtopk_sae_step.named(

@@ -25,13 +25,13 @@ A transcoder (``target``): x is encoded as it is (no ``x - b_dec``) and the deco
 the target [B, D_out] (W_dec [F, D_out], b_dec [D_out]); the penalty is unchanged, and the loss
 is differentiable in the target too.
 
-Grouped decoder norms (``decoder_norm_groups`` G > 1, a crosscoder's L layers): each decoder row is
-G equal blocks and the penalty weight is the sum of their norms, sum_g ||W_dec[f, g]|| (Lindsey et
-al. 2024), not the norm of the whole row. The code's gradient reads that sum; block g of the
-decoder row gets l1_coefficient / B * (sum of f's values) * W_dec[f, g] / ||W_dec[f, g]||, from the
+A crosscoder (``crosscoder=CrosscoderLayers(L)``, with ``target=x``): each decoder row is
+L equal per-layer blocks and the penalty weight is the sum of their norms, sum_l ||W_dec[f, l]|| (Lindsey
+et al. 2024), not the norm of the whole row. The code's gradient reads that sum; block g of the
+decoder row gets l1_coefficient / B * (sum of f's values) * W_dec[f, l] / ||W_dec[f, l]||, from the
 same segmented pass (its row term reads one value per block: ``csr.RowTerm.group``).
-``l2_loss_groups`` G >= 1 replaces the squared error by the mean over rows and G equal column blocks
-of each block's error norm, unsquared (dictionary_learning's crosscoder trainer's default); its
+``l2_loss`` replaces the squared error by the mean over rows and layers of each layer's error norm,
+unsquared (dictionary_learning's crosscoder trainer's default); its
 backward is the MSE backward at a rescaled residual (``primitives.step_backward.grouped_l2_loss``).
 
 Capacity: as ``jumprelu_sae_step``'s: ``count`` entries qualified; ``overflow = count >
@@ -42,7 +42,8 @@ the parameters' dtype. Deterministic. Nothing [B, F] is kept.
 import torch
 
 from ..._registry import register_op
-from ..._validation import as_count, check_decoder_norm_groups, check_l2_loss_groups, check_standard_args
+from ..._validation import as_count, check_standard_args
+from ...crosscoder_layers import CrosscoderLayers
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_residual
@@ -156,8 +157,8 @@ _standard_sae_step = register_op(
 
 def standard_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
-    capacity: int, l1_coefficient: float = 1.0, target: torch.Tensor | None = None, decoder_norm_groups: int = 1,
-    l2_loss_groups: int = 0,
+    capacity: int, l1_coefficient: float = 1.0, target: torch.Tensor | None = None,
+    crosscoder: CrosscoderLayers | None = None,
 ) -> StandardSAEStep:  # fmt: skip
     """One standard SAE step: the ReLU code, MSE + the decoder-norm-weighted L1 penalty.
 
@@ -172,13 +173,10 @@ def standard_sae_step(
             as it is (no ``x - b_dec``), the MSE term is the sum over D_out of ``(b_dec + decode -
             target)^2`` (mean over B), ``mse`` and ``fvu`` are the target's, the penalty is
             unchanged, and the loss is differentiable in ``target`` too.
-        decoder_norm_groups: G, dividing W_dec's width: the penalty weights latent f by the sum of the
-            norms of the G equal column blocks of W_dec[f] (a crosscoder with ``target=x``: the layers,
-            sum_l ||W_dec[f, l]||); 1 (default) the row's norm.
-        l2_loss_groups: 0 (default): the reconstruction term is the squared error summed over D, mean
-            over B. G >= 1, dividing W_dec's width: the mean over rows and G equal column blocks of
-            ||x_hat[b, g] - y[b, g]||_2, unsquared (dictionary_learning's crosscoder trainer's
-            ``l2_loss``, G = L); ``mse`` stays the mean squared error.
+        crosscoder: None, or a ``CrosscoderLayers(L, l2_loss)`` (with ``target=x``, xs [B, L, D]
+            flattened): the penalty weights latent f by sum_l ||W_dec[f, l]||, the norms of the L
+            per-layer blocks of its row; with ``l2_loss`` the reconstruction term is the mean over B
+            and L of ||x_hat_l - x_l||_2, unsquared (``mse`` stays the mean squared error).
 
     Returns:
         ``StandardSAEStep(loss, mse, fvu, l0, fire_counts, code, l1, count, overflow)``;
@@ -188,8 +186,7 @@ def standard_sae_step(
     B, _, _ = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
-    groups = check_decoder_norm_groups(decoder_norm_groups, W_dec.shape[1])
-    l2_groups = check_l2_loss_groups(l2_loss_groups, W_dec.shape[1])
+    groups, l2_groups = CrosscoderLayers.groups(crosscoder, W_dec.shape[1])
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
     out = _standard_sae_step.named(_standard_sae_step(*tensors, float(l1_coefficient), capacity, groups, l2_groups))
     return StandardSAEStep(**step_head(out, B), l1=out.l1, count=out.count, overflow=out.overflow)
@@ -266,21 +263,19 @@ class _DenseStep(torch.autograd.Function):
 
 def standard_sae_step_dense(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
-    l1_coefficient: float = 1.0, target: torch.Tensor | None = None, decoder_norm_groups: int = 1,
-    l2_loss_groups: int = 0,
+    l1_coefficient: float = 1.0, target: torch.Tensor | None = None, crosscoder: CrosscoderLayers | None = None,
 ) -> StandardSAEStep:  # fmt: skip
     """The same step in its dense formulation, for while the code is dense (early in training).
 
     cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.
     Same loss and gradients as ``standard_sae_step`` by the parity rule; ``code`` is None (the
     code is dense), ``count`` is the number of active entries
-    and ``overflow`` False. ``target``, ``decoder_norm_groups``, ``l2_loss_groups``: as ``standard_sae_step``'s.
+    and ``overflow`` False. ``target``, ``crosscoder``: as ``standard_sae_step``'s.
     No host sync.
     """
     checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     check_standard_args(W_enc.shape[0], 1, l1_coefficient, x)
-    groups = check_decoder_norm_groups(decoder_norm_groups, W_dec.shape[1])
-    l2_groups = check_l2_loss_groups(l2_loss_groups, W_dec.shape[1])
+    groups, l2_groups = CrosscoderLayers.groups(crosscoder, W_dec.shape[1])
     y = x if target is None else target.contiguous()
     B, D = y.shape
     args = (x, W_enc, b_enc, W_dec, b_dec)
