@@ -74,7 +74,7 @@ def batchtopk_crosscoder_code(cc, x: torch.Tensor, n_layers: int, capacity: int 
     """``cc.k``, ``cc.rescale_acts_by_decoder_norm``, ``cc.threshold`` (0-d): the batch rule in training mode,
     the threshold rule (relu(pre) * sum_l ||W_dec[f, l]|| > threshold) in eval mode."""
     W_dec = cc.W_dec.detach()
-    scale = grouped_row_norms(W_dec, n_layers).sum(1) if cc.rescale_acts_by_decoder_norm else None
+    scale = grouped_row_norms(W_dec, n_layers).sum(1).to(W_dec.dtype) if cc.rescale_acts_by_decoder_norm else None
     if cc.training:
         _, vals, indices, row_offsets = batch_topk_preacts(x, cc.W_enc, cc.b_enc, int(cc.k * x.shape[0]), None, scale)
         return vals, indices, row_offsets
@@ -311,7 +311,7 @@ class BatchTopKCrosscoder(CrosscoderLayout, BatchTopKSparseAutoencoder):
 
     def activation_scale(self):
         """The per-latent factor the selection ranks by: sum_l ||W_dec[f, l]|| when rescaling, else None."""
-        return self.decoder_norms().sum(1) if self.rescale_acts_by_decoder_norm else None
+        return self.decoder_norms().sum(1).to(self.W_dec.dtype) if self.rescale_acts_by_decoder_norm else None
 
     @torch.no_grad()
     def encode(self, xs: torch.Tensor, capacity: int | None = None):

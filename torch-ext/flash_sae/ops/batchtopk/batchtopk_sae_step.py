@@ -66,12 +66,13 @@ BatchtopkSaeStepInputs = step_inputs(
 
 
 def ranking_scale(W_dec: torch.Tensor, rescale: bool, groups: int) -> torch.Tensor | None:
-    """The factor the selection ranks pre-activations by: None without the rescaling; ||W_dec[f]|| (W_dec's
-    dtype); with G > 1 groups, the sum over the G column blocks of ||W_dec[f, g]|| (fp32)."""
+    """The factor the selection ranks pre-activations by: None without the rescaling; ||W_dec[f]||; with G > 1
+    groups, the sum over the G column blocks of ||W_dec[f, g]|| (summed in fp32). In W_dec's dtype, the
+    activations' (the selection multiplies in that dtype)."""
     if not rescale:
         return None
     W = W_dec.detach()
-    return W.norm(dim=1) if groups == 1 else grouped_row_norms(W, groups).sum(1)
+    return W.norm(dim=1) if groups == 1 else grouped_row_norms(W, groups).sum(1).to(W.dtype)
 
 
 def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
