@@ -417,6 +417,21 @@ def test_crosscoder_modules_reject_bad_input(fs, device):
         fs.TopKCrosscoder(0, 16, 3, n_layers=2)
 
 
+def test_crosscoder_dead_loss_defaults_to_half_a_layer(fs, device):
+    """AuxK's default k_aux is half a layer's width (dictionary_learning's activation_dim // 2); the loss
+    trains (dead latents after one token) and resampling says it is not adapted yet."""
+    L, D, F = 3, 6, 20
+    cc = fs.BatchTopKCrosscoder(D, F, 2, n_layers=L, dead_loss="auxk", dead_window_tokens=1, device=device, seed=0)
+    assert cc.dead_loss.k_aux == D // 2
+    xs = torch.randn(4, L, D, generator=torch.Generator().manual_seed(0)).to(device)
+    for _ in range(2):
+        step = cc.loss(xs)
+    assert step.aux_loss is not None and torch.isfinite(step.aux_loss)
+    step.loss.backward()
+    with pytest.raises(NotImplementedError, match="crosscoder"):
+        cc.resample_dead_(xs)
+
+
 def test_crosscoder_argument_is_checked(fs, device):
     """The steps' ``crosscoder``: a CrosscoderLayers whose n_layers divides W_dec's width; the modules'
     ``reconstruction``: one their step offers."""

@@ -26,6 +26,7 @@ import torch
 
 from .._validation import check_same_device, check_same_dtype
 from ..crosscoder_layers import CrosscoderLayers
+from ..dead_latent_loss import DeadLatentLoss
 from ..ops.batchtopk.batchtopk_sae_step import batchtopk_sae_step
 from ..ops.decode.sparse_decode import sparse_decode
 from ..ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
@@ -115,6 +116,8 @@ class CrosscoderLayout:
         n_layers = _check_positive_int("n_layers", n_layers)
         if reconstruction not in self.reconstructions:
             raise ValueError(f"reconstruction must be one of {self.reconstructions}, got {reconstruction!r}")
+        if kwargs.get("dead_loss") is not None:  # AuxK's default k_aux: half a layer's width, not of L * D
+            kwargs["dead_loss"] = DeadLatentLoss.of(kwargs["dead_loss"]).with_defaults(d_model, n_features)
         super().__init__(d_model * n_layers, n_features, *args, **kwargs)
         self.d_model, self.n_layers, self.reconstruction = d_model, n_layers, reconstruction
         if self.block_init:
@@ -134,6 +137,13 @@ class CrosscoderLayout:
         blocks = blocks / blocks.norm(dim=2, keepdim=True).clamp_min(1e-30) * row_norm[:, None, None]
         self.W_dec.copy_(blocks.reshape(F, -1))
         self.W_enc.copy_(blocks.reshape(F, -1))
+
+    def resample_dead_(self, *args, **kwargs):
+        """Not adapted to crosscoders yet (the SAE modules' resampling reads [N, D] inputs)."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.resample_dead_: resampling is not adapted to crosscoders yet; use a "
+            "dead-latent loss (dead_loss='auxk' on the TopK and BatchTopK crosscoders)"
+        )
 
     def extra_repr(self) -> str:
         return f"n_layers={self.n_layers}, reconstruction={self.reconstruction!r}, {super().extra_repr()}"
