@@ -117,7 +117,8 @@ class CrosscoderLayout:
         if reconstruction not in self.reconstructions:
             raise ValueError(f"reconstruction must be one of {self.reconstructions}, got {reconstruction!r}")
         if kwargs.get("dead_loss") is not None:  # AuxK's default k_aux: half a layer's width, not of L * D
-            kwargs["dead_loss"] = DeadLatentLoss.of(kwargs["dead_loss"]).with_defaults(d_model, n_features)
+            F = _check_positive_int("n_features", n_features)
+            kwargs["dead_loss"] = DeadLatentLoss.of(kwargs["dead_loss"]).with_defaults(d_model, F)
         super().__init__(d_model * n_layers, n_features, *args, **kwargs)
         self.d_model, self.n_layers, self.reconstruction = d_model, n_layers, reconstruction
         if self.block_init:
