@@ -315,7 +315,7 @@ def module_reference(fs, module, xs, out):
         return ref.standard_crosscoder_step(*p, module.l1_coefficient, active=active,
                                             reconstruction=module.reconstruction)  # fmt: skip
     if isinstance(module, fs.BatchTopKCrosscoder):
-        rows = torch.repeat_interleave(torch.arange(B), out.code.row_offsets.diff())
+        rows = torch.repeat_interleave(torch.arange(B, device=xs.device), out.code.row_offsets.diff())
         return ref.batchtopk_crosscoder_step(*p, module.k, module.rescale_acts_by_decoder_norm,
                                              selection=(rows, out.code.indices),
                                              reconstruction=module.reconstruction)  # fmt: skip
@@ -533,7 +533,7 @@ def perturbed(module, seed):
         module.b_enc.copy_(torch.randn(F, generator=g) * 0.05)
         module.b_dec.copy_(torch.randn(module.b_dec.shape, generator=g) * 0.1)
         scale = (torch.rand(F, L, 1, generator=g) + 0.3).repeat_interleave(module.d_model, 2).reshape(F, -1)
-        module.W_dec.mul_(scale)
+        module.W_dec.mul_(scale.to(module.W_dec))
     return module
 
 
@@ -549,7 +549,7 @@ def test_standard_crosscoder_is_dictionary_learnings_crosscoder(fs, device, L, d
     sum over layers, Anthropic's)."""
     D, F, B, l1_penalty = 5, 16, 6, 0.3
     scale, reconstruction = (L, "mse") if use_mse_loss else (1, "layer_l2")
-    module = fs.StandardCrosscoder(D, F, n_layers=L, l1_coefficient=scale * l1_penalty, seed=3,
+    module = fs.StandardCrosscoder(D, F, n_layers=L, l1_coefficient=scale * l1_penalty, seed=3, device=device,
                                    reconstruction=reconstruction)  # fmt: skip
     module = perturbed(module, 3)
     module.dense_above, module.capacity_per_row = (0.0, None) if dense else (1.0, F)
@@ -560,12 +560,12 @@ def test_standard_crosscoder_is_dictionary_learnings_crosscoder(fs, device, L, d
     sd = dl_state(module)
     theirs = dl_standard_loss(sd, xs.double(), l1_penalty, use_mse_loss)
     theirs.backward()
-    torch.testing.assert_close(step.loss.double() / scale, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(step.loss.double().cpu() / scale, theirs, rtol=1e-5, atol=1e-7)
     for a, b in zip(ours, dl_grads_as_ours(module, sd)):
-        torch.testing.assert_close(a.double() / scale, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.double().cpu() / scale, b, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(module.forward(xs).double(), dl_decode(sd, dl_encode(sd, xs.double())),
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(module.forward(xs.to(device)).double().cpu(),
+                                   dl_decode(sd, dl_encode(sd, xs.double())), rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("reconstruction", ["layer_l2", "mse"])
@@ -579,7 +579,8 @@ def test_batchtopk_crosscoder_is_dictionary_learnings_batchtopk_crosscoder(fs, d
     over B and L of the sum over D) and its gradients are D times the default module's (a mean over
     B * L * D)."""
     D, F, B, k = 5, 16, 6, 3
-    module = perturbed(fs.BatchTopKCrosscoder(D, F, k, n_layers=L, seed=4, reconstruction=reconstruction), 4)
+    module = fs.BatchTopKCrosscoder(D, F, k, n_layers=L, seed=4, reconstruction=reconstruction, device=device)
+    module = perturbed(module, 4)
     xs = torch.randn(B, L, D, generator=torch.Generator().manual_seed(6))
     step = module.loss(xs.to(device))
     ours = torch.autograd.grad(step.loss, [module.W_enc, module.b_enc, module.W_dec, module.b_dec])
@@ -588,11 +589,11 @@ def test_batchtopk_crosscoder_is_dictionary_learnings_batchtopk_crosscoder(fs, d
     theirs, scale = (l2, 1) if reconstruction == "layer_l2" else (mse, D)
     theirs.backward()
     assert torch.equal(step.code.to_dense(F).cpu() > 0, kept)
-    torch.testing.assert_close(step.loss.double() * scale, theirs, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(step.mse.double() * D, mse.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(step.min_act.double(), min_act, rtol=1e-5, atol=0)
+    torch.testing.assert_close(step.loss.double().cpu() * scale, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(step.mse.double().cpu() * D, mse.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(step.min_act.double().cpu(), min_act, rtol=1e-5, atol=0)
     for a, b in zip(ours, dl_grads_as_ours(module, sd)):
-        torch.testing.assert_close(a.double() * scale, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.double().cpu() * scale, b, rtol=1e-4, atol=1e-6)
 
 
 def test_dictionary_learning_layout_round_trips(fs):
