@@ -36,7 +36,7 @@ def loss_args(arch, x):
 
 def test_registry_holds_every_module(fs):
     modules = {a.module for a in fs.ARCHITECTURES.values()}
-    exported = {getattr(fs, n) for n in fs.__all__ if n.endswith(("SparseAutoencoder", "Transcoder"))}
+    exported = {getattr(fs, n) for n in fs.__all__ if n.endswith(("SparseAutoencoder", "Transcoder", "Crosscoder"))}
     assert modules == exported, "a module without an architecture, or an architecture without a module"
     assert {n for n, a in fs.ARCHITECTURES.items() if a.family == "transcoder"} >= set(TRANSCODERS)
     import train_sae

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "torch-ext" / "flash_sae"
 LAYERS = (
-    ("_launch", "_registry", "_validation", "results", "dead_latent_loss"),
+    ("_launch", "_registry", "_validation", "results", "dead_latent_loss", "crosscoder_layers"),
     ("primitives",),
     ("ops",),
     ("modules",),

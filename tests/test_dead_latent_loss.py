@@ -55,7 +55,9 @@ def op_outputs(fs, step, params, k, dead_loss, rescale=False):
         op, inputs["k"] = sys.modules[fs.topk_sae_step.__module__]._topk_sae_step, k
     else:
         op = sys.modules[fs.batchtopk_sae_step.__module__]._batchtopk_sae_step
-        inputs.update(n=int(k * params[0].shape[0]), rescale_acts_by_decoder_norm=rescale)
+        inputs.update(
+            n=int(k * params[0].shape[0]), rescale_acts_by_decoder_norm=rescale, decoder_norm_groups=1, l2_loss_groups=0
+        )
     out = op.named(op(*(inputs[n] for n in op.inputs)))
     return out, (out.A, out.gate, out.dE1, out.ids, out.valid)
 

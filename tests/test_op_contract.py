@@ -102,30 +102,45 @@ def _steps(fs, dtype, device):
     sae = _sae(dtype, device)
     transcoder = dict(_sae(dtype, device, D_out=7), target=torch.randn(B, 7, generator=_g(9)).to(device, dtype))
     no_target = dict(target=None)
+    # a crosscoder's step: W_dec's rows of 3 blocks (layers) whose norms the penalty or the ranking sums
+    crosscoder = dict(_sae(dtype, device, D_out=18), target=torch.randn(B, 18, generator=_g(10)).to(device, dtype))
     threshold = (torch.rand(F, generator=_g(3)) * 0.3).to(device)
     gated = dict(x=sae["x"], W_enc=sae["W_enc"], b_gate=sae["b_enc"], r_mag=(torch.randn(F, generator=_g(4)) * 0.1)
                  .to(device, dtype), b_mag=(torch.randn(F, generator=_g(5)) * 0.1).to(device, dtype),
                  W_dec=sae["W_dec"], b_dec=sae["b_dec"])  # fmt: skip
     sizes, one = [4, 20, F], dict(prefix_sizes=[])  # Matryoshka's levels, or one level (the whole dictionary)
+    # decoder norms of whole rows and the squared error (a crosscoder's: per block of columns, and norms)
+    rows = dict(decoder_norm_groups=1, l2_loss_groups=0)
     return [
         ("topk", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, None, False))),
         ("topk+auxk", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, "auxk"))),
         ("topk+ghost", "topk_sae_step", dict(sae, **no_target, k=5, **one, **_dead(fs, device, "ghost"))),
         ("topk transcoder+auxk", "topk_sae_step", dict(transcoder, k=5, **one, **_dead(fs, device, "auxk"))),
         ("batchtopk", "batchtopk_sae_step",
-         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, **one, **_dead(fs, device, None, False))),
+         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, **rows, **one,
+              **_dead(fs, device, None, False))),
         ("batchtopk+auxk", "batchtopk_sae_step",
-         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=False, **one, **_dead(fs, device, "auxk"))),
+         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=False, **rows, **one, **_dead(fs, device, "auxk"))),
         ("batchtopk transcoder", "batchtopk_sae_step",
-         dict(transcoder, n=30, rescale_acts_by_decoder_norm=True, **one, **_dead(fs, device, None, False))),
+         dict(transcoder, n=30, rescale_acts_by_decoder_norm=True, **rows, **one, **_dead(fs, device, None, False))),
         ("matryoshka topk", "topk_sae_step",
          dict(sae, **no_target, k=4, prefix_sizes=sizes, **_dead(fs, device, None, False))),
         ("matryoshka batchtopk", "batchtopk_sae_step",
-         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, prefix_sizes=sizes,
+         dict(sae, **no_target, n=30, rescale_acts_by_decoder_norm=True, **rows, prefix_sizes=sizes,
               **_dead(fs, device, None, False))),
         ("jumprelu", "jumprelu_sae_step",
          dict(sae, **no_target, threshold=threshold, bandwidth=0.1, l0_coefficient=0.5, capacity=B * F)),
-        ("standard", "standard_sae_step", dict(sae, **no_target, l1_coefficient=0.5, capacity=B * F)),
+        ("standard", "standard_sae_step", dict(sae, **no_target, l1_coefficient=0.5, capacity=B * F, **rows)),
+        ("standard crosscoder norms", "standard_sae_step",
+         dict(crosscoder, l1_coefficient=0.5, capacity=B * F, decoder_norm_groups=3, l2_loss_groups=0)),
+        ("standard crosscoder l2", "standard_sae_step",
+         dict(crosscoder, l1_coefficient=0.5, capacity=B * F, decoder_norm_groups=3, l2_loss_groups=3)),
+        ("batchtopk crosscoder norms", "batchtopk_sae_step",
+         dict(crosscoder, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=3, l2_loss_groups=0, **one,
+              **_dead(fs, device, None, False))),
+        ("batchtopk crosscoder l2+auxk", "batchtopk_sae_step",
+         dict(crosscoder, n=30, rescale_acts_by_decoder_norm=True, decoder_norm_groups=3, l2_loss_groups=3, **one,
+              **_dead(fs, device, "auxk"))),
         ("gated", "gated_sae_step",
          dict(gated, **no_target, l1_coefficient=0.5, capacity=B * F, freeze_aux_decoder=True)),
     ]  # fmt: skip

@@ -222,3 +222,18 @@ def test_sentinel_catches_a_launch(fs, torch_path):
     x, W_enc, b_enc, _, b_dec = make_sae(2, 4, 10, 3, torch.float32, torch_path, seed=0)
     with pytest.raises(AssertionError, match="plain-torch path"):
         fs.topk_encode(x, W_enc, b_enc, 3, b_dec)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_crosscoder_steps(fs, torch_path, dtype):
+    """The crosscoder steps on this path (the segmented pass's row term one value per layer block, the
+    layers' L2 loss): the standard sparse and dense steps and the BatchTopK step against the per-layer
+    reference."""
+    from test_crosscoder import check_standard, test_batchtopk_crosscoder_step_parity
+
+    for reconstruction in ("mse", "layer_l2"):
+        check_standard(fs, (5, 3, 7, 40), dtype, torch_path, seed=2, l1_coefficient=0.7, reconstruction=reconstruction)
+        check_standard(fs, (4, 2, 5, 9), dtype, torch_path, seed=3, l1_coefficient=0.7, dense=True,
+                       reconstruction=reconstruction)  # fmt: skip
+        parity = test_batchtopk_crosscoder_step_parity.hypothesis.inner_test
+        parity(fs, torch_path, (6, 3, 5, 30), dtype, 2.5, True, reconstruction, 4)

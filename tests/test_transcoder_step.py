@@ -408,11 +408,13 @@ def _op_inputs(step, tensors, names, K):
         return dict(named, bandwidth=BANDWIDTH, l0_coefficient=L0_COEF, capacity=B * F)
     if step in ("standard", "gated"):
         extra = dict(freeze_aux_decoder=False) if step == "gated" else {}
-        return dict(named, l1_coefficient=L1_COEF, capacity=B * F, **extra)
+        rows = dict(decoder_norm_groups=1, l2_loss_groups=0) if step == "standard" else {}  # not a crosscoder
+        return dict(named, l1_coefficient=L1_COEF, capacity=B * F, **extra, **rows)
     no_dead = dict(dead_mask=None, dead_offset=None, dead=[0, 0, 0, 1, 1], aux_coef=0.0)  # DeadLossSpec().to_op()
     if step == "matryoshka_topk":  # the TopK op with Matryoshka's levels
         return dict(named, k=K, prefix_sizes=_sizes(F), **no_dead)
-    return dict(named, n=K * B, prefix_sizes=_sizes(F), rescale_acts_by_decoder_norm=True, **no_dead)
+    rows = dict(decoder_norm_groups=1, l2_loss_groups=0)  # not a crosscoder
+    return dict(named, n=K * B, prefix_sizes=_sizes(F), rescale_acts_by_decoder_norm=True, **rows, **no_dead)
 
 
 @pytest.mark.parametrize("step", ("jumprelu", "standard", "gated", "matryoshka_topk", "matryoshka_batchtopk"))

@@ -15,10 +15,12 @@ plain-torch reference formulas the tests check against.
 
 from . import distributed, layers, testing  # noqa: F401  (testing: the test oracles, outside __all__)
 from .architectures import ARCHITECTURES, Architecture, register_architecture
+from .crosscoder_layers import CrosscoderLayers
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder
+from .modules.crosscoder import BatchTopKCrosscoder, JumpReLUCrosscoder, StandardCrosscoder, TopKCrosscoder
 from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
@@ -45,13 +47,17 @@ from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import matryoshka_topk_sae_step, topk_sae_step
 from .results import (
     STEP_FIELDS,
+    BatchTopKCrosscoderStep,
     BatchTopKSAEStep,
     CrossLayerTranscoderStep,
     GatedSAEStep,
+    JumpReLUCrosscoderStep,
     JumpReLUSAEStep,
     MatryoshkaSAEStep,
     SparseCode,
+    StandardCrosscoderStep,
     StandardSAEStep,
+    TopKCrosscoderStep,
     TopKSAEStep,
 )
 
@@ -68,6 +74,11 @@ __all__ = [
     "GatedSAEStep",
     "GatedSparseAutoencoder",
     "JumpReLUCrossLayerTranscoder",
+    "BatchTopKCrosscoder",
+    "BatchTopKCrosscoderStep",
+    "CrosscoderLayers",
+    "JumpReLUCrosscoder",
+    "JumpReLUCrosscoderStep",
     "JumpReLUSAEStep",
     "JumpReLUSparseAutoencoder",
     "JumpReLUTranscoder",
@@ -75,10 +86,14 @@ __all__ = [
     "MatryoshkaSAEStep",
     "SparseCode",
     "SparseAutoencoder",
+    "StandardCrosscoder",
+    "StandardCrosscoderStep",
     "StandardSAEStep",
     "StandardSparseAutoencoder",
     "StandardTranscoder",
     "TopKCrossLayerTranscoder",
+    "TopKCrosscoder",
+    "TopKCrosscoderStep",
     "TopKSAEStep",
     "TopKTranscoder",
     "VanillaSparseAutoencoder",

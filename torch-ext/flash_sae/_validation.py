@@ -346,3 +346,25 @@ def check_clt_decoder(W_dec, n_features: int, n_layers: int, d_model: int, ref: 
             )
         check_same_dtype("W_enc", ref, **{name: w})
         check_same_device(W_enc=ref, **{name: w})
+
+
+def check_decoder_norm_groups(decoder_norm_groups, D_out: int) -> int:
+    """The number of equal column blocks of a decoder row whose norms are summed (a crosscoder's layers):
+    a positive int dividing W_dec's width ``D_out``; returns it as an ``int``."""
+    if not is_int(decoder_norm_groups) or decoder_norm_groups < 1:
+        raise ValueError(f"decoder_norm_groups must be a positive int, got {decoder_norm_groups!r}")
+    if D_out % decoder_norm_groups:
+        raise ValueError(
+            f"decoder_norm_groups={decoder_norm_groups} must divide W_dec's width {D_out} (equal blocks per row)"
+        )
+    return int(decoder_norm_groups)
+
+
+def check_l2_loss_groups(l2_loss_groups, D_out: int) -> int:
+    """0 (the loss is the MSE) or the number of equal column blocks of the reconstruction whose error norms
+    the loss averages (a crosscoder's layers): an int >= 0 dividing the target's width ``D_out``."""
+    if not is_int(l2_loss_groups) or l2_loss_groups < 0:
+        raise ValueError(f"l2_loss_groups must be an int >= 0 (0: the MSE), got {l2_loss_groups!r}")
+    if l2_loss_groups and D_out % l2_loss_groups:
+        raise ValueError(f"l2_loss_groups={l2_loss_groups} must divide the reconstruction's width {D_out}")
+    return int(l2_loss_groups)

@@ -13,6 +13,7 @@ from typing import Callable
 
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder
+from .modules.crosscoder import BatchTopKCrosscoder, JumpReLUCrosscoder, StandardCrosscoder, TopKCrosscoder
 from .modules.gated import GatedSparseAutoencoder
 from .modules.jumprelu import JumpReLUSparseAutoencoder
 from .modules.sparse_autoencoder import SparseAutoencoder
@@ -27,12 +28,16 @@ from .ops.standard.standard_sae_step import standard_sae_step
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import topk_sae_step
 from .results import (
+    BatchTopKCrosscoderStep,
     BatchTopKSAEStep,
     CrossLayerTranscoderStep,
     GatedSAEStep,
+    JumpReLUCrosscoderStep,
     JumpReLUSAEStep,
     MatryoshkaSAEStep,
+    StandardCrosscoderStep,
     StandardSAEStep,
+    TopKCrosscoderStep,
     TopKSAEStep,
 )
 
@@ -155,5 +160,33 @@ for _arch in (
                  True, False, family="clt"),
     Architecture("jumprelu_clt", JumpReLUCrossLayerTranscoder, jumprelu_encode, CrossLayerTranscoderStep,
                  "sparsity_coefficient", False, False, family="clt"),
+):  # fmt: skip
+    register_architecture(_arch)
+
+
+def crosscoder_extra(d_model: int, n_features: int) -> dict:
+    """Two layers (a crosscoder's smallest useful case, and model diffing's two models)."""
+    return {"n_layers": 2}
+
+
+# Crosscoders (family "crosscoder"): an SAE step over the [B, L * D] concatenation read uncentred; ``loss(xs)``
+# on [B, L, D] (``modules/crosscoder.py``).
+for _arch in (
+    Architecture(
+        "standard_crosscoder", StandardCrosscoder, standard_sae_step, StandardCrosscoderStep, "l1_coefficient",
+        False, False, crosscoder_extra, "crosscoder",
+    ),
+    Architecture(
+        "topk_crosscoder", TopKCrosscoder, topk_sae_step, TopKCrosscoderStep, "k", True, True, crosscoder_extra,
+        "crosscoder",
+    ),
+    Architecture(
+        "batchtopk_crosscoder", BatchTopKCrosscoder, batchtopk_sae_step, BatchTopKCrosscoderStep, "k", True, True,
+        crosscoder_extra, "crosscoder",
+    ),
+    Architecture(
+        "jumprelu_crosscoder", JumpReLUCrosscoder, jumprelu_sae_step, JumpReLUCrosscoderStep, "l0_coefficient",
+        False, False, crosscoder_extra, "crosscoder",
+    ),
 ):  # fmt: skip
     register_architecture(_arch)

@@ -34,6 +34,11 @@ forward-only.
 matrices, [F, (L - l) * D] or circuit-tracer's [F, L - l, D]), ``b_dec`` [L, D] and an int ``k``;
 ``forward(xs)`` maps every layer's MLP input xs [B, L, D] to the MLP outputs ys_hat [B, L, D], with
 flash-sae's backward.
+
+The crosscoder layers (``TopKCrosscoder``, which trains, and the forward-only
+``BatchTopKCrosscoder``, ``StandardCrosscoder``, ``JumpReLUCrosscoder``) take ``x`` [B, L, D]
+and read hosts in ``flash_sae``'s crosscoder layout (the four weights over the [L * D]
+concatenation); they return xs_hat [B, L, D].
 """
 
 import torch
@@ -41,6 +46,12 @@ from torch import nn
 
 from .modules.batchtopk import batchtopk_encode_code, decode_code
 from .modules.clt import topk_clt_forward
+from .modules.crosscoder import (
+    batchtopk_crosscoder_code,
+    decode_layers,
+    jumprelu_crosscoder_code,
+    standard_crosscoder_code,
+)
 from .modules.gated import gated_encode_code
 from .modules.jumprelu import jumprelu_encode_code
 from .modules.standard import standard_encode_code
@@ -230,3 +241,81 @@ class TopKCrossLayerTranscoder(nn.Module):
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         return topk_clt_forward(self, xs)
+
+
+# Crosscoders: ``x`` is [B, L, D] (L layers of width D); the host's weights are over the [L * D]
+# concatenation, as ``flash_sae.StandardCrosscoder``'s (W_enc [F, L * D], b_enc [F], W_dec [F, L * D],
+# b_dec [L * D]); the encoder reads x uncentred. ``forward(x)`` returns xs_hat [B, L, D].
+
+
+class TopKCrosscoder(nn.Module):
+    """xs_hat [B, L, D] of a TopK crosscoder host (its four weights and an int ``k``), as
+    ``flash_sae.TopKCrosscoder.forward``; differentiable, through flash-sae's sparse backward."""
+
+    W_enc: torch.Tensor  # [F, L * D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, L * D]
+    b_dec: torch.Tensor  # [L * D]
+    k: int
+
+    can_torch_compile: bool = True
+    has_backward: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        vals, indices = topk_encode(x.reshape(B, L * D), self.W_enc, self.b_enc, self.k)
+        return sparse_decode(vals, indices, self.W_dec, self.b_dec).reshape(B, L, D)
+
+
+class BatchTopKCrosscoder(nn.Module):
+    """xs_hat [B, L, D] of a BatchTopK crosscoder host (its four weights, ``k``,
+    ``rescale_acts_by_decoder_norm`` and the 0-d ``threshold``), as ``flash_sae.BatchTopKCrosscoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, L * D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, L * D]
+    b_dec: torch.Tensor  # [L * D]
+    k: float
+    rescale_acts_by_decoder_norm: bool
+    threshold: torch.Tensor  # [] inference threshold on relu(pre) * sum_l ||W_dec[f, l]||
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return decode_layers(self, *batchtopk_crosscoder_code(self, x.reshape(B, L * D), L), L)
+
+
+class StandardCrosscoder(nn.Module):
+    """xs_hat [B, L, D] of a standard (ReLU) crosscoder host (its four weights), as
+    ``flash_sae.StandardCrosscoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, L * D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, L * D]
+    b_dec: torch.Tensor  # [L * D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return decode_layers(self, *standard_crosscoder_code(self, x.reshape(B, L * D)), L)
+
+
+class JumpReLUCrosscoder(nn.Module):
+    """xs_hat [B, L, D] of a JumpReLU crosscoder host (its four weights and ``threshold`` [F], or
+    ``log_threshold``), as ``flash_sae.JumpReLUCrosscoder.forward``."""
+
+    can_torch_compile: bool = False
+    has_backward: bool = False
+
+    W_enc: torch.Tensor  # [F, L * D], borrowed from the host module
+    b_enc: torch.Tensor  # [F]
+    W_dec: torch.Tensor  # [F, L * D]
+    b_dec: torch.Tensor  # [L * D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return decode_layers(self, *jumprelu_crosscoder_code(self, x.reshape(B, L * D)), L)

@@ -186,3 +186,77 @@ class CrossLayerTranscoderStep(NamedTuple):
     sparsity_loss: torch.Tensor | None = None  # [] fp32: the JumpReLU rule's tanh penalty (with its coefficient)
     count: torch.Tensor | None = None  # [] int64: JumpReLU entries that qualified, over all layers
     overflow: torch.Tensor | None = None  # [] bool: a layer's entries did not fit its capacity
+
+
+# Crosscoders: an SAE's step over the concatenation of L layers, with each layer's FVU -------------
+
+
+class StandardCrosscoderStep(NamedTuple):
+    """What one standard crosscoder step returns: ``StandardSAEStep``'s fields over the [B, L * D]
+    concatenation (``l1`` weighted by sum_l ||W_dec[f, l]||), then ``layer_fvu``."""
+
+    loss: torch.Tensor  # [] fp32: the reconstruction term (reconstruction="mse": squared error summed over
+    # L * D, mean over B; "layer_l2": mean over B and L of the layers' error norms) + l1_coefficient * l1
+    mse: torch.Tensor  # [] fp32: mean over B * L * D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained, all layers together
+    l0: torch.Tensor  # [] fp32: active latents per row, on average
+    fire_counts: torch.Tensor  # [F] int64: rows of this batch in which each latent was active
+    code: SparseCode | None  # vals relu(z), indices, row_offsets (None on the dense path)
+    l1: torch.Tensor  # [] fp32: mean over B of sum_f f * sum_l ||W_dec[f, l]||
+    count: torch.Tensor  # [] int64: entries that were active
+    overflow: torch.Tensor  # [] bool: count > capacity (entries were dropped)
+    layer_fvu: torch.Tensor  # [L] fp32: each layer's fraction of variance unexplained
+
+
+class TopKCrosscoderStep(NamedTuple):
+    """What one TopK crosscoder step returns: ``TopKSAEStep``'s fields over the [B, L * D]
+    concatenation, then ``layer_fvu``."""
+
+    loss: torch.Tensor  # [] fp32: mse (+ aux_coef * aux_loss with a dead-latent loss)
+    mse: torch.Tensor  # [] fp32: mean over B * L * D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained, all layers together
+    l0: torch.Tensor  # [] fp32: latents with a value > 0 per row, on average (at most K)
+    fire_counts: torch.Tensor  # [F] int64
+    code: SparseCode  # vals, indices [B, K]
+    aux_loss: torch.Tensor | None  # [] fp32: the dead-latent loss, if asked
+    layer_fvu: torch.Tensor  # [L] fp32: each layer's fraction of variance unexplained
+
+
+class BatchTopKCrosscoderStep(NamedTuple):
+    """What one BatchTopK crosscoder step returns: ``BatchTopKSAEStep``'s fields over the [B, L * D]
+    concatenation, then ``layer_fvu``."""
+
+    loss: torch.Tensor  # [] fp32: mse, or with reconstruction="layer_l2" the mean over B and L of the layers'
+    # error norms (+ aux_coef * aux_loss with a dead-latent loss)
+    mse: torch.Tensor  # [] fp32: mean over B * L * D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained, all layers together
+    l0: torch.Tensor  # [] fp32: latents with a value > 0 per row, on average
+    fire_counts: torch.Tensor  # [F] int64
+    code: SparseCode  # vals relu(pre), indices, row_offsets
+    min_act: torch.Tensor  # [] fp32: the smallest positive ranked activation (inf if none)
+    aux_loss: torch.Tensor | None  # [] fp32: the dead-latent loss, if asked
+    layer_fvu: torch.Tensor  # [L] fp32: each layer's fraction of variance unexplained
+
+
+class JumpReLUCrosscoderStep(NamedTuple):
+    """What one JumpReLU crosscoder step returns: ``JumpReLUSAEStep``'s fields over the [B, L * D]
+    concatenation, then ``layer_fvu``."""
+
+    loss: torch.Tensor  # [] fp32: squared error summed over L * D, mean over B, + l0_coefficient * l0
+    mse: torch.Tensor  # [] fp32: mean over B * L * D of the squared reconstruction error
+    fvu: torch.Tensor  # [] fp32: fraction of variance unexplained, all layers together
+    l0: torch.Tensor  # [] fp32: active latents per row, on average
+    fire_counts: torch.Tensor  # [F] int64
+    code: SparseCode  # vals z * H(z - threshold), indices, row_offsets
+    count: torch.Tensor  # [] int64: entries that qualified (active or in the band)
+    overflow: torch.Tensor  # [] bool: count > capacity
+    layer_fvu: torch.Tensor  # [L] fp32: each layer's fraction of variance unexplained
+
+
+def layer_fvu(residual: torch.Tensor, x: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """[L] fp32: each layer's sum of squared errors over its total variance, from the residual [B, L * D]
+    (fp32) and the input [B, L * D]; inf or NaN for B = 1, as ``fvu``."""
+    B = x.shape[0]
+    sq = residual.float().reshape(B, n_layers, -1).square().sum((0, 2))
+    var = x.float().reshape(B, n_layers, -1).var(0, correction=B - 1).sum(-1)
+    return sq / var

@@ -50,7 +50,8 @@ def _segment_sum_kernel(
     dots_ptr,  # [ND, N] fp32 out: partial dots per D-block of the window (HAS_DOTS)
     csum_ptr,  # [F] fp32 out: scaled sum of the segment's coefficients (HAS_CSUM)
     row_ptr,  # [F] fp32: out[f] also gets row[f] * (sum of the segment's coefficients) * w[f] (ROW_TERM),
-    # or row[f] * w[f] (ROW_TERM and not ROW_BY_CSUM)
+    # or row[f] * w[f] (ROW_TERM and not ROW_BY_CSUM); [F, D // row_group] with ROW_GROUPS: column d
+    # of out[f] reads row[f, d // row_group]
     sbias_ptr,  # [width] float: subtracted (in fp32) from every row of src (SRC_BIAS)
     N,
     K,
@@ -60,6 +61,7 @@ def _segment_sum_kernel(
     d_width,  # columns in the window
     scale_const,
     level_stride,
+    row_group,  # columns per group of the row term (ROW_GROUPS)
     BLOCK_D: tl.constexpr,
     UNROLL: tl.constexpr,
     ELEMENT_ROWS: tl.constexpr,
@@ -71,6 +73,7 @@ def _segment_sum_kernel(
     HAS_CSUM: tl.constexpr,
     ROW_TERM: tl.constexpr,
     ROW_BY_CSUM: tl.constexpr,
+    ROW_GROUPS: tl.constexpr,  # (ROW_TERM) one row-term value per group of row_group columns
     GATED_DOTS: tl.constexpr,  # (HAS_DOTS, HAS_COEF) dots * the scale where coef > 0, else 0
     SRC_BIAS: tl.constexpr,
 ):
@@ -133,10 +136,16 @@ def _segment_sum_kernel(
         if HAS_SCALE:
             scale = scale * tl.load(scale_ptr).to(tl.float32)
     out = acc * scale
-    if ROW_BY_CSUM:
-        out += tl.load(row_ptr + f) * csum * w
-    elif ROW_TERM:
-        out += tl.load(row_ptr + f) * w
+    if ROW_TERM:
+        if ROW_GROUPS:  # a grouped norm's term: each column reads its group's value
+            n_groups = D // row_group
+            row_val = tl.load(row_ptr + f * n_groups + cols // row_group, mask=mask_c, other=0.0)
+        else:
+            row_val = tl.load(row_ptr + f)
+        if ROW_BY_CSUM:
+            out += row_val * csum * w
+        else:
+            out += row_val * w
     tl.store(dw_ptr + f * D + cols, cast_rtne(out, dw_ptr.dtype.element_ty), mask=mask_c)
     if HAS_CSUM:
         tl.store(csum_ptr + f, csum * scale, mask=pid_d == 0)
@@ -187,10 +196,15 @@ class SegmentRows(NamedTuple):
 class RowTerm(NamedTuple):
     """A gradient along each latent's weight row, added to out[f] before its one rounding:
     ``values[f] * (sum of f's coefficients) * weight[f]``, or ``values[f] * weight[f]`` when not
-    ``by_coef`` (the caller has summed what the term scales). ``values``: [F] fp32."""
+    ``by_coef`` (the caller has summed what the term scales). ``values``: [F] fp32.
+
+    ``group`` > 0: the row is G = D / group blocks of ``group`` columns, each with its own value
+    (``values`` [F, G] fp32; column d of row f reads values[f, d // group]): the gradient of a
+    penalty weighted by a sum of per-block norms (a crosscoder's sum over layers of ||W_dec[f, l]||)."""
 
     values: torch.Tensor
     by_coef: bool = True
+    group: int = 0
 
 
 class SegmentPass(NamedTuple):
@@ -307,6 +321,7 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
         width,
         float(p.scale_const),
         rows.level_stride,
+        row_term.group if row_term is not None and row_term.group else 1,
         BLOCK_D=BLOCK_D,
         UNROLL=TUNING["segment_unroll"],
         ELEMENT_ROWS=rows.element_rows,
@@ -318,6 +333,7 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
         HAS_CSUM=p.coef_sum is not None,
         ROW_TERM=row_term is not None,
         ROW_BY_CSUM=row_term is not None and row_term.by_coef,
+        ROW_GROUPS=row_term is not None and row_term.group > 0,
         GATED_DOTS=p.gated_dots,
         SRC_BIAS=rows.bias is not None,
         num_warps=TUNING["segment_warps"],
@@ -357,12 +373,12 @@ def _segment_sum_torch(
             p.coef_sum.copy_(c * s)
         if row_term is not None:
             by = c if by_coef else 1.0
-            term = (row_term.values * by)[:, None] * weight[:, d_base : d_base + width].float()
+            term = _row_term_values(row_term, by, d_base, width) * weight[:, d_base : d_base + width].float()
             if by_coef:  # as the kernel: an empty segment's term is 0, whatever its row of W holds
                 term = torch.where((offsets.diff() > 0)[:, None], term, 0.0)
             acc += term
     elif row_term is not None:
-        acc += row_term.values[:, None] * weight[:, d_base : d_base + width].float()
+        acc += _row_term_values(row_term, 1.0, d_base, width) * weight[:, d_base : d_base + width].float()
     out[:, d_base : d_base + width] = acc.to(out.dtype)
     if weight is None:
         return None
@@ -371,3 +387,11 @@ def _segment_sum_torch(
     if p.gated_dots:
         dots = torch.where(coef.reshape(-1).float() > 0, dots * s, 0.0)
     return dots
+
+
+def _row_term_values(row_term: RowTerm, by, d_base: int, width: int) -> torch.Tensor:
+    """The row term's factor of each column of the window (fp32, [F, 1], or [F, width] when grouped)."""
+    if not row_term.group:
+        return (row_term.values * by)[:, None]
+    cols = torch.arange(d_base, d_base + width, device=row_term.values.device) // row_term.group
+    return row_term.values[:, cols] * (by[:, None] if isinstance(by, torch.Tensor) else by)

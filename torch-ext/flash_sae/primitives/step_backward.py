@@ -74,8 +74,10 @@ def penalty_step_backward(
     sparsity penalty at a ReLU code (the standard step's). ``da_extra`` (fp32, shaped as ``vals``): the
     penalty's dL/d(value) per entry, added before the gate; ``dw_dec_row_term`` ([F] fp32): dW_dec[f]
     also gets ``dw_dec_row_term[f] * (sum of f's values) * W_dec[f]`` before its rounding (the
-    penalty's gradient along the decoder rows). ``centred``: as ``mse_step_backward``'s. Returns (dx,
-    dW_enc, db_enc, dW_dec, db_dec)."""
+    penalty's gradient along the decoder rows); [F, G] fp32 for a penalty weighted by the sum of the
+    norms of G equal column blocks of each row (a crosscoder's layers): block g of dW_dec[f] gets
+    ``dw_dec_row_term[f, g] * (sum of f's values) * W_dec[f, block g]``. ``centred``: as
+    ``mse_step_backward``'s. Returns (dx, dW_enc, db_enc, dW_dec, db_dec)."""
     modes = _Modes(per_row=True, da_extra=da_extra, dw_dec_row_term=dw_dec_row_term, centred=centred)
     return _mse_step_backward(grad, step, modes)
 
@@ -115,7 +117,10 @@ def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
     s_const = 2.0 / B if modes.per_row else 2.0 / (B * D)
     scale_grad = grad.float()
     levels = LevelRows(ids=modes.levels, stride=B) if modes.levels is not None else None
-    row_term = RowTerm(modes.dw_dec_row_term) if modes.dw_dec_row_term is not None else None
+    row_term = None
+    if modes.dw_dec_row_term is not None:  # [F], or [F, G]: one value per block of D // G columns
+        groups = modes.dw_dec_row_term.shape[1] if modes.dw_dec_row_term.ndim == 2 else 0
+        row_term = RowTerm(modes.dw_dec_row_term, group=W_dec.shape[1] // groups if groups else 0)
     # The plain ReLU gate with nothing added to da: the segmented pass returns dpre itself.
     fused = modes.gate is None and modes.da_extra is None and not modes.with_da
     backward = gather_rows_backward_gated if fused else gather_rows_backward
@@ -145,6 +150,31 @@ def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
     dtype = W_enc.dtype
     grads = (dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype))
     return (*grads, da, csr) if modes.with_da else grads
+
+
+def grouped_row_norms(W: torch.Tensor, groups: int) -> torch.Tensor:
+    """[F, groups] fp32: the L2 norm of each of the ``groups`` equal column blocks of each row of ``W``
+    [F, D] (D a multiple of ``groups``), read without an fp32 copy of ``W``. A crosscoder's decoder
+    row [L * D] has one block per layer; the penalty weight is the sum of the blocks' norms."""
+    F, D = W.shape
+    return torch.linalg.vector_norm(W.reshape(F, groups, D // groups), dim=2, dtype=torch.float32)
+
+
+def grouped_l2_loss(residual: torch.Tensor, groups: int, *, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reconstruction loss of unsquared norms: (loss [] fp32, the residual a step's backward then reads).
+
+    loss = mean over the B rows and the ``groups`` equal column blocks of ||r[b, g]||_2 (r = x_hat - target,
+    the fp32 ``residual`` [B, D]): dictionary_learning's crosscoder trainers' ``l2_loss``, one block per
+    layer. Its gradient, r[b, g] / (B * G * ||r[b, g]||) (0 where the block's error is 0, as torch's norm
+    gives), is the MSE backward's at a rescaled residual: the returned one, which the step's backward reads
+    in place of r (an MSE whose mean is over B * D, or with ``per_row`` over B: its s = 2 * grad / (B * D)
+    or 2 * grad / B)."""
+    B, D = residual.shape
+    blocks = residual.reshape(B, groups, D // groups)
+    norms = torch.linalg.vector_norm(blocks, dim=2)
+    width = 1.0 if per_row else float(D)
+    factor = torch.where(norms > 0, width / (2 * groups * norms.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    return norms.mean(), (blocks * factor[:, :, None]).reshape(B, D)
 
 
 def target_grad(grad: torch.Tensor, residual: torch.Tensor, dtype: torch.dtype, *, per_row=False) -> torch.Tensor:

@@ -609,3 +609,116 @@ def cross_layer_transcoder_step(xs, ys, W_enc, b_enc, W_dec, b_dec, rule, forced
     return dict(loss=loss, mse=sq.mean().detach(), fvu=(layer_sq.sum() / var.sum()).detach(),
                 layer_fvu=(layer_sq / var).detach(), l0=layer_l0.sum(), layer_l0=layer_l0, ys_hat=ys_hat, acts=acts,
                 sparsity_loss=sparsity)  # fmt: skip
+
+
+# Crosscoders ---------------------------------------------------------------------------
+# Written per layer (Lindsey et al. 2024), not through the [B, L * D] concatenation the kernels use:
+# xs [B, L, D]; the module's W_enc and W_dec [F, L * D] read as [F, L, D] (row f: its per-layer blocks).
+
+
+def crosscoder_preacts(xs, W_enc, b_enc, round_to=None):
+    """pre = sum_l W_enc[:, l] x_l + b_enc [B, F]: the encoder reads every layer, uncentred."""
+    B, L, D = xs.shape
+    pre = torch.einsum("bld,fld->bf", xs, W_enc.reshape(-1, L, D)) + b_enc
+    return _rounded(pre, round_to) if round_to is not None else pre
+
+
+def crosscoder_decode(acts, W_dec, b_dec, L):
+    """x_hat_l = sum_f acts_f W_dec[f, l] + b_dec[l]: [B, L, D] from a dense code [B, F]."""
+    F = W_dec.shape[0]
+    return torch.einsum("bf,fld->bld", acts, W_dec.reshape(F, L, -1)) + b_dec.reshape(L, -1)
+
+
+def crosscoder_decoder_norms(W_dec, L):
+    """sum_l ||W_dec[f, l]|| [F]: the sum of each latent's per-layer decoder norms."""
+    return W_dec.reshape(W_dec.shape[0], L, -1).norm(dim=2).sum(1)
+
+
+def crosscoder_layer_fvu(xs, xs_hat):
+    """[L]: each layer's sum of squared errors over its total variance about the batch mean."""
+    xs, xs_hat = xs.detach(), xs_hat.detach()
+    return (xs_hat - xs).pow(2).sum((0, 2)) / (xs - xs.mean(0)).pow(2).sum((0, 2))
+
+
+def crosscoder_reconstruction(xs, xs_hat, reconstruction, per_row):
+    """The reconstruction term: ``"mse"``, the squared error summed over layers and D, mean over B
+    (``per_row``) or mean over B * L * D; ``"layer_l2"``, the mean over B and L of ||x_hat_l - x_l||_2."""
+    if reconstruction == "layer_l2":
+        return (xs_hat - xs).norm(dim=2).mean()
+    sq = (xs_hat - xs).pow(2)
+    return sq.sum((1, 2)).mean() if per_row else sq.mean()
+
+
+def _crosscoder_head(mse, xs, xs_hat, counts, code):
+    B = xs.shape[0]
+    head = _head(mse, xs.reshape(B, -1), xs_hat.reshape(B, -1), counts, code, B)
+    return head, crosscoder_layer_fvu(xs, xs_hat)
+
+
+def standard_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, l1_coefficient=1.0, active=None, round_preacts=None,
+                             reconstruction="mse"):  # fmt: skip
+    """Standard crosscoder step, densely (Lindsey et al. 2024): f = relu(pre); loss = sum over layers and D
+    of (x_hat - x)^2, mean over B (``reconstruction="layer_l2"``: the mean over B and L of each layer's
+    error norm), + l1_coefficient * mean over B of sum_f f * sum_l ||W_dec[f, l]||. ``active`` ([B, F]
+    bool) forces the active entries; ``round_preacts``: see ``encoder_preacts``."""
+    L = xs.shape[1]
+    pre = crosscoder_preacts(xs, W_enc, b_enc, round_preacts)
+    active = pre.detach() > 0 if active is None else active
+    acts = torch.where(active, pre, 0)
+    xs_hat = crosscoder_decode(acts, W_dec, b_dec, L)
+    sq = (xs_hat - xs).pow(2)
+    l1 = (acts * crosscoder_decoder_norms(W_dec, L)).sum(-1).mean()
+    loss = crosscoder_reconstruction(xs, xs_hat, reconstruction, per_row=True) + l1_coefficient * l1
+    head, layer_fvu = _crosscoder_head(sq.mean(), xs, xs_hat, active.sum(0), SparseCode(acts, None))
+    head["l0"] = active.sum(-1).float().mean()
+    return results.StandardCrosscoderStep(loss, **head, l1=l1.detach(), count=None, overflow=None, layer_fvu=layer_fvu)
+
+
+def batchtopk_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, k, rescale=True, selection=None, round_preacts=None,
+                              reconstruction="mse"):  # fmt: skip
+    """BatchTopK crosscoder step, densely: the int(k * B) largest of relu(pre) * sum_l ||W_dec[f, l]||
+    (``rescale``; else relu(pre)) over the batch, by ``batch_topk_select``'s tie rule (``selection`` =
+    (rows, ids) forces it), valued relu(pre); loss = mean over B * L * D of (x_hat - x)^2
+    (``reconstruction="layer_l2"``: the mean over B and L of each layer's error norm)."""
+    B, L, _ = xs.shape
+    pre = crosscoder_preacts(xs, W_enc, b_enc, round_preacts)
+    post = torch.relu(pre)
+    ranked = post * crosscoder_decoder_norms(W_dec, L).detach() if rescale else post
+    rows, ids = selection if selection is not None else batch_topk_select(ranked.detach(), int(k * B))
+    acts = torch.zeros_like(post).index_put((rows, ids), post[rows, ids])
+    xs_hat = crosscoder_decode(acts, W_dec, b_dec, L)
+    loss = crosscoder_reconstruction(xs, xs_hat, reconstruction, per_row=False)
+    mse = (xs_hat - xs).pow(2).mean()
+    picked = ranked.detach()[rows, ids]
+    positive = picked[picked > 0]
+    min_act = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=xs.device)
+    code = SparseCode(post[rows, ids], ids, row_offsets_of(rows, B))
+    head, layer_fvu = _crosscoder_head(mse, xs, xs_hat, fire_counts(code.vals, ids, W_enc.shape[0]), code)
+    return results.BatchTopKCrosscoderStep(loss, **head, min_act=min_act, aux_loss=None, layer_fvu=layer_fvu)
+
+
+def topk_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, k, indices=None, round_preacts=None):
+    """TopK crosscoder step, densely: vals = relu(the k largest pre of each row) (``indices`` forces the
+    latents); loss = mean over B * L * D of (x_hat - x)^2."""
+    L = xs.shape[1]
+    pre = crosscoder_preacts(xs, W_enc, b_enc, round_preacts)
+    if indices is None:
+        _, indices = topk_select(pre.detach(), k)
+    vals = torch.relu(pre.gather(1, indices))
+    acts = torch.zeros_like(pre).scatter(1, indices, vals)
+    xs_hat = crosscoder_decode(acts, W_dec, b_dec, L)
+    loss = (xs_hat - xs).pow(2).mean()
+    code = SparseCode(vals, indices)
+    head, layer_fvu = _crosscoder_head(loss, xs, xs_hat, fire_counts(vals, indices, W_enc.shape[0]), code)
+    return results.TopKCrosscoderStep(loss, **head, aux_loss=None, layer_fvu=layer_fvu)
+
+
+def jumprelu_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth=0.05, l0_coefficient=1.0, **forced):
+    """JumpReLU crosscoder step, densely: ``jumprelu_sae_step`` over the [B, L * D] concatenation read
+    uncentred (``target`` = the concatenation itself), and each layer's FVU. ``forced``: as
+    ``jumprelu_sae_step``'s (``masks``, ``round_preacts``)."""
+    B, L, _ = xs.shape
+    x = xs.reshape(B, -1)
+    step = jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, l0_coefficient, target=x, **forced)
+    xs_hat = crosscoder_decode(step.code.vals, W_dec, b_dec, L)
+    return results.JumpReLUCrosscoderStep(**step._asdict(), layer_fvu=crosscoder_layer_fvu(xs, xs_hat))

@@ -8,7 +8,14 @@
 
 The rescaling is SAELens's default for its TopK and BatchTopK training SAEs: the selection
 ranks pre-activations as if the decoder rows had unit norm; the reconstruction is the
-plain one, so no gradient flows through the norms.
+plain one, so no gradient flows through the norms. For a crosscoder (``crosscoder=CrosscoderLayers(L)``)
+the factor is the sum of the norms of the L per-layer blocks of each decoder row, sum_l ||W_dec[f, l]||,
+by which dictionary_learning's ``BatchTopKCrossCoder`` ranks.
+
+With ``CrosscoderLayers(L, l2_loss=True)`` the loss is the mean over rows and layers of each layer's
+error norm (unsquared), as dictionary_learning's crosscoder trainer minimises; its backward
+is the MSE backward at a rescaled residual (``primitives.step_backward.grouped_l2_loss``), so the
+passes are the same.
 
 What is fused:
 - selection, exact, from the chunked encoder GEMM (``primitives.select.preacts.batch_topk_preacts``):
@@ -31,8 +38,10 @@ Deterministic. Shapes: B >= 1, F < 2^31, 1 <= int(k * B) <= B * F.
 import torch
 
 from ..._validation import check_batch_k, check_prefix_sizes
+from ...crosscoder_layers import CrosscoderLayers
 from ...dead_latent_loss import DeadLatentLoss
 from ...primitives.select.preacts import batch_topk_preacts
+from ...primitives.step_backward import grouped_l2_loss, grouped_row_norms
 from ...results import BatchTopKSAEStep, MatryoshkaSAEStep
 from .._dead import DEAD_INPUTS, DEAD_OUTPUTS, dead_op_args
 from .._step import (
@@ -51,15 +60,26 @@ from .._step import (
 
 
 BatchtopkSaeStepInputs = step_inputs(
-    "BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, prefix_sizes=list[int], **DEAD_INPUTS
-)
+    "BatchtopkSaeStepInputs", n=int, rescale_acts_by_decoder_norm=bool, decoder_norm_groups=int, l2_loss_groups=int,
+    prefix_sizes=list[int], **DEAD_INPUTS,
+)  # fmt: skip
+
+
+def ranking_scale(W_dec: torch.Tensor, rescale: bool, groups: int) -> torch.Tensor | None:
+    """The factor the selection ranks pre-activations by: None without the rescaling; ||W_dec[f]||; with G > 1
+    groups, the sum over the G column blocks of ||W_dec[f, g]|| (summed in fp32). In W_dec's dtype, the
+    activations' (the selection multiplies in that dtype)."""
+    if not rescale:
+        return None
+    W = W_dec.detach()
+    return W.norm(dim=1) if groups == 1 else grouped_row_norms(W, groups).sum(1).to(W.dtype)
 
 
 def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...]:
     """``mse_selection_step_fwd`` with the batch rule: (loss, mse, fvu, fire_counts, vals, indices,
     row_offsets, min_act, residual, level_losses, *DEAD_OUTPUTS). With the rescaling, AuxK ranks the dead
     pre-activations by pre * ||W_dec[f]|| too. The code is row-major by latent id, as Matryoshka's levels need."""
-    scale = i.W_dec.detach().norm(dim=1) if i.rescale_acts_by_decoder_norm else None
+    scale = ranking_scale(i.W_dec, i.rescale_acts_by_decoder_norm, i.decoder_norm_groups)
 
     def select(centre, columns):
         acts, vals, indices, row_offsets = batch_topk_preacts(
@@ -68,13 +88,28 @@ def batchtopk_sae_step_fwd(i: BatchtopkSaeStepInputs) -> tuple[torch.Tensor, ...
         min_act = torch.where(acts > 0, acts.float(), float("inf")).amin()
         return Selected(vals, indices, row_offsets, scale, (min_act,))
 
-    return mse_selection_step_fwd(i, select)
+    out = mse_selection_step_fwd(i, select)
+    return with_l2_loss(i, out) if i.l2_loss_groups else out
+
+
+def with_l2_loss(i: BatchtopkSaeStepInputs, out: tuple) -> tuple:
+    """The outputs with ``l2_loss_groups``: the loss the mean of the blocks' error norms (+ the dead-latent
+    term), ``mse`` the mean squared error (returned even without a dead-latent loss) and the residual the
+    one the MSE backward turns into the norms' gradient."""
+    out = _batchtopk_sae_step.named(out)
+    l2, residual = grouped_l2_loss(out.residual, i.l2_loss_groups, per_row=False)
+    mse = out.mse if out.mse.numel() else out.loss
+    loss = l2 + i.aux_coef * out.aux_loss if out.mse.numel() else l2
+    return tuple(out._replace(loss=loss, mse=mse, residual=residual))
 
 
 def batchtopk_sae_step_fwd_fake(i: BatchtopkSaeStepInputs):
     x, n, i64 = i.x, i.n, torch.int64
     code = (x.new_empty(n), x.new_empty(n, dtype=i64), x.new_empty(x.shape[0] + 1, dtype=i64))
-    return mse_selection_step_fwd_fake(i, code, (x.new_empty((), dtype=torch.float32),))
+    out = mse_selection_step_fwd_fake(i, code, (x.new_empty((), dtype=torch.float32),))
+    if not i.l2_loss_groups:
+        return out
+    return tuple(_batchtopk_sae_step.named(out)._replace(mse=x.new_empty((), dtype=torch.float32)))
 
 
 # Op registration and autograd ----------------------------------------------------
@@ -106,7 +141,7 @@ _batchtopk_sae_step = register_selection_step(
 def batchtopk_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: float, *,
     target: torch.Tensor | None = None, rescale_acts_by_decoder_norm: bool = False,
-    dead_loss: DeadLatentLoss | None = None,
+    dead_loss: DeadLatentLoss | None = None, crosscoder: CrosscoderLayers | None = None,
 ) -> BatchTopKSAEStep:  # fmt: skip
     """One BatchTopK SAE step: the int(k * B) largest activations of the whole batch, decoded, MSE.
 
@@ -121,6 +156,11 @@ def batchtopk_sae_step(
             (SAELens's default for its BatchTopK training SAE).
         dead_loss: a ``DeadLatentLoss`` with its mask, as ``topk_sae_step``'s; with the rescaling,
             AuxK ranks the dead pre-activations by pre * ||W_dec[f]|| too (as SAELens does).
+        crosscoder: None, or a ``CrosscoderLayers(L, l2_loss)`` (with ``target=x``, xs [B, L, D]
+            flattened): with the rescaling, rank by sum_l ||W_dec[f, l]||, the norms of the L per-layer
+            blocks of each row (as dictionary_learning's ``BatchTopKCrossCoder``); with ``l2_loss`` the
+            loss is the mean over B and L of ||x_hat_l - x_l||_2, unsquared (``mse`` stays the mean
+            squared error).
 
     Returns:
         ``BatchTopKSAEStep(loss, mse, fvu, l0, fire_counts, code, min_act, aux_loss)``:
@@ -134,10 +174,13 @@ def batchtopk_sae_step(
     n = check_batch_k(k, B, F)
     if not isinstance(rescale_acts_by_decoder_norm, bool):
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
+    groups, l2_groups = CrosscoderLayers.groups(crosscoder, W_dec.shape[1])
     dead = dead_op_args(dead_loss, x, F)
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
-    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, [], *dead))
-    head = selection_step_head(out, B, dead.on)
+    out = _batchtopk_sae_step.named(
+        _batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, groups, l2_groups, [], *dead)
+    )  # fmt: skip
+    head = step_head(out, B) if l2_groups else selection_step_head(out, B, dead.on)
     return BatchTopKSAEStep(**head, min_act=out.min_act, aux_loss=out.aux_loss if dead.on else None)
 
 
@@ -172,6 +215,8 @@ def matryoshka_batchtopk_sae_step(
         raise ValueError(f"rescale_acts_by_decoder_norm must be a bool, got {rescale_acts_by_decoder_norm!r}")
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
     no_dead = dead_op_args(None, x, F)
-    out = _batchtopk_sae_step.named(_batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, sizes, *no_dead))
+    out = _batchtopk_sae_step.named(
+        _batchtopk_sae_step(*tensors, n, rescale_acts_by_decoder_norm, 1, 0, sizes, *no_dead)
+    )
     head = step_head(out, B, mse=out.level_losses[-1])
     return MatryoshkaSAEStep(**head, level_losses=out.level_losses, min_act=out.min_act)

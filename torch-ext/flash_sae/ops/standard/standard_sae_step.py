@@ -25,6 +25,15 @@ A transcoder (``target``): x is encoded as it is (no ``x - b_dec``) and the deco
 the target [B, D_out] (W_dec [F, D_out], b_dec [D_out]); the penalty is unchanged, and the loss
 is differentiable in the target too.
 
+A crosscoder (``crosscoder=CrosscoderLayers(L)``, with ``target=x``): each decoder row is
+L equal per-layer blocks and the penalty weight is the sum of their norms, sum_l ||W_dec[f, l]|| (Lindsey
+et al. 2024), not the norm of the whole row. The code's gradient reads that sum; block g of the
+decoder row gets l1_coefficient / B * (sum of f's values) * W_dec[f, l] / ||W_dec[f, l]||, from the
+same segmented pass (its row term reads one value per block: ``csr.RowTerm.group``).
+``l2_loss`` replaces the squared error by the mean over rows and layers of each layer's error norm,
+unsquared (dictionary_learning's crosscoder trainer's default); its
+backward is the MSE backward at a rescaled residual (``primitives.step_backward.grouped_l2_loss``).
+
 Capacity: as ``jumprelu_sae_step``'s: ``count`` entries qualified; ``overflow = count >
 capacity`` means some were dropped. Precision: fp32 accumulation, the loss in fp32, gradients in
 the parameters' dtype. Deterministic. Nothing [B, F] is kept.
@@ -34,11 +43,12 @@ import torch
 
 from ..._registry import register_op
 from ..._validation import as_count, check_standard_args
+from ...crosscoder_layers import CrosscoderLayers
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.gather import gather_residual
 from ...primitives.select.preacts import threshold_preacts
-from ...primitives.step_backward import penalty_step_backward
+from ...primitives.step_backward import grouped_l2_loss, grouped_row_norms, penalty_step_backward
 from ...results import StandardSAEStep, total_variance
 from .._step import (
     at_entries,
@@ -60,7 +70,24 @@ TINY = torch.finfo(torch.float32).tiny
 # Host launchers ----------------------------------------------------------------
 
 
-StandardSaeStepInputs = step_inputs("StandardSaeStepInputs", l1_coefficient=float, capacity=int)
+StandardSaeStepInputs = step_inputs(
+    "StandardSaeStepInputs", l1_coefficient=float, capacity=int, decoder_norm_groups=int, l2_loss_groups=int
+)
+
+
+def decoder_norms(W_dec: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the penalty's weight per latent [F] fp32, the norms the backward reads): ||W_dec[f]|| (both the
+    same [F] tensor) for one group; else the sum over the G blocks of ||W_dec[f, g]|| and those [F, G] norms."""
+    if groups == 1:
+        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
+        return norms, norms
+    norms = grouped_row_norms(W_dec, groups)
+    return norms.sum(1), norms
+
+
+def penalty_weight(norms: torch.Tensor) -> torch.Tensor:
+    """The penalty's weight per latent [F] from the saved norms ([F], or [F, G] blocks: their sum)."""
+    return norms if norms.ndim == 1 else norms.sum(1)
 
 
 def standard_sae_step_fwd(
@@ -75,19 +102,21 @@ def standard_sae_step_fwd(
     vals, indices, row_offsets, count = threshold_preacts(i.x, i.W_enc, i.b_enc, centre, zero, 0.0, i.capacity)
     counts = torch.zeros(F, dtype=torch.int64, device=i.x.device)  # fired, counted by the decode
     residual, sq = gather_residual(vals, indices, i.W_dec, i.b_dec, y, row_offsets=row_offsets, counts=counts)
-    norms = torch.linalg.vector_norm(i.W_dec, dim=1, dtype=torch.float32)
-    l1 = (vals.float() * at_entries(norms, indices)).sum() / B
+    weight, norms = decoder_norms(i.W_dec, i.decoder_norm_groups)
+    l1 = (vals.float() * at_entries(weight, indices)).sum() / B
     l0 = (indices >= 0).sum().float() / B
-    loss = sq / B + i.l1_coefficient * l1
+    recon = sq / B
+    if i.l2_loss_groups:  # the blocks' error norms; the backward reads the rescaled residual
+        recon, residual = grouped_l2_loss(residual, i.l2_loss_groups, per_row=True)
+    loss = recon + i.l1_coefficient * l1
     return (loss, sq / (B * D), l1, l0, sq / total_variance(y), counts, vals, indices, row_offsets, count,
             count > i.capacity, residual, norms)  # fmt: skip
 
 
 def standard_sae_step_fwd_fake(i: StandardSaeStepInputs):
-    x, (F, D) = i.x, i.W_dec.shape
-    return capacity_step_fakes(
-        i, 5, x.new_empty(x.shape[0], D, dtype=torch.float32), x.new_empty(F, dtype=torch.float32)
-    )
+    x, (F, D), G = i.x, i.W_dec.shape, i.decoder_norm_groups
+    norms = x.new_empty((F,) if G == 1 else (F, G), dtype=torch.float32)
+    return capacity_step_fakes(i, 5, x.new_empty(x.shape[0], D, dtype=torch.float32), norms)
 
 
 def standard_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, ...]:
@@ -95,8 +124,9 @@ def standard_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor
     gradient added before the ReLU's gate, then the penalty's term along each decoder row."""
     B = saved.x.shape[0]
     c = grads.loss.float() * (saved.l1_coefficient / B)
-    da_l1 = c * at_entries(saved.norms, saved.indices)
-    row_term = torch.where(saved.norms > 0, c / saved.norms.clamp_min(TINY), 0.0)  # d||w||/dw = w/||w|| (0 at w = 0)
+    da_l1 = c * at_entries(penalty_weight(saved.norms), saved.indices)
+    # d||w||/dw = w/||w|| (0 at w = 0); per block with grouped norms ([F, G])
+    row_term = torch.where(saved.norms > 0, c / saved.norms.clamp_min(TINY), 0.0)
     step = saved_step_tensors(saved)
     step_grads = penalty_step_backward(
         grads.loss, step, da_extra=da_l1, dw_dec_row_term=row_term, centred=saved.target is None
@@ -128,6 +158,7 @@ _standard_sae_step = register_op(
 def standard_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
     capacity: int, l1_coefficient: float = 1.0, target: torch.Tensor | None = None,
+    crosscoder: CrosscoderLayers | None = None,
 ) -> StandardSAEStep:  # fmt: skip
     """One standard SAE step: the ReLU code, MSE + the decoder-norm-weighted L1 penalty.
 
@@ -142,6 +173,10 @@ def standard_sae_step(
             as it is (no ``x - b_dec``), the MSE term is the sum over D_out of ``(b_dec + decode -
             target)^2`` (mean over B), ``mse`` and ``fvu`` are the target's, the penalty is
             unchanged, and the loss is differentiable in ``target`` too.
+        crosscoder: None, or a ``CrosscoderLayers(L, l2_loss)`` (with ``target=x``, xs [B, L, D]
+            flattened): the penalty weights latent f by sum_l ||W_dec[f, l]||, the norms of the L
+            per-layer blocks of its row; with ``l2_loss`` the reconstruction term is the mean over B
+            and L of ||x_hat_l - x_l||_2, unsquared (``mse`` stays the mean squared error).
 
     Returns:
         ``StandardSAEStep(loss, mse, fvu, l0, fire_counts, code, l1, count, overflow)``;
@@ -151,8 +186,9 @@ def standard_sae_step(
     B, _, _ = checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     capacity = as_count(capacity)
     check_standard_args(W_enc.shape[0], capacity, l1_coefficient, x)
+    groups, l2_groups = CrosscoderLayers.groups(crosscoder, W_dec.shape[1])
     tensors = step_tensors(x, W_enc, b_enc, W_dec, b_dec, target)
-    out = _standard_sae_step.named(_standard_sae_step(*tensors, float(l1_coefficient), capacity))
+    out = _standard_sae_step.named(_standard_sae_step(*tensors, float(l1_coefficient), capacity, groups, l2_groups))
     return StandardSAEStep(**step_head(out, B), l1=out.l1, count=out.count, overflow=out.overflow)
 
 
@@ -178,20 +214,23 @@ class _DenseStep(torch.autograd.Function):
     row pass that rounds once)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, target, l1_coefficient):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, target, l1_coefficient, groups, l2_groups):
         B = x.shape[0]
         y = x if target is None else target
         xc = x - b_dec if target is None else x  # a transcoder encodes x as it is
-        norms = torch.linalg.vector_norm(W_dec, dim=1, dtype=torch.float32)
-        acts, counts, l1_rows = _dense_relu_code(torch.addmm(b_enc, xc, W_enc.t()), norms)
+        weight, norms = decoder_norms(W_dec, groups)
+        acts, counts, l1_rows = _dense_relu_code(torch.addmm(b_enc, xc, W_enc.t()), weight)
         residual = torch.addmm(b_dec, acts, W_dec).float().sub_(y.float())
         sq = residual.square().sum()
         l1 = l1_rows.sum() / B
+        recon = sq / B
+        if l2_groups:  # the blocks' error norms; the backward reads the rescaled residual
+            recon, residual = grouped_l2_loss(residual, l2_groups, per_row=True)
         ctx.save_for_backward(xc, W_enc, W_dec, acts, residual, norms)
         ctx.l1_coefficient = l1_coefficient
         ctx.target_dtype = None if target is None else target.dtype
         ctx.mark_non_differentiable(sq, l1, counts)
-        return sq / B + l1_coefficient * l1, sq, l1, counts
+        return recon + l1_coefficient * l1, sq, l1, counts
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -201,39 +240,47 @@ class _DenseStep(torch.autograd.Function):
         c = g * (ctx.l1_coefficient / B)
         d_xhat32 = residual * (2 * g / B)
         d_xhat = d_xhat32.to(dtype)
-        d_acts = torch.addmm((c * norms).to(dtype), d_xhat, W_dec.t())  # + the penalty's code gradient
+        d_acts = torch.addmm((c * penalty_weight(norms)).to(dtype), d_xhat, W_dec.t())  # + the penalty's code grad
         dz, acts_sum, db_enc = _dense_relu_grads(d_acts, acts)
-        row_scale = torch.where(norms > 0, c * acts_sum / norms.clamp_min(TINY), 0.0)
-        dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=mm_f32(acts.t(), d_xhat))
+        if norms.ndim == 1:
+            row_scale = torch.where(norms > 0, c * acts_sum / norms.clamp_min(TINY), 0.0)
+            dW_dec = add_scaled_rows_(torch.empty_like(W_dec), W_dec, row_scale, base=mm_f32(acts.t(), d_xhat))
+        else:  # grouped norms: each block of a row along itself, by its own norm, rounded once
+            F, G = norms.shape
+            block_scale = torch.where(norms > 0, (c * acts_sum)[:, None] / norms.clamp_min(TINY), 0.0)
+            term = (block_scale[:, :, None] * W_dec.reshape(F, G, -1).float()).reshape(W_dec.shape)
+            dW_dec = (mm_f32(acts.t(), d_xhat) + term).to(W_dec.dtype)
         dW_enc = dz.t() @ xc
         db_enc = db_enc.to(dtype)
         dxc = (dz @ W_enc).float()
         if ctx.target_dtype is not None:  # a transcoder: x only feeds the encoder, b_dec only the decode
             dtarget = (-d_xhat32).to(ctx.target_dtype) if ctx.needs_input_grad[5] else None
-            return dxc.to(dtype), dW_enc, db_enc, dW_dec, d_xhat32.sum(0).to(dtype), dtarget, None
+            return dxc.to(dtype), dW_enc, db_enc, dW_dec, d_xhat32.sum(0).to(dtype), dtarget, None, None, None
         dx = (dxc - d_xhat32).to(dtype)
         db_dec = (d_xhat32.sum(0) - dxc.sum(0)).to(dtype)
-        return dx, dW_enc, db_enc, dW_dec, db_dec, None, None
+        return dx, dW_enc, db_enc, dW_dec, db_dec, None, None, None, None
 
 
 def standard_sae_step_dense(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, *,
-    l1_coefficient: float = 1.0, target: torch.Tensor | None = None,
+    l1_coefficient: float = 1.0, target: torch.Tensor | None = None, crosscoder: CrosscoderLayers | None = None,
 ) -> StandardSAEStep:  # fmt: skip
     """The same step in its dense formulation, for while the code is dense (early in training).
 
     cuBLAS products over the dense [B, F] code (which the backward keeps), the loss's sums in fp32.
     Same loss and gradients as ``standard_sae_step`` by the parity rule; ``code`` is None (the
     code is dense), ``count`` is the number of active entries
-    and ``overflow`` False. ``target``: as ``standard_sae_step``'s. No host sync.
+    and ``overflow`` False. ``target``, ``crosscoder``: as ``standard_sae_step``'s.
+    No host sync.
     """
     checked_step_args(x, W_enc, b_enc, W_dec, b_dec, target, 1)
     check_standard_args(W_enc.shape[0], 1, l1_coefficient, x)
+    groups, l2_groups = CrosscoderLayers.groups(crosscoder, W_dec.shape[1])
     y = x if target is None else target.contiguous()
     B, D = y.shape
     args = (x, W_enc, b_enc, W_dec, b_dec)
     loss, sq, l1, counts = _DenseStep.apply(
-        *(t.contiguous() for t in args), None if target is None else y, float(l1_coefficient)
+        *(t.contiguous() for t in args), None if target is None else y, float(l1_coefficient), groups, l2_groups
     )
     count = counts.sum()
     return StandardSAEStep(
