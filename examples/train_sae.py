@@ -651,29 +651,30 @@ def write_saelens(path, sae, factor, metadata=None):
     return f"SAELens: sae_weights.safetensors, cfg.json ({cfg['architecture']})"
 
 
-def write_circuit_tracer(path, sae, factor):
-    """circuit-tracer's files in ``path/circuit_tracer/`` through the module's ``to_circuit_tracer(folder,
-    activation_scale=...)``, where it has one (a CLT's); returns what it wrote, or why nothing. The folder is
-    written under a temporary name and renamed."""
-    import inspect
+def write_circuit_tracer(path, sae, factor, layer=None):
+    """circuit-tracer's files in ``path/circuit_tracer/`` from the module's ``to_circuit_tracer(activation_scale=
+    factor)``: a CLT's ``{file: tensors}`` (what ``load_clt`` reads), a transcoder's tensors as
+    ``layer_{layer}.safetensors`` (what ``load_transcoder_set`` reads); returns what it wrote, or why nothing.
+    The folder is written under a temporary name and renamed."""
     import shutil
 
-    writer = getattr(sae, "to_circuit_tracer", None)
-    if writer is None:
-        return f"circuit-tracer: nothing ({type(sae).__name__} has no to_circuit_tracer)"
-    kwargs = {}
-    if "activation_scale" in inspect.signature(writer).parameters:
-        kwargs["activation_scale"] = factor
-    elif factor != 1.0:
-        return "circuit-tracer: nothing (to_circuit_tracer cannot fold the activation scaling: use --normalize none)"
+    from safetensors.torch import save
+
+    try:
+        out = sae.to_circuit_tracer(activation_scale=factor)
+    except ValueError as err:  # a TopK transcoder, another width: circuit-tracer has no reader for it
+        return f"circuit-tracer: nothing ({err})"
+    files = out if all(isinstance(v, dict) for v in out.values()) else {f"layer_{layer}.safetensors": out}
     folder = path / "circuit_tracer"
     tmp = path / "circuit_tracer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    writer(str(tmp), **kwargs)
+    for name, tensors in files.items():  # save() then write: the files get this process's umask, not 0600
+        data = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+        (tmp / name).write_bytes(data)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    return f"circuit-tracer: circuit_tracer/ ({', '.join(sorted(p.name for p in folder.iterdir()))})"
+    return f"circuit-tracer: circuit_tracer/ ({', '.join(sorted(files))})"
 
 
 def save_checkpoint(path, sae, master, opt, args, progress, metadata=None):
@@ -683,7 +684,7 @@ def save_checkpoint(path, sae, master, opt, args, progress, metadata=None):
     path.mkdir(parents=True, exist_ok=True)
     saved = [write_saelens(path, sae, progress["factor"], metadata)]
     if hasattr(sae, "to_circuit_tracer"):
-        saved.append(write_circuit_tracer(path, sae, progress["factor"]))
+        saved.append(write_circuit_tracer(path, sae, progress["factor"], getattr(args, "layer", None)))
     full = {"module": sae.state_dict(), "master": master.master.state_dict() if master else None,
             "optimizer": opt.state_dict(), **progress, "buffer": progress["buffer"].state(),
             "args": vars(args)}  # fmt: skip

@@ -7,9 +7,8 @@ model's own MLP) leaves the model's output and CE loss unchanged, bit for bit, a
 zero-ablated CE; a CLT's splice reads each MLP's input as it occurs in the spliced forward; a short run of each
 family writes its metrics (per-layer FVU and L0) and checkpoint; bad arguments.
 
-The runs train through the registry (``fs.ARCHITECTURES[name]``). Until the real modules are registered, the
-``registered`` fixture puts plain-torch stand-ins of the API contract under the real names (dense math); set
-``USE_STAND_INS = False`` to run the same tests on the real modules.
+The runs train the registered modules through the registry (``fs.ARCHITECTURES[name]``), every transcoder,
+CLT and crosscoder architecture.
 """
 
 import importlib.util
@@ -17,22 +16,17 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
 from peers import require
 
-USE_STAND_INS = True  # False once the real transcoder, CLT and crosscoder modules are registered
-REAL_ARCHS = {
+ARCHS = {  # the architectures the runs train, and their families
     **dict.fromkeys(("topk_transcoder", "batchtopk_transcoder", "jumprelu_transcoder"), "transcoder"),
     **dict.fromkeys(("topk_clt", "batchtopk_clt", "jumprelu_clt"), "clt"),
     **dict.fromkeys(("standard_crosscoder", "topk_crosscoder", "batchtopk_crosscoder", "jumprelu_crosscoder"),
                     "crosscoder"),
 }  # fmt: skip
-STAND_IN_ARCHS = {"topk_transcoder": "transcoder", "jumprelu_transcoder": "transcoder", "topk_clt": "clt",
-                  "topk_crosscoder": "crosscoder"}  # fmt: skip
-ARCHS = STAND_IN_ARCHS if USE_STAND_INS else REAL_ARCHS  # the architectures the runs train, and their families
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -61,221 +55,10 @@ def rows(out, kind):
     return [r for r in map(json.loads, (Path(out) / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-# Stand-ins of the API contract: dense plain torch ----------------------------------------------------------
-
-
-class StandInStep(NamedTuple):
-    loss: torch.Tensor
-    mse: torch.Tensor
-    fvu: torch.Tensor
-    l0: torch.Tensor
-    fire_counts: torch.Tensor
-    code: object
-    layer_fvu: torch.Tensor | None = None
-    layer_l0: torch.Tensor | None = None
-
-
-def _topk_code(pre, k):
-    """ReLU of the k largest pre-activations along the last dim, dense."""
-    vals, idx = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-
-
-def _fvu(r, target, dims):
-    return r.pow(2).sum(dims) / (target - target.mean(0)).pow(2).sum(dims)
-
-
-class _StandIn(torch.nn.Module):
-    """Dead-latent counts and the optimizer-step hooks every module of the contract has."""
-
-    def __init__(self, n_latents, k, *, dtype=None, device=None, seed=None, dead_window_tokens=10_000_000):
-        super().__init__()
-        self.k, self.dead_window_tokens = int(k), dead_window_tokens
-        self.g = torch.Generator().manual_seed(seed or 0)
-        self.factory = {"dtype": dtype or torch.float32, "device": device}
-        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.int64, device=device))
-
-    def param(self, *shape, scale=1.0):
-        return torch.nn.Parameter((torch.randn(*shape, generator=self.g) * scale).to(**self.factory))
-
-    def dead_fraction(self):
-        return (self.tokens_since_fired > self.dead_window_tokens).float().mean()
-
-    def before_optimizer_step(self):
-        pass
-
-    def after_optimizer_step(self):
-        pass
-
-    def result(self, a, r, target):
-        """(mse, fvu, l0, fire_counts) of code ``a`` (latents last) and error ``r`` against ``target``; in
-        training mode, the dead-latent counts."""
-        fired = (a > 0).reshape(a.shape[0], -1)
-        if self.training:
-            with torch.no_grad():
-                self.tokens_since_fired.add_(a.shape[0]).masked_fill_(fired.sum(0) > 0, 0)
-        mse = r.float().pow(2).mean()
-        fvu = _fvu(r.float(), target.float(), tuple(range(r.dim()))).detach()
-        return mse, fvu, fired.sum(1).float().mean(), fired.sum(0)
-
-
-class StandInTranscoder(_StandIn):
-    saelens_architecture = None  # SAELens has no TopK transcoder
-
-    def __init__(self, d_in, n_features, k, *, d_out=None, skip=False, **kwargs):
-        super().__init__(n_features, k, **kwargs)
-        d_out = d_in if d_out is None else d_out
-        self.n_features = n_features
-        self.W_enc = self.param(n_features, d_in, scale=d_in**-0.5)
-        self.b_enc = self.param(n_features, scale=0.0)
-        self.W_dec = self.param(n_features, d_out, scale=n_features**-0.5)
-        self.b_dec = self.param(d_out, scale=0.0)
-        self.W_skip = self.param(d_out, d_in, scale=0.0) if skip else None
-
-    def encode(self, x):
-        return _topk_code(x @ self.W_enc.T + self.b_enc, self.k)
-
-    def decode(self, a, x):
-        y = a @ self.W_dec + self.b_dec
-        return y + x @ self.W_skip.T if self.W_skip is not None else y
-
-    def forward(self, x):
-        return self.decode(self.encode(x), x)
-
-    def loss(self, x, y):
-        a = self.encode(x)
-        r = self.decode(a, x) - y
-        mse, fvu, l0, fire_counts = self.result(a, r, y)
-        return StandInStep(mse, mse.detach(), fvu, l0, fire_counts, None)
-
-
-class StandInJumpReLUTranscoder(StandInTranscoder):
-    """a = pre * (pre > threshold); loss = MSE + l0_coefficient * L0 (no threshold gradient: a stand-in);
-    exported as SAELens's JumpReLU (skip) transcoder."""
-
-    def __init__(self, d_in, n_features, *, l0_coefficient=1.0, **kwargs):
-        super().__init__(d_in, n_features, 1, **kwargs)
-        self.l0_coefficient = l0_coefficient
-        self.threshold = self.param(n_features, scale=0.0)
-
-    @property
-    def saelens_architecture(self):
-        return "jumprelu_skip_transcoder" if self.W_skip is not None else "jumprelu_transcoder"
-
-    def encode(self, x):
-        pre = x @ self.W_enc.T + self.b_enc
-        return pre * (pre > self.threshold)
-
-    def loss(self, x, y):
-        a = self.encode(x)
-        r = self.decode(a, x) - y
-        mse, fvu, l0, fire_counts = self.result(a, r, y)
-        return StandInStep(mse + self.l0_coefficient * l0, mse.detach(), fvu, l0, fire_counts, None)
-
-    @torch.no_grad()
-    def to_saelens(self, activation_scale=1.0, metadata=None):
-        """(cfg, tensors) of SAELens's JumpReLU (skip) transcoder; the scaling folded in (x_module = c x_raw, and
-        the targets alike: W_enc * c, W_dec / c, b_dec / c; W_skip and the threshold unchanged)."""
-        c = float(activation_scale)
-        tensors = {"W_enc": self.W_enc.T * c, "b_enc": self.b_enc, "W_dec": self.W_dec / c, "b_dec": self.b_dec / c,
-                   "threshold": self.threshold}  # fmt: skip
-        if self.W_skip is not None:
-            tensors["W_skip"] = self.W_skip
-        cfg = {"architecture": self.saelens_architecture, "d_in": self.W_enc.shape[1], "d_sae": self.n_features,
-               "d_out": self.W_dec.shape[1], "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
-               "normalize_activations": "none", "reshape_activations": "none",
-               "metadata": dict(metadata or {})}  # fmt: skip
-        return cfg, {k: v.float().cpu().contiguous() for k, v in tensors.items()}
-
-
-class StandInCLT(_StandIn):
-    """Layer l's latents read x_l and write to every layer l' >= l (a causal triangle of decoders)."""
-
-    def __init__(self, d_model, n_features, k, *, n_layers, **kwargs):
-        super().__init__(n_layers * n_features, k, **kwargs)
-        L, F, D = n_layers, n_features, d_model
-        self.n_features, self.n_layers = n_features, n_layers
-        self.W_enc = self.param(L, F, D, scale=D**-0.5)
-        self.b_enc = self.param(L, F, scale=0.0)
-        self.W_dec = self.param(L, L, F, D, scale=F**-0.5)  # [from l, to l', F, D], used where l <= l'
-        self.b_dec = self.param(L, D, scale=0.0)
-        self.register_buffer("triangle", torch.ones(L, L, device=kwargs.get("device")).triu())
-
-    def encode(self, xs):
-        return _topk_code(torch.einsum("bld,lfd->blf", xs, self.W_enc) + self.b_enc, self.k)
-
-    def decode(self, a):
-        W = self.W_dec * self.triangle.to(self.W_dec.dtype)[:, :, None, None]
-        return torch.einsum("blf,lmfd->bmd", a, W) + self.b_dec
-
-    def forward(self, xs):
-        return self.decode(self.encode(xs))
-
-    def loss(self, xs, ys):
-        a = self.encode(xs)
-        r = self.decode(a) - ys
-        mse, fvu, l0, fire_counts = self.result(a, r, ys)
-        layer_fvu = _fvu(r.float(), ys.float(), (0, 2)).detach()
-        layer_l0 = (a > 0).sum(2).float().mean(0)
-        return StandInStep(mse * self.n_layers, mse.detach(), fvu, l0, fire_counts, None, layer_fvu, layer_l0)
-
-    def to_circuit_tracer(self, folder, activation_scale=1.0):
-        """circuit-tracer's files: W_enc_{l} (with b_enc_{l}, b_dec_{l}) and W_dec_{l} [F, L - l, D], the
-        activation scale folded in."""
-        save_file = require("safetensors.torch").save_file
-        c = float(activation_scale)
-        for layer in range(self.n_layers):
-            enc = {f"W_enc_{layer}": self.W_enc[layer].detach().float() * c, f"b_enc_{layer}": self.b_enc[layer],
-                   f"b_dec_{layer}": self.b_dec[layer] / c}  # fmt: skip
-            save_file(
-                {k: v.detach().float().contiguous() for k, v in enc.items()}, f"{folder}/W_enc_{layer}.safetensors"
-            )
-            dec = self.W_dec[layer, layer:].detach().float().transpose(0, 1) / c
-            save_file({f"W_dec_{layer}": dec.contiguous()}, f"{folder}/W_dec_{layer}.safetensors")
-
-
-class StandInCrosscoder(_StandIn):
-    """One latent space over L layers: pre = sum_l W_enc[:, l] x_l + b_enc, x_hat_l = W_dec[:, l] a + b_dec[l]."""
-
-    def __init__(self, d_model, n_features, k, *, n_layers, **kwargs):
-        super().__init__(n_features, k, **kwargs)
-        L, F, D = n_layers, n_features, d_model
-        self.n_features, self.n_layers = n_features, n_layers
-        self.W_enc = self.param(F, L, D, scale=(L * D) ** -0.5)
-        self.b_enc = self.param(F, scale=0.0)
-        self.W_dec = self.param(F, L, D, scale=F**-0.5)
-        self.b_dec = self.param(L, D, scale=0.0)
-
-    def encode(self, xs):
-        return _topk_code(torch.einsum("bld,fld->bf", xs, self.W_enc) + self.b_enc, self.k)
-
-    def forward(self, xs):
-        return torch.einsum("bf,fld->bld", self.encode(xs), self.W_dec) + self.b_dec
-
-    def loss(self, xs):
-        a = self.encode(xs)
-        r = torch.einsum("bf,fld->bld", a, self.W_dec) + self.b_dec - xs
-        mse, fvu, l0, fire_counts = self.result(a, r, xs)
-        return StandInStep(mse * self.n_layers, mse.detach(), fvu, l0, fire_counts, None, _fvu(r, xs, (0, 2)).detach())
-
-
-STAND_INS = {"topk_transcoder": StandInTranscoder, "jumprelu_transcoder": StandInJumpReLUTranscoder,
-             "topk_clt": StandInCLT, "topk_crosscoder": StandInCrosscoder}  # fmt: skip
-
-
-def _no_step(*args, **kwargs):
-    raise NotImplementedError("a stand-in's step is its module's loss")
-
-
 @pytest.fixture
-def registered(fs, monkeypatch):
-    """``fs.ARCHITECTURES`` with the families' architectures: the stand-ins under the real names (restored
-    afterwards), or the real modules (``USE_STAND_INS = False``)."""
-    if USE_STAND_INS:
-        for name, module in STAND_INS.items():
-            sparsity = "l0_coefficient" if name.startswith("jumprelu") else "k"
-            arch = fs.Architecture(name, module, _no_step, StandInStep, sparsity, False, False, family=ARCHS[name])
-            monkeypatch.setitem(fs.ARCHITECTURES, name, arch)
+def registered(fs):
+    """``fs.ARCHITECTURES``, holding every architecture the runs train under its family."""
+    assert all(fs.ARCHITECTURES[name].family == family for name, family in ARCHS.items() if name in fs.ARCHITECTURES)
     missing = [name for name in ARCHS if name not in fs.ARCHITECTURES]
     assert not missing, f"not registered: {missing}"
     return fs.ARCHITECTURES
@@ -504,7 +287,9 @@ def test_short_run_writes_metrics_and_checkpoint(registered, fs, tmp_path, name,
     assert (ckpt / "cfg.json").exists() != ("SAELens: nothing" in said), said
     if getattr(module, "saelens_architecture", None) is None:
         assert not (ckpt / "cfg.json").exists()
-    assert (ckpt / "circuit_tracer").is_dir() == hasattr(module, "to_circuit_tracer")
+    wrote_ct = (ckpt / "circuit_tracer").is_dir()
+    assert wrote_ct == ("circuit-tracer: circuit_tracer/" in said), said  # TopK: circuit-tracer has no reader
+    assert wrote_ct <= hasattr(module, "to_circuit_tracer")
     if (ckpt / "cfg.json").exists():
         theirs = require("sae_lens").SAE.load_from_disk(str(ckpt))
         model, _, blocks, ids = load(ts, "random-gpt2")
@@ -532,29 +317,28 @@ def test_skip_transcoder_and_the_run_metadata(registered, tmp_path):
     assert meta["hook_names"] == ["blocks.0.hook_resid_pre", "ln_final.hook_normalized"]
 
 
-def test_clt_checkpoint_writes_circuit_tracers_files(registered, tmp_path, monkeypatch):
-    """A module with ``to_circuit_tracer`` gets its files written in checkpoint/circuit_tracer/ (under a
-    temporary name, then renamed) at every checkpoint, with the run's activation scaling passed."""
-    import functools
-
+def test_clt_checkpoint_writes_circuit_tracers_files(registered, fs, tmp_path):
+    """A JumpReLU CLT run writes circuit-tracer's files in checkpoint/circuit_tracer/ (under a temporary name,
+    then renamed); the installed circuit-tracer's ``load_clt`` reads them, and its forward on raw MLP inputs
+    predicts the raw MLP outputs the trained module predicts (the run's activation scaling folded in)."""
+    ct = require("circuit_tracer.transcoder.cross_layer_transcoder")
     ts = script()
-    module = registered["topk_clt"].module
-    if not hasattr(module, "to_circuit_tracer"):
-        pytest.skip("the CLT module writes no circuit-tracer files")
-    calls, original = [], module.to_circuit_tracer
-
-    @functools.wraps(original)
-    def spy(self, folder, **kwargs):
-        calls.append(kwargs)
-        return original(self, folder, **kwargs)
-
-    monkeypatch.setattr(module, "to_circuit_tracer", spy)
-    out = ts.main([*TINY, "--arch", "topk_clt", "--out", str(tmp_path)])
-    factor = torch.load(out / "checkpoint" / "flash_sae_state.pt", weights_only=False)["factor"]
-    assert factor != 1.0 and calls == [{"activation_scale": factor}] * 2  # the checkpoints at steps 2 and 3
-    names = {p.name for p in (out / "checkpoint" / "circuit_tracer").iterdir()}
-    assert {"W_enc_0.safetensors", "W_dec_1.safetensors"} <= names
+    out = ts.main([*TINY, "--arch", "jumprelu_clt", "--sparsity-coefficient", "1e-3", "--out", str(tmp_path)])
+    state = torch.load(out / "checkpoint" / "flash_sae_state.pt", weights_only=False)
+    factor = state["factor"]
+    assert factor != 1.0
+    folder = out / "checkpoint" / "circuit_tracer"
+    assert {"W_enc_0.safetensors", "W_dec_1.safetensors"} <= {p.name for p in folder.iterdir()}
     assert not (out / "checkpoint" / "circuit_tracer.tmp").exists()
+    module = registered["jumprelu_clt"].build(64, 24, 1e-3, n_layers=2).eval()
+    module.load_state_dict(state["module"])
+    theirs = ct.load_clt(str(folder), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    model, _, blocks, ids = load(ts, "random-gpt2")
+    xs = ts._replacement.Source("clt", blocks, (0, 1)).harvest(model, ids, "cpu")[:, 0]  # [N, L, D] raw inputs
+    with torch.no_grad():
+        want = module(xs * factor) / factor
+        got = theirs(xs.transpose(0, 1)).transpose(0, 1)  # circuit-tracer's layout is [L, N, D]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_minilm_transcoder_and_crosscoder_runs(registered, tmp_path):

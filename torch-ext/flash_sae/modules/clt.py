@@ -253,23 +253,31 @@ class CrossLayerTranscoderBase(nn.Module):
         return None
 
     @torch.no_grad()
-    def to_circuit_tracer(self) -> dict:
+    @torch.no_grad()
+    def to_circuit_tracer(self, activation_scale: float = 1.0) -> dict:
         """circuit-tracer's CLT files: ``{file name: {tensor name: tensor}}``, CPU tensors in the parameters'
         dtype, to write with ``safetensors.torch.save_file`` into one directory that
         ``circuit_tracer.transcoder.cross_layer_transcoder.load_clt`` reads: ``W_enc_{l}.safetensors``
         (``W_enc_{l}`` [F, D], ``b_enc_{l}`` [F], ``b_dec_{l}`` [D], and ``threshold_{l}`` [F] for a
         JumpReLU CLT) and ``W_dec_{l}.safetensors`` (``W_dec_{l}`` [F, L - l, D]). circuit-tracer
-        encodes without a TopK rule (ReLU, or JumpReLU with the threshold); see docs/architectures/clt.md."""
+        encodes without a TopK rule (ReLU, or JumpReLU with the threshold); see docs/architectures/clt.md.
+
+        ``activation_scale``: the factor c the module's inputs and targets were scaled by in training
+        (xs_module = c * xs_raw, ys_module = c * ys_raw); it is folded in (W_enc * c, W_dec / c, b_dec / c;
+        the pre-activations and thresholds are unchanged), so the files read and predict raw activations."""
+        if not is_real(activation_scale) or not math.isfinite(activation_scale) or not activation_scale > 0:
+            raise ValueError(f"activation_scale must be a finite number > 0, got {activation_scale!r}")
+        c = float(activation_scale)
         L, F, D = self.n_layers, self.n_features, self.d_model
         theta = self._threshold()
         files = {}
         for layer in range(L):
-            enc = {f"W_enc_{layer}": self.W_enc[layer], f"b_enc_{layer}": self.b_enc[layer],
-                   f"b_dec_{layer}": self.b_dec[layer]}  # fmt: skip
+            enc = {f"W_enc_{layer}": self.W_enc[layer] * c, f"b_enc_{layer}": self.b_enc[layer],
+                   f"b_dec_{layer}": self.b_dec[layer] / c}  # fmt: skip
             if theta is not None:
                 enc[f"threshold_{layer}"] = theta[layer].to(self.W_enc.dtype)
             files[f"W_enc_{layer}.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in enc.items()}
-            w = self.W_dec[layer].detach().view(F, L - layer, D).cpu().contiguous()
+            w = (self.W_dec[layer].detach() / c).view(F, L - layer, D).cpu().contiguous()
             files[f"W_dec_{layer}.safetensors"] = {f"W_dec_{layer}": w}
         return files
 
