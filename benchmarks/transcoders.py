@@ -78,6 +78,7 @@ PROBE_SECONDS = 60  # ... and none after a probe that took longer
 BANDWIDTH = 0.05  # the dense JumpReLU's straight-through bandwidth when the module names none
 TANH_SCALE = 1.0  # the dense CLT's tanh penalty: tanh(TANH_SCALE * a * ||W_dec[f]||) (decode-clt's sparsity_c)
 COEFFICIENT = 1e-3  # the penalty coefficient the JumpReLU and standard modules are timed with
+JUMPRELU_CAPACITY = 4  # the JumpReLU modules' code starts at this many times K entries per row (L0 ~ K)
 VERIFY_TOL = 1e-3  # relative, fp32 (flash-sae against torch in fp32 differ by ~1e-6)
 
 
@@ -265,7 +266,9 @@ class Dense(NamedTuple):
 
 def jumprelu(z, theta, bandwidth):
     """z * H(z - theta) with the straight-through threshold gradient -(theta / bandwidth) * R((z - theta) /
-    bandwidth), R the rectangle kernel (Rajamanoharan et al. 2024), written with plain tensor ops."""
+    bandwidth), R the rectangle kernel (Rajamanoharan et al. 2024), written with plain tensor ops; theta is
+    cast to z's dtype (a module keeps its threshold in fp32)."""
+    theta = theta.to(z.dtype)
     active = (z > theta).to(z.dtype)
     band = (((z - theta) / bandwidth).abs() < 0.5).to(z.dtype)
     t = theta.detach()
@@ -411,10 +414,17 @@ class Built(NamedTuple):
     capturable: bool
 
 
-def build(fs, family, arch, dims: Dims, dtype, device, *, skip=False, coefficient=COEFFICIENT, seed=0) -> Built:
+def build(
+    fs, family, arch, dims: Dims, dtype, device, *, skip=False, coefficient=COEFFICIENT, seed=0, exact=False
+) -> Built:
     """The registry's ``arch`` at ``dims`` (RowMissing when it is not registered; the transcoder's stand-in
-    then, marked in its label)."""
+    then, marked in its label). A JumpReLU module's code starts at ``JUMPRELU_CAPACITY * K`` entries per row
+    for timing, at its exact default (F, nothing dropped) with ``exact`` (verification)."""
     kw = dict(dtype=dtype, device=device, seed=seed)
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()  # the rows before leave their blocks cached: free them for this module
+    if arch.startswith("jumprelu") and not exact:
+        kw["capacity_per_row"] = JUMPRELU_CAPACITY * dims.K  # the thresholds are set for L0 ~ K (see set_threshold)
     if arch not in fs.ARCHITECTURES:
         if family != "transcoder":
             raise RowMissing(f"{arch} is not registered in flash_sae.ARCHITECTURES")
@@ -469,9 +479,9 @@ def verify(fs, family, arch, skip, device) -> dict:
     dims = VERIFY[family]
     gradients = True
     try:
-        built = build(fs, family, arch, dims, torch.float32, device, skip=skip, coefficient=0.0, seed=1)
+        built = build(fs, family, arch, dims, torch.float32, device, skip=skip, coefficient=0.0, seed=1, exact=True)
     except ValueError:
-        built = build(fs, family, arch, dims, torch.float32, device, skip=skip, seed=1)
+        built = build(fs, family, arch, dims, torch.float32, device, skip=skip, seed=1, exact=True)
         gradients = bool(not built.arch or fs.ARCHITECTURES[arch].sparsity == "k")
     m = built.module
     problem = make_inputs(family, dims, torch.float32, device, seed=1)
@@ -1088,6 +1098,7 @@ def probe_features(run: Run, dims: Dims):
     F, largest = dims.F, dims.F
     host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     for _ in range(PROBES):
+        torch.cuda.empty_cache()
         F *= 2
         d = dims._replace(F=F)
         weights = (d.L + d.L * (d.L + 1) // 2) * F * d.D

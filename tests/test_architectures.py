@@ -10,28 +10,49 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-SPARSITY = {"k": 3, "l0_coefficient": 1e-3, "l1_coefficient": 1e-3}
+SPARSITY = {"k": 3, "l0_coefficient": 1e-3, "l1_coefficient": 1e-3, "sparsity_coefficient": 1e-3}
 
 
 TRANSCODERS = ["topk_transcoder", "batchtopk_transcoder", "jumprelu_transcoder", "standard_transcoder"]
 D_OUT = 4  # the transcoders' output width (D_in is each test's D)
+N_LAYERS = 2  # the CLTs' and crosscoders' layers
+MULTI_LAYER = ["topk_clt", "batchtopk_clt", "jumprelu_clt", "standard_crosscoder", "topk_crosscoder",
+               "batchtopk_crosscoder", "jumprelu_crosscoder"]  # fmt: skip
+ALL = ["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated", "vanilla", *TRANSCODERS, *MULTI_LAYER]
 
 
-@pytest.fixture(params=["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "gated", "vanilla", *TRANSCODERS])
+@pytest.fixture(params=ALL)
 def arch(fs, request):
     return fs.ARCHITECTURES[request.param]
 
 
+def test_the_tests_cover_every_registered_architecture(fs):
+    assert sorted(ALL) == sorted(fs.ARCHITECTURES)
+
+
 def family_kwargs(arch) -> dict:
-    """The constructor keywords a family needs beyond an SAE's: a transcoder's output width and skip term."""
-    return {"d_out": D_OUT, "skip": True} if arch.family == "transcoder" else {}
+    """The constructor keywords a family needs beyond an SAE's: a transcoder's output width and skip term, the
+    layers of a CLT or crosscoder."""
+    if arch.family == "transcoder":
+        return {"d_out": D_OUT, "skip": True}
+    return {"n_layers": N_LAYERS} if arch.family in ("clt", "crosscoder") else {}
 
 
 def loss_args(arch, x):
-    """What ``loss`` reads for the architecture's family: (x,) for an SAE, (x, y) for a transcoder."""
+    """What ``loss`` reads for the architecture's family, from rows x [B, D]: (x,) for an SAE, (x, y) for a
+    transcoder, (xs, ys) [B, L, D] for a CLT (xs the rows and their negation), (xs,) for a crosscoder."""
+    g = torch.Generator().manual_seed(2)
     if arch.family == "transcoder":
-        return x, torch.randn(x.shape[0], D_OUT, generator=torch.Generator().manual_seed(2)).to(x.device)
+        return x, torch.randn(x.shape[0], D_OUT, generator=g).to(x.device)
+    if arch.family in ("clt", "crosscoder"):
+        xs = torch.stack([x, -0.5 * x], 1)
+        return (xs, torch.randn(xs.shape, generator=g).to(x.device)) if arch.family == "clt" else (xs,)
     return (x,)
+
+
+def n_latents(arch, F: int) -> int:
+    """The latents a step's code and fire counts range over: a CLT's F per layer, L * F in all."""
+    return N_LAYERS * F if arch.family == "clt" else F
 
 
 def test_registry_holds_every_module(fs):
@@ -69,10 +90,10 @@ def test_module_step_returns_the_common_layout(fs, device, arch):
     for name in ("loss", "mse", "fvu", "l0"):
         value = getattr(step, name)
         assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value), name
-    assert step.fire_counts.shape == (F,) and step.fire_counts.dtype == torch.int64
+    assert step.fire_counts.shape == (n_latents(arch, F),) and step.fire_counts.dtype == torch.int64
     if step.code is not None:  # the dense formulations keep no sparse code
-        dense = step.code.to_dense(F)
-        assert dense.shape == (B, F)
+        dense = step.code.to_dense(n_latents(arch, F))
+        assert dense.shape == (B, n_latents(arch, F))
         assert torch.equal((dense > 0).sum(0), step.fire_counts), "fire_counts is not the code's per-latent count"
         assert float(step.l0) == pytest.approx(float((dense > 0).sum()) / B), "l0 is not the code's per-row count"
     if arch.dead_loss:
@@ -83,10 +104,46 @@ def test_module_step_returns_the_common_layout(fs, device, arch):
 
 def test_build_takes_defaults_and_overrides(fs, arch):
     sae = arch.build(6, 32, SPARSITY[arch.sparsity], dtype=torch.float32, seed=2, **family_kwargs(arch))
-    assert sae.n_features == 32 and sae.W_dec.dtype == torch.float32
+    assert sae.n_features == 32 and sae.W_enc.dtype == torch.float32
     assert getattr(sae, arch.sparsity) == SPARSITY[arch.sparsity]
     if arch.family == "transcoder":
         assert sae.W_dec.shape == (32, D_OUT) and sae.W_skip.shape == (D_OUT, 6)
+    if arch.family in ("clt", "crosscoder"):
+        assert sae.n_layers == N_LAYERS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_capturable_architectures_train_in_a_cuda_graph(fs, arch):
+    """Every architecture the registry calls capturable trains under ``graph_training_step`` (loss, backward,
+    the optimizer-step rules, Adam): the replayed steps give the eager steps' losses."""
+    if not arch.capturable:
+        pytest.skip(f"{arch.name} sizes its code on the host (capturable=False)")
+    B, D, F = 64, 32, 96
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(1)).cuda()
+    args = loss_args(arch, x)
+    widths = [a.shape[1:] for a in args]
+    batch = torch.cat([a.reshape(B, -1) for a in args], 1)  # one tensor: graph_training_step's input
+
+    def split(rows):
+        return [part.reshape(B, *w) for part, w in zip(rows.split([w.numel() for w in widths], 1), widths)]
+
+    losses = {}
+    for graphed in (False, True):
+        sae = arch.build(D, F, SPARSITY[arch.sparsity], seed=0, device="cuda", **family_kwargs(arch))
+        opt = torch.optim.Adam(sae.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+
+        def train_step(rows, sae=sae, opt=opt):
+            step = sae.loss(*split(rows))
+            step.loss.backward()
+            sae.before_optimizer_step()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            sae.after_optimizer_step()
+            return step.loss.detach()
+
+        run = fs.graph_training_step(train_step, batch, sae, opt) if graphed else train_step
+        losses[graphed] = torch.stack([run(batch).clone() for _ in range(3)])
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
 
 
 def test_register_architecture_rejects_duplicates(fs):

@@ -373,7 +373,7 @@ class HostCLT(torch.nn.Module):
         L, D = self.b_dec.shape
         acts = [torch.relu(torch.topk(xs[:, i] @ self.W_enc[i].T + self.b_enc[i], self.k).values) for i in range(L)]
         ids = [torch.topk(xs[:, i] @ self.W_enc[i].T + self.b_enc[i], self.k).indices for i in range(L)]
-        dense = [torch.zeros(xs.shape[0], self.W_enc.shape[1]).scatter(1, j, a) for a, j in zip(acts, ids)]
+        dense = [xs.new_zeros(xs.shape[0], self.W_enc.shape[1]).scatter(1, j, a) for a, j in zip(acts, ids)]
         return torch.stack(
             [self.b_dec[t] + sum(dense[i] @ self.W_dec[i].view(-1, L - i, D)[:, t - i] for i in range(t + 1))
              for t in range(L)], 1)  # fmt: skip
