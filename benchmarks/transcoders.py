@@ -1164,7 +1164,14 @@ def crosscoder_rows(run: Run, compiled: dict):
             if why is not None:
                 print(f"crosscoder       {arch}: not run ({why})")
                 continue
-            built = build(run.fs, "crosscoder", arch, dims, run.dtype, run.device)
+            try:
+                built = build(run.fs, "crosscoder", arch, dims, run.dtype, run.device)
+            except torch.OutOfMemoryError as err:
+                print(f"crosscoder       {arch}: not run (out of memory building it: {str(err).splitlines()[0][:80]})")
+                why = f"OOM building the module: {str(err)[:60]}"
+                run.rows.append(dict(group="crosscoder", dims=dims, impl=f"flash-sae {arch}", t=None, floor=None,
+                                     pct=None, err=why, verified=None))  # fmt: skip
+                continue
             w = crosscoder_weights(built.module, dims)
             rule = "standard" if arch.startswith("standard") else "batchtopk"
             if rule == "standard":
@@ -1309,6 +1316,9 @@ def main(argv=None):
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
+    # The rows allocate and free modules of very different sizes; growable segments keep the freed memory
+    # usable by the next row (read at CUDA's first allocation, so set before it).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     rows_wanted = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows_wanted if r not in ROWS]
     if unknown:
@@ -1341,9 +1351,17 @@ def main(argv=None):
             "crosscoder": torch.compile(lambda xs, w, k: dense_loss(dense_crosscoder(xs, w, k)), dynamic=False),
         }
     run = Run(fs, args, device, dtype, dname, bw, [], env)
+    meta = dict(dtype=dname, copy_bandwidth_tbps=bw / 1e12 if bw else None)
+    stem = f"{BENCHMARK}_smoke" if args.smoke else BENCHMARK
+    path = result_path(env["gpu"], stem, args.out)
+
+    def save():  # after each group: a run stopped later keeps the rows measured so far
+        write_rows(path, schema_rows(stem, env, meta, run.rows))
+
     try:
         if "transcoder" in rows_wanted:
             transcoder_rows(run, False, compiled)
+            save()
         if "skip_transcoder" in rows_wanted:
             compiled_skip = dict(compiled)  # the skip formulation is another graph: its own compile
             if "transcoder" in compiled:
@@ -1351,16 +1369,16 @@ def main(argv=None):
                     lambda x, y, w, k: dense_loss(dense_transcoder(x, y, w, k)), dynamic=False
                 )
             transcoder_rows(run, True, compiled_skip)
+            save()
         if "clt" in rows_wanted:
             clt_rows(run, compiled)
+            save()
         if "crosscoder" in rows_wanted:
             crosscoder_rows(run, compiled)
     except RowMissing as why:
         sys.exit(f"--require-all: a row cannot run: {why}")
     failed = [f"{r['impl']} {tuple(r['dims'])}: {r['err']}" for r in run.rows if r["err"] and r["group"] != "clt_fit"]
-    meta = dict(dtype=dname, copy_bandwidth_tbps=bw / 1e12 if bw else None)
-    stem = f"{BENCHMARK}_smoke" if args.smoke else BENCHMARK
-    path = write_rows(result_path(env["gpu"], stem, args.out), schema_rows(stem, env, meta, run.rows))
+    save()
     print(f"wrote {path}")
     if failed and args.require_all:
         sys.exit("--require-all: rows failed: " + "; ".join(failed))
