@@ -797,9 +797,10 @@ def run_group(run: Run, group: str, dims: Dims, impls: list, verified: dict):
 
 
 def time_of(t: Timing | None, graph: bool):
+    """``t``'s graph ms (``graph``) or eager ms; its eager ms where it has no graph time (a failed capture)."""
     if t is None:
         return NAN
-    return t.graph_ms if graph else t.eager_ms
+    return t.graph_ms if graph and not math.isnan(t.graph_ms) else t.eager_ms
 
 
 def verified_or_missing(run: Run, family, arch, skip=False):
