@@ -144,8 +144,9 @@ def train_sparse_autoencoder(fs, device, dtype):
 
 
 def train_family(fs, device, dtype):
-    """Every other registered SAE architecture (fs.ARCHITECTURES, family "sae"): five Adam steps each, the optimizer-step rules
-    around them, and the first step's loss checked against the fp64 reference at the same code."""
+    """Every other registered SAE architecture (fs.ARCHITECTURES, family "sae"): five Adam steps each, the
+    optimizer-step rules around them, and the first step's loss checked against the fp64 reference at the same
+    code."""
     B, D, F, K = (2048, 2304, 65536, 64) if ON_GPU else (16, 24, 96, 4)
     g = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(B, D, device=device, generator=g).to(dtype)

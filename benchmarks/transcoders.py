@@ -58,6 +58,7 @@ Usage: python benchmarks/transcoders.py [--smoke] [--require-all] [--no-compile]
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
