@@ -97,22 +97,12 @@ class Iteration:
         return [self.sae, self.trained]
 
 
-def graph_time(fn, warmup=3):
-    """Median ms of ``fn`` captured in a CUDA graph (``triton.testing.do_bench`` on the replays)."""
-    from triton.testing import do_bench
+def graph_time(fn):
+    """Median ms of ``fn`` captured in a CUDA graph (``side_by_side.graph_ms``: three warm-up calls on a side
+    stream, one capture, ``do_bench`` on the replays; NaN where the capture fails)."""
+    from side_by_side import graph_ms
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ms = do_bench(g.replay, warmup=10, rep=100, quantiles=[0.5])
-    del g
-    return ms
+    return graph_ms(fn)
 
 
 def part_times(it, x):
