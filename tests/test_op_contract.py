@@ -187,9 +187,10 @@ def _case(fs, dtype, device, name):
 
 _NAMES = (
     "topk", "topk+auxk", "topk+ghost", "topk transcoder+auxk", "batchtopk", "batchtopk+auxk", "batchtopk transcoder",
-    "matryoshka topk", "matryoshka batchtopk", "jumprelu", "standard", "gated", "topk encode", "batchtopk encode",
-    "jumprelu encode", "sparse decode",
-    "varlen decode", "topk loss", "hierarchical loss", "varlen loss",
+    "matryoshka topk", "matryoshka batchtopk", "jumprelu", "standard", "standard crosscoder norms",
+    "standard crosscoder l2", "batchtopk crosscoder norms", "batchtopk crosscoder l2+auxk", "gated", "topk encode",
+    "batchtopk encode", "jumprelu encode", "sparse decode", "varlen decode", "topk loss", "hierarchical loss",
+    "varlen loss",
 )  # fmt: skip
 
 
