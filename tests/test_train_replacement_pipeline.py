@@ -265,7 +265,14 @@ RUNS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "skip"), RUNS, ids=[f"{n}{'-skip' if s else ''}" for n, s in RUNS])
+FAST_RUNS = {("topk_transcoder", True), ("topk_clt", False), ("topk_crosscoder", False)}  # the default tier's
+
+
+@pytest.mark.parametrize(
+    ("name", "skip"),
+    [pytest.param(n, s, marks=() if (n, s) in FAST_RUNS else pytest.mark.slow) for n, s in RUNS],
+    ids=[f"{n}{'-skip' if s else ''}" for n, s in RUNS],
+)
 def test_short_run_writes_metrics_and_checkpoint(registered, fs, tmp_path, name, skip, capsys):
     """Three steps, two evaluations: the metrics (per layer for CLTs and crosscoders, the CE for the MLP
     families), the training state (the module rebuilt from the saved arguments loads it) and the exports the
@@ -341,6 +348,7 @@ def test_clt_checkpoint_writes_circuit_tracers_files(registered, fs, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.slow
 def test_minilm_transcoder_and_crosscoder_runs(registered, tmp_path):
     """A real trained encoder: no LM head, so no CE; the metrics and checkpoint as on the causal LM."""
     ts = script()
@@ -351,12 +359,14 @@ def test_minilm_transcoder_and_crosscoder_runs(registered, tmp_path):
     check_run(out, "crosscoder", 2, causal=False)
 
 
+@pytest.mark.slow
 def test_minilm_clt_run(registered, tmp_path):
     ts = script()
     out = ts.main([*TINY, "--model", "minilm", "--context-size", "9", "--arch", "topk_clt", "--out", str(tmp_path)])
     check_run(out, "clt", 6, causal=False)
 
 
+@pytest.mark.slow
 def test_clt_run_resumes_on_the_same_curve(registered, tmp_path):
     ts = script()
     common = [*TINY, "--arch", "topk_clt", "--tokens", "160", "--eval-every", "100"]

@@ -23,6 +23,7 @@ ENV = dict(gpu="NVIDIA H100 80GB HBM3", torch="2.13.0", triton="3.7.1", commit="
 NAMES = sorted({name for names in tc.ARCHS.values() for name in names})
 
 
+@pytest.mark.slow
 def test_smoke_run_verifies_and_writes_rows(fs, tmp_path, capsys):
     require("sparsify")
     require("clt.models.clt")  # decode-clt, installed --no-deps (tests/requirements-nodeps.txt)
