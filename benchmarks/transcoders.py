@@ -48,8 +48,7 @@ are in ``floor_*`` below. A gathered decoder or encoder row is counted once per 
 ``--smoke``: tiny shapes on the CPU (the Triton interpreter), fp32, no CUDA graph, no torch.compile;
 verifies and writes the rows (``<out>/cpu/transcoders_smoke.jsonl``). A registry name that is not
 registered yet, or a peer that is not installed, leaves its rows out with a message; ``--require-all``
-makes that an error (exit 1). The transcoder rows run on a stand-in while ``topk_transcoder`` is not
-registered (``topk_sae_step`` with ``target=``; marked "stand-in" in the rows; ``--require-all`` rejects it).
+makes that an error (exit 1).
 
 Usage: python benchmarks/transcoders.py [--smoke] [--require-all] [--no-compile] [--no-peers]
        [--rows transcoder,skip_transcoder,clt,crosscoder] [--out benchmarks/results]
@@ -371,43 +370,8 @@ def make_inputs(family, dims: Dims, dtype, device, seed=0) -> Problem:
     return Problem(x, y)
 
 
-class StandInStep(NamedTuple):
-    loss: torch.Tensor
-    mse: torch.Tensor
-    fvu: torch.Tensor
-
-
-class StandInTranscoder(torch.nn.Module):
-    """The (skip) transcoder's step composed from ``topk_sae_step(..., target=)`` while ``topk_transcoder``
-    is not registered: the skip output moves into the target (y - x @ W_skip.T), whose gradient the step
-    returns, so W_skip gets its gradient through it. Parameters as the contract's."""
-
-    def __init__(self, fs, dims: Dims, skip, *, dtype, device, seed=0):
-        super().__init__()
-        self.fs, self.k = fs, dims.K
-        sae = fs.ARCHITECTURES["topk"].build(dims.D, dims.F, dims.K, dtype=dtype, device=device, seed=seed)
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            setattr(self, name, torch.nn.Parameter(getattr(sae, name).detach().clone()))
-        self.W_skip = torch.nn.Parameter(torch.zeros(dims.D, dims.D, dtype=dtype, device=device)) if skip else None
-
-    def _target(self, x, y):
-        return y if self.W_skip is None else y - x @ self.W_skip.T
-
-    def loss(self, x, y):
-        step = self.fs.topk_sae_step(
-            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, target=self._target(x, y)
-        )
-        variance = (y.float() - y.float().mean(0)).pow(2).sum()
-        return StandInStep(step.loss, step.mse, step.mse * y.numel() / variance)
-
-    def forward(self, x):
-        vals, idx = self.fs.topk_encode(x, self.W_enc, self.b_enc, self.k)[:2]
-        y_hat = self.fs.sparse_decode(vals, idx, self.W_dec, self.b_dec)
-        return y_hat if self.W_skip is None else y_hat + x @ self.W_skip.T
-
-
 class Built(NamedTuple):
-    """One flash-sae module of a row: the module, its registry name ("" for the stand-in), the label."""
+    """One flash-sae module of a row: the module, its registry name, the label."""
 
     module: torch.nn.Module
     arch: str
@@ -418,19 +382,15 @@ class Built(NamedTuple):
 def build(
     fs, family, arch, dims: Dims, dtype, device, *, skip=False, coefficient=COEFFICIENT, seed=0, exact=False
 ) -> Built:
-    """The registry's ``arch`` at ``dims`` (RowMissing when it is not registered; the transcoder's stand-in
-    then, marked in its label). A JumpReLU module's code starts at ``JUMPRELU_CAPACITY * K`` entries per row
-    for timing, at its exact default (F, nothing dropped) with ``exact`` (verification)."""
+    """The registry's ``arch`` at ``dims`` (RowMissing when it is not registered). A JumpReLU module's code
+    starts at ``JUMPRELU_CAPACITY * K`` entries per row for timing, at its exact default (F, nothing dropped) with ``exact`` (verification)."""
     kw = dict(dtype=dtype, device=device, seed=seed)
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()  # the rows before leave their blocks cached: free them for this module
     if arch.startswith("jumprelu") and not exact:
         kw["capacity_per_row"] = JUMPRELU_CAPACITY * dims.K  # the thresholds are set for L0 ~ K (see set_threshold)
     if arch not in fs.ARCHITECTURES:
-        if family != "transcoder":
-            raise RowMissing(f"{arch} is not registered in flash_sae.ARCHITECTURES")
-        label = f"flash-sae {'skip ' if skip else ''}transcoder (stand-in: topk_sae_step, target=)"
-        return Built(StandInTranscoder(fs, dims, skip, **kw), "", label, True)
+        raise RowMissing(f"{arch} is not registered in flash_sae.ARCHITECTURES")
     a = fs.ARCHITECTURES[arch]
     sparsity = dims.K if a.sparsity == "k" else coefficient
     if family == "transcoder":
@@ -813,7 +773,7 @@ def verified_or_missing(run: Run, family, arch, skip=False):
             raise
         return None, str(why)
     print(
-        f"# verified {arch or 'stand-in'}{' (skip)' if skip else ''}: "
+        f"# verified {arch}{' (skip)' if skip else ''}: "
         + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
     )
     return errs, None
@@ -833,8 +793,6 @@ def transcoder_rows(run: Run, skip: bool, compiled: dict):
         es = problem.x.element_size()
         w = transcoder_weights(built.module)
         ours = built.label
-        if run.args.require_all and not built.arch:
-            raise RowMissing("topk_transcoder is not registered (the stand-in ran)")
         impls = [
             Impl(
                 ours,
