@@ -383,7 +383,8 @@ def build(
     fs, family, arch, dims: Dims, dtype, device, *, skip=False, coefficient=COEFFICIENT, seed=0, exact=False
 ) -> Built:
     """The registry's ``arch`` at ``dims`` (RowMissing when it is not registered). A JumpReLU module's code
-    starts at ``JUMPRELU_CAPACITY * K`` entries per row for timing, at its exact default (F, nothing dropped) with ``exact`` (verification)."""
+    starts at ``JUMPRELU_CAPACITY * K`` entries per row for timing, at its exact default (F, nothing dropped)
+    with ``exact`` (verification)."""
     kw = dict(dtype=dtype, device=device, seed=seed)
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()  # the rows before leave their blocks cached: free them for this module
