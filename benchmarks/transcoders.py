@@ -773,10 +773,7 @@ def verified_or_missing(run: Run, family, arch, skip=False):
         if run.args.require_all:
             raise
         return None, str(why)
-    print(
-        f"# verified {arch}{' (skip)' if skip else ''}: "
-        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
-    )
+    print(f"# verified {arch}{' (skip)' if skip else ''}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     return errs, None
 
 
