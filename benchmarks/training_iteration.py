@@ -1,33 +1,39 @@
 #!/usr/bin/env python3
-"""The whole training iteration of a TopK SAE, not only the step: where the time goes and how far it is
-from its floor.
+"""The whole training iteration of a TopK SAE, not only the step: where the time goes, how far it is from
+its floor, and what applying Adam inside the backward (``flash_sae.FusedAdam``) changes.
 
     python benchmarks/training_iteration.py [--features 65536,262144,524288,1048576,2097152] [--out benchmarks/results]
     python benchmarks/training_iteration.py --smoke    # tiny shapes on the CPU: checks the script runs
 
-The iteration is the one ``examples/train_sae.py`` runs (its ``train_step`` and ``MasterWeights``):
-bf16 compute, fp32 master weights and fp32 Adam moments, the TopK module's decoder-norm steps:
+The iteration is the one ``examples/train_sae.py`` runs (its ``make_trainer`` and ``train_step``): bf16
+compute, fp32 master weights and fp32 Adam moments, the TopK module's decoder-norm steps, AuxK on. Four
+ways to run it, each timed in the same process:
 
-    step        sae.loss(x) + backward                       (bf16 module)
-    pull        bf16 gradients -> fp32 master gradients      (MasterWeights.pull_grads)
-    project     the decoder gradient's component along each row removed (before_optimizer_step)
-    adam        torch.optim.Adam(capturable=True).step() on the fp32 master weights
-    renorm      unit-norm decoder rows (after_optimizer_step)
-    push        fp32 master -> bf16 module                   (MasterWeights.push)
+- ``torch Adam, foreach (before)``: the module's backward writes bf16 gradients; then
+    pull     bf16 gradients -> fp32 master gradients      (MasterWeights.pull_grads)
+    project  the decoder gradient's component along each row removed (before_optimizer_step)
+    adam     torch.optim.Adam(capturable=True).step() (its multi-tensor form) on the fp32 master weights
+    renorm   unit-norm decoder rows (after_optimizer_step)
+    push     fp32 master -> bf16 module                   (MasterWeights.push)
+  (each part is also timed alone, graph-captured, on the gradients one step left);
+- ``torch Adam, fused``: the same with ``Adam(fused=True)`` (the pipeline's torch optimizer on a GPU);
+- ``FusedAdam``: W_enc's and W_dec's rows updated inside the backward's segmented passes, projection
+  and renormalisation included; no [F, D] gradient exists (the pipeline's default);
+- ``FusedAdam, lazy``: only the rows that got a gradient in the step are read and written.
 
-Each row times the step alone and the whole iteration captured in one CUDA graph
-(``flash_sae.graph_training_step``), and each part after the step alone (graph-captured, on the
-gradients a step left), at B = 4096, D = 2048, k = 64 by default. Peak memory is the most allocated
-through an iteration, above nothing (the whole training state). Two floors, each the larger of the
-encoder GEMM at the tensor-core peak and the bytes at the copy bandwidth measured in the same run:
+Each row is the whole iteration captured in one CUDA graph (``flash_sae.graph_training_step``) at B = 4096,
+D = 2048, k = 64 by default, and the step alone (loss + backward, bf16 gradients). Peak memory is the
+most allocated through an iteration, above nothing (the whole training state). Floors, each the larger of
+the encoder GEMM at the tensor-core peak and the bytes at the copy bandwidth measured in the same run:
 
 - step floor: ``side_by_side.step_floor_ms`` (read W_enc and x, gather 2 * B * k rows, write dW_enc and dW_dec);
 - fused-iteration floor: the step's bytes without the two [F, D] gradient writes, plus every
   optimizer-state byte read and written once, per element of W_enc and W_dec: the fp32 master read and
-  written (8 B), both fp32 moments read and written (16 B), the bf16 weight written (2 B).
+  written (8 B), both fp32 moments read and written (16 B), the bf16 weight written (2 B);
+- lazy floor: the same with the state bytes of the touched rows only (the fraction measured on the step).
 
-The largest F one GPU trains this way is extrapolated from the peaks (a straight line in F through the
-two largest measured) to the device's total memory, and said so.
+The largest F each way trains on one GPU is extrapolated from its peaks (a straight line in F through
+the two largest measured) to the device's total memory, and said so.
 """
 
 import argparse
@@ -48,6 +54,14 @@ SMOKE = dict(B=16, D=24, F=(64, 128), k=4)
 # two fp32 moments read + written, the bf16 compute copy written.
 OPTIMIZER_BYTES_PER_ELEMENT = 8 + 16 + 2
 PARTS = ("pull", "project", "adam", "renorm", "push")
+BEFORE = "torch Adam, foreach (before)"
+# each way to run the iteration: (train_sae.py's --optimizer, --lazy-adam, torch Adam's fused flag)
+VARIANTS = {
+    BEFORE: ("adam", False, False),
+    "torch Adam, fused": ("adam", False, True),
+    "FusedAdam": ("fused-adam", False, None),
+    "FusedAdam, lazy": ("fused-adam", True, None),
+}
 
 
 def load_kernel():
@@ -57,44 +71,48 @@ def load_kernel():
     return build_local.load_kernel()
 
 
-def fused_iteration_floor_ms(B, D, F, k, bw, peak_flops):
-    """The floor of an iteration that applies Adam and the norm steps inside the backward (no gradient tensor)."""
+def fused_iteration_floor_ms(B, D, F, k, bw, peak_flops, touched=1.0):
+    """The floor of an iteration that applies Adam and the norm steps inside the backward (no gradient tensor);
+    ``touched``: the fraction of rows whose state it reads and writes (1: exact Adam; lazy: those with a gradient)."""
     gemm_ms = 2 * B * F * D / peak_flops * 1e3
     step_bytes = (F * D + B * D + 2 * B * k * D) * 2  # bf16: W_enc, x, the gathered rows; no dW writes
-    state_bytes = 2 * F * D * OPTIMIZER_BYTES_PER_ELEMENT
+    state_bytes = 2 * F * D * OPTIMIZER_BYTES_PER_ELEMENT * touched
     return max(gemm_ms, (step_bytes + state_bytes) / bw * 1e3)
 
 
 class Iteration:
-    """examples/train_sae.py's iteration, split into its parts so each can be timed alone."""
+    """examples/train_sae.py's iteration for one of ``VARIANTS``, split into its parts where it has them."""
 
-    def __init__(self, fs, D, F, k, device):
+    def __init__(self, fs, shape, device, variant):
         import train_sae
 
-        args = train_sae.parse_args(["--arch=topk"])  # its defaults (the dead-latent loss included)
-        args.k, args.d_sae, args.seed = k, F, 0
+        D, F, k = shape
+        optimizer, lazy, torch_fused = VARIANTS[variant]
+        args = train_sae.parse_args(["--arch=topk", f"--optimizer={optimizer}"] + ["--lazy-adam"] * lazy)
+        args.k, args.d_sae, args.seed = k, F, 0  # its defaults otherwise (the dead-latent loss included)
         graphed = str(device).startswith("cuda")  # capturable Adam: its state and lr on the device
         self.sae, self.master, self.opt = train_sae.make_trainer(fs, args, D, torch.bfloat16, device, graphed)
+        if torch_fused is False and graphed:  # the multi-tensor Adam the pipeline ran before
+            self.opt = torch.optim.Adam(
+                self.master.parameters(), lr=torch.tensor(args.lr, device=device), capturable=True
+            )
         self.train_step = train_sae.train_step
-        self.trained = self.master.master if self.master else self.sae
-        self.parts = dict(
-            pull=self.master.pull_grads,
-            project=self.trained.before_optimizer_step,
-            adam=self.opt.step,
-            renorm=self.trained.after_optimizer_step,
-            push=self.master.push,
-        )
+        self.parts = None
+        if self.master is not None:
+            trained = self.master.master
+            self.parts = dict(pull=self.master.pull_grads, project=trained.before_optimizer_step, adam=self.opt.step,
+                              renorm=trained.after_optimizer_step, push=self.master.push)  # fmt: skip
 
     def step(self, x):
         for p in self.sae.parameters():
             p.grad = None
-        self.sae.loss(x).loss.backward()
+        return self.sae.loss(x).loss.backward()
 
     def iteration(self, x):
         return self.train_step(self.sae, self.master, self.opt, x)
 
     def modules(self):
-        return [self.sae, self.trained]
+        return [self.sae] + ([self.master.master] if self.master else [])
 
 
 def graph_time(fn):
@@ -129,50 +147,56 @@ def repull(it):
     return fn
 
 
-def measure(fs, B, D, F, k, bw, peak_flops):
-    """One row: step, iteration, parts, peak memory, floors."""
-    from side_by_side import step_floor_ms
+def measure(fs, shape, variant, x):
+    """One way's row at one shape: iteration ms (graph), peak GiB, parts (torch's ways), touched fraction."""
+    from triton.testing import do_bench
 
-    device = "cuda"
     torch.manual_seed(0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    it = Iteration(fs, D, F, k, device)
-    x = torch.randn(B, D, device=device, dtype=torch.bfloat16)
-    step_ms = graph_time(lambda: it.step(x))
-    parts = part_times(it, x)
+    it = Iteration(fs, shape, "cuda", variant)
+    row = {}
+    if it.parts is not None and variant == BEFORE:
+        row["parts"] = part_times(it, x)
+        row["step_ms"] = graph_time(lambda: it.step(x))
+    if variant == "FusedAdam":  # the share of rows with a gradient, for the lazy floor (one sync, untimed)
+        with torch.no_grad():
+            row["touched"] = float((it.sae.loss(x).fire_counts > 0).float().mean())
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     run = fs.graph_training_step(it.iteration, x, it.modules(), it.opt)
     run(x)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    from triton.testing import do_bench
-
-    iter_ms = do_bench(lambda: run(x), warmup=10, rep=100, quantiles=[0.5])  # one copy + one replay per call
-    step_floor = step_floor_ms(B, D, F, k, "bf16", 2, bw)
-    fused_floor = fused_iteration_floor_ms(B, D, F, k, bw, peak_flops)
-    return dict(
-        step_ms=step_ms, iter_ms=iter_ms, parts=parts, peak_gib=peak, step_floor_ms=step_floor,
-        fused_floor_ms=fused_floor,
-    )  # fmt: skip
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["iter_ms"] = do_bench(lambda: run(x), warmup=10, rep=100, quantiles=[0.5])  # one copy + one replay per call
+    return row
 
 
 def smoke(fs):
-    """CPU: the iteration and its parts run and change the weights; nothing timed."""
+    """CPU: every way's iteration runs and changes the weights; nothing timed."""
     B, D, k = SMOKE["B"], SMOKE["D"], SMOKE["k"]
     for F in SMOKE["F"]:
-        it = Iteration(fs, D, F, k, "cpu")
-        x = torch.randn(B, D, dtype=torch.bfloat16)
-        before = it.sae.W_dec.detach().clone()
-        out = it.iteration(x)
-        if not torch.isfinite(out.loss):
-            raise SystemExit(f"F={F}: a non-finite loss")
-        if torch.equal(before, it.sae.W_dec):
-            raise SystemExit(f"F={F}: the iteration did not change W_dec")
+        for variant in VARIANTS:
+            it = Iteration(fs, (D, F, k), "cpu", variant)
+            x = torch.randn(B, D, dtype=torch.bfloat16)
+            before = it.sae.W_dec.detach().clone()
+            out = it.iteration(x)
+            if not torch.isfinite(out.loss):
+                raise SystemExit(f"F={F} {variant}: a non-finite loss")
+            if torch.equal(before, it.sae.W_dec):
+                raise SystemExit(f"F={F} {variant}: the iteration did not change W_dec")
         floor = fused_iteration_floor_ms(B, D, F, k, 3e12, 989e12)
-        print(f"smoke F={F}: loss {float(out.loss.detach()):.4f}, fused floor at 3 TB/s {floor * 1e3:.3f} us")
+        print(f"smoke F={F}: {len(VARIANTS)} ways ran, fused floor at 3 TB/s {floor * 1e3:.3f} us")
     return 0
+
+
+def largest_f(peaks, total_gib, D):
+    """The F at which a straight line through the two largest measured peaks reaches ``total_gib``, or None."""
+    if len(peaks) < 2:
+        return None
+    (f0, p0), (f1, p1) = peaks[-2], peaks[-1]
+    per_latent = (p1 - p0) / (f1 - f0)
+    return f1 + (total_gib - p1) / per_latent
 
 
 def main(argv=None):
@@ -181,6 +205,7 @@ def main(argv=None):
     parser.add_argument("--B", type=int, default=4096)
     parser.add_argument("--D", type=int, default=2048)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the four ways")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; nothing timed or written")
     args = parser.parse_args(argv)
@@ -189,54 +214,74 @@ def main(argv=None):
         return smoke(fs)
     if not torch.cuda.is_available():
         sys.exit("training_iteration.py needs a CUDA GPU (or --smoke)")
-    from side_by_side import PEAK_FLOPS, copy_bandwidth
+    from side_by_side import PEAK_FLOPS, copy_bandwidth, step_floor_ms
 
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
     bw = copy_bandwidth()
     env = environment()
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     print(f"# {env['gpu']}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
     print("# bf16 compute, fp32 master weights and Adam moments (examples/train_sae.py's iteration); graph ms")
-    head = f"{'F':>8s} {'step':>7s} {'iter':>7s} " + " ".join(f"{p:>7s}" for p in PARTS)
-    print(head + f" {'peak GiB':>8s} {'step floor':>10s} {'fused floor':>11s} {'iter/fused floor':>16s}")
-    peaks = []
     B, D, k = args.B, args.D, args.k
     path = write_rows(result_path(env["gpu"], "training_iteration", args.out), [])  # rows appended per F
+    peaks = {v: [] for v in variants}
+    out_of_memory = set()
+    common = dict(env=env, dtype="bf16", params={"optimizer": "Adam", "master_weights": "fp32", "dead_loss": "auxk"})
     for F in sorted(map(int, args.features.split(","))):
         shape = dict(B=B, D=D, F=F, K=k)
-        try:
-            r = measure(fs, B, D, F, k, bw, PEAK_FLOPS["bf16"])
-        except torch.OutOfMemoryError as err:
-            torch.cuda.empty_cache()
-            print(f"{F:8d} out of memory (larger F not tried)")
-            append_rows(path, [make_row("training_iteration", "flash-sae + torch Adam (today)", shape, env=env,
-                        dtype="bf16", error=f"out of memory: {str(err).splitlines()[0][:120]}")])  # fmt: skip
-            break
-        torch.cuda.empty_cache()
-        peaks.append((F, r["peak_gib"]))
-        parts = " ".join(f"{r['parts'][p]:7.2f}" for p in PARTS)
-        ratio = r["iter_ms"] / r["fused_floor_ms"]
-        print(
-            f"{F:8d} {r['step_ms']:7.2f} {r['iter_ms']:7.2f} {parts} {r['peak_gib']:8.1f} "
-            f"{r['step_floor_ms']:10.2f} {r['fused_floor_ms']:11.2f} {ratio:16.2f}"
+        x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
+        floors = dict(
+            step=step_floor_ms(B, D, F, k, "bf16", 2, bw),
+            fused=fused_iteration_floor_ms(B, D, F, k, bw, PEAK_FLOPS["bf16"]),
         )
-        common = dict(env=env, dtype="bf16", params={"optimizer": "Adam", "master_weights": "fp32"})
-        rows = [make_row("training_iteration", "flash-sae step", shape, graph_ms=r["step_ms"],
-                             floor_ms=r["step_floor_ms"], copy_bandwidth_tbps=bw / 1e12, **common)]  # fmt: skip
-        rows.append(
-            make_row(
-                "training_iteration", "flash-sae + torch Adam (today)", shape, graph_ms=r["iter_ms"],
-                peak_gib=r["peak_gib"], floor_ms=r["fused_floor_ms"], ms_per_step=r["iter_ms"],
-                adam_ms=r["parts"]["adam"], copy_bandwidth_tbps=bw / 1e12,
-                note="parts (graph ms): " + ", ".join(f"{p} {r['parts'][p]:.3f}" for p in PARTS), **common,
+        print(f"F = {F}: step floor {floors['step']:.2f} ms, fused-iteration floor {floors['fused']:.2f} ms")
+        rows, base, touched = [], None, None
+        for variant in variants:
+            if variant in out_of_memory:
+                continue
+            try:
+                r = measure(fs, (D, F, k), variant, x)
+            except torch.OutOfMemoryError as err:
+                torch.cuda.empty_cache()
+                out_of_memory.add(variant)
+                print(f"  {variant:30s} out of memory (larger F not tried)")
+                error = f"out of memory: {str(err).splitlines()[0][:120]}"
+                rows.append(make_row("training_iteration", variant, shape, error=error, **common))
+                continue
+            torch.cuda.empty_cache()
+            peaks[variant].append((F, r["peak_gib"]))
+            touched = r.get("touched", touched)
+            floor = floors["fused"]
+            if variant == "FusedAdam, lazy" and touched is not None:
+                floor = fused_iteration_floor_ms(B, D, F, k, bw, PEAK_FLOPS["bf16"], touched)
+            if variant == BEFORE:
+                base = r["iter_ms"]
+            speedup = f" {base / r['iter_ms']:5.2f}x the before" if base else ""
+            extra = ""
+            if "parts" in r:
+                extra = (
+                    "  parts: "
+                    + ", ".join(f"{p} {r['parts'][p]:.2f}" for p in PARTS)
+                    + f"; step alone {r['step_ms']:.2f}"
+                )
+                rows.append(make_row("training_iteration", "flash-sae step", shape, graph_ms=r["step_ms"],
+                                     floor_ms=floors["step"], copy_bandwidth_tbps=bw / 1e12, **common))  # fmt: skip
+            print(f"  {variant:30s} {r['iter_ms']:8.2f} ms  peak {r['peak_gib']:6.1f} GiB  floor {floor:7.2f}  "
+                  f"iter/floor {r['iter_ms'] / floor:5.2f}{speedup}{extra}")  # fmt: skip
+            note = (
+                ("parts (graph ms): " + ", ".join(f"{p} {r['parts'][p]:.3f}" for p in PARTS)) if "parts" in r else None
             )
-        )  # fmt: skip
+            speedup_vs_before = base / r["iter_ms"] if base else None
+            metrics = dict(graph_ms=r["iter_ms"], peak_gib=r["peak_gib"], floor_ms=floor, ms_per_step=r["iter_ms"],
+                           copy_bandwidth_tbps=bw / 1e12, speedup_vs_before=speedup_vs_before)  # fmt: skip
+            if variant == "FusedAdam, lazy" and touched is not None:
+                metrics["touched_rows"] = touched
+            rows.append(make_row("training_iteration", variant, shape, note=note, **metrics, **common))
         append_rows(path, rows)
-    if len(peaks) >= 2:
-        (f0, p0), (f1, p1) = peaks[-2], peaks[-1]
-        per_latent = (p1 - p0) / (f1 - f0)
-        f_max = f1 + (total_gib - p1) / per_latent
-        print(f"# largest F with this iteration on {total_gib:.0f} GiB: about {f_max / 2**20:.2f} Mi latents "
-              f"(extrapolated: {per_latent * 2**30 / D:.1f} B per latent per model dim)")  # fmt: skip
+    for variant, pk in peaks.items():
+        f_max = largest_f(pk, total_gib, D)
+        if f_max is not None:
+            print(f"# {variant}: largest F on {total_gib:.0f} GiB about {f_max / 2**20:.2f} Mi latents (extrapolated)")
     print(f"# rows: {path}")
     return 0
 

@@ -159,6 +159,14 @@ def parse_args(argv=None):
     )
     a("--no-master-weights", action="store_true", help="train the parameters in --dtype itself")
     a(
+        "--optimizer",
+        choices=("auto", "adam", "fused-adam"),
+        default="auto",
+        help="fused-adam: flash_sae.FusedAdam, Adam applied to W_enc's and W_dec's rows inside the backward (no "
+        "weight-gradient tensor); adam: torch's Adam after the backward; auto: fused-adam where the module supports it",
+    )
+    a("--lazy-adam", action="store_true", help="with fused-adam: update only the rows that got a gradient this step")
+    a(
         "--cuda-graph",
         choices=("auto", "on", "off"),
         default="auto",
@@ -183,7 +191,8 @@ def parse_args(argv=None):
 
 
 RESUMABLE = {"tokens": 2_000_000, "eval_every": 500, "log_every": 20}  # given again, or the resumed run's
-ADDED_ARGS = {"layers": None, "skip": False, "sparsity_coefficient": 1.0}  # what a run saved before them had
+# what a run saved before these options had
+ADDED_ARGS = {"layers": None, "skip": False, "sparsity_coefficient": 1.0, "optimizer": "adam", "lazy_adam": False}
 
 
 def integer_k(arch_name):
@@ -214,6 +223,8 @@ def check_args(args, error, family="sae"):
         error(f"--k must be an integer for --arch {args.arch}, got {args.k}")
     if args.skip and family != "transcoder":
         error(f"--skip is a transcoder's option; --arch {args.arch} is a {family}")
+    if args.lazy_adam and args.optimizer == "adam":
+        error("--lazy-adam is fused-adam's option (--optimizer fused-adam or auto)")
     if args.layers is not None and family != "crosscoder":
         error(f"--layers is a crosscoder's option; --arch {args.arch} is a {family}")
     if args.layers is None and family == "crosscoder":
@@ -496,15 +507,28 @@ def make_trainer(fs, args, D, dtype, device, graphed=False, n_layers=None):
     its learning rate (a tensor, set in place by ``set_lr``) on the device, so a CUDA graph can hold it.
     ``n_layers``: the layers a CLT or crosscoder reads (``make_sae``)."""
     sae = make_sae(fs, args, D, dtype, device, n_layers)
+    if uses_fused_adam(args, sae):
+        masters = dtype != torch.float32 and not getattr(args, "no_master_weights", False)
+        lr = torch.tensor(args.lr, device=device)  # a tensor the schedule sets in place
+        return sae, None, fs.FusedAdam(sae, lr=lr, master_weights=masters, lazy=getattr(args, "lazy_adam", False))
     master = None
     if dtype != torch.float32 and not getattr(args, "no_master_weights", False):
         master = MasterWeights(make_sae(fs, args, D, torch.float32, device, n_layers), sae)
     params = (master or sae).parameters()
     if graphed:
-        opt = torch.optim.Adam(params, lr=torch.tensor(args.lr, device=device), capturable=True)
+        opt = torch.optim.Adam(params, lr=torch.tensor(args.lr, device=device), capturable=True, fused=True)
     else:
         opt = torch.optim.Adam(params, lr=args.lr)
     return sae, master, opt
+
+
+def uses_fused_adam(args, sae) -> bool:
+    """Whether ``--optimizer`` (auto: where the module supports it) picks ``flash_sae.FusedAdam``."""
+    choice = getattr(args, "optimizer", "adam")
+    supported = getattr(sae, "supports_fused_optimizer", False)
+    if choice == "fused-adam" and not supported:
+        raise SystemExit(f"--optimizer fused-adam: {type(sae).__name__} does not support it; use --optimizer adam")
+    return supported and choice != "adam"
 
 
 def set_lr(opt, lr):
@@ -533,6 +557,10 @@ def train_step(sae, master, opt, x, split=None):
     sae.train()
     out = sae.loss(*split(x)) if split is not None else sae.loss(x)
     out.loss.backward()
+    if getattr(opt, "applies_module_steps", False):  # FusedAdam: W_enc, W_dec updated in the backward
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out
     trained = master.master if master else sae
     if master:
         master.pull_grads()
@@ -873,7 +901,8 @@ def main(argv=None):
         if master:
             master.master.load_state_dict(saved.get("master") or saved["module"])  # (older: none saved)
         opt.load_state_dict(saved["optimizer"])
-        for group in opt.param_groups:  # the saved lr may be a (CPU) tensor or a float, either way round
+        for group in [] if getattr(opt, "applies_module_steps", False) else opt.param_groups:
+            # the saved lr may be a (CPU) tensor or a float, either way round (FusedAdam copies it in place)
             lr = float(group["lr"])
             group["lr"] = torch.tensor(lr, device=device) if graphed else lr
             group["capturable"] = graphed

@@ -19,7 +19,7 @@ LAYERS = (
     ("primitives",),
     ("ops",),
     ("modules",),
-    ("layers", "distributed", "graph_training_step", "architectures", "testing"),
+    ("layers", "distributed", "optim", "graph_training_step", "architectures", "testing"),
 )
 MAX_PARAMETERS = 10
 TRITON_DECORATORS = ("jit", "autotune", "heuristics")

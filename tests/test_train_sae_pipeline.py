@@ -117,13 +117,26 @@ def test_pipeline_end_to_end_on_a_causal_lm(fs, tmp_path):
     check_checkpoint(fs, ts, ckpt, "topk", raw_activations(ts, "random-gpt2", 1))
 
 
+@pytest.mark.parametrize("optimizer", ["fused-adam", "adam"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
+def test_resume_continues_the_same_curve(fs, tmp_path, dtype, optimizer):
     """Adam, the LR schedule, the activation buffer and its RNG, the data position, the dead counts and (bf16)
     the fp32 master weights are restored: the resumed run's losses equal the straight run's, step for step,
-    bit for bit."""
+    bit for bit; with torch's Adam (master weights in a master module) and with FusedAdam (in its state)."""
     ts = tiny_script()
-    common = [*TINY, "--tokens", "480", "--eval-every", "5", "--log-every", "1", "--dtype", dtype]
+    common = [
+        *TINY,
+        "--tokens",
+        "480",
+        "--eval-every",
+        "5",
+        "--log-every",
+        "1",
+        "--dtype",
+        dtype,
+        "--optimizer",
+        optimizer,
+    ]
     straight = ts.main([*common, "--out", str(tmp_path / "a")])
     half = ts.main([*common, "--max-steps", "5", "--out", str(tmp_path / "b")])
     assert [r["step"] for r in rows(half, "train")] == [1, 2, 3, 4, 5]
@@ -133,10 +146,19 @@ def test_resume_continues_the_same_curve(fs, tmp_path, dtype):
     for ra, rb in zip(a, b):
         assert (ra["loss"], ra["fvu"], ra["l0"], ra["lr"]) == (rb["loss"], rb["fvu"], rb["l0"], rb["lr"]), ra["step"]
     state = torch.load(half / "checkpoint" / "flash_sae_state.pt", weights_only=False)
-    if dtype == "float32":
+    params = [n for n, _ in ts.make_sae(fs, ts.parse_args(TINY), 64, torch.float32, "cpu").named_parameters()]
+    if optimizer == "fused-adam":  # FusedAdam's state: per parameter, its moments and (bf16) fp32 master
+        assert state["master"] is None
+        saved = state["optimizer"]["state"]
+        for n in params:
+            assert saved[n]["exp_avg"].dtype == torch.float32
+            if dtype == "float32":
+                assert "master" not in saved[n]
+            else:
+                assert torch.equal(saved[n]["master"].to(torch.bfloat16), state["module"][n]), n
+    elif dtype == "float32":
         assert state["master"] is None
     else:  # the optimizer's fp32 copy; the module holds it rounded to bf16
-        params = [n for n, _ in ts.make_sae(fs, ts.parse_args(TINY), 64, torch.float32, "cpu").named_parameters()]
         for n in params:
             assert state["master"][n].dtype == torch.float32 and state["module"][n].dtype == torch.bfloat16
             assert torch.equal(state["master"][n].to(torch.bfloat16), state["module"][n]), n

@@ -45,6 +45,7 @@ from .ops.jumprelu.jumprelu_sae_step import jumprelu_sae_step
 from .ops.standard.standard_sae_step import standard_sae_step, standard_sae_step_dense
 from .ops.topk.topk_encode import topk_encode
 from .ops.topk.topk_sae_step import matryoshka_topk_sae_step, topk_sae_step
+from .optim import FusedAdam
 from .results import (
     STEP_FIELDS,
     BatchTopKCrosscoderStep,
@@ -103,6 +104,7 @@ __all__ = [
     "gated_sae_step",
     "gated_sae_step_dense",
     "graph_training_step",
+    "FusedAdam",
     "hierarchical_topk_sae_loss",
     "jumprelu_encode",
     "jumprelu_sae_step",

@@ -13,7 +13,9 @@ An op is declared by names and implemented by four launchers that read fields, n
   differentiable output (named: ``grads.loss``), ``saved`` the saved fields (named: ``saved.x``,
   ``saved.residual``), ``needs`` one bool per entry of ``grad_inputs``. It returns one tensor per
   entry of ``grad_inputs``: the gradient, or an empty placeholder where ``needs`` is False (custom
-  ops cannot return None), so a launcher skips work no one asked for.
+  ops cannot return None), so a launcher skips work no one asked for. A launcher returns None for a
+  gradient it consumed (an optimizer applied it inside the backward: ``flash_sae.FusedAdam``); autograd
+  then gets no gradient for that input.
 - ``forward_fake`` and ``backward_fake`` take the same arguments and return tensors of the shapes
   and dtypes the launchers return.
 
@@ -178,7 +180,8 @@ def register_op(
         return forward_fake(Inputs._make(args))
 
     def flat_backward(*args):
-        return backward(*split(args))
+        # a gradient an optimizer consumed inside the backward (``flash_sae.FusedAdam``) comes back None
+        return tuple(g if g is not None else _CONSUMED for g in backward(*split(args)))
 
     def flat_backward_fake(*args):
         return backward_fake(*split(args))
@@ -205,6 +208,7 @@ def register_op(
         ctx.save_for_backward(*(t for t, keep in zip(saved, is_tensor) if keep))
         ctx.saved_constants = [(i, t) for i, (t, keep) in enumerate(zip(saved, is_tensor)) if not keep]
         ctx.n_inputs = len(inputs)
+        ctx.input_numel = [inputs[i].numel() if isinstance(inputs[i], torch.Tensor) else 0 for i in grad_input_at]
         ctx.grad_like = [(outputs[i].shape, outputs[i].dtype, outputs[i].device) for i in differentiable_at]
 
     def make_backward(launch):
@@ -219,8 +223,8 @@ def register_op(
             saved = list(ctx.saved_tensors)
             for i, constant in ctx.saved_constants:
                 saved.insert(i, constant)
-            for pos, need, g in zip(grad_input_at, needs, launch(*grads, *saved, needs)):
-                if need:
+            for pos, need, numel, g in zip(grad_input_at, needs, ctx.input_numel, launch(*grads, *saved, needs)):
+                if need and not (g.numel() == 0 and numel > 0):  # an empty gradient of a non-empty input: consumed
                     result[pos] = g
             return tuple(result)
 
@@ -243,6 +247,9 @@ def register_op(
     op = Op(name, fwd_op, bwd_op, function.apply, schema)
     REGISTERED[name] = op
     return op
+
+
+_CONSUMED = torch.empty(0)  # what a launcher's None gradient (consumed by a fused optimizer) becomes
 
 
 def placeholder(like: torch.Tensor) -> torch.Tensor:

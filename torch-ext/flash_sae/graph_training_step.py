@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .optim import FusedAdam
+
 
 def _state_tensors(modules: Iterable[torch.nn.Module], optimizers: Iterable[torch.optim.Optimizer]):
     tensors = []
@@ -64,9 +66,9 @@ def graph_training_step(
     if example.device.type != "cuda":
         return step
     for opt in optimizers:
-        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW, FusedAdam)):
             # the restore below zeroes the state the warm-up created: Adam's and AdamW's fresh state
-            raise ValueError(f"optimizers: only Adam and AdamW are supported, got {type(opt).__name__}")
+            raise ValueError(f"optimizers: only Adam, AdamW and FusedAdam are supported, got {type(opt).__name__}")
         if not all(group["capturable"] for group in opt.param_groups):
             raise ValueError("optimizers must be built with capturable=True to be captured in a CUDA graph")
 

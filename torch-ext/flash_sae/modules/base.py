@@ -64,6 +64,9 @@ class SAEBase(nn.Module):
     """
 
     resample_encoder_scale = 0.2  # see resample_dead_
+    # whether the step's backward computes W_enc's and W_dec's gradients in one segmented pass each, where an
+    # optimizer can claim them (``flash_sae.FusedAdam``)
+    supports_fused_optimizer = False
     centres_input = True  # the encoder reads x - b_dec (an SAE); a transcoder reads x as it is
 
     def __init__(
@@ -140,8 +143,9 @@ class SAEBase(nn.Module):
         row, scaled to the live decoder rows' mean norm; its encoder row is v times
         ``encoder_norm_scale`` times the live encoder rows' mean norm; its encoder bias is 0 (a
         Gated SAE's b_gate, r_mag and b_mag: ``latent_vectors()``);
-        its dead count restarts; and, with ``optimizer`` (Adam, AdamW, ...), the moments of those
-        rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0; an optimizer that does
+        its dead count restarts; and, with ``optimizer`` (Adam, AdamW, ``FusedAdam``, ...), the moments of
+        those rows (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) are reset to 0 and an fp32 ``master``
+        copy it keeps (``FusedAdam``'s) takes the new rows; an optimizer that does
         not hold every resampled parameter (another module's, or the fp32 master copy's) is a
         ValueError naming ``optimizer``. Every other latent is untouched. No host sync in
         ``SparseAutoencoder`` (the dead set is a mask; the draw is ``torch.multinomial``); the other
@@ -192,9 +196,12 @@ class SAEBase(nn.Module):
         self.tokens_since_fired.masked_fill_(dead, 0)
         if optimizer is not None:
             for p in (self.W_enc, *self.latent_vectors(), self.W_dec):
+                at = dead.view(-1, *([1] * (p.ndim - 1)))
                 for key, moment in optimizer.state.get(p, {}).items():
                     if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and moment.shape == p.shape:
-                        moment.masked_fill_(dead.view(-1, *([1] * (p.ndim - 1))), 0)
+                        moment.masked_fill_(at, 0)
+                    elif key == "master" and moment.shape == p.shape:  # an optimizer's fp32 copy (FusedAdam)
+                        moment.copy_(torch.where(at, p.float(), moment))
         return dead.sum()
 
     def _check_optimizer_holds(self, optimizer) -> None:

@@ -62,6 +62,8 @@ class BatchTopKSparseAutoencoder(FusedDecoderGeometry, BatchTopKSAEBase):
     ``forward`` run without gradients: train with ``loss``.
     """
 
+    supports_fused_optimizer = True  # flash_sae.FusedAdam: both weights' gradients come from the step's passes
+
     def _step(self, x: torch.Tensor, target: torch.Tensor | None = None) -> BatchTopKSAEStep:
         return batchtopk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, target=target,

@@ -53,6 +53,8 @@ class JumpReLUSparseAutoencoder(LearnedCapacity, FusedDecoderGeometry, JumpReLUS
     ``decode`` and ``forward`` run without gradients: train with ``loss``.
     """
 
+    supports_fused_optimizer = True  # flash_sae.FusedAdam: both weights' gradients come from the step's passes
+
     def __init__(self, d_model, n_features, *, capacity_per_row=None, **kwargs):
         super().__init__(d_model, n_features, **kwargs)
         if capacity_per_row is not None and (not is_int(capacity_per_row) or capacity_per_row < 1):

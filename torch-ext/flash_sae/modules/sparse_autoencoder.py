@@ -42,6 +42,8 @@ class SparseAutoencoder(FusedDecoderGeometry, TopKSAEBase):
     ``TopKSAEStep``.
     """
 
+    supports_fused_optimizer = True  # flash_sae.FusedAdam: both weights' gradients come from the step's passes
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(vals [B, k] in the parameters' dtype, indices [B, k] int64), descending."""
         return topk_encode(x, self.W_enc, self.b_enc, self.k, self.b_dec if self.centres_input else None)

@@ -63,6 +63,8 @@ class StandardSparseAutoencoder(DenseSwitch, FusedDecoderGeometry, StandardSAEBa
     and ``forward`` run without gradients: train with ``loss``.
     """
 
+    supports_fused_optimizer = True  # flash_sae.FusedAdam: both weights' gradients come from the step's passes
+
     def __init__(self, d_model, n_features, *, dense_above=DENSE_ABOVE, capacity_per_row=None, **kwargs):
         super().__init__(d_model, n_features, **kwargs)
         self._init_switch(dense_above, capacity_per_row)

@@ -36,8 +36,9 @@ from typing import NamedTuple
 import torch
 
 from ..dead_latent_loss import DeadLatentLoss
-from ..primitives.dead_set import add_rows_, dead_slots, mm_f32, slot_rows
+from ..primitives.dead_set import dead_slots, mm_f32, slot_rows
 from ..primitives.select.row_topk import row_top
+from ..primitives.step_backward import SlotGrads
 
 AUXK, GHOST = 1, 2
 MODES = {"auxk": AUXK, "ghost": GHOST}
@@ -161,15 +162,6 @@ def dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, saved: DeadSaved, encoder_grad:
     return dx, dW_e, dpre.sum(0), dW_d
 
 
-def add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d):
-    """Adds the slots' rows into the step's (dx, dW_enc, db_enc, dW_dec, db_dec) in place."""
-    _, dW_enc, db_enc, dW_dec, _ = grads
-    add_rows_(dW_dec, ids, valid, dW_d)
-    if dW_e is not None:
-        add_rows_(dW_enc, ids, valid, dW_e)
-        add_rows_(db_enc, ids, valid, db_e)
-
-
 def dead_columns_for(x: torch.Tensor, spec: DeadLossSpec, dead_mask, dead_offset):
     """The dead set's slots for the selection's chunk pass to fill: ``(columns, slots)`` with
     columns = (ids, pre_d) for ``select``'s ``columns`` and slots = (ids, valid, n_dead, pre_d);
@@ -209,17 +201,15 @@ def dead_fakes(x: torch.Tensor, W_dec: torch.Tensor, spec: DeadLossSpec) -> tupl
 
 
 def backward_with_dead_loss(grad, grad_aux, spec: DeadLossSpec, aux_coef: float, dead, step, mse_backward):
-    """A step's (dx, dW_enc, db_enc, dW_dec, db_dec): ``mse_backward(dx_extra)`` (the MSE step's
-    backward), plus the dead-latent loss's gradients on the dead slots when the step has one.
+    """A step's (dx, dW_enc, db_enc, dW_dec, db_dec): ``mse_backward(dx_extra, slots)`` (the MSE step's
+    backward, which adds the dead-latent loss's ``SlotGrads`` at the dead slots when the step has one).
     ``dead`` = (A, gate, dE1, ids, valid) as the forward returned them; ``step`` = (x, W_enc, W_dec, b_dec)."""
     if not spec.mode:
-        return mse_backward(None)
+        return mse_backward(None, None)
     A, gate, dE1, ids, valid = dead
     x, W_enc, W_dec, b_dec = step
     g_aux = torch.add(grad_aux.float(), grad.float(), alpha=aux_coef)
     gate = gate if spec.mode == AUXK else None
     saved = DeadSaved(A=A, gate=gate, dE1=dE1, ids=ids, valid=valid)
     dx, dW_e, db_e, dW_d = dead_loss_bwd(g_aux, x, W_enc, W_dec, b_dec, saved, spec.encoder_grad)
-    grads = mse_backward(dx)
-    add_slot_grads_(grads, ids, valid, dW_e, db_e, dW_d)
-    return grads
+    return mse_backward(dx, SlotGrads(ids=ids, valid=valid, dW_enc=dW_e, db_enc=db_e, dW_dec=dW_d))

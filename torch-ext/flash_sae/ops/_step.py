@@ -156,8 +156,8 @@ def mse_selection_step_backward(grads, saved, needs: list[bool]) -> tuple[torch.
         grads_, S0 = matryoshka_levels_bwd(grads.loss, step, saved.prefix_sizes, centred)
         return (*grads_, target_grad(grads.loss, S0, target.dtype) if needs[5] else placeholder(x))
 
-    def mse_backward(dx_extra):
-        return mse_step_backward(grads.loss, saved_step_tensors(saved), dx_extra=dx_extra, centred=centred)
+    def mse_backward(dx_extra, slots):
+        return mse_step_backward(grads.loss, saved_step_tensors(saved), dx_extra=dx_extra, centred=centred, slots=slots)
 
     spec = DeadLossSpec.from_op(saved.dead)
     dead_saved = (saved.A, saved.gate, saved.dE1, saved.ids, saved.valid)

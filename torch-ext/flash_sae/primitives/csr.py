@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import TUNING, segment_block_d, use_triton
+from .._launch import TUNING, next_pow2, segment_block_d, use_triton
+from .row_update import RowUpdate, SlotRows, adam_row, adam_rows_torch
 from .triton_utils import cast_rtne
 
 # Kernels -----------------------------------------------------------------------
@@ -53,6 +54,13 @@ def _segment_sum_kernel(
     # or row[f] * w[f] (ROW_TERM and not ROW_BY_CSUM); [F, D // row_group] with ROW_GROUPS: column d
     # of out[f] reads row[f, d // row_group]
     sbias_ptr,  # [width] float: subtracted (in fp32) from every row of src (SRC_BIAS)
+    master_ptr,  # [F, D] fp32 master rows (UPDATE and HAS_MASTER; dw_ptr is then the weight itself)
+    m_ptr,  # [F, D] fp32 Adam moments (UPDATE)
+    v_ptr,
+    lr_ptr,  # [] fp32 learning rate (UPDATE)
+    step_ptr,  # [] fp32 updates applied so far (UPDATE)
+    slot_of_ptr,  # [F] int32 extra gradient row of each latent or -1 (HAS_SLOTS)
+    slot_rows_ptr,  # [C, D] fp32 extra gradient rows (HAS_SLOTS)
     N,
     K,
     D,
@@ -62,6 +70,10 @@ def _segment_sum_kernel(
     scale_const,
     level_stride,
     row_group,  # columns per group of the row term (ROW_GROUPS)
+    beta1,  # Adam's (UPDATE)
+    beta2,
+    eps,
+    weight_decay,
     BLOCK_D: tl.constexpr,
     UNROLL: tl.constexpr,
     ELEMENT_ROWS: tl.constexpr,
@@ -76,6 +88,12 @@ def _segment_sum_kernel(
     ROW_GROUPS: tl.constexpr,  # (ROW_TERM) one row-term value per group of row_group columns
     GATED_DOTS: tl.constexpr,  # (HAS_DOTS, HAS_COEF) dots * the scale where coef > 0, else 0
     SRC_BIAS: tl.constexpr,
+    UPDATE: tl.constexpr,  # apply Adam to the row (``row_update.adam_row``) instead of writing its gradient
+    HAS_MASTER: tl.constexpr,
+    UNIT_NORM: tl.constexpr,  # (UPDATE) the window is the whole row (one D-block)
+    DECOUPLED: tl.constexpr,
+    LAZY: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -146,7 +164,21 @@ def _segment_sum_kernel(
             out += row_val * csum * w
         else:
             out += row_val * w
-    tl.store(dw_ptr + f * D + cols, cast_rtne(out, dw_ptr.dtype.element_ty), mask=mask_c)
+    if UPDATE:
+        has_grad = start < end
+        if HAS_SLOTS:
+            slot = tl.load(slot_of_ptr + f).to(tl.int64)
+            out += tl.load(slot_rows_ptr + slot * D + cols, mask=mask_c & (offs_c * 0 + slot >= 0), other=0.0)
+            has_grad = has_grad | (slot >= 0)
+        if LAZY:  # a row without a gradient is left as it is
+            if has_grad:
+                adam_row(out, f, cols, mask_c, D, dw_ptr, master_ptr, m_ptr, v_ptr, lr_ptr, step_ptr, beta1, beta2,
+                         eps, weight_decay, HAS_MASTER, UNIT_NORM, DECOUPLED)  # fmt: skip
+        else:
+            adam_row(out, f, cols, mask_c, D, dw_ptr, master_ptr, m_ptr, v_ptr, lr_ptr, step_ptr, beta1, beta2, eps,
+                     weight_decay, HAS_MASTER, UNIT_NORM, DECOUPLED)  # fmt: skip
+    else:
+        tl.store(dw_ptr + f * D + cols, cast_rtne(out, dw_ptr.dtype.element_ty), mask=mask_c)
     if HAS_CSUM:
         tl.store(csum_ptr + f, csum * scale, mask=pid_d == 0)
 
@@ -215,7 +247,10 @@ class SegmentPass(NamedTuple):
     unscaled (out-of-range elements: 0); with ``gated_dots`` (needs ``weight`` and ``coef``) each dot
     is multiplied by the sum's scale where its coefficient is > 0 and is 0 elsewhere. ``coef_sum`` ([F]
     fp32) receives the scaled sum of each segment's coefficients. ``row_term``: see ``RowTerm`` (needs
-    ``weight``, and ``coef`` when ``by_coef``)."""
+    ``weight``, and ``coef`` when ``by_coef``).
+
+    ``update`` (``row_update.RowUpdate``): ``out`` is the weight itself, and each row gets Adam applied to
+    its gradient (plus ``slots``' extra rows, ``row_update.SlotRows``) instead of the gradient written."""
 
     out: torch.Tensor
     coef: torch.Tensor | None = None
@@ -226,6 +261,8 @@ class SegmentPass(NamedTuple):
     coef_sum: torch.Tensor | None = None
     row_term: RowTerm | None = None
     gated_dots: bool = False
+    update: RowUpdate | None = None
+    slots: SlotRows | None = None
 
 
 def segment_sum_scaled(
@@ -251,10 +288,13 @@ def segment_sum_weighted(
     out: torch.Tensor,
     coef: torch.Tensor,
     coef_sum: torch.Tensor,
+    update: RowUpdate | None = None,
+    slots: SlotRows | None = None,
 ) -> None:
     """Writes ``out[f] = sum over f's segment of coef[e] * row(e)`` (``out`` [F, D], its dtype; ``coef`` [N]
-    float) and ``coef_sum[f] = sum of f's coefficients`` ([F] fp32), in one deterministic pass."""
-    _segment_sum(perm, offsets, rows, SegmentPass(out=out, coef=coef, coef_sum=coef_sum))
+    float) and ``coef_sum[f] = sum of f's coefficients`` ([F] fp32), in one deterministic pass. With
+    ``update`` (and ``slots``), ``out`` is the weight, updated in place (``SegmentPass``)."""
+    _segment_sum(perm, offsets, rows, SegmentPass(out=out, coef=coef, coef_sum=coef_sum, update=update, slots=slots))
 
 
 def segment_sum_dots(
@@ -269,13 +309,16 @@ def segment_sum_dots(
     scale_const: float = 1.0,
     row_term: RowTerm | None = None,
     gated_dots: bool = False,
+    update: RowUpdate | None = None,
+    slots: SlotRows | None = None,
 ) -> torch.Tensor:
     """Writes ``out[f] = scale_const * scale * sum over f's segment of coef[e] * row(e)`` (plus ``row_term``'s
     share) and returns ``dots`` [N] fp32 = <row(e), weight[f]>, unscaled, both from one pass reading each
     touched row of ``weight`` [F, D] once; with ``gated_dots`` the dots come back times the sum's scale
-    where coef > 0, else 0 (a ReLU code's gradient at its pre-activations). See ``SegmentPass``."""
+    where coef > 0, else 0 (a ReLU code's gradient at its pre-activations). With ``update`` (and ``slots``),
+    ``out`` is ``weight``, updated in place after its dots are read. See ``SegmentPass``."""
     p = SegmentPass(out=out, coef=coef, scale=scale, scale_const=scale_const, weight=weight, row_term=row_term,
-                    gated_dots=gated_dots)  # fmt: skip
+                    gated_dots=gated_dots, update=update, slots=slots)  # fmt: skip
     return _segment_sum(perm, offsets, rows, p)
 
 
@@ -292,9 +335,16 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
     want_dots = p.weight is not None
     if p.gated_dots and (not want_dots or p.coef is None):
         raise ValueError("segment_sum: gated_dots needs weight and coef")
+    update, slots = p.update, p.slots
+    if update is not None and (p.d_base != 0 or width != D):
+        raise ValueError("segment_sum: a row update needs the whole row in one window")
     if not use_triton(src):
         return _segment_sum_torch(perm, offsets, rows, p)
     BLOCK_D = segment_block_d(width)
+    warps = TUNING["segment_warps"]
+    if update is not None and update.unit_norm:  # one program per whole row: its norms need every column
+        BLOCK_D = max(16, next_pow2(width))
+        warps = max(warps, min(16, BLOCK_D // 512))
     ND = triton.cdiv(width, BLOCK_D)
     dots = torch.zeros(ND, N, device=src.device, dtype=torch.float32) if want_dots else None
     out = p.out
@@ -313,6 +363,13 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
         p.coef_sum if p.coef_sum is not None else dummy,
         row_term.values if row_term is not None else dummy,
         rows.bias if rows.bias is not None else dummy,
+        update.master if update is not None and update.master is not None else dummy,
+        update.exp_avg if update is not None else dummy,
+        update.exp_avg_sq if update is not None else dummy,
+        update.lr if update is not None else dummy,
+        update.step if update is not None else dummy,
+        slots.slot_of if slots is not None else dummy,
+        slots.rows if slots is not None else dummy,
         N,
         rows.K,
         D,
@@ -322,6 +379,7 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
         float(p.scale_const),
         rows.level_stride,
         row_term.group if row_term is not None and row_term.group else 1,
+        *_adam_scalars(update),
         BLOCK_D=BLOCK_D,
         UNROLL=TUNING["segment_unroll"],
         ELEMENT_ROWS=rows.element_rows,
@@ -336,11 +394,24 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
         ROW_GROUPS=row_term is not None and row_term.group > 0,
         GATED_DOTS=p.gated_dots,
         SRC_BIAS=rows.bias is not None,
-        num_warps=TUNING["segment_warps"],
+        UPDATE=update is not None,
+        HAS_MASTER=update is not None and update.master is not None,
+        UNIT_NORM=update is not None and update.unit_norm,
+        DECOUPLED=update is not None and update.decoupled,
+        LAZY=update is not None and update.lazy,
+        HAS_SLOTS=slots is not None,
+        num_warps=warps,
     )
     if not want_dots:
         return None
     return dots[0] if ND == 1 else dots.sum(0)  # one D-block: no reduction launch
+
+
+def _adam_scalars(update: RowUpdate | None) -> tuple[float, float, float, float]:
+    """(beta1, beta2, eps, weight_decay) of ``update`` (placeholders without one)."""
+    if update is None:
+        return 0.9, 0.999, 1e-8, 0.0
+    return float(update.betas[0]), float(update.betas[1]), float(update.eps), float(update.weight_decay)
 
 
 def _segment_sum_torch(
@@ -379,14 +450,29 @@ def _segment_sum_torch(
             acc += term
     elif row_term is not None:
         acc += _row_term_values(row_term, 1.0, d_base, width) * weight[:, d_base : d_base + width].float()
-    out[:, d_base : d_base + width] = acc.to(out.dtype)
+    if p.update is None:
+        out[:, d_base : d_base + width] = acc.to(out.dtype)
     if weight is None:
+        _update_torch(acc, offsets, p)
         return None
     dots = torch.zeros(perm.numel(), dtype=torch.float32, device=src.device)
     dots[e] = (x * weight[latent, d_base : d_base + width].float()).sum(1)
     if p.gated_dots:
         dots = torch.where(coef.reshape(-1).float() > 0, dots * s, 0.0)
+    _update_torch(acc, offsets, p)  # after the dots, which read the weight before its update
     return dots
+
+
+def _update_torch(grad: torch.Tensor, offsets: torch.Tensor, p: SegmentPass) -> None:
+    """``p.update`` applied to ``p.out`` (the weight) at gradient ``grad`` [F, w] fp32 plus ``p.slots``' rows."""
+    if p.update is None:
+        return
+    touched = offsets.diff() > 0
+    if p.slots is not None:
+        has_slot = p.slots.slot_of >= 0
+        grad = grad + torch.where(has_slot[:, None], p.slots.rows[p.slots.slot_of.long().clamp_min(0)], 0.0)
+        touched = touched | has_slot
+    adam_rows_torch(grad, p.out, p.update, touched)
 
 
 def _row_term_values(row_term: RowTerm, by, d_base: int, width: int) -> torch.Tensor:

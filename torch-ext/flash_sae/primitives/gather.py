@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .._launch import TUNING, block_d, next_pow2, use_triton
 from .csr import RowTerm, SegmentRows, csr_transpose, segment_sum_dots
+from .row_update import RowUpdate, SlotRows
 from .triton_utils import cast_rtne, load_latent
 
 # Kernels -----------------------------------------------------------------------
@@ -377,7 +378,9 @@ def gather_rows_backward(
     rows: torch.Tensor | None = None,
     levels: LevelRows | None = None,
     row_term: RowTerm | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    update: RowUpdate | None = None,
+    slots: SlotRows | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
     ``grad`` is a [B, D] row source, read as fp32. Returns (dweight [F, D] in
@@ -388,12 +391,13 @@ def gather_rows_backward(
     unused entries must have an id outside [0, F) (they join no segment). With ``levels``
     (``LevelRows``) ``grad`` stacks one [B, D] block per prefix level and latent f reads block
     levels.ids[f]. ``row_term`` (``csr.RowTerm``) adds a gradient along each row of dweight before
-    its rounding.
+    its rounding. ``update`` (``row_update.RowUpdate``, with ``slots``' extra rows): the pass applies the
+    optimizer to ``weight``'s rows in place instead, and dweight comes back None.
     """
-    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels)
+    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels, update)
     dots = segment_sum_dots(perm, offsets, source, out=dweight, coef=vals, weight=weight, scale=scale,
-                            scale_const=scale_const, row_term=row_term)  # fmt: skip
-    return dweight, dots.reshape(indices.shape)
+                            scale_const=scale_const, row_term=row_term, update=update, slots=slots)  # fmt: skip
+    return (None if update is not None else dweight), dots.reshape(indices.shape)
 
 
 def gather_rows_backward_gated(
@@ -408,22 +412,25 @@ def gather_rows_backward_gated(
     rows: torch.Tensor | None = None,
     levels: LevelRows | None = None,
     row_term: RowTerm | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    update: RowUpdate | None = None,
+    slots: SlotRows | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``gather_rows_backward`` whose dots come back scaled (``scale * scale_const``) where the value is
     > 0 and 0 elsewhere: a ReLU code's gradient at its pre-activations, fp32 shaped as ``indices``,
-    with no pass of its own. Returns (dweight, that gradient)."""
-    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels)
+    with no pass of its own. Returns (dweight, that gradient); ``update``, ``slots``: as there."""
+    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels, update)
     dots = segment_sum_dots(perm, offsets, source, out=dweight, coef=vals, weight=weight, scale=scale,
-                            scale_const=scale_const, row_term=row_term, gated_dots=True)  # fmt: skip
-    return dweight, dots.reshape(indices.shape)
+                            scale_const=scale_const, row_term=row_term, gated_dots=True, update=update,
+                            slots=slots)  # fmt: skip
+    return (None if update is not None else dweight), dots.reshape(indices.shape)
 
 
-def _backward_pass(grad, indices, weight, csr, rows, levels):
+def _backward_pass(grad, indices, weight, csr, rows, levels, update):
     """The adjoint's set-up: (perm, offsets) of ``indices`` (``csr`` when given), the rows it reads
-    (``csr.SegmentRows`` over ``grad``) and the [F, D] dweight it writes."""
+    (``csr.SegmentRows`` over ``grad``) and the [F, D] dweight it writes (the weight itself with ``update``)."""
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = weight.shape[0]
-    dweight = torch.empty_like(weight)
+    dweight = weight if update is not None else torch.empty_like(weight)
     perm, offsets = csr if csr is not None else csr_transpose(indices, F)
     source = SegmentRows(
         src=grad.contiguous(),

@@ -9,7 +9,9 @@ r = x_hat - x (fp32, kept by the forward) and s = 2 * c * grad:
                         dx_enc also subtracts s * r, so dx = dx_enc - s * r comes out of one pass
     db_dec           =  s * sum_b r - sum_b dx_enc (the centring's share) = -sum_b dx
 
-One CSR transpose of the code serves both weight gradients. The code is [B, K] or a
+One CSR transpose of the code serves both weight gradients. A weight an optimizer has claimed
+(``row_update.claim``: ``flash_sae.FusedAdam``) gets its update in the pass that computes its gradient,
+and its gradient comes back None. The code is [B, K] or a
 variable-length one (``row_offsets``; see ``gather.gather_rows``). Used by every step whose
 reconstruction is a plain decode of its code, one function per kind of step over the same passes:
 ``mse_step_backward`` (TopK, BatchTopK), ``matryoshka_step_backward`` (the prefix levels),
@@ -22,8 +24,10 @@ from typing import NamedTuple
 import torch
 
 from .csr import RowTerm, csr_transpose
+from .dead_set import add_rows_
 from .encoder import encoder_backward
 from .gather import LevelRows, gather_rows_backward, gather_rows_backward_gated, row_ids
+from .row_update import claimed, slot_rows_for
 
 
 class StepTensors(NamedTuple):
@@ -41,8 +45,25 @@ class StepTensors(NamedTuple):
     row_offsets: torch.Tensor | None = None
 
 
+class SlotGrads(NamedTuple):
+    """A dead-latent loss's gradients at its slots, added to the step's: ``ids`` [C] latent ids (distinct
+    where ``valid`` [C] bool), ``dW_enc`` [C, D] fp32 or None, ``db_enc`` [C] fp32 or None, ``dW_dec``
+    [C, D] fp32."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+    dW_enc: torch.Tensor | None
+    db_enc: torch.Tensor | None
+    dW_dec: torch.Tensor
+
+
 def mse_step_backward(
-    grad: torch.Tensor, step: StepTensors, *, dx_extra: torch.Tensor | None = None, centred: bool = True
+    grad: torch.Tensor,
+    step: StepTensors,
+    *,
+    dx_extra: torch.Tensor | None = None,
+    centred: bool = True,
+    slots: SlotGrads | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Returns (dx, dW_enc, db_enc, dW_dec, db_dec), each in W_enc's dtype, of the mean over B*D of the
     squared residual at a ReLU code (gradient passes where the value is > 0): TopK, BatchTopK.
@@ -51,9 +72,10 @@ def mse_step_backward(
     loss's), added to dx and, negated, to db_dec before either is rounded. ``centred`` False: the step
     reconstructs a separate target (a transcoder's), so the encoder reads x itself (no ``x - b_dec``),
     dx is the encoder's share only and db_dec = s * sum_b r; the target's own gradient, -s * r, is
-    ``target_grad``'s.
+    ``target_grad``'s. ``slots``: a dead-latent loss's gradients at its slots, added to the weights'
+    rows (inside an optimizer's update where the weight is claimed).
     """
-    return _mse_step_backward(grad, step, _Modes(dx_extra=dx_extra, centred=centred))
+    return _mse_step_backward(grad, step, _Modes(dx_extra=dx_extra, centred=centred, slots=slots))
 
 
 def matryoshka_step_backward(
@@ -102,6 +124,17 @@ class _Modes(NamedTuple):
     da_extra: torch.Tensor | None = None
     dw_dec_row_term: torch.Tensor | None = None
     centred: bool = True
+    slots: SlotGrads | None = None
+
+
+def _claimed_update(weight: torch.Tensor, slots: SlotGrads | None, rows: torch.Tensor | None):
+    """(the optimizer's ``RowUpdate`` for ``weight``, its extra ``SlotRows`` from ``rows`` at ``slots``), or None
+    where no optimizer claimed the weight."""
+    update = claimed(weight)
+    if update is None:
+        return None
+    extra = slot_rows_for(slots.ids, slots.valid, rows, weight.shape[0]) if rows is not None else None
+    return update, extra
 
 
 def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
@@ -124,8 +157,12 @@ def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
     # The plain ReLU gate with nothing added to da: the segmented pass returns dpre itself.
     fused = modes.gate is None and modes.da_extra is None and not modes.with_da
     backward = gather_rows_backward_gated if fused else gather_rows_backward
+    slots = modes.slots
+    dec_update = _claimed_update(W_dec, slots, slots.dW_dec if slots is not None else None)
+    enc_update = _claimed_update(W_enc, slots, slots.dW_enc if slots is not None else None)
     dW_dec, dots = backward(stacked, vals, indices, W_dec, scale=scale_grad, scale_const=s_const, csr=csr, rows=rows,
-                            levels=levels, row_term=row_term)  # fmt: skip
+                            levels=levels, row_term=row_term, update=dec_update and dec_update[0],
+                            slots=dec_update and dec_update[1])  # fmt: skip
     if fused:
         dpre = dots
     else:
@@ -137,16 +174,23 @@ def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
     if modes.centred:
         dx, dW_enc, db_enc, db_dec = encoder_backward(
             dpre, x, W_enc, b_dec, indices, csr=csr, row_offsets=row_offsets, rows=rows,
-            minus=(residual, scale_grad, s_const),
+            minus=(residual, scale_grad, s_const), update=enc_update,
         )  # fmt: skip
     else:
         dx, dW_enc, db_enc, _ = encoder_backward(dpre, x, W_enc, None, indices, csr=csr, row_offsets=row_offsets,
-                                                 rows=rows)  # fmt: skip
+                                                 rows=rows, update=enc_update)  # fmt: skip
         db_dec = residual.sum(0) * (scale_grad * s_const)
     if modes.dx_extra is not None:
         dx = dx + modes.dx_extra
         if modes.centred:
             db_dec = db_dec - modes.dx_extra.sum(0)
+    if slots is not None:  # the dead-latent loss's rows, where no optimizer took them into its update
+        if dW_dec is not None:
+            add_rows_(dW_dec, slots.ids, slots.valid, slots.dW_dec)
+        if slots.dW_enc is not None:
+            if dW_enc is not None:
+                add_rows_(dW_enc, slots.ids, slots.valid, slots.dW_enc)
+            add_rows_(db_enc, slots.ids, slots.valid, slots.db_enc)
     dtype = W_enc.dtype
     grads = (dx.to(dtype), dW_enc, db_enc.to(dtype), dW_dec, db_dec.to(dtype))
     return (*grads, da, csr) if modes.with_da else grads
