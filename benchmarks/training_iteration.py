@@ -208,8 +208,14 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the four ways")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; nothing timed or written")
+    parser.add_argument("--tuning", default="", help="TUNING entries for this run: key=value,key=value")
+    parser.add_argument("--stem", default="training_iteration", help="the results file's name")
     args = parser.parse_args(argv)
     fs = load_kernel()
+    if args.tuning:
+        from side_by_side import apply_tuning
+
+        apply_tuning(fs, args.tuning, "--tuning")
     if args.smoke:
         return smoke(fs)
     if not torch.cuda.is_available():
@@ -223,10 +229,11 @@ def main(argv=None):
     print(f"# {env['gpu']}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.2f} TB/s")
     print("# bf16 compute, fp32 master weights and Adam moments (examples/train_sae.py's iteration); graph ms")
     B, D, k = args.B, args.D, args.k
-    path = write_rows(result_path(env["gpu"], "training_iteration", args.out), [])  # rows appended per F
+    path = write_rows(result_path(env["gpu"], args.stem, args.out), [])  # rows appended per F
     peaks = {v: [] for v in variants}
     out_of_memory = set()
-    common = dict(env=env, dtype="bf16", params={"optimizer": "Adam", "master_weights": "fp32", "dead_loss": "auxk"})
+    params = {"optimizer": "Adam", "master_weights": "fp32", "dead_loss": "auxk", "tuning": args.tuning or None}
+    common = dict(env=env, dtype="bf16", params=params)
     for F in sorted(map(int, args.features.split(","))):
         shape = dict(B=B, D=D, F=F, K=k)
         x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)

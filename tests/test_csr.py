@@ -25,7 +25,9 @@ def test_segment_sum_untouched_latent_row_term(fs, device, by_coef):
     rows = csr.SegmentRows(src=src, K=K)
     term = csr.RowTerm(row_term, by_coef=by_coef)
     out_kernel = torch.empty(F, D, device=device)
-    csr.segment_sum_dots(perm, offsets, rows, out=out_kernel, coef=coef, weight=weight, scale_const=0.5, row_term=term)
+    csr.segment_sum_dots(
+        perm, offsets, rows, out=out_kernel, coef=coef, weight=weight, scale_const=0.5, row_out=csr.RowOut(term=term)
+    )
     out_torch = torch.empty(F, D, device=device)
     same_pass = csr.SegmentPass(out=out_torch, coef=coef, scale_const=0.5, weight=weight, row_term=term)
     csr._segment_sum_torch(perm, offsets, rows, same_pass)

@@ -374,3 +374,20 @@ def test_captured_iteration_equals_eager(fs, lazy):
     assert arch.capturable
     for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU kernels")
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_equals_torch_adam_on_the_gpu(fs, name):
+    """20 steps on the GPU kernels (D past one 512-column block, the decoder's whole-row programs), fp32."""
+    arch = fs.ARCHITECTURES[name]
+    g = torch.Generator().manual_seed(3)
+    data = [loss_args(arch, torch.randn(64, 600, generator=g).cuda()) for _ in range(20)]
+    sparsity = 8 if arch.sparsity == "k" else SPARSITY[arch.sparsity]
+    fused_sae, ref_sae = (arch.build(600, 512, sparsity, dtype=torch.float32, device="cuda", seed=0,
+                                     **family_kwargs(arch)) for _ in range(2))  # fmt: skip
+    fused = Fused(fs, fused_sae, dict(lr=1e-3))
+    ref = Reference(ref_sae, dict(lr=1e-3))
+    train(fused, data, torch.float32)
+    train(ref, data, torch.float32)
+    assert_same_run(fused, ref, rtol=1e-4, atol=1e-5, what=f"{name} on the GPU")

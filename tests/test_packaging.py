@@ -165,6 +165,7 @@ def test_public_api(fs):
             "CrossLayerTranscoderStep",
             "CrosscoderLayers",
             "DeadLatentLoss",
+            "FusedAdam",
             "GatedSAEStep",
             "JumpReLUCrosscoderStep",
             "JumpReLUSAEStep",

@@ -43,6 +43,9 @@ TUNING = {
     "segment_block_d": 512,
     "segment_warps": 1,
     "segment_unroll": 1,
+    # ... and with an optimizer's row update that needs whole rows (a unit-norm decoder's: one program per
+    # row, BLOCK_D = next_pow2(D)): its warps (0: BLOCK_D // 512, between 1 and 16).
+    "segment_update_warps": 0,
     # Selection: BatchTopK's group size G (a power of two: F/G group keys and N*G candidates),
     # groups per program of the group-maximum kernel and its warps (both selections), then the
     # TopK candidate stage (``select.row_topk._row_select_kernel``, one program per row): its warps grow with

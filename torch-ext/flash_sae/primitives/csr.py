@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .._launch import TUNING, next_pow2, segment_block_d, use_triton
-from .row_update import RowUpdate, SlotRows, adam_row, adam_rows_torch
+from .row_update import ClaimedUpdate, RowUpdate, adam_row, adam_rows_torch
 from .triton_utils import cast_rtne
 
 # Kernels -----------------------------------------------------------------------
@@ -239,6 +239,18 @@ class RowTerm(NamedTuple):
     group: int = 0
 
 
+class RowOut(NamedTuple):
+    """What each latent's summed row becomes before it leaves a pass: ``term`` (``RowTerm``) is added, and the
+    row is written as the gradient, or, with ``update`` (``row_update.ClaimedUpdate``), applied to the weight
+    by its optimizer (the pass then writes no gradient)."""
+
+    term: RowTerm | None = None
+    update: ClaimedUpdate | None = None
+
+
+PLAIN_ROWS = RowOut()  # each row written as the gradient, nothing added
+
+
 class SegmentPass(NamedTuple):
     """What one segmented pass writes besides its rows (``SegmentRows``): ``out`` [F, D] (the gradient,
     its columns ``d_base:d_base + w``), each element's row times ``coef[e]`` ([N] float; 1 without),
@@ -249,8 +261,8 @@ class SegmentPass(NamedTuple):
     fp32) receives the scaled sum of each segment's coefficients. ``row_term``: see ``RowTerm`` (needs
     ``weight``, and ``coef`` when ``by_coef``).
 
-    ``update`` (``row_update.RowUpdate``): ``out`` is the weight itself, and each row gets Adam applied to
-    its gradient (plus ``slots``' extra rows, ``row_update.SlotRows``) instead of the gradient written."""
+    ``update`` (``row_update.ClaimedUpdate``): ``out`` is the weight itself, and each row gets Adam applied to
+    its gradient (plus the update's extra slot rows) instead of the gradient written."""
 
     out: torch.Tensor
     coef: torch.Tensor | None = None
@@ -261,8 +273,7 @@ class SegmentPass(NamedTuple):
     coef_sum: torch.Tensor | None = None
     row_term: RowTerm | None = None
     gated_dots: bool = False
-    update: RowUpdate | None = None
-    slots: SlotRows | None = None
+    update: ClaimedUpdate | None = None
 
 
 def segment_sum_scaled(
@@ -288,13 +299,12 @@ def segment_sum_weighted(
     out: torch.Tensor,
     coef: torch.Tensor,
     coef_sum: torch.Tensor,
-    update: RowUpdate | None = None,
-    slots: SlotRows | None = None,
+    update: ClaimedUpdate | None = None,
 ) -> None:
     """Writes ``out[f] = sum over f's segment of coef[e] * row(e)`` (``out`` [F, D], its dtype; ``coef`` [N]
     float) and ``coef_sum[f] = sum of f's coefficients`` ([F] fp32), in one deterministic pass. With
-    ``update`` (and ``slots``), ``out`` is the weight, updated in place (``SegmentPass``)."""
-    _segment_sum(perm, offsets, rows, SegmentPass(out=out, coef=coef, coef_sum=coef_sum, update=update, slots=slots))
+    ``update``, ``out`` is the weight, updated in place (``SegmentPass``)."""
+    _segment_sum(perm, offsets, rows, SegmentPass(out=out, coef=coef, coef_sum=coef_sum, update=update))
 
 
 def segment_sum_dots(
@@ -307,18 +317,16 @@ def segment_sum_dots(
     weight: torch.Tensor,
     scale: torch.Tensor | None = None,
     scale_const: float = 1.0,
-    row_term: RowTerm | None = None,
+    row_out: RowOut = PLAIN_ROWS,
     gated_dots: bool = False,
-    update: RowUpdate | None = None,
-    slots: SlotRows | None = None,
 ) -> torch.Tensor:
-    """Writes ``out[f] = scale_const * scale * sum over f's segment of coef[e] * row(e)`` (plus ``row_term``'s
-    share) and returns ``dots`` [N] fp32 = <row(e), weight[f]>, unscaled, both from one pass reading each
-    touched row of ``weight`` [F, D] once; with ``gated_dots`` the dots come back times the sum's scale
-    where coef > 0, else 0 (a ReLU code's gradient at its pre-activations). With ``update`` (and ``slots``),
-    ``out`` is ``weight``, updated in place after its dots are read. See ``SegmentPass``."""
-    p = SegmentPass(out=out, coef=coef, scale=scale, scale_const=scale_const, weight=weight, row_term=row_term,
-                    gated_dots=gated_dots, update=update, slots=slots)  # fmt: skip
+    """Writes ``out[f] = scale_const * scale * sum over f's segment of coef[e] * row(e)`` (plus ``row_out``'s
+    term; ``RowOut``) and returns ``dots`` [N] fp32 = <row(e), weight[f]>, unscaled, both from one pass reading
+    each touched row of ``weight`` [F, D] once; with ``gated_dots`` the dots come back times the sum's scale
+    where coef > 0, else 0 (a ReLU code's gradient at its pre-activations). With ``update``, ``out`` is
+    ``weight``, updated in place after its dots are read. See ``SegmentPass``."""
+    p = SegmentPass(out=out, coef=coef, scale=scale, scale_const=scale_const, weight=weight, row_term=row_out.term,
+                    gated_dots=gated_dots, update=row_out.update)  # fmt: skip
     return _segment_sum(perm, offsets, rows, p)
 
 
@@ -335,7 +343,7 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
     want_dots = p.weight is not None
     if p.gated_dots and (not want_dots or p.coef is None):
         raise ValueError("segment_sum: gated_dots needs weight and coef")
-    update, slots = p.update, p.slots
+    update, slots = (p.update.update, p.update.slots) if p.update is not None else (None, None)
     if update is not None and (p.d_base != 0 or width != D):
         raise ValueError("segment_sum: a row update needs the whole row in one window")
     if not use_triton(src):
@@ -344,7 +352,7 @@ def _segment_sum(perm: torch.Tensor, offsets: torch.Tensor, rows: SegmentRows, p
     warps = TUNING["segment_warps"]
     if update is not None and update.unit_norm:  # one program per whole row: its norms need every column
         BLOCK_D = max(16, next_pow2(width))
-        warps = max(warps, min(16, BLOCK_D // 512))
+        warps = TUNING["segment_update_warps"] or max(1, min(16, BLOCK_D // 512))
     ND = triton.cdiv(width, BLOCK_D)
     dots = torch.zeros(ND, N, device=src.device, dtype=torch.float32) if want_dots else None
     out = p.out
@@ -464,15 +472,16 @@ def _segment_sum_torch(
 
 
 def _update_torch(grad: torch.Tensor, offsets: torch.Tensor, p: SegmentPass) -> None:
-    """``p.update`` applied to ``p.out`` (the weight) at gradient ``grad`` [F, w] fp32 plus ``p.slots``' rows."""
+    """``p.update`` applied to ``p.out`` (the weight) at gradient ``grad`` [F, w] fp32 plus its slot rows."""
     if p.update is None:
         return
     touched = offsets.diff() > 0
-    if p.slots is not None:
-        has_slot = p.slots.slot_of >= 0
-        grad = grad + torch.where(has_slot[:, None], p.slots.rows[p.slots.slot_of.long().clamp_min(0)], 0.0)
+    slots = p.update.slots
+    if slots is not None:
+        has_slot = slots.slot_of >= 0
+        grad = grad + torch.where(has_slot[:, None], slots.rows[slots.slot_of.long().clamp_min(0)], 0.0)
         touched = touched | has_slot
-    adam_rows_torch(grad, p.out, p.update, touched)
+    adam_rows_torch(grad, p.out, p.update.update, touched)
 
 
 def _row_term_values(row_term: RowTerm, by, d_base: int, width: int) -> torch.Tensor:

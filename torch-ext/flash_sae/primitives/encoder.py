@@ -20,7 +20,7 @@ import torch
 
 from .csr import SegmentRows, csr_transpose, segment_sum_weighted
 from .gather import gather_rows
-from .row_update import RowUpdate, SlotRows
+from .row_update import ClaimedUpdate
 
 
 def encoder_backward(
@@ -33,7 +33,7 @@ def encoder_backward(
     row_offsets: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     minus: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    update: tuple[RowUpdate, SlotRows | None] | None = None,
+    update: ClaimedUpdate | None = None,
 ):
     """Returns (dx fp32 [B, D], dW_enc [F, D] in W_enc's dtype, db_enc fp32 [F], db_dec fp32 [D] or None).
 
@@ -42,8 +42,8 @@ def encoder_backward(
     reuses a (perm, offsets) transpose of ``indices``. ``minus = (t, scale, const)``: dx also
     gets ``- scale * const * t`` in the gather's pass (a further gradient of x, e.g. an MSE's
     ``-s * r``), and db_dec is then ``-sum_b`` of that whole dx.
-    ``update`` = (``row_update.RowUpdate``, its ``SlotRows`` or None): W_enc's rows are updated in place by
-    the optimizer in the segmented pass (after dx's gather has read them) and dW_enc comes back None.
+    ``update`` (``row_update.ClaimedUpdate``): W_enc's rows are updated in place by the optimizer in the
+    segmented pass (after dx's gather has read them) and dW_enc comes back None.
     """
     K = indices.shape[1] if indices.ndim == 2 else 1
     F = W_enc.shape[0]
@@ -51,13 +51,13 @@ def encoder_backward(
     db_enc = torch.empty(F, device=x.device, dtype=torch.float32)
     bias = b_dec.contiguous() if b_dec is not None else None
     centred = SegmentRows(src=x.contiguous(), K=K, rows=rows, bias=bias)  # x - b_dec, in fp32 as it is read
-    dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets, minus=minus)
-    if update is not None:
-        segment_sum_weighted(perm, offsets, centred, out=W_enc, coef=dpre, coef_sum=db_enc, update=update[0],
-                             slots=update[1])  # fmt: skip
+    if update is not None:  # dx's gather reads W_enc's rows before the pass updates them
+        dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets, minus=minus)
+        segment_sum_weighted(perm, offsets, centred, out=W_enc, coef=dpre, coef_sum=db_enc, update=update)
         dW_enc = None
     else:
         dW_enc = torch.empty_like(W_enc)
         segment_sum_weighted(perm, offsets, centred, out=dW_enc, coef=dpre, coef_sum=db_enc)
+        dx = gather_rows(dpre, indices, W_enc, out_dtype=torch.float32, row_offsets=row_offsets, minus=minus)
     db_dec = -dx.sum(0) if b_dec is not None else None
     return dx, dW_enc, db_enc, db_dec

@@ -33,8 +33,7 @@ import triton
 import triton.language as tl
 
 from .._launch import TUNING, block_d, next_pow2, use_triton
-from .csr import RowTerm, SegmentRows, csr_transpose, segment_sum_dots
-from .row_update import RowUpdate, SlotRows
+from .csr import PLAIN_ROWS, RowOut, SegmentRows, csr_transpose, segment_sum_dots
 from .triton_utils import cast_rtne, load_latent
 
 # Kernels -----------------------------------------------------------------------
@@ -377,9 +376,7 @@ def gather_rows_backward(
     csr: tuple[torch.Tensor, torch.Tensor] | None = None,
     rows: torch.Tensor | None = None,
     levels: LevelRows | None = None,
-    row_term: RowTerm | None = None,
-    update: RowUpdate | None = None,
-    slots: SlotRows | None = None,
+    row_out: RowOut = PLAIN_ROWS,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of ``scale * scale_const * <grad, gather_rows(vals, indices, weight)>``.
 
@@ -390,14 +387,14 @@ def gather_rows_backward(
     variable-length code, ``rows`` [N] is each entry's row (``row_ids``), and
     unused entries must have an id outside [0, F) (they join no segment). With ``levels``
     (``LevelRows``) ``grad`` stacks one [B, D] block per prefix level and latent f reads block
-    levels.ids[f]. ``row_term`` (``csr.RowTerm``) adds a gradient along each row of dweight before
-    its rounding. ``update`` (``row_update.RowUpdate``, with ``slots``' extra rows): the pass applies the
-    optimizer to ``weight``'s rows in place instead, and dweight comes back None.
+    levels.ids[f]. ``row_out`` (``csr.RowOut``): its ``term`` adds a gradient along each row of dweight
+    before its rounding; with its ``update`` the pass applies the optimizer to ``weight``'s rows in place
+    instead, and dweight comes back None.
     """
-    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels, update)
+    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels, row_out.update)
     dots = segment_sum_dots(perm, offsets, source, out=dweight, coef=vals, weight=weight, scale=scale,
-                            scale_const=scale_const, row_term=row_term, update=update, slots=slots)  # fmt: skip
-    return (None if update is not None else dweight), dots.reshape(indices.shape)
+                            scale_const=scale_const, row_out=row_out)  # fmt: skip
+    return (None if row_out.update is not None else dweight), dots.reshape(indices.shape)
 
 
 def gather_rows_backward_gated(
@@ -411,18 +408,15 @@ def gather_rows_backward_gated(
     csr: tuple[torch.Tensor, torch.Tensor] | None = None,
     rows: torch.Tensor | None = None,
     levels: LevelRows | None = None,
-    row_term: RowTerm | None = None,
-    update: RowUpdate | None = None,
-    slots: SlotRows | None = None,
+    row_out: RowOut = PLAIN_ROWS,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``gather_rows_backward`` whose dots come back scaled (``scale * scale_const``) where the value is
     > 0 and 0 elsewhere: a ReLU code's gradient at its pre-activations, fp32 shaped as ``indices``,
-    with no pass of its own. Returns (dweight, that gradient); ``update``, ``slots``: as there."""
-    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels, update)
+    with no pass of its own. Returns (dweight, that gradient); ``row_out``: as there."""
+    perm, offsets, source, dweight = _backward_pass(grad, indices, weight, csr, rows, levels, row_out.update)
     dots = segment_sum_dots(perm, offsets, source, out=dweight, coef=vals, weight=weight, scale=scale,
-                            scale_const=scale_const, row_term=row_term, gated_dots=True, update=update,
-                            slots=slots)  # fmt: skip
-    return (None if update is not None else dweight), dots.reshape(indices.shape)
+                            scale_const=scale_const, row_out=row_out, gated_dots=True)  # fmt: skip
+    return (None if row_out.update is not None else dweight), dots.reshape(indices.shape)
 
 
 def _backward_pass(grad, indices, weight, csr, rows, levels, update):

@@ -69,6 +69,14 @@ class SlotRows(NamedTuple):
     slot_of: torch.Tensor
 
 
+class ClaimedUpdate(NamedTuple):
+    """What a segmented pass applies to a claimed weight: its ``RowUpdate`` and, where a dead-latent loss
+    adds rows to some latents' gradients, those ``SlotRows``."""
+
+    update: RowUpdate
+    slots: SlotRows | None = None
+
+
 def slot_rows_for(ids: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, F: int) -> SlotRows:
     """``SlotRows`` of slots ``ids`` [C] (distinct where ``valid``) holding ``rows`` [C, D] fp32: no host sync."""
     slot_of = torch.full((F + 1,), -1, dtype=torch.int32, device=ids.device)

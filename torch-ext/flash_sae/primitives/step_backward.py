@@ -23,11 +23,11 @@ from typing import NamedTuple
 
 import torch
 
-from .csr import RowTerm, csr_transpose
+from .csr import RowOut, RowTerm, csr_transpose
 from .dead_set import add_rows_
 from .encoder import encoder_backward
 from .gather import LevelRows, gather_rows_backward, gather_rows_backward_gated, row_ids
-from .row_update import claimed, slot_rows_for
+from .row_update import ClaimedUpdate, claimed, slot_rows_for
 
 
 class StepTensors(NamedTuple):
@@ -128,13 +128,13 @@ class _Modes(NamedTuple):
 
 
 def _claimed_update(weight: torch.Tensor, slots: SlotGrads | None, rows: torch.Tensor | None):
-    """(the optimizer's ``RowUpdate`` for ``weight``, its extra ``SlotRows`` from ``rows`` at ``slots``), or None
-    where no optimizer claimed the weight."""
+    """The ``ClaimedUpdate`` of ``weight`` (its optimizer's ``RowUpdate`` and the extra ``rows`` at ``slots``), or
+    None where no optimizer claimed the weight."""
     update = claimed(weight)
     if update is None:
         return None
     extra = slot_rows_for(slots.ids, slots.valid, rows, weight.shape[0]) if rows is not None else None
-    return update, extra
+    return ClaimedUpdate(update=update, slots=extra)
 
 
 def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
@@ -161,8 +161,7 @@ def _mse_step_backward(grad: torch.Tensor, step: StepTensors, modes: _Modes):
     dec_update = _claimed_update(W_dec, slots, slots.dW_dec if slots is not None else None)
     enc_update = _claimed_update(W_enc, slots, slots.dW_enc if slots is not None else None)
     dW_dec, dots = backward(stacked, vals, indices, W_dec, scale=scale_grad, scale_const=s_const, csr=csr, rows=rows,
-                            levels=levels, row_term=row_term, update=dec_update and dec_update[0],
-                            slots=dec_update and dec_update[1])  # fmt: skip
+                            levels=levels, row_out=RowOut(term=row_term, update=dec_update))  # fmt: skip
     if fused:
         dpre = dots
     else:

@@ -43,7 +43,7 @@ import torch
 
 from ..._registry import placeholder, register_op
 from ..._validation import as_count, check_gated_args, check_same_device, check_same_dtype, check_shape, check_tensor
-from ...primitives.csr import RowTerm, csr_transpose
+from ...primitives.csr import RowOut, RowTerm, csr_transpose
 from ...primitives.dead_set import mm_f32
 from ...primitives.decoder_geometry import add_scaled_rows_
 from ...primitives.encoder import encoder_backward
@@ -158,7 +158,7 @@ def gated_sae_step_bwd(grads, saved, needs: list[bool]) -> tuple[torch.Tensor, .
         scale_const=2.0 / B,
         csr=csr_transpose(ids2, F),
         rows=torch.cat([rows, rows + B]),
-        row_term=RowTerm(row_term, by_coef=False),
+        row_out=RowOut(term=RowTerm(row_term, by_coef=False)),
     )
     d_mag = torch.where(valid & (saved.mag > 0), dots2[:n] * s, 0.0)  # dL/dpi_mag
     d_gate = torch.where(
