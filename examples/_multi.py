@@ -155,6 +155,22 @@ class Trainer(NamedTuple):
     folder: Path
 
 
+def iteration(here, fs, trainers, dtype, graph_example=None):
+    """``f(batch)``: every SAE's training iteration (train_sae.py's ``train_step``) on its rows of the shared
+    batch, scaled by its factor and cast to ``dtype``; returns their step results. With ``graph_example`` (a
+    batch on a CUDA device) all N iterations are captured in ONE CUDA graph (``flash_sae.graph_training_step``
+    over every module, master copy and optimizer) and ``f`` replays it."""
+
+    def step(batch):
+        return [here.train_step(t.sae, t.master, t.opt, (rows_of(batch, t.member.column) * t.factor).to(dtype))
+                for t in trainers]  # fmt: skip
+
+    if graph_example is None:
+        return step
+    modules = [t.sae for t in trainers] + [t.master.master for t in trainers if t.master]
+    return fs.graph_training_step(step, graph_example, modules, [t.opt for t in trainers])
+
+
 def load_resumed(args):
     """(arguments, {member name: saved state}) of ``--resume <multi run folder>``."""
     folder = Path(args.resume)
@@ -258,11 +274,6 @@ def main_multi(args, here):
     meta = {"args": {**vars(args), "resume": None}, "members": names}
     (out_dir / MULTI_FILE).write_text(json.dumps(meta, indent=1))
 
-    def iteration(batch):
-        """Every SAE's training iteration on its rows of the shared batch (one CUDA graph when graphed)."""
-        return [ts.train_step(t.sae, t.master, t.opt, (rows_of(batch, t.member.column) * t.factor).to(dtype))
-                for t in trainers]  # fmt: skip
-
     ts.check_warmup(total_steps, args)
     metadata = {t.member.name: ts.run_metadata(t.member.args, model, causal) for t in trainers}
     logs = {t.member.name: (t.folder / "log.jsonl").open("a") for t in trainers}
@@ -294,9 +305,7 @@ def main_multi(args, here):
                 ts.set_lr(t.opt, ts.lr_at(step, total_steps, t.member.args))
             batch = buffer.next()  # the one harvest (a model forward per --model-batch-size sequences, on refill)
             if run is None:  # captured on the first batch (its warm-up steps are undone)
-                modules = [t.sae for t in trainers] + [t.master.master for t in trainers if t.master]
-                run = fs.graph_training_step(iteration, batch, modules, [t.opt for t in trainers]) if graphed else (
-                    iteration)  # fmt: skip
+                run = iteration(ts, fs, trainers, dtype, batch if graphed else None)
             outs = run(batch)
             step += 1
             tokens_seen += batch.shape[0]

@@ -11,6 +11,7 @@ kernels' own tests cover the interpreter).
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -102,7 +103,14 @@ def test_layers_from_one_forward_equal_single_runs(tmp_path, monkeypatch):
     assert cfg["architecture"] == "topk" and cfg["hook_name"] == "ln_final.hook_normalized"
 
 
-@pytest.mark.parametrize("sweep", ["k=4,6", "d_sae=64,96", "arch=topk,batchtopk"])
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        "k=4,6",
+        pytest.param("d_sae=64,96", marks=pytest.mark.slow),
+        pytest.param("arch=topk,batchtopk", marks=pytest.mark.slow),
+    ],
+)
 def test_sweep_equals_single_runs(tmp_path, sweep):
     """Each value of a sweep at one layer (k, the width, the architecture): bit for bit its single run."""
     ts = script()
@@ -156,3 +164,20 @@ def test_bad_layer_lists_and_sweeps(tmp_path, capsys):
     assert "--multi-layers and --sweep train SAEs" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"--multi-layers must lie in \[0, 2\]"):
         ts.main([*TINY, "--multi-layers", "1,3", "--out", str(tmp_path)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the graphed path needs a CUDA device")
+def test_one_graph_for_every_sae_follows_the_single_graphed_runs(tmp_path):
+    """On a GPU the N iterations are captured in one CUDA graph (bf16, fp32 master weights, capturable Adam with a
+    tensor lr each); each SAE's curve follows its single graphed run's, the lr schedule included."""
+    ts = script()
+    common = [*TINY, "--device", "cuda", "--dtype", "bfloat16", "--cuda-graph", "on", "--lr-decay", "0.5"]
+    multi = ts.main([*common, "--multi-layers", "1,2", "--out", str(tmp_path / "multi")])
+    for layer in (1, 2):
+        single = ts.main([*common, "--layer", str(layer), "--out", str(tmp_path / str(layer))])
+        a, b = log_rows(multi / f"layer_{layer}"), log_rows(single)
+        assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+        for ra, rb in zip(a, b):
+            assert ra["lr"] == rb["lr"] and ra["l0"] == rb["l0"], ra["step"]
+            assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5, abs_tol=1e-7), (ra["step"], ra["loss"])
