@@ -18,8 +18,9 @@ without their first ([CLS]) position. Contenders:
   the activation buffer holds all six layers from one forward per batch of sequences; the six training
   iterations (bf16 with fp32 master weights, Adam, AuxK, the script's LR schedule) are captured in one CUDA
   graph and replayed once per step.
-- **flash-sae, six sequential runs**: the same engine with one SAE each, six times; each run harvests its own
-  layer (its forward stops after that block), so the model runs six times over the tokens.
+- **flash-sae, six sequential runs**: ``examples/train_sae.py``'s single-run loop (``--layer l``: its harvest,
+  ``graphed_step``), six times; each run harvests its own layer (its forward stops after that block), so the
+  model runs six times over the tokens.
 - **SAELens** (installed ``sae-lens``): ``MultiSAETrainingRunner`` with six ``TopKTrainingSAEConfig`` SAEs, every
   setting at its default (fp32, Adam lr 3e-4 constant, its activation store, ``n_batches_in_buffer`` 20,
   ``store_batch_size_prompts`` 32) but ``d_sae``, ``k``, ``train_batch_size_tokens``, ``training_tokens``,
@@ -103,19 +104,24 @@ def sync(device):
 # the flash-sae contenders ------------------------------------------------------------------------
 
 
-def train_flash(model, ids, setting, layers, device):
-    """The multi-SAE engine on ``layers`` (one forward per batch for all of them). Returns ({layer: (module,
-    factor, dtype)}, seconds)."""
+def flash_args(ts, setting, *flags):
+    """train_sae.py's arguments for ``setting`` and ``flags``, its defaults otherwise."""
+    common = ["--d-sae", setting.d_sae, "--k", setting.k, "--batch-size", setting.batch_size]
+    common += ["--tokens", setting.tokens]
+    return ts.with_defaults(ts.parse_args([str(v) for v in (*common, *flags)]))
+
+
+def train_flash(model, ids, setting, device):
+    """The multi-SAE engine (``--multi-layers``) on ``setting.layers``: one forward per batch for all of them, every
+    iteration in one CUDA graph on a GPU. Returns ({layer: (module, factor, dtype)}, seconds)."""
     ts, multi = load_examples()
     fs = ts.load_flash_sae()
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    flags = ["--d-sae", str(setting.d_sae), "--k", str(setting.k), "--batch-size", str(setting.batch_size),
-             "--tokens", str(setting.tokens), "--multi-layers", ",".join(map(str, layers))]  # fmt: skip
-    args = ts.with_defaults(ts.parse_args(flags))
+    args = flash_args(ts, setting, "--multi-layers", ",".join(map(str, setting.layers)))
     members = multi.members(args)
     made = [ts.make_trainer(fs, m.args, model.config.hidden_size, dtype, device, on_gpu) for m in members]
-    source = ts._replacement.Source("crosscoder", ts.model_blocks(model), tuple(layers))
+    source = ts._replacement.Source("crosscoder", ts.model_blocks(model), tuple(setting.layers))
     sync(device)
     t0 = time.perf_counter()
     rows = args.buffer_batches * args.batch_size
@@ -136,6 +142,32 @@ def train_flash(model, ids, setting, layers, device):
     sync(device)
     seconds = time.perf_counter() - t0
     return {t.member.args.layer: (t.sae.eval(), t.factor, dtype) for t in trainers}, seconds
+
+
+def train_single(model, ids, setting, layer, device):
+    """One single run of train_sae.py's loop (``--layer``): its harvest stops after block ``layer``, its step is
+    ``graphed_step`` (one CUDA graph on a GPU). Returns ({layer: (module, factor, dtype)}, seconds)."""
+    ts, _ = load_examples()
+    fs = ts.load_flash_sae()
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    args = flash_args(ts, setting, "--layer", str(layer))
+    D = model.config.hidden_size
+    sae, master, opt = ts.make_trainer(fs, args, D, dtype, device, on_gpu)
+    sync(device)
+    t0 = time.perf_counter()
+    rows = args.buffer_batches * args.batch_size
+    buffer = ts.ActivationBuffer(model, TokenIds(ids), layer, rows, args.batch_size, args.model_batch_size, device, 0)
+    factor = ts.activation_factor(args, buffer.buf[: 8 * args.batch_size], D)
+    run = None
+    for step in range(setting.steps):
+        ts.set_lr(opt, ts.lr_at(step, setting.steps, args))
+        x = (buffer.next() * factor).to(dtype)
+        if run is None:
+            run = ts.graphed_step(fs, sae, master, opt, x, on_gpu)
+        run(x)
+    sync(device)
+    return {layer: (sae.eval(), factor, dtype)}, time.perf_counter() - t0
 
 
 # SAELens's runner ----------------------------------------------------------------------------------
@@ -237,8 +269,8 @@ def run(args):
           f"{len(layers)} TopK SAEs, F = {setting.d_sae}, k = {setting.k}, {setting.steps} steps of "
           f"{setting.batch_size} tokens each", flush=True)  # fmt: skip
     contenders = {
-        "flash-sae, one forward": lambda: train_flash(model, train_ids, setting, layers, device),
-        "flash-sae, sequential runs": lambda: sequential(model, train_ids, setting, layers, device),
+        "flash-sae, one forward": lambda: train_flash(model, train_ids, setting, device),
+        "flash-sae, sequential runs": lambda: sequential(model, train_ids, setting, device),
         "SAELens MultiSAETrainingRunner": lambda: train_saelens(model, train_ids, setting, device),
     }
     rows = []
@@ -264,11 +296,11 @@ def run(args):
     return rows
 
 
-def sequential(model, ids, setting, layers, device):
+def sequential(model, ids, setting, device):
     """Six single runs, one after another: each harvests its own layer."""
     saes, seconds = {}, 0.0
-    for layer in layers:
-        one, s = train_flash(model, ids, setting, (layer,), device)
+    for layer in setting.layers:
+        one, s = train_single(model, ids, setting, layer, device)
         saes.update(one)
         seconds += s
     return saes, seconds
