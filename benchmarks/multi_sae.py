@@ -6,8 +6,8 @@
     python benchmarks/multi_sae.py --smoke            # CPU, tiny shapes, every contender, writes nothing
 
 ``prepare`` is ``trainers_side_by_side.py``'s (the same corpus, token ids and embedding cut) with all six
-blocks of all-MiniLM-L6-v2 kept: ``.bench_data/minilm6/`` (about 33 MB in fp16, the embedding rows of the
-ids that occur) beside ``.bench_data/ids.npz``. The GPU machine needs only these two (no model package,
+blocks of all-MiniLM-L6-v2 kept: ``.bench_data/minilm6/`` (29 MB in fp16, the embedding rows of the
+ids that occur) beside ``.bench_data/ids.npz`` (3 MB). The GPU machine needs only these two (no model package,
 no internet).
 
 The SAEs read ``hidden_states[1..6]`` (each block's output), one TopK SAE per layer (D = 384, ``--d-sae``
@@ -17,7 +17,7 @@ without their first ([CLS]) position. Contenders:
 - **flash-sae, one forward** (``examples/train_sae.py --multi-layers 1,2,3,4,5,6``'s engine, ``examples/_multi.py``):
   the activation buffer holds all six layers from one forward per batch of sequences; the six training
   iterations (bf16 with fp32 master weights, Adam, AuxK, the script's LR schedule) are captured in one CUDA
-  graph and replayed once per step.
+  graph and replayed once per step; on a GPU also in fp32 (SAELens's precision).
 - **flash-sae, six sequential runs**: ``examples/train_sae.py``'s single-run loop (``--layer l``: its harvest,
   ``graphed_step``), six times; each run harvests its own layer (its forward stops after that block), so the
   model runs six times over the tokens.
@@ -30,10 +30,12 @@ without their first ([CLS]) position. Contenders:
   ``encoder.layer.{0..5}`` (their outputs are ``hidden_states[1..6]``); the dataset is the token ids as a
   ``datasets.Dataset`` with an ``input_ids`` column (``override_dataset``).
 
-Each contender's wall time runs from the first model forward (its buffer's fill) to the end of the last step
-(CUDA synchronised), model loading excluded; tokens/s per SAE is the tokens each SAE trained on over that time.
-At the end each SAE's FVU on held-out activations of its layer (the raw activations, the scaling folded in or
-applied as each trainer does). Rows go to ``<out>/<gpu>/multi_sae.jsonl`` (``results_schema``).
+Each contender's wall time runs from the first model forward (flash-sae: its buffer's fill; SAELens: the
+runner's construction, which builds its activation store) to the end of the last step (CUDA synchronised),
+model loading and the SAEs' construction (flash-sae) excluded; tokens/s per SAE is the tokens each SAE
+trained on over that time. At the end each SAE's FVU on held-out activations of its layer (the raw
+activations, the scaling folded in or applied as each trainer does). Rows go to
+``<out>/<gpu>/multi_sae.jsonl`` (``results_schema``).
 """
 
 from __future__ import annotations
@@ -111,13 +113,14 @@ def flash_args(ts, setting, *flags):
     return ts.with_defaults(ts.parse_args([str(v) for v in (*common, *flags)]))
 
 
-def train_flash(model, ids, setting, device):
+def train_flash(model, ids, setting, device, dtype=None):
     """The multi-SAE engine (``--multi-layers``) on ``setting.layers``: one forward per batch for all of them, every
-    iteration in one CUDA graph on a GPU. Returns ({layer: (module, factor, dtype)}, seconds)."""
+    iteration in one CUDA graph on a GPU; ``dtype``: the SAEs' (default: bf16 on a GPU, the script's). Returns
+    ({layer: (module, factor, dtype)}, seconds)."""
     ts, multi = load_examples()
     fs = ts.load_flash_sae()
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     args = flash_args(ts, setting, "--multi-layers", ",".join(map(str, setting.layers)))
     members = multi.members(args)
     made = [ts.make_trainer(fs, m.args, model.config.hidden_size, dtype, device, on_gpu) for m in members]
@@ -273,6 +276,9 @@ def run(args):
         "flash-sae, sequential runs": lambda: sequential(model, train_ids, setting, device),
         "SAELens MultiSAETrainingRunner": lambda: train_saelens(model, train_ids, setting, device),
     }
+    if device.type == "cuda":  # SAELens trains in fp32: flash-sae's engine in fp32 too, for the same precision
+        fp32 = torch.float32
+        contenders["flash-sae, one forward, fp32"] = lambda: train_flash(model, train_ids, setting, device, fp32)
     rows = []
     for name, fn in contenders.items():
         if args.only and not any(o in name for o in args.only):
