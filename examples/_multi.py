@@ -155,14 +155,14 @@ class Trainer(NamedTuple):
     folder: Path
 
 
-def iteration(here, fs, trainers, dtype, graph_example=None):
-    """``f(batch)``: every SAE's training iteration (train_sae.py's ``train_step``) on its rows of the shared
+def iteration(ts, fs, trainers, dtype, graph_example=None):
+    """``f(batch)``: every SAE's training iteration (``ts``: train_sae.py; its ``train_step``) on its rows of the shared
     batch, scaled by its factor and cast to ``dtype``; returns their step results. With ``graph_example`` (a
     batch on a CUDA device) all N iterations are captured in ONE CUDA graph (``flash_sae.graph_training_step``
     over every module, master copy and optimizer) and ``f`` replays it."""
 
     def step(batch):
-        return [here.train_step(t.sae, t.master, t.opt, (rows_of(batch, t.member.column) * t.factor).to(dtype))
+        return [ts.train_step(t.sae, t.master, t.opt, (rows_of(batch, t.member.column) * t.factor).to(dtype))
                 for t in trainers]  # fmt: skip
 
     if graph_example is None:
@@ -196,10 +196,9 @@ def resumed_buffer_state(states, names, layered):
     return {**first, "buf": torch.stack([states[n]["buffer"]["buf"] for n in names], dim=1)}
 
 
-def main_multi(args, here):
-    """Trains the SAEs of ``--multi-layers`` or ``--sweep`` from one forward per batch; ``here``: train_sae.py's
-    functions. Returns the output folder."""
-    ts = here
+def main_multi(args, ts):
+    """Trains the SAEs of ``--multi-layers`` or ``--sweep`` from one forward per batch; ``ts``: train_sae.py's
+    functions (the script passes its own). Returns the output folder."""
     states = {}
     if args.resume:
         saved_args, states = load_resumed(args)

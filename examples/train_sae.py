@@ -889,7 +889,7 @@ def restore_trainer(saved, sae, master, opt, graphed):
 def main(argv=None):
     args = parse_args(argv)
     if _multi.is_multi(args):  # several SAEs from one forward (--multi-layers, --sweep, or resuming such a run)
-        return _multi.main_multi(args, here=types.SimpleNamespace(**globals()))  # this script's functions
+        return _multi.main_multi(args, ts=types.SimpleNamespace(**globals()))  # this script's functions
     if args.resume:
         saved = torch.load(Path(args.resume) / "flash_sae_state.pt", map_location="cpu", weights_only=False)
         args = resumed_args(args, saved["args"])
