@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration tests sanitizer tune bench family geometry dead standard gated transcoders sharded sharded_sanitizer trainers compare profile example quick
+#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration tests sanitizer tune bench family geometry dead standard gated transcoders sharded sharded_sanitizer trainers multi compare profile example quick
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
+# (multi: needs .bench_data/ids.npz and .bench_data/minilm6 from `python benchmarks/multi_sae.py prepare`)
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
 # Logs and JSON land in $OUT.
 set -uo pipefail
@@ -93,6 +94,10 @@ for stage in "$@"; do
     trainers)  # SAELens's and sparsify's trainers against flash-sae's loop (needs .bench_data from `prepare`)
       timeout ${TRAINERS_TIMEOUT:-540} python3 benchmarks/trainers_side_by_side.py run --out "$OUT" ${TRAINERS_ARGS:-} 2>&1 \
         | tee "$OUT/trainers.log" | grep -v "^Traceback\|^  " | tail -n 30
+      status=$((status | PIPESTATUS[0]));;
+    multi)  # six SAEs (MiniLM's layers) from one forward vs six sequential runs and SAELens's MultiSAETrainingRunner
+      timeout ${MULTI_TIMEOUT:-560} python3 benchmarks/multi_sae.py run --out "$OUT" ${MULTI_ARGS:-} 2>&1 \
+        | tee "$OUT/multi.log" | grep -v "^Traceback\|^  " | tail -n 12
       status=$((status | PIPESTATUS[0]));;
     quick)
       python3 benchmarks/side_by_side.py --quick --out "$OUT" 2>&1 | tail -n 20;;

