@@ -53,7 +53,11 @@ def batches(arch, n, device, seed=1):
 
 
 def build(arch, dtype, device, **kwargs):
+    """The architecture's module; a standard SAE's on its sparse path from the first step (its default
+    starts dense while its code is dense, and that path returns gradients: the fallback's test has it)."""
     sparsity = 4 if arch.sparsity == "k" else SPARSITY[arch.sparsity]
+    if arch.sparsity == "l1_coefficient":
+        kwargs = {"dense_above": 1.0, "capacity_per_row": F, **kwargs}
     return arch.build(D, F, sparsity, dtype=dtype, device=device, seed=0, **family_kwargs(arch), **kwargs)
 
 
@@ -95,10 +99,12 @@ class Fused:
     def __init__(self, fs, sae, options):
         self.sae = sae
         self.opt = fs.FusedAdam(sae, **options)
+        self.in_backward = 0  # steps whose backward applied the update itself (no gradient came back)
 
     def __call__(self, args):
         out = self.sae.loss(*args)
         out.loss.backward()
+        self.in_backward += self.sae.W_enc.grad is None and self.sae.W_dec.grad is None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return out
@@ -141,6 +147,7 @@ def test_fused_equals_torch_adam_fp32(fs, name, optimizer):
     ref = Reference(build(arch, torch.float32, "cpu"), dict(options))
     silent = train(fused, data, torch.float32)
     train(ref, data, torch.float32)
+    assert fused.in_backward == len(data)  # the update ran in the backward
     if arch.sparsity == "k":  # some latents fired in no row of a batch: their rows took the zero-gradient update
         assert silent > 0
     assert_same_run(fused, ref, rtol=1e-5, atol=1e-6, what=name)
@@ -162,6 +169,7 @@ def test_dead_latent_loss_rows_enter_the_update(fs):
     ref = Reference(build(arch, torch.float32, "cpu", **kw), dict(options))
     train(fused, data, torch.float32)
     train(ref, data, torch.float32)
+    assert fused.in_backward == len(data)
     assert bool(fused.sae.dead_mask().any())
     assert_same_run(fused, ref, rtol=1e-5, atol=1e-6, what="auxk")
 
@@ -275,9 +283,24 @@ def test_resampling_resets_moments_and_masters(fs):
     assert not bool(state["exp_avg"][dead].any()) and not bool(state["exp_avg_sq"][dead].any())
 
 
+def test_a_dense_standard_step_falls_back_to_the_same_update(fs):
+    """A standard SAE at its defaults trains on its dense path while its code is dense: that step's backward
+    returns W_enc's and W_dec's gradients, and step() applies the same update from them."""
+    arch = fs.ARCHITECTURES["standard"]
+    data = batches(arch, 3, "cpu")
+    sparsity = SPARSITY[arch.sparsity]
+    fused_sae, ref_sae = (arch.build(D, F, sparsity, seed=0) for _ in range(2))
+    fused = Fused(fs, fused_sae, dict(lr=3e-3))
+    ref = Reference(ref_sae, dict(lr=3e-3))
+    train(fused, data, torch.float32)
+    train(ref, data, torch.float32)
+    assert fused.in_backward == 0 and fused_sae.last_path == "dense"
+    assert_same_run(fused, ref, rtol=1e-5, atol=1e-6, what="dense standard")
+
+
 def test_a_dense_step_falls_back_to_the_same_update(fs):
-    """A step whose backward returns W_enc's and W_dec's gradients (a standard SAE's dense path while its
-    code is dense, or the module's forward) gets the same update from them."""
+    """A step whose backward returns W_enc's and W_dec's gradients (here the module's forward: its encode
+    and decode ops) gets the same update from them."""
     arch = fs.ARCHITECTURES["topk"]
     x = batches(arch, 1, "cpu")[0][0]
     fused_sae, ref_sae = build(arch, torch.float32, "cpu"), build(arch, torch.float32, "cpu")
@@ -384,10 +407,12 @@ def test_fused_equals_torch_adam_on_the_gpu(fs, name):
     g = torch.Generator().manual_seed(3)
     data = [loss_args(arch, torch.randn(64, 600, generator=g).cuda()) for _ in range(20)]
     sparsity = 8 if arch.sparsity == "k" else SPARSITY[arch.sparsity]
+    sparse = {"dense_above": 1.0, "capacity_per_row": 512} if arch.sparsity == "l1_coefficient" else {}
     fused_sae, ref_sae = (arch.build(600, 512, sparsity, dtype=torch.float32, device="cuda", seed=0,
-                                     **family_kwargs(arch)) for _ in range(2))  # fmt: skip
+                                     **family_kwargs(arch), **sparse) for _ in range(2))  # fmt: skip
     fused = Fused(fs, fused_sae, dict(lr=1e-3))
     ref = Reference(ref_sae, dict(lr=1e-3))
     train(fused, data, torch.float32)
     train(ref, data, torch.float32)
+    assert fused.in_backward == len(data)
     assert_same_run(fused, ref, rtol=1e-4, atol=1e-5, what=f"{name} on the GPU")

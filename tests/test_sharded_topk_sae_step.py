@@ -84,9 +84,10 @@ def test_sharded_step_matches_single_process(world):
     run_ranks(sharded_step_body, world, CASES, DTYPES)
 
 
-def training_body(fs, rank, world, device, data_world, steps):
+def training_body(fs, rank, world, device, data_world, steps, fused=False):
     """Adam steps of the sharded module (latent x data mesh) against the single-process module on the
-    whole batch: the same loss curve and weights."""
+    whole batch: the same loss curve and weights. ``fused``: both train with ``FusedAdam`` (each rank
+    updates its own rows inside its backward)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     B, D, F, k = 8, 24, 45, 5
@@ -108,25 +109,31 @@ def training_body(fs, rank, world, device, data_world, steps):
         for name in ("W_enc", "b_enc", "W_dec"):
             getattr(sae, name).copy_(getattr(ref, name)[lo:hi])
         sae.b_dec.copy_(ref.b_dec)
-    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    Opt = fs.FusedAdam if fused else torch.optim.Adam
+    opt_ref = Opt(ref, lr=1e-2) if fused else Opt(ref.parameters(), lr=1e-2)
+    opt = Opt(sae, lr=1e-2) if fused else Opt(sae.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(5)
     for step in range(steps):
         xs = torch.randn(B * data_world, D, generator=g).to(device)
         out_ref = ref.loss(xs)
         out_ref.loss.backward()
-        ref.remove_gradient_parallel_to_decoder_directions()
+        if not fused:
+            ref.remove_gradient_parallel_to_decoder_directions()
         opt_ref.step()
         opt_ref.zero_grad()
-        ref.set_decoder_norm_to_unit_norm()
+        if not fused:
+            ref.set_decoder_norm_to_unit_norm()
 
         out = sae.loss(xs[data_rank * B : (data_rank + 1) * B])
         out.loss.backward()
-        sae.all_reduce_gradients()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        assert not fused or sae.W_dec.grad is None  # FusedAdam's update ran in this rank's backward
+        if not fused:
+            sae.all_reduce_gradients()
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
-        sae.set_decoder_norm_to_unit_norm()
+        if not fused:
+            sae.set_decoder_norm_to_unit_norm()
         loss = out.loss.detach().clone()
         dist.all_reduce(loss)
         loss /= world
@@ -142,6 +149,29 @@ def training_body(fs, rank, world, device, data_world, steps):
 @pytest.mark.parametrize("world,data_world", fast_tier_keeps(1, [(2, 1), (3, 1), (4, 2)], unpack=True))
 def test_sharded_training_follows_single_process(world, data_world):
     run_ranks(training_body, world, data_world, 4)
+
+
+@pytest.mark.parametrize("world", fast_tier_keeps(1, [2, 3]))
+def test_sharded_training_with_fused_adam(world):
+    """FusedAdam on each rank's shard follows FusedAdam on the single-process module."""
+    run_ranks(training_body, world, 1, 4, True)
+
+
+def fused_replicas_body(fs, rank, world, device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.split(":")[0], (2, world // 2), mesh_dim_names=("data", "latent"))
+    sae = fs.distributed.ShardedSparseAutoencoder(20, 16, 4, mesh=mesh, seed=2, device=device)
+    try:
+        fs.FusedAdam(sae)
+    except ValueError as err:
+        assert "module" in str(err)
+    else:
+        raise AssertionError("FusedAdam accepted a module with data-parallel replicas")
+
+
+def test_fused_adam_refuses_data_parallel_replicas():
+    run_ranks(fused_replicas_body, 2)
 
 
 def save_body(fs, rank, world, device, path, F):

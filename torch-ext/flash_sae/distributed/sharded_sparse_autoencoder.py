@@ -77,6 +77,12 @@ class ShardedSparseAutoencoder(UnitNormDecoder, FusedDecoderGeometry, SAEBase):
         self.layout = layout
         self.n_features, self.n_local, self.f0, self.k = n_features, f1 - f0, f0, k
 
+    @property
+    def supports_fused_optimizer(self) -> bool:
+        """``flash_sae.FusedAdam`` updates each rank's own rows in its backward (nothing to exchange); with
+        data-parallel replicas the gradients must be averaged first (``all_reduce_gradients``), so it does not."""
+        return self.layout.data_group is None
+
     def _sparsity_repr(self) -> str:
         lay = self.layout
         shards = f"{lay.latent_world} shards x {lay.data_world} replicas"

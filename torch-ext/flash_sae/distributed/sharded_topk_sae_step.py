@@ -46,9 +46,10 @@ from .._validation import (
     check_step_args,
     check_tensor,
 )
-from ..primitives.csr import csr_transpose
+from ..primitives.csr import RowOut, csr_transpose
 from ..primitives.encoder import encoder_backward
 from ..primitives.gather import gather_rows, gather_rows_backward
+from ..primitives.row_update import ClaimedUpdate, claimed
 from ..primitives.select.keys import KEY_NONE, unpack
 from ..primitives.select.preacts import pre_chunks
 from ..primitives.select.row_topk import chunk_top_k
@@ -129,11 +130,14 @@ class _ShardedTopKStep(torch.autograd.Function):
         s_const = 2.0 / (B * D)
         s = g_loss.float() * s_const
         csr = csr_transpose(lidx_csr, W_dec.shape[0])
+        # an optimizer's claim on this rank's rows (flash_sae.FusedAdam): applied in the passes, nothing exchanged
+        dec, enc = (ClaimedUpdate(u) if (u := claimed(w)) is not None else None for w in (W_dec, W_enc))
         dW_dec, dots = gather_rows_backward(
-            residual, lvals, lidx_csr, W_dec, scale=g_loss.float(), scale_const=s_const, csr=csr
-        )
+            residual, lvals, lidx_csr, W_dec, scale=g_loss.float(), scale_const=s_const, csr=csr,
+            row_out=RowOut(update=dec),
+        )  # fmt: skip
         dpre = torch.where(lvals > 0, dots * s, 0.0)
-        dx_enc, dW_enc, db_enc, _ = encoder_backward(dpre, x, W_enc, b_dec, lidx, csr=csr)
+        dx_enc, dW_enc, db_enc, _ = encoder_backward(dpre, x, W_enc, b_dec, lidx, csr=csr, update=enc)
         if ctx.needs_input_grad[0]:
             dist.all_reduce(dx_enc, group=ctx.group)
             db_dec_enc = -dx_enc.sum(0)
