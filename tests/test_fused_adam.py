@@ -39,7 +39,7 @@ def fused_architectures(fs):
 FUSED = ["topk", "batchtopk", "matryoshka", "jumprelu", "standard", "vanilla", "topk_transcoder",
          "batchtopk_transcoder", "jumprelu_transcoder", "standard_transcoder", "standard_crosscoder",
          "topk_crosscoder", "batchtopk_crosscoder", "jumprelu_crosscoder"]  # fmt: skip
-FAST = ["topk", "batchtopk", "jumprelu", "vanilla", "topk_transcoder", "standard_crosscoder"]
+FAST = ["topk", "jumprelu", "standard_crosscoder"]
 
 
 def test_the_list_is_every_architecture_that_supports_it(fs):
