@@ -135,8 +135,11 @@ def assert_same_run(fused, ref, *, rtol, atol, what=""):
 CASES = [(n, "adam") for n in FUSED] + [(n, o) for n in ("topk", "jumprelu") for o in OPTIONS if o != "adam"]
 
 
+FAST_CASES = [(n, "adam") for n in FAST] + [("topk", "adamw"), ("jumprelu", "adam_l2")]
+
+
 @pytest.mark.parametrize(
-    "name,optimizer", [c if c[0] in FAST else pytest.param(*c, marks=pytest.mark.slow) for c in CASES], ids=str
+    "name,optimizer", [c if c in FAST_CASES else pytest.param(*c, marks=pytest.mark.slow) for c in CASES], ids=str
 )
 def test_fused_equals_torch_adam_fp32(fs, name, optimizer):
     """A few steps through the interpreted kernels: parameters and W_dec's moments equal torch's Adam's."""
