@@ -32,8 +32,8 @@ the training rows once, and hands the same batches in the same order to each tra
 - **flash-sae**: ``examples/train_sae.py``'s own step (``SparseAutoencoder`` with AuxK, Adam with its
   warm-up and decay, the decoder-norm steps), in bf16 (the script's default on a GPU) and fp32, with its
   default optimizer (``FusedAdam``: Adam inside the backward); in bf16 also with torch's Adam after the
-  backward (the pipeline's former iteration) and with ``FusedAdam(lazy=True)`` (only the rows with a
-  gradient updated: its effect on FVU, L0 and the dead fraction).
+  backward (the pipeline's former iteration), and in bf16 and fp32 with ``FusedAdam(lazy=True)`` (only
+  the rows with a gradient updated: its effect on FVU, L0 and the dead fraction).
 
 Tokens/s is timed between the start of step ``--warmup`` and the start of the last step (CUDA
 synchronised only at those two points), so start-up, compilation and each trainer's final save fall
@@ -380,6 +380,7 @@ def run(args):
             b, D, F, args.k, device, torch.bfloat16, optimizer="adam"
         ),
         "flash-sae bf16 lazy": lambda b, F: train_flash(b, D, F, args.k, device, torch.bfloat16, optimizer="lazy"),
+        "flash-sae fp32 lazy": lambda b, F: train_flash(b, D, F, args.k, device, torch.float32, optimizer="lazy"),
     }
     for lr in args.flash_lrs:  # other learning rates (the script's --lr)
         trainers[f"flash-sae bf16 lr={lr:g}"] = lambda b, F, lr=lr: train_flash(
