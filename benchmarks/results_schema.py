@@ -68,6 +68,7 @@ OPTIONAL_METRICS = (
     # training loops
     "tokens_per_s",
     "ms_per_step",
+    "touched_rows",  # the share of latent rows a step gave a gradient (a lazy optimizer's work)
     "wall_s",
     "steps",
     "tokens",

@@ -40,6 +40,7 @@ import argparse
 import datetime
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -172,9 +173,29 @@ def measure(fs, shape, variant, x):
     return row
 
 
+class Measured(NamedTuple):
+    """What a row is set beside: its floor (ms), the before way's ms (or None), the copy bandwidth (B/s)."""
+
+    floor_ms: float
+    before_ms: float | None
+    bandwidth: float
+
+
+def iteration_row(variant, shape, r, measured: Measured, common) -> dict:
+    """One way's results row (the schema of ``results_schema``) from ``measure``'s dict."""
+    note = ("parts (graph ms): " + ", ".join(f"{p} {r['parts'][p]:.3f}" for p in PARTS)) if "parts" in r else None
+    metrics = dict(graph_ms=r["iter_ms"], peak_gib=r["peak_gib"], floor_ms=measured.floor_ms, ms_per_step=r["iter_ms"],
+                   copy_bandwidth_tbps=measured.bandwidth / 1e12,
+                   x_baseline_graph=measured.before_ms / r["iter_ms"] if measured.before_ms else None)  # fmt: skip
+    if variant == "FusedAdam, lazy" and r.get("touched") is not None:
+        metrics["touched_rows"] = r["touched"]
+    return make_row("training_iteration", variant, shape, note=note, **metrics, **common)
+
+
 def smoke(fs):
     """CPU: every way's iteration runs and changes the weights; nothing timed."""
     B, D, k = SMOKE["B"], SMOKE["D"], SMOKE["k"]
+    smoke_common = dict(env=environment(), dtype="bf16", params={"optimizer": "Adam"})  # rows built, not written
     for F in SMOKE["F"]:
         for variant in VARIANTS:
             it = Iteration(fs, (D, F, k), "cpu", variant)
@@ -185,6 +206,8 @@ def smoke(fs):
                 raise SystemExit(f"F={F} {variant}: a non-finite loss")
             if torch.equal(before, it.sae.W_dec):
                 raise SystemExit(f"F={F} {variant}: the iteration did not change W_dec")
+            fake = dict(iter_ms=1.0, peak_gib=1.0, touched=0.5, parts=dict.fromkeys(PARTS, 0.1), step_ms=0.5)
+            iteration_row(variant, dict(B=B, D=D, F=F, K=k), fake, Measured(1.0, 2.0, 3e12), smoke_common)
         floor = fused_iteration_floor_ms(B, D, F, k, 3e12, 989e12)
         print(f"smoke F={F}: {len(VARIANTS)} ways ran, fused floor at 3 TB/s {floor * 1e3:.3f} us")
     return 0
@@ -205,7 +228,7 @@ def main(argv=None):
     parser.add_argument("--B", type=int, default=4096)
     parser.add_argument("--D", type=int, default=2048)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the four ways")
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated subset of the four ways")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; nothing timed or written")
     parser.add_argument("--tuning", default="", help="TUNING entries for this run: key=value,key=value")
@@ -222,7 +245,11 @@ def main(argv=None):
         sys.exit("training_iteration.py needs a CUDA GPU (or --smoke)")
     from side_by_side import PEAK_FLOPS, copy_bandwidth, step_floor_ms
 
-    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    asked = [v.strip() for v in args.variants.split(";")]
+    unknown = [v for v in asked if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; the ways are {list(VARIANTS)} (';'-separated)")
+    variants = [v for v in VARIANTS if v in asked]
     bw = copy_bandwidth()
     env = environment()
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -261,6 +288,7 @@ def main(argv=None):
             floor = floors["fused"]
             if variant == "FusedAdam, lazy" and touched is not None:
                 floor = fused_iteration_floor_ms(B, D, F, k, bw, PEAK_FLOPS["bf16"], touched)
+                r["touched"] = touched
             if variant == BEFORE:
                 base = r["iter_ms"]
             speedup = f" {base / r['iter_ms']:5.2f}x the before" if base else ""
@@ -275,15 +303,7 @@ def main(argv=None):
                                      floor_ms=floors["step"], copy_bandwidth_tbps=bw / 1e12, **common))  # fmt: skip
             print(f"  {variant:30s} {r['iter_ms']:8.2f} ms  peak {r['peak_gib']:6.1f} GiB  floor {floor:7.2f}  "
                   f"iter/floor {r['iter_ms'] / floor:5.2f}{speedup}{extra}")  # fmt: skip
-            note = (
-                ("parts (graph ms): " + ", ".join(f"{p} {r['parts'][p]:.3f}" for p in PARTS)) if "parts" in r else None
-            )
-            speedup_vs_before = base / r["iter_ms"] if base else None
-            metrics = dict(graph_ms=r["iter_ms"], peak_gib=r["peak_gib"], floor_ms=floor, ms_per_step=r["iter_ms"],
-                           copy_bandwidth_tbps=bw / 1e12, speedup_vs_before=speedup_vs_before)  # fmt: skip
-            if variant == "FusedAdam, lazy" and touched is not None:
-                metrics["touched_rows"] = touched
-            rows.append(make_row("training_iteration", variant, shape, note=note, **metrics, **common))
+            rows.append(iteration_row(variant, shape, r, Measured(floor, base, bw), common))
         append_rows(path, rows)
     for variant, pk in peaks.items():
         f_max = largest_f(pk, total_gib, D)
