@@ -407,3 +407,73 @@ def test_loaded_modules_train(fs, tmp_path):
     sae.loss(_x()).loss.backward()
     assert all(p.grad is not None for p in sae.parameters())
     assert json.loads((tmp_path / "cfg.json").read_text())["k"] == sae.k
+
+
+# The file readers and the dtype ----------------------------------------------------------------------------
+
+READ_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (3, 5), (2, 1, 4)])
+def test_read_safetensors_matches_safetensors(fs, tmp_path, shape):
+    """flash-sae's standard-library reader against the safetensors package's writer, every dtype it reads."""
+    st = require("safetensors.torch")
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": (torch.randn(shape, generator=g) * 4).to(dtype) for i, dtype in enumerate(READ_DTYPES)}
+    st.save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"note": "kept out"})
+    back = fs.loading.read_safetensors(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_read_npz_matches_numpy(fs, tmp_path, compressed):
+    np = require("numpy")
+    rng = np.random.default_rng(0)
+    arrays = {"f4": rng.standard_normal((3, 5)).astype("f4"), "f8": rng.standard_normal(7),
+              "f2": rng.standard_normal((2, 2)).astype("f2"), "i8": np.arange(6).reshape(2, 3),
+              "fortran": np.asfortranarray(rng.standard_normal((4, 3)).astype("f4")), "scalar": np.float32(2.5),
+              "empty": np.zeros((0, 3), "f4")}  # fmt: skip
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "a.npz", **arrays)
+    back = fs.loading.read_npz(tmp_path / "a.npz")
+    assert back.keys() == arrays.keys()
+    for name, a in arrays.items():
+        assert torch.equal(back[name], torch.from_numpy(np.array(a, order="C"))), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_casts_the_weights_and_keeps_the_thresholds(fs, tmp_path, dtype):
+    """``dtype=`` casts the weights after the folds; a JumpReLU threshold stays fp32 and a BatchTopK one fp64."""
+    np = require("numpy")
+    np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in _gemma_params().items()})
+    jumprelu = fs.load_gemma_scope(tmp_path, dtype=dtype)
+    assert jumprelu.W_enc.dtype == dtype and jumprelu.threshold.dtype == torch.float32
+    theirs = saelens_training_sae("batchtopk", d_in=D, d_sae=F, k=4)
+    _randomize(theirs, _x())
+    batchtopk = fs.load_saelens(_save_saelens(theirs, tmp_path / "bt"), dtype=dtype)
+    assert batchtopk.W_dec.dtype == dtype and batchtopk.threshold.dtype == torch.float64
+    with torch.no_grad():  # the bf16/fp16 module reconstructs as its fp32 twin does, up to its rounding
+        x = _x().to(dtype)
+        ref = fs.load_gemma_scope(tmp_path)(x.float())
+        torch.testing.assert_close(jumprelu(x).float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("d, f", [(1, 1), (3, 2), (13, 7)])
+def test_small_and_odd_shapes_load(fs, tmp_path, d, f):
+    """Gemma Scope and sparsify files of tiny and odd widths, F = 1 included."""
+    np = require("numpy")
+    g = torch.Generator().manual_seed(d * 10 + f)
+    p = {"W_enc": torch.randn(d, f, generator=g), "W_dec": torch.randn(f, d, generator=g),
+         "b_enc": torch.randn(f, generator=g), "b_dec": torch.randn(d, generator=g),
+         "threshold": torch.rand(f, generator=g)}  # fmt: skip
+    np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in p.items()})
+    x = torch.randn(4, d, generator=g)
+    acts, x_hat = fs.testing.reference.gemma_scope_jumprelu(x, *(p[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec",
+                                                                                  "threshold")))  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(fs.load_gemma_scope(tmp_path)(x), x_hat, **TOL)
+    coder, _ = sparsify_coder(d, "cpu", torch.float32, k=1, num_latents=f)
+    coder.save_to_disk(tmp_path / "coder")
+    with torch.no_grad():
+        torch.testing.assert_close(fs.load_sparsify(tmp_path / "coder")(x), coder(x).sae_out, **TOL)

@@ -59,25 +59,28 @@ def _tensor(buffer, dtype: torch.dtype, shape, source: str) -> torch.Tensor:
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (CPU, the stored dtypes), read with the standard library."""
+    """The tensors of a safetensors file (CPU, the stored dtypes), read with the standard library, one tensor
+    at a time."""
     path = pathlib.Path(path)
-    data = memoryview(path.read_bytes())
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise ValueError(f"path: {path} is not a safetensors file") from None
-    body = data[8 + n :]
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"path: {path}'s tensor {name!r} has dtype {entry.get('dtype')!r}, which is not read")
-        start, end = entry["data_offsets"]
-        out[name] = _tensor(body[start:end], dtype, entry["shape"], f"{path}[{name!r}]")
-    return out
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n <= path.stat().st_size else None
+        except (struct.error, ValueError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"path: {path} is not a safetensors file")
+        out = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"path: {path}'s tensor {name!r} has dtype {entry.get('dtype')!r}, which is not read")
+            start, end = entry["data_offsets"]
+            f.seek(8 + n + start)
+            out[name] = _tensor(f.read(end - start), dtype, entry["shape"], f"{path}[{name!r}]")
+        return out
 
 
 def _read_npy(data: bytes, source: str) -> torch.Tensor:
