@@ -196,6 +196,13 @@ def test_saelens_errors_name_the_field(fs, tmp_path):
     )
     with pytest.raises(ValueError, match=r"cfg\['normalize_activations'\] is 'layer_norm'"):
         fs.load_saelens(_save_saelens(sae, tmp_path / "layer_norm"))
+    tc_cfg = {"architecture": "transcoder", "d_in": D, "d_sae": F, "d_out": DOUT, "apply_b_dec_to_input": False}
+    tc = sae_lens.SAE.from_dict({**tc_cfg, "normalize_activations": "expected_average_only_in"})
+    _save_saelens(tc, tmp_path / "tc")
+    scaler = require("sae_lens.training.activation_scaler")
+    scaler.ActivationScaler(scaling_factor=2.0).save(str(tmp_path / "tc" / "activation_scaler.json"))
+    with pytest.raises(ValueError, match=r"cfg\['normalize_activations'\]: a transcoder's input scale"):
+        fs.load_saelens(tmp_path / "tc")
     path = _save_saelens(
         sae_lens.SAE.from_dict({"architecture": "topk", "d_in": D, "d_sae": F, "k": K}), tmp_path / "k"
     )
@@ -453,6 +460,10 @@ def test_dtype_casts_the_weights_and_keeps_the_thresholds(fs, tmp_path, dtype):
     _randomize(theirs, _x())
     batchtopk = fs.load_saelens(_save_saelens(theirs, tmp_path / "bt"), dtype=dtype)
     assert batchtopk.W_dec.dtype == dtype and batchtopk.threshold.dtype == torch.float64
+    sae_lens = require("sae_lens")
+    topk_cfg = {"architecture": "topk", "d_in": D, "d_sae": F, "k": K, "rescale_acts_by_decoder_norm": True}
+    stored = sae_lens.SAE.from_dict({**topk_cfg, "dtype": str(dtype).split(".")[1]})
+    assert fs.load_saelens(_save_saelens(stored, tmp_path / "topk")).W_enc.dtype == dtype  # the file's, folded
     with torch.no_grad():  # the bf16/fp16 module reconstructs as its fp32 twin does, up to its rounding
         x = _x().to(dtype)
         ref = fs.load_gemma_scope(tmp_path)(x.float())

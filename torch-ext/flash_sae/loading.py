@@ -146,11 +146,11 @@ def _read_json(path: pathlib.Path) -> dict:
     return cfg
 
 
-def _module_dtype(dtype, stored: torch.Tensor) -> torch.dtype:
-    """``dtype``, or the file's when None (fp32, bf16 or fp16; any other float loads as fp32)."""
+def _module_dtype(dtype, stored: torch.dtype) -> torch.dtype:
+    """``dtype``, or the file's (``stored``) when None: fp32, bf16 or fp16; any other float loads as fp32."""
     if dtype is not None:
         return dtype
-    return stored.dtype if stored.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
 def _natural_key(name: str) -> list:
@@ -282,13 +282,18 @@ def _module_from_saelens(cfg: dict, tensors: dict, directory, device, dtype, opt
     module_cls = ARCHITECTURES[SAELENS_ARCHITECTURES[arch]].module
     if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
         raise ValueError(f"cfg['reshape_activations'] must be 'none' or 'hook_z', got {cfg['reshape_activations']!r}")
-    cfg, tensors = _fold_saelens(module_cls, cfg, tensors, _saelens_scale(cfg, directory))
-    if "W_enc" not in tensors:
-        raise ValueError(f"tensors must hold W_enc (the encoder), got {sorted(tensors)}")
+    scale = _saelens_scale(cfg, directory)
+    if scale is not None and not module_cls.centres_input:
+        raise ValueError(
+            "cfg['normalize_activations']: a transcoder's input scale cannot be folded without its output's; "
+            "flash-sae loads transcoders with 'none'"
+        )
+    stored = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32  # from_saelens names what is missing
+    cfg, tensors = _fold_saelens(module_cls, cfg, tensors, scale)
     sparsity = ARCHITECTURES[SAELENS_ARCHITECTURES[arch]].sparsity
     allowed = {sparsity} | ({"bandwidth"} if sparsity == "l0_coefficient" else set())
     kwargs = {**_saelens_training_options(cfg, allowed), **options}
-    kwargs.update(dtype=_module_dtype(dtype, tensors["W_enc"]), device=device)
+    kwargs.update(dtype=_module_dtype(dtype, stored), device=device)
     return module_cls.from_saelens(cfg, tensors, **kwargs)
 
 
@@ -360,7 +365,7 @@ def _sparsify_coder(directory: pathlib.Path, device, dtype, options: dict):
     else:
         module_cls, extra = ARCHITECTURES["topk"].module, {}
     module = module_cls(
-        d_in, n, k, dtype=_module_dtype(dtype, tensors["encoder.weight"]), device=device, **extra, **options
+        d_in, n, k, dtype=_module_dtype(dtype, tensors["encoder.weight"].dtype), device=device, **extra, **options
     )
     weights = {"W_enc": tensors.pop("encoder.weight"), "b_enc": tensors.pop("encoder.bias"), **tensors}
     _copy_into(module, weights)
@@ -483,7 +488,7 @@ def _circuit_tracer_transcoder(file: pathlib.Path, device, dtype, options: dict)
     module_cls = ARCHITECTURES["jumprelu_transcoder" if jumprelu else "standard_transcoder"].module
     if jumprelu and options.get("threshold_parameterization", "direct") != "direct":
         raise ValueError("threshold_parameterization: circuit-tracer's thresholds load as the direct parameter")
-    module = module_cls(D, F, d_out=D, skip=skip, dtype=_module_dtype(dtype, tensors["W_enc"]), device=device,
+    module = module_cls(D, F, d_out=D, skip=skip, dtype=_module_dtype(dtype, tensors["W_enc"].dtype), device=device,
                         **options)  # fmt: skip
     _copy_into(module, weights)
     return module
@@ -512,7 +517,7 @@ def _circuit_tracer_clt(directory: pathlib.Path, device, dtype, options: dict):
         else:  # a ReLU CLT: the JumpReLU rule at threshold 0 computes it
             tensors[f"threshold_{layer}"] = torch.zeros(F)
     module_cls = ARCHITECTURES["jumprelu_clt"].module
-    return module_cls.from_circuit_tracer(tensors, dtype=_module_dtype(dtype, tensors["W_enc_0"]), device=device,
+    return module_cls.from_circuit_tracer(tensors, dtype=_module_dtype(dtype, tensors["W_enc_0"].dtype), device=device,
                                           **options)  # fmt: skip
 
 
