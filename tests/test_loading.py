@@ -15,6 +15,7 @@ import torch
 from peers import require, saelens_training_sae, sparsify_coder
 
 D, F, DOUT, B, K = 11, 24, 7, 16, 5
+GEMMA_ORDER = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")  # reference.gemma_scope_jumprelu's arguments
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -296,8 +297,7 @@ def test_gemma_scope_params_load_as_jumprelu(fs, tmp_path, fmt):
     assert type(ours).__name__ == "JumpReLUSparseAutoencoder"
     assert torch.equal(ours.W_dec, p["W_dec"]) and torch.equal(ours.threshold, p["threshold"])  # as stored
     x = _x()
-    names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
-    acts, x_hat = fs.testing.reference.gemma_scope_jumprelu(x.double(), *(p[k].double() for k in names))
+    acts, x_hat = fs.testing.reference.gemma_scope_jumprelu(x.double(), *(p[k].double() for k in GEMMA_ORDER))
     theirs = sae_lens.SAE.from_dict({"architecture": "jumprelu", "d_in": D, "d_sae": F, "apply_b_dec_to_input": False})
     theirs.load_state_dict(p)
     with torch.no_grad():
@@ -480,11 +480,34 @@ def test_small_and_odd_shapes_load(fs, tmp_path, d, f):
          "threshold": torch.rand(f, generator=g)}  # fmt: skip
     np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in p.items()})
     x = torch.randn(4, d, generator=g)
-    acts, x_hat = fs.testing.reference.gemma_scope_jumprelu(x, *(p[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec",
-                                                                                  "threshold")))  # fmt: skip
+    acts, x_hat = fs.testing.reference.gemma_scope_jumprelu(x, *(p[k] for k in GEMMA_ORDER))
     with torch.no_grad():
         torch.testing.assert_close(fs.load_gemma_scope(tmp_path)(x), x_hat, **TOL)
     coder, _ = sparsify_coder(d, "cpu", torch.float32, k=1, num_latents=f)
     coder.save_to_disk(tmp_path / "coder")
     with torch.no_grad():
         torch.testing.assert_close(fs.load_sparsify(tmp_path / "coder")(x), coder(x).sae_out, **TOL)
+
+
+@pytest.mark.kernels_ci
+def test_loaded_modules_run_the_kernels(fs, tmp_path, monkeypatch):
+    """The loaders' modules on the Triton kernels (the interpreter here): SAELens's rescaled TopK SAE and a
+    Gemma Scope JumpReLU SAE compute the same code and reconstruction as their packages."""
+    monkeypatch.setattr(sys.modules[fs.__name__ + "._launch"], "CPU_RUNS_TRITON", True)
+    sae_lens = require("sae_lens")
+    np = require("numpy")
+    theirs = sae_lens.SAE.from_dict(
+        {"architecture": "topk", "d_in": D, "d_sae": F, "k": K, "rescale_acts_by_decoder_norm": True}
+    )
+    x = _x()
+    _randomize(theirs, x)
+    ours = fs.load_saelens(_save_saelens(theirs, tmp_path / "topk"))
+    p = _gemma_params()
+    np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in p.items()})
+    gemma = fs.load_gemma_scope(tmp_path)
+    acts, x_hat = fs.testing.reference.gemma_scope_jumprelu(x, *(p[k] for k in GEMMA_ORDER))
+    with torch.no_grad():
+        _assert_same(_dense(fs, ours, x), theirs.encode(x), "topk")
+        torch.testing.assert_close(ours(x), theirs(x), **TOL)
+        _assert_same(_dense(fs, gemma, x), acts, "gemma scope")
+        torch.testing.assert_close(gemma(x), x_hat, **TOL)
