@@ -511,3 +511,47 @@ def test_loaded_modules_run_the_kernels(fs, tmp_path, monkeypatch):
         torch.testing.assert_close(ours(x), theirs(x), **TOL)
         _assert_same(_dense(fs, gemma, x), acts, "gemma scope")
         torch.testing.assert_close(gemma(x), x_hat, **TOL)
+
+
+def test_saelens_cfg_from_before_version_6_loads_as_saelens_reads_it(fs, tmp_path):
+    """A cfg.json of SAELens 5 (no ``architecture``; a TopK SAE named by ``activation_fn_str`` and
+    ``activation_fn_kwargs``; a ``scaling_factor`` of ones beside the weights): SAELens 6's ``load_from_disk`` reads
+    a TopK SAE, and so does the loader."""
+    sae_lens = require("sae_lens")
+    st = require("safetensors.torch")
+    template = sae_lens.SAE.from_dict({"architecture": "topk", "d_in": D, "d_sae": F, "k": K})
+    x = _x()
+    _randomize(template, x)
+    tensors = {k: v.detach().contiguous() for k, v in template.state_dict().items()}
+    st.save_file({**tensors, "scaling_factor": torch.ones(F)}, str(tmp_path / "sae_weights.safetensors"))
+    cfg = {"d_in": D, "d_sae": F, "dtype": "float32", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": K},
+           "hook_point": "blocks.0.hook_resid_pre", "normalize_activations": False}  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+    assert theirs.cfg.architecture() == "topk"
+    ours = fs.load_saelens(tmp_path)
+    assert type(ours).__name__ == "SparseAutoencoder" and ours.k == K
+    with torch.no_grad():
+        _assert_same(_dense(fs, ours, x), theirs.encode(x), "pre-6 topk")
+        torch.testing.assert_close(ours(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("name", ["SparseAutoencoder", "GatedSparseAutoencoder", "BatchTopKSparseAutoencoder"])
+def test_flash_sae_exports_load_back(fs, tmp_path, name):
+    """``to_saelens`` files (cfg.json without a SAELens version) load back with the same reconstruction; a
+    BatchTopK SAE's export is its inference rule, a JumpReLU SAE."""
+    st = require("safetensors.torch")
+    sae = getattr(fs, name)(D, F, **({} if name.startswith("Gated") else {"k": 4}), seed=2).eval()
+    x = _x()
+    with torch.no_grad():
+        for p in sae.latent_vectors():
+            p.copy_(torch.randn(F, generator=torch.Generator().manual_seed(4)) * 0.1)
+        if name.startswith("BatchTopK"):
+            sae.threshold.fill_(0.05)
+            sae.threshold_updates.fill_(sae.threshold_warmup_steps())
+    cfg, tensors = sae.to_saelens()
+    st.save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    back = fs.load_saelens(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), sae(x), **TOL)

@@ -202,6 +202,43 @@ SAELENS_ARCHITECTURES = {
 }
 
 
+def _saelens_major_version(cfg: dict) -> int | None:
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    match = re.match(r"\s*(\d+)", version) if isinstance(version, str) else None
+    return int(match.group(1)) if match else None
+
+
+def _saelens_pre_6_cfg(cfg: dict, tensors: dict) -> tuple[dict, dict]:
+    """(cfg, tensors) as SAELens 6 reads a cfg.json without a ``sae_lens_version`` of 6 or later (its
+    ``handle_pre_6_0_config`` and ``read_sae_components_from_disk``): ``activation_fn_str`` renamed
+    ``activation_fn``; the architecture ``"standard"`` unless named, ``"topk"`` with cfg['activation_fn_kwargs']['k']
+    for a TopK activation; ``apply_b_dec_to_input`` True unless given; a boolean or null
+    ``normalize_activations`` as its name; a ``scaling_factor`` of ones dropped."""
+    major = _saelens_major_version(cfg)
+    if major is not None and major >= 6:
+        return cfg, tensors
+    cfg = dict(cfg)
+    if "activation_fn_str" in cfg:
+        cfg["activation_fn"] = cfg.pop("activation_fn_str")
+    cfg.setdefault("architecture", "standard")
+    cfg.setdefault("apply_b_dec_to_input", True)
+    norm = cfg.get("normalize_activations")
+    if norm is None or isinstance(norm, bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if norm else "none"
+    k = (cfg.get("activation_fn_kwargs") or {}).get("k") if isinstance(cfg.get("activation_fn_kwargs"), dict) else None
+    if cfg.get("activation_fn") == "topk" and k is not None:
+        cfg["architecture"], cfg["k"] = "topk", k
+    if "scaling_factor" in tensors:
+        factor = tensors["scaling_factor"]
+        if not bool(torch.all(factor == 1)):
+            raise ValueError(
+                "tensors['scaling_factor'] is a fine-tuning scale other than 1, which SAELens 6 no longer applies "
+                "either; flash-sae loads it only when it is all ones"
+            )
+        tensors = {name: t for name, t in tensors.items() if name != "scaling_factor"}
+    return cfg, tensors
+
+
 def _saelens_training_options(cfg: dict, keyword_names: set) -> dict:
     """The training options a SAELens training cfg holds that mean the same for the flash-sae module."""
     options = {}
@@ -217,9 +254,9 @@ def _saelens_training_options(cfg: dict, keyword_names: set) -> dict:
 def _saelens_scale(cfg: dict, directory: pathlib.Path | None) -> float | None:
     """The activation scale to fold in, from ``normalize_activations`` (None: nothing to fold)."""
     mode = cfg.get("normalize_activations", "none")
-    if mode in ("none", None, False):
+    if mode == "none":
         return None
-    if mode in ("expected_average_only_in", True):
+    if mode == "expected_average_only_in":
         scaler = directory / "activation_scaler.json" if directory is not None else None
         state = _read_json(scaler) if scaler is not None and scaler.is_file() else {}
         factor = state.get("scaling_factor")
@@ -315,9 +352,11 @@ def load_saelens(path, *, device=None, dtype=None, **options):
     Folded into the weights (the module docstring): a TopK SAE's ``rescale_acts_by_decoder_norm``, an
     SAE's ``apply_b_dec_to_input=False``, and ``normalize_activations="expected_average_only_in"`` with
     the factor of the checkpoint's ``activation_scaler.json``; any other ``normalize_activations`` is a
-    ValueError. ``reshape_activations="hook_z"`` loads as it is: pass the heads flattened, [B, n_heads *
-    d_head]. A training cfg's options that mean the same here are read too (``jumprelu_bandwidth``,
-    ``l0_coefficient`` with the ``"step"`` loss, ``l1_coefficient``, ``topk_threshold_lr``).
+    ValueError. A cfg.json written before SAELens 6 is read as SAELens 6 reads it (a TopK activation
+    named in ``activation_fn_kwargs`` makes a TopK SAE). ``reshape_activations="hook_z"`` loads as it
+    is: pass the heads flattened, [B, n_heads * d_head]. A training cfg's options that mean the same
+    here are read too (``jumprelu_bandwidth``, ``l0_coefficient`` with the ``"step"`` loss,
+    ``l1_coefficient``, ``topk_threshold_lr``).
 
     Args:
         path: the directory.
@@ -331,6 +370,7 @@ def load_saelens(path, *, device=None, dtype=None, **options):
     directory = _existing(path)
     cfg = _read_json(_file(directory, "cfg.json", "SAELens's config"))
     tensors = read_safetensors(_file(directory, "sae_weights.safetensors", "SAELens's weights"))
+    cfg, tensors = _saelens_pre_6_cfg(cfg, tensors)
     return _module_from_saelens(cfg, tensors, directory, device, dtype, options)
 
 
