@@ -359,11 +359,16 @@ def test_circuit_tracer_transcoder_set_loads_as_a_list(fs, tmp_path):
     )
     ours = fs.load_circuit_tracer(tmp_path)
     assert isinstance(ours, list) and len(ours) == 3
+    paths = {i: str(tmp_path / f"layer_{i}.safetensors") for i in range(3)}
+    read = slt.load_transcoder_set(paths, scan="test", feature_input_hook="hook_resid_mid",
+                                   feature_output_hook="hook_mlp_out", device=torch.device("cpu"),
+                                   dtype=torch.float32, lazy_encoder=False, lazy_decoder=False)  # fmt: skip
     x = _x()
     with torch.no_grad():
         for i, m in enumerate(ours):
             _assert_same(_dense(fs, m, x), layers[i].encode(x), f"layer {i}")
             torch.testing.assert_close(m(x), layers[i](x), **TOL)
+            torch.testing.assert_close(m(x), read[i](x), **TOL)  # what circuit-tracer's own loader reads
 
 
 @pytest.mark.parametrize("activation", ["jump_relu", "relu"])
@@ -389,6 +394,8 @@ def test_circuit_tracer_clt_loads_with_the_same_code_and_output(fs, tmp_path, ac
         code = ours.encode(xs).to_dense(L * F).view(B, L, F).transpose(0, 1)
         _assert_same(code, acts, activation)
         torch.testing.assert_close(ours(xs), theirs(xs.transpose(0, 1)).transpose(0, 1), **TOL)
+        read = ct.load_clt(str(tmp_path), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+        torch.testing.assert_close(ours(xs), read(xs.transpose(0, 1)).transpose(0, 1), **TOL)  # load_clt's reading
 
 
 def test_circuit_tracer_errors_name_the_field(fs, tmp_path):
