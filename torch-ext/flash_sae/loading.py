@@ -389,6 +389,8 @@ def _sparsify_coder(directory: pathlib.Path, device, dtype, options: dict):
     if not is_int(d_in) or d_in < 1:
         raise ValueError(f"cfg['d_in'] must be a positive int, got {d_in!r}")
     n = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
+    if not is_int(n) or n < 1:
+        raise ValueError(f"cfg['num_latents'] (or d_in * cfg['expansion_factor']) must be a positive int, got {n!r}")
     if not is_int(k) or not 1 <= k <= n:
         raise ValueError(f"cfg['k'] must be an int in [1, {n}], got {k!r}")
     if skip and not transcode:
