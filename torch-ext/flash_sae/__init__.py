@@ -18,6 +18,7 @@ from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .crosscoder_layers import CrosscoderLayers
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
+from .loading import load_circuit_tracer, load_gemma_scope, load_saelens, load_sparsify
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder
 from .modules.crosscoder import BatchTopKCrosscoder, JumpReLUCrosscoder, StandardCrosscoder, TopKCrosscoder
@@ -110,6 +111,10 @@ __all__ = [
     "jumprelu_sae_step",
     "distributed",
     "layers",
+    "load_circuit_tracer",
+    "load_gemma_scope",
+    "load_saelens",
+    "load_sparsify",
     "matryoshka_batchtopk_sae_step",
     "register_architecture",
     "matryoshka_topk_sae_step",

@@ -609,6 +609,47 @@ class BatchTopKSAEBase(DeadLossOptions, SAELensInitBase):
     saelens_architecture = "jumprelu"
     saelens_loadable = False
 
+    # SAELens's training checkpoints (``SAE.save_model`` of its ``BatchTopKTrainingSAE``: architecture
+    # ``"batchtopk"``, the scalar ``topk_threshold``) load into this class as they are.
+    saelens_training_architecture = "batchtopk"
+
+    @classmethod
+    def _saelens_reads(cls) -> tuple[str, ...]:
+        return (cls.saelens_training_architecture,)
+
+    @classmethod
+    def _saelens_tensor_shapes(cls, d_in: int, d_sae: int, cfg: dict) -> dict:
+        shapes = {**super()._saelens_tensor_shapes(d_in, d_sae, cfg), "topk_threshold": ()}
+        shapes.pop("threshold", None)  # the export's (``saelens_architecture``); a checkpoint holds topk_threshold
+        return shapes
+
+    @classmethod
+    def _saelens_options(cls, cfg: dict, d_sae: int, kwargs: dict) -> dict:
+        """The constructor's options a SAELens BatchTopK training cfg holds: k, the rescaling flag, the rate."""
+        for name in ("k", "rescale_acts_by_decoder_norm"):
+            if name in kwargs:
+                raise ValueError(f"{name}: a SAELens BatchTopK SAE's {name} is cfg['{name}']; do not pass it")
+        k = cfg.get("k")
+        if not is_real(k) or not 0 < k <= d_sae:
+            raise ValueError(f"cfg['k'] must be a number in (0, d_sae={d_sae}], got {k!r}")
+        rescale = cfg.get("rescale_acts_by_decoder_norm", True)
+        if not isinstance(rescale, bool):
+            raise ValueError(f"cfg['rescale_acts_by_decoder_norm'] must be a bool, got {rescale!r}")
+        options = {"rescale_acts_by_decoder_norm": rescale}
+        if "topk_threshold_lr" in cfg and "threshold_lr" not in kwargs:
+            options["threshold_lr"] = cfg["topk_threshold_lr"]
+        return {"k": k, **options}
+
+    @classmethod
+    def _from_saelens_cfg(cls, cfg, d_in, d_sae, **kwargs):
+        return cls(d_in, d_sae, **cls._saelens_options(cfg, d_sae, kwargs), **kwargs)
+
+    def _load_saelens_extra(self, tensors: dict) -> None:
+        self.threshold.copy_(tensors["topk_threshold"])
+        warm = torch.full_like(self.threshold_updates, self.threshold_warmup_steps())  # a trained threshold is warm
+        self.threshold_updates.copy_(torch.where(self.threshold > 0, warm, self.threshold_updates))
+        self._threshold_checked = False
+
     def _saelens_threshold(self):
         theta = self.threshold.detach().double().expand(self.n_features)
         if self.rescale_acts_by_decoder_norm:  # a zero decoder row: inf, never fires (as here)
@@ -642,6 +683,17 @@ class MatryoshkaSAEBase(BatchTopKSAEBase):
 
     def _sparsity_repr(self) -> str:
         return f"k={self.k}, prefix_sizes={self.prefix_sizes}"
+
+    saelens_training_architecture = "matryoshka_batchtopk"
+
+    @classmethod
+    def _saelens_options(cls, cfg: dict, d_sae: int, kwargs: dict) -> dict:
+        if "prefix_sizes" in kwargs:
+            raise ValueError("prefix_sizes: a SAELens Matryoshka SAE's levels are cfg['matryoshka_widths']")
+        widths = cfg.get("matryoshka_widths")
+        if not isinstance(widths, list):
+            raise ValueError(f"cfg['matryoshka_widths'] must be a list of ints, got {widths!r}")
+        return {**super()._saelens_options(cfg, d_sae, kwargs), "prefix_sizes": widths}
 
 
 class JumpReLUSAEBase(SAELensInitBase):

@@ -722,3 +722,15 @@ def jumprelu_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, threshold, bandwidt
     step = jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, l0_coefficient, target=x, **forced)
     xs_hat = crosscoder_decode(step.code.vals, W_dec, b_dec, L)
     return results.JumpReLUCrosscoderStep(**step._asdict(), layer_fvu=crosscoder_layer_fvu(xs, xs_hat))
+
+
+# Loading: Gemma Scope's JumpReLU SAE, in its own layout -----------------------------------------
+
+
+def gemma_scope_jumprelu(x, W_enc, b_enc, W_dec, b_dec, threshold):
+    """Gemma Scope's JumpReLU SAE as its release computes it, in its layout (W_enc [D, F], W_dec [F, D]):
+    z = x @ W_enc + b_enc (x read as it is, no b_dec subtracted), a = relu(z) * (z > threshold),
+    x_hat = a @ W_dec + b_dec. Returns (a [B, F], x_hat [B, D])."""
+    z = x @ W_enc + b_enc
+    a = torch.relu(z) * (z > threshold).to(z.dtype)
+    return a, a @ W_dec + b_dec
