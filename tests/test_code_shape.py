@@ -20,6 +20,7 @@ LAYERS = (
     ("ops",),
     ("modules",),
     ("layers", "distributed", "optim", "graph_training_step", "architectures", "testing"),
+    ("hooks",),
 )
 MAX_PARAMETERS = 10
 TRITON_DECORATORS = ("jit", "autotune", "heuristics")

@@ -18,6 +18,7 @@ from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .crosscoder_layers import CrosscoderLayers
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
+from .hooks import Hook, HookSession, attach
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder
 from .modules.crosscoder import BatchTopKCrosscoder, JumpReLUCrosscoder, StandardCrosscoder, TopKCrosscoder
@@ -73,6 +74,8 @@ __all__ = [
     "CrossLayerTranscoderStep",
     "DeadLatentLoss",
     "GatedSAEStep",
+    "Hook",
+    "HookSession",
     "GatedSparseAutoencoder",
     "JumpReLUCrossLayerTranscoder",
     "BatchTopKCrosscoder",
@@ -98,6 +101,7 @@ __all__ = [
     "TopKSAEStep",
     "TopKTranscoder",
     "VanillaSparseAutoencoder",
+    "attach",
     "batchtopk_encode",
     "batchtopk_sae_step",
     "circuit_tracer_transcoder_set",
