@@ -751,32 +751,37 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
     ev = (1 - r.var(0).sum() / x.var(0).sum()).item()
     out = {"l0": l0, "fvu": fvu, "explained_variance": ev, "dead_fraction": sae.dead_fraction().item()}
     if causal and blocks is not None and layer < len(blocks):
-        losses = {}
-        for mode in ("clean", "zero", "spliced"):
-            hook = None
-            if mode != "clean":
-
-                def replace(module, args, kwargs, mode=mode):
-                    h = args[0] if args else kwargs["hidden_states"]
-                    head, rest = h[:, :1], h[:, 1:]
-                    if mode == "zero":
-                        new = torch.zeros_like(rest)
-                    else:
-                        flat = rest.reshape(-1, rest.shape[-1]).float() * factor
-                        new = (sae(flat.to(dtype)).float() / factor).to(h.dtype).reshape(rest.shape)
-                    h = torch.cat([head, new], dim=1)
-                    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-                hook = blocks[layer].register_forward_pre_hook(replace, with_kwargs=True)
-            try:
-                losses[mode] = _replacement.next_token_ce(model, ids, device)  # from the spliced positions
-            finally:
-                if hook is not None:
-                    hook.remove()
-        out.update(ce_clean=losses["clean"], ce_zero_ablated=losses["zero"], ce_spliced=losses["spliced"])
-        gap = losses["zero"] - losses["clean"]
-        out["ce_loss_recovered"] = (losses["zero"] - losses["spliced"]) / gap if gap != 0 else float("nan")
+        out.update(ce_recovered(sae, model, ids, block_name(model, blocks[layer]) + ":input", factor, device))
     return out
+
+
+def package_of(module):
+    """The loaded flash-sae package a module's class comes from (its ``attach``)."""
+    return sys.modules[type(module).__module__.split(".modules.")[0]]
+
+
+def block_name(model, block) -> str:
+    """``block``'s dotted name in ``model`` (``model.named_modules()``)."""
+    return next(name for name, m in model.named_modules() if m is block)
+
+
+@torch.no_grad()
+def ce_recovered(sae, model, ids, hookpoint: str, factor: float, device) -> dict:
+    """The CE loss clean, with the activation at ``hookpoint`` zero-ablated and with the SAE's reconstruction
+    spliced in (positions 1: of each sequence; the SAE reads the activation times ``factor``), and the
+    fraction recovered, (zero - spliced) / (zero - clean) (NaN when zero = clean)."""
+    attach = package_of(sae).attach
+    losses = {"clean": _replacement.next_token_ce(model, ids, device)}
+    for mode in ("zero", "spliced"):
+        with attach(model, {hookpoint: sae}, positions=slice(1, None), scale=factor, zero_ablate=mode == "zero"):
+            losses[mode] = _replacement.next_token_ce(model, ids, device)  # from the spliced positions
+    gap = losses["zero"] - losses["clean"]
+    return {
+        "ce_clean": losses["clean"],
+        "ce_zero_ablated": losses["zero"],
+        "ce_spliced": losses["spliced"],
+        "ce_loss_recovered": (losses["zero"] - losses["spliced"]) / gap if gap != 0 else float("nan"),
+    }
 
 
 def plot_title(args, sae, family="sae"):

@@ -38,7 +38,6 @@ from torch import nn
 
 from ._validation import is_int, is_real
 from .architectures import ARCHITECTURES
-from .modules.transcoder import Transcoder
 from .results import SparseCode
 
 INPUT_SUFFIX = ":input"
@@ -136,7 +135,7 @@ def code_values_at(code: SparseCode, ids: torch.Tensor, rows: int) -> torch.Tens
 
 
 def module_family(module) -> str:
-    """"sae" or "transcoder": the family of the first registered architecture in ``module``'s class
+    """The family, ``"sae"`` or ``"transcoder"``, of the first registered architecture in ``module``'s class
     hierarchy; anything else is a ValueError naming ``module``."""
     by_class = {arch.module: arch.family for arch in ARCHITECTURES.values()}
     family = next((by_class[c] for c in type(module).__mro__ if c in by_class), None)
