@@ -751,37 +751,17 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
     ev = (1 - r.var(0).sum() / x.var(0).sum()).item()
     out = {"l0": l0, "fvu": fvu, "explained_variance": ev, "dead_fraction": sae.dead_fraction().item()}
     if causal and blocks is not None and layer < len(blocks):
-        out.update(ce_recovered(sae, model, ids, block_name(model, blocks[layer]) + ":input", factor, device))
+        point = _replacement.module_name(model, blocks[layer]) + ":input"  # hidden_states[layer]
+        out.update(ce_recovered(sae, model, ids, point, factor, device))
     return out
 
 
-def package_of(module):
-    """The loaded flash-sae package a module's class comes from (its ``attach``)."""
-    return sys.modules[type(module).__module__.split(".modules.")[0]]
-
-
-def block_name(model, block) -> str:
-    """``block``'s dotted name in ``model`` (``model.named_modules()``)."""
-    return next(name for name, m in model.named_modules() if m is block)
-
-
-@torch.no_grad()
 def ce_recovered(sae, model, ids, hookpoint: str, factor: float, device) -> dict:
     """The CE loss clean, with the activation at ``hookpoint`` zero-ablated and with the SAE's reconstruction
-    spliced in (positions 1: of each sequence; the SAE reads the activation times ``factor``), and the
-    fraction recovered, (zero - spliced) / (zero - clean) (NaN when zero = clean)."""
-    attach = package_of(sae).attach
-    losses = {"clean": _replacement.next_token_ce(model, ids, device)}
-    for mode in ("zero", "spliced"):
-        with attach(model, {hookpoint: sae}, positions=slice(1, None), scale=factor, zero_ablate=mode == "zero"):
-            losses[mode] = _replacement.next_token_ce(model, ids, device)  # from the spliced positions
-    gap = losses["zero"] - losses["clean"]
-    return {
-        "ce_clean": losses["clean"],
-        "ce_zero_ablated": losses["zero"],
-        "ce_spliced": losses["spliced"],
-        "ce_loss_recovered": (losses["zero"] - losses["spliced"]) / gap if gap != 0 else float("nan"),
-    }
+    spliced in (``flash_sae.attach``; positions 1: of each sequence; the SAE reads the activation times
+    ``factor``), and the fraction recovered, (zero - spliced) / (zero - clean) (NaN when zero = clean)."""
+    hook = _replacement.package_of(sae).Hook(sae, positions=slice(1, None), scale=factor)
+    return _replacement.ce_recovered_attached(model, ids, {hookpoint: hook}, device)
 
 
 def plot_title(args, sae, family="sae"):
