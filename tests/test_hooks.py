@@ -324,3 +324,26 @@ def test_edits_keep_the_parity_rule(fs, shape, dtype, arch, keep_error, seed):
     same = ref(acts, sae.W_dec.detach(), sae.b_dec.detach(), **edits, x=x.to(dtype) if keep_error else None)
     assert ours.dtype == torch.float32 and ours.shape == x.shape
     assert_parity("hook output", ours, same, want, dtype)
+
+
+def test_edited_splices_are_deterministic(fs, gpt2, ids):
+    sae = sae_of(fs, "jumprelu")
+    opts = dict(ablate=[1, 2], clamp={3: 2.0}, steer=[(4, 0.5)], positions=slice(1, None))
+    runs = []
+    for _ in range(2):
+        with fs.attach(gpt2, {"transformer.h.0": sae, "transformer.h.1:input": sae}, **opts):
+            runs.append(logits(gpt2, ids))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_transcoder_output_width_is_checked_at_the_first_forward(fs, gpt2, ids):
+    tc = fs.TopKTranscoder(D, F, K, d_out=D + 3, seed=0)
+    hook = fs.Hook(tc, output="transformer.h.0.mlp")
+    with fs.attach(gpt2, {"transformer.h.0.mlp:input": hook}):
+        with pytest.raises(ValueError, match="transformer.h.0.mlp"):
+            logits(gpt2, ids)
+    hook = fs.Hook(tc, output="transformer.h.0.attn", keep_error=True)  # written before it is read
+    with fs.attach(gpt2, {"transformer.h.0.mlp:input": hook}):
+        with pytest.raises(ValueError, match="transformer.h.0.attn"):
+            logits(gpt2, ids)
+    assert no_hooks_left(gpt2)
