@@ -347,3 +347,18 @@ def test_transcoder_output_width_is_checked_at_the_first_forward(fs, gpt2, ids):
         with pytest.raises(ValueError, match="transformer.h.0.attn"):
             logits(gpt2, ids)
     assert no_hooks_left(gpt2)
+
+
+def test_no_rows_at_the_positions_change_nothing(fs, gpt2):
+    """One token past ``positions``' start (a generation step with a cache, say): nothing to encode or write."""
+    sae, tc = sae_of(fs, "jumprelu"), sae_of(fs, "topk_transcoder")
+    one = torch.tensor([[5]])
+    clean = logits(gpt2, one)
+    later = slice(1, None)
+    hooks = {
+        "transformer.h.0": fs.Hook(sae, positions=later, record=True),
+        "transformer.h.1.mlp:input": fs.Hook(tc, output="transformer.h.1.mlp", positions=later),
+    }
+    with fs.attach(gpt2, hooks) as s:
+        assert torch.equal(logits(gpt2, one), clean)
+    assert s.codes == {}

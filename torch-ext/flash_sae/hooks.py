@@ -233,6 +233,9 @@ def write_activation(args, kwargs, output, at_input: bool, new: torch.Tensor):
     return new
 
 
+EMPTY = object()  # a read hookpoint that saw no rows: its write hookpoint writes nothing
+
+
 class Site:
     """One hookpoint's work: encode the rows it reads, record, and compute what it writes."""
 
@@ -291,6 +294,9 @@ class Site:
 
     def at_read(self, args, kwargs, output, at_input: bool):
         act = read_activation(self.point, args, kwargs, output, at_input)
+        if self.rows_of(act, self.hook.module.d_model, self.point).shape[0] == 0:
+            self.pending = EMPTY  # no rows at these positions (one new token past ``positions``' start, say)
+            return None
         code, x = self.encode(act)
         if not self.hook.splice:
             return None
@@ -306,7 +312,10 @@ class Site:
                 f"hookpoint {self.hook.output!r} ran before the transcoder's input hookpoint {self.point!r} in "
                 "this forward: a transcoder reads its input first"
             )
-        (code, x), self.pending = self.pending, None
+        pending, self.pending = self.pending, None
+        if pending is EMPTY:
+            return None
+        code, x = pending
         act = read_activation(self.hook.output, args, kwargs, output, at_input)
         new = self.written(act, code, x, self.hook.output)
         return None if new is None else write_activation(args, kwargs, output, at_input, new)
