@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration tests sanitizer tune bench family geometry dead standard gated transcoders sharded sharded_sanitizer trainers multi compare profile example quick
+#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration inference tests sanitizer tune bench family geometry dead standard gated transcoders sharded sharded_sanitizer trainers multi compare profile example quick
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (multi: needs .bench_data/ids.npz and .bench_data/minilm6 from `python benchmarks/multi_sae.py prepare`)
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
@@ -56,6 +56,10 @@ for stage in "$@"; do
     iteration)  # the whole training iteration (step + Adam + norm steps + master copies), ITERATION_ARGS
       timeout ${ITERATION_TIMEOUT:-420} python3 benchmarks/training_iteration.py --out "$OUT" ${ITERATION_ARGS:-} 2>&1 \
         | tee "$OUT/iteration.log" | tail -n 12
+      status=$((status | PIPESTATUS[0]));;
+    inference)  # a TopK SAE's inference encode beside SAELens's SAE.encode, dense torch and torch.compile, INFERENCE_ARGS
+      timeout ${INFERENCE_TIMEOUT:-420} python3 benchmarks/inference_encode.py --out "$OUT" ${INFERENCE_ARGS:-} 2>&1 \
+        | tee "$OUT/inference.log" | tail -n 12
       status=$((status | PIPESTATUS[0]));;
     example)
       python3 example.py 2>&1 | tee "$OUT/example.log" | tail -n 12

@@ -12,7 +12,8 @@ output goes back into the model's forward.
   TransformerLens names them ``blocks.{l}.ln2.hook_normalized`` (BERT: ``blocks.{l}.ln1.hook_normalized``) and
   ``blocks.{l}.hook_mlp_out``.
 - The first position of each sequence (the BOS / CLS token) is not harvested and not spliced, as for SAEs.
-- Splicing: forward hooks replace the MLP outputs at positions 1: while the model runs; a CLT's output for
+- Splicing: the MLP outputs at positions 1: are replaced while the model runs, a transcoder's through
+  ``flash_sae.attach`` (read at the MLP's input, written at its output), a CLT's by the hooks here; a CLT's output for
   block l is computed from the MLP inputs of blocks 0..l as they occur in the spliced forward (each already
   downstream of the earlier blocks' replacements), so the hooks run in layer order.
 
@@ -22,6 +23,7 @@ deeper blocks, the final norm and the LM head never run).
 
 import contextlib
 import dataclasses
+import sys
 from typing import Callable, NamedTuple
 
 import torch
@@ -190,14 +192,9 @@ def next_token_ce(model, ids: torch.Tensor, device) -> float:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1)).item()
 
 
-@torch.no_grad()
-def ce_recovered(model, ids: torch.Tensor, sites: list[MLPSite], replace: Replacement, device) -> dict:
-    """The CE loss clean, with the sites' MLP outputs zero-ablated, and with ``replace``'s spliced in, and the
-    fraction recovered, (zero - spliced) / (zero - clean) (NaN when zero = clean)."""
-    losses = {"clean": next_token_ce(model, ids, device)}
-    for mode, how in (("zero", None), ("spliced", replace)):
-        with spliced(sites, how):
-            losses[mode] = next_token_ce(model, ids, device)
+def ce_summary(losses: dict) -> dict:
+    """The CE losses clean, zero-ablated and spliced, and the fraction recovered, (zero - spliced) / (zero - clean)
+    (NaN when zero = clean)."""
     gap = losses["zero"] - losses["clean"]
     recovered = (losses["zero"] - losses["spliced"]) / gap if gap != 0 else float("nan")
     return {
@@ -206,6 +203,41 @@ def ce_recovered(model, ids: torch.Tensor, sites: list[MLPSite], replace: Replac
         "ce_spliced": losses["spliced"],
         "ce_loss_recovered": recovered,
     }
+
+
+@torch.no_grad()
+def ce_recovered(model, ids: torch.Tensor, sites: list[MLPSite], replace: Replacement, device) -> dict:
+    """The CE loss clean, with the sites' MLP outputs zero-ablated, and with ``replace``'s spliced in, and the
+    fraction recovered (``ce_summary``). For any replacement (a CLT's reads every earlier block); a transcoder
+    or an SAE goes through ``flash_sae.attach`` instead (``ce_recovered_attached``)."""
+    losses = {"clean": next_token_ce(model, ids, device)}
+    for mode, how in (("zero", None), ("spliced", replace)):
+        with spliced(sites, how):
+            losses[mode] = next_token_ce(model, ids, device)
+    return ce_summary(losses)
+
+
+def package_of(module):
+    """The loaded flash-sae package a module's class comes from (its ``attach`` and ``Hook``)."""
+    return sys.modules[type(module).__module__.split(".modules.")[0]]
+
+
+def module_name(model, module) -> str:
+    """``module``'s dotted name in ``model`` (``model.named_modules()``): a hookpoint."""
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+@torch.no_grad()
+def ce_recovered_attached(model, ids: torch.Tensor, hooks: dict, device) -> dict:
+    """The CE loss clean, with the hookpoints of ``hooks`` ({hookpoint: flash_sae.Hook}) zero-ablated and with
+    the hooks attached (``flash_sae.attach``), and the fraction recovered (``ce_summary``)."""
+    fs = package_of(next(iter(hooks.values())).module)
+    losses = {"clean": next_token_ce(model, ids, device)}
+    zeroed = {point: dataclasses.replace(hook, zero_ablate=True) for point, hook in hooks.items()}
+    for mode, how in (("zero", zeroed), ("spliced", hooks)):
+        with fs.attach(model, how):
+            losses[mode] = next_token_ce(model, ids, device)
+    return ce_summary(losses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +339,12 @@ def evaluate_replacement(sae, model, causal: bool, source: Source, ids: torch.Te
         out["layers"] = list(source.layers)
     if getattr(step, "layer_l0", None) is not None:
         out["layer_l0"] = step.layer_l0.float().tolist()
-    if causal and source.family in MLP_FAMILIES:
+    if causal and source.family == "transcoder":  # the MLP's input read, its output written, positions 1:
+        site = source.sites[0]
+        hook = package_of(sae).Hook(
+            sae, output=module_name(model, site.writes), positions=slice(1, None), scale=factor
+        )  # fmt: skip
+        out.update(ce_recovered_attached(model, ids, {module_name(model, site.reads) + ":input": hook}, device))
+    elif causal and source.family == "clt":
         out.update(ce_recovered(model, ids, source.sites, source.replacement(sae, factor, dtype), device))
     return out

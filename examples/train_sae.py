@@ -751,32 +751,17 @@ def evaluate(sae, model, causal, blocks, ids, layer, factor, device, dtype):
     ev = (1 - r.var(0).sum() / x.var(0).sum()).item()
     out = {"l0": l0, "fvu": fvu, "explained_variance": ev, "dead_fraction": sae.dead_fraction().item()}
     if causal and blocks is not None and layer < len(blocks):
-        losses = {}
-        for mode in ("clean", "zero", "spliced"):
-            hook = None
-            if mode != "clean":
-
-                def replace(module, args, kwargs, mode=mode):
-                    h = args[0] if args else kwargs["hidden_states"]
-                    head, rest = h[:, :1], h[:, 1:]
-                    if mode == "zero":
-                        new = torch.zeros_like(rest)
-                    else:
-                        flat = rest.reshape(-1, rest.shape[-1]).float() * factor
-                        new = (sae(flat.to(dtype)).float() / factor).to(h.dtype).reshape(rest.shape)
-                    h = torch.cat([head, new], dim=1)
-                    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-                hook = blocks[layer].register_forward_pre_hook(replace, with_kwargs=True)
-            try:
-                losses[mode] = _replacement.next_token_ce(model, ids, device)  # from the spliced positions
-            finally:
-                if hook is not None:
-                    hook.remove()
-        out.update(ce_clean=losses["clean"], ce_zero_ablated=losses["zero"], ce_spliced=losses["spliced"])
-        gap = losses["zero"] - losses["clean"]
-        out["ce_loss_recovered"] = (losses["zero"] - losses["spliced"]) / gap if gap != 0 else float("nan")
+        point = _replacement.module_name(model, blocks[layer]) + ":input"  # hidden_states[layer]
+        out.update(ce_recovered(sae, model, ids, point, factor, device))
     return out
+
+
+def ce_recovered(sae, model, ids, hookpoint: str, factor: float, device) -> dict:
+    """The CE loss clean, with the activation at ``hookpoint`` zero-ablated and with the SAE's reconstruction
+    spliced in (``flash_sae.attach``; positions 1: of each sequence; the SAE reads the activation times
+    ``factor``), and the fraction recovered, (zero - spliced) / (zero - clean) (NaN when zero = clean)."""
+    hook = _replacement.package_of(sae).Hook(sae, positions=slice(1, None), scale=factor)
+    return _replacement.ce_recovered_attached(model, ids, {hookpoint: hook}, device)
 
 
 def plot_title(args, sae, family="sae"):

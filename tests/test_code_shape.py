@@ -3,8 +3,8 @@
 Layers, lowest first: the shared base (argument checks, the launch switch, the op registry, the result
 types, the dead-latent loss options), ``primitives`` (the kernels), ``ops`` (the registered ops),
 ``modules`` (the ``nn.Module``s), and what is built on modules (hub layers, the sharded module, the
-architecture registry, the loaders of other packages' files, the CUDA-graph helper, the test oracles). A
-file imports only from its own layer or lower ones.
+architecture registry, the loaders of other packages' files, the CUDA-graph helper, the test oracles),
+then the hooks that attach registered modules to a model. A file imports only from its own layer or lower ones.
 """
 
 import ast
@@ -20,6 +20,7 @@ LAYERS = (
     ("ops",),
     ("modules",),
     ("layers", "distributed", "optim", "graph_training_step", "architectures", "loading", "testing"),
+    ("hooks",),
 )
 MAX_PARAMETERS = 10
 TRITON_DECORATORS = ("jit", "autotune", "heuristics")

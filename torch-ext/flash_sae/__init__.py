@@ -18,6 +18,7 @@ from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .crosscoder_layers import CrosscoderLayers
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
+from .hooks import Hook, HookSession, attach
 from .loading import load_circuit_tracer, load_gemma_scope, load_saelens, load_sparsify
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder
@@ -74,6 +75,8 @@ __all__ = [
     "CrossLayerTranscoderStep",
     "DeadLatentLoss",
     "GatedSAEStep",
+    "Hook",
+    "HookSession",
     "GatedSparseAutoencoder",
     "JumpReLUCrossLayerTranscoder",
     "BatchTopKCrosscoder",
@@ -99,6 +102,7 @@ __all__ = [
     "TopKSAEStep",
     "TopKTranscoder",
     "VanillaSparseAutoencoder",
+    "attach",
     "batchtopk_encode",
     "batchtopk_sae_step",
     "circuit_tracer_transcoder_set",

@@ -15,6 +15,7 @@ from torch import nn
 from .._validation import FLOAT_DTYPES, check_float_dtype, is_int, is_real
 from ..dead_latent_loss import DeadLatentLoss
 from ..primitives.dead_set import next_dead_offset
+from ..results import SparseCode
 
 
 def _check_positive_int(name, value) -> int:
@@ -242,6 +243,28 @@ class SAEBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction x_hat [B, D]."""
         return self.decode(*self.encode(x))
+
+    fixed_width_code = False  # encode returns a variable-length code (vals, indices, row_offsets)
+
+    def sparse_code(self, x: torch.Tensor, *, capacity: int | None = None) -> SparseCode:
+        """The inference code of x [B, D] (the parameters' dtype and device) as a ``SparseCode``, without
+        gradients: nothing is saved for a backward, and no [B, F] tensor is kept (the encoder's
+        pre-activations exist chunk by chunk inside the selection).
+
+        A TopK module's code is fixed width, vals and indices [B, k] (``row_offsets`` None), and never
+        waits on the device. The other modules' codes are variable length (flat vals and indices,
+        ``row_offsets`` [B + 1]); their size is known only on the device, so ``capacity`` (the code's
+        total slots, e.g. B times an expected L0 with a margin) makes the call sync-free; entries past
+        it are dropped. ``capacity`` None counts first: one host sync, and the code is exact. A BatchTopK
+        module in training mode keeps its batch rule's int(k * B) entries (no sync either way); in eval
+        mode its threshold rule is a threshold code as above.
+        """
+        if capacity is not None and (self.fixed_width_code or not is_int(capacity) or capacity < 1):
+            what = "None for a fixed-width (TopK) code" if self.fixed_width_code else "a positive int or None"
+            raise ValueError(f"capacity must be {what}, got {capacity!r}")
+        with torch.no_grad():
+            code = self.encode(x) if capacity is None else self.encode(x, int(capacity))
+        return SparseCode(*code)
 
     def loss(self, x: torch.Tensor):
         """The fused training step: the architecture's step result (``loss``, ``mse``, ``fvu``, ``l0``,
@@ -495,6 +518,8 @@ class TopKSAEBase(UnitNormDecoder, DeadLossOptions, SAEBase):
     Subclasses define ``encode(x) -> (vals, indices)``, ``decode(vals, indices) -> x_hat``
     and ``_step(x)``. Keywords other than ``dead_loss`` (``DeadLossOptions``) go to ``SAEBase``.
     """
+
+    fixed_width_code = True  # encode returns (vals, indices), both [B, k]
 
     def __init__(self, d_model, n_features, k, *, dead_loss=None, **kwargs):
         super().__init__(d_model, n_features, **kwargs)

@@ -734,3 +734,25 @@ def gemma_scope_jumprelu(x, W_enc, b_enc, W_dec, b_dec, threshold):
     z = x @ W_enc + b_enc
     a = torch.relu(z) * (z > threshold).to(z.dtype)
     return a, a @ W_dec + b_dec
+
+
+# Hooks (flash_sae.attach) ------------------------------------------------------------------
+# What a hookpoint writes, densely, from the code [N, F] the module computed.
+
+
+def edited_output(acts, W_dec, b_dec, *, ablate=(), clamp=None, steer=(), x=None):
+    """The output of ``attach``'s hook at one hookpoint, in the dtype of ``acts`` [N, F] (the code), ``W_dec``
+    [F, D_out] and ``b_dec`` [D_out]: the code with the latents of ``ablate`` set to 0 and those of ``clamp``
+    ({latent: value}) set to their values, decoded, plus ``steer``'s (latent id or [D_out] vector, scale)
+    terms. ``x`` [N, D_out] given (``keep_error``): x + (edited - acts) @ W_dec + steering, the activation
+    changed only by the edits; else edited @ W_dec + b_dec + steering."""
+    edited = acts.clone()
+    edited[:, list(ablate)] = 0
+    for f, value in (clamp or {}).items():
+        edited[:, f] = value
+    add = torch.zeros_like(b_dec)
+    for what, scale in steer:
+        add = add + scale * (W_dec[what] if isinstance(what, int) else what.to(b_dec.dtype))
+    if x is not None:
+        return x + (edited - acts) @ W_dec + add
+    return edited @ W_dec + b_dec + add
