@@ -18,7 +18,8 @@ are then restored, so the first real call starts from the state the caller passe
 that the warm-up created is zeroed in place: Adam's and AdamW's fresh state, the only optimizers
 accepted). Tensors that the step creates or reassigns instead of updating in place, and modules or
 optimizers not passed in, keep what the warm-up did to them. While it runs, the capture holds a copy
-of every state tensor it restores. Off CUDA the step is returned as it is (eager).
+of every state tensor it restores, in host memory (so the device's peak is the step's own). Off CUDA
+the step is returned as it is (eager).
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def graph_training_step(
             raise ValueError("optimizers must be built with capturable=True to be captured in a CUDA graph")
 
     kept = _state_tensors(modules, optimizers)
-    before = {id(t): (t, t.detach().clone()) for t in kept}
+    # the copies live in host memory: on the device they would add the whole training state to the peak
+    # (an optimizer that keeps masters and moments from its construction doubles it)
+    before = {id(t): (t, t.detach().to("cpu")) for t in kept}
     static_x = example.detach().clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
