@@ -8,10 +8,13 @@ activation tensor) and keeps, per latent:
   it fires (summed in fp64), the smallest and largest firing activation;
 - the EXACT top ``top_n`` activating tokens of the whole stream: values and token positions, ordered by
   value, ties broken by position (the earlier token wins), bit for bit the dense computation's answer;
-- with a second pass over the same stream (``begin_second_pass``), the per-latent activation histogram and
-  ``samples_per_band`` sampled tokens per activation band.
+- with a second pass over the same stream (``begin_second_pass``), the per-latent activation histogram,
+  ``samples_per_band`` sampled tokens per activation band, and the latent's activations on the ``context``
+  tokens around each top token (for highlighted contexts; positions are taken to number the corpus's
+  tokens in order, so p - 1 is the token before p).
 
-State: O(F * (top_n + n_quantile_bands * samples_per_band + histogram_bins)); per batch O(E log E + F * N)
+State: O(F * (top_n * (1 + before + after) + n_quantile_bands * samples_per_band + histogram_bins)); per
+batch O(E log E + F * N)
 for E code entries (two stable sorts of the entries and one ``topk`` over [F, 2N]), nothing of size
 [tokens, F], nothing that grows with the stream, and no host sync (token positions continue from a Python
 counter; ``result()`` is the only point that reads a count).
@@ -47,6 +50,7 @@ from .results import SparseCode
 _PRIME = 2**31 - 1  # priorities live in [0, _PRIME)
 _MIXERS = (0x45D9F3B, 0x2C1B3C6D, 0x297A2D39)  # < 2^31, so every product stays below 2^62
 MAX_POSITION = IDX_PAD - 1  # positions are packed as IDX_PAD - position, which must stay positive
+_WINDOW_STRIDE = 2**32  # a (latent, position) pair as one int64: latent * 2^32 + position
 
 
 # The sampling hash ----------------------------------------------------------------
@@ -96,6 +100,7 @@ class LatentStatistics(NamedTuple):
     band_positions: torch.Tensor | None
     histogram_edges: torch.Tensor | None
     histogram: torch.Tensor | None
+    top_context_values: torch.Tensor | None
     context: tuple[int, int]
 
     def to_dashboard_json(self, tokens, token_strings, *, sequence_length, latents=None, **metadata) -> dict:
@@ -201,8 +206,8 @@ class LatentAnalysis:
 
     @property
     def needs_second_pass(self) -> bool:
-        """Whether bands or a histogram were asked for: they are filled in a second pass."""
-        return self.n_bands > 0 or self.bins > 0
+        """Whether bands, a histogram or context activations were asked for: they are filled in a second pass."""
+        return self.n_bands > 0 or self.bins > 0 or self.context != (0, 0)
 
     def update(self, code, token_positions: torch.Tensor | None = None) -> None:
         """Add one batch's code (see the class docstring); no host sync."""
@@ -215,7 +220,7 @@ class LatentAnalysis:
     def begin_second_pass(self) -> None:
         """Fix the bands and histogram edges from the first pass's extremes; ``update`` then fills them."""
         if not self.needs_second_pass:
-            raise ValueError("n_quantile_bands and histogram_bins are 0: there is no second pass")
+            raise ValueError("n_quantile_bands, histogram_bins and context are 0: there is no second pass")
         if self.passes == 2:
             raise ValueError("begin_second_pass was already called")
         if self.tokens[0] == 0:
@@ -228,6 +233,13 @@ class LatentAnalysis:
         self.band_vals = torch.zeros(F * max(nb, 1), S, dtype=self.dtype, device=dev)
         self.band_counts = torch.zeros(F * max(nb, 1), dtype=torch.int64, device=dev)
         self.histogram = torch.zeros(F * max(self.bins, 1), dtype=torch.int64, device=dev)
+        before, after = self.context
+        offsets = torch.arange(-before, after + 1, device=dev)
+        window = self.top_positions()[:, :, None] + offsets  # [F, N, w] positions around each top token
+        latent = torch.arange(F, device=dev)[:, None, None]
+        wanted = torch.where((window >= 0) & (self.top[:, :, None] != KEY_NONE), latent * _WINDOW_STRIDE + window, -1)
+        self.window_keys, self.window_of = torch.unique(wanted.reshape(-1), return_inverse=True)  # once, not per batch
+        self.window_vals = torch.zeros(self.window_keys.numel() + 1, dtype=self.dtype, device=dev)
 
     def result(self) -> LatentStatistics:
         """The statistics (``LatentStatistics``). Raises ValueError on an empty corpus, or when a second
@@ -251,7 +263,7 @@ class LatentAnalysis:
             top_values=torch.where(none, 0, top_vals),
             top_positions=torch.where(none, -1, top_pos),
             band_edges=None, band_counts=None, band_values=None, band_positions=None,
-            histogram_edges=None, histogram=None, context=self.context,
+            histogram_edges=None, histogram=None, top_context_values=None, context=self.context,
         )  # fmt: skip
         if self.passes == 2 and self.n_bands > 0:
             nb, S = self.n_bands, self.samples_per_band
@@ -267,6 +279,10 @@ class LatentAnalysis:
             steps = torch.arange(self.bins + 1, device=self.device, dtype=torch.float32)
             lo, hi = self.min_act[:, None], self.max_act[:, None]
             fields.update(histogram_edges=lo + (hi - lo) * steps / self.bins, histogram=self.histogram.view(F, self.bins).clone())
+        if self.passes == 2:
+            w = sum(self.context) + 1
+            vals = torch.where(self.window_keys >= 0, self.window_vals[:-1], 0)
+            fields.update(top_context_values=vals[self.window_of].view(F, self.top_n, w))
         return LatentStatistics(**fields)
 
     # The two passes ------------------------------------------------------------------
@@ -285,8 +301,17 @@ class LatentAnalysis:
         self.fire_counts.index_add_(0, e.latents.clamp(0, F - 1), e.live.to(torch.int64))
         self.min_keys.scatter_reduce_(0, e.latents.clamp(0, F - 1), torch.where(e.live, keys, 2**31 - 1), "amin")
 
+    def top_positions(self) -> torch.Tensor:
+        """[F, top_n] int64: the current top tokens' positions (-1 past a latent's firing count)."""
+        return torch.where(self.top == KEY_NONE, -1, IDX_PAD - (self.top & 0xFFFFFFFF))
+
     def _second_pass(self, e: _Entries) -> None:
         F, lat = self.n_features, e.latents.clamp(0, self.n_features - 1)
+        key = torch.where(e.live, lat * _WINDOW_STRIDE + e.positions, -2)
+        at = torch.searchsorted(self.window_keys, key).clamp_max(self.window_keys.numel() - 1)
+        hit = self.window_keys[at] == key  # (latent, token) lies in a window of one of the latent's top tokens
+        # each (latent, token) comes once per pass, so hits never collide; misses go to the spare last slot
+        self.window_vals.index_put_((torch.where(hit, at, self.window_keys.numel()),), e.vals)
         v = e.vals.float()
         if self.n_bands > 0:
             nb = self.n_bands

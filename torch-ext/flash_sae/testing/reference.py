@@ -764,7 +764,7 @@ def edited_output(acts, W_dec, b_dec, *, ablate=(), clamp=None, steer=(), x=None
 # convert exactly), so the order is the textbook one: larger value first, then the earlier token.
 
 
-def latent_analysis(acts, *, top_n, n_quantile_bands=0, samples_per_band=1, histogram_bins=0, seed=0):
+def latent_analysis(acts, *, top_n, n_quantile_bands=0, samples_per_band=1, histogram_bins=0, seed=0, context=(0, 0)):
     """Dict of ``LatentStatistics``'s fields (without ``context``), computed column by column."""
     from ..analysis import sample_priority
 
@@ -809,6 +809,10 @@ def latent_analysis(acts, *, top_n, n_quantile_bands=0, samples_per_band=1, hist
             bins = torch.floor((v - lo) * histogram_bins / (hi - lo)).nan_to_num(0.0).clamp(0, histogram_bins - 1)
             histogram[f] = torch.bincount(bins.long()[fires[:, f]], minlength=histogram_bins)
     out.update(top_values=top_values, top_positions=top_positions)
+    window = top_positions[:, :, None] + torch.arange(-context[0], context[1] + 1)
+    inside = (top_positions[:, :, None] >= 0) & (window >= 0) & (window < T)
+    column = acts.t()[:, None, :].expand(F, top_n, T)
+    out["top_context_values"] = torch.where(inside, column.gather(2, window.clamp(0, T - 1)), 0)
     if nb > 0:
         steps = torch.arange(nb + 1, dtype=torch.float32)
         out.update(band_edges=out["max_activation"].float()[:, None] * steps / nb, band_counts=band_counts,
