@@ -155,7 +155,9 @@ def main(argv=None):
     cpu.write_html(out / "latents.html", tokens, strings, sequence_length=args.context_size - 1, latents=latents,
                    title=title)  # fmt: skip
     dead = int((stats.fire_counts == 0).sum())
-    print(f"{stats.n_tokens} tokens, {F} latents ({dead} never fired): {out}/statistics.pt, dashboard.json, latents.html")
+    print(
+        f"{stats.n_tokens} tokens, {F} latents ({dead} never fired): {out}/statistics.pt, dashboard.json, latents.html"
+    )
 
 
 if __name__ == "__main__":

@@ -178,9 +178,9 @@ def test_dashboard_json_layout(fs, tmp_path):
         f = feature["feature_index"]
         top = [a for a in feature["activations"] if a["bin_min"] == -1]
         assert len(top) == min(OPTIONS["top_n"], int(stats.fire_counts[f]))
-        for a, p in zip(top, stats.top_positions[f].tolist()):
+        for i, (a, p) in enumerate(zip(top, stats.top_positions[f].tolist())):
             q = a["qualifying_token_index"]
-            assert a["tokens"][q] == strings[int(tokens[p])] and a["values"][q] == float(stats.top_values[f, 0 + top.index(a)])
+            assert a["tokens"][q] == strings[int(tokens[p])] and a["values"][q] == float(stats.top_values[f, i])
             assert len(a["tokens"]) == len(a["values"]) <= sum(OPTIONS["context"]) + 1
             assert p // 8 == (p - q) // 8 == (p - q + len(a["tokens"]) - 1) // 8  # inside one sequence
         assert sum(feature["freq_hist_data_bar_heights"]) == int(stats.fire_counts[f])

@@ -192,11 +192,20 @@ class LatentAnalysis:
         _check_count("n_quantile_bands", n_quantile_bands, 0)
         _check_count("samples_per_band", samples_per_band, 1)
         _check_count("histogram_bins", histogram_bins, 0)
-        if not (isinstance(context, (tuple, list)) and len(context) == 2 and all(isinstance(c, int) and c >= 0 for c in context)):
+        if not (
+            isinstance(context, (tuple, list))
+            and len(context) == 2
+            and all(isinstance(c, int) and c >= 0 for c in context)
+        ):
             raise ValueError(f"context must be (tokens before, tokens after), two ints >= 0; got {context!r}")
         F, dev = n_features, torch.device(device if device is not None else "cpu")
         self.n_features, self.top_n, self.n_bands = F, top_n, n_quantile_bands
-        self.samples_per_band, self.bins, self.context, self.seed = samples_per_band, histogram_bins, tuple(context), seed
+        self.samples_per_band, self.bins, self.context, self.seed = (
+            samples_per_band,
+            histogram_bins,
+            tuple(context),
+            seed,
+        )
         self.device, self.dtype, self.passes = dev, None, 1
         self.tokens = [0, 0]  # tokens read in each pass (Python ints: no sync)
         self.fire_counts = torch.zeros(F, dtype=torch.int64, device=dev)
@@ -248,7 +257,9 @@ class LatentAnalysis:
         if n == 0:
             raise ValueError("the corpus is empty: update was never called (no tokens to analyse)")
         if self.passes == 2 and self.tokens[1] != n:
-            raise ValueError(f"the second pass read {self.tokens[1]} tokens, the first {n}: both must read the same stream")
+            raise ValueError(
+                f"the second pass read {self.tokens[1]} tokens, the first {n}: both must read the same stream"
+            )
         F = self.n_features
         top_vals, top_pos = unpack(self.top, self.dtype)
         none = self.top == KEY_NONE
@@ -278,7 +289,9 @@ class LatentAnalysis:
         if self.passes == 2 and self.bins > 0:
             steps = torch.arange(self.bins + 1, device=self.device, dtype=torch.float32)
             lo, hi = self.min_act[:, None], self.max_act[:, None]
-            fields.update(histogram_edges=lo + (hi - lo) * steps / self.bins, histogram=self.histogram.view(F, self.bins).clone())
+            fields.update(
+                histogram_edges=lo + (hi - lo) * steps / self.bins, histogram=self.histogram.view(F, self.bins).clone()
+            )
         if self.passes == 2:
             w = sum(self.context) + 1
             vals = torch.where(self.window_keys >= 0, self.window_vals[:-1], 0)
@@ -347,7 +360,9 @@ class LatentAnalysis:
             code = SparseCode(*code)
             vals, indices, offsets = code.vals, code.indices, code.row_offsets
             if indices.shape != vals.shape or indices.dtype.is_floating_point:
-                raise ValueError(f"code: indices must be integer and of vals's shape {tuple(vals.shape)}, got {tuple(indices.shape)}")
+                raise ValueError(
+                    f"code: indices must be integer and of vals's shape {tuple(vals.shape)}, got {tuple(indices.shape)}"
+                )
             if offsets is None:
                 if vals.dim() != 2:
                     raise ValueError(f"code: a fixed-width code's vals must be [B, k], got {tuple(vals.shape)}")
@@ -375,7 +390,9 @@ class LatentAnalysis:
                 raise ValueError(f"token_positions: the stream passes {MAX_POSITION} tokens")
             token_positions = torch.arange(start, start + B, device=self.device)
         elif token_positions.shape != (B,) or token_positions.dtype.is_floating_point:
-            raise ValueError(f"token_positions must be [B={B}] integers, got {tuple(token_positions.shape)} {token_positions.dtype}")
+            raise ValueError(
+                f"token_positions must be [B={B}] integers, got {tuple(token_positions.shape)} {token_positions.dtype}"
+            )
         elif token_positions.device != self.device:
             raise ValueError(f"token_positions: on {token_positions.device}, the analysis's device is {self.device}")
         self.tokens[self.passes - 1] += B

@@ -166,7 +166,9 @@ def _context_html(tokens, values, q, peak):
     for i, (t, v) in enumerate(zip(tokens, values)):
         alpha = 0.0 if peak <= 0 else max(0.0, min(1.0, v / peak))
         cls = " class='q'" if i == q else ""
-        spans.append(f"<span{cls} style='background:rgba(255,120,0,{alpha:.3f})' title='{v:.4g}'>{html.escape(t)}</span>")
+        spans.append(
+            f"<span{cls} style='background:rgba(255,120,0,{alpha:.3f})' title='{v:.4g}'>{html.escape(t)}</span>"
+        )
     return "<div class='ctx'>" + "".join(spans) + "</div>"
 
 
@@ -225,9 +227,7 @@ def write_html(path, stats, tokens, token_strings, *, sequence_length, latents=N
         f"{_bars_svg(_density_histogram(stats), width=480, label='log density histogram')}"
         "<h2>Index (by density)</h2><p><input placeholder='latent id' oninput='filterIndex(this.value)'></p>"
         "<table id='index'><thead><tr><th>latent</th><th>density</th><th>mean</th><th>max</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
-        + "".join(_card(ft, stats) for ft in features)
-        + "</body></html>"
+        f"<tbody>{rows}</tbody></table>" + "".join(_card(ft, stats) for ft in features) + "</body></html>"
     )
     Path(path).write_text(page, encoding="utf-8")
 

@@ -776,7 +776,9 @@ def latent_analysis(acts, *, top_n, n_quantile_bands=0, samples_per_band=1, hist
         n_tokens=T,
         fire_counts=counts,
         density=counts.double() / T,
-        mean_activation=torch.where(counts > 0, torch.where(fires, acts.double(), 0.0).sum(0) / counts.clamp_min(1), 0.0),
+        mean_activation=torch.where(
+            counts > 0, torch.where(fires, acts.double(), 0.0).sum(0) / counts.clamp_min(1), 0.0
+        ),
         max_activation=torch.where(counts > 0, acts.max(0).values, zero),
         min_activation=torch.where(counts > 0, torch.where(fires, acts, float("inf")).min(0).values, zero),
     )
