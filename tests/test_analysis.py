@@ -64,6 +64,14 @@ def test_streamed_statistics_equal_the_dense_computation(fs, dtype, batch):
     assert_equal_to(stats, ref)
 
 
+def test_deterministic(fs):
+    """Two runs over the same stream give the same bits in every field."""
+    vals, indices = tied_code(40, 6, 3, torch.bfloat16, seed=9)
+    first, second = (run(fs, 6, [(vals[s : s + 9], indices[s : s + 9]) for s in range(0, 40, 9)]) for _ in range(2))
+    for name in FIELDS + ("mean_activation",):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+
+
 def test_random_values_and_more_tokens(fs):
     """Distinct fp32 values over several hundred tokens, where many tokens share each band."""
     T, F, k = 300, 5, 2

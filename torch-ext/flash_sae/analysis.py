@@ -171,7 +171,9 @@ class LatentAnalysis:
     ``update(code, token_positions=None)`` per batch: ``code`` a ``SparseCode`` or a tuple (vals [B, k],
     indices [B, k]) or (vals [E], indices [E], row_offsets [B + 1]), or dense activations [B, F];
     ``token_positions`` [B] int64 positions of the batch's tokens in the corpus (by default they continue
-    from the previous batch's). If bands or a histogram are asked for, call ``begin_second_pass()`` after
+    from the previous batch's). Entries with value <= 0, or a latent id outside [0, F) (an empty slot's -1),
+    do not fire and are skipped: ids are not range-checked, which would need a host sync. If bands, a
+    histogram or context activations are asked for, call ``begin_second_pass()`` after
     the first pass and ``update`` again over the same stream. ``result()`` gives ``LatentStatistics``.
     """
 
@@ -227,7 +229,8 @@ class LatentAnalysis:
             self._second_pass(e)
 
     def begin_second_pass(self) -> None:
-        """Fix the bands and histogram edges from the first pass's extremes; ``update`` then fills them."""
+        """Fix the bands and histogram edges from the first pass's extremes; ``update`` then fills them. One host
+        sync (sizing the set of context positions), once per analysis."""
         if not self.needs_second_pass:
             raise ValueError("n_quantile_bands, histogram_bins and context are 0: there is no second pass")
         if self.passes == 2:
