@@ -15,9 +15,12 @@ Each contender, in the same process, over the same tokens:
 
 - ``flash-sae LatentAnalysis``: both passes (top 20, 10 bands of 5 samples, 50-bin histograms, 5 + 5 context
   tokens) over the codes of ``flash_sae.SparseAutoencoder.encode``, the model forward included; all latents;
+- ``flash-sae LatentAnalysis (updates only)``: the same two passes over the codes computed beforehand (the
+  analysis's own cost);
 - ``dense torch``: the activations of every token kept as one [tokens, F] fp32 tensor, then the first pass's
   statistics and the histogram computed over it column block by column block (``dense_statistics``), model
-  and encode included; over ``--dense-tokens`` tokens (it needs tokens * F * 4 bytes);
+  and encode included, and the statistics alone; over ``--dense-tokens`` tokens (it needs tokens * F * 4
+  bytes);
 - ``sae-dashboard SaeVisRunner``: sae-dashboard 0.8.0's own runner (its default layout: top 20, 10 quantile
   groups of 5, histograms, logit tables) on ``--dashboard-features`` latents. sae-dashboard pins
   transformers<4.57 and transformer-lens<3, so it is not installed with the test set: install it with
@@ -162,6 +165,25 @@ def run_ours(fs, sae, acts, ids, args, device):
     return analysis.result()
 
 
+def encode_all(sae, acts, ids, args):
+    """Every batch's code, kept (B * k values and ids a batch): the input of the updates-only timing."""
+    with torch.no_grad():
+        return [
+            sae.encode(acts(ids[s : s + args.batch_sequences])) for s in range(0, ids.shape[0], args.batch_sequences)
+        ]
+
+
+def run_ours_cached(fs, F, codes, device):
+    """Both passes over codes already computed: the analysis alone, without the model and the encoder."""
+    analysis = fs.LatentAnalysis(F, **OPTIONS, device=device)
+    for p in range(2):
+        for code in codes:
+            analysis.update(code)
+        if p == 0:
+            analysis.begin_second_pass()
+    return analysis.result()
+
+
 def run_dense(fs, sae, acts, ids, args):
     F = sae.W_enc.shape[0]
     n = -(-args.dense_tokens // args.context)
@@ -171,7 +193,10 @@ def run_dense(fs, sae, acts, ids, args):
             vals, indices = sae.encode(acts(ids[s : min(s + args.batch_sequences, n)]))
             dense.append(vals.new_zeros(vals.shape[0], F).scatter_(1, indices, vals).float())
     keys = importlib.import_module(fs.__name__ + ".primitives.select.keys")
-    return dense_statistics(keys, torch.cat(dense), OPTIONS["top_n"], OPTIONS["histogram_bins"])
+    dense = torch.cat(dense)
+    with timed(dense.device) as r:
+        stats = dense_statistics(keys, dense, OPTIONS["top_n"], OPTIONS["histogram_bins"])
+    return stats, r
 
 
 def run_dashboard(model, w, ids, args, device):
@@ -261,13 +286,21 @@ def main(argv=None):
         ours = run_ours(fs, sae, acts, ids, args, device)
     rows.append(("flash-sae LatentAnalysis (2 passes)", shape, r, None))
     print(f"flash-sae LatentAnalysis: {T} tokens, {args.features} latents, {r['s']:.2f} s, peak {r.get('peak_gib')}")
+    codes = encode_all(sae, acts, ids, args)
+    with timed(device) as r:
+        run_ours_cached(fs, args.features, codes, device)
+    del codes
+    rows.append(("flash-sae LatentAnalysis (2 passes, updates only)", shape, r, None))
+    print(f"  updates only (codes computed beforehand): {r['s']:.2f} s, peak {r.get('peak_gib')}")
     dense_shape = {**shape, "tokens": -(-args.dense_tokens // args.context) * args.context}
     try:
         with timed(device) as r:
-            dense = run_dense(fs, sae, acts, ids, args)
+            dense, r_stats = run_dense(fs, sae, acts, ids, args)
         check_agreement(ours, dense, dense_shape["tokens"], T)
         rows.append(("dense torch ([tokens, F] kept)", dense_shape, r, None))
-        print(f"dense torch: {dense_shape['tokens']} tokens, {r['s']:.2f} s, peak {r.get('peak_gib')}")
+        rows.append(("dense torch (statistics only)", dense_shape, r_stats, None))
+        print(f"dense torch: {dense_shape['tokens']} tokens, {r['s']:.2f} s, peak {r.get('peak_gib')}; "
+              f"statistics only {r_stats['s']:.2f} s")  # fmt: skip
     except torch.OutOfMemoryError as err:
         rows.append(("dense torch ([tokens, F] kept)", dense_shape, {}, f"out of memory: {str(err)[:100]}"))
     if model is not None:
