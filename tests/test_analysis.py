@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from peers import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +64,28 @@ def test_streamed_statistics_equal_the_dense_computation(fs, dtype, batch):
     stats = run(fs, F, [(vals[s : s + B], indices[s : s + B]) for s in range(0, T, B)])
     ref = fs.testing.reference.latent_analysis(dense_of(vals, indices, F), **OPTIONS)
     assert_equal_to(stats, ref)
+
+
+@given(
+    T=st.integers(1, 40), F=st.integers(1, 9), k=st.integers(1, 4), batch=st.integers(1, 41), top_n=st.integers(1, 5),
+    bands=st.integers(0, 4), samples=st.integers(1, 3), bins=st.integers(0, 5), before=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+)  # fmt: skip
+@example(T=1, F=1, k=1, batch=1, top_n=3, bands=2, samples=1, bins=3, before=1, dtype=torch.float32, seed=0)
+@example(T=23, F=7, k=3, batch=4, top_n=4, bands=3, samples=2, bins=5, before=2, dtype=torch.bfloat16, seed=1)
+def test_drawn_shapes_equal_the_dense_computation(fs, T, F, k, batch, top_n, bands, samples, bins, before, dtype, seed):
+    """Drawn corpus sizes (one token included), widths, batchings and options: equal to the dense computation."""
+    k = min(k, F)
+    vals, indices = tied_code(T, F, k, dtype, seed)
+    options = dict(top_n=top_n, n_quantile_bands=bands, samples_per_band=samples, histogram_bins=bins,
+                   context=(before, 1), seed=seed)  # fmt: skip
+    stats = run(fs, F, [(vals[s : s + batch], indices[s : s + batch]) for s in range(0, T, batch)], **options)
+    ref = fs.testing.reference.latent_analysis(dense_of(vals, indices, F), **options)
+    assert stats.n_tokens == T
+    for name in FIELDS:
+        if ref.get(name) is not None or getattr(stats, name) is not None:
+            assert torch.equal(getattr(stats, name), ref[name]), name
+    torch.testing.assert_close(stats.mean_activation, ref["mean_activation"], rtol=1e-12, atol=0)
 
 
 def test_deterministic(fs):
