@@ -286,3 +286,36 @@ def test_cli_end_to_end_on_minilm(tmp_path):
     page = _Page()
     page.feed((out / "latents.html").read_text())
     assert len(page.cards) == 16 and set(page.links) <= page.ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host-sync check needs a CUDA device")
+def test_updates_never_wait_for_the_device(fs):
+    """Every ``update`` of both passes, for each code form, runs with torch's sync debug mode set to error."""
+    T, F, k = 64, 50, 4
+    vals, indices = tied_code(T, F, k, torch.bfloat16)
+    vals, indices = vals.cuda(), indices.cuda()
+    forms = {
+        "fixed": [(vals[s : s + 16], indices[s : s + 16]) for s in range(0, T, 16)],
+        "varlen": [
+            fs.SparseCode(
+                vals[s : s + 16].reshape(-1), indices[s : s + 16].reshape(-1), torch.arange(17, device="cuda") * k
+            )
+            for s in range(0, T, 16)
+        ],  # fmt: skip
+        "dense": [dense_of(vals[s : s + 16], indices[s : s + 16], F) for s in range(0, T, 16)],
+    }
+    for form, batches in forms.items():
+        analysis = fs.LatentAnalysis(F, **OPTIONS, device="cuda")
+        for p in range(2):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for code in batches:
+                    analysis.update(code)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            if p == 0:
+                analysis.begin_second_pass()
+        ref = fs.testing.reference.latent_analysis(dense_of(vals, indices, F).cpu(), **OPTIONS)
+        stats = analysis.result()
+        for name in FIELDS:
+            assert torch.equal(getattr(stats, name).cpu(), ref[name]), (form, name)
