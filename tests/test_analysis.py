@@ -22,10 +22,10 @@ OPTIONS = dict(top_n=3, n_quantile_bands=4, samples_per_band=2, histogram_bins=6
 
 def tied_code(T, F, k, dtype, seed=0):
     """A [T, k] TopK-like code whose values come from a few levels, so equal values recur across batches;
-    some entries are 0 (not firing), as a TopK code with fewer than k positive pre-activations has."""
+    some entries are 0 or negative (not firing), as a code with fewer than k positive pre-activations has."""
     g = torch.Generator().manual_seed(seed)
     indices = torch.stack([torch.randperm(F, generator=g)[:k] for _ in range(T)])
-    levels = torch.tensor([0.0, 0.375, 0.75, 1.5, 2.0, 3.25])
+    levels = torch.tensor([-0.5, 0.0, 0.375, 0.75, 1.5, 2.0, 3.25])  # <= 0: not firing
     vals = levels[torch.randint(0, len(levels), (T, k), generator=g)].to(dtype)
     return vals, indices
 
@@ -66,24 +66,35 @@ def test_streamed_statistics_equal_the_dense_computation(fs, dtype, batch):
     assert_equal_to(stats, ref)
 
 
-@given(
-    T=st.integers(1, 40), F=st.integers(1, 9), k=st.integers(1, 4), batch=st.integers(1, 41), top_n=st.integers(1, 5),
-    bands=st.integers(0, 4), samples=st.integers(1, 3), bins=st.integers(0, 5), before=st.integers(0, 3),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+OPTION_DRAWS = st.fixed_dictionaries(
+    dict(top_n=st.integers(1, 5), n_quantile_bands=st.integers(0, 4), samples_per_band=st.integers(1, 3),
+         histogram_bins=st.integers(0, 5), context=st.tuples(st.integers(0, 3), st.integers(0, 2)))
 )  # fmt: skip
-@example(T=1, F=1, k=1, batch=1, top_n=3, bands=2, samples=1, bins=3, before=1, dtype=torch.float32, seed=0)
-@example(T=23, F=7, k=3, batch=4, top_n=4, bands=3, samples=2, bins=5, before=2, dtype=torch.bfloat16, seed=1)
-def test_drawn_shapes_equal_the_dense_computation(fs, T, F, k, batch, top_n, bands, samples, bins, before, dtype, seed):
-    """Drawn corpus sizes (one token included), widths, batchings and options: equal to the dense computation."""
+
+
+@given(
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 9), st.integers(1, 4), st.integers(1, 41)),
+    options=OPTION_DRAWS, dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+)  # fmt: skip
+@example(shape=(1, 1, 1, 1), options=dict(top_n=3, n_quantile_bands=2, samples_per_band=1, histogram_bins=3,
+                                          context=(1, 0)), dtype=torch.float32, seed=0)  # fmt: skip
+@example(shape=(23, 7, 3, 4), options=dict(top_n=4, n_quantile_bands=3, samples_per_band=2, histogram_bins=5,
+                                           context=(2, 1)), dtype=torch.bfloat16, seed=1)  # fmt: skip
+def test_drawn_shapes_equal_the_dense_computation(fs, shape, options, dtype, seed):
+    """Drawn corpus sizes T (one token included), widths F, code widths k, batch sizes and options: equal to the
+    dense computation."""
+    T, F, k, batch = shape
     k = min(k, F)
     vals, indices = tied_code(T, F, k, dtype, seed)
-    options = dict(top_n=top_n, n_quantile_bands=bands, samples_per_band=samples, histogram_bins=bins,
-                   context=(before, 1), seed=seed)  # fmt: skip
+    options = {**options, "seed": seed}
     stats = run(fs, F, [(vals[s : s + batch], indices[s : s + batch]) for s in range(0, T, batch)], **options)
     ref = fs.testing.reference.latent_analysis(dense_of(vals, indices, F), **options)
     assert stats.n_tokens == T
+    one_pass = options["n_quantile_bands"] == options["histogram_bins"] == 0 and options["context"] == (0, 0)
     for name in FIELDS:
-        if ref.get(name) is not None or getattr(stats, name) is not None:
+        if one_pass and name == "top_context_values":  # no second pass: no context values
+            assert stats.top_context_values is None
+        elif ref.get(name) is not None or getattr(stats, name) is not None:
             assert torch.equal(getattr(stats, name), ref[name]), name
     torch.testing.assert_close(stats.mean_activation, ref["mean_activation"], rtol=1e-12, atol=0)
 

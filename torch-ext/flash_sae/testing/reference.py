@@ -813,7 +813,7 @@ def latent_analysis(acts, *, top_n, n_quantile_bands=0, samples_per_band=1, hist
     out.update(top_values=top_values, top_positions=top_positions)
     window = top_positions[:, :, None] + torch.arange(-context[0], context[1] + 1)
     inside = (top_positions[:, :, None] >= 0) & (window >= 0) & (window < T)
-    column = acts.t()[:, None, :].expand(F, top_n, T)
+    column = torch.where(fires, acts, 0).t()[:, None, :].expand(F, top_n, T)  # 0 where the latent does not fire
     out["top_context_values"] = torch.where(inside, column.gather(2, window.clamp(0, T - 1)), 0)
     if nb > 0:
         steps = torch.arange(nb + 1, dtype=torch.float32)
