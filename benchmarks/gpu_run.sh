@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one device call does, so the GPU lease is spent in few, full calls.
 # Usage (on the GPU machine, repo root, the kernels wheel carried in .whl/):
-#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration inference tests sanitizer tune bench family geometry dead standard gated transcoders sharded sharded_sanitizer trainers multi compare profile example quick
+#   bash benchmarks/gpu_run.sh STAGE...   with STAGE in: iteration inference tests sanitizer tune bench family geometry dead standard gated transcoders sharded sharded_sanitizer trainers multi compare profile example quick analysis
 # (tests: TESTS_K=<pytest -k expression> narrows them; sanitizer: SANITIZER_K likewise; profile: PROFILE="op B D F K dtype; ...")
 # (multi: needs .bench_data/ids.npz and .bench_data/minilm6 from `python benchmarks/multi_sae.py prepare`)
 # (compare: BEFORE=<checkout of an earlier commit> times both builds in one process)
@@ -60,6 +60,10 @@ for stage in "$@"; do
     inference)  # a TopK SAE's inference encode beside SAELens's SAE.encode, dense torch and torch.compile, INFERENCE_ARGS
       timeout ${INFERENCE_TIMEOUT:-420} python3 benchmarks/inference_encode.py --out "$OUT" ${INFERENCE_ARGS:-} 2>&1 \
         | tee "$OUT/inference.log" | tail -n 12
+      status=$((status | PIPESTATUS[0]));;
+    analysis)  # LatentAnalysis beside the dense formulation; SAE_DASHBOARD=<folder with sae-dashboard, --no-deps> adds its runner
+      timeout ${ANALYSIS_TIMEOUT:-560} python3 benchmarks/latent_analysis.py --out "$OUT" \
+        ${SAE_DASHBOARD:+--sae-dashboard "$SAE_DASHBOARD"} ${ANALYSIS_ARGS:-} 2>&1 | tee "$OUT/analysis.log" | tail -n 12
       status=$((status | PIPESTATUS[0]));;
     example)
       python3 example.py 2>&1 | tee "$OUT/example.log" | tail -n 12

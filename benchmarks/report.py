@@ -55,6 +55,7 @@ COMMANDS = {
     "train_sae_example": "python examples/train_sae.py --model minilm --layer 3 --dataset pydoc --tokens 300_000 "
     "--batch-size 1024 (its log.jsonl, converted to these rows)",
     "transcoders": "python benchmarks/transcoders.py",
+    "latent_analysis": "python benchmarks/latent_analysis.py [--sae-dashboard <folder>]",
 }
 
 TITLES = {
@@ -72,6 +73,7 @@ TITLES = {
     "hierarchical_buffer_precision": "Precision of the hierarchical loss's bf16 buffer",
     "train_sae_example": "The training example (examples/train_sae.py)",
     "transcoders": "Transcoders, skip transcoders, CLTs and crosscoders",
+    "latent_analysis": "Latent analysis over a corpus (LatentAnalysis, the dense formulation, sae-dashboard)",
 }
 ORDER = list(TITLES)
 

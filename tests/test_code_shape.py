@@ -19,7 +19,17 @@ LAYERS = (
     ("primitives",),
     ("ops",),
     ("modules",),
-    ("layers", "distributed", "optim", "graph_training_step", "architectures", "loading", "testing"),
+    (
+        "layers",
+        "distributed",
+        "optim",
+        "graph_training_step",
+        "architectures",
+        "loading",
+        "testing",
+        "analysis",
+        "analysis_html",
+    ),
     ("hooks",),
 )
 MAX_PARAMETERS = 10

@@ -171,6 +171,8 @@ def test_public_api(fs):
             "HookSession",
             "JumpReLUCrosscoderStep",
             "JumpReLUSAEStep",
+            "LatentAnalysis",
+            "LatentStatistics",
             "MatryoshkaSAEStep",
             "STEP_FIELDS",
             "SparseCode",

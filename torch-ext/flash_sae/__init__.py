@@ -14,6 +14,7 @@ plain-torch reference formulas the tests check against.
 """
 
 from . import distributed, layers, testing  # noqa: F401  (testing: the test oracles, outside __all__)
+from .analysis import LatentAnalysis, LatentStatistics
 from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .crosscoder_layers import CrosscoderLayers
 from .dead_latent_loss import DeadLatentLoss
@@ -79,6 +80,8 @@ __all__ = [
     "HookSession",
     "GatedSparseAutoencoder",
     "JumpReLUCrossLayerTranscoder",
+    "LatentAnalysis",
+    "LatentStatistics",
     "BatchTopKCrosscoder",
     "BatchTopKCrosscoderStep",
     "CrosscoderLayers",

@@ -756,3 +756,71 @@ def edited_output(acts, W_dec, b_dec, *, ablate=(), clamp=None, steer=(), x=None
     if x is not None:
         return x + (edited - acts) @ W_dec + add
     return edited @ W_dec + b_dec + add
+
+
+# Latent analysis -------------------------------------------------------------------------
+# ``flash_sae.LatentAnalysis``'s statistics over the whole corpus at once: ``acts`` [T, F] dense, token t at
+# position t. Each latent's column is ranked in Python on exact fp64 copies of the values (bf16 and fp32
+# convert exactly), so the order is the textbook one: larger value first, then the earlier token.
+
+
+def latent_analysis(acts, *, top_n, n_quantile_bands=0, samples_per_band=1, histogram_bins=0, seed=0, context=(0, 0)):
+    """Dict of ``LatentStatistics``'s fields (without ``context``), computed column by column."""
+    from ..analysis import sample_priority
+
+    T, F = acts.shape
+    fires = acts > 0
+    counts = fires.sum(0)
+    zero = acts.new_zeros(F)
+    out = dict(
+        n_tokens=T,
+        fire_counts=counts,
+        density=counts.double() / T,
+        mean_activation=torch.where(
+            counts > 0, torch.where(fires, acts.double(), 0.0).sum(0) / counts.clamp_min(1), 0.0
+        ),
+        max_activation=torch.where(counts > 0, acts.max(0).values, zero),
+        min_activation=torch.where(counts > 0, torch.where(fires, acts, float("inf")).min(0).values, zero),
+    )
+    top_values, top_positions = acts.new_zeros(F, top_n), torch.full((F, top_n), -1, dtype=torch.int64)
+    nb, S = n_quantile_bands, samples_per_band
+    band_values, band_positions = acts.new_zeros(F, max(nb, 1), S), torch.full((F, max(nb, 1), S), -1)
+    band_counts = torch.zeros(F, max(nb, 1), dtype=torch.int64)
+    histogram = torch.zeros(F, max(histogram_bins, 1), dtype=torch.int64)
+    for f in range(F):
+        col = acts[:, f]
+        exact = col.double().tolist()
+        firing = [t for t in range(T) if exact[t] > 0]
+        ranked = sorted(firing, key=lambda t: (-exact[t], t))[:top_n]
+        top_positions[f, : len(ranked)] = torch.tensor(ranked, dtype=torch.int64)
+        top_values[f, : len(ranked)] = col[ranked]
+        if not firing:
+            continue
+        v = col.float()
+        hi, lo = out["max_activation"][f].float(), out["min_activation"][f].float()
+        if nb > 0:
+            band = torch.floor(v * nb / hi).clamp(0, nb - 1).long().tolist()
+            priority = sample_priority(torch.arange(T), torch.full((T,), f), seed).tolist()
+            for b in range(nb):
+                members = [t for t in firing if band[t] == b]
+                band_counts[f, b] = len(members)
+                chosen = sorted(members, key=lambda t: (priority[t], t))[:S]
+                band_positions[f, b, : len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
+                band_values[f, b, : len(chosen)] = col[chosen]
+        if histogram_bins > 0:
+            bins = torch.floor((v - lo) * histogram_bins / (hi - lo)).nan_to_num(0.0).clamp(0, histogram_bins - 1)
+            histogram[f] = torch.bincount(bins.long()[fires[:, f]], minlength=histogram_bins)
+    out.update(top_values=top_values, top_positions=top_positions)
+    window = top_positions[:, :, None] + torch.arange(-context[0], context[1] + 1)
+    inside = (top_positions[:, :, None] >= 0) & (window >= 0) & (window < T)
+    column = torch.where(fires, acts, 0).t()[:, None, :].expand(F, top_n, T)  # 0 where the latent does not fire
+    out["top_context_values"] = torch.where(inside, column.gather(2, window.clamp(0, T - 1)), 0)
+    if nb > 0:
+        steps = torch.arange(nb + 1, dtype=torch.float32)
+        out.update(band_edges=out["max_activation"].float()[:, None] * steps / nb, band_counts=band_counts,
+                   band_values=band_values, band_positions=band_positions)  # fmt: skip
+    if histogram_bins > 0:
+        steps = torch.arange(histogram_bins + 1, dtype=torch.float32)
+        lo, hi = out["min_activation"].float()[:, None], out["max_activation"].float()[:, None]
+        out.update(histogram_edges=lo + (hi - lo) * steps / histogram_bins, histogram=histogram)
+    return out
