@@ -1,0 +1,341 @@
+"""The latent-sharded BatchTopK and Matryoshka BatchTopK steps and modules (``flash_sae.distributed``) on
+spawned ranks.
+
+CPU: gloo, the kernels through the interpreter; GPUs: NCCL when every rank has one. Checked against the
+one-process ``batchtopk_sae_step`` / ``matryoshka_batchtopk_sae_step``: the code (ids, row offsets and order
+exactly, values bitwise where the pre-activations are), the fire counts exactly, ``min_act`` (the
+inference threshold's input) and ``l0``; loss, FVU, level losses and every gradient against the fp64
+reference by the parity rule (no worse than twice the one-process step's error); the same loss, code,
+min_act and replicated gradients on every rank. Cases: F divisible by neither 2 nor 3, shards holding
+fewer latents than the batch keeps, exact ties across shard boundaries (integer inputs), B = 1, float k,
+prefix levels that end inside shards, the decoder-norm rescaling. Then a short Adam run of the sharded
+modules that follows the one-process modules (threshold included), checkpoints W shards -> one process
+-> W' shards, and bad input failing on every rank.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_harness import run_ranks
+from encoder_inputs import make_sae
+from parity import DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads
+
+NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
+SHARDED = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")
+# (B, D, F, k, seed, integer, prefix_sizes, rescale): F = 50 is not divisible by 3 and its levels end inside
+# shards (9 and 25 on 3 ranks' shards of 17); F = 10 on 3 ranks gives shards of 4, 4, 2, fewer than the 7
+# entries B = 1 keeps; integer inputs tie exactly across shards; k = 2.5 keeps int(k * B) = 12 of 5 rows
+CASES = [
+    (6, 37, 50, 7, 1, False, [9, 25, 50], True),
+    (1, 16, 10, 7, 2, False, [3, 10], False),
+    (5, 9, 23, 2.5, 3, True, [5, 12, 23], False),
+]
+
+
+def _shard(t, fs, F, world, rank):
+    lo, hi = fs.distributed.shard_bounds(F, world, rank)
+    return t[lo:hi]
+
+
+def _agreed(t) -> bool:
+    """Whether every rank holds the same ``t``."""
+    t = t.detach().float().reshape(-1).clone()
+    hi, lo = t.clone(), t.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return torch.equal(hi, t) and torch.equal(lo, t)
+
+
+def _check_step(fs, what, single, out, ref, dtype):
+    """The sharded step's outputs against the one-process step's and the fp64 reference's."""
+    assert torch.equal(out.code.indices, single.code.indices), what
+    assert torch.equal(out.code.row_offsets, single.code.row_offsets), what
+    assert_same_across_shapes(what, out.code.vals, single.code.vals)
+    assert_same_across_shapes(what, out.min_act, single.min_act)
+    assert torch.equal(out.l0, single.l0), what
+    assert_parity(f"loss {what}", out.loss, single.loss, ref.loss, dtype)
+    assert_parity(f"mse {what}", out.mse, single.mse, ref.mse, dtype)
+    if out.code.row_offsets.numel() > 2:
+        assert_parity(f"fvu {what}", out.fvu, single.fvu, ref.fvu, dtype)
+    if hasattr(out, "level_losses"):
+        assert_parity(f"level losses {what}", out.level_losses, single.level_losses, ref.level_losses, dtype)
+    for t in (out.loss, out.min_act, out.code.vals, out.code.indices):
+        assert _agreed(t), what
+
+
+def sharded_step_body(fs, rank, world, device, cases, dtypes, matryoshka):
+    group = dist.group.WORLD
+    ref_mod = fs.testing.reference
+    for B, D, F, k, seed, integer, sizes, rescale in cases:
+        for dtype in dtypes:
+            params = list(make_sae(B, D, F, 1, dtype, device, seed=seed, integer=integer))
+            up = torch.tensor(0.5 + seed / 7, device=device)
+            opts = dict(rescale_acts_by_decoder_norm=rescale)
+            if matryoshka:
+                single = fs.matryoshka_batchtopk_sae_step(*params, k, sizes, **opts)
+            else:
+                single = fs.batchtopk_sae_step(*params, k, **opts)
+            single_grads = grads(single.loss, params, up)
+            mine = [params[0].detach().clone()] + [
+                _shard(t.detach(), fs, F, world, rank).clone() for t in params[1:4]
+            ] + [params[4].detach().clone()]  # fmt: skip
+            for t in mine:
+                t.requires_grad_()
+            sharded = fs.distributed
+            if matryoshka:
+                out = sharded.sharded_matryoshka_batchtopk_sae_step(*mine, k, sizes, group=group, n_features=F, **opts)
+            else:
+                out = sharded.sharded_batchtopk_sae_step(*mine, k, group=group, n_features=F, **opts)
+            ours = grads(out.loss, mine, up)
+            what = f"B={B} D={D} F={F} k={k} seed={seed} {dtype} rank {rank}/{world} matryoshka={matryoshka}"
+            assert torch.equal(out.fire_counts, _shard(single.fire_counts, fs, F, world, rank)), what
+            p64 = [p.detach().double().requires_grad_() for p in params]
+            code = single.code
+            rows = torch.repeat_interleave(torch.arange(B, device=device), code.row_offsets.diff())
+            forced = dict(selection=(rows, code.indices), **opts)
+            if matryoshka:
+                r = ref_mod.matryoshka_batchtopk_sae_step(*p64, k, sizes, **forced)
+            else:
+                r = ref_mod.batchtopk_sae_step(*p64, k, **forced)
+            r_grads = grads(r.loss, p64, up.double())
+            _check_step(fs, what, single, out, r, dtype)
+            for name, a, b, c in zip(NAMES, ours, single_grads, r_grads):
+                if name in ("W_enc", "b_enc", "W_dec"):
+                    b, c = _shard(b, fs, F, world, rank), _shard(c, fs, F, world, rank)
+                assert_parity(f"d{name} {what}", a, b, c, dtype)
+            assert _agreed(ours[0]) and _agreed(ours[4]), what
+            # x without a gradient: the shard's own gradients do not change
+            mine_nx = [mine[0].detach()] + [t.detach().clone().requires_grad_() for t in mine[1:]]
+            if matryoshka:
+                out_nx = sharded.sharded_matryoshka_batchtopk_sae_step(
+                    *mine_nx, k, sizes, group=group, n_features=F, **opts
+                )
+            else:
+                out_nx = sharded.sharded_batchtopk_sae_step(*mine_nx, k, group=group, n_features=F, **opts)
+            nx = grads(out_nx.loss, mine_nx[1:], up)
+            assert_parity(f"db_dec, x without grad, {what}", nx[3], single_grads[4], r_grads[4], dtype)
+            for a, b in zip(nx[:3], ours[1:4]):
+                assert torch.equal(a, b), what
+            # the batch-rule encode and the variable-length decode agree with the step
+            vals, ids, offsets = sharded.sharded_batchtopk_encode(*mine, k, group=group, n_features=F, **opts)
+            assert torch.equal(ids, out.code.indices) and torch.equal(vals, out.code.vals), what
+            assert torch.equal(offsets, out.code.row_offsets), what
+            x_hat = sharded.sharded_decode(vals, ids, mine[3], mine[4], group=group, n_features=F, row_offsets=offsets)
+            want = fs.primitives.gather.gather_rows(code.vals, code.indices, params[3].detach(), params[4].detach(),
+                                                    row_offsets=code.row_offsets)  # fmt: skip
+            tol = {torch.float32: 1e-5}.get(dtype, 2e-2)
+            torch.testing.assert_close(x_hat.float(), want.float(), rtol=tol, atol=tol, msg=what)
+
+
+@pytest.mark.parametrize("matryoshka", [False, True], ids=["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("world", fast_tier_keeps(1, [2, 3]))
+def test_sharded_batchtopk_step_matches_single_process(world, matryoshka):
+    dtypes = DTYPES if world == 3 else (torch.float32,)
+    run_ranks(sharded_step_body, world, CASES, dtypes, matryoshka)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("matryoshka", [False, True], ids=["batchtopk", "matryoshka"])
+def test_sharded_batchtopk_step_in_every_dtype_on_two_ranks(matryoshka):
+    run_ranks(sharded_step_body, 2, CASES, DTYPES, matryoshka)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("matryoshka", [False, True], ids=["batchtopk", "matryoshka"])
+def test_sharded_batchtopk_step_on_eight_ranks(matryoshka):
+    """8 ranks: F = 45 (shards of 6, the last of 3), levels ending inside shards, exact ties; fp32."""
+    cases = [(3, 11, 45, 7, 5, True, [4, 20, 45], False), (2, 9, 45, 4.5, 6, False, [13, 45], True)]
+    run_ranks(sharded_step_body, 8, cases, (torch.float32,), matryoshka)
+
+
+def _modules(fs, arch, D, F, k, **kwargs):
+    """(one-process module class, sharded class, extra constructor keywords) of ``arch``."""
+    extra = {"prefix_sizes": [7, 20, F]} if arch == "matryoshka" else {}
+    if arch == "matryoshka":
+        return (
+            fs.MatryoshkaBatchTopKSparseAutoencoder,
+            fs.distributed.ShardedMatryoshkaBatchTopKSparseAutoencoder,
+            extra,
+        )
+    return fs.BatchTopKSparseAutoencoder, fs.distributed.ShardedBatchTopKSparseAutoencoder, extra
+
+
+def training_body(fs, rank, world, device, arch, steps):
+    """Adam steps of the sharded module against the one-process module on the same batch, from the same
+    weights: the same loss curve, weights, inference threshold and dead counts."""
+    B, D, F, k = 8, 24, 45, 3.5
+    Single, Sharded, extra = _modules(fs, arch, D, F, k)
+    window = B - 1  # a latent silent for one whole step counts dead, so the counts are exercised
+    ref = Single(D, F, k, seed=3, device=device, dead_window_tokens=window, **extra)
+    sae = Sharded(D, F, k, group=dist.group.WORLD, seed=11, device=device, dead_window_tokens=window, **extra)
+    lo, hi = sae.f0, sae.f0 + sae.n_local
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(sae, name).copy_(getattr(ref, name)[lo:hi])
+        sae.b_dec.copy_(ref.b_dec)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        x = torch.randn(B, D, generator=g).to(device)
+        for module, optimizer in ((ref, opt_ref), (sae, opt)):
+            out = module.loss(x)
+            out.loss.backward()
+            module.before_optimizer_step()
+            optimizer.step()
+            optimizer.zero_grad()
+            module.after_optimizer_step()
+            if module is ref:
+                want = out.loss.detach()
+        torch.testing.assert_close(out.loss.detach(), want, rtol=2e-5, atol=1e-7, msg=f"{arch} step {step}")
+        assert _agreed(out.loss) and _agreed(sae.threshold), f"{arch} step {step}"
+    for name in ("W_enc", "b_enc", "W_dec"):
+        torch.testing.assert_close(getattr(sae, name), getattr(ref, name)[lo:hi], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.b_dec, ref.b_dec, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.threshold, ref.threshold, rtol=1e-6, atol=0)
+    assert sae.threshold > 0
+    assert torch.equal(sae.tokens_since_fired, ref.tokens_since_fired[lo:hi])
+    torch.testing.assert_close(sae.dead_fraction(), ref.dead_fraction())
+    # the batch rule's encode and the decode give the one-process module's reconstruction
+    x = torch.randn(B, D, generator=g).to(device)
+    torch.testing.assert_close(sae(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("world", fast_tier_keeps(1, [2, 3]))
+def test_sharded_training_follows_single_process(world, arch):
+    run_ranks(training_body, world, arch, 4)
+
+
+def replicas_body(fs, rank, world, device, arch):
+    """2 replicas x 2 shards on different batches: the inference threshold and b_dec stay the same on every
+    rank (the replicas take the smallest min_act and average their gradients)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _, Sharded, extra = _modules(fs, arch, 20, 30, 3)
+    mesh = init_device_mesh(device.split(":")[0], (2, 2), mesh_dim_names=("data", "latent"))
+    sae = Sharded(20, 30, 3, mesh=mesh, seed=2, device=device, **extra)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    replica = mesh.get_local_rank("data")
+    g = torch.Generator().manual_seed(10 + replica)
+    for _ in range(3):
+        sae.loss(torch.randn(6, 20, generator=g).to(device)).loss.backward()
+        sae.all_reduce_gradients()
+        opt.step()
+        opt.zero_grad()
+    assert sae.threshold > 0 and _agreed(sae.threshold) and _agreed(sae.b_dec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_sharded_replicas_agree_on_the_threshold(arch):
+    run_ranks(replicas_body, 4, arch)
+
+
+def save_body(fs, rank, world, device, path, arch):
+    _, Sharded, extra = _modules(fs, arch, 20, 25, 4)
+    sae = Sharded(20, 25, 4, group=dist.group.WORLD, seed=2, device=device, **extra)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    sae.loss(torch.randn(6, 20, generator=torch.Generator().manual_seed(1)).to(device)).loss.backward()
+    opt.step()
+    fs.distributed.save_checkpoint(sae, path, opt)
+    moments = {n: opt.state[p]["exp_avg_sq"].cpu() for n, p in sae.named_parameters()}
+    torch.save({"state": {k: v.cpu() for k, v in sae.state_dict().items()}, "moments": moments}, f"{path}.r{rank}.pt")
+
+
+def load_body(fs, rank, world, device, path, arch, expect):
+    _, Sharded, extra = _modules(fs, arch, 20, 25, 4)
+    sae = Sharded(20, 25, 4, group=dist.group.WORLD, seed=99, device=device, **extra)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    fs.distributed.load_checkpoint(sae, path, opt)
+    lo, hi = sae.f0, sae.f0 + sae.n_local
+    for name, full in expect["state"].items():
+        assert torch.equal(getattr(sae, name).detach().cpu(), full[lo:hi] if name in SHARDED else full), name
+    for name, p in sae.named_parameters():
+        full = expect["moments"][name]
+        assert torch.equal(opt.state[p]["exp_avg_sq"].cpu(), full[lo:hi] if name != "b_dec" else full), name
+
+
+def _assemble(parts: list[dict]) -> dict:
+    return {
+        kind: {k: torch.cat([p[kind][k] for p in parts]) if k in SHARDED else parts[0][kind][k] for k in parts[0][kind]}
+        for kind in ("state", "moments")
+    }
+
+
+@pytest.mark.parametrize("arch", fast_tier_keeps(1, ["batchtopk", "matryoshka"]))
+def test_sharded_checkpoints_move_between_layouts(fs, tmp_path, arch):
+    """2 shards -> the one-process module (with Adam) -> 3 shards: the same tensors, the threshold included."""
+    two = tmp_path / "two"
+    run_ranks(save_body, 2, str(two), arch)
+    full = _assemble([torch.load(f"{two}.r{r}.pt") for r in range(2)])
+    assert full["state"]["threshold"] > 0
+    Single, _, extra = _modules(fs, arch, 20, 25, 4)
+    single = Single(20, 25, 4, seed=0, **extra)
+    opt = torch.optim.Adam(single.parameters(), lr=1e-2)
+    fs.distributed.load_checkpoint(single, two, opt)
+    for name, want in full["state"].items():
+        assert torch.equal(getattr(single, name).detach(), want), name
+    for name, p in single.named_parameters():
+        assert torch.equal(opt.state[p]["exp_avg_sq"], full["moments"][name]), name
+    one = tmp_path / "one"
+    fs.distributed.save_checkpoint(single, one, opt)
+    run_ranks(load_body, 3, str(one), arch, full)
+
+
+def bad_input_body(fs, rank, world, device):
+    group = dist.group.WORLD
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(4, 8, 10, 1, torch.float32, device, seed=0)
+    step = fs.distributed.sharded_batchtopk_sae_step
+    mstep = fs.distributed.sharded_matryoshka_batchtopk_sae_step
+    with pytest.raises(ValueError, match="W_enc must hold this rank's 5 latents"):
+        step(x, W_enc, b_enc, W_dec, b_dec, 3, group=group, n_features=10)
+    lo, hi = fs.distributed.shard_bounds(10, world, rank)
+    mine = (x, W_enc[lo:hi], b_enc[lo:hi], W_dec[lo:hi], b_dec)
+    with pytest.raises(ValueError, match="k must give"):
+        step(*mine, 11, group=group, n_features=10)
+    with pytest.raises(ValueError, match="group must be"):
+        step(*mine, 3, group=None, n_features=10)
+    with pytest.raises(ValueError, match="b_dec must have shape"):
+        step(*mine[:4], b_dec[:3], 3, group=group, n_features=10)
+    with pytest.raises(ValueError, match="W_dec"):
+        step(*mine[:3], mine[3].to(torch.bfloat16), b_dec, 3, group=group, n_features=10)
+    with pytest.raises(ValueError, match="rescale_acts_by_decoder_norm"):
+        step(*mine, 3, group=group, n_features=10, rescale_acts_by_decoder_norm=1)
+    with pytest.raises(ValueError, match="prefix_sizes must end"):
+        mstep(*mine, 3, [4, 8], group=group, n_features=10)
+    with pytest.raises(ValueError, match="row_offsets"):
+        fs.distributed.sharded_decode(
+            torch.rand(6), torch.zeros(6, dtype=torch.int64), mine[3], b_dec, group=group, n_features=10,
+            row_offsets=torch.zeros(5, dtype=torch.int32),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="k must be a number"):
+        fs.distributed.ShardedBatchTopKSparseAutoencoder(8, 10, 11, group=group)
+    with pytest.raises(ValueError, match="dead_loss"):
+        fs.distributed.ShardedBatchTopKSparseAutoencoder(8, 10, 2, group=group, dead_loss="auxk")
+    with pytest.raises(ValueError, match="prefix_sizes"):
+        fs.distributed.ShardedMatryoshkaBatchTopKSparseAutoencoder(8, 10, 2, group=group, prefix_sizes=[5])
+
+
+def test_sharded_bad_input():
+    run_ranks(bad_input_body, 2)
+
+
+def one_bad_rank_body(fs, rank, world, device):
+    """Rank 0 passes a shard of the wrong size, the others good input: rank 0 raises before any collective."""
+    x, W_enc, b_enc, W_dec, b_dec = make_sae(4, 8, 10, 1, torch.float32, device, seed=0)
+    lo, hi = fs.distributed.shard_bounds(10, world, rank)
+    if rank != 0:
+        W_enc, b_enc, W_dec = W_enc[lo:hi], b_enc[lo:hi], W_dec[lo:hi]
+    fs.distributed.sharded_batchtopk_sae_step(x, W_enc, b_enc, W_dec, b_dec, 3, group=dist.group.WORLD, n_features=10)
+
+
+def test_one_bad_rank_fails_the_run_without_a_hang():
+    """The run ends with rank 0's ValueError (the harness stops the ranks left waiting in the all-gather),
+    well within a minute."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="W_enc must hold this rank's 5 latents"):
+        run_ranks(one_bad_rank_body, 2)
+    assert time.monotonic() - t0 < 120
