@@ -339,3 +339,81 @@ def test_one_bad_rank_fails_the_run_without_a_hang():
     with pytest.raises(Exception, match="W_enc must hold this rank's 5 latents"):
         run_ranks(one_bad_rank_body, 2)
     assert time.monotonic() - t0 < 120
+
+
+def _dense(code, B, lo, hi, device):
+    """A variable-length code's entries of latents [lo, hi) as a dense [B, hi - lo] fp32 matrix (tests only)."""
+    n = int(code.row_offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(B, device=device), code.row_offsets.diff())[:n]
+    ids, vals = code.indices[:n], code.vals[:n].float()
+    keep = (ids >= lo) & (ids < hi)
+    out = torch.zeros(B, hi - lo, device=device)
+    out[rows[keep], ids[keep] - lo] = vals[keep]
+    return out
+
+
+def threshold_step_body(fs, rank, world, device, cases, dtypes, arch):
+    """The sharded JumpReLU / standard step against the one-process step and the fp64 reference."""
+    shards = fs.distributed.LatentShards(dist.group.WORLD, None)
+    ref_mod = fs.testing.reference
+    for B, D, F, seed in cases:
+        shards = shards._replace(n_features=F)
+        lo, hi = fs.distributed.shard_bounds(F, world, rank)
+        for dtype in dtypes:
+            params = list(make_sae(B, D, F, 1, dtype, device, seed=seed))
+            g = torch.Generator().manual_seed(seed + 100)
+            if arch == "jumprelu":
+                params.append((torch.rand(F, generator=g) * 0.4).to(device).requires_grad_())
+            names = NAMES + (("threshold",) if arch == "jumprelu" else ())
+            up = torch.tensor(0.5 + seed / 7, device=device)
+            opts = dict(l0_coefficient=0.3, bandwidth=0.2) if arch == "jumprelu" else dict(l1_coefficient=0.7)
+            one = fs.jumprelu_sae_step if arch == "jumprelu" else fs.standard_sae_step
+            single = one(*params, capacity=B * F, **opts)
+            single_grads = grads(single.loss, params, up)
+            mine = [p.detach().clone() for p in params]
+            for i in (1, 2, 3) + ((5,) if arch == "jumprelu" else ()):
+                mine[i] = mine[i][lo:hi].clone()
+            for t in mine:
+                t.requires_grad_()
+            sharded = (
+                fs.distributed.sharded_jumprelu_sae_step
+                if arch == "jumprelu"
+                else fs.distributed.sharded_standard_sae_step
+            )
+            out = sharded(*mine, capacity=B * (hi - lo), shards=shards, **opts)
+            ours = grads(out.loss, mine, up)
+            what = f"{arch} B={B} D={D} F={F} seed={seed} {dtype} rank {rank}/{world}"
+            p64 = [p.detach().double().requires_grad_() for p in params]
+            ref_opts = {k: v for k, v in opts.items() if k != "bandwidth"} if arch == "standard" else opts
+            r = (ref_mod.jumprelu_sae_step if arch == "jumprelu" else ref_mod.standard_sae_step)(
+                *p64, **ref_opts, round_preacts=dtype
+            )
+            r_grads = grads(r.loss, p64, up.double())
+            assert_same_across_shapes(what, _dense(out.code, B, lo, hi, device), _dense(single.code, B, lo, hi, device))
+            assert torch.equal(out.fire_counts, single.fire_counts[lo:hi]), what
+            count = out.count.clone()
+            dist.all_reduce(count)
+            assert torch.equal(count, single.count), what
+            assert_same_across_shapes(what, out.l0, single.l0)
+            assert_parity(f"loss {what}", out.loss, single.loss, r.loss, dtype)
+            assert_parity(f"mse {what}", out.mse, single.mse, r.mse, dtype)
+            if B > 1:
+                assert_parity(f"fvu {what}", out.fvu, single.fvu, r.fvu, dtype)
+            if arch == "standard":
+                assert_parity(f"l1 {what}", out.l1, single.l1, r.l1, dtype)
+            for name, a, b, c in zip(names, ours, single_grads, r_grads):
+                if name in ("W_enc", "b_enc", "W_dec", "threshold"):
+                    b, c = b[lo:hi], c[lo:hi]
+                assert_parity(f"d{name} {what}", a, b, c, dtype)
+            for t in (out.loss, out.mse, ours[0], ours[4]):
+                assert _agreed(t), what
+
+
+THRESHOLD_CASES = [(6, 37, 50, 1), (1, 16, 10, 2), (4, 9, 23, 3)]
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "standard"])
+@pytest.mark.parametrize("world", fast_tier_keeps(1, [2, 3]))
+def test_sharded_threshold_step_matches_single_process(world, arch):
+    dtypes = DTYPES if world == 3 else (torch.float32,)
+    run_ranks(threshold_step_body, world, THRESHOLD_CASES, dtypes, arch)

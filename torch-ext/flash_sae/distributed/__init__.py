@@ -16,12 +16,14 @@ from .sharded_batchtopk_sparse_autoencoder import (
     ShardedMatryoshkaBatchTopKSparseAutoencoder,
 )
 from .sharded_sparse_autoencoder import ShardedLatents, ShardedSparseAutoencoder, load_checkpoint, save_checkpoint
+from .sharded_threshold_sae_steps import LatentShards, sharded_jumprelu_sae_step, sharded_standard_sae_step
 from .sharded_topk_sae_step import sharded_decode, sharded_topk_encode, sharded_topk_sae_step
 
 __all__ = [
     "DATA_DIM",
     "LATENT_DIM",
     "LatentLayout",
+    "LatentShards",
     "ShardedBatchTopKSparseAutoencoder",
     "ShardedLatents",
     "ShardedMatryoshkaBatchTopKSparseAutoencoder",
@@ -32,7 +34,9 @@ __all__ = [
     "sharded_batchtopk_encode",
     "sharded_batchtopk_sae_step",
     "sharded_decode",
+    "sharded_jumprelu_sae_step",
     "sharded_matryoshka_batchtopk_sae_step",
+    "sharded_standard_sae_step",
     "sharded_topk_encode",
     "sharded_topk_sae_step",
 ]
