@@ -57,6 +57,8 @@ class ShardedLatents:
     F_r latents): the layout, the shard's bounds, the replicas' gradient average, the dead fraction over
     every shard, the bookkeeping after a step, and the state as global tensors for checkpoints."""
 
+    sharded_state = SHARDED  # the state_dict's [F, ...] entries, split by latent; the others are replicated
+
     def _set_shards(self, setup: ShardSetup, n_features: int) -> None:
         self.layout = setup.layout
         self.n_features, self.n_local, self.f0 = n_features, setup.n_local, setup.f0
@@ -119,7 +121,7 @@ class ShardedLatents:
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The state as global tensors for ``torch.distributed.checkpoint``: the [F, ...] ones as
         ``DTensor``s sharded over the latent mesh dimension, the others (b_dec, a threshold) replicated."""
-        return {name: self.as_global(t, name in SHARDED) for name, t in self.state_dict().items()}
+        return {name: self.as_global(t, name in self.sharded_state) for name, t in self.state_dict().items()}
 
     def as_global(self, t: torch.Tensor, sharded: bool) -> DTensor:
         """This rank's ``t`` as a DTensor: rows [f0, f0 + F_r) of an [F, ...] tensor (``sharded``), or
@@ -237,7 +239,7 @@ def _optimizer_state(module, optimizer, create: bool) -> dict[str, torch.Tensor]
             if not isinstance(value, torch.Tensor):
                 continue
             if key in MOMENTS and value.shape == p.shape and isinstance(module, ShardedLatents):
-                value = module.as_global(value, name in SHARDED)
+                value = module.as_global(value, name in module.sharded_state)
             out[f"optim.{name}.{key}"] = value
     return out
 
@@ -253,8 +255,9 @@ def _quiet_single_process(module):
 
 def save_checkpoint(module, path, optimizer=None) -> None:
     """Writes ``module``'s state (and ``optimizer``'s, an Adam-like one) to the folder ``path`` with
-    ``torch.distributed.checkpoint``: every rank calls it for a ``ShardedSparseAutoencoder``; one
-    process for a single-GPU ``SparseAutoencoder`` (with or without a process group)."""
+    ``torch.distributed.checkpoint``: every rank calls it for a sharded module (``ShardedLatents``); one
+    process for a one-process module (``SparseAutoencoder``, ``BatchTopKSparseAutoencoder``, ..., with or
+    without a process group)."""
     state = _state(module)
     if optimizer is not None:
         state.update(_optimizer_state(module, optimizer, create=False))
@@ -266,7 +269,7 @@ def load_checkpoint(module, path, optimizer=None) -> None:
     """Reads a ``save_checkpoint`` folder into ``module`` (and ``optimizer``), whatever the layout it
     was written with: W shards into W' shards, sharded into single-GPU, single-GPU into sharded.
     Keys the checkpoint lacks (a single-GPU module's ``dead_offset``) keep their values. Every rank
-    calls it for a ``ShardedSparseAutoencoder``; any one process for a ``SparseAutoencoder``."""
+    calls it for a sharded module; any one process for a one-process module of the same architecture."""
     stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     state = {k: v for k, v in _state(module).items() if k in stored}
     if optimizer is not None:
