@@ -153,29 +153,47 @@ def test_sharded_batchtopk_step_on_eight_ranks(matryoshka):
     run_ranks(sharded_step_body, 8, cases, (torch.float32,), matryoshka)
 
 
-def _modules(fs, arch, D, F, k, **kwargs):
-    """(one-process module class, sharded class, extra constructor keywords) of ``arch``."""
-    extra = {"prefix_sizes": [7, 20, F]} if arch == "matryoshka" else {}
-    if arch == "matryoshka":
-        return (
+def _modules(fs, arch, D, F, k):
+    """(one-process module class, sharded class, constructor arguments after D and F) of ``arch``."""
+    dist_ = fs.distributed
+    table = {
+        "batchtopk": (fs.BatchTopKSparseAutoencoder, dist_.ShardedBatchTopKSparseAutoencoder, ((k,), {})),
+        "matryoshka": (
             fs.MatryoshkaBatchTopKSparseAutoencoder,
-            fs.distributed.ShardedMatryoshkaBatchTopKSparseAutoencoder,
-            extra,
-        )
-    return fs.BatchTopKSparseAutoencoder, fs.distributed.ShardedBatchTopKSparseAutoencoder, extra
+            dist_.ShardedMatryoshkaBatchTopKSparseAutoencoder,
+            ((k,), {"prefix_sizes": [7, 20, F]}),
+        ),
+        "jumprelu": (
+            fs.JumpReLUSparseAutoencoder,
+            dist_.ShardedJumpReLUSparseAutoencoder,
+            ((), {"init_threshold": 0.02}),
+        ),
+        "standard": (
+            fs.StandardSparseAutoencoder,
+            dist_.ShardedStandardSparseAutoencoder,
+            ((), {"l1_coefficient": 0.3}),
+        ),
+    }
+    return table[arch]
+
+
+def _build(cls, D, F, args, **kwargs):
+    pos, kw = args
+    return cls(D, F, *pos, **kw, **kwargs)
 
 
 def training_body(fs, rank, world, device, arch, steps):
     """Adam steps of the sharded module against the one-process module on the same batch, from the same
     weights: the same loss curve, weights, inference threshold and dead counts."""
     B, D, F, k = 8, 24, 45, 3.5
-    Single, Sharded, extra = _modules(fs, arch, D, F, k)
+    Single, Sharded, args = _modules(fs, arch, D, F, k)
     window = B - 1  # a latent silent for one whole step counts dead, so the counts are exercised
-    ref = Single(D, F, k, seed=3, device=device, dead_window_tokens=window, **extra)
-    sae = Sharded(D, F, k, group=dist.group.WORLD, seed=11, device=device, dead_window_tokens=window, **extra)
+    ref = _build(Single, D, F, args, seed=3, device=device, dead_window_tokens=window)
+    sae = _build(Sharded, D, F, args, group=dist.group.WORLD, seed=11, device=device, dead_window_tokens=window)
     lo, hi = sae.f0, sae.f0 + sae.n_local
+    own = ("W_enc", "b_enc", "W_dec") + (("threshold",) if arch == "jumprelu" else ())
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec"):
+        for name in own:
             getattr(sae, name).copy_(getattr(ref, name)[lo:hi])
         sae.b_dec.copy_(ref.b_dec)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
@@ -193,27 +211,33 @@ def training_body(fs, rank, world, device, arch, steps):
             if module is ref:
                 want = out.loss.detach()
         torch.testing.assert_close(out.loss.detach(), want, rtol=2e-5, atol=1e-7, msg=f"{arch} step {step}")
-        assert _agreed(out.loss) and _agreed(sae.threshold), f"{arch} step {step}"
-    for name in ("W_enc", "b_enc", "W_dec"):
+        assert _agreed(out.loss) and _agreed(sae.b_dec), f"{arch} step {step}"
+    for name in own:
         torch.testing.assert_close(getattr(sae, name), getattr(ref, name)[lo:hi], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sae.b_dec, ref.b_dec, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(sae.threshold, ref.threshold, rtol=1e-6, atol=0)
-    assert sae.threshold > 0
     assert torch.equal(sae.tokens_since_fired, ref.tokens_since_fired[lo:hi])
     torch.testing.assert_close(sae.dead_fraction(), ref.dead_fraction())
-    # the batch rule's encode and the decode give the one-process module's reconstruction
-    x = torch.randn(B, D, generator=g).to(device)
-    torch.testing.assert_close(sae(x), ref(x), rtol=1e-5, atol=1e-5)
+    if arch in ("batchtopk", "matryoshka"):  # the agreed inference threshold; encode and decode
+        assert sae.threshold > 0 and _agreed(sae.threshold)
+        torch.testing.assert_close(sae.threshold, ref.threshold, rtol=1e-6, atol=0)
+        x = torch.randn(B, D, generator=g).to(device)
+        torch.testing.assert_close(sae(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def both_trainings_body(fs, rank, world, device, steps):
-    for arch in ("batchtopk", "matryoshka"):
+def trainings_body(fs, rank, world, device, archs, steps):
+    for arch in archs:
         training_body(fs, rank, world, device, arch, steps)
 
 
-@pytest.mark.parametrize("world", fast_tier_keeps(1, [2, 3]))
-def test_sharded_training_follows_single_process(world):
-    run_ranks(both_trainings_body, world, 4)
+ALL_ARCHS = ("batchtopk", "matryoshka", "jumprelu", "standard")
+
+
+@pytest.mark.parametrize(
+    "world,archs", fast_tier_keeps(1, [(2, ("matryoshka", "standard")), (2, ALL_ARCHS), (3, ALL_ARCHS)], unpack=True)
+)
+def test_sharded_training_follows_single_process(world, archs):
+    """A few Adam steps; the fast tier one selection family and one threshold family, the full tier all four."""
+    run_ranks(trainings_body, world, archs, 3)
 
 
 def replicas_body(fs, rank, world, device, arch):
@@ -221,9 +245,9 @@ def replicas_body(fs, rank, world, device, arch):
     rank (the replicas take the smallest min_act and average their gradients)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    _, Sharded, extra = _modules(fs, arch, 20, 30, 3)
+    _, Sharded, args = _modules(fs, arch, 20, 30, 3)
     mesh = init_device_mesh(device.split(":")[0], (2, 2), mesh_dim_names=("data", "latent"))
-    sae = Sharded(20, 30, 3, mesh=mesh, seed=2, device=device, **extra)
+    sae = _build(Sharded, 20, 30, args, mesh=mesh, seed=2, device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     replica = mesh.get_local_rank("data")
     g = torch.Generator().manual_seed(10 + replica)
@@ -232,18 +256,20 @@ def replicas_body(fs, rank, world, device, arch):
         sae.all_reduce_gradients()
         opt.step()
         opt.zero_grad()
-    assert sae.threshold > 0 and _agreed(sae.threshold) and _agreed(sae.b_dec)
+    assert _agreed(sae.b_dec)
+    if arch in ("batchtopk", "matryoshka"):
+        assert sae.threshold > 0 and _agreed(sae.threshold)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "jumprelu", "standard"])
 def test_sharded_replicas_agree_on_the_threshold(arch):
     run_ranks(replicas_body, 4, arch)
 
 
 def save_body(fs, rank, world, device, path, arch):
-    _, Sharded, extra = _modules(fs, arch, 20, 25, 4)
-    sae = Sharded(20, 25, 4, group=dist.group.WORLD, seed=2, device=device, **extra)
+    _, Sharded, args = _modules(fs, arch, 20, 25, 4)
+    sae = _build(Sharded, 20, 25, args, group=dist.group.WORLD, seed=2, device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     sae.loss(torch.randn(6, 20, generator=torch.Generator().manual_seed(1)).to(device)).loss.backward()
     opt.step()
@@ -253,35 +279,43 @@ def save_body(fs, rank, world, device, path, arch):
 
 
 def load_body(fs, rank, world, device, path, arch, expect):
-    _, Sharded, extra = _modules(fs, arch, 20, 25, 4)
-    sae = Sharded(20, 25, 4, group=dist.group.WORLD, seed=99, device=device, **extra)
+    _, Sharded, args = _modules(fs, arch, 20, 25, 4)
+    sae = _build(Sharded, 20, 25, args, group=dist.group.WORLD, seed=99, device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     fs.distributed.load_checkpoint(sae, path, opt)
     lo, hi = sae.f0, sae.f0 + sae.n_local
+    split = _split(arch)
     for name, full in expect["state"].items():
-        assert torch.equal(getattr(sae, name).detach().cpu(), full[lo:hi] if name in SHARDED else full), name
+        assert torch.equal(getattr(sae, name).detach().cpu(), full[lo:hi] if name in split else full), name
     for name, p in sae.named_parameters():
         full = expect["moments"][name]
         assert torch.equal(opt.state[p]["exp_avg_sq"].cpu(), full[lo:hi] if name != "b_dec" else full), name
 
 
-def _assemble(parts: list[dict]) -> dict:
+def _split(arch):
+    return SHARDED + (("threshold",) if arch == "jumprelu" else ())
+
+
+def _assemble(parts: list[dict], arch) -> dict:
+    split = _split(arch)
     return {
-        kind: {k: torch.cat([p[kind][k] for p in parts]) if k in SHARDED else parts[0][kind][k] for k in parts[0][kind]}
+        kind: {k: torch.cat([p[kind][k] for p in parts]) if k in split else parts[0][kind][k] for k in parts[0][kind]}
         for kind in ("state", "moments")
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "jumprelu", "standard"])
 def test_sharded_checkpoints_move_between_layouts(fs, tmp_path, arch):
-    """2 shards -> the one-process module (with Adam) -> 3 shards: the same tensors, the threshold included."""
+    """2 shards -> the one-process module (with Adam) -> 3 shards: the same tensors, the thresholds included
+    (BatchTopK's replicated, JumpReLU's split by latent)."""
     two = tmp_path / "two"
     run_ranks(save_body, 2, str(two), arch)
-    full = _assemble([torch.load(f"{two}.r{r}.pt") for r in range(2)])
-    assert full["state"]["threshold"] > 0
-    Single, _, extra = _modules(fs, arch, 20, 25, 4)
-    single = Single(20, 25, 4, seed=0, **extra)
+    full = _assemble([torch.load(f"{two}.r{r}.pt") for r in range(2)], arch)
+    if arch in ("batchtopk", "matryoshka"):
+        assert full["state"]["threshold"] > 0
+    Single, _, args = _modules(fs, arch, 20, 25, 4)
+    single = _build(Single, 20, 25, args, seed=0)
     opt = torch.optim.Adam(single.parameters(), lr=1e-2)
     fs.distributed.load_checkpoint(single, two, opt)
     for name, want in full["state"].items():
