@@ -12,6 +12,7 @@ given.
 
 import contextlib
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,118 @@ SHARDED = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")  # [F, ...] tensors,
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # optimizer state shaped as its parameter
 
 
-class ShardedSparseAutoencoder(UnitNormDecoder, FusedDecoderGeometry, SAEBase):
+class ShardSetup(NamedTuple):
+    """A sharded module's place in its layout: the ``LatentLayout``, its first latent ``f0``, its latents
+    ``n_local`` and the seed its shard draws from."""
+
+    layout: LatentLayout
+    f0: int
+    n_local: int
+    seed: int
+
+
+def shard_setup(n_features, mesh, group, device, seed) -> ShardSetup:
+    """Checks the layout and n_features; the shard's bounds and seed. ``seed`` None: the first rank draws
+    one and broadcasts it (a collective)."""
+    layout = LatentLayout.build(mesh, group, device)
+    check_int("n_features", n_features, 1, 2**31 - 1)
+    check_shardable(n_features, layout.latent_world)
+    f0, f1 = shard_bounds(n_features, layout.latent_world, layout.latent_rank)
+    if seed is None:  # one draw, shared by every rank: shards differ by f0, replicas agree
+        seed = int(shared_random_seed(layout, device))
+    return ShardSetup(layout, f0, f1 - f0, (seed * 1_000_003 + f0) % 2**63)
+
+
+class ShardedLatents:
+    """Mixin for a latent-sharded module (listed before the one-process bases, which hold this rank's
+    F_r latents): the layout, the shard's bounds, the replicas' gradient average, the dead fraction over
+    every shard, the bookkeeping after a step, and the state as global tensors for checkpoints."""
+
+    sharded_state = SHARDED  # the state_dict's [F, ...] entries, split by latent; the others are replicated
+
+    def _set_shards(self, setup: ShardSetup, n_features: int) -> None:
+        self.layout = setup.layout
+        self.n_features, self.n_local, self.f0 = n_features, setup.n_local, setup.f0
+
+    @property
+    def supports_fused_optimizer(self) -> bool:
+        """``flash_sae.FusedAdam`` updates each rank's own rows in its backward (nothing to exchange); with
+        data-parallel replicas the gradients must be averaged first (``all_reduce_gradients``), so it does not."""
+        return self.layout.data_group is None
+
+    def _shards_repr(self) -> str:
+        lay = self.layout
+        shards = f"{lay.latent_world} shards x {lay.data_world} replicas"
+        return f"latents [{self.f0}, {self.f0 + self.n_local}) of {shards}"
+
+    @torch.no_grad()
+    def _after_step(self, step, rows: int) -> None:
+        """The one-process bookkeeping with the replicas' statistics: fire counts summed over the data
+        group (so the replicas' dead counts agree), and a BatchTopK step's ``min_act`` its minimum over the
+        replicas (so their inference thresholds agree; the latent group's ranks already share one)."""
+        group = self.layout.data_group
+        if self.training and group is not None:
+            counts = step.fire_counts.clone()
+            dist.all_reduce(counts, group=group)
+            step, rows = step._replace(fire_counts=counts), rows * self.layout.data_world
+            if getattr(step, "min_act", None) is not None:
+                low = step.min_act.clone()
+                dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+                step = step._replace(min_act=low)
+        super()._after_step(step, rows)
+
+    @torch.no_grad()
+    def all_reduce_gradients(self) -> None:
+        """Averages every parameter's gradient over the replicas (one all-reduce of the gradients
+        concatenated; a no-op without a data dimension). Call it after ``backward`` and before the
+        optimiser step."""
+        group = self.layout.data_group
+        if group is None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(self.layout.data_world)
+        i = 0
+        for g in grads:
+            g.copy_(flat[i : i + g.numel()].view_as(g))
+            i += g.numel()
+
+    def dead_fraction(self) -> torch.Tensor:
+        """0-d fp32: the share of dead latents over all shards (an all-reduce; a device tensor)."""
+        n = self.dead_mask().sum().float()
+        dist.all_reduce(n, group=self.layout.latent_group)
+        return n / self.n_features
+
+    def resample_dead_(self, *args, **kwargs):
+        raise NotImplementedError("resample_dead_ is not implemented for the sharded SAEs (it needs a global draw)")
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The state as global tensors for ``torch.distributed.checkpoint``: the [F, ...] ones as
+        ``DTensor``s sharded over the latent mesh dimension, the others (b_dec, a threshold) replicated."""
+        return {name: self.as_global(t, name in self.sharded_state) for name, t in self.state_dict().items()}
+
+    def as_global(self, t: torch.Tensor, sharded: bool) -> DTensor:
+        """This rank's ``t`` as a DTensor: rows [f0, f0 + F_r) of an [F, ...] tensor (``sharded``), or
+        the same on every rank."""
+        mesh = self.layout.mesh
+        if t.device.type != mesh.device_type:
+            raise ValueError(
+                f"the module's tensors are on {t.device.type} but its mesh is a {mesh.device_type} mesh: build the "
+                "mesh (or pass device=) on the device the module lives on"
+            )
+        latent_dim = 0 if mesh.ndim == 1 else mesh.mesh_dim_names.index("latent")
+        placements = [Replicate()] * mesh.ndim
+        if sharded:
+            placements[latent_dim] = Shard(0)
+        shape = (self.n_features, *t.shape[1:]) if sharded else t.shape
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+class ShardedSparseAutoencoder(ShardedLatents, UnitNormDecoder, FusedDecoderGeometry, SAEBase):
     """A TopK SAE (``SparseAutoencoder``'s parameters and math) whose F latents are split over ranks.
 
     Args:
@@ -63,30 +175,16 @@ class ShardedSparseAutoencoder(UnitNormDecoder, FusedDecoderGeometry, SAEBase):
         seed=None,
         dead_window_tokens=10_000_000,
     ):
-        layout = LatentLayout.build(mesh, group, device)
-        check_int("n_features", n_features, 1, 2**31 - 1)
-        check_shardable(n_features, layout.latent_world)
+        setup = shard_setup(n_features, mesh, group, device, seed)
         check_int("k", k, 1, n_features)
-        f0, f1 = shard_bounds(n_features, layout.latent_world, layout.latent_rank)
-        if seed is None:  # one draw, shared by every rank: shards differ by f0, replicas agree
-            seed = int(shared_random_seed(layout, device))
-        shard_seed = (seed * 1_000_003 + f0) % 2**63
         super().__init__(
-            d_model, f1 - f0, dtype=dtype, device=device, seed=shard_seed, dead_window_tokens=dead_window_tokens
+            d_model, setup.n_local, dtype=dtype, device=device, seed=setup.seed, dead_window_tokens=dead_window_tokens
         )
-        self.layout = layout
-        self.n_features, self.n_local, self.f0, self.k = n_features, f1 - f0, f0, k
-
-    @property
-    def supports_fused_optimizer(self) -> bool:
-        """``flash_sae.FusedAdam`` updates each rank's own rows in its backward (nothing to exchange); with
-        data-parallel replicas the gradients must be averaged first (``all_reduce_gradients``), so it does not."""
-        return self.layout.data_group is None
+        self._set_shards(setup, n_features)
+        self.k = k
 
     def _sparsity_repr(self) -> str:
-        lay = self.layout
-        shards = f"{lay.latent_world} shards x {lay.data_world} replicas"
-        return f"k={self.k}, latents [{self.f0}, {self.f0 + self.n_local}) of {shards}"
+        return f"k={self.k}, {self._shards_repr()}"
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole code (vals [B, k], global ids [B, k]), descending; the same on every shard."""
@@ -109,66 +207,6 @@ class ShardedSparseAutoencoder(UnitNormDecoder, FusedDecoderGeometry, SAEBase):
             group=self.layout.latent_group, n_features=self.n_features,
         )  # fmt: skip
 
-    @torch.no_grad()
-    def _after_step(self, step, rows: int) -> None:
-        if self.training:
-            counts, n = step.fire_counts, rows
-            if self.layout.data_group is not None:
-                counts = counts.clone()
-                dist.all_reduce(counts, group=self.layout.data_group)
-                n *= self.layout.data_world
-            self.record_firing(counts, n)
-
-    @torch.no_grad()
-    def all_reduce_gradients(self) -> None:
-        """Averages every parameter's gradient over the replicas (one all-reduce of the gradients
-        concatenated; a no-op without a data dimension). Call it after ``backward`` and before the
-        optimiser step."""
-        group = self.layout.data_group
-        if group is None:
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        flat.div_(self.layout.data_world)
-        i = 0
-        for g in grads:
-            g.copy_(flat[i : i + g.numel()].view_as(g))
-            i += g.numel()
-
-    def dead_fraction(self) -> torch.Tensor:
-        """0-d fp32: the share of dead latents over all shards (an all-reduce; a device tensor)."""
-        n = self.dead_mask().sum().float()
-        dist.all_reduce(n, group=self.layout.latent_group)
-        return n / self.n_features
-
-    def resample_dead_(self, *args, **kwargs):
-        raise NotImplementedError("resample_dead_ is not implemented for the sharded SAE (it needs a global draw)")
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The state as global tensors for ``torch.distributed.checkpoint``: the [F, ...] ones as
-        ``DTensor``s sharded over the latent mesh dimension, b_dec replicated."""
-        return {name: self.as_global(t, name in SHARDED) for name, t in self.state_dict().items()}
-
-    def as_global(self, t: torch.Tensor, sharded: bool) -> DTensor:
-        """This rank's ``t`` as a DTensor: rows [f0, f0 + F_r) of an [F, ...] tensor (``sharded``), or
-        the same on every rank."""
-        mesh = self.layout.mesh
-        if t.device.type != mesh.device_type:
-            raise ValueError(
-                f"the module's tensors are on {t.device.type} but its mesh is a {mesh.device_type} mesh: build the "
-                "mesh (or pass device=) on the device the module lives on"
-            )
-        latent_dim = 0 if mesh.ndim == 1 else mesh.mesh_dim_names.index("latent")
-        placements = [Replicate()] * mesh.ndim
-        if sharded:
-            placements[latent_dim] = Shard(0)
-        shape = (self.n_features, *t.shape[1:]) if sharded else t.shape
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
-
 
 def shared_random_seed(layout, device) -> int:
     """A seed drawn by the mesh's first rank and broadcast to every rank of the mesh."""
@@ -181,7 +219,7 @@ def shared_random_seed(layout, device) -> int:
 
 
 def _state(module) -> dict[str, torch.Tensor]:
-    if isinstance(module, ShardedSparseAutoencoder):
+    if isinstance(module, ShardedLatents):
         return module.checkpoint_state()
     return dict(module.state_dict())
 
@@ -200,8 +238,8 @@ def _optimizer_state(module, optimizer, create: bool) -> dict[str, torch.Tensor]
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 continue
-            if key in MOMENTS and value.shape == p.shape and isinstance(module, ShardedSparseAutoencoder):
-                value = module.as_global(value, name in SHARDED)
+            if key in MOMENTS and value.shape == p.shape and isinstance(module, ShardedLatents):
+                value = module.as_global(value, name in module.sharded_state)
             out[f"optim.{name}.{key}"] = value
     return out
 
@@ -210,27 +248,28 @@ def _optimizer_state(module, optimizer, create: bool) -> dict[str, torch.Tensor]
 def _quiet_single_process(module):
     """DCP warns that it assumes one process when ``no_dist`` is set: the intent for a single module."""
     with warnings.catch_warnings():
-        if not isinstance(module, ShardedSparseAutoencoder):
+        if not isinstance(module, ShardedLatents):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 
 def save_checkpoint(module, path, optimizer=None) -> None:
     """Writes ``module``'s state (and ``optimizer``'s, an Adam-like one) to the folder ``path`` with
-    ``torch.distributed.checkpoint``: every rank calls it for a ``ShardedSparseAutoencoder``; one
-    process for a single-GPU ``SparseAutoencoder`` (with or without a process group)."""
+    ``torch.distributed.checkpoint``: every rank calls it for a sharded module (``ShardedLatents``); one
+    process for a one-process module (``SparseAutoencoder``, ``BatchTopKSparseAutoencoder``, ..., with or
+    without a process group)."""
     state = _state(module)
     if optimizer is not None:
         state.update(_optimizer_state(module, optimizer, create=False))
     with _quiet_single_process(module):
-        dcp.save(state, checkpoint_id=str(path), no_dist=not isinstance(module, ShardedSparseAutoencoder))
+        dcp.save(state, checkpoint_id=str(path), no_dist=not isinstance(module, ShardedLatents))
 
 
 def load_checkpoint(module, path, optimizer=None) -> None:
     """Reads a ``save_checkpoint`` folder into ``module`` (and ``optimizer``), whatever the layout it
     was written with: W shards into W' shards, sharded into single-GPU, single-GPU into sharded.
     Keys the checkpoint lacks (a single-GPU module's ``dead_offset``) keep their values. Every rank
-    calls it for a ``ShardedSparseAutoencoder``; any one process for a ``SparseAutoencoder``."""
+    calls it for a sharded module; any one process for a one-process module of the same architecture."""
     stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     state = {k: v for k, v in _state(module).items() if k in stored}
     if optimizer is not None:
@@ -239,6 +278,6 @@ def load_checkpoint(module, path, optimizer=None) -> None:
     if missing:
         raise ValueError(f"checkpoint at {path} lacks {missing}: not an SAE written by save_checkpoint")
     with _quiet_single_process(module):
-        dcp.load(state, checkpoint_id=str(path), no_dist=not isinstance(module, ShardedSparseAutoencoder))
-    if not isinstance(module, ShardedSparseAutoencoder):
+        dcp.load(state, checkpoint_id=str(path), no_dist=not isinstance(module, ShardedLatents))
+    if not isinstance(module, ShardedLatents):
         module.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")}, strict=False)

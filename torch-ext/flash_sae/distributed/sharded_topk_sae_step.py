@@ -15,7 +15,7 @@ the same batch x and holds the same b_dec. One step:
    own shard either, so it is among its shard's candidates (the tie rule is one total order).
 4. Each rank decodes the entries it owns (others weigh 0) into an fp32 partial reconstruction;
    one all-reduce (sum) of [B, D] fp32 gives every rank the whole reconstruction, the residual
-   and the loss.
+   and the loss (``_sharded_mse.py``, which the BatchTopK steps share).
 
 Backward (every rank holds the same residual, so the loss's gradient is known everywhere): each
 rank's own rows of dW_dec, dW_enc and db_enc come from the existing sparse kernels over its own
@@ -46,18 +46,13 @@ from .._validation import (
     check_step_args,
     check_tensor,
 )
-from ..primitives.csr import RowOut, csr_transpose
-from ..primitives.encoder import encoder_backward
-from ..primitives.gather import gather_rows, gather_rows_backward
-from ..primitives.row_update import ClaimedUpdate, claimed
+from ..primitives.gather import gather_rows
 from ..primitives.select.keys import KEY_NONE, unpack
 from ..primitives.select.preacts import pre_chunks
 from ..primitives.select.row_topk import chunk_top_k
-from ..results import SparseCode, TopKSAEStep, code_l0, fire_counts, total_variance
+from ..results import SparseCode, TopKSAEStep, code_l0
+from ._sharded_mse import ShardedCode, ShardedLoss, all_gather_single, own_entries, sharded_mse
 from .layout import check_shardable, shard_bounds
-
-# torch 2.13 renamed the tensor all-gather; older versions (2.11 on our GPU machines) have the old name only
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand):
@@ -83,14 +78,6 @@ def sharded_select(x, W_enc, b_enc, k, b_dec, f0, n_cand, group, world):
     return unpack(torch.topk(cand, k, dim=1, sorted=True).values, x.dtype)
 
 
-def own_entries(vals, ids, f0, n_local):
-    """This rank's share of a global code: (values, 0 elsewhere), (local ids, 0 elsewhere, for
-    gathers), (local ids, n_local elsewhere: outside every CSR segment)."""
-    mine = (ids >= f0) & (ids < f0 + n_local)
-    local = ids - f0
-    return torch.where(mine, vals, 0), torch.where(mine, local, 0), torch.where(mine, local, n_local)
-
-
 class ShardPlan(NamedTuple):
     """Where this rank's latents sit and how the selection merges: k, the first latent f0, the candidates
     each shard sends (n_cand), the latent group and its size."""
@@ -100,54 +87,6 @@ class ShardPlan(NamedTuple):
     n_cand: int
     group: dist.ProcessGroup
     world: int
-
-
-class _ShardedTopKStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, plan: ShardPlan):
-        B, D = x.shape
-        n_local = W_enc.shape[0]
-        group = plan.group
-        values, ids = sharded_select(x, W_enc, b_enc, plan.k, b_dec, plan.f0, plan.n_cand, group, plan.world)
-        vals = torch.relu(values)
-        lvals, lidx, lidx_csr = own_entries(vals, ids, plan.f0, n_local)
-        partial = gather_rows(lvals, lidx, W_dec, out_dtype=torch.float32)
-        dist.all_reduce(partial, group=group)
-        residual = partial.add_(b_dec.float()).sub_(x.float())
-        sq = (residual * residual).sum()
-        loss = sq / (B * D)
-        fvu = sq / total_variance(x)
-        counts = fire_counts(lvals, lidx, n_local)
-        ctx.save_for_backward(x, W_enc, W_dec, b_dec, lvals, lidx, lidx_csr, residual)
-        ctx.group = group
-        ctx.mark_non_differentiable(fvu, counts, vals, ids)
-        return loss, fvu, counts, vals, ids
-
-    @staticmethod
-    def backward(ctx, g_loss, *_):
-        x, W_enc, W_dec, b_dec, lvals, lidx, lidx_csr, residual = ctx.saved_tensors
-        B, D = residual.shape
-        s_const = 2.0 / (B * D)
-        s = g_loss.float() * s_const
-        csr = csr_transpose(lidx_csr, W_dec.shape[0])
-        # an optimizer's claim on this rank's rows (flash_sae.FusedAdam): applied in the passes, nothing exchanged
-        dec, enc = (ClaimedUpdate(u) if (u := claimed(w)) is not None else None for w in (W_dec, W_enc))
-        dW_dec, dots = gather_rows_backward(
-            residual, lvals, lidx_csr, W_dec, scale=g_loss.float(), scale_const=s_const, csr=csr,
-            row_out=RowOut(update=dec),
-        )  # fmt: skip
-        dpre = torch.where(lvals > 0, dots * s, 0.0)
-        dx_enc, dW_enc, db_enc, _ = encoder_backward(dpre, x, W_enc, b_dec, lidx, csr=csr, update=enc)
-        if ctx.needs_input_grad[0]:
-            dist.all_reduce(dx_enc, group=ctx.group)
-            db_dec_enc = -dx_enc.sum(0)
-        else:
-            db_dec_enc = -dx_enc.sum(0)
-            dist.all_reduce(db_dec_enc, group=ctx.group)
-        dtype = W_enc.dtype
-        dx = (dx_enc - residual * s).to(dtype) if ctx.needs_input_grad[0] else None
-        db_dec = (residual.sum(0) * s + db_dec_enc).to(dtype)
-        return dx, dW_enc, db_enc.to(dtype), dW_dec, db_dec, None
 
 
 def _group_bounds(group, n_features):
@@ -164,17 +103,30 @@ def _group_bounds(group, n_features):
     return shard_bounds(n_features, world, rank)
 
 
-def check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features):
-    """Validates a sharded step's arguments; returns (f0, n_cand, world)."""
+def check_shard_args(x, W_enc, b_enc, W_dec, b_dec, group, n_features, k_check=None):
+    """Validates a sharded step's tensors against this rank's shard of ``n_features`` latents in ``group``
+    (``k_check(F_r)``, when given, checks the sparsity argument first and returns the k the shard's encoder
+    check takes); returns (f0, f1, world)."""
     f0, f1 = _group_bounds(group, n_features)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    check_int("k", k, 1, n_features)
+    k_local = k_check(f1 - f0) if k_check is not None else 1
     if isinstance(W_enc, torch.Tensor) and W_enc.ndim == 2 and W_enc.shape[0] != f1 - f0:
         raise ValueError(
             f"W_enc must hold this rank's {f1 - f0} latents (rank {rank} of {world}, latents [{f0}, {f1}) of "
             f"n_features={n_features}), got {W_enc.shape[0]} rows"
         )
-    check_step_args(x, W_enc, b_enc, W_dec, b_dec, min(k, f1 - f0))
+    check_step_args(x, W_enc, b_enc, W_dec, b_dec, k_local)
+    return f0, f1, world
+
+
+def check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features):
+    """Validates a sharded TopK step's arguments; returns (f0, n_cand, world)."""
+
+    def k_check(n_local):
+        check_int("k", k, 1, n_features)
+        return min(k, n_local)
+
+    f0, _, world = check_shard_args(x, W_enc, b_enc, W_dec, b_dec, group, n_features, k_check)
     return f0, min(k, -(-n_features // world)), world
 
 
@@ -201,11 +153,12 @@ def sharded_topk_sae_step(
         on every rank).
     """
     f0, n_cand, world = check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features)
-    args = (x, W_enc, b_enc, W_dec, b_dec)
-    plan = ShardPlan(k, f0, n_cand, group, world)
-    loss, fvu, counts, vals, ids = _ShardedTopKStep.apply(*(t.contiguous() for t in args), plan)
-    code = SparseCode(vals, ids)
-    return TopKSAEStep(loss, loss.detach(), fvu, code_l0(vals, x.shape[0]), counts, code)
+    x, W_enc, b_enc, W_dec, b_dec = (t.contiguous() for t in (x, W_enc, b_enc, W_dec, b_dec))
+    with torch.no_grad():
+        values, ids = sharded_select(x, W_enc, b_enc, k, b_dec, f0, n_cand, group, world)
+    code = ShardedCode(torch.relu(values), ids)
+    loss, fvu, counts, _ = sharded_mse(x, W_enc, b_enc, W_dec, b_dec, code, ShardedLoss(group, f0, n_features))
+    return TopKSAEStep(loss, loss.detach(), fvu, code_l0(code.vals, x.shape[0]), counts, SparseCode(*code[:2]))
 
 
 @torch.no_grad()
@@ -218,12 +171,16 @@ def sharded_topk_encode(x, W_enc, b_enc, k, b_dec, *, group, n_features):
 
 
 @torch.no_grad()
-def sharded_decode(vals, indices, W_dec, b_dec, *, group, n_features):
+def sharded_decode(vals, indices, W_dec, b_dec, *, group, n_features, row_offsets=None):
     """x_hat [B, D] (W_dec's dtype) from a whole code with global ids; the same on every rank of ``group``.
-    Ids outside [0, n_features) belong to no shard and add nothing; they are not checked (that would
-    be a host sync)."""
-    check_tensor("vals", vals, 2)
-    check_tensor("indices", indices, 2, INDEX_DTYPES)
+    The code is [B, K] (vals, indices), or with ``row_offsets`` [B + 1] int64 a variable-length one (flat [N]
+    vals and indices, row b's at row_offsets[b]:row_offsets[b + 1]: a BatchTopK code). Ids outside
+    [0, n_features) belong to no shard and add nothing; they are not checked (that would be a host sync)."""
+    ndim = 2 if row_offsets is None else 1
+    check_tensor("vals", vals, ndim)
+    check_tensor("indices", indices, ndim, INDEX_DTYPES)
+    if row_offsets is not None:
+        check_tensor("row_offsets", row_offsets, 1, (torch.int64,))
     if tuple(indices.shape) != tuple(vals.shape):
         raise ValueError(f"indices must have vals' shape {tuple(vals.shape)}, got {tuple(indices.shape)}")
     check_tensor("W_dec", W_dec, 2)
@@ -235,6 +192,6 @@ def sharded_decode(vals, indices, W_dec, b_dec, *, group, n_features):
     if W_dec.shape[0] != f1 - f0:
         raise ValueError(f"W_dec must hold this rank's {f1 - f0} latents [{f0}, {f1}), got {W_dec.shape[0]} rows")
     lvals, lidx, _ = own_entries(vals, indices, f0, f1 - f0)
-    partial = gather_rows(lvals, lidx, W_dec, out_dtype=torch.float32)
+    partial = gather_rows(lvals, lidx, W_dec, out_dtype=torch.float32, row_offsets=row_offsets)
     dist.all_reduce(partial, group=group)
     return partial.add_(b_dec.float()).to(W_dec.dtype)
