@@ -56,6 +56,7 @@ COMMANDS = {
     "--batch-size 1024 (its log.jsonl, converted to these rows)",
     "transcoders": "python benchmarks/transcoders.py",
     "latent_analysis": "python benchmarks/latent_analysis.py [--sae-dashboard <folder>]",
+    "training_iteration": "python benchmarks/training_iteration.py --out benchmarks/results",
 }
 
 TITLES = {
@@ -74,6 +75,7 @@ TITLES = {
     "train_sae_example": "The training example (examples/train_sae.py)",
     "transcoders": "Transcoders, skip transcoders, CLTs and crosscoders",
     "latent_analysis": "Latent analysis over a corpus (LatentAnalysis, the dense formulation, sae-dashboard)",
+    "training_iteration": "The whole training iteration: step, Adam, decoder-norm steps, master copies",
 }
 ORDER = list(TITLES)
 
