@@ -12,8 +12,9 @@ Each runs on CPU tensors in the dtype under test and again in fp64 (the ground t
 Triton decoder is switched off by its own ``SPARSIFY_DISABLE_TRITON`` (``peers.sparsify_coder``).
 
 The helpers that map the trainer's parameters to flash-sae's arguments, and flash-sae's loss to the
-trainer's, are taken from the README's code blocks (``readme_helpers``), so the README shows exactly
-what is tested. What is checked, for fp32 and bf16, under a random upstream scale: the trainer's loss,
+trainer's, are taken from the code blocks of the migration guide, docs/migrating.md
+(``migration_helpers``), so the guide shows exactly what is tested. What is checked, for fp32 and
+bf16, under a random upstream scale: the trainer's loss,
 the reconstruction, the code (dense, compared on its positive part: sparsify's zero-valued slots hold
 arbitrary ids) and every gradient in the trainer's own layout, by tests/parity.py's rule against the
 trainer in fp64; the selection equal to the trainer's own in fp32 and in fp64. The decoder rows are
@@ -79,23 +80,23 @@ def sparsify_ungated_share(p, x, run, upstream):
     return {"encoder.weight": dW, "encoder.bias": db, "W_dec": torch.zeros_like(W_dec), "b_dec": -dx.sum(0)}, dx
 
 
-# The README's helpers -----------------------------------------------------------------
+# The migration guide's helpers --------------------------------------------------------
 
 
-def readme_helpers(names=("saelens_to_flash", "saelens_loss", "sparsify_to_flash", "sparsify_loss")):
-    """The helper functions as the README writes them: every ``def`` of its python code blocks, run."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def migration_helpers(names=("saelens_to_flash", "saelens_loss", "sparsify_to_flash", "sparsify_loss")):
+    """The helper functions as docs/migrating.md writes them: every ``def`` of its python code blocks, run."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "migrating.md").read_text()
     found = {}
     for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
         defs = [node for node in ast.parse(block).body if isinstance(node, ast.FunctionDef) and node.name in names]
         if defs:
-            exec(compile(ast.Module(body=defs, type_ignores=[]), "README.md", "exec"), {"torch": torch}, found)
+            exec(compile(ast.Module(body=defs, type_ignores=[]), "docs/migrating.md", "exec"), {"torch": torch}, found)
     missing = set(names) - set(found)
-    assert not missing, f"README.md no longer defines {sorted(missing)}"
+    assert not missing, f"docs/migrating.md no longer defines {sorted(missing)}"
     return [found[n] for n in names]
 
 
-saelens_to_flash, saelens_loss, sparsify_to_flash, sparsify_loss = readme_helpers()
+saelens_to_flash, saelens_loss, sparsify_to_flash, sparsify_loss = migration_helpers()
 
 TRAINERS = {
     "saelens": (saelens_run, saelens_to_flash, saelens_loss),
