@@ -48,36 +48,23 @@ class LatentShards(NamedTuple):
     n_features: int
 
 
-class _SumOverShards(torch.autograd.Function):
-    """The identity whose backward sums the gradient over the latent group (in fp32)."""
+class _ReduceOverShards(torch.autograd.Function):
+    """The identity whose backward sums (``mean=False``) or averages the gradient over the latent group, in
+    fp32. Averaged: x's and b_dec's gradients, which each rank computes from its own (equal up to the order
+    of fp32 sums) residual, come out the same on every rank, so the replicated b_dec stays replicated."""
 
     @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
+    def forward(ctx, t, group, mean):
+        ctx.group, ctx.mean = group, mean
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, g):
         total = g.float()
         dist.all_reduce(total, group=ctx.group)
-        return total.to(g.dtype), None
-
-
-class _AverageOverShards(torch.autograd.Function):
-    """The identity whose backward averages the gradient over the latent group (in fp32): x's and b_dec's
-    gradients, which each rank computes from its own (equal up to the order of fp32 sums) residual, come
-    out the same on every rank, so the replicated b_dec stays replicated."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        total = g.float()
-        dist.all_reduce(total, group=ctx.group)
-        return total.div_(dist.get_world_size(ctx.group)).to(g.dtype), None
+        if ctx.mean:
+            total.div_(dist.get_world_size(ctx.group))
+        return total.to(g.dtype), None, None
 
 
 class _Prepared(NamedTuple):
@@ -111,9 +98,9 @@ def _prepare(x, W_enc, b_enc, W_dec, b_dec, theta, shards: LatentShards, collect
         dist.all_reduce(whole, group=shards.group)
         others = whole.sub_(own)
     group = shards.group
-    x, b_dec = _AverageOverShards.apply(x, group), _AverageOverShards.apply(b_dec, group)
+    x, b_dec = _ReduceOverShards.apply(x, group, True), _ReduceOverShards.apply(b_dec, group, True)
     target = (x.float() - others).to(x.dtype)
-    return _Prepared(_SumOverShards.apply(x - b_dec, group), target, b_dec, f0)
+    return _Prepared(_ReduceOverShards.apply(x - b_dec, group, False), target, b_dec, f0)
 
 
 def _whole(out, penalty_name: str, coefficient: float, prep: _Prepared, x: torch.Tensor, group) -> dict:

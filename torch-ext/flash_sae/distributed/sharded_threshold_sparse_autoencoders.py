@@ -19,7 +19,17 @@ from .sharded_threshold_sae_steps import LatentShards, sharded_jumprelu_sae_step
 
 
 class ShardCapacity(LearnedCapacity):
-    """Mixin: the shard's code size, learned from its own counts (``LearnedCapacity`` records them)."""
+    """Mixin: a threshold SAE built on this rank's shard (the one-process module's constructor over F_r
+    latents), and the shard's code size, learned from its own counts (``LearnedCapacity`` records them)."""
+
+    def __init__(self, d_model, n_features, *, mesh=None, group=None, seed=None, capacity_per_row=None, **kwargs):
+        setup = shard_setup(n_features, mesh, group, kwargs.get("device"), seed)
+        super().__init__(d_model, setup.n_local, seed=setup.seed, **kwargs)
+        self._set_shards(setup, n_features)
+        self._init_capacity(capacity_per_row)
+
+    def _sparsity_repr(self) -> str:
+        return f"{super()._sparsity_repr()}, {self._shards_repr()}"
 
     def _init_capacity(self, capacity_per_row) -> None:
         if capacity_per_row is not None and (not is_int(capacity_per_row) or capacity_per_row < 1):
@@ -66,15 +76,6 @@ class ShardedJumpReLUSparseAutoencoder(ShardedLatents, ShardCapacity, FusedDecod
 
     sharded_state = SHARDED + ("threshold", "log_threshold")
 
-    def __init__(self, d_model, n_features, *, mesh=None, group=None, seed=None, capacity_per_row=None, **kwargs):
-        setup = shard_setup(n_features, mesh, group, kwargs.get("device"), seed)
-        super().__init__(d_model, setup.n_local, seed=setup.seed, **kwargs)
-        self._set_shards(setup, n_features)
-        self._init_capacity(capacity_per_row)
-
-    def _sparsity_repr(self) -> str:
-        return f"{super()._sparsity_repr()}, {self._shards_repr()}"
-
     def _step(self, x: torch.Tensor) -> JumpReLUSAEStep:
         """``sharded_jumprelu_sae_step`` with this module's shard, threshold and options."""
         return sharded_jumprelu_sae_step(
@@ -96,15 +97,6 @@ class ShardedStandardSparseAutoencoder(ShardedLatents, ShardCapacity, FusedDecod
         l1_coefficient, decoder_init_norm, dtype, device, dead_window_tokens: as
             ``StandardSparseAutoencoder``'s.
     """
-
-    def __init__(self, d_model, n_features, *, mesh=None, group=None, seed=None, capacity_per_row=None, **kwargs):
-        setup = shard_setup(n_features, mesh, group, kwargs.get("device"), seed)
-        super().__init__(d_model, setup.n_local, seed=setup.seed, **kwargs)
-        self._set_shards(setup, n_features)
-        self._init_capacity(capacity_per_row)
-
-    def _sparsity_repr(self) -> str:
-        return f"{super()._sparsity_repr()}, {self._shards_repr()}"
 
     def _step(self, x: torch.Tensor) -> StandardSAEStep:
         """``sharded_standard_sae_step`` with this module's shard and options."""
