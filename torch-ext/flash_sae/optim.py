@@ -133,7 +133,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def __del__(self):
         names = getattr(self, "_names", None)
-        if names:
+        if names and ROW_WEIGHTS is not None and release is not None:  # at exit, the globals may be gone
             for name in ROW_WEIGHTS:
                 release(names[name])
 
