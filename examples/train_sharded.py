@@ -12,9 +12,9 @@ node or several.
     # one node, 4 GPUs: 4 latent shards, or 2 replicas x 2 shards
     torchrun --nproc-per-node 4 examples/train_sharded.py --n-features 1048576 --d-model 2048 --k 64
     torchrun --nproc-per-node 4 examples/train_sharded.py --data-parallel 2
-    # 2 nodes x 8 GPUs (run on each node, NODE_RANK 0 and 1): 8 shards per node, 2 replicas
-    torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:29500 --rdzv-id run1 examples/train_sharded.py --data-parallel 2
+    # 2 nodes x 8 GPUs (the same command on each node; HOST: one of them): 8 shards per node, 2 replicas
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id run1 \\
+        examples/train_sharded.py --data-parallel 2
     # CPU (gloo), tiny sizes
     torchrun --nproc-per-node 3 examples/train_sharded.py --device cpu --n-features 200 --d-model 16 --k 4
 
@@ -23,7 +23,7 @@ node or several.
 out latent-major (ranks 0..S-1 are replica 0's shards), so with ``--nproc-per-node`` a multiple of the
 shards, each replica's shards sit on one node: the per-step all-gather of candidates and all-reduce of the
 reconstruction (activation-sized, every step, on the critical path) stay on the node's links, and only the
-replicas' gradient all-reduce (once per step, overlappable) crosses nodes.
+replicas' gradient all-reduce (once per step, after the backward) crosses nodes.
 
 On GPUs it uses NCCL (one GPU per process, ``LOCAL_RANK``); with ``--device cpu``, gloo and the package's
 plain-torch path (``TRITON_INTERPRET=1`` runs the Triton kernels under the interpreter instead).
@@ -233,7 +233,7 @@ def train(args, device):
         single = build_module(fs, args, sharded=False, dtype=dtype, device=device).eval()
         fs.distributed.load_checkpoint(single, args.out)
         single_loss = single.loss(held_out).loss.item()
-        print(f"checkpoint {args.out}: held-out loss sharded {sharded_loss:.6f}, one-process module {single_loss:.6f}")
+        print(f"checkpoint {args.out}: held-out loss sharded {sharded_loss:.6f}, single-GPU module {single_loss:.6f}")
     dist.barrier()
 
 
