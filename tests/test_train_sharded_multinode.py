@@ -4,9 +4,10 @@ Each node is one ``torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d`` 
 on a free localhost port, under a timeout (a hang fails the test). The script runs flash-sae's plain-torch
 path (as on a CPU without ``TRITON_INTERPRET``; the sharded ops' own tests cover the kernels). Checked:
 2 nodes x 2 processes of latent shards follow the one-process ``SparseAutoencoder`` trained in this
-process from the same checkpoint on the same batches; 2 nodes x 2 give the same losses as 1 node x 4
-on a 2 x 2 ("data", "latent") mesh; a checkpoint written on 2 nodes x 2 resumes on 1 node x 3 (optimizer
-state and step count included) and continues the same curve; every architecture runs on 2 nodes; bad
+process from the same checkpoint on the same batches, and their checkpoint resumes on 1 node x 3
+(optimizer state and step count included) on the same curve; on a 2 x 2 ("data", "latent") mesh 2 nodes
+x 2 give the same losses as 1 node x 4, and their checkpoint resumes on 1 node x 3 (one replica of
+the whole batch) on the same curve; every architecture runs on 2 nodes; bad
 layouts fail the launch within the timeout: every rank raises the same ValueError before its first
 training collective, and each node's torchrun exits with an error (the first failure tears down the
 other ranks, so the output need not hold every rank's message).
@@ -15,6 +16,7 @@ other ranks, so the output need not hold every rank's message).
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,20 +81,29 @@ def launch(nodes: int, per_node: int, args: list[str]) -> tuple[list[int], str]:
 
 
 def train(nodes, per_node, args, losses: Path) -> dict[int, float]:
+    """Each step's loss (rank 0's ``--losses`` file); the run must succeed, and the one-process module
+    loaded from its checkpoint must give its held-out loss."""
     codes, out = launch(nodes, per_node, [*TINY, *args, "--losses", str(losses)])
     assert codes == [0] * nodes, out
+    held_out = re.search(r"held-out loss sharded ([\d.]+), single-GPU module ([\d.]+)", out)
+    assert held_out, out
+    torch.testing.assert_close(float(held_out[1]), float(held_out[2]), rtol=1e-5, atol=1e-6)
     return {r["step"]: r["loss"] for r in map(json.loads, losses.read_text().splitlines())}
 
 
-def test_two_nodes_of_latent_shards_follow_the_one_process_module(fs, tmp_path):
+def test_two_nodes_of_latent_shards_follow_the_one_process_module_and_resume_on_one_node(fs, tmp_path):
     """4 latent shards on 2 nodes, started from a one-process module's checkpoint, against that module
-    trained here on the same batches with the same Adam."""
+    trained here on the same batches with the same Adam; their checkpoint at step 2 resumed on 1 node x 3
+    continues the same curve."""
     ts = script()
-    args = ts.parse_args([*TINY, "--steps", "3"])
+    args = ts.parse_args([*TINY, "--steps", "4"])
     single = fs.SparseAutoencoder(args.d_model, args.n_features, args.k, seed=7)
     fs.distributed.save_checkpoint(single, tmp_path / "init")
-    sharded = train(2, 2, ["--steps", "3", "--resume", str(tmp_path / "init"), "--out", str(tmp_path / "ck")],
-                    tmp_path / "losses.jsonl")  # fmt: skip
+    run = ["--steps", "4", "--save-every", "2", "--resume", str(tmp_path / "init"), "--out", str(tmp_path / "a")]
+    sharded = train(2, 2, run, tmp_path / "two.jsonl")
+    resume = ["--steps", "4", "--resume", str(tmp_path / "a" / "step_2"), "--out", str(tmp_path / "b")]
+    resumed = train(1, 3, resume, tmp_path / "resumed.jsonl")
+    assert sorted(sharded) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
     opt = torch.optim.Adam(single.parameters(), lr=args.lr)
     for step in range(args.steps):
         out = single.loss(ts.batch(args, step, "cpu", torch.float32))
@@ -101,10 +112,13 @@ def test_two_nodes_of_latent_shards_follow_the_one_process_module(fs, tmp_path):
         opt.step()
         opt.zero_grad()
         single.after_optimizer_step()
-        torch.testing.assert_close(sharded[step], out.loss.item(), rtol=1e-5, atol=1e-7, msg=f"step {step}")
-    trained = fs.SparseAutoencoder(args.d_model, args.n_features, args.k)
-    fs.distributed.load_checkpoint(trained, tmp_path / "ck")
-    torch.testing.assert_close(trained.W_dec, single.W_dec, rtol=1e-4, atol=1e-6)
+        for what, curve in (("2 x 2", sharded), ("resumed 1 x 3", resumed)):
+            if step in curve:
+                torch.testing.assert_close(curve[step], out.loss.item(), rtol=1e-5, atol=1e-7, msg=f"{what} {step}")
+    for ck in ("a", "b"):
+        trained = fs.SparseAutoencoder(args.d_model, args.n_features, args.k)
+        fs.distributed.load_checkpoint(trained, tmp_path / ck)
+        torch.testing.assert_close(trained.W_dec, single.W_dec, rtol=1e-4, atol=1e-6)
 
 
 def test_a_mesh_that_does_not_divide_the_world_fails_on_every_rank():
