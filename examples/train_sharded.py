@@ -19,11 +19,14 @@ node or several.
     torchrun --nproc-per-node 3 examples/train_sharded.py --device cpu --n-features 200 --d-model 16 --k 4
 
 ``--arch topk|batchtopk|matryoshka|jumprelu|standard`` picks the sharded module. The processes form a
-("data", "latent") mesh of ``--data-parallel`` replicas x (world / replicas) latent shards; ranks are laid
-out latent-major (ranks 0..S-1 are replica 0's shards), so with ``--nproc-per-node`` a multiple of the
-shards, each replica's shards sit on one node: the per-step all-gather of candidates and all-reduce of the
-reconstruction (activation-sized, every step, on the critical path) stay on the node's links, and only the
-replicas' gradient all-reduce (once per step, after the backward) crosses nodes.
+mesh of ``--data-parallel`` replicas x S = world / replicas latent shards. By default consecutive ranks
+are one replica's shards (ranks 0..S-1 are replica 0's), so with ``--nproc-per-node`` a multiple of S
+each replica sits on one node and only the replicas' gradient all-reduce crosses nodes;
+``--replicas-inner`` makes consecutive ranks one shard's replicas, so the gradient all-reduce stays inside
+a node and the latent group's activation-sized exchanges cross nodes. The gradient all-reduce carries the
+whole dictionary's gradients (about 2 F D values per replica) every step, the latent group's exchanges
+about B D values, so across nodes prefer latent shards alone (``--data-parallel 1``: no gradient
+exchange), or ``--replicas-inner`` (docs/multi-gpu.md, "The layout").
 
 On GPUs it uses NCCL (one GPU per process, ``LOCAL_RANK``); with ``--device cpu``, gloo and the package's
 plain-torch path (``TRITON_INTERPRET=1`` runs the Triton kernels under the interpreter instead).
@@ -133,6 +136,11 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=200, help="train up to this step (a resumed run continues)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--data-parallel", type=int, default=1, help="replicas; each replica's processes shard latents")
+    ap.add_argument(
+        "--replicas-inner",
+        action="store_true",
+        help="lay ranks out replica-major (consecutive ranks: one shard's replicas) instead of shard-major",
+    )
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--true-features", type=int, default=4096)
@@ -180,7 +188,10 @@ def train(args, device):
     from torch.distributed.device_mesh import init_device_mesh
 
     R = args.data_parallel
-    mesh = init_device_mesh(device.type, (R, world // R), mesh_dim_names=("data", "latent"))
+    if args.replicas_inner:  # ranks 0..R-1 are shard 0's replicas
+        mesh = init_device_mesh(device.type, (world // R, R), mesh_dim_names=("latent", "data"))
+    else:  # ranks 0..S-1 are replica 0's shards
+        mesh = init_device_mesh(device.type, (R, world // R), mesh_dim_names=("data", "latent"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sae = build_module(fs, args, sharded=True, mesh=mesh, dtype=dtype, device=device, seed=args.seed)
     replica = mesh.get_local_rank("data")

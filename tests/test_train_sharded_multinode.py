@@ -5,12 +5,14 @@ on a free localhost port, under a timeout (a hang fails the test). The script ru
 path (as on a CPU without ``TRITON_INTERPRET``; the sharded ops' own tests cover the kernels). Checked:
 2 nodes x 2 processes of latent shards follow the one-process ``SparseAutoencoder`` trained in this
 process from the same checkpoint on the same batches, and their checkpoint resumes on 1 node x 3
-(optimizer state and step count included) on the same curve; on a 2 x 2 ("data", "latent") mesh 2 nodes
-x 2 give the same losses as 1 node x 4, and their checkpoint resumes on 1 node x 3 (one replica of
-the whole batch) on the same curve; every architecture runs on 2 nodes; bad
-layouts fail the launch within the timeout: every rank raises the same ValueError before its first
-training collective, and each node's torchrun exits with an error (the first failure tears down the
-other ranks, so the output need not hold every rank's message).
+(optimizer state and step count included) on the same curve; on a 2 x 2 ("data", "latent") mesh, 2 nodes
+x 2 give the same losses as 1 node x 4 (and, with the replicas inside the nodes, the same curve), and
+their checkpoint resumes on 1 node x 3 (one replica of the whole batch) on the same curve; every
+architecture gives the same losses on 2 nodes x 2 as on 1 node x 4; the one-process module loaded from
+each run's checkpoint gives the run's held-out loss. Bad layouts fail the launch within the timeout:
+every rank raises the same ValueError before its first training collective, and each node's torchrun
+exits with an error (the first failure tears down the other ranks, so the output need not hold every
+rank's message).
 """
 
 import importlib.util
@@ -129,14 +131,18 @@ def test_a_mesh_that_does_not_divide_the_world_fails_on_every_rank():
 
 @pytest.mark.slow
 def test_two_nodes_match_one_node_and_resume_on_another_layout(tmp_path):
-    """A 2 x 2 ("data", "latent") mesh: 2 nodes x 2 processes and 1 node x 4 give the same losses; the
-    2-node run's checkpoint at step 2 resumes on 1 node x 3 (3 latent shards, one replica of the whole
-    batch) and continues the curve."""
+    """A 2 x 2 ("data", "latent") mesh: 2 nodes x 2 processes and 1 node x 4 give the same losses, and
+    2 nodes x 2 with the replicas inside the nodes (``--replicas-inner``) the same curve; the 2-node run's
+    checkpoint at step 2 resumes on 1 node x 3 (3 latent shards, one replica of the whole batch) and
+    continues the curve."""
     two = train(2, 2, ["--data-parallel", "2", "--steps", "4", "--save-every", "2", "--out", str(tmp_path / "a")],
                 tmp_path / "two.jsonl")  # fmt: skip
     one = train(1, 4, ["--data-parallel", "2", "--steps", "4", "--out", str(tmp_path / "b")], tmp_path / "one.jsonl")
     assert sorted(two) == [0, 1, 2, 3]
     assert two == one
+    inner = train(2, 2, ["--data-parallel", "2", "--replicas-inner", "--steps", "4", "--out", str(tmp_path / "d")],
+                  tmp_path / "inner.jsonl")  # fmt: skip
+    assert inner == pytest.approx(two, rel=1e-6)
     resumed = train(1, 3, ["--steps", "4", "--resume", str(tmp_path / "a" / "step_2"), "--out", str(tmp_path / "c")],
                     tmp_path / "resumed.jsonl")  # fmt: skip
     assert sorted(resumed) == [2, 3]
