@@ -12,9 +12,9 @@ node or several.
     # one node, 4 GPUs: 4 latent shards, or 2 replicas x 2 shards
     torchrun --nproc-per-node 4 examples/train_sharded.py --n-features 1048576 --d-model 2048 --k 64
     torchrun --nproc-per-node 4 examples/train_sharded.py --data-parallel 2
-    # 2 nodes x 8 GPUs (the same command on each node; HOST: one of them): 8 shards per node, 2 replicas
+    # 2 nodes x 8 GPUs (the same command on each node; HOST: one of them): 16 latent shards
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id run1 \\
-        examples/train_sharded.py --data-parallel 2
+        examples/train_sharded.py --n-features 4194304 --d-model 2048 --k 64
     # CPU (gloo), tiny sizes
     torchrun --nproc-per-node 3 examples/train_sharded.py --device cpu --n-features 200 --d-model 16 --k 4
 
