@@ -46,15 +46,15 @@ from .._validation import (
     check_step_args,
     check_tensor,
 )
+from ..dead_latent_loss import DeadLatentLoss
 from ..primitives.gather import gather_rows
 from ..primitives.select.keys import KEY_NONE, unpack
 from ..primitives.select.preacts import pre_chunks
 from ..primitives.select.row_topk import chunk_top_k
 from ..results import SparseCode, TopKSAEStep, code_l0
-from ..dead_latent_loss import DeadLatentLoss
 from ._sharded_mse import ShardedCode, ShardedLoss, all_gather_single, own_entries, sharded_mse_with_residual
-from .sharded_auxk import ShardedAuxK, sharded_auxk_loss, sharded_dead_slots
 from .layout import check_shardable, shard_bounds
+from .sharded_auxk import ShardedAuxK, sharded_auxk_loss, sharded_dead_slots
 
 
 def sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand):
