@@ -3,12 +3,13 @@ every shard's dead latents, the dead counts over replicas, and ``resample_dead_`
 
 CPU: gloo, the kernels through the interpreter; GPUs: NCCL when every rank has one. Checked against the
 one-process ``topk_sae_step`` with the same ``DeadLatentLoss`` (mask, k_aux, capacity, offset): the code
-exactly, the AuxK loss, the total loss and every gradient against the fp64 reference (``reference.topk_sae_step``
-with the dead loss) by the parity rule; the same AuxK loss and replicated gradients on every rank. Cases: F
-divisible by neither 2 nor 3, shards holding fewer latents than k_aux, a window that wraps (offset past the
-first dead latents, capacity below their number), B = 1. Then: a 2 x 2 mesh (replicas x shards) whose dead set
-equals one process's over the replicas' concatenated batches; ``resample_dead_`` giving the same weights on
-1, 2 and 3 shards as one process; Adam steps with AuxK that follow the one-process module.
+exactly; the AuxK loss, the total loss and every gradient against the fp64 reference
+(``reference.topk_sae_step`` with the dead loss) by the parity rule, the same bits when run again, and the
+same AuxK loss and replicated gradients on every rank. Cases: F divisible by neither 2 nor 3, shards holding
+fewer latents than k_aux, a window that wraps (offset past the first dead latents, capacity below their
+number), B = 1. Then: a 2 x 2 mesh (replicas x shards) whose dead set equals one process's over the
+replicas' concatenated batches; ``resample_dead_`` giving the same weights on 1, 2 and 3 shards as one
+process; Adam steps with AuxK that follow the one-process module.
 """
 
 import pytest
@@ -68,6 +69,9 @@ def auxk_step_body(fs, rank, world, device, cases, dtypes):
                 assert_parity(f"d{name} {what}", a, b, c, dtype)
             for t in (out.aux_loss, out.loss, ours[0], ours[4]):
                 assert _agreed(t), what
+            again = fs.distributed.sharded_topk_sae_step(*mine, k, group=group, n_features=F, dead_loss=loss)
+            for a, b in zip(grads(again.loss, mine, up), ours):  # deterministic: the same bits again
+                assert torch.equal(a, b), f"rerun {what}"
 
 
 @pytest.mark.parametrize("world", fast_tier_keeps(1, [2, 3]))
