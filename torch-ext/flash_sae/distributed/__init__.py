@@ -8,6 +8,7 @@ a step (``sharded_topk_sae_step``, ``sharded_batchtopk_sae_step``, ``sharded_mat
 state between any layouts and the one-process modules."""
 
 from .layout import DATA_DIM, LATENT_DIM, LatentLayout, shard_bounds
+from .sharded_auxk import gather_latents
 from .sharded_batchtopk_sae_step import (
     sharded_batchtopk_encode,
     sharded_batchtopk_sae_step,
@@ -33,6 +34,7 @@ __all__ = [
     "ShardedMatryoshkaBatchTopKSparseAutoencoder",
     "ShardedSparseAutoencoder",
     "ShardedStandardSparseAutoencoder",
+    "gather_latents",
     "load_checkpoint",
     "save_checkpoint",
     "shard_bounds",

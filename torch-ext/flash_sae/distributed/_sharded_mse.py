@@ -90,8 +90,8 @@ class _ShardedMSEStep(torch.autograd.Function):
         counts = fire_counts(lvals, lidx, n_local)
         ctx.save_for_backward(x, W_enc, W_dec, b_dec, lvals, lidx, lidx_csr, residual, code.row_offsets)
         ctx.spec = spec
-        ctx.mark_non_differentiable(fvu, counts, level_losses)
-        return loss, fvu, counts, level_losses
+        ctx.mark_non_differentiable(fvu, counts, level_losses, residual)
+        return loss, fvu, counts, level_losses, residual
 
     @staticmethod
     def backward(ctx, g_loss, *_):
@@ -135,4 +135,10 @@ class _ShardedMSEStep(torch.autograd.Function):
 def sharded_mse(x, W_enc, b_enc, W_dec, b_dec, code: ShardedCode, spec: ShardedLoss):
     """(loss, fvu, fire_counts [F_r], level_losses [G] or [1]) of the whole code's decode: loss differentiable
     in x, this rank's W_enc, b_enc, W_dec and b_dec (b_enc's gradient is the encoder's at the code)."""
+    return _ShardedMSEStep.apply(x, W_enc, b_enc, W_dec, b_dec, code, spec)[:4]
+
+
+def sharded_mse_with_residual(x, W_enc, b_enc, W_dec, b_dec, code: ShardedCode, spec: ShardedLoss):
+    """``sharded_mse``'s outputs and the residual x_hat - x ([B, D] fp32, or [G, B, D] with levels; not
+    differentiable), the same on every rank: what a dead-latent loss reads."""
     return _ShardedMSEStep.apply(x, W_enc, b_enc, W_dec, b_dec, code, spec)

@@ -20,10 +20,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .._validation import check_int
+from ..dead_latent_loss import DeadLatentLoss
 from ..modules._geometry import FusedDecoderGeometry
-from ..modules.base import SAEBase, UnitNormDecoder
+from ..modules.base import DeadLossOptions, SAEBase, UnitNormDecoder
 from ..results import TopKSAEStep
 from .layout import LatentLayout, check_shardable, shard_bounds
+from .sharded_auxk import gather_latents
 from .sharded_topk_sae_step import sharded_decode, sharded_topk_encode, sharded_topk_sae_step
 
 SHARDED = ("W_enc", "b_enc", "W_dec", "tokens_since_fired")  # [F, ...] tensors, split by latent
@@ -115,8 +117,27 @@ class ShardedLatents:
         dist.all_reduce(n, group=self.layout.latent_group)
         return n / self.n_features
 
-    def resample_dead_(self, *args, **kwargs):
-        raise NotImplementedError("resample_dead_ is not implemented for the sharded SAEs (it needs a global draw)")
+    def _all_latents(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's per-latent [F_r] ``t`` gathered over the latent group into the global [F] (one
+        all-gather): the dead set AuxK windows, the live norms ``resample_dead_`` averages."""
+        return gather_latents(t, self.layout.latent_group, self.n_features)
+
+    def _resample_picks(self, weight: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Every rank draws the one-process module's F picks from the shared generator; this shard keeps its own."""
+        return super()._resample_picks(weight, generator)[self.f0 : self.f0 + self.n_local]
+
+    def resample_dead_(self, x, optimizer=None, *, encoder_norm_scale=None, generator=None) -> torch.Tensor:
+        """``SAEBase.resample_dead_`` over the global dead set (every rank of the mesh calls it, with the
+        same ``x`` [N, D] and a ``generator`` in the same state, e.g. seeded identically): every rank draws
+        the F picks one process would draw and writes the rows of its own dead latents; the live rows' mean
+        norms are over all shards. So the new weights do not depend on the layout (W shards, W' shards, one
+        process with the same weights and generator state). ``generator`` None: the mesh's first rank draws
+        a seed and broadcasts it (a collective). ``optimizer`` resets the moments of this rank's resampled
+        rows. Returns the number of dead latents over all shards (a 0-d device tensor)."""
+        if generator is None:
+            dev = self.W_dec.device
+            generator = torch.Generator(device=dev).manual_seed(shared_random_seed(self.layout, dev))
+        return super().resample_dead_(x, optimizer, encoder_norm_scale=encoder_norm_scale, generator=generator)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The state as global tensors for ``torch.distributed.checkpoint``: the [F, ...] ones as
@@ -141,7 +162,7 @@ class ShardedLatents:
         return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
-class ShardedSparseAutoencoder(ShardedLatents, UnitNormDecoder, FusedDecoderGeometry, SAEBase):
+class ShardedSparseAutoencoder(ShardedLatents, UnitNormDecoder, DeadLossOptions, FusedDecoderGeometry, SAEBase):
     """A TopK SAE (``SparseAutoencoder``'s parameters and math) whose F latents are split over ranks.
 
     Args:
@@ -154,8 +175,12 @@ class ShardedSparseAutoencoder(ShardedLatents, UnitNormDecoder, FusedDecoderGeom
             single-GPU module's draw for the same seed (same distribution). To start from a
             given single-GPU module, load its checkpoint (``load_checkpoint``). Without a seed,
             the first rank draws one and broadcasts it (a collective in the constructor).
-        dead_window_tokens: as ``SparseAutoencoder``'s (dead tracking is per shard; the replicas
-            sum their fire counts, so they agree).
+        dead_window_tokens: as ``SparseAutoencoder``'s. Each rank counts its own latents from the fire
+            counts summed over the replicas (exact integers), so the dead set over all shards is the one
+            one process would track over the replicas' concatenated batches, the same on every replica.
+        dead_loss: None or ``"auxk"`` (or a ``DeadLatentLoss`` of kind ``"auxk"`` without a mask):
+            ``SparseAutoencoder``'s AuxK over the global dead set (its k_aux, coef, capacity and window
+            offset; ``sharded_auxk.py``). Ghost grads are not offered sharded.
 
     Parameters (this rank's): ``W_enc`` [F_r, D], ``b_enc`` [F_r], ``W_dec`` [F_r, D], the
     latents ``[f0, f0 + F_r)`` (``self.f0``, ``self.n_local``); ``b_dec`` [D] on every rank.
@@ -174,6 +199,7 @@ class ShardedSparseAutoencoder(ShardedLatents, UnitNormDecoder, FusedDecoderGeom
         device=None,
         seed=None,
         dead_window_tokens=10_000_000,
+        dead_loss=None,
     ):
         setup = shard_setup(n_features, mesh, group, device, seed)
         check_int("k", k, 1, n_features)
@@ -182,6 +208,10 @@ class ShardedSparseAutoencoder(ShardedLatents, UnitNormDecoder, FusedDecoderGeom
         )
         self._set_shards(setup, n_features)
         self.k = k
+        loss = DeadLatentLoss.of(dead_loss)
+        if loss is not None and loss.kind != "auxk":
+            raise ValueError(f"dead_loss: the sharded TopK SAE offers AuxK only, got kind {loss.kind!r}")
+        self._set_dead_loss(loss)
 
     def _sparsity_repr(self) -> str:
         return f"k={self.k}, {self._shards_repr()}"
@@ -204,7 +234,7 @@ class ShardedSparseAutoencoder(ShardedLatents, UnitNormDecoder, FusedDecoderGeom
         training mode) with the fire counts summed over the replicas."""
         return sharded_topk_sae_step(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
-            group=self.layout.latent_group, n_features=self.n_features,
+            group=self.layout.latent_group, n_features=self.n_features, dead_loss=self.step_dead_loss(),
         )  # fmt: skip
 
 

@@ -46,13 +46,15 @@ from .._validation import (
     check_step_args,
     check_tensor,
 )
+from ..dead_latent_loss import DeadLatentLoss
 from ..primitives.gather import gather_rows
 from ..primitives.select.keys import KEY_NONE, unpack
 from ..primitives.select.preacts import pre_chunks
 from ..primitives.select.row_topk import chunk_top_k
 from ..results import SparseCode, TopKSAEStep, code_l0
-from ._sharded_mse import ShardedCode, ShardedLoss, all_gather_single, own_entries, sharded_mse
+from ._sharded_mse import ShardedCode, ShardedLoss, all_gather_single, own_entries, sharded_mse_with_residual
 from .layout import check_shardable, shard_bounds
+from .sharded_auxk import ShardedAuxK, sharded_auxk_loss, sharded_dead_slots
 
 
 def sharded_candidates(x, W_enc, b_enc, k, b_dec, f0, n_cand):
@@ -132,7 +134,7 @@ def check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features):
 
 def sharded_topk_sae_step(
     x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: int, *,
-    group: dist.ProcessGroup, n_features: int,
+    group: dist.ProcessGroup, n_features: int, dead_loss=None,
 ) -> TopKSAEStep:  # fmt: skip
     """``topk_sae_step`` with the latents sharded over the ranks of ``group``.
 
@@ -144,21 +146,45 @@ def sharded_topk_sae_step(
         k: active latents per row over all shards, 1 <= k <= n_features.
         group: the latent group (every rank of it calls the step with the same x).
         n_features: F, the latents over all shards.
+        dead_loss: None, or a ``DeadLatentLoss`` of kind ``"auxk"`` whose ``mask`` is the global [F] bool
+            dead set (the same on every rank; ``gather_latents`` of each rank's own): AuxK over all shards'
+            dead latents, equal to the one-process step's (``sharded_auxk.py``). Ghost grads are refused.
 
     Returns:
-        ``TopKSAEStep(loss, mse, fvu, l0, fire_counts, code)``: ``loss``, ``mse``, ``fvu`` and ``l0`` as
+        ``TopKSAEStep(loss, mse, fvu, l0, fire_counts, code, aux_loss)``: ``loss``, ``mse``, ``fvu`` and ``l0`` as
         the single-GPU step's (the same on every rank); ``fire_counts`` [F_r] for this rank's latents;
         ``code`` the whole [B, k] code with global ids (the same on every rank).
         The gradients reach this rank's shard and, summed over the group, x and b_dec (the same
         on every rank).
     """
     f0, n_cand, world = check_sharded_args(x, W_enc, b_enc, W_dec, b_dec, k, group, n_features)
+    aux_spec = _auxk_spec(dead_loss, x, group, f0, W_enc.shape[0], n_features)
     x, W_enc, b_enc, W_dec, b_dec = (t.contiguous() for t in (x, W_enc, b_enc, W_dec, b_dec))
     with torch.no_grad():
         values, ids = sharded_select(x, W_enc, b_enc, k, b_dec, f0, n_cand, group, world)
     code = ShardedCode(torch.relu(values), ids)
-    loss, fvu, counts, _ = sharded_mse(x, W_enc, b_enc, W_dec, b_dec, code, ShardedLoss(group, f0, n_features))
-    return TopKSAEStep(loss, loss.detach(), fvu, code_l0(code.vals, x.shape[0]), counts, SparseCode(*code[:2]))
+    spec = ShardedLoss(group, f0, n_features)
+    mse, fvu, counts, _, residual = sharded_mse_with_residual(x, W_enc, b_enc, W_dec, b_dec, code, spec)
+    loss, aux = mse, None
+    if aux_spec is not None:
+        aux_spec, coef = aux_spec
+        aux = sharded_auxk_loss(x, W_enc, b_enc, W_dec, b_dec, residual, aux_spec)
+        loss = mse + coef * aux
+    l0 = code_l0(code.vals, x.shape[0])
+    return TopKSAEStep(loss, mse.detach(), fvu, l0, counts, SparseCode(*code[:2]), aux)
+
+
+def _auxk_spec(dead_loss, x, group, f0, n_local, n_features):
+    """(``ShardedAuxK``, coef) of a step's ``dead_loss``, validated as the one-process step does; None without one."""
+    if dead_loss is None:
+        return None
+    if not isinstance(dead_loss, DeadLatentLoss):
+        raise ValueError(f"dead_loss must be None or a DeadLatentLoss (with its global [F] mask), got {dead_loss!r}")
+    if dead_loss.kind != "auxk":
+        raise ValueError(f"dead_loss.kind must be 'auxk' for a sharded step (no ghost grads), got {dead_loss.kind!r}")
+    d = dead_loss.checked(x, n_features)
+    slots = sharded_dead_slots(d.mask, d.capacity, d.offset)
+    return ShardedAuxK(group, f0, n_local, slots, d.k_aux, d.relu, d.encoder_grad), d.coef
 
 
 @torch.no_grad()

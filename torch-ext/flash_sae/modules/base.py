@@ -174,18 +174,18 @@ class SAEBase(nn.Module):
         if optimizer is not None:
             self._check_optimizer_holds(optimizer)
         dead = self.dead_mask()
-        live = (~dead).float()
-        n_live = live.sum()
         x = x.to(self.W_dec.dtype)
         err = (self.forward(x).float() - x.float()).pow(2).sum(1)
         weight = err.pow(2)
         weight = torch.where(weight.sum() > 0, weight, torch.ones_like(weight))  # all exact: draw uniformly
-        pick = torch.multinomial(weight, self.n_features, replacement=True, generator=generator)
+        pick = self._resample_picks(weight, generator)
         v = x.float()[pick] - self.b_dec.float()
         v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        all_dead = self._all_latents(dead)
 
         def mean_live_norm(W):
-            norms = W.float().norm(dim=1)
+            norms, live = self._all_latents(W.float().norm(dim=1)), (~all_dead).float()
+            n_live = live.sum()
             return torch.where(n_live > 0, (norms * live).sum() / n_live.clamp_min(1), norms.mean())
 
         rows = dead.unsqueeze(1)
@@ -203,7 +203,16 @@ class SAEBase(nn.Module):
                         moment.masked_fill_(at, 0)
                     elif key == "master" and moment.shape == p.shape:  # an optimizer's fp32 copy (FusedAdam)
                         moment.copy_(torch.where(at, p.float(), moment))
-        return dead.sum()
+        return all_dead.sum()
+
+    def _resample_picks(self, weight: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``resample_dead_``'s draw: the input row each latent would take, [F] int64 (every latent draws,
+        so the draw does not depend on which latents are dead)."""
+        return torch.multinomial(weight, self.n_features, replacement=True, generator=generator)
+
+    def _all_latents(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-latent [F] tensor over all the dictionary's latents (this module holds them all)."""
+        return t
 
     def _check_optimizer_holds(self, optimizer) -> None:
         """``resample_dead_``'s optimizer must hold the parameters it resets (else it would reset nothing)."""
@@ -491,12 +500,13 @@ class DeadLossOptions:
         """What the step gets: the dead-latent loss with this module's dead set, in training mode; else None."""
         if self.dead_loss is None or not self.training:
             return None
-        return dataclasses.replace(self.dead_loss, mask=self.dead_mask(), offset=self.dead_offset)
+        return dataclasses.replace(self.dead_loss, mask=self._all_latents(self.dead_mask()), offset=self.dead_offset)
 
     @torch.no_grad()
     def _after_step(self, step, rows: int) -> None:
         if self.training and self.dead_loss is not None:  # the dead set the step took: counts not yet updated
-            self.dead_offset.copy_(next_dead_offset(self.dead_mask(), self.dead_loss.capacity, self.dead_offset))
+            mask = self._all_latents(self.dead_mask())
+            self.dead_offset.copy_(next_dead_offset(mask, self.dead_loss.capacity, self.dead_offset))
         super()._after_step(step, rows)
 
 
