@@ -230,14 +230,13 @@ def test_sharded_checkpoints_move_between_layouts(fs, tmp_path):
     two = tmp_path / "two"
     run_ranks(save_body, 2, str(two), F)
     parts = [torch.load(f"{two}.rank{r}.pt") for r in range(2)]
-    full = {
-        "state": {k: torch.cat([p["state"][k] for p in parts]) if k != "b_dec" else parts[0]["state"][k]
-                  for k in parts[0]["state"]},
-        "moments": {k: torch.cat([p["moments"][k] for p in parts]) if k != "b_dec" else parts[0]["moments"][k]
-                    for k in parts[0]["moments"]},
-        "first": {k: torch.cat([p["first"][k] for p in parts]) if k != "b_dec" else parts[0]["first"][k]
-                  for k in parts[0]["first"]},
-    }  # fmt: skip
+    split = fs.distributed.ShardedSparseAutoencoder.sharded_state  # by latent; the rest (b_dec, dead_offset) replicated
+
+    def whole(kind):
+        first = parts[0][kind]
+        return {k: torch.cat([p[kind][k] for p in parts]) if k in split else first[k] for k in first}
+
+    full = {kind: whole(kind) for kind in ("state", "moments", "first")}
     single = fs.SparseAutoencoder(20, F, 4, seed=0)
     opt = torch.optim.Adam(single.parameters(), lr=1e-2)
     fs.distributed.load_checkpoint(single, two, opt)
