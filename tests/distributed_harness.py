@@ -48,3 +48,18 @@ def run_ranks(body, world: int, *args) -> None:
         mp.start_processes(
             _child, args=(world, os.path.join(tmp, "store"), body, args), nprocs=world, join=True, start_method="spawn"
         )
+
+
+def shard_of(t, fs, F, world, rank):
+    """Rank ``rank``'s rows of a [F, ...] tensor, as ``fs.distributed.shard_bounds`` splits F over ``world``."""
+    lo, hi = fs.distributed.shard_bounds(F, world, rank)
+    return t[lo:hi]
+
+
+def agreed(t) -> bool:
+    """Whether every rank holds the same ``t`` (a collective: call it on every rank)."""
+    t = t.detach().float().reshape(-1).clone()
+    hi, lo = t.clone(), t.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return torch.equal(hi, t) and torch.equal(lo, t)

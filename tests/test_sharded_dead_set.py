@@ -15,7 +15,7 @@ process; Adam steps with AuxK that follow the one-process module.
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_harness import run_ranks
+from distributed_harness import agreed, run_ranks, shard_of
 from encoder_inputs import make_sae
 from parity import DTYPES, assert_parity, fast_tier_keeps, grads
 
@@ -23,19 +23,6 @@ NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
 # (B, D, F, k, k_aux, capacity, offset, seed): F = 23 divides by neither 2 nor 3; F = 10 on 3 ranks gives
 # shards of 4, 4, 2, fewer than k_aux = 5; capacity 4 below the dead count with offset 7 wraps the window
 CASES = [(6, 17, 23, 3, 4, None, 0, 1), (1, 12, 10, 2, 5, None, 3, 2), (5, 9, 23, 2, 3, 4, 7, 3)]
-
-
-def _shard(t, fs, F, world, rank):
-    lo, hi = fs.distributed.shard_bounds(F, world, rank)
-    return t[lo:hi]
-
-
-def _agreed(t) -> bool:
-    t = t.detach().float().reshape(-1).clone()
-    hi, lo = t.clone(), t.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    return torch.equal(hi, t) and torch.equal(lo, t)
 
 
 def auxk_step_body(fs, rank, world, device, cases, dtypes):
@@ -50,7 +37,7 @@ def auxk_step_body(fs, rank, world, device, cases, dtypes):
             single = fs.topk_sae_step(*params, k, dead_loss=loss)
             single_grads = grads(single.loss, params, up)
             mine = [params[0].detach().clone()] + [
-                _shard(t.detach(), fs, F, world, rank).clone() for t in params[1:4]
+                shard_of(t.detach(), fs, F, world, rank).clone() for t in params[1:4]
             ] + [params[4].detach().clone()]  # fmt: skip
             for t in mine:
                 t.requires_grad_()
@@ -65,10 +52,10 @@ def auxk_step_body(fs, rank, world, device, cases, dtypes):
             assert_parity(f"loss {what}", out.loss, single.loss, r.loss, dtype)
             for name, a, b, c in zip(NAMES, ours, single_grads, r_grads):
                 if name in ("W_enc", "b_enc", "W_dec"):
-                    b, c = _shard(b, fs, F, world, rank), _shard(c, fs, F, world, rank)
+                    b, c = shard_of(b, fs, F, world, rank), shard_of(c, fs, F, world, rank)
                 assert_parity(f"d{name} {what}", a, b, c, dtype)
             for t in (out.aux_loss, out.loss, ours[0], ours[4]):
-                assert _agreed(t), what
+                assert agreed(t), what
             again = fs.distributed.sharded_topk_sae_step(*mine, k, group=group, n_features=F, dead_loss=loss)
             for a, b in zip(grads(again.loss, mine, up), ours):  # deterministic: the same bits again
                 assert torch.equal(a, b), f"rerun {what}"
@@ -173,7 +160,7 @@ def resample_body(fs, rank, world, device):
         assert torch.equal(opt.state[getattr(sae, name)][key], torch.where(dead, 0, old)), f"{name} {key} {what}"
     # no generator: a shared seed, the same rows on every replica of a latent
     sae.resample_dead_(x)
-    assert _agreed(sae.b_dec)
+    assert agreed(sae.b_dec)
 
 
 @pytest.mark.parametrize("world", fast_tier_keeps(2, [1, 2, 3]))
@@ -186,7 +173,7 @@ def bad_input_body(fs, rank, world, device):
     with pytest.raises(ValueError, match="dead_loss"):
         fs.distributed.ShardedSparseAutoencoder(8, 10, 2, group=group, dead_loss="ghost")
     x, W_enc, b_enc, W_dec, b_dec = make_sae(2, 8, 10, 2, torch.float32, device, seed=1)
-    mine = [x] + [_shard(t, fs, 10, world, rank) for t in (W_enc, b_enc, W_dec)] + [b_dec]
+    mine = [x] + [shard_of(t, fs, 10, world, rank) for t in (W_enc, b_enc, W_dec)] + [b_dec]
     with pytest.raises(ValueError, match="dead_loss"):
         fs.distributed.sharded_topk_sae_step(*mine, 2, group=group, n_features=10, dead_loss="auxk")
     with pytest.raises(ValueError, match="dead_loss.mask"):

@@ -16,7 +16,7 @@ modules that follows the one-process modules (threshold included), checkpoints W
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_harness import run_ranks
+from distributed_harness import agreed, run_ranks, shard_of
 from encoder_inputs import make_sae
 from parity import DTYPES, assert_parity, assert_same_across_shapes, fast_tier_keeps, grads, torch_baseline
 
@@ -30,20 +30,6 @@ CASES = [
     (1, 16, 10, 7, 2, False, [3, 10], False),
     (5, 9, 23, 2.5, 3, True, [5, 12, 23], False),
 ]
-
-
-def _shard(t, fs, F, world, rank):
-    lo, hi = fs.distributed.shard_bounds(F, world, rank)
-    return t[lo:hi]
-
-
-def _agreed(t) -> bool:
-    """Whether every rank holds the same ``t``."""
-    t = t.detach().float().reshape(-1).clone()
-    hi, lo = t.clone(), t.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    return torch.equal(hi, t) and torch.equal(lo, t)
 
 
 def _check_step(fs, what, single, out, ref, dtype):
@@ -60,7 +46,7 @@ def _check_step(fs, what, single, out, ref, dtype):
     if hasattr(out, "level_losses"):
         assert_parity(f"level losses {what}", out.level_losses, single.level_losses, ref.level_losses, dtype)
     for t in (out.loss, out.min_act, out.code.vals, out.code.indices):
-        assert _agreed(t), what
+        assert agreed(t), what
 
 
 def sharded_step_body(fs, rank, world, device, cases, dtypes, matryoshka):
@@ -77,7 +63,7 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes, matryoshka):
                 single = fs.batchtopk_sae_step(*params, k, **opts)
             single_grads = grads(single.loss, params, up)
             mine = [params[0].detach().clone()] + [
-                _shard(t.detach(), fs, F, world, rank).clone() for t in params[1:4]
+                shard_of(t.detach(), fs, F, world, rank).clone() for t in params[1:4]
             ] + [params[4].detach().clone()]  # fmt: skip
             for t in mine:
                 t.requires_grad_()
@@ -88,7 +74,7 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes, matryoshka):
                 out = sharded.sharded_batchtopk_sae_step(*mine, k, group=group, n_features=F, **opts)
             ours = grads(out.loss, mine, up)
             what = f"B={B} D={D} F={F} k={k} seed={seed} {dtype} rank {rank}/{world} matryoshka={matryoshka}"
-            assert torch.equal(out.fire_counts, _shard(single.fire_counts, fs, F, world, rank)), what
+            assert torch.equal(out.fire_counts, shard_of(single.fire_counts, fs, F, world, rank)), what
             p64 = [p.detach().double().requires_grad_() for p in params]
             code = single.code
             rows = torch.repeat_interleave(torch.arange(B, device=device), code.row_offsets.diff())
@@ -101,9 +87,9 @@ def sharded_step_body(fs, rank, world, device, cases, dtypes, matryoshka):
             _check_step(fs, what, single, out, r, dtype)
             for name, a, b, c in zip(NAMES, ours, single_grads, r_grads):
                 if name in ("W_enc", "b_enc", "W_dec"):
-                    b, c = _shard(b, fs, F, world, rank), _shard(c, fs, F, world, rank)
+                    b, c = shard_of(b, fs, F, world, rank), shard_of(c, fs, F, world, rank)
                 assert_parity(f"d{name} {what}", a, b, c, dtype)
-            assert _agreed(ours[0]) and _agreed(ours[4]), what
+            assert agreed(ours[0]) and agreed(ours[4]), what
             # x without a gradient: the shard's own gradients do not change
             mine_nx = [mine[0].detach()] + [t.detach().clone().requires_grad_() for t in mine[1:]]
             if matryoshka:
@@ -211,14 +197,14 @@ def training_body(fs, rank, world, device, arch, steps):
             if module is ref:
                 want = out.loss.detach()
         torch.testing.assert_close(out.loss.detach(), want, rtol=2e-5, atol=1e-7, msg=f"{arch} step {step}")
-        assert _agreed(out.loss) and _agreed(sae.b_dec), f"{arch} step {step}"
+        assert agreed(out.loss) and agreed(sae.b_dec), f"{arch} step {step}"
     for name in own:
         torch.testing.assert_close(getattr(sae, name), getattr(ref, name)[lo:hi], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sae.b_dec, ref.b_dec, rtol=1e-4, atol=1e-5)
     assert torch.equal(sae.tokens_since_fired, ref.tokens_since_fired[lo:hi])
     torch.testing.assert_close(sae.dead_fraction(), ref.dead_fraction())
     if arch in ("batchtopk", "matryoshka"):  # the agreed inference threshold; encode and decode
-        assert sae.threshold > 0 and _agreed(sae.threshold)
+        assert sae.threshold > 0 and agreed(sae.threshold)
         torch.testing.assert_close(sae.threshold, ref.threshold, rtol=1e-6, atol=0)
         x = torch.randn(B, D, generator=g).to(device)
         torch.testing.assert_close(sae(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -256,9 +242,9 @@ def replicas_body(fs, rank, world, device, arch):
         sae.all_reduce_gradients()
         opt.step()
         opt.zero_grad()
-    assert _agreed(sae.b_dec)
+    assert agreed(sae.b_dec)
     if arch in ("batchtopk", "matryoshka"):
-        assert sae.threshold > 0 and _agreed(sae.threshold)
+        assert sae.threshold > 0 and agreed(sae.threshold)
 
 
 @pytest.mark.slow
@@ -458,7 +444,7 @@ def threshold_step_body(fs, rank, world, device, cases, dtypes, arch):
                     b, c, d = b[lo:hi], c[lo:hi], d[lo:hi]
                 assert_parity(f"d{name} {what}", a, torch_baseline(d, c, b), c, dtype)
             for t in (out.loss, out.mse, ours[0], ours[4]):
-                assert _agreed(t), what
+                assert agreed(t), what
 
 
 THRESHOLD_CASES = [(6, 37, 50, 1), (1, 16, 10, 2), (4, 9, 23, 3)]
