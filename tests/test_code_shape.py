@@ -27,8 +27,8 @@ LAYERS = (
         "architectures",
         "loading",
         "testing",
-        "analysis",
-        "analysis_html",
+        "latent_analysis",
+        "latent_analysis_html",
     ),
     ("hooks",),
 )

@@ -14,12 +14,12 @@ plain-torch reference formulas the tests check against.
 """
 
 from . import distributed, layers, testing  # noqa: F401  (testing: the test oracles, outside __all__)
-from .analysis import LatentAnalysis, LatentStatistics
 from .architectures import ARCHITECTURES, Architecture, register_architecture
 from .crosscoder_layers import CrosscoderLayers
 from .dead_latent_loss import DeadLatentLoss
 from .graph_training_step import graph_training_step
 from .hooks import Hook, HookSession, attach
+from .latent_analysis import LatentAnalysis, LatentStatistics
 from .loading import load_circuit_tracer, load_gemma_scope, load_saelens, load_sparsify
 from .modules.batchtopk import BatchTopKSparseAutoencoder, MatryoshkaBatchTopKSparseAutoencoder
 from .modules.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder, TopKCrossLayerTranscoder

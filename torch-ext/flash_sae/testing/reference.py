@@ -766,7 +766,7 @@ def edited_output(acts, W_dec, b_dec, *, ablate=(), clamp=None, steer=(), x=None
 
 def latent_analysis(acts, *, top_n, n_quantile_bands=0, samples_per_band=1, histogram_bins=0, seed=0, context=(0, 0)):
     """Dict of ``LatentStatistics``'s fields (without ``context``), computed column by column."""
-    from ..analysis import sample_priority
+    from ..latent_analysis import sample_priority
 
     T, F = acts.shape
     fires = acts > 0

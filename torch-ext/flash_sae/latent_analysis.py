@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import torch
 
-from .analysis_html import dashboard_json, write_html
+from .latent_analysis_html import dashboard_json, write_html
 from .primitives.select.keys import IDX_PAD, KEY_NONE, keys_to_values, pack, sortable_keys, unpack
 from .results import SparseCode
 
@@ -106,11 +106,11 @@ class LatentStatistics(NamedTuple):
 
     def to_dashboard_json(self, tokens, token_strings, *, sequence_length, latents=None, **metadata) -> dict:
         """The statistics in Neuronpedia's dashboard layout (sae-dashboard's ``NeuronpediaDashboardBatch``);
-        see ``flash_sae.analysis_html.dashboard_json`` for the arguments."""
+        see ``flash_sae.latent_analysis_html.dashboard_json`` for the arguments."""
         return dashboard_json(self, tokens, token_strings, sequence_length=sequence_length, latents=latents, **metadata)
 
     def write_html(self, path, tokens, token_strings, *, sequence_length, latents=None, title="Latents") -> None:
-        """A self-contained HTML feature browser; see ``flash_sae.analysis_html.write_html``."""
+        """A self-contained HTML feature browser; see ``flash_sae.latent_analysis_html.write_html``."""
         write_html(path, self, tokens, token_strings, sequence_length=sequence_length, latents=latents, title=title)
 
 
